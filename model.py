@@ -1,0 +1,500 @@
+"""
+The PRX transformer (Photoroom, 2025), exact to the published architecture and to diffusers'
+`PRXTransformer2DModel` (same parameter names, same outputs), plus TREAD/SPRINT token routing and a REPA hook.
+
+Only image tokens make queries; they attend to [text K/V, image K/V]. Text embeddings are projected once by
+`txt_in` and each block computes its own text K/V from them: text tokens are never updated.
+
+    python model.py           # parameter count of every preset
+    python model.py --bench   # forward+backward time against diffusers' PRXTransformer2DModel, and FLOPs
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class PRXConfig:
+    in_channels: int = 16        # 16 for the Flux VAE latent, 3 for pixel space
+    patch_size: int = 2
+    context_dim: int = 2304      # T5Gemma-2B encoder width
+    hidden_size: int = 1792
+    depth: int = 16
+    num_heads: int = 28
+    mlp_ratio: float = 3.5
+    axes_dim: tuple = (32, 32)   # RoPE dims for (row, col); sums to the head dim
+    theta: int = 10000
+    bottleneck_size: int = None  # pixel space: patch -> bottleneck -> hidden (JiT)
+    route_start: int = None      # TREAD/SPRINT: routed tokens skip blocks route_start..route_end (inclusive, as PRX)
+    route_end: int = None        # default: PRX's 2..12 of 16 blocks, scaled to the depth
+    sprint: bool = False         # SPRINT: mask token + Linear(2h -> h) fusion after the sparse middle
+
+    def __post_init__(self):
+        self.axes_dim = tuple(self.axes_dim)
+        if self.route_start is None:
+            self.route_start = self.depth // 8
+        if self.route_end is None:
+            self.route_end = self.depth * 3 // 4
+
+
+PRESETS = {
+    # CPU tests and the built-in dataset (see train.py for the tuned CPU-track settings)
+    "tiny": dict(hidden_size=192, depth=5, num_heads=3, context_dim=64),
+    "small": dict(),  # PRX 1.2B, REFERENCE section 1
+    "base": dict(hidden_size=3584, depth=24, num_heads=28, axes_dim=(64, 64)),
+}
+
+
+def preset_config(name, resolution=256, **overrides):
+    """`small`, `base`, `tiny`, or `<name>-pixel`: 3 channels, patch 16 at 256 px / 32 at >= 512 px, bottleneck 256."""
+    base, pixel = name.removesuffix("-pixel"), name.endswith("-pixel")
+    if base not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS) + [p + '-pixel' for p in PRESETS]}")
+    cfg = dict(PRESETS[base])
+    if pixel and base == "tiny":  # 32 px images: patch 4 -> 8x8 tokens; the patch (48 values) needs no bottleneck
+        cfg.update(in_channels=3, patch_size=4)
+    elif pixel:
+        cfg.update(in_channels=3, patch_size=16 if resolution < 512 else 32, bottleneck_size=256)
+    cfg.update(overrides)
+    return PRXConfig(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+
+def timestep_embedding(t, dim=256, time_factor=1000.0, max_period=10000):
+    """Sinusoidal embedding of t * 1000, cos first then sin (Flux/PRX); same op order as diffusers."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None] * time_factor  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+MAX_POSITIONS = 1024  # RoPE table rows: tokens per image side
+
+
+def rope_table(axes_dim, theta, max_positions=MAX_POSITIONS):
+    """Flux-style axial RoPE angles pos * omega, omega = 1/theta^(arange(0, d, 2)/d) per axis, for every position
+    < max_positions: cos and sin (max_positions, head_dim/2), columns [axis 0 (row) | axis 1 (col)].
+    Computed once in float64 (as diffusers) so the graph only indexes it: recomputing cos/sin per block is slow."""
+    pos = torch.arange(max_positions, dtype=torch.float64)
+    angles = torch.cat([pos[:, None] / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dim], 1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope_for_grid(table, h, w, axes_dim, device):
+    """Rows of the table for an h x w token grid, row-major: (N, head_dim/2)."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    split = axes_dim[0] // 2
+    return torch.cat([table[rows, :split], table[cols, split:]], dim=1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, H, N, D) by the angles (., 1, N, D/2), in fp32."""
+    x_ = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x_[..., 0], x_[..., 1]
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+class TimeEmbedder(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.in_layer = nn.Linear(256, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, t):
+        return self.out_layer(F.silu(self.in_layer(timestep_embedding(t))))
+
+
+class Modulation(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.lin = nn.Linear(hidden, 6 * hidden)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None, :].chunk(6, dim=-1)  # 6 x (B, 1, h)
+
+
+class Attention(nn.Module):
+    """Image queries over [text K/V, image K/V]; per-head RMSNorm on q, k and text k; RoPE on image q, k only."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.img_qkv_proj = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.txt_kv_proj = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.norm_q = RMSNorm(self.head_dim)
+        self.norm_k = RMSNorm(self.head_dim)
+        self.norm_added_k = RMSNorm(self.head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(hidden, hidden, bias=False)])  # ModuleList: diffusers' key names
+
+    def forward(self, x, txt, cos, sin, attn_mask):
+        B, N, _ = x.shape
+        L = txt.shape[1]
+        q, k, v = self.img_qkv_proj(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        tk, tv = self.txt_kv_proj(txt).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, d)
+        q = apply_rope(self.norm_q(q), cos, sin)
+        k = apply_rope(self.norm_k(k), cos, sin)
+        k = torch.cat([self.norm_added_k(tk), k], dim=2)  # (B, H, L + N, d), text first
+        v = torch.cat([tv, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden, heads, mlp_ratio):
+        super().__init__()
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.attention = Attention(hidden, heads)
+        self.gate_proj = nn.Linear(hidden, mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(hidden, mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(mlp_hidden, hidden, bias=False)
+        self.modulation = Modulation(hidden)
+
+    def forward(self, img, txt, vec, cos, sin, attn_mask):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(vec)
+        x = (1 + scale_a) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift_a
+        img = img + gate_a * self.attention(x, txt, cos, sin, attn_mask)
+        x = (1 + scale_m) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift_m
+        return img + gate_m * self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, out_dim):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, img, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear((1 + scale) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift)
+
+
+def trim_text(txt, txt_mask):
+    """Cut the batch's text to its longest real caption; drop the mask when nothing is padded (SDPA's fast path).
+    Eager only (data-dependent shapes): compiled callers run it before the compiled model."""
+    if txt_mask is None:
+        return txt, None
+    longest = int(txt_mask.sum(1).max())
+    txt, txt_mask = txt[:, :longest], txt_mask[:, :longest]
+    return (txt, None) if bool(txt_mask.all()) else (txt, txt_mask)
+
+
+def attention_mask(txt_mask, num_img):
+    """Boolean key mask (B, 1, 1, L + N), broadcast over heads and queries; built once per token count."""
+    img_ok = torch.ones(txt_mask.shape[0], num_img, dtype=torch.bool, device=txt_mask.device)
+    return torch.cat([txt_mask, img_ok], dim=1)[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+class PRX(nn.Module):
+    def __init__(self, cfg: PRXConfig):
+        super().__init__()
+        h, p = cfg.hidden_size, cfg.patch_size
+        if h % cfg.num_heads or sum(cfg.axes_dim) != h // cfg.num_heads:
+            raise ValueError(f"hidden_size {h} / num_heads {cfg.num_heads} must give a head dim equal to "
+                             f"sum(axes_dim) = {sum(cfg.axes_dim)}")
+        if cfg.route_start < 0 or cfg.route_end >= cfg.depth or cfg.route_start > cfg.route_end:
+            raise ValueError(f"need 0 <= route_start <= route_end < depth, got {cfg.route_start}, {cfg.route_end}, "
+                             f"depth {cfg.depth}")
+        self.cfg = cfg
+        patch_dim = cfg.in_channels * p * p
+        if cfg.bottleneck_size:
+            self.img_in = nn.Sequential(nn.Linear(patch_dim, cfg.bottleneck_size), nn.Linear(cfg.bottleneck_size, h))
+        else:
+            self.img_in = nn.Linear(patch_dim, h)
+        self.txt_in = nn.Linear(cfg.context_dim, h)
+        self.time_in = TimeEmbedder(h)
+        self.blocks = nn.ModuleList(Block(h, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(h, patch_dim)
+        rope_cos, rope_sin = rope_table(cfg.axes_dim, cfg.theta)
+        self.register_buffer("rope_cos", rope_cos, persistent=False)  # not in checkpoints: derived from the config
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+        if cfg.sprint:  # SPRINT (Park et al. 2025): dropped positions get a learnable token, then fuse dense || deep
+            self.sprint_mask_token = nn.Parameter(torch.zeros(1, 1, h))
+            self.sprint_fuse = nn.Linear(2 * h, h)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Linear layers keep torch's default init, as PRX; modulation and output layers start at zero (DiT adaLN-Zero)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.lin.weight)
+            nn.init.zeros_(block.modulation.lin.bias)
+        for layer in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_preset(cls, name, resolution=256, **overrides):
+        return cls(preset_config(name, resolution, **overrides))
+
+    def check_inputs(self, x, t, txt, txt_mask):
+        cfg, p = self.cfg, self.cfg.patch_size
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, H, W] with H and W divisible by the patch size {p}, "
+                             f"got {list(x.shape)}")
+        B = x.shape[0]
+        if t.shape != (B,):
+            raise ValueError(f"t must be [B] = [{B}] floats in [0, 1], got shape {list(t.shape)}")
+        if txt.dim() != 3 or txt.shape[0] != B or txt.shape[2] != cfg.context_dim:
+            raise ValueError(f"txt must be [B, L, context_dim] = [{B}, L, {cfg.context_dim}], got {list(txt.shape)}")
+        if txt_mask is not None and txt_mask.shape != txt.shape[:2]:
+            raise ValueError(f"txt_mask must be [B, L] = {list(txt.shape[:2])} (True = real token), "
+                             f"got {list(txt_mask.shape)}")
+
+    def forward(self, x, t, txt, txt_mask=None, route_ratio=0.0, repa_layer=None):
+        """x (B, C, H, W), t (B,) in [0, 1] with 1 = noise, txt (B, L, context_dim), txt_mask (B, L) bool.
+        route_ratio > 0 routes that fraction of image tokens around blocks route_start..route_end (training).
+        repa_layer=i also returns the image tokens after block i and their positions (None = all tokens)."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        self.check_inputs(x, t, txt, txt_mask)
+        if not torch.compiler.is_compiling():
+            txt, txt_mask = trim_text(txt, txt_mask)
+        B, C, H, W = x.shape
+        h, w = H // p, W // p
+
+        # patchify, channel-major (c, ph, pw) layout as diffusers' img2seq
+        img = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
+        img = self.img_in(img)                  # (B, N, hidden)
+        txt = self.txt_in(txt)                  # (B, L, hidden)
+        vec = self.time_in(t)                   # (B, hidden)
+        if max(h, w) > MAX_POSITIONS:
+            raise ValueError(f"{h}x{w} tokens exceed the RoPE table ({MAX_POSITIONS} per side): raise MAX_POSITIONS")
+        cos = rope_for_grid(self.rope_cos, h, w, cfg.axes_dim, x.device)[None, None]  # (1, 1, N, head_dim/2)
+        sin = rope_for_grid(self.rope_sin, h, w, cfg.axes_dim, x.device)[None, None]
+        attn_mask = None if txt_mask is None else attention_mask(txt_mask, h * w)
+        full_rope, full_mask = (cos, sin), attn_mask
+
+        keep_idx, hidden, hidden_idx = None, None, None
+        routing = route_ratio > 0 or cfg.sprint
+        for i, block in enumerate(self.blocks):
+            if routing and i == cfg.route_start:
+                # TREAD (Krause et al. 2025): a random subset of tokens per sample goes through the middle blocks;
+                # the rest wait here and re-enter unchanged after route_end.
+                dense = img
+                num_keep = h * w - int(h * w * route_ratio)
+                keep_idx = torch.rand(B, h * w, device=x.device).argsort(dim=1)[:, :num_keep].sort(dim=1).values
+                img = img.gather(1, keep_idx[..., None].expand(-1, -1, img.shape[-1]))  # (B, N_keep, hidden)
+                rope_idx = keep_idx[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+                cos, sin = cos.expand(B, -1, -1, -1).gather(2, rope_idx), sin.expand(B, -1, -1, -1).gather(2, rope_idx)
+                attn_mask = None if txt_mask is None else attention_mask(txt_mask, num_keep)
+            img = block(img, txt, vec, cos, sin, attn_mask)
+            if routing and i == cfg.route_end:
+                idx = keep_idx[..., None].expand(-1, -1, img.shape[-1])
+                if cfg.sprint:
+                    deep = self.sprint_mask_token.to(img.dtype).expand(B, h * w, -1).scatter(1, idx, img)
+                    img = self.sprint_fuse(torch.cat([dense, deep], dim=-1))
+                else:
+                    img = dense.scatter(1, idx, img)
+                (cos, sin), attn_mask = full_rope, full_mask
+            if i == repa_layer:
+                hidden = img
+                hidden_idx = keep_idx if routing and cfg.route_start <= i <= cfg.route_end else None
+
+        out = self.final_layer(img, vec)  # (B, N, C * p * p)
+        out = out.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return out if repa_layer is None else (out, hidden, hidden_idx)
+
+    # ------------------------------------------------------------------------------------------------------
+    # diffusers interop: our parameter names are diffusers' names, so a checkpoint is a state dict + config.json
+
+    def diffusers_config(self):
+        cfg = self.cfg
+        if cfg.sprint:
+            raise ValueError("SPRINT adds layers that diffusers' PRXTransformer2DModel does not have; "
+                             "train with --tread instead to export")
+        return {"_class_name": "PRXTransformer2DModel", "in_channels": cfg.in_channels, "patch_size": cfg.patch_size,
+                "context_in_dim": cfg.context_dim, "hidden_size": cfg.hidden_size, "mlp_ratio": cfg.mlp_ratio,
+                "num_heads": cfg.num_heads, "depth": cfg.depth, "axes_dim": list(cfg.axes_dim), "theta": cfg.theta,
+                "time_factor": 1000.0, "time_max_period": 10000, "bottleneck_size": cfg.bottleneck_size,
+                "resolution_embeds": False}
+
+    @classmethod
+    def from_diffusers(cls, path, subfolder=None, **overrides):
+        """Load a diffusers PRXTransformer2DModel checkpoint: a local folder or a hub id (e.g. a Photoroom PRX repo,
+        subfolder="transformer"), safetensors single-file or sharded."""
+        from safetensors.torch import load_file
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+            pattern = f"{subfolder}/*" if subfolder else "*"
+            path = snapshot_download(path, allow_patterns=[pattern.replace("*", "*.json"),
+                                                           pattern.replace("*", "*.safetensors")])
+        folder = os.path.join(path, subfolder) if subfolder else path
+        with open(os.path.join(folder, "config.json")) as f:
+            dc = json.load(f)
+        if dc.get("resolution_embeds") or dc.get("time_factor", 1000.0) != 1000.0 or \
+                dc.get("time_max_period", 10000) != 10000:
+            raise ValueError(f"{folder}/config.json uses options this model does not implement "
+                             "(resolution_embeds, time_factor != 1000, time_max_period != 10000)")
+        cfg = PRXConfig(in_channels=dc["in_channels"], patch_size=dc["patch_size"], context_dim=dc["context_in_dim"],
+                        hidden_size=dc["hidden_size"], depth=dc["depth"], num_heads=dc["num_heads"],
+                        mlp_ratio=dc["mlp_ratio"], axes_dim=tuple(dc.get("axes_dim") or (32, 32)),
+                        theta=dc.get("theta", 10000), bottleneck_size=dc.get("bottleneck_size"), **overrides)
+        index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["diffusion_pytorch_model.safetensors"]
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(folder, name)))
+        model = cls(cfg)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return model
+
+    def save_diffusers(self, folder, max_shard_bytes=10 * 2**30):
+        """Write a folder that diffusers.PRXTransformer2DModel.from_pretrained(folder) loads (sharded if large)."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(self.diffusers_config(), f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        shards, size = [{}], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def flops_per_sample(cfg, num_img, num_txt):
+    """Closed-form forward FLOPs (2 per multiply-add) of the matmuls and attention for one sample."""
+    h, p, m = cfg.hidden_size, cfg.patch_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    patch_dim = cfg.in_channels * p * p
+    img_in = patch_dim * cfg.bottleneck_size + cfg.bottleneck_size * h if cfg.bottleneck_size else patch_dim * h
+    per_block = (6 * h * h                      # modulation
+                 + num_img * 3 * h * h          # image qkv
+                 + num_txt * 2 * h * h          # text kv
+                 + 2 * num_img * (num_txt + num_img) * h  # q k^T and attn v
+                 + num_img * h * h              # out projection
+                 + num_img * 3 * h * m)         # gated MLP
+    macs = num_img * img_in + num_txt * cfg.context_dim * h + 256 * h + h * h + cfg.depth * per_block \
+        + 2 * h * h + num_img * h * patch_dim
+    return 2 * macs
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def bench(args):
+    """Forward+backward step: this model vs diffusers' PRXTransformer2DModel, same config, weights and inputs,
+    interleaved in one process, median over steps after warm-up."""
+    import statistics
+    import time
+    from diffusers import PRXTransformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    ours = PRX.from_preset(args.preset).to(device)
+    for prm in ours.parameters():  # non-zero output layers so both sides do real work
+        nn.init.normal_(prm, std=0.02) if prm.dim() > 1 else None
+    theirs = PRXTransformer2DModel(**{k: v for k, v in ours.diffusers_config().items() if k != "_class_name"})
+    theirs.load_state_dict(ours.state_dict())
+    theirs.to(device)
+    cfg, B = ours.cfg, args.batch
+    side = int(args.img_tokens ** 0.5) * cfg.patch_size
+    x = torch.randn(B, cfg.in_channels, side, side, device=device)
+    t = torch.rand(B, device=device)
+    txt = torch.randn(B, args.txt_tokens, cfg.context_dim, device=device)
+    lengths = torch.randint(args.min_len, args.max_len + 1, (B,), device=device)
+    mask = torch.arange(args.txt_tokens, device=device)[None] < lengths[:, None]
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
+
+    def ours_step(model):
+        txt_t, mask_t = trim_text(txt, mask)  # eager, before the (possibly compiled) model
+        with autocast:
+            model(x, t, txt_t, mask_t).float().square().mean().backward()
+
+    def theirs_step(model):
+        with autocast:
+            model(x, t, txt, mask, return_dict=False)[0].float().square().mean().backward()
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math: attention matmuls counted
+        ours(x[:1], t[:1], *trim_text(txt[:1], mask[:1]))
+    real = int(lengths[0])
+    print(f"device {device} | preset {args.preset} | batch {B} | {args.img_tokens} image tokens | text "
+          f"{args.txt_tokens} padded, real lengths {args.min_len}..{args.max_len}")
+    print(f"forward FLOPs/sample (flop counter, sample 0, {real} text tokens): {counter.get_total_flops():.4g} "
+          f"| closed form {flops_per_sample(cfg, args.img_tokens, real):.4g} | train step ~3x forward")
+    for mode in ["eager", "compiled"] if args.compile else ["eager"]:
+        a, b = (ours, theirs) if mode == "eager" else (torch.compile(ours), torch.compile(theirs))
+        times = {"ours": [], "diffusers": []}
+        for step in range(args.warmup + args.steps):
+            for name, fn, model in (("ours", ours_step, a), ("diffusers", theirs_step, b)):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(model)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if step >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+        ours_ms, theirs_ms = (1e3 * statistics.median(times[k]) for k in ("ours", "diffusers"))
+        line = f"{mode:9s} fwd+bwd median of {args.steps}: ours {ours_ms:.1f} ms | diffusers {theirs_ms:.1f} ms | " \
+               f"ratio ours/diffusers {ours_ms / theirs_ms:.3f} | ours {B / ours_ms * 1e3:.1f} samples/s"
+        if device == "cuda" and args.peak_tflops:
+            step_flops = 3 * B * flops_per_sample(cfg, args.img_tokens, int(lengths.float().mean()))
+            line += f" | MFU {step_flops / (ours_ms / 1e3) / (args.peak_tflops * 1e12):.1%}"
+        print(line)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="time forward+backward against diffusers")
+    parser.add_argument("--preset", default="tiny", help="preset to benchmark")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--img-tokens", type=int, default=256, help="image tokens (a square number)")
+    parser.add_argument("--txt-tokens", type=int, default=128, help="padded text length")
+    parser.add_argument("--min-len", type=int, default=8, help="shortest real caption in the batch")
+    parser.add_argument("--max-len", type=int, default=64, help="longest real caption in the batch")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile on both sides")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
+    args = parser.parse_args()
+    if args.bench:
+        bench(args)
+    else:
+        for name in [n + s for n in PRESETS for s in ("", "-pixel")]:
+            with torch.device("meta"):
+                model = PRX.from_preset(name)
+            cfg = model.cfg
+            print(f"{name:12s} {sum(p.numel() for p in model.parameters()):>14,d} parameters | hidden "
+                  f"{cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} channels {cfg.in_channels} "
+                  f"patch {cfg.patch_size} bottleneck {cfg.bottleneck_size}")

@@ -1,0 +1,177 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import PRX, PRXConfig, flops_per_sample, preset_config, rope_for_grid, trim_text
+
+TINY = dict(in_channels=4, patch_size=2, context_dim=24, hidden_size=64, depth=4, num_heads=2, axes_dim=(16, 16),
+            route_start=1, route_end=2)
+
+
+def randomize(model, std=0.05):
+    """Random weights everywhere (the zero-initialised layers would hide most of the network)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
+
+
+def inputs(cfg, B=3, H=8, W=12, L=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, H, W, generator=g)
+    t = torch.rand(B, generator=g)
+    txt = torch.randn(B, L, cfg.context_dim, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor([L, 3, 5][:B])[:, None]
+    return x, t, txt, mask
+
+
+@pytest.mark.parametrize("bottleneck", [None, 32])
+def test_diffusers_interop_both_ways(tmp_path, bottleneck):
+    from diffusers import PRXTransformer2DModel
+    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck)
+    theirs = randomize(PRXTransformer2DModel(**{k: v for k, v in PRX(cfg).diffusers_config().items()
+                                                if k != "_class_name"}))
+    theirs.save_pretrained(tmp_path / "d", max_shard_size="50KB")  # sharded checkpoint
+    assert (tmp_path / "d" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    ours = PRX.from_diffusers(str(tmp_path / "d"))
+    x, t, txt, mask = inputs(cfg)
+    with torch.no_grad():
+        ref = theirs(x, t, txt, mask, return_dict=False)[0]
+        assert (ours(x, t, txt, mask) - ref).abs().max() <= 1e-5
+        # and back: ours -> diffusers folder (single file and sharded) -> diffusers loads it
+        randomize(ours, std=0.03)
+        for shard in (2**40, 20_000):
+            folder = tmp_path / f"o{shard}"
+            ours.save_diffusers(str(folder), max_shard_bytes=shard)
+            back = PRXTransformer2DModel.from_pretrained(str(folder))
+            assert (back(x, t, txt, mask, return_dict=False)[0] - ours(x, t, txt, mask)).abs().max() <= 1e-5
+
+
+def test_padding_never_changes_output():
+    cfg = PRXConfig(**TINY)
+    model = randomize(PRX(cfg)).eval()
+    x, t, txt, mask = inputs(cfg)
+    pad = torch.randn(3, 9, cfg.context_dim) * 100  # garbage in padded slots
+    with torch.no_grad():
+        out = model(x, t, txt, mask)
+        out_pad = model(x, t, torch.cat([txt, pad], 1), torch.cat([mask, torch.zeros(3, 9, dtype=torch.bool)], 1))
+        garbage = txt.clone()
+        garbage[~mask] = 1e3
+        out_garbage = model(x, t, garbage, mask)
+    assert (out - out_pad).abs().max() <= 1e-5
+    assert (out - out_garbage).abs().max() <= 1e-5
+    # trimming: the longest real caption sets the length; no mask when nothing is padded
+    txt_t, mask_t = trim_text(torch.cat([txt, pad], 1), torch.cat([mask, torch.zeros(3, 9, dtype=torch.bool)], 1))
+    assert txt_t.shape[1] == 7 and mask_t is not None
+    assert trim_text(txt[:1], mask[:1])[1] is None
+
+
+def test_compile_matches_eager_without_graph_breaks():
+    cfg = PRXConfig(**TINY)
+    model = randomize(PRX(cfg)).eval()
+    x, t, txt, mask = inputs(cfg)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
+    with torch.no_grad():
+        txt_t, mask_t = trim_text(txt, mask)
+        assert (compiled(x, t, txt_t, mask_t) - model(x, t, txt, mask)).abs().max() <= 1e-4
+
+
+def test_route_ratio_zero_is_the_plain_model():
+    cfg = PRXConfig(**TINY)
+    model = randomize(PRX(cfg))
+    x, t, txt, mask = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, txt, mask, route_ratio=0.0), model(x, t, txt, mask))
+        torch.manual_seed(0)
+        routed = model(x, t, txt, mask, route_ratio=0.5)
+    assert (routed - model(x, t, txt, mask)).abs().max() > 1e-3  # routing really changes the computation
+
+
+@pytest.mark.parametrize("sprint", [False, True])
+def test_routed_tokens_return_to_their_positions(sprint):
+    """Reference: each sample alone, boolean-indexing its kept tokens and their own RoPE rows; no gather/scatter."""
+    cfg = PRXConfig(**TINY, sprint=sprint)
+    model = randomize(PRX(cfg))
+    x, t, txt, mask = inputs(cfg, H=8, W=12)
+    B, h, w = x.shape[0], 4, 6
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out, _, keep_idx = model(x, t, txt, mask, route_ratio=0.5, repa_layer=cfg.route_start)
+        assert keep_idx.shape == (B, h * w // 2)
+        cos = rope_for_grid(model.rope_cos, h, w, cfg.axes_dim, "cpu")
+        sin = rope_for_grid(model.rope_sin, h, w, cfg.axes_dim, "cpu")
+        for b in range(B):
+            xb, tb, txtb = x[b:b + 1], t[b:b + 1], model.txt_in(txt[b:b + 1, :int(mask[b].sum())])
+            img = model.img_in(xb.view(1, cfg.in_channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, h * w, -1))
+            vec = model.time_in(tb)
+            kept = torch.zeros(h * w, dtype=torch.bool)
+            kept[keep_idx[b]] = True
+            for i, block in enumerate(model.blocks):
+                if i == cfg.route_start:
+                    dense = img.clone()
+                    img = img[:, kept]
+                c, s = (cos[kept], sin[kept]) if cfg.route_start <= i <= cfg.route_end else (cos, sin)
+                img = block(img, txtb, vec, c[None, None], s[None, None], None)
+                if i == cfg.route_end:
+                    merged = (model.sprint_mask_token.expand(1, h * w, -1).clone() if sprint else dense.clone())
+                    merged[:, kept] = img
+                    img = model.sprint_fuse(torch.cat([dense, merged], -1)) if sprint else merged
+            ref = model.final_layer(img, vec).view(1, h, w, cfg.in_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            assert (out[b:b + 1] - ref.reshape(xb.shape)).abs().max() <= 1e-5
+
+
+def test_repa_hook_returns_block_output():
+    cfg = PRXConfig(**TINY)
+    model = randomize(PRX(cfg))
+    x, t, txt, mask = inputs(cfg)
+    captured = {}
+    model.blocks[0].register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
+    with torch.no_grad():
+        out, hidden, idx = model(x, t, txt, mask, repa_layer=0)
+    assert idx is None and torch.equal(hidden, captured["h"]) and hidden.shape == (3, 24, 64)
+    assert torch.equal(out, model(x, t, txt, mask))
+
+
+def test_presets_parameter_counts():
+    from diffusers import PRXTransformer2DModel
+    with torch.device("meta"):
+        small = PRX.from_preset("small")
+        theirs = PRXTransformer2DModel()  # diffusers' defaults are PRX small
+        tiny = PRX.from_preset("tiny")
+        pixel = PRX.from_preset("small-pixel", resolution=512)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(small) == count(theirs) == 1_170_691_648
+    assert count(tiny) <= 5_000_000
+    assert pixel.cfg.patch_size == 32 and pixel.cfg.bottleneck_size == 256 and pixel.cfg.in_channels == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")
+
+
+def test_non_square_and_bad_inputs():
+    cfg = PRXConfig(**TINY)
+    model = PRX(cfg)
+    x, t, txt, mask = inputs(cfg, H=6, W=14)
+    assert model(x, t, txt, mask).shape == x.shape
+    with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
+        model(x[:, :3], t, txt, mask)
+    with pytest.raises(ValueError, match="divisible by the patch size 2"):
+        model(x[..., :5, :], t, txt, mask)
+    with pytest.raises(ValueError, match=r"\[3, L, 24\]"):
+        model(x, t, txt[..., :10], mask)
+    with pytest.raises(ValueError, match=r"txt_mask must be \[B, L\] = \[3, 7\]"):
+        model(x, t, txt, mask[:, :4])
+    with pytest.raises(ValueError, match=r"t must be \[B\]"):
+        model(x, t[:2], txt, mask)
+
+
+@pytest.mark.parametrize("bottleneck", [None, 48])
+def test_flop_counter_matches_closed_form(bottleneck):
+    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck)
+    model = PRX(cfg)
+    x, t, txt, mask = inputs(cfg, B=1, H=8, W=8, L=5)
+    # the math backend decomposes attention into matmuls that the counter sees (CPU's fused kernel is not counted)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x, t, txt, None)
+    assert counter.get_total_flops() == flops_per_sample(cfg, num_img=16, num_txt=5)
