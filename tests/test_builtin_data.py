@@ -1,0 +1,188 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caption_checker import caption_accuracy, check_scene
+from data import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
+                  Scene, ShapesDataset, long_caption, render, short_caption)
+
+
+def scenes(split, n, seed=0):
+    ds = ShapesDataset(seed, split)
+    return [ds.scene(i) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset
+
+def test_samples_are_a_function_of_seed_and_index():
+    images, captions = ShapesDataset(seed=3).batch([7, 2, 7], resolution=32)
+    again, captions_again = ShapesDataset(seed=3).batch([2, 7], resolution=32)
+    assert torch.equal(images[0], again[1]) and torch.equal(images[1], again[0]) and torch.equal(images[0], images[2])
+    assert captions[:2] == captions_again[::-1]
+    other, _ = ShapesDataset(seed=4).batch([7, 2, 7], resolution=32)
+    assert not torch.equal(images, other)
+    heldout, _ = ShapesDataset(seed=3, split="heldout").batch([7, 2, 7], resolution=32)
+    assert not torch.equal(images, heldout)
+
+
+def test_batch_tensors():
+    images, captions = ShapesDataset().batch(range(5), resolution=48)
+    assert images.shape == (5, 3, 48, 48) and images.dtype == torch.float32 and len(captions) == 5
+    assert images.min() >= -1 and images.max() <= 1
+    _, short = ShapesDataset().batch(range(5), resolution=48, caption="short")
+    assert all(len(s) < len(c) for s, c in zip(short, captions))
+    with pytest.raises(ValueError, match="caption must be"):
+        ShapesDataset().batch(range(2), caption="medium")
+    with pytest.raises(ValueError, match="split must be"):
+        ShapesDataset(split="test")
+
+
+def test_heldout_pairs_never_in_training_and_in_every_heldout_scene():
+    train_pairs = {(o.color, o.shape) for s in scenes("train", 3000) for o in s.objects}
+    assert train_pairs == set(TRAIN_PAIRS) and not train_pairs & set(HELDOUT_PAIRS)
+    # every colour and every shape is still seen in training, with other partners
+    assert {c for c, _ in train_pairs} == set(COLORS) and {s for _, s in train_pairs} == set(SHAPES)
+    for s in scenes("heldout", 500):
+        assert any((o.color, o.shape) in HELDOUT_PAIRS for o in s.objects)
+
+
+def test_scene_layout():
+    all_scenes = scenes("train", 1000)
+    assert {len(s.objects) for s in all_scenes} == {1, 2}
+    assert {s.background for s in all_scenes} == set(BACKGROUNDS)
+    assert {o.size for s in all_scenes for o in s.objects} == set(SIZES)
+    assert {o.region for s in all_scenes for o in s.objects} == set(REGIONS)
+    for s in all_scenes:
+        assert len({o.region for o in s.objects}) == len({o.color for o in s.objects}) == len(s.objects)
+        for o in s.objects:  # the whole shape lies inside its cell
+            row, col = divmod(REGIONS.index(o.region), 3)
+            half = SIZES[o.size] / 6
+            assert col / 3 <= o.x - half and o.x + half <= (col + 1) / 3
+            assert row / 3 <= o.y - half and o.y + half <= (row + 1) / 3
+
+
+def test_render_is_antialiased_and_places_the_object():
+    s = scenes("train", 50)[0]
+    s = dataclasses.replace(s, objects=s.objects[:1])
+    image = render(s, 64)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    o = s.objects[0]
+    assert tuple(image[int(o.y * 64), int(o.x * 64)]) == COLORS[o.color]
+    palette = {COLORS[o.color], BACKGROUNDS[s.background]}
+    assert any(tuple(p) not in palette for p in image.reshape(-1, 3))  # blended edge pixels
+
+
+def test_captions_name_every_attribute():
+    for s in scenes("train", 200) + scenes("heldout", 50):
+        long, short = long_caption(s), short_caption(s)
+        assert s.background in long
+        for o in s.objects:
+            assert f"{o.size} {o.color} {o.shape} in the {o.region}" in long
+            assert f"{o.color} {o.shape}" in short
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text encoder
+
+def test_encoder_is_deterministic_and_frozen():
+    captions = [long_caption(s) for s in scenes("train", 8)]
+    emb, mask = BuiltinTextEncoder(dim=32, seed=1)(captions)
+    emb2, mask2 = BuiltinTextEncoder(dim=32, seed=1)(captions)
+    assert torch.equal(emb, emb2) and torch.equal(mask, mask2)
+    assert not torch.equal(emb, BuiltinTextEncoder(dim=32, seed=2)(captions)[0])
+    encoder = BuiltinTextEncoder()
+    assert list(encoder.parameters()) == [] and encoder.dim == 64
+    assert encoder(captions)[0].requires_grad is False
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_encoder_shapes_mask_and_padding(context):
+    encoder = BuiltinTextEncoder(context=context)
+    captions = ["a red circle", "", "A gray background with a large blue cross in the top left."]
+    emb, mask = encoder(captions)
+    lengths = [4, 1, 13]  # words + the start token: the empty prompt is one real token
+    assert emb.shape == (3, 13, 64) and emb.dtype == torch.float32 and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == lengths
+    assert (emb[~mask] == 0).all() and (emb[mask].abs().sum(-1) > 0).all()
+    for caption, n, row in zip(captions, lengths, emb):  # padding never changes a caption's own tokens
+        alone, alone_mask = encoder([caption])
+        assert alone.shape[1] == n and alone_mask.all()
+        torch.testing.assert_close(alone[0], row[:n])
+
+
+def test_encoder_tells_apart_swapped_colours():
+    a = "a black background with a large red circle in the top left and a large blue square in the center"
+    b = "a black background with a large blue circle in the top left and a large red square in the center"
+    emb, _ = BuiltinTextEncoder()([a, b])
+    assert (emb[0] - emb[1]).norm() > 1
+    circle = a.split().index("circle") + 1  # same word, same position: without context, the same vector
+    assert torch.equal(emb[0, circle], emb[1, circle])
+    emb, _ = BuiltinTextEncoder(context=2)([a, b])  # the context layer puts the colour into the shape's vector
+    assert (emb[0, circle] - emb[1, circle]).norm() > 0.5
+    assert torch.equal(emb[:, -1], emb[:, -1].flip(0))  # "center" is more than 2 words from any colour
+
+
+def test_encoder_rejects_bad_input():
+    encoder = BuiltinTextEncoder(max_len=8)
+    with pytest.raises(ValueError, match="not in the built-in caption grammar"):
+        encoder(["a purple circle"])
+    with pytest.raises(ValueError, match="max_len"):
+        encoder(["a red circle and a blue square in the center"])
+    with pytest.raises(TypeError, match="list of strings"):
+        encoder("a red circle")
+    with pytest.raises(ValueError, match="empty"):
+        encoder([])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption checker
+
+@pytest.mark.parametrize("resolution", [32, 48, 64])
+def test_checker_reads_the_dataset_renders(resolution):
+    train, heldout = scenes("train", 150, seed=5), scenes("heldout", 50, seed=5)
+    acc = caption_accuracy([render(s, resolution) for s in train + heldout], train + heldout)
+    assert acc["full"] >= 0.98 and acc["color_region"] >= 0.98
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_checker_rejects_blank_and_noise(resolution):
+    some = scenes("train", 200, seed=6)
+    blank = [np.full((resolution, resolution, 3), BACKGROUNDS[s.background], np.uint8) for s in some[:100]]
+    blank += [np.full((resolution, resolution, 3), COLORS[s.objects[0].color], np.uint8) for s in some[100:]]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (200, resolution, resolution, 3), dtype=np.uint8)
+    # specks: 12x12 blocks of random colours, several per cell; a colour alone must not be taken for an object
+    specks = [np.asarray(Image.fromarray(x).resize((resolution, resolution), Image.NEAREST))
+              for x in rng.integers(0, 256, (200, 12, 12, 3), dtype=np.uint8)]
+    for images in (blank, noise, specks):
+        acc = caption_accuracy(images, some)
+        assert acc["full"] <= 0.05 and acc["color_region"] <= 0.05
+
+
+def test_checker_notices_a_wrong_kind_region_or_colour():
+    rng = np.random.default_rng(0)
+    for s in scenes("train", 40, seed=7):
+        o = s.objects[0]
+        free = [r for r in REGIONS if r not in {p.region for p in s.objects}]
+        wrong_kind = dataclasses.replace(o, shape=rng.choice([k for k in SHAPES if k != o.shape]))
+        row, col = divmod(REGIONS.index(free[0]), 3)
+        wrong_place = dataclasses.replace(o, region=free[0], x=(col + 0.5) / 3, y=(row + 0.5) / 3)
+        wrong_color = dataclasses.replace(o, color=rng.choice([c for c in COLORS if c not in
+                                                               {p.color for p in s.objects}]))
+        for changed, expected in ((wrong_kind, dict(full=False, color_region=True)),
+                                  (wrong_place, dict(full=False, color_region=False)),
+                                  (wrong_color, dict(full=False, color_region=False))):
+            image = render(Scene(s.background, [changed] + s.objects[1:]), 48)
+            assert check_scene(image, s.objects)[0] == expected
+
+
+def test_checker_rejects_float_images():
+    s = scenes("train", 1)[0]
+    with pytest.raises(ValueError, match="uint8"):
+        check_scene(render(s, 32).astype(np.float32), s.objects)
+    with pytest.raises(ValueError, match="one scene per image"):
+        caption_accuracy([render(s, 32)], [s, s])

@@ -1,0 +1,274 @@
+"""eval.py: the metrics against their reference implementations (torch-fidelity, scipy, CLIPImageProcessor, PIL,
+closed forms) on tiny or randomly initialised networks built here, and the sampler against an exact flow."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+import eval as ev
+from model import PRX
+
+
+def blocky_images(n, seed, size=64, brightness=0):
+    """(n, 3, size, size) uint8: random 8x8 colour blocks, upsampled; structured enough to give spread features."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 200, (n, 3, 8, 8), generator=g) + brightness
+    return F.interpolate(small.float(), size=(size, size), mode="nearest").clamp(0, 255).to(torch.uint8)
+
+
+def write_folder(path, images):
+    os.makedirs(path)
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(path, f"{i}.png"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("inception") / "inception.pth")
+    ev.write_random_inception_weights(path)
+    return path
+
+
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=16)
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def tiny_dino(**kwargs):
+    return ev.load_dino(img_size=28, embed_dim=32, depth=1, num_heads=2, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID
+
+def test_fid_equals_torch_fidelity(inception_weights, tmp_path):
+    import torch_fidelity
+    real, fake = blocky_images(2, seed=0), blocky_images(2, seed=1, brightness=40)  # 2 each: eigvals of 2048^2 is slow
+    theirs = torch_fidelity.calculate_metrics(
+        input1=write_folder(tmp_path / "fake", fake), input2=write_folder(tmp_path / "real", real), fid=True,
+        feature_extractor_weights_path=inception_weights, cuda=False, cache=False, verbose=False,
+        save_cpu_ram=True)["frechet_inception_distance"]
+    ref = ev.Metrics(None, ["fid"], fid_weights=inception_weights)
+    ref.update(real[:1])  # batches of any size: the statistics are sums
+    ref.update(real[1:])
+    ref.save_reference(tmp_path / "ref.npz")
+    ours = ev.Metrics(tmp_path / "ref.npz", ["fid"], fid_weights=inception_weights)
+    ours.update(fake)
+    fid = ours.compute()["fid"]
+    assert fid > 1e-3
+    assert abs(fid - theirs) <= 1e-3 * abs(theirs)
+
+
+def test_inception_features_do_not_depend_on_batch(inception_weights):
+    net = ev.load_inception(inception_weights)
+    images = blocky_images(2, seed=2)
+    batched = ev.inception_features(net, images)
+    single = torch.cat([ev.inception_features(net, images[i:i + 1]) for i in range(2)])
+    assert batched.abs().mean() > 1e-3  # the He-initialised network does not collapse to zero
+    torch.testing.assert_close(single, batched, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_statistics_equal_numpy():
+    x = torch.randn(50, 6, dtype=torch.float64) * torch.arange(1, 7) + 3  # offset, varied scales, correlated
+    x[:, 1] += 0.5 * x[:, 0]
+    stats = ev.GaussianStats(6, "cpu")
+    for part in (x[:1], x[1:8], x[8:]):
+        stats.update(part)
+    mu, cov = stats.mean_cov()
+    np.testing.assert_allclose(mu, x.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x.numpy(), rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def random_spd(d, rng):
+    a = rng.standard_normal((d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_closed_forms_and_sqrtm():
+    rng = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = rng.standard_normal(20), rng.standard_normal(20), random_spd(20, rng), random_spd(20, rng)
+    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
+    np.testing.assert_allclose(ev.frechet_distance(mu1, s1, mu2, s1), np.sum((mu1 - mu2) ** 2), rtol=1e-8)
+    direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    np.testing.assert_allclose(ev.frechet_distance(mu1, s1, mu2, s2), direct, rtol=1e-6)
+
+
+def test_missing_fid_weights_say_what_and_where(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
+        ev.load_inception(str(tmp_path / "missing.pth"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match="--fid-weights") as info:
+        ev.load_inception()
+    assert str(tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MMD, CLIP, DINO
+
+def test_mmd_closed_forms_and_chunks():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 5, generator=g) * 4, torch.randn(23, 5, generator=g) * 4 + 1
+    assert ev.mmd(x, x) == 0.0
+    d2 = (x[0].double() - y[0].double()).square().sum().item()
+    assert ev.mmd(x[:1], y[:1]) == pytest.approx(1000 * (2 - 2 * np.exp(-d2 / 200)), rel=1e-12)
+    assert ev.mmd(x, y, chunk=4) == pytest.approx(ev.mmd(x, y, chunk=10_000), rel=1e-12)
+
+
+def test_crop_resize_matches_pil():
+    g = torch.Generator().manual_seed(0)
+    images = blocky_images(2, seed=3, size=40)[..., :36]  # 40 x 36: the centre 36 x 36 square is kept
+    images = (images.int() + torch.randint(-20, 21, images.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    for size in (28, 50):  # down and up
+        ours = ev.crop_resize(images, size).permute(0, 2, 3, 1).int().numpy()
+        for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            pil = np.asarray(Image.fromarray(im[2:38]).resize((size, size), Image.BICUBIC)).astype(int)
+            assert np.abs(ours[i] - pil).max() <= 2 and (ours[i] != pil).mean() < 0.02
+
+
+def test_clip_features_equal_the_cmmd_pipeline(tmp_path):
+    tiny_clip().save_pretrained(tmp_path / "clip")
+    model = ev.load_clip(str(tmp_path / "clip"))  # the loader of the real model, on a local folder
+    images = blocky_images(3, seed=4, size=28)
+    processor = CLIPImageProcessor(do_resize=False, do_center_crop=False)  # CLIP mean/std, rescale by 1/255
+    pixels = processor(list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        expected = F.normalize(model(pixel_values=pixels).image_embeds, dim=-1)
+        ours = ev.clip_features(model, images)
+        single = torch.cat([ev.clip_features(model, images[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_dino_features_are_the_normalised_cls_token(tmp_path):
+    save_file(tiny_dino(pretrained=False).state_dict(), tmp_path / "dino.safetensors")
+    model = tiny_dino(pretrained_cfg_overlay=dict(file=str(tmp_path / "dino.safetensors")))  # offline weights file
+    images = blocky_images(3, seed=5, size=28)
+    mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
+    with torch.no_grad():
+        expected = F.normalize(model((images / 255 - mean[:, None, None]) / std[:, None, None]), dim=-1)  # timm head
+        ours = ev.dino_features(model, images)
+        single = torch.cat([ev.dino_features(model, images[i:i + 1]) for i in range(3)])
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # ImageNet
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
+    clip, dino = tiny_clip(), tiny_dino(pretrained=False)
+    real, fake = blocky_images(3, seed=6, size=28), blocky_images(3, seed=7, size=28, brightness=30)
+    ref = ev.Metrics(None, ["cmmd", "dino_mmd"], clip=clip, dino=dino)
+    ref.update(real)
+    ref.save_reference(tmp_path / "ref.npz")
+    metrics = ev.Metrics(tmp_path / "ref.npz", ["cmmd", "dino_mmd"], clip=clip, dino=dino)
+    metrics.update(fake[:1])
+    metrics.update(fake[1:])
+    with torch.no_grad():
+        expected = {"cmmd": ev.mmd(ev.clip_features(clip, fake), ev.clip_features(clip, real)),
+                    "dino_mmd": ev.mmd(ev.dino_features(dino, fake), ev.dino_features(dino, real))}
+    result = metrics.compute()
+    assert result == pytest.approx(expected, rel=1e-6) and min(result.values()) > 0
+    metrics.reset()
+    metrics.update(real)
+    assert metrics.compute() == pytest.approx({"cmmd": 0.0, "dino_mmd": 0.0}, abs=1e-9)
+
+    metrics.reset()
+    metrics.update(real[:2])
+    with pytest.raises(ValueError, match="holds 3 images"):
+        metrics.compute()
+    with pytest.raises(ValueError, match="other settings: cmmd"):
+        ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=tiny_clip(seed=1))  # other weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampler
+
+class PointFlow(torch.nn.Module):
+    """The exact flow of data concentrated at one point c, read from the first text token: v = (x - c) / t, or
+    x0 = c with pred x. Routing moves the point by route_ratio, so self-guidance shows in the result."""
+
+    def __init__(self, pred):
+        super().__init__()
+        self.pred = pred
+
+    def forward(self, x, t, txt, txt_mask, route_ratio=0.0):
+        c = (txt[:, 0, 0] + route_ratio)[:, None, None, None]
+        return c.expand_as(x) if self.pred == "x" else (x - c) / t[:, None, None, None]
+
+
+@pytest.mark.parametrize("pred", ["v", "x"])
+def test_sampler_lands_on_the_guided_point(pred):
+    # Euler is exact on v = (x - c) / t; CFG makes the point c0 + w (c1 - c0); self-guidance routed + s (full - routed)
+    txt, mask = torch.zeros(3, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
+    txt[:, 0, 0] = torch.tensor([0.5, -0.3, 1.0])
+    null_txt, null_mask = torch.full((1, 2, 4), -0.2), torch.ones(1, 2, dtype=torch.bool)
+    w, s, r = 3.0, 1.5, 0.5
+    x0 = ev.sample(PointFlow(pred), txt, mask, null_txt, null_mask, [0, 1, 2], (2, 4, 4), steps=4, cfg=w, shift=3.0,
+                   pred=pred, self_guidance=s, route_ratio=r)
+    expected = -0.2 + w * (txt[:, 0, 0] + 0.2) + r * (1 - s)
+    torch.testing.assert_close(x0, expected[:, None, None, None].expand_as(x0), atol=1e-5, rtol=1e-5)
+
+
+def test_timesteps_follow_the_training_shift():
+    t = torch.linspace(1, 0, 11)
+    torch.testing.assert_close(ev.timesteps(10, 3.0), 3 * t / (1 + 2 * t))
+    assert ev.timesteps(10, 3.0)[5] == pytest.approx(0.75)  # s t / (1 + (s - 1) t) at t = 0.5
+
+
+def random_tiny_prx():
+    torch.manual_seed(0)
+    model = PRX.from_preset("tiny-pixel").eval()
+    for p in model.parameters():  # the zero-initialised modulation and output layers would make every sample noise
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_sampler_same_seed_same_image_whatever_the_batch():
+    model = random_tiny_prx()
+    g = torch.Generator().manual_seed(1)
+    txt, lengths = torch.randn(4, 6, 64, generator=g), torch.tensor([6, 2, 4, 1])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    null_txt, null_mask = torch.randn(1, 1, 64, generator=g), torch.ones(1, 1, dtype=torch.bool)
+    kwargs = dict(shape=(3, 16, 16), steps=3, cfg=2.0)
+    seeds = [7, 3, 11, 5]
+    batched = ev.sample(model, txt, mask, null_txt, null_mask, seeds, **kwargs)
+    single = torch.cat([ev.sample(model, txt[i:i + 1, :lengths[i]], mask[i:i + 1, :lengths[i]], null_txt, null_mask,
+                                  seeds[i:i + 1], **kwargs) for i in range(4)])
+    assert (batched[0] - batched[1]).abs().mean() > 0.1
+    torch.testing.assert_close(single, batched, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line, on the built-in data
+
+def test_cli_ref_then_eval_writes_json(tmp_path):
+    model = random_tiny_prx()
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints" / "step_10")
+    save_file(model.state_dict(), run / "checkpoints" / "step_10" / "model.safetensors")
+    args = dict(data="builtin", captions="long", resolution=32, seed=0, shift=1.0, pred="x", sample_steps=2, cfg=3.0,
+                route_ratio=None, sprint=False)
+    (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg)}))
+    tiny_clip().save_pretrained(tmp_path / "clip")
+    common = ["--metrics", "cmmd", "--clip", str(tmp_path / "clip"), "--num-samples", "3", "--batch-size", "2"]
+    ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref.npz"), *common])
+    ev.main(["--ckpt", str(run), "--ref", str(tmp_path / "ref.npz"), *common[:1], "cmmd,caption", *common[2:]])
+    result = json.loads((run / "checkpoints" / "step_10" / "eval.json").read_text())
+    assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy"}
+    assert result["metrics"]["cmmd"] > 0 and result["sampling"]["steps"] == 2
+    assert os.path.exists(run / "checkpoints" / "step_10" / "eval_samples.png")

@@ -1,0 +1,188 @@
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import muon
+from muon import QUINTIC, Muon, assign_owners, newton_schulz, ns_cost, split_muon_params, split_summary
+
+SHAPES = [(48, 32), (32, 80), (40, 40), (24, 56), (64, 16)]  # tall, wide and square
+
+
+def make_params(shapes=SHAPES, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+
+
+def set_grads(params, step):
+    g = torch.Generator().manual_seed(1000 + step)  # the same on every rank, as after DDP's all-reduce
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
+
+
+def train(params, steps):
+    """Two param groups (different lr) so the per-group settings are exercised too."""
+    opt = Muon([{"params": params[:2], "lr": 0.03}, {"params": params[2:]}], lr=0.02, weight_decay=0.1)
+    for step in range(steps):
+        set_grads(params, step)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("scale", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_matches_torch_muon(scale, nesterov, device):
+    ours, theirs = make_params(device=device), make_params(device=device)
+    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1, nesterov=nesterov, scale=scale)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=scale)
+    steps = 5
+    for step in range(steps):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt_ours.step()
+        opt_theirs.step()
+    for a, b, shape in zip(ours, theirs, SHAPES):
+        # Both run Newton-Schulz in bf16 with the same operations (bit-identical on this machine). A different
+        # matmul reduction order may flip a bf16 rounding of an update entry (|entry| < 2): one ulp, 2^-7, times
+        # lr * scale, per step. A wrong momentum, scale or decay moves the parameters by O(lr * scale).
+        lr_scale = 0.02 * muon.update_scale(shape, scale)
+        torch.testing.assert_close(a, b, rtol=0, atol=steps * lr_scale * 2**-7)
+
+
+def quintic(x):
+    a, b, c = QUINTIC
+    return a * x + b * x**3 + c * x**5
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96), (120, 200)])
+def test_newton_schulz_singular_values(shape):
+    g = torch.Generator().manual_seed(0)
+    m = min(shape)
+    U = torch.linalg.qr(torch.randn(shape[0], m, dtype=torch.float64, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(shape[1], m, dtype=torch.float64, generator=g))[0]
+    s = 0.05 + 0.95 * torch.rand(m, dtype=torch.float64, generator=g)  # singular values, not tiny
+    O = newton_schulz(((U * s) @ V.T).float()).double()
+    # Closed form: the iteration acts on each singular value alone, O = U p(s / ||s||) V^T, p = quintic applied 5x.
+    expected = s / s.norm()
+    for _ in range(5):
+        expected = quintic(expected)
+    # 15 bf16 matmuls on O(1) values (unit roundoff 2^-8); the quintic contracts towards its band, so errors stay
+    # a few ulps (measured <= 0.01); 0.03 still fails for a wrong coefficient, step count or transpose.
+    torch.testing.assert_close(U.T @ O @ V, torch.diag(expected), rtol=0, atol=0.03)
+    sv = torch.linalg.svdvals(O)
+    assert 0.5 <= sv.min() and sv.max() <= 1.5  # the band the quintic is designed for (measured 0.68..1.14)
+
+
+def test_weight_decay_is_decoupled():
+    p = nn.Parameter(torch.randn(8, 12))
+    start = p.detach().clone()
+    opt = Muon([p], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        p.grad = torch.zeros_like(p)  # zero update: only the decay p <- (1 - lr wd) p acts
+        opt.step()
+    torch.testing.assert_close(p.detach(), start * 0.95**3, rtol=1e-6, atol=0)
+
+
+def test_state_dict_round_trip(tmp_path):
+    params = make_params()
+    opt = train(params, 3)
+    resumed = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = Muon([{"params": resumed[:2], "lr": 0.03}, {"params": resumed[2:]}], lr=0.02, weight_decay=0.1)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")  # through a file: in memory the buffers would be shared
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for step in range(3, 6):
+        set_grads(params, step)
+        set_grads(resumed, step)
+        opt.step()
+        opt2.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+def test_assign_owners_balanced():
+    from model import PRX
+    with torch.device("meta"):
+        shapes = [p.shape for p in split_muon_params(PRX.from_preset("small"))[0]]
+    costs = [ns_cost(s) for s in shapes]
+    owners = assign_owners(costs, 8)
+    assert owners == assign_owners(costs, 8) and set(owners) == set(range(8))  # deterministic, every rank works
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(8)]
+    assert max(loads) <= sum(costs) / 8 + max(costs)  # greedy largest-first bound
+    assert max(loads) <= 1.02 * sum(costs) / 8  # `small`'s 112 matrices split exactly in 8
+
+
+def distributed_worker(rank, world_size, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    calls = []
+    orthogonalise = muon.newton_schulz
+    muon.newton_schulz = lambda G, *a: calls.append(G.shape) or orthogonalise(G, *a)  # count this rank's share
+    params = make_params()
+    opt = train(params, 10)
+    result = {"params": [p.detach() for p in params], "state": opt.state_dict(), "calls": len(calls)}
+    lone = make_params(SHAPES[:1])  # fewer matrices than ranks: rank 1 owns none and sends only padding
+    train(lone, 2)
+    torch.save(result | {"lone": lone[0].detach()}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_distributed_matches_single_process(tmp_path):
+    single, lone = make_params(), make_params(SHAPES[:1])
+    single_opt = train(single, 10)
+    train(lone, 2)
+    world_size = 2
+    mp.spawn(distributed_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world_size)
+    results = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(world_size)]
+    owners = assign_owners([ns_cost(s) for s in SHAPES], world_size)
+    for rank, result in enumerate(results):
+        assert result["calls"] == 10 * owners.count(rank) < 10 * len(SHAPES)  # each rank only did its share
+        for a, b in zip(result["params"] + [result["lone"]], single + lone):
+            assert (a - b).abs().max() <= 1e-6
+    # Rank 0's checkpoint is the single-process one: momentum is kept for every matrix on every rank.
+    for i, state in single_opt.state_dict()["state"].items():
+        assert torch.equal(results[0]["state"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+
+
+class StandIn(nn.Module):
+    """PRX's naming: embeddings and final layer outside `blocks`, block weights, biases and norms inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_in = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(8, 8), "norm": nn.LayerNorm(8)}) for _ in range(2))
+        self.final_layer = nn.Linear(8, 4)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+
+
+def test_split_muon_params():
+    model = StandIn()
+    muon_params, adamw_params = split_muon_params(model)
+    assert [p is model.blocks[i]["proj"].weight for i, p in enumerate(muon_params)] == [True, True]
+    assert len(adamw_params) == 2 + 2 * 3 + 2  # img_in, per block proj bias + norm weight and bias, final_layer
+    assert split_summary(muon_params, adamw_params) == \
+        "optimizer split: muon 2 tensors, 128 parameters | adamw 10 tensors, 124 parameters"
+
+
+def test_split_prx_tiny():
+    from model import PRX
+    model = PRX.from_preset("tiny")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_params, adamw_params = split_muon_params(model)
+    assert len(muon_params) + len(adamw_params) == len(names)
+    assert len(muon_params) == 7 * model.cfg.depth  # qkv, txt_kv, to_out, gate, up, down, modulation
+    assert all(names[id(p)].startswith("blocks.") and p.ndim == 2 for p in muon_params)
+    adamw_names = {names[id(p)] for p in adamw_params}
+    assert {"img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "final_layer.linear.weight",
+            "blocks.0.attention.norm_q.weight", "blocks.0.modulation.lin.bias"} <= adamw_names
+    Muon(muon_params)  # every Muon tensor is 2D
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="2D"):
+        Muon([nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="scale"):
+        Muon(make_params(), scale="spectral")
+    with pytest.raises(ValueError, match="momentum"):
+        Muon(make_params(), momentum=1.0)

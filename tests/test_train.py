@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import sample_t
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "64", "--depth", "2", "--batch-size", "16", "--micro-batch", "8", "--log-every", "1",
+         "--eval-samples", "0", "--warmup", "5"]
+
+
+def run(args, nproc=1, **kw):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", "--master_port=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kw)
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_timestep_distribution():
+    g = torch.Generator().manual_seed(0)
+    t = sample_t(200_000, shift=3.0, uniform_frac=0.1, g=g, device="cpu")
+    assert t.min() >= 1e-3 and t.max() <= 1 - 1e-3
+    # logit-normal median 0.5 shifted by s=3 -> 0.75; the uniform 10% has median 0.5 too and moves it a little
+    assert abs(t.median().item() - 0.735) < 0.01
+    t1 = sample_t(200_000, shift=1.0, uniform_frac=0.0, g=g, device="cpu")
+    logit = torch.log(t1 / (1 - t1))
+    assert abs(logit.mean().item()) < 0.01 and abs(logit.std().item() - 1) < 0.01
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    one = run(SMALL + ["--out", str(tmp_path / "one"), "--max-steps", "20"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(SMALL + ["--out", str(tmp_path / "two"), "--max-steps", "20"], nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-4
+    assert len(set(a.values())) == 20  # the losses move: this compares training, not constants
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    args = SMALL + ["--max-steps", "30", "--ckpt-every", "10", "--keep", "5", "--tread"]
+    ref = run(args + ["--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(out)], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not (out / "checkpoints" / "step_10").exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step_30").exists(), "killed too late to test anything"
+    resumed = run(args + ["--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = losses(tmp_path / "ref"), losses(out)
+    assert sorted(b) == list(range(1, 31))  # lines logged after the checkpoint by the killed run were cut
+    assert max(abs(a[s] - b[s]) for s in range(11, 31)) <= 1e-6
+    final_a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_30" / "model.safetensors"))
+    final_b = load_file(str(out / "checkpoints" / "step_30" / "model.safetensors"))
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)
+
+
+def test_first_run_writes_the_run_folder(tmp_path):
+    out = tmp_path / "r"
+    r = run(SMALL[:-2] + ["--out", str(out), "--max-steps", "4", "--eval-samples", "8", "--sample-steps", "2",
+                          "--ema", "0.9", "--ema-every", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.load(open(out / "config.json"))
+    assert config["args"]["hidden"] == 64 and "torch" in config["versions"] and config["model"]["hidden_size"] == 64
+    result = json.load(open(out / "eval.json"))
+    assert 0 <= result["caption_accuracy"] <= result["color_region_accuracy"] <= 1
+    assert (out / "samples_4.png").exists() and (out / "checkpoints" / "step_4" / "ema.safetensors").exists()
+    assert open(out / "log.txt").read().startswith("=== data.py")  # the log opens with the source
+    assert "step 4/4 | loss" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pred", "z"], "invalid choice: 'z' (choose from v, x)"),
+    (["--tread", "--sprint"], "--tread and --sprint are exclusive"),
+    (["--data", "/nonexistent/data"], "--data /nonexistent/data: no such path"),
+    (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch"),
+    (["--resume"], "no checkpoint in"),
+])
+def test_bad_input_fails_before_work(tmp_path, argv, message):
+    r = run(["--out", str(tmp_path / "x"), *argv])
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    r = run(SMALL + ["--out", str(out), "--max-steps", "40", "--ckpt-every", "2", "--lr", "1e30", "--warmup", "1",
+                     "--grad-clip", "1e30"])
+    assert r.returncode != 0 and "not finite" in r.stderr and "at step" in r.stderr, r.stderr[-1000:]
+    for ckpt in (out / "checkpoints").iterdir():
+        assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "model.safetensors")).values())
