@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import time
-from unittest import mock
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from caption_checker import caption_accuracy  # noqa: F401 (the caption metric; train.py imports it from here)
+from caption_checker import caption_accuracy  # the built-in data's metric; train.py imports it from here
 
 EVAL_VERSION = 1  # bump when a preprocessing step or a definition changes: older reference files are then refused
 FEATURE_METRICS = ("fid", "cmmd", "dino_mmd")
@@ -119,8 +118,7 @@ def fingerprint(weight):
 
 
 def missing_weights(what, where):
-    return RuntimeError(f"{what} is not on this machine and could not be downloaded. On a machine with internet, "
-                        f"{where}")
+    return RuntimeError(f"{what}: not on this machine, and the download failed. On a machine with internet, {where}")
 
 
 def load_inception(weights=None):
@@ -129,10 +127,11 @@ def load_inception(weights=None):
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
     if weights is None and not os.path.exists(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, cached)
         except OSError as e:
-            raise missing_weights("The FID Inception weights", f"download {URL_INCEPTION_V3} and put it at "
+            raise missing_weights("FID Inception weights", f"download {URL_INCEPTION_V3} and put it at "
                                   f"{cached}, or pass --fid-weights PATH") from e
     weights = weights or cached
     if not os.path.exists(weights):
@@ -145,6 +144,7 @@ def load_inception(weights=None):
 def write_random_inception_weights(path):
     """Randomly initialised weights for load_inception (tests, and --bench without the real file). He-initialised
     convolutions keep the features away from zero through the 94 layers."""
+    from unittest import mock
     import torch_fidelity.feature_extractor_inceptionv3 as fi
     with mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict"), \
             mock.patch.object(fi, "load_state_dict_from_url"):  # build the network without any weights
@@ -300,6 +300,9 @@ class Metrics:
         unknown = set(metrics) - set(FEATURE_METRICS)
         if unknown or not metrics:
             raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {FEATURE_METRICS}")
+        if ref_path and not os.path.exists(ref_path):
+            raise FileNotFoundError(f"{ref_path}: no such reference; make it with `python eval.py ref --data <eval "
+                                    f"data> --out {ref_path}`")
         self.metrics, self.device = tuple(metrics), torch.device(device)
         self.settings = {"eval_version": EVAL_VERSION}
         if "fid" in metrics:
@@ -390,44 +393,45 @@ class Metrics:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Held-out data, checkpoints, and the evaluation loop shared with train.py
+# Held-out data, checkpoints, and the evaluation loop (shared with train.py)
 
 class EvalSplit:
-    """The held-out prompts, their encoded text and the real images: the built-in shapes (the held-out scenes
-    train.py evaluates on) or the eval split of a directory prepared by `python data.py prepare`."""
+    """Held-out captions, encoded text and real images: the built-in shapes (the held-out scenes train.py
+    evaluates on) or the eval split of a directory prepared by `python data.py prepare`."""
 
-    def __init__(self, data, caption="long", resolution=32, data_seed=0):
+    def __init__(self, data, num_samples, caption="long", resolution=32, data_seed=0):
         self.data, self.caption, self.resolution = data, caption, resolution
         if data == "builtin":
             from data import BuiltinTextEncoder, ShapesDataset
             self.shapes, self.encoder = ShapesDataset(seed=10_000 + data_seed, split="heldout"), BuiltinTextEncoder()
-            self.size, self.null = None, self.encoder([""])
-        else:
-            from data_shards import PreparedDataset
-            self.prepared = PreparedDataset(data, "eval")
-            self.size = len(self.prepared)
-            null = torch.from_numpy(np.load(os.path.join(data, "null_txt.npy"))).view(torch.bfloat16).float()[None]
-            self.null = null, torch.ones(null.shape[:2], dtype=torch.bool)  # (1, L0, D), (1, L0)
+            self.null = self.encoder([""])
+            return
+        from data_shards import PreparedDataset
+        self.prepared = PreparedDataset(data, "eval")
+        if num_samples > len(self.prepared):
+            raise ValueError(f"{data} has {len(self.prepared)} held-out samples, fewer than {num_samples}: "
+                             f"lower --num-samples")
+        null = torch.from_numpy(np.load(os.path.join(data, "null_txt.npy"))).view(torch.bfloat16).float()[None]
+        self.null = null, torch.ones(null.shape[:2], dtype=torch.bool)  # (1, L0, D), (1, L0)
 
-    def check_size(self, n):
-        if self.size is not None and n > self.size:
-            raise ValueError(f"{self.data} has {self.size} held-out samples, fewer than {n}: lower --num-samples")
+    def rows(self, indices):
+        return map(self.prepared.locate, indices)  # (shard, row) pairs
 
-    def scenes(self, indices):  # built-in only: what the caption checker looks for
+    def scenes(self, indices):  # built-in: what the caption checker looks for
         return [self.shapes.scene(i) for i in indices]
 
     def captions(self, indices):
         if self.data == "builtin":
             from data import long_caption, short_caption
             return [(long_caption if self.caption == "long" else short_caption)(s) for s in self.scenes(indices)]
-        return [shard.string(f"caption_{self.caption}", row) for shard, row in map(self.prepared.locate, indices)]
+        return [shard.string(f"caption_{self.caption}", row) for shard, row in self.rows(indices)]
 
     def encode(self, indices):
         """-> txt (B, L, D) float32, mask (B, L) bool."""
         if self.data == "builtin":
             return self.encoder(self.captions(indices))
         from data_shards import pad_text as pad_bf16_bits
-        txt, mask = pad_bf16_bits([s.ragged(f"txt_{self.caption}", r) for s, r in map(self.prepared.locate, indices)])
+        txt, mask = pad_bf16_bits([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
         return txt.float(), mask
 
     def images(self, indices):
@@ -435,7 +439,7 @@ class EvalSplit:
         if self.data == "builtin":
             from data import render
             return torch.from_numpy(np.stack([render(s, self.resolution) for s in self.scenes(indices)])).permute(0, 3, 1, 2)
-        return torch.from_numpy(np.stack([s.arrays["image"][r] for s, r in map(self.prepared.locate, indices)]))
+        return torch.from_numpy(np.stack([shard.arrays["image"][row] for shard, row in self.rows(indices)]))
 
 
 def load_checkpoint(path, weights="ema"):
@@ -472,40 +476,40 @@ def load_decoder(cfg, data, resolution, device):
     return tuple(index["schema"]["latent"]["shape"]), decode
 
 
-def chunks(indices, size):
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+def my_batches(num_samples, batch_size):
+    """This rank's indices of 0..num_samples-1 (every world-th), in batches."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    mine = range(rank, num_samples, world)
+    return tqdm([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)], disable=rank != 0, unit="batch")
 
 
 @torch.no_grad()
-def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, seed=42, batch_size=32, grid=None,
-             **sampling):
-    """Sample held-out prompts 0..num_samples-1 (this rank's share; sample i from seed + i), score the images.
-    metrics: a Metrics (reset here) or None; the built-in data adds the caption checker. grid: a PNG path for
-    the first samples. sampling: steps, cfg, shift, pred, self_guidance, route_ratio (see sample)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, check_captions=False, seed=42,
+             batch_size=32, grid=None, **sampling):
+    """Sample held-out prompts 0..num_samples-1 (sample i from the noise of seed + i), score the images.
+    metrics: a Metrics (reset here) or None; check_captions: the built-in data's caption checker; grid: a PNG of
+    the first batch. sampling: steps, cfg, shift, pred, self_guidance, route_ratio (see sample)."""
     device = next(model.parameters()).device
-    split.check_size(num_samples)
     if metrics is not None:
         metrics.reset()
     null_txt, null_mask = (t.to(device) for t in split.null)
     found = torch.zeros(3, dtype=torch.float64, device=device)  # caption checker: full, colour + region, images
-    for i, idx in enumerate(tqdm(chunks(range(rank, num_samples, world), batch_size), disable=rank != 0,
-                                 desc="sampling", unit="batch")):
+    for i, idx in enumerate(my_batches(num_samples, batch_size)):
         txt, mask = split.encode(idx)
         x = sample(model, txt.to(device), mask.to(device), null_txt, null_mask, [seed + j for j in idx], shape,
                    **sampling)
         images = decode(x)  # (B, 3, R, R) uint8
         if metrics is not None:
             metrics.update(images)
-        if split.data == "builtin":
+        if check_captions:
             acc = caption_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), split.scenes(idx))
-            found += torch.tensor([acc["full"], acc["color_region"], 1.0], device=device, dtype=torch.float64) * len(idx)
-        if i == 0 and rank == 0 and grid:
+            found += torch.tensor([acc["full"], acc["color_region"], 1.0], dtype=torch.float64, device=device) * len(idx)
+        if i == 0 and grid and (not distributed() or dist.get_rank() == 0):
             save_grid(images[:64], split.captions(idx[:64]), grid)
     result = metrics.compute() if metrics is not None else {}
-    if split.data == "builtin":
-        found = all_reduce(found)
-        result.update(caption_accuracy=(found[0] / found[2]).item(), color_region_accuracy=(found[1] / found[2]).item())
+    if check_captions:
+        full, color_region, n = all_reduce(found).tolist()
+        result.update(caption_accuracy=full / n, color_region_accuracy=color_region / n)
     return result
 
 
@@ -538,47 +542,42 @@ def get_args(argv=None):
     g.add_argument("--clip", default=CLIP_ID, help="CLIP hub id or local folder")
     g.add_argument("--dino-weights", help=f"model.safetensors of timm/{DINO_ID} (default: downloaded)")
     p.add_argument("--bench", action="store_true", help="images/s of sampling and of each feature extractor")
-    p.add_argument("--bench-model", default=None, help="PRX preset to sample with (default tiny-pixel on CPU)")
+    p.add_argument("--bench-model", help="PRX preset to sample with (default: small on GPU, tiny-pixel on CPU)")
     return p.parse_args(argv)
 
 
-def build_metrics(args, names, ref, device):
-    feature_metrics = [m for m in names if m != "caption"]
-    if not feature_metrics:
+def build_metrics(args, names, device):
+    if not set(names) - {"caption"}:
         return None
     dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) if args.dino_weights else DINO_ID
-    return Metrics(ref, feature_metrics, args.fid_weights, args.clip, dino, device)
+    return Metrics(args.ref, [m for m in names if m != "caption"], args.fid_weights, args.clip, dino, device)
+
+
+def make_reference(args, device):
+    if not (args.data and args.out):
+        raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
+    split = EvalSplit(args.data, args.num_samples, resolution=args.resolution)
+    metrics = build_metrics(args, (args.metrics or ",".join(FEATURE_METRICS)).split(","), device)
+    for idx in my_batches(args.num_samples, args.batch_size):
+        metrics.update(split.images(idx))
+    metrics.save_reference(args.out)
+    print(f"wrote {args.out}: {args.num_samples} images, {json.dumps(metrics.settings)}")
 
 
 def main(argv=None):
     args = get_args(argv)
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if distributed() else 0
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.bench:
         return bench(args, device)
-
     if args.command == "ref":
-        if not (args.data and args.out):
-            raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
-        names = (args.metrics or ",".join(FEATURE_METRICS)).split(",")
-        split = EvalSplit(args.data, resolution=args.resolution)
-        split.check_size(args.num_samples)
-        metrics = build_metrics(args, names, None, device)
-        world = dist.get_world_size() if distributed() else 1
-        for idx in tqdm(chunks(range(rank, args.num_samples, world), args.batch_size), disable=rank != 0,
-                        desc="reference", unit="batch"):
-            metrics.update(split.images(idx))
-        metrics.save_reference(args.out)
-        if rank == 0:
-            print(f"wrote {args.out}: {args.num_samples} images, {json.dumps(metrics.settings)}")
-        return
-
+        return make_reference(args, device)
     if not args.ckpt:
         raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`, or --bench)")
+
     model, run, ckpt = load_checkpoint(args.ckpt, args.weights)
     model.to(device)
     data = args.data or run["data"]
@@ -586,19 +585,18 @@ def main(argv=None):
     if "caption" in names and data != "builtin":
         raise SystemExit("error: the caption checker reads the built-in shapes only (--data builtin)")
     if set(names) - {"caption"} and not args.ref:
-        raise SystemExit(f"error: {names} need reference statistics: --ref ref.npz (`python eval.py ref`)")
-    metrics = build_metrics(args, names, args.ref, device)
+        raise SystemExit(f"error: {names} need reference statistics: --ref ref.npz (from `python eval.py ref`)")
+    metrics = build_metrics(args, names, device)
     if metrics is not None:
         metrics.check_reference(args.num_samples, run["resolution"])  # before sampling, not after
-    split = EvalSplit(data, args.caption or run["captions"], run["resolution"], run["seed"])
+    split = EvalSplit(data, args.num_samples, args.caption or run["captions"], run["resolution"], run["seed"])
     shape, decode = load_decoder(model.cfg, data, run["resolution"], device)
-    routed = run.get("route_ratio") or (0.75 if run.get("sprint") else 0.5)
     sampling = dict(steps=args.steps or run.get("sample_steps", 50), cfg=run.get("cfg", 3.5) if args.cfg is None
                     else args.cfg, shift=run["shift"], pred=run["pred"], self_guidance=args.self_guidance,
-                    route_ratio=routed)
-    result = evaluate(model, split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
-                      os.path.join(ckpt, "eval_samples.png"), **sampling)
-    if rank == 0:
+                    route_ratio=run.get("route_ratio") or (0.75 if run.get("sprint") else 0.5))
+    result = evaluate(model, split, args.num_samples, shape, decode, metrics, "caption" in names, args.seed,
+                      args.batch_size, os.path.join(ckpt, "eval_samples.png"), **sampling)
+    if not distributed() or dist.get_rank() == 0:
         out = args.out or os.path.join(ckpt, "eval.json")
         with open(out, "w") as f:
             json.dump({"metrics": result, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
@@ -607,68 +605,58 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark: images/s of each stage. On a machine without the real weights the networks are randomly initialised
-# with the real architectures (speed does not depend on the weights), and say so.
+# Benchmark. Without the real weights the networks are randomly initialised with the real architectures (speed
+# does not depend on the weights), and the output says so.
 
-CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    patch_size=14, image_size=336, projection_dim=768, hidden_act="quick_gelu")
-
-
-def images_per_second(fn, n, repeats=2):
-    fn()  # warm-up
+def images_per_second(fn, n):
+    """n / seconds of one call of fn, after one untimed warm-up call."""
+    fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    fn()
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return n * repeats / (time.perf_counter() - start)
+        torch.cuda.synchronize()  # wait for the GPU before reading the clock
+    return n / (time.perf_counter() - start)
 
 
 @torch.no_grad()
 def bench(args, device):
     import tempfile
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     from model import PRX
-    B, on_gpu = args.batch_size if device.type == "cuda" else 2, device.type == "cuda"
+    on_gpu = device.type == "cuda"
+    B = args.batch_size if on_gpu else 2
     images = torch.randint(0, 256, (B, 3, 256, 256), dtype=torch.uint8)
-    print(f"device {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch {B}, 256 px uint8 inputs")
-
-    weights, label = args.fid_weights, "real weights"
-    if weights is None:
-        weights, label = os.path.join(tempfile.mkdtemp(), "inception.pth"), "random init, real architecture"
+    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch {B}, 256 px uint8 images")
+    weights = args.fid_weights or os.path.join(tempfile.mkdtemp(), "random-inception.pth")
+    if not args.fid_weights:
         write_random_inception_weights(weights)
     inception = load_inception(weights).to(device)
-    print(f"inception-v3-compat ({label}): {images_per_second(lambda: inception_features(inception, images), B):.2f} img/s")
-
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_336)).to(device).eval()
-    ours = images_per_second(lambda: clip_features(clip, images), B)
-    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    reference = images_per_second(lambda: clip(pixel_values=processor(list(images.permute(0, 2, 3, 1).numpy()),
-                                                                      return_tensors="pt").pixel_values.to(device)), B)
-    print(f"CLIP ViT-L/14-336 (random init, real architecture): {ours:.2f} img/s; "
-          f"baseline CLIPImageProcessor preprocessing: {reference:.2f} img/s")
-
+    print(f"inception-v3-compat ({'real weights' if args.fid_weights else 'random init, real architecture'}): "
+          f"{images_per_second(lambda: inception_features(inception, images), B):.2f} img/s")
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(  # openai/clip-vit-large-patch14-336's config.json
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+        image_size=336, projection_dim=768, hidden_act="quick_gelu")).to(device).eval()
+    print(f"CLIP ViT-L/14-336 (random init, real architecture): "
+          f"{images_per_second(lambda: clip_features(clip, images), B):.2f} img/s")
     dino = load_dino(pretrained=False).to(device)
-    print(f"DINOv2 ViT-L/14-reg4 518 px (random init, real architecture): "
+    print(f"DINOv2 ViT-L/14-reg4 at 518 px (random init, real architecture): "
           f"{images_per_second(lambda: dino_features(dino, images), B):.2f} img/s")
-
-    emb = F.normalize(torch.randn(2 * 2048, 768, device=device), dim=-1)
-    full = images_per_second(lambda: mmd(emb[:2048], emb[2048:], chunk=2048), 1, repeats=1)
-    chunked = images_per_second(lambda: mmd(emb[:2048], emb[2048:], chunk=256), 1, repeats=1)
-    print(f"MMD 2048 x 2048 x 768: chunks of 256 rows {1 / chunked:.2f} s; baseline one block {1 / full:.2f} s")
+    emb = F.normalize(torch.randn(4096, 768, device=device), dim=-1)
+    chunked = 1 / images_per_second(lambda: mmd(emb[:2048], emb[2048:], chunk=256), 1)
+    whole = 1 / images_per_second(lambda: mmd(emb[:2048], emb[2048:], chunk=2048), 1)
+    print(f"MMD of 2048 against 2048 embeddings: {chunked:.2f} s in 256-row chunks; baseline one block {whole:.2f} s")
 
     preset = args.bench_model or ("small" if on_gpu else "tiny-pixel")
     model = PRX.from_preset(preset).to(device).eval()
-    R = 32 if model.cfg.in_channels == 3 else 32  # tiny-pixel: 32 px images; latent presets: 32x32 latents (256 px)
-    shape = (model.cfg.in_channels, R, R)
-    txt, mask = torch.randn(B, 64, model.cfg.context_dim, device=device), torch.ones(B, 64, dtype=torch.bool, device=device)
-    null_txt, null_mask = txt[:1, :1], mask[:1, :1]
+    shape = (model.cfg.in_channels, 32, 32)  # tiny-pixel: 32 px images; latent presets: 32x32 latents of 256 px
+    txt = torch.randn(B, 64, model.cfg.context_dim, device=device)
+    mask = torch.ones(B, 64, dtype=torch.bool, device=device)
     steps = args.steps or 50
-    rate = images_per_second(lambda: sample(model, txt, mask, null_txt, null_mask, list(range(B)), shape, steps=steps,
-                                            cfg=3.5), B, repeats=1)
-    print(f"sampling PRX {preset} (random init) {shape}, {steps} steps, CFG 3.5: {rate:.3f} img/s")
+    rate = images_per_second(lambda: sample(model, txt, mask, txt[:1, :1], mask[:1, :1], list(range(B)), shape,
+                                            steps=steps, cfg=3.5), B)
+    print(f"sampling PRX {preset} (random init) {shape}, {steps} Euler steps, CFG 3.5: {rate:.3f} img/s")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Only image tokens make queries; they attend to [text K/V, image K/V]. Text embed
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -12,10 +12,12 @@ processes, and a resumed run continues the same sequence.
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,9 +51,11 @@ def get_args(argv=None):
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint folder, a run folder, or (no value) the latest one in --out")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="builtin", help="'builtin' (procedural shapes, no download)")
+    g.add_argument("--data", default="builtin",
+                   help="'builtin' (procedural shapes, no download), or prepared datasets with weights and phases: "
+                        "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py)")
     g.add_argument("--resolution", type=int, default=256, help="image side in pixels")
-    g.add_argument("--captions", default="long", choices=["long", "short"], help="caption field to train on")
+    g.add_argument("--captions", default="long", help="long, short, or mixed[:p] (long with probability p)")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="fraction replaced by the empty prompt (CFG)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="small", help="preset: tiny, small, base, or <preset>-pixel (model.py)")
@@ -101,8 +105,13 @@ def check_args(args, world):
     if args.batch_size % args.micro_batch or chunks % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
                          f"{args.micro_batch} x {world} processes")
-    if args.data != "builtin" and not os.path.exists(args.data):
-        raise SystemExit(f"error: --data {args.data}: no such path (prepare one with `python data.py prepare`)")
+    if args.data == "builtin" and args.captions not in ("long", "short"):
+        raise SystemExit(f"error: --captions {args.captions}: the built-in dataset has long and short captions only")
+    for path in ([] if args.data == "builtin" else re.split(r"[,;]", args.data)):
+        path = path.split("@")[0].rsplit(":", 1)[0]
+        if not os.path.exists(os.path.join(path, "index.json")):
+            raise SystemExit(f"error: --data {path}: no prepared dataset there (no index.json); "
+                             f"prepare one with `python data.py prepare --out {path} ...`")
     if args.ema and not 0 < args.ema < 1:
         raise SystemExit(f"error: --ema must be a decay in (0, 1), got {args.ema}")
 
@@ -125,6 +134,15 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type):
         return F.mse_loss(pred.float(), eps - x0)
     tt = t.clamp_min(0.05)[:, None, None, None]
     return F.mse_loss((x_t - pred.float()) / tt, (x_t - x0) / tt)
+
+
+def drop_captions(txt, mask, keep, null_txt, null_mask):
+    """Rows where keep is False get the encoded empty prompt with its own mask (PRX), not zeros."""
+    from eval import pad_text
+    length = max(txt.shape[1], null_txt.shape[1])
+    txt, mask = pad_text(txt, mask, length)
+    null_txt, null_mask = pad_text(null_txt, null_mask, length)
+    return torch.where(keep[:, None, None], txt, null_txt), torch.where(keep[:, None], mask, null_mask)
 
 
 def chunk_seed(seed, step, chunk):
@@ -218,7 +236,6 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     master = rank == 0
-
     # run folder, resume point
     out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     ckpt = resolve_resume(args.resume, out) if args.resume else None
@@ -226,13 +243,19 @@ def main(argv=None):
         out = os.path.dirname(os.path.dirname(ckpt))
 
     # data and text encoder
+    chunks_per_rank = args.batch_size // args.micro_batch // world
     if args.data == "builtin":
         from data import BuiltinTextEncoder, ShapesDataset
-        dataset = ShapesDataset(seed=args.seed)
-        encoder = BuiltinTextEncoder()
-        context_dim, channels = encoder.dim, 3
+        dataset, encoder = ShapesDataset(seed=args.seed), BuiltinTextEncoder().to(device)
+        null_txt, null_mask = encoder([""])
+        channels = 3
     else:
-        raise SystemExit("error: prepared datasets are read by data.py's shard loader (see README)")
+        from data import ShardLoader
+        loader = ShardLoader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
+                             grad_accum=chunks_per_rank)
+        null_txt, null_mask = loader.null_txt.float(), loader.null_mask
+        channels = loader.datasets[0].index["schema"]["latent"][0] if loader.has_latent else 3
+    context_dim = null_txt.shape[-1]
 
     # model, EMA, optimizer
     overrides = {k: v for k, v in dict(hidden_size=args.hidden, depth=args.depth, patch_size=args.patch).items() if v}
@@ -250,8 +273,10 @@ def main(argv=None):
     if ema is not None:
         ema.load_state_dict(raw_model.state_dict())
     if args.optimizer == "muon":
-        from muon import Muon, split_muon_params
+        from muon import Muon, split_muon_params, split_summary
         muon_params, adam_params = split_muon_params(raw_model)
+        if master:
+            print(split_summary(muon_params, adam_params))
         opt = [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay),
                torch.optim.AdamW(adam_params, lr=args.lr, betas=args.betas, eps=args.eps,
                                  weight_decay=args.weight_decay, fused=device.type == "cuda")]
@@ -267,6 +292,8 @@ def main(argv=None):
         for o, s in zip(opt, state["optimizer"]):
             o.load_state_dict(s)
         start_step, train_time = state["step"], state["train_time"]
+        if args.data != "builtin":
+            loader.load_state_dict(state["loader"])
     model = raw_model
     if args.compile:
         model = torch.compile(model)
@@ -314,23 +341,27 @@ def main(argv=None):
         f"{args.batch_size} = {args.micro_batch} x {world} x {args.batch_size // args.micro_batch // world} "
         f"accumulation | out {out}" + (f" | resumed from {ckpt}" if ckpt else ""))
 
-    null_txt, null_mask = encoder([""])
-    chunks_per_rank = args.batch_size // args.micro_batch // world
     num_img = (args.resolution // cfg.patch_size) ** 2
 
     def micro_batch(step, chunk):
-        """Chunk k of the global batch of `step`: samples, t, noise, caption dropout, all from its own seed."""
+        """Chunk k of the global batch of `step`: t, noise, caption dropout (and, built-in, the samples) all come
+        from its own seed."""
         g = torch.Generator(device).manual_seed(chunk_seed(args.seed, step, chunk))
-        first = (step * args.batch_size) + chunk * args.micro_batch
-        x0, captions = dataset.batch(range(first, first + args.micro_batch), args.resolution, args.captions)
+        if args.data == "builtin":
+            first = (step * args.batch_size) + chunk * args.micro_batch
+            x0, captions = dataset.batch(range(first, first + args.micro_batch), args.resolution, args.captions)
+            txt, mask = encoder(captions)
+            x0 = x0.to(device)
+        else:
+            batch = next(loader)
+            x0 = batch["latent"] if "latent" in batch else batch["image"].float() / 127.5 - 1
+            txt, mask = batch["txt"].float(), batch["txt_mask"]
         keep = torch.rand(args.micro_batch, generator=g, device=device) >= args.caption_dropout
-        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]  # dropped -> the encoded empty prompt
-        txt, mask = encoder(captions)
-        x0 = x0.to(device)
+        txt, mask = drop_captions(txt, mask, keep, null_txt, null_mask)
         t = sample_t(args.micro_batch, args.shift, args.uniform_t, g, device)
         eps = torch.randn(x0.shape, generator=g, device=device)
         torch.manual_seed(chunk_seed(args.seed, step, chunk) + 1)  # the routing draw inside the model
-        return x0, eps, t, txt.to(device), mask.to(device)
+        return x0, eps, t, txt, mask
 
     def train_step(step):
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -360,12 +391,15 @@ def main(argv=None):
         return loss_sum, grad_norm, lr, txt_len
 
     if args.compile and not ckpt:  # compile on real batches, untimed, then restore the initial state (modded-nanogpt)
-        initial = ({k: v.clone() for k, v in raw_model.state_dict().items()}, [o.state_dict() for o in opt])
+        initial = copy.deepcopy((raw_model.state_dict(), [o.state_dict() for o in opt]))
+        loader_state = loader.state_dict() if args.data != "builtin" else None
         for step in range(3):
             train_step(step)
         raw_model.load_state_dict(initial[0])
         for o, s in zip(opt, initial[1]):
             o.load_state_dict(s)
+        if loader_state:
+            loader.load_state_dict(loader_state)
         log("compile warm-up done (3 untimed steps, state restored)")
 
     def evaluate(step):
@@ -396,7 +430,10 @@ def main(argv=None):
                 raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written, the "
                                  f"last good one is {(list_checkpoints(out) or ['(none)'])[-1]}")
             if master:
-                save_checkpoint(out, step, raw_model, ema, opt, {"train_time": train_time}, args.keep)
+                extra = {"train_time": train_time}
+                if args.data != "builtin":
+                    extra["loader"] = loader.state_dict()  # the position is global: rank 0's state is every rank's
+                save_checkpoint(out, step, raw_model, ema, opt, extra, args.keep)
         if last:
             break
 

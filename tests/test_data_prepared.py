@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import data_shards as ds
+import data as ds
 
 WORDS = "a the photo painting of cat dog bird red blue green big small on in under tree house sky".split()
 RES, MAX_TOKENS = 32, 12
