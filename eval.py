@@ -26,9 +26,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy import ndimage
 from tqdm import tqdm
 
-from caption_checker import caption_accuracy  # the built-in data's metric; train.py imports it from here
+from data import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, draw_shape
+
 
 EVAL_VERSION = 1  # bump when a preprocessing step or a definition changes: older reference files are then refused
 FEATURE_METRICS = ("fid", "cmmd", "dino_mmd")
@@ -55,8 +58,9 @@ def pad_text(txt, mask, length):
 def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg=3.5, shift=1.0, pred="v",
            self_guidance=0.0, route_ratio=0.5):
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
-    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Sample i starts from noise drawn on the CPU
-    by torch.Generator().manual_seed(seeds[i]), so it does not depend on the batch, the ranks or the device."""
+    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + cfg (c - u); cfg <= 1 runs the
+    conditional pass only. Sample i starts from noise drawn on the CPU by torch.Generator().manual_seed(seeds[i]),
+    so it does not depend on the batch, the ranks or the device (TREAD routing draws from torch's global RNG)."""
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
         raise ValueError(f"pred must be 'v' (velocity) or 'x' (x0, JiT), got {pred!r}")
@@ -100,13 +104,21 @@ def to_uint8(x):
 
 
 def save_grid(images, captions, path, nrow=8):
-    """uint8 (B, 3, H, W) -> one PNG grid, row-major; the captions, one a line, in the .txt next to it."""
-    from PIL import Image
+    """uint8 (B, 3, H, W) -> one PNG: the images in a grid (small ones enlarged), their captions listed beside it,
+    numbered in row-major order."""
     from torchvision.utils import make_grid
-    grid = make_grid(images.cpu(), nrow=nrow, padding=2)  # (3, H', W') uint8
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write("\n".join(captions) + "\n")
+    scale = max(1, 96 // images.shape[-1])  # 32 px samples become 96 px: something to look at
+    images = images.cpu().repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    grid = Image.fromarray(make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy())
+    lines = [f"{i + 1:3d}. {c}" for i, c in enumerate(captions)]
+    line_height, char_width = 12, 6  # PIL's built-in bitmap font
+    canvas = Image.new("RGB", (grid.width + 10 + char_width * max(map(len, lines)),
+                               max(grid.height, line_height * len(lines) + 10)), "white")
+    canvas.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((grid.width + 10, 5 + i * line_height), line, fill="black")
+    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,8 +345,8 @@ class Metrics:
         saved = json.loads(str(ref["settings"]))
         for key, value in self.settings.items():
             if saved.get(key) != value:
-                raise ValueError(f"{path} was made with other settings: {key} is {saved.get(key)!r} there, "
-                                 f"{value!r} here. Rebuild it: python eval.py ref --data <eval data> --out {path}")
+                raise ValueError(f"{path} was made with other settings: {key} is {saved.get(key, 'absent')!r} "
+                                 f"there, {value!r} here. Rebuild it: python eval.py ref --data <data> --out {path}")
         return ref
 
     def check_reference(self, count, resolution):
@@ -406,7 +418,7 @@ class EvalSplit:
             self.shapes, self.encoder = ShapesDataset(seed=10_000 + data_seed, split="heldout"), BuiltinTextEncoder()
             self.null = self.encoder([""])
             return
-        from data_shards import PreparedDataset
+        from data import PreparedDataset
         self.prepared = PreparedDataset(data, "eval")
         if num_samples > len(self.prepared):
             raise ValueError(f"{data} has {len(self.prepared)} held-out samples, fewer than {num_samples}: "
@@ -430,7 +442,7 @@ class EvalSplit:
         """-> txt (B, L, D) float32, mask (B, L) bool."""
         if self.data == "builtin":
             return self.encoder(self.captions(indices))
-        from data_shards import pad_text as pad_bf16_bits
+        from data import pad_text as pad_bf16_bits
         txt, mask = pad_bf16_bits([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
         return txt.float(), mask
 
@@ -438,7 +450,8 @@ class EvalSplit:
         """-> uint8 (B, 3, R, R)."""
         if self.data == "builtin":
             from data import render
-            return torch.from_numpy(np.stack([render(s, self.resolution) for s in self.scenes(indices)])).permute(0, 3, 1, 2)
+            images = np.stack([render(s, self.resolution) for s in self.scenes(indices)])  # (B, R, R, 3)
+            return torch.from_numpy(images).permute(0, 3, 1, 2)
         return torch.from_numpy(np.stack([shard.arrays["image"][row] for shard, row in self.rows(indices)]))
 
 
@@ -468,7 +481,7 @@ def load_decoder(cfg, data, resolution, device):
     """-> (shape of x0, decode: x0 -> uint8 images): pixel models directly, latent models through the data's VAE."""
     if cfg.in_channels == 3:
         return (3, resolution, resolution), to_uint8
-    from data_shards import denormalize_latent, load_vae
+    from data import denormalize_latent, load_vae
     with open(os.path.join(data, "index.json")) as f:
         index = json.load(f)
     vae, shift, scale = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
@@ -503,7 +516,8 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, ch
             metrics.update(images)
         if check_captions:
             acc = caption_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), split.scenes(idx))
-            found += torch.tensor([acc["full"], acc["color_region"], 1.0], dtype=torch.float64, device=device) * len(idx)
+            found += len(idx) * torch.tensor([acc["full"], acc["color_region"], 1.0], dtype=torch.float64,
+                                             device=device)
         if i == 0 and grid and (not distributed() or dist.get_rank() == 0):
             save_grid(images[:64], split.captions(idx[:64]), grid)
     result = metrics.compute() if metrics is not None else {}
@@ -511,6 +525,102 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, ch
         full, color_region, n = all_reduce(found).tolist()
         result.update(caption_accuracy=full / n, color_region_accuracy=color_region / n)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption checker for the built-in shapes dataset: reads a generated image and says, for each object its caption
+# names, whether an object of that colour, kind and region is there.
+# 
+# Each pixel takes the nearest palette colour (object and background colours) if it is within MAX_COLOR_DISTANCE;
+# the pixels of the named colour are split into connected components; a component counts if its centroid lies in
+# the named cell, its area is plausible for a shape at this resolution, it holds at least half of the cell's
+# object-coloured pixels, and its mask, stretched to a common box, overlaps one of the four shape templates well.
+# Its kind is the template it overlaps most.
+
+PALETTE_NAMES = list(COLORS) + list(BACKGROUNDS)
+PALETTE = np.array([*COLORS.values(), *BACKGROUNDS.values()], dtype=np.float32)  # (P, 3)
+MAX_COLOR_DISTANCE = 100.0  # further than this from every palette colour, a pixel is no colour at all
+MIN_SHAPE_IOU = 0.5         # below this overlap with every template the component is not a shape (noise, smear)
+TEMPLATE_SIZE = 16          # masks and templates are compared on a 16x16 grid after aligning bounding boxes
+# Plausible area, in units of a grid cell's area: from 0.3x the smallest shape (small triangle, half its box)
+# to 1.5x the largest (large square, its whole box; pixel rounding at 32 px adds up to 30%).
+MIN_AREA = 0.3 * 0.5 * min(SIZES.values()) ** 2
+MAX_AREA = 1.5 * max(SIZES.values()) ** 2
+
+
+def shape_template(shape):
+    """(TEMPLATE_SIZE, TEMPLATE_SIZE) float coverage of `shape` filling the whole box, antialiased."""
+    big = 4 * TEMPLATE_SIZE
+    image = Image.new("L", (big, big), 0)
+    draw_shape(ImageDraw.Draw(image), shape, big / 2, big / 2, big / 2, 255)
+    return np.asarray(image.reduce(4), dtype=np.float32) / 255
+
+
+TEMPLATES = np.stack([shape_template(s) for s in SHAPES])  # (4, T, T)
+
+
+def color_labels(image):
+    """(H, W) index into PALETTE_NAMES of each pixel's nearest palette colour, -1 where none is close enough."""
+    distance = np.linalg.norm(image[:, :, None, :].astype(np.float32) - PALETTE, axis=-1)  # (H, W, P)
+    labels = distance.argmin(-1)
+    labels[distance.min(-1) > MAX_COLOR_DISTANCE] = -1
+    return labels
+
+
+def template_overlaps(mask):
+    """Soft IoU of a component's boolean mask, stretched to the template box, with each template: (4,)."""
+    stretched = Image.fromarray(mask.astype(np.float32), "F").resize((TEMPLATE_SIZE, TEMPLATE_SIZE),
+                                                                      Image.BILINEAR)
+    stretched = np.clip(np.asarray(stretched), 0, 1)
+    return np.minimum(stretched, TEMPLATES).sum((1, 2)) / np.maximum(stretched, TEMPLATES).sum((1, 2))
+
+
+def kinds_in_cell(labels, color, region):
+    """Kinds of the shape-like components of `color` centred in `region` that hold at least half of the
+    object-coloured pixels of that cell (an image sprayed with coloured specks names nothing)."""
+    H, W = labels.shape
+    row, col = divmod(REGIONS.index(region), 3)
+    cell = labels[row * H // 3:(row + 1) * H // 3, col * W // 3:(col + 1) * W // 3]
+    object_pixels = np.count_nonzero((cell >= 0) & (cell < len(COLORS)))
+    components, _ = ndimage.label(labels == PALETTE_NAMES.index(color))
+    kinds = []
+    for k, box in enumerate(ndimage.find_objects(components), start=1):
+        mask = components[box] == k
+        area = mask.sum()
+        if not MIN_AREA <= area / (H * W / 9) <= MAX_AREA or area < object_pixels / 2:
+            continue
+        ys, xs = np.nonzero(mask)
+        cy, cx = box[0].start + ys.mean() + 0.5, box[1].start + xs.mean() + 0.5  # centroid, in pixels
+        if (min(int(3 * cy / H), 2), min(int(3 * cx / W), 2)) != (row, col):
+            continue
+        overlaps = template_overlaps(mask)
+        if overlaps.max() >= MIN_SHAPE_IOU:
+            kinds.append(SHAPES[overlaps.argmax()])
+    return kinds
+
+
+def check_scene(image, objects):
+    """image uint8 (H, W, 3); objects: the SceneObjects its caption names.
+    -> one dict per object: {"full": colour, kind and region found, "color_region": colour and region found}."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"image must be a uint8 numpy array (H, W, 3), got {type(image).__name__} "
+                         f"{getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}; from a [-1, 1] tensor x "
+                         f"(3, H, W) use ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()")
+    labels = color_labels(image)
+    results = []
+    for o in objects:
+        kinds = kinds_in_cell(labels, o.color, o.region)
+        results.append({"full": o.shape in kinds, "color_region": len(kinds) > 0})
+    return results
+
+
+def caption_accuracy(images, scenes):
+    """Fraction of images in which every named object is found: {"full": colour + kind + region,
+    "color_region": ignoring kind}. images: uint8 (B, H, W, 3) array or a list of (H, W, 3) arrays."""
+    if len(images) != len(scenes):
+        raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one scene per image")
+    results = [check_scene(image, scene.objects) for image, scene in zip(images, scenes)]
+    return {key: float(np.mean([all(r[key] for r in rs) for rs in results])) for key in ("full", "color_region")}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -67,6 +66,8 @@ def get_args(argv=None):
     g.add_argument("--pred", default="v", choices=["v", "x"], help="network output: velocity, or x0 (JiT)")
     g.add_argument("--shift", type=float, default=1.0, help="timestep shift s: t -> s t / (1 + (s - 1) t)")
     g.add_argument("--uniform-t", type=float, default=0.1, help="fraction of t drawn uniformly, not logit-normal")
+    g.add_argument("--foreground-weight", type=float, default=0.0,
+                   help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
     g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
     g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
     g.add_argument("--route-ratio", type=float, default=None, help="routed fraction (TREAD 0.5, SPRINT 0.75)")
@@ -84,9 +85,13 @@ def get_args(argv=None):
     g.add_argument("--ema-every", type=int, default=10, help="steps between EMA updates")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = at the end only)")
+    g.add_argument("--eval-minutes", default="", help="also evaluate when the training time passes these minutes, "
+                   "e.g. 1,2,5,10,20,30 (the CPU record's curve)")
     g.add_argument("--eval-samples", type=int, default=256, help="held-out samples per evaluation (0 = none)")
     g.add_argument("--sample-steps", type=int, default=50, help="Euler steps")
     g.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale")
+    g.add_argument("--eval-ref", help="prepared data: FID reference from `python eval.py ref` (same --eval-samples)")
+    g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
     args = p.parse_args(argv)
     if args.data == "builtin":  # the CPU track's tuned values, for the flags not given on the command line
@@ -112,6 +117,9 @@ def check_args(args, world):
         if not os.path.exists(os.path.join(path, "index.json")):
             raise SystemExit(f"error: --data {path}: no prepared dataset there (no index.json); "
                              f"prepare one with `python data.py prepare --out {path} ...`")
+    if args.foreground_weight and "pixel" not in args.model:
+        raise SystemExit("error: --foreground-weight needs pixel-space data and a -pixel model (latents have no "
+                         "background colour)")
     if args.ema and not 0 < args.ema < 1:
         raise SystemExit(f"error: --ema must be a decay in (0, 1), got {args.ema}")
 
@@ -127,13 +135,24 @@ def sample_t(n, shift, uniform_frac, g, device):
     return t.clamp(1e-3, 1 - 1e-3)
 
 
-def flow_loss(pred, x0, eps, x_t, t, pred_type):
-    """MSE on velocity. With x-prediction (JiT, Li & He 2025) both sides become velocities through
+def foreground_weights(x0, weight):
+    """(B, 1, H, W): 1 + weight on pixels away from the image's background, estimated as its per-channel median
+    (the background covers most of a built-in image), normalised to mean 1 per image. Small objects are a few
+    percent of the pixels: unweighted, the loss barely sees their shape (README, "The CPU record")."""
+    background = x0.flatten(2).median(dim=2).values[..., None, None]                 # (B, C, 1, 1)
+    w = 1 + weight * ((x0 - background).abs().amax(dim=1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None):
+    """Weighted MSE on velocity. With x-prediction (JiT, Li & He 2025) both sides become velocities through
     v = (x_t - x0) / max(t, 0.05), which for the target equals eps - x0 when t >= 0.05."""
     if pred_type == "v":
-        return F.mse_loss(pred.float(), eps - x0)
-    tt = t.clamp_min(0.05)[:, None, None, None]
-    return F.mse_loss((x_t - pred.float()) / tt, (x_t - x0) / tt)
+        err = (pred.float() - (eps - x0)).square()
+    else:
+        tt = t.clamp_min(0.05)[:, None, None, None]
+        err = ((x_t - pred.float()) / tt - (x_t - x0) / tt).square()
+    return (err if weights is None else err * weights).mean()
 
 
 def drop_captions(txt, mask, keep, null_txt, null_mask):
@@ -184,38 +203,6 @@ def resolve_resume(resume, out):
     if not os.path.exists(os.path.join(resume, "trainer.pt")):
         raise SystemExit(f"error: --resume {resume}: not a checkpoint folder (expected trainer.pt inside)")
     return resume
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation on the built-in dataset: sample held-out captions, read them back with the caption checker
-
-@torch.no_grad()
-def evaluate_builtin(model, encoder, args, step, out, rank, world, device):
-    from data import ShapesDataset, long_caption, short_caption
-    from caption_checker import caption_accuracy
-    from eval import sample, save_grid
-    ds = ShapesDataset(seed=10_000 + args.seed, split="heldout")
-    indices = list(range(rank, args.eval_samples, world))
-    scenes = [ds.scene(i) for i in indices]
-    captions = [(long_caption if args.captions == "long" else short_caption)(s) for s in scenes]
-    null_txt, null_mask = encoder([""])
-    images = []
-    for i in range(0, len(indices), 64):
-        txt, mask = encoder(captions[i:i + 64])
-        x = sample(model, txt.to(device), mask.to(device), null_txt.to(device), null_mask.to(device),
-                   seeds=indices[i:i + 64], shape=(3, args.resolution, args.resolution), steps=args.sample_steps,
-                   cfg=args.cfg, shift=args.shift, pred=args.pred)
-        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-    images = torch.cat(images)  # (n, 3, H, W)
-    acc = caption_accuracy(images.permute(0, 2, 3, 1).numpy(), scenes)
-    counts = torch.tensor([acc["full"] * len(scenes), acc["color_region"] * len(scenes), len(scenes)],
-                          dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(counts)
-    result = {"caption_accuracy": (counts[0] / counts[2]).item(), "color_region_accuracy": (counts[1] / counts[2]).item()}
-    if rank == 0:
-        save_grid(images[:64], captions[:64], os.path.join(out, f"samples_{step}.png"))
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,7 +363,8 @@ def main(argv=None):
             sync = not distributed or i == chunks_per_rank - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 pred = model(x_t, t, txt, mask, route_ratio=route_ratio)
-                loss = flow_loss(pred, x0, eps, x_t, t, args.pred) / chunks_per_rank
+                weights = foreground_weights(x0, args.foreground_weight) if args.foreground_weight else None
+                loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights) / chunks_per_rank
             loss.backward()
             loss_sum += loss.detach()
             txt_len += txt.shape[1] / chunks_per_rank
@@ -402,24 +390,44 @@ def main(argv=None):
             loader.load_state_dict(loader_state)
         log("compile warm-up done (3 untimed steps, state restored)")
 
-    def evaluate(step):
+    # evaluation (eval.py): held-out prompts; the caption checker on the built-in data, FID against --eval-ref
+    builtin = args.data == "builtin"
+    eval_data = "builtin" if builtin else re.split(r"[,;]", args.data)[0].split("@")[0].rsplit(":", 1)[0]
+    if args.eval_samples:
+        from eval import EvalSplit, Metrics, evaluate, load_decoder
+        split = EvalSplit(eval_data, args.eval_samples, "short" if args.captions == "short" else "long",
+                          args.resolution, args.seed)
+        shape, decode = load_decoder(cfg, eval_data, args.resolution, device)
+        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device) if args.eval_ref \
+            else None
+        if metrics is not None:
+            metrics.check_reference(args.eval_samples, args.resolution)
+
+    def run_eval(step, train_time):
         eval_model = ema if ema is not None else raw_model
         eval_model.eval()
-        result = evaluate_builtin(eval_model, encoder, args, step, out, rank, world, device)
+        result = evaluate(eval_model, split, args.eval_samples, shape, decode, metrics, check_captions=builtin,
+                          batch_size=64, grid=os.path.join(out, f"samples_{step}.png") if master else None,
+                          steps=args.sample_steps, cfg=args.cfg, shift=args.shift, pred=args.pred)
         raw_model.train()
-        log(f"eval step {step} | caption accuracy full {result['caption_accuracy']:.3f} | colour + region "
-            f"{result['color_region_accuracy']:.3f}", {"step": step, **result})
+        log(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+            f" | train {datetime.timedelta(seconds=int(train_time))}", {"step": step, "train_time_s": train_time, **result})
         return result
 
     # the loop: occasional work first (eval, checkpoint), then the one training step
     raw_model.train()
     step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
     max_time = args.max_time * 60 if args.max_time else float("inf")
+    eval_times = sorted(60 * float(m) for m in args.eval_minutes.split(",") if m)
     time_at_log, samples_since = train_time, 0
     while True:
         last = step >= args.max_steps or train_time >= max_time
-        if args.eval_samples and (last or (args.eval_every and step % args.eval_every == 0 and step > start_step)):
-            result = evaluate(step)
+        timed_eval = bool(eval_times) and train_time >= eval_times[0]
+        while eval_times and train_time >= eval_times[0]:
+            eval_times.pop(0)
+        if args.eval_samples and (last or timed_eval or (args.eval_every and step % args.eval_every == 0
+                                                         and step > start_step)):
+            result = run_eval(step, train_time)
             if last and master:
                 with open(os.path.join(out, "eval.json"), "w") as f:
                     json.dump({"step": step, "train_time_s": round(train_time, 1), **result}, f, indent=2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caption_checker import caption_accuracy, check_scene
+from eval import caption_accuracy, check_scene
 from data import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
                   Scene, ShapesDataset, long_caption, render, short_caption)
 

@@ -272,3 +272,24 @@ def test_cli_ref_then_eval_writes_json(tmp_path):
     assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy"}
     assert result["metrics"]["cmmd"] > 0 and result["sampling"]["steps"] == 2
     assert os.path.exists(run / "checkpoints" / "step_10" / "eval_samples.png")
+
+
+def test_eval_split_reads_a_prepared_directory(tmp_path):
+    from data import to_bits, write_index, write_shard
+    g = torch.Generator().manual_seed(0)
+    txt = [torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)]
+    images = blocky_images(2, seed=8, size=16)
+    columns = {"image": list(images.numpy()), "txt_long": [to_bits(t) for t in txt], "caption_long": ["a red", "b"],
+               "id": ["0", "1"]}
+    for split in ("train", "eval"):
+        write_shard(tmp_path / split / "shard-r000-00000", columns, {"count": 2, "skipped": {}})
+    np.save(tmp_path / "null_txt.npy", to_bits(torch.randn(1, 8, generator=g)))
+    write_index(tmp_path, {})
+    split = ev.EvalSplit(str(tmp_path), 2)
+    assert split.captions([1, 0]) == ["b", "a red"]
+    emb, mask = split.encode([0, 1])
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    torch.testing.assert_close(emb[0, :3], txt[0].bfloat16().float())
+    assert torch.equal(split.images([1]), images[1:]) and split.null[0].shape == (1, 1, 8)
+    with pytest.raises(ValueError, match="2 held-out samples"):
+        ev.EvalSplit(str(tmp_path), 3)

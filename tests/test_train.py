@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +17,19 @@ SMALL = ["--hidden", "64", "--depth", "2", "--batch-size", "16", "--micro-batch"
          "--eval-samples", "0", "--warmup", "5"]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(args, nproc=1, **kw):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    f"--nproc_per_node={nproc}", "--master_port=0"]
+                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+                                                    "--master_addr=127.0.0.1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, **kw)
+                          capture_output=True, text=True, timeout=600, **kw)
 
 
 def losses(out):
