@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -26,15 +27,19 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import PRX, flops_per_sample, preset_config, trim_text
 
 # Defaults of `--data builtin` for the flags you do not set: the tuned CPU track (README: "The CPU record").
-CPU_TRACK = dict(model="tiny-pixel", resolution=32, pred="x", batch_size=64, micro_batch=64, lr=2e-3, warmup=100,
-                 grad_clip=1.0, max_time=4.5, shift=1.0, sample_steps=20, cfg=3.0, eval_samples=256,
-                 ckpt_every=500, log_every=50)
+CPU_TRACK = dict(model="tiny-pixel", resolution=32, pred="v", batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
+                 grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.5, shift=1.0, sample_steps=20,
+                 cfg=3.0, eval_samples=256, ckpt_every=500, log_every=50)
+
+REPA_TEACHERS = {"dinov2": "vit_large_patch14_reg4_dinov2.lvd142m", "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
 
 
 def get_args(argv=None):
@@ -68,6 +73,12 @@ def get_args(argv=None):
     g.add_argument("--uniform-t", type=float, default=0.1, help="fraction of t drawn uniformly, not logit-normal")
     g.add_argument("--foreground-weight", type=float, default=0.0,
                    help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
+    g.add_argument("--repa", default=None, choices=sorted(REPA_TEACHERS), help="REPA: align the tokens after "
+                   "--repa-layer with a frozen DINO teacher's patch tokens")
+    g.add_argument("--repa-layer", type=int, default=None, help="block index (default PRX's 7 of 16, scaled)")
+    g.add_argument("--repa-lambda", type=float, default=0.5, help="REPA loss weight")
+    g.add_argument("--repa-teacher", default=None, help="another timm model as teacher (default: --repa's)")
+    g.add_argument("--repa-weights", default=None, help="the teacher's weights file, for offline machines")
     g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
     g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
     g.add_argument("--route-ratio", type=float, default=None, help="routed fraction (TREAD 0.5, SPRINT 0.75)")
@@ -164,8 +175,61 @@ def drop_captions(txt, mask, keep, null_txt, null_mask):
     return torch.where(keep[:, None, None], txt, null_txt), torch.where(keep[:, None], mask, null_mask)
 
 
+def library_versions():
+    names = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def chunk_seed(seed, step, chunk):
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# REPA (Yu et al. 2025; PRX part 2: DINOv3 at block 8 of 16, lambda 0.5)
+
+class Trainee(nn.Module):
+    """What DDP wraps and the optimizer trains: the PRX model and, with --repa, the projector MLP h -> 1024 -> 1024
+    -> teacher width (SiLU) on the tokens after block repa_layer. Checkpoints keep the two apart."""
+
+    def __init__(self, model, repa_dim=None):
+        super().__init__()
+        self.model = model
+        self.repa_proj = nn.Sequential(nn.Linear(model_width(model), 1024), nn.SiLU(), nn.Linear(1024, 1024), nn.SiLU(),
+                                       nn.Linear(1024, repa_dim)) if repa_dim else None
+
+    def forward(self, x_t, t, txt, mask, route_ratio, repa_layer):
+        if self.repa_proj is None:
+            return self.model(x_t, t, txt, mask, route_ratio=route_ratio), None, None
+        pred, hidden, idx = self.model(x_t, t, txt, mask, route_ratio=route_ratio, repa_layer=repa_layer)
+        return pred, self.repa_proj(hidden), idx  # (B, C, H, W), (B, N', D_teacher), (B, N') or None
+
+
+def model_width(model):
+    return getattr(model, "_orig_mod", model).cfg.hidden_size
+
+
+@torch.no_grad()
+def teacher_tokens(teacher, images, grid):
+    """Patch tokens after the final norm, (B, h*w, D): the clean image [-1, 1] resized so that the teacher's patch
+    grid equals the denoiser's token grid (256 px, patch-2 latents: 16x16 tokens -> 224 px for DINOv2's 14 px)."""
+    cfg, patch = teacher.pretrained_cfg, teacher.patch_embed.patch_size[0]
+    x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * patch, grid[1] * patch), mode="bicubic",
+                      align_corners=False, antialias=True)
+    x = (x - x.new_tensor(cfg["mean"])[:, None, None]) / x.new_tensor(cfg["std"])[:, None, None]
+    return teacher.forward_features(x)[:, teacher.num_prefix_tokens:].float()
+
+
+def repa_loss(proj, target, idx):
+    """-mean cosine similarity; under TREAD only the visible tokens (idx), as PRX."""
+    if idx is not None:
+        target = target.gather(1, idx[..., None].expand(-1, -1, target.shape[-1]))
+    return -F.cosine_similarity(proj.float(), target, dim=-1).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,7 +303,7 @@ def main(argv=None):
     else:
         from data import ShardLoader
         loader = ShardLoader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
-                             grad_accum=chunks_per_rank)
+                             grad_accum=chunks_per_rank, images=bool(args.repa))
         null_txt, null_mask = loader.null_txt.float(), loader.null_mask
         channels = loader.datasets[0].index["schema"]["latent"][0] if loader.has_latent else 3
     context_dim = null_txt.shape[-1]
@@ -249,26 +313,33 @@ def main(argv=None):
     if args.hidden:
         overrides["num_heads"] = max(1, args.hidden // 64)
         overrides["axes_dim"] = (32, 32)
-    cfg = preset_config(args.model, args.resolution, context_dim=context_dim, sprint=args.sprint, **overrides)
-    if cfg.in_channels != channels:
-        raise SystemExit(f"error: --model {args.model} has {cfg.in_channels} input channels but the data has "
-                         f"{channels}; use a -pixel preset for pixel data")
+    cfg = preset_config(args.model, args.resolution, in_channels=channels, context_dim=context_dim,
+                        sprint=args.sprint, **overrides)  # channels and text width come from the data
+    repa_layer = None if not args.repa else cfg.depth * 7 // 16 if args.repa_layer is None else args.repa_layer
+    if repa_layer is not None and not 0 <= repa_layer < cfg.depth:
+        raise SystemExit(f"error: --repa-layer {repa_layer} must be a block index in [0, {cfg.depth})")
     route_ratio = 0.0 if not (args.tread or args.sprint) else args.route_ratio or (0.75 if args.sprint else 0.5)
     torch.manual_seed(args.seed)
     raw_model = PRX(cfg).to(device)
     ema = PRX(cfg).to(device).eval().requires_grad_(False) if args.ema else None
     if ema is not None:
         ema.load_state_dict(raw_model.state_dict())
+    teacher = None
+    if args.repa:
+        from eval import load_dino
+        overlay = dict(pretrained_cfg_overlay=dict(file=args.repa_weights)) if args.repa_weights else {}
+        teacher = load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], dynamic_img_size=True, **overlay).to(device)
+    trainee = Trainee(raw_model, teacher.num_features if teacher else None).to(device)
     if args.optimizer == "muon":
         from muon import Muon, split_muon_params, split_summary
-        muon_params, adam_params = split_muon_params(raw_model)
+        muon_params, adam_params = split_muon_params(trainee)
         if master:
             print(split_summary(muon_params, adam_params))
         opt = [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay),
                torch.optim.AdamW(adam_params, lr=args.lr, betas=args.betas, eps=args.eps,
                                  weight_decay=args.weight_decay, fused=device.type == "cuda")]
     else:
-        opt = [torch.optim.AdamW(raw_model.parameters(), lr=args.lr, betas=args.betas, eps=args.eps,
+        opt = [torch.optim.AdamW(trainee.parameters(), lr=args.lr, betas=args.betas, eps=args.eps,
                                  weight_decay=args.weight_decay, fused=device.type == "cuda")]
     start_step, train_time = 0, 0.0
     if ckpt:
@@ -281,11 +352,11 @@ def main(argv=None):
         start_step, train_time = state["step"], state["train_time"]
         if args.data != "builtin":
             loader.load_state_dict(state["loader"])
-    model = raw_model
+        if teacher is not None:
+            trainee.repa_proj.load_state_dict(state["repa_proj"])
     if args.compile:
-        model = torch.compile(model)
-    if distributed:
-        model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+        trainee.model = torch.compile(raw_model)
+    model = DDP(trainee, device_ids=[local] if device.type == "cuda" else None) if distributed else trainee
     n_params = sum(p.numel() for p in raw_model.parameters())
 
     # run folder: config.json, log.txt opening with the source, metrics.jsonl (cut back to the resume point)
@@ -294,8 +365,7 @@ def main(argv=None):
     if master:
         os.makedirs(out, exist_ok=True)
         config = {"args": vars(args), "model": vars(cfg), "world_size": world, "parameters": n_params,
-                  "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                               "numpy": np.__version__},
+                  "versions": {"python": sys.version.split()[0], **library_versions()},
                   "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -338,17 +408,18 @@ def main(argv=None):
             first = (step * args.batch_size) + chunk * args.micro_batch
             x0, captions = dataset.batch(range(first, first + args.micro_batch), args.resolution, args.captions)
             txt, mask = encoder(captions)
-            x0 = x0.to(device)
+            x0 = images = x0.to(device)
         else:
             batch = next(loader)
-            x0 = batch["latent"] if "latent" in batch else batch["image"].float() / 127.5 - 1
+            images = batch["image"].float() / 127.5 - 1 if "image" in batch else None  # (B, 3, R, R) in [-1, 1]
+            x0 = batch["latent"] if "latent" in batch else images
             txt, mask = batch["txt"].float(), batch["txt_mask"]
         keep = torch.rand(args.micro_batch, generator=g, device=device) >= args.caption_dropout
         txt, mask = drop_captions(txt, mask, keep, null_txt, null_mask)
         t = sample_t(args.micro_batch, args.shift, args.uniform_t, g, device)
         eps = torch.randn(x0.shape, generator=g, device=device)
         torch.manual_seed(chunk_seed(args.seed, step, chunk) + 1)  # the routing draw inside the model
-        return x0, eps, t, txt, mask
+        return x0, eps, t, txt, mask, images
 
     def train_step(step):
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -357,18 +428,22 @@ def main(argv=None):
                 group["lr"] = lr
         loss_sum, txt_len = torch.zeros((), device=device), 0
         for i in range(chunks_per_rank):
-            x0, eps, t, txt, mask = micro_batch(step, rank + i * world)
+            x0, eps, t, txt, mask, images = micro_batch(step, rank + i * world)
             x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
             txt, mask = trim_text(txt, mask)  # eager, before a compiled model
             sync = not distributed or i == chunks_per_rank - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                pred = model(x_t, t, txt, mask, route_ratio=route_ratio)
+                pred, repa_proj, repa_idx = model(x_t, t, txt, mask, route_ratio, repa_layer)
                 weights = foreground_weights(x0, args.foreground_weight) if args.foreground_weight else None
-                loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights) / chunks_per_rank
+                loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights)
+                if teacher is not None:
+                    grid = (x0.shape[2] // cfg.patch_size, x0.shape[3] // cfg.patch_size)
+                    loss = loss + args.repa_lambda * repa_loss(repa_proj, teacher_tokens(teacher, images, grid), repa_idx)
+                loss = loss / chunks_per_rank
             loss.backward()
             loss_sum += loss.detach()
             txt_len += txt.shape[1] / chunks_per_rank
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainee.parameters(), args.grad_clip)
         for o in opt:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -379,11 +454,11 @@ def main(argv=None):
         return loss_sum, grad_norm, lr, txt_len
 
     if args.compile and not ckpt:  # compile on real batches, untimed, then restore the initial state (modded-nanogpt)
-        initial = copy.deepcopy((raw_model.state_dict(), [o.state_dict() for o in opt]))
+        initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt]))
         loader_state = loader.state_dict() if args.data != "builtin" else None
         for step in range(3):
             train_step(step)
-        raw_model.load_state_dict(initial[0])
+        trainee.load_state_dict(initial[0])
         for o, s in zip(opt, initial[1]):
             o.load_state_dict(s)
         if loader_state:
@@ -440,7 +515,9 @@ def main(argv=None):
             if master:
                 extra = {"train_time": train_time}
                 if args.data != "builtin":
-                    extra["loader"] = loader.state_dict()  # the position is global: rank 0's state is every rank's
+                    extra["loader"] = loader.state_dict()
+                if teacher is not None:
+                    extra["repa_proj"] = trainee.repa_proj.state_dict()  # the position is global: rank 0's state is every rank's
                 save_checkpoint(out, step, raw_model, ema, opt, extra, args.keep)
         if last:
             break

@@ -420,3 +420,22 @@ def test_eval_split(prepared):
         assert split["caption"][j] == (root / "images" / sample_id).with_suffix(".txt").read_text()
     txt, mask = ds.pad_text(split["txt"])
     assert txt.shape == (len(held), mask.sum(1).max(), 32)
+
+
+def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
+    """train.py on a prepared dataset: latents and T5Gemma text from the shards, loader position in the checkpoint."""
+    import subprocess
+    import sys
+    root, _ = prepared
+    argv = [sys.executable, "train.py", "--data", str(root / "out"), "--model", "tiny", "--resolution", str(RES),
+            "--hidden", "64", "--depth", "2", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
+            "--eval-samples", "0", "--out", str(tmp_path / "run")]
+    cwd = Path(__file__).parent.parent
+    first = subprocess.run(argv + ["--max-steps", "3"], cwd=cwd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
+    assert state["loader"]["batches"] == 6  # 3 steps x 2 accumulation micro-batches
+    second = subprocess.run(argv + ["--max-steps", "5", "--resume"], cwd=cwd, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]

@@ -119,3 +119,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert written and len(written) < 40
     for ckpt in written:
         assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_repa_loss_uses_the_visible_tokens_positions():
+    from train import repa_loss
+    g = torch.Generator().manual_seed(0)
+    proj, target = torch.randn(2, 3, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    idx = torch.tensor([[0, 2, 4], [1, 3, 4]])
+    expected = -torch.stack([torch.nn.functional.cosine_similarity(proj[b, j], target[b, idx[b, j]], dim=0)
+                             for b in range(2) for j in range(3)]).mean()
+    assert torch.allclose(repa_loss(proj, target, idx), expected, atol=1e-6)
+    assert torch.allclose(repa_loss(target, target, None), torch.tensor(-1.0), atol=1e-6)
+
+
+def test_repa_with_tread_trains_and_resumes(tmp_path):
+    """A tiny random timm ViT stands in for DINOv2 through the same loading path (weights file, no download)."""
+    import timm
+    from safetensors.torch import save_file
+    weights = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), str(weights))
+    args = SMALL + ["--repa", "dinov2", "--repa-teacher", "vit_tiny_patch16_224", "--repa-weights", str(weights),
+                    "--tread", "--out", str(tmp_path / "r")]
+    r = run(args + ["--max-steps", "3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
+    assert state["repa_proj"]["4.weight"].shape == (192, 1024)  # projector h -> 1024 -> 1024 -> teacher width
+    assert "repa_proj.0.weight" not in load_file(str(tmp_path / "r" / "checkpoints" / "step_3" / "model.safetensors"))
+    r = run(args + ["--max-steps", "5", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
