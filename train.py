@@ -305,7 +305,7 @@ def main(argv=None):
         loader = ShardLoader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
                              grad_accum=chunks_per_rank, images=bool(args.repa))
         null_txt, null_mask = loader.null_txt.float(), loader.null_mask
-        channels = loader.datasets[0].index["schema"]["latent"][0] if loader.has_latent else 3
+        channels = loader.datasets[0].index["schema"]["latent"]["shape"][0] if loader.has_latent else 3
     context_dim = null_txt.shape[-1]
 
     # model, EMA, optimizer
