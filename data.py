@@ -641,7 +641,7 @@ def host_buffer(shape, dtype, pin):
     return torch.from_numpy(np.empty(shape, dtype={torch.int16: np.int16, torch.uint8: np.uint8}[dtype]))
 
 
-def pad_text(chunks, pin=False):
+def batch_text(chunks, pin=False):
     """list of (L_i, D) bf16-bit arrays -> (txt (B, L, D) bf16 padded with zeros to the longest, mask (B, L))."""
     lengths = torch.tensor([len(c) for c in chunks])
     txt = host_buffer((len(chunks), int(lengths.max()), chunks[0].shape[1]), torch.int16, pin)
@@ -765,7 +765,7 @@ class ShardLoader:
             chunks.append(shard.ragged(f"txt_{field}", row))
             batch["caption"].append(shard.string(f"caption_{field}", row))
             batch["id"].append(shard.string("id", row))
-        batch["txt"], batch["txt_mask"] = pad_text(chunks, pin)
+        batch["txt"], batch["txt_mask"] = batch_text(chunks, pin)
         return batch
 
     def __iter__(self):
@@ -785,7 +785,7 @@ class ShardLoader:
 
 def load_eval_split(root, caption="long"):
     """The held-out split for the metrics: dict(id, caption list[str], image (N, 3, R, R) uint8 in memory,
-    txt list of (L_i, D) bf16-bit arrays (batch them with pad_text))."""
+    txt list of (L_i, D) bf16-bit arrays (batch them with batch_text))."""
     ds = PreparedDataset(root, "eval")
     rows = [ds.locate(i) for i in range(len(ds))]
     return {"id": [shard.string("id", r) for shard, r in rows],
@@ -850,7 +850,7 @@ def bench(root, samples=5000, batch_size=32):
 
     def arrow_batch():
         b = arrow[next(order).tolist()]
-        return torch.from_numpy(b["latent"]).view(torch.bfloat16).float(), pad_text(list(b["txt"]))
+        return torch.from_numpy(b["latent"]).view(torch.bfloat16).float(), batch_text(list(b["txt"]))
     theirs = samples_per_second(arrow_batch)
     tokens = sum(len(shard.arrays[field]) for shard in ds.shards) / len(ds)
     print(f"bench: {len(ds)} samples, batch {batch_size}, latent {schema['latent']['shape']} bf16 + text "

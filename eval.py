@@ -442,8 +442,8 @@ class EvalSplit:
         """-> txt (B, L, D) float32, mask (B, L) bool."""
         if self.data == "builtin":
             return self.encoder(self.captions(indices))
-        from data import pad_text as pad_bf16_bits
-        txt, mask = pad_bf16_bits([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
+        from data import batch_text
+        txt, mask = batch_text([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
         return txt.float(), mask
 
     def images(self, indices):

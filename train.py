@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from eval import pad_text
 from model import PRX, flops_per_sample, preset_config, trim_text
 
 # Defaults of `--data builtin` for the flags you do not set: the tuned CPU track (README: "The CPU record").
@@ -168,7 +169,6 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None):
 
 def drop_captions(txt, mask, keep, null_txt, null_mask):
     """Rows where keep is False get the encoded empty prompt with its own mask (PRX), not zeros."""
-    from eval import pad_text
     length = max(txt.shape[1], null_txt.shape[1])
     txt, mask = pad_text(txt, mask, length)
     null_txt, null_mask = pad_text(null_txt, null_mask, length)
@@ -200,7 +200,7 @@ class Trainee(nn.Module):
     def __init__(self, model, repa_dim=None):
         super().__init__()
         self.model = model
-        self.repa_proj = nn.Sequential(nn.Linear(model_width(model), 1024), nn.SiLU(), nn.Linear(1024, 1024), nn.SiLU(),
+        self.repa_proj = nn.Sequential(nn.Linear(model.cfg.hidden_size, 1024), nn.SiLU(), nn.Linear(1024, 1024), nn.SiLU(),
                                        nn.Linear(1024, repa_dim)) if repa_dim else None
 
     def forward(self, x_t, t, txt, mask, route_ratio, repa_layer):
@@ -208,10 +208,6 @@ class Trainee(nn.Module):
             return self.model(x_t, t, txt, mask, route_ratio=route_ratio), None, None
         pred, hidden, idx = self.model(x_t, t, txt, mask, route_ratio=route_ratio, repa_layer=repa_layer)
         return pred, self.repa_proj(hidden), idx  # (B, C, H, W), (B, N', D_teacher), (B, N') or None
-
-
-def model_width(model):
-    return getattr(model, "_orig_mod", model).cfg.hidden_size
 
 
 @torch.no_grad()
@@ -532,7 +528,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
-        if distributed:  # every rank must agree on when the time budget ends
+        if distributed and args.max_time:  # every rank must agree on when the time budget ends (a sync: only then)
             budget = torch.tensor([train_time], dtype=torch.float64, device=device)
             dist.broadcast(budget, 0)
             train_time = budget.item()

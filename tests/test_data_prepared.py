@@ -418,7 +418,7 @@ def test_eval_split(prepared):
     for j, sample_id in enumerate(split["id"]):
         np.testing.assert_array_equal(split["image"][j], reference_image(root / "images" / sample_id))
         assert split["caption"][j] == (root / "images" / sample_id).with_suffix(".txt").read_text()
-    txt, mask = ds.pad_text(split["txt"])
+    txt, mask = ds.batch_text(split["txt"])
     assert txt.shape == (len(held), mask.sum(1).max(), 32)
 
 
