@@ -81,26 +81,29 @@ MAX_POSITIONS = 1024  # RoPE table rows: tokens per image side
 
 def rope_table(axes_dim, theta, max_positions=MAX_POSITIONS):
     """Flux-style axial RoPE angles pos * omega, omega = 1/theta^(arange(0, d, 2)/d) per axis, for every position
-    < max_positions: cos and sin (max_positions, head_dim/2), columns [axis 0 (row) | axis 1 (col)].
-    Computed once in float64 (as diffusers) so the graph only indexes it: recomputing cos/sin per block is slow."""
+    < max_positions, as the per-channel factors of apply_rope: cos (max_positions, head_dim) with each angle's cos
+    twice, sin with (-sin, +sin) per pair; columns [axis 0 (row) | axis 1 (col)]. Computed once in float64
+    (as diffusers) so the graph only indexes it: recomputing cos/sin per block is slow."""
     pos = torch.arange(max_positions, dtype=torch.float64)
     angles = torch.cat([pos[:, None] / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dim], 1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+    return cos.repeat_interleave(2, dim=1), torch.stack([-sin, sin], dim=2).flatten(1)
 
 
 def rope_for_grid(table, h, w, axes_dim, device):
-    """Rows of the table for an h x w token grid, row-major: (N, head_dim/2)."""
+    """Rows of the table for an h x w token grid, row-major: (N, head_dim)."""
     rows = torch.arange(h, device=device).repeat_interleave(w)
     cols = torch.arange(w, device=device).repeat(h)
-    split = axes_dim[0] // 2
-    return torch.cat([table[rows, :split], table[cols, split:]], dim=1)
+    return torch.cat([table[rows, :axes_dim[0]], table[cols, axes_dim[0]:]], dim=1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, H, N, D) by the angles (., 1, N, D/2), in fp32."""
-    x_ = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x_[..., 0], x_[..., 1]
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, N, H, D) by their angles: (x0 cos - x1 sin, x1 cos + x0 sin),
+    written as x * cos + swap_pairs(x) * sin with the tables of rope_table (., N, 1, D): elementwise, which
+    compiles to vectorised loops (indexing the pair halves does not). fp32."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (x32 * cos + swapped * sin).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -148,10 +151,13 @@ class Attention(nn.Module):
     def forward(self, x, txt, cos, sin, attn_mask):
         B, N, _ = x.shape
         L = txt.shape[1]
-        q, k, v = self.img_qkv_proj(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        q, k, v = self.img_qkv_proj(x).view(B, N, 3, self.heads, self.head_dim).unbind(2)  # (B, N, H, d)
         tk, tv = self.txt_kv_proj(txt).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, d)
-        q = apply_rope(self.norm_q(q), cos, sin)
-        k = apply_rope(self.norm_k(k), cos, sin)
+        # norm and RoPE in the (B, N, H, d) layout of the projection: channels stay contiguous, which keeps the
+        # compiled backward (the RMSNorm weight gradient, a reduction over B, N, H) vectorised on CPU
+        q = apply_rope(self.norm_q(q), cos, sin).transpose(1, 2)  # (B, H, N, d)
+        k = apply_rope(self.norm_k(k), cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
         k = torch.cat([self.norm_added_k(tk), k], dim=2)  # (B, H, L + N, d), text first
         v = torch.cat([tv, v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
@@ -279,8 +285,8 @@ class PRX(nn.Module):
         vec = self.time_in(t)                   # (B, hidden)
         if max(h, w) > MAX_POSITIONS:
             raise ValueError(f"{h}x{w} tokens exceed the RoPE table ({MAX_POSITIONS} per side): raise MAX_POSITIONS")
-        cos = rope_for_grid(self.rope_cos, h, w, cfg.axes_dim, x.device)[None, None]  # (1, 1, N, head_dim/2)
-        sin = rope_for_grid(self.rope_sin, h, w, cfg.axes_dim, x.device)[None, None]
+        cos = rope_for_grid(self.rope_cos, h, w, cfg.axes_dim, x.device)[None, :, None]  # (1, N, 1, head_dim)
+        sin = rope_for_grid(self.rope_sin, h, w, cfg.axes_dim, x.device)[None, :, None]
         attn_mask = None if txt_mask is None else attention_mask(txt_mask, h * w)
         full_rope, full_mask = (cos, sin), attn_mask
 
@@ -294,8 +300,8 @@ class PRX(nn.Module):
                 num_keep = h * w - int(h * w * route_ratio)
                 keep_idx = torch.rand(B, h * w, device=x.device).argsort(dim=1)[:, :num_keep].sort(dim=1).values
                 img = img.gather(1, keep_idx[..., None].expand(-1, -1, img.shape[-1]))  # (B, N_keep, hidden)
-                rope_idx = keep_idx[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
-                cos, sin = cos.expand(B, -1, -1, -1).gather(2, rope_idx), sin.expand(B, -1, -1, -1).gather(2, rope_idx)
+                rope_idx = keep_idx[:, :, None, None].expand(-1, -1, 1, cos.shape[-1])
+                cos, sin = cos.expand(B, -1, -1, -1).gather(1, rope_idx), sin.expand(B, -1, -1, -1).gather(1, rope_idx)
                 attn_mask = None if txt_mask is None else attention_mask(txt_mask, num_keep)
             img = block(img, txt, vec, cos, sin, attn_mask)
             if routing and i == cfg.route_end:

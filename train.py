@@ -92,6 +92,8 @@ def get_args(argv=None):
     g.add_argument("--eps", type=float, default=1e-15)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps, then constant")
+    g.add_argument("--cooldown", type=float, default=0.0, help="final fraction of the run (of --max-steps or "
+                   "--max-time, whichever ends it) with the lr decaying linearly to 0 (WSD); 0 = constant to the end")
     g.add_argument("--grad-clip", type=float, default=0.2, help="max gradient norm")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay (0 = off); samples use the EMA weights")
     g.add_argument("--ema-every", type=int, default=10, help="steps between EMA updates")
@@ -132,6 +134,8 @@ def check_args(args, world):
     if args.foreground_weight and "pixel" not in args.model:
         raise SystemExit("error: --foreground-weight needs pixel-space data and a -pixel model (latents have no "
                          "background colour)")
+    if not 0 <= args.cooldown <= 1:
+        raise SystemExit(f"error: --cooldown must be a fraction of the run in [0, 1], got {args.cooldown}")
     if args.ema and not 0 < args.ema < 1:
         raise SystemExit(f"error: --ema must be a decay in (0, 1), got {args.ema}")
 
@@ -417,8 +421,13 @@ def main(argv=None):
         torch.manual_seed(chunk_seed(args.seed, step, chunk) + 1)  # the routing draw inside the model
         return x0, eps, t, txt, mask, images
 
+    max_time = args.max_time * 60 if args.max_time else float("inf")
+
     def train_step(step):
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        if args.cooldown:  # progress: the step or the clock, whichever is nearer its budget
+            progress = max(step / args.max_steps, train_time / max_time)
+            lr *= max(0.0, min(1.0, (1 - progress) / args.cooldown))
         for o in opt:
             for group in o.param_groups:
                 group["lr"] = lr
@@ -488,7 +497,6 @@ def main(argv=None):
     # the loop: occasional work first (eval, checkpoint), then the one training step
     raw_model.train()
     step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
-    max_time = args.max_time * 60 if args.max_time else float("inf")
     eval_times = sorted(60 * float(m) for m in args.eval_minutes.split(",") if m)
     time_at_log, samples_since = train_time, 0
     while True:

@@ -113,7 +113,7 @@ def test_routed_tokens_return_to_their_positions(sprint):
                     dense = img.clone()
                     img = img[:, kept]
                 c, s = (cos[kept], sin[kept]) if cfg.route_start <= i <= cfg.route_end else (cos, sin)
-                img = block(img, txtb, vec, c[None, None], s[None, None], None)
+                img = block(img, txtb, vec, c[None, :, None], s[None, :, None], None)
                 if i == cfg.route_end:
                     merged = (model.sprint_mask_token.expand(1, h * w, -1).clone() if sprint else dense.clone())
                     merged[:, kept] = img

@@ -59,6 +59,17 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert len(set(a.values())) == 20  # the losses move: this compares training, not constants
 
 
+def test_lr_schedule_warmup_constant_cooldown(tmp_path):
+    r = run(SMALL[:-2] + ["--out", str(tmp_path / "c"), "--max-steps", "10", "--warmup", "2", "--lr", "1e-3",
+                          "--cooldown", "0.5"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "c" / "metrics.jsonl") as f:
+        lrs = {rec["step"]: rec["lr"] for rec in map(json.loads, f) if "lr" in rec}
+    # logged step s ran optimizer step s - 1: warm-up 1/2, 2/2, constant, then linear to 0 over the last 5 steps
+    expected = [1e-3 * min(1, s / 2, (1 - (s - 1) / 10) / 0.5) for s in range(1, 11)]
+    assert [lrs[s] for s in range(1, 11)] == pytest.approx(expected, rel=1e-6)
+
+
 def test_killed_run_resumes_exactly(tmp_path):
     args = SMALL + ["--max-steps", "30", "--ckpt-every", "10", "--keep", "5", "--tread"]
     ref = run(args + ["--out", str(tmp_path / "ref")])
@@ -103,6 +114,7 @@ def test_first_run_writes_the_run_folder(tmp_path):
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no prepared dataset there"),
     (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch"),
     (["--resume"], "no checkpoint in"),
+    (["--cooldown", "2"], "--cooldown must be a fraction"),
 ])
 def test_bad_input_fails_before_work(tmp_path, argv, message):
     r = run(["--out", str(tmp_path / "x"), *argv])
