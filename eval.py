@@ -411,11 +411,12 @@ class EvalSplit:
     """Held-out captions, encoded text and real images: the built-in shapes (the held-out scenes train.py
     evaluates on) or the eval split of a directory prepared by `python data.py prepare`."""
 
-    def __init__(self, data, num_samples, caption="long", resolution=32, data_seed=0):
+    def __init__(self, data, num_samples, caption="long", resolution=32, data_seed=0, text_context=5):
         self.data, self.caption, self.resolution = data, caption, resolution
         if data == "builtin":
             from data import BuiltinTextEncoder, ShapesDataset
-            self.shapes, self.encoder = ShapesDataset(seed=10_000 + data_seed, split="heldout"), BuiltinTextEncoder()
+            self.shapes = ShapesDataset(seed=10_000 + data_seed, split="heldout")
+            self.encoder = BuiltinTextEncoder(context=text_context)
             self.null = self.encoder([""])
             return
         from data import PreparedDataset
@@ -699,7 +700,8 @@ def main(argv=None):
     metrics = build_metrics(args, names, device)
     if metrics is not None:
         metrics.check_reference(args.num_samples, run["resolution"])  # before sampling, not after
-    split = EvalSplit(data, args.num_samples, args.caption or run["captions"], run["resolution"], run["seed"])
+    split = EvalSplit(data, args.num_samples, args.caption or run["captions"], run["resolution"], run["seed"],
+                      run.get("text_context", 0))  # runs from before the flag trained without context
     shape, decode = load_decoder(model.cfg, data, run["resolution"], device)
     sampling = dict(steps=args.steps or run.get("sample_steps", 50), cfg=run.get("cfg", 3.5) if args.cfg is None
                     else args.cfg, shift=run["shift"], pred=run["pred"], self_guidance=args.self_guidance,

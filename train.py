@@ -61,6 +61,8 @@ def get_args(argv=None):
                         "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py)")
     g.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     g.add_argument("--captions", default="long", help="long, short, or mixed[:p] (long with probability p)")
+    g.add_argument("--text-context", type=int, default=5, help="built-in text encoder: context window of each word "
+                   "(0 = word + position only; data.BuiltinTextEncoder)")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="fraction replaced by the empty prompt (CFG)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="small", help="preset: tiny, small, base, or <preset>-pixel (model.py)")
@@ -134,6 +136,8 @@ def check_args(args, world):
     if args.foreground_weight and "pixel" not in args.model:
         raise SystemExit("error: --foreground-weight needs pixel-space data and a -pixel model (latents have no "
                          "background colour)")
+    if args.text_context < 0:
+        raise SystemExit(f"error: --text-context must be >= 0 words, got {args.text_context}")
     if not 0 <= args.cooldown <= 1:
         raise SystemExit(f"error: --cooldown must be a fraction of the run in [0, 1], got {args.cooldown}")
     if args.ema and not 0 < args.ema < 1:
@@ -297,7 +301,7 @@ def main(argv=None):
     chunks_per_rank = args.batch_size // args.micro_batch // world
     if args.data == "builtin":
         from data import BuiltinTextEncoder, ShapesDataset
-        dataset, encoder = ShapesDataset(seed=args.seed), BuiltinTextEncoder().to(device)
+        dataset, encoder = ShapesDataset(seed=args.seed), BuiltinTextEncoder(context=args.text_context).to(device)
         null_txt, null_mask = encoder([""])
         channels = 3
     else:
@@ -476,7 +480,7 @@ def main(argv=None):
     if args.eval_samples:
         from eval import EvalSplit, Metrics, evaluate, load_decoder
         split = EvalSplit(eval_data, args.eval_samples, "short" if args.captions == "short" else "long",
-                          args.resolution, args.seed)
+                          args.resolution, args.seed, args.text_context)
         shape, decode = load_decoder(cfg, eval_data, args.resolution, device)
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device) if args.eval_ref \
             else None

@@ -99,7 +99,7 @@ def test_encoder_is_deterministic_and_frozen():
     assert encoder(captions)[0].requires_grad is False
 
 
-@pytest.mark.parametrize("context", [0, 2])
+@pytest.mark.parametrize("context", [0, 2, 5])
 def test_encoder_shapes_mask_and_padding(context):
     encoder = BuiltinTextEncoder(context=context)
     captions = ["a red circle", "", "A gray background with a large blue cross in the top left."]
@@ -117,13 +117,16 @@ def test_encoder_shapes_mask_and_padding(context):
 def test_encoder_tells_apart_swapped_colours():
     a = "a black background with a large red circle in the top left and a large blue square in the center"
     b = "a black background with a large blue circle in the top left and a large red square in the center"
-    emb, _ = BuiltinTextEncoder()([a, b])
+    circle = a.split().index("circle") + 1
+    emb, _ = BuiltinTextEncoder(context=0)([a, b])
     assert (emb[0] - emb[1]).norm() > 1
-    circle = a.split().index("circle") + 1  # same word, same position: without context, the same vector
-    assert torch.equal(emb[0, circle], emb[1, circle])
+    assert torch.equal(emb[0, circle], emb[1, circle])  # same word, same position: without context, the same vector
     emb, _ = BuiltinTextEncoder(context=2)([a, b])  # the context layer puts the colour into the shape's vector
     assert (emb[0, circle] - emb[1, circle]).norm() > 0.5
     assert torch.equal(emb[:, -1], emb[:, -1].flip(0))  # "center" is more than 2 words from any colour
+    emb, _ = BuiltinTextEncoder()([a, b])  # the default window (5) reaches from a region word to its colour
+    for region_word in (a.split().index("left") + 1, -1):
+        assert (emb[0, region_word] - emb[1, region_word]).norm() > 0.5
 
 
 def test_encoder_rejects_bad_input():

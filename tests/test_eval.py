@@ -293,3 +293,15 @@ def test_eval_split_reads_a_prepared_directory(tmp_path):
     assert torch.equal(split.images([1]), images[1:]) and split.null[0].shape == (1, 1, 8)
     with pytest.raises(ValueError, match="2 held-out samples"):
         ev.EvalSplit(str(tmp_path), 3)
+
+
+def test_eval_split_encodes_with_the_runs_text_context():
+    from data import BuiltinTextEncoder
+    idx = [0, 1, 2]
+    encoded = {}
+    for k in (0, 5):
+        split = ev.EvalSplit("builtin", 3, text_context=k)
+        encoded[k], mask = split.encode(idx)
+        reference, reference_mask = BuiltinTextEncoder(context=k)(split.captions(idx))
+        assert torch.equal(encoded[k], reference) and torch.equal(mask, reference_mask)
+    assert not torch.equal(encoded[0], encoded[5])

@@ -1,6 +1,6 @@
 """Caption accuracy against training minutes, from a run's metrics.jsonl -> curve.png and a markdown table.
 
-    python records/2026-11-23_cpu-track/plot.py runs/<curve run>/metrics.jsonl records/2026-11-23_cpu-track/curve.png
+    python records/plot.py runs/<curve run>/metrics.jsonl records/<record>/curve.png
 """
 import json
 import sys
