@@ -37,7 +37,7 @@ from model import PRX, flops_per_sample, preset_config, trim_text
 
 # Defaults of `--data builtin` for the flags you do not set: the tuned CPU track (README: "The CPU record").
 CPU_TRACK = dict(model="tiny-pixel", resolution=32, pred="v", batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
-                 grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.5, shift=1.0, sample_steps=20,
+                 grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, shift=1.0, sample_steps=20,
                  cfg=3.0, eval_samples=256, ckpt_every=500, log_every=50)
 
 REPA_TEACHERS = {"dinov2": "vit_large_patch14_reg4_dinov2.lvd142m", "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
