@@ -106,6 +106,18 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + swapped * sin).to(x.dtype)
 
 
+GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (PRX's MLP): 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi).
+    Compiled, it is written as x * sigmoid(2c (x + 0.044715 x^3)) (same function: 0.5 (1 + tanh z) = sigmoid(2z)):
+    inductor's CPU code evaluates exp ~2x faster than tanh, forward and backward. Eager keeps the one fused kernel."""
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -179,7 +191,7 @@ class Block(nn.Module):
         x = (1 + scale_a) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift_a
         img = img + gate_a * self.attention(x, txt, cos, sin, attn_mask)
         x = (1 + scale_m) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift_m
-        return img + gate_m * self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return img + gate_m * self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class FinalLayer(nn.Module):

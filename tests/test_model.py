@@ -3,7 +3,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import PRX, PRXConfig, flops_per_sample, preset_config, rope_for_grid, trim_text
+from model import PRX, PRXConfig, flops_per_sample, gelu_tanh, preset_config, rope_for_grid, trim_text
 
 TINY = dict(in_channels=4, patch_size=2, context_dim=24, hidden_size=64, depth=4, num_heads=2, axes_dim=(16, 16),
             route_start=1, route_end=2)
@@ -76,6 +76,18 @@ def test_compile_matches_eager_without_graph_breaks():
     with torch.no_grad():
         txt_t, mask_t = trim_text(txt, mask)
         assert (compiled(x, t, txt_t, mask_t) - model(x, t, txt, mask)).abs().max() <= 1e-4
+
+
+def test_compiled_gelu_matches_torch_gelu_and_its_gradient():
+    # compiled, gelu_tanh is written with a sigmoid; it must be torch's tanh GELU, values and gradients
+    x = torch.linspace(-30, 30, 6001, requires_grad=True)
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    out = torch.compile(gelu_tanh, fullgraph=True)(x)
+    assert (out - ref).abs().max() <= 1e-5
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    grad_ref, = torch.autograd.grad((ref * weights).sum(), x)
+    grad, = torch.autograd.grad((out * weights).sum(), x)
+    assert (grad - grad_ref).abs().max() <= 1e-5
 
 
 def test_route_ratio_zero_is_the_plain_model():
