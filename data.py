@@ -198,6 +198,9 @@ def sinusoidal_positions(length, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+TEXT_CONTEXT = 5  # the built-in encoder's context window (words each side): the default of train.py and eval.py
+
+
 class BuiltinTextEncoder(nn.Module):
     """Frozen encoder of the caption grammar: token = seeded random word vector + sinusoidal position, plus
     tanh(W @ [the 2k+1 tokens around it]) with a seeded random W (context=k).
@@ -209,7 +212,7 @@ class BuiltinTextEncoder(nn.Module):
     region 0.883 without context (0.871 with seed 1), 0.980 with k=3, 0.984 with k=5; the misses without context
     were two-object scenes (0.79 against 0.99 for one object). Weights are buffers: no optimizer ever sees them."""
 
-    def __init__(self, dim=64, seed=0, max_len=64, context=5):
+    def __init__(self, dim=64, seed=0, max_len=64, context=TEXT_CONTEXT):
         super().__init__()
         if dim % 2:
             raise ValueError(f"dim must be even (sinusoidal positions), got {dim}")

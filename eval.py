@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from data import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, draw_shape
+from data import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, TEXT_CONTEXT, draw_shape
 
 
 EVAL_VERSION = 1  # bump when a preprocessing step or a definition changes: older reference files are then refused
@@ -411,7 +411,7 @@ class EvalSplit:
     """Held-out captions, encoded text and real images: the built-in shapes (the held-out scenes train.py
     evaluates on) or the eval split of a directory prepared by `python data.py prepare`."""
 
-    def __init__(self, data, num_samples, caption="long", resolution=32, data_seed=0, text_context=5):
+    def __init__(self, data, num_samples, caption="long", resolution=32, data_seed=0, text_context=TEXT_CONTEXT):
         self.data, self.caption, self.resolution = data, caption, resolution
         if data == "builtin":
             from data import BuiltinTextEncoder, ShapesDataset

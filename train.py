@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import TEXT_CONTEXT
 from eval import pad_text
 from model import PRX, flops_per_sample, preset_config, trim_text
 
@@ -61,8 +62,8 @@ def get_args(argv=None):
                         "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py)")
     g.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     g.add_argument("--captions", default="long", help="long, short, or mixed[:p] (long with probability p)")
-    g.add_argument("--text-context", type=int, default=5, help="built-in text encoder: context window of each word "
-                   "(0 = word + position only; data.BuiltinTextEncoder)")
+    g.add_argument("--text-context", type=int, default=TEXT_CONTEXT, help="built-in text encoder: context window "
+                   "of each word (0 = word + position only; data.BuiltinTextEncoder)")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="fraction replaced by the empty prompt (CFG)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="small", help="preset: tiny, small, base, or <preset>-pixel (model.py)")
