@@ -59,8 +59,9 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
            self_guidance=0.0, route_ratio=0.5):
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
     null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + cfg (c - u); cfg <= 1 runs the
-    conditional pass only. Sample i starts from noise drawn on the CPU by torch.Generator().manual_seed(seeds[i]),
-    so it does not depend on the batch, the ranks or the device (TREAD routing draws from torch's global RNG)."""
+    conditional pass only. Sample i draws its starting noise, then (with self-guidance) each step's TREAD route,
+    from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or the
+    device."""
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
         raise ValueError(f"pred must be 'v' (velocity) or 'x' (x0, JiT), got {pred!r}")
@@ -69,7 +70,8 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
     if null_txt.shape[0] != 1 or null_txt.shape[2] != txt.shape[2]:
         raise ValueError(f"null_txt must be [1, L0, {txt.shape[2]}] (the encoded empty prompt), "
                          f"got {list(null_txt.shape)}")
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
     guided = cfg > 1
     if guided:  # one forward for [cond; uncond], text padded to a common length
         L = max(txt.shape[1], null_txt.shape[1])
@@ -77,10 +79,13 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
         null_txt, null_mask = pad_text(null_txt, null_mask, L)
         txt, txt_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
 
-    def velocity(x, t, route):
+    def velocity(x, t, route_ratio=0.0, route_scores=None):
         xx = torch.cat([x, x]) if guided else x
+        if route_scores is not None and guided:  # cond and uncond take the same route
+            route_scores = torch.cat([route_scores, route_scores])
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(xx, torch.full((len(xx),), t, device=device), txt, txt_mask, route_ratio=route).float()
+            out = model(xx, torch.full((len(xx),), t, device=device), txt, txt_mask, route_ratio=route_ratio,
+                        route_scores=route_scores).float()
         if pred == "x":  # JiT (Li & He 2025): x0 prediction -> velocity
             out = (xx - out) / max(t, 0.05)
         if not guided:
@@ -90,9 +95,11 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
 
     ts = timesteps(steps, shift).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
-        v = velocity(x, t, 0.0)
+        v = velocity(x, t)
         if self_guidance > 0:  # TREAD self-guidance: extrapolate from the routed (weaker) network to the full one
-            routed = velocity(x, t, route_ratio)
+            num_tokens = shape[-2] * shape[-1] // model.cfg.patch_size ** 2
+            scores = torch.stack([torch.rand(num_tokens, generator=g) for g in generators]).to(device)
+            routed = velocity(x, t, route_ratio, scores)
             v = routed + self_guidance * (v - routed)
         x = x + (t_next - t) * v  # dx/dt = v = eps - x0
     return x

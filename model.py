@@ -279,9 +279,10 @@ class PRX(nn.Module):
             raise ValueError(f"txt_mask must be [B, L] = {list(txt.shape[:2])} (True = real token), "
                              f"got {list(txt_mask.shape)}")
 
-    def forward(self, x, t, txt, txt_mask=None, route_ratio=0.0, repa_layer=None):
+    def forward(self, x, t, txt, txt_mask=None, route_ratio=0.0, repa_layer=None, route_scores=None):
         """x (B, C, H, W), t (B,) in [0, 1] with 1 = noise, txt (B, L, context_dim), txt_mask (B, L) bool.
-        route_ratio > 0 routes that fraction of image tokens around blocks route_start..route_end (training).
+        route_ratio > 0 routes that fraction of image tokens around blocks route_start..route_end (training);
+        each sample keeps its lowest-scoring tokens, route_scores (B, H/p * W/p), drawn uniformly when None.
         repa_layer=i also returns the image tokens after block i and their positions (None = all tokens)."""
         cfg, p = self.cfg, self.cfg.patch_size
         self.check_inputs(x, t, txt, txt_mask)
@@ -289,6 +290,9 @@ class PRX(nn.Module):
             txt, txt_mask = trim_text(txt, txt_mask)
         B, C, H, W = x.shape
         h, w = H // p, W // p
+        if route_scores is not None and route_scores.shape != (B, h * w):
+            raise ValueError(f"route_scores must be [B, H/p * W/p] = [{B}, {h * w}] (one score per image token), "
+                             f"got {list(route_scores.shape)}")
 
         # patchify, channel-major (c, ph, pw) layout as diffusers' img2seq
         img = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
@@ -310,7 +314,9 @@ class PRX(nn.Module):
                 # the rest wait here and re-enter unchanged after route_end.
                 dense = img
                 num_keep = h * w - int(h * w * route_ratio)
-                keep_idx = torch.rand(B, h * w, device=x.device).argsort(dim=1)[:, :num_keep].sort(dim=1).values
+                if route_scores is None:
+                    route_scores = torch.rand(B, h * w, device=x.device)
+                keep_idx = route_scores.argsort(dim=1)[:, :num_keep].sort(dim=1).values
                 img = img.gather(1, keep_idx[..., None].expand(-1, -1, img.shape[-1]))  # (B, N_keep, hidden)
                 rope_idx = keep_idx[:, :, None, None].expand(-1, -1, 1, cos.shape[-1])
                 cos, sin = cos.expand(B, -1, -1, -1).gather(1, rope_idx), sin.expand(B, -1, -1, -1).gather(1, rope_idx)

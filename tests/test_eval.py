@@ -3,6 +3,7 @@ closed forms) on tiny or randomly initialised networks built here, and the sampl
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,11 +202,15 @@ class PointFlow(torch.nn.Module):
     """The exact flow of data concentrated at one point c, read from the first text token: v = (x - c) / t, or
     x0 = c with pred x. Routing moves the point by route_ratio, so self-guidance shows in the result."""
 
+    cfg = SimpleNamespace(patch_size=1)  # one image token per pixel
+
     def __init__(self, pred):
         super().__init__()
         self.pred = pred
 
-    def forward(self, x, t, txt, txt_mask, route_ratio=0.0):
+    def forward(self, x, t, txt, txt_mask, route_ratio=0.0, route_scores=None):
+        if route_ratio > 0:  # the sampler passes one score per token of every sample in the batch
+            assert route_scores.shape == (x.shape[0], x.shape[2] * x.shape[3])
         c = (txt[:, 0, 0] + route_ratio)[:, None, None, None]
         return c.expand_as(x) if self.pred == "x" else (x - c) / t[:, None, None, None]
 
@@ -238,13 +243,15 @@ def random_tiny_prx():
     return model
 
 
-def test_sampler_same_seed_same_image_whatever_the_batch():
+@pytest.mark.parametrize("self_guidance", [0.0, 2.0])
+def test_sampler_same_seed_same_image_whatever_the_batch(self_guidance):
+    # with self-guidance the TREAD routes come from each sample's own generator too, not from the global RNG
     model = random_tiny_prx()
     g = torch.Generator().manual_seed(1)
     txt, lengths = torch.randn(4, 6, 64, generator=g), torch.tensor([6, 2, 4, 1])
     mask = torch.arange(6)[None] < lengths[:, None]
     null_txt, null_mask = torch.randn(1, 1, 64, generator=g), torch.ones(1, 1, dtype=torch.bool)
-    kwargs = dict(shape=(3, 16, 16), steps=3, cfg=2.0)
+    kwargs = dict(shape=(3, 16, 16), steps=3, cfg=2.0, self_guidance=self_guidance)
     seeds = [7, 3, 11, 5]
     batched = ev.sample(model, txt, mask, null_txt, null_mask, seeds, **kwargs)
     single = torch.cat([ev.sample(model, txt[i:i + 1, :lengths[i]], mask[i:i + 1, :lengths[i]], null_txt, null_mask,

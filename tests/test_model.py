@@ -118,6 +118,9 @@ def test_routed_tokens_return_to_their_positions(sprint):
         torch.manual_seed(3)
         out, _, keep_idx = model(x, t, txt, mask, route_ratio=0.5, repa_layer=cfg.route_start)
         assert keep_idx.shape == (B, h * w // 2)
+        scores = torch.rand(B, h * w)  # each sample keeps its 12 lowest scores (median: the 12th), in position order
+        _, _, idx = model(x, t, txt, mask, route_ratio=0.5, repa_layer=cfg.route_start, route_scores=scores)
+        assert torch.equal(idx, torch.stack([(s <= s.median()).nonzero()[:, 0] for s in scores]))
         cos = rope_for_grid(model.rope_cos, h, w, cfg.axes_dim, "cpu")
         sin = rope_for_grid(model.rope_sin, h, w, cfg.axes_dim, "cpu")
         for b in range(B):
@@ -182,6 +185,8 @@ def test_non_square_and_bad_inputs():
         model(x, t, txt, mask[:, :4])
     with pytest.raises(ValueError, match=r"t must be \[B\]"):
         model(x, t[:2], txt, mask)
+    with pytest.raises(ValueError, match=r"route_scores must be \[B, H/p \* W/p\] = \[3, 21\]"):
+        model(x, t, txt, mask, route_ratio=0.5, route_scores=torch.rand(3, 20))
 
 
 @pytest.mark.parametrize("bottleneck", [None, 48])
