@@ -5,8 +5,7 @@ statistics of the real held-out images (REFERENCE section 6), and the caption ch
     python eval.py ref --data data/mj --out ref.npz                          # once: statistics of the real images
     python eval.py --ckpt runs/x --ref ref.npz --num-samples 10000           # -> runs/x/checkpoints/step_N/eval.json
     torchrun --nproc_per_node=8 eval.py --ckpt runs/x --ref ref.npz          # each rank samples its share
-    python eval.py --ckpt runs/x --metrics caption                           # built-in dataset: caption checker
-    python eval.py --bench                                                   # images/s of each stage
+    python eval.py --ckpt runs/x                                             # built-in data: the caption checker
 
 Sampler: Euler on the shifted linspace(1, 0, N + 1) schedule, classifier-free guidance against the encoded empty
 prompt, optional TREAD self-guidance. Noise is seeded per sample index: the same image whatever the batch or ranks.
@@ -20,17 +19,16 @@ import argparse
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from scipy import ndimage
 from tqdm import tqdm
 
-from data import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, TEXT_CONTEXT, draw_shape
+from data import data_dirs, denormalize_latent, load_vae, open_heldout, pad_text
+from model import load_run
 
 
 EVAL_VERSION = 1  # bump when a preprocessing step or a definition changes: older reference files are then refused
@@ -42,23 +40,30 @@ DINO_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 
-def timesteps(steps, shift=1.0):
-    """linspace(1, 0, steps + 1), shifted towards noise as in training: t -> s t / (1 + (s - 1) t) (SD3)."""
-    t = torch.linspace(1, 0, steps + 1)
+X_PRED_MIN_T = 0.05  # x-prediction divides by t: JiT clamps it here, in training's loss and in the sampler alike
+
+
+def shift_t(t, shift):
+    """The timestep shift towards noise, t -> s t / (1 + (s - 1) t) (SD3), of training's t and the sampler's grid."""
     return shift * t / (1 + (shift - 1) * t)
 
 
-def pad_text(txt, mask, length):
-    """Right-pad text (B, L, D) and its mask (B, L) to `length` tokens; the padding is masked out."""
-    extra = length - txt.shape[1]
-    return F.pad(txt, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+def x0_to_velocity(x_t, x0, t):
+    """JiT (Li & He 2025): an x0 prediction as the velocity eps - x0 = (x_t - x0) / t, t clamped to X_PRED_MIN_T.
+    t: a float or a tensor broadcastable to x_t."""
+    return (x_t - x0) / (t.clamp_min(X_PRED_MIN_T) if torch.is_tensor(t) else max(t, X_PRED_MIN_T))
+
+
+def timesteps(steps, shift=1.0):
+    """linspace(1, 0, steps + 1), shifted as in training (PRX's evaluation grid)."""
+    return shift_t(torch.linspace(1, 0, steps + 1), shift)
 
 
 @torch.no_grad()
-def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg=3.5, shift=1.0, pred="v",
-           self_guidance=0.0, route_ratio=0.5):
+def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg_scale=3.5, shift=1.0, pred="v",
+           route_ratio=0.5, self_guidance=0.0):
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
-    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + cfg (c - u); cfg <= 1 runs the
+    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale; w <= 1 runs the
     conditional pass only. Sample i draws its starting noise, then (with self-guidance) each step's TREAD route,
     from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or the
     device."""
@@ -72,7 +77,7 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
                          f"got {list(null_txt.shape)}")
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    guided = cfg > 1
+    guided = cfg_scale > 1
     if guided:  # one forward for [cond; uncond], text padded to a common length
         L = max(txt.shape[1], null_txt.shape[1])
         txt, txt_mask = pad_text(txt, txt_mask, L)
@@ -86,12 +91,12 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             out = model(xx, torch.full((len(xx),), t, device=device), txt, txt_mask, route_ratio=route_ratio,
                         route_scores=route_scores).float()
-        if pred == "x":  # JiT (Li & He 2025): x0 prediction -> velocity
-            out = (xx - out) / max(t, 0.05)
+        if pred == "x":
+            out = x0_to_velocity(xx, out, t)
         if not guided:
             return out
         cond, uncond = out.chunk(2)
-        return uncond + cfg * (cond - uncond)
+        return uncond + cfg_scale * (cond - uncond)
 
     ts = timesteps(steps, shift).tolist()
     for t, t_next in zip(ts[:-1], ts[1:]):
@@ -214,15 +219,20 @@ def clip_features(model, images):
     return F.normalize(model(pixel_values=x).image_embeds.float(), dim=-1)
 
 
-def load_dino(name=DINO_ID, pretrained=True, **timm_kwargs):
+def load_dino(name=DINO_ID, pretrained=True, flag="--dino-weights", **timm_kwargs):
     """DINOv2 ViT-L/14 with registers through timm, frozen: DINO-MMD and the REPA teacher. An offline file:
-    pretrained_cfg_overlay=dict(file=PATH); another input size: img_size=224 or dynamic_img_size=True."""
+    pretrained_cfg_overlay=dict(file=PATH), which `flag` (the caller's command-line flag) names in errors; another
+    input size: img_size=224 or dynamic_img_size=True."""
     import timm
+    file = timm_kwargs.get("pretrained_cfg_overlay", {}).get("file")
+    if file is not None and not os.path.isfile(file):
+        raise FileNotFoundError(f"{flag} {file}: no such file; it should be model.safetensors of timm/{name} "
+                                f"(`hf download timm/{name} model.safetensors`)")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
     except OSError as e:
         raise missing_weights(f"timm/{name}", f"run `hf download timm/{name} model.safetensors` and pass "
-                              f"--dino-weights <that file>") from e
+                              f"{flag} <that file>") from e
     return model.eval().requires_grad_(False)
 
 
@@ -412,85 +422,13 @@ class Metrics:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Held-out data, checkpoints, and the evaluation loop (shared with train.py)
-
-class EvalSplit:
-    """Held-out captions, encoded text and real images: the built-in shapes (the held-out scenes train.py
-    evaluates on) or the eval split of a directory prepared by `python data.py prepare`."""
-
-    def __init__(self, data, num_samples, caption="long", resolution=32, data_seed=0, text_context=TEXT_CONTEXT):
-        self.data, self.caption, self.resolution = data, caption, resolution
-        if data == "builtin":
-            from data import BuiltinTextEncoder, ShapesDataset
-            self.shapes = ShapesDataset(seed=10_000 + data_seed, split="heldout")
-            self.encoder = BuiltinTextEncoder(context=text_context)
-            self.null = self.encoder([""])
-            return
-        from data import PreparedDataset
-        self.prepared = PreparedDataset(data, "eval")
-        if num_samples > len(self.prepared):
-            raise ValueError(f"{data} has {len(self.prepared)} held-out samples, fewer than {num_samples}: "
-                             f"lower --num-samples")
-        null = torch.from_numpy(np.load(os.path.join(data, "null_txt.npy"))).view(torch.bfloat16).float()[None]
-        self.null = null, torch.ones(null.shape[:2], dtype=torch.bool)  # (1, L0, D), (1, L0)
-
-    def rows(self, indices):
-        return map(self.prepared.locate, indices)  # (shard, row) pairs
-
-    def scenes(self, indices):  # built-in: what the caption checker looks for
-        return [self.shapes.scene(i) for i in indices]
-
-    def captions(self, indices):
-        if self.data == "builtin":
-            from data import long_caption, short_caption
-            return [(long_caption if self.caption == "long" else short_caption)(s) for s in self.scenes(indices)]
-        return [shard.string(f"caption_{self.caption}", row) for shard, row in self.rows(indices)]
-
-    def encode(self, indices):
-        """-> txt (B, L, D) float32, mask (B, L) bool."""
-        if self.data == "builtin":
-            return self.encoder(self.captions(indices))
-        from data import batch_text
-        txt, mask = batch_text([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
-        return txt.float(), mask
-
-    def images(self, indices):
-        """-> uint8 (B, 3, R, R)."""
-        if self.data == "builtin":
-            from data import render
-            images = np.stack([render(s, self.resolution) for s in self.scenes(indices)])  # (B, R, R, 3)
-            return torch.from_numpy(images).permute(0, 3, 1, 2)
-        return torch.from_numpy(np.stack([shard.arrays["image"][row] for shard, row in self.rows(indices)]))
-
-
-def load_checkpoint(path, weights="ema"):
-    """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model, the run's train args, folder)."""
-    from safetensors.torch import load_file
-    from model import PRX, PRXConfig
-    from train import list_checkpoints
-    run = path if os.path.exists(os.path.join(path, "config.json")) else os.path.dirname(os.path.dirname(path))
-    if not os.path.exists(os.path.join(run, "config.json")):
-        raise FileNotFoundError(f"--ckpt {path}: expected a run folder with config.json or <run>/checkpoints/step_N")
-    ckpt = path if run != path else (list_checkpoints(run) or [None])[-1]
-    if ckpt is None:
-        raise FileNotFoundError(f"{run} has no checkpoints/step_N folder yet")
-    with open(os.path.join(run, "config.json")) as f:
-        config = json.load(f)
-    model = PRX(PRXConfig(**config["model"]))
-    file = os.path.join(ckpt, "ema.safetensors")
-    if weights != "ema" or not os.path.exists(file):
-        file = os.path.join(ckpt, "model.safetensors")
-    model.load_state_dict(load_file(file))
-    print(f"loaded {file}")
-    return model.eval().requires_grad_(False), config["args"], ckpt
-
+# The evaluation loop (train.py calls it too)
 
 def load_decoder(cfg, data, resolution, device):
     """-> (shape of x0, decode: x0 -> uint8 images): pixel models directly, latent models through the data's VAE."""
     if cfg.in_channels == 3:
         return (3, resolution, resolution), to_uint8
-    from data import denormalize_latent, load_vae
-    with open(os.path.join(data, "index.json")) as f:
+    with open(os.path.join(data_dirs(data)[0], "index.json")) as f:
         index = json.load(f)
     vae, shift, scale = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
     decode = lambda z: to_uint8(vae.decode(denormalize_latent(z, shift, scale).to(vae.dtype)).sample.float())
@@ -505,16 +443,16 @@ def my_batches(num_samples, batch_size):
 
 
 @torch.no_grad()
-def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, check_captions=False, seed=42,
-             batch_size=32, grid=None, **sampling):
-    """Sample held-out prompts 0..num_samples-1 (sample i from the noise of seed + i), score the images.
-    metrics: a Metrics (reset here) or None; check_captions: the built-in data's caption checker; grid: a PNG of
-    the first batch. sampling: steps, cfg, shift, pred, self_guidance, route_ratio (see sample)."""
+def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, seed=42, batch_size=32, grid=None,
+             **sampling):
+    """Sample held-out prompts 0..num_samples-1 (sample i from the noise of seed + i) and score the images: the
+    split's own score (the caption checker on the built-in data) and, given a Metrics (reset here), its feature
+    metrics. grid: a PNG of the first batch. sampling: steps, cfg_scale, shift, pred, route_ratio, self_guidance."""
     device = next(model.parameters()).device
     if metrics is not None:
         metrics.reset()
     null_txt, null_mask = (t.to(device) for t in split.null)
-    found = torch.zeros(3, dtype=torch.float64, device=device)  # caption checker: full, colour + region, images
+    sums, count = {}, 0
     for i, idx in enumerate(my_batches(num_samples, batch_size)):
         txt, mask = split.encode(idx)
         x = sample(model, txt.to(device), mask.to(device), null_txt, null_mask, [seed + j for j in idx], shape,
@@ -522,113 +460,16 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, ch
         images = decode(x)  # (B, 3, R, R) uint8
         if metrics is not None:
             metrics.update(images)
-        if check_captions:
-            acc = caption_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), split.scenes(idx))
-            found += len(idx) * torch.tensor([acc["full"], acc["color_region"], 1.0], dtype=torch.float64,
-                                             device=device)
+        for key, value in split.score(images, idx).items():
+            sums[key] = sums.get(key, 0.0) + value * len(idx)
+        count += len(idx)
         if i == 0 and grid and (not distributed() or dist.get_rank() == 0):
             save_grid(images[:64], split.captions(idx[:64]), grid)
     result = metrics.compute() if metrics is not None else {}
-    if check_captions:
-        full, color_region, n = all_reduce(found).tolist()
-        result.update(caption_accuracy=full / n, color_region_accuracy=color_region / n)
+    if sums:
+        totals = all_reduce(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device)).tolist()
+        result.update({key: total / totals[-1] for key, total in zip(sums, totals)})
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Caption checker for the built-in shapes dataset: reads a generated image and says, for each object its caption
-# names, whether an object of that colour, kind and region is there.
-# 
-# Each pixel takes the nearest palette colour (object and background colours) if it is within MAX_COLOR_DISTANCE;
-# the pixels of the named colour are split into connected components; a component counts if its centroid lies in
-# the named cell, its area is plausible for a shape at this resolution, it holds at least half of the cell's
-# object-coloured pixels, and its mask, stretched to a common box, overlaps one of the four shape templates well.
-# Its kind is the template it overlaps most.
-
-PALETTE_NAMES = list(COLORS) + list(BACKGROUNDS)
-PALETTE = np.array([*COLORS.values(), *BACKGROUNDS.values()], dtype=np.float32)  # (P, 3)
-MAX_COLOR_DISTANCE = 100.0  # further than this from every palette colour, a pixel is no colour at all
-MIN_SHAPE_IOU = 0.5         # below this overlap with every template the component is not a shape (noise, smear)
-TEMPLATE_SIZE = 16          # masks and templates are compared on a 16x16 grid after aligning bounding boxes
-# Plausible area, in units of a grid cell's area: from 0.3x the smallest shape (small triangle, half its box)
-# to 1.5x the largest (large square, its whole box; pixel rounding at 32 px adds up to 30%).
-MIN_AREA = 0.3 * 0.5 * min(SIZES.values()) ** 2
-MAX_AREA = 1.5 * max(SIZES.values()) ** 2
-
-
-def shape_template(shape):
-    """(TEMPLATE_SIZE, TEMPLATE_SIZE) float coverage of `shape` filling the whole box, antialiased."""
-    big = 4 * TEMPLATE_SIZE
-    image = Image.new("L", (big, big), 0)
-    draw_shape(ImageDraw.Draw(image), shape, big / 2, big / 2, big / 2, 255)
-    return np.asarray(image.reduce(4), dtype=np.float32) / 255
-
-
-TEMPLATES = np.stack([shape_template(s) for s in SHAPES])  # (4, T, T)
-
-
-def color_labels(image):
-    """(H, W) index into PALETTE_NAMES of each pixel's nearest palette colour, -1 where none is close enough."""
-    distance = np.linalg.norm(image[:, :, None, :].astype(np.float32) - PALETTE, axis=-1)  # (H, W, P)
-    labels = distance.argmin(-1)
-    labels[distance.min(-1) > MAX_COLOR_DISTANCE] = -1
-    return labels
-
-
-def template_overlaps(mask):
-    """Soft IoU of a component's boolean mask, stretched to the template box, with each template: (4,)."""
-    stretched = Image.fromarray(mask.astype(np.float32), "F").resize((TEMPLATE_SIZE, TEMPLATE_SIZE),
-                                                                      Image.BILINEAR)
-    stretched = np.clip(np.asarray(stretched), 0, 1)
-    return np.minimum(stretched, TEMPLATES).sum((1, 2)) / np.maximum(stretched, TEMPLATES).sum((1, 2))
-
-
-def kinds_in_cell(labels, color, region):
-    """Kinds of the shape-like components of `color` centred in `region` that hold at least half of the
-    object-coloured pixels of that cell (an image sprayed with coloured specks names nothing)."""
-    H, W = labels.shape
-    row, col = divmod(REGIONS.index(region), 3)
-    cell = labels[row * H // 3:(row + 1) * H // 3, col * W // 3:(col + 1) * W // 3]
-    object_pixels = np.count_nonzero((cell >= 0) & (cell < len(COLORS)))
-    components, _ = ndimage.label(labels == PALETTE_NAMES.index(color))
-    kinds = []
-    for k, box in enumerate(ndimage.find_objects(components), start=1):
-        mask = components[box] == k
-        area = mask.sum()
-        if not MIN_AREA <= area / (H * W / 9) <= MAX_AREA or area < object_pixels / 2:
-            continue
-        ys, xs = np.nonzero(mask)
-        cy, cx = box[0].start + ys.mean() + 0.5, box[1].start + xs.mean() + 0.5  # centroid, in pixels
-        if (min(int(3 * cy / H), 2), min(int(3 * cx / W), 2)) != (row, col):
-            continue
-        overlaps = template_overlaps(mask)
-        if overlaps.max() >= MIN_SHAPE_IOU:
-            kinds.append(SHAPES[overlaps.argmax()])
-    return kinds
-
-
-def check_scene(image, objects):
-    """image uint8 (H, W, 3); objects: the SceneObjects its caption names.
-    -> one dict per object: {"full": colour, kind and region found, "color_region": colour and region found}."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError(f"image must be a uint8 numpy array (H, W, 3), got {type(image).__name__} "
-                         f"{getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}; from a [-1, 1] tensor x "
-                         f"(3, H, W) use ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()")
-    labels = color_labels(image)
-    results = []
-    for o in objects:
-        kinds = kinds_in_cell(labels, o.color, o.region)
-        results.append({"full": o.shape in kinds, "color_region": len(kinds) > 0})
-    return results
-
-
-def caption_accuracy(images, scenes):
-    """Fraction of images in which every named object is found: {"full": colour + kind + region,
-    "color_region": ignoring kind}. images: uint8 (B, H, W, 3) array or a list of (H, W, 3) arrays."""
-    if len(images) != len(scenes):
-        raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one scene per image")
-    results = [check_scene(image, scene.objects) for image, scene in zip(images, scenes)]
-    return {key: float(np.mean([all(r[key] for r in rs) for rs in results])) for key in ("full", "color_region")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -646,36 +487,51 @@ def get_args(argv=None):
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
     g.add_argument("--resolution", type=int, default=32, help="ref on the built-in data: image side")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json)")
-    g.add_argument("--num-samples", type=int, default=10_000, help="held-out prompts / reference images")
-    g.add_argument("--metrics", help="comma-separated from fid,cmmd,dino_mmd,caption "
-                                     "(default fid,cmmd,dino_mmd; caption on the built-in data)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per rank per step")
-    g = p.add_argument_group("sampling (defaults: the run's own evaluation settings)")
-    g.add_argument("--steps", type=int, help="Euler steps (PRX: 50)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (PRX: 3.5)")
+    g.add_argument("--num-samples", type=positive_int, default=10_000, help="held-out prompts / reference images")
+    g.add_argument("--metrics", type=metric_list, help="comma-separated from fid,cmmd,dino_mmd (default: all "
+                   "three on prepared data; none on the built-in data, which the caption checker scores)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="images per rank per step")
+    g = p.add_argument_group("sampling (defaults: the run's own, config.json 'sampling')")
+    g.add_argument("--steps", type=positive_int, help="Euler steps")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
     g.add_argument("--self-guidance", type=float, default=0.0, help="TREAD self-guidance weight (0 = off)")
     g.add_argument("--seed", type=int, default=42, help="sample i starts from the noise of seed + i")
     g = p.add_argument_group("metric networks (offline machines: local copies)")
     g.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (default: downloaded)")
     g.add_argument("--clip", default=CLIP_ID, help="CLIP hub id or local folder")
     g.add_argument("--dino-weights", help=f"model.safetensors of timm/{DINO_ID} (default: downloaded)")
-    p.add_argument("--bench", action="store_true", help="images/s of sampling and of each feature extractor")
-    p.add_argument("--bench-model", help="PRX preset to sample with (default: small on GPU, tiny-pixel on CPU)")
     return p.parse_args(argv)
 
 
+def positive_int(text):
+    if not text.lstrip("-").isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return int(text)
+
+
+def metric_list(text):
+    names = [n for n in text.split(",") if n]
+    if not names or set(names) - set(FEATURE_METRICS):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(FEATURE_METRICS)}, comma-separated")
+    return names
+
+
 def build_metrics(args, names, device):
-    if not set(names) - {"caption"}:
+    if not names:
         return None
-    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) if args.dino_weights else DINO_ID
-    return Metrics(args.ref, [m for m in names if m != "caption"], args.fid_weights, args.clip, dino, device)
+    if not args.ref and args.command == "eval":
+        raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
+                         f"(from `python eval.py ref`)")
+    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights), flag="--dino-weights") \
+        if args.dino_weights else DINO_ID
+    return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
 
 
 def make_reference(args, device):
     if not (args.data and args.out):
         raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
-    split = EvalSplit(args.data, args.num_samples, resolution=args.resolution)
-    metrics = build_metrics(args, (args.metrics or ",".join(FEATURE_METRICS)).split(","), device)
+    split = open_heldout(args.data, args.num_samples, "long", args.resolution, 0, 0)
+    metrics = build_metrics(args, args.metrics or list(FEATURE_METRICS), device)
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
     metrics.save_reference(args.out)
@@ -689,93 +545,33 @@ def main(argv=None):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.bench:
-        return bench(args, device)
     if args.command == "ref":
         return make_reference(args, device)
     if not args.ckpt:
-        raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`, or --bench)")
-
-    model, run, ckpt = load_checkpoint(args.ckpt, args.weights)
-    model.to(device)
-    data = args.data or run["data"]
-    names = (args.metrics or ("caption" if data == "builtin" else ",".join(FEATURE_METRICS))).split(",")
-    if "caption" in names and data != "builtin":
-        raise SystemExit("error: the caption checker reads the built-in shapes only (--data builtin)")
-    if set(names) - {"caption"} and not args.ref:
-        raise SystemExit(f"error: {names} need reference statistics: --ref ref.npz (from `python eval.py ref`)")
-    metrics = build_metrics(args, names, device)
+        raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`)")
+    try:
+        model, run, ckpt = load_run(args.ckpt, args.weights)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --ckpt {args.ckpt}: {e}")
+    train_args = run["args"]
+    data = args.data or train_args["data"]
+    metrics = build_metrics(args, args.metrics if args.metrics is not None else
+                            [] if data == "builtin" else list(FEATURE_METRICS), device)
     if metrics is not None:
-        metrics.check_reference(args.num_samples, run["resolution"])  # before sampling, not after
-    split = EvalSplit(data, args.num_samples, args.caption or run["captions"], run["resolution"], run["seed"],
-                      run.get("text_context", 0))  # runs from before the flag trained without context
-    shape, decode = load_decoder(model.cfg, data, run["resolution"], device)
-    sampling = dict(steps=args.steps or run.get("sample_steps", 50), cfg=run.get("cfg", 3.5) if args.cfg is None
-                    else args.cfg, shift=run["shift"], pred=run["pred"], self_guidance=args.self_guidance,
-                    route_ratio=run.get("route_ratio") or (0.75 if run.get("sprint") else 0.5))
-    result = evaluate(model, split, args.num_samples, shape, decode, metrics, "caption" in names, args.seed,
-                      args.batch_size, os.path.join(ckpt, "eval_samples.png"), **sampling)
+        metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
+    split = open_heldout(data, args.num_samples, args.caption or train_args["captions"].split(":")[0],
+                         train_args["resolution"], train_args["seed"], train_args["text_context"])
+    shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
+    sampling = dict(run["sampling"], self_guidance=args.self_guidance)
+    sampling.update({k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None})
+    result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
+                      os.path.join(ckpt, "eval_samples.png"), **sampling)
     if not distributed() or dist.get_rank() == 0:
         out = args.out or os.path.join(ckpt, "eval.json")
         with open(out, "w") as f:
             json.dump({"metrics": result, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                        "sampling": sampling, "settings": metrics.settings if metrics else {}}, f, indent=2)
         print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark. Without the real weights the networks are randomly initialised with the real architectures (speed
-# does not depend on the weights), and the output says so.
-
-def images_per_second(fn, n):
-    """n / seconds of one call of fn, after one untimed warm-up call."""
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # wait for the GPU before reading the clock
-    return n / (time.perf_counter() - start)
-
-
-@torch.no_grad()
-def bench(args, device):
-    import tempfile
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from model import PRX
-    on_gpu = device.type == "cuda"
-    B = args.batch_size if on_gpu else 2
-    images = torch.randint(0, 256, (B, 3, 256, 256), dtype=torch.uint8)
-    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch {B}, 256 px uint8 images")
-    weights = args.fid_weights or os.path.join(tempfile.mkdtemp(), "random-inception.pth")
-    if not args.fid_weights:
-        write_random_inception_weights(weights)
-    inception = load_inception(weights).to(device)
-    print(f"inception-v3-compat ({'real weights' if args.fid_weights else 'random init, real architecture'}): "
-          f"{images_per_second(lambda: inception_features(inception, images), B):.2f} img/s")
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(  # openai/clip-vit-large-patch14-336's config.json
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
-        image_size=336, projection_dim=768, hidden_act="quick_gelu")).to(device).eval()
-    print(f"CLIP ViT-L/14-336 (random init, real architecture): "
-          f"{images_per_second(lambda: clip_features(clip, images), B):.2f} img/s")
-    dino = load_dino(pretrained=False).to(device)
-    print(f"DINOv2 ViT-L/14-reg4 at 518 px (random init, real architecture): "
-          f"{images_per_second(lambda: dino_features(dino, images), B):.2f} img/s")
-    emb = F.normalize(torch.randn(4096, 768, device=device), dim=-1)
-    chunked = 1 / images_per_second(lambda: mmd(emb[:2048], emb[2048:], chunk=256), 1)
-    whole = 1 / images_per_second(lambda: mmd(emb[:2048], emb[2048:], chunk=2048), 1)
-    print(f"MMD of 2048 against 2048 embeddings: {chunked:.2f} s in 256-row chunks; baseline one block {whole:.2f} s")
-
-    preset = args.bench_model or ("small" if on_gpu else "tiny-pixel")
-    model = PRX.from_preset(preset).to(device).eval()
-    shape = (model.cfg.in_channels, 32, 32)  # tiny-pixel: 32 px images; latent presets: 32x32 latents of 256 px
-    txt = torch.randn(B, 64, model.cfg.context_dim, device=device)
-    mask = torch.ones(B, 64, dtype=torch.bool, device=device)
-    steps = args.steps or 50
-    rate = images_per_second(lambda: sample(model, txt, mask, txt[:1, :1], mask[:1, :1], list(range(B)), shape,
-                                            steps=steps, cfg=3.5), B)
-    print(f"sampling PRX {preset} (random init) {shape}, {steps} Euler steps, CFG 3.5: {rate:.3f} img/s")
 
 
 if __name__ == "__main__":

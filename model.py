@@ -6,9 +6,10 @@ Only image tokens make queries; they attend to [text K/V, image K/V]. Text embed
 `txt_in` and each block computes its own text K/V from them: text tokens are never updated.
 
     python model.py           # parameter count of every preset
-    python model.py --bench   # forward+backward time against diffusers' PRXTransformer2DModel, and FLOPs
+    python bench.py model     # forward+backward time against diffusers' PRXTransformer2DModel, and FLOPs
 """
 
+import hashlib
 import json
 import math
 import os
@@ -431,94 +432,69 @@ def flops_per_sample(cfg, num_img, num_txt):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Runs and checkpoints: <run>/config.json and <run>/checkpoints/step_<N>/ (train.py writes them)
 
-def bench(args):
-    """Forward+backward step: this model vs diffusers' PRXTransformer2DModel, same config, weights and inputs,
-    interleaved in one process, median over steps after warm-up."""
-    import statistics
-    import time
-    from diffusers import PRXTransformer2DModel
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+CHECKSUMS = "sha256.json"  # in every checkpoint folder: the sha256 of each of its files, written before the rename
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    ours = PRX.from_preset(args.preset).to(device)
-    for prm in ours.parameters():  # non-zero output layers so both sides do real work
-        nn.init.normal_(prm, std=0.02) if prm.dim() > 1 else None
-    theirs = PRXTransformer2DModel(**{k: v for k, v in ours.diffusers_config().items() if k != "_class_name"})
-    theirs.load_state_dict(ours.state_dict())
-    theirs.to(device)
-    cfg, B = ours.cfg, args.batch
-    side = int(args.img_tokens ** 0.5) * cfg.patch_size
-    x = torch.randn(B, cfg.in_channels, side, side, device=device)
-    t = torch.rand(B, device=device)
-    txt = torch.randn(B, args.txt_tokens, cfg.context_dim, device=device)
-    lengths = torch.randint(args.min_len, args.max_len + 1, (B,), device=device)
-    mask = torch.arange(args.txt_tokens, device=device)[None] < lengths[:, None]
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
 
-    def ours_step(model):
-        txt_t, mask_t = trim_text(txt, mask)  # eager, before the (possibly compiled) model
-        with autocast:
-            model(x, t, txt_t, mask_t).float().square().mean().backward()
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    def theirs_step(model):
-        with autocast:
-            model(x, t, txt, mask, return_dict=False)[0].float().square().mean().backward()
 
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math: attention matmuls counted
-        ours(x[:1], t[:1], *trim_text(txt[:1], mask[:1]))
-    real = int(lengths[0])
-    print(f"device {device} | preset {args.preset} | batch {B} | {args.img_tokens} image tokens | text "
-          f"{args.txt_tokens} padded, real lengths {args.min_len}..{args.max_len}")
-    print(f"forward FLOPs/sample (flop counter, sample 0, {real} text tokens): {counter.get_total_flops():.4g} "
-          f"| closed form {flops_per_sample(cfg, args.img_tokens, real):.4g} | train step ~3x forward")
-    for mode in ["eager", "compiled"] if args.compile else ["eager"]:
-        a, b = (ours, theirs) if mode == "eager" else (torch.compile(ours), torch.compile(theirs))
-        times = {"ours": [], "diffusers": []}
-        for step in range(args.warmup + args.steps):
-            for name, fn, model in (("ours", ours_step, a), ("diffusers", theirs_step, b)):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn(model)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if step >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
-                model.zero_grad(set_to_none=True)
-        ours_ms, theirs_ms = (1e3 * statistics.median(times[k]) for k in ("ours", "diffusers"))
-        line = f"{mode:9s} fwd+bwd median of {args.steps}: ours {ours_ms:.1f} ms | diffusers {theirs_ms:.1f} ms | " \
-               f"ratio ours/diffusers {ours_ms / theirs_ms:.3f} | ours {B / ours_ms * 1e3:.1f} samples/s"
-        if device == "cuda" and args.peak_tflops:
-            step_flops = 3 * B * flops_per_sample(cfg, args.img_tokens, int(lengths.float().mean()))
-            line += f" | MFU {step_flops / (ours_ms / 1e3) / (args.peak_tflops * 1e12):.1%}"
-        print(line)
+def list_checkpoints(run):
+    """The whole checkpoints of a run, oldest first. Only this run's history is there: a resume from an older
+    checkpoint moves the newer ones aside (train.py), so step order is history order."""
+    folder = os.path.join(run, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())
+    return [os.path.join(folder, f"step_{s}") for s in steps]
+
+
+def verify_checkpoint(ckpt):
+    """Raise if a file of the checkpoint is missing or its bytes differ from the checksum written with it."""
+    with open(os.path.join(ckpt, CHECKSUMS)) as f:
+        expected = json.load(f)
+    for name, digest in expected.items():
+        path = os.path.join(ckpt, name)
+        if not os.path.exists(path) or file_sha256(path) != digest:
+            step = int(os.path.basename(ckpt)[5:])
+            earlier = [c for c in list_checkpoints(os.path.dirname(os.path.dirname(ckpt)))
+                       if int(os.path.basename(c)[5:]) < step]
+            raise ValueError(f"{path} is {'missing' if not os.path.exists(path) else 'corrupt'} (its sha256 differs "
+                             f"from the one written with it); the previous checkpoint is "
+                             f"{earlier[-1] if earlier else '(none)'}: pass it to --resume (or --ckpt)")
+
+
+def load_run(path, weights="ema"):
+    """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model in eval mode, the run's
+    config.json, the checkpoint folder). The checkpoint's checksums are verified first."""
+    from safetensors.torch import load_file
+    run = path if os.path.exists(os.path.join(path, "config.json")) else os.path.dirname(os.path.dirname(path))
+    if not os.path.exists(os.path.join(run, "config.json")):
+        raise FileNotFoundError(f"{path}: expected a run folder with config.json or <run>/checkpoints/step_N")
+    ckpt = path if run != path else (list_checkpoints(run) or [None])[-1]
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoints/step_N folder yet")
+    verify_checkpoint(ckpt)
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    model = PRX(PRXConfig(**config["model"]))
+    file = os.path.join(ckpt, "ema.safetensors")
+    if weights != "ema" or not os.path.exists(file):
+        file = os.path.join(ckpt, "model.safetensors")
+    model.load_state_dict(load_file(file))
+    return model.eval().requires_grad_(False), config, ckpt
 
 
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="time forward+backward against diffusers")
-    parser.add_argument("--preset", default="tiny", help="preset to benchmark")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--img-tokens", type=int, default=256, help="image tokens (a square number)")
-    parser.add_argument("--txt-tokens", type=int, default=128, help="padded text length")
-    parser.add_argument("--min-len", type=int, default=8, help="shortest real caption in the batch")
-    parser.add_argument("--max-len", type=int, default=64, help="longest real caption in the batch")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile on both sides")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
-    args = parser.parse_args()
-    if args.bench:
-        bench(args)
-    else:
-        for name in [n + s for n in PRESETS for s in ("", "-pixel")]:
-            with torch.device("meta"):
-                model = PRX.from_preset(name)
-            cfg = model.cfg
-            print(f"{name:12s} {sum(p.numel() for p in model.parameters()):>14,d} parameters | hidden "
-                  f"{cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} channels {cfg.in_channels} "
-                  f"patch {cfg.patch_size} bottleneck {cfg.bottleneck_size}")
+    for name in [n + s for n in PRESETS for s in ("", "-pixel")]:  # parameter count of every preset
+        with torch.device("meta"):
+            model = PRX.from_preset(name)
+        cfg = model.cfg
+        print(f"{name:12s} {sum(p.numel() for p in model.parameters()):>14,d} parameters | hidden "
+              f"{cfg.hidden_size} depth {cfg.depth} heads {cfg.num_heads} channels {cfg.in_channels} "
+              f"patch {cfg.patch_size} bottleneck {cfg.bottleneck_size}")

@@ -1,0 +1,357 @@
+"""
+Turn a real dataset into prepared shards (data.py's format), once, before the clock: decode and clean every sample,
+centre-crop to R x R, encode the image with a frozen VAE (posterior sampled with a per-sample seed) and every caption
+field with T5Gemma, and write shards of memory-mapped .npy files plus index.json.
+
+    python prepare.py --out data/mj --source brivangl/midjourney-v6-llava --captions long=llava,short=prompt
+    torchrun --nproc-per-node 8 prepare.py --out data/mj        # each rank encodes its own part of the source files
+    python prepare.py --out data/px --vae none --resolution 512 --source /path/to/images    # pixel space, a folder
+
+Sources: a hub dataset id (streamed), a folder of images with .txt/.json captions, or a glob of local .parquet/.tar
+files. Undecodable or tiny images and empty captions are skipped and counted in index.json with their reason; a
+seeded hash of the sample id puts --eval-fraction of the samples into the eval split. Shards are written to .tmp
+and renamed, so an interrupted preparation resumes after its last whole shard.
+"""
+
+import argparse
+import collections
+import functools
+import glob
+import hashlib
+import html
+import importlib.metadata
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from data import FORMAT, VAES, load_vae, normalize_latent
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+def stable_hash(*parts):
+    """63-bit hash that is the same in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def in_eval_split(seed, sample_id, fraction):
+    return stable_hash("eval", seed, sample_id) % 1_000_000 < fraction * 1_000_000
+
+
+def to_bits(x):
+    return x.to(torch.bfloat16).cpu().view(torch.int16).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen encoders
+
+def clean_caption(text):
+    """Lower-case and tidy a caption; PRX cleans prompts DeepFloyd-style, these are its main steps."""
+    text = html.unescape(html.unescape(urllib.parse.unquote_plus(str(text)))).lower()
+    text = re.sub(r"\b(?:https?://|www\.)\S+", "", text)  # urls
+    text = re.sub(r"@\w+", "", text)                       # @handles
+    text = re.sub(r"[`´«»“”¨]", '"', text)
+    text = re.sub(r"[‘’]", "'", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class T5GemmaTextEncoder:
+    """captions -> (emb (B, L, D), mask (B, L) bool): T5Gemma encoder last_hidden_state, as PRX (REFERENCE 2)."""
+
+    def __init__(self, model, tokenizer, max_tokens=256):
+        self.model, self.tokenizer, self.max_tokens = model.eval().requires_grad_(False), tokenizer, max_tokens
+        self.tokenizer.padding_side = "right"  # real tokens keep positions 0..L-1, as when encoded alone
+        self.dim = model.config.encoder.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, name="google/t5gemma-2b-2b-ul2", device="cpu", max_tokens=256):
+        from transformers import AutoTokenizer, T5GemmaEncoderModel
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16 as PRX on GPU
+        # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
+        model = T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype).to(device)
+        return cls(model, AutoTokenizer.from_pretrained(name), max_tokens)
+
+    @torch.no_grad()
+    def __call__(self, captions):
+        tokens = self.tokenizer([clean_caption(c) for c in captions], padding=True, truncation=True,
+                                max_length=self.max_tokens, return_tensors="pt").to(self.model.device)
+        emb = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return emb, tokens.attention_mask.bool()
+
+
+@torch.no_grad()
+def encode_latents(vae, images, seeds, shift, scale):
+    """images (B, 3, R, R) uint8 -> normalised latents (B, C, R/8, R/8) float32. The posterior is sampled as PRX
+    does, with noise seeded per sample (seeds) so that preparation is reproducible: z = mean + std * eps."""
+    x = images.to(vae.device, vae.dtype) / 127.5 - 1
+    posterior = vae.encode(x).latent_dist
+    eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(s))
+                       for s in seeds]).to(vae.device)
+    z = posterior.mean.float() + posterior.std.float() * eps
+    return normalize_latent(z, shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation
+
+def to_rgb(img):
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # 16-bit grey (PNG): PIL's convert would clip to 255, so rescale
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:  # composite on white
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def open_image(value):
+    """A PIL image, encoded bytes, a path, or datasets' Image(decode=False) dict {"bytes", "path"}."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value["path"]
+    if not isinstance(value, Image.Image):
+        value = Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+    value.load()  # decode now, so that a truncated file fails here and is counted
+    return value
+
+
+def read_field(row, field):
+    for key in field.split("."):  # "json.caption" reaches into a webdataset .json
+        row = row[key]
+    return row
+
+
+def load_sample(row, position, args, fields, rank):
+    """One source row -> dict(id, image (3, R, R) uint8, captions) or dict(id, reason) when it must be skipped."""
+    sample_id = str(row.get(args.id_field) or row.get("__key__") or f"r{rank}-{position}")
+    try:
+        captions = {name: str(read_field(row, field) or "") for name, field in fields.items()}
+    except (KeyError, TypeError):
+        return dict(id=sample_id, reason=f"missing caption field: row has {sorted(row)}")
+    if empty := [name for name, c in captions.items() if not clean_caption(c)]:
+        return dict(id=sample_id, reason=f"empty caption: {empty}")
+    try:
+        img = to_rgb(open_image(row[args.image_field]))
+    except Exception as e:  # PIL raises many types for bad files
+        return dict(id=sample_id, reason=f"undecodable image: {type(e).__name__}: {e}")
+    if min(img.size) < args.min_size:
+        return dict(id=sample_id, reason=f"image smaller than --min-size {args.min_size}: {img.size}")
+    img = ImageOps.fit(img, (args.resolution, args.resolution), Image.Resampling.BICUBIC)  # centre crop + resize
+    return dict(id=sample_id, image=np.asarray(img).transpose(2, 0, 1), captions=captions)
+
+
+def folder_rows(files, root):
+    for path in files:
+        row = {"id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
+        if path.with_suffix(".txt").exists():
+            row["txt"] = path.with_suffix(".txt").read_text()
+        if path.with_suffix(".json").exists():
+            row.update(json.loads(path.with_suffix(".json").read_text()))
+        yield row
+
+
+def open_source(source, image_field, rank, world_size):
+    """-> (rows, total): a streamed datasets.IterableDataset over this rank's files, or (None, 0).
+    Sources: a folder of images with .txt/.json captions, a glob of local .parquet/.tar files, a hub dataset id."""
+    import datasets
+    root = Path(source)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
+    if images:
+        mine = images[rank::world_size]
+        rows = datasets.IterableDataset.from_generator(folder_rows, gen_kwargs=dict(files=mine, root=root))
+        return (rows if mine else None), len(mine)
+    if source.endswith((".parquet", ".tar")):
+        builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
+                                                data_files=sorted(glob.glob(source)))
+    else:  # a hub id or a folder of parquet/tar files: file list resolved, nothing downloaded
+        builder = datasets.load_dataset_builder(source)
+    files = list(builder.config.data_files["train"])
+    mine = files[rank::world_size]  # whole files per rank: no rank downloads another's data
+    splits = builder.info.splits
+    total = splits["train"].num_examples * len(mine) // len(files) if splits and "train" in splits else None
+    if not mine:
+        return None, 0
+    rows = datasets.load_dataset(builder.name, data_files=mine, split="train", streaming=True)
+    if isinstance((rows.features or {}).get(image_field), datasets.Image):
+        rows = rows.cast_column(image_field, datasets.Image(decode=False))  # we decode, so bad images are counted
+    return rows, total
+
+
+def encode_samples(samples, encoder, vae, shift, scale, seed):
+    """Decoded samples -> the stored columns: image, id, latent (unless pixel space), txt_ and caption_ per field."""
+    columns = {"image": [s["image"] for s in samples], "id": [s["id"] for s in samples]}
+    if vae is not None:
+        seeds = [stable_hash("latent", seed, s["id"]) for s in samples]
+        latents = encode_latents(vae, torch.from_numpy(np.stack(columns["image"])), seeds, shift, scale)
+        columns["latent"] = list(to_bits(latents))
+    for name in samples[0]["captions"]:
+        emb, mask = encoder([s["captions"][name] for s in samples])  # right-padded
+        bits, lengths = to_bits(emb), mask.sum(1).tolist()
+        columns[f"txt_{name}"] = [bits[j, :n].copy() for j, n in enumerate(lengths)]  # real length, no padding
+        columns[f"caption_{name}"] = [s["captions"][name] for s in samples]
+    return columns
+
+
+def write_shard(path, columns, meta):
+    """Fixed-shape columns are stacked, ragged ones (text, strings) concatenated with offsets; then the rename."""
+    tmp = Path(f"{path}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, values in columns.items():
+        if name in ("image", "latent"):
+            np.save(tmp / f"{name}.npy", np.stack(values))
+        else:
+            chunks = [np.frombuffer(v.encode(), np.uint8) if isinstance(v, str) else v for v in values]
+            np.save(tmp / f"{name}.npy", np.concatenate(chunks))
+            np.save(tmp / f"{name}_offsets.npy", np.cumsum([0] + [len(c) for c in chunks]))
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    os.rename(tmp, path)  # atomic: a reader or a resumed run sees no shard or a whole one
+
+
+def resume_point(out, rank, world_size):
+    """Completed shards of this rank -> (next shard number, rows done, source state); partial shards removed."""
+    name = f"shard-r{rank:03d}-"
+    for partial in out.glob(f"*/{name}*.tmp"):
+        shutil.rmtree(partial)
+    done = sorted(out.glob(f"train/{name}?????"))
+    for orphan in out.glob(f"eval/{name}?????"):  # eval shard written just before a crash: it is written again
+        if int(orphan.name[-5:]) >= len(done):
+            shutil.rmtree(orphan)
+    if not done:
+        return 0, 0, None
+    meta = json.loads((done[-1] / "meta.json").read_text())
+    if meta["world_size"] != world_size:
+        raise ValueError(f"{out} was being prepared by {meta['world_size']} processes; resume with the same "
+                         f"number (torchrun --nproc-per-node {meta['world_size']}) or choose a new --out")
+    return len(done), meta["rows_done"], meta["source_state"]
+
+
+def prepare(args, rank=0, world_size=1):
+    out, fields = Path(args.out), parse_caption_fields(args.captions)
+    out.mkdir(parents=True, exist_ok=True)
+    args.min_size = args.min_size or args.resolution // 2
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
+                                          else "cpu"))
+    rows, total = open_source(args.source, args.image_field, rank, world_size)
+    shard, rows_done, source_state = resume_point(out, rank, world_size)
+    encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
+    vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
+    if rank == 0:
+        emb, mask = encoder([""])
+        np.save(out / "null_txt.tmp.npy", to_bits(emb[0, mask[0]]))
+        os.replace(out / "null_txt.tmp.npy", out / "null_txt.npy")
+    if rows is not None and source_state is not None:
+        rows.load_state_dict(source_state)
+    columns = {"train": {}, "eval": {}}
+    skipped, pending = {}, 0
+    bar = tqdm(total=total, initial=rows_done, unit="img", desc=f"prepare rank {rank}", disable=rank != 0)
+    it = iter(rows if rows is not None else [])
+    with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes and resizes outside the GIL
+        while True:
+            chunk = list(itertools.islice(it, args.batch_size))
+            positions = range(rows_done, rows_done + len(chunk))
+            samples = list(pool.map(functools.partial(load_sample, args=args, fields=fields, rank=rank), chunk,
+                                    positions))
+            skipped.update({s["id"]: s["reason"] for s in samples if "reason" in s})
+            good = [s for s in samples if "reason" not in s]
+            if good:
+                encoded = encode_samples(good, encoder, vae, shift, scale, args.seed)
+                for j, s in enumerate(good):
+                    split = "eval" if in_eval_split(args.seed, s["id"], args.eval_fraction) else "train"
+                    for key, values in encoded.items():
+                        columns[split].setdefault(key, []).append(values[j])
+            rows_done, pending = rows_done + len(chunk), pending + len(chunk)
+            bar.update(len(chunk))
+            if pending and (not chunk or len(columns["train"].get("id", [])) >= args.shard_size):
+                name = f"shard-r{rank:03d}-{shard:05d}"
+                if columns["eval"]:
+                    write_shard(out / "eval" / name, columns["eval"], {"count": len(columns["eval"]["id"])})
+                meta = {"count": len(columns["train"].get("id", [])), "rank": rank, "world_size": world_size,
+                        "rows_done": rows_done, "source_state": rows.state_dict(), "skipped": skipped}
+                write_shard(out / "train" / name, columns["train"], meta)
+                columns, skipped, pending, shard = {"train": {}, "eval": {}}, {}, 0, shard + 1
+            if not chunk:
+                break
+    bar.close()
+    (out / "train" / f"done-r{rank:03d}").write_text(str(world_size))
+    if rank == 0:
+        while not all((out / "train" / f"done-r{r:03d}").exists() for r in range(world_size)):
+            time.sleep(10)  # the other ranks are still encoding
+        write_index(out, vars(args), shift, scale)
+
+
+def write_index(out, settings, shift=None, scale=None):
+    shards = {split: [p for p in sorted((out / split).glob("shard-r*")) if p.suffix != ".tmp"]
+              for split in ("train", "eval")}
+    metas = {split: [json.loads((p / "meta.json").read_text()) for p in paths] for split, paths in shards.items()}
+    skipped = {k: v for m in metas["train"] for k, v in m["skipped"].items()}
+    reasons = collections.Counter(r.split(":")[0] for r in skipped.values())
+    first = next((p for p, m in zip(shards["train"], metas["train"]) if m["count"]), None)
+    if first is None:
+        raise ValueError(f"{out}: no sample was prepared; skipped: {dict(reasons)}")
+    schema = {p.stem: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
+              for p in sorted(first.glob("*.npy")) for a in [np.load(p, mmap_mode="r")]}
+    index = {split: {"count": sum(m["count"] for m in metas[split]),
+                     "shards": [{"path": f"{split}/{p.name}", "count": m["count"]}
+                                for p, m in zip(shards[split], metas[split])]} for split in shards}
+    index.update(
+        format=FORMAT, skipped={"count": len(skipped), "by_reason": reasons, "ids": skipped},
+        captions=sorted(k.removeprefix("caption_") for k in schema
+                        if k.startswith("caption_") and not k.endswith("_offsets")),
+        schema=schema, latent_norm=None if shift is None else {
+            "shift": shift.tolist(), "scale": scale.tolist(), "formula": "(z - shift) * scale, (C, p, p) per patch"},
+        versions={m: importlib.metadata.version(m)
+                  for m in ("torch", "diffusers", "transformers", "datasets", "numpy", "pillow")},
+        settings=settings)
+    (out / "index.tmp.json").write_text(json.dumps(index, indent=1))
+    os.replace(out / "index.tmp.json", out / "index.json")
+    print(f"{out}: {index['train']['count']} train, {index['eval']['count']} eval, {len(skipped)} skipped "
+          f"{dict(reasons)}")
+
+
+def parse_caption_fields(spec):
+    """'long=llava,short=prompt' -> {"long": "llava", "short": "prompt"} (our name -> the source's field)."""
+    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    if not fields or len(fields) != len(spec.split(",")) or not all(re.fullmatch(r"\w+", k) for k in fields):
+        raise ValueError(f"--captions {spec!r}: expected name=field pairs such as long=llava,short=prompt")
+    return fields
+
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory; an interrupted run resumes there")
+    p.add_argument("--source", default="brivangl/midjourney-v6-llava",
+                   help="hub dataset id (streamed), image folder with .txt/.json captions, or a *.parquet/*.tar glob")
+    p.add_argument("--captions", default="long=llava,short=prompt",
+                   help="our caption name=source field, comma separated ('json.caption' reaches into a dict)")
+    p.add_argument("--image-field", default="image", help="image column (webdataset tars: the extension, e.g. jpg)")
+    p.add_argument("--id-field", default="id", help="sample id column (default: webdataset key or row position)")
+    p.add_argument("--vae", default="flux", choices=[*VAES, "none"], help="latent tokenizer; none for pixel space")
+    p.add_argument("--vae-path", help="local copy or other hub id of that VAE (default: the hub id in VAES)")
+    p.add_argument("--text-encoder", default="google/t5gemma-2b-2b-ul2", help="T5Gemma hub id or local copy")
+    p.add_argument("--max-tokens", type=int, default=256, help="text tokens kept per caption (PRX: 256)")
+    p.add_argument("--resolution", type=int, default=256, help="stored images are R x R centre crops")
+    p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default R / 2)")
+    p.add_argument("--shard-size", type=int, default=4096, help="train samples per shard (~4 GB at 256 px)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--eval-fraction", type=float, default=0.01, help="held-out share, chosen by hashing the id")
+    p.add_argument("--seed", type=int, default=0, help="seeds the eval split and the VAE posterior samples")
+    p.add_argument("--device", help="where the encoders run (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
+                   help="image decoding threads per rank")
+    args = p.parse_args(argv)
+    prepare(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+if __name__ == "__main__":
+    main()

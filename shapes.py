@@ -1,0 +1,377 @@
+"""
+The built-in world of the CPU track: captioned shapes drawn on the fly, a frozen text encoder for their caption
+grammar, a loader with the interface of data.ShardLoader, the held-out split, and the caption checker that reads
+generated images back. Nothing is downloaded.
+
+A scene is 1 or 2 coloured shapes in a 3x3 grid on a plain background; sample i is a pure function of
+(seed, split, i). Four colour-shape pairs never appear in training and every held-out scene contains one, so the
+caption checker measures compositional generalisation.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in dataset: captioned shapes
+
+# Object colours near six corners of the RGB cube, backgrounds on its black-white diagonal: every two of them
+# are >= 150 apart in RGB, so the nearest one still names a generated colour that is ~75 off.
+COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 230),
+          "yellow": (240, 220, 30), "magenta": (220, 40, 220), "cyan": (30, 210, 220)}
+BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240)}
+SHAPES = ("circle", "square", "triangle", "cross")  # four different silhouettes, still apart at 32 px
+SIZES = {"small": 0.6, "large": 0.9}                 # extent of a shape as a fraction of its grid cell
+REGIONS = ("top left", "top middle", "top right",    # the 3x3 grid of cells, row-major
+           "middle left", "center", "middle right",
+           "bottom left", "bottom middle", "bottom right")
+# Never drawn in training; each of these colours and shapes still appears with its other partners.
+HELDOUT_PAIRS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
+TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
+SPLITS = ("train", "heldout")
+SUPERSAMPLE = 4  # draw at 4x the resolution, then box-filter down: antialiased edges
+
+
+@dataclass
+class SceneObject:
+    color: str
+    shape: str
+    size: str
+    region: str
+    x: float  # centre, as a fraction of the image width
+    y: float  # centre, as a fraction of the image height
+
+
+@dataclass
+class Scene:
+    background: str
+    objects: list  # of SceneObject, in reading order of their regions
+
+
+def sample_scene(rng, split="train"):
+    """One or two objects of different colours in different cells. Training scenes use only TRAIN_PAIRS;
+    held-out scenes contain one of HELDOUT_PAIRS (and maybe a training pair)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    first = HELDOUT_PAIRS if split == "heldout" else TRAIN_PAIRS
+    pairs = [first[rng.integers(len(first))]]
+    if rng.integers(2):  # different colours: two same-coloured shapes in touching cells would read as one blob
+        others = [p for p in TRAIN_PAIRS if p[0] != pairs[0][0]]
+        pairs.append(others[rng.integers(len(others))])
+    cells = rng.choice(len(REGIONS), size=len(pairs), replace=False).tolist()
+    objects = []
+    for cell, (color, shape) in sorted(zip(cells, pairs)):
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        slack = (1 - SIZES[size]) / 2  # jitter keeps the shape inside its cell, so two objects never overlap
+        row, col = divmod(cell, 3)
+        x, y = (col + 0.5 + rng.uniform(-slack, slack)) / 3, (row + 0.5 + rng.uniform(-slack, slack)) / 3
+        objects.append(SceneObject(color, shape, size, REGIONS[cell], x, y))
+    return Scene(list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], objects)
+
+
+def draw_shape(draw, shape, cx, cy, r, fill):
+    """Draw `shape` filling the square box of half-side r centred at (cx, cy), in pixels."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":  # apex up, base at the bottom of the box
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif shape == "cross":  # arms a third of the box wide: thicker ones read as a circle at 32 px
+        a = r / 3
+        draw.rectangle([cx - r, cy - a, cx + r, cy + a], fill=fill)
+        draw.rectangle([cx - a, cy - r, cx + a, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+
+
+def render(scene, resolution=32):
+    """The scene as uint8 (resolution, resolution, 3)."""
+    big = resolution * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for o in scene.objects:
+        draw_shape(draw, o.shape, o.x * big, o.y * big, SIZES[o.size] * big / 6, COLORS[o.color])
+    return np.asarray(image.reduce(SUPERSAMPLE))
+
+
+def long_caption(scene):
+    """Every attribute of every object and the background, e.g.
+    'a gray background with a large red circle in the top left and a small blue cross in the center'."""
+    objects = " and ".join(f"a {o.size} {o.color} {o.shape} in the {o.region}" for o in scene.objects)
+    return f"a {scene.background} background with {objects}"
+
+
+def short_caption(scene):
+    """A few words, e.g. 'red circle and blue cross'."""
+    return " and ".join(f"{o.color} {o.shape}" for o in scene.objects)
+
+
+class ShapesDataset:
+    """Sample i is a pure function of (seed, split, i): any rank, or a resumed run, redraws the same image.
+    Rendering is cheap enough to do inside the training loop, so there is no cache."""
+
+    def __init__(self, seed=0, split="train"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.seed, self.split = seed, split
+
+    def scene(self, index):
+        if index < 0:
+            raise ValueError(f"sample index must be >= 0, got {index}")
+        return sample_scene(np.random.default_rng([self.seed, SPLITS.index(self.split), index]), self.split)
+
+    def batch(self, indices, resolution=32, caption="long"):
+        """-> images uint8 (B, 3, H, W), captions (list of B strings, 'long' or 'short')."""
+        if caption not in ("long", "short"):
+            raise ValueError(f"caption must be 'long' or 'short', got {caption!r}")
+        scenes = [self.scene(int(i)) for i in indices]
+        images = torch.from_numpy(np.stack([render(s, resolution) for s in scenes])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        captions = [(long_caption if caption == "long" else short_caption)(s) for s in scenes]
+        return images, captions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in frozen text encoder
+
+START = "<start>"  # every caption begins with it, so the empty caption still has one token (caption dropout)
+GRAMMAR_WORDS = "a background with and in the".split()
+VOCAB = (START,) + tuple(sorted(set(GRAMMAR_WORDS + " ".join(
+    [*COLORS, *BACKGROUNDS, *SHAPES, *SIZES, *REGIONS]).split())))
+
+
+def sinusoidal_positions(length, dim):
+    """(length, dim): sin on the first half of the channels, cos on the second (Transformer, Vaswani 2017)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2) / (dim // 2))
+    angles = torch.arange(length)[:, None] * freqs[None]  # (length, dim / 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+TEXT_CONTEXT = 5  # the built-in encoder's context window (words each side); a run stores the one it used
+
+
+class BuiltinTextEncoder(nn.Module):
+    """Frozen encoder of the caption grammar: token = seeded random word vector + sinusoidal position, plus
+    tanh(W @ [the 2k+1 tokens around it]) with a seeded random W (context=k).
+
+    PRX never updates text tokens (image tokens only read their keys and values), so which colour goes with
+    which shape and region must be readable from the embedding. The context window puts a word's neighbours into
+    its own vector: with k=5 a region word ("left" in "a large red circle in the top left") holds its object's
+    colour and kind (what it buys: records/2026-11-23_cpu-track-context5). Weights are buffers: no optimizer sees
+    them."""
+
+    def __init__(self, dim=64, seed=0, max_len=64, context=TEXT_CONTEXT):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"dim must be even (sinusoidal positions), got {dim}")
+        self.dim, self.max_len, self.context = dim, max_len, context
+        self.index = {word: i for i, word in enumerate(VOCAB)}
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("words", torch.randn(len(VOCAB), dim, generator=g))  # (V, D)
+        self.register_buffer("positions", sinusoidal_positions(max_len, dim))       # (max_len, D)
+        if context:
+            window = (2 * context + 1) * dim
+            self.register_buffer("mix", torch.randn(window, dim, generator=g) / math.sqrt(window))  # (window, D)
+
+    def tokenize(self, caption):
+        words = [START] + caption.lower().replace(",", " ").replace(".", " ").split()
+        unknown = [w for w in words if w not in self.index]
+        if unknown:
+            raise ValueError(f"words {unknown} are not in the built-in caption grammar ({caption!r}); "
+                             f"the built-in encoder knows only {VOCAB[1:]}")
+        if len(words) > self.max_len:
+            raise ValueError(f"caption has {len(words)} tokens, more than max_len={self.max_len}: {caption!r}; "
+                             f"raise max_len")
+        return [self.index[w] for w in words]
+
+    @torch.no_grad()
+    def forward(self, captions):
+        """captions: list of B strings -> emb float32 (B, L, dim), mask bool (B, L), L = longest caption."""
+        if isinstance(captions, str):
+            raise TypeError("captions must be a list of strings, got one string; wrap it: encoder([caption])")
+        if len(captions) == 0:
+            raise ValueError("captions is empty; pass at least one caption ('' is the empty prompt)")
+        tokens = [self.tokenize(c) for c in captions]
+        L = max(map(len, tokens))
+        ids = torch.tensor([t + [0] * (L - len(t)) for t in tokens], device=self.words.device)  # (B, L)
+        lengths = torch.tensor([len(t) for t in tokens], device=ids.device)
+        mask = torch.arange(L, device=ids.device)[None] < lengths[:, None]                         # (B, L)
+        x = (self.words[ids] + self.positions[:L]) * mask[..., None]  # (B, L, D), zero past the caption
+        if self.context:
+            k = self.context
+            window = F.pad(x, (0, 0, k, k)).unfold(1, 2 * k + 1, 1)  # (B, L, D, 2k+1): padding reads as zeros
+            x = x + torch.tanh(window.transpose(2, 3).flatten(2) @ self.mix)
+        return x * mask[..., None], mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption checker for the built-in shapes dataset: reads a generated image and says, for each object its caption
+# names, whether an object of that colour, kind and region is there.
+# 
+# Each pixel takes the nearest palette colour (object and background colours) if it is within MAX_COLOR_DISTANCE;
+# the pixels of the named colour are split into connected components; a component counts if its centroid lies in
+# the named cell, its area is plausible for a shape at this resolution, it holds at least half of the cell's
+# object-coloured pixels, and its mask, stretched to a common box, overlaps one of the four shape templates well.
+# Its kind is the template it overlaps most.
+
+PALETTE_NAMES = list(COLORS) + list(BACKGROUNDS)
+PALETTE = np.array([*COLORS.values(), *BACKGROUNDS.values()], dtype=np.float32)  # (P, 3)
+MAX_COLOR_DISTANCE = 100.0  # further than this from every palette colour, a pixel is no colour at all
+MIN_SHAPE_IOU = 0.5         # below this overlap with every template the component is not a shape (noise, smear)
+TEMPLATE_SIZE = 16          # masks and templates are compared on a 16x16 grid after aligning bounding boxes
+# Plausible area, in units of a grid cell's area: from 0.3x the smallest shape (small triangle, half its box)
+# to 1.5x the largest (large square, its whole box; pixel rounding at 32 px adds up to 30%).
+MIN_AREA = 0.3 * 0.5 * min(SIZES.values()) ** 2
+MAX_AREA = 1.5 * max(SIZES.values()) ** 2
+
+
+def shape_template(shape):
+    """(TEMPLATE_SIZE, TEMPLATE_SIZE) float coverage of `shape` filling the whole box, antialiased."""
+    big = 4 * TEMPLATE_SIZE
+    image = Image.new("L", (big, big), 0)
+    draw_shape(ImageDraw.Draw(image), shape, big / 2, big / 2, big / 2, 255)
+    return np.asarray(image.reduce(4), dtype=np.float32) / 255
+
+
+TEMPLATES = np.stack([shape_template(s) for s in SHAPES])  # (4, T, T)
+
+
+def color_labels(image):
+    """(H, W) index into PALETTE_NAMES of each pixel's nearest palette colour, -1 where none is close enough."""
+    distance = np.linalg.norm(image[:, :, None, :].astype(np.float32) - PALETTE, axis=-1)  # (H, W, P)
+    labels = distance.argmin(-1)
+    labels[distance.min(-1) > MAX_COLOR_DISTANCE] = -1
+    return labels
+
+
+def template_overlaps(mask):
+    """Soft IoU of a component's boolean mask, stretched to the template box, with each template: (4,)."""
+    stretched = Image.fromarray(mask.astype(np.float32), "F").resize((TEMPLATE_SIZE, TEMPLATE_SIZE),
+                                                                      Image.BILINEAR)
+    stretched = np.clip(np.asarray(stretched), 0, 1)
+    return np.minimum(stretched, TEMPLATES).sum((1, 2)) / np.maximum(stretched, TEMPLATES).sum((1, 2))
+
+
+def kinds_in_cell(labels, color, region):
+    """Kinds of the shape-like components of `color` centred in `region` that hold at least half of the
+    object-coloured pixels of that cell (an image sprayed with coloured specks names nothing)."""
+    H, W = labels.shape
+    row, col = divmod(REGIONS.index(region), 3)
+    cell = labels[row * H // 3:(row + 1) * H // 3, col * W // 3:(col + 1) * W // 3]
+    object_pixels = np.count_nonzero((cell >= 0) & (cell < len(COLORS)))
+    components, _ = ndimage.label(labels == PALETTE_NAMES.index(color))
+    kinds = []
+    for k, box in enumerate(ndimage.find_objects(components), start=1):
+        mask = components[box] == k
+        area = mask.sum()
+        if not MIN_AREA <= area / (H * W / 9) <= MAX_AREA or area < object_pixels / 2:
+            continue
+        ys, xs = np.nonzero(mask)
+        cy, cx = box[0].start + ys.mean() + 0.5, box[1].start + xs.mean() + 0.5  # centroid, in pixels
+        if (min(int(3 * cy / H), 2), min(int(3 * cx / W), 2)) != (row, col):
+            continue
+        overlaps = template_overlaps(mask)
+        if overlaps.max() >= MIN_SHAPE_IOU:
+            kinds.append(SHAPES[overlaps.argmax()])
+    return kinds
+
+
+def check_scene(image, objects):
+    """image uint8 (H, W, 3); objects: the SceneObjects its caption names.
+    -> one dict per object: {"full": colour, kind and region found, "color_region": colour and region found}."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"image must be a uint8 numpy array (H, W, 3), got {type(image).__name__} "
+                         f"{getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}; from a [-1, 1] tensor x "
+                         f"(3, H, W) use ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()")
+    labels = color_labels(image)
+    results = []
+    for o in objects:
+        kinds = kinds_in_cell(labels, o.color, o.region)
+        results.append({"full": o.shape in kinds, "color_region": len(kinds) > 0})
+    return results
+
+
+def caption_accuracy(images, scenes):
+    """Fraction of images in which every named object is found: {"full": colour + kind + region,
+    "color_region": ignoring kind}. images: uint8 (B, H, W, 3) array or a list of (H, W, 3) arrays."""
+    if len(images) != len(scenes):
+        raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one scene per image")
+    results = [check_scene(image, scene.objects) for image, scene in zip(images, scenes)]
+    return {key: float(np.mean([all(r[key] for r in rs) for rs in results])) for key in ("full", "color_region")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in data as a data source: a training loader and a held-out split with the interfaces of data.py's
+
+class ShapesLoader:
+    """Training batches for one rank, with data.ShardLoader's interface: next(loader) -> {"image" uint8 (B, 3, R, R),
+    "txt" float32 (B, L, D), "txt_mask" (B, L) bool, "caption" list[str]}; null_txt / null_mask, the encoded empty
+    prompt; state_dict(). Call b of the run reads samples (b * world_size + rank) * B ... of the training scenes:
+    every rank reads its own slice of the same global batch, and a resumed run redraws the same samples."""
+
+    in_channels = 3
+
+    def __init__(self, batch_size, rank=0, world_size=1, seed=0, resolution=32, captions="long",
+                 text_context=TEXT_CONTEXT, device="cpu"):
+        if captions not in ("long", "short"):
+            raise ValueError(f"captions {captions!r}: the built-in scenes have long and short captions only")
+        self.dataset, self.encoder = ShapesDataset(seed), BuiltinTextEncoder(context=text_context).to(device)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.resolution, self.captions, self.device = resolution, captions, torch.device(device)
+        self.null_txt, self.null_mask = self.encoder([""])  # (1, L0, D), (1, L0)
+        self.x0_shape = (3, resolution, resolution)
+        self.batches = 0
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state):
+        self.batches = state["batches"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        first = (self.batches * self.world_size + self.rank) * self.batch_size
+        images, captions = self.dataset.batch(range(first, first + self.batch_size), self.resolution, self.captions)
+        txt, mask = self.encoder(captions)
+        self.batches += 1
+        return {"image": images.to(self.device), "txt": txt, "txt_mask": mask, "caption": captions}
+
+
+class HeldoutShapes:
+    """The held-out scenes (a seed apart from training's), with data.HeldoutSplit's interface: captions, encode and
+    images of sample indices, null (the encoded empty prompt), and score: the caption checker on generated images."""
+
+    def __init__(self, seed=0, caption="long", resolution=32, text_context=TEXT_CONTEXT):
+        if caption not in ("long", "short"):
+            raise ValueError(f"caption {caption!r}: the built-in scenes have long and short captions only")
+        self.shapes = ShapesDataset(seed=10_000 + seed, split="heldout")
+        self.caption, self.resolution = caption, resolution
+        self.encoder = BuiltinTextEncoder(context=text_context)
+        self.null = self.encoder([""])
+
+    def scenes(self, indices):
+        return [self.shapes.scene(i) for i in indices]
+
+    def captions(self, indices):
+        return [(long_caption if self.caption == "long" else short_caption)(s) for s in self.scenes(indices)]
+
+    def encode(self, indices):
+        """-> txt (B, L, D) float32, mask (B, L) bool."""
+        return self.encoder(self.captions(indices))
+
+    def images(self, indices):
+        """-> uint8 (B, 3, R, R): the renders of the held-out scenes (reference statistics)."""
+        return torch.from_numpy(np.stack([render(s, self.resolution) for s in self.scenes(indices)])).permute(0, 3, 1, 2)
+
+    def score(self, images, indices):
+        """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy"}, means over the batch."""
+        acc = caption_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), self.scenes(indices))
+        return {"caption_accuracy": acc["full"], "color_region_accuracy": acc["color_region"]}
