@@ -7,6 +7,7 @@ The prepared-data format and its loader: what train.py and eval.py read.
 Prepared directory (format "prx-shards/1"):
 
     index.json                   counts, schema, versions, settings, latent normalisation, skipped ids and reasons
+    prepare.json                 the settings that decide what a shard holds: a resumed preparation must repeat them
     null_txt.npy                 (L0, D) encoded empty prompt, for caption dropout
     train/shard-r{rank}-{k}/     written as <name>.tmp and renamed when complete: a shard that exists is whole
     eval/shard-r{rank}-{k}/      the held-out split (a seeded hash of the sample id), same layout
@@ -35,12 +36,43 @@ import torch
 import torch.nn.functional as F
 
 FORMAT = "prx-shards/1"
+FIXED = ("image", "latent")  # one row per sample; every other array is ragged, with offsets
 VAES = {  # --vae: (diffusers class, hub id, subfolder)
     "flux": ("AutoencoderKL", "black-forest-labs/FLUX.1-schnell", "vae"),   # Apache-2.0, same AE as FLUX.1-dev
     "flux2": ("AutoencoderKLFlux2", "black-forest-labs/FLUX.2-klein-4B", "vae"),  # Apache-2.0 FLUX.2 AE
     "repa-e": ("AutoencoderKL", "REPA-E/e2e-flux-vae", None),
 }
 
+
+def hub_reachable(timeout=5):
+    """Whether the Hugging Face hub answers within `timeout` seconds (through the proxies huggingface_hub uses)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except Exception:  # DNS failure, refused, timed out, offline mode: all mean no download
+        return False
+
+
+def from_hub(load, what, fix):
+    """load(), a from_pretrained or hf_hub_download call, first from the local Hugging Face cache only; when that
+    misses, once more online if the hub answers at all. Offline, the libraries' own retries take ~50 s before their
+    error; this fails at once and says what to fetch (`what`) and how to get it here (`fix`)."""
+    from huggingface_hub import constants
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers, diffusers and timm
+    try:
+        return load()
+    except OSError as e:  # not cached (LocalEntryNotFoundError, OfflineModeIsEnabled, transformers' OSError)
+        cache_miss = e
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+    if offline or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
+        raise RuntimeError(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. On a "
+                           f"machine with internet, {fix}") from cache_miss
+    return load()
 
 
 def load_vae(name, path=None, device="cpu"):
@@ -50,7 +82,12 @@ def load_vae(name, path=None, device="cpu"):
         raise ValueError(f"unknown VAE {name!r}; choose from {sorted(VAES)} (or 'none' for pixel space)")
     class_name, hub_id, subfolder = VAES[name]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    vae = getattr(diffusers, class_name).from_pretrained(path or hub_id, subfolder=subfolder, torch_dtype=dtype)
+    files = f"{hub_id} --include '{subfolder}/*'" if subfolder else hub_id
+    vae = from_hub(lambda: getattr(diffusers, class_name).from_pretrained(path or hub_id, subfolder=subfolder,
+                                                                           torch_dtype=dtype),
+                   f"the {name} VAE ({path or hub_id})",
+                   f"run `hf download {files}` and copy the cache (~/.cache/huggingface, or $HF_HOME) here, or "
+                   f"`hf download {files} --local-dir DIR` and pass prepare.py --vae-path DIR")
     vae = vae.to(device).eval().requires_grad_(False)
     return (vae, *latent_stats(vae))
 
@@ -91,11 +128,25 @@ def denormalize_latent(z, shift, scale):
 # Loading
 
 class Shard:
-    """One shard directory, every array memory-mapped (offsets read into memory)."""
+    """One shard directory, every array memory-mapped (offsets read into memory). count: the rows index.json
+    expects, checked against every array."""
 
-    def __init__(self, path):
-        self.arrays = {p.stem: np.load(p, mmap_mode=None if p.stem.endswith("_offsets") else "r")
-                       for p in Path(path).glob("*.npy")}
+    def __init__(self, path, count=None):
+        self.path, self.arrays = Path(path), {}
+        root = self.path.parent.parent
+        repair = (f"delete {root} and prepare it again (python prepare.py --out {root} with the settings in its "
+                  f"prepare.json), or copy it again if it is a copy")
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: listed in index.json but missing; {repair}")
+        for p in sorted(self.path.glob("*.npy")):
+            try:
+                self.arrays[p.stem] = np.load(p, mmap_mode=None if p.stem.endswith("_offsets") else "r")
+            except (ValueError, OSError, EOFError) as e:  # numpy's words for a file cut short: "mmap length", "EOF"
+                raise ValueError(f"{p}: unreadable ({e}); the shard is damaged (a file cut short?): {repair}") from e
+        rows = {name: len(a) - name.endswith("_offsets") for name, a in self.arrays.items()
+                if name in FIXED or name.endswith("_offsets")}
+        if count is not None and set(rows.values()) - {count}:
+            raise ValueError(f"{self.path}: index.json says {count} samples but the arrays hold {rows}; {repair}")
 
     def ragged(self, name, i):
         offsets = self.arrays[name + "_offsets"]
@@ -117,7 +168,11 @@ class PreparedDataset:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # each memory map holds a file descriptor
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         entries = [s for s in self.index[split]["shards"] if s["count"]]
-        self.shards = [Shard(self.root / s["path"]) for s in entries]
+        self.shards = [Shard(self.root / s["path"], s["count"]) for s in entries]
+        for shard in self.shards:
+            if missing := set(self.index["schema"]) - set(shard.arrays):
+                raise FileNotFoundError(f"{shard.path}: {sorted(p + '.npy' for p in missing)} missing; prepare "
+                                        f"{self.root} again")
         counts = [s["count"] for s in entries]
         self.shard_of = np.repeat(np.arange(len(counts)), counts)
         self.row_of = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, np.int64)
@@ -303,12 +358,19 @@ class HeldoutSplit:
     def rows(self, indices):
         return map(self.prepared.locate, indices)  # (shard, row) pairs
 
+    def field(self, kind):
+        """caption_<caption> or txt_<caption>; checked here, not at init: `eval.py ref` reads images only."""
+        if self.caption not in self.prepared.index["captions"]:
+            raise ValueError(f"{self.prepared.root} has captions {self.prepared.index['captions']}, not "
+                             f"{self.caption!r}: pick one of those (eval.py --caption)")
+        return f"{kind}_{self.caption}"
+
     def captions(self, indices):
-        return [shard.string(f"caption_{self.caption}", row) for shard, row in self.rows(indices)]
+        return [shard.string(self.field("caption"), row) for shard, row in self.rows(indices)]
 
     def encode(self, indices):
         """-> txt (B, L, D) float32, mask (B, L) bool."""
-        txt, mask = batch_text([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
+        txt, mask = batch_text([shard.ragged(self.field("txt"), row) for shard, row in self.rows(indices)])
         return txt.float(), mask
 
     def images(self, indices):

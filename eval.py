@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import data_dirs, denormalize_latent, load_vae, open_heldout, pad_text
+from data import data_dirs, denormalize_latent, from_hub, load_vae, open_heldout, pad_text
 from model import load_run
 
 
@@ -63,10 +63,10 @@ def timesteps(steps, shift=1.0):
 def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg_scale=3.5, shift=1.0, pred="v",
            route_ratio=0.5, self_guidance=0.0):
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
-    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale; w <= 1 runs the
-    conditional pass only. Sample i draws its starting noise, then (with self-guidance) each step's TREAD route,
-    from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or the
-    device."""
+    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale; w <= 1
+    runs the conditional pass only. Sample i draws its starting noise, then (with self-guidance) each step's TREAD
+    route, from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or
+    the device."""
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
         raise ValueError(f"pred must be 'v' (velocity) or 'x' (x0, JiT), got {pred!r}")
@@ -147,8 +147,9 @@ def missing_weights(what, where):
 
 def load_inception(weights=None):
     """torch-fidelity's FeatureExtractorInceptionV3 ('inception-v3-compat', 2048-d pool features): the TF Inception
-    of the original FID. weights: the .pth file; default the torch hub cache, downloaded on first use."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    of the original FID. weights: the .pth file; default the torch hub cache, downloaded on first use. Read with
+    torch.load(weights_only=True) only: torch-fidelity's own loading unpickles any object (weights_only=False)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
     if weights is None and not os.path.exists(cached):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -161,18 +162,25 @@ def load_inception(weights=None):
     if not os.path.exists(weights):
         raise FileNotFoundError(f"--fid-weights {weights}: no such file; it should be "
                                 f"{os.path.basename(URL_INCEPTION_V3)} from {URL_INCEPTION_V3}")
-    torch.load(weights, weights_only=True)  # torch-fidelity unpickles with weights_only=False: refuse non-tensors
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    net = inception_without_weights()
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    return net
 
 
-def write_random_inception_weights(path):
-    """Randomly initialised weights for load_inception (tests, and --bench without the real file). He-initialised
-    convolutions keep the features away from zero through the 94 layers."""
+def inception_without_weights():
+    """FeatureExtractorInceptionV3 with its layers initialised by torch, built without reading or downloading any
+    weights (its constructor loads them, so that step is stubbed out)."""
     from unittest import mock
     import torch_fidelity.feature_extractor_inceptionv3 as fi
     with mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict"), \
-            mock.patch.object(fi, "load_state_dict_from_url"):  # build the network without any weights
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+            mock.patch.object(fi, "load_state_dict_from_url"):
+        return fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+
+
+def write_random_inception_weights(path):
+    """Randomly initialised weights for load_inception (tests, and bench.py without the real file). He-initialised
+    convolutions keep the features away from zero through the 94 layers."""
+    net = inception_without_weights()
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -203,11 +211,9 @@ def normalize(images, mean, std, device):
 def load_clip(name=CLIP_ID):
     """CLIP ViT-L/14-336 vision tower with its projection (transformers), from the hub or a local folder."""
     from transformers import CLIPVisionModelWithProjection
-    try:
-        model = CLIPVisionModelWithProjection.from_pretrained(name)
-    except OSError as e:
-        raise missing_weights(f"CLIP {name}", f"run `hf download {name}` and copy the Hugging Face cache "
-                              f"(~/.cache/huggingface, or $HF_HOME) here, or pass --clip <that folder>") from e
+    model = from_hub(lambda: CLIPVisionModelWithProjection.from_pretrained(name), f"CLIP {name}",
+                     f"run `hf download {name}` and copy the cache (~/.cache/huggingface, or $HF_HOME) here, or "
+                     f"`hf download {name} --local-dir DIR` and pass --clip DIR")
     return model.eval().requires_grad_(False)
 
 
@@ -224,15 +230,17 @@ def load_dino(name=DINO_ID, pretrained=True, flag="--dino-weights", **timm_kwarg
     pretrained_cfg_overlay=dict(file=PATH), which `flag` (the caller's command-line flag) names in errors; another
     input size: img_size=224 or dynamic_img_size=True."""
     import timm
-    file = timm_kwargs.get("pretrained_cfg_overlay", {}).get("file")
+    from huggingface_hub import hf_hub_download
+    overlay = dict(timm_kwargs.pop("pretrained_cfg_overlay", {}))
+    file, repo = overlay.get("file"), getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     if file is not None and not os.path.isfile(file):
-        raise FileNotFoundError(f"{flag} {file}: no such file; it should be model.safetensors of timm/{name} "
-                                f"(`hf download timm/{name} model.safetensors`)")
-    try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
-    except OSError as e:
-        raise missing_weights(f"timm/{name}", f"run `hf download timm/{name} model.safetensors` and pass "
-                              f"{flag} <that file>") from e
+        raise FileNotFoundError(f"{flag} {file}: no such file; it should be model.safetensors of {repo or name} "
+                                f"(`hf download {repo or name} model.safetensors`)")
+    if pretrained and file is None and repo:  # fetch the weights before building the network (ViT-L: seconds)
+        overlay["file"] = from_hub(lambda: hf_hub_download(repo, "model.safetensors"), f"{repo} model.safetensors",
+                                   f"run `hf download {repo} model.safetensors` and pass {flag} <that file>")
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay,
+                              **timm_kwargs)
     return model.eval().requires_grad_(False)
 
 
@@ -511,8 +519,11 @@ def positive_int(text):
 
 def metric_list(text):
     names = [n for n in text.split(",") if n]
-    if not names or set(names) - set(FEATURE_METRICS):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(FEATURE_METRICS)}, comma-separated")
+    unknown = [n for n in names if n not in FEATURE_METRICS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: " + (f"unknown {','.join(unknown)}; " if unknown else "") +
+                                         f"choose from {','.join(FEATURE_METRICS)}, comma-separated (the caption "
+                                         f"checker needs no flag: it always runs on the built-in data)")
     return names
 
 
@@ -559,8 +570,9 @@ def main(argv=None):
                             [] if data == "builtin" else list(FEATURE_METRICS), device)
     if metrics is not None:
         metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
-    split = open_heldout(data, args.num_samples, args.caption or train_args["captions"].split(":")[0],
-                         train_args["resolution"], train_args["seed"], train_args["text_context"])
+    caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
+    split = open_heldout(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
+                         train_args["text_context"])
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     sampling = dict(run["sampling"], self_guidance=args.self_guidance)
     sampling.update({k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None})

@@ -10,19 +10,10 @@ update scale 0.2 * sqrt(max(rows, cols)) matches AdamW's update RMS, so Muon reu
 PRX (Photoroom, part 2: FID 15.55 against AdamW's 18.20 at 100k steps; part 3) ran Muon on the 2D weights of
 `blocks` with lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay, and Adam elsewhere.
 
-    python muon.py --bench    # optimizer step time on the `small` preset's block matrices vs torch.optim.Muon
-
-Bench (2 shared AMD EPYC CPU cores, torch 2.14.1; first block of `small`: 7 matrices, 72.3M weights; median of 3
-steps): ours 28.6 s, torch.optim.Muon 29.7 s per step, ratio 0.96 (another run: 1.02; one process does the same
-bf16 work, equal within the noise of shared cores). Under 8 ranks the largest Newton-Schulz share of the 112 block
-matrices (1.16B weights) is exactly 1/8 of the FLOPs, for an all-gather of their bf16 updates (2.3 GB per step).
-No GPU was available: GPU and multi-GPU times are not measured.
+    python bench.py muon    # optimizer step time on the `small` preset's block matrices vs torch.optim.Muon
 """
 
-import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -146,61 +137,3 @@ def split_summary(muon_params, adamw_params):
     groups = {"muon": muon_params, "adamw": adamw_params}
     return "optimizer split: " + " | ".join(f"{name} {len(params)} tensors, {sum(p.numel() for p in params):,} "
                                             f"parameters" for name, params in groups.items())
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-def bench(args):
-    """Step time of our Muon vs torch.optim.Muon on the same matrices and gradients, interleaved in one run."""
-    from model import PRX
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device("meta"):  # shapes only, no memory
-        model = PRX.from_preset("small")
-    shapes = [tuple(p.shape) for p in split_muon_params(model)[0]]  # block by block
-    costs = [ns_cost(s) for s in shapes]
-    owners = assign_owners(costs, 8)
-    largest = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(8))
-    print(f"small preset: {len(shapes)} block matrices, {sum(math.prod(s) for s in shapes):,} weights | under 8 "
-          f"ranks the largest Newton-Schulz share is {largest / sum(costs):.2%} of the FLOPs (ideal 12.50%)")
-    depth = model.cfg.depth
-    blocks = args.blocks or (depth if device == "cuda" else 1)
-    shapes = shapes[:blocks * len(shapes) // depth]
-    torch.manual_seed(0)
-    weights = [torch.randn(s, device=device) * 0.02 for s in shapes]
-    grads = [torch.randn(s, device=device) for s in shapes]
-
-    def fresh_params():  # the same weights and gradients for both optimizers
-        params = [torch.nn.Parameter(w.clone()) for w in weights]
-        for p, g in zip(params, grads):
-            p.grad = g
-        return params
-
-    optimizers = {"ours": Muon(fresh_params()),  # PRX's settings, which are also torch's with these arguments
-                  "torch": torch.optim.Muon(fresh_params(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")}
-    print(f"device {device} | first {blocks} block(s): {len(shapes)} matrices, "
-          f"{sum(math.prod(s) for s in shapes):,} weights | {args.steps} timed steps after 1 warm-up")
-    times = {name: [] for name in optimizers}
-    for step in range(args.steps + 1):
-        for name, opt in optimizers.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.step()
-            if device == "cuda":
-                torch.cuda.synchronize()  # wait for the GPU before reading the clock
-            if step > 0:
-                times[name].append(time.perf_counter() - t0)
-    ours, theirs = (1e3 * statistics.median(times[k]) for k in ("ours", "torch"))
-    print(f"step median: ours {ours:.1f} ms | torch.optim.Muon {theirs:.1f} ms | ratio ours/torch {ours / theirs:.3f}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="time the optimizer step against torch.optim.Muon")
-    parser.add_argument("--blocks", type=int, default=0,
-                        help="blocks of `small` to time (default: all on GPU, 1 on CPU)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    bench(args)

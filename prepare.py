@@ -10,7 +10,8 @@ field with T5Gemma, and write shards of memory-mapped .npy files plus index.json
 Sources: a hub dataset id (streamed), a folder of images with .txt/.json captions, or a glob of local .parquet/.tar
 files. Undecodable or tiny images and empty captions are skipped and counted in index.json with their reason; a
 seeded hash of the sample id puts --eval-fraction of the samples into the eval split. Shards are written to .tmp
-and renamed, so an interrupted preparation resumes after its last whole shard.
+and renamed, so an interrupted preparation resumes after its last whole shard, with the settings it started with
+(prepare.json; other values are refused rather than mixed into one dataset).
 """
 
 import argparse
@@ -36,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FORMAT, VAES, load_vae, normalize_latent
+from data import FIXED, FORMAT, VAES, from_hub, load_vae, normalize_latent
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -79,8 +80,12 @@ class T5GemmaTextEncoder:
         from transformers import AutoTokenizer, T5GemmaEncoderModel
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16 as PRX on GPU
         # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
-        model = T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(name), max_tokens)
+        model, tokenizer = from_hub(
+            lambda: (T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype),
+                     AutoTokenizer.from_pretrained(name)),
+            f"the text encoder {name}", f"run `hf download {name}` and copy the cache (~/.cache/huggingface, or "
+            f"$HF_HOME) here, or `hf download {name} --local-dir DIR` and pass --text-encoder DIR")
+        return cls(model.to(device), tokenizer, max_tokens)
 
     @torch.no_grad()
     def __call__(self, captions):
@@ -207,7 +212,7 @@ def write_shard(path, columns, meta):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, values in columns.items():
-        if name in ("image", "latent"):
+        if name in FIXED:
             np.save(tmp / f"{name}.npy", np.stack(values))
         else:
             chunks = [np.frombuffer(v.encode(), np.uint8) if isinstance(v, str) else v for v in values]
@@ -235,10 +240,39 @@ def resume_point(out, rank, world_size):
     return len(done), meta["rows_done"], meta["source_state"]
 
 
+# The flags that decide what a shard holds: a preparation resumes only with the values its shards were written with
+SETTINGS = ("source", "captions", "image_field", "id_field", "vae", "vae_path", "text_encoder", "max_tokens",
+            "resolution", "min_size", "eval_fraction", "seed")
+
+
+def check_settings(out, args):
+    """<out>/prepare.json holds SETTINGS, written before the first shard. Refuse to add shards made otherwise."""
+    settings, path = {k: getattr(args, k) for k in SETTINGS}, out / "prepare.json"
+    if path.exists() and [p for p in out.glob("*/shard-r*") if p.suffix != ".tmp"]:
+        saved = json.loads(path.read_text())
+        if changed := [k for k in SETTINGS if saved.get(k) != settings[k]]:
+            flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" for k in changed)
+            raise ValueError(f"{out} holds shards prepared with other settings ({flags}): resume with the values "
+                             f"of {path}, choose another --out, or delete {out} yourself to start over")
+    else:  # a fresh start, or one that crashed before its first shard: nothing to mix with
+        tmp = out / f"prepare.tmp-{os.getpid()}.json"
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, path)
+
+
+def discard(out):
+    """Remove what a preparation that kept no sample wrote, so that a rerun with corrected flags starts afresh."""
+    for split in ("train", "eval"):
+        shutil.rmtree(out / split, ignore_errors=True)
+    for name in ("prepare.json", "null_txt.npy"):
+        (out / name).unlink(missing_ok=True)
+
+
 def prepare(args, rank=0, world_size=1):
     out, fields = Path(args.out), parse_caption_fields(args.captions)
     out.mkdir(parents=True, exist_ok=True)
     args.min_size = args.min_size or args.resolution // 2
+    check_settings(out, args)
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
     rows, total = open_source(args.source, args.image_field, rank, world_size)
@@ -286,7 +320,15 @@ def prepare(args, rank=0, world_size=1):
     if rank == 0:
         while not all((out / "train" / f"done-r{r:03d}").exists() for r in range(world_size)):
             time.sleep(10)  # the other ranks are still encoding
-        write_index(out, vars(args), shift, scale)
+        try:
+            write_index(out, vars(args), shift, scale)
+        except NothingPrepared as e:
+            discard(out)
+            raise NothingPrepared(f"{e}; nothing is kept, so a rerun with corrected flags starts afresh") from None
+
+
+class NothingPrepared(ValueError):
+    """Every sample was skipped (or went to the eval split): there is no training data to index."""
 
 
 def write_index(out, settings, shift=None, scale=None):
@@ -297,7 +339,9 @@ def write_index(out, settings, shift=None, scale=None):
     reasons = collections.Counter(r.split(":")[0] for r in skipped.values())
     first = next((p for p, m in zip(shards["train"], metas["train"]) if m["count"]), None)
     if first is None:
-        raise ValueError(f"{out}: no sample was prepared; skipped: {dict(reasons)}")
+        held, example = sum(m["count"] for m in metas["eval"]), next(iter(skipped.values()), "")
+        raise NothingPrepared(f"{out}: no sample was prepared for training ({held} went to the eval split); "
+                              f"skipped: {dict(reasons)}, e.g. {example!r}")
     schema = {p.stem: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
               for p in sorted(first.glob("*.npy")) for a in [np.load(p, mmap_mode="r")]}
     index = {split: {"count": sum(m["count"] for m in metas[split]),

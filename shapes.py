@@ -311,9 +311,10 @@ def caption_accuracy(images, scenes):
 
 class ShapesLoader:
     """Training batches for one rank, with data.ShardLoader's interface: next(loader) -> {"image" uint8 (B, 3, R, R),
-    "txt" float32 (B, L, D), "txt_mask" (B, L) bool, "caption" list[str]}; null_txt / null_mask, the encoded empty
-    prompt; state_dict(). Call b of the run reads samples (b * world_size + rank) * B ... of the training scenes:
-    every rank reads its own slice of the same global batch, and a resumed run redraws the same samples."""
+    "txt" float32 (B, L, D), "txt_mask" (B, L) bool, "caption" list[str], "id" list[str] (sample indices)};
+    null_txt / null_mask, the encoded empty prompt; state_dict(). Call b of the run reads samples
+    (b * world_size + rank) * B ... of the training scenes: every rank reads its own slice of the same global
+    batch, and a resumed run redraws the same samples."""
 
     in_channels = 3
 
@@ -342,7 +343,8 @@ class ShapesLoader:
         images, captions = self.dataset.batch(range(first, first + self.batch_size), self.resolution, self.captions)
         txt, mask = self.encoder(captions)
         self.batches += 1
-        return {"image": images.to(self.device), "txt": txt, "txt_mask": mask, "caption": captions}
+        return {"image": images.to(self.device), "txt": txt, "txt_mask": mask, "caption": captions,
+                "id": [str(i) for i in range(first, first + self.batch_size)]}
 
 
 class HeldoutShapes:
@@ -369,7 +371,8 @@ class HeldoutShapes:
 
     def images(self, indices):
         """-> uint8 (B, 3, R, R): the renders of the held-out scenes (reference statistics)."""
-        return torch.from_numpy(np.stack([render(s, self.resolution) for s in self.scenes(indices)])).permute(0, 3, 1, 2)
+        images = np.stack([render(s, self.resolution) for s in self.scenes(indices)])  # (B, R, R, 3)
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
 
     def score(self, images, indices):
         """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy"}, means over the batch."""

@@ -441,8 +441,9 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
         torch.save({"optimizer": [o.state_dict() for o in opt], "step": step, **extra}, os.path.join(tmp, "trainer.pt"))
+        checksums = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, CHECKSUMS), "w") as f:
-            json.dump({name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}, f, indent=1)
+            json.dump(checksums, f, indent=1)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(out).free < 2**20

@@ -3,6 +3,8 @@ closed forms) on tiny or randomly initialised networks built here, and the sampl
 
 import json
 import os
+import pickle
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -118,6 +120,23 @@ def test_missing_fid_weights_say_what_and_where(tmp_path, monkeypatch):
     assert str(tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in str(info.value)
 
 
+def test_inception_weights_are_read_as_tensors_only(inception_weights, tmp_path, monkeypatch):
+    load, calls = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs.get("weights_only")) or
+                        load(*args, **kwargs))
+    net = ev.load_inception(inception_weights)
+    assert calls == [True]  # one read, of tensors only: torch-fidelity's torch.load(weights_only=False) never runs
+    for name, tensor in load(inception_weights, weights_only=True).items():
+        assert torch.equal(net.state_dict()[name], tensor)
+
+    class Payload:
+        def __reduce__(self):
+            return print, ("unpickled",)
+    torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, tmp_path / "payload.pth")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ev.load_inception(str(tmp_path / "payload.pth"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MMD, CLIP, DINO
 
@@ -167,6 +186,17 @@ def test_dino_features_are_the_normalised_cls_token(tmp_path):
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # ImageNet
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_and_dino_offline_fail_fast_and_say_what_to_fetch(unreachable_hub):
+    import timm  # noqa: F401 (imported before the clock)
+    for load, fetch, flag in ((ev.load_clip, f"`hf download {ev.CLIP_ID}`", "--clip"),
+                              (ev.load_dino, f"`hf download timm/{ev.DINO_ID} model.safetensors`", "--dino-weights"),
+                              (lambda: ev.load_dino(flag="--repa-weights"), "model.safetensors", "--repa-weights")):
+        start = time.time()
+        with pytest.raises(RuntimeError, match="http://127.0.0.1:9 cannot be reached") as info:
+            load()
+        assert time.time() - start < 5 and fetch in str(info.value) and flag in str(info.value)
 
 
 def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
@@ -222,8 +252,8 @@ def test_sampler_lands_on_the_guided_point(pred):
     txt[:, 0, 0] = torch.tensor([0.5, -0.3, 1.0])
     null_txt, null_mask = torch.full((1, 2, 4), -0.2), torch.ones(1, 2, dtype=torch.bool)
     w, s, r = 3.0, 1.5, 0.5
-    x0 = ev.sample(PointFlow(pred), txt, mask, null_txt, null_mask, [0, 1, 2], (2, 4, 4), steps=4, cfg=w, shift=3.0,
-                   pred=pred, self_guidance=s, route_ratio=r)
+    x0 = ev.sample(PointFlow(pred), txt, mask, null_txt, null_mask, [0, 1, 2], (2, 4, 4), steps=4, cfg_scale=w,
+                   shift=3.0, pred=pred, self_guidance=s, route_ratio=r)
     expected = -0.2 + w * (txt[:, 0, 0] + 0.2) + r * (1 - s)
     torch.testing.assert_close(x0, expected[:, None, None, None].expand_as(x0), atol=1e-5, rtol=1e-5)
 
@@ -251,7 +281,7 @@ def test_sampler_same_seed_same_image_whatever_the_batch(self_guidance):
     txt, lengths = torch.randn(4, 6, 64, generator=g), torch.tensor([6, 2, 4, 1])
     mask = torch.arange(6)[None] < lengths[:, None]
     null_txt, null_mask = torch.randn(1, 1, 64, generator=g), torch.ones(1, 1, dtype=torch.bool)
-    kwargs = dict(shape=(3, 16, 16), steps=3, cfg=2.0, self_guidance=self_guidance)
+    kwargs = dict(shape=(3, 16, 16), steps=3, cfg_scale=2.0, self_guidance=self_guidance)
     seeds = [7, 3, 11, 5]
     batched = ev.sample(model, txt, mask, null_txt, null_mask, seeds, **kwargs)
     single = torch.cat([ev.sample(model, txt[i:i + 1, :lengths[i]], mask[i:i + 1, :lengths[i]], null_txt, null_mask,
@@ -260,55 +290,72 @@ def test_sampler_same_seed_same_image_whatever_the_batch(self_guidance):
     torch.testing.assert_close(single, batched, atol=1e-5, rtol=1e-5)
 
 
+def test_evaluate_weighs_each_batch_score_by_its_size():
+    class Brightness:  # a held-out split whose score is the mean pixel of the batch
+        null = torch.zeros(1, 1, 64), torch.ones(1, 1, dtype=torch.bool)
+        txt = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
+
+        def encode(self, idx):
+            return self.txt[list(idx)], torch.ones(len(idx), 3, dtype=torch.bool)
+
+        def score(self, images, idx):
+            return {"brightness": images.float().mean().item()}
+    model, split = random_tiny_prx(), Brightness()
+    sampling = dict(steps=2, cfg_scale=2.0, shift=1.0, pred="x", route_ratio=0.5)
+    images = ev.to_uint8(ev.sample(model, split.txt, torch.ones(5, 3, dtype=torch.bool), *split.null,
+                                   [42 + i for i in range(5)], (3, 16, 16), **sampling))
+    for batch_size in (2, 5):  # batches of 2, 2 and 1, or one of 5
+        result = ev.evaluate(model, split, 5, (3, 16, 16), batch_size=batch_size, **sampling)
+        assert result == {"brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line, on the built-in data
 
+def write_run(run, model, step=10, captions="long"):
+    """A run folder as train.py writes it: config.json ("args", "model", "sampling") and a checkpoint with the
+    sha256 of each of its files."""
+    from model import CHECKSUMS, file_sha256
+    ckpt = run / "checkpoints" / f"step_{step}"
+    os.makedirs(ckpt)
+    save_file(model.state_dict(), ckpt / "model.safetensors")
+    (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
+    args = dict(data="builtin", captions=captions, resolution=32, seed=0, text_context=5)
+    sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5)
+    (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg), "sampling": sampling}))
+    return ckpt
+
+
 def test_cli_ref_then_eval_writes_json(tmp_path):
-    model = random_tiny_prx()
-    run = tmp_path / "run"
-    os.makedirs(run / "checkpoints" / "step_10")
-    save_file(model.state_dict(), run / "checkpoints" / "step_10" / "model.safetensors")
-    args = dict(data="builtin", captions="long", resolution=32, seed=0, shift=1.0, pred="x", sample_steps=2, cfg=3.0,
-                route_ratio=None, sprint=False)
-    (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg)}))
+    ckpt = write_run(tmp_path / "run", random_tiny_prx(), captions="mixed:0.5")
     tiny_clip().save_pretrained(tmp_path / "clip")
     common = ["--metrics", "cmmd", "--clip", str(tmp_path / "clip"), "--num-samples", "3", "--batch-size", "2"]
     ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref.npz"), *common])
-    ev.main(["--ckpt", str(run), "--ref", str(tmp_path / "ref.npz"), *common[:1], "cmmd,caption", *common[2:]])
-    result = json.loads((run / "checkpoints" / "step_10" / "eval.json").read_text())
-    assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy"}
-    assert result["metrics"]["cmmd"] > 0 and result["sampling"]["steps"] == 2
-    assert os.path.exists(run / "checkpoints" / "step_10" / "eval_samples.png")
+    ev.main(["--ckpt", str(tmp_path / "run"), "--ref", str(tmp_path / "ref.npz"), *common])
+    result = json.loads((ckpt / "eval.json").read_text())
+    assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy"}  # the checker always
+    assert result["metrics"]["cmmd"] > 0 and result["sampling"] == dict(
+        steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)  # the run's own
+    assert os.path.exists(ckpt / "eval_samples.png")
+    ev.main(["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "1", "--cfg-scale", "1.5", "--caption", "short",
+             "--out", str(tmp_path / "eval.json")])  # no --metrics on the built-in data: the checker only
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy"}
+    assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
 
 
-def test_eval_split_reads_a_prepared_directory(tmp_path):
-    from data import to_bits, write_index, write_shard
-    g = torch.Generator().manual_seed(0)
-    txt = [torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)]
-    images = blocky_images(2, seed=8, size=16)
-    columns = {"image": list(images.numpy()), "txt_long": [to_bits(t) for t in txt], "caption_long": ["a red", "b"],
-               "id": ["0", "1"]}
-    for split in ("train", "eval"):
-        write_shard(tmp_path / split / "shard-r000-00000", columns, {"count": 2, "skipped": {}})
-    np.save(tmp_path / "null_txt.npy", to_bits(torch.randn(1, 8, generator=g)))
-    write_index(tmp_path, {})
-    split = ev.EvalSplit(str(tmp_path), 2)
-    assert split.captions([1, 0]) == ["b", "a red"]
-    emb, mask = split.encode([0, 1])
-    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
-    torch.testing.assert_close(emb[0, :3], txt[0].bfloat16().float())
-    assert torch.equal(split.images([1]), images[1:]) and split.null[0].shape == (1, 1, 8)
-    with pytest.raises(ValueError, match="2 held-out samples"):
-        ev.EvalSplit(str(tmp_path), 3)
-
-
-def test_eval_split_encodes_with_the_runs_text_context():
-    from data import BuiltinTextEncoder
-    idx = [0, 1, 2]
-    encoded = {}
-    for k in (0, 5):
-        split = ev.EvalSplit("builtin", 3, text_context=k)
-        encoded[k], mask = split.encode(idx)
-        reference, reference_mask = BuiltinTextEncoder(context=k)(split.captions(idx))
-        assert torch.equal(encoded[k], reference) and torch.equal(mask, reference_mask)
-    assert not torch.equal(encoded[0], encoded[5])
+def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys):
+    for argv, message in ((["--metrics", "fid,bogus"], "unknown bogus; choose from fid,cmmd,dino_mmd"),
+                          (["--metrics", "caption"], "the caption checker needs no flag"),
+                          (["--num-samples", "0"], "--num-samples: expected a whole number > 0, got '0'"),
+                          (["--batch-size", "-2"], "--batch-size: expected a whole number > 0")):
+        with pytest.raises(SystemExit):
+            ev.get_args(argv)  # at parse time, before any model is loaded
+        assert message in capsys.readouterr().err
+    ckpt = write_run(tmp_path / "run", random_tiny_prx())
+    with pytest.raises(SystemExit, match="--ref"):
+        ev.main(["--ckpt", str(ckpt), "--metrics", "cmmd"])
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    with pytest.raises(SystemExit, match="model.safetensors is corrupt"):
+        ev.main(["--ckpt", str(tmp_path / "run")])

@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
+from model import list_checkpoints, load_run
 from train import sample_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +108,9 @@ def test_first_run_writes_the_run_folder(tmp_path):
     result = json.load(open(out / "eval.json"))
     assert 0 <= result["caption_accuracy"] <= result["color_region_accuracy"] <= 1
     assert (out / "samples_4.png").exists() and (out / "checkpoints" / "step_4" / "ema.safetensors").exists()
-    assert open(out / "log.txt").read().startswith("=== data.py")  # the log opens with the source
-    assert "step 4/4 | loss" in r.stdout
+    log = open(out / "log.txt").read()
+    assert log.startswith("=== ") and all(f"=== {name}\n" in log for name in ("train.py", "model.py", "shapes.py"))
+    assert "step 4/4 | loss" in r.stdout and "grad_norm" in r.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -114,7 +119,7 @@ def test_first_run_writes_the_run_folder(tmp_path):
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no prepared dataset there"),
     (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch"),
     (["--resume"], "no checkpoint in"),
-    (["--cooldown", "2"], "--cooldown must be a fraction"),
+    (["--cooldown", "2"], "argument --cooldown: must be in [0, 1], got 2"),
 ])
 def test_bad_input_fails_before_work(tmp_path, argv, message):
     r = run(["--out", str(tmp_path / "x"), *argv])
@@ -160,3 +165,134 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     r = run(args + ["--max-steps", "5", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be in [1, inf)"),
+    (["--batch-size", "-32"], "argument --batch-size: must be in [1, inf)"),
+    (["--micro-batch", "0"], "argument --micro-batch"),
+    (["--ckpt-every", "0"], "argument --ckpt-every"),
+    (["--log-every", "0"], "argument --log-every"),
+    (["--ema-every", "0"], "argument --ema-every"),
+    (["--keep", "0"], "argument --keep"),
+    (["--keep", "-1"], "argument --keep"),
+    (["--max-steps", "-5"], "argument --max-steps"),
+    (["--resolution", "0"], "argument --resolution"),
+    (["--eval-minutes", "abc"], "argument --eval-minutes: expected minutes"),
+    (["--eval-minutes", "1,-2"], "argument --eval-minutes: minutes must be > 0"),
+    (["--caption-dropout", "2"], "argument --caption-dropout: must be in [0, 1]"),
+    (["--lr", "0"], "argument --lr: must be in (0, inf)"),
+    (["--max-time", "nan"], "argument --max-time"),
+    (["--ema", "1.5"], "argument --ema"),
+    (["--ema", "1"], "--ema must be a decay in (0, 1)"),
+    (["--route-ratio", "0.3"], "--route-ratio needs --tread or --sprint"),
+    (["--tread", "--route-ratio", "0"], "--route-ratio must be in (0, 1)"),
+    (["--captions", "mixed"], "--captions mixed: the built-in dataset has long and short captions only"),
+    (["--data", "a:0"], "--data: "),
+    (["--eval-ref", "/nonexistent.npz"], "--eval-ref /nonexistent.npz: no such file"),
+])
+def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_track_values_apply_only_to_flags_not_given():
+    args = train.get_args(["--lr", "5e-4", "--model=tiny"])
+    assert args.lr == 5e-4 and args.model == "tiny" and args.warmup == train.CPU_TRACK["warmup"]
+    assert "lr" not in args.cpu_track and "model" not in args.cpu_track and "warmup" in args.cpu_track
+    prepared = train.get_parser().parse_args([])
+    assert prepared.lr == 1e-4 and prepared.model == "small"  # the general defaults stay PRX's
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4; tests copy it."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    r = run(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path):
+    r = run(SMALL + ["--model", "tiny", "--out", str(tmp_path / "a"), "--max-steps", "1"])
+    assert r.returncode == 0, r.stderr[-2000:]  # the built-in foreground weight suits any model on pixels
+    r = run(SMALL + ["--resolution", "30", "--out", str(tmp_path / "b"), "--max-steps", "1"])
+    assert r.returncode != 0 and "--resolution 30" in r.stderr and "patch size 4" in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_an_out_that_holds_a_run_is_never_reused(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run(SMALL + ["--out", str(out), "--max-steps", "2"])
+    assert r.returncode != 0 and "holds a run already" in r.stderr and "--resume" in r.stderr, r.stderr[-1000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    old_step4 = (out / "checkpoints" / "step_4" / "model.safetensors").read_bytes()
+    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--ckpt-every", "2", "--keep", "5", "--resume",
+                     str(out / "checkpoints" / "step_2"), "--lr", "1e-3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "moved 1 newer checkpoint(s) (step_4)" in r.stdout
+    aside = list((out / "checkpoints").glob("abandoned-*/step_4"))
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == old_step4
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_2", "step_4", "step_6"]
+    assert load_run(str(out))[2].endswith("step_6")  # eval.py's "latest" follows this history
+    assert (out / "config.resume-2.json").exists()  # each resume's flags are kept; config.json is the first run's
+    assert json.load(open(out / "config.json"))["args"]["lr"] == 2e-3
+    assert json.load(open(out / "config.resume-2.json"))["args"]["lr"] == 1e-3
+    assert sorted(losses(out)) == list(range(1, 7))
+
+
+def test_corrupt_checkpoint_is_named_with_the_previous_one(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    weights = out / "checkpoints" / "step_4" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:-90] = bytes(10)  # tensor bytes, same size
+    weights.write_bytes(bytes(data))
+    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"])
+    assert r.returncode != 0 and "step_4/model.safetensors is corrupt" in r.stderr, r.stderr[-1000:]
+    assert "step_2" in r.stderr
+    with pytest.raises(ValueError, match="corrupt"):
+        load_run(str(out))
+
+
+def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a crash in the middle of a write
+    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "--hidden", "32", "--optimizer", "muon"])
+    assert r.returncode != 0 and "cannot change on resume" in r.stderr, r.stderr[-1000:]
+    assert "--hidden 64 -> 32" in r.stderr and "--optimizer adamw -> muon" in r.stderr
+    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(out)) == list(range(1, 7))
+
+
+def test_a_failed_checkpoint_write_keeps_the_earlier_ones(finished_run, tmp_path, monkeypatch):
+    out = copy_run(finished_run, tmp_path)
+    model = torch.nn.Linear(2, 2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    with pytest.raises(SystemExit, match="no space left on the device.*intact.*step_4"):
+        train.save_checkpoint(str(out), 6, model, None, [], {}, keep=1)
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_2", "step_4"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    load_run(str(out))  # still verified
+
+
+def test_missing_repa_weights_name_the_flag(tmp_path):
+    r = run(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out", str(tmp_path / "r"),
+                     "--max-steps", "1"])
+    assert r.returncode != 0 and "--repa-weights /nonexistent.safetensors: no such file" in r.stderr, r.stderr[-1000:]

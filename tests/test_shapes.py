@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import caption_accuracy, check_scene
-from data import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
-                  Scene, ShapesDataset, long_caption, render, short_caption)
+from shapes import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
+                    HeldoutShapes, Scene, ShapesDataset, ShapesLoader, caption_accuracy, check_scene, long_caption,
+                    render, short_caption)
 
 
 def scenes(split, n, seed=0):
@@ -31,8 +31,9 @@ def test_samples_are_a_function_of_seed_and_index():
 
 def test_batch_tensors():
     images, captions = ShapesDataset().batch(range(5), resolution=48)
-    assert images.shape == (5, 3, 48, 48) and images.dtype == torch.float32 and len(captions) == 5
-    assert images.min() >= -1 and images.max() <= 1
+    assert images.shape == (5, 3, 48, 48) and images.dtype == torch.uint8 and len(captions) == 5
+    for image, scene in zip(images, scenes("train", 5)):  # the renders, channels first
+        assert torch.equal(image, torch.tensor(render(scene, 48)).permute(2, 0, 1))
     _, short = ShapesDataset().batch(range(5), resolution=48, caption="short")
     assert all(len(s) < len(c) for s, c in zip(short, captions))
     with pytest.raises(ValueError, match="caption must be"):
@@ -189,3 +190,79 @@ def test_checker_rejects_float_images():
         check_scene(render(s, 32).astype(np.float32), s.objects)
     with pytest.raises(ValueError, match="one scene per image"):
         caption_accuracy([render(s, 32)], [s, s])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in data as a data source: training loader and held-out split
+
+def test_loader_call_b_of_rank_r_reads_its_slice_of_the_global_batch():
+    B, world, encoder = 3, 2, BuiltinTextEncoder(context=2)
+    ranks = [ShapesLoader(B, r, world, seed=4, resolution=32, captions="short", text_context=2) for r in range(world)]
+    dataset, seen = ShapesDataset(seed=4), []
+    for b in range(3):
+        for r, loader in enumerate(ranks):
+            batch = next(loader)
+            first = (b * world + r) * B
+            images, captions = dataset.batch(range(first, first + B), 32, "short")
+            txt, mask = encoder(captions)
+            assert torch.equal(batch["image"], images) and batch["caption"] == captions
+            assert torch.equal(batch["txt"], txt) and torch.equal(batch["txt_mask"], mask)
+            seen += map(int, batch["id"])
+    assert sorted(seen) == list(range(3 * world * B))  # ranks disjoint, no sample skipped
+    # the formula of train.py before the loader: optimizer step s, accumulation chunk i of rank r
+    step, i, r, accumulation = 1, 1, 1, 2
+    loader = ShapesLoader(B, r, world, seed=4)
+    loader.load_state_dict({"batches": step * accumulation + i})
+    first = step * B * world * accumulation + (r + i * world) * B
+    assert next(loader)["id"] == [str(j) for j in range(first, first + B)]
+    null_txt, null_mask = loader.null_txt, loader.null_mask
+    assert torch.equal(null_txt, BuiltinTextEncoder()([""])[0]) and null_mask.all() and loader.x0_shape == (3, 32, 32)
+
+
+def test_loader_resumes_from_its_state():
+    loader = ShapesLoader(2, rank=1, world_size=2, seed=1, captions="long")
+    next(loader), next(loader)
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(2)]
+    assert state == {"batches": 2}  # a copy: reading on does not change it
+    resumed = ShapesLoader(2, rank=1, world_size=2, seed=1, captions="long")
+    resumed.load_state_dict(state)
+    loader.load_state_dict(state)  # also after reading on (warm-up, then restore)
+    for want in expected:
+        for got in (next(resumed), next(loader)):
+            assert got["id"] == want["id"] and torch.equal(got["image"], want["image"])
+            assert torch.equal(got["txt"], want["txt"])
+    with pytest.raises(ValueError, match="long and short"):
+        ShapesLoader(2, captions="mixed:0.5")
+
+
+def test_heldout_split_score_is_the_caption_checker():
+    split = HeldoutShapes(seed=3, resolution=32)
+    idx = [4, 0, 7, 2]
+    held = [ShapesDataset(seed=10_003, split="heldout").scene(i) for i in idx]  # a seed apart from training's
+    assert split.scenes(idx) == held and split.captions(idx) == [long_caption(s) for s in held]
+    images = split.images(idx)
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    assert torch.equal(images[1], torch.tensor(render(held[1], 32)).permute(2, 0, 1))
+    images[2:] = torch.from_numpy(np.array(BACKGROUNDS["gray"], np.uint8))[:, None, None]  # two blank images
+    images[0, :, :16] = torch.tensor(render(held[3], 32)).permute(2, 0, 1)[:, :16]  # half of another scene
+    expected = caption_accuracy(images.permute(0, 2, 3, 1).numpy(), held)
+    assert 0 < expected["full"] < 1
+    assert split.score(images, idx) == {"caption_accuracy": expected["full"],
+                                        "color_region_accuracy": expected["color_region"]}
+    short = HeldoutShapes(seed=3, caption="short")
+    assert short.captions(idx) == [short_caption(s) for s in held]
+    with pytest.raises(ValueError, match="long and short"):
+        HeldoutShapes(caption="medium")
+
+
+def test_heldout_split_encodes_with_the_runs_text_context():
+    idx = [0, 1, 2]
+    encoded = {}
+    for k in (0, 5):
+        split = HeldoutShapes(text_context=k)
+        encoded[k], mask = split.encode(idx)
+        reference, reference_mask = BuiltinTextEncoder(context=k)(split.captions(idx))
+        assert torch.equal(encoded[k], reference) and torch.equal(mask, reference_mask)
+        assert torch.equal(split.null[0], BuiltinTextEncoder(context=k)([""])[0])
+    assert not torch.equal(encoded[0], encoded[5])

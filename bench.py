@@ -1,0 +1,355 @@
+"""
+Every benchmark of the project, each next to its baseline measured in the same run: one line per figure with ours,
+the baseline's and their ratio. One timer for all (`timed`): untimed warm-up calls first, then the two sides take
+turns call by call (a slow spell of a shared machine hits both; the loader's sides run one after the other, see
+there), CUDA synchronised before each clock reading; a figure is the median over the timed calls.
+
+    python bench.py model [--compile]   # PRX forward+backward vs diffusers' PRXTransformer2DModel, same weights and
+                                        # inputs; forward FLOPs counted vs the closed form; MFU on CUDA
+    python bench.py muon                # Muon step on the `small` preset's block matrices vs torch.optim.Muon
+    python bench.py loader DIR          # ShardLoader samples/s on one core vs HuggingFace datasets (Arrow); writes a
+                                        # synthetic dataset of realistic sizes into DIR unless DIR is prepared already
+    python bench.py eval                # metric networks vs their reference pipelines, MMD in blocks vs one block,
+                                        # sampling vs diffusers' PRXPipeline loop
+
+Without a GPU everything runs on the CPU at small sizes (see each mode's defaults). The metric networks have random
+weights in the real architectures: their speed does not depend on the weights. Measured figures are in records/.
+"""
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from data import PreparedDataset, ShardLoader, batch_text, pad_text
+from eval import (clip_features, dino_features, inception_features, load_dino, load_inception, mmd, sample,
+                  write_random_inception_weights)
+from model import PRX, flops_per_sample, trim_text
+from muon import Muon, assign_owners, ns_cost, split_muon_params
+from prepare import to_bits, write_index, write_shard
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # wait for the GPU before reading the clock
+
+
+def timed(fns, warmup, steps, clock=time.perf_counter):
+    """{name: fn} -> {name: [seconds of each timed call]}: `warmup` untimed rounds, then `steps` timed ones; in each
+    round every fn is called once, in turn."""
+    times = {name: [] for name in fns}
+    for step in range(warmup + steps):
+        for name, fn in fns.items():
+            sync()
+            start = clock()
+            fn()
+            sync()
+            if step >= warmup:
+                times[name].append(clock() - start)
+    return times
+
+
+def compare(what, ours, base_name, base, unit, fmt=",.1f"):
+    """The line every figure gets: ours | the baseline measured in the same run | ours / baseline."""
+    print(f"{what}: ours {ours:{fmt}} {unit} | {base_name} {base:{fmt}} {unit} | ours/{base_name} {ours / base:.3f}")
+
+
+def prx_pair(preset):
+    """Our PRX and diffusers' PRXTransformer2DModel with the same random weights; no layer left at its zero init, so
+    no gradient or output is trivially zero on either side."""
+    from diffusers import PRXTransformer2DModel
+    torch.manual_seed(0)
+    ours = PRX.from_preset(preset)
+    for p in ours.parameters():
+        if p.dim() > 1:
+            nn.init.normal_(p, std=0.02)
+    theirs = PRXTransformer2DModel(**{k: v for k, v in ours.diffusers_config().items() if k != "_class_name"})
+    theirs.load_state_dict(ours.state_dict())
+    return ours.to(DEVICE), theirs.to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model: forward + backward against diffusers
+
+def bench_model(args):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    ours, theirs = prx_pair(args.preset)
+    cfg, B = ours.cfg, args.batch
+    side = math.isqrt(args.img_tokens) * cfg.patch_size
+    x = torch.randn(B, cfg.in_channels, side, side, device=DEVICE)
+    t = torch.rand(B, device=DEVICE)
+    txt = torch.randn(B, args.txt_tokens, cfg.context_dim, device=DEVICE)
+    lengths = torch.randint(args.min_len, args.max_len + 1, (B,), device=DEVICE)
+    mask = torch.arange(args.txt_tokens, device=DEVICE)[None] < lengths[:, None]
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=DEVICE.type == "cuda")
+
+    def ours_step(model):
+        txt_t, mask_t = trim_text(txt, mask)  # eager, before the (possibly compiled) model: data-dependent shapes
+        with autocast:
+            model(x, t, txt_t, mask_t).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def theirs_step(model):
+        with autocast:
+            model(x, t, txt, mask, return_dict=False)[0].float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    print(f"preset {args.preset} | batch {B} | {args.img_tokens} image tokens | text {args.txt_tokens} padded, real "
+          f"lengths {args.min_len}..{args.max_len}")
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math: attention matmuls counted
+        ours(x[:1], t[:1], txt[:1], mask[:1])
+    real = int(lengths[0])
+    compare(f"forward of sample 0 ({real} text tokens), flop counter", counter.get_total_flops(), "closed form",
+            flops_per_sample(cfg, args.img_tokens, real), "FLOPs", ".4g")
+    useful = 3 * sum(flops_per_sample(cfg, args.img_tokens, int(n)) for n in lengths)  # a train step is ~3x forward
+    for mode in ["eager", "compiled"] if args.compile else ["eager"]:
+        a, b = (ours, theirs) if mode == "eager" else (torch.compile(ours), torch.compile(theirs))
+        times = timed({"ours": lambda: ours_step(a), "diffusers": lambda: theirs_step(b)}, args.warmup, args.steps)
+        ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+        compare(f"{mode} fwd+bwd, median of {args.steps}", ms["ours"], "diffusers", ms["diffusers"], "ms")
+        if DEVICE.type == "cuda":  # both sides credited with the same useful FLOPs (real text tokens only)
+            mfu = {name: 100 * useful / (v / 1e3) / (args.peak_tflops * 1e12) for name, v in ms.items()}
+            compare(f"{mode} MFU at {args.peak_tflops:g} TFLOP/s peak", mfu["ours"], "diffusers", mfu["diffusers"], "%")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# muon: the optimizer step against torch.optim.Muon
+
+def bench_muon(args):
+    with torch.device("meta"):  # shapes only, no memory
+        model = PRX.from_preset(args.preset)
+    shapes = [tuple(p.shape) for p in split_muon_params(model)[0]]  # block by block
+    costs = [ns_cost(s) for s in shapes]
+    owners = assign_owners(costs, 8)
+    largest = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(8))
+    print(f"{args.preset}: {len(shapes)} block matrices, {sum(math.prod(s) for s in shapes):,} weights")
+    compare("largest Newton-Schulz share of 8 ranks", 100 * largest / sum(costs), "ideal", 12.5, "% of the FLOPs",
+            ".2f")
+    depth = model.cfg.depth
+    blocks = args.blocks or (depth if DEVICE.type == "cuda" else 1)
+    shapes = shapes[:blocks * len(shapes) // depth]
+    torch.manual_seed(0)
+    weights = [torch.randn(s, device=DEVICE) * 0.02 for s in shapes]
+    grads = [torch.randn(s, device=DEVICE) for s in shapes]
+
+    def fresh_params():  # the same weights and gradients for both optimizers
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        for p, g in zip(params, grads):
+            p.grad = g
+        return params
+
+    ours = Muon(fresh_params())  # PRX's settings, which are also torch's with these arguments
+    theirs = torch.optim.Muon(fresh_params(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    print(f"first {blocks} block(s): {len(shapes)} matrices, {sum(math.prod(s) for s in shapes):,} weights")
+    times = timed({"ours": ours.step, "torch": theirs.step}, 1, args.steps)
+    compare(f"step, median of {args.steps}", 1e3 * statistics.median(times["ours"]), "torch.optim.Muon",
+            1e3 * statistics.median(times["torch"]), "ms")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loader: ShardLoader against HuggingFace datasets
+
+def write_synthetic(root, samples, shard_size=1024, seed=0):
+    """A prepared directory of realistic 256 px sizes: a 16x32x32 bf16 latent and 60..180 (mean 120) text tokens
+    of 2304 bf16 values per sample."""
+    root = Path(root)
+    rng, pool = np.random.default_rng(seed), to_bits(torch.randn(4096, 2304))  # text rows reused at random offsets
+    for k, start in enumerate(range(0, samples, shard_size)):
+        n = min(shard_size, samples - start)
+        offsets, lengths = rng.integers(0, 3900, n), rng.integers(60, 181, n)
+        columns = {"latent": list(to_bits(torch.randn(n, 16, 32, 32))),
+                   "txt_long": [pool[o:o + length] for o, length in zip(offsets, lengths)],
+                   "caption_long": [f"synthetic caption {start + j}" for j in range(n)],
+                   "id": [str(start + j) for j in range(n)]}
+        write_shard(root / "train" / f"shard-r000-{k:05d}", columns, {"count": n, "skipped": {}})
+    np.save(root / "null_txt.npy", pool[:1])
+    write_index(root, {"synthetic": samples})
+
+
+def arrow_rows(root, field):  # the samples as a user would put them into `datasets`
+    prepared = PreparedDataset(root)
+    for i in range(len(prepared)):
+        shard, r = prepared.locate(i)
+        yield {"latent": shard.arrays["latent"][r], "txt": shard.ragged(field, r)}
+
+
+def bench_loader(args):
+    import datasets
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for the process, reader thread included
+    torch.set_num_threads(1)
+    root, B = Path(args.dir), args.batch
+    if not (root / "index.json").exists():
+        write_synthetic(root, args.samples)
+    ds = PreparedDataset(root)
+    caption = ds.index["captions"][0]
+    field, schema, steps = "txt_" + caption, ds.index["schema"], len(ds) // B
+    features = datasets.Features({"latent": datasets.Array3D(schema["latent"]["shape"], "int16"),
+                                  "txt": datasets.Array2D((None, *schema[field]["shape"]), "int16")})
+    arrow = datasets.Dataset.from_generator(arrow_rows, features=features, cache_dir=str(root / "arrow"),
+                                            gen_kwargs=dict(root=str(root), field=field)).with_format("numpy")
+    order = itertools.cycle(np.random.default_rng(0).permutation(len(arrow))[:steps * B].reshape(steps, B))
+
+    def arrow_batch():  # what ShardLoader returns: float latents, padded bf16 text and its mask
+        b = arrow[next(order).tolist()]
+        return torch.from_numpy(b["latent"]).view(torch.bfloat16).float(), batch_text(list(b["txt"]))
+
+    loader = ShardLoader(str(root), B, captions=caption)
+    sides, rates = {"ShardLoader": lambda: next(loader), "datasets": arrow_batch}, {}
+    for name, fn in sides.items():  # one side at a time: ShardLoader's reader thread would run during the other's
+        wall = timed({name: fn}, steps, steps)[name]  # after an untimed epoch: page cache and allocators warm
+        cpu = timed({name: fn}, 0, steps, time.process_time)[name]  # this process's CPU, reader thread included
+        rates[name] = steps * B / sum(wall), steps * B / sum(cpu)
+    tokens = sum(len(shard.arrays[field]) for shard in ds.shards) / len(ds)
+    print(f"{len(ds)} samples, {steps} batches of {B}: latent {schema['latent']['shape']} bf16 + text {tokens:.0f} "
+          f"tokens x {schema[field]['shape'][0]} bf16 (mean), one CPU core")
+    for i, per in enumerate(["wall", "CPU"]):  # the CPU second is steady on a shared machine, the wall second is not
+        compare(f"samples per {per} second", rates["ShardLoader"][i], "datasets", rates["datasets"][i], "samples/s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval: metric networks, MMD, sampling
+
+CLIP_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   patch_size=14, image_size=336, projection_dim=768, hidden_act="quick_gelu")  # ViT-L/14-336's
+DINO_KWARGS = {}  # load_dino's timm arguments: none is the real ViT-L/14 with registers at 518 px
+
+
+def feature_extractors():
+    """{name: (ours: uint8 images -> features, baseline name, baseline)}: each metric network called as eval.py
+    calls it, and through the pipeline of the library it comes from."""
+    import timm.data
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    weights = os.path.join(tempfile.mkdtemp(), "random-inception.pth")
+    write_random_inception_weights(weights)
+    inception = load_inception(weights).to(DEVICE)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_CONFIG)).to(DEVICE).eval()
+    size = clip.config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
+    dino = load_dino(pretrained=False, **DINO_KWARGS).to(DEVICE)
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(dino))
+
+    def fidelity(images):  # torch-fidelity's loop: a DataLoader over the images (no workers), features to the CPU
+        subset = torch.utils.data.Subset(images, range(len(images)))
+        return get_featuresdict_from_dataset(subset, inception, len(images), DEVICE.type == "cuda", True, False)["2048"]
+
+    def hf_clip(images):  # transformers' processor (resize, crop, CLIP mean/std), then the same network
+        pixels = processor(list(images), return_tensors="pt").pixel_values.to(DEVICE)
+        return F.normalize(clip(pixel_values=pixels).image_embeds.float(), dim=-1)
+
+    def timm_dino(images):  # timm's evaluation transform on PIL images, then the model's head (the CLS token)
+        x = torch.stack([transform(Image.fromarray(im)) for im in images.permute(0, 2, 3, 1).numpy()])
+        return F.normalize(dino(x.to(DEVICE)).float(), dim=-1)
+
+    return {"Inception (FID)": (lambda im: inception_features(inception, im), "torch-fidelity", fidelity),
+            "CLIP ViT-L/14-336 (CMMD)": (lambda im: clip_features(clip, im), "CLIPImageProcessor", hf_clip),
+            "DINOv2 ViT-L/14 (DINO-MMD)": (lambda im: dino_features(dino, im), "timm", timm_dino)}
+
+
+def diffusers_sample(transformer, txt, mask, null_txt, null_mask, x, steps, cfg_scale):
+    """PRXPipeline's denoising loop (diffusers 0.42) from given embeddings and noise, one timestep per row: the
+    pipeline itself passes 2 timesteps for the 2B rows of a guided batch, which fails for batches above 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler, B = FlowMatchEulerDiscreteScheduler(), len(x)
+    scheduler.set_timesteps(steps, device=x.device)
+    txt, mask = torch.cat([null_txt.expand(B, -1, -1), txt]), torch.cat([null_mask.expand(B, -1), mask])
+    for t in scheduler.timesteps:
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):  # as our sampler
+            out = transformer(hidden_states=torch.cat([x, x]), timestep=(t.float() / 1000).repeat(2 * B),
+                              encoder_hidden_states=txt, attention_mask=mask, return_dict=False)[0].float()
+        uncond, cond = out.chunk(2)
+        x = scheduler.step(uncond + cfg_scale * (cond - uncond), t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def bench_eval(args):
+    B = args.batch or (32 if DEVICE.type == "cuda" else 2)
+    per_second = lambda times: B / statistics.median(times)
+    images = torch.randint(0, 256, (B, 3, 256, 256), dtype=torch.uint8)
+    print(f"batch {B} of 256 px uint8 images; metric networks randomly initialised in the real architectures")
+    for name, (ours, base_name, base) in feature_extractors().items():
+        times = timed({"ours": lambda: ours(images), "base": lambda: base(images)}, args.warmup, args.steps)
+        compare(name, per_second(times["ours"]), base_name, per_second(times["base"]), "img/s", ".3f")
+
+    n = args.mmd_rows or (10_000 if DEVICE.type == "cuda" else 4096)
+    emb = F.normalize(torch.randn(2 * n, 768, device=DEVICE), dim=-1)
+    times = timed({"blocks": lambda: mmd(emb[:n], emb[n:]), "one": lambda: mmd(emb[:n], emb[n:], chunk=n)},
+                  args.warmup, args.steps)
+    compare(f"MMD of {n} against {n} embeddings in mmd's row blocks", statistics.median(times["blocks"]),
+            "one block", statistics.median(times["one"]), "s", ".2f")
+
+    preset = args.preset or ("small" if DEVICE.type == "cuda" else "tiny-pixel")
+    ours, theirs = (m.eval() for m in prx_pair(preset))
+    shape = (ours.cfg.in_channels, 32, 32)  # tiny-pixel: 32 px images; latent presets: the 32x32 latent of 256 px
+    txt = torch.randn(B, 64, ours.cfg.context_dim, device=DEVICE)
+    mask = torch.ones(B, 64, dtype=torch.bool, device=DEVICE)
+    null_txt, null_mask = txt[:1, :1], mask[:1, :1]
+    noise = torch.randn(B, *shape, device=DEVICE)
+    S = args.sample_steps
+    times = timed({"ours": lambda: sample(ours, txt, mask, null_txt, null_mask, list(range(B)), shape, S, 3.5),
+                   "diffusers": lambda: diffusers_sample(theirs, txt, mask, *pad_text(null_txt, null_mask, 64), noise,
+                                                         S, 3.5)}, args.warmup, args.steps)
+    compare(f"sampling PRX {preset} {shape}, {S} Euler steps, CFG 3.5", per_second(times["ours"]),
+            "diffusers", per_second(times["diffusers"]), "img/s", ".3f")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("model", help="PRX forward+backward against diffusers' PRXTransformer2DModel")
+    p.add_argument("--preset", default="tiny", help="PRX preset (model.py)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--img-tokens", type=int, default=256, help="image tokens (a square number)")
+    p.add_argument("--txt-tokens", type=int, default=128, help="padded text length")
+    p.add_argument("--min-len", type=int, default=8, help="shortest real caption in the batch")
+    p.add_argument("--max-len", type=int, default=64, help="longest real caption in the batch")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile on both sides")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
+    p.set_defaults(run=bench_model)
+    p = sub.add_parser("muon", help="Muon step against torch.optim.Muon on a preset's block matrices")
+    p.add_argument("--preset", default="small", help="PRX preset whose block matrices are stepped")
+    p.add_argument("--blocks", type=int, default=0, help="blocks to step (default: all on GPU, 1 on CPU)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up (median reported)")
+    p.set_defaults(run=bench_muon)
+    p = sub.add_parser("loader", help="ShardLoader samples/s on one core against HuggingFace datasets")
+    p.add_argument("dir", help="a prepared directory, or where to write a synthetic one")
+    p.add_argument("--samples", type=int, default=5000, help="samples of the synthetic dataset")
+    p.add_argument("--batch", type=int, default=32)
+    p.set_defaults(run=bench_loader)
+    p = sub.add_parser("eval", help="metric networks, MMD and sampling against their references")
+    p.add_argument("--batch", type=int, help="images per call (default: 32 on GPU, 2 on CPU)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    p.add_argument("--steps", type=int, default=1, help="timed calls (median reported)")
+    p.add_argument("--mmd-rows", type=int, help="embeddings per side of the MMD (default: 10000 on GPU, eval.py's "
+                   "default sample count; 4096 on CPU)")
+    p.add_argument("--preset", help="PRX preset to sample with (default: small on GPU, tiny-pixel on CPU)")
+    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
+    p.set_defaults(run=bench_eval)
+    args = parser.parse_args(argv)
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
+    print(f"bench {args.command} | torch {torch.__version__} | {where} | {config}")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """-> (root, skipped ids): root/images (an image folder), root/models (tiny encoders), root/out and root/out_pq
+    (prepared from the folder and from parquet); see tiny_prepared.py."""
+    from tiny_prepared import make_prepared
+    root, threads = tmp_path_factory.mktemp("data"), torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second intra-op thread only waits on shared CPUs
+    skipped = make_prepared(root)
+    torch.set_num_threads(threads)
+    return root, skipped
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A Hugging Face hub that refuses connections (a closed local port) and an empty cache: what an offline
+    machine sees."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return constants

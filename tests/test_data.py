@@ -1,0 +1,264 @@
+"""data.py: the prepared-data reader, its loader and held-out split, the --data dispatch, on directories prepared by
+prepare.py (the `prepared` fixture of conftest.py) or written by hand."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import prepare
+from tiny_prepared import RES, reference_image, stored_samples
+
+
+def test_loader_batch_is_the_stored_samples(prepared):
+    root, _ = prepared
+    stored = stored_samples(root / "out")
+    loader = data.ShardLoader(str(root / "out"), batch_size=4, captions="long", images=True)
+    batch = next(loader)
+    assert batch["latent"].dtype == torch.float32 and batch["txt"].dtype == torch.bfloat16
+    assert batch["txt"].shape[1] == batch["txt_mask"].sum(1).max()  # padded to the longest of the batch
+    for j, sample_id in enumerate(batch["id"]):
+        shard, r = stored[sample_id]
+        txt = torch.from_numpy(np.array(shard.ragged("txt_long", r))).view(torch.bfloat16)
+        n = len(txt)
+        assert batch["caption"][j] == shard.string("caption_long", r) and batch["txt_mask"][j].sum() == n
+        assert torch.equal(batch["txt"][j, :n], txt) and not batch["txt"][j, n:].float().any()
+        assert torch.equal(batch["latent"][j], torch.from_numpy(np.array(shard.arrays["latent"][r])).view(
+            torch.bfloat16).float())
+        assert torch.equal(batch["image"][j], torch.from_numpy(np.array(shard.arrays["image"][r])))
+    null = np.load(root / "out" / "null_txt.npy")
+    assert loader.null_txt.shape == (1, len(null), 32) and loader.null_mask.all()
+    short = next(data.ShardLoader(str(root / "out"), batch_size=4, captions="short"))
+    assert [stored[i][0].string("caption_short", stored[i][1]) for i in short["id"]] == short["caption"]
+    mixed = data.ShardLoader(str(root / "out"), batch_size=4, captions="mixed:0.5")
+    captions = [c for _ in range(4) for c in next(mixed)["caption"]]
+    longs = {s.string("caption_long", r) for s, r in stored.values()}
+    assert 0 < sum(c in longs for c in captions) < len(captions)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loader_on_cuda_gives_the_cpu_batches(prepared):
+    root, _ = prepared
+    cpu, cuda = (data.ShardLoader(str(root / "out"), 4, images=True, device=d) for d in ("cpu", "cuda"))
+    for _ in range(3):
+        a, b = next(cpu), next(cuda)
+        assert a["id"] == b["id"] and b["latent"].is_cuda and cuda.null_txt.is_cuda
+        for key in ("latent", "txt", "txt_mask", "image"):
+            assert torch.equal(a[key], b[key].cpu())
+
+
+def test_loader_ranks_are_disjoint_cover_an_epoch_and_resume(prepared):
+    root, _ = prepared
+    train = set(stored_samples(root / "out"))
+    ranks = [data.ShardLoader(str(root / "out"), batch_size=3, rank=r, world_size=2, seed=5) for r in (0, 1)]
+    order = [i for _ in range(len(train) // 6 + 2) for loader in ranks for i in next(loader)["id"]]
+    assert set(order[:len(train)]) == train and len(set(order[:len(train)])) == len(train)  # each sample once
+    state = ranks[0].state_dict()
+    expected = [next(ranks[0]) for _ in range(3)]
+    resumed = data.ShardLoader(str(root / "out"), batch_size=3, rank=0, world_size=2, seed=5)
+    resumed.load_state_dict(state)
+    ranks[0].load_state_dict(state)  # also after iterating (warm-up, then restore)
+    for want in expected:
+        for got in (next(resumed), next(ranks[0])):
+            assert got["id"] == want["id"] and torch.equal(got["latent"], want["latent"])
+            assert torch.equal(got["txt"], want["txt"]) and torch.equal(got["txt_mask"], want["txt_mask"])
+
+
+def test_mixtures_and_phases(prepared):
+    root, _ = prepared
+    a, b = str(root / "out"), str(root / "out_pq")
+    in_b = lambda batch: {i.startswith("pq") for i in batch["id"]}  # noqa: E731
+    assert data.parse_data_phases("d1:0.7,d2:0.3@0;d3@90000") == [(0, {"d1": 0.7, "d2": 0.3}), (90000, {"d3": 1.0})]
+    phased = data.ShardLoader(f"{a}:1@0;{b}:1@2", batch_size=4)
+    assert [in_b(next(phased)) for _ in range(4)] == [{False}, {False}, {True}, {True}]
+    accumulated = data.ShardLoader(f"{a}:1@0;{b}:1@2", batch_size=4, grad_accum=2)  # @2 = optimizer step 2
+    assert [in_b(next(accumulated)) for _ in range(6)] == [{False}] * 4 + [{True}] * 2
+    mixed = data.ShardLoader(f"{a}:0.5,{b}:0.5", batch_size=8)
+    assert set.union(*[in_b(next(mixed)) for _ in range(3)]) == {False, True}
+
+
+def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
+    root, _ = prepared
+    for spec in ("d:0", "d@5", "d1@0;d2@0"):
+        with pytest.raises(ValueError, match="data spec"):
+            data.parse_data_phases(spec)
+    with pytest.raises(ValueError, match="mixed"):
+        data.ShardLoader(str(root / "out"), 4, captions="medium")
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        data.ShardLoader(str(tmp_path), 4)
+
+
+def first_shard(out):
+    return next(p for p in sorted((out / "train").glob("shard-*"))
+                if json.loads((p / "meta.json").read_text())["count"])
+
+
+def test_a_damaged_shard_is_named_at_open(prepared, tmp_path):
+    root, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    shard = first_shard(out)
+    latent, offsets, image = shard / "latent.npy", shard / "id_offsets.npy", shard / "image.npy"
+    whole = {p: p.read_bytes() for p in (latent, offsets, image)}
+    for path, damage in ((latent, whole[latent][:-100]),    # cut in the data: "mmap length is greater than file size"
+                         (latent, whole[latent][:60]),       # cut in the header
+                         (latent, b""),
+                         (offsets, whole[offsets][:-8])):    # offsets are read, not mapped
+        path.write_bytes(damage)
+        for open_split in (lambda: data.PreparedDataset(out), lambda: data.ShardLoader(str(out), 4)):
+            with pytest.raises(ValueError, match="damaged") as info:
+                open_split()
+            assert str(path) in str(info.value)
+            assert f"delete {out} and prepare it again (python prepare.py --out {out}" in str(info.value)
+        path.write_bytes(whole[path])
+    np.save(image, np.load(image)[:-1])  # whole files, one row short
+    with pytest.raises(ValueError, match=f"{shard}: index.json says .* samples but"):
+        data.PreparedDataset(out)
+    image.write_bytes(whole[image])
+    (shard / "txt_short.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"txt_short.npy'\] missing"):
+        data.PreparedDataset(out)
+    shutil.rmtree(shard)
+    with pytest.raises(FileNotFoundError, match="listed in index.json but missing"):
+        data.PreparedDataset(out)
+
+
+def test_latent_normalisation_flux_and_flux2():
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+    z = torch.randn(2, 4, 6, 8)
+    flux = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, scaling_factor=0.3611,
+                         shift_factor=0.1159)
+    torch.testing.assert_close(data.normalize_latent(z, *data.latent_stats(flux)), (z - 0.1159) * 0.3611)
+    flux2 = AutoencoderKLFlux2(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), latent_channels=4,
+                               up_block_types=("UpDecoderBlock2D",), norm_num_groups=4)
+    flux2.bn.running_mean.normal_()
+    flux2.bn.running_var.uniform_(0.5, 2)
+    shift, scale = data.latent_stats(flux2)
+    # diffusers' Flux2Pipeline: 2x2 patchify to 16 channels, BatchNorm statistics, back
+    patches = z.view(2, 4, 3, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 16, 3, 4)
+    patches = (patches - flux2.bn.running_mean[:, None, None]) / (flux2.bn.running_var[:, None, None] + 1e-4).sqrt()
+    expected = patches.reshape(2, 4, 2, 2, 3, 4).permute(0, 1, 4, 2, 5, 3).reshape(2, 4, 6, 8)
+    torch.testing.assert_close(data.normalize_latent(z, shift, scale), expected)
+    torch.testing.assert_close(data.denormalize_latent(data.normalize_latent(z, shift, scale), shift, scale), z)
+
+
+def test_heldout_split_is_the_eval_split(prepared):
+    root, _ = prepared
+    held = stored_samples(root / "out", "eval")
+    split, ids = data.HeldoutSplit(root / "out", len(held)), list(held)
+    idx = list(range(len(held)))[::-1]
+    assert split.captions(idx) == [(root / "images" / ids[i]).with_suffix(".txt").read_text() for i in idx]
+    images = split.images(idx)
+    assert images.dtype == torch.uint8 and images.shape == (len(held), 3, RES, RES)
+    for j, i in enumerate(idx):
+        np.testing.assert_array_equal(images[j].numpy(), reference_image(root / "images" / ids[i]))
+    txt, mask = split.encode(idx)
+    assert txt.dtype == torch.float32 and txt.shape == (len(held), mask.sum(1).max(), 32)
+    for j, i in enumerate(idx):
+        shard, row = held[ids[i]]
+        stored = torch.from_numpy(np.array(shard.ragged("txt_long", row))).view(torch.bfloat16).float()
+        assert mask[j].sum() == len(stored) and torch.equal(txt[j, :len(stored)], stored)
+    null = torch.from_numpy(np.load(root / "out" / "null_txt.npy")).view(torch.bfloat16).float()
+    assert torch.equal(split.null[0][0], null) and split.null[1].all() and split.score(images, idx) == {}
+    short = data.HeldoutSplit(root / "out", 1, "short")
+    assert short.captions([0]) == [held[ids[0]][0].string("caption_short", held[ids[0]][1])]
+    with pytest.raises(ValueError, match=f"{len(held)} held-out samples"):
+        data.HeldoutSplit(root / "out", len(held) + 1)
+    medium = data.HeldoutSplit(root / "out", 1, "medium")  # images only (eval.py ref): no caption needed
+    assert torch.equal(medium.images([0]), images[-1:])
+    with pytest.raises(ValueError, match=r"captions \['long', 'short'\], not 'medium'"):
+        medium.encode([0])
+
+
+def test_heldout_split_of_a_hand_written_directory(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    txt = [torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)]
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    columns = {"image": list(images.numpy()), "txt_long": [prepare.to_bits(t) for t in txt],
+               "caption_long": ["a red", "b"], "id": ["0", "1"]}
+    for split in ("train", "eval"):
+        prepare.write_shard(tmp_path / split / "shard-r000-00000", columns, {"count": 2, "skipped": {}})
+    np.save(tmp_path / "null_txt.npy", prepare.to_bits(torch.randn(1, 8, generator=g)))
+    prepare.write_index(tmp_path, {})
+    split = data.HeldoutSplit(str(tmp_path), 2)
+    assert split.captions([1, 0]) == ["b", "a red"]
+    emb, mask = split.encode([0, 1])
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    torch.testing.assert_close(emb[0, :3], txt[0].bfloat16().float())
+    assert torch.equal(split.images([1]), images[1:]) and split.null[0].shape == (1, 1, 8)
+    with pytest.raises(ValueError, match="2 held-out samples"):
+        data.HeldoutSplit(str(tmp_path), 3)
+
+
+def test_data_dirs():
+    assert data.data_dirs("builtin") == []
+    assert data.data_dirs("/d/a") == ["/d/a"]
+    assert data.data_dirs("b:0.7,/d/a:0.3@0;c:1@90;b@100") == ["b", "/d/a", "c"]  # in order of appearance, once
+
+
+def test_open_loader_and_heldout_follow_data(prepared):
+    from shapes import HeldoutShapes, ShapesLoader
+    root, _ = prepared
+    a, b = str(root / "out"), str(root / "out_pq")
+    builtin = data.open_loader("builtin", 2, 1, 2, 3, "short", "cpu", 1, 32, 0, images=False)
+    assert isinstance(builtin, ShapesLoader)
+    expected = next(ShapesLoader(2, 1, 2, seed=3, resolution=32, captions="short", text_context=0))
+    got = next(builtin)
+    assert got["id"] == expected["id"] and torch.equal(got["txt"], expected["txt"])
+    loader = data.open_loader(f"{a}:1,{b}:1", 4, 0, 1, 3, "long", "cpu", 2, RES, 5, images=True)
+    assert isinstance(loader, data.ShardLoader) and loader.names == sorted([a, b])
+    assert (loader.seed, loader.grad_accum, loader.images, loader.batch_size) == (3, 2, True, 4)
+    held = data.open_heldout("builtin", 10, "short", 48, 3, 0)
+    assert isinstance(held, HeldoutShapes) and held.images([0]).shape == (1, 3, 48, 48)
+    assert held.captions([0]) == HeldoutShapes(seed=3, caption="short").captions([0])
+    assert held.encoder.context == 0
+    held = data.open_heldout(f"{a}:0.5,{b}:0.5@0;{b}@10", 1, "short", RES, 0, 5)  # the first directory's eval split
+    assert isinstance(held, data.HeldoutSplit) and held.prepared.root == Path(a) and held.caption == "short"
+
+
+def test_vae_offline_fails_fast_and_says_what_to_fetch(prepared, unreachable_hub, monkeypatch):
+    import diffusers  # noqa: F401 (imported before the clock)
+    root, _ = prepared
+    start = time.time()
+    with pytest.raises(RuntimeError, match="cannot be reached") as info:
+        data.load_vae("flux")
+    assert time.time() - start < 5
+    assert "hf download black-forest-labs/FLUX.1-schnell --include 'vae/*'" in str(info.value)
+    assert "--vae-path" in str(info.value) and unreachable_hub.HF_HUB_OFFLINE is False  # restored
+    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
+        data.load_vae("flux")
+    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data, "hub_reachable", lambda: pytest.fail("asked the hub"))  # cached or local: no need
+    vae, shift, scale = data.load_vae("flux", root / "models" / "flux")
+    assert vae.config.latent_channels == 4 and scale.flatten()[0] == pytest.approx(0.3611)
+    repo = Path(unreachable_hub.HF_HUB_CACHE) / "models--black-forest-labs--FLUX.1-schnell"
+    shutil.copytree(root / "models" / "flux", repo / "snapshots" / ("0" * 40))  # the cache's layout
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    vae, shift, scale = data.load_vae("flux")  # the hub id, found in the cache
+    assert vae.config.latent_channels == 4 and scale.flatten()[0] == pytest.approx(0.3611)
+
+
+def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
+    """train.py on a prepared dataset: latents and T5Gemma text from the shards, loader position in the checkpoint."""
+    root, _ = prepared
+    argv = [sys.executable, "train.py", "--data", str(root / "out"), "--model", "tiny", "--resolution", str(RES),
+            "--hidden", "64", "--depth", "2", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
+            "--eval-samples", "0", "--out", str(tmp_path / "run")]
+    cwd = Path(__file__).parent.parent
+    first = subprocess.run(argv + ["--max-steps", "3"], cwd=cwd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
+    assert state["loader"]["batches"] == 6  # 3 steps x 2 accumulation micro-batches
+    second = subprocess.run(argv + ["--max-steps", "5", "--resume"], cwd=cwd, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]

@@ -1,0 +1,244 @@
+"""prepare.py on tiny sources (an image folder of awkward files, parquet, webdataset tars) with tiny random encoders
+saved to disk (tiny_prepared.py; the `prepared` fixture of conftest.py)."""
+
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import prepare
+from tiny_prepared import MAX_TOKENS, RES, caption, prepare_argv, reference_image, stored_samples
+
+
+def test_counts_shapes_dtypes_and_skipped(prepared):
+    root, skipped = prepared
+    index = json.loads((root / "out" / "index.json").read_text())
+    train, held = stored_samples(root / "out"), stored_samples(root / "out", "eval")
+    assert index["train"]["count"] == len(train) and index["eval"]["count"] == len(held)
+    assert len(train) + len(held) == 42 - len(skipped) and not set(train) & set(held)
+    assert set(held) == {i for i in [*train, *held] if prepare.in_eval_split(0, i, 0.2)} and len(held) > 0
+    assert {k: v.split(":")[0] for k, v in index["skipped"]["ids"].items()} == skipped
+    assert index["skipped"]["count"] == 9 and index["skipped"]["by_reason"]["undecodable image"] == 3
+    assert max(s["count"] for s in index["train"]["shards"]) < 8 + 5  # shard size 8, flushed after a batch of 5
+    for shard_info in [s for s in index["train"]["shards"] if s["count"]]:
+        arrays, n = data.Shard(root / "out" / shard_info["path"]).arrays, shard_info["count"]
+        assert arrays["image"].shape == (n, 3, RES, RES) and arrays["image"].dtype == np.uint8
+        assert arrays["latent"].shape == (n, 4, RES // 2, RES // 2) and arrays["latent"].dtype == np.int16
+        assert arrays["txt_long"].dtype == np.int16 and arrays["txt_long"].shape[1] == 32
+        assert len(arrays["txt_short_offsets"]) == n + 1
+    assert index["schema"]["latent"] == {"dtype": "int16", "shape": [4, RES // 2, RES // 2]}
+    assert index["latent_norm"]["scale"][0] == [[pytest.approx(0.3611)]]
+
+
+def test_stored_images_match_reference_crops(prepared):
+    root, _ = prepared
+    for sample_id, (shard, r) in {**stored_samples(root / "out"), **stored_samples(root / "out", "eval")}.items():
+        np.testing.assert_array_equal(shard.arrays["image"][r], reference_image(root / "images" / sample_id))
+    shard, r = stored_samples(root / "out", "eval" if prepare.in_eval_split(0, "grey16_0.png", 0.2) else "train")[
+        "grey16_0.png"]
+    assert 100 < shard.arrays["image"][r].mean() < 155  # a 0..65535 ramp, rescaled rather than clipped to 255
+
+
+def test_stored_latent_is_the_seeded_vae_posterior_sample(prepared):
+    from diffusers import AutoencoderKL
+    root, _ = prepared
+    vae = AutoencoderKL.from_pretrained(root / "models" / "flux", subfolder="vae")
+    for sample_id, (shard, r) in stored_samples(root / "out").items():
+        with torch.no_grad():
+            post = vae.encode(torch.from_numpy(shard.arrays["image"][r][None].astype(np.float32)) / 127.5 - 1
+                              ).latent_dist
+        eps = torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(
+            prepare.stable_hash("latent", 0, sample_id)))
+        expected = ((post.mean[0] + post.std[0] * eps) - 0.1159) * 0.3611
+        stored = torch.from_numpy(np.array(shard.arrays["latent"][r])).view(torch.bfloat16).float()
+        # computed in a batch of 5 at preparation, alone here: equal up to one bf16 rounding step
+        torch.testing.assert_close(stored, expected.bfloat16().float(), rtol=2 ** -7, atol=1e-5)
+        assert (stored - (post.mean[0] - 0.1159) * 0.3611).abs().max() > 1e-2  # a sample, not the mean
+
+
+def test_text_is_unpadded_encoder_output(prepared):
+    from transformers import AutoTokenizer, T5GemmaEncoderModel
+    root, _ = prepared
+    tokenizer = AutoTokenizer.from_pretrained(root / "models" / "t5gemma")
+    model = T5GemmaEncoderModel.from_pretrained(root / "models" / "t5gemma", is_encoder_decoder=False).eval()
+
+    def encode(text):
+        ids = tokenizer(prepare.clean_caption(text), truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        with torch.no_grad():
+            return model(**ids).last_hidden_state[0].bfloat16().float()
+    truncated = 0
+    for sample_id, (shard, r) in stored_samples(root / "out").items():
+        long = (root / "images" / sample_id).with_suffix(".txt").read_text()
+        short = json.loads((root / "images" / sample_id).with_suffix(".json").read_text())["short"]
+        for name, text in (("long", long), ("short", short)):
+            assert shard.string(f"caption_{name}", r) == text
+            stored = torch.from_numpy(np.array(shard.ragged(f"txt_{name}", r))).view(torch.bfloat16).float()
+            expected = encode(text)
+            assert len(stored) == len(expected) == min(len(text.split()) + 1, MAX_TOKENS)  # words + <bos>
+            torch.testing.assert_close(stored, expected, rtol=2 ** -7, atol=1e-5)
+        truncated += len(long.split()) + 1 > MAX_TOKENS
+    assert truncated > 0
+    null = torch.from_numpy(np.load(root / "out" / "null_txt.npy")).view(torch.bfloat16).float()
+    torch.testing.assert_close(null, encode(""), rtol=0, atol=0)
+    assert prepare.clean_caption(' A &amp; B  “Cat” http://x.com/a @bob ') == 'a & b "cat"'
+
+
+def test_interrupted_preparation_resumes_to_the_same_result(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    write_shard, calls = prepare.write_shard, []
+
+    def crash_on_third_shard(path, columns, meta):
+        calls.append(path)
+        if len(calls) == 3:  # killed while writing: a partial shard is left behind
+            Path(f"{path}.tmp").mkdir(parents=True)
+            Path(f"{path}.tmp/image.npy").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        write_shard(path, columns, meta)
+    argv = prepare_argv(tmp_path / "out", root / "images", root / "models", "--captions", "long=txt,short=short")
+    monkeypatch.setattr(prepare, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(argv)
+    assert list(tmp_path.glob("out/*/*.tmp")) and not (tmp_path / "out" / "index.json").exists()
+    rows_done = json.loads(sorted(tmp_path.glob("out/train/shard-*[0-9]"))[-1].joinpath("meta.json").read_text()
+                           )["rows_done"]
+    load_sample, loaded = prepare.load_sample, []
+    monkeypatch.setattr(prepare, "load_sample", lambda row, *a, **k: loaded.append(row) or load_sample(row, *a, **k))
+    monkeypatch.setattr(prepare, "write_shard", write_shard)
+    prepare.main(argv)
+    assert 0 < rows_done and len(loaded) == 42 - rows_done  # continued after the last whole shard
+    assert not list(tmp_path.glob("out/*/*.tmp"))
+    resumed = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    clean = sorted(p.relative_to(root / "out") for p in (root / "out").rglob("*") if p.is_file())
+    assert resumed == clean
+    for rel in clean:
+        if rel.name != "index.json":
+            assert (tmp_path / "out" / rel).read_bytes() == (root / "out" / rel).read_bytes(), rel
+    a, b = (json.loads((d / "index.json").read_text()) for d in (tmp_path / "out", root / "out"))
+    assert {k: v for k, v in a.items() if k != "settings"} == {k: v for k, v in b.items() if k != "settings"}
+
+
+def test_two_preparation_ranks_split_the_files(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    argv = prepare_argv(tmp_path / "out", root / "images", root / "models", "--captions", "long=txt,short=short")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):  # rank 0 waits for the others, then writes the index
+        monkeypatch.setenv("RANK", str(rank))
+        prepare.main(argv)
+    files = sorted(p.relative_to(root / "images").as_posix() for p in (root / "images").iterdir()
+                   if p.suffix in prepare.IMAGE_EXTENSIONS)
+    single = {**stored_samples(root / "out"), **stored_samples(root / "out", "eval")}
+    for rank in (0, 1):
+        shards = [p for p in (tmp_path / "out").glob(f"*/shard-r{rank:03d}-*")]
+        ids = {data.Shard(p).string("id", r) for p in shards for r in range(json.loads(
+            (p / "meta.json").read_text())["count"])}
+        assert ids == set(files[rank::2]) & set(single)
+    both = {**stored_samples(tmp_path / "out"), **stored_samples(tmp_path / "out", "eval")}
+    assert set(both) == set(single)
+    for sample_id, (shard, r) in both.items():
+        single_shard, single_r = single[sample_id]
+        np.testing.assert_array_equal(shard.arrays["image"][r], single_shard.arrays["image"][single_r])
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["skipped"]["count"] == 9
+
+
+def test_parquet_source(prepared):
+    root, _ = prepared
+    index = json.loads((root / "out_pq" / "index.json").read_text())
+    assert index["train"]["count"] + index["eval"]["count"] == 5
+    assert list(index["skipped"]["ids"]) == ["pq5"] and index["captions"] == ["long", "short"]
+
+
+def test_webdataset_tars_in_pixel_space(prepared, tmp_path):
+    import tarfile
+    root, _ = prepared
+    rng = np.random.default_rng(2)
+    with tarfile.open(tmp_path / "part-0.tar", "w") as tar:
+        for i in range(4):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, "PNG")
+            for ext, payload in (("png", png.getvalue()), ("txt", caption(rng, 6).encode()),
+                              ("json", json.dumps({"caption": caption(rng, 2)}).encode())):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    argv = prepare_argv(tmp_path / "out", tmp_path / "*.tar", root / "models", "--vae", "none", "--image-field", "png",
+                        "--captions", "long=txt,short=json.caption", "--eval-fraction", "0")
+    prepare.main(argv)
+    stored = stored_samples(tmp_path / "out")
+    assert sorted(stored) == ["s0", "s1", "s2", "s3"]  # webdataset keys as ids
+    batch = next(data.ShardLoader(str(tmp_path / "out"), batch_size=4, captions="short"))
+    assert "latent" not in batch and batch["image"].shape == (4, 3, RES, RES) and batch["image"].dtype == torch.uint8
+    with tarfile.open(tmp_path / "part-0.tar") as tar:
+        shorts = {m.name[:2]: json.load(tar.extractfile(m))["caption"] for m in tar if m.name.endswith(".json")}
+    assert batch["caption"] == [shorts[i] for i in batch["id"]]
+
+
+def test_caption_fields_spec():
+    assert prepare.parse_caption_fields("long=llava,short=json.caption") == {"long": "llava", "short": "json.caption"}
+    for spec in ("long", "long=a,short", "long-x=a"):
+        with pytest.raises(ValueError, match="name=field"):
+            prepare.parse_caption_fields(spec)
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    out = tmp_path / "out"
+    argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
+    write_shard = prepare.write_shard
+
+    def crash_after_first_train_shard(path, columns, meta):
+        write_shard(path, columns, meta)
+        if path.parent.name == "train":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "write_shard", crash_after_first_train_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(argv)
+    monkeypatch.setattr(prepare, "write_shard", write_shard)
+    before = files_of(out)
+    assert json.loads(before[Path("prepare.json")])["resolution"] == RES
+    changes = {"--resolution": "64", "--captions": "long=txt", "--vae": "none", "--max-tokens": "8",
+               "--text-encoder": str(tmp_path), "--eval-fraction": "0.5", "--seed": "1", "--source": str(tmp_path),
+               "--min-size": "20"}
+    for flag, value in changes.items():
+        with pytest.raises(ValueError, match=f"other settings \\({flag} .* there, .* now\\)") as info:
+            prepare.main(argv + [flag, value])  # the last value of a flag wins
+        assert "another --out" in str(info.value) and f"delete {out} yourself" in str(info.value)
+    with pytest.raises(ValueError, match="--resolution 32 there, 64 now; --seed 0 there, 1 now"):
+        prepare.main(argv + ["--resolution", "64", "--seed", "1"])
+    assert files_of(out) == before  # refused before touching anything
+    prepare.main(argv + ["--workers", "1", "--batch-size", "4"])  # how it runs may change: not what it writes
+    assert len(stored_samples(out)) == len(stored_samples(root / "out"))
+
+
+def test_a_preparation_that_kept_nothing_leaves_nothing_to_resume(prepared, tmp_path):
+    root, _ = prepared
+    (tmp_path / "images").mkdir()
+    for name in ("rgb01.png", "rgb02.png", "rgba0.png"):
+        for suffix in (".png", ".txt", ".json"):
+            shutil.copy(root / "images" / Path(name).with_suffix(suffix), tmp_path / "images")
+    argv = prepare_argv(tmp_path / "out", tmp_path / "images", root / "models", "--eval-fraction", "0")
+    with pytest.raises(ValueError, match="no sample was prepared.*missing caption field: row has"):
+        prepare.main(argv)  # the default captions, long=llava,short=prompt: fields these rows do not have
+    assert list((tmp_path / "out").iterdir()) == []
+    prepare.main(argv + ["--captions", "long=txt,short=short"])
+    assert sorted(stored_samples(tmp_path / "out")) == ["rgb01.png", "rgb02.png", "rgba0.png"]
+
+
+def test_text_encoder_offline_fails_fast_and_says_what_to_fetch(unreachable_hub):
+    from transformers import AutoTokenizer, T5GemmaEncoderModel  # noqa: F401 (imported before the clock)
+    start = time.time()
+    with pytest.raises(RuntimeError, match="http://127.0.0.1:9 cannot be reached") as info:
+        prepare.T5GemmaTextEncoder.from_pretrained("google/t5gemma-2b-2b-ul2")
+    assert time.time() - start < 5
+    assert "`hf download google/t5gemma-2b-2b-ul2`" in str(info.value) and "--text-encoder" in str(info.value)
