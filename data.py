@@ -1,8 +1,6 @@
 """
-The prepared-data format and its loader: what train.py and eval.py read.
-
-    python prepare.py --out data/mj ...     # writes a prepared directory (prepare.py)
-    train.py --data data/mj                 # reads it through ShardLoader; --data builtin reads shapes.py instead
+The prepared-data format that prepare.py writes, and its loader: what train.py and eval.py read with --data DIR
+(--data builtin reads shapes.py instead, through the same interface).
 
 Prepared directory (format "prx-shards/1"):
 
@@ -55,10 +53,10 @@ def hub_reachable(timeout=5):
         return False
 
 
-def from_hub(load, what, fix):
-    """load(), a from_pretrained or hf_hub_download call, first from the local Hugging Face cache only; when that
-    misses, once more online if the hub answers at all. Offline, the libraries' own retries take ~50 s before their
-    error; this fails at once and says what to fetch (`what`) and how to get it here (`fix`)."""
+def from_hub(load, what, files, flag, local="DIR"):
+    """load(), a from_pretrained or hf_hub_download call, from the local Hugging Face cache only, then online if the
+    hub answers at all. Offline it fails at once, not after the libraries' retries, and says how to bring `what` here:
+    `hf download {files}` into the cache, or into a folder whose copy (`local`) is passed with `flag`."""
     from huggingface_hub import constants
     offline = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers, diffusers and timm
@@ -71,24 +69,22 @@ def from_hub(load, what, fix):
     if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
         raise RuntimeError(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. On a "
-                           f"machine with internet, {fix}") from cache_miss
+                           f"machine with internet, run `hf download {files}` and copy the cache "
+                           f"(~/.cache/huggingface, or $HF_HOME) here, or `hf download {files} --local-dir DIR` and "
+                           f"pass {flag} {local}") from cache_miss
     return load()
 
 
 def load_vae(name, path=None, device="cpu"):
     """-> (vae, shift, scale): the frozen VAE and its latent normalisation (see latent_stats)."""
     import diffusers
-    if name not in VAES:
-        raise ValueError(f"unknown VAE {name!r}; choose from {sorted(VAES)} (or 'none' for pixel space)")
     class_name, hub_id, subfolder = VAES[name]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     files = f"{hub_id} --include '{subfolder}/*'" if subfolder else hub_id
-    vae = from_hub(lambda: getattr(diffusers, class_name).from_pretrained(path or hub_id, subfolder=subfolder,
-                                                                           torch_dtype=dtype),
-                   f"the {name} VAE ({path or hub_id})",
-                   f"run `hf download {files}` and copy the cache (~/.cache/huggingface, or $HF_HOME) here, or "
-                   f"`hf download {files} --local-dir DIR` and pass prepare.py --vae-path DIR")
-    vae = vae.to(device).eval().requires_grad_(False)
+    load = getattr(diffusers, class_name).from_pretrained
+    vae = from_hub(lambda: load(path or hub_id, subfolder=subfolder, torch_dtype=dtype),
+                   f"the {name} VAE ({path or hub_id})", files, "prepare.py --vae-path").to(device)
+    vae = vae.eval().requires_grad_(False)
     return (vae, *latent_stats(vae))
 
 
@@ -102,9 +98,8 @@ def latent_stats(vae):
         shift = vae.bn.running_mean.float().view(C, p, p)
         scale = (vae.bn.running_var.float() + vae.config.batch_norm_eps).rsqrt().view(C, p, p)
         return shift, scale
-    device = vae.device
-    shift = torch.full((C, 1, 1), float(getattr(vae.config, "shift_factor", None) or 0.0), device=device)
-    return shift, torch.full((C, 1, 1), float(vae.config.scaling_factor), device=device)
+    factors = (getattr(vae.config, "shift_factor", None) or 0.0, vae.config.scaling_factor)
+    return tuple(torch.full((C, 1, 1), float(f), device=vae.device) for f in factors)
 
 
 def latent_affine(z, mul, add):
@@ -128,10 +123,10 @@ def denormalize_latent(z, shift, scale):
 # Loading
 
 class Shard:
-    """One shard directory, every array memory-mapped (offsets read into memory). count: the rows index.json
-    expects, checked against every array."""
+    """One shard directory, every array memory-mapped (offsets read into memory), checked against what index.json
+    expects: `count` rows and the arrays of `schema`."""
 
-    def __init__(self, path, count=None):
+    def __init__(self, path, count=None, schema=()):
         self.path, self.arrays = Path(path), {}
         root = self.path.parent.parent
         repair = (f"delete {root} and prepare it again (python prepare.py --out {root} with the settings in its "
@@ -143,6 +138,8 @@ class Shard:
                 self.arrays[p.stem] = np.load(p, mmap_mode=None if p.stem.endswith("_offsets") else "r")
             except (ValueError, OSError, EOFError) as e:  # numpy's words for a file cut short: "mmap length", "EOF"
                 raise ValueError(f"{p}: unreadable ({e}); the shard is damaged (a file cut short?): {repair}") from e
+        if missing := set(schema) - set(self.arrays):
+            raise FileNotFoundError(f"{self.path}: {sorted(p + '.npy' for p in missing)} missing; {repair}")
         rows = {name: len(a) - name.endswith("_offsets") for name, a in self.arrays.items()
                 if name in FIXED or name.endswith("_offsets")}
         if count is not None and set(rows.values()) - {count}:
@@ -165,14 +162,10 @@ class PreparedDataset:
             raise FileNotFoundError(f"{self.root / 'index.json'} not found: prepare it first with "
                                     f"`python prepare.py --out {root} ...`")
         self.index = json.loads((self.root / "index.json").read_text())
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # each memory map holds a file descriptor
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # each memory map holds a file descriptor
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         entries = [s for s in self.index[split]["shards"] if s["count"]]
-        self.shards = [Shard(self.root / s["path"], s["count"]) for s in entries]
-        for shard in self.shards:
-            if missing := set(self.index["schema"]) - set(shard.arrays):
-                raise FileNotFoundError(f"{shard.path}: {sorted(p + '.npy' for p in missing)} missing; prepare "
-                                        f"{self.root} again")
+        self.shards = [Shard(self.root / s["path"], s["count"], self.index["schema"]) for s in entries]
         counts = [s["count"] for s in entries]
         self.shard_of = np.repeat(np.arange(len(counts)), counts)
         self.row_of = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, np.int64)
@@ -185,8 +178,7 @@ class PreparedDataset:
 
 
 def host_buffer(shape, dtype, pin):
-    """Batch memory: pinned for CUDA (torch caches it); numpy's for CPU, about 2x faster to fill here than a fresh
-    torch.empty, which faults in new pages on every large allocation."""
+    """Batch memory: pinned for CUDA (torch caches it); numpy's for CPU (torch.empty faults in fresh pages)."""
     if pin:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     return torch.from_numpy(np.empty(shape, dtype={torch.int16: np.int16, torch.uint8: np.uint8}[dtype]))
@@ -386,9 +378,8 @@ class HeldoutSplit:
 
 def data_dirs(spec):
     """The prepared directories a --data spec names, in order of appearance ([] for builtin)."""
-    if spec == "builtin":
-        return []
-    return list(dict.fromkeys(name for _, weights in parse_data_phases(spec) for name in weights))
+    phases = [] if spec == "builtin" else parse_data_phases(spec)
+    return list(dict.fromkeys(name for _, weights in phases for name in weights))
 
 
 def open_loader(spec, batch_size, rank, world_size, seed, captions, device, grad_accum, resolution, text_context,

@@ -70,11 +70,6 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
         raise ValueError(f"pred must be 'v' (velocity) or 'x' (x0, JiT), got {pred!r}")
-    if len(seeds) != B:
-        raise ValueError(f"need one seed per sample: got {len(seeds)} seeds for {B} captions")
-    if null_txt.shape[0] != 1 or null_txt.shape[2] != txt.shape[2]:
-        raise ValueError(f"null_txt must be [1, L0, {txt.shape[2]}] (the encoded empty prompt), "
-                         f"got {list(null_txt.shape)}")
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
     guided = cfg_scale > 1
@@ -141,10 +136,6 @@ def fingerprint(weight):
     return hashlib.sha256(weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:8]
 
 
-def missing_weights(what, where):
-    return RuntimeError(f"{what}: not on this machine, and the download failed. On a machine with internet, {where}")
-
-
 def load_inception(weights=None):
     """torch-fidelity's FeatureExtractorInceptionV3 ('inception-v3-compat', 2048-d pool features): the TF Inception
     of the original FID. weights: the .pth file; default the torch hub cache, downloaded on first use. Read with
@@ -156,8 +147,9 @@ def load_inception(weights=None):
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, cached)
         except OSError as e:
-            raise missing_weights("FID Inception weights", f"download {URL_INCEPTION_V3} and put it at "
-                                  f"{cached}, or pass --fid-weights PATH") from e
+            raise RuntimeError(f"FID Inception weights: not on this machine, and the download failed. On a machine "
+                               f"with internet, download {URL_INCEPTION_V3} to {cached}, or pass --fid-weights PATH"
+                               ) from e
     weights = weights or cached
     if not os.path.exists(weights):
         raise FileNotFoundError(f"--fid-weights {weights}: no such file; it should be "
@@ -211,9 +203,7 @@ def normalize(images, mean, std, device):
 def load_clip(name=CLIP_ID):
     """CLIP ViT-L/14-336 vision tower with its projection (transformers), from the hub or a local folder."""
     from transformers import CLIPVisionModelWithProjection
-    model = from_hub(lambda: CLIPVisionModelWithProjection.from_pretrained(name), f"CLIP {name}",
-                     f"run `hf download {name}` and copy the cache (~/.cache/huggingface, or $HF_HOME) here, or "
-                     f"`hf download {name} --local-dir DIR` and pass --clip DIR")
+    model = from_hub(lambda: CLIPVisionModelWithProjection.from_pretrained(name), f"CLIP {name}", name, "--clip")
     return model.eval().requires_grad_(False)
 
 
@@ -237,8 +227,9 @@ def load_dino(name=DINO_ID, pretrained=True, flag="--dino-weights", **timm_kwarg
         raise FileNotFoundError(f"{flag} {file}: no such file; it should be model.safetensors of {repo or name} "
                                 f"(`hf download {repo or name} model.safetensors`)")
     if pretrained and file is None and repo:  # fetch the weights before building the network (ViT-L: seconds)
-        overlay["file"] = from_hub(lambda: hf_hub_download(repo, "model.safetensors"), f"{repo} model.safetensors",
-                                   f"run `hf download {repo} model.safetensors` and pass {flag} <that file>")
+        files = f"{repo} model.safetensors"
+        overlay["file"] = from_hub(lambda: hf_hub_download(repo, "model.safetensors"), files, files, flag,
+                                   "DIR/model.safetensors")
     model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay,
                               **timm_kwargs)
     return model.eval().requires_grad_(False)
@@ -288,16 +279,12 @@ def all_reduce(x):
 
 
 def gather_rows(x):
-    """(n_rank, D) on each rank -> (sum of n_rank, D) on every rank; all_gather wants equal sizes, so pad."""
+    """(n_rank, D) on each rank -> (sum of n_rank, D) on every rank, in rank order (the ranks' counts may differ)."""
     if not distributed():
         return x
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
-    padded = x.new_zeros(max(int(c) for c in counts), x.shape[1])
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat(parts).to(x.device)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -334,9 +321,6 @@ class Metrics:
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
                  device="cpu"):
-        unknown = set(metrics) - set(FEATURE_METRICS)
-        if unknown or not metrics:
-            raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {FEATURE_METRICS}")
         if ref_path and not os.path.exists(ref_path):
             raise FileNotFoundError(f"{ref_path}: no such reference; make it with `python eval.py ref --data <eval "
                                     f"data> --out {ref_path}`")
@@ -387,8 +371,6 @@ class Metrics:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {list(images.shape)}; "
                              f"from [-1, 1] floats use eval.to_uint8(x)")
-        if self.resolution not in (None, images.shape[-1]):
-            raise ValueError(f"images of {images.shape[-1]} px after {self.resolution} px: one resolution per run")
         self.resolution = images.shape[-1]
         self.count += len(images)
         if "fid" in self.metrics:
@@ -415,8 +397,6 @@ class Metrics:
             np.savez(path, **features)
 
     def compute(self):
-        if self.ref is None:
-            raise ValueError("no reference: pass ref_path (made by `python eval.py ref`)")
         f = self.features()
         self.check_reference(f["count"], f["resolution"])
         result = {}
@@ -533,8 +513,7 @@ def build_metrics(args, names, device):
     if not args.ref and args.command == "eval":
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
-    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights), flag="--dino-weights") \
-        if args.dino_weights else DINO_ID
+    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) if args.dino_weights else DINO_ID
     return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
 
 

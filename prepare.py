@@ -16,7 +16,6 @@ and renamed, so an interrupted preparation resumes after its last whole shard, w
 
 import argparse
 import collections
-import functools
 import glob
 import hashlib
 import html
@@ -73,7 +72,6 @@ class T5GemmaTextEncoder:
     def __init__(self, model, tokenizer, max_tokens=256):
         self.model, self.tokenizer, self.max_tokens = model.eval().requires_grad_(False), tokenizer, max_tokens
         self.tokenizer.padding_side = "right"  # real tokens keep positions 0..L-1, as when encoded alone
-        self.dim = model.config.encoder.hidden_size
 
     @classmethod
     def from_pretrained(cls, name="google/t5gemma-2b-2b-ul2", device="cpu", max_tokens=256):
@@ -82,9 +80,7 @@ class T5GemmaTextEncoder:
         # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
         model, tokenizer = from_hub(
             lambda: (T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype),
-                     AutoTokenizer.from_pretrained(name)),
-            f"the text encoder {name}", f"run `hf download {name}` and copy the cache (~/.cache/huggingface, or "
-            f"$HF_HOME) here, or `hf download {name} --local-dir DIR` and pass --text-encoder DIR")
+                     AutoTokenizer.from_pretrained(name)), f"the text encoder {name}", name, "--text-encoder")
         return cls(model.to(device), tokenizer, max_tokens)
 
     @torch.no_grad()
@@ -165,15 +161,14 @@ def folder_rows(files, root):
 
 
 def open_source(source, image_field, rank, world_size):
-    """-> (rows, total): a streamed datasets.IterableDataset over this rank's files, or (None, 0).
-    Sources: a folder of images with .txt/.json captions, a glob of local .parquet/.tar files, a hub dataset id."""
+    """-> (rows, total): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has none."""
     import datasets
     root = Path(source)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
     if images:
         mine = images[rank::world_size]
         rows = datasets.IterableDataset.from_generator(folder_rows, gen_kwargs=dict(files=mine, root=root))
-        return (rows if mine else None), len(mine)
+        return (rows if mine else []), len(mine)
     if source.endswith((".parquet", ".tar")):
         builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
                                                 data_files=sorted(glob.glob(source)))
@@ -184,7 +179,7 @@ def open_source(source, image_field, rank, world_size):
     splits = builder.info.splits
     total = splits["train"].num_examples * len(mine) // len(files) if splits and "train" in splits else None
     if not mine:
-        return None, 0
+        return [], 0
     rows = datasets.load_dataset(builder.name, data_files=mine, split="train", streaming=True)
     if isinstance((rows.features or {}).get(image_field), datasets.Image):
         rows = rows.cast_column(image_field, datasets.Image(decode=False))  # we decode, so bad images are counted
@@ -283,18 +278,15 @@ def prepare(args, rank=0, world_size=1):
         emb, mask = encoder([""])
         np.save(out / "null_txt.tmp.npy", to_bits(emb[0, mask[0]]))
         os.replace(out / "null_txt.tmp.npy", out / "null_txt.npy")
-    if rows is not None and source_state is not None:
+    if source_state is not None:  # shards of this rank exist, so it has rows
         rows.load_state_dict(source_state)
-    columns = {"train": {}, "eval": {}}
-    skipped, pending = {}, 0
+    columns, skipped, pending, it = {"train": {}, "eval": {}}, {}, 0, iter(rows)
     bar = tqdm(total=total, initial=rows_done, unit="img", desc=f"prepare rank {rank}", disable=rank != 0)
-    it = iter(rows if rows is not None else [])
     with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes and resizes outside the GIL
         while True:
             chunk = list(itertools.islice(it, args.batch_size))
             positions = range(rows_done, rows_done + len(chunk))
-            samples = list(pool.map(functools.partial(load_sample, args=args, fields=fields, rank=rank), chunk,
-                                    positions))
+            samples = list(pool.map(lambda row, i: load_sample(row, i, args, fields, rank), chunk, positions))
             skipped.update({s["id"]: s["reason"] for s in samples if "reason" in s})
             good = [s for s in samples if "reason" not in s]
             if good:
@@ -320,15 +312,7 @@ def prepare(args, rank=0, world_size=1):
     if rank == 0:
         while not all((out / "train" / f"done-r{r:03d}").exists() for r in range(world_size)):
             time.sleep(10)  # the other ranks are still encoding
-        try:
-            write_index(out, vars(args), shift, scale)
-        except NothingPrepared as e:
-            discard(out)
-            raise NothingPrepared(f"{e}; nothing is kept, so a rerun with corrected flags starts afresh") from None
-
-
-class NothingPrepared(ValueError):
-    """Every sample was skipped (or went to the eval split): there is no training data to index."""
+        write_index(out, vars(args), shift, scale)
 
 
 def write_index(out, settings, shift=None, scale=None):
@@ -338,10 +322,12 @@ def write_index(out, settings, shift=None, scale=None):
     skipped = {k: v for m in metas["train"] for k, v in m["skipped"].items()}
     reasons = collections.Counter(r.split(":")[0] for r in skipped.values())
     first = next((p for p, m in zip(shards["train"], metas["train"]) if m["count"]), None)
-    if first is None:
+    if first is None:  # every sample was skipped or held out
         held, example = sum(m["count"] for m in metas["eval"]), next(iter(skipped.values()), "")
-        raise NothingPrepared(f"{out}: no sample was prepared for training ({held} went to the eval split); "
-                              f"skipped: {dict(reasons)}, e.g. {example!r}")
+        discard(out)
+        raise ValueError(f"{out}: no sample was prepared for training ({held} went to the eval split); skipped: "
+                         f"{dict(reasons)}, e.g. {example!r}; nothing is kept, so a rerun with corrected flags "
+                         f"starts afresh")
     schema = {p.stem: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
               for p in sorted(first.glob("*.npy")) for a in [np.load(p, mmap_mode="r")]}
     index = {split: {"count": sum(m["count"] for m in metas[split]),
@@ -368,7 +354,6 @@ def parse_caption_fields(spec):
     if not fields or len(fields) != len(spec.split(",")) or not all(re.fullmatch(r"\w+", k) for k in fields):
         raise ValueError(f"--captions {spec!r}: expected name=field pairs such as long=llava,short=prompt")
     return fields
-
 
 
 def main(argv=None):

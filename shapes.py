@@ -57,8 +57,6 @@ class Scene:
 def sample_scene(rng, split="train"):
     """One or two objects of different colours in different cells. Training scenes use only TRAIN_PAIRS;
     held-out scenes contain one of HELDOUT_PAIRS (and maybe a training pair)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     first = HELDOUT_PAIRS if split == "heldout" else TRAIN_PAIRS
     pairs = [first[rng.integers(len(first))]]
     if rng.integers(2):  # different colours: two same-coloured shapes in touching cells would read as one blob
@@ -87,8 +85,6 @@ def draw_shape(draw, shape, cx, cy, r, fill):
         a = r / 3
         draw.rectangle([cx - r, cy - a, cx + r, cy + a], fill=fill)
         draw.rectangle([cx - a, cy - r, cx + a, cy + r], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
 
 
 def render(scene, resolution=32):
@@ -123,8 +119,6 @@ class ShapesDataset:
         self.seed, self.split = seed, split
 
     def scene(self, index):
-        if index < 0:
-            raise ValueError(f"sample index must be >= 0, got {index}")
         return sample_scene(np.random.default_rng([self.seed, SPLITS.index(self.split), index]), self.split)
 
     def batch(self, indices, resolution=32, caption="long"):
@@ -132,18 +126,16 @@ class ShapesDataset:
         if caption not in ("long", "short"):
             raise ValueError(f"caption must be 'long' or 'short', got {caption!r}")
         scenes = [self.scene(int(i)) for i in indices]
-        images = torch.from_numpy(np.stack([render(s, resolution) for s in scenes])).permute(0, 3, 1, 2)  # (B, 3, H, W)
-        captions = [(long_caption if caption == "long" else short_caption)(s) for s in scenes]
-        return images, captions
+        images = torch.from_numpy(np.stack([render(s, resolution) for s in scenes])).permute(0, 3, 1, 2)
+        return images, [(long_caption if caption == "long" else short_caption)(s) for s in scenes]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Built-in frozen text encoder
 
 START = "<start>"  # every caption begins with it, so the empty caption still has one token (caption dropout)
-GRAMMAR_WORDS = "a background with and in the".split()
-VOCAB = (START,) + tuple(sorted(set(GRAMMAR_WORDS + " ".join(
-    [*COLORS, *BACKGROUNDS, *SHAPES, *SIZES, *REGIONS]).split())))
+VOCAB = (START,) + tuple(sorted(set(" ".join(["a background with and in the", *COLORS, *BACKGROUNDS, *SHAPES, *SIZES,
+                                              *REGIONS]).split())))
 
 
 def sinusoidal_positions(length, dim):
@@ -158,18 +150,13 @@ TEXT_CONTEXT = 5  # the built-in encoder's context window (words each side); a r
 
 class BuiltinTextEncoder(nn.Module):
     """Frozen encoder of the caption grammar: token = seeded random word vector + sinusoidal position, plus
-    tanh(W @ [the 2k+1 tokens around it]) with a seeded random W (context=k).
-
-    PRX never updates text tokens (image tokens only read their keys and values), so which colour goes with
-    which shape and region must be readable from the embedding. The context window puts a word's neighbours into
-    its own vector: with k=5 a region word ("left" in "a large red circle in the top left") holds its object's
-    colour and kind (what it buys: records/2026-11-23_cpu-track-context5). Weights are buffers: no optimizer sees
-    them."""
+    tanh(W @ [the 2k+1 tokens around it]) with a seeded random W (context=k); weights are buffers, no optimizer's.
+    PRX never updates text tokens (image tokens only read their keys and values), so which colour goes with which
+    shape and region must be in a word's own vector: with k=5 a region word ("left" in "a large red circle in the top
+    left") holds its object's colour and kind (records/2026-11-23_cpu-track-context5)."""
 
     def __init__(self, dim=64, seed=0, max_len=64, context=TEXT_CONTEXT):
         super().__init__()
-        if dim % 2:
-            raise ValueError(f"dim must be even (sinusoidal positions), got {dim}")
         self.dim, self.max_len, self.context = dim, max_len, context
         self.index = {word: i for i, word in enumerate(VOCAB)}
         g = torch.Generator().manual_seed(seed)
@@ -181,8 +168,7 @@ class BuiltinTextEncoder(nn.Module):
 
     def tokenize(self, caption):
         words = [START] + caption.lower().replace(",", " ").replace(".", " ").split()
-        unknown = [w for w in words if w not in self.index]
-        if unknown:
+        if unknown := [w for w in words if w not in self.index]:
             raise ValueError(f"words {unknown} are not in the built-in caption grammar ({caption!r}); "
                              f"the built-in encoder knows only {VOCAB[1:]}")
         if len(words) > self.max_len:
@@ -213,7 +199,6 @@ class BuiltinTextEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Caption checker for the built-in shapes dataset: reads a generated image and says, for each object its caption
 # names, whether an object of that colour, kind and region is there.
-# 
 # Each pixel takes the nearest palette colour (object and background colours) if it is within MAX_COLOR_DISTANCE;
 # the pixels of the named colour are split into connected components; a component counts if its centroid lies in
 # the named cell, its area is plausible for a shape at this resolution, it holds at least half of the cell's
@@ -290,11 +275,8 @@ def check_scene(image, objects):
                          f"{getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}; from a [-1, 1] tensor x "
                          f"(3, H, W) use ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()")
     labels = color_labels(image)
-    results = []
-    for o in objects:
-        kinds = kinds_in_cell(labels, o.color, o.region)
-        results.append({"full": o.shape in kinds, "color_region": len(kinds) > 0})
-    return results
+    kinds = [kinds_in_cell(labels, o.color, o.region) for o in objects]
+    return [{"full": o.shape in k, "color_region": len(k) > 0} for o, k in zip(objects, kinds)]
 
 
 def caption_accuracy(images, scenes):
@@ -371,8 +353,7 @@ class HeldoutShapes:
 
     def images(self, indices):
         """-> uint8 (B, 3, R, R): the renders of the held-out scenes (reference statistics)."""
-        images = np.stack([render(s, self.resolution) for s in self.scenes(indices)])  # (B, R, R, 3)
-        return torch.from_numpy(images).permute(0, 3, 1, 2)
+        return self.shapes.batch(indices, self.resolution, self.caption)[0]
 
     def score(self, images, indices):
         """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy"}, means over the batch."""

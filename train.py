@@ -187,13 +187,6 @@ def get_args(argv=None):
     return args
 
 
-def check_world(args, world):
-    chunks = args.batch_size // args.micro_batch
-    if args.batch_size % args.micro_batch or chunks % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
-                         f"{args.micro_batch} x {world} processes")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching (REFERENCE section 3)
 
@@ -524,13 +517,7 @@ def restore(ckpt, model, ema, trainee, opt, loader, device):
 
 def library_versions():
     names = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return {"python": sys.version.split()[0], **{name: importlib.metadata.version(name) for name in names}}
 
 
 class RunLog:
@@ -553,13 +540,7 @@ class RunLog:
         self.file.write(f"=== {os.path.basename(config_path)}\n" + json.dumps(config, indent=2) + "\n")
         if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
             with open(self.metrics_path) as f:
-                kept = []
-                for line in f:
-                    try:
-                        if json.loads(line).get("step", 0) <= start_step:
-                            kept.append(line)
-                    except json.JSONDecodeError:
-                        pass
+                kept = [line for line in f if line.endswith("}\n") and json.loads(line).get("step", 0) <= start_step]
             with open(self.metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.metrics_path + ".tmp", self.metrics_path)
@@ -591,7 +572,7 @@ def run_folder(args, master):
 
 def config_of(args, cfg, world, n_params, device):
     return {"args": vars(args), "model": vars(cfg), "sampling": sampling_settings(args), "world_size": world,
-            "parameters": n_params, "versions": {"python": sys.version.split()[0], **library_versions()},
+            "parameters": n_params, "versions": library_versions(),
             "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -602,7 +583,9 @@ def config_of(args, cfg, world, n_params, device):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed()
-    check_world(args, world)
+    if args.batch_size % (args.micro_batch * world):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
+                         f"{args.micro_batch} x {world} processes")
     master = rank == 0
     out, ckpt = run_folder(args, master)
     chunks_per_rank = args.batch_size // args.micro_batch // world
