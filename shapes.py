@@ -8,7 +8,9 @@ A scene is 1 or 2 coloured shapes in a 3x3 grid on a plain background; sample i 
 caption checker measures compositional generalisation.
 """
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,3 +361,123 @@ class HeldoutShapes:
         """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy"}, means over the batch."""
         acc = caption_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), self.scenes(indices))
         return {"caption_accuracy": acc["full"], "color_region_accuracy": acc["color_region"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in REPA teacher (--repa builtin): what DINOv2 is to photos, for the built-in world
+
+TEACHER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_teacher.safetensors")
+TEACHER_SEED, TEACHER_STEPS = 0, 1200  # `python shapes.py teacher` reproduces TEACHER_FILE with these
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, patch):
+        super().__init__()
+        self.patch_size = (patch, patch)
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x)  # (B, D, H/p, W/p)
+
+
+class ShapesTeacher(nn.Module):
+    """A small frozen image encoder: 4 px patches embedded, then residual 3x3 convolutions on the token grid, so
+    that each token sees its neighbours (an object spans 2-3 tokens at 32 px). Trained once, on training scenes
+    only (the held-out pairs stay unseen), to read in every token the colour, kind and size of the object
+    covering it: per-patch attributes the generator's scenes define exactly, where DINOv2 learnt them from photos
+    without labels. Exposes what train.teacher_tokens uses of a timm ViT: pretrained_cfg (mean, std),
+    patch_embed.patch_size, num_prefix_tokens, num_features and forward_features -> (B, N, D)."""
+
+    def __init__(self, dim=32, patch=4, depth=4):
+        super().__init__()
+        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # images in [-1, 1]
+        self.num_prefix_tokens, self.num_features = 0, dim
+        self.patch_embed = PatchEmbed(dim, patch)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 3, padding=1), nn.GELU())
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)              # (B, D, h, w)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.norm(x.flatten(2).transpose(1, 2))  # (B, h*w, D)
+
+
+def token_labels(scene, grid=8):
+    """Per token of a grid x grid image: (colour, kind, size) class indices of the object covering most of it
+    (over a quarter of its area), else (background colour, -100, -100): (3, grid * grid) int64. Colours 0..5 are
+    objects', 6..8 backgrounds'; -100 is cross_entropy's ignore_index: kind and size are learnt on object tokens."""
+    big = grid * 8  # coverage to 1/64 of a token
+    labels = torch.tensor([len(COLORS) + list(BACKGROUNDS).index(scene.background), -100, -100])
+    labels = labels[:, None].repeat(1, grid * grid)
+    best = torch.full((grid * grid,), 0.25)
+    for o in scene.objects:
+        mask = Image.new("L", (big, big), 0)
+        draw_shape(ImageDraw.Draw(mask), o.shape, o.x * big, o.y * big, SIZES[o.size] * big / 6, 255)
+        cover = torch.from_numpy(np.asarray(mask.reduce(big // grid), dtype=np.float32) / 255).flatten()  # (grid^2,)
+        mine = cover > best
+        labels[:, mine] = torch.tensor([list(COLORS).index(o.color), SHAPES.index(o.shape),
+                                        list(SIZES).index(o.size)])[:, None]
+        best = torch.maximum(best, cover)
+    return labels
+
+
+def recolor(scene, rng):
+    """The scene with its objects in other random colours (still different from each other): the teacher's colour
+    augmentation, as DINO's colour jitter, so that it reads a kind whatever its colour."""
+    colors = rng.choice(len(COLORS), size=len(scene.objects), replace=False)
+    return Scene(scene.background, [dataclasses.replace(o, color=list(COLORS)[c]) for o, c in zip(scene.objects, colors)])
+
+
+def train_teacher(steps=TEACHER_STEPS, seed=TEACHER_SEED, batch_size=64, lr=2e-3):
+    """The teacher and its three linear heads (colour, kind, size) trained with cross-entropy on the tokens of
+    recoloured training scenes of ShapesDataset(seed=1000 + seed); one thread, so that the same seed gives the same
+    weights.
+    -> the teacher (frozen), the heads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    teacher = ShapesTeacher()
+    splits = (len(COLORS) + len(BACKGROUNDS), len(SHAPES), len(SIZES))
+    heads = nn.Linear(teacher.num_features, sum(splits))
+    opt = torch.optim.AdamW([*teacher.parameters(), *heads.parameters()], lr=lr)
+    data = ShapesDataset(seed=1000 + seed)
+    for step in range(steps):
+        scenes = [recolor(data.scene(i), np.random.default_rng([seed, i]))
+                  for i in range(step * batch_size, (step + 1) * batch_size)]
+        images = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2)  # (B, 3, 32, 32)
+        labels = torch.stack([token_labels(s) for s in scenes])                                # (B, 3, N)
+        logits = heads(teacher.forward_features(images.float() / 127.5 - 1)).split(splits, dim=-1)
+        loss = sum(F.cross_entropy(l.flatten(0, 1), y.flatten()) for l, y in zip(logits, labels.unbind(1)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"teacher step {step}/{steps} | loss {loss.item():.4f}", flush=True)
+    torch.set_num_threads(threads)
+    return teacher.eval().requires_grad_(False), heads
+
+
+def load_teacher(path=TEACHER_FILE):
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the built-in REPA teacher is missing; make it with `python shapes.py "
+                                f"teacher` (about a minute)")
+    teacher = ShapesTeacher()
+    teacher.load_state_dict(load_file(path))
+    return teacher.eval().requires_grad_(False)
+
+
+if __name__ == "__main__":
+    import argparse
+    from safetensors.torch import save_file
+    parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.")
+    parser.add_argument("command", choices=["teacher"])
+    parser.add_argument("--out", default=TEACHER_FILE)
+    parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
+    parser.add_argument("--seed", type=int, default=TEACHER_SEED)
+    args = parser.parse_args()
+    teacher, _ = train_teacher(args.steps, args.seed)
+    save_file(teacher.state_dict(), args.out)
+    print(f"wrote {args.out}")

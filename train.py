@@ -36,14 +36,16 @@ from data import data_dirs, open_heldout, open_loader, pad_text
 from eval import Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, file_sha256, flops_per_sample, list_checkpoints, preset_config, trim_text, \
     verify_checkpoint
-from shapes import TEXT_CONTEXT
+from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
 # (printed at start, stored in config.json). Evidence: records/2026-11-23_cpu-track-context5.
 CPU_TRACK = dict(model="tiny-pixel", resolution=32, batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
                  grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, sample_steps=20,
                  cfg_scale=3.0, ckpt_every=500, log_every=50)
-REPA_TEACHERS = {"dinov2": "vit_large_patch14_reg4_dinov2.lvd142m", "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
+# builtin: shapes.ShapesTeacher, trained once on the built-in world (`python shapes.py teacher`), the CPU track's DINO
+REPA_TEACHERS = {"builtin": None, "dinov2": "vit_large_patch14_reg4_dinov2.lvd142m",
+                 "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
 # flags a resume may change (a second phase: lr, schedule, data, evaluation); any other must equal the checkpoint's
 RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every", "keep", "data", "captions",
              "caption_dropout", "compile", "lr", "warmup", "cooldown", "grad_clip", "eval_every", "eval_minutes",
@@ -112,7 +114,7 @@ def get_parser():
     g.add_argument("--foreground-weight", type=number(float, 0), default=0.0,
                    help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
     g.add_argument("--repa", default=None, choices=sorted(REPA_TEACHERS), help="REPA: align the tokens after "
-                   "--repa-layer with a frozen DINO teacher's patch tokens")
+                   "--repa-layer with a frozen teacher's patch tokens (builtin: shapes.py's, for --data builtin)")
     g.add_argument("--repa-layer", type=number(int, 0), default=None, help="block index (default PRX's 7 of 16, "
                    "scaled to the depth)")
     g.add_argument("--repa-lambda", type=positive, default=0.5, help="REPA loss weight")
@@ -171,6 +173,10 @@ def get_args(argv=None):
         args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5)
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
+    if args.repa == "builtin" and args.data != "builtin":
+        parser.error("--repa builtin: the built-in teacher reads the built-in shapes only; use dinov2 or dinov3")
+    if args.repa == "builtin" and args.repa_teacher:
+        parser.error("--repa-teacher names a timm model: not with --repa builtin")
     if args.data == "builtin" and args.captions not in ("long", "short"):
         parser.error(f"--captions {args.captions}: the built-in dataset has long and short captions only")
     try:
@@ -373,8 +379,9 @@ def build_model(args, loader, device):
     if args.repa:
         overlay = dict(pretrained_cfg_overlay=dict(file=args.repa_weights)) if args.repa_weights else {}
         try:
-            teacher = load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], flag="--repa-weights",
-                                dynamic_img_size=True, **overlay).to(device)
+            teacher = (load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else
+                       load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], flag="--repa-weights",
+                                 dynamic_img_size=True, **overlay)).to(device)
         except (FileNotFoundError, RuntimeError) as e:
             raise SystemExit(f"error: --repa {args.repa}: {e}")
     trainee = Trainee(model, teacher.num_features if teacher else None, args.repa_layer).to(device)

@@ -190,6 +190,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--captions", "mixed"], "--captions mixed: the built-in dataset has long and short captions only"),
     (["--data", "a:0"], "--data: "),
     (["--eval-ref", "/nonexistent.npz"], "--eval-ref /nonexistent.npz: no such file"),
+    (["--repa", "builtin", "--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher names a timm model"),
 ])
 def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -296,3 +297,10 @@ def test_missing_repa_weights_name_the_flag(tmp_path):
     r = run(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out", str(tmp_path / "r"),
                      "--max-steps", "1"])
     assert r.returncode != 0 and "--repa-weights /nonexistent.safetensors: no such file" in r.stderr, r.stderr[-1000:]
+
+
+def test_repa_builtin_teacher_trains(tmp_path):
+    r = run(SMALL + ["--repa", "builtin", "--out", str(tmp_path / "r"), "--max-steps", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step_2" / "trainer.pt", weights_only=True)
+    assert state["repa_proj"]["4.weight"].shape == (32, 1024)  # the built-in teacher's 32-wide tokens
