@@ -2,7 +2,8 @@
 Every benchmark of the project, each next to its baseline measured in the same run: one line per figure with ours,
 the baseline's and their ratio. One timer for all (`timed`): untimed warm-up calls first, then the two sides take
 turns call by call (a slow spell of a shared machine hits both; the loader's sides run one after the other, see
-there), CUDA synchronised before each clock reading; a figure is the median over the timed calls.
+there), CUDA synchronised before each clock reading; a time is the median over the timed calls, a loader rate is
+over a whole epoch.
 
     python bench.py model [--compile]   # PRX forward+backward vs diffusers' PRXTransformer2DModel, same weights and
                                         # inputs; forward FLOPs counted vs the closed form; MFU on CUDA
@@ -139,7 +140,7 @@ def bench_muon(args):
     compare("largest Newton-Schulz share of 8 ranks", 100 * largest / sum(costs), "ideal", 12.5, "% of the FLOPs",
             ".2f")
     depth = model.cfg.depth
-    blocks = args.blocks or (depth if DEVICE.type == "cuda" else 1)
+    blocks = args.blocks or (depth if DEVICE.type == "cuda" else 1)  # CPUs without bf16 matmul units: --preset tiny
     shapes = shapes[:blocks * len(shapes) // depth]
     torch.manual_seed(0)
     weights = [torch.randn(s, device=DEVICE) * 0.02 for s in shapes]
