@@ -358,12 +358,13 @@ class Metrics:
                                  f"there, {value!r} here. Rebuild it: python eval.py ref --data <data> --out {path}")
         return ref
 
-    def check_reference(self, count, resolution):
-        """FID is biased by the sample count and every metric moves with resolution: compare like with like."""
+    def check_reference(self, count, resolution, flag="--num-samples"):
+        """FID is biased by the sample count and every metric moves with resolution: compare like with like. flag:
+        the caller's command-line flag for the count, named in the error."""
         n, r = int(self.ref["count"]), int(self.ref["resolution"])
         if (count, resolution) != (n, r):
             raise ValueError(f"the reference holds {n} images at {r} px but this evaluation has {count} at "
-                             f"{resolution} px; use --num-samples {n}, or build a matching reference with "
+                             f"{resolution} px; use {flag} {n}, or build a matching reference with "
                              f"`python eval.py ref --data <eval data> --num-samples {count} --out <file>`")
 
     @torch.no_grad()

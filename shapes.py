@@ -283,11 +283,14 @@ def check_scene(image, objects):
 
 def caption_accuracy(images, scenes):
     """Fraction of images in which every named object is found: {"full": colour + kind + region,
-    "color_region": ignoring kind}. images: uint8 (B, H, W, 3) array or a list of (H, W, 3) arrays."""
+    "color_region": ignoring kind}, and "object": the fraction of an image's named objects found with colour, kind
+    and region, averaged over images (it moves with each object drawn right, where "full" needs all of them).
+    images: uint8 (B, H, W, 3) array or a list of (H, W, 3) arrays."""
     if len(images) != len(scenes):
         raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one scene per image")
     results = [check_scene(image, scene.objects) for image, scene in zip(images, scenes)]
-    return {key: float(np.mean([all(r[key] for r in rs) for rs in results])) for key in ("full", "color_region")}
+    accuracy = {key: float(np.mean([all(r[key] for r in rs) for rs in results])) for key in ("full", "color_region")}
+    return accuracy | {"object": float(np.mean([np.mean([r["full"] for r in rs]) for rs in results]))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,9 +361,11 @@ class HeldoutShapes:
         return self.shapes.batch(indices, self.resolution, self.caption)[0]
 
     def score(self, images, indices):
-        """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy"}, means over the batch."""
+        """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy", "object_accuracy"}, means
+        over the batch (caption_accuracy)."""
         acc = caption_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), self.scenes(indices))
-        return {"caption_accuracy": acc["full"], "color_region_accuracy": acc["color_region"]}
+        return {"caption_accuracy": acc["full"], "color_region_accuracy": acc["color_region"],
+                "object_accuracy": acc["object"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,7 +432,8 @@ def recolor(scene, rng):
     """The scene with its objects in other random colours (still different from each other): the teacher's colour
     augmentation, as DINO's colour jitter, so that it reads a kind whatever its colour."""
     colors = rng.choice(len(COLORS), size=len(scene.objects), replace=False)
-    return Scene(scene.background, [dataclasses.replace(o, color=list(COLORS)[c]) for o, c in zip(scene.objects, colors)])
+    objects = [dataclasses.replace(o, color=list(COLORS)[c]) for o, c in zip(scene.objects, colors)]
+    return Scene(scene.background, objects)
 
 
 def train_teacher(steps=TEACHER_STEPS, seed=TEACHER_SEED, batch_size=64, lr=2e-3):

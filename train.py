@@ -199,7 +199,8 @@ def get_args(argv=None):
 def sample_t(n, shift, uniform_frac, g, device):
     """Logit-normal t, shifted towards noise by s, with a fraction drawn uniformly; clamped away from 0 and 1."""
     t = shift_t(torch.sigmoid(torch.randn(n, generator=g, device=device)), shift)
-    t = torch.where(torch.rand(n, generator=g, device=device) < uniform_frac, torch.rand(n, generator=g, device=device), t)
+    uniform = torch.rand(n, generator=g, device=device) < uniform_frac
+    t = torch.where(uniform, torch.rand(n, generator=g, device=device), t)
     return t.clamp(1e-3, 1 - 1e-3)
 
 
@@ -291,15 +292,18 @@ def repa_loss(proj, target, idx):
 
 def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
     """One optimizer step over the global batch (this rank's micro-batches, gradients accumulated, one all-reduce)
-    -> (mean loss, grad norm, mean text length) as device tensors / float."""
+    -> mean loss, grad norm (device tensors), mean text length, and the host seconds spent outside the model: in
+    the data (loading, text encoding, noise) and in the optimizer (on CUDA its kernels run on and count as model)."""
     device, patch = loader.null_mask.device, (model.module if isinstance(model, DDP) else model).patch_size
     chunks = args.batch_size // args.micro_batch // world
     for o in opt:
         for group in o.param_groups:
             group["lr"] = lr
-    loss_sum, txt_len = torch.zeros((), device=device), 0
+    loss_sum, txt_len, data_s = torch.zeros((), device=device), 0, 0.0
     for i in range(chunks):
+        t0 = time.perf_counter()
         x0, eps, t, txt, mask, images = micro_batch(args, loader, step, rank + i * world, device)
+        data_s += time.perf_counter() - t0
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
         txt, mask = trim_text(txt, mask)  # eager, before a compiled model
         sync = world == 1 or i == chunks - 1
@@ -315,13 +319,32 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
         loss.backward()
         loss_sum += loss.detach()
         txt_len += txt.shape[1] / chunks
+    t0 = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     for o in opt:
         o.step()
         o.zero_grad(set_to_none=True)
+    opt_s = time.perf_counter() - t0
     if world > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    return loss_sum, grad_norm, txt_len
+    return loss_sum, grad_norm, txt_len, data_s, opt_s
+
+
+def matmul_peak(device, n=1024, reps=8):
+    """FLOP/s of an n x n fp32 matrix product on this device, the best of `reps` (a shared machine only ever slows
+    it), measured once at start, untimed: what the log's utilisation (mfu) compares the training step with on the
+    CPU. On CUDA the step runs in bf16 and compares with --peak-tflops."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = math.inf
+    for _ in range(reps + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def learning_rate(args, step, train_time):
@@ -411,7 +434,7 @@ def setup_eval(args, cfg, device):
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device) \
             if args.eval_ref else None
         if metrics is not None:
-            metrics.check_reference(args.eval_samples, args.resolution)
+            metrics.check_reference(args.eval_samples, args.resolution, "--eval-samples")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref}): {e}")
     shape, decode = load_decoder(cfg, args.data, args.resolution, device)
@@ -639,7 +662,11 @@ def main(argv=None):
     step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
     max_time = args.max_time * 60 if args.max_time else math.inf
     eval_times = [60 * m for m in args.eval_minutes if 60 * m > train_time]
-    time_at_log, samples_since = train_time, 0
+    peak = args.peak_tflops * 1e12 if device.type == "cuda" else matmul_peak(device)
+    log(f"peak {peak:.3g} FLOP/s per process: " + ("--peak-tflops (bf16)" if device.type == "cuda" else
+                                                   "fp32 matmul 1024^3, measured"))
+    num_img = math.prod(loader.x0_shape[1:]) // cfg.patch_size ** 2  # image tokens per sample
+    time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0
     while True:
         last = step >= args.max_steps or train_time >= max_time
         timed_eval = bool(eval_times) and train_time >= eval_times[0]
@@ -671,7 +698,8 @@ def main(argv=None):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         lr = learning_rate(args, step, train_time)
-        loss, grad_norm, txt_len = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
+        loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
+        data_since, opt_since = data_since + data_s, opt_since + opt_s
         if ema is not None and (step + 1) % args.ema_every == 0:
             torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema ** args.ema_every)
         finite &= torch.isfinite(loss)
@@ -691,19 +719,20 @@ def main(argv=None):
                 raise SystemExit(f"error: loss not finite ({loss_value}) at step {step}; stopping. The last "
                                  f"checkpoint is {(list_checkpoints(out) or ['(none)'])[-1]}; lower --lr or raise "
                                  f"--warmup")
-            speed = samples_since / (train_time - time_at_log)  # training time only: eval and checkpoints excluded
+            elapsed = train_time - time_at_log  # training time only: eval and checkpoints excluded
+            speed = samples_since / elapsed
+            flops = 3 * flops_per_sample(cfg, num_img, txt_len) * speed / world  # per process; backward = 2 forwards
+            record = {"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr, "samples_per_s": speed,
+                      "flops_per_s": flops, "mfu": flops / peak, "data_share": data_since / elapsed,
+                      "optimizer_share": opt_since / elapsed, "train_time_s": train_time}
             eta = min((args.max_steps - step) * args.batch_size / speed, max_time - train_time)
-            line = f"step {step}/{args.max_steps} | loss {loss_value:.4f} | grad_norm {grad_norm.item():.3f} | " \
-                   f"lr {lr:.2e} | samples/s {speed:.0f}"
-            if device.type == "cuda":
-                mfu = 3 * flops_per_sample(cfg, math.prod(loader.x0_shape[1:]) // cfg.patch_size ** 2, txt_len) \
-                    * speed / (world * args.peak_tflops * 1e12)
-                line += f" | mfu {mfu:.1%}"
-            line += f" | train {datetime.timedelta(seconds=int(train_time))} | eta " \
-                    f"{datetime.timedelta(seconds=int(max(0, eta)))}"
-            log(line, {"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
-                       "samples_per_s": speed, "train_time_s": train_time})
-            time_at_log, samples_since = train_time, 0
+            log(f"step {step}/{args.max_steps} | loss {loss_value:.4f} | grad_norm {record['grad_norm']:.3f} | "
+                f"lr {lr:.2e} | samples/s {speed:.0f} | flops/s {flops:.3g} | mfu {flops / peak:.1%} | "
+                f"data {record['data_share']:.0%} | optimizer {record['optimizer_share']:.0%} | "
+                f"train {datetime.timedelta(seconds=int(train_time))} | "
+                f"eta {datetime.timedelta(seconds=int(max(0, eta)))}",
+                record)
+            time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0
 
     if world > 1:
         dist.destroy_process_group()

@@ -359,3 +359,12 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys):
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):
         ev.main(["--ckpt", str(tmp_path / "run")])
+
+
+def test_reference_mismatch_names_the_callers_flag():
+    holder = SimpleNamespace(ref={"count": 8, "resolution": 32})
+    with pytest.raises(ValueError, match="use --eval-samples 8"):
+        ev.Metrics.check_reference(holder, 16, 32, "--eval-samples")  # train.py's flag for the count
+    with pytest.raises(ValueError, match="use --num-samples 8"):
+        ev.Metrics.check_reference(holder, 16, 32)
+    ev.Metrics.check_reference(holder, 8, 32)

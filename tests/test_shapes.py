@@ -184,6 +184,21 @@ def test_checker_notices_a_wrong_kind_region_or_colour():
             assert check_scene(image, s.objects)[0] == expected
 
 
+def test_object_accuracy_counts_each_object():
+    """Two-object scenes with one object drawn wrong: no image is fully right, half of the objects are."""
+    pairs = [s for s in scenes("train", 200, seed=8) if len(s.objects) == 2][:20]
+    images = []
+    for s in pairs:
+        first = s.objects[0]
+        wrong = dataclasses.replace(first, shape=SHAPES[(SHAPES.index(first.shape) + 1) % len(SHAPES)])
+        images.append(render(Scene(s.background, [wrong, s.objects[1]]), 48))
+    acc = caption_accuracy(images, pairs)
+    assert acc["full"] == 0 and acc["color_region"] == 1 and acc["object"] == 0.5
+    ones = [s for s in scenes("train", 40, seed=8) if len(s.objects) == 1][:5]
+    acc = caption_accuracy(images[:5] + [render(s, 48) for s in ones], pairs[:5] + ones)
+    assert acc["object"] == pytest.approx((5 * 0.5 + 5 * 1) / 10) and acc["full"] == 0.5
+
+
 def test_checker_rejects_float_images():
     s = scenes("train", 1)[0]
     with pytest.raises(ValueError, match="uint8"):
@@ -249,7 +264,8 @@ def test_heldout_split_score_is_the_caption_checker():
     expected = caption_accuracy(images.permute(0, 2, 3, 1).numpy(), held)
     assert 0 < expected["full"] < 1
     assert split.score(images, idx) == {"caption_accuracy": expected["full"],
-                                        "color_region_accuracy": expected["color_region"]}
+                                        "color_region_accuracy": expected["color_region"],
+                                        "object_accuracy": expected["object"]}
     short = HeldoutShapes(seed=3, caption="short")
     assert short.captions(idx) == [short_caption(s) for s in held]
     with pytest.raises(ValueError, match="long and short"):

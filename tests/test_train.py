@@ -111,6 +111,12 @@ def test_first_run_writes_the_run_folder(tmp_path):
     log = open(out / "log.txt").read()
     assert log.startswith("=== ") and all(f"=== {name}\n" in log for name in ("train.py", "model.py", "shapes.py"))
     assert "step 4/4 | loss" in r.stdout and "grad_norm" in r.stdout
+    from model import PRXConfig, flops_per_sample
+    record = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][-1]
+    text_tokens = 1 + len("a gray background with a large red circle in the top left".split())  # at least this
+    flops = 3 * record["samples_per_s"] * flops_per_sample(PRXConfig(**config["model"]), 64, text_tokens)
+    assert flops <= record["flops_per_s"] <= 2 * flops and record["mfu"] > 0  # 64 tokens: 32 px, patch 4
+    assert 0 < record["data_share"] < 1 and 0 < record["optimizer_share"] < 1
 
 
 @pytest.mark.parametrize("argv, message", [
