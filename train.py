@@ -534,10 +534,10 @@ def restore(ckpt, model, ema, trainee, opt, loader, device):
             o.load_state_dict(s)
         if trainee.repa_proj is not None:
             trainee.repa_proj.load_state_dict(state["repa_proj"])
+        loader.load_state_dict(state["loader"])
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --resume {ckpt} does not fit this model or optimizer ({type(e).__name__}: "
+        raise SystemExit(f"error: --resume {ckpt} does not fit this model, optimizer or loader ({type(e).__name__}: "
                          f"{str(e)[:300]}); resume with the flags the run was started with")
-    loader.load_state_dict(state["loader"])
     return state["step"], state["train_time"]
 
 
