@@ -333,14 +333,14 @@ def test_cli_ref_then_eval_writes_json(tmp_path):
     ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref.npz"), *common])
     ev.main(["--ckpt", str(tmp_path / "run"), "--ref", str(tmp_path / "ref.npz"), *common])
     result = json.loads((ckpt / "eval.json").read_text())
-    assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy"}  # the checker always
+    assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy", "object_accuracy"}
     assert result["metrics"]["cmmd"] > 0 and result["sampling"] == dict(
         steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)  # the run's own
     assert os.path.exists(ckpt / "eval_samples.png")
     ev.main(["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "1", "--cfg-scale", "1.5", "--caption", "short",
              "--out", str(tmp_path / "eval.json")])  # no --metrics on the built-in data: the checker only
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy"}
+    assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy", "object_accuracy"}
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
 
 
