@@ -201,6 +201,18 @@ def pad_text(txt, mask, length):
     return F.pad(txt, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
+def pad_to_common(txt, mask, other_txt, other_mask):
+    """Two text batches (a caption batch and the empty prompt) padded to a common length: the four tensors."""
+    length = max(txt.shape[1], other_txt.shape[1])
+    return (*pad_text(txt, mask, length), *pad_text(other_txt, other_mask, length))
+
+
+def load_null_text(root, device="cpu"):
+    """The encoded empty prompt of a prepared directory: float32 (1, L0, D) and its mask (1, L0)."""
+    null = torch.from_numpy(np.load(Path(root) / "null_txt.npy")).view(torch.bfloat16).float()[None].to(device)
+    return null, torch.ones(null.shape[:2], dtype=torch.bool, device=device)
+
+
 def parse_data_phases(spec):
     """'A:0.7,B:0.3@0;C:1@90000' -> [(0, {"A": 0.7, "B": 0.3}), (90000, {"C": 1.0})]: from optimizer step N on,
     draw each sample from these prepared directories with these weights. 'A' alone is 'A:1@0'."""
@@ -251,9 +263,7 @@ class ShardLoader:
         self.in_channels = self.x0_shape[0]
         self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8
         self.images = images or not self.has_latent
-        null = np.load(self.datasets[0].root / "null_txt.npy")
-        self.null_txt = torch.from_numpy(null).view(torch.bfloat16)[None].to(self.device)  # (1, L0, D)
-        self.null_mask = torch.ones(1, len(null), dtype=torch.bool, device=self.device)
+        self.null_txt, self.null_mask = load_null_text(self.datasets[0].root, self.device)  # (1, L0, D), (1, L0)
         self.worker, self.perms = ThreadPoolExecutor(1), {}
         self.load_state_dict({"batches": 0, "cursors": {}})
 
@@ -344,8 +354,7 @@ class HeldoutSplit:
         if num_samples > len(self.prepared):
             raise ValueError(f"{root} has {len(self.prepared)} held-out samples, fewer than the {num_samples} asked "
                              f"for: ask for fewer, or prepare with a larger --eval-fraction")
-        null = torch.from_numpy(np.load(Path(root) / "null_txt.npy")).view(torch.bfloat16).float()[None]
-        self.null = null, torch.ones(null.shape[:2], dtype=torch.bool)  # (1, L0, D), (1, L0)
+        self.null = load_null_text(root)  # (1, L0, D), (1, L0)
 
     def rows(self, indices):
         return map(self.prepared.locate, indices)  # (shard, row) pairs

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import data_dirs, denormalize_latent, from_hub, load_vae, open_heldout, pad_text
+from data import data_dirs, denormalize_latent, from_hub, load_vae, open_heldout, pad_to_common
 from model import load_run
 
 
@@ -74,9 +74,7 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
     guided = cfg_scale > 1
     if guided:  # one forward for [cond; uncond], text padded to a common length
-        L = max(txt.shape[1], null_txt.shape[1])
-        txt, txt_mask = pad_text(txt, txt_mask, L)
-        null_txt, null_mask = pad_text(null_txt, null_mask, L)
+        txt, txt_mask, null_txt, null_mask = pad_to_common(txt, txt_mask, null_txt, null_mask)
         txt, txt_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
 
     def velocity(x, t, route_ratio=0.0, route_scores=None):

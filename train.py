@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import data_dirs, open_heldout, open_loader, pad_text
+from data import data_dirs, open_heldout, open_loader, pad_to_common
 from eval import Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, file_sha256, flops_per_sample, list_checkpoints, preset_config, trim_text, \
     verify_checkpoint
@@ -226,9 +226,7 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None):
 
 def drop_captions(txt, mask, keep, null_txt, null_mask):
     """Rows where keep is False get the encoded empty prompt with its own mask (PRX), not zeros."""
-    length = max(txt.shape[1], null_txt.shape[1])
-    txt, mask = pad_text(txt, mask, length)
-    null_txt, null_mask = pad_text(null_txt, null_mask, length)
+    txt, mask, null_txt, null_mask = pad_to_common(txt, mask, null_txt, null_mask)
     return torch.where(keep[:, None, None], txt, null_txt), torch.where(keep[:, None], mask, null_mask)
 
 
@@ -244,8 +242,7 @@ def micro_batch(args, loader, step, chunk, device):
     images = batch["image"].float() / 127.5 - 1 if "image" in batch else None  # (B, 3, R, R)
     x0 = batch["latent"] if "latent" in batch else images                      # (B, C, h, w)
     keep = torch.rand(len(x0), generator=g, device=device) >= args.caption_dropout
-    txt, mask = drop_captions(batch["txt"].float(), batch["txt_mask"], keep, loader.null_txt.float(),
-                              loader.null_mask)
+    txt, mask = drop_captions(batch["txt"].float(), batch["txt_mask"], keep, loader.null_txt, loader.null_mask)
     t = sample_t(len(x0), args.shift, args.uniform_t, g, device)
     eps = torch.randn(x0.shape, generator=g, device=device)
     torch.manual_seed(chunk_seed(args.seed, step, chunk) + 1)  # the routing draw inside the model
@@ -442,6 +439,30 @@ def setup_eval(args, cfg, device):
                                         grid=grid, **sampling_settings(args))
 
 
+def wrap_ddp(trainee, world, device):
+    """DDP over the processes (NCCL on CUDA, gloo on CPU), or the trainee itself in one process."""
+    if world == 1:
+        return trainee
+    if device.type == "cuda":
+        return DDP(trainee, device_ids=[device.index])
+    # gloo: DDP's reducer keeps its group alive to the process's end, and a gloo group alive at interpreter exit can
+    # abort the process (SIGABRT) while dropping a finished collective's Python tensor; a group of its own leaves
+    # the world group, which our collectives use, to destroy_process_group
+    return DDP(trainee, process_group=dist.new_group())
+
+
+def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
+    """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): the warm-up trains
+    nothing and costs no training time."""
+    initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
+    for step in range(3):
+        train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
+    trainee.load_state_dict(initial[0])
+    for o, state in zip(opt, initial[1]):
+        o.load_state_dict(state)
+    loader.load_state_dict(initial[2])
+
+
 def sampling_settings(args):
     """How this run samples: stored in config.json, read as is by eval.py."""
     return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, shift=args.shift, pred=args.pred,
@@ -631,14 +652,7 @@ def main(argv=None):
         log(moved)
     if args.compile:
         trainee.model = torch.compile(raw_model)
-    if world > 1 and device.type == "cuda":
-        model = DDP(trainee, device_ids=[device.index])
-    elif world > 1:  # gloo: DDP's reducer keeps its group alive to the process's end, and a gloo group alive at
-        # interpreter exit can abort the process (SIGABRT) while dropping a finished collective's Python tensor;
-        # a group of its own leaves the world group, which our collectives use, to destroy_process_group
-        model = DDP(trainee, process_group=dist.new_group())
-    else:
-        model = trainee
+    model = wrap_ddp(trainee, world, device)
     log(f"model {args.model}: {n_params:,} parameters | {world} process(es) on {device.type} | global batch "
         f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | out {out}"
         + (f" | resumed from {ckpt}" if ckpt else ""))
@@ -647,14 +661,8 @@ def main(argv=None):
             " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.cpu_track))
     run_eval = setup_eval(args, cfg, device)
 
-    if args.compile and not ckpt:  # compile on real batches, untimed, then restore the initial state (modded-nanogpt)
-        initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
-        for step in range(3):
-            train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
-        trainee.load_state_dict(initial[0])
-        for o, s in zip(opt, initial[1]):
-            o.load_state_dict(s)
-        loader.load_state_dict(initial[2])
+    if args.compile and not ckpt:
+        compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
         log("compile warm-up done (3 untimed steps, state restored)")
 
     # the loop: occasional work first (evaluation, checkpoint), then the one training step
