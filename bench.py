@@ -12,12 +12,20 @@ over a whole epoch.
                                         # synthetic dataset of realistic sizes into DIR unless DIR is prepared already
     python bench.py eval                # metric networks vs their reference pipelines, MMD in blocks vs one block,
                                         # sampling vs diffusers' PRXPipeline loop
+    python bench.py memory              # GiB per GPU of each preset at micro-batch 32 under DDP and FSDP2 on 8 x 80 GB
+                                        # (weights, gradients, AdamW or Muon state, activations counted on fake tensors)
+    python bench.py gpu [--out FILE]    # CUDA only, sized for < 8 min on one H100 (not yet run on one): bf16 vs fp32
+                                        # loss, compiled step, MFU and peak memory vs diffusers, Muon vs AdamW, loader,
+                                        # sampling; one markdown table
 
-Without a GPU everything runs on the CPU at small sizes (see each mode's defaults). The metric networks have random
-weights in the real architectures: their speed does not depend on the weights. Measured figures are in records/.
+Without a GPU every mode but `gpu` runs on the CPU at small sizes (see each mode's defaults). The metric networks have
+random weights in the real architectures: their speed does not depend on the weights. Measured figures are in records/.
 """
 
 import argparse
+import contextlib
+import copy
+import io
 import itertools
 import math
 import os
@@ -35,9 +43,10 @@ from PIL import Image
 from data import PreparedDataset, ShardLoader, batch_text, pad_text
 from eval import (clip_features, dino_features, inception_features, load_dino, load_inception, mmd, sample,
                   write_random_inception_weights)
-from model import PRX, flops_per_sample, trim_text
+from model import PRX, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
+from train import flow_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -295,17 +304,235 @@ def bench_eval(args):
 
     preset = args.preset or ("small" if DEVICE.type == "cuda" else "tiny-pixel")
     ours, theirs = (m.eval() for m in prx_pair(preset))
-    shape = (ours.cfg.in_channels, 32, 32)  # tiny-pixel: 32 px images; latent presets: the 32x32 latent of 256 px
+    side = 32  # tiny-pixel: 32 px images; latent presets: the 32x32 latent of 256 px
+    rates = sampling_rates(ours, theirs, B, side, args.sample_steps, args.warmup, args.steps)
+    compare(f"sampling PRX {preset} {(ours.cfg.in_channels, side, side)}, {args.sample_steps} Euler steps, CFG 3.5",
+            *rates, "img/s", ".3f")
+
+
+@torch.no_grad()
+def sampling_rates(ours, theirs, B, side, steps, warmup, calls):
+    """-> (ours, "diffusers", theirs) images/s: eval.sample against diffusers' PRXPipeline loop (diffusers_sample),
+    the same weights, 64 text tokens, CFG 3.5."""
+    shape = (ours.cfg.in_channels, side, side)
     txt = torch.randn(B, 64, ours.cfg.context_dim, device=DEVICE)
     mask = torch.ones(B, 64, dtype=torch.bool, device=DEVICE)
     null_txt, null_mask = txt[:1, :1], mask[:1, :1]
     noise = torch.randn(B, *shape, device=DEVICE)
-    S = args.sample_steps
-    times = timed({"ours": lambda: sample(ours, txt, mask, null_txt, null_mask, list(range(B)), shape, S, 3.5),
+    times = timed({"ours": lambda: sample(ours, txt, mask, null_txt, null_mask, list(range(B)), shape, steps, 3.5),
                    "diffusers": lambda: diffusers_sample(theirs, txt, mask, *pad_text(null_txt, null_mask, 64), noise,
-                                                         S, 3.5)}, args.warmup, args.steps)
-    compare(f"sampling PRX {preset} {shape}, {S} Euler steps, CFG 3.5", per_second(times["ours"]),
-            "diffusers", per_second(times["diffusers"]), "img/s", ".3f")
+                                                         steps, 3.5)}, warmup, calls)
+    return B / statistics.median(times["ours"]), "diffusers", B / statistics.median(times["diffusers"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory: what one GPU holds, on paper
+
+MEMORY_PRESETS = [("small", 256), ("base", 256), ("small-pixel", 512), ("base-pixel", 512)]  # pixel: part 3's 512 px
+GPUS, GPU_GIB = 8, 81559 / 1024  # 8 x H100 80 GB: nvidia-smi's total, 81,559 MiB, before the CUDA context
+
+
+def state_bytes(model):
+    """fp32 bytes of the weights, the gradients, AdamW's state (2 moments per parameter) and Muon's (a momentum per
+    Muon matrix, AdamW's 2 moments for the rest: muon.split_muon_params)."""
+    n = sum(p.numel() for p in model.parameters())
+    m = sum(p.numel() for p in split_muon_params(model)[0])
+    return {"weights": 4 * n, "grads": 4 * n, "AdamW": 8 * n, "Muon": 4 * m + 8 * (n - m)}
+
+
+def saved_bytes(cfg, batch, side, txt_tokens, fake=True):
+    """Activations: the bytes autograd saves for backward in one eager training forward (v-prediction MSE), counted
+    exactly by a saved_tensors_hooks once per storage (the parameters excluded; autocast's bf16 weight copies
+    included), under CPU bf16 autocast. With fake=True on fake tensors (shapes and dtypes, no data, no compute): the
+    same count at full size in a second, with nothing to extrapolate. CUDA's kernels save a few tensors otherwise:
+    its layer norms return fp32 (+2 bytes an element, 2 per block) but its fused RMSNorm saves one fp32 copy where
+    CPU's saves two (-4 bytes an element of q, k and text k): with as many text as image tokens CUDA's eager count is
+    ~9% lower. torch.compile's graphs recompute some elementwise ops and save less still."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        model = PRX(cfg)
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        x = torch.randn(batch, cfg.in_channels, side, side)
+        t, txt = torch.rand(batch), torch.randn(batch, txt_tokens, cfg.context_dim)
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()  # views of one storage (q, k, v of one projection) count once
+            if storage._cdata not in params:
+                saved[storage._cdata] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast("cpu", torch.bfloat16):
+            (model(x, t, txt).float() - x).square().mean()
+    return sum(saved.values())
+
+
+def memory_table(micro_batch, txt_tokens=256):
+    """Markdown rows, GiB per GPU. DDP replicates everything, its reducer adding a second copy of the gradients (its
+    buckets; train.py keeps DDP's default gradient_as_bucket_view=False); FSDP2 shards weights, gradients and
+    optimizer state over the GPUs and holds two unsharded blocks' weights and gradients (in use and prefetched)."""
+    gib = lambda b: b / 2**30
+    fits = lambda b: f"{gib(b):.1f} {'fits' if gib(b) <= GPU_GIB else 'over'}"
+    rows = ["| preset | px | params | weights | grads | AdamW | Muon | activations | DDP AdamW | DDP Muon | "
+            f"FSDP2 AdamW | FSDP2 Muon |", "|---" * 12 + "|"]
+    for name, resolution in MEMORY_PRESETS:
+        cfg = preset_config(name, resolution)
+        with torch.device("meta"):  # shapes only
+            model = PRX(cfg)
+        s, block = state_bytes(model), 4 * sum(p.numel() for p in model.blocks[0].parameters())
+        act = saved_bytes(cfg, micro_batch, resolution // 8 if cfg.in_channels == 16 else resolution, txt_tokens)
+        ddp = {opt: s["weights"] + 2 * s["grads"] + s[opt] + act for opt in ("AdamW", "Muon")}
+        fsdp = {opt: (s["weights"] + s["grads"] + s[opt]) / GPUS + 2 * 2 * block + act for opt in ("AdamW", "Muon")}
+        rows.append(f"| {name} | {resolution} | {s['weights'] / 4e9:.2f}B | " + " | ".join(
+            f"{gib(b):.1f}" for b in (s["weights"], s["grads"], s["AdamW"], s["Muon"], act)) + " | " +
+            " | ".join(fits(b) for b in (ddp["AdamW"], ddp["Muon"], fsdp["AdamW"], fsdp["Muon"])) + " |")
+    return rows
+
+
+def bench_memory(args):
+    print(f"GiB per GPU at micro-batch {args.micro_batch}, 256 text tokens (prepare.py's cap, the worst case), "
+          f"{GPUS} x {GPU_GIB:.1f} GiB; activations counted under CPU bf16 autocast (see saved_bytes)")
+    print("\n".join(memory_table(args.micro_batch)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gpu: one check of the CUDA path before a run spends GPU hours
+
+GPU_CHECK = dict(preset="small", batch=32, side=32, txt_tokens=256, min_len=60, max_len=180,  # 256 px: 32x32 latent
+                 parity_steps=5, warmup=3, steps=10, loader_samples=1024, sample_steps=50, backend="inductor")
+
+
+def adamw():
+    return dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-15, fused=DEVICE.type == "cuda")  # PRX part 2, as train.py
+
+
+def synthetic_batch(cfg, s, seed):
+    """x0, eps, t, txt, mask of the real shapes: text of cfg.context_dim (T5Gemma: 2304) padded to s["txt_tokens"],
+    real lengths drawn as write_synthetic's."""
+    g, B, L = torch.Generator().manual_seed(seed), s["batch"], s["txt_tokens"]
+    x0 = torch.randn(B, cfg.in_channels, s["side"], s["side"], generator=g)
+    eps, t = torch.randn(x0.shape, generator=g), torch.rand(B, generator=g)
+    txt = torch.randn(B, L, cfg.context_dim, generator=g)
+    mask = torch.arange(L)[None] < torch.randint(s["min_len"], s["max_len"] + 1, (B, 1), generator=g)
+    return [v.to(DEVICE) for v in (x0, eps, t, txt, mask)]
+
+
+def training_step(model, opt, batch, bf16=True, diffusers=False):
+    """train.py's step on one micro-batch: v-prediction loss (train.flow_loss) under bf16 autocast, backward, clip to
+    0.2, optimizer step -> the loss."""
+    x0, eps, t, txt, mask = batch
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+    with torch.autocast(DEVICE.type, torch.bfloat16, enabled=bf16):
+        if diffusers:
+            pred = model(x_t, t, txt, mask, return_dict=False)[0]
+        else:
+            pred = model(x_t, t, *trim_text(txt, mask))  # trimmed eagerly, before a compiled model
+        loss = flow_loss(pred, x0, eps, x_t, t, "v")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def parity_row(model, batches):
+    """bf16 autocast against fp32 from the same initial weights on the same batches."""
+    losses = {}
+    for bf16 in (False, True):
+        trial = copy.deepcopy(model)  # the model itself stays as it is
+        opt = torch.optim.AdamW(trial.parameters(), **adamw())
+        losses[bf16] = [float(training_step(trial, opt, b, bf16)) for b in batches]
+        del trial, opt
+    gap = max(abs(a / b - 1) for a, b in zip(losses[True], losses[False]))
+    return (f"loss after {len(batches)} AdamW steps, bf16 autocast (largest gap over the steps {100 * gap:.2f}%)",
+            losses[True][-1], "fp32", losses[False][-1], "", ".4f")
+
+
+def step_rows(sides, batch, s, peak_tflops):
+    """Training step (fwd + bwd + clip + fused AdamW), compiled, of each side in turn, so that each side's peak
+    memory is its own (the other side's weights subtracted) -> rows, our step's seconds."""
+    ms, peak = {}, {}
+    for name, (model, diffusers) in sides.items():
+        opt = torch.optim.AdamW(model.parameters(), **adamw())
+        run = torch.compile(model, backend=s["backend"])
+        times = timed({name: lambda: training_step(run, opt, batch, diffusers=diffusers)}, s["warmup"], s["steps"])
+        ms[name] = 1e3 * statistics.median(times[name])
+        peak[name] = math.nan
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            training_step(run, opt, batch, diffusers=diffusers)
+            others = sum(4 * p.numel() for other, _ in sides.values() if other is not model for p in other.parameters())
+            peak[name] = (torch.cuda.max_memory_allocated() - others) / 2**30
+        del opt
+    cfg, side, lengths = sides["ours"][0].cfg, s["side"], batch[4].sum(1).tolist()
+    useful = 3 * sum(flops_per_sample(cfg, (side // cfg.patch_size) ** 2, n) for n in lengths)  # real text only
+    mfu = {name: 100 * useful / (v / 1e3) / (peak_tflops * 1e12) for name, v in ms.items()}
+    what = f"compiled training step, batch {s['batch']}"
+    return [(f"{what}, median of {s['steps']}", ms["ours"], "diffusers", ms["diffusers"], " ms", ",.1f"),
+            (f"{what}, MFU at {peak_tflops:g} TFLOP/s", mfu["ours"], "diffusers", mfu["diffusers"], " %", ".1f"),
+            (f"{what}, peak memory", peak["ours"], "diffusers", peak["diffusers"], " GiB", ".1f")], ms["ours"] / 1e3
+
+
+def optimizer_row(model, s):
+    """Muon on the block matrices + AdamW on the rest (train.build_optimizers) against AdamW on all, same gradients."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    muon, rest = split_muon_params(model)
+    pair = [Muon(muon), torch.optim.AdamW(rest, **adamw())]
+    adam = torch.optim.AdamW(model.parameters(), **adamw())
+    times = timed({"muon": lambda: [o.step() for o in pair], "adamw": adam.step}, 1, s["steps"])
+    model.zero_grad(set_to_none=True)
+    return ("optimizer step, Muon + AdamW", 1e3 * statistics.median(times["muon"]), "AdamW",
+            1e3 * statistics.median(times["adamw"]), " ms", ",.1f")
+
+
+def loader_row(s, step_s):
+    """ShardLoader over one epoch of bench.py loader's synthetic 256 px shards, after an untimed one, against the
+    samples/s our training step consumes."""
+    B, n = s["batch"], s["loader_samples"] // s["batch"]
+    with tempfile.TemporaryDirectory() as root:
+        with contextlib.redirect_stdout(io.StringIO()):  # write_index's summary line would split the table
+            write_synthetic(root, s["loader_samples"])
+        loader = ShardLoader(root, B, device=DEVICE)
+        wall = timed({"loader": lambda: next(loader)}, n, n)["loader"]
+    return ("ShardLoader, synthetic shards", n * B / sum(wall), "training step", B / step_s, " samples/s", ",.0f")
+
+
+def gpu_check(out, peak_tflops):
+    """Every GPU figure of the project in one markdown table, each row printed and written to `out` as soon as it is
+    measured: a failure keeps the rows before it."""
+    s = GPU_CHECK
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    with open(out, "w") as f:
+        def emit(*rows):
+            for row in rows:
+                if not isinstance(row, str):
+                    what, a, name, b, unit, fmt = row
+                    row = f"| {what} | {a:{fmt}}{unit} | {name} {b:{fmt}}{unit} | {a / b:.3f} |"
+                print(row)
+                f.write(row + "\n")
+                f.flush()
+
+        emit(f"PRX {s['preset']} | batch {s['batch']} | latent {s['side']}x{s['side']} | text {s['txt_tokens']} "
+             f"padded, real {s['min_len']}..{s['max_len']} | torch {torch.__version__} | {where}", "",
+             "| measure | ours | baseline | ours/baseline |", "|---|---|---|---|")
+        ours, theirs = prx_pair(s["preset"])
+        batches = [synthetic_batch(ours.cfg, s, seed) for seed in range(s["parity_steps"])]
+        emit(parity_row(ours, batches))
+        rows, step_s = step_rows({"ours": (ours, False), "diffusers": (theirs, True)}, batches[0], s, peak_tflops)
+        emit(*rows)
+        emit(optimizer_row(ours, s))
+        emit(loader_row(s, step_s))
+        rates = sampling_rates(ours.eval(), theirs.eval(), s["batch"], s["side"], s["sample_steps"], 1, 1)
+        emit((f"sampling, {s['sample_steps']} Euler steps, CFG 3.5", *rates, " img/s", ".2f"))
+
+
+def bench_gpu(args):
+    if DEVICE.type != "cuda":
+        raise SystemExit("error: `python bench.py gpu` needs a CUDA GPU and this machine has none "
+                         "(`python bench.py memory` runs on the CPU)")
+    gpu_check(args.out, args.peak_tflops)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,6 +572,13 @@ def main(argv=None):
     p.add_argument("--preset", help="PRX preset to sample with (default: small on GPU, tiny-pixel on CPU)")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
     p.set_defaults(run=bench_eval)
+    p = sub.add_parser("memory", help="bytes per GPU of weights, gradients, optimizer state and activations")
+    p.add_argument("--micro-batch", type=int, default=32, help="samples per GPU per forward")
+    p.set_defaults(run=bench_memory)
+    p = sub.add_parser("gpu", help="the CUDA path in one table (CUDA only)")
+    p.add_argument("--out", default="gpu_check.md", help="where the table is written too")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
+    p.set_defaults(run=bench_gpu)
     args = parser.parse_args(argv)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))

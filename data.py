@@ -213,19 +213,35 @@ def load_null_text(root, device="cpu"):
     return null, torch.ones(null.shape[:2], dtype=torch.bool, device=device)
 
 
+def caption_share(captions):
+    """--captions long, short or mixed[:p] -> the probability of drawing the long caption."""
+    mode, _, p = captions.partition(":")
+    try:
+        p_long = float(p or 0.5) if mode == "mixed" else float(mode == "long")
+    except ValueError:
+        p_long = -1.0
+    if mode not in ("long", "short", "mixed") or not 0 <= p_long <= 1:
+        raise ValueError(f"captions {captions!r}: choose long, short or mixed[:p] (long with probability p)")
+    return p_long
+
+
 def parse_data_phases(spec):
-    """'A:0.7,B:0.3@0;C:1@90000' -> [(0, {"A": 0.7, "B": 0.3}), (90000, {"C": 1.0})]: from optimizer step N on,
-    draw each sample from these prepared directories with these weights. 'A' alone is 'A:1@0'."""
+    """'A:0.7,B:0.3@0;C:1@90000:mixed' -> [(0, {"A": 0.7, "B": 0.3}, None), (90000, {"C": 1.0}, "mixed")]: from
+    optimizer step N on, draw each sample from these prepared directories with these weights, and with this caption
+    mode (None: --captions). 'A' alone is 'A:1@0'."""
     phases = []
     for part in spec.split(";"):
         mix, _, start = part.partition("@")
+        start, _, captions = start.partition(":")
         weights = {}
         for item in mix.split(","):
             path, _, weight = item.rpartition(":") if re.search(r":[\d.]+$", item) else (item, "", "1")
             weights[path] = float(weight)
         if not all(weights) or min(weights.values()) <= 0:
             raise ValueError(f"data spec {spec!r}: expected DIR[:weight],...[@step];... with weights > 0")
-        phases.append((int(start or 0), weights))
+        if captions:
+            caption_share(captions)
+        phases.append((int(start or 0), weights, captions or None))
     if phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
         raise ValueError(f"data spec {spec!r}: the first phase starts at step 0 and the steps increase")
     return phases
@@ -242,15 +258,12 @@ class ShardLoader:
     def __init__(self, data, batch_size, rank=0, world_size=1, seed=0, captions="long", device="cpu",
                  grad_accum=1, images=False, prefetch=4):
         self.phases = parse_data_phases(data)
-        self.names = sorted({name for _, weights in self.phases for name in weights})
+        self.names = sorted({name for _, weights, _ in self.phases for name in weights})
         self.datasets = [PreparedDataset(name) for name in self.names]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device, self.grad_accum, self.prefetch = torch.device(device), grad_accum, prefetch
-        mode, _, p = captions.partition(":")
-        self.p_long = float(p or 0.5) if mode == "mixed" else float(mode == "long")
-        if mode not in ("long", "short", "mixed") or not 0 <= self.p_long <= 1:
-            raise ValueError(f"captions {captions!r}: choose long, short or mixed[:p] (long with probability p)")
-        needed = {field for field, p in (("long", self.p_long), ("short", 1 - self.p_long)) if p > 0}
+        self.p_long = [caption_share(mode or captions) for _, _, mode in self.phases]  # per phase
+        needed = {field for p_long in self.p_long for field, p in (("long", p_long), ("short", 1 - p_long)) if p > 0}
         for name, ds in zip(self.names, self.datasets):
             if needed - set(ds.index["captions"]) or not len(ds):
                 raise ValueError(f"{name}: has {len(ds)} samples and captions {ds.index['captions']}; "
@@ -300,11 +313,12 @@ class ShardLoader:
     def plan(self, state):
         """The global batch after `state` (identical on every rank) -> this rank's (dataset, sample, long) slice."""
         step = state["batches"] // self.grad_accum
-        weights = [w for start, w in self.phases if start <= step][-1]
+        phase = [i for i, (start, _, _) in enumerate(self.phases) if start <= step][-1]
+        weights, p_long = self.phases[phase][1], self.p_long[phase]
         p = np.array([weights.get(name, 0.0) for name in self.names])
         rng = np.random.default_rng([self.seed, state["batches"]])
         G = self.batch_size * self.world_size
-        which, use_long = rng.choice(len(p), size=G, p=p / p.sum()), rng.random(G) < self.p_long
+        which, use_long = rng.choice(len(p), size=G, p=p / p.sum()), rng.random(G) < p_long
         index = np.empty(G, dtype=np.int64)
         for d in np.unique(which):
             index[which == d] = self.take(state, d, int((which == d).sum()))
@@ -388,7 +402,7 @@ class HeldoutSplit:
 def data_dirs(spec):
     """The prepared directories a --data spec names, in order of appearance ([] for builtin)."""
     phases = [] if spec == "builtin" else parse_data_phases(spec)
-    return list(dict.fromkeys(name for _, weights in phases for name in weights))
+    return list(dict.fromkeys(name for _, weights, _ in phases for name in weights))
 
 
 def open_loader(spec, batch_size, rank, world_size, seed, captions, device, grad_accum, resolution, text_context,

@@ -59,6 +59,13 @@ def timesteps(steps, shift=1.0):
     return shift_t(torch.linspace(1, 0, steps + 1), shift)
 
 
+def diffusers_timesteps(steps, shift=1.0):
+    """timesteps(steps, shift) as PRXPipeline's `timesteps` argument: t * 1000, the final 0 left out (its scheduler
+    appends it). The pipeline gives these to the transformer as they are but shifts its scheduler's copy again, so
+    they reproduce sample() only with a scheduler whose shift is 1 (README)."""
+    return (timesteps(steps, shift)[:-1] * 1000).tolist()
+
+
 @torch.no_grad()
 def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg_scale=3.5, shift=1.0, pred="v",
            route_ratio=0.5, self_guidance=0.0):
@@ -470,7 +477,8 @@ def get_args(argv=None):
     g.add_argument("--ckpt", help="run folder (its latest checkpoint) or <run>/checkpoints/step_N")
     g.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights when the run has them")
     g.add_argument("--ref", help="reference statistics (.npz) from `python eval.py ref`")
-    g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --data)")
+    g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --eval-data, else its "
+                   "--data)")
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
     g.add_argument("--resolution", type=int, default=32, help="ref on the built-in data: image side")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json)")
@@ -481,7 +489,7 @@ def get_args(argv=None):
     g = p.add_argument_group("sampling (defaults: the run's own, config.json 'sampling')")
     g.add_argument("--steps", type=positive_int, help="Euler steps")
     g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--self-guidance", type=float, default=0.0, help="TREAD self-guidance weight (0 = off)")
+    g.add_argument("--self-guidance", type=float, help="TREAD self-guidance weight (0 = off; default the run's)")
     g.add_argument("--seed", type=int, default=42, help="sample i starts from the noise of seed + i")
     g = p.add_argument_group("metric networks (offline machines: local copies)")
     g.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (default: downloaded)")
@@ -543,7 +551,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --ckpt {args.ckpt}: {e}")
     train_args = run["args"]
-    data = args.data or train_args["data"]
+    data = args.data or train_args["eval_data"] or train_args["data"]
     metrics = build_metrics(args, args.metrics if args.metrics is not None else
                             [] if data == "builtin" else list(FEATURE_METRICS), device)
     if metrics is not None:
@@ -552,15 +560,16 @@ def main(argv=None):
     split = open_heldout(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                          train_args["text_context"])
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
-    sampling = dict(run["sampling"], self_guidance=args.self_guidance)
-    sampling.update({k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None})
+    given = dict(steps=args.steps, cfg_scale=args.cfg_scale, self_guidance=args.self_guidance)
+    sampling = dict(run["sampling"], **{k: v for k, v in given.items() if v is not None})
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       os.path.join(ckpt, "eval_samples.png"), **sampling)
     if not distributed() or dist.get_rank() == 0:
         out = args.out or os.path.join(ckpt, "eval.json")
         with open(out, "w") as f:
-            json.dump({"metrics": result, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
-                       "sampling": sampling, "settings": metrics.settings if metrics else {}}, f, indent=2)
+            json.dump({"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed,
+                       "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {}}, f,
+                      indent=2)
         print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
 
 

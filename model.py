@@ -9,6 +9,7 @@ Only image tokens make queries; they attend to [text K/V, image K/V]. Text embed
     python bench.py model     # forward+backward time against diffusers' PRXTransformer2DModel, and FLOPs
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -333,7 +334,8 @@ class PRX(nn.Module):
                 (cos, sin), attn_mask = full_rope, full_mask
             if i == repa_layer:
                 hidden = img
-                hidden_idx = keep_idx if routing and cfg.route_start <= i <= cfg.route_end else None
+                # after route_end's block the routed tokens are back in the full grid
+                hidden_idx = keep_idx if routing and cfg.route_start <= i < cfg.route_end else None
 
         out = self.final_layer(img, vec)  # (B, N, C * p * p)
         out = out.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
@@ -387,32 +389,33 @@ class PRX(nn.Module):
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model
 
-    def save_diffusers(self, folder, max_shard_bytes=10 * 2**30):
-        """Write a folder that diffusers.PRXTransformer2DModel.from_pretrained(folder) loads (sharded if large)."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(self.diffusers_config(), f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        shards, size = [{}], 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    def save_diffusers(self, folder, shift=1.0, resolution=256, vae=None, text_encoder=None, tokenizer=None,
+                       max_tokens=256, max_shard_bytes=10 * 2**30):
+        """Write a folder that diffusers' PRXPipeline.from_pretrained(folder) loads: transformer/ (sharded if large),
+        scheduler/ (Euler with the run's shift), model_index.json (default image side `resolution`), and vae/,
+        text_encoder/, tokenizer/ from the loaded models given: a model_index.json cannot point into another
+        repository. Those not given are null there; pass them to from_pretrained instead (README).
+        vae: an AutoencoderKL (the pipeline decodes with its scaling and shift factors); text_encoder: the
+        T5GemmaEncoderModel prepare.py encodes with (its `.model`); max_tokens: the tokenizer's model_max_length, to
+        which the pipeline pads and truncates prompts (prepare.py's --max-tokens). Latent v-prediction models only:
+        PRXPipeline has no pixel-space or x0 path."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXTransformer2DModel
+        if self.cfg.in_channels == 3:
+            raise ValueError("PRXPipeline samples latents through a VAE; a pixel-space model has no pipeline to go to "
+                             "(PRXPixelPipeline needs resolution_embeds, which this model does not have)")
+        if hasattr(vae, "bn"):
+            raise ValueError("PRXPipeline decodes with a VAE's scaling and shift factors, not FLUX.2's BatchNorm "
+                             "statistics: a --vae flux2 run cannot be exported")
+        with torch.device("meta"):  # no memory: the weights are ours, assigned below
+            transformer = PRXTransformer2DModel.from_config(
+                {k: v for k, v in self.diffusers_config().items() if k != "_class_name"})
+        transformer.load_state_dict(self.state_dict(), assign=True)
+        if tokenizer is not None:  # a copy: the caller's tokenizer keeps its own length
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.model_max_length = max_tokens
+        pipe = PRXPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder, tokenizer, vae,
+                           default_sample_size=resolution)
+        pipe.save_pretrained(folder, max_shard_size=max_shard_bytes)
 
 
 def flops_per_sample(cfg, num_img, num_txt):

@@ -18,7 +18,6 @@ import argparse
 import collections
 import glob
 import hashlib
-import html
 import importlib.metadata
 import io
 import itertools
@@ -27,7 +26,6 @@ import os
 import re
 import shutil
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,13 +55,12 @@ def to_bits(x):
 # Frozen encoders
 
 def clean_caption(text):
-    """Lower-case and tidy a caption; PRX cleans prompts DeepFloyd-style, these are its main steps."""
-    text = html.unescape(html.unescape(urllib.parse.unquote_plus(str(text)))).lower()
-    text = re.sub(r"\b(?:https?://|www\.)\S+", "", text)  # urls
-    text = re.sub(r"@\w+", "", text)                       # @handles
-    text = re.sub(r"[`´«»“”¨]", '"', text)
-    text = re.sub(r"[‘’]", "'", text)
-    return re.sub(r"\s+", " ", text).strip()
+    """PRXPipeline's own prompt cleaning (DeepFloyd's clean_text: lower case, no urls, @handles, CJK, most punctuation,
+    ftfy), so that a model trains on the text a diffusers user's prompt becomes. Reused, not re-implemented: about 45
+    ordered regular expressions whose every quirk must match ("a &amp; b" -> "a ; b")."""
+    import ftfy  # noqa: F401  diffusers' clean_text needs it and raises a NameError without it
+    from diffusers.pipelines.prx.pipeline_prx import TextPreprocessor
+    return TextPreprocessor().clean_text(text)
 
 
 class T5GemmaTextEncoder:

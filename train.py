@@ -34,22 +34,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import data_dirs, open_heldout, open_loader, pad_to_common
 from eval import Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
-from model import CHECKSUMS, PRX, file_sha256, flops_per_sample, list_checkpoints, preset_config, trim_text, \
-    verify_checkpoint
+from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
+    rope_table, trim_text, verify_checkpoint
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
-# (printed at start, stored in config.json). Evidence: records/2026-11-23_cpu-track-context5.
+# (printed at start, stored in config.json). Evidence: records/2026-11-23_cpu-track-context5. Shift 1, not pixel
+# space's 3: a 32 px image has 3k values, fewer than a 256 px latent's 16k, and the shift grows with the size (SD3).
 CPU_TRACK = dict(model="tiny-pixel", resolution=32, batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
                  grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, sample_steps=20,
-                 cfg_scale=3.0, ckpt_every=500, log_every=50)
+                 cfg_scale=3.0, ckpt_every=500, log_every=50, shift=1.0)
 # builtin: shapes.ShapesTeacher, trained once on the built-in world (`python shapes.py teacher`), the CPU track's DINO
 REPA_TEACHERS = {"builtin": None, "dinov2": "vit_large_patch14_reg4_dinov2.lvd142m",
                  "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
 # flags a resume may change (a second phase: lr, schedule, data, evaluation); any other must equal the checkpoint's
 RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every", "keep", "data", "captions",
              "caption_dropout", "compile", "lr", "warmup", "cooldown", "grad_clip", "eval_every", "eval_minutes",
-             "eval_samples", "sample_steps", "cfg_scale", "eval_ref", "fid_weights", "peak_tflops", "repa_weights"}
+             "eval_samples", "sample_steps", "cfg_scale", "eval_ref", "fid_weights", "peak_tflops", "repa_weights",
+             "repa", "repa_layer", "repa_lambda", "repa_stop", "repa_teacher", "irepa", "cfm", "self_guidance",
+             "eval_data"}
 
 
 def number(kind, low, high=math.inf, low_open=False):
@@ -109,7 +112,8 @@ def get_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up is untimed)")
     g = p.add_argument_group("objective")
     g.add_argument("--pred", default="v", choices=["v", "x"], help="network output: velocity, or x0 (JiT)")
-    g.add_argument("--shift", type=positive, default=1.0, help="timestep shift s: t -> s t / (1 + (s - 1) t)")
+    g.add_argument("--shift", type=positive, default=None, help="timestep shift s: t -> s t / (1 + (s - 1) t) "
+                   "(default PRX's: 3 in pixel space, 1 on latents)")
     g.add_argument("--uniform-t", type=fraction, default=0.1, help="fraction of t drawn uniformly, not logit-normal")
     g.add_argument("--foreground-weight", type=number(float, 0), default=0.0,
                    help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
@@ -120,6 +124,12 @@ def get_parser():
     g.add_argument("--repa-lambda", type=positive, default=0.5, help="REPA loss weight")
     g.add_argument("--repa-teacher", default=None, help="another timm model as teacher (default: --repa's)")
     g.add_argument("--repa-weights", default=None, help="the teacher's weights file, for offline machines")
+    g.add_argument("--repa-stop", type=count, default=None, help="drop REPA (loss, teacher, projector) from this "
+                   "step on (PRX: after ~200k steps; 'REPA works until it doesn't')")
+    g.add_argument("--irepa", action="store_true", help="iREPA: 3x3 conv projector on the token grid (attention "
+                   "with 2D RoPE under --tread/--sprint) and spatially normalised teacher tokens")
+    g.add_argument("--cfm", type=positive, default=None, help="contrastive flow matching weight lambda (PRX 0.1, "
+                   "its ablation 0.05): minus lambda x the error against another sample's target")
     g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
     g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
     g.add_argument("--route-ratio", type=number(float, 0, 1), default=None,
@@ -130,14 +140,14 @@ def get_parser():
     g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
     g.add_argument("--lr", type=positive, default=1e-4)
     g.add_argument("--betas", type=fraction, nargs=2, default=(0.9, 0.95))
-    g.add_argument("--eps", type=positive, default=1e-15)
+    g.add_argument("--eps", type=positive, default=None, help="AdamW eps (default PRX's: 1e-15, 1e-8 with muon)")
     g.add_argument("--weight-decay", type=number(float, 0), default=0.0)
     g.add_argument("--warmup", type=number(int, 0), default=1000, help="linear warm-up steps, then constant")
     g.add_argument("--cooldown", type=fraction, default=0.0, help="final fraction of the run (of --max-steps or "
                    "--max-time, whichever ends it) with the lr decaying linearly to 0 (WSD); 0 = constant to the end")
     g.add_argument("--grad-clip", type=positive, default=0.2, help="max gradient norm")
-    g.add_argument("--ema", type=number(float, 0, 1), default=0.0, help="EMA decay in (0, 1) (0 = off); samples "
-                   "use the EMA weights")
+    g.add_argument("--ema", type=number(float, 0, 1), default=0.0, help="EMA decay in (0, 1) applied once per "
+                   "update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
     g.add_argument("--ema-every", type=count, default=10, help="steps between EMA updates")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0 = at the end)")
@@ -147,6 +157,10 @@ def get_parser():
                    "(0 = none)")
     g.add_argument("--sample-steps", type=count, default=50, help="Euler steps")
     g.add_argument("--cfg-scale", type=number(float, 0), default=3.5, help="classifier-free guidance scale")
+    g.add_argument("--self-guidance", type=number(float, 0), default=0.0, help="TREAD self-guidance scale w: "
+                   "routed + w (full - routed) (0 = off; needs --tread or --sprint)")
+    g.add_argument("--eval-data", default=None, help="a prepared evaluation-only set (its eval split) instead of "
+                   "--data's held-out samples, e.g. real photos: `python prepare.py --eval-fraction 1 ...`")
     g.add_argument("--eval-ref", help="prepared data: FID reference from `python eval.py ref` (same --eval-samples)")
     g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
     g.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
@@ -173,6 +187,16 @@ def get_args(argv=None):
         args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5)
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
+    repa_flags = {"--repa-stop": args.repa_stop is not None, "--irepa": args.irepa,
+                  "--repa-layer": args.repa_layer is not None}
+    for flag, given in repa_flags.items():
+        if given and not args.repa:
+            parser.error(f"{flag} needs --repa (builtin, dinov2 or dinov3)")
+    if args.self_guidance and not (args.tread or args.sprint):
+        parser.error("--self-guidance extrapolates from the routed network: it needs --tread or --sprint")
+    # PRX's defaults that depend on other flags: the shift on the space (REFERENCE 3), Adam's eps on the optimizer
+    args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
+    args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
     if args.repa == "builtin" and args.data != "builtin":
         parser.error("--repa builtin: the built-in teacher reads the built-in shapes only; use dinov2 or dinov3")
     if args.repa == "builtin" and args.repa_teacher:
@@ -187,6 +211,9 @@ def get_args(argv=None):
         if not os.path.exists(os.path.join(path, "index.json")):
             parser.error(f"--data {path}: no prepared dataset there (no index.json); prepare one with "
                          f"`python prepare.py --out {path} ...`")
+    if args.eval_data and not os.path.exists(os.path.join(args.eval_data, "index.json")):
+        parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); prepare one with "
+                     f"`python prepare.py --out {args.eval_data} --eval-fraction 1 ...`")
     if args.eval_ref and not os.path.exists(args.eval_ref):
         parser.error(f"--eval-ref {args.eval_ref}: no such file; make it with `python eval.py ref --data <data> "
                      f"--num-samples {args.eval_samples} --out {args.eval_ref}`")
@@ -213,14 +240,19 @@ def foreground_weights(x0, weight):
     return w / w.mean(dim=(2, 3), keepdim=True)
 
 
-def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None):
+def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None, cfm=0.0):
     """Weighted MSE on velocity. With x-prediction (JiT) the prediction becomes a velocity through
-    x0_to_velocity, and so does the target, which then equals eps - x0 where t >= X_PRED_MIN_T."""
+    x0_to_velocity, and so does the target, which then equals eps - x0 where t >= X_PRED_MIN_T. With cfm = lambda
+    (contrastive flow matching, PRX ContrastiveFlowMatching): minus lambda x the error against the target of the
+    next sample in the batch (target.roll(1)), skipped for a batch of one."""
     if pred_type == "v":
-        err = (pred.float() - (eps - x0)).square()
+        pred_v, target = pred.float(), eps - x0
     else:
         tt = t[:, None, None, None]
-        err = (x0_to_velocity(x_t, pred.float(), tt) - x0_to_velocity(x_t, x0, tt)).square()
+        pred_v, target = x0_to_velocity(x_t, pred.float(), tt), x0_to_velocity(x_t, x0, tt)
+    err = (pred_v - target).square()
+    if cfm and len(pred) > 1:
+        err = err - cfm * (pred_v - target.roll(1, dims=0)).square()
     return (err if weights is None else err * weights).mean()
 
 
@@ -235,8 +267,8 @@ def chunk_seed(seed, step, chunk):
 
 
 def micro_batch(args, loader, step, chunk, device):
-    """Chunk k of the global batch of `step` -> x0, eps, t, txt, mask, images ([-1, 1] pixels, or None): t, noise
-    and caption dropout come from the chunk's own seed; the loader gives the samples."""
+    """Chunk k of the global batch of `step` -> x0, eps, t, x_t, txt, mask, images ([-1, 1] pixels, or None): t,
+    noise and caption dropout come from the chunk's own seed; the loader gives the samples."""
     g = torch.Generator(device).manual_seed(chunk_seed(args.seed, step, chunk))
     batch = next(loader)
     images = batch["image"].float() / 127.5 - 1 if "image" in batch else None  # (B, 3, R, R)
@@ -245,39 +277,96 @@ def micro_batch(args, loader, step, chunk, device):
     txt, mask = drop_captions(batch["txt"].float(), batch["txt_mask"], keep, loader.null_txt, loader.null_mask)
     t = sample_t(len(x0), args.shift, args.uniform_t, g, device)
     eps = torch.randn(x0.shape, generator=g, device=device)
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
     torch.manual_seed(chunk_seed(args.seed, step, chunk) + 1)  # the routing draw inside the model
-    return x0, eps, t, txt, mask, images
+    return x0, eps, t, x_t, txt, mask, images
 
 
 # ----------------------------------------------------------------------------------------------------------
-# REPA (Yu et al. 2025; PRX part 2: DINOv3 at block 8 of 16, lambda 0.5)
+# REPA (Yu et al. 2025; PRX part 2: DINOv3 after block 8 of 16, lambda 0.5) and iREPA (PRX iREPALoss)
+
+class AttentionProjector(nn.Module):
+    """iREPA's projector where routing leaves the token grid incomplete (PRX AttentionProjector): self-attention
+    over the tokens present, 4 heads, 2D RoPE on their grid coordinates, then linear out to the teacher's width."""
+
+    def __init__(self, hidden, dim, heads=4, theta=10000.0):
+        super().__init__()
+        head_dim = hidden // heads
+        if hidden % heads or head_dim % 4:
+            raise ValueError(f"iREPA's attention projector needs a hidden size {hidden} divisible by 4 x {heads} heads")
+        self.heads, self.axes_dim = heads, (head_dim // 2, head_dim // 2)
+        self.qkv, self.out_proj, self.output = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden), \
+            nn.Linear(hidden, dim)
+        cos, sin = rope_table(self.axes_dim, theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x, pos, width):
+        """x (B, N', h) tokens at flat grid positions pos (B, N') of a grid `width` tokens wide -> (B, N', dim)."""
+        B, N, _ = x.shape
+        rows, cols, a = pos // width, pos % width, self.axes_dim[0]
+        cos = torch.cat([self.rope_cos[rows, :a], self.rope_cos[cols, a:]], -1)[:, :, None]  # (B, N', 1, head_dim)
+        sin = torch.cat([self.rope_sin[rows, :a], self.rope_sin[cols, a:]], -1)[:, :, None]
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).unbind(2)                       # (B, N', heads, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.output(self.out_proj(out.transpose(1, 2).flatten(2)))
+
+
+def repa_projector(kind, hidden, dim):
+    """PRX's projectors to the teacher's width D: 'mlp' h -> D -> D -> D with SiLU (REPA; 1024 wide for ViT-L),
+    'conv' a 3x3 convolution on the token grid (iREPA), 'attention' (iREPA with routing)."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+    return nn.Conv2d(hidden, dim, 3, padding=1) if kind == "conv" else AttentionProjector(hidden, dim)
+
 
 class Trainee(nn.Module):
-    """What DDP wraps and the optimizer trains: the PRX model and, with --repa, the projector MLP h -> 1024 -> 1024
-    -> teacher width (SiLU) on the tokens after block repa_layer. Checkpoints keep the two apart."""
+    """What DDP wraps and the optimizer trains: the PRX model and, with --repa, the projector of the tokens after
+    block repa_layer. Checkpoints keep the two apart, so that a resume can add or drop REPA."""
 
-    def __init__(self, model, repa_dim=None, repa_layer=None):
+    def __init__(self, model, repa_kind=None, repa_dim=None, repa_layer=None):
         super().__init__()
-        self.model, self.repa_layer, self.patch_size = model, repa_layer, model.cfg.patch_size
-        self.repa_proj = nn.Sequential(nn.Linear(model.cfg.hidden_size, 1024), nn.SiLU(), nn.Linear(1024, 1024),
-                                       nn.SiLU(), nn.Linear(1024, repa_dim)) if repa_dim else None
+        self.model, self.repa_kind, self.repa_layer = model, repa_kind, repa_layer
+        self.patch_size = model.cfg.patch_size
+        self.repa_proj = repa_projector(repa_kind, model.cfg.hidden_size, repa_dim) if repa_kind else None
 
     def forward(self, x_t, t, txt, mask, route_ratio):
         if self.repa_proj is None:
             return self.model(x_t, t, txt, mask, route_ratio=route_ratio), None, None
         pred, hidden, idx = self.model(x_t, t, txt, mask, route_ratio=route_ratio, repa_layer=self.repa_layer)
-        return pred, self.repa_proj(hidden), idx  # (B, C, H, W), (B, N', D_teacher), (B, N') or None
+        h, w = x_t.shape[2] // self.patch_size, x_t.shape[3] // self.patch_size
+        if self.repa_kind == "conv":  # (B, N, hidden) -> (B, hidden, h, w) -> (B, N, D)
+            proj = self.repa_proj(hidden.transpose(1, 2).unflatten(2, (h, w))).flatten(2).transpose(1, 2)
+        elif self.repa_kind == "attention":
+            pos = idx if idx is not None else torch.arange(h * w, device=x_t.device).expand(len(x_t), -1)
+            proj = self.repa_proj(hidden, pos, w)
+        else:
+            proj = self.repa_proj(hidden)
+        return pred, proj, idx  # (B, C, H, W), (B, N', D_teacher), (B, N') or None
 
 
 @torch.no_grad()
 def teacher_tokens(teacher, images, grid):
-    """Patch tokens after the final norm, (B, h*w, D): the clean image [-1, 1] resized so that the teacher's patch
-    grid equals the denoiser's token grid (256 px, patch-2 latents: 16x16 tokens -> 224 px for DINOv2's 14 px)."""
+    """Patch tokens after the final norm, prefix (class, register) tokens dropped, (B, h*w, D) float32: the clean
+    image [-1, 1] resized so that the teacher's patch grid equals the denoiser's token grid (256 px, patch-2
+    latents: 16x16 tokens -> 224 px for DINOv2's 14 px). Bicubic with antialiasing, as REPA's preprocessing (PRX
+    uses nearest, which drops rows when shrinking 256 -> 224). The teacher runs in its weights' dtype: bf16 on
+    CUDA, as PRX."""
     pretrained, patch = teacher.pretrained_cfg, teacher.patch_embed.patch_size[0]
     x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * patch, grid[1] * patch), mode="bicubic",
                       align_corners=False, antialias=True)
     x = (x - x.new_tensor(pretrained["mean"])[:, None, None]) / x.new_tensor(pretrained["std"])[:, None, None]
-    return teacher.forward_features(x)[:, teacher.num_prefix_tokens:].float()
+    dtype = next(teacher.parameters()).dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return teacher.forward_features(x.to(dtype))[:, teacher.num_prefix_tokens:].float()
+
+
+def spatial_normalize(f):
+    """iREPA's normalisation of teacher tokens f (B, T, D) over the token axis (PRX iREPALoss): remove the
+    token-mean scaled by each token's channel mean, then divide by the per-channel std over tokens."""
+    f = f - f.mean(dim=2, keepdim=True) * f.mean(dim=1, keepdim=True)
+    return f / (f.std(dim=1, keepdim=True) + 1e-6)
 
 
 def repa_loss(proj, target, idx):
@@ -299,19 +388,19 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
     loss_sum, txt_len, data_s = torch.zeros((), device=device), 0, 0.0
     for i in range(chunks):
         t0 = time.perf_counter()
-        x0, eps, t, txt, mask, images = micro_batch(args, loader, step, rank + i * world, device)
+        x0, eps, t, x_t, txt, mask, images = micro_batch(args, loader, step, rank + i * world, device)
         data_s += time.perf_counter() - t0
-        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
         txt, mask = trim_text(txt, mask)  # eager, before a compiled model
         sync = world == 1 or i == chunks - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), \
                 torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             pred, repa_proj, repa_idx = model(x_t, t, txt, mask, args.route_ratio or 0.0)
             weights = foreground_weights(x0, args.foreground_weight) if args.foreground_weight else None
-            loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights)
+            loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights, args.cfm)
             if teacher is not None:
-                grid = (x0.shape[2] // patch, x0.shape[3] // patch)
-                loss = loss + args.repa_lambda * repa_loss(repa_proj, teacher_tokens(teacher, images, grid), repa_idx)
+                target = teacher_tokens(teacher, images, (x0.shape[2] // patch, x0.shape[3] // patch))
+                target = spatial_normalize(target) if args.irepa else target
+                loss = loss + args.repa_lambda * repa_loss(repa_proj, target, repa_idx)
             loss = loss / chunks
         loss.backward()
         loss_sum += loss.detach()
@@ -325,6 +414,12 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
     if world > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     return loss_sum, grad_norm, txt_len, data_s, opt_s
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema = decay ema + (1 - decay) w, the decay applied once per update whatever --ema-every (PRX/Composer)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def matmul_peak(device, n=1024, reps=8):
@@ -404,37 +499,51 @@ def build_model(args, loader, device):
                                  dynamic_img_size=True, **overlay)).to(device)
         except (FileNotFoundError, RuntimeError) as e:
             raise SystemExit(f"error: --repa {args.repa}: {e}")
-    trainee = Trainee(model, teacher.num_features if teacher else None, args.repa_layer).to(device)
-    return cfg, model, ema, trainee, teacher
+    if teacher is not None and device.type == "cuda":
+        teacher = teacher.to(torch.bfloat16)  # PRX runs the frozen teacher in bf16
+    kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
+    trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer)
+    return cfg, model, ema, trainee.to(device), teacher
 
 
 def build_optimizers(args, trainee, device, log):
-    """AdamW (PRX part 2), or Muon on the 2D weights inside the blocks and AdamW for the rest (muon.py)."""
+    """AdamW (PRX part 2), or Muon on the 2D weights inside the blocks and AdamW for the rest (muon.py); the REPA
+    projector last, on an AdamW of its own, so that REPA can be added or dropped on resume."""
     adamw = dict(lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
                  fused=device.type == "cuda")
+    projector = [torch.optim.AdamW(trainee.repa_proj.parameters(), **adamw)] if trainee.repa_proj else []
     if args.optimizer == "adamw":
-        return [torch.optim.AdamW(trainee.parameters(), **adamw)]
+        return [torch.optim.AdamW(trainee.model.parameters(), **adamw)] + projector
     from muon import Muon, split_muon_params, split_summary
-    muon_params, adam_params = split_muon_params(trainee)
+    muon_params, adam_params = split_muon_params(trainee.model)
     log(split_summary(muon_params, adam_params))
-    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay), torch.optim.AdamW(adam_params, **adamw)]
+    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay), torch.optim.AdamW(adam_params, **adamw)] \
+        + projector
+
+
+def drop_repa(trainee, opt):
+    """--repa-stop: the projector and its optimizer (the last) leave the run; the caller stops running the
+    teacher and re-wraps the trainee for DDP, whose reducer would wait for the projector's gradients."""
+    trainee.repa_proj, trainee.repa_kind, trainee.repa_layer = None, None, None
+    opt.pop()
 
 
 def setup_eval(args, cfg, device):
     """-> a function (model, step, grid path) -> metrics dict, or None with --eval-samples 0: held-out prompts of
-    --data, the caption checker on the built-in data, FID against --eval-ref on prepared data."""
+    --eval-data or --data, the caption checker on the built-in data, FID against --eval-ref on prepared data."""
     if not args.eval_samples:
         return None
     try:
-        split = open_heldout(args.data, args.eval_samples, "short" if args.captions == "short" else "long",
-                             args.resolution, args.seed, args.text_context)
+        caption = "short" if args.captions == "short" else "long"
+        split = open_heldout(args.eval_data or args.data, args.eval_samples, caption, args.resolution, args.seed,
+                             args.text_context)
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device) \
             if args.eval_ref else None
         if metrics is not None:
             metrics.check_reference(args.eval_samples, args.resolution, "--eval-samples")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref}): {e}")
-    shape, decode = load_decoder(cfg, args.data, args.resolution, device)
+    shape, decode = load_decoder(cfg, args.eval_data or args.data, args.resolution, device)
     return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
                                         grid=grid, **sampling_settings(args))
 
@@ -466,7 +575,7 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
 def sampling_settings(args):
     """How this run samples: stored in config.json, read as is by eval.py."""
     return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, shift=args.shift, pred=args.pred,
-                route_ratio=args.route_ratio or 0.5)
+                route_ratio=args.route_ratio or 0.5, self_guidance=args.self_guidance)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,7 +633,7 @@ def check_resume_flags(args, ckpt):
         before = json.load(f)["args"]
     now = json.loads(json.dumps(vars(args)))  # tuples as lists, as stored
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}" for k in sorted(now)
-               if k not in RESUMABLE and k not in ("cpu_track", "repa_layer") and before.get(k) != now[k]]
+               if k not in RESUMABLE and k != "cpu_track" and before.get(k) != now[k]]
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
@@ -545,21 +654,29 @@ def set_aside_newer(ckpt):
 
 
 def restore(ckpt, model, ema, trainee, opt, loader, device):
-    """Load a checkpoint into the run -> (step, training time). Mismatches of shapes or optimizer say what differs."""
+    """Load a checkpoint into the run -> (step, training time, a note when REPA was added or dropped, else None).
+    Mismatches of shapes or optimizer say what differs."""
     state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location=device, weights_only=True)
     try:
         model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors"), device=str(device)))
         if ema is not None:
             ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors"), device=str(device)))
-        for o, s in zip(opt, state["optimizer"], strict=True):
+        projector, repa, note = trainee.repa_proj, state.get("repa"), None  # "repa": only REPA checkpoints have it
+        for o, s in zip(opt[:-1] if projector else opt, state["optimizer"], strict=True):
             o.load_state_dict(s)
-        if trainee.repa_proj is not None:
-            trainee.repa_proj.load_state_dict(state["repa_proj"])
+        if projector and repa and repa["kind"] == trainee.repa_kind:
+            projector.load_state_dict(repa["projector"])
+            opt[-1].load_state_dict(repa["optimizer"])
+        elif projector:
+            note = f"REPA's {trainee.repa_kind} projector starts fresh (the checkpoint has " + \
+                   (f"a {repa['kind']} one)" if repa else "none)")
+        elif repa:
+            note = "REPA dropped: the checkpoint's projector is left out"
         loader.load_state_dict(state["loader"])
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: --resume {ckpt} does not fit this model, optimizer or loader ({type(e).__name__}: "
                          f"{str(e)[:300]}); resume with the flags the run was started with")
-    return state["step"], state["train_time"]
+    return state["step"], state["train_time"], note
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -647,14 +764,17 @@ def main(argv=None):
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device),
                  int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=ckpt is not None)
     opt = build_optimizers(args, trainee, device, log)
-    start_step, train_time = restore(ckpt, raw_model, ema, trainee, opt, loader, device) if ckpt else (0, 0.0)
+    start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, device) if ckpt else (0, 0, None)
+    if note:
+        log(note)
     if ckpt and master and (moved := set_aside_newer(ckpt)):
         log(moved)
     if args.compile:
         trainee.model = torch.compile(raw_model)
     model = wrap_ddp(trainee, world, device)
     log(f"model {args.model}: {n_params:,} parameters | {world} process(es) on {device.type} | global batch "
-        f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | out {out}"
+        f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | shift {args.shift} | "
+        f"AdamW eps {args.eps:g} | out {out}"
         + (f" | resumed from {ckpt}" if ckpt else ""))
     if args.cpu_track:
         log("CPU track values (--data builtin) for the flags not given: " +
@@ -676,6 +796,11 @@ def main(argv=None):
     num_img = math.prod(loader.x0_shape[1:]) // cfg.patch_size ** 2  # image tokens per sample
     time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0
     while True:
+        if teacher is not None and args.repa_stop and step >= args.repa_stop:
+            teacher = None
+            drop_repa(trainee, opt)
+            model = wrap_ddp(trainee, world, device)
+            log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
         last = step >= args.max_steps or train_time >= max_time
         timed_eval = bool(eval_times) and train_time >= eval_times[0]
         eval_times = [t for t in eval_times if t > train_time]
@@ -688,7 +813,8 @@ def main(argv=None):
                 {"step": step, "train_time_s": train_time, **result})
             if last and master:
                 with open(os.path.join(out, "eval.json"), "w") as f:
-                    json.dump({"step": step, "train_time_s": round(train_time, 1), **result}, f, indent=2)
+                    json.dump({"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data,
+                               **result}, f, indent=2)
         if (last or step % args.ckpt_every == 0) and step > start_step:
             assert all(p.dtype == torch.float32 for p in raw_model.parameters()), "weights must stay fp32 (PRX part 2)"
             if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
@@ -696,9 +822,10 @@ def main(argv=None):
                                  f"last one is {(list_checkpoints(out) or ['(none)'])[-1]}")
             if master:  # the loader's position is global: rank 0's state is every rank's
                 extra = {"train_time": train_time, "loader": loader.state_dict()}
-                if teacher is not None:
-                    extra["repa_proj"] = trainee.repa_proj.state_dict()
-                save_checkpoint(out, step, raw_model, ema, opt, extra, args.keep)
+                if trainee.repa_proj is not None:
+                    extra["repa"] = {"kind": trainee.repa_kind, "projector": trainee.repa_proj.state_dict(),
+                                     "optimizer": opt[-1].state_dict()}
+                save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, args.keep)
         if last:
             break
 
@@ -709,7 +836,7 @@ def main(argv=None):
         loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
         data_since, opt_since = data_since + data_s, opt_since + opt_s
         if ema is not None and (step + 1) % args.ema_every == 0:
-            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema ** args.ema_every)
+            ema_update(ema, raw_model, args.ema)
         finite &= torch.isfinite(loss)
         step += 1
         samples_since += args.batch_size

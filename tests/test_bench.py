@@ -5,7 +5,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import bench
+from model import PRX, flops_per_sample, preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,3 +61,83 @@ def test_eval(capsys, monkeypatch):
     assert_compared(out, "DINOv2 ViT-L/14 (DINO-MMD)", "timm")
     assert_compared(out, "MMD of 256 against 256", "one block")
     assert_compared(out, "sampling PRX tiny-pixel", "diffusers")
+
+
+def closed_form_params(cfg):
+    """(all, Muon's, one block's) parameter counts of a PRX config from the architecture (REFERENCE.md section 1)."""
+    h, m, d, pd, b = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), sum(cfg.axes_dim), \
+        cfg.in_channels * cfg.patch_size ** 2, cfg.bottleneck_size
+    img_in = pd * b + b + b * h + h if b else pd * h + h
+    block_matrices = 3 * h * h + 2 * h * h + h * h + 3 * h * m + 6 * h * h  # qkv, text kv, out, MLP, modulation
+    block = block_matrices + 3 * d + 6 * h  # + q, k, text k norms and the modulation bias
+    rest = img_in + cfg.context_dim * h + h + 256 * h + h + h * h + h + 2 * h * h + 2 * h + h * pd + pd
+    return rest + cfg.depth * block, cfg.depth * block_matrices, block
+
+
+def test_memory_states_closed_form():
+    for name in ["small", "base", "small-pixel", "base-pixel"]:
+        with torch.device("meta"):
+            model = PRX.from_preset(name, 512 if "pixel" in name else 256)
+        n, m, _ = closed_form_params(model.cfg)
+        assert bench.state_bytes(model) == {"weights": 4 * n, "grads": 4 * n, "AdamW": 8 * n,
+                                            "Muon": 4 * m + 8 * (n - m)}, name
+
+
+def test_memory_fake_count_equals_real():
+    # the full-size count runs on fake tensors; here the same count on real tensors, at two sizes and depths
+    for depth, batch, side, txt in [(1, 2, 8, 8), (3, 3, 16, 5)]:
+        cfg = preset_config("tiny", depth=depth)
+        real = bench.saved_bytes(cfg, batch, side, txt, fake=False)
+        assert bench.saved_bytes(cfg, batch, side, txt) == real
+        # at least each block's bf16 gate_proj and up_proj outputs and GELU output: 3 (B, N, mlp) tensors
+        tokens, mlp = batch * (side // cfg.patch_size) ** 2, int(cfg.hidden_size * cfg.mlp_ratio)
+        assert real > depth * 3 * tokens * mlp * 2
+
+
+def test_memory_table(capsys):
+    bench.main(["memory", "--micro-batch", "2"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| small |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    weights, grads, adamw, muon, act = (float(c) * 2**30 for c in cells[3:8])
+    n, m, block = closed_form_params(preset_config("small"))
+    for printed, exact in [(weights, 4 * n), (grads, 4 * n), (adamw, 8 * n), (muon, 4 * m + 8 * (n - m))]:
+        assert abs(printed - exact) <= 0.05 * 2**30
+    ddp = 4 * n + 2 * 4 * n + 8 * n + act  # gradients twice: DDP's buckets
+    fsdp = (4 * n + 4 * n + 8 * n) / 8 + 2 * 2 * 4 * block + act  # two unsharded blocks' weights and gradients
+    for cell, exact in [(cells[8], ddp), (cells[10], fsdp)]:
+        value, verdict = cell.split()
+        assert abs(float(value) * 2**30 - exact) <= 0.1 * 2**30 and verdict == "fits"
+
+
+def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
+    # the GPU check's own code at tiny sizes; aot_eager: dynamo and AOTAutograd trace both models as for inductor
+    sizes = dict(preset="tiny", batch=2, side=8, txt_tokens=16, min_len=4, max_len=12, parity_steps=2, warmup=1,
+                 steps=1, loader_samples=64, sample_steps=2, backend="aot_eager")
+    monkeypatch.setattr(bench, "GPU_CHECK", sizes)
+    bench.gpu_check(tmp_path / "gpu.md", 0.001)  # a peak of 1 GFLOP/s: a CPU's MFU in printable figures
+    out = capsys.readouterr().out
+    table = (tmp_path / "gpu.md").read_text()
+    assert [line for line in out.splitlines() if line in table.splitlines()] == table.splitlines()  # same table
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    step, mfu = "compiled training step, batch 2, median of 1", "compiled training step, batch 2, MFU at 0.001 TFLOP/s"
+    expected = ["loss after 2 AdamW steps", step, mfu, "compiled training step, batch 2, peak memory",
+                "optimizer step, Muon + AdamW", "ShardLoader, synthetic shards", "sampling, 2 Euler steps, CFG 3.5"]
+    for what in expected:
+        assert sum(name.startswith(what) for name in rows) == 1, f"no row '{what}' in:\n{table}"
+    number = lambda cell: [float(w.replace(",", "")) for w in cell.split() if re.fullmatch(r"[\d,.]+", w)][-1]
+    parity = next(v for k, v in rows.items() if k.startswith("loss after"))
+    assert abs(number(parity[0]) / number(parity[1]) - 1) < 0.01  # bf16 autocast's loss near fp32's
+    # MFU = 3 x forward FLOPs (closed form, real text tokens only) / step time / peak
+    cfg = preset_config("tiny")
+    lengths = bench.synthetic_batch(cfg, sizes, 0)[4].sum(1).tolist()
+    useful = 3 * sum(flops_per_sample(cfg, (8 // cfg.patch_size) ** 2, n) for n in lengths)
+    expected_mfu = 100 * useful / (number(rows[step][0]) / 1e3) / 1e9
+    assert 1 < number(rows[mfu][0]) and abs(number(rows[mfu][0]) - expected_mfu) < 0.05 + 0.01 * expected_mfu
+
+
+def test_gpu_refused_on_cpu():
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(SystemExit, match="python bench.py gpu"):
+        bench.main(["gpu", "--out", os.devnull])

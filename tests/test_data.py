@@ -75,13 +75,27 @@ def test_mixtures_and_phases(prepared):
     root, _ = prepared
     a, b = str(root / "out"), str(root / "out_pq")
     in_b = lambda batch: {i.startswith("pq") for i in batch["id"]}  # noqa: E731
-    assert data.parse_data_phases("d1:0.7,d2:0.3@0;d3@90000") == [(0, {"d1": 0.7, "d2": 0.3}), (90000, {"d3": 1.0})]
+    assert data.parse_data_phases("d1:0.7,d2:0.3@0;d3@90000:mixed:0.3") == [(0, {"d1": 0.7, "d2": 0.3}, None),
+                                                                          (90000, {"d3": 1.0}, "mixed:0.3")]
     phased = data.ShardLoader(f"{a}:1@0;{b}:1@2", batch_size=4)
     assert [in_b(next(phased)) for _ in range(4)] == [{False}, {False}, {True}, {True}]
     accumulated = data.ShardLoader(f"{a}:1@0;{b}:1@2", batch_size=4, grad_accum=2)  # @2 = optimizer step 2
     assert [in_b(next(accumulated)) for _ in range(6)] == [{False}] * 4 + [{True}] * 2
     mixed = data.ShardLoader(f"{a}:0.5,{b}:0.5", batch_size=8)
     assert set.union(*[in_b(next(mixed)) for _ in range(3)]) == {False, True}
+
+
+def test_caption_mode_per_phase(prepared):
+    """'@step:mode' switches the caption mode at that optimizer step (PRX: long captions, then mixed): the same
+    samples as a loader with that mode from the start."""
+    a = str(prepared[0] / "out")
+    phased = data.ShardLoader(f"{a}@0:long;{a}@2:short", batch_size=4, captions="mixed")
+    long, short = (data.ShardLoader(a, batch_size=4, captions=mode) for mode in ("long", "short"))
+    for step in range(4):
+        got, want_long, want_short = next(phased), next(long), next(short)
+        assert got["id"] == want_long["id"] == want_short["id"]
+        assert got["caption"] == (want_long if step < 2 else want_short)["caption"] != \
+            (want_short if step < 2 else want_long)["caption"]
 
 
 def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
@@ -91,6 +105,8 @@ def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
             data.parse_data_phases(spec)
     with pytest.raises(ValueError, match="mixed"):
         data.ShardLoader(str(root / "out"), 4, captions="medium")
+    with pytest.raises(ValueError, match="captions 'medium'"):
+        data.parse_data_phases("d@0;d@10:medium")
     with pytest.raises(FileNotFoundError, match="prepare"):
         data.ShardLoader(str(tmp_path), 4)
 

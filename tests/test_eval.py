@@ -290,6 +290,43 @@ def test_sampler_same_seed_same_image_whatever_the_batch(self_guidance):
     torch.testing.assert_close(single, batched, atol=1e-5, rtol=1e-5)
 
 
+def test_exported_pipeline_reproduces_the_sampler(tmp_path):
+    """model.save_diffusers -> PRXPipeline.from_pretrained, sampled with the README's call, gives eval.sample's latents
+    for the same prompts and seeds: the same cleaning, text encoder, empty prompt, noise, grid and guidance."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline
+    from model import PRXConfig
+    from prepare import T5GemmaTextEncoder
+    from tiny_prepared import save_tiny_encoders
+    save_tiny_encoders(tmp_path)
+    encoder = T5GemmaTextEncoder.from_pretrained(str(tmp_path / "t5gemma"), max_tokens=12)
+    torch.manual_seed(0)
+    model = PRX(PRXConfig(in_channels=4, context_dim=32, hidden_size=64, depth=2, num_heads=2, axes_dim=(16, 16)))
+    for p in model.eval().parameters():  # zero-initialised layers would make the output ignore the text
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    model.save_diffusers(str(tmp_path / "x"), shift=3.0, resolution=16, tokenizer=encoder.tokenizer, max_tokens=12,
+                         vae=AutoencoderKL.from_pretrained(tmp_path / "flux", subfolder="vae"),
+                         text_encoder=encoder.model)
+    pipe = PRXPipeline.from_pretrained(tmp_path / "x")
+    assert pipe.scheduler.config.shift == 3.0  # the run's shift, for the pipeline's own grid
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    null_txt, null_mask = encoder([""])
+    # cleaning changes the first prompt's tokens; the second is cut at 12 tokens
+    prompts = ["A Photo of a #Cat (Red) / http://x.com @bob", "The big red dog under the blue sky on the green tree"]
+    latents = []
+    for i, prompt in enumerate(prompts):  # one prompt per call: with guidance, a batch of prompts fails (below)
+        txt, mask = encoder([prompt])
+        ours = ev.sample(model, txt, mask, null_txt, null_mask, [42 + i], (4, 8, 8), steps=5, cfg_scale=3.5, shift=3.0)
+        theirs = pipe(prompt, height=16, width=16, timesteps=ev.diffusers_timesteps(5, 3.0), guidance_scale=3.5,
+                      generator=torch.Generator().manual_seed(42 + i), output_type="latent",
+                      use_resolution_binning=False).images
+        assert (theirs - ours).abs().max() <= 1e-5
+        latents.append(ours)
+    assert (latents[0] - latents[1]).abs().mean() > 0.1
+    with pytest.raises(RuntimeError, match="size of tensor"):  # diffusers 0.42: 2 timesteps for 4 rows
+        pipe(prompts, height=16, width=16, guidance_scale=3.5, output_type="latent", use_resolution_binning=False)
+
+
 def test_evaluate_weighs_each_batch_score_by_its_size():
     class Brightness:  # a held-out split whose score is the mean pixel of the batch
         null = torch.zeros(1, 1, 64), torch.ones(1, 1, dtype=torch.bool)
@@ -320,8 +357,8 @@ def write_run(run, model, step=10, captions="long"):
     os.makedirs(ckpt)
     save_file(model.state_dict(), ckpt / "model.safetensors")
     (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
-    args = dict(data="builtin", captions=captions, resolution=32, seed=0, text_context=5)
-    sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5)
+    args = dict(data="builtin", eval_data=None, captions=captions, resolution=32, seed=0, text_context=5)
+    sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)
     (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg), "sampling": sampling}))
     return ckpt
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -40,13 +42,42 @@ def test_diffusers_interop_both_ways(tmp_path, bottleneck):
     with torch.no_grad():
         ref = theirs(x, t, txt, mask, return_dict=False)[0]
         assert (ours(x, t, txt, mask) - ref).abs().max() <= 1e-5
-        # and back: ours -> diffusers folder (single file and sharded) -> diffusers loads it
+        # and back: ours -> a pipeline folder (transformer/ single file and sharded) -> diffusers loads it
         randomize(ours, std=0.03)
         for shard in (2**40, 20_000):
             folder = tmp_path / f"o{shard}"
             ours.save_diffusers(str(folder), max_shard_bytes=shard)
-            back = PRXTransformer2DModel.from_pretrained(str(folder))
+            sharded = (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+            assert sharded == (shard == 20_000)
+            back = PRXTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
             assert (back(x, t, txt, mask, return_dict=False)[0] - ours(x, t, txt, mask)).abs().max() <= 1e-5
+
+
+def test_export_without_encoders_takes_them_at_load(tmp_path):
+    """save_diffusers without the VAE and text encoder: model_index.json cannot name another repository's files, so
+    they are null there and the README's call passes them to from_pretrained (here tiny local stand-ins)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline
+    from transformers import AutoTokenizer, T5GemmaEncoderModel
+    from tiny_prepared import save_tiny_encoders
+    save_tiny_encoders(tmp_path)
+    model = PRX(PRXConfig(**dict(TINY, context_dim=32)))  # the tiny T5Gemma's width
+    model.save_diffusers(str(tmp_path / "x"), shift=3.0, resolution=512)
+    index = json.loads((tmp_path / "x" / "model_index.json").read_text())
+    assert index["vae"] == index["text_encoder"] == index["tokenizer"] == [None, None]
+    with pytest.raises(ValueError, match="expected"):  # diffusers names what is missing
+        PRXPipeline.from_pretrained(tmp_path / "x")
+    pipe = PRXPipeline.from_pretrained(
+        tmp_path / "x", vae=AutoencoderKL.from_pretrained(tmp_path / "flux", subfolder="vae"),
+        text_encoder=T5GemmaEncoderModel.from_pretrained(tmp_path / "t5gemma", is_encoder_decoder=False),
+        tokenizer=AutoTokenizer.from_pretrained(tmp_path / "t5gemma"))
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    assert pipe.default_sample_size == 512 and not pipe.scheduler.config.use_dynamic_shifting
+    # a tokenizer without a model_max_length (this one) must be given prepare.py's length, here 12 (README: 256)
+    image = pipe("a red cat", height=16, width=16, num_inference_steps=2, tokenizer_max_length=12,
+                 use_resolution_binning=False, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="pixel-space"):
+        PRX(PRXConfig(**dict(TINY, in_channels=3))).save_diffusers(str(tmp_path / "px"))
 
 
 def test_padding_never_changes_output():

@@ -87,7 +87,30 @@ def test_text_is_unpadded_encoder_output(prepared):
     assert truncated > 0
     null = torch.from_numpy(np.load(root / "out" / "null_txt.npy")).view(torch.bfloat16).float()
     torch.testing.assert_close(null, encode(""), rtol=0, atol=0)
-    assert prepare.clean_caption(' A &amp; B  “Cat” http://x.com/a @bob ') == 'a & b "cat"'
+
+
+# What diffusers 0.42's PRXPipeline feeds its text encoder for each prompt (TextPreprocessor.clean_text), quirks kept
+PIPELINE_TEXT = {
+    "A vintage tram on a sandy beach (digital painting) #art / 4K":
+        "a vintage tram on a sandy beach digital painting art 4k",
+    ' A &amp; B  “Cat” http://x.com/a @bob ': 'a ; b "cat"',
+    "Photo by @jane_doe, see www.example.com/gallery?id=3 &quot;sunset&quot;": "photo by , see ?id=3 sunset",
+    "Check https://t.co/AbC123 #sunset #1 #123456": "check sunset",
+    "ＦＵＬＬＷＩＤＴＨ ﬁsh “quotes” ‘single’ — dash": "fullwidth fish \"quotes\" 'single' - dash",  # ftfy
+    "一只猫 a cat 在桌子上 on a table": "a cat on a table",
+    "Rocket 🚀 launch at night 🌌!!!": "rocket 🚀 launch at night 🌌!!!",
+    "this-is-my-cute-cat_photo_file": "this is my cute cat photo file",
+    "IMG_1234.jpg image_2.png a dog": "a dog",
+    "Page 12 of 3000x2000 wallpaper, free shipping, click for more": "of wallpaper, ,",
+    '"""AUSVERKAUFT""" ***sale*** [draft] {x} |y| \\back\\': '"ausverkauft" sale draft x y back',
+    "prompt\\nwith newline 192.168.0.1 a:b": "prompt with newline a:b",
+    "   ": "",
+    " A Red Bird" * 400: ("a red bird " * 400).strip(),
+}
+
+
+def test_captions_are_cleaned_as_the_diffusers_pipeline_cleans_prompts():
+    assert {prompt: prepare.clean_caption(prompt) for prompt in PIPELINE_TEXT} == PIPELINE_TEXT
 
 
 def test_interrupted_preparation_resumes_to_the_same_result(prepared, tmp_path, monkeypatch):

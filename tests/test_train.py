@@ -1,5 +1,8 @@
+import argparse
 import errno
+import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -166,7 +169,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     r = run(args + ["--max-steps", "3"])
     assert r.returncode == 0, r.stderr[-2000:]
     state = torch.load(tmp_path / "r" / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
-    assert state["repa_proj"]["4.weight"].shape == (192, 1024)  # projector h -> 1024 -> 1024 -> teacher width
+    assert state["repa"]["projector"]["4.weight"].shape == (192, 192)  # PRX's MLP h -> D -> D -> D, D the teacher's
     assert "repa_proj.0.weight" not in load_file(str(tmp_path / "r" / "checkpoints" / "step_3" / "model.safetensors"))
     r = run(args + ["--max-steps", "5", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -197,6 +200,12 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--data", "a:0"], "--data: "),
     (["--eval-ref", "/nonexistent.npz"], "--eval-ref /nonexistent.npz: no such file"),
     (["--repa", "builtin", "--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher names a timm model"),
+    (["--irepa"], "--irepa needs --repa"),
+    (["--repa-stop", "100"], "--repa-stop needs --repa"),
+    (["--repa-layer", "0"], "--repa-layer needs --repa"),
+    (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
+    (["--self-guidance", "1.5"], "--self-guidance extrapolates from the routed network: it needs --tread"),
+    (["--eval-data", "/nonexistent"], "--eval-data /nonexistent: no prepared dataset there"),
 ])
 def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -309,4 +318,218 @@ def test_repa_builtin_teacher_trains(tmp_path):
     r = run(SMALL + ["--repa", "builtin", "--out", str(tmp_path / "r"), "--max-steps", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     state = torch.load(tmp_path / "r" / "checkpoints" / "step_2" / "trainer.pt", weights_only=True)
-    assert state["repa_proj"]["4.weight"].shape == (32, 1024)  # the built-in teacher's 32-wide tokens
+    assert state["repa"]["projector"]["4.weight"].shape == (32, 32)  # the built-in teacher's 32-wide tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objective against closed forms: each test fails if its formula is changed (a sign, a swap, a constant)
+
+class FakeLoader:
+    """What micro_batch reads of a loader: batches of pixel images and text, and the encoded empty prompt."""
+
+    def __init__(self, batch=4, res=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (batch, 3, res, res), generator=g, dtype=torch.uint8)
+        self.txt, self.txt_mask = torch.ones(batch, 2, 4), torch.ones(batch, 2, dtype=torch.bool)
+        self.null_txt, self.null_mask = torch.full((1, 3, 4), 2.0), torch.tensor([[True, True, False]])
+
+    def __next__(self):
+        return {"image": self.images, "txt": self.txt, "txt_mask": self.txt_mask}
+
+
+def objective_args(**kw):
+    return argparse.Namespace(**{"seed": 0, "caption_dropout": 0.1, "shift": 1.0, "uniform_t": 0.1, **kw})
+
+
+def test_interpolation_and_flow_target():
+    x0, eps, t, x_t, *_ = train.micro_batch(objective_args(), FakeLoader(), 0, 0, torch.device("cpu"))
+    tt = t[:, None, None, None]
+    assert torch.equal(x_t, (1 - tt) * x0 + tt * eps)  # t = 0 data, t = 1 noise (REFERENCE 3)
+    v = eps - x0
+    assert train.flow_loss(v, x0, eps, x_t, t, "v").item() == 0
+    assert torch.isclose(train.flow_loss(torch.zeros_like(v), x0, eps, x_t, t, "v"), v.square().mean())
+    w = torch.rand(len(x0), 1, *x0.shape[2:])
+    assert torch.isclose(train.flow_loss(2 * v, x0, eps, x_t, t, "v", w), (v.square() * w).mean())
+
+
+def test_x_prediction_loss_is_the_velocity_error_with_t_clamped_at_0_05():
+    g = torch.Generator().manual_seed(0)
+    x0, eps, d = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.01, 0.04, 0.3, 0.9])
+    tt = t[:, None, None, None]
+    x_t = (1 - tt) * x0 + tt * eps
+    assert train.flow_loss(x0, x0, eps, x_t, t, "x").item() == 0
+    # v_hat - v = (x_t - x0_hat) / max(t, 0.05) - (x_t - x0) / max(t, 0.05) = -d / max(t, 0.05)  (JiT)
+    expected = (d.square() / tt.clamp(min=0.05).square()).mean()
+    assert torch.isclose(train.flow_loss(x0 + d, x0, eps, x_t, t, "x"), expected, rtol=1e-5)
+
+
+def test_contrastive_flow_matching_pushes_from_another_samples_target():
+    g = torch.Generator().manual_seed(0)
+    x0, eps, pred = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    t = torch.rand(3, generator=g)
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+    v = eps - x0
+    expected = sum((pred[i] - v[i]).square().mean() - 0.1 * (pred[i] - v[i - 1]).square().mean() for i in range(3)) / 3
+    assert torch.isclose(train.flow_loss(pred, x0, eps, x_t, t, "v", cfm=0.1), expected, rtol=1e-5)
+    one = slice(0, 1)  # a batch of one has no other sample: plain flow matching (PRX)
+    assert train.flow_loss(pred[one], x0[one], eps[one], x_t[one], t[one], "v", cfm=0.1) == \
+        train.flow_loss(pred[one], x0[one], eps[one], x_t[one], t[one], "v")
+
+
+def test_caption_dropout_rate_and_the_empty_prompt_with_its_mask():
+    loader, dropped, total = FakeLoader(batch=8), 0, 0
+    for step in range(100):
+        *_, txt, mask, _ = train.micro_batch(objective_args(caption_dropout=0.1), loader, step, 0, torch.device("cpu"))
+        assert txt.shape == (8, 3, 4) and mask.shape == (8, 3)  # padded to the longer of caption and empty prompt
+        empty = (txt == 2).all(dim=(1, 2))
+        assert torch.equal(mask[empty], loader.null_mask.expand(int(empty.sum()), -1))
+        assert (txt[~empty][:, :2] == 1).all() and not mask[~empty][:, 2].any()
+        dropped, total = dropped + int(empty.sum()), total + 8
+    assert abs(dropped / total - 0.1) < 0.04  # 800 draws: binomial sd 0.011
+
+
+def test_ema_update_closed_form():
+    model, ema = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    expected = [0.99 * e + 0.01 * w for e, w in zip(ema.parameters(), model.parameters())]
+    train.ema_update(ema, model, 0.99)
+    assert all(torch.allclose(e, x) for e, x in zip(ema.parameters(), expected))
+
+
+def test_ema_every_k_steps_applies_the_decay_once_per_update(tmp_path):
+    """PRX's "0.999 every 10 steps" is 0.999 per update: after 2 steps with --ema-every 2 the EMA is
+    0.9 init + 0.1 w_2, not 0.9^2 init + (1 - 0.9^2) w_2."""
+    out = tmp_path / "r"
+    train.main(SMALL + ["--ema", "0.9", "--ema-every", "2", "--max-steps", "2", "--out", str(out)])
+    ckpt = out / "checkpoints" / "step_2"
+    w2, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    model, _, _ = load_run(str(out), weights="model")
+    torch.manual_seed(0)
+    init = type(model)(model.cfg).state_dict()
+    assert any(not torch.equal(init[k], w2[k]) for k in w2)
+    assert all(torch.allclose(ema[k], 0.9 * init[k] + 0.1 * w2[k], atol=1e-6) for k in w2)
+
+
+class FakeTeacher(torch.nn.Module):
+    """timm's interface: one prefix token of 100s, then each patch's mean colour (per channel) as its token."""
+    pretrained_cfg = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.5)}
+    num_prefix_tokens, num_features = 1, 3
+
+    def __init__(self, patch=4):
+        super().__init__()
+        self.patch_embed, self.scale = argparse.Namespace(patch_size=(patch, patch)), torch.nn.Parameter(torch.ones(()))
+
+    def forward_features(self, x):
+        tokens = torch.nn.functional.avg_pool2d(x, self.patch_embed.patch_size).flatten(2).transpose(1, 2)
+        return torch.cat([torch.full_like(tokens[:, :1], 100.0), tokens * self.scale], dim=1)
+
+
+def test_teacher_input_is_resized_to_the_token_grid_and_prefix_tokens_dropped():
+    colour = torch.tensor([-1.0, 0.0, 0.5])
+    images = colour[None, :, None, None].expand(2, 3, 32, 32)  # [-1, 1]
+    tokens = train.teacher_tokens(FakeTeacher(), images, (3, 5))
+    assert tokens.shape == (2, 15, 3)  # one teacher token per denoiser token: the image resized to 12 x 20 px
+    expected = ((colour + 1) / 2 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.2, 0.25, 0.5])
+    assert torch.allclose(tokens, expected.expand(2, 15, 3), atol=1e-5)
+
+
+def test_irepa_spatial_normalisation_by_hand():
+    f = torch.tensor([[[1.0, 3.0], [5.0, 7.0]]])  # (B=1, T=2, D=2)
+    # channel means per token (2, 6) times token means per channel (3, 5): [[-5, -7], [-13, -23]]; std over tokens
+    # (unbiased) 8 / sqrt 2 and 16 / sqrt 2
+    expected = torch.tensor([[[-5 / 5.656854, -7 / 11.313708], [-13 / 5.656854, -23 / 11.313708]]])
+    assert torch.allclose(train.spatial_normalize(f), expected, atol=1e-5)
+
+
+def test_repa_hidden_tokens_at_the_routing_boundaries():
+    from model import PRX, preset_config
+    cfg = preset_config("tiny", 32, in_channels=4, context_dim=8, depth=4)
+    model, x = PRX(cfg).eval(), torch.randn(2, 4, 8, 8)
+    txt, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    n = (8 // cfg.patch_size) ** 2
+    for layer, tokens, routed in ((cfg.route_start, n // 2, True), (cfg.route_end, n, False)):
+        _, hidden, idx = model(x, torch.rand(2), txt, mask, route_ratio=0.5, repa_layer=layer)
+        assert hidden.shape[1] == tokens and (idx is not None) == routed, layer
+
+
+def test_irepa_projectors_keep_the_token_layout():
+    """The conv projector reads the (B, N, h) tokens as their grid: a token's projection depends on its grid
+    neighbours only; the attention projector (under routing) equals itself on a permutation of its tokens."""
+    from model import PRX, preset_config
+    model = PRX(preset_config("tiny", 32, in_channels=3, context_dim=8, depth=2, hidden_size=64, num_heads=1,
+                              axes_dim=(32, 32)))
+    conv = train.Trainee(model, "conv", 5, 0)
+    hidden = torch.randn(1, 16, 64)
+    grid = conv.repa_proj(hidden.transpose(1, 2).unflatten(2, (4, 4))).flatten(2).transpose(1, 2)
+    bumped = hidden.clone()
+    bumped[0, 0] += 1  # token (0, 0): its 3x3 neighbourhood is (0..1, 0..1) -> tokens 0, 1, 4, 5
+    changed = (conv.repa_proj(bumped.transpose(1, 2).unflatten(2, (4, 4))).flatten(2).transpose(1, 2) - grid)
+    assert sorted(changed.abs().sum(-1).nonzero()[:, 1].tolist()) == [0, 1, 4, 5]
+    attention = train.AttentionProjector(64, 5)
+    pos = torch.tensor([[0, 3, 5, 6, 9, 12]])
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    x = torch.randn(1, 6, 64)
+    out = attention(x, pos, 4)
+    assert torch.allclose(attention(x[:, perm], pos[:, perm], 4), out[:, perm], atol=1e-5)
+    assert not torch.allclose(attention(x, pos.flip(1), 4), out, atol=1e-3)  # positions matter (RoPE)
+
+
+def test_all_techniques_off_is_plain_flow_matching_bit_for_bit():
+    """The training step with every technique flag off computes exactly MSE(model(x_t), eps - x0) with the
+    foreground weights: no flag leaks into the step when off."""
+    args = train.get_args(SMALL + ["--out", "unused"])
+    loader = FakeLoader(batch=8, res=32)
+    loader.txt, loader.null_txt = torch.randn(8, 2, 32), torch.randn(1, 3, 32)
+    model = train.PRX(train.preset_config(args.model, 32, in_channels=3, context_dim=32, hidden_size=64,
+                                          num_heads=1, axes_dim=(32, 32), depth=2))
+    trainee = train.Trainee(model)
+    x0, eps, t, x_t, txt, mask, _ = train.micro_batch(args, loader, 0, 0, torch.device("cpu"))
+    reference = ((model(x_t, t, txt, mask) - (eps - x0)).square() * train.foreground_weights(x0, 2.0)).mean()
+    args.micro_batch = args.batch_size = 8
+    loss, *_ = train.train_step(args, 0, 0.0, trainee, [torch.optim.SGD(model.parameters(), lr=0.0)], loader, None,
+                                0, 1)
+    assert torch.equal(loss, reference.detach())
+
+
+TECHNIQUES = {"repa": ["--repa", "builtin"], "irepa": ["--repa", "builtin", "--irepa"],
+              "repa-stop": ["--repa", "builtin", "--repa-stop", "1"], "tread": ["--tread"], "sprint": ["--sprint"],
+              "x-pred": ["--pred", "x"], "cfm": ["--cfm", "0.1"], "ema": ["--ema", "0.9", "--ema-every", "1"],
+              "muon": ["--optimizer", "muon"], "short": ["--captions", "short"]}
+REFUSED = {("tread", "sprint"): "--tread and --sprint are exclusive"}
+
+
+@pytest.mark.parametrize("a, b", list(itertools.combinations(TECHNIQUES, 2)))
+def test_every_pair_of_techniques_trains_or_is_refused(a, b, tmp_path, capsys):
+    argv = SMALL + TECHNIQUES[a] + TECHNIQUES[b] + ["--max-steps", "2", "--out", str(tmp_path / "r")]
+    if (a, b) in REFUSED:
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert REFUSED[(a, b)] in capsys.readouterr().err
+        return
+    train.main(argv)
+    logged = losses(tmp_path / "r")
+    assert sorted(logged) == [1, 2] and all(map(math.isfinite, logged.values()))
+
+
+def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
+    out = tmp_path / "r"
+    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--out", str(out)])
+    assert "REPA stopped at step 2" in (out / "log.txt").read_text()
+    assert "repa" not in torch.load(out / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
+    plain, with_repa = tmp_path / "plain", tmp_path / "repa"
+    train.main(SMALL + ["--max-steps", "2", "--out", str(plain)])
+    train.main(SMALL + ["--max-steps", "4", "--out", str(plain), "--resume", "--repa", "builtin"])
+    assert "REPA's mlp projector starts fresh (the checkpoint has none)" in (plain / "log.txt").read_text()
+    assert "repa" in torch.load(plain / "checkpoints" / "step_4" / "trainer.pt", weights_only=True)
+    train.main(SMALL + ["--max-steps", "2", "--out", str(with_repa), "--repa", "builtin"])
+    train.main(SMALL + ["--max-steps", "4", "--out", str(with_repa), "--resume"])
+    assert "REPA dropped" in (with_repa / "log.txt").read_text()
+    assert sorted(losses(with_repa)) == [1, 2, 3, 4]
+
+
+def test_prx_defaults_that_follow_other_flags():
+    assert train.get_args([]).shift == 1.0  # the CPU track's (32 px)
+    assert train.get_args(["--optimizer", "muon"]).eps == 1e-8 and train.get_args([]).eps == 1e-15
+    assert train.get_args(["--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
+    args = train.get_args(["--tread", "--self-guidance", "1.5"])
+    assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
