@@ -110,6 +110,8 @@ def get_parser():
     g.add_argument("--depth", type=count, default=None, help="override the preset's depth")
     g.add_argument("--patch", type=count, default=None, help="override the preset's patch size")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up is untimed)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: fp32 weights, bf16 autocast "
+                   "(PRX; the default on CUDA); fp32: no autocast (the default on CPU)")
     g = p.add_argument_group("objective")
     g.add_argument("--pred", default="v", choices=["v", "x"], help="network output: velocity, or x0 (JiT)")
     g.add_argument("--shift", type=positive, default=None, help="timestep shift s: t -> s t / (1 + (s - 1) t) "
@@ -197,6 +199,7 @@ def get_args(argv=None):
     # PRX's defaults that depend on other flags: the shift on the space (REFERENCE 3), Adam's eps on the optimizer
     args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.repa == "builtin" and args.data != "builtin":
         parser.error("--repa builtin: the built-in teacher reads the built-in shapes only; use dinov2 or dinov3")
     if args.repa == "builtin" and args.repa_teacher:
@@ -393,7 +396,7 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
         txt, mask = trim_text(txt, mask)  # eager, before a compiled model
         sync = world == 1 or i == chunks - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), \
-                torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             pred, repa_proj, repa_idx = model(x_t, t, txt, mask, args.route_ratio or 0.0)
             weights = foreground_weights(x0, args.foreground_weight) if args.foreground_weight else None
             loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights, args.cfm)
@@ -562,7 +565,7 @@ def wrap_ddp(trainee, world, device):
 
 def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): the warm-up trains
-    nothing and costs no training time."""
+    nothing and costs no training time. -> the graph breaks dynamo counted (each one a slower step)."""
     initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
     for step in range(3):
         train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
@@ -570,6 +573,7 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     for o, state in zip(opt, initial[1]):
         o.load_state_dict(state)
     loader.load_state_dict(initial[2])
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 def sampling_settings(args):
@@ -782,8 +786,8 @@ def main(argv=None):
     run_eval = setup_eval(args, cfg, device)
 
     if args.compile and not ckpt:
-        compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-        log("compile warm-up done (3 untimed steps, state restored)")
+        breaks = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
+        log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks")
 
     # the loop: occasional work first (evaluation, checkpoint), then the one training step
     raw_model.train()

@@ -1,35 +1,95 @@
-"""Caption accuracy against training minutes, from a run's metrics.jsonl -> curve.png and a markdown table.
+"""Accuracy against training minutes for groups of runs (seeds of one configuration) -> a markdown table per group
+(each seed, mean +- sample sd), each run's time to a target, and a PNG of the curves.
 
-    python records/plot.py runs/<curve run>/metrics.jsonl records/<record>/curve.png
+    python records/plot.py --out curve.png baseline=runs/base-0,runs/base-1,runs/base-2 repa=runs/repa-0
+    python records/plot.py --out curve.png --target 0.30 --metric object_accuracy baseline=runs/base-0
+
+The time to the target is where a run's curve first reaches it, linear between its evaluations (evaluation time
+excluded, as on GPU); "not reached" when it does not within the run.
 """
+import argparse
 import json
-import sys
+import os
+import statistics
 
 from PIL import Image, ImageDraw
 
-evals = [r for r in map(json.loads, open(sys.argv[1])) if "caption_accuracy" in r]
-print("| training minutes | step | full | colour + region |\n|---|---|---|---|")
-for r in evals:
-    print(f"| {r['train_time_s'] / 60:.1f} | {r['step']} | {r['caption_accuracy']:.3f} | {r['color_region_accuracy']:.3f} |")
+COLOURS = [(200, 30, 30), (30, 60, 200), (20, 140, 60), (150, 60, 170)]
 
-W, H, M = 640, 400, 50  # canvas and margin, pixels
-img = Image.new("RGB", (W, H), "white")
-d = ImageDraw.Draw(img)
-t_max = max(r["train_time_s"] for r in evals) / 60
-x = lambda minutes: M + (W - 2 * M) * minutes / t_max
-y = lambda acc: H - M - (H - 2 * M) * acc
-d.line([(M, M), (M, H - M), (W - M, H - M)], fill="black")
-for acc in (0, 0.25, 0.5, 0.75, 1.0):
-    d.line([(M - 4, y(acc)), (W - M, y(acc))], fill=(220, 220, 220))
-    d.text((8, y(acc) - 6), f"{acc:.2f}", fill="black")
-for minutes in sorted({round(r["train_time_s"] / 60) for r in evals}):
-    d.text((x(minutes) - 6, H - M + 8), f"{minutes}", fill="black")
-d.text((W // 2 - 60, H - 20), "training minutes (2 CPU cores)", fill="black")
-for key, colour, label in (("caption_accuracy", (200, 30, 30), "full"),
-                           ("color_region_accuracy", (30, 60, 200), "colour + region")):
-    points = [(x(r["train_time_s"] / 60), y(r[key])) for r in evals]
-    d.line(points, fill=colour, width=2)
-    for px, py in points:
-        d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    d.text((points[-1][0] - 90, points[-1][1] - 16), label, fill=colour)
-img.save(sys.argv[2])
+
+def evaluations(run, metric):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [(r["train_time_s"] / 60, r["step"], r[metric]) for r in map(json.loads, f) if metric in r]
+
+
+def time_to(target, points):
+    for (m0, _, a0), (m1, _, a1) in zip([(0.0, 0, 0.0)] + points, points):
+        if a1 >= target:
+            return m0 + (m1 - m0) * (target - a0) / (a1 - a0) if a1 > a0 else m1
+    return None
+
+
+def mean_sd(values):
+    return f"**{statistics.mean(values):.3f}**" + (f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def table(name, runs, metric, target):
+    print(f"\n{name} ({len(runs)} runs): {metric}\n\n| training minutes | steps | {metric} per run | mean +- sd |\n"
+          "|---|---|---|---|")
+    for i, (minutes, _, _) in enumerate(runs[0]):
+        rows = [points[i] for points in runs if i < len(points)]
+        print(f"| {minutes:.1f} | {', '.join(str(s) for _, s, _ in rows)} | "
+              f"{', '.join(f'{a:.3f}' for _, _, a in rows)} | {mean_sd([a for _, _, a in rows])} |")
+    if target is not None:
+        times = [time_to(target, points) for points in runs]
+        shown = ", ".join("not reached" if t is None else f"{t:.1f}" for t in times)
+        print(f"\nminutes to {metric} {target}: {shown}" +
+              (f" (mean {statistics.mean(times):.1f})" if None not in times else ""))
+
+
+def plot(groups, metric, target, path):
+    W, H, M = 640, 400, 50  # canvas and margin, pixels
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    t_max = max(m for runs in groups.values() for points in runs for m, _, _ in points)
+    top = max(a for runs in groups.values() for points in runs for _, _, a in points) * 1.1
+    x = lambda minutes: M + (W - 2 * M) * minutes / t_max  # noqa: E731
+    y = lambda acc: H - M - (H - 2 * M) * acc / top  # noqa: E731
+    d.line([(M, M), (M, H - M), (W - M, H - M)], fill="black")
+    for i in range(5):
+        d.line([(M - 4, y(top * i / 5)), (W - M, y(top * i / 5))], fill=(220, 220, 220))
+        d.text((8, y(top * i / 5) - 6), f"{top * i / 5:.2f}", fill="black")
+    for minutes in sorted({round(m) for runs in groups.values() for points in runs for m, _, _ in points}):
+        d.text((x(minutes) - 6, H - M + 8), f"{minutes}", fill="black")
+    d.text((W // 2 - 110, H - 20), f"training minutes: {metric}", fill="black")
+    if target is not None:
+        d.line([(M, y(target)), (W - M, y(target))], fill=(120, 120, 120))
+    for (name, runs), colour in zip(groups.items(), COLOURS):
+        for points in runs:
+            d.line([(x(m), y(a)) for m, _, a in points], fill=colour, width=1)
+        mean = [(x(statistics.mean(p[i][0] for p in runs)), y(statistics.mean(p[i][2] for p in runs)))
+                for i in range(min(map(len, runs)))]
+        d.line(mean, fill=colour, width=3)
+        d.text((mean[-1][0] - 80, mean[-1][1] - 16), name, fill=colour)
+    img.save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("groups", nargs="+", help="name=run,run,... (the run folders of one configuration's seeds)")
+    p.add_argument("--metric", default="object_accuracy", help="an evaluation key of metrics.jsonl")
+    p.add_argument("--target", type=float, help="print each run's training minutes to this value")
+    p.add_argument("--out", help="the PNG to write")
+    args = p.parse_args()
+    groups = {}
+    for group in args.groups:
+        name, _, runs = group.rpartition("=")
+        groups[name or runs] = [evaluations(run, args.metric) for run in runs.split(",")]
+    for name, runs in groups.items():
+        table(name, runs, args.metric, args.target)
+    if args.out:
+        plot(groups, args.metric, args.target, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -264,9 +264,10 @@ def test_vae_offline_fails_fast_and_says_what_to_fetch(prepared, unreachable_hub
 
 
 def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
-    """train.py on a prepared dataset: latents and T5Gemma text from the shards, loader position in the checkpoint."""
+    """train.py on a prepared dataset: latents and T5Gemma text from the shards, loader position in the checkpoint;
+    the resumed phase evaluates on another prepared set (--eval-data), which eval.json names."""
     root, _ = prepared
-    argv = [sys.executable, "train.py", "--data", str(root / "out"), "--model", "tiny", "--resolution", str(RES),
+    argv = [sys.executable, "train.py", "--data", str(root / "out_pq"), "--model", "tiny", "--resolution", str(RES),
             "--hidden", "64", "--depth", "2", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
             "--eval-samples", "0", "--out", str(tmp_path / "run")]
     cwd = Path(__file__).parent.parent
@@ -274,7 +275,9 @@ def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
     assert state["loader"]["batches"] == 6  # 3 steps x 2 accumulation micro-batches
-    second = subprocess.run(argv + ["--max-steps", "5", "--resume"], cwd=cwd, capture_output=True, text=True)
+    second = subprocess.run(argv + ["--max-steps", "5", "--resume", "--eval-data", str(root / "out"),
+                                    "--eval-samples", "2"], cwd=cwd, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5]
+    assert steps == [1, 2, 3, 4, 5, 5]  # the last: the evaluation at the end
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["data"] == str(root / "out")
