@@ -27,9 +27,12 @@ import contextlib
 import copy
 import io
 import itertools
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -400,7 +403,8 @@ def bench_memory(args):
 # gpu: one check of the CUDA path before a run spends GPU hours
 
 GPU_CHECK = dict(preset="small", batch=32, side=32, txt_tokens=256, min_len=60, max_len=180,  # 256 px: 32x32 latent
-                 parity_steps=5, warmup=3, steps=10, loader_samples=1024, sample_steps=50, backend="inductor")
+                 parity_steps=5, warmup=3, steps=10, loader_samples=1024, sample_steps=50, backend="inductor",
+                 train_steps=50)
 
 
 def adamw():
@@ -499,6 +503,23 @@ def loader_row(s, step_s):
     return ("ShardLoader, synthetic shards", n * B / sum(wall), "training step", B / step_s, " samples/s", ",.0f")
 
 
+def train_row(steps):
+    """train.py itself, under torchrun (one process), on the CPU track for a few steps and 8 samples: on CUDA the
+    branches only a GPU takes (NCCL, TF32, fused AdamW, bf16 autocast, the bf16 teacher, pinned host buffers,
+    cuda.synchronize around the timed step, the GPU's name in config.json) in the real loop."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        "train.py", "--max-steps", str(steps), "--log-every", str(steps), "--eval-samples", "8",
+                        "--repa", "builtin", "--out", out], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       check=True, capture_output=True)
+        with open(os.path.join(out, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            speed = [r for r in map(json.loads, f) if "samples_per_s" in r][-1]["samples_per_s"]
+    return (f"| train.py --repa builtin under torchrun, {steps} steps ({config['device']}, "
+            f"{config['args']['precision']}) | {speed:,.0f} samples/s | | |")
+
+
 def gpu_check(out, peak_tflops):
     """Every GPU figure of the project in one markdown table, each row printed and written to `out` as soon as it is
     measured: a failure keeps the rows before it."""
@@ -526,6 +547,7 @@ def gpu_check(out, peak_tflops):
         emit(loader_row(s, step_s))
         rates = sampling_rates(ours.eval(), theirs.eval(), s["batch"], s["side"], s["sample_steps"], 1, 1)
         emit((f"sampling, {s['sample_steps']} Euler steps, CFG 3.5", *rates, " img/s", ".2f"))
+        emit(train_row(s["train_steps"]))
 
 
 def bench_gpu(args):

@@ -379,12 +379,13 @@ class Metrics:
                              f"from [-1, 1] floats use eval.to_uint8(x)")
         self.resolution = images.shape[-1]
         self.count += len(images)
-        if "fid" in self.metrics:
-            self.fid_stats.update(inception_features(self.inception, images))
-        if "cmmd" in self.metrics:
-            self.clip_emb.append(clip_features(self.clip, images))
-        if "dino_mmd" in self.metrics:
-            self.dino_emb.append(dino_features(self.dino, images))
+        with torch.autocast(self.device.type, enabled=False):  # the metric networks in fp32, whatever the caller's
+            if "fid" in self.metrics:
+                self.fid_stats.update(inception_features(self.inception, images))
+            if "cmmd" in self.metrics:
+                self.clip_emb.append(clip_features(self.clip, images))
+            if "dino_mmd" in self.metrics:
+                self.dino_emb.append(dino_features(self.dino, images))
 
     def features(self):
         """What compute() compares, summed or gathered over ranks: numpy arrays and the settings."""

@@ -190,9 +190,10 @@ class Block(nn.Module):
 
     def forward(self, img, txt, vec, cos, sin, attn_mask):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(vec)
-        x = (1 + scale_a) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift_a
+        # norms in fp32 (PRX): CUDA's autocast upcasts layer_norm itself, the CPU's would keep bf16
+        x = (1 + scale_a) * F.layer_norm(img.float(), img.shape[-1:], eps=1e-6) + shift_a
         img = img + gate_a * self.attention(x, txt, cos, sin, attn_mask)
-        x = (1 + scale_m) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift_m
+        x = (1 + scale_m) * F.layer_norm(img.float(), img.shape[-1:], eps=1e-6) + shift_m
         return img + gate_m * self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -204,7 +205,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, img, vec):
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear((1 + scale) * F.layer_norm(img, img.shape[-1:], eps=1e-6) + shift)
+        return self.linear((1 + scale) * F.layer_norm(img.float(), img.shape[-1:], eps=1e-6) + shift)
 
 
 def trim_text(txt, txt_mask):

@@ -214,6 +214,10 @@ def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
     result = metrics.compute()
     assert result == pytest.approx(expected, rel=1e-6) and min(result.values()) > 0
     metrics.reset()
+    with torch.autocast("cpu", torch.bfloat16):  # a caller's autocast (a training step's) stops at the metrics
+        metrics.update(fake)
+    assert metrics.compute() == pytest.approx(expected, rel=1e-6)
+    metrics.reset()
     metrics.update(real)
     assert metrics.compute() == pytest.approx({"cmmd": 0.0, "dino_mmd": 0.0}, abs=1e-9)
 

@@ -512,7 +512,8 @@ REFUSED = {("tread", "sprint"): "--tread and --sprint are exclusive"}
 
 
 @pytest.mark.parametrize("a, b", list(itertools.combinations(TECHNIQUES, 2)))
-def test_every_pair_of_techniques_trains_or_is_refused(a, b, tmp_path, capsys):
+def test_every_pair_of_techniques_trains_or_is_refused(a, b, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "matmul_peak", lambda device: 1e11)  # the log's mfu only: not measured 45 times
     argv = SMALL + TECHNIQUES[a] + TECHNIQUES[b] + ["--max-steps", "2", "--out", str(tmp_path / "r")]
     if (a, b) in REFUSED:
         with pytest.raises(SystemExit):
@@ -649,3 +650,22 @@ def test_cuda_branches_run_on_the_cpu():
     fp32 = train.teacher_tokens(teacher, images, (16, 16))
     bf16 = train.teacher_tokens(teacher.to(torch.bfloat16), images, (16, 16))
     assert bf16.dtype == torch.float32 and torch.nn.functional.cosine_similarity(bf16, fp32, dim=-1).min() > 0.98
+
+
+def test_norms_and_rope_compute_in_fp32_under_autocast():
+    """Under CPU bf16 autocast, as under CUDA's: layer norms give fp32 (the attention's input is fp32 before its
+    projections cast it), RMSNorm and RoPE compute in fp32 and round once to the input's bf16."""
+    import model as m
+    net = m.PRX(m.preset_config("tiny", 32, in_channels=3, context_dim=8, depth=1, hidden_size=64, num_heads=1,
+                                axes_dim=(32, 32)))
+    seen = {}
+    net.blocks[0].attention.register_forward_pre_hook(lambda mod, inputs: seen.update(x=inputs[0].dtype))
+    x = torch.randn(2, 5, 64).bfloat16()
+    cos, sin = (table[:5][None, :, None] for table in m.rope_table((32, 32), 10000.0))
+    norm = m.RMSNorm(64)
+    with torch.autocast("cpu", torch.bfloat16):
+        net(torch.randn(1, 3, 8, 8), torch.rand(1), torch.randn(1, 2, 8))
+        rms, rope = norm(x), m.apply_rope(x[:, :, None], cos, sin)
+    assert seen["x"] == torch.float32
+    assert torch.equal(rms, torch.nn.functional.rms_norm(x.float(), (64,), norm.weight, 1e-6).bfloat16())
+    assert torch.equal(rope, m.apply_rope(x[:, :, None].float(), cos, sin).bfloat16())
