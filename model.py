@@ -92,11 +92,15 @@ def rope_table(axes_dim, theta, max_positions=MAX_POSITIONS):
     return cos.repeat_interleave(2, dim=1), torch.stack([-sin, sin], dim=2).flatten(1)
 
 
+def rope_at(table, rows, cols, axes_dim):
+    """The table's factors for tokens at grid positions (rows, cols) of any shape: (..., head_dim)."""
+    return torch.cat([table[rows, :axes_dim[0]], table[cols, axes_dim[0]:]], dim=-1)
+
+
 def rope_for_grid(table, h, w, axes_dim, device):
     """Rows of the table for an h x w token grid, row-major: (N, head_dim)."""
     rows = torch.arange(h, device=device).repeat_interleave(w)
-    cols = torch.arange(w, device=device).repeat(h)
-    return torch.cat([table[rows, :axes_dim[0]], table[cols, axes_dim[0]:]], dim=1)
+    return rope_at(table, rows, torch.arange(w, device=device).repeat(h), axes_dim)
 
 
 def apply_rope(x, cos, sin):

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import data_dirs, open_heldout, open_loader, pad_to_common
 from eval import Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
-    rope_table, trim_text, verify_checkpoint
+    rope_at, rope_table, trim_text, verify_checkpoint
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
@@ -307,9 +307,9 @@ class AttentionProjector(nn.Module):
     def forward(self, x, pos, width):
         """x (B, N', h) tokens at flat grid positions pos (B, N') of a grid `width` tokens wide -> (B, N', dim)."""
         B, N, _ = x.shape
-        rows, cols, a = pos // width, pos % width, self.axes_dim[0]
-        cos = torch.cat([self.rope_cos[rows, :a], self.rope_cos[cols, a:]], -1)[:, :, None]  # (B, N', 1, head_dim)
-        sin = torch.cat([self.rope_sin[rows, :a], self.rope_sin[cols, a:]], -1)[:, :, None]
+        rows, cols = pos // width, pos % width
+        cos = rope_at(self.rope_cos, rows, cols, self.axes_dim)[:, :, None]  # (B, N', 1, head_dim)
+        sin = rope_at(self.rope_sin, rows, cols, self.axes_dim)[:, :, None]
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).unbind(2)                       # (B, N', heads, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
