@@ -13,7 +13,8 @@ over a whole epoch.
     python bench.py eval                # metric networks vs their reference pipelines, MMD in blocks vs one block,
                                         # sampling vs diffusers' PRXPipeline loop
     python bench.py memory              # GiB per GPU of each preset at micro-batch 32 under DDP and FSDP2 on 8 x 80 GB
-                                        # (weights, gradients, AdamW or Muon state, activations counted on fake tensors)
+                                        # (weights, gradients, AdamW or Muon state, activations counted on fake
+                                        # tensors), then base part by part (train.py --fsdp)
     python bench.py gpu [--out FILE]    # CUDA only, sized for < 8 min on one H100 (not yet run on one): bf16 vs fp32
                                         # loss, compiled step, MFU and peak memory vs diffusers, Muon vs AdamW, loader,
                                         # sampling; one markdown table
@@ -49,6 +50,7 @@ from eval import (clip_features, dino_features, inception_features, load_dino, l
 from model import PRX, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
+import train
 from train import flow_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -343,17 +345,20 @@ def state_bytes(model):
     return {"weights": 4 * n, "grads": 4 * n, "AdamW": 8 * n, "Muon": 4 * m + 8 * (n - m)}
 
 
-def saved_bytes(cfg, batch, side, txt_tokens, fake=True):
+def saved_bytes(cfg, batch, side, txt_tokens, fake=True, param_dtype=torch.float32):
     """Activations: the bytes autograd saves for backward in one eager training forward (v-prediction MSE), counted
     exactly by a saved_tensors_hooks once per storage (the parameters excluded; autocast's bf16 weight copies
     included), under CPU bf16 autocast. With fake=True on fake tensors (shapes and dtypes, no data, no compute): the
-    same count at full size in a second, with nothing to extrapolate. CUDA's kernels save a few tensors otherwise:
+    same count at full size in a second, with nothing to extrapolate. param_dtype bf16: FSDP2's weights gathered in
+    bf16 (train.py --fsdp), which autocast uses as they are: no copies. CUDA's kernels save a few tensors otherwise:
     its layer norms return fp32 (+2 bytes an element, 2 per block) but its fused RMSNorm saves one fp32 copy where
     CPU's saves two (-4 bytes an element of q, k and text k): with as many text as image tokens CUDA's eager count is
     ~9% lower. torch.compile's graphs recompute some elementwise ops and save less still."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() if fake else contextlib.nullcontext():
         model = PRX(cfg)
+        for p in model.parameters():
+            p.data = p.data.to(param_dtype)  # not model.to(): fake parameters cannot be swapped
         params = {p.untyped_storage()._cdata for p in model.parameters()}
         x = torch.randn(batch, cfg.in_channels, side, side)
         t, txt = torch.rand(batch), torch.randn(batch, txt_tokens, cfg.context_dim)
@@ -371,32 +376,73 @@ def saved_bytes(cfg, batch, side, txt_tokens, fake=True):
     return sum(saved.values())
 
 
-def memory_table(micro_batch, txt_tokens=256):
-    """Markdown rows, GiB per GPU. DDP replicates everything, its reducer adding a second copy of the gradients (its
-    buckets; train.py keeps DDP's default gradient_as_bucket_view=False); FSDP2 shards weights, gradients and
-    optimizer state over the GPUs and holds two unsharded blocks' weights and gradients (in use and prefetched)."""
-    gib = lambda b: b / 2**30
-    fits = lambda b: f"{gib(b):.1f} {'fits' if gib(b) <= GPU_GIB else 'over'}"
-    rows = ["| preset | px | params | weights | grads | AdamW | Muon | activations | DDP AdamW | DDP Muon | "
-            f"FSDP2 AdamW | FSDP2 Muon |", "|---" * 12 + "|"]
-    for name, resolution in MEMORY_PRESETS:
-        cfg = preset_config(name, resolution)
-        with torch.device("meta"):  # shapes only
-            model = PRX(cfg)
-        s, block = state_bytes(model), 4 * sum(p.numel() for p in model.blocks[0].parameters())
-        act = saved_bytes(cfg, micro_batch, resolution // 8 if cfg.in_channels == 16 else resolution, txt_tokens)
-        ddp = {opt: s["weights"] + 2 * s["grads"] + s[opt] + act for opt in ("AdamW", "Muon")}
-        fsdp = {opt: (s["weights"] + s["grads"] + s[opt]) / GPUS + 2 * 2 * block + act for opt in ("AdamW", "Muon")}
-        rows.append(f"| {name} | {resolution} | {s['weights'] / 4e9:.2f}B | " + " | ".join(
-            f"{gib(b):.1f}" for b in (s["weights"], s["grads"], s["AdamW"], s["Muon"], act)) + " | " +
-            " | ".join(fits(b) for b in (ddp["AdamW"], ddp["Muon"], fsdp["AdamW"], fsdp["Muon"])) + " |")
+def per_gpu(model, act_ddp, act_fsdp, gpus=GPUS):
+    """-> {"DDP": parts, "FSDP2": parts}, bytes per GPU. DDP replicates everything, its reducer adding a second copy
+    of the gradients (its buckets; train.py keeps DDP's default gradient_as_bucket_view=False), and autocast's bf16
+    weight copies are among its activations. FSDP2 (train.py --fsdp) divides weights, gradients and optimizer state
+    by the GPUs and holds whole only the units in flight, two blocks (the one running, the one prefetched) and the
+    root: weights gathered in bf16, gradients in bf16 and their fp32 copies reduce-scattered, 8 bytes a parameter."""
+    s = state_bytes(model)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
+    sharded = ("weights", "grads", "AdamW", "Muon")
+    ddp = {**{k: s[k] for k in sharded}, "buckets": s["grads"], "units": 0, "activations": act_ddp}
+    fsdp = {**{k: s[k] / gpus for k in sharded}, "buckets": 0, "units": 8 * (2 * block + root), "activations": act_fsdp}
+    return {"DDP": ddp, "FSDP2": fsdp}
+
+
+def total(parts, opt):
+    """All parts with one optimizer's state: their sum bounds the peak from above."""
+    return sum(v for k, v in parts.items() if k != ("Muon" if opt == "AdamW" else "AdamW"))
+
+
+def preset_memory(name, resolution, micro_batch, txt_tokens):
+    """-> (parameters, per_gpu's parts) of a preset, activations counted for DDP (fp32 weights) and FSDP2 (bf16)."""
+    cfg = preset_config(name, resolution)
+    with torch.device("meta"):  # shapes only
+        model = PRX(cfg)
+    side = resolution // 8 if cfg.in_channels == 16 else resolution
+    act = [saved_bytes(cfg, micro_batch, side, txt_tokens, param_dtype=d) for d in (torch.float32, torch.bfloat16)]
+    return sum(p.numel() for p in model.parameters()), per_gpu(model, *act)
+
+
+def gib_fits(b):
+    return f"{b / 2**30:.1f} {'fits' if b / 2**30 <= GPU_GIB else 'over'}"
+
+
+def memory_table(presets):
+    """Markdown rows, GiB per GPU, one row a preset: the whole model's states, the activations, the totals."""
+    rows = ["| preset | px | params | weights | grads | AdamW | Muon | activations DDP | activations FSDP2 | "
+            "DDP AdamW | DDP Muon | FSDP2 AdamW | FSDP2 Muon |", "|---" * 13 + "|"]
+    for (name, resolution), (n, parts) in presets.items():
+        ddp, fsdp = parts["DDP"], parts["FSDP2"]
+        rows.append(f"| {name} | {resolution} | {n / 1e9:.2f}B | " + " | ".join(f"{b / 2**30:.1f}" for b in (
+            ddp["weights"], ddp["grads"], ddp["AdamW"], ddp["Muon"], ddp["activations"], fsdp["activations"])) +
+            " | " + " | ".join(gib_fits(total(p, opt)) for p in (ddp, fsdp) for opt in ("AdamW", "Muon")) + " |")
+    return rows
+
+
+def memory_parts_table(parts):
+    """Markdown rows, GiB per GPU of each part under DDP and FSDP2, then the totals with either optimizer."""
+    labels = {"weights": "weights (fp32)", "grads": "gradients (fp32)", "buckets": "DDP's gradient buckets",
+              "AdamW": "AdamW state (2 moments)", "Muon": "Muon state (momentum; AdamW's off the blocks)",
+              "units": "FSDP2's whole units (2 blocks + root)", "activations": "activations"}
+    rows = ["| part | DDP | FSDP2 |", "|---|---|---|"]
+    rows += [f"| {label} | {parts['DDP'][k] / 2**30:.1f} | {parts['FSDP2'][k] / 2**30:.1f} |"
+             for k, label in labels.items()]
+    rows += [f"| total with {opt} | {gib_fits(total(parts['DDP'], opt))} | {gib_fits(total(parts['FSDP2'], opt))} |"
+             for opt in ("AdamW", "Muon")]
     return rows
 
 
 def bench_memory(args):
+    presets = {p: preset_memory(*p, args.micro_batch, 256) for p in MEMORY_PRESETS}
     print(f"GiB per GPU at micro-batch {args.micro_batch}, 256 text tokens (prepare.py's cap, the worst case), "
           f"{GPUS} x {GPU_GIB:.1f} GiB; activations counted under CPU bf16 autocast (see saved_bytes)")
-    print("\n".join(memory_table(args.micro_batch)))
+    print("\n".join(memory_table(presets)))
+    n, parts = presets[("base", 256)]
+    print(f"\nbase ({n / 1e9:.2f}B parameters, 256 px), per GPU, DDP against FSDP2 (train.py --fsdp; per_gpu):")
+    print("\n".join(memory_parts_table(parts)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -509,9 +555,9 @@ def train_row(steps):
     cuda.synchronize around the timed step, the GPU's name in config.json) in the real loop."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                        "train.py", "--max-steps", str(steps), "--log-every", str(steps), "--eval-samples", "8",
-                        "--repa", "builtin", "--out", out], cwd=os.path.dirname(os.path.abspath(__file__)),
-                       check=True, capture_output=True)
+                        "train.py", "--track", "cpu", "--max-steps", str(steps), "--log-every", str(steps),
+                        "--eval-samples", "8", "--repa", "builtin", "--out", out],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), check=True, capture_output=True)
         with open(os.path.join(out, "config.json")) as f:
             config = json.load(f)
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -560,6 +606,37 @@ def bench_gpu(args):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
+# the CPU-track ablation's techniques (records/2026-12-01_cpu-ablations), each timed against the baseline
+TECHNIQUES = ["--repa builtin", "--repa builtin --irepa", "--tread", "--sprint", "--pred x", "--cfm 0.1",
+              "--ema 0.99 --ema-every 1", "--optimizer muon", "--captions short"]
+
+
+def bench_techniques(args):
+    """The CPU track's training step (loader, model, optimizer, EMA) with each technique against the baseline's,
+    interleaved round-robin in one process so that every variant sees the same machine load: the ratios give a
+    technique's equal-minutes step budget even on a busy machine."""
+    steps = {}
+    for flags in ["baseline"] + (args.only or TECHNIQUES):
+        a = train.get_args(["--track", "cpu", "--data", "builtin", "--seed", "0"]
+                           + ([] if flags == "baseline" else flags.split()))
+        loader = train.open_loader(a.data, a.micro_batch, 0, 1, a.seed, a.captions, DEVICE, 1, a.resolution,
+                                   a.text_context, images=bool(a.repa))
+        _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
+        opt = train.build_optimizers(a, trainee, DEVICE, lambda *_: None)
+        counter = itertools.count()
+
+        def step(a=a, trainee=trainee, opt=opt, loader=loader, teacher=teacher, ema=ema, raw=raw, counter=counter):
+            i = next(counter)
+            train.train_step(a, i, a.lr, trainee, opt, loader, teacher, 0, 1)
+            if ema is not None and i % a.ema_every == 0:
+                train.ema_update(ema, raw, a.ema)
+        steps[flags] = step
+    times = timed(steps, args.warmup, args.steps)
+    base = statistics.median(times["baseline"]) * 1e3
+    for flags in steps:
+        compare(f"{flags} step", statistics.median(times[flags]) * 1e3, "baseline", base, "ms")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -597,6 +674,12 @@ def main(argv=None):
     p = sub.add_parser("memory", help="bytes per GPU of weights, gradients, optimizer state and activations")
     p.add_argument("--micro-batch", type=int, default=32, help="samples per GPU per forward")
     p.set_defaults(run=bench_memory)
+    p = sub.add_parser("techniques", help="CPU-track training step of each technique against the baseline")
+    p.add_argument("--only", action="append", help="this flag string instead of TECHNIQUES, repeatable: "
+                   "--only=--tread --only='--cfm 0.05'")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (median reported)")
+    p.set_defaults(run=bench_techniques)
     p = sub.add_parser("gpu", help="the CUDA path in one table (CUDA only)")
     p.add_argument("--out", default="gpu_check.md", help="where the table is written too")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")

@@ -36,13 +36,15 @@ class PRXConfig:
     route_start: int = None      # TREAD/SPRINT: routed tokens skip blocks route_start..route_end (inclusive, as PRX)
     route_end: int = None        # default: PRX's 2..12 of 16 blocks, scaled to the depth
     sprint: bool = False         # SPRINT: mask token + Linear(2h -> h) fusion after the sparse middle
+    resolution_embeds: bool = False  # the input's (H, W) embedded and added to the timestep vector (PRX-7B)
 
     def __post_init__(self):
         self.axes_dim = tuple(self.axes_dim)
+        # PRX routes blocks 2..12 of 16: dense blocks on both sides (the routed tokens re-enter before the last ones)
         if self.route_start is None:
-            self.route_start = self.depth // 8
+            self.route_start = max(0, min(self.depth - 2, max(1, self.depth // 8)))
         if self.route_end is None:
-            self.route_end = self.depth * 3 // 4
+            self.route_end = max(self.route_start, min(self.depth - 2, self.depth * 3 // 4))
 
 
 PRESETS = {
@@ -134,14 +136,35 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
-class TimeEmbedder(nn.Module):
+class MLPEmbedder(nn.Module):
+    """Linear(256 -> h), SiLU, Linear(h -> h): PRX's MLPEmbedder, with diffusers' parameter names."""
+
     def __init__(self, hidden):
         super().__init__()
         self.in_layer = nn.Linear(256, hidden)
         self.out_layer = nn.Linear(hidden, hidden)
 
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class TimeEmbedder(MLPEmbedder):
     def forward(self, t):
-        return self.out_layer(F.silu(self.in_layer(timestep_embedding(t))))
+        return super().forward(timestep_embedding(t))
+
+
+class ResolutionEmbedder(nn.Module):
+    """The input's (H, W), in pixels or latent cells, as a vector added to the timestep's (PRX
+    prx/algorithm/resolution_aware.py, mode "vec"; diffusers PRXResolutionEmbedder): 128 sinusoids of H and of W
+    (time factor 1), concatenated, through an MLP."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.mlp = MLPEmbedder(hidden)
+
+    def forward(self, B, H, W, device):
+        h, w = (timestep_embedding(torch.full((B,), float(n), device=device), 128, time_factor=1.0) for n in (H, W))
+        return self.mlp(torch.cat([h, w], dim=-1))
 
 
 class Modulation(nn.Module):
@@ -249,6 +272,8 @@ class PRX(nn.Module):
             self.img_in = nn.Linear(patch_dim, h)
         self.txt_in = nn.Linear(cfg.context_dim, h)
         self.time_in = TimeEmbedder(h)
+        if cfg.resolution_embeds:
+            self.resolution_embedder = ResolutionEmbedder(h)
         self.blocks = nn.ModuleList(Block(h, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(h, patch_dim)
         rope_cos, rope_sin = rope_table(cfg.axes_dim, cfg.theta)
@@ -306,6 +331,8 @@ class PRX(nn.Module):
         img = self.img_in(img)                  # (B, N, hidden)
         txt = self.txt_in(txt)                  # (B, L, hidden)
         vec = self.time_in(t)                   # (B, hidden)
+        if cfg.resolution_embeds:
+            vec = vec + self.resolution_embedder(B, H, W, x.device)
         if max(h, w) > MAX_POSITIONS:
             raise ValueError(f"{h}x{w} tokens exceed the RoPE table ({MAX_POSITIONS} per side): raise MAX_POSITIONS")
         cos = rope_for_grid(self.rope_cos, h, w, cfg.axes_dim, x.device)[None, :, None]  # (1, N, 1, head_dim)
@@ -358,7 +385,7 @@ class PRX(nn.Module):
                 "context_in_dim": cfg.context_dim, "hidden_size": cfg.hidden_size, "mlp_ratio": cfg.mlp_ratio,
                 "num_heads": cfg.num_heads, "depth": cfg.depth, "axes_dim": list(cfg.axes_dim), "theta": cfg.theta,
                 "time_factor": 1000.0, "time_max_period": 10000, "bottleneck_size": cfg.bottleneck_size,
-                "resolution_embeds": False}
+                "resolution_embeds": cfg.resolution_embeds}
 
     @classmethod
     def from_diffusers(cls, path, subfolder=None, **overrides):
@@ -373,14 +400,14 @@ class PRX(nn.Module):
         folder = os.path.join(path, subfolder) if subfolder else path
         with open(os.path.join(folder, "config.json")) as f:
             dc = json.load(f)
-        if dc.get("resolution_embeds") or dc.get("time_factor", 1000.0) != 1000.0 or \
-                dc.get("time_max_period", 10000) != 10000:
+        if dc.get("time_factor", 1000.0) != 1000.0 or dc.get("time_max_period", 10000) != 10000:
             raise ValueError(f"{folder}/config.json uses options this model does not implement "
-                             "(resolution_embeds, time_factor != 1000, time_max_period != 10000)")
+                             "(time_factor != 1000, time_max_period != 10000)")
         cfg = PRXConfig(in_channels=dc["in_channels"], patch_size=dc["patch_size"], context_dim=dc["context_in_dim"],
                         hidden_size=dc["hidden_size"], depth=dc["depth"], num_heads=dc["num_heads"],
                         mlp_ratio=dc["mlp_ratio"], axes_dim=tuple(dc.get("axes_dim") or (32, 32)),
-                        theta=dc.get("theta", 10000), bottleneck_size=dc.get("bottleneck_size"), **overrides)
+                        theta=dc.get("theta", 10000), bottleneck_size=dc.get("bottleneck_size"),
+                        resolution_embeds=dc.get("resolution_embeds", False), **overrides)
         index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -407,7 +434,7 @@ class PRX(nn.Module):
         from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXTransformer2DModel
         if self.cfg.in_channels == 3:
             raise ValueError("PRXPipeline samples latents through a VAE; a pixel-space model has no pipeline to go to "
-                             "(PRXPixelPipeline needs resolution_embeds, which this model does not have)")
+                             "(PRXPixelPipeline encodes prompts with Qwen3-VL and starts from noise x 2)")
         if hasattr(vae, "bn"):
             raise ValueError("PRXPipeline decodes with a VAE's scaling and shift factors, not FLUX.2's BatchNorm "
                              "statistics: a --vae flux2 run cannot be exported")
@@ -423,18 +450,27 @@ class PRX(nn.Module):
         pipe.save_pretrained(folder, max_shard_size=max_shard_bytes)
 
 
-def flops_per_sample(cfg, num_img, num_txt):
-    """Closed-form forward FLOPs (2 per multiply-add) of the matmuls and attention for one sample."""
+def flops_per_sample(cfg, num_img, num_txt, route_ratio=0.0):
+    """Closed-form forward FLOPs (2 per multiply-add) of the matmuls and attention for one sample; with routing
+    (TREAD/SPRINT) blocks route_start..route_end see only the kept tokens."""
     h, p, m = cfg.hidden_size, cfg.patch_size, int(cfg.hidden_size * cfg.mlp_ratio)
     patch_dim = cfg.in_channels * p * p
     img_in = patch_dim * cfg.bottleneck_size + cfg.bottleneck_size * h if cfg.bottleneck_size else patch_dim * h
-    per_block = (6 * h * h                      # modulation
-                 + num_img * 3 * h * h          # image qkv
-                 + num_txt * 2 * h * h          # text kv
-                 + 2 * num_img * (num_txt + num_img) * h  # q k^T and attn v
-                 + num_img * h * h              # out projection
-                 + num_img * 3 * h * m)         # gated MLP
-    macs = num_img * img_in + num_txt * cfg.context_dim * h + 256 * h + h * h + cfg.depth * per_block \
+
+    def block(n):
+        return (6 * h * h                    # modulation
+                + n * 3 * h * h              # image qkv
+                + num_txt * 2 * h * h        # text kv
+                + 2 * n * (num_txt + n) * h  # q k^T and attn v
+                + n * h * h                  # out projection
+                + n * 3 * h * m)             # gated MLP
+    routing = route_ratio > 0 or cfg.sprint
+    routed = cfg.route_end - cfg.route_start + 1 if routing else 0
+    kept = num_img - int(num_img * route_ratio)
+    blocks = (cfg.depth - routed) * block(num_img) + routed * block(kept)
+    fuse = num_img * 2 * h * h if cfg.sprint else 0
+    embedders = (1 + cfg.resolution_embeds) * (256 * h + h * h)  # the timestep's MLP (and the resolution's)
+    macs = num_img * img_in + num_txt * cfg.context_dim * h + embedders + blocks + fuse \
         + 2 * h * h + num_img * h * patch_dim
     return 2 * macs
 
@@ -477,9 +513,19 @@ def verify_checkpoint(ckpt):
                              f"{earlier[-1] if earlier else '(none)'}: pass it to --resume (or --ckpt)")
 
 
+def stage_config(run, ckpt):
+    """The config file that trained checkpoint step_N: that of the resume most recently started from a step before
+    N (config.resume-S.json; a later stage may change the resolution, data or lr), else config.json. The most
+    recent, not the highest S: a resume from an older checkpoint abandons the history after it."""
+    step = int(os.path.basename(ckpt)[5:])
+    resumes = [os.path.join(run, n) for n in os.listdir(run)
+               if n.startswith("config.resume-") and int(n[len("config.resume-"):-len(".json")]) < step]
+    return max(resumes, key=os.path.getmtime, default=os.path.join(run, "config.json"))
+
+
 def load_run(path, weights="ema"):
-    """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model in eval mode, the run's
-    config.json, the checkpoint folder). The checkpoint's checksums are verified first."""
+    """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model in eval mode, the config that
+    trained the checkpoint (stage_config), the checkpoint folder). The checkpoint's checksums are verified first."""
     from safetensors.torch import load_file
     run = path if os.path.exists(os.path.join(path, "config.json")) else os.path.dirname(os.path.dirname(path))
     if not os.path.exists(os.path.join(run, "config.json")):
@@ -488,7 +534,7 @@ def load_run(path, weights="ema"):
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoints/step_N folder yet")
     verify_checkpoint(ckpt)
-    with open(os.path.join(run, "config.json")) as f:
+    with open(stage_config(run, ckpt)) as f:
         config = json.load(f)
     model = PRX(PRXConfig(**config["model"]))
     file = os.path.join(ckpt, "ema.safetensors")

@@ -2,7 +2,9 @@
 Muon for PRX: momentum, then Newton-Schulz orthogonalisation of each 2D weight matrix inside the transformer
 blocks; AdamW for everything else. Under torchrun (DDP) every rank orthogonalises a disjoint share of the matrices
 and the results are all-gathered, so the Newton-Schulz cost is divided by the number of ranks while the parameters
-stay bit-identical to a single-process run.
+stay bit-identical to a single-process run. Under FSDP2 (train.py --fsdp) the matrices are DTensors sharded by rows:
+each owner gathers the full momentum-corrected gradients of its matrices, orthogonalises them and scatters back the
+rows every rank keeps (the scheme of muon_fsdp2, used by PRX: gather to one rank, Newton-Schulz, scatter the shards).
 
 Sources: Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024; quintic coefficients,
 EMA-form Nesterov momentum, bf16 iteration); Liu et al. (Moonshot), "Muon is Scalable for LLM Training" (2025;
@@ -17,15 +19,17 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Keller Jordan's: steep slope at 0 (3.4), S' still ends in ~[0.7, 1.2]
 
 
-def newton_schulz(G, steps=5, eps=1e-7):
-    """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in bf16 on G / ||G||_F."""
+def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
+    """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in `dtype` on G / ||G||_F."""
     a, b, c = QUINTIC
     tall = G.size(0) > G.size(1)
-    X = G.bfloat16()
+    X = G.to(dtype)
     if tall:
         X = X.T  # iterate on the wide orientation: the Gram matrix X X^T is then the small side
     X = X / (X.norm() + eps)  # ||X||_F >= spectral norm, so every singular value starts in [0, 1]
@@ -55,10 +59,10 @@ def ns_cost(shape):
     return shape[0] * shape[1] * min(shape)  # Newton-Schulz FLOPs grow as rows * cols * min(rows, cols)
 
 
-def all_gather_updates(updates, owners, params, rank, world_size):
-    """Each rank sends its orthogonalised matrices as one flat bf16 buffer, padded to the largest share."""
+def all_gather_updates(updates, owners, params, rank, world_size, dtype):
+    """Each rank sends its orthogonalised matrices as one flat buffer, padded to the largest share."""
     shares = [sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size)]
-    padding = torch.zeros(max(shares) - shares[rank], dtype=torch.bfloat16, device=params[0].device)
+    padding = torch.zeros(max(shares) - shares[rank], dtype=dtype, device=params[0].device)
     send = torch.cat([u.flatten() for u in updates if u is not None] + [padding])
     received = [torch.empty_like(send) for _ in range(world_size)]
     dist.all_gather(received, send)
@@ -69,14 +73,57 @@ def all_gather_updates(updates, owners, params, rank, world_size):
     return gathered
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for 2D weights, single process or DDP (gradients already averaged, parameters replicated).
+def local(t):
+    """The part of a tensor this rank holds: a DTensor's shard (a view: writing to it writes the parameter), else
+    the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
-    Every rank keeps the momentum of every matrix (cheap elementwise work), so the state is replicated and rank 0's
-    state_dict resumes exactly under any world size; only the Newton-Schulz iterations are shared out."""
+
+def shard_size(rows, world_size):
+    return -(-rows // world_size)  # Shard(0) splits as torch.chunk: ceil(rows / world) rows a rank, the last short
+
+
+def gather_to_owners(grads, owners, rank, world_size, dtype):
+    """Row shards of each matrix -> the full matrix in `dtype` (what newton_schulz iterates in) on its owner, None on the
+    other ranks. One gather per matrix, all in flight at once; shards are padded to equal size for the collective."""
+    received, works = [], []
+    for g, owner in zip(grads, owners):
+        shard = local(g).to(dtype).contiguous()
+        send = F.pad(shard, (0, 0, 0, shard_size(g.shape[0], world_size) - shard.shape[0]))
+        recv = [torch.empty_like(send) for _ in range(world_size)] if owner == rank else None
+        works.append(dist.gather(send, recv, dst=owner, async_op=True))
+        received.append(recv)
+    for work in works:
+        work.wait()
+    return [torch.cat(r)[:g.shape[0]] if r is not None else None for r, g in zip(received, grads)]
+
+
+def scatter_shards(updates, owners, params, rank, world_size, dtype):
+    """Each owner sends every rank the rows of its orthogonalised matrices that rank keeps -> this rank's shards."""
+    received, works = [], []
+    for u, owner, p in zip(updates, owners, params):
+        size = shard_size(p.shape[0], world_size)
+        recv = torch.empty(size, p.shape[1], dtype=dtype, device=local(p).device)
+        # contiguous: the collective sends the chunks' memory; newton_schulz returns a tall matrix transposed
+        send = [c.contiguous() for c in F.pad(u, (0, 0, 0, size * world_size - u.shape[0])).split(size)] \
+            if owner == rank else None
+        works.append(dist.scatter(recv, send, src=owner, async_op=True))
+        received.append(recv)
+    for work in works:
+        work.wait()
+    return [r[:local(p).shape[0]] for r, p in zip(received, params)]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2D weights: single process, DDP (gradients already averaged, parameters replicated) or FSDP2
+    (parameters and gradients DTensors sharded by rows, Shard(0), over all ranks).
+
+    Under DDP every rank keeps the momentum of every matrix (cheap elementwise work), so the state is replicated and
+    rank 0's state_dict resumes exactly under any world size; under FSDP2 each rank keeps the rows of its shards, and
+    train.py gathers them into that same full state dict. Only the Newton-Schulz iterations are shared out."""
 
     def __init__(self, params, lr=1e-4, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, eps=1e-7,
-                 scale="match_rms_adamw"):
+                 scale="match_rms_adamw", ns_dtype=None):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or ns_steps < 1:
             raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1, ns_steps >= 1; got lr={lr}, "
                              f"weight_decay={weight_decay}, momentum={momentum}, ns_steps={ns_steps}")
@@ -85,6 +132,9 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                         eps=eps, scale=scale)
         super().__init__(params, defaults)
+        # Newton-Schulz in bf16 on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where bf16
+        # matmuls are emulated (28x slower for a 448 x 128 matrix on one AVX2 thread) and save nothing
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -98,28 +148,47 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p, _ in work]
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        owners = assign_owners([ns_cost(p.shape) for p, _ in work], world_size)
-        updates = []
-        for (p, group), owner in zip(work, owners):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            buf, mu = state["momentum_buffer"], group["momentum"]
-            buf.lerp_(p.grad, 1 - mu)  # EMA form of momentum (Keller Jordan; torch.optim.Muon)
-            if owner != rank:
-                updates.append(None)
-                continue
-            g = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            updates.append(newton_schulz(g, group["ns_steps"], group["eps"]))
+        sharded = check_sharding(params, world_size)
+        owners = assign_owners([ns_cost(p.shape) for p in params], world_size)
+        grads = [self.momentum_step(p, group, sharded or owner == rank) for (p, group), owner in zip(work, owners)]
+        dtype = self.ns_dtype or (torch.bfloat16 if params and local(params[0]).is_cuda else torch.float32)
+        if sharded and distributed:
+            grads = gather_to_owners(grads, owners, rank, world_size, dtype)
+        updates = [None if g is None else newton_schulz(local(g), group["ns_steps"], group["eps"], dtype)
+                   for g, (_, group) in zip(grads, work)]
         if distributed and work:
-            updates = all_gather_updates(updates, owners, [p for p, _ in work], rank, world_size)
+            updates = (scatter_shards if sharded else all_gather_updates)(updates, owners, params, rank, world_size,
+                                                                          dtype)
         for (p, group), update in zip(work, updates):
             if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled (AdamW), not scaled by the shape
-            p.add_(update, alpha=-group["lr"] * update_scale(p.shape, group["scale"]))
+                local(p).mul_(1 - group["lr"] * group["weight_decay"])  # decoupled (AdamW), not scaled by the shape
+            local(p).add_(update, alpha=-group["lr"] * update_scale(p.shape, group["scale"]))
         return loss
+
+    def momentum_step(self, p, group, needed):
+        """Update p's momentum -> what Newton-Schulz orthogonalises (Nesterov: the gradient pulled towards the
+        momentum), or None where this rank does not need it."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf, mu = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(p.grad, 1 - mu)  # EMA form of momentum (Keller Jordan; torch.optim.Muon)
+        if not needed:
+            return None
+        return p.grad.lerp(buf, mu) if group["nesterov"] else buf
+
+
+def check_sharding(params, world_size):
+    """-> whether the parameters are FSDP2's shards: all or none, sharded by rows over all ranks."""
+    sharded = [isinstance(p, DTensor) for p in params]
+    if any(sharded) and not all(s and p.placements == (Shard(0),) and p.device_mesh.size() == world_size
+                                for p, s in zip(params, sharded)):
+        raise ValueError("Muon takes plain tensors, or DTensors sharded by rows (Shard(0)) over all ranks as "
+                         "FSDP2's fully_shard makes them, not a mix or another layout")
+    return any(sharded)
 
 
 def split_muon_params(model):

@@ -1,16 +1,101 @@
 #!/usr/bin/env bash
-# The reference speedrun on 8 GPUs: PRX part 2's baseline recipe (REFERENCE section 3) at 256 px on Flux latents.
-# Not yet run on GPUs: no time or FID is claimed for it. The clock is train.py's training
-# time; data preparation and the reference statistics happen once, before it.
+# The speedrun (records/RULES.md): prepare what is missing (untimed), train the track's record configuration RUNS
+# times, each stopping when its small periodic evaluation reaches the target, confirm each run on the full
+# evaluation, write the record folder and check it with records/verify.py.
+#
+#   bash speedrun.sh                          # 8gpu track: torchrun on all visible GPUs (not yet measured)
+#   bash speedrun.sh --track 1gpu             # one GPU, smaller model (not yet measured)
+#   bash speedrun.sh --track cpu              # CPU track: runs two at a time, one thread each
+#   bash speedrun.sh --calibrate              # the track's baseline at its fixed budget: the calibration record
+#   bash speedrun.sh --smoke                  # the whole path on the CPU with a tiny model, in about a minute
+#   bash speedrun.sh --track cpu -- --lr 3e-3 # after --: train.py flags, what the record changes
+#
+# Environment: RUNS (default the track's minimum), NAME and WHAT (the record folder's name and what changed), STOP
+# (the stopping value, default the target: a margin helps the full evaluation confirm it), EVERY (steps between the
+# small evaluations), RECORDS (default records/), RUNS_DIR (default runs/).
 set -euo pipefail
-DATA=${DATA:-data/mj}
-RUN=${RUN:-runs/speedrun-$(date +%Y%m%d-%H%M%S)}
+cd "$(dirname "$0")"
+COMMAND="${STOP:+STOP=$STOP }bash speedrun.sh $*"
+TRACK=8gpu KIND=record
+while [ $# -gt 0 ]; do
+  case $1 in
+    --track) TRACK=$2; shift 2 ;;
+    --calibrate) KIND=calibration; shift ;;
+    --smoke) TRACK=smoke; shift ;;
+    --) shift; break ;;
+    *) echo "speedrun.sh: unknown option $1 (usage at the top of speedrun.sh)" >&2; exit 2 ;;
+  esac
+done
+PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, samples, steps, cfg, runs
+eval "$PROTOCOL"
+if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
+RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$target}
+NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)} WHAT=${WHAT:-"$TRACK $KIND"}
+FOLDER=$RECORDS/$(date +%F)_$NAME
+DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
+[ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
+if [ "$KIND" = record ] && [ -z "$target" ]; then
+  echo "speedrun.sh: the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first" >&2
+  exit 1
+fi
+# the budget: a calibration trains the baseline for a fixed budget, a record stops at the target (with a cap)
+case $TRACK-$KIND in
+  8gpu-calibration) BUDGET=(--max-steps 100000) ;;  # PRX part 2's baseline
+  1gpu-calibration) BUDGET=(--max-time 240) ;;
+  cpu-calibration) BUDGET=(--max-time 30) ;;
+  smoke-*) BUDGET=(--max-steps 4 --target "$metric=$STOP") ;;
+  cpu-record) BUDGET=(--max-time 60 --target "$metric=$STOP") ;;
+  *) BUDGET=(--max-steps 100000 --target "$metric=$STOP") ;;
+esac
 
-[ -f "$DATA/index.json" ] || torchrun --nproc_per_node=8 prepare.py --out "$DATA"  # Flux VAE + T5Gemma, once
-[ -f "$DATA/ref.npz" ] || torchrun --nproc_per_node=8 eval.py ref --data "$DATA" --num-samples 10000 --out "$DATA/ref.npz"
-[ -f "$DATA/ref-2k.npz" ] || torchrun --nproc_per_node=8 eval.py ref --data "$DATA" --num-samples 2048 --metrics fid \
-    --out "$DATA/ref-2k.npz"
+case $TRACK in
+  8gpu|1gpu)
+    NPROC=1 PARALLEL=1
+    [ "$TRACK" = 1gpu ] || NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
+    [ "$NPROC" -gt 0 ] || { echo "speedrun.sh: no GPU visible; the CPU track is --track cpu" >&2; exit 1; }
+    LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
+    TRAIN=(--track "$TRACK" --compile --eval-every "${EVERY:-2500}" --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz")
+    CONFIRM=(--ref "$DATA/ref.npz" --metrics fid)
+    [ -f "$DATA/index.json" ] || "${LAUNCH[@]}" prepare.py --out "$DATA"  # Flux VAE + T5Gemma, once, untimed
+    [ -f "$DATA/ref.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples "$samples" --metrics fid \
+      --out "$DATA/ref.npz"  # the full evaluation's reference (its sha256 is the rules')
+    [ -f "$DATA/ref-2k.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples 2048 --metrics fid \
+      --out "$DATA/ref-2k.npz" ;;  # the periodic small evaluations' reference
+  cpu)
+    LAUNCH=(env OMP_NUM_THREADS=1 python) PARALLEL=2 CONFIRM=()
+    TRAIN=(--track cpu --eval-every "${EVERY:-250}" --eval-samples 256) ;;
+  smoke)
+    LAUNCH=(env OMP_NUM_THREADS=1 python) PARALLEL=2 CONFIRM=()
+    TRAIN=(--track cpu --hidden 64 --depth 3 --batch-size 8 --micro-batch 8 --log-every 1 --eval-every 2
+           --eval-samples 4 --sample-steps "$steps") ;;
+  *) echo "speedrun.sh: unknown track $TRACK" >&2; exit 2 ;;
+esac
 
-torchrun --nproc_per_node=8 train.py --data "$DATA" --model small --resolution 256 --batch-size 256 --micro-batch 32 \
-    --compile --max-steps 100000 --eval-every 10000 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz" --out "$RUN" "$@"
-torchrun --nproc_per_node=8 eval.py --ckpt "$RUN" --ref "$DATA/ref.npz" --num-samples 10000 --steps 50 --cfg-scale 3.5
+run_one() {  # seed, train.py flags: train, then the full evaluation appended to the run's log (the record's metric)
+  local seed=$1 run=$RUNS_DIR/$NAME-$1
+  shift
+  "${LAUNCH[@]}" train.py "${TRAIN[@]}" "${BUDGET[@]}" --seed "$seed" --out "$run" "$@"
+  "${LAUNCH[@]}" eval.py --ckpt "$run" --num-samples "$samples" --steps "$steps" --cfg-scale "$cfg" --seed 42 \
+    "${CONFIRM[@]}" --out "$run/confirm.json"
+  { echo "=== confirm.json"; cat "$run/confirm.json"; echo; } >> "$run/log.txt"
+  if [ "$metric" = fid ]; then { echo "=== confirm-ref.sha256"; sha256sum "$DATA/ref.npz"; } >> "$run/log.txt"; fi
+}
+
+RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # CPU runs go in pairs, as calibrated
+mkdir -p "$RUNS_DIR"
+pids=()
+for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed run stops the speedrun
+  run_one "$seed" "$@" > "$RUNS_DIR/$NAME-$seed.out" 2>&1 &
+  pids+=($!)
+  echo "run $seed: $RUNS_DIR/$NAME-$seed (console: $RUNS_DIR/$NAME-$seed.out)"
+  if [ ${#pids[@]} -eq "$PARALLEL" ] || [ $((seed + 1)) -eq "$RUNS" ]; then
+    for pid in "${pids[@]}"; do
+      wait "$pid" || { echo "speedrun.sh: a run failed; its console is in $RUNS_DIR/$NAME-*.out" >&2; exit 1; }
+    done
+    pids=()
+  fi
+done
+
+mkdir -p "$FOLDER"
+for ((seed = 0; seed < RUNS; seed++)); do cp "$RUNS_DIR/$NAME-$seed/log.txt" "$FOLDER/log_$seed.txt"; done
+python records/verify.py --write --track "$TRACK" --kind "$KIND" --what "$WHAT" --command "$COMMAND" "$FOLDER"

@@ -30,10 +30,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+    get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import data_dirs, open_heldout, open_loader, pad_to_common
-from eval import Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
+from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     rope_at, rope_table, trim_text, verify_checkpoint
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
@@ -44,15 +47,26 @@ from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 CPU_TRACK = dict(model="tiny-pixel", resolution=32, batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
                  grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, sample_steps=20,
                  cfg_scale=3.0, ckpt_every=500, log_every=50, shift=1.0)
+# The tracks (records/RULES.md): a track's values replace the defaults of the flags not on the command line, as
+# CPU_TRACK's. The GPU tracks train on the prepared speedrun dataset; 1gpu on a smaller model (not yet measured).
+SPEEDRUN_DATA, SPEEDRUN_PREPARE = "data/mj", "torchrun --nproc_per_node=8 prepare.py --out data/mj"
+TRACKS = {"cpu": dict(data="builtin", **CPU_TRACK), "8gpu": dict(data=SPEEDRUN_DATA),
+          "1gpu": dict(data=SPEEDRUN_DATA, hidden=768, depth=12, micro_batch=64)}
 # builtin: shapes.ShapesTeacher, trained once on the built-in world (`python shapes.py teacher`), the CPU track's DINO
 REPA_TEACHERS = {"builtin": None, "dinov2": "vit_large_patch14_reg4_dinov2.lvd142m",
                  "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
-# flags a resume may change (a second phase: lr, schedule, data, evaluation); any other must equal the checkpoint's
-RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every", "keep", "data", "captions",
-             "caption_dropout", "compile", "lr", "warmup", "cooldown", "grad_clip", "eval_every", "eval_minutes",
-             "eval_samples", "sample_steps", "cfg_scale", "eval_ref", "fid_weights", "peak_tflops", "repa_weights",
-             "repa", "repa_layer", "repa_lambda", "repa_stop", "repa_teacher", "irepa", "cfm", "self_guidance",
-             "eval_data"}
+# the perceptual losses' networks (PRX prx/algorithm/lpips.py: lpips_net vgg; perceptual_dino.py: dinov2_vitb14_reg)
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16
+PDINO_MODEL, PDINO_GRID = "vit_base_patch14_reg4_dinov2.lvd142m", (16, 16)  # PRX resizes to 224 px: 16 x 14 px
+# flags a resume may change (a second phase or resolution stage: lr, schedule, data, resolution, auxiliary losses,
+# evaluation); any other must equal the checkpoint's
+RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every", "keep", "data", "resolution",
+             "captions", "caption_dropout", "compile", "lr", "warmup", "cooldown", "grad_clip", "eval_every",
+             "eval_minutes", "eval_samples", "sample_steps", "cfg_scale", "eval_ref", "fid_weights", "peak_tflops",
+             "repa_weights", "repa", "repa_layer", "repa_lambda", "repa_stop", "repa_teacher", "irepa", "cfm",
+             "lpips", "lpips_weights", "pdino", "pdino_weights", "self_guidance", "eval_data",
+             "track", "target",  # the track follows --data, which a second phase may change
+             "fsdp"}  # checkpoints hold whole tensors: a resume may shard them or not, on any number of processes
 
 
 def number(kind, low, high=math.inf, low_open=False):
@@ -81,6 +95,31 @@ def minutes_list(text):
     return sorted(minutes)
 
 
+def target_spec(text):
+    """--target METRIC=VALUE -> (metric, value)."""
+    metric, _, value = text.partition("=")
+    try:
+        return metric, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.292, got {text!r}")
+
+
+def target_reached(target, result):
+    """The feature metrics (FID, CMMD, DINO-MMD) reach a target at or below it, the accuracies at or above it."""
+    metric, value = target
+    return result[metric] <= value if metric in FEATURE_METRICS else result[metric] >= value
+
+
+def choose_track(track, data, cuda_available):
+    """-> (track or None, why): --track as given; else --data builtin is the CPU track and another --data no track,
+    and without --data it is the 8-GPU track where CUDA is, the CPU track where it is not."""
+    if track:
+        return track, "--track"
+    if data:
+        return ("cpu", "--data builtin") if data == "builtin" else (None, f"--data {data}")
+    return ("8gpu", "CUDA available, no --data") if cuda_available else ("cpu", "no CUDA, no --data")
+
+
 def get_parser():
     count, positive, fraction = number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,9 +135,12 @@ def get_parser():
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint folder, a run folder, or (no value) the latest one in --out")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="builtin",
+    g.add_argument("--track", choices=sorted(TRACKS), default=None, help="the speedrun track whose values replace "
+                   "the defaults of the flags not given (records/RULES.md; default: see --data)")
+    g.add_argument("--data", default=None,
                    help="'builtin' (shapes.py, no download), or prepared datasets with weights and phases: "
-                        "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py)")
+                        "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py). Default: "
+                        f"the track's: {SPEEDRUN_DATA} on CUDA (8gpu track), else builtin (cpu track)")
     g.add_argument("--resolution", type=count, default=256, help="image side in pixels")
     g.add_argument("--captions", default="long", help="long, short, or mixed[:p] (long with probability p)")
     g.add_argument("--text-context", type=number(int, 0), default=TEXT_CONTEXT,
@@ -112,6 +154,11 @@ def get_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up is untimed)")
     g.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: fp32 weights, bf16 autocast "
                    "(PRX; the default on CUDA); fp32: no autocast (the default on CPU)")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (torchrun): weights, gradients and "
+                   "optimizer state sharded over the processes, a block's weights gathered (in bf16 under bf16) "
+                   "while it runs; for `base`, which DDP cannot fit on 80 GB")
+    g.add_argument("--resolution-embeds", action="store_true", help="add an embedding of the input's (H, W) to the "
+                   "timestep vector (PRX-7B; diffusers' resolution_embeds=True): one model across resolution stages")
     g = p.add_argument_group("objective")
     g.add_argument("--pred", default="v", choices=["v", "x"], help="network output: velocity, or x0 (JiT)")
     g.add_argument("--shift", type=positive, default=None, help="timestep shift s: t -> s t / (1 + (s - 1) t) "
@@ -132,6 +179,13 @@ def get_parser():
                    "with 2D RoPE under --tread/--sprint) and spatially normalised teacher tokens")
     g.add_argument("--cfm", type=positive, default=None, help="contrastive flow matching weight lambda (PRX 0.1, "
                    "its ablation 0.05): minus lambda x the error against another sample's target")
+    g.add_argument("--lpips", type=positive, default=None, help="LPIPS weight (PRX 0.1): VGG LPIPS between the "
+                   "predicted clean image and the image (pixel space)")
+    g.add_argument("--lpips-weights", default=None, help=f"torchvision's VGG16 weights {VGG16_FILE}, LPIPS's "
+                   "backbone, for offline machines (LPIPS's linear heads come with the lpips package)")
+    g.add_argument("--pdino", type=positive, default=None, help="P-DINO weight (PRX 0.01): 1 - mean cosine of "
+                   "DINOv2 ViT-B/14 patch tokens of the predicted clean image and the image (pixel space)")
+    g.add_argument("--pdino-weights", default=None, help="P-DINO's DINOv2 weights file, for offline machines")
     g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
     g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
     g.add_argument("--route-ratio", type=number(float, 0, 1), default=None,
@@ -155,6 +209,8 @@ def get_parser():
     g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0 = at the end)")
     g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
                    "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
+    g.add_argument("--target", type=target_spec, default=None, help="METRIC=VALUE: stop when an evaluation reaches "
+                   "it, e.g. fid=20 (at or below) or object_accuracy=0.292 (at or above)")
     g.add_argument("--eval-samples", type=number(int, 0), default=256, help="held-out samples per evaluation "
                    "(0 = none)")
     g.add_argument("--sample-steps", type=count, default=50, help="Euler steps")
@@ -170,15 +226,17 @@ def get_parser():
 
 
 def get_args(argv=None):
-    """Parse, apply the CPU track's values to the flags not given (--data builtin), resolve the derived settings
+    """Parse, apply the track's values to the flags not given (choose_track), resolve the derived settings
     (route ratio), and check every combination: an error here names the flag, before any work."""
     argv = sys.argv[1:] if argv is None else argv
     parser = get_parser()
     args = parser.parse_args(argv)
     given = {a.dest for a in parser._actions for word in argv if word.split("=")[0] in a.option_strings}
-    args.cpu_track = sorted(k for k in CPU_TRACK if k not in given) if args.data == "builtin" else []
-    for key in args.cpu_track:
-        setattr(args, key, CPU_TRACK[key])
+    args.track, args.track_why = choose_track(args.track, args.data, torch.cuda.is_available())
+    values = TRACKS.get(args.track, {})
+    args.track_values = sorted(k for k in values if k not in given)
+    for key in args.track_values:
+        setattr(args, key, values[key])
     if args.tread and args.sprint:
         parser.error("--tread and --sprint are exclusive (SPRINT already routes tokens)")
     if args.route_ratio is not None and not (args.tread or args.sprint):
@@ -194,12 +252,17 @@ def get_args(argv=None):
     for flag, given in repa_flags.items():
         if given and not args.repa:
             parser.error(f"{flag} needs --repa (builtin, dinov2 or dinov3)")
+    for weights, loss in (("lpips_weights", "lpips"), ("pdino_weights", "pdino")):
+        if getattr(args, weights) and not getattr(args, loss):
+            parser.error(f"--{weights.replace('_', '-')} needs --{loss}")
     if args.self_guidance and not (args.tread or args.sprint):
         parser.error("--self-guidance extrapolates from the routed network: it needs --tread or --sprint")
     # PRX's defaults that depend on other flags: the shift on the space (REFERENCE 3), Adam's eps on the optimizer
     args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    if args.fsdp:
+        check_fsdp(parser, args, int(os.environ.get("WORLD_SIZE", 1)))
     if args.repa == "builtin" and args.data != "builtin":
         parser.error("--repa builtin: the built-in teacher reads the built-in shapes only; use dinov2 or dinov3")
     if args.repa == "builtin" and args.repa_teacher:
@@ -210,17 +273,44 @@ def get_args(argv=None):
         dirs = data_dirs(args.data)
     except ValueError as e:
         parser.error(f"--data: {e}")
+    perceptual = [flag for flag, weight in (("--lpips", args.lpips), ("--pdino", args.pdino)) if weight]
     for path in dirs:
         if not os.path.exists(os.path.join(path, "index.json")):
-            parser.error(f"--data {path}: no prepared dataset there (no index.json); prepare one with "
-                         f"`python prepare.py --out {path} ...`")
+            how = f"`python prepare.py --out {path} ...`" if "data" not in args.track_values else \
+                f"`{SPEEDRUN_PREPARE}` (the {args.track} track's dataset: {args.track_why}), or train the CPU " \
+                f"track with --track cpu"
+            parser.error(f"--data {path}: no prepared dataset there (no index.json); prepare one with {how}")
+        with open(os.path.join(path, "index.json")) as f:
+            if perceptual and "latent" in json.load(f)["schema"]:
+                parser.error(f"{' and '.join(perceptual)}: {path} holds latents; the perceptual losses compare "
+                             f"images, and decoding the prediction with the VAE at every step is too costly: use "
+                             f"pixel data (`python prepare.py --vae none ...`)")
     if args.eval_data and not os.path.exists(os.path.join(args.eval_data, "index.json")):
         parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); prepare one with "
                      f"`python prepare.py --out {args.eval_data} --eval-fraction 1 ...`")
     if args.eval_ref and not os.path.exists(args.eval_ref):
         parser.error(f"--eval-ref {args.eval_ref}: no such file; make it with `python eval.py ref --data <data> "
                      f"--num-samples {args.eval_samples} --out {args.eval_ref}`")
+    scores = ["fid"] * bool(args.eval_ref) + ["caption_accuracy", "color_region_accuracy", "object_accuracy"] * \
+        ((args.eval_data or args.data) == "builtin")  # what the run's evaluations give
+    if args.target and args.target[0] not in scores:
+        parser.error(f"--target {args.target[0]}: this run's evaluations give {', '.join(scores) or 'nothing'}")
+    if args.target and not (args.eval_samples and (args.eval_every or args.eval_minutes)):
+        parser.error("--target needs evaluations during the run: --eval-every or --eval-minutes, --eval-samples > 0")
     return args
+
+
+def check_fsdp(parser, args, world):
+    """--fsdp's refusals, before any work: what cannot work sharded."""
+    if "RANK" not in os.environ:
+        parser.error("--fsdp shards over the processes that torchrun starts (torchrun --nproc_per_node=N train.py "
+                     "--fsdp ...); a single process holds the whole model anyway: drop --fsdp")
+    if args.eval_samples % world:
+        parser.error(f"--fsdp: a sharded model's forward is collective, so every process must sample as many "
+                     f"batches: --eval-samples {args.eval_samples} must be a multiple of the {world} processes")
+    if args.precision == "bf16" and args.eval_samples and not torch.cuda.is_available():
+        parser.error("--fsdp --precision bf16 on the CPU: the weights are gathered in bf16, and the CPU samples "
+                     "without autocast (eval.sample): add --eval-samples 0, or use --precision fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,6 +347,12 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None, cfm=0.0):
     if cfm and len(pred) > 1:
         err = err - cfm * (pred_v - target.roll(1, dims=0)).square()
     return (err if weights is None else err * weights).mean()
+
+
+def predicted_x0(pred, x_t, t, pred_type):
+    """The clean image the network predicts: its output with x-prediction, else x_t - t v (x_t = (1 - t) x0 + t eps,
+    v = eps - x0)."""
+    return pred.float() if pred_type == "x" else x_t - t[:, None, None, None] * pred.float()
 
 
 def drop_captions(txt, mask, keep, null_txt, null_mask):
@@ -326,11 +422,13 @@ def repa_projector(kind, hidden, dim):
 
 class Trainee(nn.Module):
     """What DDP wraps and the optimizer trains: the PRX model and, with --repa, the projector of the tokens after
-    block repa_layer. Checkpoints keep the two apart, so that a resume can add or drop REPA."""
+    block repa_layer. Checkpoints keep the two apart, so that a resume can add or drop REPA. `perceptual`: the
+    frozen networks of --lpips and --pdino, a plain dict: outside the state dict, DDP and the optimizer."""
 
-    def __init__(self, model, repa_kind=None, repa_dim=None, repa_layer=None):
+    def __init__(self, model, repa_kind=None, repa_dim=None, repa_layer=None, perceptual=None):
         super().__init__()
         self.model, self.repa_kind, self.repa_layer = model, repa_kind, repa_layer
+        self.perceptual = perceptual or {}
         self.patch_size = model.cfg.patch_size
         self.repa_proj = repa_projector(repa_kind, model.cfg.hidden_size, repa_dim) if repa_kind else None
 
@@ -349,13 +447,12 @@ class Trainee(nn.Module):
         return pred, proj, idx  # (B, C, H, W), (B, N', D_teacher), (B, N') or None
 
 
-@torch.no_grad()
 def teacher_tokens(teacher, images, grid):
-    """Patch tokens after the final norm, prefix (class, register) tokens dropped, (B, h*w, D) float32: the clean
-    image [-1, 1] resized so that the teacher's patch grid equals the denoiser's token grid (256 px, patch-2
-    latents: 16x16 tokens -> 224 px for DINOv2's 14 px). Bicubic with antialiasing, as REPA's preprocessing (PRX
+    """Patch tokens after the final norm, prefix (class, register) tokens dropped, (B, h*w, D) float32, of images
+    [-1, 1] resized to a grid of patches: for REPA the denoiser's token grid (256 px, patch-2 latents: 16x16 tokens
+    -> 224 px for DINOv2's 14 px), for P-DINO 16x16. Bicubic with antialiasing, as REPA's preprocessing (PRX
     uses nearest, which drops rows when shrinking 256 -> 224). The teacher runs in its weights' dtype: bf16 on
-    CUDA, as PRX."""
+    CUDA, as PRX. Differentiable: REPA calls it under no_grad, P-DINO's prediction through it."""
     pretrained, patch = teacher.pretrained_cfg, teacher.patch_embed.patch_size[0]
     x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * patch, grid[1] * patch), mode="bicubic",
                       align_corners=False, antialias=True)
@@ -379,11 +476,57 @@ def repa_loss(proj, target, idx):
     return -F.cosine_similarity(proj.float(), target, dim=-1).mean()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Perceptual losses on the predicted clean image (PRX part 3: LPIPS 0.1, P-DINO 0.01; prx/algorithm/lpips.py and
+# perceptual_dino.py, both with t_threshold 1: every sample)
+
+def load_lpips(weights=None):
+    """LPIPS with PRX's VGG16 backbone, frozen. Its linear heads come with the lpips package; the backbone is
+    torchvision's ImageNet VGG16: the `weights` file (VGG16_FILE), else torchvision's cache or a download."""
+    import lpips
+    from torchvision.models import VGG16_Weights
+    url = VGG16_Weights.IMAGENET1K_V1.url
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--lpips-weights {weights}: no such file; it should be torchvision's {url}")
+    try:
+        vgg = torch.load(weights, map_location="cpu", weights_only=True) if weights else \
+            VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except OSError as e:  # no connection (URLError)
+        raise RuntimeError(f"LPIPS's backbone {VGG16_FILE} is not in torch's cache and cannot be downloaded ({e}); "
+                           f"on an offline machine pass --lpips-weights PATH to a copy of {url}")
+    net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    # lpips splits torchvision's features.<i> layers into slices: features.<i>.weight -> slice<k>.<i>.weight
+    where = {i: f"{name}.{i}" for name, part in net.net.named_children() for i, _ in part.named_children()}
+    net.net.load_state_dict({f"{where[k.split('.')[1]]}.{k.split('.')[2]}": v for k, v in vgg.items()
+                             if k.startswith("features.")})
+    return net.eval().requires_grad_(False)
+
+
+def lpips_loss(net, x0_hat, x0):
+    """Mean LPIPS between the predicted and the clean image, both in [-1, 1] (LPIPS's range). From 128 px up both
+    are halved first (bilinear), as PRX's pixel-space config (JIT-benchmark/LPIPS.yaml: resize_factor 0.5); smaller
+    images stay whole: halved, the CPU track's 32 px would leave VGG's deepest stage 1x1."""
+    if min(x0.shape[-2:]) >= 128:
+        x0_hat, x0 = (F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False) for x in (x0_hat, x0))
+    return net(x0_hat, x0).mean()
+
+
+def pdino_loss(net, x0_hat, x0):
+    """P-DINO: 1 - cosine of the DINOv2 patch tokens of the predicted and of the clean image, averaged over patches
+    and samples, the gradient through the frozen network to the prediction. Both go through REPA's preprocessing
+    (teacher_tokens) at 16x16 patches: 224 px for DINOv2's 14, PRX's resize_resolution (PRX resizes bilinear and
+    clamps the prediction to [-1, 1], which would stop its gradient outside that range)."""
+    with torch.no_grad():
+        target = teacher_tokens(net, x0, PDINO_GRID)
+    return 1 - F.cosine_similarity(teacher_tokens(net, x0_hat, PDINO_GRID), target, dim=-1).mean()
+
+
 def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
     """One optimizer step over the global batch (this rank's micro-batches, gradients accumulated, one all-reduce)
     -> mean loss, grad norm (device tensors), mean text length, and the host seconds spent outside the model: in
     the data (loading, text encoding, noise) and in the optimizer (on CUDA its kernels run on and count as model)."""
-    device, patch = loader.null_mask.device, (model.module if isinstance(model, DDP) else model).patch_size
+    trainee = model.module if isinstance(model, DDP) else model
+    device, patch, nets = loader.null_mask.device, trainee.patch_size, trainee.perceptual
     chunks = args.batch_size // args.micro_batch // world
     for o in opt:
         for group in o.param_groups:
@@ -401,9 +544,16 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
             weights = foreground_weights(x0, args.foreground_weight) if args.foreground_weight else None
             loss = flow_loss(pred, x0, eps, x_t, t, args.pred, weights, args.cfm)
             if teacher is not None:
-                target = teacher_tokens(teacher, images, (x0.shape[2] // patch, x0.shape[3] // patch))
+                with torch.no_grad():
+                    target = teacher_tokens(teacher, images, (x0.shape[2] // patch, x0.shape[3] // patch))
                 target = spatial_normalize(target) if args.irepa else target
                 loss = loss + args.repa_lambda * repa_loss(repa_proj, target, repa_idx)
+            if nets:  # pixel space: x0 is the image
+                x0_hat = predicted_x0(pred, x_t, t, args.pred)
+                if args.lpips:
+                    loss = loss + args.lpips * lpips_loss(nets["lpips"], x0_hat, x0)
+                if args.pdino:
+                    loss = loss + args.pdino * pdino_loss(nets["pdino"], x0_hat, x0)
             loss = loss / chunks
         loss.backward()
         loss_sum += loss.detach()
@@ -477,7 +627,8 @@ def build_model(args, loader, device):
     if args.hidden:
         overrides.update(num_heads=max(1, args.hidden // 64), axes_dim=(32, 32))
     cfg = preset_config(args.model, args.resolution, in_channels=loader.in_channels,
-                        context_dim=loader.null_txt.shape[-1], sprint=args.sprint, **overrides)
+                        context_dim=loader.null_txt.shape[-1], sprint=args.sprint,
+                        resolution_embeds=args.resolution_embeds, **overrides)
     if args.foreground_weight and loader.in_channels != 3:
         raise SystemExit("error: --foreground-weight needs pixel-space data (latents have no background colour)")
     if loader.resolution != args.resolution:
@@ -505,8 +656,25 @@ def build_model(args, loader, device):
     if teacher is not None and device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)  # PRX runs the frozen teacher in bf16
     kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
-    trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer)
+    trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer,
+                      load_perceptual(args, device))
     return cfg, model, ema, trainee.to(device), teacher
+
+
+def load_perceptual(args, device):
+    """The frozen networks of --lpips and --pdino, for Trainee.perceptual; DINOv2 in bf16 on CUDA, as PRX."""
+    nets = {}
+    try:
+        if args.lpips:
+            nets["lpips"] = load_lpips(args.lpips_weights).to(device)
+        if args.pdino:
+            overlay = dict(pretrained_cfg_overlay=dict(file=args.pdino_weights)) if args.pdino_weights else {}
+            nets["pdino"] = load_dino(PDINO_MODEL, flag="--pdino-weights", dynamic_img_size=True, **overlay).to(device)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: perceptual loss: {e}")
+    if "pdino" in nets and device.type == "cuda":
+        nets["pdino"] = nets["pdino"].to(torch.bfloat16)
+    return nets
 
 
 def build_optimizers(args, trainee, device, log):
@@ -551,9 +719,34 @@ def setup_eval(args, cfg, device):
                                         grid=grid, **sampling_settings(args))
 
 
+def shard(trainee, ema, precision, compile_blocks):
+    """--fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) over all processes, each block a unit, then the rest of the
+    model (the root), as torchtitan does: a rank keeps 1/world of each weight, its gradient and optimizer state, and
+    gathers a unit's weights while it runs. Under bf16 they are gathered in bf16 (the copies autocast makes under
+    DDP) over fp32 shards, the master weights; gradients are reduced in fp32. Inputs are not cast: t and the
+    sampler stay fp32. The EMA and the REPA projector are sharded alike. Before the optimizers: fully_shard
+    replaces the parameters by DTensors. --compile compiles each training block, as torchtitan: dynamo skips
+    FSDP's hooks, so a whole compiled model breaks its graph at every block."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for model in (m for m in (trainee.model, ema) if m is not None):
+        for block in model.blocks:
+            if compile_blocks and model is trainee.model:
+                block.compile()
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    if trainee.repa_proj is not None:
+        fully_shard(trainee.repa_proj, mp_policy=policy)  # a root of its own: a resume may add or drop it
+
+
 def wrap_ddp(trainee, world, device):
-    """DDP over the processes (NCCL on CUDA, gloo on CPU), or the trainee itself in one process."""
+    """DDP over the processes (NCCL on CUDA, gloo on CPU), or the trainee itself: in one process, or sharded."""
     if world == 1:
+        return trainee
+    if any(isinstance(m, FSDPModule) for m in trainee.modules()):
+        # FSDP2 reduce-scatters each micro-batch's gradients into the shards (train_step's no_sync does nothing):
+        # holding them unreduced until the last micro-batch would keep whole gradients, the memory FSDP saves
+        trainee.no_sync = contextlib.nullcontext
         return trainee
     if device.type == "cuda":
         return DDP(trainee, device_ids=[device.index])
@@ -586,18 +779,42 @@ def sampling_settings(args):
 # Checkpoints: <out>/checkpoints/step_<N>/ holds model.safetensors (ema.safetensors), trainer.pt and sha256.json,
 # written into step_<N>.tmp and renamed when complete
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
+
+
+def full_state(model, opts=()):
+    """-> (model state dict, [optimizer state dicts]) of whole tensors on rank 0's CPU, empty dicts on the other
+    ranks; every rank calls it: under FSDP2 it gathers the shards. Optimizer states are keyed by parameter name
+    (torch.distributed.checkpoint.state_dict), so that they load on any number of processes, sharded or not."""
+    return get_model_state_dict(model, options=FULL), [get_optimizer_state_dict(model, o, options=FULL) for o in opts]
+
+
+def load_full(model, weights, opts=(), states=()):
+    """full_state's inverse; every rank calls it: rank 0's tensors are broadcast, and each rank keeps its shard (or
+    the whole tensor, unsharded). The other ranks' weights and states are ignored."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(model, weights, options=options)
+    for o, state in zip(opts, states, strict=True):
+        set_optimizer_state_dict(model, o, state, options=options)
+
+
 def save_checkpoint(out, step, model, ema, opt, extra, keep):
     """Atomic and verified: a step_<N> folder is whole, with the sha256 of each file. The `keep` most recent stay.
-    A failed write (disk full) leaves the earlier checkpoints as they were and says so."""
+    A failed write (disk full) leaves the earlier checkpoints as they were and says so. Every rank calls it (the
+    shards are gathered: full_state), rank 0 writes."""
+    weights, optimizers = full_state(model, opt)
+    ema_weights = full_state(ema)[0] if ema is not None else None
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
     final = os.path.join(out, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
-        torch.save({"optimizer": [o.state_dict() for o in opt], "step": step, **extra}, os.path.join(tmp, "trainer.pt"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+        if ema_weights is not None:
+            save_file({k: v.contiguous() for k, v in ema_weights.items()}, os.path.join(tmp, "ema.safetensors"))
+        torch.save({"optimizer": optimizers, "step": step, **extra}, os.path.join(tmp, "trainer.pt"))
         checksums = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, CHECKSUMS), "w") as f:
             json.dump(checksums, f, indent=1)
@@ -632,15 +849,22 @@ def resolve_resume(resume, out):
 
 
 def check_resume_flags(args, ckpt):
-    """A resume continues the same run: flags outside RESUMABLE must equal those the checkpoint was trained with."""
+    """A resume continues the same run: flags outside RESUMABLE must equal those the checkpoint was trained with
+    (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too."""
     with open(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "config.json")) as f:
-        before = json.load(f)["args"]
+        config = json.load(f)
+    before, parser = config["args"], get_parser()
     now = json.loads(json.dumps(vars(args)))  # tuples as lists, as stored
     changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}" for k in sorted(now)
-               if k not in RESUMABLE and k != "cpu_track" and before.get(k) != now[k]]
+               if k not in RESUMABLE | {"track_why", "track_values"} and before.get(k, parser.get_default(k)) != now[k]]
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
+    patch = args.patch or preset_config(args.model, args.resolution).patch_size
+    if patch != config["model"]["patch_size"]:
+        raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "
+                         f"{patch} at {args.resolution} px, the run's model has {config['model']['patch_size']} (the "
+                         f"pixel presets switch from 16 to 32 at 512 px): start the first stage with --patch")
 
 
 def set_aside_newer(ckpt):
@@ -657,26 +881,28 @@ def set_aside_newer(ckpt):
     return f"moved {len(newer)} newer checkpoint(s) ({', '.join(os.path.basename(c) for c in newer)}) to {aside}"
 
 
-def restore(ckpt, model, ema, trainee, opt, loader, device):
-    """Load a checkpoint into the run -> (step, training time, a note when REPA was added or dropped, else None).
-    Mismatches of shapes or optimizer say what differs."""
-    state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location=device, weights_only=True)
+def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
+    """Load a checkpoint into the run, sharded or not, on any number of processes -> (step, training time, a note
+    when REPA was added or dropped, else None). Mismatches of shapes or optimizer say what differs."""
+    # every rank maps trainer.pt (its tensors stay on disk until read: rank 0's are, by load_full), rank 0 the weights
+    state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True, mmap=True)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    weights = lambda name: load_file(os.path.join(ckpt, name)) if rank0 else {}
     try:
-        model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors"), device=str(device)))
-        if ema is not None:
-            ema.load_state_dict(load_file(os.path.join(ckpt, "ema.safetensors"), device=str(device)))
         projector, repa, note = trainee.repa_proj, state.get("repa"), None  # "repa": only REPA checkpoints have it
-        for o, s in zip(opt[:-1] if projector else opt, state["optimizer"], strict=True):
-            o.load_state_dict(s)
+        load_full(model, weights("model.safetensors"), opt[:-1] if projector else opt, state["optimizer"])
+        if ema is not None:
+            load_full(ema, weights("ema.safetensors"))
         if projector and repa and repa["kind"] == trainee.repa_kind:
-            projector.load_state_dict(repa["projector"])
-            opt[-1].load_state_dict(repa["optimizer"])
+            load_full(projector, repa["projector"], opt[-1:], [repa["optimizer"]])
         elif projector:
             note = f"REPA's {trainee.repa_kind} projector starts fresh (the checkpoint has " + \
                    (f"a {repa['kind']} one)" if repa else "none)")
         elif repa:
             note = "REPA dropped: the checkpoint's projector is left out"
-        loader.load_state_dict(state["loader"])
+        # the loader counts this rank's micro-batches; a step is chunks_per_rank of them on any number of processes
+        # (chunks_per_rank x world is the global batch's), so the position carries over to another world size
+        loader.load_state_dict({**state["loader"], "batches": state["step"] * chunks_per_rank})
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: --resume {ckpt} does not fit this model, optimizer or loader ({type(e).__name__}: "
                          f"{str(e)[:300]}); resume with the flags the run was started with")
@@ -690,6 +916,20 @@ def restore(ckpt, model, ema, trainee, opt, loader, device):
 def library_versions():
     names = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")
     return {"python": sys.version.split()[0], **{name: importlib.metadata.version(name) for name in names}}
+
+
+def devices(device):
+    """Where the run ran, for the log's header: every visible GPU and the driver, or the CPU and torch's threads."""
+    if device.type == "cuda":
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        smi = shutil.which("nvidia-smi") and subprocess.run(query, capture_output=True, text=True).stdout
+        return {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                "driver": (smi or "unknown").split("\n")[0], "cuda": torch.version.cuda}
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 class RunLog:
@@ -747,7 +987,8 @@ def config_of(args, cfg, world, n_params, device):
             "parameters": n_params, "versions": library_versions(),
             "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "devices": devices(device)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -767,22 +1008,25 @@ def main(argv=None):
     n_params = sum(p.numel() for p in raw_model.parameters())
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device),
                  int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=ckpt is not None)
+    if args.fsdp:  # before the optimizers, which then take the shards
+        shard(trainee, ema, args.precision, args.compile)
     opt = build_optimizers(args, trainee, device, log)
-    start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, device) if ckpt else (0, 0, None)
+    start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
+        else (0, 0, None)
     if note:
         log(note)
     if ckpt and master and (moved := set_aside_newer(ckpt)):
         log(moved)
-    if args.compile:
+    if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
         trainee.model = torch.compile(raw_model)
     model = wrap_ddp(trainee, world, device)
     log(f"model {args.model}: {n_params:,} parameters | {world} process(es) on {device.type} | global batch "
         f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | shift {args.shift} | "
         f"AdamW eps {args.eps:g} | out {out}"
         + (f" | resumed from {ckpt}" if ckpt else ""))
-    if args.cpu_track:
-        log("CPU track values (--data builtin) for the flags not given: " +
-            " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.cpu_track))
+    values = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.track_values)
+    log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
+        (f": its values for the flags not given: {values}" if values else ""))
     run_eval = setup_eval(args, cfg, device)
 
     if args.compile and not ckpt:
@@ -813,8 +1057,10 @@ def main(argv=None):
             result = run_eval(eval_model, os.path.join(out, f"samples_{step}.png") if master else None)
             raw_model.train()
             log(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
-                f" | train {datetime.timedelta(seconds=int(train_time))}",
-                {"step": step, "train_time_s": train_time, **result})
+                f" | train_time {train_time * 1000:.0f}ms", {"step": step, "train_time_s": train_time, **result})
+            if args.target and target_reached(args.target, result):
+                last = True
+                log(f"target {args.target[0]} {args.target[1]:g} reached at step {step}: stopping")
             if last and master:
                 with open(os.path.join(out, "eval.json"), "w") as f:
                     json.dump({"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data,
@@ -824,12 +1070,12 @@ def main(argv=None):
             if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
                 raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written, the "
                                  f"last one is {(list_checkpoints(out) or ['(none)'])[-1]}")
-            if master:  # the loader's position is global: rank 0's state is every rank's
-                extra = {"train_time": train_time, "loader": loader.state_dict()}
-                if trainee.repa_proj is not None:
-                    extra["repa"] = {"kind": trainee.repa_kind, "projector": trainee.repa_proj.state_dict(),
-                                     "optimizer": opt[-1].state_dict()}
-                save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, args.keep)
+            # every rank (FSDP2 gathers the shards), rank 0 writes; the loader's position is global: rank 0's is all's
+            extra = {"train_time": train_time, "loader": loader.state_dict()}
+            if trainee.repa_proj is not None:
+                projector, (projector_opt,) = full_state(trainee.repa_proj, opt[-1:])
+                extra["repa"] = {"kind": trainee.repa_kind, "projector": projector, "optimizer": projector_opt}
+            save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, args.keep)
         if last:
             break
 
@@ -860,7 +1106,7 @@ def main(argv=None):
                                  f"--warmup")
             elapsed = train_time - time_at_log  # training time only: eval and checkpoints excluded
             speed = samples_since / elapsed
-            flops = 3 * flops_per_sample(cfg, num_img, txt_len) * speed / world  # per process; backward = 2 forwards
+            flops = 3 * flops_per_sample(cfg, num_img, txt_len, args.route_ratio or 0.0) * speed / world  # per process; backward = 2 forwards
             record = {"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr, "samples_per_s": speed,
                       "flops_per_s": flops, "mfu": flops / peak, "data_share": data_since / elapsed,
                       "optimizer_share": opt_since / elapsed, "train_time_s": train_time}
@@ -868,7 +1114,7 @@ def main(argv=None):
             log(f"step {step}/{args.max_steps} | loss {loss_value:.4f} | grad_norm {record['grad_norm']:.3f} | "
                 f"lr {lr:.2e} | samples/s {speed:.0f} | flops/s {flops:.3g} | mfu {flops / peak:.1%} | "
                 f"data {record['data_share']:.0%} | optimizer {record['optimizer_share']:.0%} | "
-                f"train {datetime.timedelta(seconds=int(train_time))} | "
+                f"train_time {train_time * 1000:.0f}ms | step_avg {train_time * 1000 / step:.2f}ms | "
                 f"eta {datetime.timedelta(seconds=int(max(0, eta)))}",
                 record)
             time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0

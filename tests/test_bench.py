@@ -94,20 +94,56 @@ def test_memory_fake_count_equals_real():
         assert real > depth * 3 * tokens * mlp * 2
 
 
+def test_memory_per_gpu_shards_the_states_not_the_activations():
+    with torch.device("meta"):
+        model = PRX.from_preset("base")
+    n, m, block = closed_form_params(model.cfg)
+    parts = bench.per_gpu(model, act_ddp=7e9, act_fsdp=5e9)
+    ddp, fsdp = parts["DDP"], parts["FSDP2"]
+    assert all(fsdp[k] == ddp[k] / 8 for k in ("weights", "grads", "AdamW", "Muon"))  # sharded over 8 GPUs
+    assert (ddp["activations"], fsdp["activations"]) == (7e9, 5e9)  # each GPU's own micro-batch: not divided
+    assert ddp["buckets"] == ddp["grads"] == 4 * n and fsdp["buckets"] == 0 == ddp["units"]
+    root = n - model.cfg.depth * block
+    assert fsdp["units"] == 8 * (2 * block + root)  # bf16 weights + bf16 and fp32 gradients of 2 blocks and the root
+    assert bench.total(ddp, "AdamW") == 4 * n + 2 * 4 * n + 8 * n + 7e9
+    assert bench.total(fsdp, "Muon") == (4 * n + 4 * n + 4 * m + 8 * (n - m)) / 8 + fsdp["units"] + 5e9
+
+
+def test_fsdp_activations_hold_no_weight_copies():
+    """bf16 weights (FSDP2's gathered ones) save no autocast copy: the count drops by 2 bytes for each matrix whose
+    input needs a gradient, all but the embeddings of the data (img_in, txt_in, time_in.in_layer), and grows by the
+    fp32 copies of the RMSNorm scales (model.RMSNorm computes in fp32)."""
+    cfg = preset_config("tiny", depth=3)
+    with torch.device("meta"):
+        model = PRX(cfg)
+    inputs = {"img_in.weight", "txt_in.weight", "time_in.in_layer.weight"}
+    copied = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and name not in inputs)
+    norms = sum(p.numel() for name, p in model.named_parameters() if ".norm_" in name)
+    fp32, bf16 = (bench.saved_bytes(cfg, 2, 8, 5, param_dtype=d) for d in (torch.float32, torch.bfloat16))
+    assert fp32 - bf16 == 2 * copied - 4 * norms
+
+
 def test_memory_table(capsys):
     bench.main(["memory", "--micro-batch", "2"])
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| small |")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [r for r in out if r.startswith("| small |")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    weights, grads, adamw, muon, act = (float(c) * 2**30 for c in cells[3:8])
+    weights, grads, adamw, muon, act, act_fsdp = (float(c) * 2**30 for c in cells[3:9])
     n, m, block = closed_form_params(preset_config("small"))
     for printed, exact in [(weights, 4 * n), (grads, 4 * n), (adamw, 8 * n), (muon, 4 * m + 8 * (n - m))]:
         assert abs(printed - exact) <= 0.05 * 2**30
     ddp = 4 * n + 2 * 4 * n + 8 * n + act  # gradients twice: DDP's buckets
-    fsdp = (4 * n + 4 * n + 8 * n) / 8 + 2 * 2 * 4 * block + act  # two unsharded blocks' weights and gradients
-    for cell, exact in [(cells[8], ddp), (cells[10], fsdp)]:
+    fsdp = (4 * n + 4 * n + 8 * n) / 8 + 8 * (2 * block + n - 16 * block) + act_fsdp
+    for cell, exact in [(cells[9], ddp), (cells[11], fsdp)]:
         value, verdict = cell.split()
         assert abs(float(value) * 2**30 - exact) <= 0.1 * 2**30 and verdict == "fits"
+    # base part by part: the sharded states are DDP's / 8, the activations DDP's less the weight copies
+    parts = {r.split("|")[1].strip(): r.split("|")[2:4] for r in out[out.index("| part | DDP | FSDP2 |") + 2:]}
+    for part in ("weights (fp32)", "gradients (fp32)", "AdamW state (2 moments)"):
+        ddp_gib, fsdp_gib = (float(c) for c in parts[part])
+        assert abs(fsdp_gib - ddp_gib / 8) <= 0.05
+    assert [c.split()[1] for c in parts["total with AdamW"]] == ["over", "fits"]
 
 
 def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):

@@ -29,15 +29,17 @@ def inputs(cfg, B=3, H=8, W=12, L=7, seed=0):
     return x, t, txt, mask
 
 
-@pytest.mark.parametrize("bottleneck", [None, 32])
-def test_diffusers_interop_both_ways(tmp_path, bottleneck):
+@pytest.mark.parametrize("bottleneck, resolution_embeds", [(None, False), (32, False), (32, True)])
+def test_diffusers_interop_both_ways(tmp_path, bottleneck, resolution_embeds):
+    """Equal outputs on a non-square input (8 x 12: the resolution embedding's H and W differ)."""
     from diffusers import PRXTransformer2DModel
-    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck)
+    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck, resolution_embeds=resolution_embeds)
     theirs = randomize(PRXTransformer2DModel(**{k: v for k, v in PRX(cfg).diffusers_config().items()
                                                 if k != "_class_name"}))
     theirs.save_pretrained(tmp_path / "d", max_shard_size="50KB")  # sharded checkpoint
     assert (tmp_path / "d" / "diffusion_pytorch_model.safetensors.index.json").exists()
     ours = PRX.from_diffusers(str(tmp_path / "d"))
+    assert ours.cfg.resolution_embeds == resolution_embeds
     x, t, txt, mask = inputs(cfg)
     with torch.no_grad():
         ref = theirs(x, t, txt, mask, return_dict=False)[0]
@@ -51,6 +53,8 @@ def test_diffusers_interop_both_ways(tmp_path, bottleneck):
             assert sharded == (shard == 20_000)
             back = PRXTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
             assert (back(x, t, txt, mask, return_dict=False)[0] - ours(x, t, txt, mask)).abs().max() <= 1e-5
+        again = PRX.from_diffusers(str(folder), subfolder="transformer")  # and our export loads into ours
+        assert torch.equal(again(x, t, txt, mask), ours(x, t, txt, mask))
 
 
 def test_export_without_encoders_takes_them_at_load(tmp_path):
@@ -205,11 +209,27 @@ def test_non_square_and_bad_inputs():
 
 
 @pytest.mark.parametrize("bottleneck", [None, 48])
-def test_flop_counter_matches_closed_form(bottleneck):
-    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck)
+@pytest.mark.parametrize("sprint,route_ratio", [(False, 0.0), (False, 0.5), (True, 0.75)])
+def test_flop_counter_matches_closed_form(bottleneck, sprint, route_ratio):
+    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck, sprint=sprint)
     model = PRX(cfg)
     x, t, txt, mask = inputs(cfg, B=1, H=8, W=8, L=5)
     # the math backend decomposes attention into matmuls that the counter sees (CPU's fused kernel is not counted)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model(x, t, txt, None)
+        model(x, t, txt, None, route_ratio=route_ratio)
+    assert counter.get_total_flops() == flops_per_sample(cfg, num_img=16, num_txt=5, route_ratio=route_ratio)
+
+
+def test_flop_counter_counts_the_resolution_embedder():
+    cfg = PRXConfig(**TINY, resolution_embeds=True)
+    x, t, txt, _ = inputs(cfg, B=1, H=8, W=8, L=5)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        PRX(cfg)(x, t, txt, None)
     assert counter.get_total_flops() == flops_per_sample(cfg, num_img=16, num_txt=5)
+
+
+def test_route_defaults_keep_dense_blocks_on_both_sides():
+    # PRX routes blocks 2..12 of 16; a small model keeps that shape: a dense block before and after the routed span
+    spans = {d: (PRXConfig(depth=d).route_start, PRXConfig(depth=d).route_end) for d in (2, 3, 4, 16, 24)}
+    assert spans == {2: (0, 0), 3: (1, 1), 4: (1, 2), 16: (2, 12), 24: (3, 18)}
+    PRX(PRXConfig(**{**TINY, "route_start": None, "route_end": None, "depth": 2}))  # still builds

@@ -3,11 +3,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import muon
 from muon import QUINTIC, Muon, assign_owners, newton_schulz, ns_cost, split_muon_params, split_summary
 
 SHAPES = [(48, 32), (32, 80), (40, 40), (24, 56), (64, 16)]  # tall, wide and square
+SHARDED = SHAPES + [(5, 12), (1, 8)]  # over 2 ranks: an odd row count, and fewer rows than ranks (an empty shard)
 
 
 def make_params(shapes=SHAPES, device="cpu"):
@@ -18,7 +21,8 @@ def make_params(shapes=SHAPES, device="cpu"):
 def set_grads(params, step):
     g = torch.Generator().manual_seed(1000 + step)  # the same on every rank, as after DDP's all-reduce
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(p.device)
+        grad = torch.randn(p.shape, generator=g).to(p.device)
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements) if isinstance(p, DTensor) else grad
 
 
 def train(params, steps):
@@ -36,7 +40,7 @@ def train(params, steps):
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_matches_torch_muon(scale, nesterov, device):
     ours, theirs = make_params(device=device), make_params(device=device)
-    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1, nesterov=nesterov, scale=scale)
+    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1, nesterov=nesterov, scale=scale, ns_dtype=torch.bfloat16)
     opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=scale)
     steps = 5
     for step in range(steps):
@@ -50,6 +54,19 @@ def test_matches_torch_muon(scale, nesterov, device):
         # lr * scale, per step. A wrong momentum, scale or decay moves the parameters by O(lr * scale).
         lr_scale = 0.02 * muon.update_scale(shape, scale)
         torch.testing.assert_close(a, b, rtol=0, atol=steps * lr_scale * 2**-7)
+
+
+def test_newton_schulz_in_fp32_on_the_cpu():
+    # the CPU default is fp32 (bf16 matmuls are emulated there); CUDA's is bf16 (test_matches_torch_muon)
+    runs = {}
+    for dtype in (None, torch.float32, torch.bfloat16):
+        params = make_params()
+        opt = Muon(params, lr=0.02, ns_dtype=dtype)
+        set_grads(params, 0)
+        opt.step()
+        runs[dtype] = params
+    assert all(torch.equal(a, b) for a, b in zip(runs[None], runs[torch.float32]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[None], runs[torch.bfloat16]))
 
 
 def quintic(x):
@@ -124,17 +141,31 @@ def distributed_worker(rank, world_size, init_file, out_file):
     result = {"params": [p.detach() for p in params], "state": opt.state_dict(), "calls": len(calls)}
     lone = make_params(SHAPES[:1])  # fewer matrices than ranks: rank 1 owns none and sends only padding
     train(lone, 2)
+    # FSDP2's layout: each parameter a DTensor holding this rank's rows (Shard(0)), as fully_shard makes them
+    mesh = init_device_mesh("cpu", (world_size,))
+    sharded = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params(SHARDED)]
+    calls.clear()
+    sharded_opt = train(sharded, 10)
+    result["sharded"] = {"params": [p.full_tensor() for p in sharded], "calls": len(calls),
+                         "rows": [p.to_local().shape[0] for p in sharded],
+                         "momentum": [sharded_opt.state[p]["momentum_buffer"].full_tensor() for p in sharded]}
     torch.save(result | {"lone": lone[0].detach()}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 
 
-def test_distributed_matches_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What distributed_worker saved on each of 2 gloo processes: one launch for the replicated and sharded checks."""
+    tmp, world_size = tmp_path_factory.mktemp("muon"), 2
+    mp.spawn(distributed_worker, args=(world_size, str(tmp / "init"), str(tmp / "out")), nprocs=world_size)
+    return [torch.load(tmp / f"out.{r}", weights_only=True) for r in range(world_size)]
+
+
+def test_distributed_matches_single_process(two_ranks):
     single, lone = make_params(), make_params(SHAPES[:1])
     single_opt = train(single, 10)
     train(lone, 2)
-    world_size = 2
-    mp.spawn(distributed_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world_size)
-    results = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(world_size)]
+    world_size, results = 2, two_ranks
     owners = assign_owners([ns_cost(s) for s in SHAPES], world_size)
     for rank, result in enumerate(results):
         assert result["calls"] == 10 * owners.count(rank) < 10 * len(SHAPES)  # each rank only did its share
@@ -143,6 +174,21 @@ def test_distributed_matches_single_process(tmp_path):
     # Rank 0's checkpoint is the single-process one: momentum is kept for every matrix on every rank.
     for i, state in single_opt.state_dict()["state"].items():
         assert torch.equal(results[0]["state"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+
+
+def test_sharded_matches_single_process(two_ranks):
+    """FSDP2's DTensor shards: each owner gathers, orthogonalises and scatters back the rows; the parameters and
+    momenta equal one process's."""
+    single = make_params(SHARDED)
+    single_opt = train(single, 10)
+    world_size, results = 2, [result["sharded"] for result in two_ranks]
+    owners = assign_owners([ns_cost(s) for s in SHARDED], world_size)
+    assert [r["rows"][-2:] for r in results] == [[3, 1], [2, 0]]  # torch.chunk's split: rank 1 holds no row of (1, 8)
+    for rank, result in enumerate(results):
+        assert result["calls"] == 10 * owners.count(rank) < 10 * len(SHARDED)
+        for a, b, m, p in zip(result["params"], single, result["momentum"], single_opt.param_groups[0]["params"] +
+                              single_opt.param_groups[1]["params"]):
+            assert torch.equal(a, b) and torch.equal(m, single_opt.state[p]["momentum_buffer"])
 
 
 class StandIn(nn.Module):

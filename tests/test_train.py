@@ -229,7 +229,7 @@ def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
 def test_cpu_track_values_apply_only_to_flags_not_given():
     args = train.get_args(["--lr", "5e-4", "--model=tiny"])
     assert args.lr == 5e-4 and args.model == "tiny" and args.warmup == train.CPU_TRACK["warmup"]
-    assert "lr" not in args.cpu_track and "model" not in args.cpu_track and "warmup" in args.cpu_track
+    assert "lr" not in args.track_values and "model" not in args.track_values and "warmup" in args.track_values
     prepared = train.get_parser().parse_args([])
     assert prepared.lr == 1e-4 and prepared.model == "small"  # the general defaults stay PRX's
 

@@ -1,0 +1,88 @@
+"""
+The leaderboard: one table per track, fastest first, from the record folders whose README has a results block
+(records/RULES.md) and which records/verify.py accepts. Prints the tables, or rewrites the block between
+`<!-- leaderboard -->` and `<!-- /leaderboard -->` in README.md (--write), or checks that it is current (--check).
+
+    python records/leaderboard.py [--write | --check]
+"""
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import verify  # records/verify.py
+
+BOARD = ("8gpu", "1gpu", "cpu")  # the tracks shown, in this order (not the smoke test's)
+BEGIN, END = "<!-- leaderboard -->", "<!-- /leaderboard -->"
+HERE = Path(__file__).resolve().parent
+
+
+def entries(records):
+    """The record folders with a results block that verify.py accepts -> [dict(track, kind, summary, what, date,
+    folder)]; the others are named on stderr and left out."""
+    found = []
+    for folder in sorted(p for p in records.iterdir() if (p / "README.md").exists()):
+        text = (folder / "README.md").read_text()
+        head = verify.KIND.search(verify.readme_block(text) or "")
+        if head and head[1] in BOARD:
+            if problems := verify.verify(folder):
+                print(f"left out {folder.name}: {problems[0]}", file=sys.stderr)
+                continue
+            what = re.search(r"^What changed: (.*)$", text, re.M)
+            found.append(dict(track=head[1], kind=head[2], summary=verify.summary(verify.load_runs(folder), head[1]),
+                              what=what[1] if what else "", date=folder.name[:10], folder=folder))
+    return found
+
+
+def table(track, rows, readme_dir):
+    """One track's markdown: a line naming it and its target, then its rows by time (a calibration is the
+    baseline, not ranked)."""
+    t = verify.TRACKS[track]
+    goal = "not measured yet" if t["target"] is None else \
+        f"{'<=' if t['metric'] in verify.LOWER_IS_BETTER else '>='} {t['target']}"
+    lines = [f"**{track}**: {t['title']}; target {t['metric']} {goal} ({t['target_from']})", ""]
+    if not rows:
+        return lines + ["No record yet."]
+    lines += [f"| rank | time | {t['metric']} | what changed | date | record |", "|---|---|---|---|---|---|"]
+    rank = 0
+    for e in sorted(rows, key=lambda e: e["summary"]["time"]):
+        rank += e["kind"] == "record"
+        s, link = e["summary"], os.path.relpath(e["folder"], readme_dir)
+        lines.append(f"| {rank if e['kind'] == 'record' else 'baseline'} | {s['time'] / 60:.2f} min | "
+                     f"{s['mean']:.4f} +- {s['sd']:.4f} | {e['what']} | {e['date']} | [{e['folder'].name}]({link}) |")
+    return lines
+
+
+def leaderboard(records, readme_dir):
+    found = entries(records)
+    lines = []
+    for track in BOARD:
+        lines += table(track, [e for e in found if e["track"] == track], readme_dir) + [""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help="rewrite the leaderboard block of --readme")
+    p.add_argument("--check", action="store_true", help="exit 1 when the block of --readme is not current")
+    p.add_argument("--records", type=Path, default=HERE, help="the folder of record folders")
+    p.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    args = p.parse_args(argv)
+    board = leaderboard(args.records, args.readme.parent)
+    if not (args.write or args.check):
+        print(board)
+        return
+    text = args.readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if not 0 <= start < end:
+        sys.exit(f"{args.readme}: no {BEGIN} ... {END} markers for the leaderboard")
+    current = f"{BEGIN}\n{board}\n{END}"
+    if args.check and text[start:end + len(END)] != current:
+        sys.exit(f"{args.readme}: the leaderboard is not current; run python records/leaderboard.py --write")
+    if args.write:
+        args.readme.write_text(text[:start] + current + text[end + len(END):])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""
+Check a record folder against records/RULES.md: parse each run's log, recompute the statistics and compare them with
+the README's results block, check that the source in each log is that of the commit it names (or the folder's copy),
+that the clock only moves forward, and that the flags, the hardware and the evaluation follow the track's rules.
+Exit 1 with the reasons otherwise.
+
+    python records/verify.py records/<date>_<name>                              # check a record
+    python records/verify.py --write --track cpu --what "..." records/<folder>  # speedrun.sh: results block, check
+    python records/verify.py --protocol cpu                                     # speedrun.sh: the track's protocol
+"""
+import argparse
+import itertools
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+P_MAX = 0.05       # a record: the one-sided t-test of its runs' metric against the target gives p below this
+EVAL_SEED = 42     # eval.py's default: sample i starts from the noise of seed + i
+LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accuracies are higher-is-better
+# The rules of each track (records/RULES.md). The GPU tracks' target and FID reference fingerprint come from their
+# calibration (`speedrun.sh --calibrate`), not yet run.
+GPU = dict(metric="fid", target=None, target_from="speedrun.sh --calibrate", resolution=256, eval_samples=10_000,
+           steps=50, cfg_scale=3.5, gpu="H100", ref_sha256=None, min_runs=3)
+TRACKS = {
+    "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8),
+    "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1),
+    "cpu": dict(title="CPU: one thread per run, two runs on 2 cores; built-in shapes, object_accuracy",
+                metric="object_accuracy", target=0.292, target_from="records/2026-12-01_cpu-baseline-30min",
+                resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
+                min_runs=3),
+    "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
+                  metric="object_accuracy", target=-1.0, target_from="any run", resolution=32, data="builtin",
+                  eval_samples=8, steps=2, cfg_scale=3.0, world=1, min_runs=2),
+}
+BEGIN, END = "<!-- results: written by records/verify.py from the logs, checked by it -->", "<!-- /results -->"
+HEADER = re.compile(r"^=== (\S+)\n", re.M)
+STEP = re.compile(r"step (\d+)/\d+ \|.* \| train_time (\d+)ms \| step_avg ([\d.]+)ms")
+EVAL = re.compile(r"eval step (\d+) \| (.*) \| train_time (\d+)ms$")
+KIND, KINDS = re.compile(r"track: (\S+) \| kind: (\w+)"), ("record", "calibration")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a log: train.py's log.txt (sources, config.json, console) and speedrun.sh's confirmation after it
+
+def sections(text):
+    """A log -> {name: body} of its `=== name` sections."""
+    heads = list(HEADER.finditer(text))
+    return {h[1]: text[h.end():nxt.start() if nxt else len(text)] for h, nxt in zip(heads, heads[1:] + [None])}
+
+
+def timeline(console):
+    """Step and eval lines in order -> [(step, train_time ms, step_avg ms or None, scores or None)]."""
+    out = []
+    for line in console.splitlines():
+        if m := STEP.match(line):
+            out.append((int(m[1]), int(m[2]), float(m[3]), None))
+        elif m := EVAL.fullmatch(line):
+            scores = dict(pair.rsplit(" ", 1) for pair in m[2].split(" | "))
+            out.append((int(m[1]), int(m[3]), None, {k: float(v) for k, v in scores.items()}))
+    return out
+
+
+def parse_log(path):
+    """-> a run: name, sources {file: text}, config, timeline, resumed, confirm (eval.py's JSON), ref_sha256."""
+    parts = sections(path.read_text())
+    if "config.json" not in parts or "confirm.json" not in parts:
+        raise ValueError(f"{path.name}: needs train.py's config.json section and speedrun.sh's confirm.json after it")
+    config, end = json.JSONDecoder().raw_decode(parts["config.json"])
+    run = dict(name=path.name, config=config, timeline=timeline(parts["config.json"][end:]),
+               sources={n: body[:-1] for n, body in parts.items() if n.endswith(".py")},  # RunLog adds one newline
+               resumed=any(n.startswith("config.resume") for n in parts), confirm=json.loads(parts["confirm.json"]),
+               ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0])
+    if not run["timeline"]:
+        raise ValueError(f"{path.name}: no step or eval line with train_time")
+    return run
+
+
+def load_runs(folder):
+    """The folder's log_<k>.txt, in the order of k."""
+    return [parse_log(p) for p in sorted(folder.glob("log_*.txt"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks: each returns a list of problems, empty when the rules are kept
+
+@lru_cache(maxsize=None)
+def committed_sources(commit):
+    """The .py files at the root of a commit of this repository -> {name: text}; {} when the commit is not here."""
+    ls = git("ls-tree", "--name-only", commit) if commit else None
+    names = [n for n in ls.stdout.split() if n.endswith(".py")] if ls and ls.returncode == 0 else []
+    return {n: git("show", f"{commit}:{n}").stdout for n in names}
+
+
+def git(*argv):
+    return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, encoding="utf-8")
+
+
+def check_sources(run, folder):
+    """Every embedded file is the commit's (git show) or the folder's copy; every .py file of the commit is there."""
+    commit = run["config"].get("git_commit", "")
+    committed = committed_sources(commit)
+    problems = [f"{run['name']}: no source of {n}, which commit {commit[:8]} has" for n in committed
+                if n not in run["sources"]]
+    for name, text in sorted(run["sources"].items()):
+        copy = folder / name
+        if text != committed.get(name) and not (copy.exists() and copy.read_text() == text):
+            problems.append(f"{run['name']}: the source of {name} matches neither commit {commit[:8] or '(none)'} "
+                            f"nor {copy}")
+    return problems
+
+
+def check_clock(run):
+    """Steps and training time never go back, each step_avg is its train_time / step, and the run ends on an eval."""
+    problems, (before_step, before_ms) = [], (0, 0)
+    for step, ms, avg, _ in run["timeline"]:
+        if step < before_step or ms < before_ms:
+            problems.append(f"{run['name']}: step {step} at {ms} ms comes after step {before_step} at {before_ms} ms:"
+                            f" the clock goes backwards")
+        if avg is not None and abs(ms / step - avg) > 0.01 + 1 / step:
+            problems.append(f"{run['name']}: step {step}: step_avg {avg}ms is not train_time / step "
+                            f"({ms / step:.2f}ms)")
+        before_step, before_ms = step, ms
+    if run["timeline"][-1][3] is None:
+        problems.append(f"{run['name']}: does not end on an evaluation")
+    return problems
+
+
+def check_run(run, track):
+    """The flags, hardware and evaluation protocol of one run against the track's rules."""
+    t, config, confirm = TRACKS[track], run["config"], run["confirm"]
+    args, devices = config["args"], config.get("devices", {})
+    rows = [  # (what, the run's, the rules')
+        ("--track", args.get("track"), t.get("train_track", track)),
+        ("--resolution", args["resolution"], t["resolution"]),
+        ("--data", args["data"], t.get("data", args["data"])),
+        ("--eval-data", args.get("eval_data"), None),
+        ("eval captions", "short" if args["captions"] == "short" else "long", "long"),
+        ("processes", config["world_size"], t["world"]),
+        ("resumed", run["resumed"], False),
+        ("torch threads", devices.get("threads"), t.get("threads", devices.get("threads"))),
+        ("eval samples", confirm["num_samples"], t["eval_samples"]),
+        ("eval noise seed", confirm["seed"], EVAL_SEED),
+        ("sampler steps", confirm["sampling"]["steps"], t["steps"]),
+        ("cfg scale", confirm["sampling"]["cfg_scale"], t["cfg_scale"]),
+        ("evaluated data", confirm["data"], args["data"]),
+        ("metrics", sorted(confirm["metrics"]), sorted({t["metric"], *confirm["metrics"]}))]
+    if "gpu" in t:
+        gpus = devices.get("gpus", [])[:t["world"]]
+        kind = gpus[0] if len(gpus) == t["world"] and len(set(gpus)) == 1 and t["gpu"] in gpus[0] else t["gpu"]
+        fid = confirm["settings"].get("fid", "")
+        rows += [("GPUs", gpus, [kind] * t["world"]),
+                 ("FID network", fid, fid if fid.startswith("torch-fidelity ") and "inception-v3-compat 2048" in fid
+                  else "torch-fidelity's inception-v3-compat 2048"),
+                 ("FID reference sha256", run["ref_sha256"], t["ref_sha256"] or run["ref_sha256"])]
+    return [f"{run['name']}: {what} is {have!r}, the rules say {need!r}" for what, have, need in rows if have != need]
+
+
+def check_record(runs, track, kind):
+    """Enough runs, one configuration and one source with distinct seeds; a record meets the target (t-test)."""
+    t, ignored = TRACKS[track], ("seed", "out")
+    seeds = [r["config"]["args"]["seed"] for r in runs]
+    flags = [{k: v for k, v in r["config"]["args"].items() if k not in ignored} for r in runs]
+    problems = [f"{len(runs)} runs; the rules need at least {t['min_runs']}"] if len(runs) < t["min_runs"] else []
+    problems += ["two runs share a seed: " + ", ".join(map(str, seeds))] if len(set(seeds)) < len(seeds) else []
+    problems += [f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record"
+                 for r, f in zip(runs[1:], flags[1:]) if r["sources"] != runs[0]["sources"] or f != flags[0]]
+    if kind == "calibration":
+        return problems + [f"{r['name']}: a calibration runs a fixed budget, not --target" for r in runs
+                           if r["config"]["args"].get("target")]
+    if t["target"] is None:
+        return problems + [f"the {track} track has no target yet: its calibration comes first (--calibrate)"]
+    s = summary(runs, track)
+    if not (s["meets"] and s["p"] < P_MAX):
+        problems.append(f"not a record: {t['metric']} mean {s['mean']:.4f} against target {t['target']}, one-sided "
+                        f"p {s['p']:.3g} (needs < {P_MAX})")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics and the README's results block
+
+def summary(runs, track):
+    """Times (s) and metrics of the runs -> means, sds and the one-sided t-test against the target."""
+    from scipy import stats  # here: speedrun.sh's --protocol needs no scipy, whose import takes seconds
+    t = TRACKS[track]
+    times = [r["timeline"][-1][1] / 1000 for r in runs]
+    values = [r["confirm"]["metrics"].get(t["metric"], float("nan")) for r in runs]
+    lower = t["metric"] in LOWER_IS_BETTER
+    test = stats.ttest_1samp(values, t["target"], alternative="less" if lower else "greater") \
+        if t["target"] is not None and len(values) > 1 else None
+    mean = statistics.mean(values)
+    return dict(times=times, values=values, lower=lower, mean=mean, time=statistics.mean(times),
+                time_sd=statistics.stdev(times) if len(times) > 1 else 0.0,
+                sd=statistics.stdev(values) if len(values) > 1 else 0.0,
+                t=float(test.statistic) if test else float("nan"), p=float(test.pvalue) if test else float("nan"),
+                meets=t["target"] is not None and (mean <= t["target"] if lower else mean >= t["target"]))
+
+
+def results_block(runs, track, kind):
+    """The README's results: a header line (track, kind, metric, target), a row per run, the statistics."""
+    t, s = TRACKS[track], summary(runs, track)
+    lines = [BEGIN, f"track: {track} | kind: {kind} | {t['metric']}, {'lower' if s['lower'] else 'higher'} is "
+                    f"better | target: {t['target']}", "",
+             f"| run | seed | steps | train time | {t['metric']} | commit |", "|---|---|---|---|---|---|"]
+    for r, seconds, value in zip(runs, s["times"], s["values"]):
+        lines.append(f"| [{r['name']}]({r['name']}) | {r['config']['args']['seed']} | {r['timeline'][-1][0]} | "
+                     f"{seconds:.1f} s | {value:.4f} | {r['config'].get('git_commit', '')[:8]} |")
+    lines += ["", f"- train time: mean {s['time']:.1f} s ({s['time'] / 60:.2f} min), sd {s['time_sd']:.1f} s, "
+                  f"{len(runs)} runs",
+              f"- {t['metric']}: mean {s['mean']:.4f}, sd {s['sd']:.4f}; " +
+              (f"one-sided t-test against {t['target']}: t {s['t']:.3g}, p {s['p']:.3g} (a record needs p < {P_MAX})"
+               if t["target"] is not None else "no target yet: a calibration's mean sets it")]
+    if t["metric"] == "fid":
+        lines.append("- FID reference sha256: " + ", ".join(sorted({str(r["ref_sha256"]) for r in runs})))
+    return "\n".join(lines + [END])
+
+
+def readme_block(text):
+    """The README's results block, or None."""
+    start, end = text.find(BEGIN), text.find(END)
+    return text[start:end + len(END)] if 0 <= start < end else None
+
+
+def first_difference(readme, logs):
+    for x, y in itertools.zip_longest(readme.splitlines(), logs.splitlines(), fillvalue=""):
+        if x != y:
+            return f"README's results say {x!r} where the logs give {y!r}"
+    return "README's results block differs from the logs' (line endings)"
+
+
+def verify(folder):
+    """-> the problems of a record folder: empty when it follows the rules."""
+    text = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
+    block = readme_block(text)
+    kind = KIND.search(block or "")
+    if not kind or kind[1] not in TRACKS or kind[2] not in KINDS:
+        return [f"{folder}/README.md: no results block naming a track of {sorted(TRACKS)} and a kind of {KINDS} "
+                f"(records/RULES.md)"]
+    track, kind = kind[1], kind[2]
+    try:
+        runs = load_runs(folder)
+        if not runs:
+            return [f"{folder}: no log_<k>.txt"]
+        problems = [p for r in runs for p in check_sources(r, folder) + check_clock(r) + check_run(r, track)]
+        expected = results_block(runs, track, kind)
+        problems += [first_difference(block, expected)] if block != expected else []
+        return problems + check_record(runs, track, kind)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:  # a log in another layout
+        return [f"{folder}: not the log layout of records/RULES.md: {type(e).__name__} {e}"]
+
+
+def carry_sources(runs, folder):
+    """Sources that differ from the commit named in the log go into the folder, so that the record shows them."""
+    for r in runs:
+        committed = committed_sources(r["config"].get("git_commit", ""))
+        for name, text in r["sources"].items():
+            if text != committed.get(name) and not (folder / name).exists():
+                (folder / name).write_text(text)
+
+
+def write(folder, track, kind, what, command):
+    """Write (or refresh) the README's results block from the logs; a new README gets a title, what changed and the
+    command."""
+    runs = load_runs(folder)
+    carry_sources(runs, folder)
+    readme = folder / "README.md"
+    text = readme.read_text() if readme.exists() else \
+        f"# {folder.name}\n\nWhat changed: {what}\n\n    {command}\n\n{BEGIN}\n{END}\n"
+    old = readme_block(text)
+    readme.write_text(text.replace(old, results_block(runs, track, kind)) if old else
+                      text + "\n" + results_block(runs, track, kind) + "\n")
+
+
+def protocol(track):
+    """The track's protocol as shell assignments, for speedrun.sh."""
+    t = TRACKS[track]
+    values = dict(metric=t["metric"], target="" if t["target"] is None else t["target"], samples=t["eval_samples"],
+                  steps=t["steps"], cfg=t["cfg_scale"], runs=t["min_runs"])
+    return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", nargs="?", type=Path, help="a record folder: records/<date>_<name>")
+    p.add_argument("--protocol", choices=sorted(TRACKS), help="print the track's protocol as shell variables")
+    p.add_argument("--write", action="store_true", help="write the README's results block first (speedrun.sh)")
+    p.add_argument("--track", choices=sorted(TRACKS), help="with --write: the record's track")
+    p.add_argument("--kind", choices=KINDS, default="record", help="with --write")
+    p.add_argument("--what", default="(say what changed)", help="with --write, for a new README")
+    p.add_argument("--command", default="bash speedrun.sh", help="with --write, for a new README")
+    args = p.parse_args(argv)
+    if args.protocol:
+        print(protocol(args.protocol))
+        return
+    if not args.folder or (args.write and not args.track):
+        p.error("pass a record folder (and --track with --write), or --protocol TRACK")
+    if args.write:
+        write(args.folder, args.track, args.kind, args.what, args.command)
+    problems = verify(args.folder)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        sys.exit(1)
+    print(f"ok {args.folder}: {readme_block((args.folder / 'README.md').read_text()).splitlines()[1]}")
+
+
+if __name__ == "__main__":
+    main()

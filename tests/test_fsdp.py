@@ -1,0 +1,75 @@
+"""train.py --fsdp (FSDP2) on 2 gloo processes: the losses of DDP, an exact resume, and a resume on 1 process from
+the sharded run's checkpoint. One torchrun launch per run: re-initialising a process group in a process reuses the
+store's keys, so two runs in one launch race."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import SMALL, losses, run
+
+# Muon on the blocks and AdamW on the rest; EMA and REPA: every kind of state a checkpoint holds
+FLAGS = SMALL + ["--optimizer", "muon", "--ema", "0.9", "--ema-every", "1", "--repa", "builtin", "--max-steps", "4",
+                 "--ckpt-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """DDP 4 steps; FSDP 4 steps (checkpoints at 2 and 4); a copy of the FSDP run stopped at 2, resumed to 4."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        r = run(FLAGS + flags + ["--out", str(tmp / name)], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(tmp / "fsdp", tmp / "resumed", ignore=shutil.ignore_patterns("step_4", "metrics.jsonl"))
+    r = run(FLAGS + ["--fsdp", "--out", str(tmp / "resumed"), "--resume"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp
+
+
+def test_fsdp_matches_ddp(runs):
+    a, b = losses(runs / "ddp"), losses(runs / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and len(set(a.values())) == 4
+    # the same fp32 arithmetic but for the order of the gradient reductions (all-reduce vs reduce-scatter)
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-5, (a, b)
+    for file in ("model.safetensors", "ema.safetensors"):
+        ddp, fsdp = (load_file(str(runs / name / "checkpoints" / "step_4" / file)) for name in ("ddp", "fsdp"))
+        # Newton-Schulz runs in bf16: a gradient's last-bit difference may flip the rounding of an update entry,
+        # which moves that weight by lr x scale x 2^-8 (2e-3 x 3 x 2^-8 = 2e-5, measured 1.9e-5); a wrong shard O(lr)
+        assert ddp.keys() == fsdp.keys() and all(torch.allclose(ddp[k], fsdp[k], rtol=0, atol=1e-4) for k in ddp)
+
+
+def test_fsdp_resumes_exactly(runs):
+    a, b = losses(runs / "fsdp"), losses(runs / "resumed")
+    assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
+    for name in ("model.safetensors", "ema.safetensors"):
+        whole, resumed = (load_file(str(runs / run / "checkpoints" / "step_4" / name)) for run in ("fsdp", "resumed"))
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    state = torch.load(runs / "resumed" / "checkpoints" / "step_4" / "trainer.pt", weights_only=True)
+    # whole tensors keyed by parameter name: the checkpoint loads on any number of processes, sharded or not
+    momentum = state["optimizer"][0]["state"]["blocks.0.attention.img_qkv_proj.weight"]["momentum_buffer"]
+    assert type(momentum) is torch.Tensor and momentum.shape == (3 * 64, 64)
+    assert state["repa"]["projector"]["4.weight"].shape == (32, 32)
+
+
+def test_one_process_resumes_a_sharded_checkpoint(runs, tmp_path):
+    shutil.copytree(runs / "fsdp", tmp_path / "one", ignore=shutil.ignore_patterns("step_4", "metrics.jsonl"))
+    train.main(FLAGS + ["--out", str(tmp_path / "one"), "--resume"])  # from step 2, without --fsdp
+    a, b = losses(runs / "fsdp"), losses(tmp_path / "one")
+    assert sorted(b) == [3, 4] and max(abs(a[s] - b[s]) for s in b) <= 1e-4, (a, b)  # 1 process vs 2: sum order
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    ([], {}, "torchrun"),
+    (["--eval-samples", "256"], {"RANK": "0", "WORLD_SIZE": "3"}, "multiple of the 3 processes"),
+    pytest.param(["--precision", "bf16"], {"RANK": "0", "WORLD_SIZE": "2"}, "without autocast",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's sampler")),
+])
+def test_fsdp_refusals(argv, env, message, monkeypatch, capsys):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit):
+        train.get_args(["--fsdp"] + argv)
+    assert message in capsys.readouterr().err

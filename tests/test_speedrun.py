@@ -1,0 +1,178 @@
+"""The speedrun's machinery: speedrun.sh end to end (--smoke), records/verify.py on a synthetic record and on
+tampered copies of it, records/leaderboard.py, and train.py's track choice and --target."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "records"))
+import leaderboard  # noqa: E402
+import verify  # noqa: E402
+
+HEAD = verify.git("rev-parse", "HEAD").stdout.strip()
+RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300)}  # seed: (training minutes, object_accuracy)
+
+
+def synthetic_log(seed, minutes, accuracy, target):
+    """A CPU-track run's log as train.py writes it (the source of HEAD, config.json, step and eval lines) with
+    speedrun.sh's full evaluation after it."""
+    args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
+                out=f"runs/r{seed}", target=target, lr=0.002)
+    config = dict(args=args, world_size=1, git_commit=HEAD, devices=dict(cpu="test", cores=2, threads=1))
+    ms, steps = round(minutes * 60_000), 3000
+    console = [f"step {s}/100000 | loss 0.1000 | train_time {ms * s // steps}ms | step_avg {ms / steps:.2f}ms | "
+               f"eta 0:00:00" for s in (1000, 2000, 3000)]
+    console.append(f"eval step {steps} | caption_accuracy 0.1000 | object_accuracy {accuracy:.4f} | train_time {ms}ms")
+    confirm = dict(metrics=dict(object_accuracy=accuracy), data="builtin", num_samples=1024, seed=42, ref=None,
+                   sampling=dict(steps=20, cfg_scale=3.0, shift=1.0), settings={})
+    sources = "".join(f"=== {name}\n{text}\n" for name, text in sorted(verify.committed_sources(HEAD).items()))
+    return (sources + "=== config.json\n" + json.dumps(config, indent=2) + "\n" + "\n".join(console) + "\n" +
+            "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n")
+
+
+def make_record(folder, runs=RUNS, kind="record"):
+    folder.mkdir(parents=True)
+    for seed, (minutes, accuracy) in runs.items():
+        target = ("object_accuracy", 0.292) if kind == "record" else None
+        (folder / f"log_{seed}.txt").write_text(synthetic_log(seed, minutes, accuracy, target))
+    verify.write(folder, "cpu", kind, f"synthetic {kind}", "bash speedrun.sh --track cpu")
+    return folder
+
+
+@pytest.fixture
+def record(tmp_path):
+    return make_record(tmp_path / "records" / "2026-12-02_synthetic")
+
+
+def edit(path, old, new, after=""):
+    """Replace old by new in a file, in the part after the first `after`."""
+    text = path.read_text()
+    cut = text.index(after)
+    assert old in text[cut:]
+    path.write_text(text[:cut] + text[cut:].replace(old, new))
+
+
+def test_a_good_synthetic_record_passes(record):
+    assert verify.verify(record) == []
+    readme = (record / "README.md").read_text()
+    assert readme.startswith("# 2026-12-02_synthetic\n\nWhat changed: synthetic record\n")
+    assert "| [log_1.txt](log_1.txt) | 1 | 3000 | 1560.0 s | 0.3100 |" in readme
+    assert "- train time: mean 1500.0 s (25.00 min), sd 60.0 s, 3 runs" in readme
+    assert "one-sided t-test against 0.292: t 4.5, p 0.023" in readme
+    r = subprocess.run([sys.executable, "records/verify.py", str(record)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda f: edit(f / "README.md", "1560.0 s", "1460.0 s"), "README's results say"),
+    (lambda f: edit(f / "log_1.txt", "0.3100 | train_time 1560000ms", "0.3100 | train_time 1460000ms"),
+     "log_1.txt: step 3000 at 1460000 ms comes after step 3000 at 1560000 ms: the clock goes backwards"),
+    (lambda f: edit(f / "log_0.txt", "def main(argv=None):", "def main(argv=None):  # faster"),
+     "log_0.txt: the source of train.py matches neither commit"),
+    (lambda f: (f / "log_2.txt").unlink(), "2 runs; the rules need at least 3"),
+    (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
+     "log_1.txt: sampler steps is 10, the rules say 20"),
+    (lambda f: edit(f / "log_2.txt", '"threads": 1', '"threads": 2'), "log_2.txt: torch threads is 2, the rules say 1"),
+])
+def test_a_tampered_record_fails(record, tamper, message):
+    tamper(record)
+    problems = verify.verify(record)
+    assert any(message in p for p in problems), problems
+
+
+def test_a_folder_in_another_layout_fails():
+    problems = verify.verify(ROOT / "records" / "2026-12-01_cpu-baseline-30min")  # logs from before RULES.md
+    assert len(problems) == 1 and "README.md: no results block naming a track" in problems[0]
+
+
+def test_a_record_that_misses_the_target_or_shares_seeds_fails(tmp_path):
+    slow = make_record(tmp_path / "slow", {0: (20.0, 0.29), 1: (21.0, 0.30), 2: (22.0, 0.28)})
+    assert any(p.startswith("not a record: object_accuracy mean 0.2900") for p in verify.verify(slow))
+    edit(slow / "log_1.txt", '"seed": 1', '"seed": 0')
+    assert "two runs share a seed: 0, 0, 2" in verify.verify(slow)
+    r = subprocess.run([sys.executable, "records/verify.py", str(slow)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "FAIL not a record" in r.stdout
+
+
+def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys):
+    calibration = {0: (30.0, 0.29), 1: (30.0, 0.30), 2: (30.0, 0.295)}
+    assert verify.verify(make_record(record.parent / "2026-12-01_baseline", calibration, "calibration")) == []
+    make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.3)})
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- leaderboard -->\nold\n<!-- /leaderboard -->\n\nmore\n")
+    argv = ["--records", str(record.parent), "--readme", str(readme)]
+    leaderboard.main(argv + ["--write"])
+    text = readme.read_text()
+    assert "| 1 | 25.00 min | 0.3050 +- 0.0050 | synthetic record | 2026-12-02 | " \
+           "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | 0.2950 +- 0.0050 | " \
+           "synthetic calibration | 2026-12-01 |" in text
+    assert "**8gpu**" in text and "not measured yet" in text and text.endswith("\n\nmore\n")
+    assert "2026-12-03_failing" not in text and "left out 2026-12-03_failing: not a record" in capsys.readouterr().err
+    leaderboard.main(argv + ["--check"])
+    readme.write_text(text.replace("25.00 min", "20.00 min"))
+    with pytest.raises(SystemExit, match="not current"):
+        leaderboard.main(argv + ["--check"])
+
+
+def test_the_readme_leaderboard_is_current():
+    if "<!-- leaderboard -->" not in (ROOT / "README.md").read_text():
+        pytest.skip("README.md has no leaderboard markers yet")
+    leaderboard.main(["--check"])
+
+
+def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
+    """The whole path on the CPU: two tiny runs side by side stop at the target, are confirmed by eval.py, and
+    become a record folder that verify.py accepts."""
+    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke"}
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "\nok " in r.stdout, r.stdout + r.stderr
+    log = next(tmp_path.glob("*_smoke")).joinpath("log_1.txt").read_text()
+    assert log.startswith("=== ") and "=== train.py\n" in log and '"devices": {' in log
+    assert "\ntrack cpu (--track): its values for the flags not given:" in log
+    assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
+    assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
+
+
+def test_track_choice_follows_track_data_and_cuda():
+    assert train.choose_track(None, None, cuda_available=True) == ("8gpu", "CUDA available, no --data")
+    assert train.choose_track(None, None, cuda_available=False) == ("cpu", "no CUDA, no --data")
+    assert train.choose_track(None, "builtin", cuda_available=True) == ("cpu", "--data builtin")
+    assert train.choose_track(None, "data/x", cuda_available=True) == (None, "--data data/x")
+    assert train.choose_track("1gpu", None, cuda_available=False) == ("1gpu", "--track")
+
+
+def test_cuda_without_data_is_the_8gpu_track_and_names_its_preparation(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    args = train.get_args([])
+    assert (args.track, args.data, args.model) == ("cpu", "builtin", "tiny-pixel")
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        train.get_args([])
+    err = capsys.readouterr().err
+    assert f"--data {train.SPEEDRUN_DATA}: no prepared dataset there" in err and train.SPEEDRUN_PREPARE in err
+    assert "the 8gpu track's dataset: CUDA available, no --data" in err and "--track cpu" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "fid=20", "--eval-every", "10"], "--target fid: this run's evaluations give caption_accuracy"),
+    (["--target", "object_accuracy=0.3"], "--target needs evaluations during the run"),
+    (["--target", "fid"], "expected METRIC=VALUE"),
+])
+def test_target_flag_is_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--track", "cpu", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_target_direction_follows_the_metric():
+    assert train.target_reached(("fid", 20.0), {"fid": 19.9}) and not train.target_reached(("fid", 20.0), {"fid": 21})
+    assert train.target_reached(("object_accuracy", 0.3), {"object_accuracy": 0.3})
+    assert not train.target_reached(("object_accuracy", 0.3), {"object_accuracy": 0.29})
