@@ -178,3 +178,10 @@ def test_gpu_refused_on_cpu():
         return
     with pytest.raises(SystemExit, match="python bench.py gpu"):
         bench.main(["gpu", "--out", os.devnull])
+
+
+def test_techniques(capsys):
+    bench.main(["techniques", "--only=--tread", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert_compared(out, "baseline step", "baseline")
+    assert_compared(out, "--tread step", "baseline")
