@@ -430,7 +430,15 @@ class PRX(nn.Module):
         vae: an AutoencoderKL (the pipeline decodes with its scaling and shift factors); text_encoder: the
         T5GemmaEncoderModel prepare.py encodes with (its `.model`); max_tokens: the tokenizer's model_max_length, to
         which the pipeline pads and truncates prompts (prepare.py's --max-tokens). Latent v-prediction models only:
-        PRXPipeline has no pixel-space or x0 path."""
+        PRXPipeline has no pixel-space or x0 path. eval.py's sample i of a prompt, from the folder (tested):
+
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+            latents = pipe(prompt, timesteps=eval.diffusers_timesteps(steps, shift), guidance_scale=cfg_scale,
+                           generator=torch.Generator().manual_seed(42 + i), height=R, width=R,
+                           use_resolution_binning=False, output_type="latent").images
+
+        The shift is 1 there because the pipeline shifts custom timesteps again; with guidance > 1 a list of prompts
+        fails (diffusers 0.42); pass tokenizer_max_length=max_tokens to each call."""
         from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXTransformer2DModel
         if self.cfg.in_channels == 3:
             raise ValueError("PRXPipeline samples latents through a VAE; a pixel-space model has no pipeline to go to "

@@ -101,7 +101,7 @@ def target_spec(text):
     try:
         return metric, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.292, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.274, got {text!r}")
 
 
 def target_reached(target, result):
@@ -210,7 +210,7 @@ def get_parser():
     g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
                    "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
     g.add_argument("--target", type=target_spec, default=None, help="METRIC=VALUE: stop when an evaluation reaches "
-                   "it, e.g. fid=20 (at or below) or object_accuracy=0.292 (at or above)")
+                   "it, e.g. fid=20 (at or below) or object_accuracy=0.274 (at or above)")
     g.add_argument("--eval-samples", type=number(int, 0), default=256, help="held-out samples per evaluation "
                    "(0 = none)")
     g.add_argument("--sample-steps", type=count, default=50, help="Euler steps")
@@ -226,25 +226,37 @@ def get_parser():
 
 
 def get_args(argv=None):
-    """Parse, apply the track's values to the flags not given (choose_track), resolve the derived settings
-    (route ratio), and check every combination: an error here names the flag, before any work."""
+    """Parse, apply the track's values to the flags not given (choose_track), resolve the settings that depend on
+    other flags, and check every combination: an error here names the flag, before any work."""
     argv = sys.argv[1:] if argv is None else argv
     parser = get_parser()
     args = parser.parse_args(argv)
     given = {a.dest for a in parser._actions for word in argv if word.split("=")[0] in a.option_strings}
     args.track, args.track_why = choose_track(args.track, args.data, torch.cuda.is_available())
     values = TRACKS.get(args.track, {})
-    args.track_values = sorted(k for k in values if k not in given)
+    args.track_values = sorted(k for k in values if k not in given)  # stored in config.json: what the track set
     for key in args.track_values:
         setattr(args, key, values[key])
+    check_combinations(parser, args)
+    # PRX's defaults that depend on other flags: the shift on the space (REFERENCE 3), Adam's eps on the optimizer
+    args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5 if args.tread else None)
+    args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
+    args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    if args.fsdp:
+        check_fsdp(parser, args, int(os.environ.get("WORLD_SIZE", 1)))
+    check_files(parser, args)
+    return args
+
+
+def check_combinations(parser, args):
+    """The flags that need or exclude others."""
     if args.tread and args.sprint:
         parser.error("--tread and --sprint are exclusive (SPRINT already routes tokens)")
     if args.route_ratio is not None and not (args.tread or args.sprint):
         parser.error("--route-ratio needs --tread or --sprint")
     if args.route_ratio is not None and not 0 < args.route_ratio < 1:
         parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
-    if args.tread or args.sprint:
-        args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5)
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
     repa_flags = {"--repa-stop": args.repa_stop is not None, "--irepa": args.irepa,
@@ -257,18 +269,18 @@ def get_args(argv=None):
             parser.error(f"--{weights.replace('_', '-')} needs --{loss}")
     if args.self_guidance and not (args.tread or args.sprint):
         parser.error("--self-guidance extrapolates from the routed network: it needs --tread or --sprint")
-    # PRX's defaults that depend on other flags: the shift on the space (REFERENCE 3), Adam's eps on the optimizer
-    args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
-    args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
-    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    if args.fsdp:
-        check_fsdp(parser, args, int(os.environ.get("WORLD_SIZE", 1)))
     if args.repa == "builtin" and args.data != "builtin":
         parser.error("--repa builtin: the built-in teacher reads the built-in shapes only; use dinov2 or dinov3")
     if args.repa == "builtin" and args.repa_teacher:
         parser.error("--repa-teacher names a timm model: not with --repa builtin")
     if args.data == "builtin" and args.captions not in ("long", "short"):
         parser.error(f"--captions {args.captions}: the built-in dataset has long and short captions only")
+    if args.target and not (args.eval_samples and (args.eval_every or args.eval_minutes)):
+        parser.error("--target needs evaluations during the run: --eval-every or --eval-minutes, --eval-samples > 0")
+
+
+def check_files(parser, args):
+    """The prepared datasets and files the flags name exist and suit the run."""
     try:
         dirs = data_dirs(args.data)
     except ValueError as e:
@@ -295,9 +307,6 @@ def get_args(argv=None):
         ((args.eval_data or args.data) == "builtin")  # what the run's evaluations give
     if args.target and args.target[0] not in scores:
         parser.error(f"--target {args.target[0]}: this run's evaluations give {', '.join(scores) or 'nothing'}")
-    if args.target and not (args.eval_samples and (args.eval_every or args.eval_minutes)):
-        parser.error("--target needs evaluations during the run: --eval-every or --eval-minutes, --eval-samples > 0")
-    return args
 
 
 def check_fsdp(parser, args, world):
@@ -855,8 +864,9 @@ def check_resume_flags(args, ckpt):
         config = json.load(f)
     before, parser = config["args"], get_parser()
     now = json.loads(json.dumps(vars(args)))  # tuples as lists, as stored
-    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}" for k in sorted(now)
-               if k not in RESUMABLE | {"track_why", "track_values"} and before.get(k, parser.get_default(k)) != now[k]]
+    flags = {a.dest for a in parser._actions} - RESUMABLE  # not what get_args derived (the track's note)
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}" for k in sorted(flags & set(now))
+               if before.get(k, parser.get_default(k)) != now[k]]
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")

@@ -31,7 +31,7 @@ TRACKS = {
     "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8),
     "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1),
     "cpu": dict(title="CPU: one thread per run, two runs on 2 cores; built-in shapes, object_accuracy",
-                metric="object_accuracy", target=0.292, target_from="records/2026-12-01_cpu-baseline-30min",
+                metric="object_accuracy", target=0.274, target_from="records/2026-12-01_cpu-calibration",
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
                 min_runs=3),
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
@@ -43,6 +43,7 @@ HEADER = re.compile(r"^=== (\S+)\n", re.M)
 STEP = re.compile(r"step (\d+)/\d+ \|.* \| train_time (\d+)ms \| step_avg ([\d.]+)ms")
 EVAL = re.compile(r"eval step (\d+) \| (.*) \| train_time (\d+)ms$")
 KIND, KINDS = re.compile(r"track: (\S+) \| kind: (\w+)"), ("record", "calibration")
+PEAK = re.compile(r"^peak ([\d.e+-]+) FLOP/s per process", re.M)  # the machine's speed, shown beside each run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ def parse_log(path):
     run = dict(name=path.name, config=config, timeline=timeline(parts["config.json"][end:]),
                sources={n: body[:-1] for n, body in parts.items() if n.endswith(".py")},  # RunLog adds one newline
                resumed=any(n.startswith("config.resume") for n in parts), confirm=json.loads(parts["confirm.json"]),
-               ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0])
+               ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0],
+               peak=float(m[1]) if (m := PEAK.search(parts["config.json"][end:])) else None)
     if not run["timeline"]:
         raise ValueError(f"{path.name}: no step or eval line with train_time")
     return run
@@ -207,14 +209,16 @@ def results_block(runs, track, kind):
     t, s = TRACKS[track], summary(runs, track)
     lines = [BEGIN, f"track: {track} | kind: {kind} | {t['metric']}, {'lower' if s['lower'] else 'higher'} is "
                     f"better | target: {t['target']}", "",
-             f"| run | seed | steps | train time | {t['metric']} | commit |", "|---|---|---|---|---|---|"]
+             f"| run | seed | steps | train time | {t['metric']} | commit | peak FLOP/s |", "|---" * 7 + "|"]
     for r, seconds, value in zip(runs, s["times"], s["values"]):
         lines.append(f"| [{r['name']}]({r['name']}) | {r['config']['args']['seed']} | {r['timeline'][-1][0]} | "
-                     f"{seconds:.1f} s | {value:.4f} | {r['config'].get('git_commit', '')[:8]} |")
+                     f"{seconds:.1f} s | {value:.4f} | {r['config'].get('git_commit', '')[:8]} | "
+                     f"{'-' if r['peak'] is None else format(r['peak'], '.3g')} |")
     lines += ["", f"- train time: mean {s['time']:.1f} s ({s['time'] / 60:.2f} min), sd {s['time_sd']:.1f} s, "
                   f"{len(runs)} runs",
               f"- {t['metric']}: mean {s['mean']:.4f}, sd {s['sd']:.4f}; " +
-              (f"one-sided t-test against {t['target']}: t {s['t']:.3g}, p {s['p']:.3g} (a record needs p < {P_MAX})"
+              ("a calibration: its mean, rounded to 3 decimals, is the track's target" if kind == "calibration" else
+               f"one-sided t-test against {t['target']}: t {s['t']:.3g}, p {s['p']:.3g} (a record needs p < {P_MAX})"
                if t["target"] is not None else "no target yet: a calibration's mean sets it")]
     if t["metric"] == "fid":
         lines.append("- FID reference sha256: " + ", ".join(sorted({str(r["ref_sha256"]) for r in runs})))

@@ -20,7 +20,8 @@ from model import list_checkpoints, load_run
 from train import sample_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--hidden", "64", "--depth", "2", "--batch-size", "16", "--micro-batch", "8", "--log-every", "1",
+# --track cpu: what a run without --data is on a machine without CUDA, also on one with it
+SMALL = ["--track", "cpu", "--hidden", "64", "--depth", "2", "--batch-size", "16", "--micro-batch", "8", "--log-every", "1",
          "--eval-samples", "0", "--warmup", "5"]
 
 
@@ -144,7 +145,7 @@ def test_first_run_writes_the_run_folder(tmp_path):
     (["--cooldown", "2"], "argument --cooldown: must be in [0, 1], got 2"),
 ])
 def test_bad_input_fails_before_work(tmp_path, argv, message):
-    r = run(["--out", str(tmp_path / "x"), *argv])
+    r = run(["--track", "cpu", "--out", str(tmp_path / "x"), *argv])
     assert r.returncode != 0 and message in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "x" / "checkpoints").exists()
 
@@ -219,15 +220,18 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
     (["--self-guidance", "1.5"], "--self-guidance extrapolates from the routed network: it needs --tread"),
     (["--eval-data", "/nonexistent"], "--eval-data /nonexistent: no prepared dataset there"),
+    (["--lpips-weights", "vgg.pth"], "--lpips-weights needs --lpips"),
+    (["--pdino-weights", "dino.safetensors"], "--pdino-weights needs --pdino"),
+    (["--lpips", "0"], "argument --lpips: must be in (0, inf)"),
 ])
 def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
-        train.get_args(argv)
+        train.get_args(["--track", "cpu", *argv])
     assert message in capsys.readouterr().err
 
 
 def test_cpu_track_values_apply_only_to_flags_not_given():
-    args = train.get_args(["--lr", "5e-4", "--model=tiny"])
+    args = train.get_args(["--track", "cpu", "--lr", "5e-4", "--model=tiny"])
     assert args.lr == 5e-4 and args.model == "tiny" and args.warmup == train.CPU_TRACK["warmup"]
     assert "lr" not in args.track_values and "model" not in args.track_values and "warmup" in args.track_values
     prepared = train.get_parser().parse_args([])
@@ -542,10 +546,11 @@ def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
 
 
 def test_prx_defaults_that_follow_other_flags():
-    assert train.get_args([]).shift == 1.0  # the CPU track's (32 px)
-    assert train.get_args(["--optimizer", "muon"]).eps == 1e-8 and train.get_args([]).eps == 1e-15
-    assert train.get_args(["--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
-    args = train.get_args(["--tread", "--self-guidance", "1.5"])
+    assert train.get_args(["--track", "cpu"]).shift == 1.0  # the CPU track's (32 px)
+    assert train.get_args(["--track", "cpu", "--optimizer", "muon"]).eps == 1e-8
+    assert train.get_args(["--track", "cpu"]).eps == 1e-15
+    assert train.get_args(["--track", "cpu", "--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
+    args = train.get_args(["--track", "cpu", "--tread", "--self-guidance", "1.5"])
     assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
 
 
