@@ -223,6 +223,9 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--lpips-weights", "vgg.pth"], "--lpips-weights needs --lpips"),
     (["--pdino-weights", "dino.safetensors"], "--pdino-weights needs --pdino"),
     (["--lpips", "0"], "argument --lpips: must be in (0, inf)"),
+    (["--target", "fid=20", "--eval-every", "10"], "--target fid: this run's evaluations give caption_accuracy"),
+    (["--target", "object_accuracy=0.3"], "--target needs evaluations during the run"),
+    (["--target", "fid"], "expected METRIC=VALUE"),
 ])
 def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
