@@ -3,7 +3,7 @@ The built-in world of the CPU track: captioned shapes drawn on the fly, a frozen
 grammar, a loader with the interface of data.ShardLoader, the held-out split, and the caption checker that reads
 generated images back. Nothing is downloaded.
 
-A scene is 1 or 2 coloured shapes in a 3x3 grid on a plain background; sample i is a pure function of
+A scene is 1 or 2 coloured shapes in a 2x2 grid on a plain background; sample i is a pure function of
 (seed, split, i). Four colour-shape pairs never appear in training and every held-out scene contains one, so the
 caption checker measures compositional generalisation.
 """
@@ -30,9 +30,8 @@ COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 230),
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "cross")  # four different silhouettes, still apart at 32 px
 SIZES = {"small": 0.6, "large": 0.9}                 # extent of a shape as a fraction of its grid cell
-REGIONS = ("top left", "top middle", "top right",    # the 3x3 grid of cells, row-major
-           "middle left", "center", "middle right",
-           "bottom left", "bottom middle", "bottom right")
+GRID = 2  # cells per side: at 32 px a cell is 16 px, so a shape spans 2-4 of the denoiser's 4 px patches
+REGIONS = ("top left", "top right", "bottom left", "bottom right")  # the GRID x GRID cells, row-major
 # Never drawn in training; each of these colours and shapes still appears with its other partners.
 HELDOUT_PAIRS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
 TRAIN_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
@@ -69,8 +68,8 @@ def sample_scene(rng, split="train"):
     for cell, (color, shape) in sorted(zip(cells, pairs)):
         size = list(SIZES)[rng.integers(len(SIZES))]
         slack = (1 - SIZES[size]) / 2  # jitter keeps the shape inside its cell, so two objects never overlap
-        row, col = divmod(cell, 3)
-        x, y = (col + 0.5 + rng.uniform(-slack, slack)) / 3, (row + 0.5 + rng.uniform(-slack, slack)) / 3
+        row, col = divmod(cell, GRID)
+        x, y = (col + 0.5 + rng.uniform(-slack, slack)) / GRID, (row + 0.5 + rng.uniform(-slack, slack)) / GRID
         objects.append(SceneObject(color, shape, size, REGIONS[cell], x, y))
     return Scene(list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], objects)
 
@@ -95,13 +94,13 @@ def render(scene, resolution=32):
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for o in scene.objects:
-        draw_shape(draw, o.shape, o.x * big, o.y * big, SIZES[o.size] * big / 6, COLORS[o.color])
+        draw_shape(draw, o.shape, o.x * big, o.y * big, SIZES[o.size] * big / (2 * GRID), COLORS[o.color])
     return np.asarray(image.reduce(SUPERSAMPLE))
 
 
 def long_caption(scene):
     """Every attribute of every object and the background, e.g.
-    'a gray background with a large red circle in the top left and a small blue cross in the center'."""
+    'a gray background with a large red circle in the top left and a small blue cross in the bottom right'."""
     objects = " and ".join(f"a {o.size} {o.color} {o.shape} in the {o.region}" for o in scene.objects)
     return f"a {scene.background} background with {objects}"
 
@@ -249,19 +248,19 @@ def kinds_in_cell(labels, color, region):
     """Kinds of the shape-like components of `color` centred in `region` that hold at least half of the
     object-coloured pixels of that cell (an image sprayed with coloured specks names nothing)."""
     H, W = labels.shape
-    row, col = divmod(REGIONS.index(region), 3)
-    cell = labels[row * H // 3:(row + 1) * H // 3, col * W // 3:(col + 1) * W // 3]
+    row, col = divmod(REGIONS.index(region), GRID)
+    cell = labels[row * H // GRID:(row + 1) * H // GRID, col * W // GRID:(col + 1) * W // GRID]
     object_pixels = np.count_nonzero((cell >= 0) & (cell < len(COLORS)))
     components, _ = ndimage.label(labels == PALETTE_NAMES.index(color))
     kinds = []
     for k, box in enumerate(ndimage.find_objects(components), start=1):
         mask = components[box] == k
         area = mask.sum()
-        if not MIN_AREA <= area / (H * W / 9) <= MAX_AREA or area < object_pixels / 2:
+        if not MIN_AREA <= area / (H * W / GRID ** 2) <= MAX_AREA or area < object_pixels / 2:
             continue
         ys, xs = np.nonzero(mask)
         cy, cx = box[0].start + ys.mean() + 0.5, box[1].start + xs.mean() + 0.5  # centroid, in pixels
-        if (min(int(3 * cy / H), 2), min(int(3 * cx / W), 2)) != (row, col):
+        if (min(int(GRID * cy / H), GRID - 1), min(int(GRID * cx / W), GRID - 1)) != (row, col):
             continue
         overlaps = template_overlaps(mask)
         if overlaps.max() >= MIN_SHAPE_IOU:
@@ -387,7 +386,7 @@ class PatchEmbed(nn.Module):
 
 class ShapesTeacher(nn.Module):
     """A small frozen image encoder: 4 px patches embedded, then residual 3x3 convolutions on the token grid, so
-    that each token sees its neighbours (an object spans 2-3 tokens at 32 px). Trained once, on training scenes
+    that each token sees its neighbours (an object spans 2-4 tokens at 32 px). Trained once, on training scenes
     only (the held-out pairs stay unseen), to read in every token the colour, kind and size of the object
     covering it: per-patch attributes the generator's scenes define exactly, where DINOv2 learnt them from photos
     without labels. Exposes what train.teacher_tokens uses of a timm ViT: pretrained_cfg (mean, std),
@@ -419,7 +418,7 @@ def token_labels(scene, grid=8):
     best = torch.full((grid * grid,), 0.25)
     for o in scene.objects:
         mask = Image.new("L", (big, big), 0)
-        draw_shape(ImageDraw.Draw(mask), o.shape, o.x * big, o.y * big, SIZES[o.size] * big / 6, 255)
+        draw_shape(ImageDraw.Draw(mask), o.shape, o.x * big, o.y * big, SIZES[o.size] * big / (2 * GRID), 255)
         cover = torch.from_numpy(np.asarray(mask.reduce(big // grid), dtype=np.float32) / 255).flatten()  # (grid^2,)
         mine = cover > best
         labels[:, mine] = torch.tensor([list(COLORS).index(o.color), SHAPES.index(o.shape),

@@ -97,5 +97,9 @@ for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed r
 done
 
 mkdir -p "$FOLDER"
-for ((seed = 0; seed < RUNS; seed++)); do cp "$RUNS_DIR/$NAME-$seed/log.txt" "$FOLDER/log_$seed.txt"; done
+for ((seed = 0; seed < RUNS; seed++)); do  # each run's log, and its last sample grid to look at
+  cp "$RUNS_DIR/$NAME-$seed/log.txt" "$FOLDER/log_$seed.txt"
+  last=$(ls -v "$RUNS_DIR/$NAME-$seed"/samples_*.png 2>/dev/null | tail -1)
+  [ -z "$last" ] || cp "$last" "$FOLDER/samples_$seed.png"
+done
 python records/verify.py --write --track "$TRACK" --kind "$KIND" --what "$WHAT" --command "$COMMAND" "$FOLDER"

@@ -32,6 +32,7 @@ TRACKS = {
     "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1),
     "cpu": dict(title="CPU: one thread per run, two runs on 2 cores; built-in shapes, object_accuracy",
                 metric="object_accuracy", target=0.274, target_from="records/2026-12-01_cpu-calibration",
+                task="shapes.py",  # the file that defines the task: a record races the calibration's
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
                 min_runs=3),
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
@@ -177,11 +178,23 @@ def check_record(runs, track, kind):
                            if r["config"]["args"].get("target")]
     if t["target"] is None:
         return problems + [f"the {track} track has no target yet: its calibration comes first (--calibrate)"]
+    problems += check_task(runs, t)
     s = summary(runs, track)
     if not (s["meets"] and s["p"] < P_MAX):
         problems.append(f"not a record: {t['metric']} mean {s['mean']:.4f} against target {t['target']}, one-sided "
                         f"p {s['p']:.3g} (needs < {P_MAX})")
     return problems
+
+
+def check_task(runs, t):
+    """A record races the task its target was measured on: the file that defines the task (the CPU track's
+    shapes.py: scenes, captions, checker) is the one in the calibration's logs."""
+    if "task" not in t:
+        return []
+    calibrated = load_runs(ROOT / t["target_from"])[0]["sources"].get(t["task"])
+    return [f"{r['name']}: its {t['task']} is not that of {t['target_from']}, where the target was measured: another "
+            f"task; a changed task needs its own calibration (speedrun.sh --calibrate)"
+            for r in runs if r["sources"].get(t["task"]) != calibrated]
 
 
 # ----------------------------------------------------------------------------------------------------------

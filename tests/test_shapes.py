@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shapes import (BACKGROUNDS, COLORS, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
+from shapes import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
                     HeldoutShapes, Scene, ShapesDataset, ShapesLoader, caption_accuracy, check_scene, long_caption,
                     render, short_caption)
 
@@ -60,10 +60,10 @@ def test_scene_layout():
     for s in all_scenes:
         assert len({o.region for o in s.objects}) == len({o.color for o in s.objects}) == len(s.objects)
         for o in s.objects:  # the whole shape lies inside its cell
-            row, col = divmod(REGIONS.index(o.region), 3)
-            half = SIZES[o.size] / 6
-            assert col / 3 <= o.x - half and o.x + half <= (col + 1) / 3
-            assert row / 3 <= o.y - half and o.y + half <= (row + 1) / 3
+            row, col = divmod(REGIONS.index(o.region), GRID)
+            half = SIZES[o.size] / (2 * GRID)
+            assert col / GRID <= o.x - half and o.x + half <= (col + 1) / GRID
+            assert row / GRID <= o.y - half and o.y + half <= (row + 1) / GRID
 
 
 def test_render_is_antialiased_and_places_the_object():
@@ -116,15 +116,15 @@ def test_encoder_shapes_mask_and_padding(context):
 
 
 def test_encoder_tells_apart_swapped_colours():
-    a = "a black background with a large red circle in the top left and a large blue square in the center"
-    b = "a black background with a large blue circle in the top left and a large red square in the center"
+    a = "a black background with a large red circle in the top left and a large blue square in the bottom right"
+    b = "a black background with a large blue circle in the top left and a large red square in the bottom right"
     circle = a.split().index("circle") + 1
     emb, _ = BuiltinTextEncoder(context=0)([a, b])
     assert (emb[0] - emb[1]).norm() > 1
     assert torch.equal(emb[0, circle], emb[1, circle])  # same word, same position: without context, the same vector
     emb, _ = BuiltinTextEncoder(context=2)([a, b])  # the context layer puts the colour into the shape's vector
     assert (emb[0, circle] - emb[1, circle]).norm() > 0.5
-    assert torch.equal(emb[:, -1], emb[:, -1].flip(0))  # "center" is more than 2 words from any colour
+    assert torch.equal(emb[:, -1], emb[:, -1].flip(0))  # "right" is more than 2 words from any colour
     emb, _ = BuiltinTextEncoder()([a, b])  # the default window (5) reaches from a region word to its colour
     for region_word in (a.split().index("left") + 1, -1):
         assert (emb[0, region_word] - emb[1, region_word]).norm() > 0.5
@@ -135,7 +135,7 @@ def test_encoder_rejects_bad_input():
     with pytest.raises(ValueError, match="not in the built-in caption grammar"):
         encoder(["a purple circle"])
     with pytest.raises(ValueError, match="max_len"):
-        encoder(["a red circle and a blue square in the center"])
+        encoder(["a red circle and a blue square in the top left"])
     with pytest.raises(TypeError, match="list of strings"):
         encoder("a red circle")
     with pytest.raises(ValueError, match="empty"):
@@ -173,8 +173,8 @@ def test_checker_notices_a_wrong_kind_region_or_colour():
         o = s.objects[0]
         free = [r for r in REGIONS if r not in {p.region for p in s.objects}]
         wrong_kind = dataclasses.replace(o, shape=rng.choice([k for k in SHAPES if k != o.shape]))
-        row, col = divmod(REGIONS.index(free[0]), 3)
-        wrong_place = dataclasses.replace(o, region=free[0], x=(col + 0.5) / 3, y=(row + 0.5) / 3)
+        row, col = divmod(REGIONS.index(free[0]), GRID)
+        wrong_place = dataclasses.replace(o, region=free[0], x=(col + 0.5) / GRID, y=(row + 0.5) / GRID)
         wrong_color = dataclasses.replace(o, color=rng.choice([c for c in COLORS if c not in
                                                                {p.color for p in s.objects}]))
         for changed, expected in ((wrong_kind, dict(full=False, color_region=True)),
@@ -333,7 +333,7 @@ def test_builtin_teacher_file_is_what_its_command_trains():
 
 def test_token_labels_follow_the_objects():
     import shapes
-    scene = shapes.Scene("gray", [shapes.SceneObject("red", "square", "large", "center", 0.5, 0.5)])
-    labels = shapes.token_labels(scene).view(3, 8, 8)
-    assert (labels[0, 3:5, 3:5] == 0).all() and (labels[1, 3:5, 3:5] == SHAPES.index("square")).all()
-    assert labels[0, 0, 0] == len(COLORS) + list(BACKGROUNDS).index("gray") and labels[1, 0, 0] == -100
+    scene = shapes.Scene("gray", [shapes.SceneObject("red", "square", "large", "top left", 0.25, 0.25)])
+    labels = shapes.token_labels(scene).view(3, 8, 8)  # the square covers 0.025..0.475 of the image: tokens 0..3
+    assert (labels[0, :4, :4] == 0).all() and (labels[1, :4, :4] == SHAPES.index("square")).all()
+    assert labels[0, 7, 7] == len(COLORS) + list(BACKGROUNDS).index("gray") and labels[1, 7, 7] == -100

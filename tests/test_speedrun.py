@@ -47,9 +47,14 @@ def make_record(folder, runs=RUNS, kind="record"):
 
 
 @pytest.fixture
-def cpu_target(monkeypatch):
-    """The synthetic records' figures are set against a target of 0.292, whatever the calibration makes it."""
+def cpu_target(monkeypatch, tmp_path):
+    """The synthetic records' figures are set against a target of 0.292 from a synthetic calibration of HEAD's
+    task, whatever the real calibration makes it."""
+    calibration = make_record(tmp_path / "calibration", {0: (30.0, 0.29), 1: (30.0, 0.294), 2: (30.0, 0.292)},
+                              "calibration")
     monkeypatch.setitem(verify.TRACKS["cpu"], "target", 0.292)
+    monkeypatch.setitem(verify.TRACKS["cpu"], "target_from", str(calibration))
+    return calibration
 
 
 @pytest.fixture
@@ -91,6 +96,15 @@ def test_a_tampered_record_fails(record, tamper, message):
     tamper(record)
     problems = verify.verify(record)
     assert any(message in p for p in problems), problems
+
+
+def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target):
+    for log in cpu_target.glob("log_*.txt"):  # the calibration ran a changed shapes.py, copied into its folder
+        edit(log, "GRID = 2", "GRID = 3")
+    (cpu_target / "shapes.py").write_text(verify.parse_log(log)["sources"]["shapes.py"])
+    assert verify.verify(cpu_target) == []
+    problems = verify.verify(record)
+    assert len(problems) == 3 and all("its shapes.py is not that of" in p for p in problems), problems
 
 
 def test_a_folder_in_another_layout_fails():
@@ -143,7 +157,9 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     r = subprocess.run(["bash", "speedrun.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "\nok " in r.stdout, r.stdout + r.stderr
-    log = next(tmp_path.glob("*_smoke")).joinpath("log_1.txt").read_text()
+    folder = next(tmp_path.glob("*_smoke"))
+    assert sorted(p.name for p in folder.glob("samples_*.png")) == ["samples_0.png", "samples_1.png"]
+    log = folder.joinpath("log_1.txt").read_text()
     assert log.startswith("=== ") and "=== train.py\n" in log and '"devices": {' in log
     assert "\ntrack cpu (--track): its values for the flags not given:" in log
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
