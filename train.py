@@ -101,7 +101,7 @@ def target_spec(text):
     try:
         return metric, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.274, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.416, got {text!r}")
 
 
 def target_reached(target, result):
@@ -210,7 +210,7 @@ def get_parser():
     g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
                    "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
     g.add_argument("--target", type=target_spec, default=None, help="METRIC=VALUE: stop when an evaluation reaches "
-                   "it, e.g. fid=20 (at or below) or object_accuracy=0.274 (at or above)")
+                   "it, e.g. fid=20 (at or below) or object_accuracy=0.416 (at or above)")
     g.add_argument("--eval-samples", type=number(int, 0), default=256, help="held-out samples per evaluation "
                    "(0 = none)")
     g.add_argument("--sample-steps", type=count, default=50, help="Euler steps")
