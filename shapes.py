@@ -88,13 +88,18 @@ def draw_shape(draw, shape, cx, cy, r, fill):
         draw.rectangle([cx - a, cy - r, cx + a, cy + r], fill=fill)
 
 
+def half_side(o, big):
+    """Half the side of the box object `o` fills, in pixels of a `big`-pixel image: SIZES of its GRID cell."""
+    return SIZES[o.size] * big / (2 * GRID)
+
+
 def render(scene, resolution=32):
     """The scene as uint8 (resolution, resolution, 3)."""
     big = resolution * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for o in scene.objects:
-        draw_shape(draw, o.shape, o.x * big, o.y * big, SIZES[o.size] * big / (2 * GRID), COLORS[o.color])
+        draw_shape(draw, o.shape, o.x * big, o.y * big, half_side(o, big), COLORS[o.color])
     return np.asarray(image.reduce(SUPERSAMPLE))
 
 
@@ -418,7 +423,7 @@ def token_labels(scene, grid=8):
     best = torch.full((grid * grid,), 0.25)
     for o in scene.objects:
         mask = Image.new("L", (big, big), 0)
-        draw_shape(ImageDraw.Draw(mask), o.shape, o.x * big, o.y * big, SIZES[o.size] * big / (2 * GRID), 255)
+        draw_shape(ImageDraw.Draw(mask), o.shape, o.x * big, o.y * big, half_side(o, big), 255)
         cover = torch.from_numpy(np.asarray(mask.reduce(big // grid), dtype=np.float32) / 255).flatten()  # (grid^2,)
         mine = cover > best
         labels[:, mine] = torch.tensor([list(COLORS).index(o.color), SHAPES.index(o.shape),
