@@ -8,7 +8,7 @@
 #   bash speedrun.sh --track cpu              # CPU track: runs two at a time, one thread each
 #   bash speedrun.sh --calibrate              # the track's baseline at its fixed budget: the calibration record
 #   bash speedrun.sh --smoke                  # the whole path on the CPU with a tiny model, in about a minute
-#   bash speedrun.sh --track cpu -- --lr 3e-3 # after --: train.py flags, what the record changes
+#   bash speedrun.sh --track cpu -- --lr 3e-3 # after --: train.py flags, in place of the record configuration
 #
 # Environment: RUNS (default the track's minimum), NAME and WHAT (the record folder's name and what changed), STOP
 # (the stopping value, default the target: a margin helps the full evaluation confirm it), EVERY (steps between the
@@ -30,7 +30,7 @@ PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, samp
 eval "$PROTOCOL"
 if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
 RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$target}
-NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)} WHAT=${WHAT:-"$TRACK $KIND"}
+NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
 [ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
@@ -71,6 +71,16 @@ case $TRACK in
   *) echo "speedrun.sh: unknown track $TRACK" >&2; exit 2 ;;
 esac
 
+# The record configuration: what a record adds to the track's baseline (README, "The speedrun": why these); flags
+# after -- replace it, a calibration trains the baseline as it is.
+case $TRACK in
+  8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
+  cpu|smoke) RECORD=(--repa builtin) ;;  # records/2026-12-02_repa-builtin
+esac
+if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
+WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
+echo "speedrun.sh: $TRACK $KIND, configuration: ${RECORD[*]:-the baseline} (flags after -- replace it)"
+
 run_one() {  # seed, train.py flags: train, then the full evaluation appended to the run's log (the record's metric)
   local seed=$1 run=$RUNS_DIR/$NAME-$1
   shift
@@ -85,7 +95,7 @@ RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # CPU runs go 
 mkdir -p "$RUNS_DIR"
 pids=()
 for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed run stops the speedrun
-  run_one "$seed" "$@" > "$RUNS_DIR/$NAME-$seed.out" 2>&1 &
+  run_one "$seed" ${RECORD[@]+"${RECORD[@]}"} > "$RUNS_DIR/$NAME-$seed.out" 2>&1 &
   pids+=($!)
   echo "run $seed: $RUNS_DIR/$NAME-$seed (console: $RUNS_DIR/$NAME-$seed.out)"
   if [ ${#pids[@]} -eq "$PARALLEL" ] || [ $((seed + 1)) -eq "$RUNS" ]; then
