@@ -188,17 +188,20 @@ def check_record(runs, track, kind):
 
 
 # The task is what shapes.py draws, captions and reads back, not its bytes (a refactor keeps the race): its constants,
-# 64 scenes of each split and two seeds rendered at 32 px with both captions, and the checker's reading of each render
-# against its own objects, the previous scene's and a noise image. Run on the source embedded in a log.
+# 64 scenes of each split and two seeds rendered at the track's resolution (argv[1]) with both captions, and the
+# checker's reading of each render against its own objects, the previous scene's and a noise image. Run on the source
+# embedded in a log.
 TASK_PROBE = """
-import hashlib, numpy as np, shapes as s
+import hashlib, sys, numpy as np, shapes as s
+side = int(sys.argv[1])
 h = hashlib.sha256(repr([s.COLORS, s.BACKGROUNDS, s.SHAPES, s.SIZES, s.REGIONS, s.HELDOUT_PAIRS, s.VOCAB]).encode())
-noise, previous = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8), []
+noise, previous = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), []
 for split in s.SPLITS:
     for seed in (0, 10_000):
+        data = s.ShapesDataset(seed, split)
         for i in range(64):
-            scene = s.ShapesDataset(seed, split).scene(i)
-            image = s.render(scene, 32)
+            scene = data.scene(i)
+            image = s.render(scene, side)
             h.update(image.tobytes())
             pairs = [(image, scene.objects), (image, previous), (noise, scene.objects)]
             readings = [s.check_scene(x, objects) for x, objects in pairs]
@@ -209,11 +212,12 @@ print(h.hexdigest())
 
 
 @lru_cache(maxsize=None)
-def task_fingerprint(shapes_source):
+def task_fingerprint(shapes_source, resolution):
     """shapes.py's text -> the sha256 of what it draws and reads (TASK_PROBE), run in a folder of its own."""
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "shapes.py").write_text(shapes_source)
-        probe = subprocess.run([sys.executable, "-c", TASK_PROBE], cwd=folder, capture_output=True, text=True)
+        probe = subprocess.run([sys.executable, "-c", TASK_PROBE, str(resolution)], cwd=folder, capture_output=True,
+                               text=True)
     return probe.stdout.strip() if probe.returncode == 0 else f"no fingerprint: {probe.stderr.strip()[-200:]}"
 
 
@@ -222,10 +226,12 @@ def check_task(runs, t):
     shapes.py: scenes, captions, checker) draws and reads what the calibration's did."""
     if "task" not in t:
         return []
-    calibrated = task_fingerprint(load_runs(ROOT / t["target_from"])[0]["sources"].get(t["task"], ""))
+    def fingerprint(run):
+        return task_fingerprint(run["sources"].get(t["task"], ""), t["resolution"])
+    calibrated = fingerprint(load_runs(ROOT / t["target_from"])[0])
     return [f"{r['name']}: its {t['task']} draws or reads other scenes than that of {t['target_from']}, where the "
             f"target was measured: another task; a changed task needs its own calibration (speedrun.sh --calibrate)"
-            for r in runs if task_fingerprint(r["sources"].get(t["task"], "")) != calibrated]
+            for r in runs if fingerprint(r) != calibrated]
 
 
 # ----------------------------------------------------------------------------------------------------------
