@@ -410,7 +410,8 @@ def open_loader(spec, batch_size, rank, world_size, seed, captions, device, grad
     """The training loader of --data: shapes.ShapesLoader or ShardLoader, one interface."""
     if spec == "builtin":
         from shapes import ShapesLoader
-        return ShapesLoader(batch_size, rank, world_size, seed, resolution, captions, text_context, device)
+        return ShapesLoader(batch_size, rank, world_size, seed, resolution, caption_share(captions), text_context,
+                            device)
     return ShardLoader(spec, batch_size, rank, world_size, seed, captions, device, grad_accum, images)
 
 

@@ -127,13 +127,16 @@ class ShapesDataset:
     def scene(self, index):
         return sample_scene(np.random.default_rng([self.seed, SPLITS.index(self.split), index]), self.split)
 
-    def batch(self, indices, resolution=32, caption="long"):
-        """-> images uint8 (B, 3, H, W), captions (list of B strings, 'long' or 'short')."""
-        if caption not in ("long", "short"):
-            raise ValueError(f"caption must be 'long' or 'short', got {caption!r}")
+    def batch(self, indices, resolution=32, p_long=1.0):
+        """-> images uint8 (B, 3, H, W), captions (list of B strings): sample i's long caption with probability
+        p_long (1: long, 0: short, between: PRX's mixed captions), drawn from i alone so that a resume redraws it."""
+        if not 0 <= p_long <= 1:
+            raise ValueError(f"p_long is the probability of the long caption, in [0, 1]; got {p_long!r}")
         scenes = [self.scene(int(i)) for i in indices]
         images = torch.from_numpy(np.stack([render(s, resolution) for s in scenes])).permute(0, 3, 1, 2)
-        return images, [(long_caption if caption == "long" else short_caption)(s) for s in scenes]
+        long = [np.random.default_rng([self.seed, SPLITS.index(self.split), int(i), 1]).random() < p_long
+                for i in indices]
+        return images, [(long_caption if use else short_caption)(s) for s, use in zip(scenes, long)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,13 +312,13 @@ class ShapesLoader:
 
     in_channels = 3
 
-    def __init__(self, batch_size, rank=0, world_size=1, seed=0, resolution=32, captions="long",
+    def __init__(self, batch_size, rank=0, world_size=1, seed=0, resolution=32, p_long=1.0,
                  text_context=TEXT_CONTEXT, device="cpu"):
-        if captions not in ("long", "short"):
-            raise ValueError(f"captions {captions!r}: the built-in scenes have long and short captions only")
+        if not 0 <= p_long <= 1:
+            raise ValueError(f"p_long is the probability of the long caption, in [0, 1]; got {p_long!r}")
         self.dataset, self.encoder = ShapesDataset(seed), BuiltinTextEncoder(context=text_context).to(device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.resolution, self.captions, self.device = resolution, captions, torch.device(device)
+        self.resolution, self.p_long, self.device = resolution, p_long, torch.device(device)
         self.null_txt, self.null_mask = self.encoder([""])  # (1, L0, D), (1, L0)
         self.x0_shape = (3, resolution, resolution)
         self.batches = 0
@@ -331,7 +334,7 @@ class ShapesLoader:
 
     def __next__(self):
         first = (self.batches * self.world_size + self.rank) * self.batch_size
-        images, captions = self.dataset.batch(range(first, first + self.batch_size), self.resolution, self.captions)
+        images, captions = self.dataset.batch(range(first, first + self.batch_size), self.resolution, self.p_long)
         txt, mask = self.encoder(captions)
         self.batches += 1
         return {"image": images.to(self.device), "txt": txt, "txt_mask": mask, "caption": captions,
@@ -362,7 +365,7 @@ class HeldoutShapes:
 
     def images(self, indices):
         """-> uint8 (B, 3, R, R): the renders of the held-out scenes (reference statistics)."""
-        return self.shapes.batch(indices, self.resolution, self.caption)[0]
+        return self.shapes.batch(indices, self.resolution)[0]
 
     def score(self, images, indices):
         """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy", "object_accuracy"}, means

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import data_dirs, open_heldout, open_loader, pad_to_common
+from data import caption_share, data_dirs, open_heldout, open_loader, pad_to_common
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     rope_at, rope_table, trim_text, verify_checkpoint
@@ -273,8 +273,10 @@ def check_combinations(parser, args):
         parser.error("--repa builtin: the built-in teacher reads the built-in shapes only; use dinov2 or dinov3")
     if args.repa == "builtin" and args.repa_teacher:
         parser.error("--repa-teacher names a timm model: not with --repa builtin")
-    if args.data == "builtin" and args.captions not in ("long", "short"):
-        parser.error(f"--captions {args.captions}: the built-in dataset has long and short captions only")
+    try:
+        caption_share(args.captions)
+    except ValueError as e:
+        parser.error(f"--captions: {e}")
     if args.target and not (args.eval_samples and (args.eval_every or args.eval_minutes)):
         parser.error("--target needs evaluations during the run: --eval-every or --eval-minutes, --eval-samples > 0")
 

@@ -225,9 +225,10 @@ def test_open_loader_and_heldout_follow_data(prepared):
     a, b = str(root / "out"), str(root / "out_pq")
     builtin = data.open_loader("builtin", 2, 1, 2, 3, "short", "cpu", 1, 32, 0, images=False)
     assert isinstance(builtin, ShapesLoader)
-    expected = next(ShapesLoader(2, 1, 2, seed=3, resolution=32, captions="short", text_context=0))
+    expected = next(ShapesLoader(2, 1, 2, seed=3, resolution=32, p_long=0.0, text_context=0))
     got = next(builtin)
     assert got["id"] == expected["id"] and torch.equal(got["txt"], expected["txt"])
+    assert data.open_loader("builtin", 2, 0, 1, 3, "mixed:0.3", "cpu", 1, 32, 0, images=False).p_long == 0.3
     loader = data.open_loader(f"{a}:1,{b}:1", 4, 0, 1, 3, "long", "cpu", 2, RES, 5, images=True)
     assert isinstance(loader, data.ShardLoader) and loader.names == sorted([a, b])
     assert (loader.seed, loader.grad_accum, loader.images, loader.batch_size) == (3, 2, True, 4)

@@ -34,12 +34,26 @@ def test_batch_tensors():
     assert images.shape == (5, 3, 48, 48) and images.dtype == torch.uint8 and len(captions) == 5
     for image, scene in zip(images, scenes("train", 5)):  # the renders, channels first
         assert torch.equal(image, torch.tensor(render(scene, 48)).permute(2, 0, 1))
-    _, short = ShapesDataset().batch(range(5), resolution=48, caption="short")
+    _, short = ShapesDataset().batch(range(5), resolution=48, p_long=0.0)
     assert all(len(s) < len(c) for s, c in zip(short, captions))
-    with pytest.raises(ValueError, match="caption must be"):
-        ShapesDataset().batch(range(2), caption="medium")
+    assert captions == [long_caption(s) for s in scenes("train", 5)]
+    with pytest.raises(ValueError, match="probability of the long caption"):
+        ShapesDataset().batch(range(2), p_long=1.5)
     with pytest.raises(ValueError, match="split must be"):
         ShapesDataset(split="test")
+
+
+def test_mixed_captions_draw_long_with_probability_p_per_sample():
+    n, dataset = 400, ShapesDataset(seed=2)
+    _, mixed = dataset.batch(range(n), p_long=0.25)
+    _, again = dataset.batch(range(n - 1, -1, -1), p_long=0.25)  # a sample's draw depends on its index only
+    assert again[::-1] == mixed
+    is_long = [c == long_caption(s) for c, s in zip(mixed, (dataset.scene(i) for i in range(n)))]
+    is_short = [c == short_caption(dataset.scene(i)) for i, c in enumerate(mixed)]
+    assert all(a != b for a, b in zip(is_long, is_short))  # each caption is the sample's long or its short one
+    assert abs(sum(is_long) / n - 0.25) < 4 * (0.25 * 0.75 / n) ** 0.5  # binomial: 4 sd
+    _, half = dataset.batch(range(n), p_long=0.5)  # the same uniform draw: long at 0.25 stays long at 0.5
+    assert all(c == long_caption(dataset.scene(i)) for i, (c, l) in enumerate(zip(half, is_long)) if l)
 
 
 def test_heldout_pairs_never_in_training_and_in_every_heldout_scene():
@@ -212,13 +226,13 @@ def test_checker_rejects_float_images():
 
 def test_loader_call_b_of_rank_r_reads_its_slice_of_the_global_batch():
     B, world, encoder = 3, 2, BuiltinTextEncoder(context=2)
-    ranks = [ShapesLoader(B, r, world, seed=4, resolution=32, captions="short", text_context=2) for r in range(world)]
+    ranks = [ShapesLoader(B, r, world, seed=4, resolution=32, p_long=0.0, text_context=2) for r in range(world)]
     dataset, seen = ShapesDataset(seed=4), []
     for b in range(3):
         for r, loader in enumerate(ranks):
             batch = next(loader)
             first = (b * world + r) * B
-            images, captions = dataset.batch(range(first, first + B), 32, "short")
+            images, captions = dataset.batch(range(first, first + B), 32, p_long=0.0)
             txt, mask = encoder(captions)
             assert torch.equal(batch["image"], images) and batch["caption"] == captions
             assert torch.equal(batch["txt"], txt) and torch.equal(batch["txt_mask"], mask)
@@ -235,20 +249,20 @@ def test_loader_call_b_of_rank_r_reads_its_slice_of_the_global_batch():
 
 
 def test_loader_resumes_from_its_state():
-    loader = ShapesLoader(2, rank=1, world_size=2, seed=1, captions="long")
+    loader = ShapesLoader(2, rank=1, world_size=2, seed=1)
     next(loader), next(loader)
     state = loader.state_dict()
     expected = [next(loader) for _ in range(2)]
     assert state == {"batches": 2}  # a copy: reading on does not change it
-    resumed = ShapesLoader(2, rank=1, world_size=2, seed=1, captions="long")
+    resumed = ShapesLoader(2, rank=1, world_size=2, seed=1)
     resumed.load_state_dict(state)
     loader.load_state_dict(state)  # also after reading on (warm-up, then restore)
     for want in expected:
         for got in (next(resumed), next(loader)):
             assert got["id"] == want["id"] and torch.equal(got["image"], want["image"])
             assert torch.equal(got["txt"], want["txt"])
-    with pytest.raises(ValueError, match="long and short"):
-        ShapesLoader(2, captions="mixed:0.5")
+    with pytest.raises(ValueError, match="probability of the long caption"):
+        ShapesLoader(2, p_long=-0.5)
 
 
 def test_heldout_split_score_is_the_caption_checker():

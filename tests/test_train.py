@@ -210,7 +210,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--ema", "1"], "--ema must be a decay in (0, 1)"),
     (["--route-ratio", "0.3"], "--route-ratio needs --tread or --sprint"),
     (["--tread", "--route-ratio", "0"], "--route-ratio must be in (0, 1)"),
-    (["--captions", "mixed"], "--captions mixed: the built-in dataset has long and short captions only"),
+    (["--captions", "medium"], "--captions: captions 'medium': choose long, short or mixed[:p]"),
     (["--data", "a:0"], "--data: "),
     (["--eval-ref", "/nonexistent.npz"], "--eval-ref /nonexistent.npz: no such file"),
     (["--repa", "builtin", "--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher names a timm model"),
@@ -514,7 +514,7 @@ def test_all_techniques_off_is_plain_flow_matching_bit_for_bit():
 TECHNIQUES = {"repa": ["--repa", "builtin"], "irepa": ["--repa", "builtin", "--irepa"],
               "repa-stop": ["--repa", "builtin", "--repa-stop", "1"], "tread": ["--tread"], "sprint": ["--sprint"],
               "x-pred": ["--pred", "x"], "cfm": ["--cfm", "0.1"], "ema": ["--ema", "0.9", "--ema-every", "1"],
-              "muon": ["--optimizer", "muon"], "short": ["--captions", "short"]}
+              "muon": ["--optimizer", "muon"], "mixed": ["--captions", "mixed"]}
 REFUSED = {("tread", "sprint"): "--tread and --sprint are exclusive"}
 
 
