@@ -606,9 +606,10 @@ def bench_gpu(args):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-# the CPU-track ablation's techniques (records/2026-12-01_cpu-ablations), each timed against the baseline
+# the CPU-track ablation's techniques (records/2026-12-02_cpu-ablations), each timed against the baseline
 TECHNIQUES = ["--repa builtin", "--repa builtin --irepa", "--tread", "--sprint", "--pred x", "--cfm 0.1",
-              "--ema 0.99 --ema-every 1", "--optimizer muon", "--captions short"]
+              "--ema 0.99 --ema-every 1", "--optimizer muon", "--captions short", "--captions mixed",
+              "--repa builtin --tread", "--repa builtin --tread --optimizer muon"]
 
 
 def bench_techniques(args):

@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ SMALL = ["--track", "cpu", "--hidden", "64", "--depth", "2", "--batch-size", "16
          "--eval-samples", "0", "--warmup", "5"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args, nproc=1, **kw):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-                                                    "--master_addr=127.0.0.1"]
+    # --standalone: the rendezvous binds a free port itself (a port picked here first could be taken by a test
+    # running beside this one before torchrun binds it)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, **kw)
