@@ -229,9 +229,11 @@ def check_task(runs, t):
     def fingerprint(run):
         return task_fingerprint(run["sources"].get(t["task"], ""), t["resolution"])
     calibrated = fingerprint(load_runs(ROOT / t["target_from"])[0])
-    return [f"{r['name']}: its {t['task']} draws or reads other scenes than that of {t['target_from']}, where the "
-            f"target was measured: another task; a changed task needs its own calibration (speedrun.sh --calibrate)"
-            for r in runs if fingerprint(r) != calibrated]
+    failed = [f"{name}: {f}" for name, f in [(t["target_from"], calibrated)] + [(r["name"], fingerprint(r)) for r in runs]
+              if f.startswith("no fingerprint")]  # a probe that failed says why, not "another task"
+    return failed or [f"{r['name']}: its {t['task']} draws or reads other scenes than that of {t['target_from']}, "
+                      f"where the target was measured: another task; a changed task needs its own calibration "
+                      f"(speedrun.sh --calibrate)" for r in runs if fingerprint(r) != calibrated]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -107,6 +107,14 @@ def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target
     assert len(problems) == 3 and all("its shapes.py draws or reads other scenes" in p for p in problems), problems
 
 
+def test_a_task_probe_that_fails_says_why(record):
+    """A shapes.py that cannot run is named with its error, not reported as another task."""
+    edit(record / "log_1.txt", "GRID = 2", "GRID = NO_SUCH_NAME")
+    problems = verify.verify(record)
+    assert any(p.startswith("log_1.txt: no fingerprint") and "NameError" in p for p in problems), problems
+    assert not any("draws or reads other scenes" in p for p in problems), problems
+
+
 def test_a_record_on_a_refactored_task_passes(record, cpu_target):
     """The task is what shapes.py draws and reads, not its bytes: the calibration ran a reworded shapes.py."""
     for log in cpu_target.glob("log_*.txt"):
