@@ -213,12 +213,15 @@ print(h.hexdigest())
 
 @lru_cache(maxsize=None)
 def task_fingerprint(shapes_source, resolution):
-    """shapes.py's text -> the sha256 of what it draws and reads (TASK_PROBE), run in a folder of its own."""
+    """shapes.py's text -> the sha256 of what it draws and reads (TASK_PROBE), run in a folder of its own; a probe
+    that fails raises with its error (never a value compared as a hash)."""
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "shapes.py").write_text(shapes_source)
         probe = subprocess.run([sys.executable, "-c", TASK_PROBE, str(resolution)], cwd=folder, capture_output=True,
                                text=True)
-    return probe.stdout.strip() if probe.returncode == 0 else f"no fingerprint: {probe.stderr.strip()[-200:]}"
+    if probe.returncode:
+        raise RuntimeError(f"no fingerprint: {probe.stderr.strip()[-200:]}")
+    return probe.stdout.strip()
 
 
 def check_task(runs, t):
@@ -228,12 +231,20 @@ def check_task(runs, t):
         return []
     def fingerprint(run):
         return task_fingerprint(run["sources"].get(t["task"], ""), t["resolution"])
-    calibrated = fingerprint(load_runs(ROOT / t["target_from"])[0])
-    failed = [f"{name}: {f}" for name, f in [(t["target_from"], calibrated)] + [(r["name"], fingerprint(r)) for r in runs]
-              if f.startswith("no fingerprint")]  # a probe that failed says why, not "another task"
-    return failed or [f"{r['name']}: its {t['task']} draws or reads other scenes than that of {t['target_from']}, "
-                      f"where the target was measured: another task; a changed task needs its own calibration "
-                      f"(speedrun.sh --calibrate)" for r in runs if fingerprint(r) != calibrated]
+    try:
+        calibrated = fingerprint(load_runs(ROOT / t["target_from"])[0])
+    except RuntimeError as e:
+        return [f"{t['target_from']}: {e}"]
+    problems = []
+    for r in runs:
+        try:
+            if fingerprint(r) != calibrated:
+                problems.append(f"{r['name']}: its {t['task']} draws or reads other scenes than that of "
+                                f"{t['target_from']}, where the target was measured: another task; a changed task "
+                                f"needs its own calibration (speedrun.sh --calibrate)")
+        except RuntimeError as e:
+            problems.append(f"{r['name']}: {e}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------
