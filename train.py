@@ -1013,6 +1013,38 @@ def config_of(args, cfg, world, n_params, device):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, last, out, master, log):
+    """One evaluation of eval_model (the EMA weights when the run keeps them), logged; -> whether the run ends here
+    (it was the last step, or --target is reached). The last evaluation is also written to eval.json."""
+    result = run_eval(eval_model.eval(), os.path.join(out, f"samples_{step}.png") if master else None)
+    raw_model.train()
+    log(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
+        f" | train_time {train_time * 1000:.0f}ms", {"step": step, "train_time_s": train_time, **result})
+    if args.target and target_reached(args.target, result):
+        last = True
+        log(f"target {args.target[0]} {args.target[1]:g} reached at step {step}: stopping")
+    if last and master:
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump({"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data,
+                       **result}, f, indent=2)
+    return last
+
+
+def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, keep):
+    """The checks before a checkpoint (fp32 weights, finite loss and weights), then save_checkpoint with the training
+    time, the loader's position and REPA's projector. Every rank calls it (FSDP2 gathers the shards), rank 0 writes;
+    the loader's position is global: rank 0's is all's."""
+    assert all(p.dtype == torch.float32 for p in raw_model.parameters()), "weights must stay fp32 (PRX part 2)"
+    if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
+        raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written, the "
+                         f"last one is {(list_checkpoints(out) or ['(none)'])[-1]}")
+    extra = {"train_time": train_time, "loader": loader.state_dict()}
+    if trainee.repa_proj is not None:
+        projector, (projector_opt,) = full_state(trainee.repa_proj, opt[-1:])
+        extra["repa"] = {"kind": trainee.repa_kind, "projector": projector, "optimizer": projector_opt}
+    save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, keep)
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed()
@@ -1073,29 +1105,10 @@ def main(argv=None):
         timed_eval = bool(eval_times) and train_time >= eval_times[0]
         eval_times = [t for t in eval_times if t > train_time]
         if run_eval and (last or timed_eval or (args.eval_every and step % args.eval_every == 0 and step > start_step)):
-            eval_model = (ema if ema is not None else raw_model).eval()
-            result = run_eval(eval_model, os.path.join(out, f"samples_{step}.png") if master else None)
-            raw_model.train()
-            log(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
-                f" | train_time {train_time * 1000:.0f}ms", {"step": step, "train_time_s": train_time, **result})
-            if args.target and target_reached(args.target, result):
-                last = True
-                log(f"target {args.target[0]} {args.target[1]:g} reached at step {step}: stopping")
-            if last and master:
-                with open(os.path.join(out, "eval.json"), "w") as f:
-                    json.dump({"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data,
-                               **result}, f, indent=2)
+            last = evaluate_and_log(args, run_eval, ema if ema is not None else raw_model, raw_model, step,
+                                    train_time, last, out, master, log)
         if (last or step % args.ckpt_every == 0) and step > start_step:
-            assert all(p.dtype == torch.float32 for p in raw_model.parameters()), "weights must stay fp32 (PRX part 2)"
-            if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
-                raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written, the "
-                                 f"last one is {(list_checkpoints(out) or ['(none)'])[-1]}")
-            # every rank (FSDP2 gathers the shards), rank 0 writes; the loader's position is global: rank 0's is all's
-            extra = {"train_time": train_time, "loader": loader.state_dict()}
-            if trainee.repa_proj is not None:
-                projector, (projector_opt,) = full_state(trainee.repa_proj, opt[-1:])
-                extra["repa"] = {"kind": trainee.repa_kind, "projector": projector, "optimizer": projector_opt}
-            save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, args.keep)
+            save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
         if last:
             break
 
@@ -1126,7 +1139,8 @@ def main(argv=None):
                                  f"--warmup")
             elapsed = train_time - time_at_log  # training time only: eval and checkpoints excluded
             speed = samples_since / elapsed
-            flops = 3 * flops_per_sample(cfg, num_img, txt_len, args.route_ratio or 0.0) * speed / world  # per process; backward = 2 forwards
+            # per process; the backward costs two forwards
+            flops = 3 * flops_per_sample(cfg, num_img, txt_len, args.route_ratio or 0.0) * speed / world
             record = {"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr, "samples_per_s": speed,
                       "flops_per_s": flops, "mfu": flops / peak, "data_share": data_since / elapsed,
                       "optimizer_share": opt_since / elapsed, "train_time_s": train_time}
