@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import PreparedDataset, ShardLoader, batch_text, pad_text
+from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_text, positive
 from eval import (clip_features, dino_features, inception_features, load_dino, load_inception, mmd, sample,
                   write_random_inception_weights)
 from model import PRX, flops_per_sample, preset_config, trim_text
@@ -643,49 +643,53 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("model", help="PRX forward+backward against diffusers' PRXTransformer2DModel")
     p.add_argument("--preset", default="tiny", help="PRX preset (model.py)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--img-tokens", type=int, default=256, help="image tokens (a square number)")
-    p.add_argument("--txt-tokens", type=int, default=128, help="padded text length")
-    p.add_argument("--min-len", type=int, default=8, help="shortest real caption in the batch")
-    p.add_argument("--max-len", type=int, default=64, help="longest real caption in the batch")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
+    p.add_argument("--batch", type=count, default=16)
+    p.add_argument("--img-tokens", type=count, default=256, help="image tokens (a square number)")
+    p.add_argument("--txt-tokens", type=count, default=128, help="padded text length")
+    p.add_argument("--min-len", type=count, default=8, help="shortest real caption in the batch")
+    p.add_argument("--max-len", type=count, default=64, help="longest real caption in the batch")
+    p.add_argument("--steps", type=count, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=number(int, 0), default=3, help="untimed steps first (compilation happens there)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile on both sides")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
+    p.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
     p.set_defaults(run=bench_model)
     p = sub.add_parser("muon", help="Muon step against torch.optim.Muon on a preset's block matrices")
     p.add_argument("--preset", default="small", help="PRX preset whose block matrices are stepped")
-    p.add_argument("--blocks", type=int, default=0, help="blocks to step (default: all on GPU, 1 on CPU)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up (median reported)")
+    p.add_argument("--blocks", type=number(int, 0), default=0, help="blocks to step (default: all on GPU, 1 on CPU)")
+    p.add_argument("--steps", type=count, default=3, help="timed steps after 1 warm-up (median reported)")
     p.set_defaults(run=bench_muon)
     p = sub.add_parser("loader", help="ShardLoader samples/s on one core against HuggingFace datasets")
     p.add_argument("dir", help="a prepared directory, or where to write a synthetic one")
-    p.add_argument("--samples", type=int, default=5000, help="samples of the synthetic dataset")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--samples", type=count, default=5000, help="samples of the synthetic dataset")
+    p.add_argument("--batch", type=count, default=32)
     p.set_defaults(run=bench_loader)
     p = sub.add_parser("eval", help="metric networks, MMD and sampling against their references")
-    p.add_argument("--batch", type=int, help="images per call (default: 32 on GPU, 2 on CPU)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-    p.add_argument("--steps", type=int, default=1, help="timed calls (median reported)")
-    p.add_argument("--mmd-rows", type=int, help="embeddings per side of the MMD (default: 10000 on GPU, eval.py's "
+    p.add_argument("--batch", type=count, help="images per call (default: 32 on GPU, 2 on CPU)")
+    p.add_argument("--warmup", type=number(int, 0), default=1, help="untimed calls first")
+    p.add_argument("--steps", type=count, default=1, help="timed calls (median reported)")
+    p.add_argument("--mmd-rows", type=count, help="embeddings per side of the MMD (default: 10000 on GPU, eval.py's "
                    "default sample count; 4096 on CPU)")
     p.add_argument("--preset", help="PRX preset to sample with (default: small on GPU, tiny-pixel on CPU)")
-    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
+    p.add_argument("--sample-steps", type=count, default=50, help="Euler steps per sample")
     p.set_defaults(run=bench_eval)
     p = sub.add_parser("memory", help="bytes per GPU of weights, gradients, optimizer state and activations")
-    p.add_argument("--micro-batch", type=int, default=32, help="samples per GPU per forward")
+    p.add_argument("--micro-batch", type=count, default=32, help="samples per GPU per forward")
     p.set_defaults(run=bench_memory)
     p = sub.add_parser("techniques", help="CPU-track training step of each technique against the baseline")
     p.add_argument("--only", action="append", help="this flag string instead of TECHNIQUES, repeatable: "
                    "--only=--tread --only='--cfm 0.05'")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--steps", type=int, default=20, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=number(int, 0), default=3, help="untimed rounds first")
+    p.add_argument("--steps", type=count, default=20, help="timed rounds (median reported)")
     p.set_defaults(run=bench_techniques)
     p = sub.add_parser("gpu", help="the CUDA path in one table (CUDA only)")
     p.add_argument("--out", default="gpu_check.md", help="where the table is written too")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
+    p.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
     p.set_defaults(run=bench_gpu)
     args = parser.parse_args(argv)
+    if args.command == "model" and (math.isqrt(args.img_tokens) ** 2 != args.img_tokens or
+                                    not args.min_len <= args.max_len <= args.txt_tokens):
+        parser.error(f"bench.py model: --img-tokens {args.img_tokens} must be a square number (a square grid) and "
+                     f"--min-len {args.min_len} <= --max-len {args.max_len} <= --txt-tokens {args.txt_tokens}")
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {where} | {config}")

@@ -20,9 +20,11 @@ bf16 is stored as its raw 16 bits in int16 (numpy has no bfloat16): torch.from_n
 Every .npy opens with np.load(mmap_mode="r"); a sample is one slice per field, no decoding.
 """
 
+import argparse
 import collections
 import copy
 import json
+import math
 import re
 import resource
 import zlib
@@ -421,3 +423,26 @@ def open_heldout(spec, num_samples, caption, resolution, seed, text_context):
         from shapes import HeldoutShapes
         return HeldoutShapes(seed, caption, resolution, text_context)
     return HeldoutSplit(data_dirs(spec)[0], num_samples, caption)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numbers on the command line of train.py, eval.py and prepare.py: refused by argparse, naming the flag, before any work
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: kind (int or float) in [low, high] ((low, high] with low_open), with the range in the
+    error message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}")
+        if not (low < value if low_open else low <= value) or value > high or not math.isfinite(value):
+            bounds = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+    return parse
+
+
+# the argparse types of most flags
+count, positive, fraction = number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import data_dirs, denormalize_latent, from_hub, load_vae, open_heldout, pad_to_common
+from data import count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, pad_to_common
 from model import load_run
 
 
@@ -447,7 +447,7 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
     if metrics is not None:
         metrics.reset()
     null_txt, null_mask = (t.to(device) for t in split.null)
-    sums, count = {}, 0
+    sums, seen = {}, 0
     for i, idx in enumerate(my_batches(num_samples, batch_size)):
         txt, mask = split.encode(idx)
         x = sample(model, txt.to(device), mask.to(device), null_txt, null_mask, [seed + j for j in idx], shape,
@@ -457,12 +457,12 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
             metrics.update(images)
         for key, value in split.score(images, idx).items():
             sums[key] = sums.get(key, 0.0) + value * len(idx)
-        count += len(idx)
+        seen += len(idx)
         if i == 0 and grid and (not distributed() or dist.get_rank() == 0):
             save_grid(images[:64], split.captions(idx[:64]), grid)
     result = metrics.compute() if metrics is not None else {}
     if sums:
-        totals = all_reduce(torch.tensor([*sums.values(), count], dtype=torch.float64, device=device)).tolist()
+        totals = all_reduce(torch.tensor([*sums.values(), seen], dtype=torch.float64, device=device)).tolist()
         result.update({key: total / totals[-1] for key, total in zip(sums, totals)})
     return result
 
@@ -481,28 +481,23 @@ def get_args(argv=None):
     g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --eval-data, else its "
                    "--data)")
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
-    g.add_argument("--resolution", type=int, default=32, help="ref on the built-in data: image side")
+    g.add_argument("--resolution", type=count, default=32, help="ref on the built-in data: image side")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json)")
-    g.add_argument("--num-samples", type=positive_int, default=10_000, help="held-out prompts / reference images")
+    g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
     g.add_argument("--metrics", type=metric_list, help="comma-separated from fid,cmmd,dino_mmd (default: all "
                    "three on prepared data; none on the built-in data, which the caption checker scores)")
-    g.add_argument("--batch-size", type=positive_int, default=32, help="images per rank per step")
+    g.add_argument("--batch-size", type=count, default=32, help="images per rank per step")
     g = p.add_argument_group("sampling (defaults: the run's own, config.json 'sampling')")
-    g.add_argument("--steps", type=positive_int, help="Euler steps")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--self-guidance", type=float, help="TREAD self-guidance weight (0 = off; default the run's)")
+    g.add_argument("--steps", type=count, help="Euler steps")
+    g.add_argument("--cfg-scale", type=number(float, 0), help="classifier-free guidance scale")
+    g.add_argument("--self-guidance", type=number(float, 0),
+                   help="TREAD self-guidance weight (0 = off; default the run's)")
     g.add_argument("--seed", type=int, default=42, help="sample i starts from the noise of seed + i")
     g = p.add_argument_group("metric networks (offline machines: local copies)")
     g.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (default: downloaded)")
     g.add_argument("--clip", default=CLIP_ID, help="CLIP hub id or local folder")
     g.add_argument("--dino-weights", help=f"model.safetensors of timm/{DINO_ID} (default: downloaded)")
     return p.parse_args(argv)
-
-
-def positive_int(text):
-    if not text.lstrip("-").isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
-    return int(text)
 
 
 def metric_list(text):

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, VAES, from_hub, load_vae, normalize_latent
+from data import FIXED, FORMAT, VAES, count, fraction, from_hub, load_vae, normalize_latent
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -365,15 +365,15 @@ def main(argv=None):
     p.add_argument("--vae", default="flux", choices=[*VAES, "none"], help="latent tokenizer; none for pixel space")
     p.add_argument("--vae-path", help="local copy or other hub id of that VAE (default: the hub id in VAES)")
     p.add_argument("--text-encoder", default="google/t5gemma-2b-2b-ul2", help="T5Gemma hub id or local copy")
-    p.add_argument("--max-tokens", type=int, default=256, help="text tokens kept per caption (PRX: 256)")
-    p.add_argument("--resolution", type=int, default=256, help="stored images are R x R centre crops")
-    p.add_argument("--min-size", type=int, help="skip images whose shorter side is smaller (default R / 2)")
-    p.add_argument("--shard-size", type=int, default=4096, help="train samples per shard (~4 GB at 256 px)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    p.add_argument("--eval-fraction", type=float, default=0.01, help="held-out share, chosen by hashing the id")
+    p.add_argument("--max-tokens", type=count, default=256, help="text tokens kept per caption (PRX: 256)")
+    p.add_argument("--resolution", type=count, default=256, help="stored images are R x R centre crops")
+    p.add_argument("--min-size", type=count, help="skip images whose shorter side is smaller (default R / 2)")
+    p.add_argument("--shard-size", type=count, default=4096, help="train samples per shard (~4 GB at 256 px)")
+    p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
+    p.add_argument("--eval-fraction", type=fraction, default=0.01, help="held-out share, chosen by hashing the id")
     p.add_argument("--seed", type=int, default=0, help="seeds the eval split and the VAE posterior samples")
     p.add_argument("--device", help="where the encoders run (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
+    p.add_argument("--workers", type=count, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
                    help="image decoding threads per rank")
     args = p.parse_args(argv)
     prepare(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))

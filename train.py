@@ -35,7 +35,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import caption_share, data_dirs, open_heldout, open_loader, pad_to_common
+from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_to_common, \
+    positive
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     rope_at, rope_table, trim_text, verify_checkpoint
@@ -67,26 +68,6 @@ RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every"
              "lpips", "lpips_weights", "pdino", "pdino_weights", "self_guidance", "eval_data",
              "track", "target",  # the track follows --data, which a second phase may change
              "fsdp"}  # checkpoints hold whole tensors: a resume may shard them or not, on any number of processes
-
-
-def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: kind (int or float) in [low, high] ((low, high] with low_open), with the range in the
-    error message."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}")
-        if not (low < value if low_open else low <= value) or value > high or not math.isfinite(value):
-            bounds = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
-        return value
-    return parse
-
-
-# the argparse types of most flags
-count, positive, fraction = number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
 
 
 def minutes_list(text):

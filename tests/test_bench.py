@@ -173,6 +173,18 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
     assert 1 < number(rows[mfu][0]) and abs(number(rows[mfu][0]) - expected_mfu) < 0.05 + 0.01 * expected_mfu
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["model", "--img-tokens", "200"], "--img-tokens 200 must be a square number"),
+    (["model", "--min-len", "80"], "--min-len 80 <= --max-len 64 <= --txt-tokens 128"),
+    (["muon", "--steps", "0"], "argument --steps: must be in [1, inf), got 0"),
+    (["eval", "--warmup", "-1"], "argument --warmup: must be in [0, inf), got -1")])
+def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    captured = capsys.readouterr()
+    assert message in captured.err and "bench " not in captured.out  # refused before the header line
+
+
 def test_gpu_refused_on_cpu():
     if torch.cuda.is_available():
         return

@@ -388,8 +388,10 @@ def test_cli_ref_then_eval_writes_json(tmp_path):
 def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys):
     for argv, message in ((["--metrics", "fid,bogus"], "unknown bogus; choose from fid,cmmd,dino_mmd"),
                           (["--metrics", "caption"], "the caption checker needs no flag"),
-                          (["--num-samples", "0"], "--num-samples: expected a whole number > 0, got '0'"),
-                          (["--batch-size", "-2"], "--batch-size: expected a whole number > 0")):
+                          (["--num-samples", "0"], "argument --num-samples: must be in [1, inf), got 0"),
+                          (["--batch-size", "-2"], "argument --batch-size: must be in [1, inf), got -2"),
+                          (["--steps", "2.5"], "argument --steps: expected a whole number, got '2.5'"),
+                          (["--cfg-scale", "-1"], "argument --cfg-scale: must be in [0, inf), got -1")):
         with pytest.raises(SystemExit):
             ev.get_args(argv)  # at parse time, before any model is loaded
         assert message in capsys.readouterr().err

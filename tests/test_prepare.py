@@ -210,6 +210,17 @@ def test_caption_fields_spec():
             prepare.parse_caption_fields(spec)
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "must be in [1, inf), got 0"),  # would write an empty dataset
+    ("--eval-fraction", "1.5", "must be in [0, 1], got 1.5"),
+    ("--resolution", "-256", "must be in [1, inf), got -256"),
+    ("--shard-size", "4k", "expected a whole number, got '4k'")])
+def test_bad_numbers_are_refused_before_any_work(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "nowhere"), flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def files_of(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
