@@ -426,7 +426,7 @@ def open_heldout(spec, num_samples, caption, resolution, seed, text_context):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Numbers on the command line of train.py, eval.py and prepare.py: refused by argparse, naming the flag, before any work
+# Numbers on the command lines of train.py, eval.py, prepare.py and bench.py: refused by argparse, naming the flag
 
 def number(kind, low, high=math.inf, low_open=False):
     """An argparse type: kind (int or float) in [low, high] ((low, high] with low_open), with the range in the
