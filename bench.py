@@ -609,7 +609,8 @@ def bench_gpu(args):
 # the CPU-track ablation's techniques (records/2026-12-02_cpu-ablations), each timed against the baseline
 TECHNIQUES = ["--repa builtin", "--repa builtin --irepa", "--tread", "--sprint", "--pred x", "--cfm 0.1",
               "--ema 0.99 --ema-every 1", "--optimizer muon", "--captions short", "--captions mixed",
-              "--repa builtin --tread", "--repa builtin --tread --optimizer muon"]
+              "--repa builtin --tread", "--repa builtin --tread --optimizer muon",
+              "--repa builtin --tread --optimizer muon --compile"]
 
 
 def bench_techniques(args):
@@ -624,6 +625,8 @@ def bench_techniques(args):
                                    a.text_context, images=bool(a.repa))
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
         opt = train.build_optimizers(a, trainee, DEVICE, lambda *_: None)
+        if a.compile:  # as train.py, compiled during the untimed warm-up rounds
+            trainee.model = torch.compile(raw)
         counter = itertools.count()
 
         def step(a=a, trainee=trainee, opt=opt, loader=loader, teacher=teacher, ema=ema, raw=raw, counter=counter):

@@ -1063,8 +1063,10 @@ def main(argv=None):
     run_eval = setup_eval(args, cfg, device)
 
     if args.compile and not ckpt:
+        t0 = time.perf_counter()
         breaks = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-        log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks")
+        log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks, "
+            f"{time.perf_counter() - t0:.0f} s")
 
     # the loop: occasional work first (evaluation, checkpoint), then the one training step
     raw_model.train()

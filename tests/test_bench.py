@@ -197,3 +197,12 @@ def test_techniques(capsys):
     out = capsys.readouterr().out
     assert_compared(out, "baseline step", "baseline")
     assert_compared(out, "--tread step", "baseline")
+
+
+def test_techniques_compiles_a_compile_variant(capsys, monkeypatch):
+    """--compile in a variant's flags times its compiled model (as train.py runs it), the baseline's stays eager."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    bench.main(["techniques", "--only=--compile", "--steps", "1", "--warmup", "0"])
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "PRX"
+    assert_compared(capsys.readouterr().out, "--compile step", "baseline")
