@@ -758,7 +758,8 @@ def wrap_ddp(trainee, world, device):
 
 def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): the warm-up trains
-    nothing and costs no training time. -> the graph breaks dynamo counted (each one a slower step)."""
+    nothing and costs no training time. -> the graph breaks dynamo counted (each one a slower step), its seconds."""
+    start = time.perf_counter()
     initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
     for step in range(3):
         train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
@@ -766,7 +767,7 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     for o, state in zip(opt, initial[1]):
         o.load_state_dict(state)
     loader.load_state_dict(initial[2])
-    return sum(torch._dynamo.utils.counters["graph_break"].values())
+    return sum(torch._dynamo.utils.counters["graph_break"].values()), time.perf_counter() - start
 
 
 def sampling_settings(args):
@@ -1063,10 +1064,8 @@ def main(argv=None):
     run_eval = setup_eval(args, cfg, device)
 
     if args.compile and not ckpt:
-        t0 = time.perf_counter()
-        breaks = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-        log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks, "
-            f"{time.perf_counter() - t0:.0f} s")
+        breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
+        log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 
     # the loop: occasional work first (evaluation, checkpoint), then the one training step
     raw_model.train()
