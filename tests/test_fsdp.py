@@ -22,10 +22,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
         r = run(FLAGS + flags + ["--out", str(tmp / name)], nproc=2)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stderr  # whole: an aborting rank's message is not in torchrun's last lines
     shutil.copytree(tmp / "fsdp", tmp / "resumed", ignore=shutil.ignore_patterns("step_4", "metrics.jsonl"))
     r = run(FLAGS + ["--fsdp", "--out", str(tmp / "resumed"), "--resume"], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr
     return tmp
 
 
