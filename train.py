@@ -1137,13 +1137,14 @@ def main(argv=None):
 
     if world > 1:
         dist.destroy_process_group()
-        # Leave without the interpreter's teardown: with gloo, a rank sometimes aborts in it after the run is done and
-        # written ("terminate called without an active exception", SIGABRT, no Python frame: 3 in ~110 resumed FSDP
-        # runs), which torchrun reports as a failed run. Everything is flushed: the logs line by line, files closed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:
+        # a torchrun rank leaves without the interpreter's teardown, in which gloo sometimes aborts the process after
+        # the run is done and written (SIGABRT, "terminate called without an active exception"), a run torchrun
+        # would report failed. The run's files are closed or flushed line by line; the console is flushed here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
