@@ -153,6 +153,8 @@ def get_parser():
     add_technique_flags(p.add_argument_group("techniques"))
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for block matrices")
+    g.add_argument("--muon-ns-steps", type=count, default=5, help="Newton-Schulz iterations of --optimizer muon "
+                   "(PRX and Keller Jordan: 5); each is a fifth of Muon's cost")
     g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
     g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
     g.add_argument("--lr", type=positive, default=1e-4)
@@ -248,6 +250,8 @@ def check_combinations(parser, args):
         parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
+    if args.muon_ns_steps != 5 and args.optimizer != "muon":
+        parser.error("--muon-ns-steps sets Muon's iterations: it needs --optimizer muon")
     repa_flags = {"--repa-stop": args.repa_stop is not None, "--irepa": args.irepa,
                   "--repa-layer": args.repa_layer is not None}
     for flag, given in repa_flags.items():
@@ -688,8 +692,8 @@ def build_optimizers(args, trainee, device, log):
     from muon import Muon, split_muon_params, split_summary
     muon_params, adam_params = split_muon_params(trainee.model)
     log(split_summary(muon_params, adam_params))
-    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay), torch.optim.AdamW(adam_params, **adamw)] \
-        + projector
+    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps),
+            torch.optim.AdamW(adam_params, **adamw)] + projector
 
 
 def drop_repa(trainee, opt):

@@ -36,12 +36,15 @@ def train(params, steps):
 
 @pytest.mark.parametrize("scale", ["match_rms_adamw", "original"])
 @pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("ns_steps", [5, 2])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_matches_torch_muon(scale, nesterov, device):
+def test_matches_torch_muon(scale, nesterov, ns_steps, device):
     ours, theirs = make_params(device=device), make_params(device=device)
-    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1, nesterov=nesterov, scale=scale, ns_dtype=torch.bfloat16)
-    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=scale)
+    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1, nesterov=nesterov, scale=scale, ns_dtype=torch.bfloat16,
+                    ns_steps=ns_steps)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=scale,
+                                  ns_steps=ns_steps)
     steps = 5
     for step in range(steps):
         set_grads(ours, step)

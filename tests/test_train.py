@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model import list_checkpoints, load_run
+from model import PRX, list_checkpoints, load_run, preset_config
 from train import sample_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,6 +213,8 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--irepa"], "--irepa needs --repa"),
     (["--repa-stop", "100"], "--repa-stop needs --repa"),
     (["--repa-layer", "0"], "--repa-layer needs --repa"),
+    (["--muon-ns-steps", "3"], "--muon-ns-steps sets Muon's iterations: it needs --optimizer muon"),
+    (["--optimizer", "muon", "--muon-ns-steps", "0"], "argument --muon-ns-steps"),
     (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
     (["--self-guidance", "1.5"], "--self-guidance extrapolates from the routed network: it needs --tread"),
     (["--eval-data", "/nonexistent"], "--eval-data /nonexistent: no prepared dataset there"),
@@ -549,6 +551,10 @@ def test_prx_defaults_that_follow_other_flags():
     assert train.get_args(["--track", "cpu", "--optimizer", "muon"]).eps == 1e-8
     assert train.get_args(["--track", "cpu"]).eps == 1e-15
     assert train.get_args(["--track", "cpu", "--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
+    args = train.get_args(["--track", "cpu", "--optimizer", "muon", "--muon-ns-steps", "3"])
+    trainee = train.Trainee(PRX(preset_config("tiny", 32, in_channels=3, context_dim=8)))
+    muon_opt, _ = train.build_optimizers(args, trainee, torch.device("cpu"), lambda *_: None)
+    assert muon_opt.defaults["ns_steps"] == 3  # what Muon.step iterates (test_muon: against torch.optim.Muon's)
     args = train.get_args(["--track", "cpu", "--tread", "--self-guidance", "1.5"])
     assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
 
