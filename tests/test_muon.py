@@ -77,23 +77,50 @@ def quintic(x):
     return a * x + b * x**3 + c * x**5
 
 
-@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96), (120, 200)])
-def test_newton_schulz_singular_values(shape):
-    g = torch.Generator().manual_seed(0)
+def svd_case(shape, s, seed=0):
+    """A matrix U diag(s) V^T of the given singular values s (float64) with random orthonormal U, V."""
+    g = torch.Generator().manual_seed(seed)
     m = min(shape)
     U = torch.linalg.qr(torch.randn(shape[0], m, dtype=torch.float64, generator=g))[0]
     V = torch.linalg.qr(torch.randn(shape[1], m, dtype=torch.float64, generator=g))[0]
-    s = 0.05 + 0.95 * torch.rand(m, dtype=torch.float64, generator=g)  # singular values, not tiny
-    O = newton_schulz(((U * s) @ V.T).float()).double()
-    # Closed form: the iteration acts on each singular value alone, O = U p(s / ||s||) V^T, p = quintic applied 5x.
+    return U, V, (U * s) @ V.T
+
+
+def expected_singular_values(s, steps=5):
+    """Closed form: the iteration acts on each singular value alone, O = U p(s / ||s||) V^T, p = quintic applied
+    `steps` times."""
     expected = s / s.norm()
-    for _ in range(5):
+    for _ in range(steps):
         expected = quintic(expected)
-    # 15 bf16 matmuls on O(1) values (unit roundoff 2^-8); the quintic contracts towards its band, so errors stay
-    # a few ulps (measured <= 0.01); 0.03 still fails for a wrong coefficient, step count or transpose.
-    torch.testing.assert_close(U.T @ O @ V, torch.diag(expected), rtol=0, atol=0.03)
+    return expected
+
+
+# bf16: 15 matmuls on O(1) values (unit roundoff 2^-8); the quintic contracts towards its band, so errors stay a few
+# ulps (measured <= 0.01); 0.03 still fails for a wrong coefficient, step count or transpose. fp32 (the CPU's): the
+# Gram form for every shape here but the square one, to fp32's accuracy.
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.03), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96), (120, 200)])
+def test_newton_schulz_singular_values(shape, dtype, atol):
+    s = 0.05 + 0.95 * torch.rand(min(shape), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    U, V, G = svd_case(shape, s)
+    O = newton_schulz(G.float(), dtype=dtype).double()
+    torch.testing.assert_close(U.T @ O @ V, torch.diag(expected_singular_values(s)), rtol=0, atol=atol)
     sv = torch.linalg.svdvals(O)
     assert 0.5 <= sv.min() and sv.max() <= 1.5  # the band the quintic is designed for (measured 0.68..1.14)
+
+
+@pytest.mark.parametrize("shape", [(48, 200), (200, 48)])
+def test_gram_form_is_the_iteration_also_for_tiny_singular_values(shape):
+    # Gradients span many scales: singular values from 1 down to 1e-6. The Gram form iterates on X X^T, whose small
+    # eigenvalues (s^2, down to 1e-12) fp32 cannot resolve, and rounding there grows with each step: measured 2e-4
+    # at most (the plain iteration's ~1e-5; bf16's on CUDA 1e-2), while a wrong coefficient or step is off by > 0.01.
+    s = torch.logspace(0, -6, min(shape), dtype=torch.float64)
+    U, V, G = svd_case(shape, s)
+    X = (G if shape[0] < shape[1] else G.T).float()  # wide
+    O = muon.gram_newton_schulz(X / X.norm(), 5).double()
+    O = O if shape[0] < shape[1] else O.T
+    torch.testing.assert_close(U.T @ O @ V, torch.diag(expected_singular_values(s)), rtol=0, atol=5e-4)
+    assert torch.equal(O.float(), newton_schulz(G.float(), dtype=torch.float32, eps=0))  # fp32 takes this form
 
 
 def test_weight_decay_is_decoupled():
