@@ -7,7 +7,8 @@ over a whole epoch.
 
     python bench.py model [--compile]   # PRX forward+backward vs diffusers' PRXTransformer2DModel, same weights and
                                         # inputs; forward FLOPs counted vs the closed form; MFU on CUDA
-    python bench.py muon                # Muon step on the `small` preset's block matrices vs torch.optim.Muon
+    python bench.py muon                # Muon step on the `small` preset's block matrices vs torch.optim.Muon; fp32
+                                        # Newton-Schulz in the Gram form vs the plain iteration
     python bench.py loader DIR          # ShardLoader samples/s on one core vs HuggingFace datasets (Arrow); writes a
                                         # synthetic dataset of realistic sizes into DIR unless DIR is prepared already
     python bench.py eval                # metric networks vs their reference pipelines, MMD in blocks vs one block,
@@ -48,7 +49,7 @@ from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_te
 from eval import (clip_features, dino_features, inception_features, load_dino, load_inception, mmd, sample,
                   write_random_inception_weights)
 from model import PRX, flops_per_sample, preset_config, trim_text
-from muon import Muon, assign_owners, ns_cost, split_muon_params
+from muon import Muon, assign_owners, newton_schulz, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
 import train
 from train import flow_loss
@@ -166,9 +167,14 @@ def bench_muon(args):
             p.grad = g
         return params
 
+    print(f"first {blocks} block(s): {len(shapes)} matrices, {sum(math.prod(s) for s in shapes):,} weights")
+    forms = {name: lambda plain=plain: [newton_schulz(g, dtype=torch.float32, plain=plain) for g in grads]
+             for name, plain in (("gram", False), ("plain", True))}
+    times = timed(forms, 1, args.steps)
+    compare(f"fp32 Newton-Schulz (the CPU's), Gram form where cheaper, median of {args.steps}",
+            1e3 * statistics.median(times["gram"]), "plain iteration", 1e3 * statistics.median(times["plain"]), "ms")
     ours = Muon(fresh_params())  # PRX's settings, which are also torch's with these arguments
     theirs = torch.optim.Muon(fresh_params(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    print(f"first {blocks} block(s): {len(shapes)} matrices, {sum(math.prod(s) for s in shapes):,} weights")
     times = timed({"ours": ours.step, "torch": theirs.step}, 1, args.steps)
     compare(f"step, median of {args.steps}", 1e3 * statistics.median(times["ours"]), "torch.optim.Muon",
             1e3 * statistics.median(times["torch"]), "ms")

@@ -26,14 +26,15 @@ from torch.distributed.tensor import DTensor, Shard
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Keller Jordan's: steep slope at 0 (3.4), S' still ends in ~[0.7, 1.2]
 
 
-def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
-    """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in `dtype` on G / ||G||_F."""
+def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16, plain=False):
+    """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in `dtype` on G / ||G||_F; in fp32
+    or wider the Gram form where it takes fewer FLOPs, unless `plain` (bench.py's baseline)."""
     tall = G.size(0) > G.size(1)
     X = G.to(dtype)
     if tall:
         X = X.T  # iterate on the wide orientation: the Gram matrix X X^T is then the small side
     X = X / (X.norm() + eps)  # ||X||_F >= spectral norm, so every singular value starts in [0, 1]
-    if dtype.itemsize >= 4 and 2 * X.size(1) > 3 * X.size(0):
+    if not plain and dtype.itemsize >= 4 and 2 * X.size(1) > 3 * X.size(0):
         X = gram_newton_schulz(X, steps)
     else:
         a, b, c = QUINTIC

@@ -34,6 +34,7 @@ def test_muon(capsys):
     bench.main(["muon", "--preset", "tiny", "--steps", "1"])
     out = capsys.readouterr().out
     assert_compared(out, "largest Newton-Schulz share", "ideal")
+    assert_compared(out, "fp32 Newton-Schulz", "plain iteration")
     assert_compared(out, "step", "torch.optim.Muon")
 
 

@@ -121,6 +121,8 @@ def test_gram_form_is_the_iteration_also_for_tiny_singular_values(shape):
     O = O if shape[0] < shape[1] else O.T
     torch.testing.assert_close(U.T @ O @ V, torch.diag(expected_singular_values(s)), rtol=0, atol=5e-4)
     assert torch.equal(O.float(), newton_schulz(G.float(), dtype=torch.float32, eps=0))  # fp32 takes this form
+    plain = newton_schulz(G.float(), dtype=torch.float32, eps=0, plain=True).double()  # bench.py's baseline
+    torch.testing.assert_close(U.T @ plain @ V, torch.diag(expected_singular_values(s)), rtol=0, atol=1e-4)
 
 
 def test_weight_decay_is_decoupled():
