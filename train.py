@@ -154,7 +154,7 @@ def get_parser():
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for block matrices")
     g.add_argument("--muon-ns-steps", type=count, default=5, help="Newton-Schulz iterations of --optimizer muon "
-                   "(PRX and Keller Jordan: 5); each is a fifth of Muon's cost")
+                   "(PRX and Keller Jordan: 5): fewer cost less and orthogonalise less (small singular values)")
     g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
     g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
     g.add_argument("--lr", type=positive, default=1e-4)
