@@ -168,7 +168,12 @@ def get_parser():
     g.add_argument("--ema", type=number(float, 0, 1), default=0.0, help="EMA decay in (0, 1) applied once per "
                    "update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
     g.add_argument("--ema-every", type=count, default=10, help="steps between EMA updates")
-    g = p.add_argument_group("evaluation")
+    add_evaluation_flags(p.add_argument_group("evaluation"))
+    return p
+
+
+def add_evaluation_flags(g):
+    """When and how a run evaluates itself, and when it stops at a target."""
     g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0 = at the end)")
     g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
                    "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
@@ -185,7 +190,6 @@ def get_parser():
     g.add_argument("--eval-ref", help="prepared data: FID reference from `python eval.py ref` (same --eval-samples)")
     g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
     g.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
-    return p
 
 
 def add_technique_flags(g):
@@ -250,7 +254,7 @@ def check_combinations(parser, args):
         parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
-    if args.muon_ns_steps != 5 and args.optimizer != "muon":
+    if args.muon_ns_steps != parser.get_default("muon_ns_steps") and args.optimizer != "muon":
         parser.error("--muon-ns-steps sets Muon's iterations: it needs --optimizer muon")
     repa_flags = {"--repa-stop": args.repa_stop is not None, "--irepa": args.irepa,
                   "--repa-layer": args.repa_layer is not None}

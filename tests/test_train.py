@@ -551,12 +551,15 @@ def test_prx_defaults_that_follow_other_flags():
     assert train.get_args(["--track", "cpu", "--optimizer", "muon"]).eps == 1e-8
     assert train.get_args(["--track", "cpu"]).eps == 1e-15
     assert train.get_args(["--track", "cpu", "--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
+    args = train.get_args(["--track", "cpu", "--tread", "--self-guidance", "1.5"])
+    assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
+
+
+def test_muon_ns_steps_reaches_muon():
     args = train.get_args(["--track", "cpu", "--optimizer", "muon", "--muon-ns-steps", "3"])
     trainee = train.Trainee(PRX(preset_config("tiny", 32, in_channels=3, context_dim=8)))
     muon_opt, _ = train.build_optimizers(args, trainee, torch.device("cpu"), lambda *_: None)
     assert muon_opt.defaults["ns_steps"] == 3  # what Muon.step iterates (test_muon: against torch.optim.Muon's)
-    args = train.get_args(["--track", "cpu", "--tread", "--self-guidance", "1.5"])
-    assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
 
 
 # ----------------------------------------------------------------------------------------------------------
