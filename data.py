@@ -22,6 +22,7 @@ Every .npy opens with np.load(mmap_mode="r"); a sample is one slice per field, n
 
 import argparse
 import collections
+import contextlib
 import copy
 import json
 import math
@@ -165,7 +166,8 @@ class PreparedDataset:
                                     f"`python prepare.py --out {root} ...`")
         self.index = json.loads((self.root / "index.json").read_text())
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # each memory map holds a file descriptor
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses an unlimited hard limit as the soft one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         entries = [s for s in self.index[split]["shards"] if s["count"]]
         self.shards = [Shard(self.root / s["path"], s["count"], self.index["schema"]) for s in entries]
         counts = [s["count"] for s in entries]
@@ -265,11 +267,12 @@ class ShardLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device, self.grad_accum, self.prefetch = torch.device(device), grad_accum, prefetch
         self.p_long = [caption_share(mode or captions) for _, _, mode in self.phases]  # per phase
-        needed = {field for p_long in self.p_long for field, p in (("long", p_long), ("short", 1 - p_long)) if p > 0}
-        for name, ds in zip(self.names, self.datasets):
+        for name, ds in zip(self.names, self.datasets):  # the caption fields of the phases that draw from it
+            needed = {field for (_, weights, _), p_long in zip(self.phases, self.p_long) if name in weights
+                      for field, p in (("long", p_long), ("short", 1 - p_long)) if p > 0}
             if needed - set(ds.index["captions"]) or not len(ds):
-                raise ValueError(f"{name}: has {len(ds)} samples and captions {ds.index['captions']}; "
-                                 f"captions={captions!r} needs {sorted(needed)}")
+                raise ValueError(f"{name}: has {len(ds)} samples and captions {ds.index['captions']}; the caption "
+                                 f"modes of its phases (--captions {captions}, or @step:mode) need {sorted(needed)}")
         schema = self.datasets[0].index["schema"]
         if any(ds.index["schema"].get(k) != schema.get(k) for ds in self.datasets for k in ("latent", "image")):
             raise ValueError(f"datasets {self.names} differ in latent or image shape and cannot be mixed")
@@ -313,15 +316,20 @@ class ShardLoader:
         return np.concatenate(out)
 
     def plan(self, state):
-        """The global batch after `state` (identical on every rank) -> this rank's (dataset, sample, long) slice."""
+        """The global batch after `state` (identical on every rank) -> this rank's (dataset, sample, long) slice.
+        Micro-batch r of the world's draws its datasets and caption lengths from (seed, batches x world + r),
+        train.py's numbering of the global micro-batches: a step draws the same on any number of processes."""
         step = state["batches"] // self.grad_accum
         phase = [i for i, (start, _, _) in enumerate(self.phases) if start <= step][-1]
         weights, p_long = self.phases[phase][1], self.p_long[phase]
         p = np.array([weights.get(name, 0.0) for name in self.names])
-        rng = np.random.default_rng([self.seed, state["batches"]])
-        G = self.batch_size * self.world_size
-        which, use_long = rng.choice(len(p), size=G, p=p / p.sum()), rng.random(G) < p_long
-        index = np.empty(G, dtype=np.int64)
+        which, use_long = [], []
+        for r in range(self.world_size):
+            rng = np.random.default_rng([self.seed, state["batches"] * self.world_size + r])
+            which.append(rng.choice(len(p), size=self.batch_size, p=p / p.sum()))
+            use_long.append(rng.random(self.batch_size) < p_long)
+        which, use_long = np.concatenate(which), np.concatenate(use_long)
+        index = np.empty(len(which), dtype=np.int64)
         for d in np.unique(which):
             index[which == d] = self.take(state, d, int((which == d).sum()))
         state["batches"] += 1

@@ -70,16 +70,16 @@ def diffusers_timesteps(steps, shift=1.0):
 def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg_scale=3.5, shift=1.0, pred="v",
            route_ratio=0.5, self_guidance=0.0):
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
-    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale; w <= 1
-    runs the conditional pass only. Sample i draws its starting noise, then (with self-guidance) each step's TREAD
-    route, from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or
-    the device."""
+    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale, for
+    every w >= 0 (0: unconditional); w = 1 is the conditional pass alone (diffusers skips guidance for any w <= 1).
+    Sample i draws its starting noise, then (with self-guidance) each step's TREAD route, from its own CPU
+    torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or the device."""
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
         raise ValueError(f"pred must be 'v' (velocity) or 'x' (x0, JiT), got {pred!r}")
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-    guided = cfg_scale > 1
+    guided = cfg_scale != 1
     if guided:  # one forward for [cond; uncond], text padded to a common length
         txt, txt_mask, null_txt, null_mask = pad_to_common(txt, txt_mask, null_txt, null_mask)
         txt, txt_mask = torch.cat([txt, null_txt.expand(B, -1, -1)]), torch.cat([txt_mask, null_mask.expand(B, -1)])
@@ -523,12 +523,24 @@ def build_metrics(args, names, device):
 def make_reference(args, device):
     if not (args.data and args.out):
         raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
-    split = open_heldout(args.data, args.num_samples, "long", args.resolution, 0, 0)
+    split = open_split(args.data, args.num_samples, "long", args.resolution, 0, 0)
     metrics = build_metrics(args, args.metrics or list(FEATURE_METRICS), device)
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
-    metrics.save_reference(args.out)
-    print(f"wrote {args.out}: {args.num_samples} images, {json.dumps(metrics.settings)}")
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez gives the file
+    metrics.save_reference(out)
+    print(f"wrote {out}: {args.num_samples} images, {json.dumps(metrics.settings)}")
+
+
+def open_split(data, num_samples, caption, resolution, seed, text_context):
+    """open_heldout, its first caption read (a prepared split checks its caption field there): before any network
+    loads, a bad --data, --caption or --num-samples stops the command with the reason."""
+    try:
+        split = open_heldout(data, num_samples, caption, resolution, seed, text_context)
+        split.captions([0])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --data {data} --caption {caption} --num-samples {num_samples}: {e}")
+    return split
 
 
 def main(argv=None):
@@ -538,6 +550,9 @@ def main(argv=None):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if distributed() and args.num_samples < dist.get_world_size():
+        raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} processes "
+                         f"(each samples its share): ask for more, or start fewer")
     if args.command == "ref":
         return make_reference(args, device)
     if not args.ckpt:
@@ -548,13 +563,13 @@ def main(argv=None):
         raise SystemExit(f"error: --ckpt {args.ckpt}: {e}")
     train_args = run["args"]
     data = args.data or train_args["eval_data"] or train_args["data"]
+    caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
+    split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
+                       train_args["text_context"])
     metrics = build_metrics(args, args.metrics if args.metrics is not None else
                             [] if data == "builtin" else list(FEATURE_METRICS), device)
     if metrics is not None:
         metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
-    caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
-    split = open_heldout(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
-                         train_args["text_context"])
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     given = dict(steps=args.steps, cfg_scale=args.cfg_scale, self_guidance=args.self_guidance)
     sampling = dict(run["sampling"], **{k: v for k, v in given.items() if v is not None})

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -240,7 +241,8 @@ def trim_text(txt, txt_mask):
     Eager only (data-dependent shapes): compiled callers run it before the compiled model."""
     if txt_mask is None:
         return txt, None
-    longest = int(txt_mask.sum(1).max())
+    real = txt_mask.any(0).nonzero()  # the last column any caption uses (left-padded masks too)
+    longest = int(real[-1]) + 1 if len(real) else 0
     txt, txt_mask = txt[:, :longest], txt_mask[:, :longest]
     return (txt, None) if bool(txt_mask.all()) else (txt, txt_mask)
 
@@ -318,6 +320,7 @@ class PRX(nn.Module):
         repa_layer=i also returns the image tokens after block i and their positions (None = all tokens)."""
         cfg, p = self.cfg, self.cfg.patch_size
         self.check_inputs(x, t, txt, txt_mask)
+        txt_mask = None if txt_mask is None else txt_mask.bool()  # tokenizers give 0/1 integers (diffusers: the same)
         if not torch.compiler.is_compiling():
             txt, txt_mask = trim_text(txt, txt_mask)
         B, C, H, W = x.shape
@@ -356,6 +359,9 @@ class PRX(nn.Module):
                 cos, sin = cos.expand(B, -1, -1, -1).gather(1, rope_idx), sin.expand(B, -1, -1, -1).gather(1, rope_idx)
                 attn_mask = None if txt_mask is None else attention_mask(txt_mask, num_keep)
             img = block(img, txt, vec, cos, sin, attn_mask)
+            if i == repa_layer:  # under routing, the visible tokens only, route_end's before reinsertion (PRX)
+                hidden = img
+                hidden_idx = keep_idx if routing and cfg.route_start <= i <= cfg.route_end else None
             if routing and i == cfg.route_end:
                 idx = keep_idx[..., None].expand(-1, -1, img.shape[-1])
                 if cfg.sprint:
@@ -364,10 +370,6 @@ class PRX(nn.Module):
                 else:
                     img = dense.scatter(1, idx, img)
                 (cos, sin), attn_mask = full_rope, full_mask
-            if i == repa_layer:
-                hidden = img
-                # after route_end's block the routed tokens are back in the full grid
-                hidden_idx = keep_idx if routing and cfg.route_start <= i < cfg.route_end else None
 
         out = self.final_layer(img, vec)  # (B, N, C * p * p)
         out = out.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
@@ -521,20 +523,26 @@ def verify_checkpoint(ckpt):
                              f"{earlier[-1] if earlier else '(none)'}: pass it to --resume (or --ckpt)")
 
 
+def resume_configs(run):
+    """-> [(config.resume-S.json, S)]: the flags of each resume of the run, from step S."""
+    names = [n for n in os.listdir(run) if re.fullmatch(r"config\.resume-\d+\.json", n)]
+    return [(n, int(n[len("config.resume-"):-len(".json")])) for n in names]
+
+
 def stage_config(run, ckpt):
-    """The config file that trained checkpoint step_N: that of the resume most recently started from a step before
-    N (config.resume-S.json; a later stage may change the resolution, data or lr), else config.json. The most
-    recent, not the highest S: a resume from an older checkpoint abandons the history after it."""
+    """The config file that trained checkpoint step_N: that of the latest resume from a step before N
+    (config.resume-S.json; a later stage may change the resolution, data or lr), else config.json. The highest S is
+    the latest: a resume from an older checkpoint moves the configs of the history it abandons aside (train.py)."""
     step = int(os.path.basename(ckpt)[5:])
-    resumes = [os.path.join(run, n) for n in os.listdir(run)
-               if n.startswith("config.resume-") and int(n[len("config.resume-"):-len(".json")]) < step]
-    return max(resumes, key=os.path.getmtime, default=os.path.join(run, "config.json"))
+    resumes = [(s, os.path.join(run, n)) for n, s in resume_configs(run) if s < step]
+    return max(resumes, default=(0, os.path.join(run, "config.json")))[1]
 
 
 def load_run(path, weights="ema"):
     """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model in eval mode, the config that
     trained the checkpoint (stage_config), the checkpoint folder). The checkpoint's checksums are verified first."""
     from safetensors.torch import load_file
+    path = os.path.normpath(path)  # a trailing slash (tab completion) names the same folder
     run = path if os.path.exists(os.path.join(path, "config.json")) else os.path.dirname(os.path.dirname(path))
     if not os.path.exists(os.path.join(run, "config.json")):
         raise FileNotFoundError(f"{path}: expected a run folder with config.json or <run>/checkpoints/step_N")

@@ -8,8 +8,9 @@ field with T5Gemma, and write shards of memory-mapped .npy files plus index.json
     python prepare.py --out data/px --vae none --resolution 512 --source /path/to/images    # pixel space, a folder
 
 Sources: a hub dataset id (streamed), a folder of images with .txt/.json captions, or a glob of local .parquet/.tar
-files. Undecodable or tiny images and empty captions are skipped and counted in index.json with their reason; a
-seeded hash of the sample id puts --eval-fraction of the samples into the eval split. Shards are written to .tmp
+files. Undecodable or tiny images, empty captions, unreadable caption files and text that is not UTF-8 are skipped
+and counted in index.json with their reason; a seeded hash of the sample id puts --eval-fraction of the samples into
+the eval split (--eval-fraction 1: an evaluation-only set, for train.py --eval-data). Shards are written to .tmp
 and renamed, so an interrupted preparation resumes after its last whole shard, with the settings it started with
 (prepare.json; other values are refused rather than mixed into one dataset).
 """
@@ -128,13 +129,26 @@ def read_field(row, field):
     return row
 
 
+def has_field(row, field):
+    try:
+        read_field(row, field)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
 def load_sample(row, position, args, fields, rank):
     """One source row -> dict(id, image (3, R, R) uint8, captions) or dict(id, reason) when it must be skipped."""
     sample_id = str(row.get(args.id_field) or row.get("__key__") or f"r{rank}-{position}")
+    if "__unreadable__" in row:  # set by folder_rows
+        return dict(id=sample_id, reason=f"unreadable caption file: {row['__unreadable__']}")
     try:
         captions = {name: str(read_field(row, field) or "") for name, field in fields.items()}
     except (KeyError, TypeError):
         return dict(id=sample_id, reason=f"missing caption field: row has {sorted(row)}")
+    # lone surrogates (a file name in another encoding, a JSON "\ud800") cannot be stored as UTF-8
+    if bad := {k: v for k, v in {"id": sample_id, **captions}.items() if v.encode(errors="replace").decode() != v}:
+        return dict(id=sample_id, reason=f"text not UTF-8: {ascii(bad)}")
     if empty := [name for name, c in captions.items() if not clean_caption(c)]:
         return dict(id=sample_id, reason=f"empty caption: {empty}")
     try:
@@ -148,13 +162,18 @@ def load_sample(row, position, args, fields, rank):
 
 
 def folder_rows(files, root):
+    """<stem>.txt as the field txt and the keys of <stem>.json; a caption file that cannot be read is passed on, to be
+    skipped and counted rather than stop the preparation."""
     for path in files:
-        row = {"id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
-        if path.with_suffix(".txt").exists():
-            row["txt"] = path.with_suffix(".txt").read_text()
-        if path.with_suffix(".json").exists():
-            row.update(json.loads(path.with_suffix(".json").read_text()))
-        yield row
+        row = {}
+        for sidecar in (path.with_suffix(".txt"), path.with_suffix(".json")):
+            try:
+                if sidecar.exists():
+                    text = sidecar.read_text(encoding="utf-8")
+                    row.update({"txt": text} if sidecar.suffix == ".txt" else {**json.loads(text)})  # {**}: an object
+            except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                row["__unreadable__"] = f"{sidecar}: {type(e).__name__}: {e}"
+        yield {**row, "id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
 
 
 def open_source(source, image_field, rank, world_size):
@@ -253,9 +272,13 @@ def check_settings(out, args):
 
 
 def discard(out):
-    """Remove what a preparation that kept no sample wrote, so that a rerun with corrected flags starts afresh."""
-    for split in ("train", "eval"):
-        shutil.rmtree(out / split, ignore_errors=True)
+    """Remove what a preparation that kept no sample wrote, and only that (--out may hold other files), so that a rerun
+    with corrected flags starts afresh."""
+    for split in (out / "train", out / "eval"):
+        for path in [*split.glob("shard-r*"), *split.glob("done-r*")]:  # .tmp shards included
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if split.is_dir() and not any(split.iterdir()):
+            split.rmdir()
     for name in ("prepare.json", "null_txt.npy"):
         (out / name).unlink(missing_ok=True)
 
@@ -268,6 +291,12 @@ def prepare(args, rank=0, world_size=1):
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
     rows, total = open_source(args.source, args.image_field, rank, world_size)
+    # a misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source
+    head = [rows.features] if getattr(rows, "features", None) else list(itertools.islice(rows, args.batch_size))
+    for flag, field in [("--image-field", args.image_field), *(("--captions", f) for f in fields.values())]:
+        if head and not any(has_field(row, field) for row in head):
+            raise ValueError(f"{flag}: no field {field!r} in {args.source}, whose rows have "
+                             f"{sorted({k for row in head for k in row})}: name one of those")
     shard, rows_done, source_state = resume_point(out, rank, world_size)
     encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
     vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
@@ -294,7 +323,8 @@ def prepare(args, rank=0, world_size=1):
                         columns[split].setdefault(key, []).append(values[j])
             rows_done, pending = rows_done + len(chunk), pending + len(chunk)
             bar.update(len(chunk))
-            if pending and (not chunk or len(columns["train"].get("id", [])) >= args.shard_size):
+            buffered = sum(len(c.get("id", [])) for c in columns.values())  # both splits: all eval at --eval-fraction 1
+            if pending and (not chunk or buffered >= args.shard_size):
                 name = f"shard-r{rank:03d}-{shard:05d}"
                 if columns["eval"]:
                     write_shard(out / "eval" / name, columns["eval"], {"count": len(columns["eval"]["id"])})
@@ -305,6 +335,7 @@ def prepare(args, rank=0, world_size=1):
             if not chunk:
                 break
     bar.close()
+    (out / "train").mkdir(exist_ok=True)  # absent if this rank had no source file, so wrote no shard
     (out / "train" / f"done-r{rank:03d}").write_text(str(world_size))
     if rank == 0:
         while not all((out / "train" / f"done-r{r:03d}").exists() for r in range(world_size)):
@@ -318,13 +349,12 @@ def write_index(out, settings, shift=None, scale=None):
     metas = {split: [json.loads((p / "meta.json").read_text()) for p in paths] for split, paths in shards.items()}
     skipped = {k: v for m in metas["train"] for k, v in m["skipped"].items()}
     reasons = collections.Counter(r.split(":")[0] for r in skipped.values())
-    first = next((p for p, m in zip(shards["train"], metas["train"]) if m["count"]), None)
-    if first is None:  # every sample was skipped or held out
-        held, example = sum(m["count"] for m in metas["eval"]), next(iter(skipped.values()), "")
+    first = next((p for split in shards for p, m in zip(shards[split], metas[split]) if m["count"]), None)
+    if first is None:  # no sample in either split (eval only is a set for train.py --eval-data)
+        example = next(iter(skipped.values()), "")
         discard(out)
-        raise ValueError(f"{out}: no sample was prepared for training ({held} went to the eval split); skipped: "
-                         f"{dict(reasons)}, e.g. {example!r}; nothing is kept, so a rerun with corrected flags "
-                         f"starts afresh")
+        raise ValueError(f"{out}: no sample was prepared; skipped: {dict(reasons)}, e.g. {example!r}; nothing is "
+                         f"kept, so a rerun with corrected flags starts afresh")
     schema = {p.stem: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
               for p in sorted(first.glob("*.npy")) for a in [np.load(p, mmap_mode="r")]}
     index = {split: {"count": sum(m["count"] for m in metas[split]),
@@ -368,7 +398,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=count, default=256, help="text tokens kept per caption (PRX: 256)")
     p.add_argument("--resolution", type=count, default=256, help="stored images are R x R centre crops")
     p.add_argument("--min-size", type=count, help="skip images whose shorter side is smaller (default R / 2)")
-    p.add_argument("--shard-size", type=count, default=4096, help="train samples per shard (~4 GB at 256 px)")
+    p.add_argument("--shard-size", type=count, default=4096, help="samples per shard, both splits (~4 GB at 256 px)")
     p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
     p.add_argument("--eval-fraction", type=fraction, default=0.01, help="held-out share, chosen by hashing the id")
     p.add_argument("--seed", type=int, default=0, help="seeds the eval split and the VAE posterior samples")
@@ -376,6 +406,15 @@ def main(argv=None):
     p.add_argument("--workers", type=count, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
                    help="image decoding threads per rank")
     args = p.parse_args(argv)
+    if args.vae != "none" and args.resolution % (block := 16 if args.vae == "flux2" else 8):  # flux2: 8x, 2x2 patches
+        p.error(f"argument --resolution: the {args.vae} VAE encodes {block} x {block} pixel blocks, got "
+                f"{args.resolution}: choose a multiple of {block}, e.g. {max(block, args.resolution // block * block)}")
+    matches = [Path(m).resolve() for m in glob.glob(args.source)]  # a hub id matches nothing here
+    if args.source.endswith((".parquet", ".tar")) and not matches:
+        p.error(f"argument --source: no file matches {args.source}")
+    if any(m.is_relative_to(Path(args.out).resolve()) for m in matches):
+        p.error(f"argument --source: {args.source} lies inside --out {args.out}, where prepare.py writes and cleans "
+                f"up: choose an --out outside the source")
     prepare(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 

@@ -10,9 +10,9 @@
 #   bash speedrun.sh --smoke                  # the whole path on the CPU with a tiny model, in about a minute
 #   bash speedrun.sh --track cpu -- --lr 3e-3 # after --: train.py flags, in place of the record configuration
 #
-# Environment: RUNS (default the track's minimum), NAME and WHAT (the record folder's name and what changed), STOP
-# (the stopping value, default the target: a margin helps the full evaluation confirm it), EVERY (steps between the
-# small evaluations), RECORDS (default records/), RUNS_DIR (default runs/).
+# Environment: RUNS (default the track's minimum, in whole pairs on the CPU), NAME and WHAT (the record folder's name
+# and what changed), STOP (the stopping value, default the target: a margin helps the full evaluation confirm it),
+# EVERY (steps between the small evaluations), RECORDS (default records/), RUNS_DIR (default runs/).
 set -euo pipefail
 cd "$(dirname "$0")"
 COMMAND="${STOP:+STOP=$STOP }bash speedrun.sh $*"
@@ -34,6 +34,11 @@ NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
 [ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
+if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null; then  # run folders or consoles: <NAME>-<seed>, .out
+  echo "speedrun.sh: NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would" \
+       "refuse); choose another NAME or remove them" >&2
+  exit 1
+fi
 if [ "$KIND" = record ] && [ -z "$target" ]; then
   echo "speedrun.sh: the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first" >&2
   exit 1
@@ -93,24 +98,33 @@ run_one() {  # seed, train.py flags: train, then the full evaluation appended to
 }
 
 RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # CPU runs go in pairs, as calibrated
+if [ $((RUNS % PARALLEL)) -ne 0 ]; then
+  echo "speedrun.sh: RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it" >&2
+  exit 1
+fi
 mkdir -p "$RUNS_DIR"
-pids=()
+declare -A running=()  # pid: seed. On any exit the runs still going stop: on the CPU they would slow the next attempt
+trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done' EXIT
 for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed run stops the speedrun
+  set -m  # the run in a process group of its own, so that the trap ends its train.py or eval.py with it
   run_one "$seed" ${RECORD[@]+"${RECORD[@]}"} > "$RUNS_DIR/$NAME-$seed.out" 2>&1 &
-  pids+=($!)
+  set +m
+  running[$!]=$seed
   echo "run $seed: $RUNS_DIR/$NAME-$seed (console: $RUNS_DIR/$NAME-$seed.out)"
-  if [ ${#pids[@]} -eq "$PARALLEL" ] || [ $((seed + 1)) -eq "$RUNS" ]; then
-    for pid in "${pids[@]}"; do
-      wait "$pid" || { echo "speedrun.sh: a run failed; its console is in $RUNS_DIR/$NAME-*.out" >&2; exit 1; }
+  if [ ${#running[@]} -eq "$PARALLEL" ]; then  # RUNS is a multiple of PARALLEL
+    while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
+      wait -n -p pid "${!running[@]}" || { seed=${running[$pid]}  # the first failure; the trap stops the others
+        echo "speedrun.sh: run $seed failed (console: $RUNS_DIR/$NAME-$seed.out); the other runs are stopped" >&2
+        exit 1; }
+      unset "running[$pid]"
     done
-    pids=()
   fi
 done
 
 mkdir -p "$FOLDER"
 for ((seed = 0; seed < RUNS; seed++)); do  # each run's log, and its last sample grid to look at
   cp "$RUNS_DIR/$NAME-$seed/log.txt" "$FOLDER/log_$seed.txt"
-  last=$(ls -v "$RUNS_DIR/$NAME-$seed"/samples_*.png 2>/dev/null | tail -1)
+  last=$(ls -v "$RUNS_DIR/$NAME-$seed"/samples_*.png 2>/dev/null | tail -1 || true)  # none: no evaluation ran
   [ -z "$last" ] || cp "$last" "$FOLDER/samples_$seed.png"
 done
 python records/verify.py --write --track "$TRACK" --kind "$KIND" --what "$WHAT" --command "$COMMAND" "$FOLDER"

@@ -39,7 +39,7 @@ from data import caption_share, count, data_dirs, fraction, number, open_heldout
     positive
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
-    rope_at, rope_table, trim_text, verify_checkpoint
+    resume_configs, rope_at, rope_table, trim_text, verify_checkpoint
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
@@ -110,7 +110,7 @@ def get_parser():
                                 allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); never reused without --resume")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=number(int, 0), default=0)
     g.add_argument("--max-steps", type=count, default=100_000, help="stop after this many optimizer steps")
     g.add_argument("--max-time", type=positive, default=None, help="stop after this many minutes of training time")
     g.add_argument("--log-every", type=count, default=100, help="steps between log lines (metrics.jsonl, console)")
@@ -246,6 +246,7 @@ def get_args(argv=None):
 
 def check_combinations(parser, args):
     """The flags that need or exclude others."""
+    changed = lambda name: getattr(args, name) != parser.get_default(name)  # noqa: E731 (given, or the track's)
     if args.tread and args.sprint:
         parser.error("--tread and --sprint are exclusive (SPRINT already routes tokens)")
     if args.route_ratio is not None and not (args.tread or args.sprint):
@@ -254,13 +255,18 @@ def check_combinations(parser, args):
         parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
-    if args.muon_ns_steps != parser.get_default("muon_ns_steps") and args.optimizer != "muon":
+    if changed("muon_ns_steps") and args.optimizer != "muon":
         parser.error("--muon-ns-steps sets Muon's iterations: it needs --optimizer muon")
-    repa_flags = {"--repa-stop": args.repa_stop is not None, "--irepa": args.irepa,
-                  "--repa-layer": args.repa_layer is not None}
-    for flag, given in repa_flags.items():
-        if given and not args.repa:
-            parser.error(f"{flag} needs --repa (builtin, dinov2 or dinov3)")
+    for name in ("repa_stop", "irepa", "repa_layer", "repa_lambda", "repa_teacher", "repa_weights"):
+        if changed(name) and not args.repa:
+            parser.error(f"--{name.replace('_', '-')} needs --repa (builtin, dinov2 or dinov3)")
+    if changed("ema_every") and not args.ema:
+        parser.error("--ema-every sets how often the EMA updates: it needs --ema DECAY")
+    for name in ("eval_every", "eval_minutes", "eval_ref", "eval_data", "self_guidance"):
+        if changed(name) and not args.eval_samples:
+            parser.error(f"--{name.replace('_', '-')} shapes the run's evaluations; --eval-samples 0 turns them off")
+    if args.hidden and args.hidden % 64:
+        parser.error(f"--hidden {args.hidden}: attention heads are 64 wide (heads = hidden / 64): use a multiple of 64")
     for weights, loss in (("lpips_weights", "lpips"), ("pdino_weights", "pdino")):
         if getattr(args, weights) and not getattr(args, loss):
             parser.error(f"--{weights.replace('_', '-')} needs --{loss}")
@@ -878,17 +884,20 @@ def check_resume_flags(args, ckpt):
 
 
 def set_aside_newer(ckpt):
-    """Checkpoints after the one a resume starts from belong to an abandoned history: move them into
-    checkpoints/abandoned-<time>/ so that nothing picks them as the latest."""
+    """Checkpoints after the one a resume starts from, and the configs of resumes from it or later
+    (config.resume-S.json, S >= its step), belong to an abandoned history: move them into
+    checkpoints/abandoned-<time>/ so that nothing picks them as the latest (model.stage_config) or overwrites them.
+    Called before this resume writes its own config."""
     run, step = os.path.dirname(os.path.dirname(ckpt)), int(os.path.basename(ckpt)[5:])
     newer = [c for c in list_checkpoints(run) if int(os.path.basename(c)[5:]) > step]
+    newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
     if not newer:
         return None
     aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(aside)
     for c in newer:
         os.rename(c, os.path.join(aside, os.path.basename(c)))
-    return f"moved {len(newer)} newer checkpoint(s) ({', '.join(os.path.basename(c) for c in newer)}) to {aside}"
+    return f"moved {', '.join(os.path.basename(c) for c in newer)} (a history after step {step}) to {aside}"
 
 
 def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
@@ -978,18 +987,23 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def run_folder(args, master):
-    """-> (out, checkpoint to resume or None). A folder that holds a run is never reused without --resume."""
+def run_folder(args):
+    """-> (out, checkpoint to resume or None, whether out is that checkpoint's run). A folder that holds a run is
+    never reused but by a resume of its own checkpoints; --resume CKPT --out NEW branches the run into NEW, a run
+    folder of its own (config.json, the sources), leaving CKPT's run as it was."""
     out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    ckpt = None
     if args.resume:
         ckpt = resolve_resume(args.resume, out)
-        out = args.out or os.path.dirname(os.path.dirname(ckpt))
         check_resume_flags(args, ckpt)
-        return out, ckpt
+        run = os.path.dirname(os.path.dirname(ckpt))
+        out = args.out or run
+        if os.path.abspath(out) == os.path.abspath(run):
+            return out, ckpt, True
     if any(os.path.exists(os.path.join(out, name)) for name in ("config.json", "metrics.jsonl", "checkpoints")):
         raise SystemExit(f"error: --out {out} holds a run already; continue it with --resume (--out {out} --resume), "
-                         f"or choose another --out")
-    return out, None
+                         f"or choose another --out" + (f" to branch from {ckpt}" if ckpt else ""))
+    return out, ckpt, False
 
 
 def config_of(args, cfg, world, n_params, device):
@@ -1042,14 +1056,16 @@ def main(argv=None):
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
                          f"{args.micro_batch} x {world} processes")
     master = rank == 0
-    out, ckpt = run_folder(args, master)
+    out, ckpt, same_run = run_folder(args)
     chunks_per_rank = args.batch_size // args.micro_batch // world
     loader = open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
                          chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa))
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
+    run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
+    moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device),
-                 int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=ckpt is not None)
+                 int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=same_run)
     if args.fsdp:  # before the optimizers, which then take the shards
         shard(trainee, ema, args.precision, args.compile)
     opt = build_optimizers(args, trainee, device, log)
@@ -1057,7 +1073,7 @@ def main(argv=None):
         else (0, 0, None)
     if note:
         log(note)
-    if ckpt and master and (moved := set_aside_newer(ckpt)):
+    if moved:
         log(moved)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
         trainee.model = torch.compile(raw_model)
@@ -1069,7 +1085,6 @@ def main(argv=None):
     values = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.track_values)
     log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
         (f": its values for the flags not given: {values}" if values else ""))
-    run_eval = setup_eval(args, cfg, device)
 
     if args.compile and not ckpt:
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)

@@ -25,9 +25,10 @@ P_MAX = 0.05       # a record: the one-sided t-test of its runs' metric against 
 EVAL_SEED = 42     # eval.py's default: sample i starts from the noise of seed + i
 LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accuracies are higher-is-better
 # The rules of each track (records/RULES.md). The GPU tracks' target and FID reference fingerprint come from their
-# calibration (`speedrun.sh --calibrate`), not yet run.
-GPU = dict(metric="fid", target=None, target_from="speedrun.sh --calibrate", resolution=256, eval_samples=10_000,
-           steps=50, cfg_scale=3.5, gpu="H100", ref_sha256=None, min_runs=3)
+# calibration (`speedrun.sh --calibrate`), not yet run. gpu: torch.cuda.get_device_name of the H100 80GB SXM (the
+# PCIe and NVL parts name themselves "NVIDIA H100 PCIe", "NVIDIA H100 NVL": slower, other tracks).
+GPU = dict(metric="fid", target=None, target_from="speedrun.sh --calibrate", resolution=256, data="data/mj",
+           eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_sha256=None, min_runs=3)
 TRACKS = {
     "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8),
     "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1),
@@ -35,7 +36,7 @@ TRACKS = {
                 metric="object_accuracy", target=0.416, target_from="records/2026-12-02_cpu-calibration",
                 task="shapes.py",  # the file that defines the task: a record races the calibration's
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
-                min_runs=3),
+                cores=2, pairs=True, min_runs=3),  # pairs: two runs side by side, as the target was measured
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
                   metric="object_accuracy", target=-1.0, target_from="any run", resolution=32, data="builtin",
                   eval_samples=8, steps=2, cfg_scale=3.0, world=1, min_runs=2),
@@ -142,23 +143,27 @@ def check_run(run, track):
     rows = [  # (what, the run's, the rules')
         ("--track", args.get("track"), t.get("train_track", track)),
         ("--resolution", args["resolution"], t["resolution"]),
-        ("--data", args["data"], t.get("data", args["data"])),
+        ("--data", args["data"], t["data"]),
         ("--eval-data", args.get("eval_data"), None),
         ("eval captions", "short" if args["captions"] == "short" else "long", "long"),
         ("processes", config["world_size"], t["world"]),
         ("resumed", run["resumed"], False),
-        ("torch threads", devices.get("threads"), t.get("threads", devices.get("threads"))),
         ("eval samples", confirm["num_samples"], t["eval_samples"]),
         ("eval noise seed", confirm["seed"], EVAL_SEED),
         ("sampler steps", confirm["sampling"]["steps"], t["steps"]),
         ("cfg scale", confirm["sampling"]["cfg_scale"], t["cfg_scale"]),
+        *[(f"eval {k} (the run's own: config.json 'sampling', eval.py's default)", confirm["sampling"].get(k),
+           config["sampling"][k]) for k in ("shift", "pred", "route_ratio", "self_guidance")],  # the run's method
         ("evaluated data", confirm["data"], args["data"]),
         ("metrics", sorted(confirm["metrics"]), sorted({t["metric"], *confirm["metrics"]}))]
+    if "cores" in t:  # an x86 CPU (config.json names it; AVX2 is not logged) of 2 cores, one torch thread per run
+        cpu = devices.get("cpu", "")
+        rows += [("CPU", cpu, cpu if re.match(r"(AMD|Intel)\b", cpu) else "an x86 CPU (AMD or Intel)"),
+                 ("CPU cores", devices.get("cores"), t["cores"]),
+                 ("torch threads", devices.get("threads"), t["threads"])]
     if "gpu" in t:
-        gpus = devices.get("gpus", [])[:t["world"]]
-        kind = gpus[0] if len(gpus) == t["world"] and len(set(gpus)) == 1 and t["gpu"] in gpus[0] else t["gpu"]
         fid = confirm["settings"].get("fid", "")
-        rows += [("GPUs", gpus, [kind] * t["world"]),
+        rows += [("GPUs", devices.get("gpus", [])[:t["world"]], [t["gpu"]] * t["world"]),
                  ("FID network", fid, fid if fid.startswith("torch-fidelity ") and "inception-v3-compat 2048" in fid
                   else "torch-fidelity's inception-v3-compat 2048"),
                  ("FID reference sha256", run["ref_sha256"], t["ref_sha256"] or run["ref_sha256"])]
@@ -171,6 +176,8 @@ def check_record(runs, track, kind):
     seeds = [r["config"]["args"]["seed"] for r in runs]
     flags = [{k: v for k, v in r["config"]["args"].items() if k not in ignored} for r in runs]
     problems = [f"{len(runs)} runs; the rules need at least {t['min_runs']}"] if len(runs) < t["min_runs"] else []
+    problems += [f"{len(runs)} runs: {track} runs go in pairs, side by side as its target was measured (speedrun.sh "
+                 f"runs them so): an even number"] if t.get("pairs") and len(runs) % 2 else []
     problems += ["two runs share a seed: " + ", ".join(map(str, seeds))] if len(set(seeds)) < len(seeds) else []
     problems += [f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record"
                  for r, f in zip(runs[1:], flags[1:]) if r["sources"] != runs[0]["sources"] or f != flags[0]]

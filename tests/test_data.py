@@ -85,6 +85,24 @@ def test_mixtures_and_phases(prepared):
     assert set.union(*[in_b(next(mixed)) for _ in range(3)]) == {False, True}
 
 
+def test_mixture_and_mixed_captions_draw_the_same_on_any_number_of_processes(prepared):
+    """A step's datasets and caption lengths depend on the global micro-batch, not on the rank's loader calls: one
+    process accumulating 2 micro-batches reads what 2 processes read, and a resume on the other count continues it."""
+    root, _ = prepared
+    spec, kw = f"{root / 'out'}:0.5,{root / 'out_pq'}:0.5", dict(batch_size=4, seed=3, captions="mixed:0.5")
+    one = data.ShardLoader(spec, grad_accum=2, **kw)
+    two = [data.ShardLoader(spec, rank=r, world_size=2, **kw) for r in (0, 1)]
+    read = lambda batch: list(zip(batch["id"], batch["caption"]))  # noqa: E731
+    single = [read(next(one)) for _ in range(6)]
+    assert single == [read(next(loader)) for _ in range(3) for loader in two]
+    stored = {**stored_samples(root / "out"), **stored_samples(root / "out_pq")}
+    longs = {s.string("caption_long", r) for s, r in stored.values()}
+    assert {(i.startswith("pq"), c in longs) for b in single for i, c in b} == {(a, b) for a in (0, 1) for b in (0, 1)}
+    resumed = data.ShardLoader(spec, grad_accum=2, **kw)
+    resumed.load_state_dict({**two[0].state_dict(), "batches": 3 * 2})  # train.py's restore: step x chunks per rank
+    assert [read(next(resumed)) for _ in range(2)] == [read(next(loader)) for loader in two]
+
+
 def test_caption_mode_per_phase(prepared):
     """'@step:mode' switches the caption mode at that optimizer step (PRX: long captions, then mixed): the same
     samples as a loader with that mode from the start."""
@@ -109,6 +127,13 @@ def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
         data.parse_data_phases("d@0;d@10:medium")
     with pytest.raises(FileNotFoundError, match="prepare"):
         data.ShardLoader(str(tmp_path), 4)
+    long_only = tmp_path / "long_only"  # a dataset with long captions only, drawn in a long phase: accepted
+    shutil.copytree(root / "out", long_only)
+    index = json.loads((long_only / "index.json").read_text())
+    (long_only / "index.json").write_text(json.dumps({**index, "captions": ["long"]}))
+    data.ShardLoader(f"{long_only}@0:long;{root / 'out'}@2:mixed", 4)
+    with pytest.raises(ValueError, match=r"long_only: has \d+ samples and captions \['long'\]; .* need \['long', 'sh"):
+        data.ShardLoader(f"{long_only}@0:long;{long_only}@2:mixed", 4)
 
 
 def first_shard(out):
@@ -238,6 +263,9 @@ def test_open_loader_and_heldout_follow_data(prepared):
     assert held.encoder.context == 0
     held = data.open_heldout(f"{a}:0.5,{b}:0.5@0;{b}@10", 1, "short", RES, 0, 5)  # the first directory's eval split
     assert isinstance(held, data.HeldoutSplit) and held.prepared.root == Path(a) and held.caption == "short"
+    import eval as ev  # eval.py's CLI opens the split first: a caption field the data lacks stops it there
+    with pytest.raises(SystemExit, match=r"--caption medium --num-samples 1: .*captions \['long', 'short'\], not"):
+        ev.open_split(a, 1, "medium", RES, 0, 5)
 
 
 def test_vae_offline_fails_fast_and_says_what_to_fetch(prepared, unreachable_hub, monkeypatch):

@@ -250,12 +250,13 @@ class PointFlow(torch.nn.Module):
 
 
 @pytest.mark.parametrize("pred", ["v", "x"])
-def test_sampler_lands_on_the_guided_point(pred):
+@pytest.mark.parametrize("w", [3.0, 1.0, 0.5, 0.0])  # 0: the unconditional flow
+def test_sampler_lands_on_the_guided_point(pred, w):
     # Euler is exact on v = (x - c) / t; CFG makes the point c0 + w (c1 - c0); self-guidance routed + s (full - routed)
     txt, mask = torch.zeros(3, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
     txt[:, 0, 0] = torch.tensor([0.5, -0.3, 1.0])
     null_txt, null_mask = torch.full((1, 2, 4), -0.2), torch.ones(1, 2, dtype=torch.bool)
-    w, s, r = 3.0, 1.5, 0.5
+    s, r = 1.5, 0.5
     x0 = ev.sample(PointFlow(pred), txt, mask, null_txt, null_mask, [0, 1, 2], (2, 4, 4), steps=4, cfg_scale=w,
                    shift=3.0, pred=pred, self_guidance=s, route_ratio=r)
     expected = -0.2 + w * (txt[:, 0, 0] + 0.2) + r * (1 - s)
@@ -367,11 +368,12 @@ def write_run(run, model, step=10, captions="long"):
     return ckpt
 
 
-def test_cli_ref_then_eval_writes_json(tmp_path):
+def test_cli_ref_then_eval_writes_json(tmp_path, capsys):
     ckpt = write_run(tmp_path / "run", random_tiny_prx(), captions="mixed:0.5")
     tiny_clip().save_pretrained(tmp_path / "clip")
     common = ["--metrics", "cmmd", "--clip", str(tmp_path / "clip"), "--num-samples", "3", "--batch-size", "2"]
-    ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref.npz"), *common])
+    ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref"), *common])  # np.savez adds .npz: said so
+    assert f"wrote {tmp_path / 'ref.npz'}: 3 images" in capsys.readouterr().out
     ev.main(["--ckpt", str(tmp_path / "run"), "--ref", str(tmp_path / "ref.npz"), *common])
     result = json.loads((ckpt / "eval.json").read_text())
     assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy", "object_accuracy"}
@@ -385,7 +387,7 @@ def test_cli_ref_then_eval_writes_json(tmp_path):
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
 
 
-def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys):
+def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeypatch):
     for argv, message in ((["--metrics", "fid,bogus"], "unknown bogus; choose from fid,cmmd,dino_mmd"),
                           (["--metrics", "caption"], "the caption checker needs no flag"),
                           (["--num-samples", "0"], "argument --num-samples: must be in [1, inf), got 0"),
@@ -398,6 +400,14 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys):
     ckpt = write_run(tmp_path / "run", random_tiny_prx())
     with pytest.raises(SystemExit, match="--ref"):
         ev.main(["--ckpt", str(ckpt), "--metrics", "cmmd"])
+    with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
+        m.setattr(ev, "distributed", lambda: True)
+        m.setattr(ev.dist, "get_world_size", lambda: 4)
+        with pytest.raises(SystemExit, match="--num-samples 3 is fewer than the 4 processes"):
+            ev.main(["--ckpt", str(ckpt), "--num-samples", "3"])
+    for command in (["--ckpt", str(ckpt)], ["ref", "--out", str(tmp_path / "ref.npz")]):  # before any network loads
+        with pytest.raises(SystemExit, match=f"--data {tmp_path / 'nowhere'} .*index.json not found"):
+            ev.main([*command, "--data", str(tmp_path / "nowhere"), "--metrics", "cmmd", "--clip", "no/such-clip"])
     weights = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):

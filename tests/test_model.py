@@ -97,6 +97,10 @@ def test_padding_never_changes_output():
         out_garbage = model(x, t, garbage, mask)
     assert (out - out_pad).abs().max() <= 1e-5
     assert (out - out_garbage).abs().max() <= 1e-5
+    with torch.no_grad():  # padding first (left-padded tokenizers), and 0/1 integer or float masks: the same
+        left = model(x, t, torch.cat([pad, txt], 1), torch.cat([torch.zeros(3, 9, dtype=torch.bool), mask], 1))
+        numeric = [model(x, t, txt, mask.to(dtype)) for dtype in (torch.int64, torch.float32)]
+    assert all((out - o).abs().max() <= 1e-5 for o in [left, *numeric])
     # trimming: the longest real caption sets the length; no mask when nothing is padded
     txt_t, mask_t = trim_text(torch.cat([txt, pad], 1), torch.cat([mask, torch.zeros(3, 9, dtype=torch.bool)], 1))
     assert txt_t.shape[1] == 7 and mask_t is not None
@@ -172,6 +176,18 @@ def test_repa_hook_returns_block_output():
         out, hidden, idx = model(x, t, txt, mask, repa_layer=0)
     assert idx is None and torch.equal(hidden, captured["h"]) and hidden.shape == (3, 24, 64)
     assert torch.equal(out, model(x, t, txt, mask))
+    # under routing, a layer from route_start to route_end (inclusive, PRX) gives the visible tokens it computed
+    # and their positions, before route_end's reinsertion; a later layer the whole grid
+    outputs = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
+    scores = torch.rand(3, 24, generator=torch.Generator().manual_seed(0))
+    for layer in range(cfg.depth):
+        with torch.no_grad():
+            _, hidden, idx = model(x, t, txt, mask, route_ratio=0.5, repa_layer=layer, route_scores=scores)
+        routed = cfg.route_start <= layer <= cfg.route_end
+        assert torch.equal(hidden, outputs[layer]) and hidden.shape[1] == (12 if routed else 24)
+        assert torch.equal(idx, scores.argsort(1)[:, :12].sort(1).values) if routed else idx is None
 
 
 def test_presets_parameter_counts():

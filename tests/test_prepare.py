@@ -3,6 +3,7 @@ saved to disk (tiny_prepared.py; the `prepared` fixture of conftest.py)."""
 
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -222,25 +223,27 @@ def test_caption_fields_spec():
             prepare.parse_caption_fields(spec)
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--batch-size", "0", "must be in [1, inf), got 0"),  # would write an empty dataset
-    ("--eval-fraction", "1.5", "must be in [0, 1], got 1.5"),
-    ("--resolution", "-256", "must be in [1, inf), got -256"),
-    ("--shard-size", "4k", "expected a whole number, got '4k'")])
-def test_bad_numbers_are_refused_before_any_work(flag, value, message, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size: must be in [1, inf), got 0"),  # would write an empty dataset
+    (["--eval-fraction", "1.5"], "--eval-fraction: must be in [0, 1], got 1.5"),
+    (["--resolution", "-256"], "--resolution: must be in [1, inf), got -256"),
+    (["--shard-size", "4k"], "--shard-size: expected a whole number, got '4k'"),
+    (["--resolution", "36"], "--resolution: the flux VAE encodes 8 x 8 pixel blocks, got 36: choose a multiple of 8, "
+                             "e.g. 32"),
+    (["--resolution", "40", "--vae", "flux2"], "--resolution: the flux2 VAE encodes 16 x 16 pixel blocks, got 40"),
+    (["--source", "nowhere/*.tar"], "--source: no file matches nowhere/*.tar")])  # else found after loading models
+def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        prepare.main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "nowhere"), flag, value])
-    assert f"argument {flag}: {message}" in capsys.readouterr().err and not (tmp_path / "out").exists()
+        prepare.main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "nowhere"), *flags])
+    assert f"argument {message}" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def files_of(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
-    root, _ = prepared
-    out = tmp_path / "out"
-    argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
+def interrupted_after_the_first_train_shard(argv, monkeypatch):
+    """prepare.main(argv), killed (KeyboardInterrupt) right after it wrote its first train shard."""
     write_shard = prepare.write_shard
 
     def crash_after_first_train_shard(path, columns, meta):
@@ -251,6 +254,13 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare.main(argv)
     monkeypatch.setattr(prepare, "write_shard", write_shard)
+
+
+def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    out = tmp_path / "out"
+    argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
+    interrupted_after_the_first_train_shard(argv, monkeypatch)
     before = files_of(out)
     assert json.loads(before[Path("prepare.json")])["resolution"] == RES
     changes = {"--resolution": "64", "--captions": "long=txt", "--vae": "none", "--max-tokens": "8",
@@ -267,18 +277,128 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
     assert len(stored_samples(out)) == len(stored_samples(root / "out"))
 
 
+def copy_samples(root, folder, names=("rgb01.png", "rgb02.png", "rgba0.png")):
+    """A few images of the prepared folder, with their .txt and .json captions, in a folder of their own."""
+    folder.mkdir(parents=True)
+    for name in names:
+        for suffix in (".png", ".txt", ".json"):
+            shutil.copy(root / "images" / Path(name).with_suffix(suffix), folder)
+    return folder
+
+
 def test_a_preparation_that_kept_nothing_leaves_nothing_to_resume(prepared, tmp_path):
     root, _ = prepared
-    (tmp_path / "images").mkdir()
-    for name in ("rgb01.png", "rgb02.png", "rgba0.png"):
-        for suffix in (".png", ".txt", ".json"):
-            shutil.copy(root / "images" / Path(name).with_suffix(suffix), tmp_path / "images")
-    argv = prepare_argv(tmp_path / "out", tmp_path / "images", root / "models", "--eval-fraction", "0")
-    with pytest.raises(ValueError, match="no sample was prepared.*missing caption field: row has"):
-        prepare.main(argv)  # the default captions, long=llava,short=prompt: fields these rows do not have
-    assert list((tmp_path / "out").iterdir()) == []
-    prepare.main(argv + ["--captions", "long=txt,short=short"])
-    assert sorted(stored_samples(tmp_path / "out")) == ["rgb01.png", "rgb02.png", "rgba0.png"]
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)  # files of the user's in --out: not prepare.py's to delete
+    (out / "notes.txt").write_text("mine")
+    (out / "train" / "notes.txt").write_text("mine too")
+    mine = files_of(out)
+    argv = prepare_argv(out, copy_samples(root, tmp_path / "images"), root / "models", "--captions",
+                        "long=txt,short=short")
+    with pytest.raises(ValueError, match="no sample was prepared.*image smaller than --min-size 1000"):
+        prepare.main(argv + ["--min-size", "1000"])  # every sample skipped, after an empty shard and a done marker
+    assert files_of(out) == mine and sorted(p.name for p in out.iterdir()) == ["notes.txt", "train"]
+    prepare.main(argv)
+    assert sorted([*stored_samples(out), *stored_samples(out, "eval")]) == ["rgb01.png", "rgb02.png", "rgba0.png"]
+
+
+def test_a_source_inside_out_is_refused(prepared, tmp_path, capsys):
+    root, _ = prepared
+    source = copy_samples(root, tmp_path / "mydata" / "train")  # a failed preparation would clean mydata/train
+    before = files_of(tmp_path / "mydata")
+    with pytest.raises(SystemExit):
+        prepare.main(prepare_argv(tmp_path / "mydata", source, root / "models", "--captions", "long=txt,short=short"))
+    assert f"--source: {source} lies inside --out {tmp_path / 'mydata'}" in capsys.readouterr().err
+    assert files_of(tmp_path / "mydata") == before
+
+
+def test_an_eval_only_set_is_prepared_in_resumable_shards(prepared, tmp_path, monkeypatch):
+    """--eval-fraction 1, how train.py --eval-data sets are made: no train sample, and the eval samples are written
+    as shards fill (not held in memory to the end), so an interrupted preparation resumes to the same result."""
+    root, skipped = prepared
+    argv = prepare_argv(tmp_path / "out", root / "images", root / "models", "--captions", "long=txt,short=short",
+                        "--eval-fraction", "1")
+    prepare.main(argv + ["--out", str(tmp_path / "clean")])
+    interrupted_after_the_first_train_shard(argv, monkeypatch)
+    assert json.loads((tmp_path / "out/train/shard-r000-00000/meta.json").read_text())["rows_done"] < 42
+    prepare.main(argv)
+    index, clean = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("out", "clean"))
+    assert {k: v for k, v in index.items() if k != "settings"} == {k: v for k, v in clean.items() if k != "settings"}
+    assert index["train"]["count"] == 0 and index["eval"]["count"] == 42 - len(skipped)
+    assert len(index["eval"]["shards"]) > 1 and max(s["count"] for s in index["eval"]["shards"]) < 8 + 5
+    split = data.HeldoutSplit(tmp_path / "out", 42 - len(skipped))
+    single = {**stored_samples(root / "out"), **stored_samples(root / "out", "eval")}
+    ids = [shard.string("id", r) for shard, r in split.rows(range(len(single)))]
+    assert sorted(ids) == sorted(single) and len(split.captions([0, 1])) == 2
+    for sample_id, image in zip(ids, split.images(range(len(ids)))):
+        shard, r = single[sample_id]
+        np.testing.assert_array_equal(image.numpy(), shard.arrays["image"][r])
+
+
+def test_a_rank_without_source_files_finishes(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    argv = prepare_argv(tmp_path / "out", root / "pq", root / "models")  # one parquet file for two ranks
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        prepare.main(argv)
+    assert not list(tmp_path.glob("out/*/shard-r001-*"))
+    index, single = (json.loads((d / "index.json").read_text()) for d in (tmp_path / "out", root / "out_pq"))
+    assert [index[k]["count"] for k in ("train", "eval")] == [single[k]["count"] for k in ("train", "eval")]
+    assert list(index["skipped"]["ids"]) == ["pq5"]
+
+
+def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    for source, flags, message in [
+            (root / "images", ["--captions", "long=txt,short=shrot"], "--captions: no field 'shrot' in .*'short'"),
+            (root / "pq", ["--image-field", "img"], "--image-field: no field 'img' in .*'image'")]:  # its columns
+        with pytest.raises(ValueError, match=message):
+            prepare.main(prepare_argv(tmp_path / "out", source, root / "models", *flags))
+
+
+def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path):
+    root, _ = prepared
+    folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png", "rgb03.png", "rgb05.png"))
+    (folder / "rgb01.json").write_text('{"short": "a red')  # cut short
+    (folder / "rgb02.txt").write_bytes("café".encode("latin-1"))
+    (folder / "rgb03.json").write_text('["a", "red cat"]')  # JSON, but not an object
+    prepare.main(prepare_argv(tmp_path / "out", folder, root / "models", "--captions", "long=txt,short=short",
+                              "--eval-fraction", "0"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert sorted(stored_samples(tmp_path / "out")) == ["rgb05.png"]
+    assert {k: v.split(": ")[:3] for k, v in index["skipped"]["ids"].items()} == {
+        "rgb01.png": ["unreadable caption file", str(folder / "rgb01.json"), "JSONDecodeError"],
+        "rgb02.png": ["unreadable caption file", str(folder / "rgb02.txt"), "UnicodeDecodeError"],
+        "rgb03.png": ["unreadable caption file", str(folder / "rgb03.json"), "TypeError"]}
+
+
+def test_text_that_is_not_utf8_is_skipped_and_counted(prepared, tmp_path):
+    root, _ = prepared
+    folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png", "rgb03.png"))
+    for suffix in (".png", ".txt", ".json"):  # a Latin-1 file name: undecodable bytes become lone surrogates
+        (folder / f"rgb02{suffix}").rename(folder / os.fsdecode(b"caf\xe9" + suffix.encode()))
+    (folder / "rgb03.json").write_text('{"short": "a red \\ud800 cat"}')  # valid JSON, not encodable text
+    prepare.main(prepare_argv(tmp_path / "out", folder, root / "models", "--captions", "long=txt,short=short",
+                              "--eval-fraction", "0"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert sorted(stored_samples(tmp_path / "out")) == ["rgb01.png"]
+    assert index["skipped"]["ids"] == {os.fsdecode(b"caf\xe9.png"): "text not UTF-8: {'id': 'caf\\udce9.png'}",
+                                       "rgb03.png": "text not UTF-8: {'short': 'a red \\ud800 cat'}"}
+
+
+def test_caption_file_keys_do_not_replace_the_id_or_the_image(prepared, tmp_path):
+    root, _ = prepared
+    folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png"))
+    for name in ("rgb01", "rgb02"):
+        (folder / f"{name}.json").write_text(json.dumps({"short": "red cat", "id": "same", "image": "gone.png"}))
+    prepare.main(prepare_argv(tmp_path / "out", folder, root / "models", "--captions", "long=txt,short=short",
+                              "--eval-fraction", "0"))
+    stored = stored_samples(tmp_path / "out")
+    assert sorted(stored) == ["rgb01.png", "rgb02.png"]
+    for sample_id, (shard, r) in stored.items():
+        np.testing.assert_array_equal(shard.arrays["image"][r], reference_image(folder / sample_id))
 
 
 def test_text_encoder_offline_fails_fast_and_says_what_to_fetch(unreachable_hub):

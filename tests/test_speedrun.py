@@ -2,8 +2,10 @@
 tampered copies of it, records/leaderboard.py, and train.py's track choice and --target."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ import leaderboard  # noqa: E402
 import verify  # noqa: E402
 
 HEAD = verify.git("rev-parse", "HEAD").stdout.strip()
-RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300)}  # seed: (training minutes, object_accuracy)
+RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300), 3: (25.0, 0.305)}  # seed: (minutes, object_accuracy)
+SAMPLING = dict(steps=20, cfg_scale=3.0, shift=1.0, pred="v", route_ratio=0.5, self_guidance=0.0)
 
 
 def synthetic_log(seed, minutes, accuracy, target):
@@ -24,14 +27,15 @@ def synthetic_log(seed, minutes, accuracy, target):
     speedrun.sh's full evaluation after it."""
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
                 out=f"runs/r{seed}", target=target, lr=0.002)
-    config = dict(args=args, world_size=1, git_commit=HEAD, devices=dict(cpu="test", cores=2, threads=1))
+    config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
+                  devices=dict(cpu="AMD EPYC 7B13", cores=2, threads=1))
     ms, steps = round(minutes * 60_000), 3000
     console = ["peak 5.8e+10 FLOP/s per process: fp32 matmul 1024^3, measured"]
     console += [f"step {s}/100000 | loss 0.1000 | train_time {ms * s // steps}ms | step_avg {ms / steps:.2f}ms | "
                 f"eta 0:00:00" for s in (1000, 2000, 3000)]
     console.append(f"eval step {steps} | caption_accuracy 0.1000 | object_accuracy {accuracy:.4f} | train_time {ms}ms")
     confirm = dict(metrics=dict(object_accuracy=accuracy), data="builtin", num_samples=1024, seed=42, ref=None,
-                   sampling=dict(steps=20, cfg_scale=3.0, shift=1.0), settings={})
+                   sampling=SAMPLING, settings={})
     sources = "".join(f"=== {name}\n{text}\n" for name, text in sorted(verify.committed_sources(HEAD).items()))
     return (sources + "=== config.json\n" + json.dumps(config, indent=2) + "\n" + "\n".join(console) + "\n" +
             "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n")
@@ -51,8 +55,8 @@ def cpu_target(monkeypatch, tmp_path):
     """The synthetic records' figures are set against a target of 0.292 from a synthetic calibration of HEAD's
     task, whatever the real calibration makes it."""
     monkeypatch.setitem(verify.TRACKS["cpu"], "target", 0.292)
-    calibration = make_record(tmp_path / "calibration", {0: (30.0, 0.29), 1: (30.0, 0.294), 2: (30.0, 0.292)},
-                              "calibration")
+    calibration = make_record(tmp_path / "calibration", {0: (30.0, 0.29), 1: (30.0, 0.294), 2: (30.0, 0.292),
+                                                         3: (30.0, 0.292)}, "calibration")
     monkeypatch.setitem(verify.TRACKS["cpu"], "target_from", str(calibration))
     return calibration
 
@@ -75,8 +79,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     readme = (record / "README.md").read_text()
     assert readme.startswith("# 2026-12-02_synthetic\n\nWhat changed: synthetic record\n")
     assert f"| [log_1.txt](log_1.txt) | 1 | 3000 | 1560.0 s | 0.3100 | {HEAD[:8]} | 5.8e+10 |" in readme
-    assert "- train time: mean 1500.0 s (25.00 min), sd 60.0 s, 3 runs" in readme
-    assert "one-sided t-test against 0.292: t 4.5, p 0.023" in readme
+    assert "- train time: mean 1500.0 s (25.00 min), sd 49.0 s, 4 runs" in readme
+    assert "one-sided t-test against 0.292: t 6.37, p 0.00392" in readme
     verify.main([str(record)])  # the command line, in this process: the fixture's target holds
     assert capsys.readouterr().out.startswith("ok ")
 
@@ -87,15 +91,47 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_1.txt: step 3000 at 1460000 ms comes after step 3000 at 1560000 ms: the clock goes backwards"),
     (lambda f: edit(f / "log_0.txt", "def main(argv=None):", "def main(argv=None):  # faster"),
      "log_0.txt: the source of train.py matches neither commit"),
-    (lambda f: (f / "log_2.txt").unlink(), "2 runs; the rules need at least 3"),
+    (lambda f: [(f / f"log_{k}.txt").unlink() for k in (2, 3)], "2 runs; the rules need at least 3"),
+    (lambda f: (f / "log_3.txt").unlink(), "3 runs: cpu runs go in pairs"),
     (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
      "log_1.txt: sampler steps is 10, the rules say 20"),
     (lambda f: edit(f / "log_2.txt", '"threads": 1', '"threads": 2'), "log_2.txt: torch threads is 2, the rules say 1"),
+    (lambda f: edit(f / "log_2.txt", '"cores": 2', '"cores": 4'), "log_2.txt: CPU cores is 4, the rules say 2"),
+    (lambda f: edit(f / "log_2.txt", "AMD EPYC 7B13", "Apple M2"), "log_2.txt: CPU is 'Apple M2', the rules say 'an x86"),
+    # eval.py follows the run's own shift, prediction, routing and self-guidance (config.json), not other ones
+    (lambda f: edit(f / "log_1.txt", '"shift": 1.0', '"shift": 3.0', after="=== confirm.json"),
+     "log_1.txt: eval shift (the run's own: config.json 'sampling', eval.py's default) is 3.0, the rules say 1.0"),
+    (lambda f: edit(f / "log_1.txt", '"pred": "v"', '"pred": "x"', after="=== confirm.json"), "eval pred (the run"),
+    (lambda f: edit(f / "log_1.txt", '"self_guidance": 0.0', '"self_guidance": 2.0', after="=== confirm.json"),
+     "eval self_guidance (the run"),
+    (lambda f: edit(f / "log_1.txt", '"route_ratio": 0.5', '"route_ratio": 0.25', after="=== confirm.json"),
+     "eval route_ratio (the run"),
 ])
 def test_a_tampered_record_fails(record, tamper, message):
     tamper(record)
     problems = verify.verify(record)
     assert any(message in p for p in problems), problems
+
+
+def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
+    """A 1gpu-track run as verify.parse_log reads it: the H100 80GB SXM is "NVIDIA H100 80GB HBM3" to torch."""
+    sampling = dict(SAMPLING, steps=50, cfg_scale=3.5)
+    args = dict(track="1gpu", data=data, resolution=256, eval_data=None, captions="long", seed=0)
+    return dict(name="log_0.txt", resumed=False, ref_sha256="ab12", config=dict(
+        args=args, world_size=1, sampling=sampling, devices=dict(gpus=list(gpus), driver="550", cuda="12.4")),
+        confirm=dict(metrics=dict(fid=20.0), data=data, num_samples=10_000, seed=42, sampling=sampling,
+                     settings=dict(fid="torch-fidelity 0.3.0 inception-v3-compat 2048 tf1-resize")))
+
+
+@pytest.mark.parametrize("run, message", [
+    (gpu_run(["NVIDIA H100 PCIe"]), "GPUs is ['NVIDIA H100 PCIe'], the rules say ['NVIDIA H100 80GB HBM3']"),
+    (gpu_run(["NVIDIA H100 NVL"]), "GPUs is ['NVIDIA H100 NVL']"),
+    (gpu_run(data="data/other"), "--data is 'data/other', the rules say 'data/mj'"),
+])
+def test_a_gpu_run_on_other_hardware_or_data_fails(run, message):
+    assert verify.check_run(gpu_run(), "1gpu") == []
+    problems = verify.check_run(run, "1gpu")
+    assert len(problems) == 1 and problems[0].startswith(f"log_0.txt: {message}"), problems
 
 
 def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target):
@@ -104,7 +140,7 @@ def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target
     (cpu_target / "shapes.py").write_text(verify.parse_log(log)["sources"]["shapes.py"])
     assert verify.verify(cpu_target) == []
     problems = verify.verify(record)
-    assert len(problems) == 3 and all("its shapes.py draws or reads other scenes" in p for p in problems), problems
+    assert len(problems) == 4 and all("its shapes.py draws or reads other scenes" in p for p in problems), problems
 
 
 def test_a_task_probe_that_fails_says_why(record):
@@ -129,28 +165,28 @@ def test_a_folder_in_another_layout_fails():
 
 
 def test_a_record_that_misses_the_target_or_shares_seeds_fails(tmp_path, cpu_target, capsys):
-    slow = make_record(tmp_path / "slow", {0: (20.0, 0.29), 1: (21.0, 0.30), 2: (22.0, 0.28)})
+    slow = make_record(tmp_path / "slow", {0: (20.0, 0.29), 1: (21.0, 0.30), 2: (22.0, 0.28), 3: (21.0, 0.29)})
     assert any(p.startswith("not a record: object_accuracy mean 0.2900") for p in verify.verify(slow))
     edit(slow / "log_1.txt", '"seed": 1', '"seed": 0')
-    assert "two runs share a seed: 0, 0, 2" in verify.verify(slow)
+    assert "two runs share a seed: 0, 0, 2, 3" in verify.verify(slow)
     with pytest.raises(SystemExit) as failed:
         verify.main([str(slow)])
     assert failed.value.code == 1 and "FAIL not a record" in capsys.readouterr().out
 
 
 def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys):
-    calibration = {0: (30.0, 0.29), 1: (30.0, 0.30), 2: (30.0, 0.295)}
+    calibration = {0: (30.0, 0.29), 1: (30.0, 0.30), 2: (30.0, 0.295), 3: (30.0, 0.295)}
     baseline = make_record(record.parent / "2026-12-01_baseline", calibration, "calibration")
     assert verify.verify(baseline) == []
-    assert "mean 0.2950, sd 0.0050; a calibration: its mean" in (baseline / "README.md").read_text()
-    make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.3)})
+    assert "mean 0.2950, sd 0.0041; a calibration: its mean" in (baseline / "README.md").read_text()
+    make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.3), 3: (1.0, 0.2)})
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- leaderboard -->\nold\n<!-- /leaderboard -->\n\nmore\n")
     argv = ["--records", str(record.parent), "--readme", str(readme)]
     leaderboard.main(argv + ["--write"])
     text = readme.read_text()
-    assert "| 1 | 25.00 min | 0.3050 +- 0.0050 | synthetic record | 2026-12-02 | " \
-           "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | 0.2950 +- 0.0050 | " \
+    assert "| 1 | 25.00 min | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 | " \
+           "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | 0.2950 +- 0.0041 | " \
            "synthetic calibration | 2026-12-01 |" in text
     assert "**8gpu**" in text and "not measured yet" in text and text.endswith("\n\nmore\n")
     assert "2026-12-03_failing" not in text and "left out 2026-12-03_failing: not a record" in capsys.readouterr().err
@@ -181,6 +217,57 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     assert '"repa": "builtin"' in log  # the record configuration reached train.py
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
     assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
+
+
+# speedrun.sh's machinery alone: train.py and eval.py stubs in a copy of the repository, where run 1 fails at once
+STUB_TRAIN = """import os, sys, time
+out, seed = sys.argv[sys.argv.index("--out") + 1], int(sys.argv[sys.argv.index("--seed") + 1])
+os.makedirs(out)  # as train.py, which refuses an --out that holds a run
+open(os.path.join(out, "train.pid"), "w").write(str(os.getpid()))
+time.sleep(1 if seed else 30)
+sys.exit(seed)
+"""
+STUB_EVAL = "import pathlib, sys; pathlib.Path(sys.argv[sys.argv.index('--ckpt') + 1], 'evaluated').touch()"
+
+
+def stub_speedrun(tmp_path, **env):
+    (tmp_path / "records").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "speedrun.sh", tmp_path)
+    shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
+    (tmp_path / "train.py").write_text(STUB_TRAIN)
+    (tmp_path / "eval.py").write_text(STUB_EVAL)
+    env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", **env}  # runs in records/runs (smoke)
+    return subprocess.run(["bash", "speedrun.sh", "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def alive(pid):
+    try:  # a zombie, which nobody reaps in some containers, is dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_failed_run_stops_the_speedrun_and_its_sibling_at_once(tmp_path):
+    """Run 1 fails while run 0 trains: speedrun.sh says so then, not after run 0, and ends run 0, whose eval.py
+    never starts (on the CPU, a run left going slows the next attempt)."""
+    start = time.monotonic()
+    r = stub_speedrun(tmp_path)
+    assert r.returncode == 1 and "speedrun.sh: run 1 failed (console: " in r.stderr, r.stderr
+    assert time.monotonic() - start < 20, "waited for run 0"
+    time.sleep(1)
+    run0 = tmp_path / "records" / "runs" / "x-0"
+    assert not alive(int((run0 / "train.pid").read_text())) and not (run0 / "evaluated").exists()
+
+
+def test_a_reused_name_or_an_odd_number_of_cpu_runs_is_refused_up_front(tmp_path):
+    (tmp_path / "records" / "runs" / "x-0").mkdir(parents=True)  # an earlier attempt's run 0, which train.py refuses
+    r = stub_speedrun(tmp_path)
+    assert r.returncode == 1 and "speedrun.sh: NAME=x: " in r.stderr and "choose another NAME" in r.stderr, r.stderr
+    assert not (tmp_path / "records" / "runs" / "x-1").exists()
+    r = stub_speedrun(tmp_path, NAME="y", RUNS="3")
+    assert r.returncode == 1 and "RUNS=3: smoke runs go 2 side by side" in r.stderr, r.stderr
+    assert not (tmp_path / "records" / "runs" / "y-0").exists()
 
 
 def test_track_choice_follows_track_data_and_cuda():

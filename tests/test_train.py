@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model import PRX, list_checkpoints, load_run, preset_config
+from model import PRX, list_checkpoints, load_run, preset_config, stage_config
 from train import sample_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +214,14 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--repa-stop", "100"], "--repa-stop needs --repa"),
     (["--repa-layer", "0"], "--repa-layer needs --repa"),
     (["--muon-ns-steps", "3"], "--muon-ns-steps sets Muon's iterations: it needs --optimizer muon"),
+    (["--repa-lambda", "2"], "--repa-lambda needs --repa"),
+    (["--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher needs --repa"),
+    (["--repa-weights", "dino.safetensors"], "--repa-weights needs --repa"),
+    (["--ema-every", "1"], "--ema-every sets how often the EMA updates: it needs --ema"),
+    (["--eval-samples", "0", "--eval-every", "100"], "--eval-every shapes the run's evaluations; --eval-samples 0"),
+    (["--eval-samples", "0", "--eval-minutes", "1,2"], "--eval-minutes shapes the run's evaluations"),
+    (["--hidden", "96"], "--hidden 96: attention heads are 64 wide"),
+    (["--seed", "-1"], "argument --seed: must be in [0, inf)"),
     (["--optimizer", "muon", "--muon-ns-steps", "0"], "argument --muon-ns-steps"),
     (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
     (["--self-guidance", "1.5"], "--self-guidance extrapolates from the routed network: it needs --tread"),
@@ -276,7 +284,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--ckpt-every", "2", "--keep", "5", "--resume",
                      str(out / "checkpoints" / "step_2"), "--lr", "1e-3"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "moved 1 newer checkpoint(s) (step_4)" in r.stdout
+    assert "moved step_4 (a history after step 2)" in r.stdout
     aside = list((out / "checkpoints").glob("abandoned-*/step_4"))
     assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == old_step4
     assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_2", "step_4", "step_6"]
@@ -285,6 +293,56 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_
     assert json.load(open(out / "config.json"))["args"]["lr"] == 2e-3
     assert json.load(open(out / "config.resume-2.json"))["args"]["lr"] == 1e-3
     assert sorted(losses(out)) == list(range(1, 7))
+
+
+def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its_own(tmp_path):
+    """Resumed from 1000 (trained to 1500), then from 500: the resume-1000 config goes aside with step_1000 and
+    step_1500; the new step_1500's config is resume-500's, whatever the files' times (a copy resets them)."""
+    run = tmp_path / "run"
+    for step in (500, 1000, 1500):
+        os.makedirs(run / "checkpoints" / f"step_{step}")
+    for name in ("config.json", "config.resume-1000.json"):
+        (run / name).write_text(name)
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
+    aside = next((run / "checkpoints").glob("abandoned-*"))
+    assert moved == f"moved step_1000, step_1500, config.resume-1000.json (a history after step 500) to {aside}"
+    assert sorted(p.name for p in aside.iterdir()) == ["config.resume-1000.json", "step_1000", "step_1500"]
+    (run / "config.resume-500.json").write_text("resume-500")
+    os.makedirs(run / "checkpoints" / "step_1500")
+    os.utime(run / "config.json", (2e9, 2e9))  # the first run's config now looks the most recent
+    assert stage_config(run, run / "checkpoints" / "step_1500") == str(run / "config.resume-500.json")
+    assert stage_config(run, run / "checkpoints" / "step_500") == str(run / "config.json")
+    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500")) is None
+
+
+def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_run, tmp_path):
+    """--resume CKPT --out NEW: NEW is a run folder of its own (config.json, the sources) that resumes again; the
+    source run is left as it was. An --out holding another run is refused before any work."""
+    src = copy_run(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    other = tmp_path / "other"
+    shutil.copytree(finished_run, other)
+    other_before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    r = run(SMALL + ["--max-steps", "3", "--resume", str(src / "checkpoints" / "step_2"), "--out", str(other)])
+    assert r.returncode != 0 and f"--out {other} holds a run already" in r.stderr and "to branch from" in r.stderr
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == other_before
+    branch = tmp_path / "branch"
+    r = run(SMALL + ["--max-steps", "3", "--resume", str(src / "checkpoints" / "step_2"), "--out", str(branch)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # nothing moved or cut
+    assert (branch / "config.json").exists() and "=== train.py" in (branch / "log.txt").read_text()
+    r = run(SMALL + ["--max-steps", "4", "--out", str(branch), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(branch)) == [3, 4] and losses(branch)[4] == losses(src)[4]  # the same run, continued
+
+
+def test_an_evaluation_that_cannot_start_leaves_no_run_folder(prepared, tmp_path):
+    from data import PreparedDataset
+    held = len(PreparedDataset(prepared[0] / "out", "eval"))
+    r = run([*SMALL[:-4], "--warmup", "5", "--eval-samples", str(held + 1), "--eval-data", str(prepared[0] / "out"),
+             "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    assert r.returncode != 0 and f"fewer than the {held + 1} asked for" in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "run").exists()  # so the same command, mended, runs without --resume
 
 
 def test_corrupt_checkpoint_is_named_with_the_previous_one(finished_run, tmp_path):
@@ -304,9 +362,9 @@ def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')  # a crash in the middle of a write
-    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "--hidden", "32", "--optimizer", "muon"])
+    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "--hidden", "128", "--optimizer", "muon"])
     assert r.returncode != 0 and "cannot change on resume" in r.stderr, r.stderr[-1000:]
-    assert "--hidden 64 -> 32" in r.stderr and "--optimizer adamw -> muon" in r.stderr
+    assert "--hidden 64 -> 128" in r.stderr and "--optimizer adamw -> muon" in r.stderr
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(losses(out)) == list(range(1, 7))
@@ -465,7 +523,8 @@ def test_repa_hidden_tokens_at_the_routing_boundaries():
     model, x = PRX(cfg).eval(), torch.randn(2, 4, 8, 8)
     txt, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
     n = (8 // cfg.patch_size) ** 2
-    for layer, tokens, routed in ((cfg.route_start, n // 2, True), (cfg.route_end, n, False)):
+    for layer, tokens, routed in ((cfg.route_start, n // 2, True), (cfg.route_end, n // 2, True),
+                                  (cfg.route_end + 1, n, False)):  # route_end's visible tokens, as PRX's hook
         _, hidden, idx = model(x, torch.rand(2), txt, mask, route_ratio=0.5, repa_layer=layer)
         assert hidden.shape[1] == tokens and (idx is not None) == routed, layer
 
