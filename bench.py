@@ -699,6 +699,17 @@ def main(argv=None):
                                     not args.min_len <= args.max_len <= args.txt_tokens):
         parser.error(f"bench.py model: --img-tokens {args.img_tokens} must be a square number (a square grid) and "
                      f"--min-len {args.min_len} <= --max-len {args.max_len} <= --txt-tokens {args.txt_tokens}")
+    if getattr(args, "preset", None):
+        try:
+            depth = preset_config(args.preset).depth
+        except ValueError as e:
+            parser.error(f"--preset: {e}")
+        if args.command == "muon" and args.blocks > depth:
+            parser.error(f"bench.py muon: --blocks {args.blocks} is more than the {depth} blocks of {args.preset}")
+    if args.command == "loader":  # a prepared DIR's samples, or the synthetic one's: at least one batch
+        n = len(PreparedDataset(args.dir)) if os.path.exists(os.path.join(args.dir, "index.json")) else args.samples
+        if n < args.batch:
+            parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {where} | {config}")

@@ -4,8 +4,8 @@
     python records/plot.py --out curve.png baseline=runs/base-0,runs/base-1,runs/base-2 repa=runs/repa-0
     python records/plot.py --out curve.png --target 0.30 --metric object_accuracy baseline=runs/base-0
 
-The time to the target is where a run's curve first reaches it, linear between its evaluations (evaluation time
-excluded, as on GPU); "not reached" when it does not within the run.
+The time to the target is where a run's curve first reaches it (at or below it for FID, CMMD and DINO-MMD), linear
+between its evaluations (evaluation time excluded, as on GPU); "not reached" when it does not within the run.
 """
 import argparse
 import json
@@ -14,15 +14,20 @@ import statistics
 
 from PIL import Image, ImageDraw
 
+from verify import LOWER_IS_BETTER  # records/verify.py
+
 COLOURS = [(200, 30, 30), (30, 60, 200), (20, 140, 60), (150, 60, 170)]
 
 
 def evaluations(run, metric):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [(r["train_time_s"] / 60, r["step"], r[metric]) for r in map(json.loads, f) if metric in r]
+    with open(os.path.join(run, "metrics.jsonl")) as f:  # a killed or running run may end in a torn line
+        records = [json.loads(line) for line in f if line.endswith("}\n")]
+    return [(r["train_time_s"] / 60, r["step"], r[metric]) for r in records if metric in r]
 
 
-def time_to(target, points):
+def time_to(target, points, lower=False):
+    if lower:  # lower is better: the same crossing on the negated curve
+        return time_to(-target, [(m, s, -a) for m, s, a in points])
     for (m0, _, a0), (m1, _, a1) in zip([(0.0, 0, 0.0)] + points, points):
         if a1 >= target:
             return m0 + (m1 - m0) * (target - a0) / (a1 - a0) if a1 > a0 else m1
@@ -36,12 +41,12 @@ def mean_sd(values):
 def table(name, runs, metric, target):
     print(f"\n{name} ({len(runs)} runs): {metric}\n\n| training minutes | steps | {metric} per run | mean +- sd |\n"
           "|---|---|---|---|")
-    for i, (minutes, _, _) in enumerate(runs[0]):
+    for i in range(max(map(len, runs))):  # every run's evaluations, the longest run's included
         rows = [points[i] for points in runs if i < len(points)]
-        print(f"| {minutes:.1f} | {', '.join(str(s) for _, s, _ in rows)} | "
+        print(f"| {statistics.mean(m for m, _, _ in rows):.1f} | {', '.join(str(s) for _, s, _ in rows)} | "
               f"{', '.join(f'{a:.3f}' for _, _, a in rows)} | {mean_sd([a for _, _, a in rows])} |")
     if target is not None:
-        times = [time_to(target, points) for points in runs]
+        times = [time_to(target, points, metric in LOWER_IS_BETTER) for points in runs]
         shown = ", ".join("not reached" if t is None else f"{t:.1f}" for t in times)
         print(f"\nminutes to {metric} {target}: {shown}" +
               (f" (mean {statistics.mean(times):.1f})" if None not in times else ""))
@@ -52,7 +57,7 @@ def plot(groups, metric, target, path):
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     t_max = max(m for runs in groups.values() for points in runs for m, _, _ in points)
-    top = max(a for runs in groups.values() for points in runs for _, _, a in points) * 1.1
+    top = max([a for runs in groups.values() for points in runs for _, _, a in points] + [target or 0]) * 1.1 or 1
     x = lambda minutes: M + (W - 2 * M) * minutes / t_max  # noqa: E731
     y = lambda acc: H - M - (H - 2 * M) * acc / top  # noqa: E731
     d.line([(M, M), (M, H - M), (W - M, H - M)], fill="black")
@@ -64,7 +69,8 @@ def plot(groups, metric, target, path):
     d.text((W // 2 - 110, H - 20), f"training minutes: {metric}", fill="black")
     if target is not None:
         d.line([(M, y(target)), (W - M, y(target))], fill=(120, 120, 120))
-    for (name, runs), colour in zip(groups.items(), COLOURS):
+    for k, (name, runs) in enumerate(groups.items()):
+        colour = COLOURS[k % len(COLOURS)]  # more groups than colours: repeated, each curve still named
         for points in runs:
             d.line([(x(m), y(a)) for m, _, a in points], fill=colour, width=1)
         mean = [(x(statistics.mean(p[i][0] for p in runs)), y(statistics.mean(p[i][2] for p in runs)))
@@ -85,6 +91,9 @@ def main():
     for group in args.groups:
         name, _, runs = group.rpartition("=")
         groups[name or runs] = [evaluations(run, args.metric) for run in runs.split(",")]
+        for run, points in zip(runs.split(","), groups[name or runs]):
+            if not points:
+                p.error(f"{run}: no evaluation of --metric {args.metric} in its metrics.jsonl")
     for name, runs in groups.items():
         table(name, runs, args.metric, args.target)
     if args.out:

@@ -178,7 +178,10 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
     (["model", "--img-tokens", "200"], "--img-tokens 200 must be a square number"),
     (["model", "--min-len", "80"], "--min-len 80 <= --max-len 64 <= --txt-tokens 128"),
     (["muon", "--steps", "0"], "argument --steps: must be in [1, inf), got 0"),
-    (["eval", "--warmup", "-1"], "argument --warmup: must be in [0, inf), got -1")])
+    (["eval", "--warmup", "-1"], "argument --warmup: must be in [0, inf), got -1"),
+    (["model", "--preset", "tinny"], "--preset: unknown preset 'tinny'"),
+    (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
+    (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples")])
 def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)

@@ -295,3 +295,53 @@ def test_target_direction_follows_the_metric():
     assert train.target_reached(("fid", 20.0), {"fid": 19.9}) and not train.target_reached(("fid", 20.0), {"fid": 21})
     assert train.target_reached(("object_accuracy", 0.3), {"object_accuracy": 0.3})
     assert not train.target_reached(("object_accuracy", 0.3), {"object_accuracy": 0.29})
+
+
+def metrics_run(folder, evals, torn=False):
+    """A run folder whose metrics.jsonl holds train.py's step and eval records: evals = [(step, seconds, accuracy)]."""
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"step": s, "train_time_s": t, "loss": 0.1}) + "\n" for s, t, _ in evals]
+    lines += [json.dumps({"step": s, "train_time_s": t, "object_accuracy": a}) + "\n" for s, t, a in evals]
+    (folder / "metrics.jsonl").write_text("".join(lines) + ('{"step": 999, "train_ti' if torn else ""))
+    return str(folder)
+
+
+def test_plot_reads_a_torn_line_and_every_run_to_its_end(tmp_path, monkeypatch, capsys):
+    import plot
+    short = metrics_run(tmp_path / "a", [(250, 60, 0.2), (500, 120, 0.42)])  # stopped at the target
+    long = metrics_run(tmp_path / "b", [(250, 60, 0.1), (500, 120, 0.3), (750, 180, 0.5)], torn=True)  # killed
+    monkeypatch.setattr(sys, "argv", ["plot.py", "--target", "0.4", "--out", str(tmp_path / "c.png"),
+                                      f"base={short},{long}"])
+    plot.main()
+    out = capsys.readouterr().out
+    assert "| 3.0 | 750 | 0.500 | **0.500** |" in out  # the longer run's last evaluation, though the first run stopped
+    assert "minutes to object_accuracy 0.4: 1.9, 2.5 (mean 2.2)" in out and (tmp_path / "c.png").exists()
+
+
+def test_plot_time_to_a_lower_is_better_target():
+    import plot
+    fid = [(1.0, 250, 80.0), (2.0, 500, 40.0), (3.0, 750, 20.0)]
+    assert plot.time_to(30.0, fid, lower=True) == 2.5 and plot.time_to(90.0, fid, lower=True) == 1.0
+    assert plot.time_to(10.0, fid, lower=True) is None and plot.time_to(0.5, [(1.0, 250, 0.25)]) is None
+
+
+def test_plot_refuses_a_run_without_the_metric(tmp_path, monkeypatch, capsys):
+    import plot
+    monkeypatch.setattr(sys, "argv", ["plot.py", "--metric", "fid", f"x={metrics_run(tmp_path / 'a', [(1, 60, 0.2)])}"])
+    with pytest.raises(SystemExit):
+        plot.main()
+    assert "no evaluation of --metric fid" in capsys.readouterr().err
+
+
+def test_plot_draws_every_group_and_flat_zero_curves(tmp_path, monkeypatch):
+    import numpy as np
+    import plot
+    from PIL import Image
+    monkeypatch.setattr(plot, "COLOURS", [(200, 30, 30)])  # fewer colours than groups
+    zero = [plot.evaluations(metrics_run(tmp_path / "z", [(250, 60, 0.0), (500, 120, 0.0)]), "object_accuracy")]
+    rising = [plot.evaluations(metrics_run(tmp_path / "r", [(250, 60, 0.1), (500, 120, 0.3)]), "object_accuracy")]
+    red = []
+    for groups in ({"zero": zero}, {"zero": zero, "rising": rising}):
+        plot.plot(groups, "object_accuracy", None, tmp_path / "c.png")  # all-zero accuracies: no division by zero
+        red.append((np.asarray(Image.open(tmp_path / "c.png")) == (200, 30, 30)).all(-1).sum())
+    assert red[1] > red[0] > 0  # the second group drawn too
