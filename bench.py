@@ -638,7 +638,7 @@ def bench_techniques(args):
         def step(a=a, trainee=trainee, opt=opt, loader=loader, teacher=teacher, ema=ema, raw=raw, counter=counter):
             i = next(counter)
             train.train_step(a, i, a.lr, trainee, opt, loader, teacher, 0, 1)
-            if ema is not None and i % a.ema_every == 0:
+            if ema is not None and (i + 1) % a.ema_every == 0:  # as train.py
                 train.ema_update(ema, raw, a.ema)
         steps[flags] = step
     times = timed(steps, args.warmup, args.steps)
