@@ -80,7 +80,8 @@ esac
 # after -- replace it, a calibration trains the baseline as it is.
 case $TRACK in
   8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
-  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2 --compile) ;;  # records/2026-12-03_repa2-compile
+  # cpu: the current record's, records/2026-12-03_muon-ns3
+  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2 --compile --muon-ns-steps 3) ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's without --compile: a minute
 esac
 if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
