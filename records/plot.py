@@ -90,8 +90,13 @@ def main():
     groups = {}
     for group in args.groups:
         name, _, runs = group.rpartition("=")
-        groups[name or runs] = [evaluations(run, args.metric) for run in runs.split(",")]
-        for run, points in zip(runs.split(","), groups[name or runs]):
+        name, runs = name or runs, runs.split(",")
+        if name in groups:
+            p.error(f"two groups named {name!r}: name each group once (name=run,run,...)")
+        if missing := [run for run in runs if not os.path.exists(os.path.join(run, "metrics.jsonl"))]:
+            p.error(f"{', '.join(missing)}: no metrics.jsonl there (a run folder of train.py)")
+        groups[name] = [evaluations(run, args.metric) for run in runs]
+        for run, points in zip(runs, groups[name]):
             if not points:
                 p.error(f"{run}: no evaluation of --metric {args.metric} in its metrics.jsonl")
     for name, runs in groups.items():

@@ -327,10 +327,14 @@ def test_plot_time_to_a_lower_is_better_target():
 
 def test_plot_refuses_a_run_without_the_metric(tmp_path, monkeypatch, capsys):
     import plot
-    monkeypatch.setattr(sys, "argv", ["plot.py", "--metric", "fid", f"x={metrics_run(tmp_path / 'a', [(1, 60, 0.2)])}"])
-    with pytest.raises(SystemExit):
-        plot.main()
-    assert "no evaluation of --metric fid" in capsys.readouterr().err
+    run = metrics_run(tmp_path / 'a', [(1, 60, 0.2)])
+    for argv, message in ((["--metric", "fid", f"x={run}"], "no evaluation of --metric fid"),
+                          ([f"x={run}", f"x={run}"], "two groups named 'x'"),
+                          ([f"x={run},{tmp_path / 'nowhere'}"], f"{tmp_path / 'nowhere'}: no metrics.jsonl there")):
+        monkeypatch.setattr(sys, "argv", ["plot.py", *argv])
+        with pytest.raises(SystemExit):
+            plot.main()
+        assert message in capsys.readouterr().err
 
 
 def test_plot_draws_every_group_and_flat_zero_curves(tmp_path, monkeypatch):
