@@ -374,21 +374,21 @@ class HeldoutSplit:
     (the encoded empty prompt). score() is empty: real images are judged by the feature metrics (eval.Metrics)."""
 
     def __init__(self, root, num_samples, caption="long"):
+        """caption: the field prompts are read from, checked here; None: images only (eval.py ref)."""
         self.prepared, self.caption = PreparedDataset(root, "eval"), caption
         if num_samples > len(self.prepared):
             raise ValueError(f"{root} has {len(self.prepared)} held-out samples, fewer than the {num_samples} asked "
                              f"for: ask for fewer, or prepare with a larger --eval-fraction")
+        if caption is not None and caption not in self.prepared.index["captions"]:
+            raise ValueError(f"{root} has captions {self.prepared.index['captions']}, not {caption!r}: pick one of "
+                             f"those (eval.py --caption)")
         self.null = load_null_text(root)  # (1, L0, D), (1, L0)
 
     def rows(self, indices):
         return map(self.prepared.locate, indices)  # (shard, row) pairs
 
     def field(self, kind):
-        """caption_<caption> or txt_<caption>; checked here, not at init: `eval.py ref` reads images only."""
-        if self.caption not in self.prepared.index["captions"]:
-            raise ValueError(f"{self.prepared.root} has captions {self.prepared.index['captions']}, not "
-                             f"{self.caption!r}: pick one of those (eval.py --caption)")
-        return f"{kind}_{self.caption}"
+        return f"{kind}_{self.caption}"  # caption_<caption> or txt_<caption>
 
     def captions(self, indices):
         return [shard.string(self.field("caption"), row) for shard, row in self.rows(indices)]

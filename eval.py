@@ -523,7 +523,7 @@ def build_metrics(args, names, device):
 def make_reference(args, device):
     if not (args.data and args.out):
         raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
-    split = open_split(args.data, args.num_samples, "long", args.resolution, 0, 0)
+    split = open_split(args.data, args.num_samples, None, args.resolution, 0, 0)  # images only
     metrics = build_metrics(args, args.metrics or list(FEATURE_METRICS), device)
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
@@ -533,14 +533,12 @@ def make_reference(args, device):
 
 
 def open_split(data, num_samples, caption, resolution, seed, text_context):
-    """open_heldout, its first caption read (a prepared split checks its caption field there): before any network
-    loads, a bad --data, --caption or --num-samples stops the command with the reason."""
+    """open_heldout, before any network loads: a bad --data, --caption or --num-samples stops the command with the
+    reason."""
     try:
-        split = open_heldout(data, num_samples, caption, resolution, seed, text_context)
-        split.captions([0])
+        return open_heldout(data, num_samples, caption, resolution, seed, text_context)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: --data {data} --caption {caption} --num-samples {num_samples}: {e}")
-    return split
 
 
 def main(argv=None):

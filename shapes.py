@@ -346,7 +346,7 @@ class HeldoutShapes:
     images of sample indices, null (the encoded empty prompt), and score: the caption checker on generated images."""
 
     def __init__(self, seed=0, caption="long", resolution=32, text_context=TEXT_CONTEXT):
-        if caption not in ("long", "short"):
+        if caption not in ("long", "short", None):  # None: images only (eval.py ref)
             raise ValueError(f"caption {caption!r}: the built-in scenes have long and short captions only")
         self.shapes = ShapesDataset(seed=10_000 + seed, split="heldout")
         self.caption, self.resolution = caption, resolution
