@@ -171,7 +171,7 @@ def bench_muon(args):
     forms = {name: lambda plain=plain: [newton_schulz(g, dtype=torch.float32, plain=plain) for g in grads]
              for name, plain in (("gram", False), ("plain", True))}
     times = timed(forms, 1, args.steps)
-    compare(f"fp32 Newton-Schulz (the CPU's), Gram form where cheaper, median of {args.steps}",
+    compare(f"fp32 Newton-Schulz (Muon's on a CPU), Gram form where cheaper, median of {args.steps}",
             1e3 * statistics.median(times["gram"]), "plain iteration", 1e3 * statistics.median(times["plain"]), "ms")
     ours = Muon(fresh_params())  # PRX's settings, which are also torch's with these arguments
     theirs = torch.optim.Muon(fresh_params(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
@@ -593,12 +593,14 @@ def gpu_check(out, peak_tflops):
         ours, theirs = prx_pair(s["preset"])
         batches = [synthetic_batch(ours.cfg, s, seed) for seed in range(s["parity_steps"])]
         emit(parity_row(ours, batches))
+        rates = sampling_rates(ours.eval(), theirs.eval(), s["batch"], s["side"], s["sample_steps"], 1, 1)
+        emit((f"sampling, {s['sample_steps']} Euler steps, CFG 3.5", *rates, " img/s", ".2f"))  # the same weights:
+        for model in (ours, theirs):  # before the training rows change them, each its own way
+            model.train()
         rows, step_s = step_rows({"ours": (ours, False), "diffusers": (theirs, True)}, batches[0], s, peak_tflops)
         emit(*rows)
         emit(optimizer_row(ours, s))
         emit(loader_row(s, step_s))
-        rates = sampling_rates(ours.eval(), theirs.eval(), s["batch"], s["side"], s["sample_steps"], 1, 1)
-        emit((f"sampling, {s['sample_steps']} Euler steps, CFG 3.5", *rates, " img/s", ".2f"))
         emit(train_row(s["train_steps"]))
 
 

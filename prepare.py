@@ -123,6 +123,16 @@ def open_image(value):
     return value
 
 
+def content_id(value):
+    """The id of a row without one: a hash of its image (open_image's forms), the same whatever the number of
+    processes (a position in a rank's files is not), and one id for duplicate images, which then share a split."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value["path"]
+    data = value.tobytes() if isinstance(value, Image.Image) else value if isinstance(value, bytes) else \
+        Path(value).read_bytes()
+    return "sha256-" + hashlib.sha256(data).hexdigest()[:32]
+
+
 def read_field(row, field):
     for key in field.split("."):  # "json.caption" reaches into a webdataset .json
         row = row[key]
@@ -137,9 +147,12 @@ def has_field(row, field):
     return True
 
 
-def load_sample(row, position, args, fields, rank):
+def load_sample(row, args, fields):
     """One source row -> dict(id, image (3, R, R) uint8, captions) or dict(id, reason) when it must be skipped."""
-    sample_id = str(row.get(args.id_field) or row.get("__key__") or f"r{rank}-{position}")
+    try:
+        sample_id = str(row.get(args.id_field) or row.get("__key__") or content_id(row[args.image_field]))
+    except Exception as e:  # no image in the row, or a listed file that cannot be read
+        return dict(id=content_id(repr(row).encode()), reason=f"unreadable image: {type(e).__name__}: {e}")
     if "__unreadable__" in row:  # set by folder_rows
         return dict(id=sample_id, reason=f"unreadable caption file: {row['__unreadable__']}")
     try:
@@ -311,8 +324,7 @@ def prepare(args, rank=0, world_size=1):
     with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes and resizes outside the GIL
         while True:
             chunk = list(itertools.islice(it, args.batch_size))
-            positions = range(rows_done, rows_done + len(chunk))
-            samples = list(pool.map(lambda row, i: load_sample(row, i, args, fields, rank), chunk, positions))
+            samples = list(pool.map(lambda row: load_sample(row, args, fields), chunk))
             skipped.update({s["id"]: s["reason"] for s in samples if "reason" in s})
             good = [s for s in samples if "reason" not in s]
             if good:
@@ -391,7 +403,8 @@ def main(argv=None):
     p.add_argument("--captions", default="long=llava,short=prompt",
                    help="our caption name=source field, comma separated ('json.caption' reaches into a dict)")
     p.add_argument("--image-field", default="image", help="image column (webdataset tars: the extension, e.g. jpg)")
-    p.add_argument("--id-field", default="id", help="sample id column (default: webdataset key or row position)")
+    p.add_argument("--id-field", default="id",
+                   help="sample id column (default: webdataset key, else a hash of the image)")
     p.add_argument("--vae", default="flux", choices=[*VAES, "none"], help="latent tokenizer; none for pixel space")
     p.add_argument("--vae-path", help="local copy or other hub id of that VAE (default: the hub id in VAES)")
     p.add_argument("--text-encoder", default="google/t5gemma-2b-2b-ul2", help="T5Gemma hub id or local copy")

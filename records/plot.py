@@ -89,8 +89,10 @@ def main():
     args = p.parse_args()
     groups = {}
     for group in args.groups:
-        name, _, runs = group.rpartition("=")
-        name, runs = name or runs, runs.split(",")
+        name, _, runs = group.partition("=")  # a name has no "=", a run folder may (runs/lr=1e-3)
+        if all(os.path.isdir(run) for run in group.split(",")):  # no name: the runs themselves
+            name, runs = group, group
+        runs = runs.split(",")
         if name in groups:
             p.error(f"two groups named {name!r}: name each group once (name=run,run,...)")
         if missing := [run for run in runs if not os.path.exists(os.path.join(run, "metrics.jsonl"))]:

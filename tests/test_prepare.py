@@ -191,6 +191,39 @@ def test_parquet_source(prepared):
     assert list(index["skipped"]["ids"]) == ["pq5"] and index["captions"] == ["long", "short"]
 
 
+def test_rows_without_an_id_are_named_by_their_image_whatever_the_ranks(prepared, tmp_path, monkeypatch):
+    import datasets
+    root, _ = prepared
+    rng, pngs = np.random.default_rng(3), []
+    for i in range(5):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, "PNG")
+        pngs.append(png.getvalue())
+    features = datasets.Features({"image": datasets.Image(), "llava": datasets.Value("string"),
+                                  "prompt": datasets.Value("string")})
+    (tmp_path / "pq").mkdir()
+    for k, files in enumerate([pngs[:3], [pngs[3], pngs[4], pngs[0]]]):  # pngs[0] twice: a duplicate image
+        rows = [{"image": {"bytes": b, "path": None}, "llava": caption(rng, 8), "prompt": caption(rng, 3)}
+                for b in files]
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "pq" / f"train-{k}.parquet"))
+    expected = {prepare.content_id(b) for b in pngs}
+    prepare.main(prepare_argv(tmp_path / "one", tmp_path / "pq", root / "models", "--eval-fraction", "0.5"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        prepare.main(prepare_argv(tmp_path / "two", tmp_path / "pq", root / "models", "--eval-fraction", "0.5"))
+    splits = {}
+    for out in ("one", "two"):
+        for split in ("train", "eval"):
+            for p in (tmp_path / out / split).glob("shard-*"):
+                shard = data.Shard(p)
+                ids = [shard.string("id", r) for r in range(json.loads((p / "meta.json").read_text())["count"])]
+                splits.setdefault(out, []).extend((i, split) for i in ids)
+    assert sorted(splits["one"]) == sorted(splits["two"])  # the same ids in the same splits on 1 or 2 processes
+    assert {i for i, _ in splits["one"]} == expected and len(splits["one"]) == 6
+    assert len({split for i, split in splits["one"] if i == prepare.content_id(pngs[0])}) == 1  # duplicates: 1 split
+
+
 def test_webdataset_tars_in_pixel_space(prepared, tmp_path):
     import tarfile
     root, _ = prepared

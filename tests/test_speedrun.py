@@ -318,6 +318,15 @@ def test_plot_reads_a_torn_line_and_every_run_to_its_end(tmp_path, monkeypatch, 
     assert "minutes to object_accuracy 0.4: 1.9, 2.5 (mean 2.2)" in out and (tmp_path / "c.png").exists()
 
 
+def test_plot_reads_run_folders_whose_path_holds_an_equals_sign(tmp_path, monkeypatch, capsys):
+    import plot
+    run = metrics_run(tmp_path / "lr=1e-3-0", [(250, 60, 0.2)])
+    for group, name in ((f"lr={run}", "lr"), (run, run)):  # named, and unnamed (the runs themselves)
+        monkeypatch.setattr(sys, "argv", ["plot.py", group])
+        plot.main()
+        assert f"\n{name} (1 runs)" in capsys.readouterr().out
+
+
 def test_plot_time_to_a_lower_is_better_target():
     import plot
     fid = [(1.0, 250, 80.0), (2.0, 500, 40.0), (3.0, 750, 20.0)]
