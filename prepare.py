@@ -113,10 +113,14 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def image_value(value):
+    """A PIL image, encoded bytes, a path, or datasets' Image(decode=False) dict {"bytes", "path"} -> one of the
+    first three."""
+    return (value.get("bytes") or value["path"]) if isinstance(value, dict) else value
+
+
 def open_image(value):
-    """A PIL image, encoded bytes, a path, or datasets' Image(decode=False) dict {"bytes", "path"}."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value["path"]
+    value = image_value(value)
     if not isinstance(value, Image.Image):
         value = Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
     value.load()  # decode now, so that a truncated file fails here and is counted
@@ -126,8 +130,7 @@ def open_image(value):
 def content_id(value):
     """The id of a row without one: a hash of its image (open_image's forms), the same whatever the number of
     processes (a position in a rank's files is not), and one id for duplicate images, which then share a split."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value["path"]
+    value = image_value(value)
     data = value.tobytes() if isinstance(value, Image.Image) else value if isinstance(value, bytes) else \
         Path(value).read_bytes()
     return "sha256-" + hashlib.sha256(data).hexdigest()[:32]
