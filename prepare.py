@@ -121,8 +121,13 @@ def image_value(value):
 
 def open_image(value):
     value = image_value(value)
-    if not isinstance(value, Image.Image):
-        value = Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+    if isinstance(value, bytes):
+        try:
+            value = Image.open(io.BytesIO(value))
+        except Image.UnidentifiedImageError:  # PIL's message names the BytesIO's address: a skip reason per run
+            raise Image.UnidentifiedImageError(f"cannot identify an image in {len(value)} bytes") from None
+    elif not isinstance(value, Image.Image):
+        value = Image.open(value)
     value.load()  # decode now, so that a truncated file fails here and is counted
     return value
 
@@ -273,18 +278,17 @@ SETTINGS = ("source", "captions", "image_field", "id_field", "vae", "vae_path", 
 
 
 def check_settings(out, args):
-    """<out>/prepare.json holds SETTINGS, written before the first shard. Refuse to add shards made otherwise."""
+    """<out>/prepare.json holds SETTINGS, written before the first shard. Refuse to add shards made otherwise ->
+    the settings to write: None on a resume, which keeps its own."""
     settings, path = {k: getattr(args, k) for k in SETTINGS}, out / "prepare.json"
-    if path.exists() and [p for p in out.glob("*/shard-r*") if p.suffix != ".tmp"]:
-        saved = json.loads(path.read_text())
-        if changed := [k for k in SETTINGS if saved.get(k) != settings[k]]:
-            flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" for k in changed)
-            raise ValueError(f"{out} holds shards prepared with other settings ({flags}): resume with the values "
-                             f"of {path}, choose another --out, or delete {out} yourself to start over")
-    else:  # a fresh start, or one that crashed before its first shard: nothing to mix with
-        tmp = out / f"prepare.tmp-{os.getpid()}.json"
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, path)
+    if not (path.exists() and [p for p in out.glob("*/shard-r*") if p.suffix != ".tmp"]):
+        return settings  # a fresh start, or one that crashed before its first shard: nothing to mix with
+    saved = json.loads(path.read_text())
+    if changed := [k for k in SETTINGS if saved.get(k) != settings[k]]:
+        flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" for k in changed)
+        raise ValueError(f"{out} holds shards prepared with other settings ({flags}): resume with the values "
+                         f"of {path}, choose another --out, or delete {out} yourself to start over")
+    return None
 
 
 def discard(out):
@@ -301,9 +305,8 @@ def discard(out):
 
 def prepare(args, rank=0, world_size=1):
     out, fields = Path(args.out), parse_caption_fields(args.captions)
-    out.mkdir(parents=True, exist_ok=True)
     args.min_size = args.min_size or args.resolution // 2
-    check_settings(out, args)
+    settings = check_settings(out, args)
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
     rows, total = open_source(args.source, args.image_field, rank, world_size)
@@ -313,6 +316,10 @@ def prepare(args, rank=0, world_size=1):
         if head and not any(has_field(row, field) for row in head):
             raise ValueError(f"{flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those")
+    out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
+    if settings is not None:
+        (out / f"prepare.tmp-{os.getpid()}.json").write_text(json.dumps(settings, indent=1))
+        os.replace(out / f"prepare.tmp-{os.getpid()}.json", out / "prepare.json")
     shard, rows_done, source_state = resume_point(out, rank, world_size)
     encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
     vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)

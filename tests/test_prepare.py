@@ -189,6 +189,9 @@ def test_parquet_source(prepared):
     index = json.loads((root / "out_pq" / "index.json").read_text())
     assert index["train"]["count"] + index["eval"]["count"] == 5
     assert list(index["skipped"]["ids"]) == ["pq5"] and index["captions"] == ["long", "short"]
+    # the same words on every run (PIL's own message names the address of the bytes' BytesIO)
+    assert index["skipped"]["ids"]["pq5"] == \
+        "undecodable image: UnidentifiedImageError: cannot identify an image in 12 bytes"
 
 
 def test_rows_without_an_id_are_named_by_their_image_whatever_the_ranks(prepared, tmp_path, monkeypatch):
@@ -389,6 +392,7 @@ def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path
             (root / "pq", ["--image-field", "img"], "--image-field: no field 'img' in .*'image'")]:  # its columns
         with pytest.raises(ValueError, match=message):
             prepare.main(prepare_argv(tmp_path / "out", source, root / "models", *flags))
+        assert not (tmp_path / "out").exists()  # no folder, no prepare.json of settings that never ran
 
 
 def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path):
