@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import resource
 import zlib
@@ -125,15 +126,18 @@ def denormalize_latent(z, shift, scale):
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
+def repair_hint(root):
+    return (f"delete {root} and prepare it again (python prepare.py --out {root} with the settings in its "
+            f"prepare.json), or copy it again if it is a copy")
+
+
 class Shard:
     """One shard directory, every array memory-mapped (offsets read into memory), checked against what index.json
     expects: `count` rows and the arrays of `schema`."""
 
     def __init__(self, path, count=None, schema=()):
         self.path, self.arrays = Path(path), {}
-        root = self.path.parent.parent
-        repair = (f"delete {root} and prepare it again (python prepare.py --out {root} with the settings in its "
-                  f"prepare.json), or copy it again if it is a copy")
+        repair = repair_hint(self.path.parent.parent)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: listed in index.json but missing; {repair}")
         for p in sorted(self.path.glob("*.npy")):
@@ -164,7 +168,10 @@ class PreparedDataset:
         if not (self.root / "index.json").exists():
             raise FileNotFoundError(f"{self.root / 'index.json'} not found: prepare it first with "
                                     f"`python prepare.py --out {root} ...`")
-        self.index = json.loads((self.root / "index.json").read_text())
+        try:
+            self.index = json.loads((self.root / "index.json").read_text())
+        except ValueError as e:  # JSONDecodeError: a file cut short
+            raise ValueError(f"{self.root / 'index.json'}: unreadable ({e}); {repair_hint(self.root)}") from e
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # each memory map holds a file descriptor
         with contextlib.suppress(ValueError, OSError):  # macOS refuses an unlimited hard limit as the soft one
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -213,18 +220,21 @@ def pad_to_common(txt, mask, other_txt, other_mask):
 
 def load_null_text(root, device="cpu"):
     """The encoded empty prompt of a prepared directory: float32 (1, L0, D) and its mask (1, L0)."""
-    null = torch.from_numpy(np.load(Path(root) / "null_txt.npy")).view(torch.bfloat16).float()[None].to(device)
+    try:
+        null = torch.from_numpy(np.load(Path(root) / "null_txt.npy")).view(torch.bfloat16).float()[None].to(device)
+    except (ValueError, OSError, EOFError) as e:  # missing, or cut short
+        raise ValueError(f"{Path(root) / 'null_txt.npy'}: unreadable ({e}); {repair_hint(root)}") from e
     return null, torch.ones(null.shape[:2], dtype=torch.bool, device=device)
 
 
 def caption_share(captions):
     """--captions long, short or mixed[:p] -> the probability of drawing the long caption."""
-    mode, _, p = captions.partition(":")
+    mode, colon, p = captions.partition(":")
     try:
         p_long = float(p or 0.5) if mode == "mixed" else float(mode == "long")
     except ValueError:
         p_long = -1.0
-    if mode not in ("long", "short", "mixed") or not 0 <= p_long <= 1:
+    if mode not in ("long", "short", "mixed") or not 0 <= p_long <= 1 or colon and mode != "mixed":
         raise ValueError(f"captions {captions!r}: choose long, short or mixed[:p] (long with probability p)")
     return p_long
 
@@ -233,22 +243,42 @@ def parse_data_phases(spec):
     """'A:0.7,B:0.3@0;C:1@90000:mixed' -> [(0, {"A": 0.7, "B": 0.3}, None), (90000, {"C": 1.0}, "mixed")]: from
     optimizer step N on, draw each sample from these prepared directories with these weights, and with this caption
     mode (None: --captions). 'A' alone is 'A:1@0'."""
-    phases = []
+    phases, expected = [], f"data spec {spec!r}: expected DIR[:weight],...[@step];... with weights > 0"
     for part in spec.split(";"):
-        mix, _, start = part.partition("@")
+        mix, _, start = part.strip().partition("@")
         start, _, captions = start.partition(":")
         weights = {}
         for item in mix.split(","):
-            path, _, weight = item.rpartition(":") if re.search(r":[\d.]+$", item) else (item, "", "1")
-            weights[path] = float(weight)
+            path, _, weight = item.strip().rpartition(":")
+            if not re.fullmatch(r"[-+.\deE]+", weight):  # no weight: a path, whole (it may hold a ':')
+                path, weight = item.strip(), "1"
+            path = os.path.normpath(path) if path else path  # 'data/mj/' and './data/mj' are data/mj: its position
+            if path in weights:
+                raise ValueError(f"data spec {spec!r}: {path} is named twice in one phase")
+            try:
+                weights[path] = float(weight)
+            except ValueError:
+                raise ValueError(f"{expected}, got the weight {weight!r}") from None
         if not all(weights) or min(weights.values()) <= 0:
-            raise ValueError(f"data spec {spec!r}: expected DIR[:weight],...[@step];... with weights > 0")
+            raise ValueError(expected)
         if captions:
             caption_share(captions)
+        if not re.fullmatch(r"\d*", start):
+            raise ValueError(f"data spec {spec!r}: a phase starts at a whole optimizer step, e.g. @90000, got @{start}")
         phases.append((int(start or 0), weights, captions or None))
     if phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
         raise ValueError(f"data spec {spec!r}: the first phase starts at step 0 and the steps increase")
     return phases
+
+
+def sample_space(index):
+    """What the datasets of one run must share: the shapes the model sees, the VAE and its normalisation (a latent of
+    another space would be decoded by the first one's), the text encoder's width."""
+    schema, settings = index["schema"], index.get("settings", {})
+    return {"latent shape": schema.get("latent"), "image shape": schema.get("image"), "VAE": settings.get("vae"),
+            "latent normalisation": index.get("latent_norm"),
+            "text width": sorted({v["shape"][-1] for k, v in schema.items()
+                                  if k.startswith("txt_") and not k.endswith("_offsets")})}
 
 
 class ShardLoader:
@@ -273,9 +303,11 @@ class ShardLoader:
             if needed - set(ds.index["captions"]) or not len(ds):
                 raise ValueError(f"{name}: has {len(ds)} samples and captions {ds.index['captions']}; the caption "
                                  f"modes of its phases (--captions {captions}, or @step:mode) need {sorted(needed)}")
+        spaces = [sample_space(ds.index) for ds in self.datasets]
+        if differ := sorted({k for space in spaces for k in space if space[k] != spaces[0][k]}):
+            raise ValueError(f"datasets {self.names} differ in {', '.join(differ)} and cannot be mixed: prepare them "
+                             f"with the same --resolution, --vae and --text-encoder")
         schema = self.datasets[0].index["schema"]
-        if any(ds.index["schema"].get(k) != schema.get(k) for ds in self.datasets for k in ("latent", "image")):
-            raise ValueError(f"datasets {self.names} differ in latent or image shape and cannot be mixed")
         self.has_latent = "latent" in schema
         self.x0_shape = tuple(schema["latent" if self.has_latent else "image"]["shape"])  # what the model denoises
         self.in_channels = self.x0_shape[0]
@@ -289,13 +321,16 @@ class ShardLoader:
         return copy.deepcopy(self.state)
 
     def load_state_dict(self, state):
-        """Continue after the batch last returned before that state_dict(); batches read ahead are dropped."""
+        """Continue after the batch last returned before that state_dict(); batches read ahead are dropped. -> the
+        datasets the state has no position in (a later phase's, or one named otherwise), which start afresh."""
         self.state = copy.deepcopy(state)
-        for name in self.names:
-            self.state["cursors"].setdefault(name, [0, 0])  # a dataset that a later phase adds
+        fresh = [name for name in self.names if name not in self.state["cursors"]]
+        for name in fresh:
+            self.state["cursors"][name] = [0, 0]
         for future, _ in getattr(self, "pending", []):
             future.cancel()
         self.planned, self.pending = copy.deepcopy(self.state), collections.deque()
+        return fresh
 
     def permutation(self, d, epoch):
         if self.perms.get(d, (None,))[0] != epoch:  # one cached per dataset: 1M samples take ~20 ms

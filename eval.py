@@ -319,6 +319,23 @@ def mmd(x, y, sigma=10.0, scale=1000.0, chunk=2048):
 # ----------------------------------------------------------------------------------------------------------
 # Metrics: stream images in, compare with a reference file
 
+def reference_metrics(path):
+    """The metrics a reference file holds statistics of (the keys of its settings)."""
+    return [m for m in FEATURE_METRICS if m in json.loads(str(np.load(path)["settings"]))]
+
+
+def check_reference_file(path, metrics):
+    """The reference exists and holds every metric asked for: checked before any network loads."""
+    if not os.path.exists(path):
+        hint = f"did you mean {path}.npz? " if os.path.exists(f"{path}.npz") else ""
+        raise FileNotFoundError(f"{path}: no such reference; {hint}make it with `python eval.py ref --data <eval "
+                                f"data> --out {path}`")
+    if missing := [m for m in metrics if m not in (held := reference_metrics(path))]:
+        raise ValueError(f"{path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass --metrics "
+                         f"{','.join(held)}, or build a reference of {','.join(metrics)} with `python eval.py ref "
+                         f"--metrics {','.join(metrics)} ...`")
+
+
 class Metrics:
     """update(images uint8 (B, 3, H, W)) on each rank, then compute() -> {"fid", "cmmd", "dino_mmd"} against the
     reference file (gathered over ranks when torch.distributed is initialised), or save_reference(path).
@@ -326,9 +343,8 @@ class Metrics:
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
                  device="cpu"):
-        if ref_path and not os.path.exists(ref_path):
-            raise FileNotFoundError(f"{ref_path}: no such reference; make it with `python eval.py ref --data <eval "
-                                    f"data> --out {ref_path}`")
+        if ref_path:
+            check_reference_file(ref_path, metrics)  # before the networks load
         self.metrics, self.device = tuple(metrics), torch.device(device)
         self.settings = {"eval_version": EVAL_VERSION}
         if "fid" in metrics:
@@ -360,7 +376,8 @@ class Metrics:
         for key, value in self.settings.items():
             if saved.get(key) != value:
                 raise ValueError(f"{path} was made with other settings: {key} is {saved.get(key, 'absent')!r} "
-                                 f"there, {value!r} here. Rebuild it: python eval.py ref --data <data> --out {path}")
+                                 f"there, {value!r} here. Rebuild it: python eval.py ref --data <data> --num-samples "
+                                 f"{int(ref['count'])} --metrics {','.join(self.metrics)} --out {path}")
         return ref
 
     def check_reference(self, count, resolution, flag="--num-samples"):
@@ -368,9 +385,11 @@ class Metrics:
         the caller's command-line flag for the count, named in the error."""
         n, r = int(self.ref["count"]), int(self.ref["resolution"])
         if (count, resolution) != (n, r):
+            fixes = [f"use {flag} {n}"] * (count != n) + [  # ref's --resolution sets the built-in data's size only
+                f"build a matching reference with `python eval.py ref --data <eval data> --num-samples {count}"
+                + f" --resolution {resolution}" * (r != resolution) + " --out <file>`"]
             raise ValueError(f"the reference holds {n} images at {r} px but this evaluation has {count} at "
-                             f"{resolution} px; use {flag} {n}, or build a matching reference with "
-                             f"`python eval.py ref --data <eval data> --num-samples {count} --out <file>`")
+                             f"{resolution} px; {', or '.join(fixes)}")
 
     @torch.no_grad()
     def update(self, images):
@@ -516,15 +535,22 @@ def build_metrics(args, names, device):
     if not args.ref and args.command == "eval":
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
-    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) if args.dino_weights else DINO_ID
-    return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
+    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) \
+        if args.dino_weights and "dino_mmd" in names else DINO_ID
+    try:
+        return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
+    except (ValueError, FileNotFoundError) as e:  # the reference's: missing, or without a metric asked for
+        raise SystemExit(f"error: --ref {args.ref} --metrics {','.join(names)}: {e}")
 
 
 def make_reference(args, device):
     if not (args.data and args.out):
         raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
+    names = args.metrics or list(FEATURE_METRICS)
+    if "fid" in names and args.num_samples < 2:
+        raise SystemExit(f"error: --num-samples {args.num_samples}: FID's covariance needs at least 2 images")
     split = open_split(args.data, args.num_samples, None, args.resolution, 0, 0)  # images only
-    metrics = build_metrics(args, args.metrics or list(FEATURE_METRICS), device)
+    metrics = build_metrics(args, names, device)
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez gives the file
@@ -543,16 +569,25 @@ def open_split(data, num_samples, caption, resolution, seed, text_context):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.out and os.path.dirname(args.out) and not os.path.isdir(os.path.dirname(args.out)):
+        raise SystemExit(f"error: --out {args.out}: there is no folder {os.path.dirname(args.out)}; create it, or "
+                         f"write elsewhere")
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if distributed() and args.num_samples < dist.get_world_size():
-        raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} processes "
-                         f"(each samples its share): ask for more, or start fewer")
-    if args.command == "ref":
-        return make_reference(args, device)
+    try:
+        if distributed() and args.num_samples < dist.get_world_size():
+            raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} "
+                             f"processes (each samples its share): ask for more, or start fewer")
+        make_reference(args, device) if args.command == "ref" else evaluate_checkpoint(args, device)
+    finally:
+        if distributed():
+            dist.destroy_process_group()
+
+
+def evaluate_checkpoint(args, device):
     if not args.ckpt:
         raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`)")
     try:
@@ -560,12 +595,20 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --ckpt {args.ckpt}: {e}")
     train_args = run["args"]
+    if args.self_guidance and not (train_args["tread"] or train_args["sprint"]):
+        raise SystemExit(f"error: --self-guidance {args.self_guidance} extrapolates from the routed network, and "
+                         f"{args.ckpt} was trained without --tread or --sprint")
     data = args.data or train_args["eval_data"] or train_args["data"]
     caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
-    metrics = build_metrics(args, args.metrics if args.metrics is not None else
-                            [] if data == "builtin" else list(FEATURE_METRICS), device)
+    if args.metrics is not None:
+        names = args.metrics
+    elif args.ref:  # the metrics it holds (a missing file: build_metrics says so)
+        names = reference_metrics(args.ref) if os.path.exists(args.ref) else list(FEATURE_METRICS)
+    else:
+        names = [] if data == "builtin" else list(FEATURE_METRICS)
+    metrics = build_metrics(args, names, device)
     if metrics is not None:
         metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)

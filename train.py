@@ -902,7 +902,7 @@ def set_aside_newer(ckpt):
 
 def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
     """Load a checkpoint into the run, sharded or not, on any number of processes -> (step, training time, a note
-    when REPA was added or dropped, else None). Mismatches of shapes or optimizer say what differs."""
+    when REPA was added or dropped or a dataset starts afresh, else None). Mismatches of shapes or optimizer say what differs."""
     # every rank maps trainer.pt (its tensors stay on disk until read: rank 0's are, by load_full), rank 0 the weights
     state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True, mmap=True)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -921,7 +921,9 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
             note = "REPA dropped: the checkpoint's projector is left out"
         # the loader counts this rank's micro-batches; a step is chunks_per_rank of them on any number of processes
         # (chunks_per_rank x world is the global batch's), so the position carries over to another world size
-        loader.load_state_dict({**state["loader"], "batches": state["step"] * chunks_per_rank})
+        if fresh := loader.load_state_dict({**state["loader"], "batches": state["step"] * chunks_per_rank}):
+            note = (note + "; " if note else "") + f"--data: {', '.join(fresh)} start(s) at the first sample (the " \
+                f"checkpoint read {', '.join(state['loader']['cursors'])}: a moved dataset is new)"
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: --resume {ckpt} does not fit this model, optimizer or loader ({type(e).__name__}: "
                          f"{str(e)[:300]}); resume with the flags the run was started with")
@@ -1058,8 +1060,11 @@ def main(argv=None):
     master = rank == 0
     out, ckpt, same_run = run_folder(args)
     chunks_per_rank = args.batch_size // args.micro_batch // world
-    loader = open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
-                         chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa))
+    try:
+        loader = open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
+                             chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --data {args.data} --captions {args.captions}: {e}")
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())

@@ -118,9 +118,14 @@ def test_caption_mode_per_phase(prepared):
 
 def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
     root, _ = prepared
-    for spec in ("d:0", "d@5", "d1@0;d2@0"):
+    for spec in ("d:0", "d@5", "d1@0;d2@0", "d:-1", "d:.", "d@9e4", "d:0.5,d/:0.5"):
         with pytest.raises(ValueError, match="data spec"):
             data.parse_data_phases(spec)
+    assert data.parse_data_phases("d:0.7, ./e/:3e-1") == [(0, {"d": 0.7, "e": 0.3}, None)]  # not a path ' ./e/:3e-1'
+    assert data.parse_data_phases("/mnt/x:y") == [(0, {"/mnt/x:y": 1.0}, None)]  # a ':' without a number: the path's
+    for captions in ("long:0.3", "short:0.9"):
+        with pytest.raises(ValueError, match="mixed"):
+            data.caption_share(captions)  # only mixed takes a probability
     with pytest.raises(ValueError, match="mixed"):
         data.ShardLoader(str(root / "out"), 4, captions="medium")
     with pytest.raises(ValueError, match="captions 'medium'"):
@@ -134,6 +139,53 @@ def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
     data.ShardLoader(f"{long_only}@0:long;{root / 'out'}@2:mixed", 4)
     with pytest.raises(ValueError, match=r"long_only: has \d+ samples and captions \['long'\]; .* need \['long', 'sh"):
         data.ShardLoader(f"{long_only}@0:long;{long_only}@2:mixed", 4)
+
+
+def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared):
+    """Positions are kept per dataset: 'out/' and './out' are the same dataset as 'out', at the same position."""
+    out = prepared[0] / "out"
+    loader = data.ShardLoader(str(out), 4, seed=1)
+    for _ in range(3):
+        next(loader)
+    state, expected = loader.state_dict(), [next(loader)["id"] for _ in range(3)]
+    resumed = data.ShardLoader(f"{out.parent}/./out/", 4, seed=1)
+    assert resumed.load_state_dict(state) == [] and [next(resumed)["id"] for _ in range(3)] == expected
+    other = data.ShardLoader(f"{out}@0;{out.parent / 'out_pq'}@9", 4, seed=1)
+    assert other.load_state_dict(state) == [str(out.parent / "out_pq")]  # a new dataset starts at its first sample
+
+
+def test_datasets_of_another_space_are_not_mixed(prepared, tmp_path):
+    root, _ = prepared
+    for name, edit, what in [("vae", lambda i: i["settings"].update(vae="repa-e"), "VAE"),
+                             ("width", lambda i: i["schema"]["txt_long"].update(shape=[16]), "text width")]:
+        shutil.copytree(root / "out", tmp_path / name)
+        index = json.loads((tmp_path / name / "index.json").read_text())
+        edit(index)
+        (tmp_path / name / "index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=f"differ in {what} and cannot be mixed"):
+            data.ShardLoader(f"{root / 'out'}:0.5,{tmp_path / name}:0.5", 4)
+
+
+def test_a_damaged_index_or_empty_prompt_is_named(prepared, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0] / "out", out)
+    for name in ("null_txt.npy", "index.json"):
+        whole = (out / name).read_bytes()
+        (out / name).write_bytes(whole[:len(whole) // 2])
+        with pytest.raises(ValueError, match=f"{out / name}: unreadable .* delete {out} and prepare it again"):
+            data.ShardLoader(str(out), 4)
+        (out / name).write_bytes(whole)
+
+
+def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path):
+    import train
+    long_only = tmp_path / "long_only"
+    shutil.copytree(prepared[0] / "out", long_only)
+    index = json.loads((long_only / "index.json").read_text())
+    (long_only / "index.json").write_text(json.dumps({**index, "captions": ["long"]}))
+    with pytest.raises(SystemExit, match=f"error: --data {long_only} --captions short: .* need \\['short'\\]"):
+        train.main(["--data", str(long_only), "--captions", "short", "--model", "tiny", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def first_shard(out):

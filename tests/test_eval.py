@@ -362,7 +362,8 @@ def write_run(run, model, step=10, captions="long"):
     os.makedirs(ckpt)
     save_file(model.state_dict(), ckpt / "model.safetensors")
     (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
-    args = dict(data="builtin", eval_data=None, captions=captions, resolution=32, seed=0, text_context=5)
+    args = dict(data="builtin", eval_data=None, captions=captions, resolution=32, seed=0, text_context=5, tread=False,
+                sprint=False)
     sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)
     (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg), "sampling": sampling}))
     return ckpt
@@ -384,6 +385,8 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys):
              "--out", str(tmp_path / "eval.json")])  # no --metrics on the built-in data: the checker only
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy", "object_accuracy"}
+    ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[2:], "--out", str(tmp_path / "r.json")])
+    assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
 
 
@@ -403,11 +406,22 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
         m.setattr(ev, "distributed", lambda: True)
         m.setattr(ev.dist, "get_world_size", lambda: 4)
+        m.setattr(ev.dist, "destroy_process_group", lambda: None)
         with pytest.raises(SystemExit, match="--num-samples 3 is fewer than the 4 processes"):
             ev.main(["--ckpt", str(ckpt), "--num-samples", "3"])
     for command in (["--ckpt", str(ckpt)], ["ref", "--out", str(tmp_path / "ref.npz")]):  # before any network loads
         with pytest.raises(SystemExit, match=f"--data {tmp_path / 'nowhere'} .*index.json not found"):
             ev.main([*command, "--data", str(tmp_path / "nowhere"), "--metrics", "cmmd", "--clip", "no/such-clip"])
+    for argv, message in ((["--ckpt", str(ckpt), "--out", str(tmp_path / "no" / "eval.json")], "no folder"),
+                          (["ref", "--data", "builtin", "--out", str(tmp_path / "no" / "r")], "no folder"),
+                          (["ref", "--data", "builtin", "--out", "r", "--metrics", "fid", "--num-samples", "1"],
+                           "FID's covariance needs at least 2"),
+                          (["--ckpt", str(ckpt), "--self-guidance", "2"], "trained without --tread or --sprint")):
+        with monkeypatch.context() as m:  # refused before any sampling
+            m.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("sampled"))
+            m.setattr(ev, "open_split", lambda *a, **k: pytest.fail("opened the data"))
+            with pytest.raises(SystemExit, match=message):
+                ev.main(argv)
     weights = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):
@@ -420,4 +434,22 @@ def test_reference_mismatch_names_the_callers_flag():
         ev.Metrics.check_reference(holder, 16, 32, "--eval-samples")  # train.py's flag for the count
     with pytest.raises(ValueError, match="use --num-samples 8"):
         ev.Metrics.check_reference(holder, 16, 32)
+    with pytest.raises(ValueError, match=r"at 64 px; build a matching reference with `python eval.py ref --data "
+                                         r"<eval data> --num-samples 8 --resolution 64 --out <file>`$"):
+        ev.Metrics.check_reference(holder, 8, 64)  # the count is right: no "use --num-samples"
     ev.Metrics.check_reference(holder, 8, 32)
+
+
+def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_path, monkeypatch):
+    ref = ev.Metrics(None, ["cmmd"], clip=tiny_clip())
+    ref.update(blocky_images(2, seed=1, size=28))
+    ref.save_reference(tmp_path / "ref.npz")
+    monkeypatch.setattr(ev, "load_inception", lambda *a: pytest.fail("a network loaded"))
+    with pytest.raises(ValueError, match="ref.npz holds cmmd, not fid: pass --metrics cmmd, or build"):
+        ev.Metrics(tmp_path / "ref.npz", ["fid"])
+    with pytest.raises(FileNotFoundError, match=f"did you mean {tmp_path / 'ref'}.npz"):
+        ev.Metrics(tmp_path / "ref", ["cmmd"])
+    monkeypatch.setattr(ev, "load_dino", lambda *a, **k: pytest.fail("DINO loaded for CMMD"))
+    monkeypatch.setattr(ev, "Metrics", lambda *a: a)
+    args = SimpleNamespace(ref="r.npz", command="eval", dino_weights="/no/such.safetensors", fid_weights=None, clip="c")
+    assert ev.build_metrics(args, ["cmmd"], "cpu")[-2] == ev.DINO_ID  # --dino-weights only for dino_mmd
