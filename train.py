@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
     get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
@@ -39,7 +40,7 @@ from data import caption_share, count, data_dirs, fraction, number, open_heldout
     positive
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
-    resume_configs, rope_at, rope_table, trim_text, verify_checkpoint
+    resume_configs, rope_at, rope_table, stage_config, trim_text, verify_checkpoint
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
@@ -833,7 +834,7 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
         checksums = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, CHECKSUMS), "w") as f:
             json.dump(checksums, f, indent=1)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors' write errors are SafetensorErrors
         shutil.rmtree(tmp, ignore_errors=True)
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(out).free < 2**20
         reason = "no space left on the device" if full else str(e)
@@ -856,6 +857,10 @@ def resolve_resume(resume, out):
         ckpt = resume.rstrip("/")
     else:
         raise SystemExit(f"error: --resume {resume}: not a checkpoint folder (expected trainer.pt inside)")
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "config.json")):
+        raise SystemExit(f"error: --resume {ckpt}: a checkpoint resumes from <run>/checkpoints/step_N, beside its "
+                         f"run's config.json, which this one is not; move it back there (an abandoned one too: "
+                         f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
     try:
         verify_checkpoint(ckpt)
     except (ValueError, FileNotFoundError) as e:
@@ -881,6 +886,18 @@ def check_resume_flags(args, ckpt):
         raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "
                          f"{patch} at {args.resolution} px, the run's model has {config['model']['patch_size']} (the "
                          f"pixel presets switch from 16 to 32 at 512 px): start the first stage with --patch")
+
+
+def resume_changes(args, ckpt):
+    """The RESUMABLE flags this resume sets otherwise than the stage that trained the checkpoint (a second phase,
+    or flags left off the command line: the log says so) -> a note, or None."""
+    with open(stage_config(os.path.dirname(os.path.dirname(ckpt)), ckpt)) as f:
+        before = json.load(f)["args"]
+    now, parser = json.loads(json.dumps(vars(args))), get_parser()
+    changed = [f"--{k.replace('_', '-')} {before.get(k, parser.get_default(k))} -> {now[k]}"
+               for k in sorted(RESUMABLE - {"out", "resume"}) if before.get(k, parser.get_default(k)) != now[k]]
+    return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
+           f"{'; '.join(changed)}" if changed else None
 
 
 def set_aside_newer(ckpt):
@@ -1076,10 +1093,9 @@ def main(argv=None):
     opt = build_optimizers(args, trainee, device, log)
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
-    if note:
-        log(note)
-    if moved:
-        log(moved)
+    for line in (note, moved, resume_changes(args, ckpt) if ckpt else None):
+        if line:
+            log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
         trainee.model = torch.compile(raw_model)
     model = wrap_ddp(trainee, world, device)
@@ -1091,7 +1107,7 @@ def main(argv=None):
     log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
         (f": its values for the flags not given: {values}" if values else ""))
 
-    if args.compile and not ckpt:
+    if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
         log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 

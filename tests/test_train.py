@@ -383,6 +383,37 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_ones(finished_run, tmp_path
     assert not list((out / "checkpoints").glob("*.tmp"))
     load_run(str(out))  # still verified
 
+    def weights_disk_full(*args, **kwargs):  # how safetensors says it: not an OSError
+        from safetensors import SafetensorError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(train, "save_file", weights_disk_full)
+    with pytest.raises(SystemExit, match="failed: .*No space left on device.*intact.*step_4"):
+        train.save_checkpoint(str(out), 6, model, None, [], {}, keep=1)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, tmp_path):
+    shutil.copytree(finished_run / "checkpoints" / "step_2", tmp_path / "elsewhere" / "step_2")
+    with pytest.raises(SystemExit, match="resumes from <run>/checkpoints/step_N, beside its run's config.json"):
+        train.resolve_resume(str(tmp_path / "elsewhere" / "step_2"), str(tmp_path / "new"))
+
+
+def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished_run, tmp_path, monkeypatch, capsys):
+    """--compile on resume runs the untimed warm-up too, and its restore leaves the run where the checkpoint was:
+    steps 3 and 4 after a resume from step 2 equal the uninterrupted run's. torch.compile is the identity here: the
+    state handling is what is tested, without minutes of compiling."""
+    out = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(train.torch, "compile", lambda model: model)
+    torch.set_num_threads(1)  # as the subprocess that made finished_run
+    train.main(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5", "--resume",
+                        str(out / "checkpoints" / "step_2"), "--compile"])
+    console = capsys.readouterr().out
+    assert "compile warm-up done (3 untimed steps, state restored)" in console
+    assert "flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): --compile " \
+        "False -> True\n" in console  # only what differs from the run's flags
+    resumed, uninterrupted = losses(out), losses(finished_run)
+    assert sorted(resumed) == [1, 2, 3, 4] and resumed == pytest.approx(uninterrupted, rel=1e-6)
+
 
 def test_missing_repa_weights_name_the_flag(tmp_path):
     r = run(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out", str(tmp_path / "r"),
