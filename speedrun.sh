@@ -48,16 +48,17 @@ case $TRACK-$KIND in
   8gpu-calibration) BUDGET=(--max-steps 100000) ;;  # PRX part 2's baseline
   1gpu-calibration) BUDGET=(--max-time 240) ;;
   cpu-calibration) BUDGET=(--max-time 30) ;;
-  smoke-*) BUDGET=(--max-steps 4 --target "$metric=$STOP") ;;
+  smoke-calibration) BUDGET=(--max-steps 4) ;;
+  smoke-record) BUDGET=(--max-steps 4 --target "$metric=$STOP") ;;
   cpu-record) BUDGET=(--max-time 60 --target "$metric=$STOP") ;;
   *) BUDGET=(--max-steps 100000 --target "$metric=$STOP") ;;
 esac
 
 case $TRACK in
   8gpu|1gpu)
-    NPROC=1 PARALLEL=1
-    [ "$TRACK" = 1gpu ] || NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
+    NPROC=$(python -c "import torch; print(torch.cuda.device_count())") PARALLEL=1
     [ "$NPROC" -gt 0 ] || { echo "speedrun.sh: no GPU visible; the CPU track is --track cpu" >&2; exit 1; }
+    [ "$TRACK" = 8gpu ] || NPROC=1
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
     TRAIN=(--track "$TRACK" --compile --eval-every "${EVERY:-2500}" --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz")
     CONFIRM=(--ref "$DATA/ref.npz" --metrics fid)

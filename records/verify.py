@@ -47,6 +47,7 @@ STEP = re.compile(r"step (\d+)/\d+ \|.* \| train_time (\d+)ms \| step_avg ([\d.]
 EVAL = re.compile(r"eval step (\d+) \| (.*) \| train_time (\d+)ms$")
 KIND, KINDS = re.compile(r"track: (\S+) \| kind: (\w+)"), ("record", "calibration")
 PEAK = re.compile(r"^peak ([\d.e+-]+) FLOP/s per process", re.M)  # the machine's speed, shown beside each run
+STOPPED = re.compile(r"^target \S+ \S+ reached at step (\d+): stopping$", re.M)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +81,8 @@ def parse_log(path):
                sources={n: body[:-1] for n, body in parts.items() if n.endswith(".py")},  # RunLog adds one newline
                resumed=any(n.startswith("config.resume") for n in parts), confirm=json.loads(parts["confirm.json"]),
                ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0],
-               peak=float(m[1]) if (m := PEAK.search(parts["config.json"][end:])) else None)
+               peak=float(m[1]) if (m := PEAK.search(parts["config.json"][end:])) else None,
+               stopped=int(m[1]) if (m := STOPPED.search(parts["config.json"][end:])) else None)
     if not run["timeline"]:
         raise ValueError(f"{path.name}: no step or eval line with train_time")
     return run
@@ -132,8 +134,27 @@ def check_clock(run):
                             f"({ms / step:.2f}ms)")
         before_step, before_ms = step, ms
     if run["timeline"][-1][3] is None:
-        problems.append(f"{run['name']}: does not end on an evaluation")
-    return problems
+        return problems + [f"{run['name']}: does not end on an evaluation"]
+    return problems + check_stop(run)
+
+
+def check_stop(run):
+    """The run ends where train.py stops it: an evaluation that reaches its --target (the console says so after it,
+    and the score shows it, to the 4 decimals printed) or the end of its budget. A log cut after an earlier
+    evaluation, whose time would be shorter, shows neither."""
+    args, (step, ms, _, scores) = run["config"]["args"], run["timeline"][-1]
+    spent = step >= args["max_steps"] or bool(args.get("max_time")) and ms >= args["max_time"] * 60_000 - 1
+    if run["stopped"] == step and args.get("target"):
+        metric, value = args["target"]
+        lower = metric in LOWER_IS_BETTER
+        if metric not in scores or (scores[metric] > value + 5e-5 if lower else scores[metric] < value - 5e-5):
+            return [f"{run['name']}: says --target {metric} {value} was reached at step {step}, where it scored "
+                    f"{scores.get(metric)}"]
+    elif not spent:
+        return [f"{run['name']}: its last evaluation (step {step}, {ms} ms) neither reaches its --target "
+                f"{args.get('target')} nor ends its budget (--max-steps {args['max_steps']}, --max-time "
+                f"{args.get('max_time')}): the log ends before the run did"]
+    return []
 
 
 def check_run(run, track):
@@ -179,6 +200,7 @@ def check_record(runs, track, kind):
     problems += [f"{len(runs)} runs: {track} runs go in pairs, side by side as its target was measured (speedrun.sh "
                  f"runs them so): an even number"] if t.get("pairs") and len(runs) % 2 else []
     problems += ["two runs share a seed: " + ", ".join(map(str, seeds))] if len(set(seeds)) < len(seeds) else []
+    problems += check_attempt(runs)
     problems += [f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record"
                  for r, f in zip(runs[1:], flags[1:]) if r["sources"] != runs[0]["sources"] or f != flags[0]]
     if kind == "calibration":
@@ -194,12 +216,29 @@ def check_record(runs, track, kind):
     return problems
 
 
+def check_attempt(runs):
+    """Every run of one attempt, none left out (rule 1), as speedrun.sh makes them: seeds 0..n-1, log_<k>.txt of seed
+    k, --out <NAME>-<seed> with one NAME."""
+    seeds = [r["config"]["args"]["seed"] for r in runs]
+    logs = [re.fullmatch(r"log_(\d+)\.txt", r["name"]) for r in runs]
+    outs = [re.fullmatch(r"(.*)-(\d+)", str(r["config"]["args"]["out"])) for r in runs]
+    if sorted(seeds) == list(range(len(runs))) and all(
+            log and out and int(log[1]) == int(out[2]) == seed and out[1] == outs[0][1]
+            for log, out, seed in zip(logs, outs, seeds)):
+        return []
+    return [f"the runs are not one attempt's seeds 0..{len(runs) - 1} (seeds {seeds}, --out "
+            f"{[r['config']['args']['out'] for r in runs]}): a record holds every run made for it (records/RULES.md),"
+            f" log_<k>.txt of seed k, --out <NAME>-<k>, as speedrun.sh runs them"]
+
+
 # The task is what shapes.py draws, captions and reads back, not its bytes (a refactor keeps the race): its constants,
-# 64 scenes of each split and two seeds rendered at the track's resolution (argv[1]) with both captions, and the
-# checker's reading of each render against its own objects, the previous scene's and a noise image. Run on the source
-# embedded in a log.
+# 64 scenes of each split and two seeds rendered at the track's resolution (argv[1]) with both captions, the
+# checker's reading of each render against its own objects, the previous scene's and a noise image; then, through the
+# interfaces a run uses, the held-out split's captions, renders and scores (the metric) and the training loader's
+# first batches (training never draws the held-out pairs). The text encoder's output is left out: a run's method.
+# Run on the source embedded in a log.
 TASK_PROBE = """
-import hashlib, sys, numpy as np, shapes as s
+import hashlib, sys, numpy as np, torch, shapes as s
 side = int(sys.argv[1])
 h = hashlib.sha256(repr([s.COLORS, s.BACKGROUNDS, s.SHAPES, s.SIZES, s.REGIONS, s.HELDOUT_PAIRS, s.VOCAB]).encode())
 noise, previous = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), []
@@ -214,6 +253,16 @@ for split in s.SPLITS:
             readings = [s.check_scene(x, objects) for x, objects in pairs]
             h.update(repr([s.long_caption(scene), s.short_caption(scene), readings]).encode())
             previous = scene.objects
+for seed in (0, 1):  # through the interfaces the runs use: the held-out split that evaluates, the training loader
+    held, idx = s.HeldoutShapes(seed, "long", side), list(range(32))
+    renders = held.images(idx)
+    noise_batch = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, renders.shape, dtype=np.uint8))
+    scores = [held.score(x, idx) for x in (renders, renders.roll(1, 0), noise_batch)]
+    h.update(renders.numpy().tobytes() + repr([held.captions(idx), scores]).encode())
+    loader = s.ShapesLoader(8, 0, 1, seed, side)
+    for _ in range(2):
+        batch = next(loader)
+        h.update(batch["image"].numpy().tobytes() + repr(batch["caption"]).encode())
 print(h.hexdigest())
 """
 

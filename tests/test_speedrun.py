@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 
@@ -25,8 +26,9 @@ SAMPLING = dict(steps=20, cfg_scale=3.0, shift=1.0, pred="v", route_ratio=0.5, s
 def synthetic_log(seed, minutes, accuracy, target):
     """A CPU-track run's log as train.py writes it (the source of HEAD, config.json, step and eval lines) with
     speedrun.sh's full evaluation after it."""
+    reached = bool(target) and accuracy >= target[1]  # it stops there, else at its time budget
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
-                out=f"runs/r{seed}", target=target, lr=0.002)
+                out=f"runs/r-{seed}", target=target, lr=0.002, max_steps=100_000, max_time=60.0 if reached else minutes)
     config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
                   devices=dict(cpu="AMD EPYC 7B13", cores=2, threads=1))
     ms, steps = round(minutes * 60_000), 3000
@@ -34,6 +36,8 @@ def synthetic_log(seed, minutes, accuracy, target):
     console += [f"step {s}/100000 | loss 0.1000 | train_time {ms * s // steps}ms | step_avg {ms / steps:.2f}ms | "
                 f"eta 0:00:00" for s in (1000, 2000, 3000)]
     console.append(f"eval step {steps} | caption_accuracy 0.1000 | object_accuracy {accuracy:.4f} | train_time {ms}ms")
+    if reached:
+        console.append(f"target object_accuracy {target[1]:g} reached at step {steps}: stopping")
     confirm = dict(metrics=dict(object_accuracy=accuracy), data="builtin", num_samples=1024, seed=42, ref=None,
                    sampling=SAMPLING, settings={})
     sources = "".join(f"=== {name}\n{text}\n" for name, text in sorted(verify.committed_sources(HEAD).items()))
@@ -106,6 +110,22 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "eval self_guidance (the run"),
     (lambda f: edit(f / "log_1.txt", '"route_ratio": 0.5', '"route_ratio": 0.25', after="=== confirm.json"),
      "eval route_ratio (the run"),
+    # a log cut after an evaluation the run went on from: neither its target reached nor its budget spent
+    (lambda f: edit(f / "log_1.txt", "target object_accuracy 0.292 reached at step 3000: stopping\n", ""),
+     "log_1.txt: its last evaluation (step 3000, 1560000 ms) neither reaches its --target"),
+    (lambda f: edit(f / "log_1.txt", "object_accuracy 0.3100 | train_time", "object_accuracy 0.2800 | train_time"),
+     "log_1.txt: says --target object_accuracy 0.292 was reached at step 3000, where it scored 0.28"),
+    # runs left out (rule 1): seeds not 0..n-1, or runs of another attempt (another --out NAME)
+    (lambda f: edit(f / "log_2.txt", '"seed": 2', '"seed": 7'), "the runs are not one attempt's seeds 0..3"),
+    (lambda f: edit(f / "log_2.txt", "runs/r-2", "runs/other-2"), "the runs are not one attempt's seeds 0..3"),
+    # the task through the interfaces runs use: the evaluated split, the metric, the training data
+    (lambda f: edit(f / "log_1.txt", 'ShapesDataset(seed=10_000 + seed, split="heldout")',
+                    'ShapesDataset(seed=10_000 + seed, split="train")'), "log_1.txt: its shapes.py draws or reads other"),
+    (lambda f: edit(f / "log_1.txt", '"object": float(np.mean([np.mean([r["full"]',
+                    '"object": float(np.mean([np.mean([r["color_region"]'), "log_1.txt: its shapes.py draws or reads"),
+    (lambda f: edit(f / "log_1.txt", "self.dataset, self.encoder = ShapesDataset(seed)",
+                    'self.dataset, self.encoder = ShapesDataset(10_000 + seed, "heldout")'),
+     "log_1.txt: its shapes.py draws or reads other"),
 ])
 def test_a_tampered_record_fails(record, tamper, message):
     tamper(record)
@@ -179,7 +199,7 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     baseline = make_record(record.parent / "2026-12-01_baseline", calibration, "calibration")
     assert verify.verify(baseline) == []
     assert "mean 0.2950, sd 0.0041; a calibration: its mean" in (baseline / "README.md").read_text()
-    make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.3), 3: (1.0, 0.2)})
+    make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.25), 3: (1.0, 0.2)})
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- leaderboard -->\nold\n<!-- /leaderboard -->\n\nmore\n")
     argv = ["--records", str(record.parent), "--readme", str(readme)]
@@ -223,6 +243,7 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
 STUB_TRAIN = """import os, sys, time
 out, seed = sys.argv[sys.argv.index("--out") + 1], int(sys.argv[sys.argv.index("--seed") + 1])
 os.makedirs(out)  # as train.py, which refuses an --out that holds a run
+open(os.path.join(out, "argv"), "w").write(" ".join(sys.argv[1:]))
 open(os.path.join(out, "train.pid"), "w").write(str(os.getpid()))
 time.sleep(1 if seed else 30)
 sys.exit(seed)
@@ -230,15 +251,15 @@ sys.exit(seed)
 STUB_EVAL = "import pathlib, sys; pathlib.Path(sys.argv[sys.argv.index('--ckpt') + 1], 'evaluated').touch()"
 
 
-def stub_speedrun(tmp_path, **env):
+def stub_speedrun(tmp_path, *options, **env):
     (tmp_path / "records").mkdir(exist_ok=True)
     shutil.copy(ROOT / "speedrun.sh", tmp_path)
     shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
     (tmp_path / "train.py").write_text(STUB_TRAIN)
     (tmp_path / "eval.py").write_text(STUB_EVAL)
     env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", **env}  # runs in records/runs (smoke)
-    return subprocess.run(["bash", "speedrun.sh", "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(["bash", "speedrun.sh", *(options or ["--smoke"])], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def alive(pid):
@@ -358,3 +379,13 @@ def test_plot_draws_every_group_and_flat_zero_curves(tmp_path, monkeypatch):
         plot.plot(groups, "object_accuracy", None, tmp_path / "c.png")  # all-zero accuracies: no division by zero
         red.append((np.asarray(Image.open(tmp_path / "c.png")) == (200, 30, 30)).all(-1).sum())
     assert red[1] > red[0] > 0  # the second group drawn too
+
+
+def test_a_calibration_trains_a_fixed_budget_and_a_gpu_track_needs_a_gpu(tmp_path):
+    stub_speedrun(tmp_path, "--smoke", "--calibrate")  # run 1 of the stub fails: run 0's flags are what is read
+    argv = (tmp_path / "records" / "runs" / "x-0" / "argv").read_text().split()
+    assert "--max-steps" in argv and "--target" not in argv  # verify.py refuses a calibration with a --target
+    if not torch.cuda.is_available():
+        for track in ("8gpu", "1gpu"):  # refused before any preparation starts (the stub has no prepare.py)
+            r = stub_speedrun(tmp_path, "--track", track, "--calibrate", NAME=track)
+            assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
