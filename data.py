@@ -94,7 +94,7 @@ def load_vae(name, path=None, device="cpu"):
 
 def latent_stats(vae):
     """(shift, scale), each (C, p, p), with z_normalised = (z - shift) * scale at each position of a p x p patch.
-    Flux / REPA-E: the config's shift_factor and scaling_factor (Flux.1: 0.1159, 0.3611; REFERENCE 2).
+    Flux / REPA-E: the config's shift_factor and scaling_factor (Flux.1's VAE config: 0.1159, 0.3611).
     FLUX.2: the AE's BatchNorm running statistics over 2x2-patchified latents (diffusers Flux2Pipeline)."""
     C = vae.config.latent_channels
     if hasattr(vae, "bn"):

@@ -1,6 +1,7 @@
 """
 Sample a trained PRX run on held-out prompts and score the images: FID, CMMD and DINO-MMD against reference
-statistics of the real held-out images (REFERENCE section 6), and the caption checker on the built-in dataset.
+statistics of the real held-out images (FID: Heusel et al. 2017, torch-fidelity's network; CMMD:
+Jayasumana et al. 2024), and the caption checker on the built-in dataset.
 
     python eval.py ref --data data/mj --out ref.npz                          # once: statistics of the real images
     python eval.py --ckpt runs/x --ref ref.npz --num-samples 10000           # -> runs/x/checkpoints/step_N/eval.json

@@ -51,7 +51,7 @@ class PRXConfig:
 PRESETS = {
     # CPU tests and the built-in dataset (see train.py for the tuned CPU-track settings)
     "tiny": dict(hidden_size=128, depth=4, num_heads=2, context_dim=64),
-    "small": dict(),  # PRX 1.2B, REFERENCE section 1
+    "small": dict(),  # PRX 1.2B: diffusers' PRXTransformer2DModel defaults
     "base": dict(hidden_size=3584, depth=24, num_heads=28, axes_dim=(64, 64)),
 }
 

@@ -65,7 +65,7 @@ def clean_caption(text):
 
 
 class T5GemmaTextEncoder:
-    """captions -> (emb (B, L, D), mask (B, L) bool): T5Gemma encoder last_hidden_state, as PRX (REFERENCE 2)."""
+    """captions -> (emb (B, L, D), mask (B, L) bool): T5Gemma encoder last_hidden_state, as PRX."""
 
     def __init__(self, model, tokenizer, max_tokens=256):
         self.model, self.tokenizer, self.max_tokens = model.eval().requires_grad_(False), tokenizer, max_tokens

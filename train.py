@@ -4,7 +4,7 @@ Train a PRX text-to-image model with flow matching. One file, one loop; every te
     python train.py                                   # CPU track: tiny model, built-in shapes, ~5 minutes
     torchrun --nproc_per_node=8 train.py --data data/mj --model small --batch-size 256 --compile --tread
 
-Conventions (REFERENCE section 3): t = 0 is data, t = 1 is noise, x_t = (1 - t) x0 + t eps, the network predicts
+Conventions (rectified flow, as PRX and SD3): t = 0 is data, t = 1 is noise, x_t = (1 - t) x0 + t eps, the network predicts
 v = eps - x0 (or x0 with --pred x, JiT). All randomness of a micro-batch (its samples, t, noise, caption dropout,
 TREAD routing) is a function of (seed, step, micro-batch index), so a run replays exactly whatever the number of
 processes, and a resumed run continues the same sequence.
@@ -234,7 +234,7 @@ def get_args(argv=None):
     for key in args.track_values:
         setattr(args, key, values[key])
     check_combinations(parser, args)
-    # PRX's defaults that depend on other flags: the shift on the space (REFERENCE 3), Adam's eps on the optimizer
+    # PRX's defaults that depend on other flags: the shift on the space (SD3: larger inputs, more noise), Adam's eps on the optimizer
     args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5 if args.tread else None)
     args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
@@ -329,7 +329,7 @@ def check_fsdp(parser, args, world):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flow matching (REFERENCE section 3)
+# Flow matching (rectified flow, Liu et al. 2022; logit-normal t and the shift, SD3, Esser et al. 2024)
 
 def sample_t(n, shift, uniform_frac, g, device):
     """Logit-normal t, shifted towards noise by s, with a fraction drawn uniformly; clamped away from 0 and 1."""
@@ -352,7 +352,7 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None, cfm=0.0):
     """Weighted MSE on velocity. With x-prediction (JiT) the prediction becomes a velocity through
     x0_to_velocity, and so does the target, which then equals eps - x0 where t >= X_PRED_MIN_T. With cfm = lambda
     (contrastive flow matching, PRX ContrastiveFlowMatching): minus lambda x the error against the target of the
-    next sample in the batch (target.roll(1)), skipped for a batch of one."""
+    previous sample in the batch (target.roll(1)), skipped for a batch of one."""
     if pred_type == "v":
         pred_v, target = pred.float(), eps - x0
     else:
