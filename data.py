@@ -249,8 +249,8 @@ def parse_data_phases(spec):
         start, _, captions = start.partition(":")
         weights = {}
         for item in mix.split(","):
-            path, _, weight = item.strip().rpartition(":")
-            if not re.fullmatch(r"[-+.\deE]+", weight):  # no weight: a path, whole (it may hold a ':')
+            path, colon, weight = item.strip().rpartition(":")
+            if not colon or not re.fullmatch(r"[-+.\deE]+", weight):  # no weight: a path, whole (it may hold a ':')
                 path, weight = item.strip(), "1"
             path = os.path.normpath(path) if path else path  # 'data/mj/' and './data/mj' are data/mj: its position
             if path in weights:
@@ -259,7 +259,7 @@ def parse_data_phases(spec):
                 weights[path] = float(weight)
             except ValueError:
                 raise ValueError(f"{expected}, got the weight {weight!r}") from None
-        if not all(weights) or min(weights.values()) <= 0:
+        if not all(weights) or not all(0 < w < math.inf for w in weights.values()):
             raise ValueError(expected)
         if captions:
             caption_share(captions)

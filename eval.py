@@ -386,9 +386,10 @@ class Metrics:
         the caller's command-line flag for the count, named in the error."""
         n, r = int(self.ref["count"]), int(self.ref["resolution"])
         if (count, resolution) != (n, r):
-            fixes = [f"use {flag} {n}"] * (count != n) + [  # ref's --resolution sets the built-in data's size only
-                f"build a matching reference with `python eval.py ref --data <eval data> --num-samples {count}"
-                + f" --resolution {resolution}" * (r != resolution) + " --out <file>`"]
+            fixes = [f"use {flag} {n}"] * (count != n) + [
+                f"build a matching reference with `python eval.py ref --data <eval data> --num-samples {count} --out "
+                f"<file>`" + f" from eval data at {resolution} px (the built-in data: add --resolution {resolution})"
+                * (r != resolution)]
             raise ValueError(f"the reference holds {n} images at {r} px but this evaluation has {count} at "
                              f"{resolution} px; {', or '.join(fixes)}")
 
@@ -540,8 +541,8 @@ def build_metrics(args, names, device):
         if args.dino_weights and "dino_mmd" in names else DINO_ID
     try:
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
-    except (ValueError, FileNotFoundError) as e:  # the reference's: missing, or without a metric asked for
-        raise SystemExit(f"error: --ref {args.ref} --metrics {','.join(names)}: {e}")
+    except (ValueError, FileNotFoundError) as e:  # a reference or network file missing or unfit: each names its own
+        raise SystemExit(f"error: {e}")
 
 
 def make_reference(args, device):

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_to_common, \
-    positive
+    parse_data_phases, positive
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     resume_configs, rope_at, rope_table, stage_config, trim_text, verify_checkpoint
@@ -894,8 +894,12 @@ def resume_changes(args, ckpt):
     with open(stage_config(os.path.dirname(os.path.dirname(ckpt)), ckpt)) as f:
         before = json.load(f)["args"]
     now, parser = json.loads(json.dumps(vars(args))), get_parser()
+
+    def parsed(k, v):  # --data specs that name the same datasets alike are the same: 'data/mj/' is data/mj
+        return parse_data_phases(v) if k in ("data", "eval_data") and v not in (None, "builtin") else v
     changed = [f"--{k.replace('_', '-')} {before.get(k, parser.get_default(k))} -> {now[k]}"
-               for k in sorted(RESUMABLE - {"out", "resume"}) if before.get(k, parser.get_default(k)) != now[k]]
+               for k in sorted(RESUMABLE - {"out", "resume"})
+               if parsed(k, before.get(k, parser.get_default(k))) != parsed(k, now[k])]
     return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
            f"{'; '.join(changed)}" if changed else None
 

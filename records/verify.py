@@ -192,14 +192,13 @@ def check_run(run, track):
 
 
 def check_record(runs, track, kind):
-    """Enough runs, one configuration and one source with distinct seeds; a record meets the target (t-test)."""
+    """Enough runs, one attempt's (check_attempt), one configuration and one source; a record meets the target
+    (t-test)."""
     t, ignored = TRACKS[track], ("seed", "out")
-    seeds = [r["config"]["args"]["seed"] for r in runs]
     flags = [{k: v for k, v in r["config"]["args"].items() if k not in ignored} for r in runs]
     problems = [f"{len(runs)} runs; the rules need at least {t['min_runs']}"] if len(runs) < t["min_runs"] else []
     problems += [f"{len(runs)} runs: {track} runs go in pairs, side by side as its target was measured (speedrun.sh "
                  f"runs them so): an even number"] if t.get("pairs") and len(runs) % 2 else []
-    problems += ["two runs share a seed: " + ", ".join(map(str, seeds))] if len(set(seeds)) < len(seeds) else []
     problems += check_attempt(runs)
     problems += [f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record"
                  for r, f in zip(runs[1:], flags[1:]) if r["sources"] != runs[0]["sources"] or f != flags[0]]

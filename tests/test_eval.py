@@ -435,7 +435,8 @@ def test_reference_mismatch_names_the_callers_flag():
     with pytest.raises(ValueError, match="use --num-samples 8"):
         ev.Metrics.check_reference(holder, 16, 32)
     with pytest.raises(ValueError, match=r"at 64 px; build a matching reference with `python eval.py ref --data "
-                                         r"<eval data> --num-samples 8 --resolution 64 --out <file>`$"):
+                                         r"<eval data> --num-samples 8 --out <file>` from eval data at 64 px \(the "
+                                         r"built-in data: add --resolution 64\)$"):
         ev.Metrics.check_reference(holder, 8, 64)  # the count is right: no "use --num-samples"
     ev.Metrics.check_reference(holder, 8, 32)
 

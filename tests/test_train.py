@@ -772,3 +772,15 @@ def test_norms_and_rope_compute_in_fp32_under_autocast():
     assert seen["x"] == torch.float32
     assert torch.equal(rms, torch.nn.functional.rms_norm(x.float(), (64,), norm.weight, 1e-6).bfloat16())
     assert torch.equal(rope, m.apply_rope(x[:, :, None].float(), cos, sin).bfloat16())
+
+
+def test_the_resume_note_lists_what_differs_from_the_checkpoints_stage(tmp_path):
+    args = train.get_args(SMALL)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"args": {**json.loads(json.dumps(vars(args))), "data": "d/mj"}}))
+    ckpt = str(run / "checkpoints" / "step_2")
+    args.data = "./d/mj/"  # the same dataset, spelt otherwise: not a change
+    assert train.resume_changes(args, ckpt) is None
+    args.lr, args.data = 1e-3, "d/mj:0.5,d/cc:0.5"
+    assert train.resume_changes(args, ckpt).endswith("--data d/mj -> d/mj:0.5,d/cc:0.5; --lr 0.002 -> 0.001")
