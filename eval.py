@@ -322,15 +322,15 @@ def mmd(x, y, sigma=10.0, scale=1000.0, chunk=2048):
 
 def reference_metrics(path):
     """The metrics a reference file holds statistics of (the keys of its settings)."""
+    if not os.path.exists(path):
+        hint = f"did you mean {path}.npz? " if os.path.exists(f"{path}.npz") else ""
+        raise FileNotFoundError(f"{path}: no such reference; {hint}make it with `python eval.py ref --data <eval "
+                                f"data> --out {path}`")
     return [m for m in FEATURE_METRICS if m in json.loads(str(np.load(path)["settings"]))]
 
 
 def check_reference_file(path, metrics):
     """The reference exists and holds every metric asked for: checked before any network loads."""
-    if not os.path.exists(path):
-        hint = f"did you mean {path}.npz? " if os.path.exists(f"{path}.npz") else ""
-        raise FileNotFoundError(f"{path}: no such reference; {hint}make it with `python eval.py ref --data <eval "
-                                f"data> --out {path}`")
     if missing := [m for m in metrics if m not in (held := reference_metrics(path))]:
         raise ValueError(f"{path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass --metrics "
                          f"{','.join(held)}, or build a reference of {','.join(metrics)} with `python eval.py ref "
@@ -532,14 +532,16 @@ def metric_list(text):
 
 
 def build_metrics(args, names, device):
-    if not names:
+    """names None: the metrics the --ref file holds."""
+    if names is not None and not names:
         return None
     if not args.ref and args.command == "eval":
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
-    dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) \
-        if args.dino_weights and "dino_mmd" in names else DINO_ID
     try:
+        names = reference_metrics(args.ref) if names is None else names
+        dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) \
+            if args.dino_weights and "dino_mmd" in names else DINO_ID
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
     except (ValueError, FileNotFoundError) as e:  # a reference or network file missing or unfit: each names its own
         raise SystemExit(f"error: {e}")
@@ -604,13 +606,8 @@ def evaluate_checkpoint(args, device):
     caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
-    if args.metrics is not None:
-        names = args.metrics
-    elif args.ref:  # the metrics it holds (a missing file: build_metrics says so)
-        names = reference_metrics(args.ref) if os.path.exists(args.ref) else list(FEATURE_METRICS)
-    else:
-        names = [] if data == "builtin" else list(FEATURE_METRICS)
-    metrics = build_metrics(args, names, device)
+    names = args.metrics if args.metrics is not None or args.ref else [] if data == "builtin" else list(FEATURE_METRICS)
+    metrics = build_metrics(args, names, device)  # --ref without --metrics: the metrics it holds
     if metrics is not None:
         metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)

@@ -318,8 +318,9 @@ def prepare(args, rank=0, world_size=1):
                              f"{sorted({k for row in head for k in row})}: name one of those")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
     if settings is not None:
-        (out / f"prepare.tmp-{os.getpid()}.json").write_text(json.dumps(settings, indent=1))
-        os.replace(out / f"prepare.tmp-{os.getpid()}.json", out / "prepare.json")
+        tmp = out / f"prepare.tmp-{os.getpid()}.json"
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, out / "prepare.json")
     shard, rows_done, source_state = resume_point(out, rank, world_size)
     encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
     vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)

@@ -4,10 +4,10 @@ Train a PRX text-to-image model with flow matching. One file, one loop; every te
     python train.py                                   # CPU track: tiny model, built-in shapes, ~5 minutes
     torchrun --nproc_per_node=8 train.py --data data/mj --model small --batch-size 256 --compile --tread
 
-Conventions (rectified flow, as PRX and SD3): t = 0 is data, t = 1 is noise, x_t = (1 - t) x0 + t eps, the network predicts
-v = eps - x0 (or x0 with --pred x, JiT). All randomness of a micro-batch (its samples, t, noise, caption dropout,
-TREAD routing) is a function of (seed, step, micro-batch index), so a run replays exactly whatever the number of
-processes, and a resumed run continues the same sequence.
+Conventions (rectified flow, as PRX and SD3): t = 0 is data, t = 1 is noise, x_t = (1 - t) x0 + t eps, the
+network predicts v = eps - x0 (or x0 with --pred x, JiT). All randomness of a micro-batch (its samples, t, noise,
+caption dropout, TREAD routing) is a function of (seed, step, micro-batch index), so a run replays exactly whatever
+the number of processes, and a resumed run continues the same sequence.
 """
 
 import argparse
@@ -234,7 +234,8 @@ def get_args(argv=None):
     for key in args.track_values:
         setattr(args, key, values[key])
     check_combinations(parser, args)
-    # PRX's defaults that depend on other flags: the shift on the space (SD3: larger inputs, more noise), Adam's eps on the optimizer
+    # PRX's defaults that depend on other flags: the shift on the space (SD3: larger inputs, more noise), Adam's eps
+    # on the optimizer
     args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5 if args.tread else None)
     args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
@@ -873,11 +874,8 @@ def check_resume_flags(args, ckpt):
     (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too."""
     with open(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "config.json")) as f:
         config = json.load(f)
-    before, parser = config["args"], get_parser()
-    now = json.loads(json.dumps(vars(args)))  # tuples as lists, as stored
-    flags = {a.dest for a in parser._actions} - RESUMABLE  # not what get_args derived (the track's note)
-    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}" for k in sorted(flags & set(now))
-               if before.get(k, parser.get_default(k)) != now[k]]
+    parser = get_parser()  # its flags, not what get_args derived (the track's note)
+    changed = flag_changes(config["args"], args, {a.dest for a in parser._actions} - RESUMABLE, parser)
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
@@ -888,18 +886,23 @@ def check_resume_flags(args, ckpt):
                          f"pixel presets switch from 16 to 32 at 512 px): start the first stage with --patch")
 
 
+def flag_changes(before, args, names, parser):
+    """The flags of `names` whose values in args differ from `before` (a stored config's args; a flag newer than the
+    run: its default) -> ['--flag old -> new']. --data specs compare as parsed: 'data/mj/' is data/mj."""
+    now = json.loads(json.dumps(vars(args)))  # tuples as lists, as stored
+
+    def value(k, v):
+        return parse_data_phases(v) if k in ("data", "eval_data") and v not in (None, "builtin") else v
+    was = {k: before.get(k, parser.get_default(k)) for k in set(names) & set(now)}
+    return [f"--{k.replace('_', '-')} {was[k]} -> {now[k]}" for k in sorted(was)
+            if value(k, was[k]) != value(k, now[k])]
+
+
 def resume_changes(args, ckpt):
     """The RESUMABLE flags this resume sets otherwise than the stage that trained the checkpoint (a second phase,
     or flags left off the command line: the log says so) -> a note, or None."""
     with open(stage_config(os.path.dirname(os.path.dirname(ckpt)), ckpt)) as f:
-        before = json.load(f)["args"]
-    now, parser = json.loads(json.dumps(vars(args))), get_parser()
-
-    def parsed(k, v):  # --data specs that name the same datasets alike are the same: 'data/mj/' is data/mj
-        return parse_data_phases(v) if k in ("data", "eval_data") and v not in (None, "builtin") else v
-    changed = [f"--{k.replace('_', '-')} {before.get(k, parser.get_default(k))} -> {now[k]}"
-               for k in sorted(RESUMABLE - {"out", "resume"})
-               if parsed(k, before.get(k, parser.get_default(k))) != parsed(k, now[k])]
+        changed = flag_changes(json.load(f)["args"], args, RESUMABLE - {"out", "resume"}, get_parser())
     return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
            f"{'; '.join(changed)}" if changed else None
 
@@ -923,7 +926,8 @@ def set_aside_newer(ckpt):
 
 def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
     """Load a checkpoint into the run, sharded or not, on any number of processes -> (step, training time, a note
-    when REPA was added or dropped or a dataset starts afresh, else None). Mismatches of shapes or optimizer say what differs."""
+    when REPA was added or dropped or a dataset starts afresh, else None). Mismatches of shapes or optimizer say what
+    differs."""
     # every rank maps trainer.pt (its tensors stay on disk until read: rank 0's are, by load_full), rank 0 the weights
     state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True, mmap=True)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -1040,6 +1044,30 @@ def config_of(args, cfg, world, n_params, device):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def open_training_data(args, rank, world, device):
+    """-> (this rank's loader of --data, micro-batches per rank and step); errors name the flags."""
+    if args.batch_size % (args.micro_batch * world):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
+                         f"{args.micro_batch} x {world} processes")
+    chunks_per_rank = args.batch_size // args.micro_batch // world
+    try:
+        return open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
+                           chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa)), chunks_per_rank
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --data {args.data} --captions {args.captions}: {e}")
+
+
+def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
+    """The run's first lines: the model and batch, then the track and the values it set."""
+    log(f"model {args.model}: {n_params:,} parameters | {world} process(es) on {device.type} | global batch "
+        f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | shift {args.shift} | "
+        f"AdamW eps {args.eps:g} | out {out}"
+        + (f" | resumed from {ckpt}" if ckpt else ""))
+    values = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.track_values)
+    log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
+        (f": its values for the flags not given: {values}" if values else ""))
+
+
 def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, last, out, master, log):
     """One evaluation of eval_model (the EMA weights when the run keeps them), logged; -> whether the run ends here
     (it was the last step, or --target is reached). The last evaluation is also written to eval.json."""
@@ -1075,17 +1103,9 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed()
-    if args.batch_size % (args.micro_batch * world):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
-                         f"{args.micro_batch} x {world} processes")
     master = rank == 0
     out, ckpt, same_run = run_folder(args)
-    chunks_per_rank = args.batch_size // args.micro_batch // world
-    try:
-        loader = open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
-                             chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --data {args.data} --captions {args.captions}: {e}")
+    loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -1103,13 +1123,7 @@ def main(argv=None):
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
         trainee.model = torch.compile(raw_model)
     model = wrap_ddp(trainee, world, device)
-    log(f"model {args.model}: {n_params:,} parameters | {world} process(es) on {device.type} | global batch "
-        f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | shift {args.shift} | "
-        f"AdamW eps {args.eps:g} | out {out}"
-        + (f" | resumed from {ckpt}" if ckpt else ""))
-    values = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.track_values)
-    log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
-        (f": its values for the flags not given: {values}" if values else ""))
+    log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
 
     if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)

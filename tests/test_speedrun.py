@@ -120,7 +120,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "log_2.txt", "runs/r-2", "runs/other-2"), "the runs are not one attempt's seeds 0..3"),
     # the task through the interfaces runs use: the evaluated split, the metric, the training data
     (lambda f: edit(f / "log_1.txt", 'ShapesDataset(seed=10_000 + seed, split="heldout")',
-                    'ShapesDataset(seed=10_000 + seed, split="train")'), "log_1.txt: its shapes.py draws or reads other"),
+                    'ShapesDataset(seed=10_000 + seed, split="train")'),
+     "log_1.txt: its shapes.py draws or reads other"),
     (lambda f: edit(f / "log_1.txt", '"object": float(np.mean([np.mean([r["full"]',
                     '"object": float(np.mean([np.mean([r["color_region"]'), "log_1.txt: its shapes.py draws or reads"),
     (lambda f: edit(f / "log_1.txt", "self.dataset, self.encoder = ShapesDataset(seed)",
@@ -188,7 +189,8 @@ def test_a_record_that_misses_the_target_or_shares_seeds_fails(tmp_path, cpu_tar
     slow = make_record(tmp_path / "slow", {0: (20.0, 0.29), 1: (21.0, 0.30), 2: (22.0, 0.28), 3: (21.0, 0.29)})
     assert any(p.startswith("not a record: object_accuracy mean 0.2900") for p in verify.verify(slow))
     edit(slow / "log_1.txt", '"seed": 1', '"seed": 0')
-    assert any(p.startswith("the runs are not one attempt's seeds 0..3 (seeds [0, 0, 2, 3]") for p in verify.verify(slow))
+    problems = verify.verify(slow)
+    assert any(p.startswith("the runs are not one attempt's seeds 0..3 (seeds [0, 0, 2, 3]") for p in problems)
     with pytest.raises(SystemExit) as failed:
         verify.main([str(slow)])
     assert failed.value.code == 1 and "FAIL not a record" in capsys.readouterr().out
