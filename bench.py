@@ -105,23 +105,10 @@ def bench_model(args):
     ours, theirs = prx_pair(args.preset)
     cfg, B = ours.cfg, args.batch
     side = math.isqrt(args.img_tokens) * cfg.patch_size
-    x = torch.randn(B, cfg.in_channels, side, side, device=DEVICE)
-    t = torch.rand(B, device=DEVICE)
-    txt = torch.randn(B, args.txt_tokens, cfg.context_dim, device=DEVICE)
-    lengths = torch.randint(args.min_len, args.max_len + 1, (B,), device=DEVICE)
-    mask = torch.arange(args.txt_tokens, device=DEVICE)[None] < lengths[:, None]
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=DEVICE.type == "cuda")
-
-    def ours_step(model):
-        txt_t, mask_t = trim_text(txt, mask)  # eager, before the (possibly compiled) model: data-dependent shapes
-        with autocast:
-            model(x, t, txt_t, mask_t).float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    def theirs_step(model):
-        with autocast:
-            model(x, t, txt, mask, return_dict=False)[0].float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
+    batch = synthetic_batch(cfg, dict(vars(args), side=side), 0)
+    x, _, t, txt, mask = batch
+    lengths = mask.sum(1)
+    bf16 = DEVICE.type == "cuda"
 
     print(f"preset {args.preset} | batch {B} | {args.img_tokens} image tokens | text {args.txt_tokens} padded, real "
           f"lengths {args.min_len}..{args.max_len}")
@@ -133,7 +120,9 @@ def bench_model(args):
     useful = 3 * sum(flops_per_sample(cfg, args.img_tokens, int(n)) for n in lengths)  # a train step is ~3x forward
     for mode in ["eager", "compiled"] if args.compile else ["eager"]:
         a, b = (ours, theirs) if mode == "eager" else (torch.compile(ours), torch.compile(theirs))
-        times = timed({"ours": lambda: ours_step(a), "diffusers": lambda: theirs_step(b)}, args.warmup, args.steps)
+        steps = {"ours": lambda: training_step(a, None, batch, bf16),
+                 "diffusers": lambda: training_step(b, None, batch, bf16, diffusers=True)}
+        times = timed(steps, args.warmup, args.steps)
         ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
         compare(f"{mode} fwd+bwd, median of {args.steps}", ms["ours"], "diffusers", ms["diffusers"], "ms")
         if DEVICE.type == "cuda":  # both sides credited with the same useful FLOPs (real text tokens only)
@@ -479,7 +468,7 @@ def synthetic_batch(cfg, s, seed):
 
 def training_step(model, opt, batch, bf16=True, diffusers=False):
     """train.py's step on one micro-batch: v-prediction loss (train.flow_loss) under bf16 autocast, backward, clip to
-    0.2, optimizer step -> the loss."""
+    0.2, optimizer step (none: forward and backward only) -> the loss."""
     x0, eps, t, txt, mask = batch
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
     with torch.autocast(DEVICE.type, torch.bfloat16, enabled=bf16):
@@ -489,9 +478,10 @@ def training_step(model, opt, batch, bf16=True, diffusers=False):
             pred = model(x_t, t, *trim_text(txt, mask))  # trimmed eagerly, before a compiled model
         loss = flow_loss(pred, x0, eps, x_t, t, "v")
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+        opt.step()
+    model.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -632,8 +622,7 @@ def bench_techniques(args):
     for flags in ["baseline"] + (args.only or TECHNIQUES):
         a = train.get_args(["--track", "cpu", "--data", "builtin", "--seed", "0"]
                            + ([] if flags == "baseline" else flags.split()))
-        loader = train.open_loader(a.data, a.micro_batch, 0, 1, a.seed, a.captions, DEVICE, 1, a.resolution,
-                                   a.text_context, images=bool(a.repa))
+        loader = train.open_training_data(a, 0, 1, DEVICE)[0]
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
         opt = train.build_optimizers(a, trainee, DEVICE, lambda *_: None)
         if a.compile:  # as train.py, compiled during the untimed warm-up rounds

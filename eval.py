@@ -278,6 +278,22 @@ def distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def setup_distributed(tf32):
+    """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU; TF32 matmuls on CUDA if `tf32` (training:
+    fp32 weights stay fp32; the metrics' features stay fp32)."""
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
 def all_reduce(x):
     if distributed():
         dist.all_reduce(x)
@@ -576,11 +592,7 @@ def main(argv=None):
     if args.out and os.path.dirname(args.out) and not os.path.isdir(os.path.dirname(args.out)):
         raise SystemExit(f"error: --out {args.out}: there is no folder {os.path.dirname(args.out)}; create it, or "
                          f"write elsewhere")
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = setup_distributed(tf32=False)[2]
     try:
         if distributed() and args.num_samples < dist.get_world_size():
             raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} "

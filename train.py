@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_to_common, \
     parse_data_phases, positive
-from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, shift_t, x0_to_velocity
+from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, setup_distributed, shift_t, \
+    x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     resume_configs, rope_at, rope_table, stage_config, trim_text, verify_checkpoint
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
@@ -377,14 +378,11 @@ def drop_captions(txt, mask, keep, null_txt, null_mask):
     return torch.where(keep[:, None, None], txt, null_txt), torch.where(keep[:, None], mask, null_mask)
 
 
-def chunk_seed(seed, step, chunk):
-    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
-
-
 def micro_batch(args, loader, step, chunk, device):
     """Chunk k of the global batch of `step` -> x0, eps, t, x_t, txt, mask, images ([-1, 1] pixels, or None): t,
     noise and caption dropout come from the chunk's own seed; the loader gives the samples."""
-    g = torch.Generator(device).manual_seed(chunk_seed(args.seed, step, chunk))
+    seed = int(np.random.SeedSequence([args.seed, step, chunk]).generate_state(1)[0])
+    g = torch.Generator(device).manual_seed(seed)
     batch = next(loader)
     images = batch["image"].float() / 127.5 - 1 if "image" in batch else None  # (B, 3, R, R)
     x0 = batch["latent"] if "latent" in batch else images                      # (B, C, h, w)
@@ -393,7 +391,7 @@ def micro_batch(args, loader, step, chunk, device):
     t = sample_t(len(x0), args.shift, args.uniform_t, g, device)
     eps = torch.randn(x0.shape, generator=g, device=device)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-    torch.manual_seed(chunk_seed(args.seed, step, chunk) + 1)  # the routing draw inside the model
+    torch.manual_seed(seed + 1)  # the routing draw inside the model
     return x0, eps, t, x_t, txt, mask, images
 
 
@@ -620,21 +618,6 @@ def learning_rate(args, step, train_time):
 
 # ----------------------------------------------------------------------------------------------------------
 # Setup
-
-def setup_distributed():
-    """-> rank, world size, device. NCCL on CUDA, gloo on CPU; TF32 matmuls on CUDA (fp32 weights stay fp32)."""
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return rank, world, device
-
 
 def build_model(args, loader, device):
     """-> (PRX config, model, EMA copy or None, Trainee, REPA teacher or None). Input channels and text width come
@@ -1102,7 +1085,7 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run = run_folder(args)
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
