@@ -279,8 +279,8 @@ def distributed():
 
 
 def setup_distributed(tf32):
-    """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU; TF32 matmuls on CUDA if `tf32` (training:
-    fp32 weights stay fp32; the metrics' features stay fp32)."""
+    """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU. `tf32`: TF32 matmuls on CUDA (train.py;
+    its weights stay fp32); eval.py keeps the metrics' features in full fp32."""
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
