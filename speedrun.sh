@@ -81,8 +81,9 @@ esac
 # after -- replace it, a calibration trains the baseline as it is.
 case $TRACK in
   8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
-  # cpu: the current record's, records/2026-12-03_muon-ns3
-  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2 --compile --muon-ns-steps 3) ;;
+  # cpu: the current record's, records/2026-12-04_batch24-route25
+  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2 --compile --muon-ns-steps 3 --batch-size 24
+               --micro-batch 24 --route-ratio 0.25) ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's without --compile: a minute
 esac
 if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
