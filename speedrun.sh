@@ -84,7 +84,7 @@ case $TRACK in
   # cpu: the current record's, records/2026-12-04_batch24-route25
   cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2 --compile --muon-ns-steps 3 --batch-size 24
                --micro-batch 24 --route-ratio 0.25) ;;
-  smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's without --compile: a minute
+  smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's techniques, no --compile: a minute
 esac
 if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
 WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
