@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_text, positive
-from eval import (clip_features, dino_features, inception_features, load_dino, load_inception, mmd, sample,
-                  write_random_inception_weights)
+from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
+                  mmd, sample, write_random_inception_weights)
 from model import PRX, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, newton_schulz, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
@@ -707,6 +707,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {where} | {config}")
+    if DEVICE.type == "cpu":
+        keep_freed_memory()  # as train.py and eval.py (eval.setup_distributed): both sides of every comparison
     args.run(args)
 
 
