@@ -152,6 +152,14 @@ def test_mmd_closed_forms_and_chunks():
     assert ev.mmd(x, y, chunk=4) == pytest.approx(ev.mmd(x, y, chunk=10_000), rel=1e-12)
 
 
+def test_to_uint8_inverts_the_training_scale_and_clamps():
+    """Samples go to images by the inverse of the loader's u / 127.5 - 1 (train.micro_batch): every byte returns
+    to itself; values past [-1, 1] clamp to 0 and 255."""
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(ev.to_uint8(u.float() / 127.5 - 1), u)
+    assert ev.to_uint8(torch.tensor([-1.5, 1.5])).tolist() == [0, 255]
+
+
 def test_crop_resize_matches_pil():
     g = torch.Generator().manual_seed(0)
     images = blocky_images(2, seed=3, size=40)[..., :36]  # 40 x 36: the centre 36 x 36 square is kept

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shapes import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, REGIONS, SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder,
-                    HeldoutShapes, Scene, ShapesDataset, ShapesLoader, caption_accuracy, check_scene, long_caption,
-                    render, short_caption)
+from shapes import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, MAX_COLOR_DISTANCE, PALETTE, PALETTE_NAMES, REGIONS,
+                    SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder, HeldoutShapes, Scene, SceneObject, ShapesDataset,
+                    ShapesLoader, caption_accuracy, check_scene, color_labels, long_caption, render, short_caption)
 
 
 def scenes(split, n, seed=0):
@@ -179,6 +179,56 @@ def test_checker_rejects_blank_and_noise(resolution):
     for images in (blank, noise, specks):
         acc = caption_accuracy(images, some)
         assert acc["full"] <= 0.05 and acc["color_region"] <= 0.05
+
+
+def test_a_shape_is_named_only_with_half_of_its_cells_object_pixels():
+    """A shape holding 2/3 of its cell's object-coloured pixels is named; one holding 2/5 is not (shapes.py: at
+    least half), the rest being background pixels of the cell painted in another object colour."""
+    obj = SceneObject("red", "square", "small", "top left", 0.25, 0.25)
+    image = render(Scene("gray", [obj]), 48)
+    labels = color_labels(image)
+    area = int((labels[:24, :24] == PALETTE_NAMES.index("red")).sum())
+    free = np.argwhere(labels[:24, :24] == PALETTE_NAMES.index("gray"))  # the cell's background, row by row
+    for painted, named in ((area // 2, True), (int(1.5 * area), False)):
+        assert len(free) >= painted
+        sprayed = image.copy()
+        sprayed[free[:painted, 0], free[:painted, 1]] = COLORS["blue"]
+        assert check_scene(sprayed, [obj]) == [{"full": named, "color_region": named}]
+
+
+def test_a_component_like_no_template_names_nothing():
+    """A red outline of a square (2 px thick), of a shape's size and centred in its cell, overlaps every template by
+    less than MIN_SHAPE_IOU: no kind, so neither the object nor its colour and region are found."""
+    obj = SceneObject("red", "square", "large", "top left", 0.25, 0.25)
+    image = render(Scene("gray", []), 48).copy()
+    image[2:22, 2:22] = COLORS["red"]
+    image[4:20, 4:20] = BACKGROUNDS["gray"]
+    assert check_scene(image, [obj]) == [{"full": False, "color_region": False}]
+    image[4:20, 4:20] = COLORS["red"]  # filled, the same component is a square
+    assert check_scene(image, [obj]) == [{"full": True, "color_region": True}]
+
+
+def test_a_shape_across_two_cells_belongs_to_the_cell_of_its_centre():
+    """Pixel i covers [i, i + 1): a 15 px square over columns 16-30 of a 48 px image has its centre at 23.5, in the
+    left cell (x < 24); 16 px wide, its centre is on the boundary, 24.0, which the right cell holds."""
+    left, right = (SceneObject("red", "square", "large", region, 0.25, 0.25) for region in ("top left", "top right"))
+    for width, cell in ((15, left), (16, right)):
+        image = render(Scene("gray", []), 48).copy()
+        image[4:4 + width, 16:16 + width] = COLORS["red"]
+        assert [r["full"] for r in check_scene(image, [left, right])] == [cell is left, cell is right]
+
+
+def test_a_colour_far_from_every_palette_colour_is_no_colour():
+    """An orange square, red its nearest palette colour but further than MAX_COLOR_DISTANCE from it, is not a red
+    square: its pixels are no colour at all."""
+    orange = np.array([200, 125, 0])
+    distances = np.linalg.norm(PALETTE - orange, axis=1)
+    assert PALETTE_NAMES[distances.argmin()] == "red" and distances.min() > MAX_COLOR_DISTANCE
+    obj = SceneObject("red", "square", "large", "top left", 0.25, 0.25)
+    for colour, named in ((orange, False), (COLORS["red"], True)):
+        image = render(Scene("gray", []), 48).copy()
+        image[4:19, 4:19] = colour
+        assert check_scene(image, [obj]) == [{"full": named, "color_region": named}]
 
 
 def test_checker_notices_a_wrong_kind_region_or_colour():

@@ -51,6 +51,21 @@ def test_timestep_distribution():
     assert abs(logit.mean().item()) < 0.01 and abs(logit.std().item() - 1) < 0.01
 
 
+def test_foreground_weights_closed_form():
+    """Pixels more than 0.1 from the background (the per-channel median) in any channel weigh 1 + w, the others 1,
+    normalised to mean 1 per image: with n of 64 pixels foreground, 1 / (1 + w n / 64) and (1 + w) / (1 + w n / 64)."""
+    x0 = torch.full((2, 3, 8, 8), -0.5)
+    x0[0, :, :2, :2] = 0.5       # 4 foreground pixels
+    x0[1, 1, 2:5, 2:5] = -0.35   # 9, in one channel only
+    x0[1, 0, 7, 7] = -0.45       # 0.05 from the background: background
+    w = train.foreground_weights(x0, 3.0)
+    assert w.shape == (2, 1, 8, 8)
+    for i, (rows, cols, n) in enumerate(((slice(0, 2), slice(0, 2), 4), (slice(2, 5), slice(2, 5), 9))):
+        expected = torch.full((8, 8), 1 / (1 + 3.0 * n / 64))
+        expected[rows, cols] *= 4.0
+        assert torch.allclose(w[i, 0], expected, atol=1e-6)
+
+
 def test_torchrun_two_processes_equal_one(tmp_path):
     one = run(SMALL + ["--out", str(tmp_path / "one"), "--max-steps", "20"])
     assert one.returncode == 0, one.stderr[-2000:]
@@ -582,21 +597,59 @@ def test_irepa_projectors_keep_the_token_layout():
     assert not torch.allclose(attention(x, pos.flip(1), 4), out, atol=1e-3)  # positions matter (RoPE)
 
 
-def test_all_techniques_off_is_plain_flow_matching_bit_for_bit():
-    """The training step with every technique flag off computes exactly MSE(model(x_t), eps - x0) with the
-    foreground weights: no flag leaks into the step when off."""
-    args = train.get_args(SMALL + ["--out", "unused"])
+def one_batch_run(flags=()):
+    """The CPU track's flags (and `flags`) for a global batch of one micro-batch of 8 pixel images from FakeLoader,
+    and a 2-block model of width 64 -> (args, loader, model)."""
+    args = train.get_args(SMALL + list(flags) + ["--out", "unused"])
+    args.micro_batch = args.batch_size = 8
     loader = FakeLoader(batch=8, res=32)
     loader.txt, loader.null_txt = torch.randn(8, 2, 32), torch.randn(1, 3, 32)
     model = train.PRX(train.preset_config(args.model, 32, in_channels=3, context_dim=32, hidden_size=64,
                                           num_heads=1, axes_dim=(32, 32), depth=2))
-    trainee = train.Trainee(model)
+    return args, loader, model
+
+
+def test_all_techniques_off_is_plain_flow_matching_bit_for_bit():
+    """The training step with every technique flag off computes exactly MSE(model(x_t), eps - x0) with the
+    foreground weights: no flag leaks into the step when off."""
+    args, loader, model = one_batch_run()
     x0, eps, t, x_t, txt, mask, _ = train.micro_batch(args, loader, 0, 0, torch.device("cpu"))
     reference = ((model(x_t, t, txt, mask) - (eps - x0)).square() * train.foreground_weights(x0, 2.0)).mean()
-    args.micro_batch = args.batch_size = 8
-    loss, *_ = train.train_step(args, 0, 0.0, trainee, [torch.optim.SGD(model.parameters(), lr=0.0)], loader, None,
-                                0, 1)
+    loss, *_ = train.train_step(args, 0, 0.0, train.Trainee(model), [torch.optim.SGD(model.parameters(), lr=0.0)],
+                                loader, None, 0, 1)
     assert torch.equal(loss, reference.detach())
+
+
+def test_repa_enters_the_loss_with_its_weight():
+    """--repa-lambda W: the step's loss is the flow loss plus W x REPA's loss on the teacher's tokens."""
+    args, loader, model = one_batch_run(["--repa", "builtin", "--repa-lambda", "1.5"])
+    teacher = train.load_teacher(train.TEACHER_FILE)
+    trainee = train.Trainee(model, "mlp", teacher.num_features, 0)
+    x0, eps, t, x_t, txt, mask, images = train.micro_batch(args, loader, 0, 0, torch.device("cpu"))
+    pred, proj, idx = trainee(x_t, t, txt, mask, 0.0)
+    flow = ((pred - (eps - x0)).square() * train.foreground_weights(x0, 2.0)).mean()
+    reference = flow + 1.5 * train.repa_loss(proj, train.teacher_tokens(teacher, images, (8, 8)), idx)
+    loss, *_ = train.train_step(args, 0, 0.0, trainee, [torch.optim.SGD(trainee.parameters(), lr=0.0)], loader,
+                                teacher, 0, 1)
+    torch.testing.assert_close(loss, reference.detach())
+
+
+def test_train_step_clips_the_gradient_to_grad_clip_and_returns_the_norm_before():
+    """With plain SGD at lr 1 the step moves the weights by minus the clipped gradient: the reference gradient
+    scaled to norm --grad-clip (a quarter of its own norm here); the returned norm is the unclipped one."""
+    args, loader, model = one_batch_run()
+    x0, eps, t, x_t, txt, mask, _ = train.micro_batch(args, loader, 0, 0, torch.device("cpu"))
+    ((model(x_t, t, txt, mask) - (eps - x0)).square() * train.foreground_weights(x0, 2.0)).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    before = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    args.grad_clip = norm.item() / 4
+    _, grad_norm, *_ = train.train_step(args, 0, 1.0, train.Trainee(model), [torch.optim.SGD(model.parameters())],
+                                        loader, None, 0, 1)
+    assert torch.allclose(grad_norm, norm, rtol=1e-5)
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach() - p0, -g / 4, rtol=1e-4, atol=1e-7)
 
 
 TECHNIQUES = {"repa": ["--repa", "builtin"], "irepa": ["--repa", "builtin", "--irepa"],
