@@ -160,6 +160,18 @@ def test_to_uint8_inverts_the_training_scale_and_clamps():
     assert ev.to_uint8(torch.tensor([-1.5, 1.5])).tolist() == [0, 255]
 
 
+def test_each_process_samples_every_world_th_prompt(monkeypatch):
+    """Under torchrun, rank r of w takes prompts r, r + w, r + 2w, ... in batches: the ranks together take each once."""
+    monkeypatch.setattr(ev, "distributed", lambda: True)
+    monkeypatch.setattr(ev.dist, "get_world_size", lambda: 3)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(ev.dist, "get_rank", lambda rank=rank: rank)
+        shares.append([list(batch) for batch in ev.my_batches(10, 2)])
+    assert shares[1] == [[1, 4], [7]]
+    assert sorted(i for share in shares for batch in share for i in batch) == list(range(10))
+
+
 def test_crop_resize_matches_pil():
     g = torch.Generator().manual_seed(0)
     images = blocky_images(2, seed=3, size=40)[..., :36]  # 40 x 36: the centre 36 x 36 square is kept

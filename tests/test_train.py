@@ -407,6 +407,15 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_ones(finished_run, tmp_path
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
+def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    model = torch.nn.Linear(2, 2)
+    train.save_checkpoint(str(out), 6, model, None, [], {}, keep=2)
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6"]
+    train.save_checkpoint(str(out), 8, model, None, [], {}, keep=1)
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_8"]
+
+
 def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, tmp_path):
     shutil.copytree(finished_run / "checkpoints" / "step_2", tmp_path / "elsewhere" / "step_2")
     with pytest.raises(SystemExit, match="resumes from <run>/checkpoints/step_N, beside its run's config.json"):
@@ -484,6 +493,23 @@ def test_x_prediction_loss_is_the_velocity_error_with_t_clamped_at_0_05():
     # v_hat - v = (x_t - x0_hat) / max(t, 0.05) - (x_t - x0) / max(t, 0.05) = -d / max(t, 0.05)  (JiT)
     expected = (d.square() / tt.clamp(min=0.05).square()).mean()
     assert torch.isclose(train.flow_loss(x0 + d, x0, eps, x_t, t, "x"), expected, rtol=1e-5)
+
+
+def test_each_micro_batch_of_each_step_draws_its_own_t_and_noise():
+    """(seed, step, micro-batch index) seeds a micro-batch: the chunks of one step, and one chunk at two steps, draw
+    different t, noise and TREAD routes from the same samples; the same triple draws the same."""
+    def draw(step, chunk):
+        return train.micro_batch(objective_args(), FakeLoader(), step, chunk, torch.device("cpu"))
+    def route_draw(step, chunk):  # what TREAD's routing in the model's forward draws next
+        draw(step, chunk)
+        return torch.rand(8)
+    _, eps, t, *_ = draw(0, 0)
+    route = route_draw(0, 0)
+    for step, chunk in ((0, 1), (1, 0)):
+        _, other_eps, other_t, *_ = draw(step, chunk)
+        assert not torch.equal(other_t, t) and not torch.equal(other_eps, eps)
+        assert not torch.equal(route_draw(step, chunk), route)
+    assert torch.equal(draw(0, 0)[2], t) and torch.equal(route_draw(0, 0), route)
 
 
 def test_contrastive_flow_matching_pushes_from_another_samples_target():
