@@ -71,6 +71,15 @@ def test_loader_ranks_are_disjoint_cover_an_epoch_and_resume(prepared):
             assert torch.equal(got["txt"], want["txt"]) and torch.equal(got["txt_mask"], want["txt_mask"])
 
 
+def test_each_epoch_reads_every_sample_once_in_a_new_order(prepared):
+    root, _ = prepared
+    train = set(stored_samples(root / "out"))
+    loader = data.ShardLoader(str(root / "out"), batch_size=1, seed=5)
+    first, second = ([next(loader)["id"][0] for _ in train] for _ in range(2))
+    assert set(first) == set(second) == train and len(set(first)) == len(train)
+    assert first != second  # a permutation per epoch (seed, dataset, epoch)
+
+
 def test_mixtures_and_phases(prepared):
     root, _ = prepared
     a, b = str(root / "out"), str(root / "out_pq")
