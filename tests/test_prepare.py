@@ -18,6 +18,15 @@ import prepare
 from tiny_prepared import MAX_TOKENS, RES, caption, prepare_argv, reference_image, stored_samples
 
 
+def test_the_eval_split_is_a_seeded_fraction_of_the_ids():
+    """--eval-fraction f of the ids, by a hash of (seed, id): about f of 20,000 ids, another set for another seed,
+    the same set for the same seed."""
+    ids = [f"img_{i:05d}.jpg" for i in range(20_000)]
+    splits = [{i for i in ids if prepare.in_eval_split(seed, i, 0.1)} for seed in (0, 1, 0)]
+    assert all(abs(len(split) - 2_000) < 150 for split in splits)  # binomial sd 42
+    assert splits[0] == splits[2] and len(splits[0] & splits[1]) < 300  # independent: ~200 in common
+
+
 def test_counts_shapes_dtypes_and_skipped(prepared):
     root, skipped = prepared
     index = json.loads((root / "out" / "index.json").read_text())
