@@ -500,9 +500,11 @@ def test_each_micro_batch_of_each_step_draws_its_own_t_and_noise():
     different t, noise and TREAD routes from the same samples; the same triple draws the same."""
     def draw(step, chunk):
         return train.micro_batch(objective_args(), FakeLoader(), step, chunk, torch.device("cpu"))
+
     def route_draw(step, chunk):  # what TREAD's routing in the model's forward draws next
         draw(step, chunk)
         return torch.rand(8)
+
     _, eps, t, *_ = draw(0, 0)
     route = route_draw(0, 0)
     for step, chunk in ((0, 1), (1, 0)):
