@@ -303,9 +303,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 def keep_freed_memory(limit=1 << 30):
     """glibc malloc: serve blocks up to `limit` from the heap and keep up to `limit` freed at its top, so that the
     next step reuses this step's activation memory. By default blocks over the mmap threshold (adaptive, at most
-    32 MiB) are mapped on allocation and unmapped on free, and every page of them faults in again on the next step:
-    ~2,000 page faults a CPU-track step (records/2026-12-04_keep-freed-memory). The process keeps what it freed, up
-    to `limit`. -> whether libc took both settings (False where it is not glibc)."""
+    32 MiB) are mapped on allocation and unmapped on free, and every page of them faults in again on the next step
+    (measured: records/2026-12-04_keep-freed-memory). The process keeps what it freed, up to `limit`. -> whether
+    libc took both settings (False where it is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
