@@ -16,9 +16,9 @@ over a whole epoch.
     python bench.py memory              # GiB per GPU of each preset at micro-batch 32 under DDP and FSDP2 on 8 x 80 GB
                                         # (weights, gradients, AdamW or Muon state, activations counted on fake
                                         # tensors), then base part by part (train.py --fsdp)
-    python bench.py gpu [--out FILE]    # CUDA only, sized for < 8 min on one H100 (not yet run on one): bf16 vs fp32
-                                        # loss, compiled step, MFU and peak memory vs diffusers, Muon vs AdamW, loader,
-                                        # sampling; one markdown table
+    python bench.py gpu [--out FILE]    # CUDA only: train.py's 8gpu record configuration vs its baseline end to end
+                                        # (samples/s, MFU), bf16 vs fp32 loss, compiled step, MFU and peak memory vs
+                                        # diffusers, Muon vs AdamW, loader, sampling; one markdown table
 
 Without a GPU every mode but `gpu` runs on the CPU at small sizes (see each mode's defaults). The metric networks have
 random weights in the real architectures: their speed does not depend on the weights. Measured figures are in records/.
@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -174,9 +175,9 @@ def bench_muon(args):
 # ----------------------------------------------------------------------------------------------------------
 # loader: ShardLoader against HuggingFace datasets
 
-def write_synthetic(root, samples, shard_size=1024, seed=0):
+def write_synthetic(root, samples, shard_size=1024, seed=0, images=False):
     """A prepared directory of realistic 256 px sizes: a 16x32x32 bf16 latent and 60..180 (mean 120) text tokens
-    of 2304 bf16 values per sample."""
+    of 2304 bf16 values per sample; images: also the 3x256x256 uint8 image a REPA teacher reads."""
     root = Path(root)
     rng, pool = np.random.default_rng(seed), to_bits(torch.randn(4096, 2304))  # text rows reused at random offsets
     for k, start in enumerate(range(0, samples, shard_size)):
@@ -186,6 +187,8 @@ def write_synthetic(root, samples, shard_size=1024, seed=0):
                    "txt_long": [pool[o:o + length] for o, length in zip(offsets, lengths)],
                    "caption_long": [f"synthetic caption {start + j}" for j in range(n)],
                    "id": [str(start + j) for j in range(n)]}
+        if images:
+            columns["image"] = list(rng.integers(0, 256, (n, 3, 256, 256), dtype=np.uint8))
         write_shard(root / "train" / f"shard-r000-{k:05d}", columns, {"count": n, "skipped": {}})
     np.save(root / "null_txt.npy", pool[:1])
     write_index(root, {"synthetic": samples})
@@ -448,7 +451,8 @@ def bench_memory(args):
 
 GPU_CHECK = dict(preset="small", batch=32, side=32, txt_tokens=256, min_len=60, max_len=180,  # 256 px: 32x32 latent
                  parity_steps=5, warmup=3, steps=10, loader_samples=1024, sample_steps=50, backend="inductor",
-                 train_steps=50)
+                 train_steps=30, train_samples=512, train_flags=["--compile"],  # as speedrun.sh's TRAIN
+                 teacher=None)  # None: the record's own (train.REPA_TEACHERS)
 
 
 def adamw():
@@ -548,21 +552,52 @@ def loader_row(s, step_s):
     return ("ShardLoader, synthetic shards", n * B / sum(wall), "training step", B / step_s, " samples/s", ",.0f")
 
 
-def train_row(steps):
-    """train.py itself, under torchrun (one process), on the CPU track for a few steps and 8 samples: on CUDA the
-    branches only a GPU takes (NCCL, TF32, fused AdamW, bf16 autocast, the bf16 teacher, pinned host buffers,
-    cuda.synchronize around the timed step, the GPU's name in config.json) in the real loop."""
-    with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                        "train.py", "--track", "cpu", "--max-steps", str(steps), "--log-every", str(steps),
-                        "--eval-samples", "8", "--repa", "builtin", "--out", out],
-                       cwd=os.path.dirname(os.path.abspath(__file__)), check=True, capture_output=True)
-        with open(os.path.join(out, "config.json")) as f:
-            config = json.load(f)
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            speed = [r for r in map(json.loads, f) if "samples_per_s" in r][-1]["samples_per_s"]
-    return (f"| train.py --repa builtin under torchrun, {steps} steps ({config['device']}, "
-            f"{config['args']['precision']}) | {speed:,.0f} samples/s | | |")
+def speedrun_record(track):
+    """The record configuration speedrun.sh trains on `track` (its RECORD line), read from the script itself."""
+    script = Path(__file__).with_name("speedrun.sh").read_text()
+    return next(m[2].split() for m in re.finditer(r"^ *([\w|]+)\) RECORD=\(([^)]*)\)", script, re.M)
+                if track in m[1].split("|"))
+
+
+def train_run(out, flags):
+    """train.py under torchrun, one process -> its config.json and its last metrics line with a speed."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          "train.py", "--out", out, *flags], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"error: train.py {' '.join(flags)} exited with {run.returncode}:\n{run.stderr[-4000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        speed = [r for r in map(json.loads, f) if "samples_per_s" in r][-1]
+    return json.loads(Path(out, "config.json").read_text()), speed
+
+
+def train_rows(s, peak_tflops):
+    """train.py itself on the 8gpu track's path, speedrun.sh's record configuration against the baseline, one
+    process, one GPU's share of the global batch: samples/s and MFU end to end (data loading, the teacher and the
+    optimizer included) from each run's last log line. Synthetic 256 px shards with images; the teacher has random
+    weights in the real architecture (--repa-weights): its speed does not depend on them. On CUDA this runs the
+    branches only a GPU takes (NCCL, TF32, fused AdamW, bf16 autocast, the bf16 teacher, pinned host buffers)."""
+    import timm
+    from safetensors.torch import save_file
+    record = speedrun_record("8gpu")
+    with tempfile.TemporaryDirectory() as root:
+        with contextlib.redirect_stdout(io.StringIO()):  # write_index's summary line would split the table
+            write_synthetic(root, s["train_samples"], images=True)
+        flags = ["--track", "8gpu", "--data", root, "--model", s["preset"], "--batch-size", str(s["batch"]),
+                 "--micro-batch", str(s["batch"]), "--max-steps", str(s["train_steps"]), "--log-every",
+                 str(s["train_steps"] // 2), "--eval-samples", "0", "--peak-tflops", str(peak_tflops),
+                 *s["train_flags"]]
+        teacher = []
+        if "--repa" in record:
+            name = s["teacher"] or train.REPA_TEACHERS[record[record.index("--repa") + 1]]
+            save_file(timm.create_model(name, num_classes=0).state_dict(), f"{root}/teacher.safetensors")
+            teacher = ["--repa-teacher", name, "--repa-weights", f"{root}/teacher.safetensors"]
+        config, base = train_run(f"{root}/baseline", flags)
+        _, ours = train_run(f"{root}/record", flags + record + teacher)
+    what = (f"train.py {' '.join(record)}, {s['train_steps']} steps of batch {s['batch']} "
+            f"({config['device']}, {config['args']['precision']})")
+    return [(f"{what}, data loading included", ours["samples_per_s"], "baseline", base["samples_per_s"],
+             " samples/s", ",.1f"),
+            (f"{what}, MFU (useful FLOPs)", 100 * ours["mfu"], "baseline", 100 * base["mfu"], " %", ".1f")]
 
 
 def gpu_check(out, peak_tflops):
@@ -583,6 +618,7 @@ def gpu_check(out, peak_tflops):
         emit(f"PRX {s['preset']} | batch {s['batch']} | latent {s['side']}x{s['side']} | text {s['txt_tokens']} "
              f"padded, real {s['min_len']}..{s['max_len']} | torch {torch.__version__} | {where}", "",
              "| measure | ours | baseline | ours/baseline |", "|---|---|---|---|")
+        emit(*train_rows(s, peak_tflops))  # first: its processes have the GPU to themselves
         ours, theirs = prx_pair(s["preset"])
         batches = [synthetic_batch(ours.cfg, s, seed) for seed in range(s["parity_steps"])]
         emit(parity_row(ours, batches))
@@ -594,7 +630,6 @@ def gpu_check(out, peak_tflops):
         emit(*rows)
         emit(optimizer_row(ours, s))
         emit(loader_row(s, step_s))
-        emit(train_row(s["train_steps"]))
 
 
 def bench_gpu(args):

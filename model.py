@@ -238,12 +238,14 @@ class FinalLayer(nn.Module):
 
 def trim_text(txt, txt_mask):
     """Cut the batch's text to its longest real caption; drop the mask when nothing is padded (SDPA's fast path).
-    Eager only (data-dependent shapes): compiled callers run it before the compiled model."""
+    Eager only (data-dependent shapes): compiled callers run it before the compiled model. Both come back as new
+    contiguous tensors, cut or not: a compiled model guards on strides and on whether an input is a view, and a
+    batch that differs there from the warm-up's compiles once more, inside the timed run."""
     if txt_mask is None:
         return txt, None
     real = txt_mask.any(0).nonzero()  # the last column any caption uses (left-padded masks too)
     longest = int(real[-1]) + 1 if len(real) else 0
-    txt, txt_mask = txt[:, :longest], txt_mask[:, :longest]
+    txt, txt_mask = txt[:, :longest].clone(), txt_mask[:, :longest].clone()  # clone: dense, and not a view
     return (txt, None) if bool(txt_mask.all()) else (txt, txt_mask)
 
 

@@ -1141,7 +1141,7 @@ def main(argv=None):
 
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         lr = learning_rate(args, step, train_time)
         loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
         data_since, opt_since = data_since + data_s, opt_since + opt_s
@@ -1157,6 +1157,8 @@ def main(argv=None):
             budget = torch.tensor([train_time], dtype=torch.float64, device=device)
             dist.broadcast(budget, 0)
             train_time = budget.item()
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:  # what the compile warm-up did not see
+            log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
 
         if step % args.log_every == 0 or step == args.max_steps:
             loss_value = loss.item()  # waits for the device: only on log steps

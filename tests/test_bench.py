@@ -150,7 +150,8 @@ def test_memory_table(capsys):
 def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
     # the GPU check's own code at tiny sizes; aot_eager: dynamo and AOTAutograd trace both models as for inductor
     sizes = dict(preset="tiny", batch=2, side=8, txt_tokens=16, min_len=4, max_len=12, parity_steps=2, warmup=1,
-                 steps=1, loader_samples=64, sample_steps=2, backend="aot_eager", train_steps=2)
+                 steps=1, loader_samples=64, sample_steps=2, backend="aot_eager", train_steps=2, train_samples=8,
+                 train_flags=[], teacher="vit_small_patch16_dinov3.lvd1689m")
     monkeypatch.setattr(bench, "GPU_CHECK", sizes)
     bench.gpu_check(tmp_path / "gpu.md", 0.001)  # a peak of 1 GFLOP/s: a CPU's MFU in printable figures
     out = capsys.readouterr().out
@@ -160,7 +161,8 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
     step, mfu = "compiled training step, batch 2, median of 1", "compiled training step, batch 2, MFU at 0.001 TFLOP/s"
     expected = ["loss after 2 AdamW steps", step, mfu, "compiled training step, batch 2, peak memory",
                 "optimizer step, Muon + AdamW", "ShardLoader, synthetic shards", "sampling, 2 Euler steps, CFG 3.5",
-                "train.py --repa builtin under torchrun, 2 steps (cpu, fp32)"]
+                "train.py --repa dinov3 --optimizer muon, 2 steps of batch 2 (cpu, fp32), data loading included",
+                "train.py --repa dinov3 --optimizer muon, 2 steps of batch 2 (cpu, fp32), MFU"]
     for what in expected:
         assert sum(name.startswith(what) for name in rows) == 1, f"no row '{what}' in:\n{table}"
     number = lambda cell: [float(w.replace(",", "")) for w in cell.split() if re.fullmatch(r"[\d,.]+", w)][-1]

@@ -107,6 +107,21 @@ def test_padding_never_changes_output():
     assert trim_text(txt[:1], mask[:1])[1] is None
 
 
+def test_cut_text_compiles_no_more_graphs_than_uncut_text():
+    # a compiled model guards on strides: a batch whose text trim_text cuts (padded past its longest caption) must
+    # reuse the graph of uncut batches, or a run compiles once more inside its timed steps
+    cfg, graphs = PRXConfig(**TINY), []
+    model = torch.compile(PRX(cfg).eval(), backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    torch._dynamo.reset()
+    x, t = inputs(cfg)[:2]
+    with torch.no_grad():
+        for longest, padded in [(7, 7), (5, 5), (6, 11), (4, 9), (8, 8)]:  # static, dynamic, then cut and uncut
+            txt = torch.randn(3, padded, cfg.context_dim)
+            mask = torch.arange(padded)[None] < torch.tensor([longest, 2, 3])[:, None]
+            model(x, t, *trim_text(txt, mask))
+    assert len(graphs) == 2
+
+
 def test_compiled_gelu_matches_torch_gelu_and_its_gradient():
     # compiled, gelu_tanh is written with a sigmoid; it must be torch's tanh GELU, values and gradients
     x = torch.linspace(-30, 30, 6001, requires_grad=True)

@@ -439,6 +439,17 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
     assert sorted(resumed) == [1, 2, 3, 4] and resumed == pytest.approx(uninterrupted, rel=1e-6)
 
 
+def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, monkeypatch, capsys):
+    """Dropping REPA changes the model the compile warm-up traced: the next step compiles on the clock, and the log
+    says so for that step only. Dynamo with its eager backend: its tracing and guards, without minutes of compiling."""
+    torch._dynamo.reset()  # an earlier test's graphs of PRX would count against the recompile limit
+    compile = torch.compile
+    monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="eager"))
+    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "4", "--compile", "--out",
+                        str(tmp_path / "r")])
+    assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["3"]
+
+
 def test_missing_repa_weights_name_the_flag(tmp_path):
     r = run(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out", str(tmp_path / "r"),
                      "--max-steps", "1"])
