@@ -1104,6 +1104,7 @@ def main(argv=None):
         if line:
             log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
+        torch._inductor.config.fallback_random = True  # TREAD's route draw inside the graph: eager's numbers
         trainee.model = torch.compile(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)

@@ -79,8 +79,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 
 def test_compile_under_torchrun_matches_eager_without_graph_breaks(tmp_path):
     """torch.compile inside DDP (2 gloo processes, TREAD routing) gives eager's losses, and dynamo counts no graph
-    break in the training step."""
-    flags = SMALL + ["--tread", "--max-steps", "3"]
+    break in the training step. REPA's loss reads the tokens TREAD keeps: the compiled forward draws eager's."""
+    flags = SMALL + ["--tread", "--repa", "builtin", "--max-steps", "3"]
     eager = run(flags + ["--out", str(tmp_path / "eager")])
     assert eager.returncode == 0, eager.stderr[-2000:]
     compiled = run(flags + ["--out", str(tmp_path / "compiled"), "--compile"], nproc=2)
