@@ -900,7 +900,7 @@ def set_aside_newer(ckpt):
     newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
     if not newer:
         return None
-    aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.makedirs(aside)
     for c in newer:
         os.rename(c, os.path.join(aside, os.path.basename(c)))
@@ -1092,6 +1092,8 @@ def main(argv=None):
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
+    if world > 1:
+        dist.barrier()  # every rank has read the run folder (run_folder) before rank 0 moves or writes anything
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device),
                  int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=same_run)

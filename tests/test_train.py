@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model import PRX, list_checkpoints, load_run, preset_config, stage_config
+from model import CHECKSUMS, PRX, list_checkpoints, load_run, preset_config, stage_config, verify_checkpoint
 from train import sample_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,6 +328,9 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     assert stage_config(run, run / "checkpoints" / "step_1500") == str(run / "config.resume-500.json")
     assert stage_config(run, run / "checkpoints" / "step_500") == str(run / "config.json")
     assert train.set_aside_newer(str(run / "checkpoints" / "step_1500")) is None
+    # from step 500 once more: the resume made there is history too (the new one writes its own resume-500)
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
+    assert moved.startswith("moved step_1500, config.resume-500.json (a history after step 500)")
 
 
 def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_run, tmp_path):
@@ -371,6 +374,37 @@ def test_corrupt_checkpoint_is_named_with_the_previous_one(finished_run, tmp_pat
     assert "step_2" in r.stderr
     with pytest.raises(ValueError, match="corrupt"):
         load_run(str(out))
+
+
+def test_every_file_of_a_checkpoint_is_checked(finished_run, tmp_path):
+    ckpt = copy_run(finished_run, tmp_path) / "checkpoints" / "step_4"
+    names = sorted(p.name for p in ckpt.iterdir() if p.name != CHECKSUMS)
+    assert names == ["model.safetensors", "trainer.pt"]
+    for name in names:  # one changed bit, then the file gone
+        path, good = ckpt / name, (ckpt / name).read_bytes()
+        path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        with pytest.raises(ValueError, match=f"step_4/{name} is corrupt.*step_2"):
+            verify_checkpoint(str(ckpt))
+        path.unlink()
+        with pytest.raises(ValueError, match=f"step_4/{name} is missing"):
+            verify_checkpoint(str(ckpt))
+        path.write_bytes(good)
+    verify_checkpoint(str(ckpt))
+
+
+def test_resume_checks_the_patch_and_takes_a_newer_flags_default(finished_run, tmp_path):
+    """A flag the run's config.json lacks (newer than the run) compares as its default; a resolution stage whose
+    preset takes another patch size than the run's model is refused, naming both."""
+    out = copy_run(finished_run, tmp_path)
+    ckpt, config = str(out / "checkpoints" / "step_4"), json.loads((out / "config.json").read_text())
+    args = train.get_args(SMALL + ["--out", str(out), "--resume"])
+    del config["args"]["muon_ns_steps"]  # at its default, 5
+    (out / "config.json").write_text(json.dumps(config))
+    train.check_resume_flags(args, ckpt)
+    config["model"]["patch_size"] = 8
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="takes patch 4 at 32 px, the run's model has 8"):
+        train.check_resume_flags(args, ckpt)
 
 
 def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path):
@@ -424,9 +458,15 @@ def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, t
 
 def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished_run, tmp_path, monkeypatch, capsys):
     """--compile on resume runs the untimed warm-up too, and its restore leaves the run where the checkpoint was:
-    steps 3 and 4 after a resume from step 2 equal the uninterrupted run's. torch.compile is the identity here: the
-    state handling is what is tested, without minutes of compiling."""
+    steps 3 and 4 after a resume from step 2 equal the uninterrupted run's, and the training clock continues from the
+    checkpoint's. torch.compile is the identity here: the state handling is what is tested, without minutes of
+    compiling."""
     out = copy_run(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_2"  # its training time set to 100 s: the resumed clock continues from there
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    torch.save({**state, "train_time": 100.0}, ckpt / "trainer.pt")
+    (ckpt / CHECKSUMS).write_text(json.dumps({n: train.file_sha256(str(ckpt / n)) for n in ("model.safetensors",
+                                                                                              "trainer.pt")}))
     monkeypatch.setattr(train.torch, "compile", lambda model: model)
     torch.set_num_threads(1)  # as the subprocess that made finished_run
     train.main(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5", "--resume",
@@ -437,6 +477,9 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
         "False -> True\n" in console  # only what differs from the run's flags
     resumed, uninterrupted = losses(out), losses(finished_run)
     assert sorted(resumed) == [1, 2, 3, 4] and resumed == pytest.approx(uninterrupted, rel=1e-6)
+    with open(out / "metrics.jsonl") as f:
+        clock = [r["train_time_s"] for r in map(json.loads, f) if r.get("step", 0) > 2 and "loss" in r]
+    assert len(clock) == 2 and all(100 < t < 200 for t in clock)  # within the CPU track's 258 s budget
 
 
 def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, monkeypatch, capsys):
@@ -726,6 +769,10 @@ def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
     train.main(SMALL + ["--max-steps", "4", "--out", str(with_repa), "--resume"])
     assert "REPA dropped" in (with_repa / "log.txt").read_text()
     assert sorted(losses(with_repa)) == [1, 2, 3, 4]
+    irepa = tmp_path / "irepa"  # another projector kind: a fresh one, not the checkpoint's
+    train.main(SMALL + ["--max-steps", "3", "--out", str(irepa), "--resume", str(with_repa / "checkpoints" / "step_2"),
+                        "--repa", "builtin", "--irepa"])
+    assert "REPA's conv projector starts fresh (the checkpoint has a mlp one)" in (irepa / "log.txt").read_text()
 
 
 def test_prx_defaults_that_follow_other_flags():
