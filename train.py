@@ -769,6 +769,12 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     return sum(torch._dynamo.utils.counters["graph_break"].values()), time.perf_counter() - start
 
 
+def compiled_graphs(args):
+    """Graphs dynamo has compiled in this process; 0 without --compile (which leaves dynamo unimported: an import on
+    the clock)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] if args.compile else 0
+
+
 def sampling_settings(args):
     """How this run samples: stored in config.json, read as is by eval.py."""
     return dict(steps=args.sample_steps, cfg_scale=args.cfg_scale, shift=args.shift, pred=args.pred,
@@ -1144,7 +1150,7 @@ def main(argv=None):
 
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        t0, graphs = time.perf_counter(), compiled_graphs(args)
         lr = learning_rate(args, step, train_time)
         loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
         data_since, opt_since = data_since + data_s, opt_since + opt_s
@@ -1160,7 +1166,7 @@ def main(argv=None):
             budget = torch.tensor([train_time], dtype=torch.float64, device=device)
             dist.broadcast(budget, 0)
             train_time = budget.item()
-        if torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:  # what the compile warm-up did not see
+        if compiled_graphs(args) > graphs:  # an input the compile warm-up did not see
             log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
 
         if step % args.log_every == 0 or step == args.max_steps:
