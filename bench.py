@@ -661,7 +661,7 @@ def bench_techniques(args):
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
         opt = train.build_optimizers(a, trainee, DEVICE, lambda *_: None)
         if a.compile:  # as train.py, compiled during the untimed warm-up rounds
-            trainee.model = torch.compile(raw)
+            trainee.model = train.compile_model(raw)
         counter = itertools.count()
 
         def step(a=a, trainee=trainee, opt=opt, loader=loader, teacher=teacher, ema=ema, raw=raw, counter=counter):

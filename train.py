@@ -769,6 +769,13 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     return sum(torch._dynamo.utils.counters["graph_break"].values()), time.perf_counter() - start
 
 
+def compile_model(model):
+    """torch.compile, drawing eager's random numbers (TREAD's route draw is inside the graph): a compiled run trains
+    what the eager run of its seed trains."""
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
 def compiled_graphs(args):
     """Graphs dynamo has compiled in this process; 0 without --compile (which leaves dynamo unimported: an import on
     the clock)."""
@@ -1112,8 +1119,7 @@ def main(argv=None):
         if line:
             log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
-        torch._inductor.config.fallback_random = True  # TREAD's route draw inside the graph: eager's numbers
-        trainee.model = torch.compile(raw_model)
+        trainee.model = compile_model(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
 
