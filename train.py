@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_to_common, \
-    parse_data_phases, positive
+from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_text, \
+    pad_to_common, parse_data_phases, positive
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, setup_distributed, shift_t, \
     x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
@@ -755,13 +755,30 @@ def wrap_ddp(trainee, world, device):
     return DDP(trainee, process_group=dist.new_group())
 
 
+class FullCaptions:
+    """A loader's batches with every caption filling the whole text length (mask all True, at least the empty
+    prompt's length): with no caption dropped, what trim_text passes to the model without a mask."""
+
+    def __init__(self, loader):
+        self.loader, self.null_txt, self.null_mask = loader, loader.null_txt, loader.null_mask
+
+    def __next__(self):
+        batch = next(self.loader)
+        txt, mask = pad_text(batch["txt"], batch["txt_mask"], max(batch["txt"].shape[1], self.null_txt.shape[1]))
+        return {**batch, "txt": txt, "txt_mask": torch.ones_like(mask)}
+
+
 def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): the warm-up trains
-    nothing and costs no training time. -> the graph breaks dynamo counted (each one a slower step), its seconds."""
+    nothing and costs no training time. Three steps as the data comes, then one step of full captions none dropped:
+    the model's unmasked graph, which real data reaches rarely (every caption of a micro-batch at the token cap, none
+    dropped) and would compile on the clock. -> the graph breaks dynamo counted (each one a slower step), seconds."""
     start = time.perf_counter()
     initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
     for step in range(3):
         train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
+    no_dropout = argparse.Namespace(**{**vars(args), "caption_dropout": 0.0})
+    train_step(no_dropout, 3, args.lr, model, opt, FullCaptions(loader), teacher, rank, world)
     trainee.load_state_dict(initial[0])
     for o, state in zip(opt, initial[1]):
         o.load_state_dict(state)
@@ -1125,7 +1142,7 @@ def main(argv=None):
 
     if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-        log(f"compile warm-up done (3 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
+        log(f"compile warm-up done (4 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 
     # the loop: occasional work first (evaluation, checkpoint), then the one training step
     raw_model.train()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import shapes
 import train
 from model import CHECKSUMS, PRX, list_checkpoints, load_run, preset_config, stage_config, verify_checkpoint
 from train import sample_t
@@ -85,7 +86,7 @@ def test_compile_under_torchrun_matches_eager_without_graph_breaks(tmp_path):
     assert eager.returncode == 0, eager.stderr[-2000:]
     compiled = run(flags + ["--out", str(tmp_path / "compiled"), "--compile"], nproc=2)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
-    assert re.search(r"compile warm-up done \(3 untimed steps, state restored\): 0 graph breaks, \d+ s",
+    assert re.search(r"compile warm-up done \(4 untimed steps, state restored\): 0 graph breaks, \d+ s",
                      compiled.stdout)
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * (1 + abs(a[k])) for k in a), (a, b)
@@ -472,7 +473,7 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
     train.main(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5", "--resume",
                         str(out / "checkpoints" / "step_2"), "--compile"])
     console = capsys.readouterr().out
-    assert "compile warm-up done (3 untimed steps, state restored)" in console
+    assert "compile warm-up done (4 untimed steps, state restored)" in console
     assert "flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): --compile " \
         "False -> True\n" in console  # only what differs from the run's flags
     resumed, uninterrupted = losses(out), losses(finished_run)
@@ -491,6 +492,22 @@ def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, monkeypatch
     train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "4", "--compile", "--out",
                         str(tmp_path / "r")])
     assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["3"]
+
+
+def test_the_compile_warm_up_traces_unmasked_text(tmp_path, monkeypatch, capsys):
+    """A micro-batch whose captions all fill the text length, none dropped, reaches the model without a mask
+    (trim_text): another graph. The warm-up compiles it, so the timed step that first meets one compiles nothing."""
+    torch._dynamo.reset()
+    compile, next_batch = torch.compile, shapes.ShapesLoader.__next__
+
+    def full_tenth_batch(loader):  # the warm-up reads batches 0-7 (4 steps of 2 micro-batches); step 5 reads 8, 9
+        full, batch = loader.batches == 9, next_batch(loader)
+        return {**batch, "txt_mask": torch.ones_like(batch["txt_mask"])} if full else batch
+
+    monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="eager"))
+    monkeypatch.setattr(shapes.ShapesLoader, "__next__", full_tenth_batch)
+    train.main(SMALL + ["--caption-dropout", "0", "--max-steps", "5", "--compile", "--out", str(tmp_path / "r")])
+    assert "compiled a new graph" not in capsys.readouterr().out
 
 
 def test_missing_repa_weights_name_the_flag(tmp_path):
