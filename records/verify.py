@@ -317,7 +317,7 @@ def summary(runs, track):
     mean = statistics.mean(values)
     return dict(times=times, values=values, lower=lower, mean=mean, time=statistics.mean(times),
                 time_sd=statistics.stdev(times) if len(times) > 1 else 0.0,
-                sd=statistics.stdev(values) if len(values) > 1 else 0.0,
+                sd=float(stats.tstd(values)) if len(values) > 1 else 0.0,  # nan where a run lacks the metric
                 t=float(test.statistic) if test else float("nan"), p=float(test.pvalue) if test else float("nan"),
                 meets=t["target"] is not None and (mean <= t["target"] if lower else mean >= t["target"]))
 

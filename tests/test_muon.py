@@ -109,6 +109,23 @@ def test_newton_schulz_singular_values(shape, dtype, atol):
     assert 0.5 <= sv.min() and sv.max() <= 1.5  # the band the quintic is designed for (measured 0.68..1.14)
 
 
+@pytest.mark.parametrize("cols", [64, 80, 96, 97, 128, 256])
+def test_fp32_newton_schulz_takes_the_form_with_fewer_flops(cols):
+    """s steps on a wide (m, n) matrix: the plain iteration costs 4s m^2 n + 2s m^3 FLOPs, the Gram form
+    4 m^2 n + (8s - 6) m^3: fewer where n > 1.5 m, whatever s. Counted on the products newton_schulz runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(**kw):
+        with FlopCounterMode(display=False) as counter:
+            newton_schulz(torch.randn(m, cols), steps=3, dtype=torch.float32, **kw)
+        return counter.get_total_flops()
+
+    m = 64
+    plain, gram = 12 * m ** 2 * cols + 6 * m ** 3, 4 * m ** 2 * cols + 18 * m ** 3
+    assert flops(plain=True) == plain and flops() == min(plain, gram)
+    assert (flops() < plain) == (cols > 1.5 * m)
+
+
 @pytest.mark.parametrize("shape", [(48, 200), (200, 48)])
 def test_gram_form_is_the_iteration_also_for_tiny_singular_values(shape):
     # Gradients span many scales: singular values from 1 down to 1e-6. The Gram form iterates on X X^T, whose small
@@ -161,6 +178,9 @@ def test_assign_owners_balanced():
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(8)]
     assert max(loads) <= sum(costs) / 8 + max(costs)  # greedy largest-first bound
     assert max(loads) <= 1.02 * sum(costs) / 8  # `small`'s 112 matrices split exactly in 8
+    # skewed costs: taking matrices in turn would give rank 0 every large one (load 400 against 103 here)
+    skewed = assign_owners([100, 1, 1, 1] * 4, 4)
+    assert sorted(sum(c for c, o in zip([100, 1, 1, 1] * 4, skewed) if o == r) for r in range(4)) == [103] * 4
 
 
 def distributed_worker(rank, world_size, init_file, out_file):
@@ -181,6 +201,17 @@ def distributed_worker(rank, world_size, init_file, out_file):
     result["sharded"] = {"params": [p.full_tensor() for p in sharded], "calls": len(calls),
                          "rows": [p.to_local().shape[0] for p in sharded],
                          "momentum": [sharded_opt.state[p]["momentum_buffer"].full_tensor() for p in sharded]}
+    # layouts Muon refuses before any collective: shards beside a plain tensor, and shards over fewer ranks than the
+    # world (the inner dimension of a (world, 1) mesh: each rank alone, as hybrid sharding's replicas)
+    alone = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicas", "shards"))["shards"]
+    result["refusals"] = []
+    for params in ([sharded[0], nn.Parameter(torch.ones(4, 4))],
+                   [nn.Parameter(distribute_tensor(torch.ones(4, 4), alone, [Shard(0)]))]):
+        set_grads(params, 0)
+        try:
+            Muon(params).step()
+        except ValueError as e:
+            result["refusals"].append(str(e))
     torch.save(result | {"lone": lone[0].detach()}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 
@@ -223,6 +254,12 @@ def test_sharded_matches_single_process(two_ranks):
             assert torch.equal(a, b) and torch.equal(m, single_opt.state[p]["momentum_buffer"])
 
 
+def test_layouts_it_cannot_share_out_are_refused(two_ranks):
+    for result in two_ranks:
+        assert len(result["refusals"]) == 2
+        assert all("DTensors sharded by rows (Shard(0)) over all ranks" in r for r in result["refusals"])
+
+
 class StandIn(nn.Module):
     """PRX's naming: embeddings and final layer outside `blocks`, block weights, biases and norms inside."""
 
@@ -241,6 +278,9 @@ def test_split_muon_params():
     assert len(adamw_params) == 2 + 2 * 3 + 2  # img_in, per block proj bias + norm weight and bias, final_layer
     assert split_summary(muon_params, adamw_params) == \
         "optimizer split: muon 2 tensors, 128 parameters | adamw 10 tensors, 124 parameters"
+    model.blocks[0]["conv"] = nn.Conv1d(8, 8, 3)  # a kernel inside a block is 3D: AdamW's
+    muon_params, adamw_params = split_muon_params(model)
+    assert len(muon_params) == 2 and any(p is model.blocks[0]["conv"].weight for p in adamw_params)
 
 
 def test_split_prx_tiny():

@@ -78,6 +78,26 @@ def edit(path, old, new, after=""):
     path.write_text(text[:cut] + text[cut:].replace(old, new))
 
 
+def move_run(folder, seed, new_seed):
+    """Seed `seed`'s run becomes seed `new_seed`'s (its log, --seed and --out), as if the runs between were left out."""
+    edit(folder / f"log_{seed}.txt", f'"seed": {seed}', f'"seed": {new_seed}')
+    edit(folder / f"log_{seed}.txt", f"runs/r-{seed}", f"runs/r-{new_seed}")
+    (folder / f"log_{seed}.txt").rename(folder / f"log_{new_seed}.txt")
+
+
+def drop_source(log, name):
+    text = log.read_text()
+    start = text.index(f"=== {name}\n")
+    log.write_text(text[:start] + text[text.index("\n=== ", start) + 1:])
+
+
+def own_source(folder, log, name, old, new):
+    """One run's source of `name` edited, and carried into the folder as verify.write does: a valid source, another
+    run's."""
+    edit(folder / log, old, new)
+    (folder / name).write_text(verify.sections((folder / log).read_text())[name][:-1])
+
+
 def test_a_good_synthetic_record_passes(record, capsys):
     assert verify.verify(record) == []
     readme = (record / "README.md").read_text()
@@ -97,6 +117,31 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_0.txt: the source of train.py matches neither commit"),
     (lambda f: [(f / f"log_{k}.txt").unlink() for k in (2, 3)], "2 runs; the rules need at least 3"),
     (lambda f: (f / "log_3.txt").unlink(), "3 runs: cpu runs go in pairs"),
+    (lambda f: edit(f / "log_1.txt", "step 2000/100000", "step 500/100000"),
+     "log_1.txt: step 500 at 1040000 ms comes after step 1000 at 520000 ms: the clock goes backwards"),
+    (lambda f: edit(f / "log_1.txt", "step_avg 520.00ms", "step_avg 519.50ms"),
+     "log_1.txt: step 1000: step_avg 519.5ms is not train_time / step (520.00ms)"),
+    (lambda f: edit(f / "log_1.txt", "eval step 3000 | caption_accuracy 0.1000 | object_accuracy 0.3100 | "
+                                     "train_time 1560000ms\n", ""), "log_1.txt: does not end on an evaluation"),
+    (lambda f: drop_source(f / "log_1.txt", "model.py"), "log_1.txt: no source of model.py, which commit"),
+    # one configuration per record: the flags and the sources of every run
+    (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.003'), "log_1.txt: flags or source differ from log_0"),
+    (lambda f: own_source(f, "log_1.txt", "train.py", "def main(argv=None):", "def main(argv=None):  # faster"),
+     "log_1.txt: flags or source differ from log_0"),
+    # the run and its evaluation as the track's protocol has them
+    (lambda f: edit(f / "log_1.txt", "=== confirm.json", "=== config.resume-1000.json\n{}\n=== confirm.json"),
+     "log_1.txt: resumed is True, the rules say False"),
+    (lambda f: edit(f / "log_1.txt", '"world_size": 1', '"world_size": 2'), "log_1.txt: processes is 2, the rules say 1"),
+    (lambda f: edit(f / "log_1.txt", '"eval_data": null', '"eval_data": "data/other"'),
+     "log_1.txt: --eval-data is 'data/other', the rules say None"),
+    (lambda f: edit(f / "log_1.txt", '"captions": "long"', '"captions": "short"'),
+     "log_1.txt: eval captions is 'short', the rules say 'long'"),
+    (lambda f: edit(f / "log_1.txt", '"seed": 42', '"seed": 7', after="=== confirm.json"),
+     "log_1.txt: eval noise seed is 7, the rules say 42"),
+    (lambda f: edit(f / "log_1.txt", '"data": "builtin"', '"data": "data/other"', after="=== confirm.json"),
+     "log_1.txt: evaluated data is 'data/other', the rules say 'builtin'"),
+    (lambda f: edit(f / "log_1.txt", '"object_accuracy": 0.31', '"caption_accuracy": 0.31', after="=== confirm.json"),
+     "log_1.txt: metrics is ['caption_accuracy'], the rules say ['caption_accuracy', 'object_accuracy']"),
     (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
      "log_1.txt: sampler steps is 10, the rules say 20"),
     (lambda f: edit(f / "log_2.txt", '"threads": 1', '"threads": 2'), "log_2.txt: torch threads is 2, the rules say 1"),
@@ -118,6 +163,7 @@ def test_a_good_synthetic_record_passes(record, capsys):
     # runs left out (rule 1): seeds not 0..n-1, or runs of another attempt (another --out NAME)
     (lambda f: edit(f / "log_2.txt", '"seed": 2', '"seed": 7'), "the runs are not one attempt's seeds 0..3"),
     (lambda f: edit(f / "log_2.txt", "runs/r-2", "runs/other-2"), "the runs are not one attempt's seeds 0..3"),
+    (lambda f: move_run(f, 3, 5), "the runs are not one attempt's seeds 0..3 (seeds [0, 1, 2, 5]"),
     # the task through the interfaces runs use: the evaluated split, the metric, the training data
     (lambda f: edit(f / "log_1.txt", 'ShapesDataset(seed=10_000 + seed, split="heldout")',
                     'ShapesDataset(seed=10_000 + seed, split="train")'),
@@ -148,11 +194,23 @@ def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
     (gpu_run(["NVIDIA H100 PCIe"]), "GPUs is ['NVIDIA H100 PCIe'], the rules say ['NVIDIA H100 80GB HBM3']"),
     (gpu_run(["NVIDIA H100 NVL"]), "GPUs is ['NVIDIA H100 NVL']"),
     (gpu_run(data="data/other"), "--data is 'data/other', the rules say 'data/mj'"),
+    (dict(gpu_run(), confirm=dict(gpu_run()["confirm"], settings=dict(fid="clean-fid inception-v3 2048"))),
+     "FID network is 'clean-fid inception-v3 2048', the rules say \"torch-fidelity's inception-v3-compat 2048\""),
 ])
 def test_a_gpu_run_on_other_hardware_or_data_fails(run, message):
     assert verify.check_run(gpu_run(), "1gpu") == []
     problems = verify.check_run(run, "1gpu")
     assert len(problems) == 1 and problems[0].startswith(f"log_0.txt: {message}"), problems
+
+
+def test_a_gpu_run_against_another_fid_reference_than_the_calibrations_fails(monkeypatch):
+    monkeypatch.setitem(verify.TRACKS["1gpu"], "ref_sha256", "cd34")  # as its calibration will set it
+    assert verify.check_run(gpu_run(), "1gpu") == ["log_0.txt: FID reference sha256 is 'ab12', the rules say 'cd34'"]
+
+
+def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
+    edit(cpu_target / "log_0.txt", '"target": null', '"target": ["object_accuracy", 0.3]')
+    assert "log_0.txt: a calibration runs a fixed budget, not --target" in verify.verify(cpu_target)
 
 
 def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target):
@@ -188,6 +246,9 @@ def test_a_folder_in_another_layout_fails():
 def test_a_record_that_misses_the_target_or_shares_seeds_fails(tmp_path, cpu_target, capsys):
     slow = make_record(tmp_path / "slow", {0: (20.0, 0.29), 1: (21.0, 0.30), 2: (22.0, 0.28), 3: (21.0, 0.29)})
     assert any(p.startswith("not a record: object_accuracy mean 0.2900") for p in verify.verify(slow))
+    wide = make_record(tmp_path / "wide", {0: (20.0, 0.40), 1: (21.0, 0.20), 2: (22.0, 0.35), 3: (21.0, 0.25)})
+    assert any(p.startswith("not a record: object_accuracy mean 0.3000 against target 0.292, one-sided p 0.4")
+               for p in verify.verify(wide))  # above the target, too spread out to say so
     edit(slow / "log_1.txt", '"seed": 1', '"seed": 0')
     problems = verify.verify(slow)
     assert any(p.startswith("the runs are not one attempt's seeds 0..3 (seeds [0, 0, 2, 3]") for p in problems)
