@@ -551,6 +551,9 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
         x0, eps, t, x_t, txt, mask, images = micro_batch(args, loader, step, rank + i * world, device)
         data_s += time.perf_counter() - t0
         txt, mask = trim_text(txt, mask)  # eager, before a compiled model
+        if args.compile:  # one graph for every text length from the warm-up on; dynamo would specialise on the first
+            for tensor in (txt, mask) if mask is not None else (txt,):
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
         sync = world == 1 or i == chunks - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), \
                 torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):

@@ -22,6 +22,25 @@ def assert_compared(out, what, baseline):
     assert re.search(pattern, out, re.MULTILINE), f"no '{what}' line against {baseline} in:\n{out}"
 
 
+def test_timed_times_every_call_after_the_untimed_rounds():
+    now, calls = [0.0], []
+
+    def work(name, seconds):  # the k-th call of all takes k x seconds on the fake clock
+        def fn():
+            calls.append(name)
+            now[0] += seconds * len(calls)
+        return fn
+
+    times = bench.timed({"a": work("a", 1.0), "b": work("b", 10.0)}, warmup=2, steps=3, clock=lambda: now[0])
+    assert calls == ["a", "b"] * 5  # each round calls every side in turn
+    assert times == {"a": [5.0, 7.0, 9.0], "b": [60.0, 80.0, 100.0]}  # calls 5 to 10: after the 2 warm-up rounds
+
+
+def test_compare_prints_ours_the_baseline_and_their_ratio(capsys):
+    bench.compare("step", 3.0, "torch", 2.0, "ms")
+    assert capsys.readouterr().out == "step: ours 3.0 ms | torch 2.0 ms | ours/torch 1.500\n"
+
+
 def test_model(capsys):
     bench.main(["model", "--preset", "tiny", "--batch", "2", "--img-tokens", "16", "--txt-tokens", "8",
                 "--min-len", "2", "--max-len", "8", "--steps", "1", "--warmup", "0"])

@@ -494,18 +494,22 @@ def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, monkeypatch
     assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["3"]
 
 
-def test_the_compile_warm_up_traces_unmasked_text(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("tenth_batch", [
+    lambda b: {**b, "txt_mask": torch.ones_like(b["txt_mask"])},                # every caption full: no mask
+    lambda b: {**b, "txt": b["txt"][:, :-3], "txt_mask": b["txt_mask"][:, :-3]}])  # a text length not seen before
+def test_the_compile_warm_up_traces_what_a_timed_step_meets_later(tenth_batch, tmp_path, monkeypatch, capsys):
     """A micro-batch whose captions all fill the text length, none dropped, reaches the model without a mask
-    (trim_text): another graph. The warm-up compiles it, so the timed step that first meets one compiles nothing."""
+    (trim_text), and real captions come in any length: the warm-up compiles the unmasked graph and one for every
+    length, so the timed step that first meets either compiles nothing."""
     torch._dynamo.reset()
     compile, next_batch = torch.compile, shapes.ShapesLoader.__next__
 
-    def full_tenth_batch(loader):  # the warm-up reads batches 0-7 (4 steps of 2 micro-batches); step 5 reads 8, 9
-        full, batch = loader.batches == 9, next_batch(loader)
-        return {**batch, "txt_mask": torch.ones_like(batch["txt_mask"])} if full else batch
+    def change_tenth_batch(loader):  # the warm-up reads batches 0-7 (4 steps of 2 micro-batches); step 5 reads 8, 9
+        tenth, batch = loader.batches == 9, next_batch(loader)
+        return tenth_batch(batch) if tenth else batch
 
     monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="eager"))
-    monkeypatch.setattr(shapes.ShapesLoader, "__next__", full_tenth_batch)
+    monkeypatch.setattr(shapes.ShapesLoader, "__next__", change_tenth_batch)
     train.main(SMALL + ["--caption-dropout", "0", "--max-steps", "5", "--compile", "--out", str(tmp_path / "r")])
     assert "compiled a new graph" not in capsys.readouterr().out
 
