@@ -50,6 +50,9 @@ def test_timestep_distribution():
     t1 = sample_t(200_000, shift=1.0, uniform_frac=0.0, g=g, device="cpu")
     logit = torch.log(t1 / (1 - t1))
     assert abs(logit.mean().item()) < 0.01 and abs(logit.std().item() - 1) < 0.01
+    edges = sample_t(200_000, shift=1.0, uniform_frac=1.0, g=g, device="cpu")  # uniform: 0.1% beyond each bound
+    assert edges.min() == torch.tensor(1e-3) and edges.max() == torch.tensor(1 - 1e-3)
+    assert 0.0005 < (edges == edges.min()).float().mean() < 0.0015
 
 
 def test_foreground_weights_closed_form():
@@ -537,7 +540,8 @@ class FakeLoader:
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randint(0, 256, (batch, 3, res, res), generator=g, dtype=torch.uint8)
         self.txt, self.txt_mask = torch.ones(batch, 2, 4), torch.ones(batch, 2, dtype=torch.bool)
-        self.null_txt, self.null_mask = torch.full((1, 3, 4), 2.0), torch.tensor([[True, True, False]])
+        # the empty prompt: one real token of 3, so its mask differs from a caption's padded to 3 ([T, T, F])
+        self.null_txt, self.null_mask = torch.full((1, 3, 4), 2.0), torch.tensor([[True, False, False]])
 
     def __next__(self):
         return {"image": self.images, "txt": self.txt, "txt_mask": self.txt_mask}
