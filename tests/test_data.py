@@ -80,6 +80,14 @@ def test_each_epoch_reads_every_sample_once_in_a_new_order(prepared):
     assert first != second  # a permutation per epoch (seed, dataset, epoch)
 
 
+def test_each_dataset_of_a_mixture_is_read_in_its_own_order(prepared, tmp_path):
+    root, _ = prepared
+    (tmp_path / "copy").symlink_to(root / "out")  # the same samples under another name
+    loader = data.ShardLoader(f"{root / 'out'}:0.5,{tmp_path / 'copy'}:0.5", batch_size=1)
+    assert len(loader.datasets) == 2 and len(loader.datasets[0]) == len(loader.datasets[1])
+    assert not np.array_equal(loader.permutation(0, 0), loader.permutation(1, 0))  # seeded by (seed, name, epoch)
+
+
 def test_mixtures_and_phases(prepared):
     root, _ = prepared
     a, b = str(root / "out"), str(root / "out_pq")
