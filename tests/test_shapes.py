@@ -218,6 +218,16 @@ def test_a_shape_across_two_cells_belongs_to_the_cell_of_its_centre():
         assert [r["full"] for r in check_scene(image, [left, right])] == [cell is left, cell is right]
 
 
+def test_a_speck_smaller_than_any_shape_names_nothing():
+    """A red 4 x 4 px square in a 24 x 24 px cell (0.028 of it) is below MIN_AREA (0.054: 0.3 x the smallest shape,
+    a small triangle, half of its 0.6 x 0.6 box): no object. 8 x 8 px (0.11) is a square."""
+    obj = SceneObject("red", "square", "small", "top left", 0.25, 0.25)
+    for side, named in ((4, False), (8, True)):
+        image = render(Scene("gray", []), 48).copy()
+        image[10:10 + side, 10:10 + side] = COLORS["red"]
+        assert check_scene(image, [obj]) == [{"full": named, "color_region": named}]
+
+
 def test_a_colour_far_from_every_palette_colour_is_no_colour():
     """An orange square, red its nearest palette colour but further than MAX_COLOR_DISTANCE from it, is not a red
     square: its pixels are no colour at all."""
