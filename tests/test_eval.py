@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
@@ -252,6 +254,40 @@ def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
         ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=tiny_clip(seed=1))  # other weights
 
 
+def seeded_networks():
+    """The tiny CLIP and DINO with the same weights in every process (the reference's settings name them)."""
+    clip = tiny_clip()
+    torch.manual_seed(1)
+    return clip, tiny_dino(pretrained=False)
+
+
+def metrics_worker(rank, world_size, init_file, ref_path, fid_weights, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    clip, dino = seeded_networks()
+    metrics = ev.Metrics(ref_path, ev.FEATURE_METRICS, fid_weights=fid_weights, clip=clip, dino=dino)
+    metrics.update(blocky_images(3, seed=7, size=28, brightness=30)[rank::world_size])  # 2 images, then 1
+    with open(f"{out_file}.{rank}", "w") as f:
+        json.dump(metrics.compute(), f)
+    dist.destroy_process_group()
+
+
+def test_metrics_of_images_spread_over_ranks_equal_one_process(inception_weights, tmp_path):
+    """eval.py under torchrun: each rank streams its share; FID's sums are all-reduced, the embeddings gathered and
+    the count summed, so every rank computes what one process computes from all the images."""
+    clip, dino = seeded_networks()
+    ref = ev.Metrics(None, ev.FEATURE_METRICS, fid_weights=inception_weights, clip=clip, dino=dino)
+    ref.update(blocky_images(3, seed=6, size=28))
+    ref.save_reference(tmp_path / "ref.npz")
+    one = ev.Metrics(tmp_path / "ref.npz", ev.FEATURE_METRICS, fid_weights=inception_weights, clip=clip, dino=dino)
+    one.update(blocky_images(3, seed=7, size=28, brightness=30))
+    expected = one.compute()
+    mp.spawn(metrics_worker, nprocs=2, args=(2, str(tmp_path / "init"), str(tmp_path / "ref.npz"), inception_weights,
+                                             str(tmp_path / "out")))
+    for rank in range(2):
+        with open(tmp_path / f"out.{rank}") as f:
+            assert json.load(f) == pytest.approx(expected, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampler
 
@@ -355,7 +391,7 @@ def test_exported_pipeline_reproduces_the_sampler(tmp_path):
         pipe(prompts, height=16, width=16, guidance_scale=3.5, output_type="latent", use_resolution_binning=False)
 
 
-def test_evaluate_weighs_each_batch_score_by_its_size():
+def test_evaluate_weighs_each_batch_score_by_its_size(tmp_path):
     class Brightness:  # a held-out split whose score is the mean pixel of the batch
         null = torch.zeros(1, 1, 64), torch.ones(1, 1, dtype=torch.bool)
         txt = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
@@ -369,9 +405,14 @@ def test_evaluate_weighs_each_batch_score_by_its_size():
     sampling = dict(steps=2, cfg_scale=2.0, shift=1.0, pred="x", route_ratio=0.5)
     images = ev.to_uint8(ev.sample(model, split.txt, torch.ones(5, 3, dtype=torch.bool), *split.null,
                                    [42 + i for i in range(5)], (3, 16, 16), **sampling))
-    for batch_size in (2, 5):  # batches of 2, 2 and 1, or one of 5
-        result = ev.evaluate(model, split, 5, (3, 16, 16), batch_size=batch_size, **sampling)
-        assert result == {"brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
+    ref = ev.Metrics(None, ["cmmd"], clip=tiny_clip())
+    ref.update(images)
+    ref.save_reference(tmp_path / "ref.npz")
+    metrics = ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=tiny_clip())
+    for batch_size in (2, 5):  # batches of 2, 2 and 1, or one of 5; the same Metrics each time, as train.py's
+        result = ev.evaluate(model, split, 5, (3, 16, 16), metrics=metrics, batch_size=batch_size, **sampling)
+        assert result == {"brightness": pytest.approx(images.float().mean().item(), rel=1e-6),
+                          "cmmd": pytest.approx(0.0, abs=1e-9)}  # the reference's own images
 
 
 # ----------------------------------------------------------------------------------------------------------
