@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from PIL import Image
 import data
 import prepare
 from tiny_prepared import MAX_TOKENS, RES, caption, prepare_argv, reference_image, stored_samples
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_eval_split_is_a_seeded_fraction_of_the_ids():
@@ -133,22 +137,24 @@ def assert_same_bf16_latents(a, b):
         f"by up to {((x - y).abs() / y.abs()).max():.2e} of their size"
 
 
-def test_interrupted_preparation_resumes_to_the_same_result(prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash_at", [3, 4])  # shards are written eval, train, eval, train: 4 leaves eval 1 whole
+def test_interrupted_preparation_resumes_to_the_same_result(crash_at, prepared, tmp_path, monkeypatch):
     root, _ = prepared
     write_shard, calls = prepare.write_shard, []
 
-    def crash_on_third_shard(path, columns, meta):
+    def crash_at_a_shard(path, columns, meta):
         calls.append(path)
-        if len(calls) == 3:  # killed while writing: a partial shard is left behind
+        if len(calls) == crash_at:  # killed while writing: a partial shard is left behind
             Path(f"{path}.tmp").mkdir(parents=True)
             Path(f"{path}.tmp/image.npy").write_bytes(b"partial")
             raise KeyboardInterrupt
         write_shard(path, columns, meta)
     argv = prepare_argv(tmp_path / "out", root / "images", root / "models", "--captions", "long=txt,short=short")
-    monkeypatch.setattr(prepare, "write_shard", crash_on_third_shard)
+    monkeypatch.setattr(prepare, "write_shard", crash_at_a_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare.main(argv)
     assert list(tmp_path.glob("out/*/*.tmp")) and not (tmp_path / "out" / "index.json").exists()
+    assert [p.parent.name for p in calls] == ["eval", "train", "eval", "train"][:crash_at]
     rows_done = json.loads(sorted(tmp_path.glob("out/train/shard-*[0-9]"))[-1].joinpath("meta.json").read_text()
                            )["rows_done"]
     load_sample, loaded = prepare.load_sample, []
@@ -299,6 +305,33 @@ def interrupted_after_the_first_train_shard(argv, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare.main(argv)
     monkeypatch.setattr(prepare, "write_shard", write_shard)
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    out = tmp_path / "out"
+    argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
+    interrupted_after_the_first_train_shard(argv, monkeypatch)
+    with pytest.raises(ValueError, match=r"prepared by 1 processes; resume with the same number \(torchrun "
+                                         r"--nproc-per-node 1\)"):
+        prepare.resume_point(out, 0, 2)
+
+
+def test_the_split_follows_the_seed(prepared, tmp_path):
+    root, _ = prepared
+    prepare.main(prepare_argv(tmp_path / "out", root / "images", root / "models", "--captions", "long=txt,short=short",
+                              "--seed", "1", "--eval-fraction", "0.5"))
+    ids = {*stored_samples(tmp_path / "out"), *(held := stored_samples(tmp_path / "out", "eval"))}
+    assert set(held) == {i for i in ids if prepare.in_eval_split(1, i, 0.5)}
+    assert set(held) != {i for i in ids if prepare.in_eval_split(0, i, 0.5)}
+
+
+def test_the_split_hash_is_the_same_in_every_process():
+    """Python's hash() of a string changes with each process (PYTHONHASHSEED): the split must not."""
+    probe = "import prepare; print(prepare.stable_hash('eval', 0, 'img_1.jpg'))"
+    outs = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert outs == {f"{prepare.stable_hash('eval', 0, 'img_1.jpg')}\n"}
 
 
 def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
