@@ -114,13 +114,13 @@ def test_fp32_newton_schulz_takes_the_form_with_fewer_flops(cols):
     """s steps on a wide (m, n) matrix: the plain iteration costs 4s m^2 n + 2s m^3 FLOPs, the Gram form
     4 m^2 n + (8s - 6) m^3: fewer where n > 1.5 m, whatever s. Counted on the products newton_schulz runs."""
     from torch.utils.flop_counter import FlopCounterMode
+    m = 64
 
     def flops(**kw):
         with FlopCounterMode(display=False) as counter:
             newton_schulz(torch.randn(m, cols), steps=3, dtype=torch.float32, **kw)
         return counter.get_total_flops()
 
-    m = 64
     plain, gram = 12 * m ** 2 * cols + 6 * m ** 3, 4 * m ** 2 * cols + 18 * m ** 3
     assert flops(plain=True) == plain and flops() == min(plain, gram)
     assert (flops() < plain) == (cols > 1.5 * m)
