@@ -263,6 +263,8 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     assert verify.verify(baseline) == []
     assert "mean 0.2950, sd 0.0041; a calibration: its mean" in (baseline / "README.md").read_text()
     make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.25), 3: (1.0, 0.2)})
+    make_record(record.parent / "2026-12-04_slower", {0: (31.0, 0.305), 1: (31.0, 0.31), 2: (31.0, 0.30),
+                                                     3: (31.0, 0.305)})  # slower than the baseline: ranked 2nd
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- leaderboard -->\nold\n<!-- /leaderboard -->\n\nmore\n")
     argv = ["--records", str(record.parent), "--readme", str(readme)]
@@ -271,6 +273,7 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     assert "| 1 | 25.00 min | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 | " \
            "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | 0.2950 +- 0.0041 | " \
            "synthetic calibration | 2026-12-01 |" in text
+    assert "| 2 | 31.00 min | 0.3050 +- 0.0041 | synthetic record | 2026-12-04 | [2026-12-04_slower](" in text
     assert "**8gpu**" in text and "not measured yet" in text and text.endswith("\n\nmore\n")
     assert "2026-12-03_failing" not in text and "left out 2026-12-03_failing: not a record" in capsys.readouterr().err
     leaderboard.main(argv + ["--check"])
