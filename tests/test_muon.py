@@ -59,6 +59,16 @@ def test_matches_torch_muon(scale, nesterov, ns_steps, device):
         torch.testing.assert_close(a, b, rtol=0, atol=steps * lr_scale * 2**-7)
 
 
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=(
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")))])
+def test_newton_schulz_runs_in_the_devices_dtype_by_default(device, dtype):
+    default, explicit = make_params(device=device), make_params(device=device)
+    for params, kw in ((default, {}), (explicit, {"ns_dtype": dtype})):
+        set_grads(params, 0)
+        Muon(params, **kw).step()
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+
+
 def test_newton_schulz_in_fp32_on_the_cpu():
     # the CPU default is fp32 (bf16 matmuls are emulated there); CUDA's is bf16 (test_matches_torch_muon)
     runs = {}
