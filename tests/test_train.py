@@ -486,12 +486,17 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
     assert len(clock) == 2 and all(100 < t < 200 for t in clock)  # within the CPU track's 258 s budget
 
 
-def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, monkeypatch, capsys):
-    """Dropping REPA changes the model the compile warm-up traced: the next step compiles on the clock, and the log
-    says so for that step only. Dynamo with its eager backend: its tracing and guards, without minutes of compiling."""
+@pytest.fixture
+def eager_dynamo(monkeypatch):
+    """train.py's torch.compile with dynamo's eager backend: its tracing and guards, without minutes of compiling."""
     torch._dynamo.reset()  # an earlier test's graphs of PRX would count against the recompile limit
     compile = torch.compile
     monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="eager"))
+
+
+def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, eager_dynamo, capsys):
+    """Dropping REPA changes the model the compile warm-up traced: the next step compiles on the clock, and the log
+    says so for that step only."""
     train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "4", "--compile", "--out",
                         str(tmp_path / "r")])
     assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["3"]
@@ -500,18 +505,17 @@ def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, monkeypatch
 @pytest.mark.parametrize("tenth_batch", [
     lambda b: {**b, "txt_mask": torch.ones_like(b["txt_mask"])},                # every caption full: no mask
     lambda b: {**b, "txt": b["txt"][:, :-3], "txt_mask": b["txt_mask"][:, :-3]}])  # a text length not seen before
-def test_the_compile_warm_up_traces_what_a_timed_step_meets_later(tenth_batch, tmp_path, monkeypatch, capsys):
+def test_the_compile_warm_up_traces_what_a_timed_step_meets_later(tenth_batch, tmp_path, eager_dynamo, monkeypatch,
+                                                                  capsys):
     """A micro-batch whose captions all fill the text length, none dropped, reaches the model without a mask
     (trim_text), and real captions come in any length: the warm-up compiles the unmasked graph and one for every
     length, so the timed step that first meets either compiles nothing."""
-    torch._dynamo.reset()
-    compile, next_batch = torch.compile, shapes.ShapesLoader.__next__
+    next_batch = shapes.ShapesLoader.__next__
 
     def change_tenth_batch(loader):  # the warm-up reads batches 0-7 (4 steps of 2 micro-batches); step 5 reads 8, 9
         tenth, batch = loader.batches == 9, next_batch(loader)
         return tenth_batch(batch) if tenth else batch
 
-    monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="eager"))
     monkeypatch.setattr(shapes.ShapesLoader, "__next__", change_tenth_batch)
     train.main(SMALL + ["--caption-dropout", "0", "--max-steps", "5", "--compile", "--out", str(tmp_path / "r")])
     assert "compiled a new graph" not in capsys.readouterr().out
