@@ -758,30 +758,36 @@ def wrap_ddp(trainee, world, device):
     return DDP(trainee, process_group=dist.new_group())
 
 
-class FullCaptions:
-    """A loader's batches with every caption filling the whole text length (mask all True, at least the empty
-    prompt's length): with no caption dropped, what trim_text passes to the model without a mask."""
+class LongerCaptions:
+    """A loader's batches with the text one token longer than the batch's (and than the empty prompt's): a length
+    the steps before did not meet. full: every caption fills it (mask all True), the model's unmasked graph
+    (trim_text); else the first caption alone does, and the masked graph meets the new length."""
 
-    def __init__(self, loader):
-        self.loader, self.null_txt, self.null_mask = loader, loader.null_txt, loader.null_mask
+    def __init__(self, loader, full):
+        self.loader, self.full, self.null_txt, self.null_mask = loader, full, loader.null_txt, loader.null_mask
 
     def __next__(self):
         batch = next(self.loader)
-        txt, mask = pad_text(batch["txt"], batch["txt_mask"], max(batch["txt"].shape[1], self.null_txt.shape[1]))
-        return {**batch, "txt": txt, "txt_mask": torch.ones_like(mask)}
+        txt, mask = pad_text(batch["txt"], batch["txt_mask"], max(batch["txt"].shape[1], self.null_txt.shape[1]) + 1)
+        mask = torch.ones_like(mask) if self.full else torch.cat([torch.ones_like(mask[:1]), mask[1:]])
+        return {**batch, "txt": txt, "txt_mask": mask}
 
 
 def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): the warm-up trains
-    nothing and costs no training time. Three steps as the data comes, then one step of full captions none dropped:
-    the model's unmasked graph, which real data reaches rarely (every caption of a micro-batch at the token cap, none
-    dropped) and would compile on the clock. -> the graph breaks dynamo counted (each one a slower step), seconds."""
+    nothing and costs no training time. Three steps as the data comes, then two of text one token longer than any
+    before, none dropped: first masked, then every caption full (unmasked: real data reaches it only when every
+    caption of a micro-batch is at the token cap, none dropped). Without them a timed step would compile the unmasked
+    graph, and under --fsdp each block at the first new text length (a block compiled alone takes txt_in's output,
+    which train_step's mark does not reach; dynamo makes a size dynamic once it has changed). -> the graph breaks
+    dynamo counted (each one a slower step), seconds."""
     start = time.perf_counter()
     initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
     for step in range(3):
         train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
     no_dropout = argparse.Namespace(**{**vars(args), "caption_dropout": 0.0})
-    train_step(no_dropout, 3, args.lr, model, opt, FullCaptions(loader), teacher, rank, world)
+    for step, full in ((3, False), (4, True)):
+        train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
     trainee.load_state_dict(initial[0])
     for o, state in zip(opt, initial[1]):
         o.load_state_dict(state)
@@ -1145,7 +1151,7 @@ def main(argv=None):
 
     if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-        log(f"compile warm-up done (4 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
+        log(f"compile warm-up done (5 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 
     # the loop: occasional work first (evaluation, checkpoint), then the one training step
     raw_model.train()

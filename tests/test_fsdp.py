@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from test_train import SMALL, losses, run
+from test_train import ROOT, SMALL, losses, run
 
 # Muon on the blocks and AdamW on the rest; EMA and REPA: every kind of state a checkpoint holds
 FLAGS = SMALL + ["--optimizer", "muon", "--ema", "0.9", "--ema-every", "1", "--repa", "builtin", "--max-steps", "4",
@@ -73,3 +73,32 @@ def test_fsdp_refusals(argv, env, message, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--fsdp"] + argv)
     assert message in capsys.readouterr().err
+
+
+# train.py with dynamo's eager backend (its tracing and guards, without minutes of compiling), each rank's batches
+# from the sixth on 3 tokens shorter in text (the compile warm-up reads batches 0-4, 5 steps of one, and rewinds;
+# timed steps 6 and 7 read 5 and 6)
+SHORTER_TEXT_AFTER_THE_WARM_UP = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import shapes, train
+compile, next_batch = torch.compile, shapes.ShapesLoader.__next__
+torch.compile = lambda model: compile(model, backend="eager")
+def next_shorter(loader):
+    late, batch = loader.batches >= 5, next_batch(loader)
+    return {{**batch, "txt": batch["txt"][:, :-3], "txt_mask": batch["txt_mask"][:, :-3]}} if late else batch
+shapes.ShapesLoader.__next__ = next_shorter
+train.main()
+"""
+
+
+def test_fsdp_compiled_blocks_meet_a_new_text_length_in_the_warm_up(tmp_path):
+    """--fsdp --compile compiles each block alone; a block takes txt_in's output, which dynamo keeps static in length
+    until it has seen the length change: the warm-up changes it, so no timed step meets a new graph."""
+    script = tmp_path / "shorter_text.py"
+    script.write_text(SHORTER_TEXT_AFTER_THE_WARM_UP.format(root=ROOT))
+    r = run(SMALL + ["--caption-dropout", "0", "--max-steps", "7", "--compile", "--fsdp", "--out", str(tmp_path / "r")],
+            nproc=2, script=script)
+    assert r.returncode == 0, r.stderr
+    assert "step 7/7" in r.stdout and "compiled a new graph" not in r.stdout, r.stdout

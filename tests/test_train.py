@@ -26,13 +26,13 @@ SMALL = ["--track", "cpu", "--hidden", "64", "--depth", "2", "--batch-size", "16
          "--eval-samples", "0", "--warmup", "5"]
 
 
-def run(args, nproc=1, **kw):
+def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), **kw):
     # --standalone: the rendezvous binds a free port itself (a port picked here first could be taken by a test
     # running beside this one before torchrun binds it)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run(launcher + [str(script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -89,7 +89,7 @@ def test_compile_under_torchrun_matches_eager_without_graph_breaks(tmp_path):
     assert eager.returncode == 0, eager.stderr[-2000:]
     compiled = run(flags + ["--out", str(tmp_path / "compiled"), "--compile"], nproc=2)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
-    assert re.search(r"compile warm-up done \(4 untimed steps, state restored\): 0 graph breaks, \d+ s",
+    assert re.search(r"compile warm-up done \(5 untimed steps, state restored\): 0 graph breaks, \d+ s",
                      compiled.stdout)
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * (1 + abs(a[k])) for k in a), (a, b)
@@ -476,7 +476,7 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
     train.main(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5", "--resume",
                         str(out / "checkpoints" / "step_2"), "--compile"])
     console = capsys.readouterr().out
-    assert "compile warm-up done (4 untimed steps, state restored)" in console
+    assert "compile warm-up done (5 untimed steps, state restored)" in console
     assert "flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): --compile " \
         "False -> True\n" in console  # only what differs from the run's flags
     resumed, uninterrupted = losses(out), losses(finished_run)
@@ -502,23 +502,37 @@ def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, eager_dynam
     assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["3"]
 
 
-@pytest.mark.parametrize("tenth_batch", [
+@pytest.mark.parametrize("twelfth_batch", [
     lambda b: {**b, "txt_mask": torch.ones_like(b["txt_mask"])},                # every caption full: no mask
     lambda b: {**b, "txt": b["txt"][:, :-3], "txt_mask": b["txt_mask"][:, :-3]}])  # a text length not seen before
-def test_the_compile_warm_up_traces_what_a_timed_step_meets_later(tenth_batch, tmp_path, eager_dynamo, monkeypatch,
+def test_the_compile_warm_up_traces_what_a_timed_step_meets_later(twelfth_batch, tmp_path, eager_dynamo, monkeypatch,
                                                                   capsys):
     """A micro-batch whose captions all fill the text length, none dropped, reaches the model without a mask
     (trim_text), and real captions come in any length: the warm-up compiles the unmasked graph and one for every
     length, so the timed step that first meets either compiles nothing."""
     next_batch = shapes.ShapesLoader.__next__
 
-    def change_tenth_batch(loader):  # the warm-up reads batches 0-7 (4 steps of 2 micro-batches); step 5 reads 8, 9
-        tenth, batch = loader.batches == 9, next_batch(loader)
-        return tenth_batch(batch) if tenth else batch
+    def change_twelfth_batch(loader):  # the warm-up reads batches 0-9 (5 steps of 2) and rewinds; step 6: 10, 11
+        twelfth, batch = loader.batches == 11, next_batch(loader)
+        return twelfth_batch(batch) if twelfth else batch
 
-    monkeypatch.setattr(shapes.ShapesLoader, "__next__", change_tenth_batch)
-    train.main(SMALL + ["--caption-dropout", "0", "--max-steps", "5", "--compile", "--out", str(tmp_path / "r")])
+    monkeypatch.setattr(shapes.ShapesLoader, "__next__", change_twelfth_batch)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    train.main(SMALL + ["--caption-dropout", "0", "--max-steps", "6", "--compile", "--out", str(tmp_path / "r")])
     assert "compiled a new graph" not in capsys.readouterr().out
+    # two graphs, with and without the mask: each dynamic in the text length from its first compile (train_step)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_the_compile_warm_up_meets_a_new_text_length_with_and_without_the_mask(tmp_path, eager_dynamo, monkeypatch):
+    """Whatever --caption-dropout: the warm-up's fourth step reaches the model with a text longer than the steps
+    before, masked; its fifth with every caption full (no mask)."""
+    seen, trim = [], train.trim_text
+    monkeypatch.setattr(train, "trim_text", lambda *a: seen.append(trim(*a)) or seen[-1])
+    train.main(SMALL + ["--caption-dropout", "0.5", "--max-steps", "1", "--compile", "--out", str(tmp_path / "r")])
+    lengths = [txt.shape[1] for txt, _ in seen[:10]]  # the warm-up: 5 steps of 2 micro-batches
+    assert min(lengths[6:8]) > max(lengths[:6]) and all(m is not None for _, m in seen[6:8])
+    assert [m for _, m in seen[8:10]] == [None, None]
 
 
 def test_missing_repa_weights_name_the_flag(tmp_path):
