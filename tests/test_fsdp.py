@@ -2,6 +2,7 @@
 the sharded run's checkpoint. One torchrun launch per run: re-initialising a process group in a process reuses the
 store's keys, so two runs in one launch race."""
 
+import json
 import shutil
 
 import pytest
@@ -102,3 +103,25 @@ def test_fsdp_compiled_blocks_meet_a_new_text_length_in_the_warm_up(tmp_path):
             nproc=2, script=script)
     assert r.returncode == 0, r.stderr
     assert "step 7/7" in r.stdout and "compiled a new graph" not in r.stdout, r.stdout
+
+
+# train.py whose rank 1 reads a clock running 10 times as fast as rank 0's
+FAST_CLOCK_ON_RANK_1 = """
+import os, sys, time, types
+sys.path.insert(0, {root!r})
+import train
+if os.environ["RANK"] == "1":
+    train.time = types.SimpleNamespace(perf_counter=lambda: 10 * time.perf_counter())
+train.main()
+"""
+
+
+def test_processes_end_the_time_budget_together(tmp_path):
+    """--max-time ends the run at rank 0's clock on every rank: a rank whose clock ran ahead would stop first and
+    leave the other waiting in a collective."""
+    script = tmp_path / "fast_clock.py"
+    script.write_text(FAST_CLOCK_ON_RANK_1.format(root=ROOT))
+    r = run(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")], nproc=2, script=script)
+    assert r.returncode == 0, r.stderr
+    record = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")][-1]
+    assert record["train_time_s"] >= 1.2  # rank 0's clock: 0.02 minutes

@@ -149,6 +149,9 @@ def test_first_run_writes_the_run_folder(tmp_path):
     flops = 3 * record["samples_per_s"] * flops_per_sample(PRXConfig(**config["model"]), 64, text_tokens)
     assert flops <= record["flops_per_s"] <= 2 * flops and record["mfu"] > 0  # 64 tokens: 32 px, patch 4
     assert 0 < record["data_share"] < 1 and 0 < record["optimizer_share"] < 1
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    times = [0.0] + [r["train_time_s"] for r in records]  # one line a step (--log-every 1), batch 16
+    assert all(r["samples_per_s"] * (t1 - t0) == pytest.approx(16) for r, t0, t1 in zip(records, times, times[1:]))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -218,6 +221,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--resolution", "0"], "argument --resolution"),
     (["--eval-minutes", "abc"], "argument --eval-minutes: expected minutes"),
     (["--eval-minutes", "1,-2"], "argument --eval-minutes: minutes must be > 0"),
+    (["--eval-minutes", "2,0"], "argument --eval-minutes: minutes must be > 0"),
     (["--caption-dropout", "2"], "argument --caption-dropout: must be in [0, 1]"),
     (["--lr", "0"], "argument --lr: must be in (0, inf)"),
     (["--max-time", "nan"], "argument --max-time"),
@@ -239,6 +243,8 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--ema-every", "1"], "--ema-every sets how often the EMA updates: it needs --ema"),
     (["--eval-samples", "0", "--eval-every", "100"], "--eval-every shapes the run's evaluations; --eval-samples 0"),
     (["--eval-samples", "0", "--eval-minutes", "1,2"], "--eval-minutes shapes the run's evaluations"),
+    (["--tread", "--eval-samples", "0", "--self-guidance", "1.5"], "--self-guidance shapes the run's evaluations"),
+    (["--data", "/nonexistent", "--repa", "builtin"], "--repa builtin: the built-in teacher reads the built-in shapes"),
     (["--hidden", "96"], "--hidden 96: attention heads are 64 wide"),
     (["--seed", "-1"], "argument --seed: must be in [0, inf)"),
     (["--optimizer", "muon", "--muon-ns-steps", "0"], "argument --muon-ns-steps"),
@@ -287,6 +293,42 @@ def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path):
     r = run(SMALL + ["--resolution", "30", "--out", str(tmp_path / "b"), "--max-steps", "1"])
     assert r.returncode != 0 and "--resolution 30" in r.stderr and "patch size 4" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
+def test_an_out_with_any_part_of_a_run_is_refused(entry, tmp_path):
+    """A folder whose config.json is gone still holds a run when its metrics or checkpoints are there."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / entry).mkdir() if entry == "checkpoints" else (out / entry).write_text("{}\n")
+    with pytest.raises(SystemExit, match=f"--out {out} holds a run already"):
+        train.run_folder(train.get_args(SMALL + ["--out", str(out)]))
+
+
+def test_the_global_batch_splits_over_the_processes():
+    args = train.get_args(SMALL + ["--batch-size", "16", "--micro-batch", "16"])  # one process: 1 micro-batch
+    with pytest.raises(SystemExit, match="--batch-size 16 must be a multiple of --micro-batch 16 x 2 processes"):
+        train.open_training_data(args, 0, 2, torch.device("cpu"))
+
+
+def test_evaluations_come_once_each_across_a_resume(tmp_path):
+    """--eval-every N evaluates every N-th step after the start, neither at a fresh run's step 0 nor again at a
+    resume's first step (evaluated before the checkpoint); an --eval-minutes point passed before the resume is not
+    met again."""
+    out = tmp_path / "r"
+    flags = SMALL[:-4] + ["--eval-samples", "8", "--sample-steps", "2", "--eval-every", "2", "--eval-minutes", "1e-6",
+                          "--ckpt-every", "2", "--out", str(out)]
+    train.main(flags + ["--max-steps", "4"])
+    train.main(flags + ["--max-steps", "6", "--resume"])
+    with open(out / "metrics.jsonl") as f:
+        evaluated = [r["step"] for r in map(json.loads, f) if "object_accuracy" in r]
+    assert evaluated == [1, 2, 4, 6]  # step 1: the first past 1e-6 minutes of training
+
+
+def test_the_eta_counts_the_time_budget(tmp_path, capsys):
+    train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
+    etas = re.findall(r"eta (\d+):(\d\d):(\d\d)", capsys.readouterr().out)
+    assert etas and all(h == "0" and m == "00" and int(s) <= 1 for h, m, s in etas)
 
 
 def test_an_out_that_holds_a_run_is_never_reused(finished_run, tmp_path):
@@ -818,8 +860,14 @@ def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
     assert "REPA's conv projector starts fresh (the checkpoint has a mlp one)" in (irepa / "log.txt").read_text()
 
 
-def test_prx_defaults_that_follow_other_flags():
+def test_prx_defaults_that_follow_other_flags(tmp_path):
     assert train.get_args(["--track", "cpu"]).shift == 1.0  # the CPU track's (32 px)
+    (tmp_path / "index.json").write_text("{}")  # a prepared dataset, as far as the flags' checks read it
+    assert train.get_args(["--data", str(tmp_path), "--model", "tiny-pixel"]).shift == 3.0  # pixel space
+    assert train.get_args(["--data", str(tmp_path), "--model", "tiny"]).shift == 1.0  # latents
+    assert train.get_args(["--track", "cpu", "--sprint"]).route_ratio == 0.75
+    assert train.get_args(["--track", "cpu", "--tread"]).route_ratio == 0.5
+    assert train.get_args(["--track", "cpu", "--eval-minutes", "5,1,2"]).eval_minutes == [1, 2, 5]  # earliest first
     assert train.get_args(["--track", "cpu", "--optimizer", "muon"]).eps == 1e-8
     assert train.get_args(["--track", "cpu"]).eps == 1e-15
     assert train.get_args(["--track", "cpu", "--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
