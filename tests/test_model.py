@@ -264,3 +264,11 @@ def test_route_defaults_keep_dense_blocks_on_both_sides():
     spans = {d: (PRXConfig(depth=d).route_start, PRXConfig(depth=d).route_end) for d in (2, 3, 4, 16, 24)}
     assert spans == {2: (0, 0), 3: (1, 1), 4: (1, 2), 16: (2, 12), 24: (3, 18)}
     PRX(PRXConfig(**{**TINY, "route_start": None, "route_end": None, "depth": 2}))  # still builds
+
+
+def test_a_side_longer_than_the_rope_table_names_the_limit():
+    """1,025 tokens on one side (tiny-pixel, patch 4: 4,100 px by 4): the RoPE table's rows end at MAX_POSITIONS."""
+    model = PRX.from_preset("tiny-pixel", 32)
+    x, t, txt = torch.zeros(1, 3, 4 * 1025, 4), torch.zeros(1), torch.zeros(1, 2, model.cfg.context_dim)
+    with pytest.raises(ValueError, match="1025x1 tokens exceed the RoPE table"):
+        model(x, t, txt)
