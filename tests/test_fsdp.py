@@ -76,52 +76,51 @@ def test_fsdp_refusals(argv, env, message, monkeypatch, capsys):
     assert message in capsys.readouterr().err
 
 
-# train.py with dynamo's eager backend (its tracing and guards, without minutes of compiling), each rank's batches
-# from the sixth on 3 tokens shorter in text (the compile warm-up reads batches 0-4, 5 steps of one, and rewinds;
-# timed steps 6 and 7 read 5 and 6)
+def run_patched(tmp_path, patch, args):
+    """train.py on 2 gloo processes, each running `patch` first (Python, with train imported): the way to change a
+    torchrun rank's code in a test. The rank leaves as train.py's __main__ does (os._exit after flushing): gloo can
+    abort the interpreter's teardown of a finished run."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n{patch}\ntrain.main()\n"
+                      "sys.stdout.flush()\nsys.stderr.flush()\nos._exit(0)\n")
+    return run(args, nproc=2, script=script)
+
+
+# dynamo's eager backend (its tracing and guards, without minutes of compiling), each rank's batches from the sixth
+# on 3 tokens shorter in text (the compile warm-up reads batches 0-4, 5 steps of one, and rewinds; timed steps 6 and 7
+# read 5 and 6)
 SHORTER_TEXT_AFTER_THE_WARM_UP = """
-import sys
-import torch
-sys.path.insert(0, {root!r})
-import shapes, train
+import shapes, torch
 compile, next_batch = torch.compile, shapes.ShapesLoader.__next__
 torch.compile = lambda model: compile(model, backend="eager")
 def next_shorter(loader):
     late, batch = loader.batches >= 5, next_batch(loader)
-    return {{**batch, "txt": batch["txt"][:, :-3], "txt_mask": batch["txt_mask"][:, :-3]}} if late else batch
+    return {**batch, "txt": batch["txt"][:, :-3], "txt_mask": batch["txt_mask"][:, :-3]} if late else batch
 shapes.ShapesLoader.__next__ = next_shorter
-train.main()
 """
 
 
 def test_fsdp_compiled_blocks_meet_a_new_text_length_in_the_warm_up(tmp_path):
     """--fsdp --compile compiles each block alone; a block takes txt_in's output, which dynamo keeps static in length
     until it has seen the length change: the warm-up changes it, so no timed step meets a new graph."""
-    script = tmp_path / "shorter_text.py"
-    script.write_text(SHORTER_TEXT_AFTER_THE_WARM_UP.format(root=ROOT))
-    r = run(SMALL + ["--caption-dropout", "0", "--max-steps", "7", "--compile", "--fsdp", "--out", str(tmp_path / "r")],
-            nproc=2, script=script)
+    r = run_patched(tmp_path, SHORTER_TEXT_AFTER_THE_WARM_UP, SMALL + ["--caption-dropout", "0", "--max-steps", "7",
+                                                                       "--compile", "--fsdp", "--out", str(tmp_path / "r")])
     assert r.returncode == 0, r.stderr
     assert "step 7/7" in r.stdout and "compiled a new graph" not in r.stdout, r.stdout
 
 
-# train.py whose rank 1 reads a clock running 10 times as fast as rank 0's
+# rank 1 reads a clock running 10 times as fast as rank 0's
 FAST_CLOCK_ON_RANK_1 = """
-import os, sys, time, types
-sys.path.insert(0, {root!r})
-import train
+import os, time, types
 if os.environ["RANK"] == "1":
     train.time = types.SimpleNamespace(perf_counter=lambda: 10 * time.perf_counter())
-train.main()
 """
 
 
 def test_processes_end_the_time_budget_together(tmp_path):
     """--max-time ends the run at rank 0's clock on every rank: a rank whose clock ran ahead would stop first and
     leave the other waiting in a collective."""
-    script = tmp_path / "fast_clock.py"
-    script.write_text(FAST_CLOCK_ON_RANK_1.format(root=ROOT))
-    r = run(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")], nproc=2, script=script)
+    r = run_patched(tmp_path, FAST_CLOCK_ON_RANK_1, SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])
     assert r.returncode == 0, r.stderr
     record = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")][-1]
     assert record["train_time_s"] >= 1.2  # rank 0's clock: 0.02 minutes
