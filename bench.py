@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_text, positive
-from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
-                  mmd, sample, write_random_inception_weights)
+from eval import (clip_features, diffusers_timesteps, dino_features, inception_features, keep_freed_memory, load_dino,
+                  load_inception, mmd, sample, write_random_inception_weights)
 from model import PRX, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, newton_schulz, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
@@ -81,6 +81,13 @@ def timed(fns, warmup, steps, clock=time.perf_counter):
 def compare(what, ours, base_name, base, unit, fmt=",.1f"):
     """The line every figure gets: ours | the baseline measured in the same run | ours / baseline."""
     print(f"{what}: ours {ours:{fmt}} {unit} | {base_name} {base:{fmt}} {unit} | ours/{base_name} {ours / base:.3f}")
+
+
+def mfu_percent(cfg, img_tokens, text_lengths, ms, peak_tflops):
+    """{side: ms a training step of the batch} -> {side: % of the peak}: every side credited with the same useful
+    FLOPs, 3x the forward's closed form (the backward costs two forwards) over the real text tokens only."""
+    useful = 3 * sum(flops_per_sample(cfg, img_tokens, int(n)) for n in text_lengths)
+    return {name: 100 * useful / (v / 1e3) / (peak_tflops * 1e12) for name, v in ms.items()}
 
 
 def prx_pair(preset):
@@ -118,7 +125,6 @@ def bench_model(args):
     real = int(lengths[0])
     compare(f"forward of sample 0 ({real} text tokens), flop counter", counter.get_total_flops(), "closed form",
             flops_per_sample(cfg, args.img_tokens, real), "FLOPs", ".4g")
-    useful = 3 * sum(flops_per_sample(cfg, args.img_tokens, int(n)) for n in lengths)  # a train step is ~3x forward
     for mode in ["eager", "compiled"] if args.compile else ["eager"]:
         a, b = (ours, theirs) if mode == "eager" else (torch.compile(ours), torch.compile(theirs))
         steps = {"ours": lambda: training_step(a, None, batch, bf16),
@@ -126,8 +132,8 @@ def bench_model(args):
         times = timed(steps, args.warmup, args.steps)
         ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
         compare(f"{mode} fwd+bwd, median of {args.steps}", ms["ours"], "diffusers", ms["diffusers"], "ms")
-        if DEVICE.type == "cuda":  # both sides credited with the same useful FLOPs (real text tokens only)
-            mfu = {name: 100 * useful / (v / 1e3) / (args.peak_tflops * 1e12) for name, v in ms.items()}
+        if DEVICE.type == "cuda":
+            mfu = mfu_percent(cfg, args.img_tokens, lengths, ms, args.peak_tflops)
             compare(f"{mode} MFU at {args.peak_tflops:g} TFLOP/s peak", mfu["ours"], "diffusers", mfu["diffusers"], "%")
 
 
@@ -276,11 +282,12 @@ def feature_extractors():
 
 
 def diffusers_sample(transformer, txt, mask, null_txt, null_mask, x, steps, cfg_scale):
-    """PRXPipeline's denoising loop (diffusers 0.42) from given embeddings and noise, one timestep per row: the
-    pipeline itself passes 2 timesteps for the 2B rows of a guided batch, which fails for batches above 1."""
+    """PRXPipeline's denoising loop (diffusers 0.42) from given embeddings and noise, one timestep per row (the
+    pipeline itself passes 2 timesteps for the 2B rows of a guided batch, which fails for batches above 1), on
+    eval.sample's grid as the README's exported pipeline runs it: the same computation as eval.sample."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     scheduler, B = FlowMatchEulerDiscreteScheduler(), len(x)
-    scheduler.set_timesteps(steps, device=x.device)
+    scheduler.set_timesteps(timesteps=diffusers_timesteps(steps), device=x.device)
     txt, mask = torch.cat([null_txt.expand(B, -1, -1), txt]), torch.cat([null_mask.expand(B, -1), mask])
     for t in scheduler.timesteps:
         with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):  # as our sampler
@@ -319,12 +326,12 @@ def bench_eval(args):
 @torch.no_grad()
 def sampling_rates(ours, theirs, B, side, steps, warmup, calls):
     """-> (ours, "diffusers", theirs) images/s: eval.sample against diffusers' PRXPipeline loop (diffusers_sample),
-    the same weights, 64 text tokens, CFG 3.5."""
+    the same weights, noise, 64 text tokens, CFG 3.5."""
     shape = (ours.cfg.in_channels, side, side)
     txt = torch.randn(B, 64, ours.cfg.context_dim, device=DEVICE)
     mask = torch.ones(B, 64, dtype=torch.bool, device=DEVICE)
     null_txt, null_mask = txt[:1, :1], mask[:1, :1]
-    noise = torch.randn(B, *shape, device=DEVICE)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(B)]).to(DEVICE)
     times = timed({"ours": lambda: sample(ours, txt, mask, null_txt, null_mask, list(range(B)), shape, steps, 3.5),
                    "diffusers": lambda: diffusers_sample(theirs, txt, mask, *pad_text(null_txt, null_mask, 64), noise,
                                                          steps, 3.5)}, warmup, calls)
@@ -518,9 +525,8 @@ def step_rows(sides, batch, s, peak_tflops):
             others = sum(4 * p.numel() for other, _ in sides.values() if other is not model for p in other.parameters())
             peak[name] = (torch.cuda.max_memory_allocated() - others) / 2**30
         del opt
-    cfg, side, lengths = sides["ours"][0].cfg, s["side"], batch[4].sum(1).tolist()
-    useful = 3 * sum(flops_per_sample(cfg, (side // cfg.patch_size) ** 2, n) for n in lengths)  # real text only
-    mfu = {name: 100 * useful / (v / 1e3) / (peak_tflops * 1e12) for name, v in ms.items()}
+    cfg = sides["ours"][0].cfg
+    mfu = mfu_percent(cfg, (s["side"] // cfg.patch_size) ** 2, batch[4].sum(1), ms, peak_tflops)
     what = f"compiled training step, batch {s['batch']}"
     return [(f"{what}, median of {s['steps']}", ms["ours"], "diffusers", ms["diffusers"], " ms", ",.1f"),
             (f"{what}, MFU at {peak_tflops:g} TFLOP/s", mfu["ours"], "diffusers", mfu["diffusers"], " %", ".1f"),

@@ -1,25 +1,52 @@
-"""bench.py: every mode runs at tiny sizes and prints each figure next to its baseline (no timing is asserted)."""
+"""bench.py: every mode runs at tiny sizes and prints each figure next to its baseline. No real time is asserted: on
+a fake clock (the `clock` fixture) every figure is a closed form of the seconds each side takes."""
 
 import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import bench
+from data import pad_text
+from eval import sample
 from model import PRX, flops_per_sample, preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def assert_compared(out, what, baseline):
-    """A line `<what ...>: ours X unit | <baseline> Y unit | ours/<baseline> R` with numbers X, Y and R."""
-    number = r"[\d,.e+-]+"
+def compared(out, what, baseline):
+    """The line `<what ...>: ours X unit | <baseline> Y unit | ours/<baseline> R` -> (X, Y, R)."""
+    number = r"([\d,.e+-]+)"
     pattern = (rf"^{re.escape(what)}.*: ours {number} .*\| {re.escape(baseline)} {number} .*\| "
-               rf"ours/{re.escape(baseline)} \d+\.\d{{3}}$")
-    assert re.search(pattern, out, re.MULTILINE), f"no '{what}' line against {baseline} in:\n{out}"
+               rf"ours/{re.escape(baseline)} (\d+\.\d{{3}})$")
+    found = re.search(pattern, out, re.MULTILINE)
+    assert found, f"no '{what}' line against {baseline} in:\n{out}"
+    return tuple(float(g.replace(",", "")) for g in found.groups())
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """clock({side: seconds}) puts bench.timed on a fake clock on which each call of a side takes its seconds (twice
+    as many on the CPU clock, time.process_time): each figure is then a closed form. A side not named fails."""
+    real = bench.timed
+
+    def set_seconds(seconds):
+        def timed(fns, warmup, steps, clock=time.perf_counter):
+            now, scale = [0.0], 2.0 if clock is time.process_time else 1.0
+
+            def advancing(fn, s):
+                def call():
+                    fn()
+                    now[0] += s * scale
+                return call
+            return real({name: advancing(fn, seconds[name]) for name, fn in fns.items()}, warmup, steps,
+                        clock=lambda: now[0])
+        monkeypatch.setattr(bench, "timed", timed)
+    return set_seconds
 
 
 def test_timed_times_every_call_after_the_untimed_rounds():
@@ -41,20 +68,26 @@ def test_compare_prints_ours_the_baseline_and_their_ratio(capsys):
     assert capsys.readouterr().out == "step: ours 3.0 ms | torch 2.0 ms | ours/torch 1.500\n"
 
 
-def test_model(capsys):
+def test_model(capsys, clock):
+    clock({"ours": 0.5, "diffusers": 2.0})
     bench.main(["model", "--preset", "tiny", "--batch", "2", "--img-tokens", "16", "--txt-tokens", "8",
-                "--min-len", "2", "--max-len", "8", "--steps", "1", "--warmup", "0"])
+                "--min-len", "2", "--max-len", "6", "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
-    assert_compared(out, "forward of sample 0", "closed form")
-    assert_compared(out, "eager fwd+bwd", "diffusers")
+    assert compared(out, "forward of sample 0", "closed form")[2] == 1.0  # of its real text tokens, not the padding
+    assert compared(out, "eager fwd+bwd", "diffusers") == (500.0, 2000.0, 0.25)
 
 
-def test_muon(capsys):
+def test_muon(capsys, clock):
+    clock({"gram": 1.0, "plain": 4.0, "ours": 1.0, "torch": 4.0})
     bench.main(["muon", "--preset", "tiny", "--steps", "1"])
     out = capsys.readouterr().out
-    assert_compared(out, "largest Newton-Schulz share", "ideal")
-    assert_compared(out, "fp32 Newton-Schulz", "plain iteration")
-    assert_compared(out, "step, bf16 Newton-Schulz", "torch.optim.Muon")  # the same work: torch's is bf16
+    share, ideal, _ = compared(out, "largest Newton-Schulz share", "ideal")
+    with torch.device("meta"):
+        costs = [bench.ns_cost(p.shape) for p in bench.split_muon_params(PRX.from_preset("tiny"))[0]]
+    # greedy largest-first: the busiest of 8 ranks holds at least an eighth, and at most an eighth plus one matrix
+    assert ideal == 12.5 and 12.5 <= share <= 12.5 + 100 * max(costs) / sum(costs)
+    assert compared(out, "fp32 Newton-Schulz", "plain iteration") == (1000.0, 4000.0, 0.25)
+    assert compared(out, "step, bf16 Newton-Schulz", "torch.optim.Muon") == (1000.0, 4000.0, 0.25)  # torch's: bf16
 
 
 def test_loader(tmp_path):
@@ -62,25 +95,62 @@ def test_loader(tmp_path):
     out = subprocess.run([sys.executable, "bench.py", "loader", str(tmp_path), "--samples", "96", "--batch", "16"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "96 samples, 6 batches of 16" in out
-    assert_compared(out, "samples per wall second", "datasets")
-    assert_compared(out, "samples per CPU second", "datasets")
+    compared(out, "samples per wall second", "datasets")
+    compared(out, "samples per CPU second", "datasets")
 
 
-def test_eval(capsys, monkeypatch):
+def test_loader_figures(tmp_path, capsys, monkeypatch, clock):
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)  # in process: the pytest worker stays as is
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    clock({"datasets": 4.0, "ShardLoader": 1.0})
+    bench.main(["loader", str(tmp_path), "--samples", "96", "--batch", "16"])
+    out = capsys.readouterr().out
+    assert compared(out, "samples per wall second", "datasets") == (16.0, 4.0, 4.0)  # 16 samples a batch
+    assert compared(out, "samples per CPU second", "datasets") == (8.0, 2.0, 4.0)
+    tokens = float(re.search(r"text (\d+) tokens", out)[1])
+    assert 110 <= tokens <= 130  # write_synthetic's realistic captions: 60 to 180 tokens, mean 120
+
+
+def test_eval(capsys, monkeypatch, clock):
     # CLIP and DINOv2 shrunk to one small layer (Inception has no smaller form); sampling with the tiny pixel model
     monkeypatch.setattr(bench, "CLIP_CONFIG", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                    num_attention_heads=2, image_size=28, patch_size=14,
                                                    projection_dim=16))
     monkeypatch.setattr(bench, "DINO_KWARGS", dict(img_size=28, embed_dim=32, depth=1, num_heads=2,
                                                    pretrained_cfg_overlay=dict(input_size=(3, 28, 28))))
-    bench.main(["eval", "--batch", "1", "--warmup", "0", "--steps", "1", "--mmd-rows", "256",
+    clock({"ours": 0.5, "base": 2.0, "blocks": 1.0, "one": 4.0, "diffusers": 2.0})
+    bench.main(["eval", "--batch", "2", "--warmup", "0", "--steps", "1", "--mmd-rows", "256",
                 "--preset", "tiny-pixel", "--sample-steps", "2"])
     out = capsys.readouterr().out
-    assert_compared(out, "Inception (FID)", "torch-fidelity")
-    assert_compared(out, "CLIP ViT-L/14-336 (CMMD)", "CLIPImageProcessor")
-    assert_compared(out, "DINOv2 ViT-L/14 (DINO-MMD)", "timm")
-    assert_compared(out, "MMD of 256 against 256", "one block")
-    assert_compared(out, "sampling PRX tiny-pixel", "diffusers")
+    for network, library in [("Inception (FID)", "torch-fidelity"), ("CLIP ViT-L/14-336 (CMMD)", "CLIPImageProcessor"),
+                             ("DINOv2 ViT-L/14 (DINO-MMD)", "timm")]:
+        assert compared(out, network, library) == (4.0, 1.0, 4.0)  # 2 images a call
+    assert compared(out, "MMD of 256 against 256", "one block") == (1.0, 4.0, 0.25)
+    assert compared(out, "sampling PRX tiny-pixel", "diffusers") == (4.0, 1.0, 4.0)
+
+
+def test_diffusers_loop_samples_what_eval_samples():
+    """The sampling benchmark's baseline is the same computation as ours: the same images from the same noise."""
+    ours, theirs = (m.eval() for m in bench.prx_pair("tiny-pixel"))
+    D, shape = ours.cfg.context_dim, (3, 32, 32)
+    txt, mask = torch.randn(2, 6, D), torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    null_txt, null_mask = torch.randn(1, 2, D), torch.ones(1, 2, dtype=torch.bool)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in (7, 8)])
+    with torch.no_grad():
+        expected = sample(ours, txt, mask, null_txt, null_mask, [7, 8], shape, steps=3, cfg_scale=3.5)
+        got = bench.diffusers_sample(theirs, txt, mask, *pad_text(null_txt, null_mask, 6), noise, 3, 3.5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_sampling_sides_do_the_same_work():
+    """eval.sample and diffusers' loop: the same batch through the same weights, once a step, guided in one pass."""
+    ours, theirs = (m.eval() for m in bench.prx_pair("tiny-pixel"))
+    batches = {"ours": [], "diffusers": []}
+    for name, model in (("ours", ours), ("diffusers", theirs)):
+        model.register_forward_pre_hook(lambda module, args, kwargs, name=name: batches[name].append(
+            len(kwargs.get("hidden_states", args[0] if args else None))), with_kwargs=True)
+    bench.sampling_rates(ours, theirs, 3, 32, 4, 0, 1)
+    assert batches["ours"] == batches["diffusers"] == [6] * 4  # 4 Euler steps of 3 prompts and their empty prompt
 
 
 def closed_form_params(cfg):
@@ -166,12 +236,21 @@ def test_memory_table(capsys):
     assert [c.split()[1] for c in parts["total with AdamW"]] == ["over", "fits"]
 
 
-def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
+def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     # the GPU check's own code at tiny sizes; aot_eager: dynamo and AOTAutograd trace both models as for inductor
     sizes = dict(preset="tiny", batch=2, side=8, txt_tokens=16, min_len=4, max_len=12, parity_steps=2, warmup=1,
                  steps=1, loader_samples=64, sample_steps=2, backend="aot_eager", train_steps=2, train_samples=8,
                  train_flags=[], teacher="vit_small_patch16_dinov3.lvd1689m")
     monkeypatch.setattr(bench, "GPU_CHECK", sizes)
+    clock({"ours": 1.0, "diffusers": 4.0, "muon": 1.0, "adamw": 4.0, "loader": 0.5})
+    real_run, runs = bench.train_run, {}
+
+    def train_run(out, flags):  # the real runs, their logged speeds replaced by known ones
+        config, speed = real_run(out, flags)
+        runs[os.path.basename(out)] = flags
+        known = {"baseline": (1.0, 0.01), "record": (3.0, 0.02)}[os.path.basename(out)]
+        return config, {**speed, "samples_per_s": known[0], "mfu": known[1]}
+    monkeypatch.setattr(bench, "train_run", train_run)
     bench.gpu_check(tmp_path / "gpu.md", 0.001)  # a peak of 1 GFLOP/s: a CPU's MFU in printable figures
     out = capsys.readouterr().out
     table = (tmp_path / "gpu.md").read_text()
@@ -193,6 +272,17 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch):
     useful = 3 * sum(flops_per_sample(cfg, (8 // cfg.patch_size) ** 2, n) for n in lengths)
     expected_mfu = 100 * useful / (number(rows[step][0]) / 1e3) / 1e9
     assert 1 < number(rows[mfu][0]) and abs(number(rows[mfu][0]) - expected_mfu) < 0.05 + 0.01 * expected_mfu
+    # every other figure on the fake clock: (ours, baseline, ratio)
+    figures = lambda what: tuple(number(cell) for cell in rows[what])  # noqa: E731
+    record = bench.speedrun_record("8gpu")
+    assert runs["record"][:len(runs["baseline"])] == runs["baseline"] and runs["record"][-8:-4] == record
+    train = f"train.py {' '.join(record)}, 2 steps of batch 2 (cpu, fp32)"
+    assert figures(f"{train}, data loading included") == (3.0, 1.0, 3.0)
+    assert figures(f"{train}, MFU (useful FLOPs)") == (2.0, 1.0, 2.0)
+    assert figures(step) == (1000.0, 4000.0, 0.25)
+    assert figures("optimizer step, Muon + AdamW") == (1000.0, 4000.0, 0.25)
+    assert figures("ShardLoader, synthetic shards") == (4.0, 2.0, 2.0)  # 2 samples in 0.5 s; a 1 s step of 2
+    assert figures("sampling, 2 Euler steps, CFG 3.5") == (2.0, 0.5, 4.0)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -217,11 +307,16 @@ def test_gpu_refused_on_cpu():
         bench.main(["gpu", "--out", os.devnull])
 
 
-def test_techniques(capsys):
-    bench.main(["techniques", "--only=--tread", "--steps", "1", "--warmup", "0"])
+def test_techniques(capsys, monkeypatch, clock):
+    clock({"baseline": 1.0, "--tread": 0.5, "--ema 0.5 --ema-every 1": 2.0})
+    emas = []
+    monkeypatch.setattr(bench.train, "ema_update", lambda ema, model, decay: emas.append(decay))
+    bench.main(["techniques", "--only=--tread", "--only=--ema 0.5 --ema-every 1", "--steps", "2", "--warmup", "1"])
     out = capsys.readouterr().out
-    assert_compared(out, "baseline step", "baseline")
-    assert_compared(out, "--tread step", "baseline")
+    assert compared(out, "baseline step", "baseline") == (1000.0, 1000.0, 1.0)
+    assert compared(out, "--tread step", "baseline") == (500.0, 1000.0, 0.5)
+    assert compared(out, "--ema 0.5 --ema-every 1 step", "baseline") == (2000.0, 1000.0, 2.0)
+    assert emas == [0.5] * 3  # as train.py: the EMA variant's step updates its EMA, once a step here
 
 
 def test_techniques_compiles_a_compile_variant(capsys, monkeypatch):
@@ -230,4 +325,4 @@ def test_techniques_compiles_a_compile_variant(capsys, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
     bench.main(["techniques", "--only=--compile", "--steps", "1", "--warmup", "0"])
     assert len(compiled) == 1 and type(compiled[0]).__name__ == "PRX"
-    assert_compared(capsys.readouterr().out, "--compile step", "baseline")
+    compared(capsys.readouterr().out, "--compile step", "baseline")
