@@ -28,25 +28,44 @@ def compared(out, what, baseline):
     return tuple(float(g.replace(",", "")) for g in found.groups())
 
 
-@pytest.fixture
-def clock(monkeypatch):
+class FakeClock:
     """clock({side: seconds}) puts bench.timed on a fake clock on which each call of a side takes its seconds (twice
-    as many on the CPU clock, time.process_time): each figure is then a closed form. A side not named fails."""
-    real = bench.timed
+    as many on the CPU clock, time.process_time): each figure is then a closed form. A side not named fails.
+    clock.spy(key, owner, name) records the side being timed at each call of owner.name (clock.ran[key]): what a side
+    runs is what its name says."""
 
-    def set_seconds(seconds):
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.side, self.ran = monkeypatch, None, {}
+
+    def __call__(self, seconds):
+        real = bench.timed
+
         def timed(fns, warmup, steps, clock=time.perf_counter):
             now, scale = [0.0], 2.0 if clock is time.process_time else 1.0
 
-            def advancing(fn, s):
+            def advancing(name, fn):
                 def call():
+                    self.side = name
                     fn()
-                    now[0] += s * scale
+                    self.side = None
+                    now[0] += seconds[name] * scale
                 return call
-            return real({name: advancing(fn, seconds[name]) for name, fn in fns.items()}, warmup, steps,
-                        clock=lambda: now[0])
-        monkeypatch.setattr(bench, "timed", timed)
-    return set_seconds
+            return real({name: advancing(name, fn) for name, fn in fns.items()}, warmup, steps, clock=lambda: now[0])
+        self.monkeypatch.setattr(bench, "timed", timed)
+
+    def spy(self, key, owner, name, detail=lambda *args, **kwargs: None):
+        """owner.name records (the side, detail(its arguments)) in ran[key] at each call."""
+        real, calls = getattr(owner, name), self.ran.setdefault(key, set())
+
+        def spied(*args, **kwargs):
+            calls.add((self.side, detail(*args, **kwargs)))
+            return real(*args, **kwargs)
+        self.monkeypatch.setattr(owner, name, spied)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    return FakeClock(monkeypatch)
 
 
 def test_timed_times_every_call_after_the_untimed_rounds():
@@ -79,8 +98,13 @@ def test_model(capsys, clock):
 
 def test_muon(capsys, clock):
     clock({"gram": 1.0, "plain": 4.0, "ours": 1.0, "torch": 4.0})
+    clock.spy("newton_schulz", bench, "newton_schulz", lambda G, **kwargs: kwargs["plain"])
+    clock.spy("ours", bench.Muon, "step")
+    clock.spy("torch", torch.optim.Muon, "step")
     bench.main(["muon", "--preset", "tiny", "--steps", "1"])
     out = capsys.readouterr().out
+    assert clock.ran == {"newton_schulz": {("gram", False), ("plain", True)}, "ours": {("ours", None)},
+                         "torch": {("torch", None)}}
     share, ideal, _ = compared(out, "largest Newton-Schulz share", "ideal")
     with torch.device("meta"):
         costs = [bench.ns_cost(p.shape) for p in bench.split_muon_params(PRX.from_preset("tiny"))[0]]
@@ -119,6 +143,7 @@ def test_eval(capsys, monkeypatch, clock):
     monkeypatch.setattr(bench, "DINO_KWARGS", dict(img_size=28, embed_dim=32, depth=1, num_heads=2,
                                                    pretrained_cfg_overlay=dict(input_size=(3, 28, 28))))
     clock({"ours": 0.5, "base": 2.0, "blocks": 1.0, "one": 4.0, "diffusers": 2.0})
+    clock.spy("mmd", bench, "mmd", lambda x, y, **kwargs: kwargs.get("chunk"))
     bench.main(["eval", "--batch", "2", "--warmup", "0", "--steps", "1", "--mmd-rows", "256",
                 "--preset", "tiny-pixel", "--sample-steps", "2"])
     out = capsys.readouterr().out
@@ -126,6 +151,7 @@ def test_eval(capsys, monkeypatch, clock):
                              ("DINOv2 ViT-L/14 (DINO-MMD)", "timm")]:
         assert compared(out, network, library) == (4.0, 1.0, 4.0)  # 2 images a call
     assert compared(out, "MMD of 256 against 256", "one block") == (1.0, 4.0, 0.25)
+    assert clock.ran["mmd"] == {("blocks", None), ("one", 256)}  # mmd's own row blocks against all rows at once
     assert compared(out, "sampling PRX tiny-pixel", "diffusers") == (4.0, 1.0, 4.0)
 
 
@@ -243,6 +269,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
                  train_flags=[], teacher="vit_small_patch16_dinov3.lvd1689m")
     monkeypatch.setattr(bench, "GPU_CHECK", sizes)
     clock({"ours": 1.0, "diffusers": 4.0, "muon": 1.0, "adamw": 4.0, "loader": 0.5})
+    clock.spy("Muon", bench.Muon, "step")
     real_run, runs = bench.train_run, {}
 
     def train_run(out, flags):  # the real runs, their logged speeds replaced by known ones
@@ -280,7 +307,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     assert figures(f"{train}, data loading included") == (3.0, 1.0, 3.0)
     assert figures(f"{train}, MFU (useful FLOPs)") == (2.0, 1.0, 2.0)
     assert figures(step) == (1000.0, 4000.0, 0.25)
-    assert figures("optimizer step, Muon + AdamW") == (1000.0, 4000.0, 0.25)
+    assert figures("optimizer step, Muon + AdamW") == (1000.0, 4000.0, 0.25) and clock.ran["Muon"] == {("muon", None)}
     assert figures("ShardLoader, synthetic shards") == (4.0, 2.0, 2.0)  # 2 samples in 0.5 s; a 1 s step of 2
     assert figures("sampling, 2 Euler steps, CFG 3.5") == (2.0, 0.5, 4.0)
 
