@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_text, positive
-from eval import (clip_features, diffusers_timesteps, dino_features, inception_features, keep_freed_memory, load_dino,
-                  load_inception, mmd, sample, write_random_inception_weights)
+from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
+                  mmd, sample, timesteps, write_random_inception_weights)
 from model import PRX, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, newton_schulz, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
@@ -284,10 +284,10 @@ def feature_extractors():
 def diffusers_sample(transformer, txt, mask, null_txt, null_mask, x, steps, cfg_scale):
     """PRXPipeline's denoising loop (diffusers 0.42) from given embeddings and noise, one timestep per row (the
     pipeline itself passes 2 timesteps for the 2B rows of a guided batch, which fails for batches above 1), on
-    eval.sample's grid as the README's exported pipeline runs it: the same computation as eval.sample."""
+    eval.sample's grid (eval.timesteps): the same computation as eval.sample."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     scheduler, B = FlowMatchEulerDiscreteScheduler(), len(x)
-    scheduler.set_timesteps(timesteps=diffusers_timesteps(steps), device=x.device)
+    scheduler.set_timesteps(sigmas=timesteps(steps)[:-1].tolist(), device=x.device)  # shift 1: as given
     txt, mask = torch.cat([null_txt.expand(B, -1, -1), txt]), torch.cat([null_mask.expand(B, -1), mask])
     for t in scheduler.timesteps:
         with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):  # as our sampler
