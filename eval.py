@@ -7,6 +7,7 @@ Jayasumana et al. 2024), and the caption checker on the built-in dataset.
     python eval.py --ckpt runs/x --ref ref.npz --num-samples 10000           # -> runs/x/checkpoints/step_N/eval.json
     torchrun --nproc_per_node=8 eval.py --ckpt runs/x --ref ref.npz          # each rank samples its share
     python eval.py --ckpt runs/x                                             # built-in data: the caption checker
+    python eval.py sample --ckpt runs/x --prompt "a red circle in the top left"   # your prompts -> a PNG grid
 
 Sampler: Euler on the shifted linspace(1, 0, N + 1) schedule, classifier-free guidance against the encoded empty
 prompt, optional TREAD self-guidance. Noise is seeded per sample index: the same image whatever the batch or ranks.
@@ -31,6 +32,8 @@ from tqdm import tqdm
 
 from data import count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, pad_to_common
 from model import load_run
+from prepare import T5GemmaTextEncoder
+from shapes import BuiltinTextEncoder
 
 
 EVAL_VERSION = 1  # bump when a preprocessing step or a definition changes: older reference files are then refused
@@ -528,8 +531,9 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="eval", choices=["eval", "ref"],
-                   help="eval: sample a checkpoint and score it; ref: reference statistics of the real images")
+    p.add_argument("command", nargs="?", default="eval", choices=["eval", "ref", "sample"],
+                   help="eval: sample a checkpoint and score it; ref: reference statistics of the real images; "
+                        "sample: the checkpoint's images of --prompt captions")
     g = p.add_argument_group("what")
     g.add_argument("--ckpt", help="run folder (its latest checkpoint) or <run>/checkpoints/step_N")
     g.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights when the run has them")
@@ -538,7 +542,10 @@ def get_args(argv=None):
                    "--data)")
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
     g.add_argument("--resolution", type=count, default=32, help="ref on the built-in data: image side")
-    g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json)")
+    g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json); sample: the "
+                   "PNG (default <checkpoint>/prompts.png)")
+    g.add_argument("--prompt", action="append", help="sample: a caption to draw, repeatable (image i from the noise "
+                   "of --seed + i); encoded by the run's text encoder (the built-in one, or the data's T5Gemma)")
     g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
     g.add_argument("--metrics", type=metric_list, help="comma-separated from fid,cmmd,dino_mmd (default: all "
                    "three on prepared data; none on the built-in data, which the caption checker scores)")
@@ -616,13 +623,15 @@ def main(argv=None):
         if distributed() and args.num_samples < dist.get_world_size():
             raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} "
                              f"processes (each samples its share): ask for more, or start fewer")
-        make_reference(args, device) if args.command == "ref" else evaluate_checkpoint(args, device)
+        {"ref": make_reference, "eval": evaluate_checkpoint, "sample": sample_prompts}[args.command](args, device)
     finally:
         if distributed():
             dist.destroy_process_group()
 
 
-def evaluate_checkpoint(args, device):
+def load_checkpoint(args):
+    """--ckpt -> (model, the run's args, the checkpoint folder, sampling: the run's with --steps, --cfg-scale and
+    --self-guidance over it)."""
     if not args.ckpt:
         raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`)")
     try:
@@ -633,6 +642,12 @@ def evaluate_checkpoint(args, device):
     if args.self_guidance and not (train_args["tread"] or train_args["sprint"]):
         raise SystemExit(f"error: --self-guidance {args.self_guidance} extrapolates from the routed network, and "
                          f"{args.ckpt} was trained without --tread or --sprint")
+    given = dict(steps=args.steps, cfg_scale=args.cfg_scale, self_guidance=args.self_guidance)
+    return model, train_args, ckpt, dict(run["sampling"], **{k: v for k, v in given.items() if v is not None})
+
+
+def evaluate_checkpoint(args, device):
+    model, train_args, ckpt, sampling = load_checkpoint(args)
     data = args.data or train_args["eval_data"] or train_args["data"]
     caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
@@ -642,8 +657,6 @@ def evaluate_checkpoint(args, device):
     if metrics is not None:
         metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
-    given = dict(steps=args.steps, cfg_scale=args.cfg_scale, self_guidance=args.self_guidance)
-    sampling = dict(run["sampling"], **{k: v for k, v in given.items() if v is not None})
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       os.path.join(ckpt, "eval_samples.png"), **sampling)
     if not distributed() or dist.get_rank() == 0:
@@ -653,6 +666,44 @@ def evaluate_checkpoint(args, device):
                        "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {}}, f,
                       indent=2)
         print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
+
+
+def prompt_encoder(data, text_context, device):
+    """The text encoder that encoded the run's data: the built-in one, or the T5Gemma of the prepared data's
+    index.json (its hub id or local copy, its token cap)."""
+    if data == "builtin":
+        return BuiltinTextEncoder(context=text_context).to(device)
+    with open(os.path.join(data_dirs(data)[0], "index.json")) as f:
+        settings = json.load(f)["settings"]
+    return T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], device, settings["max_tokens"])
+
+
+@torch.no_grad()
+def sample_prompts(args, device):
+    """`eval.py sample`: the checkpoint's image of each --prompt (image i from the noise of --seed + i), with the
+    run's sampling, in one PNG beside its prompt."""
+    if not args.prompt:
+        raise SystemExit('error: sample needs at least one --prompt "a caption"')
+    if distributed():
+        raise SystemExit("error: sample runs in one process: python eval.py sample ...")
+    model, train_args, ckpt, sampling = load_checkpoint(args)
+    data = args.data or train_args["data"]
+    try:
+        encoder = prompt_encoder(data, train_args["text_context"], device)
+        txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --prompt (the text encoder of --data {data}): {e}")
+    shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
+    null_txt, null_mask = encoder([""])
+    txt, null_txt = txt.float(), null_txt.float()
+    seeds, batches = [args.seed + i for i in range(len(txt))], range(0, len(txt), args.batch_size)
+    images = torch.cat([decode(sample(model.to(device), txt[i:i + args.batch_size], mask[i:i + args.batch_size],
+                                      null_txt, null_mask, seeds[i:i + args.batch_size], shape, **sampling))
+                        for i in batches])
+    out = args.out or os.path.join(ckpt, "prompts.png")
+    save_grid(images, args.prompt, out)
+    print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
+    return images
 
 
 if __name__ == "__main__":

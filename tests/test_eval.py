@@ -418,7 +418,7 @@ def test_evaluate_weighs_each_batch_score_by_its_size(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Command line, on the built-in data
 
-def write_run(run, model, step=10, captions="long"):
+def write_run(run, model, step=10, captions="long", data="builtin"):
     """A run folder as train.py writes it: config.json ("args", "model", "sampling") and a checkpoint with the
     sha256 of each of its files."""
     from model import CHECKSUMS, file_sha256
@@ -426,7 +426,7 @@ def write_run(run, model, step=10, captions="long"):
     os.makedirs(ckpt)
     save_file(model.state_dict(), ckpt / "model.safetensors")
     (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
-    args = dict(data="builtin", eval_data=None, captions=captions, resolution=32, seed=0, text_context=5, tread=False,
+    args = dict(data=data, eval_data=None, captions=captions, resolution=32, seed=0, text_context=5, tread=False,
                 sprint=False)
     sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)
     (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg), "sampling": sampling}))
@@ -452,6 +452,53 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys):
     ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[2:], "--out", str(tmp_path / "r.json")])
     assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
+
+
+def test_cli_sample_draws_each_prompt_as_the_sampler_does(tmp_path, capsys, monkeypatch):
+    from shapes import BuiltinTextEncoder
+    model = random_tiny_prx()
+    ckpt = write_run(tmp_path / "run", model)
+    prompts = ["a gray background with a large red circle in the top left", "a white background with a small blue "
+               "cross in the bottom right", "a black background"]
+    ev.main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", prompts[0]])
+    assert f"1 images, 2 steps, guidance 3.0 -> {ckpt / 'prompts.png'}" in capsys.readouterr().out
+    assert Image.open(ckpt / "prompts.png").width > 96  # the 96 px image and its caption beside it
+    grids = []
+    monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append((images, captions, path)))
+    ev.main(["sample", "--ckpt", str(ckpt), "--batch-size", "2", "--seed", "7", "--steps", "3",
+             *[word for p in prompts for word in ("--prompt", p)], "--out", str(tmp_path / "p.png")])
+    images, captions, path = grids[0]
+    encoder = BuiltinTextEncoder(context=5)  # the run's --text-context
+    expected = ev.sample(model, *encoder(prompts), *encoder([""]), [7, 8, 9], (3, 32, 32), steps=3, cfg_scale=3.0,
+                         shift=1.0, pred="x")  # the run's sampling, --steps over it
+    assert torch.equal(images, ev.to_uint8(expected)) and captions == prompts and path == str(tmp_path / "p.png")
+    for argv, message in ((["--prompt", "a zebra"], "--prompt (the text encoder of --data builtin): words ['zebra']"),
+                          ([], 'sample needs at least one --prompt "a caption"')):
+        with pytest.raises(SystemExit) as refused:
+            ev.main(["sample", "--ckpt", str(ckpt), *argv])
+        assert message in str(refused.value)
+
+
+def test_cli_sample_encodes_prompts_with_the_prepared_datas_t5gemma(prepared, tmp_path, monkeypatch):
+    from data import PreparedDataset
+    from model import preset_config
+    from tiny_prepared import stored_samples
+    out = prepared[0] / "out"
+    shape = PreparedDataset(out).index["schema"]["latent"]["shape"]  # (C, h, w) of the tiny VAE
+    torch.manual_seed(0)
+    ckpt = write_run(tmp_path / "run", PRX(preset_config("tiny", in_channels=shape[0], context_dim=32)).eval(),
+                     data=str(out))
+    shard, row = next(iter(stored_samples(out).values()))
+    prompt, stored = shard.string("caption_long", row), torch.from_numpy(shard.ragged("txt_long", row).copy())
+    texts, grids = [], []
+    real_sample = ev.sample
+    monkeypatch.setattr(ev, "sample", lambda model, txt, mask, *args, **kwargs: texts.append(txt[mask]) or
+                        real_sample(model, txt, mask, *args, **kwargs))
+    monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append(images))
+    ev.main(["sample", "--ckpt", str(ckpt), "--prompt", prompt])
+    # the caption's tokens as prepare.py stored them for training (bf16)
+    torch.testing.assert_close(texts[0].to(torch.bfloat16), stored.view(torch.bfloat16).view(-1, 32))
+    assert grids[0].shape == (1, 3, 32, 32) and grids[0].dtype == torch.uint8  # decoded by the data's VAE
 
 
 def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeypatch):
