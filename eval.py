@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, pad_to_common
+from data import PreparedDataset, count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, \
+    pad_to_common
 from model import load_run
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -673,8 +674,7 @@ def prompt_encoder(data, text_context, device):
     index.json (its hub id or local copy, its token cap)."""
     if data == "builtin":
         return BuiltinTextEncoder(context=text_context).to(device)
-    with open(os.path.join(data_dirs(data)[0], "index.json")) as f:
-        settings = json.load(f)["settings"]
+    settings = PreparedDataset(data_dirs(data)[0]).index["settings"]  # its errors say how to prepare one
     return T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], device, settings["max_tokens"])
 
 
@@ -693,6 +693,9 @@ def sample_prompts(args, device):
         txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: --prompt (the text encoder of --data {data}): {e}")
+    if txt.shape[-1] != model.cfg.context_dim:
+        raise SystemExit(f"error: --data {data}: its text encoder gives {txt.shape[-1]}-wide tokens, the model reads "
+                         f"{model.cfg.context_dim}: name the data the run was trained on (or leave --data out)")
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     null_txt, null_mask = encoder([""])
     txt, null_txt = txt.float(), null_txt.float()

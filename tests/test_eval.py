@@ -454,7 +454,7 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys):
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
 
 
-def test_cli_sample_draws_each_prompt_as_the_sampler_does(tmp_path, capsys, monkeypatch):
+def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, capsys, monkeypatch):
     from shapes import BuiltinTextEncoder
     model = random_tiny_prx()
     ckpt = write_run(tmp_path / "run", model)
@@ -473,7 +473,10 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(tmp_path, capsys, monk
                          shift=1.0, pred="x")  # the run's sampling, --steps over it
     assert torch.equal(images, ev.to_uint8(expected)) and captions == prompts and path == str(tmp_path / "p.png")
     for argv, message in ((["--prompt", "a zebra"], "--prompt (the text encoder of --data builtin): words ['zebra']"),
-                          ([], 'sample needs at least one --prompt "a caption"')):
+                          ([], 'sample needs at least one --prompt "a caption"'),
+                          (["--prompt", "a", "--data", str(ckpt)], "index.json not found: prepare it first"),
+                          (["--prompt", "a", "--data", str(prepared[0] / "out")], "gives 32-wide tokens, the model "
+                                                                                   "reads 64")):
         with pytest.raises(SystemExit) as refused:
             ev.main(["sample", "--ckpt", str(ckpt), *argv])
         assert message in str(refused.value)
