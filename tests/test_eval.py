@@ -458,6 +458,9 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     from shapes import BuiltinTextEncoder
     model = random_tiny_prx()
     ckpt = write_run(tmp_path / "run", model)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["args"]["text_context"] = 3  # not the built-in encoder's default
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     prompts = ["a gray background with a large red circle in the top left", "a white background with a small blue "
                "cross in the bottom right", "a black background"]
     ev.main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", prompts[0]])
@@ -468,10 +471,12 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     ev.main(["sample", "--ckpt", str(ckpt), "--batch-size", "2", "--seed", "7", "--steps", "3",
              *[word for p in prompts for word in ("--prompt", p)], "--out", str(tmp_path / "p.png")])
     images, captions, path = grids[0]
-    encoder = BuiltinTextEncoder(context=5)  # the run's --text-context
+    encoder = BuiltinTextEncoder(context=3)  # the run's --text-context
     expected = ev.sample(model, *encoder(prompts), *encoder([""]), [7, 8, 9], (3, 32, 32), steps=3, cfg_scale=3.0,
                          shift=1.0, pred="x")  # the run's sampling, --steps over it
-    assert torch.equal(images, ev.to_uint8(expected)) and captions == prompts and path == str(tmp_path / "p.png")
+    # batches of 2 here, of 3 there: the float sums differ in their last bits, a pixel by at most one level
+    assert (images.int() - ev.to_uint8(expected).int()).abs().max() <= 1
+    assert captions == prompts and path == str(tmp_path / "p.png")
     for argv, message in ((["--prompt", "a zebra"], "--prompt (the text encoder of --data builtin): words ['zebra']"),
                           ([], 'sample needs at least one --prompt "a caption"'),
                           (["--prompt", "a", "--data", str(ckpt)], "index.json not found: prepare it first"),
