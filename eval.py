@@ -20,6 +20,7 @@ DINO-MMD (PRX part 2): the same MMD on the CLS token of DINOv2 ViT-L/14 with reg
 import argparse
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 
@@ -544,7 +545,7 @@ def get_args(argv=None):
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
     g.add_argument("--resolution", type=count, default=32, help="ref on the built-in data: image side")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json); sample: the "
-                   "PNG (default <checkpoint>/prompts.png)")
+                   "PNG (default <checkpoint>/prompts_<k>.png, the first k not taken)")
     g.add_argument("--prompt", action="append", help="sample: a caption to draw, repeatable (image i from the noise "
                    "of --seed + i); encoded by the run's text encoder (the built-in one, or the data's T5Gemma)")
     g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
@@ -703,7 +704,8 @@ def sample_prompts(args, device):
     images = torch.cat([decode(sample(model.to(device), txt[i:i + args.batch_size], mask[i:i + args.batch_size],
                                       null_txt, null_mask, seeds[i:i + args.batch_size], shape, **sampling))
                         for i in batches])
-    out = args.out or os.path.join(ckpt, "prompts.png")
+    out = args.out or next(path for k in itertools.count()  # a new file: never a grid drawn before
+                           if not os.path.exists(path := os.path.join(ckpt, f"prompts_{k}.png")))
     save_grid(images, args.prompt, out)
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
     return images

@@ -463,9 +463,11 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     prompts = ["a gray background with a large red circle in the top left", "a white background with a small blue "
                "cross in the bottom right", "a black background"]
-    ev.main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", prompts[0]])
-    assert f"1 images, 2 steps, guidance 3.0 -> {ckpt / 'prompts.png'}" in capsys.readouterr().out
-    assert Image.open(ckpt / "prompts.png").width > 96  # the 96 px image and its caption beside it
+    for k in range(2):  # a second grid is a new file
+        ev.main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", prompts[k]])
+        assert f"1 images, 2 steps, guidance 3.0 -> {ckpt / f'prompts_{k}.png'}" in capsys.readouterr().out
+    assert Image.open(ckpt / "prompts_0.png").width > 96  # the 96 px image and its caption beside it
+    assert Image.open(ckpt / "prompts_0.png").tobytes() != Image.open(ckpt / "prompts_1.png").tobytes()
     grids = []
     monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append((images, captions, path)))
     ev.main(["sample", "--ckpt", str(ckpt), "--batch-size", "2", "--seed", "7", "--steps", "3",
