@@ -688,7 +688,7 @@ def sample_prompts(args, device):
     if distributed():
         raise SystemExit("error: sample runs in one process: python eval.py sample ...")
     model, train_args, ckpt, sampling = load_checkpoint(args)
-    data = args.data or train_args["data"]
+    model, data = model.to(device), args.data or train_args["data"]
     try:
         encoder = prompt_encoder(data, train_args["text_context"], device)
         txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32
@@ -701,14 +701,12 @@ def sample_prompts(args, device):
     null_txt, null_mask = encoder([""])
     txt, null_txt = txt.float(), null_txt.float()
     seeds, batches = [args.seed + i for i in range(len(txt))], range(0, len(txt), args.batch_size)
-    images = torch.cat([decode(sample(model.to(device), txt[i:i + args.batch_size], mask[i:i + args.batch_size],
-                                      null_txt, null_mask, seeds[i:i + args.batch_size], shape, **sampling))
-                        for i in batches])
+    images = torch.cat([decode(sample(model, txt[i:i + args.batch_size], mask[i:i + args.batch_size], null_txt,
+                                      null_mask, seeds[i:i + args.batch_size], shape, **sampling)) for i in batches])
     out = args.out or next(path for k in itertools.count()  # a new file: never a grid drawn before
                            if not os.path.exists(path := os.path.join(ckpt, f"prompts_{k}.png")))
     save_grid(images, args.prompt, out)
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
-    return images
 
 
 if __name__ == "__main__":
