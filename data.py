@@ -160,18 +160,22 @@ class Shard:
         return bytes(self.ragged(name, i)).decode()
 
 
+def read_index(root):
+    """A prepared directory's index.json, or an error that says how to prepare or repair it."""
+    path = Path(root) / "index.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: prepare it first with `python prepare.py --out {root} ...`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError: a file cut short
+        raise ValueError(f"{path}: unreadable ({e}); {repair_hint(Path(root))}") from e
+
+
 class PreparedDataset:
     """The samples of one split of a prepared directory, numbered 0..N-1 across its shards."""
 
     def __init__(self, root, split="train"):
-        self.root = Path(root)
-        if not (self.root / "index.json").exists():
-            raise FileNotFoundError(f"{self.root / 'index.json'} not found: prepare it first with "
-                                    f"`python prepare.py --out {root} ...`")
-        try:
-            self.index = json.loads((self.root / "index.json").read_text())
-        except ValueError as e:  # JSONDecodeError: a file cut short
-            raise ValueError(f"{self.root / 'index.json'}: unreadable ({e}); {repair_hint(self.root)}") from e
+        self.root, self.index = Path(root), read_index(root)
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # each memory map holds a file descriptor
         with contextlib.suppress(ValueError, OSError):  # macOS refuses an unlimited hard limit as the soft one
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import PreparedDataset, count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, \
-    pad_to_common
+from data import count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, pad_to_common, \
+    read_index
 from model import load_run
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -484,8 +484,7 @@ def load_decoder(cfg, data, resolution, device):
     """-> (shape of x0, decode: x0 -> uint8 images): pixel models directly, latent models through the data's VAE."""
     if cfg.in_channels == 3:
         return (3, resolution, resolution), to_uint8
-    with open(os.path.join(data_dirs(data)[0], "index.json")) as f:
-        index = json.load(f)
+    index = read_index(data_dirs(data)[0])
     vae, shift, scale = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
     decode = lambda z: to_uint8(vae.decode(denormalize_latent(z, shift, scale).to(vae.dtype)).sample.float())
     return tuple(index["schema"]["latent"]["shape"]), decode
@@ -675,7 +674,7 @@ def prompt_encoder(data, text_context, device):
     index.json (its hub id or local copy, its token cap)."""
     if data == "builtin":
         return BuiltinTextEncoder(context=text_context).to(device)
-    settings = PreparedDataset(data_dirs(data)[0]).index["settings"]  # its errors say how to prepare one
+    settings = read_index(data_dirs(data)[0])["settings"]
     return T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], device, settings["max_tokens"])
 
 
