@@ -9,10 +9,13 @@
 #   bash speedrun.sh --calibrate              # the track's baseline at its fixed budget: the calibration record
 #   bash speedrun.sh --smoke                  # the whole path on the CPU with a tiny model, in about a minute
 #   bash speedrun.sh --track cpu -- --lr 3e-3 # after --: train.py flags, in place of the record configuration
+#   BESIDE=1 bash speedrun.sh --track cpu -- --lr 3e-3   # each run beside the record configuration's of its seed
 #
 # Environment: RUNS (default the track's minimum, in whole pairs on the CPU), NAME and WHAT (the record folder's name
 # and what changed), STOP (the stopping value, default the target: a margin helps the full evaluation confirm it),
-# EVERY (steps between the small evaluations), RECORDS (default records/), RUNS_DIR (default runs/).
+# EVERY (steps between the small evaluations), RECORDS (default records/), RUNS_DIR (default runs/), BESIDE (1: also
+# run the record configuration, seed by seed beside the flags after --, into the folder's beside/: on a machine of
+# another speed the leaderboard scales a record's time by them, records/RULES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 COMMAND="${STOP:+STOP=$STOP }bash speedrun.sh $*"
@@ -34,7 +37,7 @@ NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
 [ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
-if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null; then  # run folders or consoles: <NAME>-<seed>, .out
+if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAME-beside-[0-9]*" > /dev/null; then
   echo "speedrun.sh: NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would" \
        "refuse); choose another NAME or remove them" >&2
   exit 1
@@ -81,18 +84,24 @@ esac
 # after -- replace it, a calibration trains the baseline as it is.
 case $TRACK in
   8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
-  # cpu: the current record's, records/2026-12-04_batch24-route25
-  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2 --compile --muon-ns-steps 3 --batch-size 24
+  # cpu: the current record's, records/2026-12-05_repa-lambda3
+  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 3 --compile --muon-ns-steps 3 --batch-size 24
                --micro-batch 24 --route-ratio 0.25) ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's techniques, no --compile: a minute
 esac
+CURRENT=("${RECORD[@]}")  # what BESIDE runs
+if [ -n "${BESIDE:-}" ] && { [ $# -eq 0 ] || [ "$KIND" = calibration ]; }; then
+  echo "speedrun.sh: BESIDE=1 runs the record configuration beside a candidate's: give the candidate's train.py flags" \
+       "after -- (a record attempt, not --calibrate)" >&2
+  exit 1
+fi
 if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
 WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
 echo "speedrun.sh: $TRACK $KIND, configuration: ${RECORD[*]:-the baseline} (flags after -- replace it)"
 
-run_one() {  # seed, train.py flags: train, then the full evaluation appended to the run's log (the record's metric)
-  local seed=$1 run=$RUNS_DIR/$NAME-$1
-  shift
+run_one() {  # name, seed, train.py flags: train, then the full evaluation appended to the log (the record's metric)
+  local seed=$2 run=$RUNS_DIR/$1-$2
+  shift 2
   "${LAUNCH[@]}" train.py "${TRAIN[@]}" "${BUDGET[@]}" --seed "$seed" --out "$run" "$@"
   "${LAUNCH[@]}" eval.py --ckpt "$run" --num-samples "$samples" --steps "$steps" --cfg-scale "$cfg" --seed 42 \
     "${CONFIRM[@]}" --out "$run/confirm.json"
@@ -106,28 +115,36 @@ if [ $((RUNS % PARALLEL)) -ne 0 ]; then
   exit 1
 fi
 mkdir -p "$RUNS_DIR"
-declare -A running=()  # pid: seed. On any exit the runs still going stop: on the CPU they would slow the next attempt
+JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side
+for ((seed = 0; seed < RUNS; seed++)); do JOBS+=("$NAME $seed"); [ -z "${BESIDE:-}" ] || JOBS+=("$NAME-beside $seed"); done
+declare -A running=()  # pid: run. On any exit the runs still going stop: on the CPU they would slow the next attempt
 trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done' EXIT
-for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed run stops the speedrun
+for job in "${JOBS[@]}"; do  # PARALLEL runs at a time; a failed run stops the speedrun
+  read -r name seed <<< "$job"
+  if [ "$name" = "$NAME" ]; then flags=(${RECORD[@]+"${RECORD[@]}"}); else flags=("${CURRENT[@]}"); fi
   set -m  # the run in a process group of its own, so that the trap ends its train.py or eval.py with it
-  run_one "$seed" ${RECORD[@]+"${RECORD[@]}"} > "$RUNS_DIR/$NAME-$seed.out" 2>&1 &
+  run_one "$name" "$seed" ${flags[@]+"${flags[@]}"} > "$RUNS_DIR/$name-$seed.out" 2>&1 &
   set +m
-  running[$!]=$seed
-  echo "run $seed: $RUNS_DIR/$NAME-$seed (console: $RUNS_DIR/$NAME-$seed.out)"
-  if [ ${#running[@]} -eq "$PARALLEL" ]; then  # RUNS is a multiple of PARALLEL
+  running[$!]=$name-$seed
+  echo "run $name-$seed: $RUNS_DIR/$name-$seed (console: $RUNS_DIR/$name-$seed.out)"
+  if [ ${#running[@]} -eq "$PARALLEL" ]; then  # the number of jobs is a multiple of PARALLEL
     while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
-      wait -n -p pid "${!running[@]}" || { seed=${running[$pid]}  # the first failure; the trap stops the others
-        echo "speedrun.sh: run $seed failed (console: $RUNS_DIR/$NAME-$seed.out); the other runs are stopped" >&2
+      wait -n -p pid "${!running[@]}" || { run=${running[$pid]}  # the first failure; the trap stops the others
+        echo "speedrun.sh: run $run failed (console: $RUNS_DIR/$run.out); the other runs are stopped" >&2
         exit 1; }
       unset "running[$pid]"
     done
   fi
 done
 
-mkdir -p "$FOLDER"
-for ((seed = 0; seed < RUNS; seed++)); do  # each run's log, and its last sample grid to look at
-  cp "$RUNS_DIR/$NAME-$seed/log.txt" "$FOLDER/log_$seed.txt"
-  last=$(ls -v "$RUNS_DIR/$NAME-$seed"/samples_*.png 2>/dev/null | tail -1 || true)  # none: no evaluation ran
-  [ -z "$last" ] || cp "$last" "$FOLDER/samples_$seed.png"
-done
+copy_runs() {  # name, folder: each run's log, and its last sample grid to look at
+  mkdir -p "$2"
+  for ((seed = 0; seed < RUNS; seed++)); do
+    cp "$RUNS_DIR/$1-$seed/log.txt" "$2/log_$seed.txt"
+    last=$(ls -v "$RUNS_DIR/$1-$seed"/samples_*.png 2>/dev/null | tail -1 || true)  # none: no evaluation ran
+    [ -z "$last" ] || cp "$last" "$2/samples_$seed.png"
+  done
+}
+copy_runs "$NAME" "$FOLDER"
+[ -z "${BESIDE:-}" ] || copy_runs "$NAME-beside" "$FOLDER/beside"
 python records/verify.py --write --track "$TRACK" --kind "$KIND" --what "$WHAT" --command "$COMMAND" "$FOLDER"

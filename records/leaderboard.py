@@ -1,6 +1,6 @@
 """
 The leaderboard: one table per track, fastest first, from the record folders whose README has a results block
-(records/RULES.md) and which records/verify.py accepts. Prints the tables, or rewrites the block between
+(records/RULES.md) and which records/verify.py accepts; a record timed beside the one it replaces on its clock. Prints the tables, or rewrites the block between
 `<!-- leaderboard -->` and `<!-- /leaderboard -->` in README.md (--write), or checks that it is current (--check).
 
     python records/leaderboard.py [--write | --check]
@@ -19,8 +19,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def entries(records):
-    """The record folders with a results block that verify.py accepts -> [dict(track, kind, summary, what, date,
-    folder)]; the others are named on stderr and left out."""
+    """The record folders with a results block that verify.py accepts -> [dict(track, kind, summary, configuration,
+    replaces, what, date, folder, time)] by date; the others are named on stderr and left out."""
     found = []
     for folder in sorted(p for p in records.iterdir() if (p / "README.md").exists()):
         text = (folder / "README.md").read_text()
@@ -30,9 +30,38 @@ def entries(records):
                 print(f"left out {folder.name}: {problems[0]}", file=sys.stderr)
                 continue
             what = re.search(r"^What changed: (.*)$", text, re.M)
-            found.append(dict(track=head[1], kind=head[2], summary=verify.summary(verify.load_runs(folder), head[1]),
+            runs, beside = verify.load_runs(folder), verify.load_beside(folder)
+            found.append(dict(track=head[1], kind=head[2], summary=verify.summary(runs, head[1], beside),
+                              configuration=verify.configuration(runs[0]),
+                              replaces=verify.configuration(beside[0]) if beside else None,
                               what=what[1] if what else "", date=folder.name[:10], folder=folder))
-    return found
+    return scaled(found)
+
+
+def same_configuration(a, b):
+    """Two runs' flags agree where both have them (a flag added to train.py since the older run is not in its
+    config.json)."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+def scaled(found):
+    """Each entry's time on the board: a record with runs beside it (beside/) takes the board's time of the record
+    whose configuration those runs are, times the ratio of the two on its own machine, so that machines of other
+    speeds race on one clock, that of the first record of the chain (records/RULES.md); the others keep their
+    measured time. An entry whose beside/ runs are of no record on the board is left out."""
+    kept = []
+    for e in found:  # by date: a record comes after the one it replaces
+        e["time"] = e["summary"]["time"]
+        if e["replaces"] is not None:
+            replaced = [r for r in kept if r["track"] == e["track"] and r["kind"] == "record"
+                        and same_configuration(r["configuration"], e["replaces"])]
+            if not replaced:
+                print(f"left out {e['folder'].name}: its beside/ runs have the flags of no record on the board "
+                      f"(run them with the current record's configuration: speedrun.sh BESIDE=1)", file=sys.stderr)
+                continue
+            e["time"] = e["summary"]["ratio"] * replaced[-1]["time"]
+        kept.append(e)
+    return kept
 
 
 def table(track, rows, readme_dir):
@@ -44,12 +73,14 @@ def table(track, rows, readme_dir):
     lines = [f"**{track}**: {t['title']}; target {t['metric']} {goal} ({t['target_from']})", ""]
     if not rows:
         return lines + ["No record yet."]
-    lines += [f"| rank | time | {t['metric']} | what changed | date | record |", "|---|---|---|---|---|---|"]
+    lines += [f"| rank | time | on its machine | {t['metric']} | what changed | date | record |", "|---" * 7 + "|"]
     rank = 0
-    for e in sorted(rows, key=lambda e: e["summary"]["time"]):
+    for e in sorted(rows, key=lambda e: e["time"]):
         rank += e["kind"] == "record"
         s, link = e["summary"], os.path.relpath(e["folder"], readme_dir)
-        lines.append(f"| {rank if e['kind'] == 'record' else 'baseline'} | {s['time'] / 60:.2f} min | "
+        measured = "-" if s["ratio"] is None else \
+            f"{s['time'] / 60:.2f} min = {s['ratio']:.3f} x {s['beside_time'] / 60:.2f} beside"
+        lines.append(f"| {rank if e['kind'] == 'record' else 'baseline'} | {e['time'] / 60:.2f} min | {measured} | "
                      f"{s['mean']:.4f} +- {s['sd']:.4f} | {e['what']} | {e['date']} | [{e['folder'].name}]({link}) |")
     return lines
 

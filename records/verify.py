@@ -1,8 +1,9 @@
 """
 Check a record folder against records/RULES.md: parse each run's log, recompute the statistics and compare them with
 the README's results block, check that the source in each log is that of the commit it names (or the folder's copy),
-that the clock only moves forward, and that the flags, the hardware and the evaluation follow the track's rules.
-Exit 1 with the reasons otherwise.
+that the clock only moves forward, and that the flags, the hardware and the evaluation follow the track's rules;
+the same for the runs beside it (beside/: the configuration it replaces, on its machine). Exit 1 with the reasons
+otherwise.
 
     python records/verify.py records/<date>_<name>                              # check a record
     python records/verify.py --write --track cpu --what "..." records/<folder>  # speedrun.sh: results block, check
@@ -191,17 +192,26 @@ def check_run(run, track):
     return [f"{run['name']}: {what} is {have!r}, the rules say {need!r}" for what, have, need in rows if have != need]
 
 
-def check_record(runs, track, kind):
-    """Enough runs, one attempt's (check_attempt), one configuration and one source; a record meets the target
-    (t-test)."""
-    t, ignored = TRACKS[track], ("seed", "out")
-    flags = [{k: v for k, v in r["config"]["args"].items() if k not in ignored} for r in runs]
+def configuration(run):
+    """A run's flags but its seed and folder: what one configuration's runs share."""
+    return {k: v for k, v in run["config"]["args"].items() if k not in ("seed", "out")}
+
+
+def check_runs(runs, track):
+    """Enough runs (in pairs where the track's go side by side), one attempt's (check_attempt), one configuration
+    and one source."""
+    t = TRACKS[track]
     problems = [f"{len(runs)} runs; the rules need at least {t['min_runs']}"] if len(runs) < t["min_runs"] else []
     problems += [f"{len(runs)} runs: {track} runs go in pairs, side by side as its target was measured (speedrun.sh "
                  f"runs them so): an even number"] if t.get("pairs") and len(runs) % 2 else []
-    problems += check_attempt(runs)
-    problems += [f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record"
-                 for r, f in zip(runs[1:], flags[1:]) if r["sources"] != runs[0]["sources"] or f != flags[0]]
+    return problems + check_attempt(runs) + [
+        f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record" for r in runs[1:]
+        if r["sources"] != runs[0]["sources"] or configuration(r) != configuration(runs[0])]
+
+
+def check_record(runs, track, kind):
+    """The runs (check_runs); a record meets the target (t-test) on the calibration's task."""
+    t, problems = TRACKS[track], check_runs(runs, track)
     if kind == "calibration":
         return problems + [f"{r['name']}: a calibration runs a fixed budget, not --target" for r in runs
                            if r["config"]["args"].get("target")]
@@ -212,6 +222,25 @@ def check_record(runs, track, kind):
     if not (s["meets"] and s["p"] < P_MAX):
         problems.append(f"not a record: {t['metric']} mean {s['mean']:.4f} against target {t['target']}, one-sided "
                         f"p {s['p']:.3g} (needs < {P_MAX})")
+    return problems
+
+
+def load_beside(folder):
+    """beside/log_<k>.txt: the runs of the configuration a record replaces, made on its machine beside it; or []."""
+    return load_runs(folder / "beside") if (folder / "beside").is_dir() else []
+
+
+def check_beside(runs, beside, track, folder):
+    """The runs beside a record follow the track's rules as its own do, as one attempt of another configuration on
+    the same machine (the devices config.json names), racing the same task."""
+    problems = [f"beside/{p}" for r in beside for p in check_sources(r, folder / "beside") + check_clock(r) +
+                check_run(r, track)]
+    problems += [f"beside/: {p}" for p in check_runs(beside, track) + check_task(beside, TRACKS[track])]
+    problems += [f"beside/{r['name']}: ran on {r['config'].get('devices')}, the record's runs on "
+                 f"{runs[0]['config'].get('devices')}: the runs beside a record share its machine" for r in beside
+                 if r["config"].get("devices") != runs[0]["config"].get("devices")]
+    if beside and configuration(beside[0]) == configuration(runs[0]):
+        problems.append("beside/: the record's own configuration; beside it go the runs of the one it replaces")
     return problems
 
 
@@ -305,8 +334,9 @@ def check_task(runs, t):
 # ----------------------------------------------------------------------------------------------------------
 # Statistics and the README's results block
 
-def summary(runs, track):
-    """Times (s) and metrics of the runs -> means, sds and the one-sided t-test against the target."""
+def summary(runs, track, beside=()):
+    """Times (s) and metrics of the runs -> means, sds and the one-sided t-test against the target; with the runs
+    beside them, the ratio of the mean times and the two-sided paired t-test of the times, seed by seed."""
     from scipy import stats  # here: speedrun.sh's --protocol needs no scipy, whose import takes seconds
     t = TRACKS[track]
     times = [r["timeline"][-1][1] / 1000 for r in runs]
@@ -315,16 +345,22 @@ def summary(runs, track):
     test = stats.ttest_1samp(values, t["target"], alternative="less" if lower else "greater") \
         if t["target"] is not None and len(values) > 1 else None
     mean = statistics.mean(values)
+    beside_times = [r["timeline"][-1][1] / 1000 for r in beside]
+    paired = stats.ttest_rel(times, beside_times) if len(beside) == len(runs) > 1 else None
     return dict(times=times, values=values, lower=lower, mean=mean, time=statistics.mean(times),
+                beside_times=beside_times, beside_time=statistics.mean(beside_times) if beside else None,
+                ratio=statistics.mean(times) / statistics.mean(beside_times) if beside else None,
+                beside_p=float(paired.pvalue) if paired else float("nan"),
                 time_sd=statistics.stdev(times) if len(times) > 1 else 0.0,
                 sd=float(stats.tstd(values)) if len(values) > 1 else 0.0,  # nan where a run lacks the metric
                 t=float(test.statistic) if test else float("nan"), p=float(test.pvalue) if test else float("nan"),
                 meets=t["target"] is not None and (mean <= t["target"] if lower else mean >= t["target"]))
 
 
-def results_block(runs, track, kind):
-    """The README's results: a header line (track, kind, metric, target), a row per run, the statistics."""
-    t, s = TRACKS[track], summary(runs, track)
+def results_block(runs, track, kind, beside=()):
+    """The README's results: a header line (track, kind, metric, target), a row per run, the statistics; the runs
+    beside it and their times."""
+    t, s = TRACKS[track], summary(runs, track, beside)
     lines = [BEGIN, f"track: {track} | kind: {kind} | {t['metric']}, {'lower' if s['lower'] else 'higher'} is "
                     f"better | target: {t['target']}", "",
              f"| run | seed | steps | train time | {t['metric']} | commit | peak FLOP/s |", "|---" * 7 + "|"]
@@ -338,6 +374,11 @@ def results_block(runs, track, kind):
               ("a calibration: its mean, rounded to 3 decimals, is the track's target" if kind == "calibration" else
                f"one-sided t-test against {t['target']}: t {s['t']:.3g}, p {s['p']:.3g} (a record needs p < {P_MAX})"
                if t["target"] is not None else "no target yet: a calibration's mean sets it")]
+    if beside:
+        lines.append(f"- beside/: the configuration it replaces on the same machine, {len(beside)} runs: mean "
+                     f"{s['beside_time']:.1f} s ({s['beside_time'] / 60:.2f} min), times "
+                     f"{', '.join(f'{x:.1f}' for x in s['beside_times'])} s; this configuration "
+                     f"takes {s['ratio']:.3f}x its time (paired by seed, two-sided p {s['beside_p']:.3g})")
     if t["metric"] == "fid":
         lines.append("- FID reference sha256: " + ", ".join(sorted({str(r["ref_sha256"]) for r in runs})))
     return "\n".join(lines + [END])
@@ -370,7 +411,9 @@ def verify(folder):
         if not runs:
             return [f"{folder}: no log_<k>.txt"]
         problems = [p for r in runs for p in check_sources(r, folder) + check_clock(r) + check_run(r, track)]
-        expected = results_block(runs, track, kind)
+        beside = load_beside(folder)
+        problems += check_beside(runs, beside, track, folder) if beside else []
+        expected = results_block(runs, track, kind, beside)
         problems += [first_difference(block, expected)] if block != expected else []
         return problems + check_record(runs, track, kind)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:  # a log in another layout
@@ -389,14 +432,14 @@ def carry_sources(runs, folder):
 def write(folder, track, kind, what, command):
     """Write (or refresh) the README's results block from the logs; a new README gets a title, what changed and the
     command."""
-    runs = load_runs(folder)
+    runs, beside = load_runs(folder), load_beside(folder)
     carry_sources(runs, folder)
+    carry_sources(beside, folder / "beside")
     readme = folder / "README.md"
     text = readme.read_text() if readme.exists() else \
         f"# {folder.name}\n\nWhat changed: {what}\n\n    {command}\n\n{BEGIN}\n{END}\n"
-    old = readme_block(text)
-    readme.write_text(text.replace(old, results_block(runs, track, kind)) if old else
-                      text + "\n" + results_block(runs, track, kind) + "\n")
+    old, block = readme_block(text), results_block(runs, track, kind, beside)
+    readme.write_text(text.replace(old, block) if old else text + "\n" + block + "\n")
 
 
 def protocol(track):

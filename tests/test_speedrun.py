@@ -3,12 +3,14 @@ tampered copies of it, records/leaderboard.py, and train.py's track choice and -
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import torch
 
 import train
@@ -23,14 +25,15 @@ RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300), 3: (25.0, 0.305)} 
 SAMPLING = dict(steps=20, cfg_scale=3.0, shift=1.0, pred="v", route_ratio=0.5, self_guidance=0.0)
 
 
-def synthetic_log(seed, minutes, accuracy, target):
+def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13"):
     """A CPU-track run's log as train.py writes it (the source of HEAD, config.json, step and eval lines) with
     speedrun.sh's full evaluation after it."""
     reached = bool(target) and accuracy >= target[1]  # it stops there, else at its time budget
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
-                out=f"runs/r-{seed}", target=target, lr=0.002, max_steps=100_000, max_time=60.0 if reached else minutes)
+                out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000,
+                max_time=60.0 if reached else minutes)
     config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
-                  devices=dict(cpu="AMD EPYC 7B13", cores=2, threads=1))
+                  devices=dict(cpu=cpu, cores=2, threads=1))
     ms, steps = round(minutes * 60_000), 3000
     console = ["peak 5.8e+10 FLOP/s per process: fp32 matmul 1024^3, measured"]
     console += [f"step {s}/100000 | loss 0.1000 | train_time {ms * s // steps}ms | step_avg {ms / steps:.2f}ms | "
@@ -45,11 +48,15 @@ def synthetic_log(seed, minutes, accuracy, target):
             "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n")
 
 
-def make_record(folder, runs=RUNS, kind="record"):
+def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AMD EPYC 7B13", replaced_lr=0.002):
+    """A record folder of synthetic runs of --lr lr; beside: {seed: (minutes, accuracy)} of runs at --lr replaced_lr
+    (the configuration it replaces) in beside/, on the same machine."""
+    target = ("object_accuracy", 0.292) if kind == "record" else None
     folder.mkdir(parents=True)
-    for seed, (minutes, accuracy) in runs.items():
-        target = ("object_accuracy", 0.292) if kind == "record" else None
-        (folder / f"log_{seed}.txt").write_text(synthetic_log(seed, minutes, accuracy, target))
+    for where, name, rate, group in ((folder, "r", lr, runs), (folder / "beside", "b", replaced_lr, beside or {})):
+        for seed, (minutes, accuracy) in group.items():
+            where.mkdir(exist_ok=True)
+            (where / f"log_{seed}.txt").write_text(synthetic_log(seed, minutes, accuracy, target, rate, name, cpu))
     verify.write(folder, "cpu", kind, f"synthetic {kind}", "bash speedrun.sh --track cpu")
     return folder
 
@@ -257,6 +264,54 @@ def test_a_record_that_misses_the_target_or_shares_seeds_fails(tmp_path, cpu_tar
     assert failed.value.code == 1 and "FAIL not a record" in capsys.readouterr().out
 
 
+BESIDE = {0: (30.0, 0.30), 1: (32.0, 0.30), 2: (29.0, 0.30), 3: (31.0, 0.30)}  # the replaced configuration's runs
+
+
+def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_target):
+    folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
+    assert verify.verify(folder) == []
+    diffs = [25 - 30, 26 - 32, 24 - 29, 25 - 31]  # minutes, seed by seed
+    p = 2 * scipy.stats.t.sf(abs(statistics.mean(diffs)) / (statistics.stdev(diffs) / 2), 3)  # paired t, 3 dof
+    assert ("- beside/: the configuration it replaces on the same machine, 4 runs: mean 1830.0 s (30.50 min), "
+            f"times 1800.0, 1920.0, 1740.0, 1860.0 s; this configuration takes 0.820x its time (paired by seed, "
+            f"two-sided p {p:.3g})") in (folder / "README.md").read_text()  # 1500 s / 1830 s
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda f: edit(f / "beside" / "log_2.txt", "AMD EPYC 7B13", "Intel(R) Xeon(R) Processor"),
+     "beside/log_2.txt: ran on {'cpu': 'Intel(R) Xeon(R) Processor'"),
+    (lambda f: [edit(f / "beside" / f"log_{k}.txt", '"lr": 0.002', '"lr": 0.003') for k in range(4)],
+     "beside/: the record's own configuration"),
+    (lambda f: edit(f / "beside" / "log_1.txt", '"lr": 0.002', '"lr": 0.001'),
+     "beside/: log_1.txt: flags or source differ from log_0.txt's"),
+    (lambda f: (f / "beside" / "log_3.txt").unlink(), "beside/: 3 runs: cpu runs go in pairs"),
+    (lambda f: edit(f / "beside" / "log_0.txt", '"resolution": 32', '"resolution": 64'),
+     "beside/log_0.txt: --resolution is 64"),
+    (lambda f: edit(f / "beside" / "log_1.txt", "1920000ms", "1200000ms"), "README's results say"),
+    (lambda f: [own_source(f / "beside", f"log_{k}.txt", "shapes.py", "GRID = 2", "GRID = 3") for k in range(4)],
+     "beside/: log_0.txt: its shapes.py draws or reads other scenes"),
+])
+def test_runs_beside_a_record_that_break_the_rules_fail(tmp_path, cpu_target, tamper, message):
+    folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
+    tamper(folder)
+    problems = verify.verify(folder)
+    assert any(message in p for p in problems), problems
+
+
+def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tmp_path, capsys):
+    """On another machine a record takes the time of the record it replaces times its ratio to it, measured there."""
+    faster = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}  # 10.5 min on the mean, twice as fast as beside it
+    make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS},
+                lr=0.003, cpu="Intel(R) Xeon(R) Processor")
+    make_record(record.parent / "2026-12-06_orphan", faster, beside=BESIDE, lr=0.003, replaced_lr=0.005)
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 12.50 min | 10.50 min = 0.500 x 21.00 beside | 0.3050 +- 0.0041 | synthetic record | 2026-12-05 |" \
+        in board  # 25.00 min (the record it replaces) x 0.5
+    assert "| 2 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 |" in board
+    assert "orphan" not in board
+    assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in capsys.readouterr().err
+
+
 def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys):
     calibration = {0: (30.0, 0.29), 1: (30.0, 0.30), 2: (30.0, 0.295), 3: (30.0, 0.295)}
     baseline = make_record(record.parent / "2026-12-01_baseline", calibration, "calibration")
@@ -270,10 +325,10 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     argv = ["--records", str(record.parent), "--readme", str(readme)]
     leaderboard.main(argv + ["--write"])
     text = readme.read_text()
-    assert "| 1 | 25.00 min | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 | " \
-           "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | 0.2950 +- 0.0041 | " \
+    assert "| 1 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 | " \
+           "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | - | 0.2950 +- 0.0041 | " \
            "synthetic calibration | 2026-12-01 |" in text
-    assert "| 2 | 31.00 min | 0.3050 +- 0.0041 | synthetic record | 2026-12-04 | [2026-12-04_slower](" in text
+    assert "| 2 | 31.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-04 | [2026-12-04_slower](" in text
     assert "**8gpu**" in text and "not measured yet" in text and text.endswith("\n\nmore\n")
     assert "2026-12-03_failing" not in text and "left out 2026-12-03_failing: not a record" in capsys.readouterr().err
     leaderboard.main(argv + ["--check"])
@@ -314,14 +369,17 @@ open(os.path.join(out, "train.pid"), "w").write(str(os.getpid()))
 time.sleep(1 if seed else 30)
 sys.exit(seed)
 """
-STUB_EVAL = "import pathlib, sys; pathlib.Path(sys.argv[sys.argv.index('--ckpt') + 1], 'evaluated').touch()"
+STUB_EVAL = """import pathlib, sys
+pathlib.Path(sys.argv[sys.argv.index('--ckpt') + 1], 'evaluated').touch()
+pathlib.Path(sys.argv[sys.argv.index('--out') + 1]).write_text('{}')
+"""
 
 
-def stub_speedrun(tmp_path, *options, **env):
+def stub_speedrun(tmp_path, *options, stub_train=STUB_TRAIN, **env):
     (tmp_path / "records").mkdir(exist_ok=True)
     shutil.copy(ROOT / "speedrun.sh", tmp_path)
     shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
-    (tmp_path / "train.py").write_text(STUB_TRAIN)
+    (tmp_path / "train.py").write_text(stub_train)
     (tmp_path / "eval.py").write_text(STUB_EVAL)
     env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", **env}  # runs in records/runs (smoke)
     return subprocess.run(["bash", "speedrun.sh", *(options or ["--smoke"])], cwd=tmp_path, env=env,
@@ -340,7 +398,7 @@ def test_a_failed_run_stops_the_speedrun_and_its_sibling_at_once(tmp_path):
     never starts (on the CPU, a run left going slows the next attempt)."""
     start = time.monotonic()
     r = stub_speedrun(tmp_path)
-    assert r.returncode == 1 and "speedrun.sh: run 1 failed (console: " in r.stderr, r.stderr
+    assert r.returncode == 1 and "speedrun.sh: run x-1 failed (console: " in r.stderr, r.stderr
     assert time.monotonic() - start < 20, "waited for run 0"
     time.sleep(1)
     run0 = tmp_path / "records" / "runs" / "x-0"
@@ -355,6 +413,42 @@ def test_a_reused_name_or_an_odd_number_of_cpu_runs_is_refused_up_front(tmp_path
     r = stub_speedrun(tmp_path, NAME="y", RUNS="3")
     assert r.returncode == 1 and "RUNS=3: smoke runs go 2 side by side" in r.stderr, r.stderr
     assert not (tmp_path / "records" / "runs" / "y-0").exists()
+
+
+# BESIDE's pairs: a run waits for its partner of the same seed to start (side by side, or it fails), and a run of the
+# next seed finds the last pair evaluated (pairs one after the other)
+STUB_PAIRED = """import os, sys, time
+out, seed = sys.argv[sys.argv.index("--out") + 1], int(sys.argv[sys.argv.index("--seed") + 1])
+os.makedirs(out)
+open(os.path.join(out, "argv"), "w").write(" ".join(sys.argv[1:]))
+open(os.path.join(out, "log.txt"), "w").write("a stub's log")
+base, beside = out.rsplit("-", 1)[0].removesuffix("-beside"), "-beside-" in out
+partner = f"{base}-{seed}" if beside else f"{base}-beside-{seed}"
+deadline = time.monotonic() + 60
+while not os.path.exists(partner) and time.monotonic() < deadline:
+    time.sleep(0.05)
+earlier = [f"{base}{kind}-{seed - 1}/evaluated" for kind in ("", "-beside")] if seed else []
+sys.exit(0 if os.path.exists(partner) and all(os.path.exists(e) for e in earlier) else 3)
+"""
+
+
+def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(tmp_path):
+    r = stub_speedrun(tmp_path, "--smoke", "--", "--lr", "3e-3", stub_train=STUB_PAIRED, BESIDE="1")
+    runs, folder = tmp_path / "records" / "runs", next((tmp_path / "records").glob("*_x"))
+    assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr  # verify.py: stub logs
+    for seed in (0, 1):
+        assert (runs / f"x-{seed}" / "argv").read_text().endswith("--lr 3e-3")
+        beside = (runs / f"x-beside-{seed}" / "argv").read_text()
+        assert beside.endswith("--repa builtin --tread --optimizer muon --repa-lambda 2") and "3e-3" not in beside
+        assert (folder / f"log_{seed}.txt").exists() and (folder / "beside" / f"log_{seed}.txt").exists()
+    r = stub_speedrun(tmp_path, "--smoke", stub_train=STUB_PAIRED, BESIDE="1", NAME="y")
+    assert r.returncode == 1 and "BESIDE=1 runs the record configuration beside a candidate's" in r.stderr
+    shutil.rmtree(folder)
+    for seed in (0, 1):  # only the runs beside the first attempt's are left
+        shutil.rmtree(runs / f"x-{seed}")
+        (runs / f"x-{seed}.out").unlink()
+    r = stub_speedrun(tmp_path, "--smoke", "--", "--lr", "3e-3", BESIDE="1")
+    assert r.returncode == 1 and "speedrun.sh: NAME=x: " in r.stderr, r.stderr
 
 
 def test_track_choice_follows_track_data_and_cuda():
