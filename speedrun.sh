@@ -116,7 +116,10 @@ if [ $((RUNS % PARALLEL)) -ne 0 ]; then
 fi
 mkdir -p "$RUNS_DIR"
 JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side
-for ((seed = 0; seed < RUNS; seed++)); do JOBS+=("$NAME $seed"); [ -z "${BESIDE:-}" ] || JOBS+=("$NAME-beside $seed"); done
+for ((seed = 0; seed < RUNS; seed++)); do
+  JOBS+=("$NAME $seed")
+  [ -z "${BESIDE:-}" ] || JOBS+=("$NAME-beside $seed")
+done
 declare -A running=()  # pid: run. On any exit the runs still going stop: on the CPU they would slow the next attempt
 trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done' EXIT
 for job in "${JOBS[@]}"; do  # PARALLEL runs at a time; a failed run stops the speedrun

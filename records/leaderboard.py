@@ -1,7 +1,8 @@
 """
 The leaderboard: one table per track, fastest first, from the record folders whose README has a results block
-(records/RULES.md) and which records/verify.py accepts; a record timed beside the one it replaces on its clock. Prints the tables, or rewrites the block between
-`<!-- leaderboard -->` and `<!-- /leaderboard -->` in README.md (--write), or checks that it is current (--check).
+(records/RULES.md) and which records/verify.py accepts; a record timed beside the one it replaces on that one's
+clock. Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-- /leaderboard -->` in
+README.md (--write), or checks that it is current (--check).
 
     python records/leaderboard.py [--write | --check]
 """

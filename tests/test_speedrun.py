@@ -344,18 +344,22 @@ def test_the_readme_leaderboard_is_current():
 
 
 def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
-    """The whole path on the CPU: two tiny runs side by side stop at the target, are confirmed by eval.py, and
-    become a record folder that verify.py accepts."""
-    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke"}
-    r = subprocess.run(["bash", "speedrun.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+    """The whole path on the CPU: two tiny runs of a candidate, each side by side with the record configuration's of
+    its seed (BESIDE), stop at the target, are confirmed by eval.py, and become a record folder that verify.py
+    accepts, the runs beside it checked as its own."""
+    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke", "BESIDE": "1"}
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--repa-lambda", "3"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "\nok " in r.stdout, r.stdout + r.stderr
     folder = next(tmp_path.glob("*_smoke"))
     assert sorted(p.name for p in folder.glob("samples_*.png")) == ["samples_0.png", "samples_1.png"]
-    log = folder.joinpath("log_1.txt").read_text()
+    log, beside = folder.joinpath("log_1.txt").read_text(), folder.joinpath("beside", "log_1.txt").read_text()
     assert log.startswith("=== ") and "=== train.py\n" in log and '"devices": {' in log
     assert "\ntrack cpu (--track): its values for the flags not given:" in log
-    assert '"repa": "builtin"' in log  # the record configuration reached train.py
+    assert '"repa_lambda": 3.0' in log and '"tread": false' in log  # the candidate's flags reached train.py
+    assert '"repa_lambda": 2.0' in beside and '"tread": true' in beside  # and the record configuration's
+    readme = (folder / "README.md").read_text()
+    assert "\n- beside/: the configuration it replaces on the same machine, 2 runs: " in readme
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
     assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
 
