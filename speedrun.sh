@@ -42,6 +42,10 @@ if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAM
        "refuse); choose another NAME or remove them" >&2
   exit 1
 fi
+if [ -n "${BESIDE:-}" ] && [[ $TRACK == *gpu ]]; then  # one run at a time: none could start with the candidate's
+  echo "speedrun.sh: BESIDE is for the CPU track, whose machines differ; a GPU track's hardware is fixed" >&2
+  exit 1
+fi
 if [ "$KIND" = record ] && [ -z "$target" ]; then
   echo "speedrun.sh: the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first" >&2
   exit 1

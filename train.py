@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -987,17 +988,19 @@ def library_versions():
 
 
 def devices(device):
-    """Where the run ran, for the log's header: every visible GPU and the driver, or the CPU and torch's threads."""
+    """Where the run ran, for the log's header: the machine's name, and every visible GPU and the driver or the CPU
+    and torch's threads (records/verify.py: the runs beside a record ran on its machine)."""
     if device.type == "cuda":
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         smi = shutil.which("nvidia-smi") and subprocess.run(query, capture_output=True, text=True).stdout
-        return {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return {"host": socket.gethostname(), "gpus": gpus,
                 "driver": (smi or "unknown").split("\n")[0], "cuda": torch.version.cuda}
     cpu = "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 class RunLog:
@@ -1061,7 +1064,8 @@ def config_of(args, cfg, world, n_params, device):
             "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "devices": devices(device)}
+            "devices": devices(device),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # ----------------------------------------------------------------------------------------------------------

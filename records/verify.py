@@ -10,6 +10,7 @@ otherwise.
     python records/verify.py --protocol cpu                                     # speedrun.sh: the track's protocol
 """
 import argparse
+import datetime
 import itertools
 import json
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 P_MAX = 0.05       # a record: the one-sided t-test of its runs' metric against the target gives p below this
 EVAL_SEED = 42     # eval.py's default: sample i starts from the noise of seed + i
+BESIDE_START_S = 300  # a run beside a record's starts with the record's run of its seed (speedrun.sh BESIDE=1)
 LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accuracies are higher-is-better
 # The rules of each track (records/RULES.md). The GPU tracks' target and FID reference fingerprint come from their
 # calibration (`speedrun.sh --calibrate`), not yet run. gpu: torch.cuda.get_device_name of the H100 80GB SXM (the
@@ -232,13 +234,20 @@ def load_beside(folder):
 
 def check_beside(runs, beside, track, folder):
     """The runs beside a record follow the track's rules as its own do, as one attempt of another configuration on
-    the same machine (the devices config.json names), racing the same task."""
+    the same machine (the devices config.json names), racing the same task, each started with the record's run of
+    its seed (logs from before train.py wrote the start time: not checked)."""
     problems = [f"beside/{p}" for r in beside for p in check_sources(r, folder / "beside") + check_clock(r) +
                 check_run(r, track)]
     problems += [f"beside/: {p}" for p in check_runs(beside, track) + check_task(beside, TRACKS[track])]
     problems += [f"beside/{r['name']}: ran on {r['config'].get('devices')}, the record's runs on "
                  f"{runs[0]['config'].get('devices')}: the runs beside a record share its machine" for r in beside
                  if r["config"].get("devices") != runs[0]["config"].get("devices")]
+    started = [[datetime.datetime.fromisoformat(r["config"]["started"]) if "started" in r["config"] else None
+                for r in group] for group in (runs, beside)]
+    problems += [f"beside/{b['name']}: started {abs((x - y).total_seconds()):.0f} s from {r['name']}: a run beside a "
+                 f"record runs side by side with its run of the same seed (speedrun.sh BESIDE=1)"
+                 for r, b, x, y in zip(runs, beside, *started) if x and y and abs((x - y).total_seconds()) >
+                 BESIDE_START_S]
     if beside and configuration(beside[0]) == configuration(runs[0]):
         problems.append("beside/: the record's own configuration; beside it go the runs of the one it replaces")
     return problems

@@ -2,7 +2,9 @@
 tampered copies of it, records/leaderboard.py, and train.py's track choice and --target."""
 import json
 import os
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,7 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
                 out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000,
                 max_time=60.0 if reached else minutes)
-    config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
+    config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING, started=f"2026-12-05T10:{seed:02d}:00",
                   devices=dict(cpu=cpu, cores=2, threads=1))
     ms, steps = round(minutes * 60_000), 3000
     console = ["peak 5.8e+10 FLOP/s per process: fp32 matmul 1024^3, measured"]
@@ -288,6 +290,8 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
     (lambda f: edit(f / "beside" / "log_0.txt", '"resolution": 32', '"resolution": 64'),
      "beside/log_0.txt: --resolution is 64"),
     (lambda f: edit(f / "beside" / "log_1.txt", "1920000ms", "1200000ms"), "README's results say"),
+    (lambda f: edit(f / "beside" / "log_1.txt", "T10:01:00", "T10:06:01"),
+     "beside/log_1.txt: started 301 s from log_1.txt: a run beside a record runs side by side"),
     (lambda f: [own_source(f / "beside", f"log_{k}.txt", "shapes.py", "GRID = 2", "GRID = 3") for k in range(4)],
      "beside/: log_0.txt: its shapes.py draws or reads other scenes"),
 ])
@@ -354,7 +358,8 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     folder = next(tmp_path.glob("*_smoke"))
     assert sorted(p.name for p in folder.glob("samples_*.png")) == ["samples_0.png", "samples_1.png"]
     log, beside = folder.joinpath("log_1.txt").read_text(), folder.joinpath("beside", "log_1.txt").read_text()
-    assert log.startswith("=== ") and "=== train.py\n" in log and '"devices": {' in log
+    assert log.startswith("=== ") and "=== train.py\n" in log and f'"host": "{socket.gethostname()}"' in log
+    assert re.search(r'"started": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"', log)  # UTC; the pairs' check reads it
     assert "\ntrack cpu (--track): its values for the flags not given:" in log
     assert '"repa_lambda": 3.0' in log and '"tread": false' in log  # the candidate's flags reached train.py
     assert '"repa_lambda": 2.0' in beside and '"tread": true' in beside  # and the record configuration's
@@ -447,6 +452,8 @@ def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(
         assert (folder / f"log_{seed}.txt").exists() and (folder / "beside" / f"log_{seed}.txt").exists()
     r = stub_speedrun(tmp_path, "--smoke", stub_train=STUB_PAIRED, BESIDE="1", NAME="y")
     assert r.returncode == 1 and "BESIDE=1 runs the record configuration beside a candidate's" in r.stderr
+    r = stub_speedrun(tmp_path, "--track", "8gpu", "--", "--lr", "3e-3", BESIDE="1", NAME="z")
+    assert r.returncode == 1 and "BESIDE is for the CPU track" in r.stderr, r.stderr
     shutil.rmtree(folder)
     for seed in (0, 1):  # only the runs beside the first attempt's are left
         shutil.rmtree(runs / f"x-{seed}")
