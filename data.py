@@ -11,7 +11,8 @@ Prepared directory (format "prx-shards/1"):
     eval/shard-r{rank}-{k}/      the held-out split (a seeded hash of the sample id), same layout
         meta.json                count, source position after this shard (for resume), skipped ids
         image.npy                (N, 3, R, R) uint8, centre crop, antialiased bicubic resize
-        latent.npy               (N, C, R/8, R/8) bf16 bits, normalised (normalize_latent); absent for --vae none
+        latent.npy               (N, C, R/f, R/f) bf16 bits (f: the VAE's downsampling), normalised
+                                 (normalize_latent); absent for --vae none
         txt_{name}.npy           (sum of lengths, D) bf16 bits: T5Gemma tokens of every sample, unpadded, concatenated
         caption_{name}.npy, id.npy   utf-8 bytes, concatenated
         {ragged}_offsets.npy     (N + 1,) int64: sample i is rows offsets[i]:offsets[i + 1] of a ragged array
@@ -39,10 +40,12 @@ import torch.nn.functional as F
 
 FORMAT = "prx-shards/1"
 FIXED = ("image", "latent")  # one row per sample; every other array is ragged, with offsets
-VAES = {  # --vae: (diffusers class, hub id, subfolder)
-    "flux": ("AutoencoderKL", "black-forest-labs/FLUX.1-schnell", "vae"),   # Apache-2.0, same AE as FLUX.1-dev
-    "flux2": ("AutoencoderKLFlux2", "black-forest-labs/FLUX.2-klein-4B", "vae"),  # Apache-2.0 FLUX.2 AE
-    "repa-e": ("AutoencoderKL", "REPA-E/e2e-flux-vae", None),
+# --vae: (diffusers class, hub id, subfolder, block: the image side is a multiple of it), the tokenizers of PRX part 2
+VAES = {
+    "flux": ("AutoencoderKL", "black-forest-labs/FLUX.1-schnell", "vae", 8),   # Apache-2.0, same AE as FLUX.1-dev
+    "flux2": ("AutoencoderKLFlux2", "black-forest-labs/FLUX.2-klein-4B", "vae", 16),  # 8x down, 2x2 patch statistics
+    "repa-e": ("AutoencoderKL", "REPA-E/e2e-flux-vae", None, 8),
+    "dc-ae": ("AutoencoderDC", "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", None, 32),  # 32x down, 32 channels
 }
 
 
@@ -82,7 +85,7 @@ def from_hub(load, what, files, flag, local="DIR"):
 def load_vae(name, path=None, device="cpu"):
     """-> (vae, shift, scale): the frozen VAE and its latent normalisation (see latent_stats)."""
     import diffusers
-    class_name, hub_id, subfolder = VAES[name]
+    class_name, hub_id, subfolder, _ = VAES[name]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     files = f"{hub_id} --include '{subfolder}/*'" if subfolder else hub_id
     load = getattr(diffusers, class_name).from_pretrained
@@ -94,7 +97,8 @@ def load_vae(name, path=None, device="cpu"):
 
 def latent_stats(vae):
     """(shift, scale), each (C, p, p), with z_normalised = (z - shift) * scale at each position of a p x p patch.
-    Flux / REPA-E: the config's shift_factor and scaling_factor (Flux.1's VAE config: 0.1159, 0.3611).
+    Flux / REPA-E: the config's shift_factor and scaling_factor (Flux.1's VAE config: 0.1159, 0.3611); DC-AE: its
+    scaling_factor, no shift.
     FLUX.2: the AE's BatchNorm running statistics over 2x2-patchified latents (diffusers Flux2Pipeline)."""
     C = vae.config.latent_channels
     if hasattr(vae, "bn"):

@@ -431,7 +431,8 @@ class PRX(nn.Module):
         scheduler/ (Euler with the run's shift), model_index.json (default image side `resolution`), and vae/,
         text_encoder/, tokenizer/ from the loaded models given: a model_index.json cannot point into another
         repository. Those not given are null there; pass them to from_pretrained instead (README).
-        vae: an AutoencoderKL (the pipeline decodes with its scaling and shift factors); text_encoder: the
+        vae: an AutoencoderKL or AutoencoderDC (the pipeline decodes with its scaling and shift factors, tested for
+        both); text_encoder: the
         T5GemmaEncoderModel prepare.py encodes with (its `.model`); max_tokens: the tokenizer's model_max_length, to
         which the pipeline pads and truncates prompts (prepare.py's --max-tokens). Latent v-prediction models only:
         PRXPipeline has no pixel-space or x0 path. eval.py's sample i of a prompt, from the folder (tested):

@@ -1,7 +1,8 @@
 """
 Turn a real dataset into prepared shards (data.py's format), once, before the clock: decode and clean every sample,
-centre-crop to R x R, encode the image with a frozen VAE (posterior sampled with a per-sample seed) and every caption
-field with T5Gemma, and write shards of memory-mapped .npy files plus index.json.
+centre-crop to R x R, encode the image with a frozen VAE (--vae: PRX part 2's tokenizers, FLUX.1's, FLUX.2's, REPA-E's
+or DC-AE's; a KL posterior sampled with a per-sample seed) and every caption field with T5Gemma, and write shards of
+memory-mapped .npy files plus index.json.
 
     python prepare.py --out data/mj --source brivangl/midjourney-v6-llava --captions long=llava,short=prompt
     torchrun --nproc-per-node 8 prepare.py --out data/mj        # each rank encodes its own part of the source files
@@ -91,10 +92,14 @@ class T5GemmaTextEncoder:
 
 @torch.no_grad()
 def encode_latents(vae, images, seeds, shift, scale):
-    """images (B, 3, R, R) uint8 -> normalised latents (B, C, R/8, R/8) float32. The posterior is sampled as PRX
-    does, with noise seeded per sample (seeds) so that preparation is reproducible: z = mean + std * eps."""
+    """images (B, 3, R, R) uint8 -> normalised latents (B, C, R/f, R/f) float32. A KL VAE's posterior is sampled as
+    PRX does, with noise seeded per sample (seeds) so that preparation is reproducible: z = mean + std * eps; DC-AE
+    encodes deterministically."""
     x = images.to(vae.device, vae.dtype) / 127.5 - 1
-    posterior = vae.encode(x).latent_dist
+    encoded = vae.encode(x)
+    if not hasattr(encoded, "latent_dist"):  # AutoencoderDC
+        return normalize_latent(encoded.latent.float(), shift, scale)
+    posterior = encoded.latent_dist
     eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(s))
                        for s in seeds]).to(vae.device)
     z = posterior.mean.float() + posterior.std.float() * eps
@@ -430,7 +435,7 @@ def main(argv=None):
     p.add_argument("--workers", type=count, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
                    help="image decoding threads per rank")
     args = p.parse_args(argv)
-    if args.vae != "none" and args.resolution % (block := 16 if args.vae == "flux2" else 8):  # flux2: 8x, 2x2 patches
+    if args.vae != "none" and args.resolution % (block := VAES[args.vae][3]):
         p.error(f"argument --resolution: the {args.vae} VAE encodes {block} x {block} pixel blocks, got "
                 f"{args.resolution}: choose a multiple of {block}, e.g. {max(block, args.resolution // block * block)}")
     matches = [Path(m).resolve() for m in glob.glob(args.source)]  # a hub id matches nothing here

@@ -241,12 +241,16 @@ def test_a_damaged_shard_is_named_at_open(prepared, tmp_path):
         data.PreparedDataset(out)
 
 
-def test_latent_normalisation_flux_and_flux2():
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+def test_latent_normalisation_flux_dc_ae_and_flux2():
+    from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2
     z = torch.randn(2, 4, 6, 8)
     flux = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, scaling_factor=0.3611,
                          shift_factor=0.1159)
     torch.testing.assert_close(data.normalize_latent(z, *data.latent_stats(flux)), (z - 0.1159) * 0.3611)
+    dc_ae = AutoencoderDC(latent_channels=4, attention_head_dim=8, encoder_block_out_channels=(8,),
+                          decoder_block_out_channels=(8,), encoder_layers_per_block=(1,), decoder_layers_per_block=(1,),
+                          encoder_qkv_multiscales=((),), decoder_qkv_multiscales=((),), scaling_factor=0.41407)
+    torch.testing.assert_close(data.normalize_latent(z, *data.latent_stats(dc_ae)), z * 0.41407)  # no shift
     flux2 = AutoencoderKLFlux2(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), latent_channels=4,
                                up_block_types=("UpDecoderBlock2D",), norm_num_groups=4)
     flux2.bn.running_mean.normal_()

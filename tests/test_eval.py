@@ -354,10 +354,13 @@ def test_sampler_same_seed_same_image_whatever_the_batch(self_guidance):
     torch.testing.assert_close(single, batched, atol=1e-5, rtol=1e-5)
 
 
-def test_exported_pipeline_reproduces_the_sampler(tmp_path):
+@pytest.mark.parametrize("vae_kind", ["flux", "dc-ae"])
+def test_exported_pipeline_reproduces_the_sampler(tmp_path, vae_kind):
     """model.save_diffusers -> PRXPipeline.from_pretrained, sampled with the README's call, gives eval.sample's latents
-    for the same prompts and seeds: the same cleaning, text encoder, empty prompt, noise, grid and guidance."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline
+    for the same prompts and seeds: the same cleaning, text encoder, empty prompt, noise, grid and guidance; and its
+    images are eval.py's decoding of them (data.latent_stats: the pipeline undoes the same normalisation)."""
+    from diffusers import AutoencoderDC, AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline
+    from data import denormalize_latent, latent_stats
     from model import PRXConfig
     from prepare import T5GemmaTextEncoder
     from tiny_prepared import save_tiny_encoders
@@ -368,9 +371,11 @@ def test_exported_pipeline_reproduces_the_sampler(tmp_path):
     for p in model.eval().parameters():  # zero-initialised layers would make the output ignore the text
         if not p.any():
             torch.nn.init.normal_(p, std=0.05)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "flux", subfolder="vae") if vae_kind == "flux" else \
+        AutoencoderDC.from_pretrained(tmp_path / "dc-ae")
+    side = 16 // (2 if vae_kind == "flux" else 4)  # the tiny VAEs' downsampling
     model.save_diffusers(str(tmp_path / "x"), shift=3.0, resolution=16, tokenizer=encoder.tokenizer, max_tokens=12,
-                         vae=AutoencoderKL.from_pretrained(tmp_path / "flux", subfolder="vae"),
-                         text_encoder=encoder.model)
+                         vae=vae, text_encoder=encoder.model)
     pipe = PRXPipeline.from_pretrained(tmp_path / "x")
     assert pipe.scheduler.config.shift == 3.0  # the run's shift, for the pipeline's own grid
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
@@ -380,12 +385,17 @@ def test_exported_pipeline_reproduces_the_sampler(tmp_path):
     latents = []
     for i, prompt in enumerate(prompts):  # one prompt per call: with guidance, a batch of prompts fails (below)
         txt, mask = encoder([prompt])
-        ours = ev.sample(model, txt, mask, null_txt, null_mask, [42 + i], (4, 8, 8), steps=5, cfg_scale=3.5, shift=3.0)
-        theirs = pipe(prompt, height=16, width=16, timesteps=ev.diffusers_timesteps(5, 3.0), guidance_scale=3.5,
-                      generator=torch.Generator().manual_seed(42 + i), output_type="latent",
-                      use_resolution_binning=False).images
+        ours = ev.sample(model, txt, mask, null_txt, null_mask, [42 + i], (4, side, side), steps=5, cfg_scale=3.5,
+                         shift=3.0)
+        call = dict(height=16, width=16, timesteps=ev.diffusers_timesteps(5, 3.0), guidance_scale=3.5,
+                    use_resolution_binning=False)
+        theirs = pipe(prompt, generator=torch.Generator().manual_seed(42 + i), output_type="latent", **call).images
         assert (theirs - ours).abs().max() <= 1e-5
         latents.append(ours)
+        images = pipe(prompt, generator=torch.Generator().manual_seed(42 + i), output_type="pt", **call).images
+        with torch.no_grad():
+            decoded = ev.to_uint8(vae.decode(denormalize_latent(ours, *latent_stats(vae))).sample)
+        assert (images * 255 - decoded.float()).abs().max() <= 1.0  # uint8 rounding
     assert (latents[0] - latents[1]).abs().mean() > 0.1
     with pytest.raises(RuntimeError, match="size of tensor"):  # diffusers 0.42: 2 timesteps for 4 rows
         pipe(prompts, height=16, width=16, guidance_scale=3.5, output_type="latent", use_resolution_binning=False)

@@ -77,6 +77,29 @@ def test_stored_latent_is_the_seeded_vae_posterior_sample(prepared):
         assert (stored - (post.mean[0] - 0.1159) * 0.3611).abs().max() > 1e-2  # a sample, not the mean
 
 
+def test_dc_ae_latents_are_its_deterministic_encoding_scaled(prepared, tmp_path):
+    """--vae dc-ae (SANA 1.1's deterministic autoencoder, 32x down; here a tiny 4x one): a stored latent is
+    encode(image) x scaling_factor, and eval.py decodes the data's latents through the same VAE."""
+    from diffusers import AutoencoderDC
+    from eval import load_decoder, to_uint8
+    from model import PRXConfig
+    root, _ = prepared
+    dc_ae = root / "models" / "dc-ae"
+    prepare.main(prepare_argv(tmp_path / "dc", root / "images", root / "models", "--vae", "dc-ae", "--vae-path",
+                              str(dc_ae), "--eval-fraction", "0", "--captions", "long=txt"))
+    vae = AutoencoderDC.from_pretrained(dc_ae)
+    for sample_id, (shard, r) in stored_samples(tmp_path / "dc").items():
+        with torch.no_grad():
+            z = vae.encode(torch.from_numpy(shard.arrays["image"][r][None].astype(np.float32)) / 127.5 - 1).latent[0]
+        stored = torch.from_numpy(np.array(shard.arrays["latent"][r])).view(torch.bfloat16).float()
+        assert stored.shape == (4, RES // 4, RES // 4)
+        torch.testing.assert_close(stored, (z * 0.41407).bfloat16().float(), rtol=2 ** -7, atol=1e-5)
+    shape, decode = load_decoder(PRXConfig(in_channels=4), str(tmp_path / "dc"), RES, "cpu")
+    with torch.no_grad():
+        expected = to_uint8(vae.decode(stored[None] / 0.41407).sample)
+        assert shape == (4, RES // 4, RES // 4) and torch.equal(decode(stored[None]), expected)
+
+
 def test_text_is_unpadded_encoder_output(prepared):
     from transformers import AutoTokenizer, T5GemmaEncoderModel
     root, _ = prepared
@@ -282,6 +305,7 @@ def test_caption_fields_spec():
     (["--resolution", "36"], "--resolution: the flux VAE encodes 8 x 8 pixel blocks, got 36: choose a multiple of 8, "
                              "e.g. 32"),
     (["--resolution", "40", "--vae", "flux2"], "--resolution: the flux2 VAE encodes 16 x 16 pixel blocks, got 40"),
+    (["--resolution", "48", "--vae", "dc-ae"], "--resolution: the dc-ae VAE encodes 32 x 32 pixel blocks, got 48"),
     (["--source", "nowhere/*.tar"], "--source: no file matches nowhere/*.tar")])  # else found after loading models
 def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):

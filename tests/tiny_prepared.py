@@ -17,8 +17,9 @@ RES, MAX_TOKENS = 32, 12
 
 def save_tiny_encoders(root):
     """A word-level tokenizer that adds <bos> like Gemma's, a full T5Gemma checkpoint (encoder + decoder, as on the
-    hub) and a Flux-like AutoencoderKL (x2 down, 4 channels, Flux's shift/scale) in a `vae` subfolder."""
-    from diffusers import AutoencoderKL
+    hub), a Flux-like AutoencoderKL (x2 down, 4 channels, Flux's shift/scale) in a `vae` subfolder, and a DC-AE-like
+    AutoencoderDC (x4 down, 4 channels, SANA 1.1's scaling factor) at the root of `dc-ae`, as on the hub."""
+    from diffusers import AutoencoderDC, AutoencoderKL
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaForConditionalGeneration
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
@@ -36,6 +37,10 @@ def save_tiny_encoders(root):
     AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1,
                   scaling_factor=0.3611, shift_factor=0.1159).save_pretrained(root / "flux" / "vae")
+    AutoencoderDC(latent_channels=4, attention_head_dim=8, encoder_block_out_channels=(8, 8, 8),
+                  decoder_block_out_channels=(8, 8, 8), encoder_layers_per_block=(1, 1, 1),
+                  decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((),) * 3,
+                  decoder_qkv_multiscales=((),) * 3, scaling_factor=0.41407).save_pretrained(root / "dc-ae")
 
 
 def caption(rng, n):
