@@ -18,7 +18,7 @@
 # another speed the leaderboard scales a record's time by them, records/RULES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
-COMMAND="${STOP:+STOP=$STOP }bash speedrun.sh $*"
+COMMAND="${STOP:+STOP=$STOP }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
 TRACK=8gpu KIND=record
 while [ $# -gt 0 ]; do
   case $1 in

@@ -365,6 +365,7 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     assert '"repa_lambda": 2.0' in beside and '"tread": true' in beside  # and the record configuration's
     readme = (folder / "README.md").read_text()
     assert "\n- beside/: the configuration it replaces on the same machine, 2 runs: " in readme
+    assert "\n    BESIDE=1 bash speedrun.sh --smoke -- --repa builtin --repa-lambda 3\n" in readme  # replayable
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
     assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
 
