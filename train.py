@@ -1099,8 +1099,8 @@ def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, la
     (it was the last step, or --target is reached). The last evaluation is also written to eval.json."""
     result = run_eval(eval_model.eval(), os.path.join(out, f"samples_{step}.png") if master else None)
     raw_model.train()
-    log(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) +
-        f" | train_time {train_time * 1000:.0f}ms", {"step": step, "train_time_s": train_time, **result})
+    log(" | ".join([f"eval step {step}", *(f"{k} {v:.4f}" for k, v in result.items()),
+                    f"train_time {train_time * 1000:.0f}ms"]), {"step": step, "train_time_s": train_time, **result})
     if args.target and target_reached(args.target, result):
         last = True
         log(f"target {args.target[0]} {args.target[1]:g} reached at step {step}: stopping")

@@ -384,3 +384,4 @@ def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 5]  # the last: the evaluation at the end
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["data"] == str(root / "out")
+    assert "\neval step 5 | train_time " in second.stdout  # no --eval-ref: a sample grid, no score

@@ -29,11 +29,12 @@ def inputs(cfg, B=3, H=8, W=12, L=7, seed=0):
     return x, t, txt, mask
 
 
-@pytest.mark.parametrize("bottleneck, resolution_embeds", [(None, False), (32, False), (32, True)])
-def test_diffusers_interop_both_ways(tmp_path, bottleneck, resolution_embeds):
+@pytest.mark.parametrize("bottleneck, resolution_embeds, patch", [(None, False, 2), (32, False, 2), (32, True, 2),
+                                                                  (None, False, 1)])  # patch 1: DC-AE's latents
+def test_diffusers_interop_both_ways(tmp_path, bottleneck, resolution_embeds, patch):
     """Equal outputs on a non-square input (8 x 12: the resolution embedding's H and W differ)."""
     from diffusers import PRXTransformer2DModel
-    cfg = PRXConfig(**TINY, bottleneck_size=bottleneck, resolution_embeds=resolution_embeds)
+    cfg = PRXConfig(**dict(TINY, patch_size=patch), bottleneck_size=bottleneck, resolution_embeds=resolution_embeds)
     theirs = randomize(PRXTransformer2DModel(**{k: v for k, v in PRX(cfg).diffusers_config().items()
                                                 if k != "_class_name"}))
     theirs.save_pretrained(tmp_path / "d", max_shard_size="50KB")  # sharded checkpoint
