@@ -39,7 +39,8 @@ TRACKS = {
                 metric="object_accuracy", target=0.416, target_from="records/2026-12-02_cpu-calibration",
                 task="shapes.py",  # the file that defines the task: a record races the calibration's
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
-                cores=2, pairs=True, min_runs=3),  # pairs: two runs side by side, as the target was measured
+                cores=2, pairs=True, min_runs=3,  # pairs: two runs side by side, as the target was measured
+                beside=True),  # VMs differ: a record runs the configuration it replaces beside it (RULES.md)
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
                   metric="object_accuracy", target=-1.0, target_from="any run", resolution=32, data="builtin",
                   eval_samples=8, steps=2, cfg_scale=3.0, world=1, min_runs=2),
@@ -421,7 +422,12 @@ def verify(folder):
             return [f"{folder}: no log_<k>.txt"]
         problems = [p for r in runs for p in check_sources(r, folder) + check_clock(r) + check_run(r, track)]
         beside = load_beside(folder)
-        problems += check_beside(runs, beside, track, folder) if beside else []
+        if beside:
+            problems += check_beside(runs, beside, track, folder)
+        elif TRACKS[track].get("beside") and kind == "record" and all("started" in r["config"] for r in runs):
+            problems.append(f"no beside/log_<k>.txt: a {track} record runs the configuration it replaces beside it, "
+                            f"on its machine (BESIDE=1 bash speedrun.sh ...; records/RULES.md); logs from before "
+                            f"train.py wrote the start time are exempt")
         expected = results_block(runs, track, kind, beside)
         problems += [first_difference(block, expected)] if block != expected else []
         return problems + check_record(runs, track, kind)

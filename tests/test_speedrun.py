@@ -27,15 +27,16 @@ RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300), 3: (25.0, 0.305)} 
 SAMPLING = dict(steps=20, cfg_scale=3.0, shift=1.0, pred="v", route_ratio=0.5, self_guidance=0.0)
 
 
-def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13"):
+def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13", started=True):
     """A CPU-track run's log as train.py writes it (the source of HEAD, config.json, step and eval lines) with
-    speedrun.sh's full evaluation after it."""
+    speedrun.sh's full evaluation after it; started=False: a log from before train.py wrote its start time."""
     reached = bool(target) and accuracy >= target[1]  # it stops there, else at its time budget
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
                 out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000,
                 max_time=60.0 if reached else minutes)
-    config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING, started=f"2026-12-05T10:{seed:02d}:00",
-                  devices=dict(cpu=cpu, cores=2, threads=1))
+    config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
+                  devices=dict(cpu=cpu, cores=2, threads=1),
+                  **({"started": f"2026-12-05T10:{seed:02d}:00"} if started else {}))
     ms, steps = round(minutes * 60_000), 3000
     console = ["peak 5.8e+10 FLOP/s per process: fp32 matmul 1024^3, measured"]
     console += [f"step {s}/100000 | loss 0.1000 | train_time {ms * s // steps}ms | step_avg {ms / steps:.2f}ms | "
@@ -52,13 +53,15 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
 
 def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AMD EPYC 7B13", replaced_lr=0.002):
     """A record folder of synthetic runs of --lr lr; beside: {seed: (minutes, accuracy)} of runs at --lr replaced_lr
-    (the configuration it replaces) in beside/, on the same machine."""
+    (the configuration it replaces) in beside/, on the same machine. Without beside runs, logs from before train.py
+    wrote the start time (as the records before the sixth CPU record's)."""
     target = ("object_accuracy", 0.292) if kind == "record" else None
     folder.mkdir(parents=True)
     for where, name, rate, group in ((folder, "r", lr, runs), (folder / "beside", "b", replaced_lr, beside or {})):
         for seed, (minutes, accuracy) in group.items():
             where.mkdir(exist_ok=True)
-            (where / f"log_{seed}.txt").write_text(synthetic_log(seed, minutes, accuracy, target, rate, name, cpu))
+            log = synthetic_log(seed, minutes, accuracy, target, rate, name, cpu, started=bool(beside))
+            (where / f"log_{seed}.txt").write_text(log)
     verify.write(folder, "cpu", kind, f"synthetic {kind}", "bash speedrun.sh --track cpu")
     return folder
 
@@ -300,6 +303,16 @@ def test_runs_beside_a_record_that_break_the_rules_fail(tmp_path, cpu_target, ta
     tamper(folder)
     problems = verify.verify(folder)
     assert any(message in p for p in problems), problems
+
+
+def test_a_cpu_record_made_since_train_py_writes_the_start_time_needs_runs_beside_it(tmp_path, cpu_target):
+    folder = tmp_path / "2026-12-06_alone"
+    folder.mkdir()
+    for seed, (minutes, accuracy) in RUNS.items():
+        log = synthetic_log(seed, minutes, accuracy, ("object_accuracy", 0.292), started=True)
+        (folder / f"log_{seed}.txt").write_text(log)
+    verify.write(folder, "cpu", "record", "alone", "bash speedrun.sh --track cpu")
+    assert [p for p in verify.verify(folder) if p.startswith("no beside/log_<k>.txt: a cpu record runs")]
 
 
 def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tmp_path, capsys):
