@@ -38,7 +38,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_text, \
-    pad_to_common, parse_data_phases, positive
+    pad_to_common, parse_data_phases, positive, read_index
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, setup_distributed, shift_t, \
     x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
@@ -301,11 +301,14 @@ def check_files(parser, args):
                 f"`{SPEEDRUN_PREPARE}` (the {args.track} track's dataset: {args.track_why}), or train the CPU " \
                 f"track with --track cpu"
             parser.error(f"--data {path}: no prepared dataset there (no index.json); prepare one with {how}")
-        with open(os.path.join(path, "index.json")) as f:
-            if perceptual and "latent" in json.load(f)["schema"]:
-                parser.error(f"{' and '.join(perceptual)}: {path} holds latents; the perceptual losses compare "
-                             f"images, and decoding the prediction with the VAE at every step is too costly: use "
-                             f"pixel data (`python prepare.py --vae none ...`)")
+        try:
+            schema = read_index(path)["schema"] if perceptual else {}
+        except ValueError as e:  # a file cut short
+            parser.error(f"--data {path}: {e}")
+        if "latent" in schema:
+            parser.error(f"{' and '.join(perceptual)}: {path} holds latents; the perceptual losses compare images, "
+                         f"and decoding the prediction with the VAE at every step is too costly: use pixel data "
+                         f"(`python prepare.py --vae none ...`)")
     if args.eval_data and not os.path.exists(os.path.join(args.eval_data, "index.json")):
         parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); prepare one with "
                      f"`python prepare.py --out {args.eval_data} --eval-fraction 1 ...`")

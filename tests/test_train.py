@@ -860,6 +860,13 @@ def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
     assert "REPA's conv projector starts fresh (the checkpoint has a mlp one)" in (irepa / "log.txt").read_text()
 
 
+def test_a_cut_short_index_is_named_with_its_flag_before_any_work(tmp_path, capsys):
+    (tmp_path / "index.json").write_text('{"schema": {"lat')  # a preparation killed while writing it
+    with pytest.raises(SystemExit):
+        train.get_args(["--data", str(tmp_path), "--model", "tiny-pixel", "--lpips", "0.1"])
+    assert f"--data {tmp_path}: {tmp_path / 'index.json'}: unreadable" in capsys.readouterr().err
+
+
 def test_prx_defaults_that_follow_other_flags(tmp_path):
     assert train.get_args(["--track", "cpu"]).shift == 1.0  # the CPU track's (32 px)
     (tmp_path / "index.json").write_text("{}")  # a prepared dataset, as far as the flags' checks read it
