@@ -88,9 +88,9 @@ esac
 # after -- replace it, a calibration trains the baseline as it is.
 case $TRACK in
   8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
-  # cpu: the current record's, records/2026-12-05_repa-lambda3
-  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 3 --compile --muon-ns-steps 3 --batch-size 24
-               --micro-batch 24 --route-ratio 0.25) ;;
+  # cpu: the current record's, records/2026-12-05_batch20
+  cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 3 --compile --muon-ns-steps 3 --batch-size 20
+               --micro-batch 20 --route-ratio 0.25) ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's techniques, no --compile: a minute
 esac
 CURRENT=("${RECORD[@]}")  # what BESIDE runs

@@ -50,18 +50,22 @@ def scaled(found):
     whose configuration those runs are, times the ratio of the two on its own machine, so that machines of other
     speeds race on one clock, that of the first record of the chain (records/RULES.md); the others keep their
     measured time. An entry whose beside/ runs are of no record on the board is left out."""
-    kept = []
-    for e in found:  # by date: a record comes after the one it replaces
-        e["time"] = e["summary"]["time"]
-        if e["replaces"] is not None:
+    kept, waiting = [], found
+    while waiting:  # a record is placed after the one it replaces, which may bear the same date
+        pending, waiting = waiting, []
+        for e in pending:
             replaced = [r for r in kept if r["track"] == e["track"] and r["kind"] == "record"
-                        and same_configuration(r["configuration"], e["replaces"])]
-            if not replaced:
-                print(f"left out {e['folder'].name}: its beside/ runs have the flags of no record on the board "
-                      f"(run them with the current record's configuration: speedrun.sh BESIDE=1)", file=sys.stderr)
+                        and same_configuration(r["configuration"], e["replaces"])] if e["replaces"] else None
+            if replaced == []:
+                waiting.append(e)
                 continue
-            e["time"] = e["summary"]["ratio"] * replaced[-1]["time"]
-        kept.append(e)
+            e["time"] = e["summary"]["ratio"] * replaced[-1]["time"] if replaced else e["summary"]["time"]
+            kept.append(e)
+        if len(waiting) == len(pending):
+            break
+    for e in waiting:
+        print(f"left out {e['folder'].name}: its beside/ runs have the flags of no record on the board (run them "
+              f"with the current record's configuration: speedrun.sh BESIDE=1)", file=sys.stderr)
     return kept
 
 

@@ -321,10 +321,16 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS},
                 lr=0.003, cpu="Intel(R) Xeon(R) Processor")
     make_record(record.parent / "2026-12-06_orphan", faster, beside=BESIDE, lr=0.003, replaced_lr=0.005)
+    # the next record, the same day, in a folder whose name sorts first: placed after the one it replaces all the same
+    fastest = {k: (5.0 + k % 2 * 0.5, RUNS[k][1]) for k in RUNS}
+    make_record(record.parent / "2026-12-05_a-fastest", fastest, beside={k: (10.0 + k % 2, 0.3) for k in RUNS},
+                lr=0.004, replaced_lr=0.003, cpu="Intel(R) Xeon(R) Processor")
     board = leaderboard.leaderboard(record.parent, tmp_path)
-    assert "| 1 | 12.50 min | 10.50 min = 0.500 x 21.00 beside | 0.3050 +- 0.0041 | synthetic record | 2026-12-05 |" \
+    assert "| 1 | 6.25 min | 5.25 min = 0.500 x 10.50 beside | 0.3050 +- 0.0041 | synthetic record | 2026-12-05 |" \
+        in board  # 12.50 min (the record it replaces, itself scaled) x 0.5
+    assert "| 2 | 12.50 min | 10.50 min = 0.500 x 21.00 beside | 0.3050 +- 0.0041 | synthetic record | 2026-12-05 |" \
         in board  # 25.00 min (the record it replaces) x 0.5
-    assert "| 2 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 |" in board
+    assert "| 3 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 |" in board
     assert "orphan" not in board
     assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in capsys.readouterr().err
 
