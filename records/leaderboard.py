@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 
 def entries(records):
     """The record folders with a results block that verify.py accepts -> [dict(track, kind, summary, configuration,
-    replaces, what, date, folder, time)] by date; the others are named on stderr and left out."""
+    replaces, what, date, folder, time)], each after the record it replaces; the others are named on stderr and left
+    out."""
     found = []
     for folder in sorted(p for p in records.iterdir() if (p / "README.md").exists()):
         text = (folder / "README.md").read_text()
