@@ -993,17 +993,17 @@ def library_versions():
 def devices(device):
     """Where the run ran, for the log's header: the machine's name, and every visible GPU and the driver or the CPU
     and torch's threads (records/verify.py: the runs beside a record ran on its machine)."""
+    host = {"host": socket.gethostname()}
     if device.type == "cuda":
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         smi = shutil.which("nvidia-smi") and subprocess.run(query, capture_output=True, text=True).stdout
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return {"host": socket.gethostname(), "gpus": gpus,
+        return {**host, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                 "driver": (smi or "unknown").split("\n")[0], "cuda": torch.version.cuda}
     cpu = "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    return {**host, "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 class RunLog:
