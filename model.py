@@ -202,7 +202,13 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         k = torch.cat([self.norm_added_k(tk), k], dim=2)  # (B, H, L + N, d), text first
         v = torch.cat([tv, v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # the CPU's fused attention has no fast bf16 backward (slower than its fp32 one even where bf16
+            # matmuls are several times faster): attention in fp32 there (autocast would cast it back to bf16)
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))
 
 

@@ -156,8 +156,9 @@ class Muon(torch.optim.Optimizer):
                         eps=eps, scale=scale)
         super().__init__(params, defaults)
         # Newton-Schulz in bf16 on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where bf16
-        # matmuls are emulated (28x slower for a 448 x 128 matrix on one AVX2 thread) and save nothing, and where
-        # the Gram form (gram_newton_schulz) then cuts the FLOPs of the wide matrices
+        # saves nothing (emulated with AVX2 alone, 28x slower for a 448 x 128 matrix; with AMX no faster than the
+        # fp32 Gram form on the CPU track's matrices), and where the Gram form (gram_newton_schulz) cuts the FLOPs
+        # of the wide matrices
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:

@@ -181,11 +181,13 @@ def check_run(run, track):
            config["sampling"][k]) for k in ("shift", "pred", "route_ratio", "self_guidance")],  # the run's method
         ("evaluated data", confirm["data"], args["data"]),
         ("metrics", sorted(confirm["metrics"]), sorted({t["metric"], *confirm["metrics"]}))]
-    if "cores" in t:  # an x86 CPU (config.json names it; AVX2 is not logged) of 2 cores, one torch thread per run
+    if "cores" in t:  # an x86 CPU with AVX2 (config.json: its name, its vector units), 2 cores, one thread per run
         cpu = devices.get("cpu", "")
         rows += [("CPU", cpu, cpu if re.match(r"(AMD|Intel)\b", cpu) else "an x86 CPU (AMD or Intel)"),
                  ("CPU cores", devices.get("cores"), t["cores"]),
                  ("torch threads", devices.get("threads"), t["threads"])]
+        if "cpu_flags" in devices:  # older logs name the CPU only
+            rows.append(("CPU's AVX2", "avx2" in devices["cpu_flags"], True))
     if "gpu" in t:
         fid = confirm["settings"].get("fid", "")
         rows += [("GPUs", devices.get("gpus", [])[:t["world"]], [t["gpu"]] * t["world"]),

@@ -108,6 +108,30 @@ def test_padding_never_changes_output():
     assert trim_text(txt[:1], mask[:1])[1] is None
 
 
+def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
+    """Under the CPU's bf16 autocast the projections run in bf16 and the attention in fp32 (its fused bf16 backward
+    is the slow one there), on the bf16 projections' values, so the result is the bf16 model's within fp32 rounding."""
+    import model as model_module
+    cfg = PRXConfig(**TINY)
+    model = randomize(PRX(cfg))
+    x, t, txt, mask = inputs(cfg)
+    sdpa, seen = model_module.F.scaled_dot_product_attention, []
+
+    def recording_sdpa(q, k, v, **kw):
+        out = sdpa(q, k, v, **kw)
+        seen.append((q.dtype, k.dtype, v.dtype, out.dtype))
+        return out
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording_sdpa)
+    qkv = []
+    model.blocks[0].attention.img_qkv_proj.register_forward_hook(lambda m, i, o: qkv.append(o.dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(x, t, txt, mask)
+    out.float().square().mean().backward()
+    assert qkv == [torch.bfloat16]
+    assert len(seen) == cfg.depth and set(seen) == {(torch.float32,) * 4}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_cut_text_compiles_no_more_graphs_than_uncut_text():
     # a compiled model guards on strides: a batch whose text trim_text cuts (padded past its longest caption) must
     # reuse the graph of uncut batches, or a run compiles once more inside its timed steps

@@ -35,7 +35,7 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
                 out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000,
                 max_time=60.0 if reached else minutes)
     config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
-                  devices=dict(cpu=cpu, cores=2, threads=1),
+                  devices=dict(cpu=cpu, cpu_flags=["avx2", "avx512f"], cores=2, threads=1),
                   **({"started": f"2026-12-05T10:{seed:02d}:00"} if started else {}))
     ms, steps = round(minutes * 60_000), 3000
     console = ["peak 5.8e+10 FLOP/s per process: fp32 matmul 1024^3, measured"]
@@ -159,6 +159,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "log_2.txt", '"threads": 1', '"threads": 2'), "log_2.txt: torch threads is 2, the rules say 1"),
     (lambda f: edit(f / "log_2.txt", '"cores": 2', '"cores": 4'), "log_2.txt: CPU cores is 4, the rules say 2"),
     (lambda f: edit(f / "log_2.txt", "AMD EPYC 7B13", "Apple M2"), "log_2.txt: CPU is 'Apple M2', the rules say 'an x86"),
+    (lambda f: edit(f / "log_2.txt", '"avx2"', '"sse4_2"', after="=== config.json"),
+     "log_2.txt: CPU's AVX2 is False, the rules say True"),
     # eval.py follows the run's own shift, prediction, routing and self-guidance (config.json), not other ones
     (lambda f: edit(f / "log_1.txt", '"shift": 1.0', '"shift": 3.0', after="=== confirm.json"),
      "log_1.txt: eval shift (the run's own: config.json 'sampling', eval.py's default) is 3.0, the rules say 1.0"),

@@ -938,6 +938,21 @@ def test_bf16_autocast_step_is_fp32_within_bf16_rounding(flags, monkeypatch):
     assert all(p.dtype == torch.float32 for p in raw.parameters())
 
 
+def test_the_log_names_the_cpu_and_its_matmul_units(monkeypatch, tmp_path):
+    """devices() reads the first core's entry of /proc/cpuinfo: its name and which of the vector units that set the
+    matmuls' speed it has (bf16 is fast with AMX, emulated with AVX2 alone); records/verify.py checks AVX2."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+                       "flags\t\t: fpu sse4_2 avx2 avx512f amx_tile amx_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: another\nflags\t\t: avx512_bf16\n")
+    real_open = open
+    monkeypatch.setattr(train, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                        *a, **k), raising=False)
+    found = train.devices(torch.device("cpu"))
+    assert found["cpu"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert found["cpu_flags"] == ["avx2", "avx512f", "amx_bf16"]
+
+
 def test_bf16_autocast_keeps_weights_optimizer_state_and_ema_in_fp32(tmp_path):
     out = tmp_path / "r"
     train.main(SMALL + ["--precision", "bf16", "--optimizer", "muon", "--ema", "0.9", "--ema-every", "1",
