@@ -12,6 +12,7 @@ update scale 0.2 * sqrt(max(rows, cols)) matches AdamW's update RMS, so Muon reu
 PRX (Photoroom, part 2: FID 15.55 against AdamW's 18.20 at 100k steps; part 3) ran Muon on the 2D weights of
 `blocks` with lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay, and Adam elsewhere. In
 fp32 (the CPU's) a wide matrix iterates on its Gram matrix, the same polynomial in fewer FLOPs (gram_newton_schulz).
+The matrices of one shape are orthogonalised in one batched call (orthogonalise).
 
     python bench.py muon    # optimizer step time on the `small` preset's block matrices vs torch.optim.Muon
 """
@@ -28,34 +29,35 @@ QUINTIC = (3.4445, -4.7750, 2.0315)  # Keller Jordan's: steep slope at 0 (3.4), 
 
 def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16, plain=False):
     """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in `dtype` on G / ||G||_F; in fp32
-    or wider the Gram form where it takes fewer FLOPs, unless `plain` (bench.py's baseline)."""
-    tall = G.size(0) > G.size(1)
-    X = G.to(dtype)
+    or wider the Gram form where it takes fewer FLOPs, unless `plain` (bench.py's baseline). G is one (m, n) matrix
+    or a stack (k, m, n) of them, each orthogonalised on its own in one batched call."""
+    tall = G.size(-2) > G.size(-1)
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
     if tall:
-        X = X.T  # iterate on the wide orientation: the Gram matrix X X^T is then the small side
-    X = X / (X.norm() + eps)  # ||X||_F >= spectral norm, so every singular value starts in [0, 1]
-    if not plain and dtype.itemsize >= 4 and 2 * X.size(1) > 3 * X.size(0):
+        X = X.mT  # iterate on the wide orientation: the Gram matrix X X^T is then the small side
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)  # ||X||_F >= spectral norm: every sv in [0, 1]
+    if not plain and dtype.itemsize >= 4 and 2 * X.size(2) > 3 * X.size(1):
         X = gram_newton_schulz(X, steps)
     else:
         a, b, c = QUINTIC
         for _ in range(steps):
-            A = X @ X.T  # (m, m)
-            X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
-    return X.T if tall else X
+            A = X @ X.mT  # (k, m, m)
+            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
+    return (X.mT if tall else X).reshape(G.shape)
 
 
 def gram_newton_schulz(X, steps):
-    """The same iterations on the (m, m) Gram matrix of a wide (m, n) X: Gram Newton-Schulz (Tri Dao's group, 2026,
-    tridao.me/blog/2026/gram-newton-schulz). Each step is X <- Q X with Q = a + b A + c A^2 a polynomial of
-    A = X X^T, so X_k = P_k X_0 with P_k = Q_k ... Q_1, and A_{k+1} = Q_k A_k Q_k = A_k Q_k^2 (polynomials of one
-    matrix commute). 4 m^2 n + 34 m^3 FLOPs for 5 steps against 20 m^2 n + 10 m^3: fewer where n > 1.5 m. In fp32
-    only: rounding in A's small eigenvalues grows with each step, which fp32 absorbs and half precision does not (the
-    blog restarts the iteration midway there; not done here)."""
+    """The same iterations on the (m, m) Gram matrices of a stack (k, m, n) of wide matrices: Gram Newton-Schulz (Tri
+    Dao's group, 2026, tridao.me/blog/2026/gram-newton-schulz). Each step is X <- Q X with Q = a + b A + c A^2 a
+    polynomial of A = X X^T, so X_k = P_k X_0 with P_k = Q_k ... Q_1, and A_{k+1} = Q_k A_k Q_k = A_k Q_k^2
+    (polynomials of one matrix commute). 4 m^2 n + 34 m^3 FLOPs for 5 steps against 20 m^2 n + 10 m^3: fewer where
+    n > 1.5 m. In fp32 only: rounding in A's small eigenvalues grows with each step, which fp32 absorbs and half
+    precision does not (the blog restarts the iteration midway there; not done here)."""
     a, b, c = QUINTIC
-    A, P = X @ X.T, None  # (m, m)
+    A, P = X @ X.mT, None  # (k, m, m)
     for k in range(steps):
-        Q = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        Q.diagonal().add_(a)
+        Q = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        Q.diagonal(dim1=1, dim2=2).add_(a)
         P = Q if P is None else Q @ P
         if k < steps - 1:
             A = A @ Q @ Q
@@ -155,10 +157,9 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                         eps=eps, scale=scale)
         super().__init__(params, defaults)
-        # Newton-Schulz in bf16 on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where bf16
-        # saves nothing (emulated with AVX2 alone, 28x slower for a 448 x 128 matrix; with AMX no faster than the
-        # fp32 Gram form on the CPU track's matrices), and where the Gram form (gram_newton_schulz) cuts the FLOPs
-        # of the wide matrices
+        # Newton-Schulz in bf16 by default on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where
+        # bf16 is emulated with AVX2 alone (28x slower for a 448 x 128 matrix) and the Gram form (gram_newton_schulz)
+        # cuts the FLOPs of the wide matrices; train.py passes bf16 with --precision bf16 (fast on a CPU with AMX)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
@@ -182,8 +183,7 @@ class Muon(torch.optim.Optimizer):
         dtype = self.ns_dtype or (torch.bfloat16 if params and local(params[0]).is_cuda else torch.float32)
         if sharded and distributed:
             grads = gather_to_owners(grads, owners, rank, world_size, dtype)
-        updates = [None if g is None else newton_schulz(local(g), group["ns_steps"], group["eps"], dtype)
-                   for g, (_, group) in zip(grads, work)]
+        updates = orthogonalise(grads, [group for _, group in work], dtype)
         if distributed and work:
             updates = (scatter_shards if sharded else all_gather_updates)(updates, owners, params, rank, world_size,
                                                                           dtype)
@@ -204,6 +204,20 @@ class Muon(torch.optim.Optimizer):
         if not needed:
             return None
         return p.grad.lerp(buf, mu) if group["nesterov"] else buf
+
+
+def orthogonalise(grads, groups, dtype):
+    """Newton-Schulz of each matrix this rank needs (None: not needed), the matrices of one shape and settings
+    stacked into one batched call: the CPU track's 28 small matrices cost their per-call overhead 6 times, not 28."""
+    updates, stacks = [None] * len(grads), {}
+    for i, (g, group) in enumerate(zip(grads, groups)):
+        if g is not None:
+            stacks.setdefault((tuple(g.shape), group["ns_steps"], group["eps"]), []).append(i)
+    for (_, steps, eps), members in stacks.items():
+        stacked = newton_schulz(torch.stack([local(grads[i]) for i in members]), steps, eps, dtype)
+        for i, update in zip(members, stacked.unbind(0)):
+            updates[i] = update
+    return updates
 
 
 def check_sharding(params, world_size):

@@ -695,7 +695,9 @@ def build_optimizers(args, trainee, device, log):
     from muon import Muon, split_muon_params, split_summary
     muon_params, adam_params = split_muon_params(trainee.model)
     log(split_summary(muon_params, adam_params))
-    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps),
+    ns_dtype = torch.bfloat16 if args.precision == "bf16" else None  # None: the device's (bf16 CUDA, fp32 CPU)
+    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps,
+                 ns_dtype=ns_dtype),
             torch.optim.AdamW(adam_params, **adamw)] + projector
 
 

@@ -144,7 +144,7 @@ def test_gram_form_is_the_iteration_also_for_tiny_singular_values(shape):
     s = torch.logspace(0, -6, min(shape), dtype=torch.float64)
     U, V, G = svd_case(shape, s)
     X = (G if shape[0] < shape[1] else G.T).float()  # wide
-    O = muon.gram_newton_schulz(X / X.norm(), 5).double()
+    O = muon.gram_newton_schulz((X / X.norm())[None], 5)[0].double()  # a stack of one
     O = O if shape[0] < shape[1] else O.T
     torch.testing.assert_close(U.T @ O @ V, torch.diag(expected_singular_values(s)), rtol=0, atol=5e-4)
     assert torch.equal(O.float(), newton_schulz(G.float(), dtype=torch.float32, eps=0))  # fp32 takes this form
@@ -314,3 +314,36 @@ def test_bad_input():
         Muon(make_params(), scale="spectral")
     with pytest.raises(ValueError, match="momentum"):
         Muon(make_params(), momentum=1.0)
+
+
+@pytest.mark.parametrize("shape", [(24, 56), (56, 24), (40, 40)])  # wide (Gram form in fp32), tall, square
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stack_of_matrices_is_each_matrix_orthogonalised_alone(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(4, *shape, generator=g) * torch.tensor([1.0, 1e-3, 10.0, 1.0])[:, None, None]
+    together = newton_schulz(stack, steps=3, dtype=dtype)
+    assert together.shape == stack.shape
+    for G, O in zip(stack, together):  # each scaled by its own norm: the stack's scales do not mix
+        torch.testing.assert_close(O, newton_schulz(G, steps=3, dtype=dtype), rtol=0, atol=1e-6 if dtype ==
+                                   torch.float32 else 2**-7)
+
+
+def test_muon_stacks_the_matrices_of_one_shape_and_settings(monkeypatch):
+    """One Newton-Schulz call per (shape, steps) -- the blocks' matrices repeat -- with the result of stepping each
+    matrix on its own."""
+    shapes, calls = [(48, 32), (32, 80), (48, 32), (32, 80), (48, 32), (48, 32)], []  # the last: other steps
+    orthogonalise = muon.newton_schulz
+    monkeypatch.setattr(muon, "newton_schulz", lambda G, *a: calls.append(tuple(G.shape)) or orthogonalise(G, *a))
+    together = make_params(shapes)
+    opt = Muon([{"params": together[:5]}, {"params": together[5:], "ns_steps": 3}], lr=0.02, weight_decay=0.1)
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    singles = [Muon([p], lr=0.02, weight_decay=0.1, ns_steps=5 if i < 5 else 3) for i, p in enumerate(alone)]
+    for step in range(3):
+        set_grads(together, step)
+        set_grads(alone, step)
+        opt.step()
+        for single in singles:
+            single.step()
+    assert sorted(calls[:3]) == [(1, 48, 32), (2, 32, 80), (3, 48, 32)]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -882,11 +882,14 @@ def test_prx_defaults_that_follow_other_flags(tmp_path):
     assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
 
 
-def test_muon_ns_steps_reaches_muon():
-    args = train.get_args(["--track", "cpu", "--optimizer", "muon", "--muon-ns-steps", "3"])
+def test_muon_ns_steps_and_precision_reach_muon():
     trainee = train.Trainee(PRX(preset_config("tiny", 32, in_channels=3, context_dim=8)))
-    muon_opt, _ = train.build_optimizers(args, trainee, torch.device("cpu"), lambda *_: None)
-    assert muon_opt.defaults["ns_steps"] == 3  # what Muon.step iterates (test_muon: against torch.optim.Muon's)
+    for precision, ns_dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # None: fp32 on the CPU (test_muon)
+        args = train.get_args(["--track", "cpu", "--optimizer", "muon", "--muon-ns-steps", "3",
+                               "--precision", precision])
+        muon_opt, _ = train.build_optimizers(args, trainee, torch.device("cpu"), lambda *_: None)
+        assert muon_opt.defaults["ns_steps"] == 3  # what Muon.step iterates (test_muon: against torch.optim.Muon's)
+        assert muon_opt.ns_dtype == ns_dtype  # Newton-Schulz in the run's precision
 
 
 # ----------------------------------------------------------------------------------------------------------
