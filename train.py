@@ -1094,7 +1094,7 @@ def open_training_data(args, rank, world, device):
 
 
 def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
-    """The run's first lines: the model and batch, then the track and the values it set."""
+    """The run's first lines: the model and batch, the track and the values it set, a warning for emulated bf16."""
     log(f"model {args.model}: {n_params:,} parameters | {world} process(es) on {device.type} | global batch "
         f"{args.batch_size} = {args.micro_batch} x {world} x {chunks_per_rank} accumulation | shift {args.shift} | "
         f"AdamW eps {args.eps:g} | out {out}"
@@ -1102,6 +1102,11 @@ def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
     values = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.track_values)
     log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
         (f": its values for the flags not given: {values}" if values else ""))
+    if device.type == "cpu" and args.precision == "bf16":
+        units = devices(device)["cpu_flags"]
+        if not {"avx512_bf16", "amx_bf16"} & set(units):
+            log(f"warning: --precision bf16 on a CPU without bf16 units ({' '.join(units) or 'none known'}): its "
+                f"bf16 matmuls are emulated, slower than fp32's; --precision fp32 runs faster here")
 
 
 def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, last, out, master, log):

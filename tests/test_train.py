@@ -956,6 +956,17 @@ def test_the_log_names_the_cpu_and_its_matmul_units(monkeypatch, tmp_path):
     assert found["cpu_flags"] == ["avx2", "avx512f", "amx_bf16"]
 
 
+@pytest.mark.parametrize("units, warned", [(["avx2"], True), (["avx2", "avx512f", "amx_bf16"], False),
+                                            (["avx2", "avx512_bf16"], False)])
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_at_start(monkeypatch, units, warned):
+    monkeypatch.setattr(train, "devices", lambda device: {"cpu": "x", "cpu_flags": units})
+    for precision in ("bf16", "fp32"):
+        lines = []
+        args = train.get_args(["--track", "cpu", "--precision", precision])
+        train.log_start(lambda text, record=None: lines.append(text), args, 1, 1, torch.device("cpu"), 1, "out", None)
+        assert any("warning: --precision bf16" in line for line in lines) == (warned and precision == "bf16")
+
+
 def test_bf16_autocast_keeps_weights_optimizer_state_and_ema_in_fp32(tmp_path):
     out = tmp_path / "r"
     train.main(SMALL + ["--precision", "bf16", "--optimizer", "muon", "--ema", "0.9", "--ema-every", "1",
