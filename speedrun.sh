@@ -14,8 +14,9 @@
 # Environment: RUNS (default the track's minimum, in whole pairs on the CPU), NAME and WHAT (the record folder's name
 # and what changed), STOP (the stopping value, default the target: a margin helps the full evaluation confirm it),
 # EVERY (steps between the small evaluations), RECORDS (default records/), RUNS_DIR (default runs/), BESIDE (1: also
-# run the record configuration, seed by seed beside the flags after --, into the folder's beside/: on a machine of
-# another speed the leaderboard scales a record's time by them, records/RULES.md).
+# run the record configuration, seed by seed beside the flags after --, into the folder's beside/, at the commit its
+# record's runs trained at: on a machine of another speed the leaderboard scales a record's time by them,
+# records/RULES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 COMMAND="${STOP:+STOP=$STOP }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
@@ -88,9 +89,9 @@ esac
 # after -- replace it, a calibration trains the baseline as it is.
 case $TRACK in
   8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
-  # cpu: the current record's, records/2026-12-05_bf16 (bf16 pays on a CPU with AMX: records/RULES.md)
+  # cpu: the current record's (bf16 pays on a CPU with AMX: records/RULES.md)
   cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 3 --compile --muon-ns-steps 3 --batch-size 20
-               --micro-batch 20 --route-ratio 0.25 --precision bf16) ;;
+               --micro-batch 20 --route-ratio 0.25 --precision bf16) RECORD_DIR=records/2026-12-05_bf16 ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's techniques, no --compile: a minute
 esac
 CURRENT=("${RECORD[@]}")  # what BESIDE runs
@@ -103,12 +104,14 @@ if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD
 WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
 echo "speedrun.sh: $TRACK $KIND, configuration: ${RECORD[*]:-the baseline} (flags after -- replace it)"
 
-run_one() {  # name, seed, train.py flags: train, then the full evaluation appended to the log (the record's metric)
-  local seed=$2 run=$RUNS_DIR/$1-$2
-  shift 2
-  "${LAUNCH[@]}" train.py "${TRAIN[@]}" "${BUDGET[@]}" --seed "$seed" --out "$run" "$@"
-  "${LAUNCH[@]}" eval.py --ckpt "$run" --num-samples "$samples" --steps "$steps" --cfg-scale "$cfg" --seed 42 \
-    "${CONFIRM[@]}" --out "$run/confirm.json"
+# one run: name, seed, the folder whose train.py and eval.py run, train.py flags: train, then the full evaluation
+# appended to the log (the record's metric)
+run_one() {
+  local seed=$2 run=$RUNS_DIR/$1-$2 code=$3
+  shift 3
+  (cd "$code" && "${LAUNCH[@]}" train.py "${TRAIN[@]}" "${BUDGET[@]}" --seed "$seed" --out "$run" "$@")
+  (cd "$code" && "${LAUNCH[@]}" eval.py --ckpt "$run" --num-samples "$samples" --steps "$steps" --cfg-scale "$cfg" \
+    --seed 42 "${CONFIRM[@]}" --out "$run/confirm.json")
   { echo "=== confirm.json"; cat "$run/confirm.json"; echo; } >> "$run/log.txt"
   if [ "$metric" = fid ]; then { echo "=== confirm-ref.sha256"; sha256sum "$DATA/ref.npz"; } >> "$run/log.txt"; fi
 }
@@ -119,18 +122,27 @@ if [ $((RUNS % PARALLEL)) -ne 0 ]; then
   exit 1
 fi
 mkdir -p "$RUNS_DIR"
+RUNS_DIR=$(cd "$RUNS_DIR" && pwd)  # the runs' --out, from any code folder
+CODE=$PWD BESIDE_CODE=$PWD  # the beside runs: the code of the commit their record's runs trained at, in a worktree
+if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
+  BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
+  git worktree add --quiet --detach "$BESIDE_CODE" "$(python records/verify.py --commit "$RECORD_DIR")"
+  echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
+fi
 JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side
 for ((seed = 0; seed < RUNS; seed++)); do
   JOBS+=("$NAME $seed")
   [ -z "${BESIDE:-}" ] || JOBS+=("$NAME-beside $seed")
 done
 declare -A running=()  # pid: run. On any exit the runs still going stop: on the CPU they would slow the next attempt
-trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done' EXIT
+trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
+      [ "$BESIDE_CODE" = "$CODE" ] || git worktree remove --force "$BESIDE_CODE"' EXIT
 for job in "${JOBS[@]}"; do  # PARALLEL runs at a time; a failed run stops the speedrun
   read -r name seed <<< "$job"
-  if [ "$name" = "$NAME" ]; then flags=(${RECORD[@]+"${RECORD[@]}"}); else flags=("${CURRENT[@]}"); fi
+  if [ "$name" = "$NAME" ]; then code=$CODE flags=(${RECORD[@]+"${RECORD[@]}"})
+  else code=$BESIDE_CODE flags=("${CURRENT[@]}"); fi
   set -m  # the run in a process group of its own, so that the trap ends its train.py or eval.py with it
-  run_one "$name" "$seed" ${flags[@]+"${flags[@]}"} > "$RUNS_DIR/$name-$seed.out" 2>&1 &
+  run_one "$name" "$seed" "$code" ${flags[@]+"${flags[@]}"} > "$RUNS_DIR/$name-$seed.out" 2>&1 &
   set +m
   running[$!]=$name-$seed
   echo "run $name-$seed: $RUNS_DIR/$name-$seed (console: $RUNS_DIR/$name-$seed.out)"

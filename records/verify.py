@@ -235,16 +235,21 @@ def load_beside(folder):
     return load_runs(folder / "beside") if (folder / "beside").is_dir() else []
 
 
+def machine(run):
+    """The machine a run's config.json names; without the CPU's units, which the code of older commits (the runs
+    beside a record train at their own record's commit) does not log."""
+    return {k: v for k, v in run["config"].get("devices", {}).items() if k != "cpu_flags"}
+
+
 def check_beside(runs, beside, track, folder):
-    """The runs beside a record follow the track's rules as its own do, as one attempt of another configuration on
-    the same machine (the devices config.json names), racing the same task, each started with the record's run of
+    """The runs beside a record follow the track's rules as its own do, as one attempt of another configuration (at
+    its own commit) on the same machine (the devices config.json names), racing the same task, each started with the record's run of
     its seed (logs from before train.py wrote the start time: not checked)."""
     problems = [f"beside/{p}" for r in beside for p in check_sources(r, folder / "beside") + check_clock(r) +
                 check_run(r, track)]
     problems += [f"beside/: {p}" for p in check_runs(beside, track) + check_task(beside, TRACKS[track])]
-    problems += [f"beside/{r['name']}: ran on {r['config'].get('devices')}, the record's runs on "
-                 f"{runs[0]['config'].get('devices')}: the runs beside a record share its machine" for r in beside
-                 if r["config"].get("devices") != runs[0]["config"].get("devices")]
+    problems += [f"beside/{r['name']}: ran on {machine(r)}, the record's runs on {machine(runs[0])}: the runs beside "
+                 f"a record share its machine" for r in beside if machine(r) != machine(runs[0])]
     started = [[datetime.datetime.fromisoformat(r["config"]["started"]) if "started" in r["config"] else None
                 for r in group] for group in (runs, beside)]
     problems += [f"beside/{b['name']}: started {abs((x - y).total_seconds()):.0f} s from {r['name']}: a run beside a "
@@ -471,6 +476,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", type=Path, help="a record folder: records/<date>_<name>")
     p.add_argument("--protocol", choices=sorted(TRACKS), help="print the track's protocol as shell variables")
+    p.add_argument("--commit", action="store_true", help="print the commit the folder's runs trained at (speedrun.sh "
+                   "runs a record's configuration there, beside a candidate)")
     p.add_argument("--write", action="store_true", help="write the README's results block first (speedrun.sh)")
     p.add_argument("--track", choices=sorted(TRACKS), help="with --write: the record's track")
     p.add_argument("--kind", choices=KINDS, default="record", help="with --write")
@@ -482,6 +489,13 @@ def main(argv=None):
         return
     if not args.folder or (args.write and not args.track):
         p.error("pass a record folder (and --track with --write), or --protocol TRACK")
+    if args.commit:
+        commits = {r["config"].get("git_commit") for r in load_runs(args.folder)}
+        if len(commits) != 1 or None in commits:
+            p.error(f"{args.folder}: needs the logs (log_<k>.txt) of runs at one commit; its logs name "
+                    f"{sorted(map(str, commits)) or 'none'}")
+        print(commits.pop())
+        return
     if args.write:
         write(args.folder, args.track, args.kind, args.what, args.command)
     problems = verify(args.folder)

@@ -252,6 +252,15 @@ def test_a_record_on_a_refactored_task_passes(record, cpu_target):
     assert verify.verify(cpu_target) == [] and verify.verify(record) == []
 
 
+def test_verify_names_the_commit_a_records_runs_trained_at(record, capsys):
+    verify.main(["--commit", str(record)])
+    assert capsys.readouterr().out.strip() == HEAD
+    edit(record / "log_1.txt", HEAD, "0" * 40, after="=== config.json")
+    with pytest.raises(SystemExit):
+        verify.main(["--commit", str(record)])
+    assert "needs the logs (log_<k>.txt) of runs at one commit" in capsys.readouterr().err
+
+
 def test_a_folder_in_another_layout_fails():
     problems = verify.verify(ROOT / "records" / "2026-12-01_cpu-baseline-30min")  # logs from before RULES.md
     assert len(problems) == 1 and "README.md: no results block naming a track" in problems[0]
@@ -305,6 +314,18 @@ def test_runs_beside_a_record_that_break_the_rules_fail(tmp_path, cpu_target, ta
     tamper(folder)
     problems = verify.verify(folder)
     assert any(message in p for p in problems), problems
+
+
+def test_runs_beside_at_a_commit_that_logged_no_cpu_units_share_the_machine(tmp_path, cpu_target):
+    folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
+    assert verify.verify(folder) == []
+    for k in range(4):  # the code of an older record's commit names the CPU, not its units
+        log = folder / "beside" / f"log_{k}.txt"
+        log.write_text(re.sub(r'"cpu_flags": \[[^]]*\],\s*', "", log.read_text()))
+        assert "cpu_flags" not in log.read_text().split("=== config.json")[1]
+    assert verify.verify(folder) == []
+    edit(folder / "beside" / "log_0.txt", '"cores": 2', '"cores": 4', after="=== config.json")
+    assert any("beside/log_0.txt: ran on" in p for p in verify.verify(folder))
 
 
 def test_a_cpu_record_made_since_train_py_writes_the_start_time_needs_runs_beside_it(tmp_path, cpu_target):
@@ -484,6 +505,41 @@ def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(
     assert r.returncode == 1 and "speedrun.sh: NAME=x: " in r.stderr, r.stderr
 
 
+def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
+    """The configuration a record replaces is its flags and its code: BESIDE runs it from a worktree of the commit its
+    record's logs name (a code speedup then counts), the candidate from the working tree; the worktree goes after."""
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    def marked(code):  # STUB_PAIRED, which also writes which code ran it
+        return STUB_PAIRED.replace("os.makedirs(out)\n", f"os.makedirs(out)\nopen(out + '/code', 'w').write({code!r})\n")
+    (tmp_path / "records").mkdir()
+    script = (ROOT / "speedrun.sh").read_text()
+    smoke = "smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2)"
+    assert smoke in script
+    (tmp_path / "speedrun.sh").write_text(script.replace(smoke, smoke + " RECORD_DIR=records/2026-01-01_old"))
+    shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
+    (tmp_path / "train.py").write_text(marked("old"))
+    (tmp_path / "eval.py").write_text(STUB_EVAL)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "the old record's code")
+    old = git("rev-parse", "HEAD")
+    (tmp_path / "records" / "2026-01-01_old").mkdir()
+    (tmp_path / "records" / "2026-01-01_old" / "log_0.txt").write_text(
+        synthetic_log(0, 25.0, 0.305, None).replace(HEAD, old))
+    (tmp_path / "train.py").write_text(marked("new"))  # the candidate's code: the working tree
+    env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", "BESIDE": "1"}
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--lr", "3e-3"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    runs = tmp_path / "records" / "runs"
+    assert "the runs beside train at records/2026-01-01_old's commit" in r.stdout, r.stdout + r.stderr
+    for seed in (0, 1):
+        assert (runs / f"x-{seed}" / "code").read_text() == "new"
+        assert (runs / f"x-beside-{seed}" / "code").read_text() == "old"
+    assert not (runs / "x-beside-code").exists() and len(git("worktree", "list").splitlines()) == 1
+
+
 def test_track_choice_follows_track_data_and_cuda():
     assert train.choose_track(None, None, cuda_available=True) == ("8gpu", "CUDA available, no --data")
     assert train.choose_track(None, None, cuda_available=False) == ("cpu", "no CUDA, no --data")
@@ -582,3 +638,15 @@ def test_a_calibration_trains_a_fixed_budget_and_a_gpu_track_needs_a_gpu(tmp_pat
         for track in ("8gpu", "1gpu"):  # refused before any preparation starts (the stub has no prepare.py)
             r = stub_speedrun(tmp_path, "--track", track, "--calibrate", NAME=track)
             assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
+
+
+def test_the_cpu_record_configuration_is_its_record_folders():
+    """speedrun.sh's CPU RECORD flags are those its RECORD_DIR's runs trained (BESIDE runs them at that commit)."""
+    import bench
+    flags = bench.speedrun_record("cpu")
+    folder = re.search(r"^ *cpu\) RECORD=\([^)]*\) RECORD_DIR=(\S+) ;;", (ROOT / "speedrun.sh").read_text(), re.M)[1]
+    runs = verify.load_runs(ROOT / folder)
+    assert runs and verify.main(["--commit", str(ROOT / folder)]) is None
+    ours = vars(train.get_args(["--track", "cpu"] + flags))
+    for name in (f[2:].replace("-", "_") for f in flags if f.startswith("--")):
+        assert all(r["config"]["args"][name] == ours[name] for r in runs), name
