@@ -440,7 +440,8 @@ class PRX(nn.Module):
         vae: an AutoencoderKL or AutoencoderDC (the pipeline decodes with its scaling and shift factors, tested for
         both); text_encoder: the T5GemmaEncoderModel prepare.py encodes with (its `.model`); max_tokens: the
         tokenizer's model_max_length, to which the pipeline pads and truncates prompts (prepare.py's --max-tokens).
-        Latent v-prediction models only: PRXPipeline has no pixel-space or x0 path. eval.py's sample i of a prompt, from the folder (tested):
+        Latent v-prediction models only: PRXPipeline has no pixel-space or x0 path. eval.py's sample i of a prompt,
+        from the folder (tested):
 
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
             latents = pipe(prompt, timesteps=eval.diffusers_timesteps(steps, shift), guidance_scale=cfg_scale,
