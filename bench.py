@@ -463,7 +463,7 @@ GPU_CHECK = dict(preset="small", batch=32, side=32, txt_tokens=256, min_len=60, 
 
 
 def adamw():
-    return dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-15, fused=DEVICE.type == "cuda")  # PRX part 2, as train.py
+    return dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-15, fused=True)  # PRX part 2, as train.py
 
 
 def synthetic_batch(cfg, s, seed):

@@ -30,38 +30,40 @@ QUINTIC = (3.4445, -4.7750, 2.0315)  # Keller Jordan's: steep slope at 0 (3.4), 
 def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16, plain=False):
     """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in `dtype` on G / ||G||_F; in fp32
     or wider the Gram form where it takes fewer FLOPs, unless `plain` (bench.py's baseline). G is one (m, n) matrix
-    or a stack (k, m, n) of them, each orthogonalised on its own in one batched call."""
-    tall = G.size(-2) > G.size(-1)
+    or a stack (k, m, n) of them, each orthogonalised on its own in one batched call. A tall matrix is multiplied
+    from the right (X^T X is then the small side), which is the wide iteration on X^T without transposing any memory:
+    transposed operands cost a copy inside every batched product."""
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
-    if tall:
-        X = X.mT  # iterate on the wide orientation: the Gram matrix X X^T is then the small side
+    tall = X.size(1) > X.size(2)
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)  # ||X||_F >= spectral norm: every sv in [0, 1]
-    if not plain and dtype.itemsize >= 4 and 2 * X.size(2) > 3 * X.size(1):
-        X = gram_newton_schulz(X, steps)
+    if not plain and dtype.itemsize >= 4 and 2 * max(X.shape[1:]) > 3 * min(X.shape[1:]):
+        X = gram_newton_schulz(X, steps, tall)
     else:
         a, b, c = QUINTIC
         for _ in range(steps):
-            A = X @ X.mT  # (k, m, m)
-            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
-    return (X.mT if tall else X).reshape(G.shape)
+            A = X.mT @ X if tall else X @ X.mT  # (k, s, s), s = min(m, n)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)  # a X + X B or B X
+    return X.reshape(G.shape)
 
 
-def gram_newton_schulz(X, steps):
-    """The same iterations on the (m, m) Gram matrices of a stack (k, m, n) of wide matrices: Gram Newton-Schulz (Tri
-    Dao's group, 2026, tridao.me/blog/2026/gram-newton-schulz). Each step is X <- Q X with Q = a + b A + c A^2 a
-    polynomial of A = X X^T, so X_k = P_k X_0 with P_k = Q_k ... Q_1, and A_{k+1} = Q_k A_k Q_k = A_k Q_k^2
-    (polynomials of one matrix commute). 4 m^2 n + 34 m^3 FLOPs for 5 steps against 20 m^2 n + 10 m^3: fewer where
-    n > 1.5 m. In fp32 only: rounding in A's small eigenvalues grows with each step, which fp32 absorbs and half
+def gram_newton_schulz(X, steps, tall=False):
+    """The same iterations on the (s, s) Gram matrices of a stack (k, m, n), s = min(m, n): Gram Newton-Schulz (Tri
+    Dao's group, 2026, tridao.me/blog/2026/gram-newton-schulz). For a wide X each step is X <- Q X with
+    Q = a + b A + c A^2 a polynomial of A = X X^T, so X_k = P_k X_0 with P_k = Q_k ... Q_1, and
+    A_{k+1} = Q_k A_k Q_k = A_k Q_k^2 (polynomials of one matrix commute); a tall X is the transpose: A = X^T X,
+    X_k = X_0 P_k. 4 s^2 l + 34 s^3 FLOPs for 5 steps against 20 s^2 l + 10 s^3 (l = max(m, n)): fewer where
+    l > 1.5 s. In fp32 only: rounding in A's small eigenvalues grows with each step, which fp32 absorbs and half
     precision does not (the blog restarts the iteration midway there; not done here)."""
     a, b, c = QUINTIC
-    A, P = X @ X.mT, None  # (k, m, m)
+    A, P = (X.mT @ X if tall else X @ X.mT), None  # (k, s, s)
     for k in range(steps):
         Q = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
         Q.diagonal(dim1=1, dim2=2).add_(a)
         P = Q if P is None else Q @ P
         if k < steps - 1:
             A = A @ Q @ Q
-    return P @ X
+    return X @ P if tall else P @ X
 
 
 def update_scale(shape, mode):
@@ -213,8 +215,11 @@ def orthogonalise(grads, groups, dtype):
     for i, (g, group) in enumerate(zip(grads, groups)):
         if g is not None:
             stacks.setdefault((tuple(g.shape), group["ns_steps"], group["eps"]), []).append(i)
-    for (_, steps, eps), members in stacks.items():
-        stacked = newton_schulz(torch.stack([local(grads[i]) for i in members]), steps, eps, dtype)
+    for (shape, steps, eps), members in stacks.items():
+        stacked = torch.empty(len(members), *shape, dtype=dtype, device=grads[members[0]].device)
+        for row, i in zip(stacked, members):
+            row.copy_(local(grads[i]))  # stacked and cast in one pass
+        stacked = newton_schulz(stacked, steps, eps, dtype)
         for i, update in zip(members, stacked.unbind(0)):
             updates[i] = update
     return updates

@@ -688,7 +688,7 @@ def build_optimizers(args, trainee, device, log):
     """AdamW (PRX part 2), or Muon on the 2D weights inside the blocks and AdamW for the rest (muon.py); the REPA
     projector last, on an AdamW of its own, so that REPA can be added or dropped on resume."""
     adamw = dict(lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
-                 fused=device.type == "cuda")
+                 fused=True)  # one kernel for all tensors, on CUDA and on the CPU
     projector = [torch.optim.AdamW(trainee.repa_proj.parameters(), **adamw)] if trainee.repa_proj else []
     if args.optimizer == "adamw":
         return [torch.optim.AdamW(trainee.model.parameters(), **adamw)] + projector

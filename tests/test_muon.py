@@ -119,6 +119,18 @@ def test_newton_schulz_singular_values(shape, dtype, atol):
     assert 0.5 <= sv.min() and sv.max() <= 1.5  # the band the quintic is designed for (measured 0.68..1.14)
 
 
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tall_matrix_is_the_transpose_of_its_wide_iteration(plain, dtype):
+    """A tall matrix iterates from the right (X^T X, the small Gram matrix) without transposing memory: the result is
+    the wide iteration on G^T, transposed (the same products, up to the order of a sum's terms)."""
+    G = torch.randn(3, 200, 48, generator=torch.Generator().manual_seed(2))
+    tall = newton_schulz(G, steps=3, dtype=dtype, plain=plain)
+    assert tall.is_contiguous()
+    torch.testing.assert_close(tall, newton_schulz(G.mT.contiguous(), steps=3, dtype=dtype, plain=plain).mT,
+                               rtol=0, atol=1e-5 if dtype == torch.float32 else 2**-7)
+
+
 @pytest.mark.parametrize("cols", [64, 80, 96, 97, 128, 256])
 def test_fp32_newton_schulz_takes_the_form_with_fewer_flops(cols):
     """s steps on a wide (m, n) matrix: the plain iteration costs 4s m^2 n + 2s m^3 FLOPs, the Gram form
@@ -143,9 +155,8 @@ def test_gram_form_is_the_iteration_also_for_tiny_singular_values(shape):
     # at most (the plain iteration's ~1e-5; bf16's on CUDA 1e-2), while a wrong coefficient or step is off by > 0.01.
     s = torch.logspace(0, -6, min(shape), dtype=torch.float64)
     U, V, G = svd_case(shape, s)
-    X = (G if shape[0] < shape[1] else G.T).float()  # wide
-    O = muon.gram_newton_schulz((X / X.norm())[None], 5)[0].double()  # a stack of one
-    O = O if shape[0] < shape[1] else O.T
+    X = G.float()
+    O = muon.gram_newton_schulz((X / X.norm())[None], 5, tall=shape[0] > shape[1])[0].double()  # a stack of one
     torch.testing.assert_close(U.T @ O @ V, torch.diag(expected_singular_values(s)), rtol=0, atol=5e-4)
     assert torch.equal(O.float(), newton_schulz(G.float(), dtype=torch.float32, eps=0))  # fp32 takes this form
     plain = newton_schulz(G.float(), dtype=torch.float32, eps=0, plain=True).double()  # bench.py's baseline

@@ -890,6 +890,8 @@ def test_muon_ns_steps_and_precision_reach_muon():
         muon_opt, _ = train.build_optimizers(args, trainee, torch.device("cpu"), lambda *_: None)
         assert muon_opt.defaults["ns_steps"] == 3  # what Muon.step iterates (test_muon: against torch.optim.Muon's)
         assert muon_opt.ns_dtype == ns_dtype  # Newton-Schulz in the run's precision
+    adamw_opt = train.build_optimizers(train.get_args(["--track", "cpu"]), trainee, torch.device("cpu"), print)[0]
+    assert adamw_opt.defaults["fused"]  # on every device: test_fused_adamw_steps_as_the_default_implementation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -997,9 +999,8 @@ def test_sampler_under_bf16_autocast_keeps_its_state_in_fp32():
     assert (x16 - x32).abs().max() < 0.05 * x32.abs().max() and not torch.equal(x16, x32)
 
 
-def test_cuda_branches_run_on_the_cpu():
-    """What only CUDA selects, run here through the same calls: fused AdamW (build_optimizers) steps as the default
-    implementation, and the bf16 teacher (build_model) gives the fp32 teacher's tokens within bf16 rounding."""
+def test_fused_adamw_steps_as_the_default_implementation():
+    """build_optimizers' AdamW is torch's fused one (one kernel for all tensors): the for-loop one's steps."""
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(8, 8, generator=g) for _ in range(2)]
     grads = [[torch.randn(8, 8, generator=g) for _ in params] for _ in range(3)]
@@ -1013,6 +1014,12 @@ def test_cuda_branches_run_on_the_cpu():
             opt.step()
         results.append(ps)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
+
+
+def test_the_bf16_teacher_gives_the_fp32_teachers_tokens():
+    """What only CUDA selects, run here through the same calls: the bf16 teacher (build_model) gives the fp32
+    teacher's tokens within bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
     from shapes import TEACHER_FILE, load_teacher
     teacher = load_teacher(os.path.join(ROOT, TEACHER_FILE))
     images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
