@@ -256,8 +256,9 @@ def check_beside(runs, beside, track, folder):
                  f"record runs side by side with its run of the same seed (speedrun.sh BESIDE=1)"
                  for r, b, x, y in zip(runs, beside, *started) if x and y and abs((x - y).total_seconds()) >
                  BESIDE_START_S]
-    if beside and configuration(beside[0]) == configuration(runs[0]):
-        problems.append("beside/: the record's own configuration; beside it go the runs of the one it replaces")
+    if beside and configuration(beside[0]) == configuration(runs[0]) and beside[0]["sources"] == runs[0]["sources"]:
+        problems.append("beside/: the record's own configuration (its flags and source); beside it go the runs of the "
+                        "one it replaces")
     return problems
 
 

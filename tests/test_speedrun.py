@@ -316,6 +316,18 @@ def test_runs_beside_a_record_that_break_the_rules_fail(tmp_path, cpu_target, ta
     assert any(message in p for p in problems), problems
 
 
+def test_a_record_of_faster_code_runs_beside_its_own_flags_at_the_older_source(tmp_path, cpu_target):
+    """The same flags are another configuration where the source differs (speedrun.sh's runs beside train at their
+    record's commit): faster code counts as a better flag does. The same flags and source are the record's own."""
+    folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
+    for k in range(4):
+        edit(folder / "beside" / f"log_{k}.txt", '"lr": 0.002', '"lr": 0.003')
+    assert any("beside/: the record's own configuration" in p for p in verify.verify(folder))
+    for k in range(4):
+        own_source(folder / "beside", f"log_{k}.txt", "muon.py", "QUINTIC = (", "QUINTIC =  (")
+    assert verify.verify(folder) == []
+
+
 def test_runs_beside_at_a_commit_that_logged_no_cpu_units_share_the_machine(tmp_path, cpu_target):
     folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
     assert verify.verify(folder) == []
