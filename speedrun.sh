@@ -125,8 +125,20 @@ mkdir -p "$RUNS_DIR"
 RUNS_DIR=$(cd "$RUNS_DIR" && pwd)  # the runs' --out, from any code folder
 CODE=$PWD BESIDE_CODE=$PWD  # the beside runs: the code of the commit their record's runs trained at, in a worktree
 if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
+  BESIDE_COMMIT=$(python records/verify.py --commit "$RECORD_DIR")
+  if ! git cat-file -e "$BESIDE_COMMIT^{commit}" 2>/dev/null; then
+    echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit $BESIDE_COMMIT, which this clone lacks (a" \
+         "shallow clone?): git fetch --unshallow" >&2
+    exit 1
+  fi
+  if [ "${RECORD[*]}" = "${CURRENT[*]}" ] && [ "$(git rev-parse HEAD)" = "$BESIDE_COMMIT" ] && git diff --quiet HEAD
+  then
+    echo "speedrun.sh: BESIDE=1 with the record's own flags at its own commit ($BESIDE_COMMIT) runs one" \
+         "configuration twice: change the flags after -- or the code" >&2
+    exit 1
+  fi
   BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
-  git worktree add --quiet --detach "$BESIDE_CODE" "$(python records/verify.py --commit "$RECORD_DIR")"
+  git worktree add --quiet --detach "$BESIDE_CODE" "$BESIDE_COMMIT"
   echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
 fi
 JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side

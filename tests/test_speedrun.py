@@ -519,7 +519,8 @@ def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(
 
 def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
     """The configuration a record replaces is its flags and its code: BESIDE runs it from a worktree of the commit its
-    record's logs name (a code speedup then counts), the candidate from the working tree; the worktree goes after."""
+    record's logs name (a code speedup then counts), the candidate from the working tree; the worktree goes after.
+    Refused before any run: a commit the clone lacks, and a candidate that is that configuration (nothing changed)."""
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                               capture_output=True, text=True).stdout.strip()
@@ -538,12 +539,20 @@ def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
     git("commit", "-q", "-m", "the old record's code")
     old = git("rev-parse", "HEAD")
     (tmp_path / "records" / "2026-01-01_old").mkdir()
-    (tmp_path / "records" / "2026-01-01_old" / "log_0.txt").write_text(
-        synthetic_log(0, 25.0, 0.305, None).replace(HEAD, old))
-    (tmp_path / "train.py").write_text(marked("new"))  # the candidate's code: the working tree
+    log = tmp_path / "records" / "2026-01-01_old" / "log_0.txt"
     env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", "BESIDE": "1"}
+    log.write_text(synthetic_log(0, 25.0, 0.305, None).replace(HEAD, "0" * 40))  # a commit this clone lacks
     r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--lr", "3e-3"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"commit {'0' * 40}, which this clone lacks" in r.stderr, r.stderr
+    log.write_text(synthetic_log(0, 25.0, 0.305, None).replace(HEAD, old))
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--tread", "--optimizer", "muon",
+                        "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "with the record's own flags at its own commit" in r.stderr, r.stderr
+    assert not list((tmp_path / "records" / "runs").glob("x-*")), "refused before any run"
+    (tmp_path / "train.py").write_text(marked("new"))  # the candidate's code, the working tree: the same flags race
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--tread", "--optimizer", "muon",
+                        "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     runs = tmp_path / "records" / "runs"
     assert "the runs beside train at records/2026-01-01_old's commit" in r.stdout, r.stdout + r.stderr
     for seed in (0, 1):
