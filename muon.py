@@ -11,8 +11,8 @@ EMA-form Nesterov momentum, bf16 iteration); Liu et al. (Moonshot), "Muon is Sca
 update scale 0.2 * sqrt(max(rows, cols)) matches AdamW's update RMS, so Muon reuses AdamW's lr and weight decay).
 PRX (Photoroom, part 2: FID 15.55 against AdamW's 18.20 at 100k steps; part 3) ran Muon on the 2D weights of
 `blocks` with lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay, and Adam elsewhere. In
-fp32 (the CPU's) a matrix far from square iterates on its Gram matrix, the same polynomial in fewer FLOPs (gram_newton_schulz).
-The matrices of one shape are orthogonalised in one batched call (orthogonalise).
+fp32 (the CPU's) a matrix far from square iterates on its Gram matrix, the same polynomial in fewer FLOPs
+(gram_newton_schulz). The matrices of one shape are orthogonalised in one batched call (orthogonalise).
 
     python bench.py muon    # optimizer step time on the `small` preset's block matrices vs torch.optim.Muon
 """

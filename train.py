@@ -684,7 +684,7 @@ def load_perceptual(args, device):
     return nets
 
 
-def build_optimizers(args, trainee, device, log):
+def build_optimizers(args, trainee, log):
     """AdamW (PRX part 2), or Muon on the 2D weights inside the blocks and AdamW for the rest (muon.py); the REPA
     projector last, on an AdamW of its own, so that REPA can be added or dropped on resume."""
     adamw = dict(lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
@@ -1157,7 +1157,7 @@ def main(argv=None):
                  int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=same_run)
     if args.fsdp:  # before the optimizers, which then take the shards
         shard(trainee, ema, args.precision, args.compile)
-    opt = build_optimizers(args, trainee, device, log)
+    opt = build_optimizers(args, trainee, log)
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
     for line in (note, moved, resume_changes(args, ckpt) if ckpt else None):
