@@ -111,8 +111,9 @@ def shard_size(rows, world_size):
 
 
 def gather_to_owners(grads, owners, rank, world_size, dtype):
-    """Row shards of each matrix -> the full matrix in `dtype` (what newton_schulz iterates in) on its owner, None on the
-    other ranks. One gather per matrix, all in flight at once; shards are padded to equal size for the collective."""
+    """Row shards of each matrix -> the full matrix in `dtype` (what newton_schulz iterates in) on its owner, None on
+    the other ranks. One gather per matrix, all in flight at once; shards are padded to equal size for the
+    collective."""
     received, works = [], []
     for g, owner in zip(grads, owners):
         shard = local(g).to(dtype).contiguous()
