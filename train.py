@@ -1017,7 +1017,7 @@ class RunLog:
     """Rank 0's console, log.txt and metrics.jsonl; other ranks stay silent."""
 
     def __init__(self, out, master, config, start_step, resumed):
-        self.master, self.metrics_path = master, os.path.join(out, "metrics.jsonl")
+        self.master, self.metrics_path, self.config = master, os.path.join(out, "metrics.jsonl"), config
         if not master:
             return
         os.makedirs(out, exist_ok=True)
@@ -1103,7 +1103,7 @@ def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
     log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
         (f": its values for the flags not given: {values}" if values else ""))
     if device.type == "cpu" and args.precision == "bf16":
-        units = devices(device)["cpu_flags"]
+        units = log.config["devices"]["cpu_flags"]  # config_of's reading of the CPU
         if not {"avx512_bf16", "amx_bf16"} & set(units):
             log(f"warning: --precision bf16 on a CPU without bf16 units ({' '.join(units) or 'none known'}): its "
                 f"bf16 matmuls are emulated, slower than fp32's; --precision fp32 runs faster here")

@@ -960,12 +960,17 @@ def test_the_log_names_the_cpu_and_its_matmul_units(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("units, warned", [(["avx2"], True), (["avx2", "avx512f", "amx_bf16"], False),
                                             (["avx2", "avx512_bf16"], False)])
-def test_bf16_on_a_cpu_without_bf16_units_is_warned_at_start(monkeypatch, units, warned):
-    monkeypatch.setattr(train, "devices", lambda device: {"cpu": "x", "cpu_flags": units})
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_at_start(units, warned):
+    class Log(list):  # RunLog's call and its config.json (devices: what config_of read of the CPU)
+        config = {"devices": {"cpu": "x", "cpu_flags": units}}
+
+        def __call__(self, text, record=None):
+            self.append(text)
+
     for precision in ("bf16", "fp32"):
-        lines = []
+        lines = Log()
         args = train.get_args(["--track", "cpu", "--precision", precision])
-        train.log_start(lambda text, record=None: lines.append(text), args, 1, 1, torch.device("cpu"), 1, "out", None)
+        train.log_start(lines, args, 1, 1, torch.device("cpu"), 1, "out", None)
         assert any("warning: --precision bf16" in line for line in lines) == (warned and precision == "bf16")
 
 
