@@ -19,7 +19,7 @@
 # records/RULES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
-COMMAND="${STOP:+STOP=$STOP }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
+COMMAND="${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
 TRACK=8gpu KIND=record
 while [ $# -gt 0 ]; do
   case $1 in
@@ -80,7 +80,7 @@ case $TRACK in
     TRAIN=(--track cpu --eval-every "${EVERY:-250}" --eval-samples 256) ;;
   smoke)
     LAUNCH=(env OMP_NUM_THREADS=1 python) PARALLEL=2 CONFIRM=()
-    TRAIN=(--track cpu --hidden 64 --depth 3 --batch-size 8 --micro-batch 8 --log-every 1 --eval-every 2
+    TRAIN=(--track cpu --hidden 64 --depth 3 --batch-size 8 --micro-batch 8 --log-every 1 --eval-every "${EVERY:-2}"
            --eval-samples 4 --sample-steps "$steps") ;;
   *) echo "speedrun.sh: unknown track $TRACK" >&2; exit 2 ;;
 esac

@@ -43,6 +43,7 @@ from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, se
     x0_to_velocity
 from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     resume_configs, rope_at, rope_table, stage_config, trim_text, verify_checkpoint
+from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
@@ -65,10 +66,10 @@ PDINO_MODEL, PDINO_GRID = "vit_base_patch14_reg4_dinov2.lvd142m", (16, 16)  # PR
 # flags a resume may change (a second phase or resolution stage: lr, schedule, data, resolution, auxiliary losses,
 # evaluation); any other must equal the checkpoint's
 RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every", "keep", "data", "resolution",
-             "captions", "caption_dropout", "compile", "lr", "warmup", "cooldown", "grad_clip", "eval_every",
+             "captions", "caption_dropout", "compile", "lr", "muon_lr", "warmup", "cooldown", "grad_clip", "eval_every",
              "eval_minutes", "eval_samples", "sample_steps", "cfg_scale", "eval_ref", "fid_weights", "peak_tflops",
-             "repa_weights", "repa", "repa_layer", "repa_lambda", "repa_stop", "repa_teacher", "irepa", "cfm",
-             "lpips", "lpips_weights", "pdino", "pdino_weights", "self_guidance", "eval_data",
+             "repa_weights", "repa", "repa_layer", "repa_lambda", "repa_stop", "repa_teacher", "irepa", "cfm", "lpips",
+             "lpips_weights", "pdino", "pdino_weights", "self_guidance", "eval_data",
              "track", "target",  # the track follows --data, which a second phase may change
              "fsdp"}  # checkpoints hold whole tensors: a resume may shard them or not, on any number of processes
 
@@ -157,6 +158,8 @@ def get_parser():
     add_technique_flags(p.add_argument_group("techniques"))
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for block matrices")
+    g.add_argument("--muon-lr", type=positive, default=None, help="Muon's lr, on --lr's schedule (default --lr, "
+                   "PRX's: Muon's update RMS is matched to AdamW's)")
     g.add_argument("--muon-ns-steps", type=count, default=5, help="Newton-Schulz iterations of --optimizer muon "
                    "(PRX and Keller Jordan: 5): fewer cost less and orthogonalise less (small singular values)")
     g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
@@ -242,6 +245,7 @@ def get_args(argv=None):
     args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5 if args.tread else None)
     args.shift = args.shift or (3.0 if args.model.endswith("-pixel") else 1.0)
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
+    args.muon_lr = (args.muon_lr or args.lr) if args.optimizer == "muon" else None
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.fsdp:
         check_fsdp(parser, args, int(os.environ.get("WORLD_SIZE", 1)))
@@ -260,8 +264,9 @@ def check_combinations(parser, args):
         parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
-    if changed("muon_ns_steps") and args.optimizer != "muon":
-        parser.error("--muon-ns-steps sets Muon's iterations: it needs --optimizer muon")
+    for name in ("muon_ns_steps", "muon_lr"):
+        if changed(name) and args.optimizer != "muon":
+            parser.error(f"--{name.replace('_', '-')} is Muon's: it needs --optimizer muon")
     for name in ("repa_stop", "irepa", "repa_layer", "repa_lambda", "repa_teacher", "repa_weights"):
         if changed(name) and not args.repa:
             parser.error(f"--{name.replace('_', '-')} needs --repa (builtin, dinov2 or dinov3)")
@@ -549,7 +554,7 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
     chunks = args.batch_size // args.micro_batch // world
     for o in opt:
         for group in o.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * (args.muon_lr / args.lr) if isinstance(o, Muon) else lr  # --muon-lr: same schedule
     loss_sum, txt_len, data_s = torch.zeros((), device=device), 0, 0.0
     for i in range(chunks):
         t0 = time.perf_counter()
@@ -692,11 +697,10 @@ def build_optimizers(args, trainee, log):
     projector = [torch.optim.AdamW(trainee.repa_proj.parameters(), **adamw)] if trainee.repa_proj else []
     if args.optimizer == "adamw":
         return [torch.optim.AdamW(trainee.model.parameters(), **adamw)] + projector
-    from muon import Muon, split_muon_params, split_summary
     muon_params, adam_params = split_muon_params(trainee.model)
     log(split_summary(muon_params, adam_params))
     ns_dtype = torch.bfloat16 if args.precision == "bf16" else None  # None: the device's (bf16 CUDA, fp32 CPU)
-    return [Muon(muon_params, lr=args.lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps,
+    return [Muon(muon_params, lr=args.muon_lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps,
                  ns_dtype=ns_dtype),
             torch.optim.AdamW(adam_params, **adamw)] + projector
 

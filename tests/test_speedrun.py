@@ -405,7 +405,7 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     """The whole path on the CPU: two tiny runs of a candidate, each side by side with the record configuration's of
     its seed (BESIDE), stop at the target, are confirmed by eval.py, and become a record folder that verify.py
     accepts, the runs beside it checked as its own."""
-    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke", "BESIDE": "1"}
+    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke", "BESIDE": "1", "EVERY": "2"}
     r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--repa-lambda", "3"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "\nok " in r.stdout, r.stdout + r.stderr
@@ -419,7 +419,7 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     assert '"repa_lambda": 2.0' in beside and '"tread": true' in beside  # and the record configuration's
     readme = (folder / "README.md").read_text()
     assert "\n- beside/: the configuration it replaces on the same machine, 2 runs: " in readme
-    assert "\n    BESIDE=1 bash speedrun.sh --smoke -- --repa builtin --repa-lambda 3\n" in readme  # replayable
+    assert "\n    EVERY=2 BESIDE=1 bash speedrun.sh --smoke -- --repa builtin --repa-lambda 3\n" in readme  # replayable
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
     assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
 

@@ -236,7 +236,9 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--irepa"], "--irepa needs --repa"),
     (["--repa-stop", "100"], "--repa-stop needs --repa"),
     (["--repa-layer", "0"], "--repa-layer needs --repa"),
-    (["--muon-ns-steps", "3"], "--muon-ns-steps sets Muon's iterations: it needs --optimizer muon"),
+    (["--muon-ns-steps", "3"], "--muon-ns-steps is Muon's: it needs --optimizer muon"),
+    (["--muon-lr", "4e-3"], "--muon-lr is Muon's: it needs --optimizer muon"),
+    (["--optimizer", "muon", "--muon-lr", "0"], "argument --muon-lr: must be in (0, inf)"),
     (["--repa-lambda", "2"], "--repa-lambda needs --repa"),
     (["--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher needs --repa"),
     (["--repa-weights", "dino.safetensors"], "--repa-weights needs --repa"),
@@ -892,6 +894,30 @@ def test_muon_ns_steps_and_precision_reach_muon():
         assert muon_opt.ns_dtype == ns_dtype  # Newton-Schulz in the run's precision
     adamw_opt = train.build_optimizers(train.get_args(["--track", "cpu"]), trainee, lambda *_: None)[0]
     assert adamw_opt.defaults["fused"]  # on every device: test_fused_adamw_steps_as_the_default_implementation
+
+
+def test_muon_lr_moves_muon_weights_by_its_ratio_and_the_rest_as_before():
+    """--muon-lr 4 x --lr: in a step Muon's weights move 4 times as far (its orthogonalised update does not depend on
+    the lr), AdamW's exactly as without the flag."""
+    moves = []
+    for extra in ([], ["--muon-lr", "8e-3"]):
+        torch.manual_seed(0)  # the same text and weights
+        args, loader, model = one_batch_run(["--optimizer", "muon", "--lr", "2e-3", "--warmup", "1"] + extra)
+        with torch.no_grad():  # none zero: zero-initialised layers give the blocks no gradient
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+        trainee, before = train.Trainee(model), [p.detach().clone() for p in model.parameters()]
+        opt = train.build_optimizers(args, trainee, lambda *_: None)
+        train.train_step(args, 0, train.learning_rate(args, 0, 0.0), trainee, opt, loader, None, 0, 1)
+        moves.append([p.detach() - p0 for p, p0 in zip(model.parameters(), before)])
+    muon = {id(p) for p in train.split_muon_params(model)[0]}
+    assert 0 < len(muon) < len(moves[0])
+    for p, plain, faster in zip(model.parameters(), *moves):
+        if id(p) in muon:  # to the rounding of weight + move
+            assert plain.abs().max() > 0
+            torch.testing.assert_close(faster, 4 * plain, rtol=0, atol=1e-3 * faster.abs().max().item())
+        else:
+            assert torch.equal(faster, plain)
 
 
 # ----------------------------------------------------------------------------------------------------------
