@@ -34,16 +34,27 @@ def entries(records):
             what = re.search(r"^What changed: (.*)$", text, re.M)
             runs, beside = verify.load_runs(folder), verify.load_beside(folder)
             found.append(dict(track=head[1], kind=head[2], summary=verify.summary(runs, head[1], beside),
-                              configuration=verify.configuration(runs[0]),
+                              configuration=verify.configuration(runs[0]), code=runs[0]["sources"],
                               replaces=verify.configuration(beside[0]) if beside else None,
+                              replaces_code=beside[0]["sources"] if beside else None,
                               what=what[1] if what else "", date=folder.name[:10], folder=folder))
     return scaled(found)
 
 
 def same_configuration(a, b):
     """Two runs' flags agree where both have them (a flag added to train.py since the older run is not in its
-    config.json)."""
-    return all(a[k] == b[k] for k in a.keys() & b.keys())
+    config.json), but the cadence of the stopping checks (speedrun.sh's EVERY): the runs beside a record share its
+    cadence (verify.py), which their ratio is measured at, whatever the cadence of the record they are."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys() if k != "eval_every")
+
+
+def of_configuration(e, records):
+    """The records among `records` whose configuration e's beside/ runs are: the same flags; of two records with the
+    same flags (a record of faster code keeps its predecessor's), the one whose code they ran first (speedrun.sh
+    trains them at their record's commit)."""
+    same = [r for r in records if r is not e and r["track"] == e["track"] and r["kind"] == "record"
+            and same_configuration(r["configuration"], e["replaces"])]
+    return [r for r in same if r["code"] == e["replaces_code"]] or same
 
 
 def scaled(found):
@@ -55,10 +66,10 @@ def scaled(found):
     while waiting:  # a record is placed after the one it replaces, which may bear the same date
         pending, waiting = waiting, []
         for e in pending:
-            replaced = [r for r in kept if r["track"] == e["track"] and r["kind"] == "record"
-                        and same_configuration(r["configuration"], e["replaces"])] if e["replaces"] else None
-            if replaced == []:
-                waiting.append(e)
+            replaced = of_configuration(e, kept) if e["replaces"] else None
+            if replaced == [] or (replaced and replaced[-1]["code"] != e["replaces_code"]
+                                  and any(r["code"] == e["replaces_code"] for r in of_configuration(e, found))):
+                waiting.append(e)  # its record is not placed yet
                 continue
             e["time"] = e["summary"]["ratio"] * replaced[-1]["time"] if replaced else e["summary"]["time"]
             kept.append(e)

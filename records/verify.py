@@ -256,6 +256,10 @@ def check_beside(runs, beside, track, folder):
                  f"record runs side by side with its run of the same seed (speedrun.sh BESIDE=1)"
                  for r, b, x, y in zip(runs, beside, *started) if x and y and abs((x - y).total_seconds()) >
                  BESIDE_START_S]
+    every = [r["config"]["args"].get("eval_every") for r in (runs[0], *beside)]
+    problems += [f"beside/{b['name']}: evaluates every {e} steps, the record's runs every {every[0]}: the runs beside "
+                 f"share its cadence of stopping checks (speedrun.sh's EVERY)" for b, e in zip(beside, every[1:])
+                 if e != every[0]]
     if beside and configuration(beside[0]) == configuration(runs[0]) and beside[0]["sources"] == runs[0]["sources"]:
         problems.append("beside/: the record's own configuration (its flags and source); beside it go the runs of the "
                         "one it replaces")

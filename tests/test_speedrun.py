@@ -27,12 +27,12 @@ RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300), 3: (25.0, 0.305)} 
 SAMPLING = dict(steps=20, cfg_scale=3.0, shift=1.0, pred="v", route_ratio=0.5, self_guidance=0.0)
 
 
-def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13", started=True):
+def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13", started=True, every=250):
     """A CPU-track run's log as train.py writes it (the source of HEAD, config.json, step and eval lines) with
     speedrun.sh's full evaluation after it; started=False: a log from before train.py wrote its start time."""
     reached = bool(target) and accuracy >= target[1]  # it stops there, else at its time budget
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
-                out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000,
+                out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000, eval_every=every,
                 max_time=60.0 if reached else minutes)
     config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
                   devices=dict(cpu=cpu, cpu_flags=["avx2", "avx512f"], cores=2, threads=1),
@@ -51,16 +51,17 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
             "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n")
 
 
-def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AMD EPYC 7B13", replaced_lr=0.002):
+def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AMD EPYC 7B13", replaced_lr=0.002,
+                every=250):
     """A record folder of synthetic runs of --lr lr; beside: {seed: (minutes, accuracy)} of runs at --lr replaced_lr
-    (the configuration it replaces) in beside/, on the same machine. Without beside runs, logs from before train.py
-    wrote the start time (as the records before the sixth CPU record's)."""
+    (the configuration it replaces) in beside/, on the same machine; both evaluate every `every` steps. Without
+    beside runs, logs from before train.py wrote the start time (as the records before the sixth CPU record's)."""
     target = ("object_accuracy", 0.292) if kind == "record" else None
     folder.mkdir(parents=True)
     for where, name, rate, group in ((folder, "r", lr, runs), (folder / "beside", "b", replaced_lr, beside or {})):
         for seed, (minutes, accuracy) in group.items():
             where.mkdir(exist_ok=True)
-            log = synthetic_log(seed, minutes, accuracy, target, rate, name, cpu, started=bool(beside))
+            log = synthetic_log(seed, minutes, accuracy, target, rate, name, cpu, started=bool(beside), every=every)
             (where / f"log_{seed}.txt").write_text(log)
     verify.write(folder, "cpu", kind, f"synthetic {kind}", "bash speedrun.sh --track cpu")
     return folder
@@ -301,6 +302,8 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
     (lambda f: edit(f / "beside" / "log_1.txt", '"lr": 0.002', '"lr": 0.001'),
      "beside/: log_1.txt: flags or source differ from log_0.txt's"),
     (lambda f: (f / "beside" / "log_3.txt").unlink(), "beside/: 3 runs: cpu runs go in pairs"),
+    (lambda f: [edit(f / "beside" / f"log_{k}.txt", '"eval_every": 250', '"eval_every": 100') for k in range(4)],
+     "beside/log_0.txt: evaluates every 100 steps, the record's runs every 250"),
     (lambda f: edit(f / "beside" / "log_0.txt", '"resolution": 32', '"resolution": 64'),
      "beside/log_0.txt: --resolution is 64"),
     (lambda f: edit(f / "beside" / "log_1.txt", "1920000ms", "1200000ms"), "README's results say"),
@@ -354,7 +357,7 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     """On another machine a record takes the time of the record it replaces times its ratio to it, measured there."""
     faster = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}  # 10.5 min on the mean, twice as fast as beside it
     make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS},
-                lr=0.003, cpu="Intel(R) Xeon(R) Processor")
+                lr=0.003, cpu="Intel(R) Xeon(R) Processor", every=100)  # both sides checked more often than `record`
     make_record(record.parent / "2026-12-06_orphan", faster, beside=BESIDE, lr=0.003, replaced_lr=0.005)
     # the next record, the same day, in a folder whose name sorts first: placed after the one it replaces all the same
     fastest = {k: (5.0 + k % 2 * 0.5, RUNS[k][1]) for k in RUNS}
@@ -368,6 +371,26 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     assert "| 3 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 |" in board
     assert "orphan" not in board
     assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in capsys.readouterr().err
+
+
+def test_of_two_records_with_the_same_flags_the_runs_beside_race_the_one_whose_code_they_ran(record, tmp_path):
+    """A record of faster code keeps its predecessor's flags; the next record's runs beside ran at its commit, so
+    they are its configuration, not the predecessor's (whose time would make the next record's twice as long)."""
+    def edited_code(folder):
+        for k in range(4):
+            own_source(folder, f"log_{k}.txt", "muon.py", "QUINTIC = (", "QUINTIC =  (")
+    half = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}  # 10.5 min, beside 21.0: 0.5 x `record`'s 25.00 min
+    faster_code = make_record(record.parent / "2026-12-05_b-code", half, beside={k: (20.0 + 2 * (k % 2), 0.3)
+                                                                                  for k in RUNS})
+    edited_code(faster_code)
+    quarter = {k: (5.0 + k % 2 * 0.5, RUNS[k][1]) for k in RUNS}  # 5.25 min, beside 10.5: 0.5 x 12.50 min
+    following = make_record(record.parent / "2026-12-05_a-flags", quarter, beside={k: (10.0 + k % 2, 0.3)
+                                                                                  for k in RUNS}, lr=0.003)
+    edited_code(following / "beside")
+    assert verify.verify(faster_code) == [] and verify.verify(following) == []
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 6.25 min | 5.25 min = 0.500 x 10.50 beside |" in board
+    assert "| 2 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in board
 
 
 def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys):
