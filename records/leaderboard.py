@@ -49,9 +49,9 @@ def same_configuration(a, b):
 
 
 def of_configuration(e, records):
-    """The records among `records` whose configuration e's beside/ runs are: the same flags; of two records with the
-    same flags (a record of faster code keeps its predecessor's), the one whose code they ran first (speedrun.sh
-    trains them at their record's commit)."""
+    """The records among `records` whose configuration e's beside/ runs are: the same flags, and where records share
+    them (a record of faster code keeps its predecessor's flags) those whose code they ran (speedrun.sh trains them
+    at their record's commit)."""
     same = [r for r in records if r is not e and r["track"] == e["track"] and r["kind"] == "record"
             and same_configuration(r["configuration"], e["replaces"])]
     return [r for r in same if r["code"] == e["replaces_code"]] or same
@@ -66,10 +66,10 @@ def scaled(found):
     while waiting:  # a record is placed after the one it replaces, which may bear the same date
         pending, waiting = waiting, []
         for e in pending:
-            replaced = of_configuration(e, kept) if e["replaces"] else None
-            if replaced == [] or (replaced and replaced[-1]["code"] != e["replaces_code"]
-                                  and any(r["code"] == e["replaces_code"] for r in of_configuration(e, found))):
-                waiting.append(e)  # its record is not placed yet
+            wanted = of_configuration(e, found) if e["replaces"] else []
+            replaced = [r for r in kept if any(r is w for w in wanted)]
+            if e["replaces"] and not replaced:
+                waiting.append(e)  # the record its runs beside are is not placed yet
                 continue
             e["time"] = e["summary"]["ratio"] * replaced[-1]["time"] if replaced else e["summary"]["time"]
             kept.append(e)
