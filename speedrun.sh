@@ -91,8 +91,8 @@ case $TRACK in
   8gpu|1gpu) RECORD=(--repa dinov3 --optimizer muon) ;;  # PRX part 2's two largest gains at the same VAE (REFERENCE 5)
   # cpu: the current record's (bf16 pays on a CPU with AMX: records/RULES.md)
   cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 3 --compile --muon-ns-steps 3 --batch-size 20
-               --micro-batch 20 --route-ratio 0.25 --precision bf16 --muon-lr 6e-3
-               --self-guidance 3) RECORD_DIR=records/2026-12-05_muon-lr-sg ;;
+               --micro-batch 20 --route-ratio 0.25 --precision bf16 --muon-lr 6e-3 --self-guidance 3
+               --ema 0.95 --ema-every 1) RECORD_DIR=records/2026-12-05_ema95 ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's techniques, no --compile: a minute
 esac
 CURRENT=("${RECORD[@]}")  # what BESIDE runs
