@@ -665,7 +665,7 @@ def bench_techniques(args):
                            + ([] if flags == "baseline" else flags.split()))
         loader = train.open_training_data(a, 0, 1, DEVICE)[0]
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
-        opt = train.build_optimizers(a, trainee, lambda *_: None)
+        opt = train.build_optimizers(a, trainee)[0]
         if a.compile:  # as train.py, compiled during the untimed warm-up rounds
             trainee.model = train.compile_model(raw)
         counter = itertools.count()

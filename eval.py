@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -360,21 +361,48 @@ def mmd(x, y, sigma=10.0, scale=1000.0, chunk=2048):
 # ----------------------------------------------------------------------------------------------------------
 # Metrics: stream images in, compare with a reference file
 
-def reference_metrics(path):
-    """The metrics a reference file holds statistics of (the keys of its settings)."""
+def read_reference(path):
+    """A reference file's arrays, or an error that says how to make one: missing, or damaged (a write cut short)."""
     if not os.path.exists(path):
         hint = f"did you mean {path}.npz? " if os.path.exists(f"{path}.npz") else ""
-        raise FileNotFoundError(f"{path}: no such reference; {hint}make it with `python eval.py ref --data <eval "
-                                f"data> --out {path}`")
-    return [m for m in FEATURE_METRICS if m in json.loads(str(np.load(path)["settings"]))]
+        raise FileNotFoundError(f"{path}: no such reference; {hint}make it with `python eval.py ref --data <eval data> "
+                                f"--out {path}`")
+    try:
+        with np.load(path) as f:
+            return dict(f)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable reference ({type(e).__name__}: {e}); remove it and rebuild it with "
+                         f"`python eval.py ref --data <eval data> --out {path}`")
 
 
-def check_reference_file(path, metrics):
-    """The reference exists and holds every metric asked for: checked before any network loads."""
-    if missing := [m for m in metrics if m not in (held := reference_metrics(path))]:
+def reference_metrics(ref):
+    """The metrics a reference holds statistics of (the keys of its settings)."""
+    return [m for m in FEATURE_METRICS if m in json.loads(str(ref["settings"]))]
+
+
+def check_reference(path, metrics, count=None, resolution=None, flag="--num-samples"):
+    """The reference exists, holds every metric asked for and, where given, as many images at the resolution as this
+    evaluation has (FID is biased by the count, every metric moves with resolution): checked before any network
+    loads. flag: the caller's command-line flag for the count, named in the error. -> the reference's arrays."""
+    ref = read_reference(path)
+    if missing := [m for m in metrics if m not in (held := reference_metrics(ref))]:
         raise ValueError(f"{path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass --metrics "
                          f"{','.join(held)}, or build a reference of {','.join(metrics)} with `python eval.py ref "
                          f"--metrics {','.join(metrics)} ...`")
+    if count is not None:
+        check_reference_size(ref, count, resolution, flag)
+    return ref
+
+
+def check_reference_size(ref, count, resolution, flag="--num-samples"):
+    n, r = int(ref["count"]), int(ref["resolution"])
+    if (count, resolution) != (n, r):
+        fixes = [f"use {flag} {n}"] * (count != n) + [
+            f"build a matching reference with `python eval.py ref --data <eval data> --num-samples {count} --out "
+            f"<file>`" + f" from eval data at {resolution} px (the built-in data: add --resolution {resolution})"
+            * (r != resolution)]
+        raise ValueError(f"the reference holds {n} images at {r} px but this evaluation has {count} at "
+                         f"{resolution} px; {', or '.join(fixes)}")
 
 
 class Metrics:
@@ -383,9 +411,8 @@ class Metrics:
     clip / dino: a hub id or folder to load, or a loaded model."""
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
-                 device="cpu"):
-        if ref_path:
-            check_reference_file(ref_path, metrics)  # before the networks load
+                 device="cpu", count=None, resolution=None, count_flag="--num-samples"):
+        ref = check_reference(ref_path, metrics, count, resolution, count_flag) if ref_path else None  # networks next
         self.metrics, self.device = tuple(metrics), torch.device(device)
         self.settings = {"eval_version": EVAL_VERSION}
         if "fid" in metrics:
@@ -402,7 +429,7 @@ class Metrics:
             self.settings["dino_mmd"] = (f"{self.dino.pretrained_cfg['architecture']} "
                                          f"{self.dino.patch_embed.img_size[0]}px "
                                          f"{fingerprint(self.dino.patch_embed.proj.weight)}")
-        self.ref = self.load_reference(ref_path) if ref_path else None
+        self.ref = self.check_settings(ref_path, ref) if ref_path else None
         self.reset()
 
     def reset(self):
@@ -411,8 +438,8 @@ class Metrics:
         self.fid_stats = GaussianStats(2048, self.device) if "fid" in self.metrics else None
         self.clip_emb, self.dino_emb = [], []
 
-    def load_reference(self, path):
-        ref = dict(np.load(path))
+    def check_settings(self, path, ref):
+        """The reference was made by these networks (their fingerprints) and this version of the metrics."""
         saved = json.loads(str(ref["settings"]))
         for key, value in self.settings.items():
             if saved.get(key) != value:
@@ -420,18 +447,6 @@ class Metrics:
                                  f"there, {value!r} here. Rebuild it: python eval.py ref --data <data> --num-samples "
                                  f"{int(ref['count'])} --metrics {','.join(self.metrics)} --out {path}")
         return ref
-
-    def check_reference(self, count, resolution, flag="--num-samples"):
-        """FID is biased by the sample count and every metric moves with resolution: compare like with like. flag:
-        the caller's command-line flag for the count, named in the error."""
-        n, r = int(self.ref["count"]), int(self.ref["resolution"])
-        if (count, resolution) != (n, r):
-            fixes = [f"use {flag} {n}"] * (count != n) + [
-                f"build a matching reference with `python eval.py ref --data <eval data> --num-samples {count} --out "
-                f"<file>`" + f" from eval data at {resolution} px (the built-in data: add --resolution {resolution})"
-                * (r != resolution)]
-            raise ValueError(f"the reference holds {n} images at {r} px but this evaluation has {count} at "
-                             f"{resolution} px; {', or '.join(fixes)}")
 
     @torch.no_grad()
     def update(self, images):
@@ -461,12 +476,14 @@ class Metrics:
 
     def save_reference(self, path):
         features = self.features()  # every rank takes part in the gathering; rank 0 writes
-        if not distributed() or dist.get_rank() == 0:
-            np.savez(path, **features)
+        if not distributed() or dist.get_rank() == 0:  # whole or not at all: a cut write leaves no file behind
+            with open(f"{path}.tmp", "wb") as f:
+                np.savez(f, **features)
+            os.replace(f"{path}.tmp", path)
 
     def compute(self):
         f = self.features()
-        self.check_reference(f["count"], f["resolution"])
+        check_reference_size(self.ref, f["count"], f["resolution"])
         result = {}
         if "fid" in self.metrics:
             result["fid"] = frechet_distance(f["fid_mu"], f["fid_cov"], self.ref["fid_mu"], self.ref["fid_cov"])
@@ -479,6 +496,18 @@ class Metrics:
 
 # ----------------------------------------------------------------------------------------------------------
 # The evaluation loop (train.py calls it too)
+
+def check_data_fits(model, split, data, flag):
+    """The evaluation data's text and images are what the model reads: a set prepared with another text encoder or
+    VAE is refused here, before any network loads, not at the first forward."""
+    width = split.encode([0])[0].shape[-1]  # (1, L, D)
+    schema = {} if data == "builtin" else read_index(data_dirs(data)[0])["schema"]
+    channels = schema["latent" if "latent" in schema else "image"]["shape"][0] if schema else 3
+    if (width, channels) != (model.cfg.context_dim, model.cfg.in_channels):
+        raise SystemExit(f"error: {flag}: gives {width}-wide text and {channels}-channel inputs, the model reads "
+                         f"{model.cfg.context_dim}-wide text and {model.cfg.in_channels} channels: evaluate on data "
+                         f"prepared like its training data (the same --vae and --text-encoder)")
+
 
 def load_decoder(cfg, data, resolution, device):
     """-> (shape of x0, decode: x0 -> uint8 images): pixel models directly, latent models through the data's VAE."""
@@ -574,18 +603,21 @@ def metric_list(text):
     return names
 
 
-def build_metrics(args, names, device):
-    """names None: the metrics the --ref file holds."""
+def build_metrics(args, names, device, count=None, resolution=None):
+    """names None: the metrics the --ref file holds. count, resolution: this evaluation's, which the reference must
+    match (checked before any network loads)."""
     if names is not None and not names:
         return None
     if not args.ref and args.command == "eval":
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
     try:
-        names = reference_metrics(args.ref) if names is None else names
+        if args.ref:
+            names = reference_metrics(read_reference(args.ref)) if names is None else names
+            check_reference(args.ref, names, count, resolution)
         dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) \
             if args.dino_weights and "dino_mmd" in names else DINO_ID
-        return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device)
+        return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device, count, resolution)
     except (ValueError, FileNotFoundError) as e:  # a reference or network file missing or unfit: each names its own
         raise SystemExit(f"error: {e}")
 
@@ -653,10 +685,10 @@ def evaluate_checkpoint(args, device):
     caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
+    check_data_fits(model, split, data, f"--data {data}" if args.data else f"the run's data ({data})")
     names = args.metrics if args.metrics is not None or args.ref else [] if data == "builtin" else list(FEATURE_METRICS)
-    metrics = build_metrics(args, names, device)  # --ref without --metrics: the metrics it holds
-    if metrics is not None:
-        metrics.check_reference(args.num_samples, train_args["resolution"])  # before sampling, not after
+    # --ref without --metrics: the metrics it holds, of as many images at the resolution as are sampled
+    metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"])
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       os.path.join(ckpt, "eval_samples.png"), **sampling)

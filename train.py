@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,10 +39,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_text, \
-    pad_to_common, parse_data_phases, positive, read_index
+    pad_to_common, parse_data_phases, positive, read_index, sample_space
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, setup_distributed, shift_t, \
     x0_to_velocity
-from model import CHECKSUMS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
+from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
     resume_configs, rope_at, rope_table, stage_config, trim_text, verify_checkpoint
 from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
@@ -135,7 +136,8 @@ def get_parser():
                    help="built-in text encoder: context window of each word (0 = word + position only)")
     g.add_argument("--caption-dropout", type=fraction, default=0.1, help="fraction trained on the empty prompt")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="small", help="preset: tiny, small, base, or <preset>-pixel (model.py)")
+    g.add_argument("--model", default="small", choices=[n + s for n in PRESETS for s in ("", "-pixel")],
+                   help="preset (model.py); -pixel: on images, not latents")
     g.add_argument("--hidden", type=count, default=None, help="override the preset's hidden size (heads = hidden/64)")
     g.add_argument("--depth", type=count, default=None, help="override the preset's depth")
     g.add_argument("--patch", type=count, default=None, help="override the preset's patch size")
@@ -264,6 +266,9 @@ def check_combinations(parser, args):
         parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
     if args.ema and not 0 < args.ema < 1:
         parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
+    if max(args.betas) >= 1:
+        parser.error(f"--betas {args.betas[0]:g} {args.betas[1]:g}: each must be below 1 (AdamW's averages of the "
+                     f"gradient and its square would never move)")
     for name in ("muon_ns_steps", "muon_lr"):
         if changed(name) and args.optimizer != "muon":
             parser.error(f"--{name.replace('_', '-')} is Muon's: it needs --optimizer muon")
@@ -318,6 +323,15 @@ def check_files(parser, args):
     if args.eval_data and not os.path.exists(os.path.join(args.eval_data, "index.json")):
         parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); prepare one with "
                      f"`python prepare.py --out {args.eval_data} --eval-fraction 1 ...`")
+    if args.eval_data:  # the model is sampled in --data's space and decoded with --eval-data's VAE: the same one
+        try:
+            differ = [key for key, value in sample_space(read_index(args.eval_data)).items()
+                      if not dirs or value != sample_space(read_index(dirs[0]))[key]]
+        except ValueError as e:  # a file cut short
+            parser.error(f"--eval-data {args.eval_data}: {e}")
+        if differ:
+            parser.error(f"--eval-data {args.eval_data}: its {', '.join(differ)} differ from --data {args.data}'s; "
+                         f"prepare it as --data was (the same --resolution, --vae and --text-encoder)")
     if args.eval_ref and not os.path.exists(args.eval_ref):
         parser.error(f"--eval-ref {args.eval_ref}: no such file; make it with `python eval.py ref --data <data> "
                      f"--num-samples {args.eval_samples} --out {args.eval_ref}`")
@@ -689,20 +703,20 @@ def load_perceptual(args, device):
     return nets
 
 
-def build_optimizers(args, trainee, log):
+def build_optimizers(args, trainee):
     """AdamW (PRX part 2), or Muon on the 2D weights inside the blocks and AdamW for the rest (muon.py); the REPA
-    projector last, on an AdamW of its own, so that REPA can be added or dropped on resume."""
+    projector last, on an AdamW of its own, so that REPA can be added or dropped on resume. -> (optimizers, with Muon
+    a line for the log saying which weights each takes, else None)."""
     adamw = dict(lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
                  fused=True)  # one kernel for all tensors, on CUDA and on the CPU
     projector = [torch.optim.AdamW(trainee.repa_proj.parameters(), **adamw)] if trainee.repa_proj else []
     if args.optimizer == "adamw":
-        return [torch.optim.AdamW(trainee.model.parameters(), **adamw)] + projector
+        return [torch.optim.AdamW(trainee.model.parameters(), **adamw)] + projector, None
     muon_params, adam_params = split_muon_params(trainee.model)
-    log(split_summary(muon_params, adam_params))
     ns_dtype = torch.bfloat16 if args.precision == "bf16" else None  # None: the device's (bf16 CUDA, fp32 CPU)
     return [Muon(muon_params, lr=args.muon_lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps,
                  ns_dtype=ns_dtype),
-            torch.optim.AdamW(adam_params, **adamw)] + projector
+            torch.optim.AdamW(adam_params, **adamw)] + projector, split_summary(muon_params, adam_params)
 
 
 def drop_repa(trainee, opt):
@@ -721,10 +735,9 @@ def setup_eval(args, cfg, device):
         caption = "short" if args.captions == "short" else "long"
         split = open_heldout(args.eval_data or args.data, args.eval_samples, caption, args.resolution, args.seed,
                              args.text_context)
-        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device) \
+        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
+                          count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples") \
             if args.eval_ref else None
-        if metrics is not None:
-            metrics.check_reference(args.eval_samples, args.resolution, "--eval-samples")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref}): {e}")
     shape, decode = load_decoder(cfg, args.eval_data or args.data, args.resolution, device)
@@ -941,20 +954,33 @@ def resume_changes(args, ckpt):
 
 
 def set_aside_newer(ckpt):
-    """Checkpoints after the one a resume starts from, and the configs of resumes from it or later
-    (config.resume-S.json, S >= its step), belong to an abandoned history: move them into
-    checkpoints/abandoned-<time>/ so that nothing picks them as the latest (model.stage_config) or overwrites them.
-    Called before this resume writes its own config."""
+    """Checkpoints after the one a resume starts from, the configs of resumes from it or later (config.resume-S.json,
+    S >= its step), the sample grids and eval.json of later steps and metrics.jsonl's later lines belong to an
+    abandoned history: move them (the lines: copy; RunLog then cuts them) into checkpoints/abandoned-<time>/ so that
+    nothing picks them as the latest (model.stage_config) or overwrites them. Called before this resume writes its
+    own config."""
     run, step = os.path.dirname(os.path.dirname(ckpt)), int(os.path.basename(ckpt)[5:])
     newer = [c for c in list_checkpoints(run) if int(os.path.basename(c)[5:]) > step]
     newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
-    if not newer:
+    if not newer:  # a resume from the latest checkpoint: what a killed run wrote after it, this one rewrites alike
         return None
+    newer += [os.path.join(run, name) for name in sorted(os.listdir(run))
+              if (m := re.fullmatch(r"samples_(\d+)\.png", name)) and int(m[1]) > step]
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        with open(os.path.join(run, "eval.json")) as f:
+            newer += [os.path.join(run, "eval.json")] * (json.load(f)["step"] > step)
     aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.makedirs(aside)
+    later = []
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run, "metrics.jsonl")) as f:
+        later = [line for line in f if line.endswith("}\n") and json.loads(line).get("step", 0) > step]
+    if later:
+        with open(os.path.join(aside, "metrics.jsonl"), "w") as f:
+            f.writelines(later)
     for c in newer:
         os.rename(c, os.path.join(aside, os.path.basename(c)))
-    return f"moved {', '.join(os.path.basename(c) for c in newer)} (a history after step {step}) to {aside}"
+    moved = [os.path.basename(c) for c in newer] + [f"metrics.jsonl's {len(later)} later lines"] * bool(later)
+    return f"moved {', '.join(moved)} (a history after step {step}) to {aside}"
 
 
 def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
@@ -1154,17 +1180,17 @@ def main(argv=None):
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
-    if world > 1:
-        dist.barrier()  # every rank has read the run folder (run_folder) before rank 0 moves or writes anything
-    moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
-    log = RunLog(out, master, config_of(args, cfg, world, n_params, device),
-                 int(os.path.basename(ckpt)[5:]) if ckpt else 0, resumed=same_run)
     if args.fsdp:  # before the optimizers, which then take the shards
         shard(trainee, ema, args.precision, args.compile)
-    opt = build_optimizers(args, trainee, log)
+    opt, split = build_optimizers(args, trainee)
+    # a checkpoint that does not fit stops the resume here, before the run folder is touched
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
-    for line in (note, moved, resume_changes(args, ckpt) if ckpt else None):
+    if world > 1:
+        dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
+    moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
+    log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
+    for line in (split, note, moved, resume_changes(args, ckpt) if ckpt else None):
         if line:
             log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
@@ -1217,7 +1243,9 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
-        if world > 1 and args.max_time:  # every rank must agree on when the time budget ends (a sync: only then)
+        # every rank must agree on when the time budget ends and when a timed evaluation (a collective) starts: a
+        # sync, only then
+        if world > 1 and (args.max_time or args.eval_minutes):
             budget = torch.tensor([train_time], dtype=torch.float64, device=device)
             dist.broadcast(budget, 0)
             train_time = budget.item()

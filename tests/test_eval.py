@@ -443,7 +443,7 @@ def write_run(run, model, step=10, captions="long", data="builtin"):
     return ckpt
 
 
-def test_cli_ref_then_eval_writes_json(tmp_path, capsys):
+def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     ckpt = write_run(tmp_path / "run", random_tiny_prx(), captions="mixed:0.5")
     tiny_clip().save_pretrained(tmp_path / "clip")
     common = ["--metrics", "cmmd", "--clip", str(tmp_path / "clip"), "--num-samples", "3", "--batch-size", "2"]
@@ -455,6 +455,11 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys):
     assert result["metrics"]["cmmd"] > 0 and result["sampling"] == dict(
         steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)  # the run's own
     assert os.path.exists(ckpt / "eval_samples.png")
+    with monkeypatch.context() as m:  # a reference of another count: refused before any network loads
+        m.setattr(ev, "load_clip", lambda *a: pytest.fail("CLIP loaded before the reference was checked"))
+        with pytest.raises(SystemExit, match=r"error: the reference holds 3 images at 32 px but this evaluation has 2 "
+                                             r"at 32 px; use --num-samples 3, or build a matching reference"):
+            ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[:4], "--num-samples", "2"])
     ev.main(["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "1", "--cfg-scale", "1.5", "--caption", "short",
              "--out", str(tmp_path / "eval.json")])  # no --metrics on the built-in data: the checker only
     result = json.loads((tmp_path / "eval.json").read_text())
@@ -497,6 +502,10 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
         with pytest.raises(SystemExit) as refused:
             ev.main(["sample", "--ckpt", str(ckpt), *argv])
         assert message in str(refused.value)
+    monkeypatch.setattr(ev, "build_metrics", lambda *a: pytest.fail("a network loaded before the data was checked"))
+    with pytest.raises(SystemExit, match=rf"error: --data {prepared[0] / 'out'}: gives 32-wide text and \d-channel "
+                                         rf"inputs, the model reads 64-wide text and 3 channels: evaluate on data"):
+        ev.main(["--ckpt", str(ckpt), "--data", str(prepared[0] / "out"), "--num-samples", "2"])
 
 
 def test_cli_sample_encodes_prompts_with_the_prepared_datas_t5gemma(prepared, tmp_path, monkeypatch):
@@ -560,31 +569,40 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
 
 
 def test_reference_mismatch_names_the_callers_flag():
-    holder = SimpleNamespace(ref={"count": 8, "resolution": 32})
+    holder = {"count": 8, "resolution": 32}
     with pytest.raises(ValueError, match="use --eval-samples 8"):
-        ev.Metrics.check_reference(holder, 16, 32, "--eval-samples")  # train.py's flag for the count
+        ev.check_reference_size(holder, 16, 32, "--eval-samples")  # train.py's flag for the count
     with pytest.raises(ValueError, match="use --num-samples 8"):
-        ev.Metrics.check_reference(holder, 16, 32)
+        ev.check_reference_size(holder, 16, 32)
     with pytest.raises(ValueError, match=r"at 64 px; build a matching reference with `python eval.py ref --data "
                                          r"<eval data> --num-samples 8 --out <file>` from eval data at 64 px \(the "
                                          r"built-in data: add --resolution 64\)$"):
-        ev.Metrics.check_reference(holder, 8, 64)  # the count is right: no "use --num-samples"
-    ev.Metrics.check_reference(holder, 8, 32)
+        ev.check_reference_size(holder, 8, 64)  # the count is right: no "use --num-samples"
+    ev.check_reference_size(holder, 8, 32)
 
 
 def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_path, monkeypatch):
     ref = ev.Metrics(None, ["cmmd"], clip=tiny_clip())
     ref.update(blocky_images(2, seed=1, size=28))
     ref.save_reference(tmp_path / "ref.npz")
+    assert not list(tmp_path.glob("*.tmp"))  # written whole, then renamed
     monkeypatch.setattr(ev, "load_inception", lambda *a: pytest.fail("a network loaded"))
+    monkeypatch.setattr(ev, "load_clip", lambda *a: pytest.fail("a network loaded"))
     with pytest.raises(ValueError, match="ref.npz holds cmmd, not fid: pass --metrics cmmd, or build"):
         ev.Metrics(tmp_path / "ref.npz", ["fid"])
+    with pytest.raises(ValueError, match="holds 2 images at 28 px but this evaluation has 3 at 28 px; use --eval-"):
+        ev.Metrics(tmp_path / "ref.npz", ["cmmd"], count=3, resolution=28, count_flag="--eval-samples")
+    whole = (tmp_path / "ref.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])  # a write cut short (before writes were atomic)
+    with pytest.raises(ValueError, match=r"cut.npz is not a readable reference \(BadZipFile.*remove it and rebuild"):
+        ev.Metrics(tmp_path / "cut.npz", ["cmmd"])
     with pytest.raises(FileNotFoundError, match=f"did you mean {tmp_path / 'ref'}.npz"):
         ev.Metrics(tmp_path / "ref", ["cmmd"])
     monkeypatch.setattr(ev, "load_dino", lambda *a, **k: pytest.fail("DINO loaded for CMMD"))
     monkeypatch.setattr(ev, "Metrics", lambda *a: a)
-    args = SimpleNamespace(ref="r.npz", command="eval", dino_weights="/no/such.safetensors", fid_weights=None, clip="c")
-    assert ev.build_metrics(args, ["cmmd"], "cpu")[-2] == ev.DINO_ID  # --dino-weights only for dino_mmd
+    args = SimpleNamespace(ref=tmp_path / "ref.npz", command="eval", dino_weights="/no/such.safetensors",
+                           fid_weights=None, clip="c")
+    assert ev.build_metrics(args, ["cmmd"], "cpu")[4] == ev.DINO_ID  # --dino-weights only for dino_mmd
 
 
 HEAP = """

@@ -248,6 +248,8 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--tread", "--eval-samples", "0", "--self-guidance", "1.5"], "--self-guidance shapes the run's evaluations"),
     (["--data", "/nonexistent", "--repa", "builtin"], "--repa builtin: the built-in teacher reads the built-in shapes"),
     (["--hidden", "96"], "--hidden 96: attention heads are 64 wide"),
+    (["--model", "huge"], "argument --model: invalid choice: 'huge' (choose from 'tiny', 'tiny-pixel', 'small'"),
+    (["--betas", "1", "0.95"], "--betas 1 0.95: each must be below 1"),
     (["--seed", "-1"], "argument --seed: must be in [0, inf)"),
     (["--optimizer", "muon", "--muon-ns-steps", "0"], "argument --muon-ns-steps"),
     (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
@@ -347,7 +349,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--ckpt-every", "2", "--keep", "5", "--resume",
                      str(out / "checkpoints" / "step_2"), "--lr", "1e-3"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "moved step_4 (a history after step 2)" in r.stdout
+    assert "moved step_4, metrics.jsonl's 2 later lines (a history after step 2)" in r.stdout
     aside = list((out / "checkpoints").glob("abandoned-*/step_4"))
     assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == old_step4
     assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_2", "step_4", "step_6"]
@@ -358,6 +360,23 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_
     assert sorted(losses(out)) == list(range(1, 7))
 
 
+def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(finished_run, tmp_path):
+    """A checkpoint whose optimizer state does not fit (here: none, its checksums made anew) stops the resume before
+    the newer checkpoint is set aside, a config written or metrics.jsonl cut."""
+    from model import file_sha256
+    out = copy_run(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_2"
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, ckpt / "trainer.pt")
+    (ckpt / CHECKSUMS).write_text(json.dumps({p.name: file_sha256(p) for p in ckpt.iterdir() if p.name != CHECKSUMS}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", str(ckpt)])
+    assert r.returncode != 0 and "step_2 does not fit this model, optimizer or loader (KeyError" in r.stderr, \
+        r.stderr[-1000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its_own(tmp_path):
     """Resumed from 1000 (trained to 1500), then from 500: the resume-1000 config goes aside with step_1000 and
     step_1500; the new step_1500's config is resume-500's, whatever the files' times (a copy resets them)."""
@@ -366,10 +385,18 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
         os.makedirs(run / "checkpoints" / f"step_{step}")
     for name in ("config.json", "config.resume-1000.json"):
         (run / name).write_text(name)
+    for step in (500, 1000):
+        (run / f"samples_{step}.png").write_text("grid")
+    (run / "eval.json").write_text(json.dumps({"step": 1500}))
+    lines = [json.dumps({"step": step}) + "\n" for step in (500, 1000, 1500)]
+    (run / "metrics.jsonl").write_text("".join(lines))
     moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
     aside = next((run / "checkpoints").glob("abandoned-*"))
-    assert moved == f"moved step_1000, step_1500, config.resume-1000.json (a history after step 500) to {aside}"
-    assert sorted(p.name for p in aside.iterdir()) == ["config.resume-1000.json", "step_1000", "step_1500"]
+    assert moved == f"moved step_1000, step_1500, config.resume-1000.json, samples_1000.png, eval.json, " \
+                    f"metrics.jsonl's 2 later lines (a history after step 500) to {aside}"
+    assert sorted(p.name for p in aside.iterdir()) == ["config.resume-1000.json", "eval.json", "metrics.jsonl",
+                                                       "samples_1000.png", "step_1000", "step_1500"]
+    assert (aside / "metrics.jsonl").read_text() == "".join(lines[1:]) and (run / "samples_500.png").exists()
     (run / "config.resume-500.json").write_text("resume-500")
     os.makedirs(run / "checkpoints" / "step_1500")
     os.utime(run / "config.json", (2e9, 2e9))  # the first run's config now looks the most recent
@@ -378,7 +405,8 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     assert train.set_aside_newer(str(run / "checkpoints" / "step_1500")) is None
     # from step 500 once more: the resume made there is history too (the new one writes its own resume-500)
     moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
-    assert moved.startswith("moved step_1500, config.resume-500.json (a history after step 500)")
+    assert moved.startswith("moved step_1500, config.resume-500.json, metrics.jsonl's 2 later lines (a history after "
+                            "step 500)")  # the lines: RunLog cuts them from the run's file
 
 
 def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_run, tmp_path):
@@ -402,10 +430,16 @@ def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_ru
     assert sorted(losses(branch)) == [3, 4] and losses(branch)[4] == losses(src)[4]  # the same run, continued
 
 
-def test_an_evaluation_that_cannot_start_leaves_no_run_folder(prepared, tmp_path):
+def test_an_evaluation_that_cannot_start_leaves_no_run_folder(prepared, tmp_path, capsys):
     from data import PreparedDataset
-    held = len(PreparedDataset(prepared[0] / "out", "eval"))
-    r = run([*SMALL[:-4], "--warmup", "5", "--eval-samples", str(held + 1), "--eval-data", str(prepared[0] / "out"),
+    out = prepared[0] / "out"
+    with pytest.raises(SystemExit):  # the built-in data's model cannot read T5Gemma's text nor decode latents
+        train.get_args(["--track", "cpu", "--eval-data", str(out)])
+    assert f"--eval-data {out}: its latent shape, image shape, VAE, latent normalisation, text width differ from " \
+           f"--data builtin's" in capsys.readouterr().err
+    held = len(PreparedDataset(out, "eval"))
+    r = run(["--data", str(out), "--model", "tiny", "--resolution", "32", "--hidden", "64", "--depth", "2",
+             "--batch-size", "8", "--micro-batch", "8", "--eval-samples", str(held + 1), "--eval-data", str(out),
              "--out", str(tmp_path / "run"), "--max-steps", "1"])
     assert r.returncode != 0 and f"fewer than the {held + 1} asked for" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "run").exists()  # so the same command, mended, runs without --resume
@@ -889,10 +923,10 @@ def test_muon_ns_steps_and_precision_reach_muon():
     for precision, ns_dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # None: fp32 on the CPU (test_muon)
         args = train.get_args(["--track", "cpu", "--optimizer", "muon", "--muon-ns-steps", "3",
                                "--precision", precision])
-        muon_opt, _ = train.build_optimizers(args, trainee, lambda *_: None)
+        muon_opt, _ = train.build_optimizers(args, trainee)[0]
         assert muon_opt.defaults["ns_steps"] == 3  # what Muon.step iterates (test_muon: against torch.optim.Muon's)
         assert muon_opt.ns_dtype == ns_dtype  # Newton-Schulz in the run's precision
-    adamw_opt = train.build_optimizers(train.get_args(["--track", "cpu"]), trainee, lambda *_: None)[0]
+    adamw_opt = train.build_optimizers(train.get_args(["--track", "cpu"]), trainee)[0][0]
     assert adamw_opt.defaults["fused"]  # on every device: test_fused_adamw_steps_as_the_default_implementation
 
 
@@ -907,7 +941,7 @@ def test_muon_lr_moves_muon_weights_by_its_ratio_and_the_rest_as_before():
             for p in model.parameters():
                 p.normal_(0, 0.1)
         trainee, before = train.Trainee(model), [p.detach().clone() for p in model.parameters()]
-        opt = train.build_optimizers(args, trainee, lambda *_: None)
+        opt = train.build_optimizers(args, trainee)[0]
         train.train_step(args, 0, train.learning_rate(args, 0, 0.0), trainee, opt, loader, None, 0, 1)
         moves.append([p.detach() - p0 for p, p0 in zip(model.parameters(), before)])
     muon = {id(p) for p in train.split_muon_params(model)[0]}
