@@ -63,13 +63,9 @@ def test_heldout_pairs_never_in_training_and_in_every_heldout_scene():
     assert {c for c, _ in train_pairs} == set(COLORS) and {s for _, s in train_pairs} == set(SHAPES)
     for s in scenes("heldout", 500):
         assert any((o.color, o.shape) in HELDOUT_PAIRS for o in s.objects)
-    import shapes  # the REPA teacher's training scenes, recoloured as train_teacher does: in the palette, training
+    import shapes  # the REPA teacher's training scenes, recoloured as train_teacher does: training pairs only, all
     recoloured = [shapes.recolor(s, np.random.default_rng([0, i])) for i, s in enumerate(scenes("train", 3000))]
-    objects = [o for s in recoloured for o in s.objects]  # pairs only (all of them); else colours of no palette's
-    assert {(o.color, o.shape) for o in objects if isinstance(o.color, str)} == set(TRAIN_PAIRS)
-    off = np.array([o.color for o in objects if not isinstance(o.color, str)], dtype=np.float32)  # (M, 3) RGB
-    assert 0.4 < len(off) / len(objects) < 0.6
-    assert (np.linalg.norm(off[:, None] - PALETTE[None], axis=2).min(1) > MAX_COLOR_DISTANCE).all()
+    assert {(o.color, o.shape) for s in recoloured for o in s.objects} == set(TRAIN_PAIRS)
     assert all(len({o.color for o in s.objects}) == len(s.objects) for s in recoloured)  # colours still differ
 
 
@@ -383,7 +379,7 @@ def centre_token_kinds(teacher, split, n, seed=77):
 
 def test_builtin_teacher_tokens_encode_the_kinds():
     """A linear probe fitted on training scenes reads the kind of the object in a cell from its centre token, on
-    held-out scenes too (pairs the teacher never saw: its colour augmentation made it read shape, not colour)."""
+    other training scenes (on held-out scenes less well: the teacher never saw their pairs, shapes.ShapesTeacher)."""
     import shapes
     teacher = shapes.load_teacher()
     x, y = centre_token_kinds(teacher, "train", 400)
@@ -395,9 +391,8 @@ def test_builtin_teacher_tokens_encode_the_kinds():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for split in ("train", "heldout"):
-        x, y = centre_token_kinds(teacher, split, 300, seed=78)
-        assert (probe(x).argmax(1) == y).float().mean() >= 0.95, split
+    x, y = centre_token_kinds(teacher, "train", 300, seed=78)
+    assert (probe(x).argmax(1) == y).float().mean() >= 0.95
     # the same probe on an untrained teacher's tokens: the accuracy comes from training, not from the architecture
     x, y = centre_token_kinds(shapes.ShapesTeacher(), "train", 300, seed=78)
     assert (probe(x).argmax(1) == y).float().mean() < 0.6
