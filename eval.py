@@ -395,6 +395,7 @@ def check_reference(path, metrics, count=None, resolution=None, flag="--num-samp
 
 
 def check_reference_size(ref, count, resolution, flag="--num-samples"):
+    """FID is biased by the sample count and every metric moves with resolution: compare like with like."""
     n, r = int(ref["count"]), int(ref["resolution"])
     if (count, resolution) != (n, r):
         fixes = [f"use {flag} {n}"] * (count != n) + [
