@@ -613,11 +613,12 @@ def build_metrics(args, names, device, count=None, resolution=None):
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
     try:
-        if args.ref:
-            names = reference_metrics(read_reference(args.ref)) if names is None else names
-            check_reference(args.ref, names, count, resolution)
-        dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights)) \
-            if args.dino_weights and "dino_mmd" in names else DINO_ID
+        names = reference_metrics(read_reference(args.ref)) if names is None else names
+        dino = DINO_ID  # Metrics loads it after checking the reference; a weights file is loaded here, so check first
+        if args.dino_weights and "dino_mmd" in names:
+            if args.ref:
+                check_reference(args.ref, names, count, resolution)
+            dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights))
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device, count, resolution)
     except (ValueError, FileNotFoundError) as e:  # a reference or network file missing or unfit: each names its own
         raise SystemExit(f"error: {e}")

@@ -953,6 +953,17 @@ def resume_changes(args, ckpt):
            f"{'; '.join(changed)}" if changed else None
 
 
+def split_metrics(path, step):
+    """metrics.jsonl's whole lines (a torn last one in neither) -> (those up to `step`, those after it); ([], [])
+    without the file."""
+    kept, later = [], []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            if line.endswith("}\n"):
+                (kept if json.loads(line).get("step", 0) <= step else later).append(line)
+    return kept, later
+
+
 def set_aside_newer(ckpt):
     """Checkpoints after the one a resume starts from, the configs of resumes from it or later (config.resume-S.json,
     S >= its step), the sample grids and eval.json of later steps and metrics.jsonl's later lines belong to an
@@ -971,9 +982,7 @@ def set_aside_newer(ckpt):
             newer += [os.path.join(run, "eval.json")] * (json.load(f)["step"] > step)
     aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.makedirs(aside)
-    later = []
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run, "metrics.jsonl")) as f:
-        later = [line for line in f if line.endswith("}\n") and json.loads(line).get("step", 0) > step]
+    later = split_metrics(os.path.join(run, "metrics.jsonl"), step)[1]
     if later:
         with open(os.path.join(aside, "metrics.jsonl"), "w") as f:
             f.writelines(later)
@@ -1062,8 +1071,7 @@ class RunLog:
                     self.file.write(f"=== {name}\n{f.read()}\n")
         self.file.write(f"=== {os.path.basename(config_path)}\n" + json.dumps(config, indent=2) + "\n")
         if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if line.endswith("}\n") and json.loads(line).get("step", 0) <= start_step]
+            kept = split_metrics(self.metrics_path, start_step)[0]
             with open(self.metrics_path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.metrics_path + ".tmp", self.metrics_path)
