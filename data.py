@@ -404,9 +404,11 @@ class ShardLoader:
         while len(self.pending) < self.prefetch:  # planned here, read by the worker
             plan = self.plan(self.planned)
             self.pending.append((self.worker.submit(self.load, *plan), copy.deepcopy(self.planned)))
-        future, self.state = self.pending.popleft()
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in future.result().items()}
+        future, state = self.pending[0]
+        loaded = future.result()  # a read error leaves state_dict() at the last batch returned
+        self.pending.popleft()
+        self.state = state
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in loaded.items()}
         if "latent" in batch:
             batch["latent"] = batch["latent"].view(torch.bfloat16).float()
         return batch

@@ -307,8 +307,12 @@ class PRX(nn.Module):
     def from_preset(cls, name, resolution=256, **overrides):
         return cls(preset_config(name, resolution, **overrides))
 
-    def check_inputs(self, x, t, txt, txt_mask):
+    def check_inputs(self, x, t, txt, txt_mask, route_ratio, repa_layer):
         cfg, p = self.cfg, self.cfg.patch_size
+        if not 0 <= route_ratio < 1:
+            raise ValueError(f"route_ratio must be in [0, 1) (the share of image tokens routed), got {route_ratio}")
+        if repa_layer is not None and not 0 <= repa_layer < cfg.depth:
+            raise ValueError(f"repa_layer must be a block index in [0, {cfg.depth}), got {repa_layer}")
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % p or x.shape[3] % p:
             raise ValueError(f"x must be [B, {cfg.in_channels}, H, W] with H and W divisible by the patch size {p}, "
                              f"got {list(x.shape)}")
@@ -327,7 +331,7 @@ class PRX(nn.Module):
         each sample keeps its lowest-scoring tokens, route_scores (B, H/p * W/p), drawn uniformly when None.
         repa_layer=i also returns the image tokens after block i and their positions (None = all tokens)."""
         cfg, p = self.cfg, self.cfg.patch_size
-        self.check_inputs(x, t, txt, txt_mask)
+        self.check_inputs(x, t, txt, txt_mask, route_ratio, repa_layer)
         txt_mask = None if txt_mask is None else txt_mask.bool()  # tokenizers give 0/1 integers (diffusers: the same)
         if not torch.compiler.is_compiling():
             txt, txt_mask = trim_text(txt, txt_mask)

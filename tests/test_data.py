@@ -172,6 +172,24 @@ def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared):
     assert other.load_state_dict(state) == [str(out.parent / "out_pq")]  # a new dataset starts at its first sample
 
 
+def test_a_read_error_leaves_the_position_at_the_last_batch_returned(prepared, monkeypatch):
+    """A batch that fails to load is not counted as drawn: a checkpoint saved after the error resumes with it."""
+    loader = data.ShardLoader(str(prepared[0] / "out"), 4, seed=1)
+    next(loader)
+    state, load = loader.state_dict(), loader.load
+    reference = data.ShardLoader(str(prepared[0] / "out"), 4, seed=1)
+    reference.load_state_dict(state)
+    expected = next(reference)["id"]
+    loader.load_state_dict(state)  # drops the batches read ahead, so the next ones go through the broken reader
+    monkeypatch.setattr(loader, "load", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        next(loader)
+    assert loader.state_dict() == state
+    monkeypatch.setattr(loader, "load", load)
+    loader.load_state_dict(loader.state_dict())
+    assert next(loader)["id"] == expected
+
+
 def test_datasets_of_another_space_are_not_mixed(prepared, tmp_path):
     root, _ = prepared
     for name, edit, what in [("vae", lambda i: i["settings"].update(vae="repa-e"), "VAE"),

@@ -262,6 +262,10 @@ def test_non_square_and_bad_inputs():
         model(x, t[:2], txt, mask)
     with pytest.raises(ValueError, match=r"route_scores must be \[B, H/p \* W/p\] = \[3, 21\]"):
         model(x, t, txt, mask, route_ratio=0.5, route_scores=torch.rand(3, 20))
+    with pytest.raises(ValueError, match=r"route_ratio must be in \[0, 1\)"):
+        model(x, t, txt, mask, route_ratio=1.0)
+    with pytest.raises(ValueError, match=r"repa_layer must be a block index in \[0, 4\)"):
+        model(x, t, txt, mask, repa_layer=cfg.depth)
 
 
 @pytest.mark.parametrize("bottleneck", [None, 48])
