@@ -102,6 +102,20 @@ def test_mixtures_and_phases(prepared):
     assert set.union(*[in_b(next(mixed)) for _ in range(3)]) == {False, True}
 
 
+def test_mixture_weights_and_the_long_caption_share_are_the_draw_probabilities(prepared):
+    """Weights 0.9 / 0.1 draw the second dataset a tenth of the time, mixed:0.2 the long caption a fifth: over 400
+    draws each, within 4 binomial sds (0.06 and 0.08)."""
+    root, _ = prepared
+    stored = {**stored_samples(root / "out"), **stored_samples(root / "out_pq")}
+    longs = {s.string("caption_long", r) for s, r in stored.values()}
+    loader = data.ShardLoader(f"{root / 'out'}:0.9,{root / 'out_pq'}:0.1", batch_size=8, captions="mixed:0.2")
+    batches = [next(loader) for _ in range(50)]
+    ids = [i for b in batches for i in b["id"]]
+    captions = [c for b in batches for c in b["caption"]]
+    assert abs(sum(i.startswith("pq") for i in ids) / len(ids) - 0.1) < 0.06
+    assert abs(sum(c in longs for c in captions) / len(captions) - 0.2) < 0.08
+
+
 def test_mixture_and_mixed_captions_draw_the_same_on_any_number_of_processes(prepared):
     """A step's datasets and caption lengths depend on the global micro-batch, not on the rank's loader calls: one
     process accumulating 2 micro-batches reads what 2 processes read, and a resume on the other count continues it."""
@@ -221,6 +235,9 @@ def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path):
     (long_only / "index.json").write_text(json.dumps({**index, "captions": ["long"]}))
     with pytest.raises(SystemExit, match=f"error: --data {long_only} --captions short: .* need \\['short'\\]"):
         train.main(["--data", str(long_only), "--captions", "short", "--model", "tiny", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="--foreground-weight needs pixel-space data"):  # latents: no background
+        train.main(["--data", str(prepared[0] / "out"), "--model", "tiny", "--foreground-weight", "2",
+                    "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
 
 

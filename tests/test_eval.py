@@ -322,6 +322,16 @@ def test_sampler_lands_on_the_guided_point(pred, w):
     torch.testing.assert_close(x0, expected[:, None, None, None].expand_as(x0), atol=1e-5, rtol=1e-5)
 
 
+def test_x0_to_velocity_clamps_t_at_x_pred_min_t_for_floats_and_tensors():
+    """The sampler passes t as a float, training as a tensor: both divide by max(t, 0.05) (JiT)."""
+    x_t, x0 = torch.full((2, 1, 1, 1), 3.0), torch.ones(2, 1, 1, 1)
+    assert ev.X_PRED_MIN_T == 0.05
+    torch.testing.assert_close(ev.x0_to_velocity(x_t, x0, 0.01), torch.full_like(x0, 2 / 0.05))
+    torch.testing.assert_close(ev.x0_to_velocity(x_t, x0, 0.5), torch.full_like(x0, 2 / 0.5))
+    t = torch.tensor([0.01, 0.5])[:, None, None, None]
+    torch.testing.assert_close(ev.x0_to_velocity(x_t, x0, t), 2 / torch.tensor([0.05, 0.5])[:, None, None, None])
+
+
 def test_timesteps_follow_the_training_shift():
     t = torch.linspace(1, 0, 11)
     torch.testing.assert_close(ev.timesteps(10, 3.0), 3 * t / (1 + 2 * t))

@@ -240,6 +240,7 @@ def test_presets_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(small) == count(theirs) == 1_170_691_648
     assert count(tiny) <= 5_000_000
+    assert count(PRX.from_preset("tiny-pixel", resolution=32, context_dim=64)) == 1_581_616  # the README's first run
     assert pixel.cfg.patch_size == 32 and pixel.cfg.bottleneck_size == 256 and pixel.cfg.in_channels == 3
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("huge")

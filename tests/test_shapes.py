@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -382,6 +383,7 @@ def test_builtin_teacher_tokens_encode_the_kinds():
     other training scenes (on held-out scenes less well: the teacher never saw their pairs, shapes.ShapesTeacher)."""
     import shapes
     teacher = shapes.load_teacher()
+    assert sum(p.numel() for p in teacher.parameters()) == 38_880  # the README's figure
     x, y = centre_token_kinds(teacher, "train", 400)
     torch.manual_seed(0)
     probe = torch.nn.Linear(x.shape[1], len(SHAPES))
@@ -399,9 +401,9 @@ def test_builtin_teacher_tokens_encode_the_kinds():
 
 
 def test_builtin_teacher_file_is_what_its_command_trains():
-    """`python shapes.py teacher` (seed, steps, one thread) reproduces the committed weights: exactly on the AVX-512
-    CPU that made them; another CPU rounds differently and its 1,200 steps end up to 27% away in a tensor (relative
-    Frobenius distance, seen: AVX-512 against AVX2), where another seed is about 200% away."""
+    """`python shapes.py teacher` (seed, steps, one thread) reproduces the committed weights: exactly on the kind of
+    CPU that made them (AVX-512 with AMX); another CPU rounds differently and its 1,200 steps end up to 27% away in a
+    tensor (relative Frobenius distance, seen: AVX-512 against AVX2), where another seed is about 200% away."""
     import shapes
     from safetensors.torch import load_file
     teacher, _ = shapes.train_teacher()
@@ -409,6 +411,9 @@ def test_builtin_teacher_file_is_what_its_command_trains():
     assert committed.keys() == teacher.state_dict().keys()
     distance = {k: ((v - committed[k]).norm() / committed[k].norm()).item() for k, v in teacher.state_dict().items()}
     assert max(distance.values()) < 0.3, distance
+    units = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if "avx512f" in units and "amx_bf16" in units:  # the kind of CPU that made the file: bit for bit
+        assert all(torch.equal(v, committed[k]) for k, v in teacher.state_dict().items()), distance
 
 
 def test_token_labels_follow_the_objects():

@@ -106,6 +106,16 @@ def test_lr_schedule_warmup_constant_cooldown(tmp_path):
     assert [lrs[s] for s in range(1, 11)] == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_cooldown_follows_the_clock_when_the_time_budget_ends_first():
+    """--cooldown's progress is the step or the training time, whichever is nearer its budget (--max-time minutes)."""
+    args = argparse.Namespace(lr=1.0, warmup=1, cooldown=0.5, max_steps=10 ** 9, max_time=10)
+    assert train.learning_rate(args, 5, 150) == 1.0  # a quarter of the 600 s: before the cooldown
+    assert train.learning_rate(args, 5, 450) == pytest.approx(0.5)  # 3/4 of the way: half way down
+    assert train.learning_rate(args, 5, 600) == 0.0
+    args.max_time, args.max_steps = None, 100  # no time budget: the steps alone
+    assert train.learning_rate(args, 75, 10 ** 6) == pytest.approx(0.5)
+
+
 def test_killed_run_resumes_exactly(tmp_path):
     args = SMALL + ["--max-steps", "30", "--ckpt-every", "10", "--keep", "5", "--tread"]
     ref = run(args + ["--out", str(tmp_path / "ref")])
@@ -138,10 +148,12 @@ def test_first_run_writes_the_run_folder(tmp_path):
     config = json.load(open(out / "config.json"))
     assert config["args"]["hidden"] == 64 and "torch" in config["versions"] and config["model"]["hidden_size"] == 64
     result = json.load(open(out / "eval.json"))
-    assert 0 <= result["caption_accuracy"] <= result["color_region_accuracy"] <= 1
+    assert 0 <= result["caption_accuracy"] <= result["color_region_accuracy"] <= 1 and result["data"] == "builtin"
     assert (out / "samples_4.png").exists() and (out / "checkpoints" / "step_4" / "ema.safetensors").exists()
     log = open(out / "log.txt").read()
-    assert log.startswith("=== ") and all(f"=== {name}\n" in log for name in ("train.py", "model.py", "shapes.py"))
+    sources = sorted(name for name in os.listdir(ROOT) if name.endswith(".py"))
+    assert len(sources) >= 8 and log.startswith("=== ")
+    assert all(f"=== {name}\n{open(os.path.join(ROOT, name)).read()}\n" in log for name in sources)  # each, whole
     assert "step 4/4 | loss" in r.stdout and "grad_norm" in r.stdout
     from model import PRXConfig, flops_per_sample
     record = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][-1]
@@ -152,6 +164,41 @@ def test_first_run_writes_the_run_folder(tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     times = [0.0] + [r["train_time_s"] for r in records]  # one line a step (--log-every 1), batch 16
     assert all(r["samples_per_s"] * (t1 - t0) == pytest.approx(16) for r, t0, t1 in zip(records, times, times[1:]))
+
+
+def test_the_logged_flops_and_utilisation_are_3_forwards_a_sample_over_the_peak(tmp_path, monkeypatch):
+    """flops/s = 3 x model.flops_per_sample x samples/s (the backward costs two forwards); mfu = flops/s / the peak
+    measured at start; samples/s counts the global batch over training time."""
+    monkeypatch.setattr(train, "flops_per_sample", lambda *a: 1e6)
+    monkeypatch.setattr(train, "matmul_peak", lambda device: 1e9)
+    train.main(SMALL + ["--max-steps", "3", "--out", str(tmp_path / "r")])
+    records = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl") if '"loss"' in line]
+    assert len(records) == 3
+    for r in records:
+        assert r["flops_per_s"] == pytest.approx(3e6 * r["samples_per_s"]) and r["mfu"] == pytest.approx(
+            r["flops_per_s"] / 1e9)
+
+
+def test_evaluations_checkpoints_and_the_compile_warm_up_are_off_the_clock(tmp_path, monkeypatch):
+    """Each of them moves a fake clock 1,000 s ahead: the logged training time never sees those seconds."""
+    real, offset = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+
+    def pause(result):
+        def paused(*a, **kw):
+            offset[0] += 1000.0
+            return result(*a, **kw)
+        return paused
+    monkeypatch.setattr(train, "setup_eval", lambda *a: pause(lambda model, grid: {"object_accuracy": 0.0}))
+    monkeypatch.setattr(train, "save_run_checkpoint", pause(train.save_run_checkpoint))
+    monkeypatch.setattr(train, "compile_warmup", pause(lambda *a: (0, 0.0)))
+    monkeypatch.setattr(train, "compile_model", lambda model: model)
+    train.main(SMALL + ["--max-steps", "4", "--eval-every", "1", "--eval-samples", "2", "--ckpt-every", "1",
+                        "--compile", "--out", str(tmp_path / "r")])
+    assert offset[0] == 1000.0 * (1 + 4 + 4)  # the warm-up, 4 evaluations, 4 checkpoints
+    with open(tmp_path / "r" / "metrics.jsonl") as f:
+        clock = [r["train_time_s"] for r in map(json.loads, f)]
+    assert len(clock) == 8 and max(clock) < 100  # 4 steps and 4 evaluations; a pause on the clock would add 1,000
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -648,7 +695,9 @@ def objective_args(**kw):
 
 
 def test_interpolation_and_flow_target():
-    x0, eps, t, x_t, *_ = train.micro_batch(objective_args(), FakeLoader(), 0, 0, torch.device("cpu"))
+    loader = FakeLoader()
+    x0, eps, t, x_t, *_, images = train.micro_batch(objective_args(), loader, 0, 0, torch.device("cpu"))
+    assert torch.equal(x0, loader.images.float() / 127.5 - 1) and torch.equal(images, x0)  # pixels in [-1, 1]
     tt = t[:, None, None, None]
     assert torch.equal(x_t, (1 - tt) * x0 + tt * eps)  # t = 0 data, t = 1 noise (REFERENCE 3)
     v = eps - x0
@@ -697,6 +746,14 @@ def test_contrastive_flow_matching_pushes_from_another_samples_target():
     v = eps - x0
     expected = sum((pred[i] - v[i]).square().mean() - 0.1 * (pred[i] - v[i - 1]).square().mean() for i in range(3)) / 3
     assert torch.isclose(train.flow_loss(pred, x0, eps, x_t, t, "v", cfm=0.1), expected, rtol=1e-5)
+    # with x-prediction both errors are taken in velocity space: v_hat = (x_t - x0_hat) / t (t >= 0.05 here)
+    x0_hat, tt = x0 + pred, t.clamp_min(0.05)[:, None, None, None]
+    t = t.clamp_min(0.05)
+    x_t = (1 - tt) * x0 + tt * eps
+    v_hat = (x_t - x0_hat) / tt
+    expected = sum((v_hat[i] - v[i]).square().mean() - 0.1 * (v_hat[i] - v[i - 1]).square().mean()
+                   for i in range(3)) / 3
+    assert torch.isclose(train.flow_loss(x0_hat, x0, eps, x_t, t, "x", cfm=0.1), expected, rtol=1e-4)
     one = slice(0, 1)  # a batch of one has no other sample: plain flow matching (PRX)
     assert train.flow_loss(pred[one], x0[one], eps[one], x_t[one], t[one], "v", cfm=0.1) == \
         train.flow_loss(pred[one], x0[one], eps[one], x_t[one], t[one], "v")
@@ -721,13 +778,18 @@ def test_ema_update_closed_form():
     assert all(torch.allclose(e, x) for e, x in zip(ema.parameters(), expected))
 
 
-def test_ema_every_k_steps_applies_the_decay_once_per_update(tmp_path):
+def test_ema_every_k_steps_applies_the_decay_once_per_update(tmp_path, monkeypatch):
     """PRX's "0.999 every 10 steps" is 0.999 per update: after 2 steps with --ema-every 2 the EMA is
     0.9 init + 0.1 w_2, not 0.9^2 init + (1 - 0.9^2) w_2."""
-    out = tmp_path / "r"
-    train.main(SMALL + ["--ema", "0.9", "--ema-every", "2", "--max-steps", "2", "--out", str(out)])
+    out, evaluated = tmp_path / "r", []
+    monkeypatch.setattr(train, "setup_eval", lambda *a: lambda model, grid: evaluated.append(
+        {k: v.clone() for k, v in model.state_dict().items()}) or {"object_accuracy": 0.0})
+    train.main(SMALL + ["--ema", "0.9", "--ema-every", "2", "--max-steps", "2", "--out", str(out),
+                        "--eval-samples", "2"])
     ckpt = out / "checkpoints" / "step_2"
     w2, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    assert len(evaluated) == 1 and all(torch.equal(evaluated[0][k], ema[k]) for k in ema)  # evaluations use the EMA
+    assert all(torch.equal(v, ema[k]) for k, v in load_run(str(out))[0].state_dict().items())  # so does eval.py
     model, _, _ = load_run(str(out), weights="model")
     torch.manual_seed(0)
     init = type(model)(model.cfg).state_dict()
@@ -928,6 +990,26 @@ def test_muon_ns_steps_and_precision_reach_muon():
         assert muon_opt.ns_dtype == ns_dtype  # Newton-Schulz in the run's precision
     adamw_opt = train.build_optimizers(train.get_args(["--track", "cpu"]), trainee)[0][0]
     assert adamw_opt.defaults["fused"]  # on every device: test_fused_adamw_steps_as_the_default_implementation
+
+
+def test_optimizer_flags_reach_every_optimizer():
+    """--betas, --eps and --weight-decay reach AdamW (the model's, the REPA projector's) and Muon (its decay)."""
+    trainee = train.Trainee(PRX(preset_config("tiny", 32, in_channels=3, context_dim=8)), "mlp", 16, 1)
+    flags = ["--track", "cpu", "--betas", "0.8", "0.9", "--eps", "1e-6", "--weight-decay", "0.1"]
+    for optimizer in ("adamw", "muon"):
+        opts = train.build_optimizers(train.get_args(flags + ["--optimizer", optimizer]), trainee)[0]
+        adamws = [o for o in opts if isinstance(o, torch.optim.AdamW)]
+        assert len(adamws) == 2 and len(opts) == (2 if optimizer == "adamw" else 3)  # model (Muon: the rest), projector
+        assert all(tuple(o.defaults["betas"]) == (0.8, 0.9) and o.defaults["eps"] == 1e-6
+                   and o.defaults["weight_decay"] == 0.1 for o in adamws)
+        assert all(o.defaults["weight_decay"] == 0.1 for o in opts)
+
+
+def test_the_default_repa_layer_is_prx_s_7_of_16_scaled_to_the_depth():
+    for depth, layer in ((16, 7), (4, 1), (2, 0)):
+        args = train.get_args(["--track", "cpu", "--repa", "builtin", "--depth", str(depth)])
+        loader = train.open_training_data(args, 0, 1, torch.device("cpu"))[0]
+        assert train.build_model(args, loader, torch.device("cpu"))[3].repa_layer == layer
 
 
 def test_muon_lr_moves_muon_weights_by_its_ratio_and_the_rest_as_before():
