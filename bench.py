@@ -607,11 +607,11 @@ def train_rows(s, peak_tflops):
 
 
 def gpu_check(out, peak_tflops):
-    """Every GPU figure of the project in one markdown table, each row printed and written to `out` as soon as it is
-    measured: a failure keeps the rows before it."""
+    """Every GPU figure of the project in one markdown table, each row printed and written to `out`.partial as soon as
+    it is measured, which becomes `out` at the end: a failure keeps the rows before it and an earlier `out` whole."""
     s = GPU_CHECK
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    with open(out, "w") as f:
+    with open(f"{out}.partial", "w") as f:
         def emit(*rows):
             for row in rows:
                 if not isinstance(row, str):
@@ -636,6 +636,7 @@ def gpu_check(out, peak_tflops):
         emit(*rows)
         emit(optimizer_row(ours, s))
         emit(loader_row(s, step_s))
+    os.replace(f"{out}.partial", out)
 
 
 def bench_gpu(args):

@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     *) echo "speedrun.sh: unknown option $1 (usage at the top of speedrun.sh)" >&2; exit 2 ;;
   esac
 done
-PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, samples, steps, cfg, runs
+PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, samples, steps, cfg, runs, lower
 eval "$PROTOCOL"
 if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
 RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$target}
@@ -43,6 +43,10 @@ if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAM
        "refuse); choose another NAME or remove them" >&2
   exit 1
 fi
+if [ -n "${BESIDE:-}" ] && [ "$BESIDE" != 1 ]; then
+  echo "speedrun.sh: BESIDE=$BESIDE: set BESIDE=1 to run the record configuration beside yours, or leave it unset" >&2
+  exit 1
+fi
 if [ -n "${BESIDE:-}" ] && [[ $TRACK == *gpu ]]; then  # one run at a time: none could start with the candidate's
   echo "speedrun.sh: BESIDE is for the CPU track, whose machines differ; a GPU track's hardware is fixed" >&2
   exit 1
@@ -50,6 +54,16 @@ fi
 if [ "$KIND" = record ] && [ -z "$target" ]; then
   echo "speedrun.sh: the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first" >&2
   exit 1
+fi
+if [ "$KIND" = record ] && ! awk -v stop="$STOP" -v target="$target" -v lower="$lower" \
+    'BEGIN { exit !(stop + 0 == stop && (lower ? stop <= target : stop >= target)) }'; then
+  echo "speedrun.sh: STOP=$STOP: runs stopping there would not meet the target on the mean ($metric" \
+       "$([ "$lower" = 1 ] && echo "<=" || echo ">=") $target); use the target or a margin beyond it" >&2
+  exit 1
+fi
+if [ "$KIND" = record ] && [ "$TRACK" = cpu ] && [ -z "${BESIDE:-}" ]; then
+  echo "speedrun.sh: note: without BESIDE=1 these runs cannot verify as a CPU record (records/RULES.md): a record" \
+       "runs the configuration it replaces beside it, BESIDE=1 bash speedrun.sh --track cpu -- <flags>"
 fi
 # the budget: a calibration trains the baseline for a fixed budget, a record stops at the target (with a cap)
 case $TRACK-$KIND in
@@ -118,6 +132,10 @@ run_one() {
 }
 
 RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # CPU runs go in pairs, as calibrated
+if ! [[ $RUNS =~ ^[0-9]+$ ]] || [ "$RUNS" -lt "$runs" ]; then
+  echo "speedrun.sh: RUNS=$RUNS: the $TRACK track's rules need at least $runs runs" >&2
+  exit 1
+fi
 if [ $((RUNS % PARALLEL)) -ne 0 ]; then
   echo "speedrun.sh: RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it" >&2
   exit 1
@@ -179,4 +197,4 @@ copy_runs() {  # name, folder: each run's log, and its last sample grid to look 
 }
 copy_runs "$NAME" "$FOLDER"
 [ -z "${BESIDE:-}" ] || copy_runs "$NAME-beside" "$FOLDER/beside"
-python records/verify.py --write --track "$TRACK" --kind "$KIND" --what "$WHAT" --command "$COMMAND" "$FOLDER"
+python records/verify.py --write --track "$TRACK" --kind "$KIND" --what="$WHAT" --command="$COMMAND" "$FOLDER"

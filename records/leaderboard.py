@@ -43,18 +43,18 @@ def entries(records):
 
 def same_configuration(a, b):
     """Two runs' flags agree where both have them (a flag added to train.py since the older run is not in its
-    config.json), but the cadence of the stopping checks (speedrun.sh's EVERY): the runs beside a record share its
-    cadence (verify.py), which their ratio is measured at, whatever the cadence of the record they are."""
-    return all(a[k] == b[k] for k in a.keys() & b.keys() if k != "eval_every")
+    config.json), but the stopping rule (speedrun.sh's STOP and EVERY): the runs beside a record share its rule
+    (verify.py), which their ratio is measured under, whatever the rule of the record they are."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys() if k not in verify.STOPPING)
 
 
 def of_configuration(e, records):
-    """The records among `records` whose configuration e's beside/ runs are: the same flags, and where records share
-    them (a record of faster code keeps its predecessor's flags) those whose code they ran (speedrun.sh trains them
-    at their record's commit)."""
+    """The records among `records` whose configuration e's beside/ runs are: the same flags and the code they ran
+    (speedrun.sh trains them at their record's commit; a record of faster code keeps its predecessor's flags). Up to
+    the eighth CPU record the runs beside trained on the candidate's code: those match on the flags alone."""
     same = [r for r in records if r is not e and r["track"] == e["track"] and r["kind"] == "record"
             and same_configuration(r["configuration"], e["replaces"])]
-    return [r for r in same if r["code"] == e["replaces_code"]] or same
+    return [r for r in same if r["code"] == e["replaces_code"]] or (same if e["replaces_code"] == e["code"] else [])
 
 
 def scaled(found):

@@ -52,6 +52,9 @@ EVAL = re.compile(r"eval step (\d+) \| (.*) \| train_time (\d+)ms$")
 KIND, KINDS = re.compile(r"track: (\S+) \| kind: (\w+)"), ("record", "calibration")
 PEAK = re.compile(r"^peak ([\d.e+-]+) FLOP/s per process", re.M)  # the machine's speed, shown beside each run
 STOPPED = re.compile(r"^target \S+ \S+ reached at step (\d+): stopping$", re.M)
+# The stopping rule: when a run checks for its target, on how many samples, and its budget. A record and the runs
+# beside it share it (their ratio is measured under it), whatever the rule of the record those runs replay.
+STOPPING = ("target", "eval_every", "eval_samples", "eval_minutes", "max_steps", "max_time")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,6 +119,9 @@ def check_sources(run, folder):
     """Every embedded file is the commit's (git show) or the folder's copy; every .py file of the commit is there."""
     commit = run["config"].get("git_commit", "")
     committed = committed_sources(commit)
+    if not committed:  # its sources could not be told from any other code's
+        return [f"{run['name']}: names commit {commit[:8] or '(none)'}, which this repository lacks: its sources "
+                f"cannot be checked (git fetch the commit)"]
     problems = [f"{run['name']}: no source of {n}, which commit {commit[:8]} has" for n in committed
                 if n not in run["sources"]]
     for name, text in sorted(run["sources"].items()):
@@ -248,18 +254,21 @@ def check_beside(runs, beside, track, folder):
     problems = [f"beside/{p}" for r in beside for p in check_sources(r, folder / "beside") + check_clock(r) +
                 check_run(r, track)]
     problems += [f"beside/: {p}" for p in check_runs(beside, track) + check_task(beside, TRACKS[track])]
-    problems += [f"beside/{r['name']}: ran on {machine(r)}, the record's runs on {machine(runs[0])}: the runs beside "
-                 f"a record share its machine" for r in beside if machine(r) != machine(runs[0])]
+    problems += [f"beside/: {len(beside)} runs beside the record's {len(runs)}: one beside each run, of its seed"] \
+        if len(beside) != len(runs) else []
+    problems += [f"{where}{r['name']}: ran on {machine(r)}, {runs[0]['name']} on {machine(runs[0])}: a record's runs "
+                 f"and the runs beside them share one machine" for where, group in (("", runs[1:]), ("beside/", beside))
+                 for r in group if machine(r) != machine(runs[0])]
     started = [[datetime.datetime.fromisoformat(r["config"]["started"]) if "started" in r["config"] else None
                 for r in group] for group in (runs, beside)]
     problems += [f"beside/{b['name']}: started {abs((x - y).total_seconds()):.0f} s from {r['name']}: a run beside a "
                  f"record runs side by side with its run of the same seed (speedrun.sh BESIDE=1)"
                  for r, b, x, y in zip(runs, beside, *started) if x and y and abs((x - y).total_seconds()) >
                  BESIDE_START_S]
-    every = [r["config"]["args"].get("eval_every") for r in (runs[0], *beside)]
-    problems += [f"beside/{b['name']}: evaluates every {e} steps, the record's runs every {every[0]}: the runs beside "
-                 f"share its cadence of stopping checks (speedrun.sh's EVERY)" for b, e in zip(beside, every[1:])
-                 if e != every[0]]
+    ours = runs[0]["config"]["args"]
+    problems += [f"beside/{b['name']}: {k} {b['config']['args'][k]!r}, the record's runs {ours[k]!r}: the runs "
+                 f"beside share its stopping rule (speedrun.sh's STOP, EVERY)" for b in beside
+                 for k in STOPPING if k in ours and k in b["config"]["args"] and b["config"]["args"][k] != ours[k]]
     if beside and configuration(beside[0]) == configuration(runs[0]) and beside[0]["sources"] == runs[0]["sources"]:
         problems.append("beside/: the record's own configuration (its flags and source); beside it go the runs of the "
                         "one it replaces")
@@ -473,7 +482,7 @@ def protocol(track):
     """The track's protocol as shell assignments, for speedrun.sh."""
     t = TRACKS[track]
     values = dict(metric=t["metric"], target="" if t["target"] is None else t["target"], samples=t["eval_samples"],
-                  steps=t["steps"], cfg=t["cfg_scale"], runs=t["min_runs"])
+                  steps=t["steps"], cfg=t["cfg_scale"], runs=t["min_runs"], lower=int(t["metric"] in LOWER_IS_BETTER))
     return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
 
 

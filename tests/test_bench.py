@@ -270,7 +270,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     monkeypatch.setattr(bench, "GPU_CHECK", sizes)
     clock({"ours": 1.0, "diffusers": 4.0, "muon": 1.0, "adamw": 4.0, "loader": 0.5})
     clock.spy("Muon", bench.Muon, "step")
-    real_run, runs = bench.train_run, {}
+    real_run, real_train_rows, runs = bench.train_run, bench.train_rows, {}
 
     def train_run(out, flags):  # the real runs, their logged speeds replaced by known ones
         config, speed = real_run(out, flags)
@@ -278,9 +278,18 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
         known = {"baseline": (1.0, 0.01), "record": (3.0, 0.02)}[os.path.basename(out)]
         return config, {**speed, "samples_per_s": known[0], "mfu": known[1]}
     monkeypatch.setattr(bench, "train_run", train_run)
+    (tmp_path / "gpu.md").write_text("an earlier check")
+    monkeypatch.setattr(bench, "train_rows", lambda *a: 1 / 0)  # a failure after the header
+    with pytest.raises(ZeroDivisionError):
+        bench.gpu_check(tmp_path / "gpu.md", 0.001)
+    assert (tmp_path / "gpu.md").read_text() == "an earlier check"  # kept whole; the rows so far beside it
+    assert "| measure | ours | baseline | ours/baseline |" in (tmp_path / "gpu.md.partial").read_text()
+    monkeypatch.setattr(bench, "train_rows", real_train_rows)
+    capsys.readouterr()
     bench.gpu_check(tmp_path / "gpu.md", 0.001)  # a peak of 1 GFLOP/s: a CPU's MFU in printable figures
     out = capsys.readouterr().out
     table = (tmp_path / "gpu.md").read_text()
+    assert not (tmp_path / "gpu.md.partial").exists()
     assert [line for line in out.splitlines() if line in table.splitlines()] == table.splitlines()  # same table
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
     step, mfu = "compiled training step, batch 2, median of 1", "compiled training step, batch 2, MFU at 0.001 TFLOP/s"

@@ -137,6 +137,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "log_1.txt", "eval step 3000 | caption_accuracy 0.1000 | object_accuracy 0.3100 | "
                                      "train_time 1560000ms\n", ""), "log_1.txt: does not end on an evaluation"),
     (lambda f: drop_source(f / "log_1.txt", "model.py"), "log_1.txt: no source of model.py, which commit"),
+    (lambda f: edit(f / "log_1.txt", HEAD, "0" * 40), f"log_1.txt: names commit {'0' * 8}, which this repository "
+                                                       f"lacks: its sources cannot be checked"),
     # one configuration per record: the flags and the sources of every run
     (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.003'), "log_1.txt: flags or source differ from log_0"),
     (lambda f: own_source(f, "log_1.txt", "train.py", "def main(argv=None):", "def main(argv=None):  # faster"),
@@ -303,7 +305,15 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
      "beside/: log_1.txt: flags or source differ from log_0.txt's"),
     (lambda f: (f / "beside" / "log_3.txt").unlink(), "beside/: 3 runs: cpu runs go in pairs"),
     (lambda f: [edit(f / "beside" / f"log_{k}.txt", '"eval_every": 250', '"eval_every": 100') for k in range(4)],
-     "beside/log_0.txt: evaluates every 100 steps, the record's runs every 250"),
+     "beside/log_0.txt: eval_every 100, the record's runs 250: the runs beside share its stopping rule"),
+    (lambda f: edit(f / "beside" / "log_1.txt", '"max_time": 60.0', '"max_time": 90.0'),
+     "beside/log_1.txt: max_time 90.0, the record's runs 60.0"),
+    (lambda f: edit(f / "beside" / "log_2.txt", '0.292', '0.25', after="=== config.json"),
+     "beside/log_2.txt: target ['object_accuracy', 0.25], the record's runs ['object_accuracy', 0.292]"),
+    (lambda f: [(f / "beside" / f"log_{k}.txt").unlink() for k in (2, 3)],
+     "beside/: 2 runs beside the record's 4: one beside each run"),
+    (lambda f: edit(f / "log_3.txt", '"cores": 2', '"cores": 3'), "log_3.txt: ran on {'cpu': 'AMD EPYC 7B13', "
+                                                                 "'cores': 3"),
     (lambda f: edit(f / "beside" / "log_0.txt", '"resolution": 32', '"resolution": 64'),
      "beside/log_0.txt: --resolution is 64"),
     (lambda f: edit(f / "beside" / "log_1.txt", "1920000ms", "1200000ms"), "README's results say"),
@@ -391,6 +401,36 @@ def test_of_two_records_with_the_same_flags_the_runs_beside_race_the_one_whose_c
     board = leaderboard.leaderboard(record.parent, tmp_path)
     assert "| 1 | 6.25 min | 5.25 min = 0.500 x 10.50 beside |" in board
     assert "| 2 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in board
+
+
+LR_DEF = "def learning_rate(args, step, train_time):"  # in train.py alone
+
+
+def test_runs_beside_at_code_of_no_record_race_nothing(record, tmp_path, capsys):
+    """Runs beside with the replaced record's flags but code of no record (neither its nor the candidate's) place
+    the candidate nowhere; with the candidate's own code (as up to the eighth CPU record) they match on the flags."""
+    faster = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}
+    folder = make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3)
+                                                                              for k in RUNS}, lr=0.003)
+    for k in range(4):
+        own_source(folder / "beside", f"log_{k}.txt", "train.py", LR_DEF, LR_DEF + "  #")
+    assert verify.verify(folder) == []
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "2026-12-05_faster" not in board and "left out 2026-12-05_faster" in capsys.readouterr().err
+    for k in range(4):  # the candidate's code on both sides
+        own_source(folder, f"log_{k}.txt", "train.py", LR_DEF, LR_DEF + "  #")
+    assert "| 1 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in leaderboard.leaderboard(record.parent, tmp_path)
+
+
+def test_a_record_and_its_runs_beside_race_under_their_own_stopping_rule(record, tmp_path):
+    """The runs beside share the candidate's STOP and EVERY, not those of the record whose configuration they are."""
+    faster = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}
+    folder = make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3)
+                                                                              for k in RUNS}, lr=0.003)
+    for log in [*folder.glob("log_*.txt"), *(folder / "beside").glob("log_*.txt")]:
+        edit(log, "0.292", "0.3", after="=== config.json")  # STOP=0.3 (--target, its line): the target is 0.292
+    assert verify.verify(folder) == []
+    assert "| 1 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in leaderboard.leaderboard(record.parent, tmp_path)
 
 
 def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys):
@@ -492,14 +532,19 @@ def test_a_failed_run_stops_the_speedrun_and_its_sibling_at_once(tmp_path):
     assert not alive(int((run0 / "train.pid").read_text())) and not (run0 / "evaluated").exists()
 
 
-def test_a_reused_name_or_an_odd_number_of_cpu_runs_is_refused_up_front(tmp_path):
+def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path):
     (tmp_path / "records" / "runs" / "x-0").mkdir(parents=True)  # an earlier attempt's run 0, which train.py refuses
     r = stub_speedrun(tmp_path)
     assert r.returncode == 1 and "speedrun.sh: NAME=x: " in r.stderr and "choose another NAME" in r.stderr, r.stderr
     assert not (tmp_path / "records" / "runs" / "x-1").exists()
-    r = stub_speedrun(tmp_path, NAME="y", RUNS="3")
-    assert r.returncode == 1 and "RUNS=3: smoke runs go 2 side by side" in r.stderr, r.stderr
-    assert not (tmp_path / "records" / "runs" / "y-0").exists()
+    for env, message in ((dict(RUNS="3"), "RUNS=3: smoke runs go 2 side by side"),
+                         (dict(RUNS="1"), "RUNS=1: the smoke track's rules need at least 2 runs"),
+                         (dict(BESIDE="0"), "BESIDE=0: set BESIDE=1"),
+                         (dict(STOP="-2"), "STOP=-2: runs stopping there would not meet the target on the mean "
+                                           "(object_accuracy >= -1.0)")):
+        r = stub_speedrun(tmp_path, NAME="y", **env)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+        assert not (tmp_path / "records" / "runs" / "y-0").exists()
 
 
 # BESIDE's pairs: a run waits for its partner of the same seed to start (side by side, or it fails), and a run of the
@@ -520,11 +565,13 @@ sys.exit(0 if os.path.exists(partner) and all(os.path.exists(e) for e in earlier
 
 
 def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(tmp_path):
-    r = stub_speedrun(tmp_path, "--smoke", "--", "--lr", "3e-3", stub_train=STUB_PAIRED, BESIDE="1")
+    r = stub_speedrun(tmp_path, "--smoke", "--", "--lr=3e-3", stub_train=STUB_PAIRED, BESIDE="1")
     runs, folder = tmp_path / "records" / "runs", next((tmp_path / "records").glob("*_x"))
-    assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr  # verify.py: stub logs
+    assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr
+    # verify.py --write reads the logs (a stub's: refused), WHAT ("--lr=3e-3", a dash first) passed as its value
+    assert "log_0.txt: needs train.py's config.json section" in r.stderr, r.stderr
     for seed in (0, 1):
-        assert (runs / f"x-{seed}" / "argv").read_text().endswith("--lr 3e-3")
+        assert (runs / f"x-{seed}" / "argv").read_text().endswith("--lr=3e-3")
         beside = (runs / f"x-beside-{seed}" / "argv").read_text()
         assert beside.endswith("--repa builtin --tread --optimizer muon --repa-lambda 2") and "3e-3" not in beside
         assert (folder / f"log_{seed}.txt").exists() and (folder / "beside" / f"log_{seed}.txt").exists()
