@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speedrun (records/RULES.md): prepare what is missing (untimed), train the track's record configuration RUNS
 # times, each stopping when its small periodic evaluation reaches the target, confirm each run on the full
-# evaluation, write the record folder and check it with records/verify.py.
+# evaluation, write the record folder and check it with records/verify.py. The runs train on a snapshot of the
+# working tree taken at the start (RUNS_DIR/NAME-code, gone at the end): editing the tree meanwhile changes none.
 #
 #   bash speedrun.sh                          # 8gpu track: torchrun on all visible GPUs (not yet measured)
 #   bash speedrun.sh --track 1gpu             # one GPU, smaller model (not yet measured)
@@ -38,9 +39,14 @@ NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
 [ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
-if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAME-beside-[0-9]*" > /dev/null; then
+if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAME-beside-[0-9]*" > /dev/null ||
+   [ -e "$RUNS_DIR/$NAME-code" ] || [ -e "$RUNS_DIR/$NAME-beside-code" ]; then
   echo "speedrun.sh: NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would" \
-       "refuse); choose another NAME or remove them" >&2
+       "refuse, or its code: git worktree remove --force <it>); choose another NAME or remove them" >&2
+  exit 1
+fi
+if ! git rev-parse --verify --quiet HEAD > /dev/null; then
+  echo "speedrun.sh: runs in a git clone with a commit (each log names it; the runs train on a snapshot of it)" >&2
   exit 1
 fi
 if [ -n "${BESIDE:-}" ] && [ "$BESIDE" != 1 ]; then
@@ -142,7 +148,20 @@ if [ $((RUNS % PARALLEL)) -ne 0 ]; then
 fi
 mkdir -p "$RUNS_DIR"
 RUNS_DIR=$(cd "$RUNS_DIR" && pwd)  # the runs' --out, from any code folder
-CODE=$PWD BESIDE_CODE=$PWD  # the beside runs: the code of the commit their record's runs trained at, in a worktree
+declare -A running=()  # pid: run. On any exit the runs still going stop: on the CPU they would slow the next attempt
+WORKTREES=()  # and the code folders go
+trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
+      for tree in ${WORKTREES[@]+"${WORKTREES[@]}"}; do git worktree remove --force "$tree"; done' EXIT
+# The candidate trains on a snapshot of the working tree: a worktree of HEAD with the tree's changes and new .py files
+# copied in, so that editing the tree while the runs train changes none of them (one source per record, verify.py).
+CODE=$RUNS_DIR/$NAME-code
+git worktree add --quiet --detach "$CODE" HEAD
+WORKTREES+=("$CODE")
+{ git ls-files -z --modified; git ls-files -z --others --exclude-standard -- '*.py'; } | while IFS= read -r -d '' file; do
+  if [ -e "$file" ]; then mkdir -p "$CODE/$(dirname "$file")" && cp -p "$file" "$CODE/$file"; else rm -f "$CODE/$file"; fi
+done
+[ ! -e data ] || ln -s "$PWD/data" "$CODE/data"  # the prepared data (data/mj), ignored by git
+BESIDE_CODE=$CODE  # the beside runs: the code of the commit their record's runs trained at, in a worktree
 if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   BESIDE_COMMIT=$(python records/verify.py --commit "$RECORD_DIR")
   if ! git cat-file -e "$BESIDE_COMMIT^{commit}" 2>/dev/null; then
@@ -158,6 +177,7 @@ if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   fi
   BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
   git worktree add --quiet --detach "$BESIDE_CODE" "$BESIDE_COMMIT"
+  WORKTREES+=("$BESIDE_CODE")
   echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
 fi
 JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side
@@ -165,9 +185,6 @@ for ((seed = 0; seed < RUNS; seed++)); do
   JOBS+=("$NAME $seed")
   [ -z "${BESIDE:-}" ] || JOBS+=("$NAME-beside $seed")
 done
-declare -A running=()  # pid: run. On any exit the runs still going stop: on the CPU they would slow the next attempt
-trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
-      [ "$BESIDE_CODE" = "$CODE" ] || git worktree remove --force "$BESIDE_CODE"' EXIT
 for job in "${JOBS[@]}"; do  # PARALLEL runs at a time; a failed run stops the speedrun
   read -r name seed <<< "$job"
   if [ "$name" = "$NAME" ]; then code=$CODE flags=(${RECORD[@]+"${RECORD[@]}"})

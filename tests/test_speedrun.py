@@ -502,12 +502,25 @@ pathlib.Path(sys.argv[sys.argv.index('--out') + 1]).write_text('{}')
 """
 
 
+def git_in(folder, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def stub_speedrun(tmp_path, *options, stub_train=STUB_TRAIN, **env):
+    """speedrun.sh in a git repository of its own whose train.py is `stub_train` (committed, or a change of the
+    working tree: the runs train on a snapshot of the tree either way)."""
     (tmp_path / "records").mkdir(exist_ok=True)
-    shutil.copy(ROOT / "speedrun.sh", tmp_path)
-    shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
+    if not (tmp_path / ".git").exists():
+        shutil.copy(ROOT / "speedrun.sh", tmp_path)
+        shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
+        (tmp_path / "train.py").write_text(stub_train)
+        (tmp_path / "eval.py").write_text(STUB_EVAL)
+        (tmp_path / ".gitignore").write_text("records/runs/\n")
+        git_in(tmp_path, "init", "-q")
+        git_in(tmp_path, "add", ".")
+        git_in(tmp_path, "commit", "-q", "-m", "stubs")
     (tmp_path / "train.py").write_text(stub_train)
-    (tmp_path / "eval.py").write_text(STUB_EVAL)
     env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", **env}  # runs in records/runs (smoke)
     return subprocess.run(["bash", "speedrun.sh", *(options or ["--smoke"])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -562,6 +575,20 @@ while not os.path.exists(partner) and time.monotonic() < deadline:
 earlier = [f"{base}{kind}-{seed - 1}/evaluated" for kind in ("", "-beside")] if seed else []
 sys.exit(0 if os.path.exists(partner) and all(os.path.exists(e) for e in earlier) else 3)
 """
+
+
+def test_the_runs_train_on_a_snapshot_of_the_working_tree(tmp_path):
+    """The tree's uncommitted changes and new .py files are in it; the folder goes when the speedrun ends."""
+    stub = STUB_PAIRED.replace("os.makedirs(out)\n", "os.makedirs(out)\nimport helper\n"
+                               "open(out + '/code', 'w').write(os.path.abspath(__file__) + ' ' + helper.MARK)\n")
+    stub_speedrun(tmp_path, stub_train=STUB_PAIRED, RUNS="7")  # refused (odd): the repository, its stubs committed
+    (tmp_path / "helper.py").write_text("MARK = 'uncommitted'\n")
+    r = stub_speedrun(tmp_path, "--smoke", "--", "--lr=3e-3", stub_train=stub, BESIDE="1")
+    runs = tmp_path / "records" / "runs"
+    assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr
+    for run in ("x-0", "x-1", "x-beside-0", "x-beside-1"):
+        assert (runs / run / "code").read_text() == f"{runs / 'x-code' / 'train.py'} uncommitted"
+    assert not (runs / "x-code").exists() and len(git_in(tmp_path, "worktree", "list").splitlines()) == 1
 
 
 def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(tmp_path):
