@@ -697,9 +697,11 @@ def evaluate_checkpoint(args, device):
     if not distributed() or dist.get_rank() == 0:
         out = args.out or os.path.join(ckpt, "eval.json")
         with open(out, "w") as f:
+            weights = "ema" if args.weights == "ema" and os.path.exists(os.path.join(ckpt, "ema.safetensors")) \
+                else "model"  # load_run's choice
             json.dump({"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed,
-                       "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {}}, f,
-                      indent=2)
+                       "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {},
+                       "checkpoint": os.path.basename(ckpt), "weights": weights}, f, indent=2)
         print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
 
 

@@ -14,10 +14,10 @@
 #
 # Environment: RUNS (default the track's minimum, in whole pairs on the CPU), NAME and WHAT (the record folder's name
 # and what changed), STOP (the stopping value, default the target: a margin helps the full evaluation confirm it),
-# EVERY (steps between the small evaluations), RECORDS (default records/), RUNS_DIR (default runs/), BESIDE (1: also
-# run the record configuration, seed by seed beside the flags after --, into the folder's beside/, at the commit its
-# record's runs trained at: on a machine of another speed the leaderboard scales a record's time by them,
-# records/RULES.md).
+# EVERY (steps between the small evaluations; CPU track), RECORDS (default records/), RUNS_DIR (default runs/),
+# BESIDE (1: also run the record configuration, seed by seed beside the flags after --, into the folder's beside/,
+# at the commit its record's runs trained at: on a machine of another speed the leaderboard scales a record's time by
+# them, records/RULES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 COMMAND="${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
@@ -51,6 +51,10 @@ if ! git rev-parse --verify --quiet HEAD > /dev/null; then
 fi
 if [ -n "${BESIDE:-}" ] && [ "$BESIDE" != 1 ]; then
   echo "speedrun.sh: BESIDE=$BESIDE: set BESIDE=1 to run the record configuration beside yours, or leave it unset" >&2
+  exit 1
+fi
+if [ -n "${EVERY:-}" ] && [[ $TRACK == *gpu ]]; then  # no runs beside to share another cadence: the rules fix it
+  echo "speedrun.sh: EVERY is for the CPU track; a GPU track checks for its target every 2,500 steps (RULES.md)" >&2
   exit 1
 fi
 if [ -n "${BESIDE:-}" ] && [[ $TRACK == *gpu ]]; then  # one run at a time: none could start with the candidate's
@@ -88,7 +92,7 @@ case $TRACK in
     [ "$NPROC" -gt 0 ] || { echo "speedrun.sh: no GPU visible; the CPU track is --track cpu" >&2; exit 1; }
     [ "$TRACK" = 8gpu ] || NPROC=1
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
-    TRAIN=(--track "$TRACK" --compile --eval-every "${EVERY:-2500}" --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz")
+    TRAIN=(--track "$TRACK" --compile --eval-every 2500 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz")
     CONFIRM=(--ref "$DATA/ref.npz" --metrics fid)
     [ -f "$DATA/index.json" ] || "${LAUNCH[@]}" prepare.py --out "$DATA"  # Flux VAE + T5Gemma, once, untimed
     [ -f "$DATA/ref.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples "$samples" --metrics fid \

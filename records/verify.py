@@ -30,8 +30,11 @@ LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accur
 # The rules of each track (records/RULES.md). The GPU tracks' target and FID reference fingerprint come from their
 # calibration (`speedrun.sh --calibrate`), not yet run. gpu: torch.cuda.get_device_name of the H100 80GB SXM (the
 # PCIe and NVL parts name themselves "NVIDIA H100 PCIe", "NVIDIA H100 NVL": slower, other tracks).
+# periodic: the stopping checks' flags (speedrun.sh's); a CPU record's runs beside share its cadence (check_beside),
+# the GPU tracks', which have none, is fixed.
 GPU = dict(metric="fid", target=None, target_from="speedrun.sh --calibrate", resolution=256, data="data/mj",
-           eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_sha256=None, min_runs=3)
+           eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_sha256=None, min_runs=3,
+           periodic=dict(eval_samples=2048, eval_every=2500, eval_ref="data/mj/ref-2k.npz"))
 TRACKS = {
     "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8),
     "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1),
@@ -39,6 +42,7 @@ TRACKS = {
                 metric="object_accuracy", target=0.416, target_from="records/2026-12-02_cpu-calibration",
                 task="shapes.py",  # the file that defines the task: a record races the calibration's
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
+                periodic=dict(eval_samples=256),
                 cores=2, pairs=True, min_runs=3,  # pairs: two runs side by side, as the target was measured
                 beside=True),  # VMs differ: a record runs the configuration it replaces beside it (RULES.md)
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
@@ -186,7 +190,12 @@ def check_run(run, track):
         *[(f"eval {k} (the run's own: config.json 'sampling', eval.py's default)", confirm["sampling"].get(k),
            config["sampling"][k]) for k in ("shift", "pred", "route_ratio", "self_guidance")],  # the run's method
         ("evaluated data", confirm["data"], args["data"]),
+        *[(f"the periodic check's --{k.replace('_', '-')}", args.get(k), v) for k, v in t.get("periodic", {}).items()],
         ("metrics", sorted(confirm["metrics"]), sorted({t["metric"], *confirm["metrics"]}))]
+    if "checkpoint" in confirm:  # the final checkpoint, with the EMA weights where the run keeps them (eval.py writes
+        # which since 2026-12-05; not checked before)
+        rows += [("evaluated checkpoint", confirm["checkpoint"], f"step_{run['timeline'][-1][0]}"),
+                 ("evaluated weights", confirm["weights"], "ema" if args.get("ema") else "model")]
     if "cores" in t:  # an x86 CPU with AVX2 (config.json: its name, its vector units), 2 cores, one thread per run
         cpu = devices.get("cpu", "")
         rows += [("CPU", cpu, cpu if re.match(r"(AMD|Intel)\b", cpu) else "an x86 CPU (AMD or Intel)"),

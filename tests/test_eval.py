@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -477,6 +478,14 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[2:], "--out", str(tmp_path / "r.json")])
     assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
+    assert (result["checkpoint"], result["weights"]) == ("step_10", "model")  # the run keeps no EMA
+    from model import CHECKSUMS, file_sha256
+    shutil.copy(ckpt / "model.safetensors", ckpt / "ema.safetensors")
+    (ckpt / CHECKSUMS).write_text(json.dumps({name: file_sha256(ckpt / name)
+                                              for name in ("model.safetensors", "ema.safetensors")}))
+    for flags, weights in (([], "ema"), (["--weights", "model"], "model")):
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / "w.json"), *flags])
+        assert json.loads((tmp_path / "w.json").read_text())["weights"] == weights
 
 
 def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, capsys, monkeypatch):

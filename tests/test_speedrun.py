@@ -32,7 +32,7 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
     speedrun.sh's full evaluation after it; started=False: a log from before train.py wrote its start time."""
     reached = bool(target) and accuracy >= target[1]  # it stops there, else at its time budget
     args = dict(track="cpu", data="builtin", resolution=32, eval_data=None, captions="long", seed=seed,
-                out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000, eval_every=every,
+                out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000, eval_every=every, eval_samples=256,
                 max_time=60.0 if reached else minutes)
     config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
                   devices=dict(cpu=cpu, cpu_flags=["avx2", "avx512f"], cores=2, threads=1),
@@ -45,7 +45,7 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
     if reached:
         console.append(f"target object_accuracy {target[1]:g} reached at step {steps}: stopping")
     confirm = dict(metrics=dict(object_accuracy=accuracy), data="builtin", num_samples=1024, seed=42, ref=None,
-                   sampling=SAMPLING, settings={})
+                   sampling=SAMPLING, settings={}, checkpoint=f"step_{steps}", weights="model")
     sources = "".join(f"=== {name}\n{text}\n" for name, text in sorted(verify.committed_sources(HEAD).items()))
     return (sources + "=== config.json\n" + json.dumps(config, indent=2) + "\n" + "\n".join(console) + "\n" +
             "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n")
@@ -159,6 +159,12 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_1.txt: metrics is ['caption_accuracy'], the rules say ['caption_accuracy', 'object_accuracy']"),
     (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
      "log_1.txt: sampler steps is 10, the rules say 20"),
+    (lambda f: edit(f / "log_1.txt", '"step_3000"', '"step_2000"', after="=== confirm.json"),
+     "log_1.txt: evaluated checkpoint is 'step_2000', the rules say 'step_3000'"),
+    (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.002, "ema": 0.95', after="=== config.json"),
+     "log_1.txt: evaluated weights is 'model', the rules say 'ema'"),
+    (lambda f: edit(f / "log_1.txt", '"eval_samples": 256', '"eval_samples": 64', after="=== config.json"),
+     "log_1.txt: the periodic check's --eval-samples is 64, the rules say 256"),
     (lambda f: edit(f / "log_2.txt", '"threads": 1', '"threads": 2'), "log_2.txt: torch threads is 2, the rules say 1"),
     (lambda f: edit(f / "log_2.txt", '"cores": 2', '"cores": 4'), "log_2.txt: CPU cores is 4, the rules say 2"),
     (lambda f: edit(f / "log_2.txt", "AMD EPYC 7B13", "Apple M2"), "log_2.txt: CPU is 'Apple M2', the rules say 'an x86"),
@@ -200,7 +206,8 @@ def test_a_tampered_record_fails(record, tamper, message):
 def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
     """A 1gpu-track run as verify.parse_log reads it: the H100 80GB SXM is "NVIDIA H100 80GB HBM3" to torch."""
     sampling = dict(SAMPLING, steps=50, cfg_scale=3.5)
-    args = dict(track="1gpu", data=data, resolution=256, eval_data=None, captions="long", seed=0)
+    args = dict(track="1gpu", data=data, resolution=256, eval_data=None, captions="long", seed=0, eval_samples=2048,
+                eval_every=2500, eval_ref="data/mj/ref-2k.npz")
     return dict(name="log_0.txt", resumed=False, ref_sha256="ab12", config=dict(
         args=args, world_size=1, sampling=sampling, devices=dict(gpus=list(gpus), driver="550", cuda="12.4")),
         confirm=dict(metrics=dict(fid=20.0), data=data, num_samples=10_000, seed=42, sampling=sampling,
@@ -211,6 +218,8 @@ def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
     (gpu_run(["NVIDIA H100 PCIe"]), "GPUs is ['NVIDIA H100 PCIe'], the rules say ['NVIDIA H100 80GB HBM3']"),
     (gpu_run(["NVIDIA H100 NVL"]), "GPUs is ['NVIDIA H100 NVL']"),
     (gpu_run(data="data/other"), "--data is 'data/other', the rules say 'data/mj'"),
+    (dict(gpu_run(), config=dict(gpu_run()["config"], args=dict(gpu_run()["config"]["args"], eval_every=1000))),
+     "the periodic check's --eval-every is 1000, the rules say 2500"),
     (dict(gpu_run(), confirm=dict(gpu_run()["confirm"], settings=dict(fid="clean-fid inception-v3 2048"))),
      "FID network is 'clean-fid inception-v3 2048', the rules say \"torch-fidelity's inception-v3-compat 2048\""),
 ])
@@ -558,6 +567,8 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
         r = stub_speedrun(tmp_path, NAME="y", **env)
         assert r.returncode == 1 and message in r.stderr, r.stderr
         assert not (tmp_path / "records" / "runs" / "y-0").exists()
+    r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", EVERY="100")  # the GPU tracks' cadence is the rules'
+    assert r.returncode == 1 and "EVERY is for the CPU track" in r.stderr, r.stderr
 
 
 # BESIDE's pairs: a run waits for its partner of the same seed to start (side by side, or it fails), and a run of the
