@@ -139,6 +139,7 @@ run_one() {
     --seed 42 "${CONFIRM[@]}" --out "$run/confirm.json")
   { echo "=== confirm.json"; cat "$run/confirm.json"; echo; } >> "$run/log.txt"
   if [ "$metric" = fid ]; then { echo "=== confirm-ref.sha256"; sha256sum "$DATA/ref.npz"; } >> "$run/log.txt"; fi
+  echo -e "=== attempt.json\n{\"runs\": $RUNS}" >> "$run/log.txt"  # how many runs the attempt made (verify.py)
 }
 
 RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # CPU runs go in pairs, as calibrated

@@ -61,7 +61,7 @@ def scaled(found):
     """Each entry's time on the board: a record with runs beside it (beside/) takes the board's time of the record
     whose configuration those runs are, times the ratio of the two on its own machine, so that machines of other
     speeds race on one clock, that of the first record of the chain (records/RULES.md); the others keep their
-    measured time. An entry whose beside/ runs are of no record on the board is left out."""
+    measured time. An entry whose beside/ runs are of no record on the board, or faster than it, is left out."""
     kept, waiting = [], found
     while waiting:  # a record is placed after the one it replaces, which may bear the same date
         pending, waiting = waiting, []
@@ -70,6 +70,10 @@ def scaled(found):
             replaced = [r for r in kept if any(r is w for w in wanted)]
             if e["replaces"] and not replaced:
                 waiting.append(e)  # the record its runs beside are is not placed yet
+                continue
+            if replaced and e["summary"]["ratio"] >= 1:  # rule 3: below the time of the record it replaces
+                print(f"left out {e['folder'].name}: {e['summary']['ratio']:.3f}x the time of the runs beside it, "
+                      f"not below the record it replaces ({replaced[-1]['folder'].name})", file=sys.stderr)
                 continue
             e["time"] = e["summary"]["ratio"] * replaced[-1]["time"] if replaced else e["summary"]["time"]
             kept.append(e)

@@ -92,6 +92,7 @@ def parse_log(path):
                sources={n: body[:-1] for n, body in parts.items() if n.endswith(".py")},  # RunLog adds one newline
                resumed=any(n.startswith("config.resume") for n in parts), confirm=json.loads(parts["confirm.json"]),
                ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0],
+               attempt=json.loads(parts["attempt.json"]) if "attempt.json" in parts else None,
                peak=float(m[1]) if (m := PEAK.search(parts["config.json"][end:])) else None,
                stopped=int(m[1]) if (m := STOPPED.search(parts["config.json"][end:])) else None)
     if not run["timeline"]:
@@ -286,7 +287,12 @@ def check_beside(runs, beside, track, folder):
 
 def check_attempt(runs):
     """Every run of one attempt, none left out (rule 1), as speedrun.sh makes them: seeds 0..n-1, log_<k>.txt of seed
-    k, --out <NAME>-<seed> with one NAME."""
+    k, --out <NAME>-<seed> with one NAME, as many as each log says the attempt made (logs before attempt.json: not
+    checked)."""
+    made = [r["attempt"]["runs"] if r["attempt"] else None for r in runs]
+    if any(n is not None for n in made) and any(n != len(runs) for n in made):
+        return [f"the folder holds {len(runs)} runs, whose logs say their attempt made {made}: a record holds every "
+                f"run made for it (records/RULES.md)"]
     seeds = [r["config"]["args"]["seed"] for r in runs]
     logs = [re.fullmatch(r"log_(\d+)\.txt", r["name"]) for r in runs]
     outs = [re.fullmatch(r"(.*)-(\d+)", str(r["config"]["args"]["out"])) for r in runs]

@@ -27,7 +27,8 @@ RUNS = {0: (25.0, 0.305), 1: (26.0, 0.310), 2: (24.0, 0.300), 3: (25.0, 0.305)} 
 SAMPLING = dict(steps=20, cfg_scale=3.0, shift=1.0, pred="v", route_ratio=0.5, self_guidance=0.0)
 
 
-def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13", started=True, every=250):
+def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD EPYC 7B13", started=True, every=250,
+                  runs=4):
     """A CPU-track run's log as train.py writes it (the source of HEAD, config.json, step and eval lines) with
     speedrun.sh's full evaluation after it; started=False: a log from before train.py wrote its start time."""
     reached = bool(target) and accuracy >= target[1]  # it stops there, else at its time budget
@@ -48,7 +49,7 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
                    sampling=SAMPLING, settings={}, checkpoint=f"step_{steps}", weights="model")
     sources = "".join(f"=== {name}\n{text}\n" for name, text in sorted(verify.committed_sources(HEAD).items()))
     return (sources + "=== config.json\n" + json.dumps(config, indent=2) + "\n" + "\n".join(console) + "\n" +
-            "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n")
+            "=== confirm.json\n" + json.dumps(confirm, indent=2) + "\n" + f"=== attempt.json\n{{\"runs\": {runs}}}\n")
 
 
 def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AMD EPYC 7B13", replaced_lr=0.002,
@@ -61,7 +62,8 @@ def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AM
     for where, name, rate, group in ((folder, "r", lr, runs), (folder / "beside", "b", replaced_lr, beside or {})):
         for seed, (minutes, accuracy) in group.items():
             where.mkdir(exist_ok=True)
-            log = synthetic_log(seed, minutes, accuracy, target, rate, name, cpu, started=bool(beside), every=every)
+            log = synthetic_log(seed, minutes, accuracy, target, rate, name, cpu, started=bool(beside), every=every,
+                                runs=len(group))
             (where / f"log_{seed}.txt").write_text(log)
     verify.write(folder, "cpu", kind, f"synthetic {kind}", "bash speedrun.sh --track cpu")
     return folder
@@ -187,6 +189,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "log_2.txt", '"seed": 2', '"seed": 7'), "the runs are not one attempt's seeds 0..3"),
     (lambda f: edit(f / "log_2.txt", "runs/r-2", "runs/other-2"), "the runs are not one attempt's seeds 0..3"),
     (lambda f: move_run(f, 3, 5), "the runs are not one attempt's seeds 0..3 (seeds [0, 1, 2, 5]"),
+    (lambda f: [edit(f / f"log_{k}.txt", '{"runs": 4}', '{"runs": 6}') for k in range(4)],  # seeds 4, 5 left out
+     "the folder holds 4 runs, whose logs say their attempt made [6, 6, 6, 6]"),
     # the task through the interfaces runs use: the evaluated split, the metric, the training data
     (lambda f: edit(f / "log_1.txt", 'ShapesDataset(seed=10_000 + seed, split="heldout")',
                     'ShapesDataset(seed=10_000 + seed, split="train")'),
@@ -378,6 +382,8 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS},
                 lr=0.003, cpu="Intel(R) Xeon(R) Processor", every=100)  # both sides checked more often than `record`
     make_record(record.parent / "2026-12-06_orphan", faster, beside=BESIDE, lr=0.003, replaced_lr=0.005)
+    make_record(record.parent / "2026-12-06_slower", faster, beside={k: (10.0 + k % 2, 0.3) for k in RUNS},
+                lr=0.006)  # level with the runs beside it (ratio 1): not below the record it replaces (rule 3)
     # the next record, the same day, in a folder whose name sorts first: placed after the one it replaces all the same
     fastest = {k: (5.0 + k % 2 * 0.5, RUNS[k][1]) for k in RUNS}
     make_record(record.parent / "2026-12-05_a-fastest", fastest, beside={k: (10.0 + k % 2, 0.3) for k in RUNS},
@@ -388,8 +394,11 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     assert "| 2 | 12.50 min | 10.50 min = 0.500 x 21.00 beside | 0.3050 +- 0.0041 | synthetic record | 2026-12-05 |" \
         in board  # 25.00 min (the record it replaces) x 0.5
     assert "| 3 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 |" in board
-    assert "orphan" not in board
-    assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in capsys.readouterr().err
+    assert "orphan" not in board and "slower" not in board
+    err = capsys.readouterr().err
+    assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in err
+    assert "left out 2026-12-06_slower: 1.000x the time of the runs beside it, not below the record it replaces " \
+        "(2026-12-02_synthetic)" in err
 
 
 def test_of_two_records_with_the_same_flags_the_runs_beside_race_the_one_whose_code_they_ran(record, tmp_path):
