@@ -1106,9 +1106,19 @@ def run_folder(args):
     return out, ckpt, False
 
 
+def weight_files(args):
+    """The sha256 of each local weights file the run loads (the built-in REPA teacher's, or a flag's), by flag: a
+    record's logs name the networks it trained with (verify.py checks the built-in teacher's against its commit)."""
+    files = {"--repa builtin": args.repa_weights or TEACHER_FILE} if args.repa == "builtin" else \
+        {"--repa-weights": args.repa and args.repa_weights}
+    files.update({"--lpips-weights": args.lpips and args.lpips_weights, "--fid-weights": args.eval_ref and
+                  args.fid_weights, "--pdino-weights": args.pdino and args.pdino_weights})
+    return {flag: file_sha256(path) for flag, path in files.items() if path}
+
+
 def config_of(args, cfg, world, n_params, device):
     return {"args": vars(args), "model": vars(cfg), "sampling": sampling_settings(args), "world_size": world,
-            "parameters": n_params, "versions": library_versions(),
+            "parameters": n_params, "versions": library_versions(), "weights_sha256": weight_files(args),
             "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

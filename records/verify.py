@@ -11,6 +11,7 @@ otherwise.
 """
 import argparse
 import datetime
+import hashlib
 import itertools
 import json
 import re
@@ -49,6 +50,7 @@ TRACKS = {
                   metric="object_accuracy", target=-1.0, target_from="any run", resolution=32, data="builtin",
                   eval_samples=8, steps=2, cfg_scale=3.0, world=1, min_runs=2),
 }
+TEACHER = "shapes_teacher.safetensors"  # shapes.TEACHER_FILE: the built-in REPA teacher's weights
 BEGIN, END = "<!-- results: written by records/verify.py from the logs, checked by it -->", "<!-- /results -->"
 HEADER = re.compile(r"^=== (\S+)\n", re.M)
 STEP = re.compile(r"step (\d+)/\d+ \|.* \| train_time (\d+)ms \| step_avg ([\d.]+)ms")
@@ -118,6 +120,13 @@ def committed_sources(commit):
 
 def git(*argv):
     return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, encoding="utf-8")
+
+
+@lru_cache(maxsize=None)
+def committed_sha256(commit, name):
+    """The sha256 of a file (a binary one: the built-in teacher's weights) at a commit, or None."""
+    shown = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=ROOT, capture_output=True)
+    return hashlib.sha256(shown.stdout).hexdigest() if shown.returncode == 0 else None
 
 
 def check_sources(run, folder):
@@ -193,6 +202,10 @@ def check_run(run, track):
         ("evaluated data", confirm["data"], args["data"]),
         *[(f"the periodic check's --{k.replace('_', '-')}", args.get(k), v) for k, v in t.get("periodic", {}).items()],
         ("metrics", sorted(confirm["metrics"]), sorted({t["metric"], *confirm["metrics"]}))]
+    if "--repa builtin" in config.get("weights_sha256", {}):  # the built-in teacher is its commit's (logs since
+        # 2026-12-05 say which): one that had seen the held-out pairs would leak them (records/2026-12-05_teacher-heldout)
+        rows.append(("the built-in REPA teacher's sha256", config["weights_sha256"]["--repa builtin"],
+                     committed_sha256(config.get("git_commit", ""), TEACHER)))
     if "checkpoint" in confirm:  # the final checkpoint, with the EMA weights where the run keeps them (eval.py writes
         # which since 2026-12-05; not checked before)
         rows += [("evaluated checkpoint", confirm["checkpoint"], f"step_{run['timeline'][-1][0]}"),

@@ -36,6 +36,7 @@ def synthetic_log(seed, minutes, accuracy, target, lr=0.002, name="r", cpu="AMD 
                 out=f"runs/{name}-{seed}", target=target, lr=lr, max_steps=100_000, eval_every=every, eval_samples=256,
                 max_time=60.0 if reached else minutes)
     config = dict(args=args, world_size=1, git_commit=HEAD, sampling=SAMPLING,
+                  weights_sha256={"--repa builtin": verify.committed_sha256(HEAD, verify.TEACHER)},
                   devices=dict(cpu=cpu, cpu_flags=["avx2", "avx512f"], cores=2, threads=1),
                   **({"started": f"2026-12-05T10:{seed:02d}:00"} if started else {}))
     ms, steps = round(minutes * 60_000), 3000
@@ -159,6 +160,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_1.txt: evaluated data is 'data/other', the rules say 'builtin'"),
     (lambda f: edit(f / "log_1.txt", '"object_accuracy": 0.31', '"caption_accuracy": 0.31', after="=== confirm.json"),
      "log_1.txt: metrics is ['caption_accuracy'], the rules say ['caption_accuracy', 'object_accuracy']"),
+    (lambda f: edit(f / "log_1.txt", verify.committed_sha256(HEAD, verify.TEACHER), "0" * 64),
+     "log_1.txt: the built-in REPA teacher's sha256 is '0000"),  # another teacher than its commit's
     (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
      "log_1.txt: sampler steps is 10, the rules say 20"),
     (lambda f: edit(f / "log_1.txt", '"step_3000"', '"step_2000"', after="=== confirm.json"),

@@ -671,6 +671,14 @@ def test_repa_builtin_teacher_trains(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     state = torch.load(tmp_path / "r" / "checkpoints" / "step_2" / "trainer.pt", weights_only=True)
     assert state["repa"]["projector"]["4.weight"].shape == (32, 32)  # the built-in teacher's 32-wide tokens
+    from model import file_sha256
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["weights_sha256"] == {"--repa builtin": file_sha256(shapes.TEACHER_FILE)}  # the network it used
+    other = tmp_path / "teacher.safetensors"  # --repa-weights: another file for the built-in teacher
+    other.write_bytes(open(shapes.TEACHER_FILE, "rb").read() + b" ")
+    args = train.get_args(["--track", "cpu", "--repa", "builtin", "--repa-weights", str(other), "--lpips", "0.1",
+                           "--fid-weights", str(other)])  # --lpips: lpips' own weights; --fid-weights: no --eval-ref
+    assert train.weight_files(args) == {"--repa builtin": file_sha256(other)} != config["weights_sha256"]
 
 
 # ----------------------------------------------------------------------------------------------------------
