@@ -354,13 +354,53 @@ print(h.hexdigest())
 """
 
 
+# The evaluation is eval.py's sampler and its averaging of the scores, fixed by the rules whatever the model: through
+# the interfaces a run uses, a stand-in network sampled with and without guidance and self-guidance, both
+# predictions, then evaluate() over uneven batches of the held-out split, whose score also reads the images' mean.
+# Run on all the sources embedded in a log (eval.py imports the others).
+EVAL_PROBE = """
+import hashlib, sys, types, torch, eval as ev, shapes as s
+side = int(sys.argv[1])
+class Flow(torch.nn.Module):  # a stand-in network: its output depends on x, t, the text, its mask and the route
+    cfg = types.SimpleNamespace(patch_size=4)
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+    def forward(self, x, t, txt, txt_mask=None, route_ratio=0.0, route_scores=None):
+        m = torch.ones(txt.shape[:2]) if txt_mask is None else txt_mask.float()
+        c = (txt.float() * m[..., None]).sum((1, 2)) / m.sum(1) / txt.shape[-1]
+        r = route_ratio * (0.5 if route_scores is None else route_scores.mean(1))
+        tt = t[:, None, None, None]
+        return self.w * x * tt + torch.tanh(x.roll(1, -1) + (c + r)[:, None, None, None]) * (1 - tt)
+class Scored:  # the held-out split, whose score also reads the images' mean: evaluate's averaging shows
+    def __init__(self, split):
+        self.split, self.null, self.encode, self.captions = split, split.null, split.encode, split.captions
+    def score(self, images, indices):
+        return {**self.split.score(images, indices), "pixel_mean": float(images.float().mean()) / 255}
+model, h = Flow(), hashlib.sha256()
+split, idx = s.HeldoutShapes(0, "long", side), list(range(5))
+txt, mask = split.encode(idx)
+with torch.no_grad():
+    for pred in ("v", "x"):
+        for cfg, guidance in ((3.0, 0.0), (1.0, 2.0), (3.0, 3.0)):
+            x = ev.sample(model, txt, mask, *split.null, [42 + i for i in idx], (3, side, side), steps=4,
+                          cfg_scale=cfg, shift=1.0, pred=pred, route_ratio=0.25, self_guidance=guidance)
+            h.update(ev.to_uint8(x).numpy().tobytes())
+    result = ev.evaluate(model, Scored(split), 7, (3, side, side), seed=42, batch_size=3, steps=3, cfg_scale=3.0,
+                         shift=1.0, pred="v", route_ratio=0.25, self_guidance=1.5)
+h.update(repr(sorted((k, round(v, 6)) for k, v in result.items())).encode())
+print(h.hexdigest())
+"""
+
+
 @lru_cache(maxsize=None)
-def task_fingerprint(shapes_source, resolution):
-    """shapes.py's text -> the sha256 of what it draws and reads (TASK_PROBE), run in a folder of its own; a probe
-    that fails raises with its error (never a value compared as a hash)."""
+def fingerprint(probe, files, resolution):
+    """A probe's sha256 line, run on `files` ((name, text), ...) written to a folder of their own; a probe that
+    fails raises with its error (never a value compared as a hash)."""
     with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "shapes.py").write_text(shapes_source)
-        probe = subprocess.run([sys.executable, "-c", TASK_PROBE, str(resolution)], cwd=folder, capture_output=True,
+        for name, text in files:
+            Path(folder, name).write_text(text)
+        probe = subprocess.run([sys.executable, "-c", probe, str(resolution)], cwd=folder, capture_output=True,
                                text=True)
     if probe.returncode:
         raise RuntimeError(f"no fingerprint: {probe.stderr.strip()[-200:]}")
@@ -368,25 +408,29 @@ def task_fingerprint(shapes_source, resolution):
 
 
 def check_task(runs, t):
-    """A record races the task its target was measured on: the file that defines the task (the CPU track's
-    shapes.py: scenes, captions, checker) draws and reads what the calibration's did."""
+    """A record races the task and the evaluation its target was measured with: the file that defines the task (the
+    CPU track's shapes.py: scenes, captions, checker) draws and reads what the calibration's did (TASK_PROBE), and
+    its eval.py samples and averages as the calibration's did (EVAL_PROBE)."""
     if "task" not in t:
         return []
-    def fingerprint(run):
-        return task_fingerprint(run["sources"].get(t["task"], ""), t["resolution"])
-    try:
-        calibrated = fingerprint(load_runs(ROOT / t["target_from"])[0])
-    except RuntimeError as e:
-        return [f"{t['target_from']}: {e}"]
+    probes = [(TASK_PROBE, lambda r: ((t["task"], r["sources"].get(t["task"], "")),),
+               f"its {t['task']} draws or reads other scenes than that of {t['target_from']}, where the target was "
+               f"measured: another task; a changed task needs its own calibration (speedrun.sh --calibrate)"),
+              (EVAL_PROBE, lambda r: tuple(sorted(r["sources"].items())),
+               f"its eval.py samples or averages otherwise than that of {t['target_from']}: the evaluation is "
+               f"fixed (records/RULES.md)")]
     problems = []
-    for r in runs:
+    for probe, files, otherwise in probes:
         try:
-            if fingerprint(r) != calibrated:
-                problems.append(f"{r['name']}: its {t['task']} draws or reads other scenes than that of "
-                                f"{t['target_from']}, where the target was measured: another task; a changed task "
-                                f"needs its own calibration (speedrun.sh --calibrate)")
+            calibrated = fingerprint(probe, files(load_runs(ROOT / t["target_from"])[0]), t["resolution"])
         except RuntimeError as e:
-            problems.append(f"{r['name']}: {e}")
+            return [f"{t['target_from']}: {e}"]
+        for r in runs:
+            try:
+                if fingerprint(probe, files(r), t["resolution"]) != calibrated:
+                    problems.append(f"{r['name']}: {otherwise}")
+            except RuntimeError as e:
+                problems.append(f"{r['name']}: {e}")
     return problems
 
 

@@ -200,6 +200,13 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_1.txt: its shapes.py draws or reads other"),
     (lambda f: edit(f / "log_1.txt", '"object": float(np.mean([np.mean([r["full"]',
                     '"object": float(np.mean([np.mean([r["color_region"]'), "log_1.txt: its shapes.py draws or reads"),
+    # the evaluation, fixed: eval.py's guidance and its averaging over uneven batches
+    (lambda f: [own_source(f, f"log_{k}.txt", "eval.py", "return uncond + cfg_scale * (cond - uncond)",
+                           "return cond + cfg_scale * (cond - uncond)") for k in range(4)],
+     "log_0.txt: its eval.py samples or averages otherwise than that of"),
+    (lambda f: [own_source(f, f"log_{k}.txt", "eval.py", "sums.get(key, 0.0) + value * len(idx)",
+                           "sums.get(key, 0.0) + value") for k in range(4)],
+     "log_0.txt: its eval.py samples or averages otherwise than that of"),
     (lambda f: edit(f / "log_1.txt", "self.dataset, self.encoder = ShapesDataset(seed)",
                     'self.dataset, self.encoder = ShapesDataset(10_000 + seed, "heldout")'),
      "log_1.txt: its shapes.py draws or reads other"),
