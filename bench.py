@@ -667,8 +667,9 @@ def bench_techniques(args):
         loader = train.open_training_data(a, 0, 1, DEVICE)[0]
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
         opt = train.build_optimizers(a, trainee)[0]
-        if a.compile:  # as train.py, compiled during the untimed warm-up rounds
+        if a.compile:  # as train.py: compiled for every input a timed step meets (text lengths, no mask), untimed
             trainee.model = train.compile_model(raw)
+            train.compile_warmup(a, trainee, trainee, opt, loader, teacher, 0, 1)
         counter = itertools.count()
 
         def step(a=a, trainee=trainee, opt=opt, loader=loader, teacher=teacher, ema=ema, raw=raw, counter=counter):
@@ -735,6 +736,8 @@ def main(argv=None):
                                     not args.min_len <= args.max_len <= args.txt_tokens):
         parser.error(f"bench.py model: --img-tokens {args.img_tokens} must be a square number (a square grid) and "
                      f"--min-len {args.min_len} <= --max-len {args.max_len} <= --txt-tokens {args.txt_tokens}")
+    if args.command == "model" and args.compile and not args.warmup:
+        parser.error("bench.py model --compile: the first call compiles; pass --warmup 1 or more (untimed)")
     if getattr(args, "preset", None):
         try:
             depth = preset_config(args.preset).depth

@@ -327,6 +327,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     (["muon", "--steps", "0"], "argument --steps: must be in [1, inf), got 0"),
     (["eval", "--warmup", "-1"], "argument --warmup: must be in [0, inf), got -1"),
     (["model", "--preset", "tinny"], "--preset: unknown preset 'tinny'"),
+    (["model", "--compile", "--warmup", "0"], "the first call compiles; pass --warmup 1 or more"),
     (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
     (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples")])
 def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
@@ -356,9 +357,11 @@ def test_techniques(capsys, monkeypatch, clock):
 
 
 def test_techniques_compiles_a_compile_variant(capsys, monkeypatch):
-    """--compile in a variant's flags times its compiled model (as train.py runs it), the baseline's stays eager."""
-    compiled = []
+    """--compile in a variant's flags times its compiled model (as train.py runs it, after train.py's compile warm-up:
+    no timed step compiles), the baseline's stays eager."""
+    compiled, warm_ups, warm_up = [], [], bench.train.compile_warmup
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(bench.train, "compile_warmup", lambda *a: warm_ups.append(a[0].compile) or warm_up(*a))
     bench.main(["techniques", "--only=--compile", "--steps", "1", "--warmup", "0"])
-    assert len(compiled) == 1 and type(compiled[0]).__name__ == "PRX"
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "PRX" and warm_ups == [True]
     compared(capsys.readouterr().out, "--compile step", "baseline")
