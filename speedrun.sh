@@ -86,9 +86,24 @@ case $TRACK-$KIND in
   *) BUDGET=(--max-steps 100000 --target "$metric=$STOP") ;;
 esac
 
+PARALLEL=2; [[ $TRACK != *gpu ]] || PARALLEL=1  # CPU runs go in pairs, as calibrated; GPU runs one at a time
+RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # the minimum, in whole pairs
+if ! [[ $RUNS =~ ^[0-9]+$ ]] || [ "$RUNS" -lt "$runs" ]; then
+  echo "speedrun.sh: RUNS=$RUNS: the $TRACK track's rules need at least $runs runs" >&2
+  exit 1
+fi
+if [ $((RUNS % PARALLEL)) -ne 0 ]; then
+  echo "speedrun.sh: RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it" >&2
+  exit 1
+fi
+if ! git diff --quiet HEAD -- shapes_teacher.safetensors; then  # verify.py checks the teacher against the commit
+  echo "speedrun.sh: shapes_teacher.safetensors differs from HEAD's: commit the teacher first (records/RULES.md)" >&2
+  exit 1
+fi
+
 case $TRACK in
   8gpu|1gpu)
-    NPROC=$(python -c "import torch; print(torch.cuda.device_count())") PARALLEL=1
+    NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
     [ "$NPROC" -gt 0 ] || { echo "speedrun.sh: no GPU visible; the CPU track is --track cpu" >&2; exit 1; }
     [ "$TRACK" = 8gpu ] || NPROC=1
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
@@ -100,10 +115,10 @@ case $TRACK in
     [ -f "$DATA/ref-2k.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples 2048 --metrics fid \
       --out "$DATA/ref-2k.npz" ;;  # the periodic small evaluations' reference
   cpu)
-    LAUNCH=(env OMP_NUM_THREADS=1 python) PARALLEL=2 CONFIRM=()
+    LAUNCH=(env OMP_NUM_THREADS=1 python) CONFIRM=()
     TRAIN=(--track cpu --eval-every "${EVERY:-250}" --eval-samples 256) ;;
   smoke)
-    LAUNCH=(env OMP_NUM_THREADS=1 python) PARALLEL=2 CONFIRM=()
+    LAUNCH=(env OMP_NUM_THREADS=1 python) CONFIRM=()
     TRAIN=(--track cpu --hidden 64 --depth 3 --batch-size 8 --micro-batch 8 --log-every 1 --eval-every "${EVERY:-2}"
            --eval-samples 4 --sample-steps "$steps") ;;
   *) echo "speedrun.sh: unknown track $TRACK" >&2; exit 2 ;;
@@ -142,28 +157,22 @@ run_one() {
   echo -e "=== attempt.json\n{\"runs\": $RUNS}" >> "$run/log.txt"  # how many runs the attempt made (verify.py)
 }
 
-RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # CPU runs go in pairs, as calibrated
-if ! [[ $RUNS =~ ^[0-9]+$ ]] || [ "$RUNS" -lt "$runs" ]; then
-  echo "speedrun.sh: RUNS=$RUNS: the $TRACK track's rules need at least $runs runs" >&2
-  exit 1
-fi
-if [ $((RUNS % PARALLEL)) -ne 0 ]; then
-  echo "speedrun.sh: RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it" >&2
-  exit 1
-fi
 mkdir -p "$RUNS_DIR"
 RUNS_DIR=$(cd "$RUNS_DIR" && pwd)  # the runs' --out, from any code folder
 declare -A running=()  # pid: run. On any exit the runs still going stop: on the CPU they would slow the next attempt
 WORKTREES=()  # and the code folders go
 trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
-      for tree in ${WORKTREES[@]+"${WORKTREES[@]}"}; do git worktree remove --force "$tree"; done' EXIT
+      for tree in ${WORKTREES[@]+"${WORKTREES[@]}"}; do git worktree remove --force "$tree" || true; done' EXIT
 # The candidate trains on a snapshot of the working tree: a worktree of HEAD with the tree's changes and new .py files
 # copied in, so that editing the tree while the runs train changes none of them (one source per record, verify.py).
 CODE=$RUNS_DIR/$NAME-code
+mapfile -d '' CHANGED < <(git diff -z --name-only HEAD; git ls-files -z --others --exclude-standard)  # staged or
+git worktree prune  # not, deleted, new (not what git ignores: runs/, data/); prune: folders of killed attempts
 git worktree add --quiet --detach "$CODE" HEAD
 WORKTREES+=("$CODE")
-{ git ls-files -z --modified; git ls-files -z --others --exclude-standard -- '*.py'; } | while IFS= read -r -d '' file; do
-  if [ -e "$file" ]; then mkdir -p "$CODE/$(dirname "$file")" && cp -p "$file" "$CODE/$file"; else rm -f "$CODE/$file"; fi
+for file in ${CHANGED[@]+"${CHANGED[@]}"}; do  # a folder listed: another repository inside this one, left out
+  if [ -f "$file" ]; then mkdir -p "$CODE/$(dirname "$file")" && cp -p "$file" "$CODE/$file"
+  elif [ ! -e "$file" ]; then rm -f "$CODE/$file"; fi
 done
 [ ! -e data ] || ln -s "$PWD/data" "$CODE/data"  # the prepared data (data/mj), ignored by git
 BESIDE_CODE=$CODE  # the beside runs: the code of the commit their record's runs trained at, in a worktree
@@ -183,6 +192,9 @@ if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
   git worktree add --quiet --detach "$BESIDE_CODE" "$BESIDE_COMMIT"
   WORKTREES+=("$BESIDE_CODE")
+  for file in "$RECORD_DIR"/*.py; do  # sources its runs ran that differ from that commit (verify.py carried them)
+    [ ! -e "$file" ] || cp -p "$file" "$BESIDE_CODE/"
+  done
   echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
 fi
 JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side

@@ -37,6 +37,7 @@ def entries(records):
                               configuration=verify.configuration(runs[0]), code=runs[0]["sources"],
                               replaces=verify.configuration(beside[0]) if beside else None,
                               replaces_code=beside[0]["sources"] if beside else None,
+                              attempt_logged=runs[0]["attempt"] is not None,
                               what=what[1] if what else "", date=folder.name[:10], folder=folder))
     return scaled(found)
 
@@ -51,10 +52,12 @@ def same_configuration(a, b):
 def of_configuration(e, records):
     """The records among `records` whose configuration e's beside/ runs are: the same flags and the code they ran
     (speedrun.sh trains them at their record's commit; a record of faster code keeps its predecessor's flags). Up to
-    the eighth CPU record the runs beside trained on the candidate's code: those match on the flags alone."""
+    the eighth CPU record the runs beside trained on the candidate's code: those (logs from before attempt.json) match
+    on the flags alone."""
     same = [r for r in records if r is not e and r["track"] == e["track"] and r["kind"] == "record"
             and same_configuration(r["configuration"], e["replaces"])]
-    return [r for r in same if r["code"] == e["replaces_code"]] or (same if e["replaces_code"] == e["code"] else [])
+    older = e["replaces_code"] == e["code"] and not e["attempt_logged"]
+    return [r for r in same if r["code"] == e["replaces_code"]] or (same if older else [])
 
 
 def scaled(found):
@@ -71,11 +74,13 @@ def scaled(found):
             if e["replaces"] and not replaced:
                 waiting.append(e)  # the record its runs beside are is not placed yet
                 continue
-            if replaced and e["summary"]["ratio"] >= 1:  # rule 3: below the time of the record it replaces
-                print(f"left out {e['folder'].name}: {e['summary']['ratio']:.3f}x the time of the runs beside it, "
-                      f"not below the record it replaces ({replaced[-1]['folder'].name})", file=sys.stderr)
-                continue
             e["time"] = e["summary"]["ratio"] * replaced[-1]["time"] if replaced else e["summary"]["time"]
+            best = min((r["time"] for r in kept if r["track"] == e["track"] and r["kind"] == "record"), default=None)
+            if replaced and e["time"] >= best:  # rule 3: below the current record's time
+                ratio = e["summary"]["ratio"]
+                print(f"left out {e['folder'].name}: {e['time'] / 60:.2f} min on the board's clock ({ratio:.3f}x its "
+                      f"runs beside), not below the current record's {best / 60:.2f}", file=sys.stderr)
+                continue
             kept.append(e)
         if len(waiting) == len(pending):
             break

@@ -162,6 +162,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_1.txt: metrics is ['caption_accuracy'], the rules say ['caption_accuracy', 'object_accuracy']"),
     (lambda f: edit(f / "log_1.txt", verify.committed_sha256(HEAD, verify.TEACHER), "0" * 64),
      "log_1.txt: the built-in REPA teacher's sha256 is '0000"),  # another teacher than its commit's
+    (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.002, "repa_weights": "README.md"', after="=== config"),
+     f"the rules say '{verify.committed_sha256(HEAD, 'README.md')}'"),  # --repa-weights: that committed file's
     (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
      "log_1.txt: sampler steps is 10, the rules say 20"),
     (lambda f: edit(f / "log_1.txt", '"step_3000"', '"step_2000"', after="=== confirm.json"),
@@ -407,8 +409,8 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     assert "orphan" not in board and "slower" not in board
     err = capsys.readouterr().err
     assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in err
-    assert "left out 2026-12-06_slower: 1.000x the time of the runs beside it, not below the record it replaces " \
-        "(2026-12-02_synthetic)" in err
+    assert "left out 2026-12-06_slower: 25.00 min on the board's clock (1.000x its runs beside), not below the " \
+        "current record's 12.50" in err
 
 
 def test_of_two_records_with_the_same_flags_the_runs_beside_race_the_one_whose_code_they_ran(record, tmp_path):
@@ -435,8 +437,9 @@ LR_DEF = "def learning_rate(args, step, train_time):"  # in train.py alone
 
 
 def test_runs_beside_at_code_of_no_record_race_nothing(record, tmp_path, capsys):
-    """Runs beside with the replaced record's flags but code of no record (neither its nor the candidate's) place
-    the candidate nowhere; with the candidate's own code (as up to the eighth CPU record) they match on the flags."""
+    """Runs beside with the replaced record's flags but code of no record place the candidate nowhere; with the
+    candidate's own code they match on the flags only in logs from before attempt.json (up to the eighth CPU
+    record, whose runs beside trained on the candidate's code)."""
     faster = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}
     folder = make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3)
                                                                               for k in RUNS}, lr=0.003)
@@ -447,6 +450,9 @@ def test_runs_beside_at_code_of_no_record_race_nothing(record, tmp_path, capsys)
     assert "2026-12-05_faster" not in board and "left out 2026-12-05_faster" in capsys.readouterr().err
     for k in range(4):  # the candidate's code on both sides
         own_source(folder, f"log_{k}.txt", "train.py", LR_DEF, LR_DEF + "  #")
+    assert "2026-12-05_faster" not in leaderboard.leaderboard(record.parent, tmp_path)
+    for log in [*folder.glob("log_*.txt"), *(folder / "beside").glob("log_*.txt")]:  # logs of the older layout
+        edit(log, '=== attempt.json\n{"runs": 4}\n', "")
     assert "| 1 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in leaderboard.leaderboard(record.parent, tmp_path)
 
 
@@ -588,6 +594,13 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
         assert not (tmp_path / "records" / "runs" / "y-0").exists()
     r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", EVERY="100")  # the GPU tracks' cadence is the rules'
     assert r.returncode == 1 and "EVERY is for the CPU track" in r.stderr, r.stderr
+    teacher = tmp_path / "shapes_teacher.safetensors"  # verify.py checks a run's teacher against its commit's
+    teacher.write_bytes(b"the committed teacher")
+    git_in(tmp_path, "add", teacher.name)
+    git_in(tmp_path, "commit", "-q", "-m", "a teacher")
+    teacher.write_bytes(b"another teacher")
+    r = stub_speedrun(tmp_path, NAME="y")
+    assert r.returncode == 1 and "shapes_teacher.safetensors differs from HEAD's: commit" in r.stderr, r.stderr
 
 
 # BESIDE's pairs: a run waits for its partner of the same seed to start (side by side, or it fails), and a run of the
@@ -608,11 +621,12 @@ sys.exit(0 if os.path.exists(partner) and all(os.path.exists(e) for e in earlier
 
 
 def test_the_runs_train_on_a_snapshot_of_the_working_tree(tmp_path):
-    """The tree's uncommitted changes and new .py files are in it; the folder goes when the speedrun ends."""
+    """The tree's uncommitted changes, staged or not, and its new files are in it; the folder goes at the end."""
     stub = STUB_PAIRED.replace("os.makedirs(out)\n", "os.makedirs(out)\nimport helper\n"
                                "open(out + '/code', 'w').write(os.path.abspath(__file__) + ' ' + helper.MARK)\n")
     stub_speedrun(tmp_path, stub_train=STUB_PAIRED, RUNS="7")  # refused (odd): the repository, its stubs committed
     (tmp_path / "helper.py").write_text("MARK = 'uncommitted'\n")
+    git_in(tmp_path, "add", "helper.py")  # a new file, staged; train.py's change (stub_speedrun's) stays unstaged
     r = stub_speedrun(tmp_path, "--smoke", "--", "--lr=3e-3", stub_train=stub, BESIDE="1")
     runs = tmp_path / "records" / "runs"
     assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr
