@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, pad_to_common, \
     read_index
-from model import load_run
+from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
 
@@ -697,8 +697,7 @@ def evaluate_checkpoint(args, device):
     if not distributed() or dist.get_rank() == 0:
         out = args.out or os.path.join(ckpt, "eval.json")
         with open(out, "w") as f:
-            weights = "ema" if args.weights == "ema" and os.path.exists(os.path.join(ckpt, "ema.safetensors")) \
-                else "model"  # load_run's choice
+            weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read
             json.dump({"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed,
                        "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {},
                        "checkpoint": os.path.basename(ckpt), "weights": weights}, f, indent=2)

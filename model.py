@@ -566,11 +566,14 @@ def load_run(path, weights="ema"):
     with open(stage_config(run, ckpt)) as f:
         config = json.load(f)
     model = PRX(PRXConfig(**config["model"]))
-    file = os.path.join(ckpt, "ema.safetensors")
-    if weights != "ema" or not os.path.exists(file):
-        file = os.path.join(ckpt, "model.safetensors")
-    model.load_state_dict(load_file(file))
+    model.load_state_dict(load_file(os.path.join(ckpt, weights_file(ckpt, weights))))
     return model.eval().requires_grad_(False), config, ckpt
+
+
+def weights_file(ckpt, weights="ema"):
+    """The file load_run reads: the EMA weights when asked for and the checkpoint keeps them, else the model's."""
+    return "ema.safetensors" if weights == "ema" and os.path.exists(os.path.join(ckpt, "ema.safetensors")) \
+        else "model.safetensors"
 
 
 if __name__ == "__main__":

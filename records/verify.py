@@ -356,9 +356,9 @@ print(h.hexdigest())
 
 
 # The evaluation is eval.py's sampler and its averaging of the scores, fixed by the rules whatever the model: through
-# the interfaces a run uses, a stand-in network sampled with and without guidance and self-guidance, both
-# predictions, then evaluate() over uneven batches of the held-out split, whose score also reads the images' mean.
-# Run on all the sources embedded in a log (eval.py imports the others).
+# the interfaces a run uses, a stand-in network on fixed text (the text encoder is a run's method) sampled with and
+# without guidance and self-guidance, both predictions, then evaluate() over uneven batches, scored by the held-out
+# split's checker and the images' mean. Run on all the sources embedded in a log (eval.py imports the others).
 EVAL_PROBE = """
 import hashlib, sys, types, torch, eval as ev, shapes as s
 side = int(sys.argv[1])
