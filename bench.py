@@ -27,6 +27,7 @@ random weights in the real architectures: their speed does not depend on the wei
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import itertools
 import json
@@ -510,21 +511,22 @@ def parity_row(model, batches):
 
 
 def step_rows(sides, batch, s, peak_tflops):
-    """Training step (fwd + bwd + clip + fused AdamW), compiled, of each side in turn, so that each side's peak
-    memory is its own (the other side's weights subtracted) -> rows, our step's seconds."""
-    ms, peak = {}, {}
+    """Training step (fwd + bwd + clip + fused AdamW), compiled, the sides taking turns step by step; then each side's
+    peak memory over one more step of its own, the other side's weights and AdamW moments (fp32, 12 bytes a
+    parameter, allocated throughout) subtracted -> rows, our step's seconds."""
+    steps = {}
     for name, (model, diffusers) in sides.items():
         opt = torch.optim.AdamW(model.parameters(), **adamw())
         run = torch.compile(model, backend=s["backend"])
-        times = timed({name: lambda: training_step(run, opt, batch, diffusers=diffusers)}, s["warmup"], s["steps"])
-        ms[name] = 1e3 * statistics.median(times[name])
-        peak[name] = math.nan
-        if DEVICE.type == "cuda":
+        steps[name] = functools.partial(training_step, run, opt, batch, diffusers=diffusers)
+    ms = {name: 1e3 * statistics.median(t) for name, t in timed(steps, s["warmup"], s["steps"]).items()}
+    peak = dict.fromkeys(sides, math.nan)
+    if DEVICE.type == "cuda":
+        for name, step in steps.items():
             torch.cuda.reset_peak_memory_stats()
-            training_step(run, opt, batch, diffusers=diffusers)
-            others = sum(4 * p.numel() for other, _ in sides.values() if other is not model for p in other.parameters())
+            step()
+            others = sum(12 * p.numel() for other, (m, _) in sides.items() if other != name for p in m.parameters())
             peak[name] = (torch.cuda.max_memory_allocated() - others) / 2**30
-        del opt
     cfg = sides["ours"][0].cfg
     mfu = mfu_percent(cfg, (s["side"] // cfg.patch_size) ** 2, batch[4].sum(1), ms, peak_tflops)
     what = f"compiled training step, batch {s['batch']}"

@@ -285,9 +285,17 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     assert (tmp_path / "gpu.md").read_text() == "an earlier check"  # kept whole; the rows so far beside it
     assert "| measure | ours | baseline | ours/baseline |" in (tmp_path / "gpu.md.partial").read_text()
     monkeypatch.setattr(bench, "train_rows", real_train_rows)
+    real_step, compiled_steps = bench.training_step, []
+
+    def training_step(*args, **kwargs):  # the compiled step's calls, by side
+        if "diffusers" in kwargs:
+            compiled_steps.append("diffusers" if kwargs["diffusers"] else "ours")
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(bench, "training_step", training_step)
     capsys.readouterr()
     bench.gpu_check(tmp_path / "gpu.md", 0.001)  # a peak of 1 GFLOP/s: a CPU's MFU in printable figures
     out = capsys.readouterr().out
+    assert compiled_steps == ["ours", "diffusers"] * 2  # warm-up and timed rounds: the sides take turns
     table = (tmp_path / "gpu.md").read_text()
     assert not (tmp_path / "gpu.md.partial").exists()
     assert [line for line in out.splitlines() if line in table.splitlines()] == table.splitlines()  # same table
