@@ -381,11 +381,12 @@ def reference_metrics(ref):
 
 
 def check_reference(path, metrics, count=None, resolution=None, flag="--num-samples"):
-    """The reference exists, holds every metric asked for and, where given, as many images at the resolution as this
-    evaluation has (FID is biased by the count, every metric moves with resolution): checked before any network
-    loads. flag: the caller's command-line flag for the count, named in the error. -> the reference's arrays."""
+    """The reference exists, holds every metric asked for (None: whichever it holds) and, where given, as many images
+    at the resolution as this evaluation has (FID is biased by the count, every metric moves with resolution):
+    checked before any network loads. flag: the caller's command-line flag for the count, named in the error. ->
+    the reference's arrays."""
     ref = read_reference(path)
-    if missing := [m for m in metrics if m not in (held := reference_metrics(ref))]:
+    if metrics is not None and (missing := [m for m in metrics if m not in (held := reference_metrics(ref))]):
         raise ValueError(f"{path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass --metrics "
                          f"{','.join(held)}, or build a reference of {','.join(metrics)} with `python eval.py ref "
                          f"--metrics {','.join(metrics)} ...`")
@@ -409,11 +410,13 @@ def check_reference_size(ref, count, resolution, flag="--num-samples"):
 class Metrics:
     """update(images uint8 (B, 3, H, W)) on each rank, then compute() -> {"fid", "cmmd", "dino_mmd"} against the
     reference file (gathered over ranks when torch.distributed is initialised), or save_reference(path).
-    clip / dino: a hub id or folder to load, or a loaded model."""
+    metrics None: those the reference holds. clip / dino: a hub id or folder to load, or a loaded model; dino_weights:
+    a local file of the hub id's weights (--dino-weights)."""
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
-                 device="cpu", count=None, resolution=None, count_flag="--num-samples"):
+                 dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples"):
         ref = check_reference(ref_path, metrics, count, resolution, count_flag) if ref_path else None  # networks next
+        metrics = reference_metrics(ref) if metrics is None else metrics
         self.metrics, self.device = tuple(metrics), torch.device(device)
         self.settings = {"eval_version": EVAL_VERSION}
         if "fid" in metrics:
@@ -426,7 +429,8 @@ class Metrics:
             self.settings["cmmd"] = (f"{type(self.clip).__name__} {self.clip.config.image_size}px "
                                      f"{fingerprint(self.clip.vision_model.embeddings.patch_embedding.weight)}")
         if "dino_mmd" in metrics:
-            self.dino = (load_dino(dino) if isinstance(dino, str) else dino).to(self.device)
+            overlay = dict(pretrained_cfg_overlay=dict(file=dino_weights)) if dino_weights else {}
+            self.dino = (load_dino(dino, **overlay) if isinstance(dino, str) else dino).to(self.device)
             self.settings["dino_mmd"] = (f"{self.dino.pretrained_cfg['architecture']} "
                                          f"{self.dino.patch_embed.img_size[0]}px "
                                          f"{fingerprint(self.dino.patch_embed.proj.weight)}")
@@ -613,13 +617,8 @@ def build_metrics(args, names, device, count=None, resolution=None):
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
     try:
-        names = reference_metrics(read_reference(args.ref)) if names is None else names
-        dino = DINO_ID  # Metrics loads it after checking the reference; a weights file is loaded here, so check first
-        if args.dino_weights and "dino_mmd" in names:
-            if args.ref:
-                check_reference(args.ref, names, count, resolution)
-            dino = load_dino(pretrained_cfg_overlay=dict(file=args.dino_weights))
-        return Metrics(args.ref, names, args.fid_weights, args.clip, dino, device, count, resolution)
+        return Metrics(args.ref, names, args.fid_weights, args.clip, dino_weights=args.dino_weights, device=device,
+                       count=count, resolution=resolution)
     except (ValueError, FileNotFoundError) as e:  # a reference or network file missing or unfit: each names its own
         raise SystemExit(f"error: {e}")
 

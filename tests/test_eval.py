@@ -253,6 +253,21 @@ def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
         metrics.compute()
     with pytest.raises(ValueError, match="other settings: cmmd"):
         ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=tiny_clip(seed=1))  # other weights
+    loaded = []  # --dino-weights: the hub id's network from the local file, loaded after the reference's checks
+
+    def load_dino(name, **kwargs):
+        loaded.append((name, kwargs))
+        return dino
+    ev_load_dino, ev.load_dino = ev.load_dino, load_dino
+    try:
+        with pytest.raises(ValueError, match="holds 3 images"):
+            ev.Metrics(tmp_path / "ref.npz", ["dino_mmd"], dino_weights="w.safetensors", count=2, resolution=28)
+        assert loaded == []
+        metrics = ev.Metrics(tmp_path / "ref.npz", None, clip=clip, dino_weights="w.safetensors")
+    finally:
+        ev.load_dino = ev_load_dino
+    assert loaded == [(ev.DINO_ID, {"pretrained_cfg_overlay": {"file": "w.safetensors"}})]
+    assert metrics.metrics == ("cmmd", "dino_mmd")  # None: those the reference holds
 
 
 def seeded_networks():
@@ -618,10 +633,9 @@ def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_
     with pytest.raises(FileNotFoundError, match=f"did you mean {tmp_path / 'ref'}.npz"):
         ev.Metrics(tmp_path / "ref", ["cmmd"])
     monkeypatch.setattr(ev, "load_dino", lambda *a, **k: pytest.fail("DINO loaded for CMMD"))
-    monkeypatch.setattr(ev, "Metrics", lambda *a: a)
     args = SimpleNamespace(ref=tmp_path / "ref.npz", command="eval", dino_weights="/no/such.safetensors",
-                           fid_weights=None, clip="c")
-    assert ev.build_metrics(args, ["cmmd"], "cpu")[4] == ev.DINO_ID  # --dino-weights only for dino_mmd
+                           fid_weights=None, clip=tiny_clip())
+    assert ev.build_metrics(args, None, "cpu").metrics == ("cmmd",)  # --dino-weights only for dino_mmd
 
 
 HEAP = """
