@@ -357,10 +357,10 @@ print(h.hexdigest())
 
 # The evaluation is eval.py's sampler and its averaging of the scores, fixed by the rules whatever the model: through
 # the interfaces a run uses, a stand-in network on fixed text (the text encoder is a run's method) sampled with and
-# without guidance and self-guidance, both predictions, then evaluate() over uneven batches, scored by the held-out
-# split's checker and the images' mean. Run on all the sources embedded in a log (eval.py imports the others).
-EVAL_PROBE = """
-import hashlib, sys, types, torch, eval as ev, shapes as s
+# without guidance and self-guidance, both predictions. Run on all the sources embedded in a log (eval.py imports
+# the others).
+STAND_IN = """
+import hashlib, sys, types, torch, eval as ev
 side = int(sys.argv[1])
 class Flow(torch.nn.Module):  # a stand-in network: its output depends on x, t, the text, its mask and the route
     cfg = types.SimpleNamespace(patch_size=4)
@@ -376,6 +376,18 @@ class Flow(torch.nn.Module):  # a stand-in network: its output depends on x, t, 
 g = torch.Generator().manual_seed(0)  # fixed text: the text encoder is a run's method, not the evaluation
 bank, lengths = torch.randn(7, 6, 16, generator=g), torch.tensor([6, 3, 5, 1, 6, 2, 4])
 bank_mask, null = torch.arange(6)[None] < lengths[:, None], (torch.randn(1, 2, 16, generator=g), torch.ones(1, 2) > 0)
+model, h, idx = Flow(), hashlib.sha256(), list(range(5))
+def sampled(shape, decode):  # both predictions, guided or not, with self-guidance
+    with torch.no_grad():
+        for pred in ("v", "x"):
+            for cfg, guidance in ((3.0, 0.0), (1.0, 2.0), (3.0, 3.0)):
+                x = ev.sample(model, bank[idx], bank_mask[idx], *null, [42 + i for i in idx], shape, steps=4,
+                              cfg_scale=cfg, shift=1.0, pred=pred, route_ratio=0.25, self_guidance=guidance)
+                h.update(decode(x).numpy().tobytes())
+"""
+# The CPU track: then evaluate() over uneven batches, scored by the held-out split's checker and the images' mean.
+EVAL_PROBE = STAND_IN + """
+import shapes as s
 class Scored:  # the held-out split's checker, and the images' mean: evaluate's averaging shows
     def __init__(self, split):
         self.split, self.null, self.captions = split, null, split.captions
@@ -383,18 +395,42 @@ class Scored:  # the held-out split's checker, and the images' mean: evaluate's 
         return bank[indices], bank_mask[indices]
     def score(self, images, indices):
         return {**self.split.score(images, indices), "pixel_mean": float(images.float().mean()) / 255}
-model, h = Flow(), hashlib.sha256()
-split, idx = s.HeldoutShapes(0, "long", side), list(range(5))
-txt, mask = bank[idx], bank_mask[idx]
+split = s.HeldoutShapes(0, "long", side)
+sampled((3, side, side), ev.to_uint8)
 with torch.no_grad():
-    for pred in ("v", "x"):
-        for cfg, guidance in ((3.0, 0.0), (1.0, 2.0), (3.0, 3.0)):
-            x = ev.sample(model, txt, mask, *null, [42 + i for i in idx], (3, side, side), steps=4,
-                          cfg_scale=cfg, shift=1.0, pred=pred, route_ratio=0.25, self_guidance=guidance)
-            h.update(ev.to_uint8(x).numpy().tobytes())
     result = ev.evaluate(model, Scored(split), 7, (3, side, side), seed=42, batch_size=3, steps=3, cfg_scale=3.0,
                          shift=1.0, pred="v", route_ratio=0.25, self_guidance=1.5)
 h.update(repr(sorted((k, round(v, 6)) for k, v in result.items())).encode())
+print(h.hexdigest())
+"""
+# The GPU tracks: latents (a fixed stand-in for the VAE decodes them), then FID as evaluate() computes it: Inception
+# features (random weights in the real network: the computation shows, not the weights) streamed over uneven
+# batches against a reference of fixed images, the Frechet distance (4 significant digits: its eigenvalues' round-off
+# differs between BLAS libraries).
+FID_PROBE = STAND_IN + """
+import tempfile, numpy as np
+def decode(z):  # (B, 4, 8, 8) -> uint8 (B, 3, 16, 16)
+    return ev.to_uint8(torch.tanh(z[:, :3]).repeat_interleave(2, -1).repeat_interleave(2, -2))
+class Unscored:  # a prepared held-out split: text, no score of its own (FID is the metric)
+    null = null
+    def encode(self, indices):
+        return bank[indices], bank_mask[indices]
+    def score(self, images, indices):
+        return {}
+sampled((4, 8, 8), decode)
+real = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (7, 3, 16, 16), dtype=np.uint8))
+with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+    weights, ref = f"{folder}/inception.pth", f"{folder}/ref.npz"
+    torch.manual_seed(0)
+    ev.write_random_inception_weights(weights)
+    reference = ev.Metrics(None, ["fid"], fid_weights=weights)
+    reference.update(real[:4])
+    reference.update(real[4:])
+    reference.save_reference(ref)
+    metrics = ev.Metrics(ref, ["fid"], fid_weights=weights)
+    result = ev.evaluate(model, Unscored(), 7, (4, 8, 8), decode, metrics, seed=42, batch_size=3, steps=3,
+                         cfg_scale=3.5, shift=1.0, pred="v", route_ratio=0.25, self_guidance=1.5)
+h.update(f"{result['fid']:.4g}".encode())
 print(h.hexdigest())
 """
 
@@ -416,15 +452,21 @@ def fingerprint(probe, files, resolution):
 def check_task(runs, t):
     """A record races the task and the evaluation its target was measured with: the file that defines the task (the
     CPU track's shapes.py: scenes, captions, checker) draws and reads what the calibration's did (TASK_PROBE), and
-    its eval.py samples and averages as the calibration's did (EVAL_PROBE)."""
-    if "task" not in t:
+    its eval.py samples and averages as the calibration's did (EVAL_PROBE); on a GPU track, once calibrated, its
+    eval.py samples and computes FID as the calibration's did (FID_PROBE)."""
+    every_source = lambda r: tuple(sorted(r["sources"].items()))  # noqa: E731
+    fixed = "the evaluation is fixed (records/RULES.md)"
+    if "task" in t:
+        probes = [(TASK_PROBE, lambda r: ((t["task"], r["sources"].get(t["task"], "")),),
+                   f"its {t['task']} draws or reads other scenes than that of {t['target_from']}, where the target "
+                   f"was measured: another task; a changed task needs its own calibration (speedrun.sh --calibrate)"),
+                  (EVAL_PROBE, every_source,
+                   f"its eval.py samples or averages otherwise than that of {t['target_from']}: {fixed}")]
+    elif t["metric"] == "fid" and t["target"] is not None:
+        probes = [(FID_PROBE, every_source,
+                   f"its eval.py samples or computes FID otherwise than that of {t['target_from']}: {fixed}")]
+    else:
         return []
-    probes = [(TASK_PROBE, lambda r: ((t["task"], r["sources"].get(t["task"], "")),),
-               f"its {t['task']} draws or reads other scenes than that of {t['target_from']}, where the target was "
-               f"measured: another task; a changed task needs its own calibration (speedrun.sh --calibrate)"),
-              (EVAL_PROBE, lambda r: tuple(sorted(r["sources"].items())),
-               f"its eval.py samples or averages otherwise than that of {t['target_from']}: the evaluation is "
-               f"fixed (records/RULES.md)")]
     problems = []
     for probe, files, otherwise in probes:
         try:

@@ -250,6 +250,23 @@ def test_a_gpu_run_against_another_fid_reference_than_the_calibrations_fails(mon
     assert verify.check_run(gpu_run(), "1gpu") == ["log_0.txt: FID reference sha256 is 'ab12', the rules say 'cd34'"]
 
 
+def test_a_gpu_record_whose_eval_samples_or_computes_fid_otherwise_fails(monkeypatch):
+    """Once a GPU track is calibrated, each log's eval.py samples a stand-in network and computes FID (random
+    Inception weights) as the calibration's: a covariance divided by n, not n - 1, is refused."""
+    sources = {path.name: path.read_text() for path in ROOT.glob("*.py")}
+    calibration = dict(name="log_0.txt", sources=sources)
+    monkeypatch.setattr(verify, "load_runs", lambda folder: [calibration])
+    track = dict(verify.TRACKS["1gpu"], target=20.0, target_from="records/2027-01-01_1gpu-calibration")
+    mutated = lambda name, old, new: dict(name=name, sources=dict(sources, **{  # noqa: E731
+        "eval.py": sources["eval.py"].replace(old, new, 1)}))
+    runs = [dict(calibration, name="log_1.txt"), mutated("log_2.txt", "/ (n - 1)).cpu()", "/ n).cpu()")]
+    assert runs[1]["sources"]["eval.py"] != sources["eval.py"]
+    assert verify.check_task(runs, track) == [
+        "log_2.txt: its eval.py samples or computes FID otherwise than that of records/2027-01-01_1gpu-calibration: "
+        "the evaluation is fixed (records/RULES.md)"]
+    assert verify.check_task(runs, verify.TRACKS["1gpu"]) == []  # not calibrated yet: nothing to compare with
+
+
 def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
     edit(cpu_target / "log_0.txt", '"target": null', '"target": ["object_accuracy", 0.3]')
     assert "log_0.txt: a calibration runs a fixed budget, not --target" in verify.verify(cpu_target)
