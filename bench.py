@@ -50,7 +50,7 @@ from PIL import Image
 from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_text, positive
 from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
                   mmd, sample, timesteps, write_random_inception_weights)
-from model import PRX, flops_per_sample, preset_config, trim_text
+from model import PRX, Attention, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, newton_schulz, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
 import train
@@ -357,14 +357,16 @@ def state_bytes(model):
 def saved_bytes(cfg, batch, side, txt_tokens, fake=True, param_dtype=torch.float32):
     """Activations: the bytes autograd saves for backward in one eager training forward (v-prediction MSE), counted
     exactly by a saved_tensors_hooks once per storage (the parameters excluded; autocast's bf16 weight copies
-    included), under CPU bf16 autocast. With fake=True on fake tensors (shapes and dtypes, no data, no compute): the
-    same count at full size in a second, with nothing to extrapolate. param_dtype bf16: FSDP2's weights gathered in
+    included), under CPU bf16 autocast with the attention in bf16, as on CUDA (model.Attention.fp32_on_cpu off).
+    With fake=True on fake tensors (shapes and dtypes, no data, no compute): the same count at full size in a
+    second, with nothing to extrapolate. param_dtype bf16: FSDP2's weights gathered in
     bf16 (train.py --fsdp), which autocast uses as they are: no copies. CUDA's kernels save a few tensors otherwise:
     its layer norms return fp32 (+2 bytes an element, 2 per block) but its fused RMSNorm saves one fp32 copy where
     CPU's saves two (-4 bytes an element of q, k and text k): with as many text as image tokens CUDA's eager count is
     ~9% lower. torch.compile's graphs recompute some elementwise ops and save less still."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode() if fake else contextlib.nullcontext():
+    from unittest import mock
+    with FakeTensorMode() if fake else contextlib.nullcontext(), mock.patch.object(Attention, "fp32_on_cpu", False):
         model = PRX(cfg)
         for p in model.parameters():
             p.data = p.data.to(param_dtype)  # not model.to(): fake parameters cannot be swapped

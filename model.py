@@ -179,6 +179,10 @@ class Modulation(nn.Module):
 
 class Attention(nn.Module):
     """Image queries over [text K/V, image K/V]; per-head RMSNorm on q, k and text k; RoPE on image q, k only."""
+    # the CPU's fused attention has no fast bf16 backward (slower than its fp32 one even where bf16 matmuls are several
+    # times faster): under bf16 autocast it runs in fp32 there. bench.py's memory count turns this off to count what
+    # CUDA saves, whose attention runs in bf16.
+    fp32_on_cpu = True
 
     def __init__(self, hidden, heads):
         super().__init__()
@@ -202,10 +206,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         k = torch.cat([self.norm_added_k(tk), k], dim=2)  # (B, H, L + N, d), text first
         v = torch.cat([tv, v], dim=2)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # the CPU's fused attention has no fast bf16 backward (slower than its fp32 one even where bf16
-            # matmuls are several times faster): attention in fp32 there (autocast would cast it back to bf16)
-            with torch.autocast("cpu", enabled=False):
+        if self.fp32_on_cpu and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):  # else autocast would cast it back to bf16
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)

@@ -9,11 +9,12 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
 from data import pad_text
 from eval import sample
-from model import PRX, flops_per_sample, preset_config
+from model import PRX, Attention, flops_per_sample, preset_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,6 +209,22 @@ def test_memory_fake_count_equals_real():
         # at least each block's bf16 gate_proj and up_proj outputs and GELU output: 3 (B, N, mlp) tensors
         tokens, mlp = batch * (side // cfg.patch_size) ** 2, int(cfg.hidden_size * cfg.mlp_ratio)
         assert real > depth * 3 * tokens * mlp * 2
+
+
+def test_memory_counts_the_attention_in_bf16_as_cuda_runs_it(monkeypatch):
+    # the CPU runs its attention in fp32 under bf16 autocast (model.Attention.fp32_on_cpu); CUDA's saves bf16
+    dtypes, sdpa = [], F.scaled_dot_product_attention
+
+    def spied(q, k, v, **kwargs):
+        dtypes.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spied)
+    cfg = preset_config("tiny", depth=1)
+    bench.saved_bytes(cfg, 2, 8, 5, fake=False)
+    assert dtypes == [torch.bfloat16] and Attention.fp32_on_cpu
+    with torch.autocast("cpu", torch.bfloat16):  # where the CPU trains: fp32
+        PRX(cfg)(torch.randn(2, cfg.in_channels, 8, 8), torch.rand(2), torch.randn(2, 5, cfg.context_dim))
+    assert dtypes[1:] == [torch.float32]
 
 
 def test_memory_per_gpu_shards_the_states_not_the_activations():
