@@ -60,10 +60,13 @@ def hub_reachable(timeout=5):
         return False
 
 
-def from_hub(load, what, files, flag, local="DIR"):
+def from_hub(load, what, files, flag, local="DIR", name=None):
     """load(), a from_pretrained or hf_hub_download call, from the local Hugging Face cache only, then online if the
     hub answers at all. Offline it fails at once, not after the libraries' retries, and says how to bring `what` here:
-    `hf download {files}` into the cache, or into a folder whose copy (`local`) is passed with `flag`."""
+    `hf download {files}` into the cache, or into a folder whose copy (`local`) is passed with `flag`. name: the hub
+    id or folder `flag` gave; one that can only be a folder (absolute, or starting with '.') must exist."""
+    if name and (os.path.isabs(name) or name.startswith(".")) and not os.path.exists(name):
+        raise FileNotFoundError(f"{flag} {name}: no such folder; pass a folder holding a local copy, or a hub id")
     from huggingface_hub import constants
     offline = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers, diffusers and timm
@@ -90,7 +93,7 @@ def load_vae(name, path=None, device="cpu"):
     files = f"{hub_id} --include '{subfolder}/*'" if subfolder else hub_id
     load = getattr(diffusers, class_name).from_pretrained
     vae = from_hub(lambda: load(path or hub_id, subfolder=subfolder, torch_dtype=dtype),
-                   f"the {name} VAE ({path or hub_id})", files, "prepare.py --vae-path").to(device)
+                   f"the {name} VAE ({path or hub_id})", files, "prepare.py --vae-path", name=path).to(device)
     vae = vae.eval().requires_grad_(False)
     return (vae, *latent_stats(vae))
 
@@ -261,6 +264,10 @@ def parse_data_phases(spec):
             if not colon or not re.fullmatch(r"[-+.\deE]+", weight):  # no weight: a path, whole (it may hold a ':')
                 path, weight = item.strip(), "1"
             path = os.path.normpath(path) if path else path  # 'data/mj/' and './data/mj' are data/mj: its position
+            if path == "builtin":
+                raise ValueError(f"data spec {spec!r}: builtin (the built-in shapes) is not a prepared directory and "
+                                 f"takes no mixture or phases: --data builtin, with --captions for its caption mode "
+                                 f"(a later phase: --resume with another --captions)")
             if path in weights:
                 raise ValueError(f"data spec {spec!r}: {path} is named twice in one phase")
             try:
@@ -481,17 +488,18 @@ def open_heldout(spec, num_samples, caption, resolution, seed, text_context):
 # ----------------------------------------------------------------------------------------------------------
 # Numbers on the command lines of train.py, eval.py, prepare.py and bench.py: refused by argparse, naming the flag
 
-def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: kind (int or float) in [low, high] ((low, high] with low_open), with the range in the
-    error message."""
+def number(kind, low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: kind (int or float) in [low, high] (open at either end with low_open, high_open), with the
+    range in the error message."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
                                              f"got {text!r}")
-        if not (low < value if low_open else low <= value) or value > high or not math.isfinite(value):
-            bounds = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
+        if not (low < value if low_open else low <= value) or not (value < high if high_open else value <= high) \
+                or not math.isfinite(value):
+            bounds = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf and not high_open else ')'}"
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
     return parse

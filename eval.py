@@ -8,6 +8,7 @@ Jayasumana et al. 2024), and the caption checker on the built-in dataset.
     torchrun --nproc_per_node=8 eval.py --ckpt runs/x --ref ref.npz          # each rank samples its share
     python eval.py --ckpt runs/x                                             # built-in data: the caption checker
     python eval.py sample --ckpt runs/x --prompt "a red circle in the top left"   # your prompts -> a PNG grid
+    python eval.py export --ckpt runs/x --out prx-x                          # a folder diffusers' PRXPipeline loads
 
 Sampler: Euler on the shifted linspace(1, 0, N + 1) schedule, classifier-free guidance against the encoded empty
 prompt, optional TREAD self-guidance. Noise is seeded per sample index: the same image whatever the batch or ranks.
@@ -566,9 +567,10 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="eval", choices=["eval", "ref", "sample"],
+    p.add_argument("command", nargs="?", default="eval", choices=["eval", "ref", "sample", "export"],
                    help="eval: sample a checkpoint and score it; ref: reference statistics of the real images; "
-                        "sample: the checkpoint's images of --prompt captions")
+                        "sample: the checkpoint's images of --prompt captions; export: the checkpoint as a folder "
+                        "diffusers' PRXPipeline.from_pretrained loads")
     g = p.add_argument_group("what")
     g.add_argument("--ckpt", help="run folder (its latest checkpoint) or <run>/checkpoints/step_N")
     g.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights when the run has them")
@@ -578,7 +580,7 @@ def get_args(argv=None):
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
     g.add_argument("--resolution", type=count, default=32, help="ref on the built-in data: image side")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json); sample: the "
-                   "PNG (default <checkpoint>/prompts_<k>.png, the first k not taken)")
+                   "PNG (default <checkpoint>/prompts_<k>.png, the first k not taken); export: a new folder")
     g.add_argument("--prompt", action="append", help="sample: a caption to draw, repeatable (image i from the noise "
                    "of --seed + i); encoded by the run's text encoder (the built-in one, or the data's T5Gemma)")
     g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
@@ -657,7 +659,8 @@ def main(argv=None):
         if distributed() and args.num_samples < dist.get_world_size():
             raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} "
                              f"processes (each samples its share): ask for more, or start fewer")
-        {"ref": make_reference, "eval": evaluate_checkpoint, "sample": sample_prompts}[args.command](args, device)
+        {"ref": make_reference, "eval": evaluate_checkpoint, "sample": sample_prompts,
+         "export": export_pipeline}[args.command](args, device)
     finally:
         if distributed():
             dist.destroy_process_group()
@@ -740,6 +743,33 @@ def sample_prompts(args, device):
                            if not os.path.exists(path := os.path.join(ckpt, f"prompts_{k}.png")))
     save_grid(images, args.prompt, out)
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
+
+
+
+def export_pipeline(args, device):
+    """`eval.py export`: the checkpoint (EMA weights when the run has them) as a folder PRXPipeline.from_pretrained
+    loads whole: the run's shift and resolution, the VAE, T5Gemma and token cap its prepared data was encoded with
+    (model.PRX.save_diffusers; README for the call that reproduces eval.py's samples)."""
+    if not args.out:
+        raise SystemExit("error: export needs --out FOLDER (a new folder)")
+    if os.path.exists(args.out):
+        raise SystemExit(f"error: --out {args.out} exists; export writes a new folder")
+    model, train_args, ckpt, sampling = load_checkpoint(args)
+    data = args.data or train_args["data"]
+    if data == "builtin" or sampling["pred"] != "v" or "latent" not in read_index(data_dirs(data)[0])["schema"]:
+        raise SystemExit(f"error: --ckpt {args.ckpt}: diffusers' PRXPipeline samples latents with v-prediction; this "
+                         f"run trained on {data} with --pred {sampling['pred']}: sample it with eval.py")
+    settings = read_index(data_dirs(data)[0])["settings"]
+    try:
+        vae = load_vae(settings["vae"], settings.get("vae_path"), "cpu")[0]
+        encoder = prompt_encoder(data, train_args["text_context"], "cpu")
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: the encoders of {data} (its index.json): {e}")
+    tmp = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"  # whole or not at all
+    model.save_diffusers(tmp, shift=sampling["shift"], resolution=train_args["resolution"], vae=vae,
+                         text_encoder=encoder.model, tokenizer=encoder.tokenizer, max_tokens=encoder.max_tokens)
+    os.replace(tmp, args.out)
+    print(f"{ckpt} ({os.path.basename(weights_file(ckpt, args.weights))}) -> {args.out}: PRXPipeline.from_pretrained")
 
 
 if __name__ == "__main__":

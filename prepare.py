@@ -79,7 +79,8 @@ class T5GemmaTextEncoder:
         # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
         model, tokenizer = from_hub(
             lambda: (T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype),
-                     AutoTokenizer.from_pretrained(name)), f"the text encoder {name}", name, "--text-encoder")
+                     AutoTokenizer.from_pretrained(name)), f"the text encoder {name}", name, "--text-encoder",
+            name=name)
         return cls(model.to(device), tokenizer, max_tokens)
 
     @torch.no_grad()
@@ -319,16 +320,19 @@ def prepare(args, rank=0, world_size=1):
     head = [rows.features] if getattr(rows, "features", None) else list(itertools.islice(rows, args.batch_size))
     for flag, field in [("--image-field", args.image_field), *(("--captions", f) for f in fields.values())]:
         if head and not any(has_field(row, field) for row in head):
-            raise ValueError(f"{flag}: no field {field!r} in {args.source}, whose rows have "
+            raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those")
+    try:  # a model missing or unreachable: named with the flag that takes a local copy
+        encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
+        vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
     if settings is not None:
         tmp = out / f"prepare.tmp-{os.getpid()}.json"
         tmp.write_text(json.dumps(settings, indent=1))
         os.replace(tmp, out / "prepare.json")
     shard, rows_done, source_state = resume_point(out, rank, world_size)
-    encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
-    vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
     if rank == 0:
         emb, mask = encoder([""])
         np.save(out / "null_txt.tmp.npy", to_bits(emb[0, mask[0]]))

@@ -174,8 +174,8 @@ def get_parser():
     g.add_argument("--cooldown", type=fraction, default=0.0, help="final fraction of the run (of --max-steps or "
                    "--max-time, whichever ends it) with the lr decaying linearly to 0 (WSD); 0 = constant to the end")
     g.add_argument("--grad-clip", type=positive, default=0.2, help="max gradient norm")
-    g.add_argument("--ema", type=number(float, 0, 1), default=0.0, help="EMA decay in (0, 1) applied once per "
-                   "update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
+    g.add_argument("--ema", type=number(float, 0, 1, high_open=True), default=0.0, help="EMA decay in (0, 1) "
+                   "applied once per update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
     g.add_argument("--ema-every", type=count, default=10, help="steps between EMA updates")
     add_evaluation_flags(p.add_argument_group("evaluation"))
     return p
@@ -225,7 +225,7 @@ def add_technique_flags(g):
     g.add_argument("--pdino-weights", default=None, help="P-DINO's DINOv2 weights file, for offline machines")
     g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
     g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
-    g.add_argument("--route-ratio", type=number(float, 0, 1), default=None,
+    g.add_argument("--route-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=None,
                    help="routed fraction in (0, 1) (default TREAD 0.5, SPRINT 0.75)")
 
 
@@ -262,10 +262,6 @@ def check_combinations(parser, args):
         parser.error("--tread and --sprint are exclusive (SPRINT already routes tokens)")
     if args.route_ratio is not None and not (args.tread or args.sprint):
         parser.error("--route-ratio needs --tread or --sprint")
-    if args.route_ratio is not None and not 0 < args.route_ratio < 1:
-        parser.error(f"--route-ratio must be in (0, 1), got {args.route_ratio}")
-    if args.ema and not 0 < args.ema < 1:
-        parser.error(f"--ema must be a decay in (0, 1), got {args.ema}")
     if max(args.betas) >= 1:
         parser.error(f"--betas {args.betas[0]:g} {args.betas[1]:g}: each must be below 1 (AdamW's averages of the "
                      f"gradient and its square would never move)")

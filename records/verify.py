@@ -637,7 +637,15 @@ def main(argv=None):
         print(f"FAIL {problem}")
     if problems:
         sys.exit(1)
-    print(f"ok {args.folder}: {readme_block((args.folder / 'README.md').read_text()).splitlines()[1]}")
+    header = readme_block((args.folder / "README.md").read_text()).splitlines()[1]
+    print(f"ok {args.folder}: {header}")
+    track, kind = KIND.search(header).groups()
+    if kind == "calibration" and (ROOT / TRACKS[track]["target_from"]).resolve() != args.folder.resolve():
+        runs = load_runs(args.folder)  # what a calibration sets is the rules': a commit of verify.py
+        refs = sorted({r["ref_sha256"] for r in runs} - {None})
+        print(f"its mean becomes the {track} track's target where TRACKS['{track}'] in records/verify.py says "
+              f"target={summary(runs, track)['mean']:.4g}, target_from='records/{args.folder.name}'"
+              + (f", ref_sha256='{refs[0]}'" if refs else "") + ": commit that with the folder (records/RULES.md)")
 
 
 if __name__ == "__main__":

@@ -454,7 +454,7 @@ def test_evaluate_weighs_each_batch_score_by_its_size(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Command line, on the built-in data
 
-def write_run(run, model, step=10, captions="long", data="builtin"):
+def write_run(run, model, step=10, captions="long", data="builtin", pred="x"):
     """A run folder as train.py writes it: config.json ("args", "model", "sampling") and a checkpoint with the
     sha256 of each of its files."""
     from model import CHECKSUMS, file_sha256
@@ -464,7 +464,7 @@ def write_run(run, model, step=10, captions="long", data="builtin"):
     (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
     args = dict(data=data, eval_data=None, captions=captions, resolution=32, seed=0, text_context=5, tread=False,
                 sprint=False)
-    sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)
+    sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred=pred, route_ratio=0.5, self_guidance=0.0)
     (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg), "sampling": sampling}))
     return ckpt
 
@@ -562,6 +562,40 @@ def test_cli_sample_encodes_prompts_with_the_prepared_datas_t5gemma(prepared, tm
     # the caption's tokens as prepare.py stored them for training (bf16)
     torch.testing.assert_close(texts[0].to(torch.bfloat16), stored.view(torch.bfloat16).view(-1, 32))
     assert grids[0].shape == (1, 3, 32, 32) and grids[0].dtype == torch.uint8  # decoded by the data's VAE
+
+
+def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):
+    """eval.py export: the checkpoint's weights with its prepared data's VAE, T5Gemma and token cap, and the run's
+    shift, as PRXPipeline loads them; a built-in, x-prediction or already exported run is refused."""
+    from diffusers import AutoencoderKL, PRXPipeline
+    from data import PreparedDataset
+    from model import preset_config
+    out = prepared[0] / "out"
+    index = PreparedDataset(out).index
+    torch.manual_seed(0)
+    model = PRX(preset_config("tiny", in_channels=index["schema"]["latent"]["shape"][0], context_dim=32)).eval()
+    ckpt = write_run(tmp_path / "run", model, data=str(out), pred="v")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["sampling"]["shift"] = 3.0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    ev.main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")])
+    printed = f"{ckpt} (model.safetensors) -> {tmp_path / 'pipe'}: PRXPipeline.from_pretrained\n"
+    assert capsys.readouterr().out == printed
+    pipe = PRXPipeline.from_pretrained(tmp_path / "pipe")
+    theirs = pipe.transformer.state_dict()
+    assert theirs.keys() == model.state_dict().keys()
+    assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
+    assert pipe.scheduler.config.shift == 3.0 and pipe.tokenizer.model_max_length == index["settings"]["max_tokens"]
+    vae = AutoencoderKL.from_pretrained(prepared[0] / "models" / "flux", subfolder="vae")
+    assert all(torch.equal(pipe.vae.state_dict()[k], v) for k, v in vae.state_dict().items())
+    assert not list(tmp_path.glob("pipe.tmp-*"))
+    with pytest.raises(SystemExit, match="pipe exists; export writes a new folder"):
+        ev.main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")])
+    for name, data, pred in [("x", str(out), "x"), ("builtin", "builtin", "v")]:
+        write_run(tmp_path / name, model, data=data, pred=pred)
+        with pytest.raises(SystemExit, match=f"v-prediction; this run trained on {data} with --pred {pred}"):
+            ev.main(["export", "--ckpt", str(tmp_path / name), "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeypatch):

@@ -456,9 +456,14 @@ def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path
     for source, flags, message in [
             (root / "images", ["--captions", "long=txt,short=shrot"], "--captions: no field 'shrot' in .*'short'"),
             (root / "pq", ["--image-field", "img"], "--image-field: no field 'img' in .*'image'")]:  # its columns
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(SystemExit, match="^error: " + message):
             prepare.main(prepare_argv(tmp_path / "out", source, root / "models", *flags))
         assert not (tmp_path / "out").exists()  # no folder, no prepare.json of settings that never ran
+    monkeypatch.undo()
+    for flag in ("--text-encoder", "--vae-path"):  # a local copy that is not there: named, before any folder
+        with pytest.raises(SystemExit, match=f"^error: (prepare.py )?{flag} {tmp_path}/none: no such fold"):
+            prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", flag, str(tmp_path / "none")))
+        assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path):

@@ -267,6 +267,18 @@ def test_a_gpu_record_whose_eval_samples_or_computes_fid_otherwise_fails(monkeyp
     assert verify.check_task(runs, verify.TRACKS["1gpu"]) == []  # not calibrated yet: nothing to compare with
 
 
+def test_a_new_calibration_says_how_it_becomes_the_target(cpu_target, tmp_path, capsys):
+    verify.main([str(cpu_target)])  # the track's own: nothing to do
+    assert capsys.readouterr().out.splitlines() == [f"ok {cpu_target}: track: cpu | kind: calibration | "
+                                                    f"object_accuracy, higher is better | target: 0.292"]
+    again = make_record(tmp_path / "2026-12-09_recalibration", {0: (30.0, 0.31), 1: (30.0, 0.32), 2: (30.0, 0.31),
+                                                                          3: (30.0, 0.32)}, "calibration")
+    verify.main([str(again)])
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "its mean becomes the cpu track's target where TRACKS['cpu'] in records/verify.py says target=0.315, "
+        "target_from='records/2026-12-09_recalibration': commit that with the folder (records/RULES.md)")
+
+
 def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
     edit(cpu_target / "log_0.txt", '"target": null', '"target": ["object_accuracy", 0.3]')
     assert "log_0.txt: a calibration runs a fixed budget, not --target" in verify.verify(cpu_target)
