@@ -1023,6 +1023,20 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
 # The run folder: config.json (every resolved flag, versions, commit), log.txt (opens with the source of every
 # file), metrics.jsonl (one object per log line and evaluation), samples_<step>.png, eval.json, checkpoints/
 
+def check_budget(args, ckpt, step, train_time):
+    """A resume with nothing left to train (its checkpoint at or past --max-steps or --max-time) is refused before
+    the run folder is touched: it would only evaluate and stop (eval.py does that)."""
+    spent = []
+    for flag, limit, at, where in (("max_steps", args.max_steps, step, f"step {step}"),
+                                   ("max_time", args.max_time, train_time / 60, f"{train_time / 60:.2f} minutes")):
+        if limit and at >= limit:
+            whose = f"the {args.track} track's; " * (flag in args.track_values)
+            spent.append(f"--{flag.replace('_', '-')} {limit:g} ({whose}it is at {where})")
+    if spent:
+        raise SystemExit(f"error: --resume: {ckpt} has nothing left to train under {' and '.join(spent)}: raise it "
+                         f"to go on, or evaluate the checkpoint with `python eval.py --ckpt {ckpt}`")
+
+
 def library_versions():
     names = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")
     return {"python": sys.version.split()[0], **{name: importlib.metadata.version(name) for name in names}}
@@ -1200,6 +1214,8 @@ def main(argv=None):
     # a checkpoint that does not fit stops the resume here, before the run folder is touched
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
+    if ckpt:
+        check_budget(args, ckpt, start_step, train_time)
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written

@@ -315,27 +315,33 @@ class PointFlow(torch.nn.Module):
 
     def __init__(self, pred):
         super().__init__()
-        self.pred = pred
+        self.pred, self.routes = pred, []
 
     def forward(self, x, t, txt, txt_mask, route_ratio=0.0, route_scores=None):
         if route_ratio > 0:  # the sampler passes one score per token of every sample in the batch
             assert route_scores.shape == (x.shape[0], x.shape[2] * x.shape[3])
+            self.routes.append(route_scores)
         c = (txt[:, 0, 0] + route_ratio)[:, None, None, None]
         return c.expand_as(x) if self.pred == "x" else (x - c) / t[:, None, None, None]
 
 
 @pytest.mark.parametrize("pred", ["v", "x"])
 @pytest.mark.parametrize("w", [3.0, 1.0, 0.5, 0.0])  # 0: the unconditional flow
-def test_sampler_lands_on_the_guided_point(pred, w):
+@pytest.mark.parametrize("steps, shift", [(4, 3.0), (10, 1.0)])  # shift 1: t down to 0.1, where x-pred's clamp is off
+def test_sampler_lands_on_the_guided_point(pred, w, steps, shift):
     # Euler is exact on v = (x - c) / t; CFG makes the point c0 + w (c1 - c0); self-guidance routed + s (full - routed)
     txt, mask = torch.zeros(3, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
     txt[:, 0, 0] = torch.tensor([0.5, -0.3, 1.0])
     null_txt, null_mask = torch.full((1, 2, 4), -0.2), torch.ones(1, 2, dtype=torch.bool)
-    s, r = 1.5, 0.5
-    x0 = ev.sample(PointFlow(pred), txt, mask, null_txt, null_mask, [0, 1, 2], (2, 4, 4), steps=4, cfg_scale=w,
-                   shift=3.0, pred=pred, self_guidance=s, route_ratio=r)
+    s, r, flow = 1.5, 0.5, PointFlow(pred)
+    x0 = ev.sample(flow, txt, mask, null_txt, null_mask, [0, 1, 2], (2, 4, 4), steps=steps, cfg_scale=w, shift=shift,
+                   pred=pred, self_guidance=s, route_ratio=r)
     expected = -0.2 + w * (txt[:, 0, 0] + 0.2) + r * (1 - s)
     torch.testing.assert_close(x0, expected[:, None, None, None].expand_as(x0), atol=1e-5, rtol=1e-5)
+    assert len(flow.routes) == steps  # each step's route: each sample's own, its guided pair's the same
+    for scores in flow.routes:
+        samples = scores.chunk(2)[0] if w != 1 else scores
+        assert (w == 1 or torch.equal(*scores.chunk(2))) and not torch.equal(samples[0], samples[1])
 
 
 def test_x0_to_velocity_clamps_t_at_x_pred_min_t_for_floats_and_tensors():

@@ -85,6 +85,22 @@ def test_export_without_encoders_takes_them_at_load(tmp_path):
         PRX(PRXConfig(**dict(TINY, in_channels=3))).save_diffusers(str(tmp_path / "px"))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-pixel"])
+def test_a_fresh_model_is_adaln_zero(preset):
+    """DiT's adaLN-Zero, as PRX: every block's modulation starts at zero, so each block passes its image tokens
+    through unchanged, and the final layer predicts zero."""
+    torch.manual_seed(0)
+    model = PRX.from_preset(preset)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    x = torch.randn(2, model.cfg.in_channels, 16, 16)
+    txt, mask = torch.randn(2, 5, model.cfg.context_dim), torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool()
+    pred = model(x, torch.rand(2), txt, mask)
+    assert len(seen) == model.cfg.depth and all(torch.equal(before, after) for before, after in seen)
+    assert torch.equal(pred, torch.zeros_like(x)) and seen[0][0].abs().mean() > 0.1
+
+
 def test_padding_never_changes_output():
     cfg = PRXConfig(**TINY)
     model = randomize(PRX(cfg)).eval()

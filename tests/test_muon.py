@@ -59,6 +59,27 @@ def test_matches_torch_muon(scale, nesterov, ns_steps, device):
         torch.testing.assert_close(a, b, rtol=0, atol=steps * lr_scale * 2**-7)
 
 
+def test_the_defaults_are_prxs():
+    """What train.py builds without naming them: momentum 0.95, Nesterov, the update scaled to AdamW's RMS
+    (REFERENCE.md, PRX's Muon), as torch's Muon with those."""
+    ours, theirs = make_params(), make_params()
+    opt_ours = Muon(ours, lr=0.02, ns_dtype=torch.bfloat16)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True,
+                                  adjust_lr_fn="match_rms_adamw")
+    for step in range(3):
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            set_grads(params, step)
+            opt.step()
+    for a, b, shape in zip(ours, theirs, SHAPES):  # the tolerance of test_matches_torch_muon
+        torch.testing.assert_close(a, b, rtol=0, atol=3 * 0.02 * muon.update_scale(shape, "match_rms_adamw") * 2**-7)
+
+
+def test_newton_schulz_iterates_in_the_dtype_it_is_given():
+    G = torch.randn(3, 8, 24, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        assert newton_schulz(G, dtype=dtype).dtype == dtype
+
+
 @pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=(
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")))])
 def test_newton_schulz_runs_in_the_devices_dtype_by_default(device, dtype):
@@ -198,6 +219,7 @@ def test_assign_owners_balanced():
     assert owners == assign_owners(costs, 8) and set(owners) == set(range(8))  # deterministic, every rank works
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(8)]
     assert max(loads) <= sum(costs) / 8 + max(costs)  # greedy largest-first bound
+    assert assign_owners([1, 2, 3, 4], 2) == [0, 1, 1, 0]  # 4 and 1 | 3 and 2: loads 5, 5 (smallest first: 4, 6)
     assert max(loads) <= 1.02 * sum(costs) / 8  # `small`'s 112 matrices split exactly in 8
     # skewed costs: taking matrices in turn would give rank 0 every large one (load 400 against 103 here)
     skewed = assign_owners([100, 1, 1, 1] * 4, 4)

@@ -422,3 +422,13 @@ def test_token_labels_follow_the_objects():
     labels = shapes.token_labels(scene).view(3, 8, 8)  # the square covers 0.025..0.475 of the image: tokens 0..3
     assert (labels[0, :4, :4] == 0).all() and (labels[1, :4, :4] == SHAPES.index("square")).all()
     assert labels[0, 7, 7] == len(COLORS) + list(BACKGROUNDS).index("gray") and labels[1, 7, 7] == -100
+
+
+def test_a_shape_is_placed_by_the_centre_of_its_pixels():
+    """Pixel j covers [j, j + 1): a square over columns 12..19 of a 32 px image is centred on 16.0, the border of the
+    two cells, which the checker gives to the right-hand cell (as int(GRID * 16 / 32)); rows 4..11 (centre 8)."""
+    image = np.full((32, 32, 3), BACKGROUNDS["gray"], dtype=np.uint8)
+    image[4:12, 12:20] = COLORS["red"]
+    found = [check_scene(image, [SceneObject("red", "square", "large", region, 0.5, 0.25)])[0]["full"]
+             for region in ("top right", "top left")]
+    assert found == [True, False]

@@ -322,8 +322,9 @@ def test_cpu_track_values_apply_only_to_flags_not_given():
     args = train.get_args(["--track", "cpu", "--lr", "5e-4", "--model=tiny"])
     assert args.lr == 5e-4 and args.model == "tiny" and args.warmup == train.CPU_TRACK["warmup"]
     assert "lr" not in args.track_values and "model" not in args.track_values and "warmup" in args.track_values
-    prepared = train.get_parser().parse_args([])
-    assert prepared.lr == 1e-4 and prepared.model == "small"  # the general defaults stay PRX's
+    prepared = train.get_parser().parse_args([])  # the general defaults stay PRX's (REFERENCE.md)
+    assert (prepared.lr, prepared.model, prepared.betas, prepared.grad_clip, prepared.warmup, prepared.weight_decay) \
+        == (1e-4, "small", (0.9, 0.95), 0.2, 1000, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -424,6 +425,18 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(finished_run, tmp_p
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", str(ckpt)])
     assert r.returncode != 0 and "step_2 does not fit this model, optimizer or loader (KeyError" in r.stderr, \
         r.stderr[-1000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_with_nothing_left_to_train_is_refused(finished_run, tmp_path):
+    """A checkpoint at --max-steps or past --max-time would only be evaluated again: refused, the run untouched."""
+    out = copy_run(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for budget, message in [(["--max-steps", "4"], "under --max-steps 4 (it is at step 4): raise it to go on"),
+                            (["--max-steps", "8", "--max-time", "1e-6"], "under --max-time 1e-06 (it is at 0.")]:
+        r = run(SMALL + ["--out", str(out), "--resume", *budget])
+        assert r.returncode != 0 and f"{out / 'checkpoints' / 'step_4'} has nothing left to train {message}" in \
+            r.stderr, r.stderr[-1000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -755,8 +768,11 @@ def test_contrastive_flow_matching_pushes_from_another_samples_target():
     t = torch.rand(3, generator=g)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
     v = eps - x0
-    expected = sum((pred[i] - v[i]).square().mean() - 0.1 * (pred[i] - v[i - 1]).square().mean() for i in range(3)) / 3
-    assert torch.isclose(train.flow_loss(pred, x0, eps, x_t, t, "v", cfm=0.1), expected, rtol=1e-5)
+    for n in (3, 2):  # the previous sample's target, the first taking the last's; a pair is a batch too
+        expected = sum((pred[i] - v[i]).square().mean() - 0.1 * (pred[i] - v[:n][i - 1]).square().mean()
+                       for i in range(n)) / n
+        assert torch.isclose(train.flow_loss(pred[:n], x0[:n], eps[:n], x_t[:n], t[:n], "v", cfm=0.1), expected,
+                             rtol=1e-5)
     # with x-prediction both errors are taken in velocity space: v_hat = (x_t - x0_hat) / t (t >= 0.05 here)
     x0_hat, tt = x0 + pred, t.clamp_min(0.05)[:, None, None, None]
     t = t.clamp_min(0.05)
@@ -871,6 +887,9 @@ def test_irepa_projectors_keep_the_token_layout():
     out = attention(x, pos, 4)
     assert torch.allclose(attention(x[:, perm], pos[:, perm], 4), out[:, perm], atol=1e-5)
     assert not torch.allclose(attention(x, pos.flip(1), 4), out, atol=1e-3)  # positions matter (RoPE)
+    # RoPE is relative: the same tokens a row lower or a column to the right (same rows) attend alike
+    assert torch.allclose(attention(x, pos + 4, 4), out, atol=1e-5)
+    assert torch.allclose(attention(x, pos + 1, 5), attention(x, pos + 6, 5), atol=1e-5)
 
 
 def one_batch_run(flags=()):
@@ -896,15 +915,18 @@ def test_all_techniques_off_is_plain_flow_matching_bit_for_bit():
     assert torch.equal(loss, reference.detach())
 
 
-def test_repa_enters_the_loss_with_its_weight():
-    """--repa-lambda W: the step's loss is the flow loss plus W x REPA's loss on the teacher's tokens."""
-    args, loader, model = one_batch_run(["--repa", "builtin", "--repa-lambda", "1.5"])
+@pytest.mark.parametrize("irepa", [False, True])
+def test_repa_enters_the_loss_with_its_weight(irepa):
+    """--repa-lambda W: the step's loss is the flow loss plus W x REPA's loss on the teacher's tokens (with --irepa:
+    the conv projector's, on the teacher's tokens spatially normalised)."""
+    args, loader, model = one_batch_run(["--repa", "builtin", "--repa-lambda", "1.5"] + ["--irepa"] * irepa)
     teacher = train.load_teacher(train.TEACHER_FILE)
-    trainee = train.Trainee(model, "mlp", teacher.num_features, 0)
+    trainee = train.Trainee(model, "conv" if irepa else "mlp", teacher.num_features, 0)
     x0, eps, t, x_t, txt, mask, images = train.micro_batch(args, loader, 0, 0, torch.device("cpu"))
     pred, proj, idx = trainee(x_t, t, txt, mask, 0.0)
     flow = ((pred - (eps - x0)).square() * train.foreground_weights(x0, 2.0)).mean()
-    reference = flow + 1.5 * train.repa_loss(proj, train.teacher_tokens(teacher, images, (8, 8)), idx)
+    target = train.teacher_tokens(teacher, images, (8, 8))
+    reference = flow + 1.5 * train.repa_loss(proj, train.spatial_normalize(target) if irepa else target, idx)
     loss, *_ = train.train_step(args, 0, 0.0, trainee, [torch.optim.SGD(trainee.parameters(), lr=0.0)], loader,
                                 teacher, 0, 1)
     torch.testing.assert_close(loss, reference.detach())
