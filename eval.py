@@ -217,7 +217,8 @@ def normalize(images, mean, std, device):
 def load_clip(name=CLIP_ID):
     """CLIP ViT-L/14-336 vision tower with its projection (transformers), from the hub or a local folder."""
     from transformers import CLIPVisionModelWithProjection
-    model = from_hub(lambda: CLIPVisionModelWithProjection.from_pretrained(name), f"CLIP {name}", name, "--clip")
+    model = from_hub(lambda: CLIPVisionModelWithProjection.from_pretrained(name), f"CLIP {name}", name, "--clip",
+                     name=name)
     return model.eval().requires_grad_(False)
 
 
@@ -745,7 +746,6 @@ def sample_prompts(args, device):
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
 
 
-
 def export_pipeline(args, device):
     """`eval.py export`: the checkpoint (EMA weights when the run has them) as a folder PRXPipeline.from_pretrained
     loads whole: the run's shift and resolution, the VAE, T5Gemma and token cap its prepared data was encoded with
@@ -756,12 +756,15 @@ def export_pipeline(args, device):
         raise SystemExit(f"error: --out {args.out} exists; export writes a new folder")
     model, train_args, ckpt, sampling = load_checkpoint(args)
     data = args.data or train_args["data"]
-    if data == "builtin" or sampling["pred"] != "v" or "latent" not in read_index(data_dirs(data)[0])["schema"]:
+    try:
+        index = None if data == "builtin" else read_index(data_dirs(data)[0])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: the run's data {data} (--data: where it is on this machine): {e}")
+    if index is None or sampling["pred"] != "v" or "latent" not in index["schema"]:
         raise SystemExit(f"error: --ckpt {args.ckpt}: diffusers' PRXPipeline samples latents with v-prediction; this "
                          f"run trained on {data} with --pred {sampling['pred']}: sample it with eval.py")
-    settings = read_index(data_dirs(data)[0])["settings"]
     try:
-        vae = load_vae(settings["vae"], settings.get("vae_path"), "cpu")[0]
+        vae = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), "cpu")[0]
         encoder = prompt_encoder(data, train_args["text_context"], "cpu")
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: the encoders of {data} (its index.json): {e}")

@@ -928,6 +928,20 @@ def check_resume_flags(args, ckpt):
                          f"pixel presets switch from 16 to 32 at 512 px): start the first stage with --patch")
 
 
+def check_budget(args, ckpt, step, train_time):
+    """A resume with nothing left to train (its checkpoint at or past --max-steps or --max-time) is refused before
+    the run folder is touched: it would only evaluate and stop (eval.py does that)."""
+    spent = []
+    for flag, limit, at, where in (("max_steps", args.max_steps, step, f"step {step}"),
+                                   ("max_time", args.max_time, train_time / 60, f"{train_time / 60:.2f} minutes")):
+        if limit and at >= limit:
+            whose = f"the {args.track} track's; " * (flag in args.track_values)
+            spent.append(f"--{flag.replace('_', '-')} {limit:g} ({whose}it is at {where})")
+    if spent:
+        raise SystemExit(f"error: --resume: {ckpt} has nothing left to train under {' and '.join(spent)}: raise it "
+                         f"to go on, or evaluate the checkpoint with `python eval.py --ckpt {ckpt}`")
+
+
 def flag_changes(before, args, names, parser):
     """The flags of `names` whose values in args differ from `before` (a stored config's args; a flag newer than the
     run: its default) -> ['--flag old -> new']. --data specs compare as parsed: 'data/mj/' is data/mj."""
@@ -1022,20 +1036,6 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
 # ----------------------------------------------------------------------------------------------------------
 # The run folder: config.json (every resolved flag, versions, commit), log.txt (opens with the source of every
 # file), metrics.jsonl (one object per log line and evaluation), samples_<step>.png, eval.json, checkpoints/
-
-def check_budget(args, ckpt, step, train_time):
-    """A resume with nothing left to train (its checkpoint at or past --max-steps or --max-time) is refused before
-    the run folder is touched: it would only evaluate and stop (eval.py does that)."""
-    spent = []
-    for flag, limit, at, where in (("max_steps", args.max_steps, step, f"step {step}"),
-                                   ("max_time", args.max_time, train_time / 60, f"{train_time / 60:.2f} minutes")):
-        if limit and at >= limit:
-            whose = f"the {args.track} track's; " * (flag in args.track_values)
-            spent.append(f"--{flag.replace('_', '-')} {limit:g} ({whose}it is at {where})")
-    if spent:
-        raise SystemExit(f"error: --resume: {ckpt} has nothing left to train under {' and '.join(spent)}: raise it "
-                         f"to go on, or evaluate the checkpoint with `python eval.py --ckpt {ckpt}`")
-
 
 def library_versions():
     names = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")

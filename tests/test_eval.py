@@ -223,6 +223,8 @@ def test_clip_and_dino_offline_fail_fast_and_say_what_to_fetch(unreachable_hub):
         with pytest.raises(RuntimeError, match="http://127.0.0.1:9 cannot be reached") as info:
             load()
         assert time.time() - start < 5 and fetch in str(info.value) and flag in str(info.value)
+    with pytest.raises(FileNotFoundError, match="--clip ./no/clip: no such folder; pass a folder holding a local"):
+        ev.load_clip("./no/clip")  # a path, not a hub id: no `hf download ./no/clip`
 
 
 def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
