@@ -1141,8 +1141,10 @@ def config_of(args, cfg, world, n_params, device):
 def open_training_data(args, rank, world, device):
     """-> (this rank's loader of --data, micro-batches per rank and step); errors name the flags."""
     if args.batch_size % (args.micro_batch * world):
+        fits = [m for m in range(args.micro_batch, 0, -1) if args.batch_size % (m * world) == 0]
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
-                         f"{args.micro_batch} x {world} processes")
+                         f"{args.micro_batch} x {world} processes: " + (f"add --micro-batch {fits[0]}" if fits else
+                                                                       f"use a --batch-size divisible by {world}"))
     chunks_per_rank = args.batch_size // args.micro_batch // world
     try:
         return open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,

@@ -205,7 +205,8 @@ def test_evaluations_checkpoints_and_the_compile_warm_up_are_off_the_clock(tmp_p
     (["--pred", "z"], "argument --pred: invalid choice: 'z'"),
     (["--tread", "--sprint"], "--tread and --sprint are exclusive"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no prepared dataset there"),
-    (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch"),
+    (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch 16 x 1 processes: add "
+                                                    "--micro-batch 12"),
     (["--resume"], "no checkpoint in"),
     (["--cooldown", "2"], "argument --cooldown: must be in [0, 1], got 2"),
 ])
@@ -362,7 +363,11 @@ def test_an_out_with_any_part_of_a_run_is_refused(entry, tmp_path):
 
 def test_the_global_batch_splits_over_the_processes():
     args = train.get_args(SMALL + ["--batch-size", "16", "--micro-batch", "16"])  # one process: 1 micro-batch
-    with pytest.raises(SystemExit, match="--batch-size 16 must be a multiple of --micro-batch 16 x 2 processes"):
+    with pytest.raises(SystemExit, match="--batch-size 16 must be a multiple of --micro-batch 16 x 2 processes: add "
+                                         "--micro-batch 8$"):
+        train.open_training_data(args, 0, 2, torch.device("cpu"))
+    args.batch_size = 15
+    with pytest.raises(SystemExit, match="x 2 processes: use a --batch-size divisible by 2$"):
         train.open_training_data(args, 0, 2, torch.device("cpu"))
 
 
