@@ -632,11 +632,13 @@ def make_reference(args, device):
     names = args.metrics or list(FEATURE_METRICS)
     if "fid" in names and args.num_samples < 2:
         raise SystemExit(f"error: --num-samples {args.num_samples}: FID's covariance needs at least 2 images")
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez gives the file
+    if os.path.exists(out):  # runs and records name a reference by its sha256: never replaced unasked
+        raise SystemExit(f"error: --out {out} exists; remove it to rebuild it, or write another file")
     split = open_split(args.data, args.num_samples, None, args.resolution, 0, 0)  # images only
     metrics = build_metrics(args, names, device)
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez gives the file
     metrics.save_reference(out)
     print(f"wrote {out}: {args.num_samples} images, {json.dumps(metrics.settings)}")
 

@@ -483,6 +483,10 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     common = ["--metrics", "cmmd", "--clip", str(tmp_path / "clip"), "--num-samples", "3", "--batch-size", "2"]
     ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref"), *common])  # np.savez adds .npz: said so
     assert f"wrote {tmp_path / 'ref.npz'}: 3 images" in capsys.readouterr().out
+    written = (tmp_path / "ref.npz").read_bytes()
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'ref.npz'} exists; remove it to rebuild it"):
+        ev.main(["ref", "--data", "builtin", "--out", str(tmp_path / "ref.npz"), *common[:-4]])  # another count
+    assert (tmp_path / "ref.npz").read_bytes() == written
     ev.main(["--ckpt", str(tmp_path / "run"), "--ref", str(tmp_path / "ref.npz"), *common])
     result = json.loads((ckpt / "eval.json").read_text())
     assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy", "object_accuracy"}
