@@ -77,6 +77,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert [json.loads((tmp_path / r / "config.json").read_text())["world_size"] for r in ("one", "two")] == [1, 2]
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-4
     assert len(set(a.values())) == 20  # the losses move: this compares training, not constants
 
@@ -455,9 +456,11 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
         (run / name).write_text(name)
     for step in (500, 1000):
         (run / f"samples_{step}.png").write_text("grid")
-    (run / "eval.json").write_text(json.dumps({"step": 1500}))
     lines = [json.dumps({"step": step}) + "\n" for step in (500, 1000, 1500)]
     (run / "metrics.jsonl").write_text("".join(lines))
+    (run / "eval.json").write_text(json.dumps({"step": 500}))  # the evaluation of the step resumed from: kept
+    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500")) is None
+    (run / "eval.json").write_text(json.dumps({"step": 1500}))
     moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
     aside = next((run / "checkpoints").glob("abandoned-*"))
     assert moved == f"moved step_1000, step_1500, config.resume-1000.json, samples_1000.png, eval.json, " \
@@ -551,6 +554,9 @@ def test_resume_checks_the_patch_and_takes_a_newer_flags_default(finished_run, t
     del config["args"]["muon_ns_steps"]  # at its default, 5
     (out / "config.json").write_text(json.dumps(config))
     train.check_resume_flags(args, ckpt)
+    with pytest.raises(SystemExit, match="--muon-ns-steps 5 -> 3"):  # from that default, a change like any other
+        train.check_resume_flags(train.get_args(SMALL + ["--out", str(out), "--resume", "--optimizer", "muon",
+                                                         "--muon-ns-steps", "3"]), ckpt)
     config["model"]["patch_size"] = 8
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="takes patch 4 at 32 px, the run's model has 8"):
@@ -598,6 +604,51 @@ def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path):
     assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6"]
     train.save_checkpoint(str(out), 8, model, None, [], {}, keep=1)
     assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_8"]
+
+
+def test_checkpoints_are_found_in_step_order_past_leftovers(finished_run, tmp_path):
+    """step_10 is after step_2 (numbers, not names); a step_N.tmp a killed save left is neither listed nor in the way
+    of the next save of that step; a path typed with a trailing slash names the same checkpoint."""
+    out = copy_run(finished_run, tmp_path)
+    model = torch.nn.Linear(2, 2)
+    (out / "checkpoints" / "step_6.tmp").mkdir()
+    (out / "checkpoints" / "step_6.tmp" / "junk").write_text("a save killed midway")
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_2", "step_4"]
+    assert train.resolve_resume("latest", str(out)) == str(out / "checkpoints" / "step_4")
+    train.save_checkpoint(str(out), 6, model, None, [], {}, keep=5)
+    assert sorted(os.listdir(out / "checkpoints" / "step_6")) == sorted(["model.safetensors", "trainer.pt", CHECKSUMS])
+    train.save_checkpoint(str(out), 10, model, None, [], {}, keep=3)
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6", "step_10"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    ckpt = out / "checkpoints" / "step_4"
+    assert train.resolve_resume(f"{ckpt}/", str(out)) == str(ckpt)
+    assert load_run(f"{ckpt}/")[2] == str(ckpt)
+
+
+def test_a_checkpoint_takes_the_config_of_the_latest_stage_before_it(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    for step in (2, 4):
+        (tmp_path / f"config.resume-{step}.json").write_text("{}")
+    assert [os.path.basename(stage_config(str(tmp_path), f"{tmp_path}/checkpoints/step_{n}"))
+            for n in (2, 3, 6)] == ["config.json", "config.resume-2.json", "config.resume-4.json"]
+
+
+def test_an_evaluation_writes_eval_json_only_at_the_end_or_the_target(tmp_path):
+    """Each evaluation is logged; eval.json holds the last one (the budget's end, or --target reached: the run stops
+    there, the target met at or above it for accuracies)."""
+    args = train.get_args(SMALL + ["--out", str(tmp_path), "--eval-samples", "4", "--eval-every", "2"])
+    lines, model = [], torch.nn.Linear(2, 2)
+    log = lambda line, record=None: lines.append(line)  # noqa: E731
+    run_eval = lambda model, grid: {"object_accuracy": 0.5}  # noqa: E731
+    assert not train.evaluate_and_log(args, run_eval, model, model, 2, 1.0, False, str(tmp_path), True, log)
+    assert lines == ["eval step 2 | object_accuracy 0.5000 | train_time 1000ms"]
+    assert not (tmp_path / "eval.json").exists()
+    for target, reached in ((0.6, False), (0.5, True)):
+        args.target = ("object_accuracy", target)
+        assert train.evaluate_and_log(args, run_eval, model, model, 4, 2.0, False, str(tmp_path), True, log) == reached
+        assert (tmp_path / "eval.json").exists() == reached
+    assert lines[-1] == "target object_accuracy 0.5 reached at step 4: stopping"
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 4
 
 
 def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, tmp_path):
@@ -764,6 +815,7 @@ def test_each_micro_batch_of_each_step_draws_its_own_t_and_noise():
         _, other_eps, other_t, *_ = draw(step, chunk)
         assert not torch.equal(other_t, t) and not torch.equal(other_eps, eps)
         assert not torch.equal(route_draw(step, chunk), route)
+    assert not torch.equal(draw(0, 1)[2], draw(1, 0)[2])  # (step, chunk), not a sum of them
     assert torch.equal(draw(0, 0)[2], t) and torch.equal(route_draw(0, 0), route)
 
 
