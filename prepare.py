@@ -292,8 +292,8 @@ def check_settings(out, args):
     saved = json.loads(path.read_text())
     if changed := [k for k in SETTINGS if saved.get(k) != settings[k]]:
         flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" for k in changed)
-        raise ValueError(f"{out} holds shards prepared with other settings ({flags}): resume with the values "
-                         f"of {path}, choose another --out, or delete {out} yourself to start over")
+        raise SystemExit(f"error: {out} holds shards prepared with other settings ({flags}): resume with the "
+                         f"values of {path}, choose another --out, or delete {out} yourself to start over")
     return None
 
 

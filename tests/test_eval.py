@@ -457,6 +457,13 @@ def test_evaluate_weighs_each_batch_score_by_its_size(tmp_path):
         result = ev.evaluate(model, split, 5, (3, 16, 16), metrics=metrics, batch_size=batch_size, **sampling)
         assert result == {"brightness": pytest.approx(images.float().mean().item(), rel=1e-6),
                           "cmmd": pytest.approx(0.0, abs=1e-9)}  # the reference's own images
+    real_all_reduce = ev.all_reduce
+    try:  # two ranks that saw the same: the sums over ranks over the count over ranks
+        ev.all_reduce = lambda x: 2 * x
+        result = ev.evaluate(model, split, 5, (3, 16, 16), batch_size=2, **sampling)
+    finally:
+        ev.all_reduce = real_all_reduce
+    assert result == {"brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -369,14 +370,18 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
                "--text-encoder": str(tmp_path), "--eval-fraction": "0.5", "--seed": "1", "--source": str(tmp_path),
                "--min-size": "20"}
     for flag, value in changes.items():
-        with pytest.raises(ValueError, match=f"other settings \\({flag} .* there, .* now\\)") as info:
+        with pytest.raises(SystemExit, match=f"other settings \\({flag} .* there, .* now\\)") as info:
             prepare.main(argv + [flag, value])  # the last value of a flag wins
         assert "another --out" in str(info.value) and f"delete {out} yourself" in str(info.value)
-    with pytest.raises(ValueError, match="--resolution 32 there, 64 now; --seed 0 there, 1 now"):
+    with pytest.raises(SystemExit, match="--resolution 32 there, 64 now; --seed 0 there, 1 now"):
         prepare.main(argv + ["--resolution", "64", "--seed", "1"])
     assert files_of(out) == before  # refused before touching anything
     prepare.main(argv + ["--workers", "1", "--batch-size", "4"])  # how it runs may change: not what it writes
     assert len(stored_samples(out)) == len(stored_samples(root / "out"))
+    for shard in out.glob("*/shard-r*"):  # as a run that crashed before its first shard: other flags start afresh
+        shutil.rmtree(shard)
+    other = {**json.loads((out / "prepare.json").read_text()), "resolution": 64}
+    assert prepare.check_settings(out, SimpleNamespace(**other)) == other
 
 
 def copy_samples(root, folder, names=("rgb01.png", "rgb02.png", "rgba0.png")):

@@ -196,6 +196,16 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: move_run(f, 3, 5), "the runs are not one attempt's seeds 0..3 (seeds [0, 1, 2, 5]"),
     (lambda f: [edit(f / f"log_{k}.txt", '{"runs": 4}', '{"runs": 6}') for k in range(4)],  # seeds 4, 5 left out
      "the folder holds 4 runs, whose logs say their attempt made [6, 6, 6, 6]"),
+    (lambda f: edit(f / "log_2.txt", '{"runs": 4}', '{"runs": 5}'), "whose logs say their attempt made [4, 4, 5, 4]"),
+    (lambda f: [(f / "log_0.txt").rename(f / "tmp"), (f / "log_1.txt").rename(f / "log_0.txt"),
+                (f / "tmp").rename(f / "log_1.txt")], "the runs are not one attempt's seeds 0..3"),  # log_k: seed k's
+    (lambda f: edit(f / "log_1.txt", "object_accuracy 0.3100 | train_time", "object_accuracy 0.2910 | train_time"),
+     "log_1.txt: says --target object_accuracy 0.292 was reached at step 3000, where it scored 0.291"),
+    (lambda f: edit(f / "log_1.txt", "reached at step 3000: stopping", "reached at step 1000: stopping"),
+     "log_1.txt: its last evaluation (step 3000, 1560000 ms) neither reaches its --target"),  # the stop is another's
+    (lambda f: [edit(f / "log_1.txt", "import argparse", "import argparse  # tampered"),
+                (f / "train.py").write_text("another train.py")],
+     "log_1.txt: the source of train.py matches neither commit"),  # a copy of another text whitelists nothing
     # the task through the interfaces runs use: the evaluated split, the metric, the training data
     (lambda f: edit(f / "log_1.txt", 'ShapesDataset(seed=10_000 + seed, split="heldout")',
                     'ShapesDataset(seed=10_000 + seed, split="train")'),
@@ -362,6 +372,8 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
      "beside/log_0.txt: eval_every 100, the record's runs 250: the runs beside share its stopping rule"),
     (lambda f: edit(f / "beside" / "log_1.txt", '"max_time": 60.0', '"max_time": 90.0'),
      "beside/log_1.txt: max_time 90.0, the record's runs 60.0"),
+    (lambda f: edit(f / "beside" / "log_1.txt", '"max_steps": 100000', '"max_steps": 50000'),
+     "beside/log_1.txt: max_steps 50000, the record's runs 100000"),
     (lambda f: edit(f / "beside" / "log_2.txt", '0.292', '0.25', after="=== config.json"),
      "beside/log_2.txt: target ['object_accuracy', 0.25], the record's runs ['object_accuracy', 0.292]"),
     (lambda f: [(f / "beside" / f"log_{k}.txt").unlink() for k in (2, 3)],
