@@ -853,3 +853,28 @@ def test_the_cpu_record_configuration_is_its_record_folders():
     ours = vars(train.get_args(["--track", "cpu"] + flags))
     for name in (f[2:].replace("-", "_") for f in flags if f.startswith("--")):
         assert all(r["config"]["args"][name] == ours[name] for r in runs), name
+
+
+def board_entry(name, time, kind="record", flags=None, replaces=None, ratio=None, code="c1", replaces_code="c1",
+                attempt_logged=True):
+    """What leaderboard.scaled reads of a record folder: a measured time, or a ratio to its runs beside."""
+    return dict(track="cpu", kind=kind, configuration=flags or {"lr": name}, replaces=replaces, code=code,
+                replaces_code=replaces_code, attempt_logged=attempt_logged, summary=dict(time=time, ratio=ratio),
+                folder=Path(name))
+
+
+def test_the_board_scales_by_the_latest_record_of_a_configuration_and_keeps_rule_3(capsys):
+    first, same = board_entry("a", 100.0, flags={"lr": 1}), board_entry("b", 80.0, flags={"lr": 1})  # faster code
+    baseline = board_entry("calibration", 50.0, kind="calibration")
+    faster = board_entry("c", 90.0, flags={"lr": 2}, replaces={"lr": 1}, ratio=0.9)
+    kept = leaderboard.scaled([baseline, first, same, faster])
+    assert [e["folder"].name for e in kept] == ["calibration", "a", "b", "c"]
+    assert faster["time"] == pytest.approx(72.0)  # 0.9 x the latest of its configuration's records (80), not 90
+    tie = board_entry("d", 90.0, flags={"lr": 3}, replaces={"lr": 1}, ratio=1.0)  # 80 again: not below the record
+    assert [e["folder"].name for e in leaderboard.scaled([first, same, tie])] == ["a", "b"]
+    assert "left out d: 1.33 min on the board's clock (1.000x its runs beside), not below the current record's" in \
+        capsys.readouterr().err
+    # before attempt.json, runs beside on the candidate's code matched on flags; on a third code, nothing
+    orphan = board_entry("e", 90.0, flags={"lr": 4}, replaces={"lr": 1}, ratio=0.5, code="c2", replaces_code="c0",
+                         attempt_logged=False)
+    assert [e["folder"].name for e in leaderboard.scaled([first, orphan])] == ["a"]
