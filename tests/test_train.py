@@ -458,8 +458,6 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
         (run / f"samples_{step}.png").write_text("grid")
     lines = [json.dumps({"step": step}) + "\n" for step in (500, 1000, 1500)]
     (run / "metrics.jsonl").write_text("".join(lines))
-    (run / "eval.json").write_text(json.dumps({"step": 500}))  # the evaluation of the step resumed from: kept
-    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500")) is None
     (run / "eval.json").write_text(json.dumps({"step": 1500}))
     moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
     aside = next((run / "checkpoints").glob("abandoned-*"))
@@ -468,6 +466,12 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     assert sorted(p.name for p in aside.iterdir()) == ["config.resume-1000.json", "eval.json", "metrics.jsonl",
                                                        "samples_1000.png", "step_1000", "step_1500"]
     assert (aside / "metrics.jsonl").read_text() == "".join(lines[1:]) and (run / "samples_500.png").exists()
+    other = tmp_path / "other"  # the evaluation of the step resumed from is of the history kept
+    for step in (500, 1000):
+        os.makedirs(other / "checkpoints" / f"step_{step}")
+    (other / "eval.json").write_text(json.dumps({"step": 500}))
+    assert train.set_aside_newer(str(other / "checkpoints" / "step_500")).startswith("moved step_1000 (a history")
+    assert (other / "eval.json").exists()
     (run / "config.resume-500.json").write_text("resume-500")
     os.makedirs(run / "checkpoints" / "step_1500")
     os.utime(run / "config.json", (2e9, 2e9))  # the first run's config now looks the most recent
