@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -418,6 +419,8 @@ class Metrics:
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
                  dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples"):
         ref = check_reference(ref_path, metrics, count, resolution, count_flag) if ref_path else None  # networks next
+        if metrics is None and ref is None:
+            raise ValueError("metrics=None takes the reference's own: pass ref_path, or the metrics")
         metrics = reference_metrics(ref) if metrics is None else metrics
         self.metrics, self.device = tuple(metrics), torch.device(device)
         self.settings = {"eval_version": EVAL_VERSION}
@@ -451,8 +454,8 @@ class Metrics:
         for key, value in self.settings.items():
             if saved.get(key) != value:
                 raise ValueError(f"{path} was made with other settings: {key} is {saved.get(key, 'absent')!r} "
-                                 f"there, {value!r} here. Rebuild it: python eval.py ref --data <data> --num-samples "
-                                 f"{int(ref['count'])} --metrics {','.join(self.metrics)} --out {path}")
+                                 f"there, {value!r} here. Remove it and rebuild it: python eval.py ref --data <data> "
+                                 f"--num-samples {int(ref['count'])} --metrics {','.join(self.metrics)} --out {path}")
         return ref
 
     @torch.no_grad()
@@ -654,9 +657,9 @@ def open_split(data, num_samples, caption, resolution, seed, text_context):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.out and os.path.dirname(args.out) and not os.path.isdir(os.path.dirname(args.out)):
-        raise SystemExit(f"error: --out {args.out}: there is no folder {os.path.dirname(args.out)}; create it, or "
-                         f"write elsewhere")
+    parent = os.path.dirname(os.path.normpath(args.out)) if args.out else ""
+    if parent and not os.path.isdir(parent):
+        raise SystemExit(f"error: --out {args.out}: there is no folder {parent}; create it, or write elsewhere")
     device = setup_distributed(tf32=False)[2]
     try:
         if distributed() and args.num_samples < dist.get_world_size():
@@ -752,6 +755,8 @@ def export_pipeline(args, device):
     """`eval.py export`: the checkpoint (EMA weights when the run has them) as a folder PRXPipeline.from_pretrained
     loads whole: the run's shift and resolution, the VAE, T5Gemma and token cap its prepared data was encoded with
     (model.PRX.save_diffusers; README for the call that reproduces eval.py's samples)."""
+    if distributed():
+        raise SystemExit("error: export runs in one process: python eval.py export ...")
     if not args.out:
         raise SystemExit("error: export needs --out FOLDER (a new folder)")
     if os.path.exists(args.out):
@@ -765,17 +770,26 @@ def export_pipeline(args, device):
     if index is None or sampling["pred"] != "v" or "latent" not in index["schema"]:
         raise SystemExit(f"error: --ckpt {args.ckpt}: diffusers' PRXPipeline samples latents with v-prediction; this "
                          f"run trained on {data} with --pred {sampling['pred']}: sample it with eval.py")
+    if model.cfg.sprint or index["settings"]["vae"] == "flux2":
+        raise SystemExit(f"error: --ckpt {args.ckpt}: PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm "
+                         f"decoding: sample this run with eval.py")
+    settings = index["settings"]
     try:
-        vae = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), "cpu")[0]
-        encoder = prompt_encoder(data, train_args["text_context"], "cpu")
+        vae = load_vae(settings["vae"], settings.get("vae_path"), "cpu")[0]
+        encoder = T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], "cpu", settings["max_tokens"])
     except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: the encoders of {data} (its index.json): {e}")
+        raise SystemExit(f"error: the encoders {data}/index.json names (its settings' vae_path and text_encoder: "
+                         f"point them at this machine's copies, or bring the hub ids into its cache): {e}")
     tmp = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"  # whole or not at all
-    model.save_diffusers(tmp, shift=sampling["shift"], resolution=train_args["resolution"], vae=vae,
-                         text_encoder=encoder.model, tokenizer=encoder.tokenizer, max_tokens=encoder.max_tokens)
-    os.replace(tmp, args.out)
-    print(f"{ckpt} ({os.path.basename(weights_file(ckpt, args.weights))}) -> {args.out}: PRXPipeline.from_pretrained")
-
+    try:
+        model.save_diffusers(tmp, shift=sampling["shift"], resolution=train_args["resolution"], vae=vae,
+                             text_encoder=encoder.model, tokenizer=encoder.tokenizer, max_tokens=encoder.max_tokens)
+        os.replace(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{ckpt} ({os.path.basename(weights_file(ckpt, args.weights))}) -> {args.out}: PRXPipeline.from_pretrained"
+          + (f"; the run samples with self-guidance {sampling['self_guidance']:g}, which PRXPipeline has not"
+             if sampling["self_guidance"] else ""))
 
 if __name__ == "__main__":
     main()

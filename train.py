@@ -933,10 +933,11 @@ def check_budget(args, ckpt, step, train_time):
     the run folder is touched: it would only evaluate and stop (eval.py does that)."""
     spent = []
     for flag, limit, at, where in (("max_steps", args.max_steps, step, f"step {step}"),
-                                   ("max_time", args.max_time, train_time / 60, f"{train_time / 60:.2f} minutes")):
-        if limit and at >= limit:
+                                   ("max_time", args.max_time and args.max_time * 60, train_time,
+                                    f"{train_time / 60:.2f} minutes")):
+        if limit and at >= limit:  # as the loop ends
             whose = f"the {args.track} track's; " * (flag in args.track_values)
-            spent.append(f"--{flag.replace('_', '-')} {limit:g} ({whose}it is at {where})")
+            spent.append(f"--{flag.replace('_', '-')} {getattr(args, flag):g} ({whose}it is at {where})")
     if spent:
         raise SystemExit(f"error: --resume: {ckpt} has nothing left to train under {' and '.join(spent)}: raise it "
                          f"to go on, or evaluate the checkpoint with `python eval.py --ckpt {ckpt}`")
@@ -1142,9 +1143,12 @@ def open_training_data(args, rank, world, device):
     """-> (this rank's loader of --data, micro-batches per rank and step); errors name the flags."""
     if args.batch_size % (args.micro_batch * world):
         fits = [m for m in range(args.micro_batch, 0, -1) if args.batch_size % (m * world) == 0]
+        worlds = [n for n in range(1, args.batch_size // args.micro_batch + 1)
+                  if args.batch_size % (args.micro_batch * n) == 0]  # a resume keeps its --micro-batch
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
-                         f"{args.micro_batch} x {world} processes: " + (f"add --micro-batch {fits[0]}" if fits else
-                                                                       f"use a --batch-size divisible by {world}"))
+                         f"{args.micro_batch} x {world} processes: " + (
+                             f"resume on {' or '.join(map(str, worlds))} process(es)" if args.resume else
+                             f"add --micro-batch {fits[0]}" if fits else f"use a --batch-size divisible by {world}"))
     chunks_per_rank = args.batch_size // args.micro_batch // world
     try:
         return open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,

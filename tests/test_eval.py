@@ -595,10 +595,11 @@ def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):
     model = PRX(preset_config("tiny", in_channels=index["schema"]["latent"]["shape"][0], context_dim=32)).eval()
     ckpt = write_run(tmp_path / "run", model, data=str(out), pred="v")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    config["sampling"]["shift"] = 3.0
+    config["sampling"].update(shift=3.0, self_guidance=2.0)
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
-    ev.main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")])
-    printed = f"{ckpt} (model.safetensors) -> {tmp_path / 'pipe'}: PRXPipeline.from_pretrained\n"
+    ev.main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe") + "/"])
+    printed = (f"{ckpt} (model.safetensors) -> {tmp_path / 'pipe'}/: PRXPipeline.from_pretrained; the run samples "
+               f"with self-guidance 2, which PRXPipeline has not\n")
     assert capsys.readouterr().out == printed
     pipe = PRXPipeline.from_pretrained(tmp_path / "pipe")
     theirs = pipe.transformer.state_dict()
@@ -614,7 +615,11 @@ def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):
         write_run(tmp_path / name, model, data=data, pred=pred)
         with pytest.raises(SystemExit, match=f"v-prediction; this run trained on {data} with --pred {pred}"):
             ev.main(["export", "--ckpt", str(tmp_path / name), "--out", str(tmp_path / "new")])
-    assert not (tmp_path / "new").exists()
+    sprint = PRX(preset_config("tiny", in_channels=model.cfg.in_channels, context_dim=32, sprint=True)).eval()
+    write_run(tmp_path / "sprint", sprint, data=str(out), pred="v")
+    with pytest.raises(SystemExit, match="PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm decoding"):
+        ev.main(["export", "--ckpt", str(tmp_path / "sprint"), "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeypatch):

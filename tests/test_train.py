@@ -370,6 +370,9 @@ def test_the_global_batch_splits_over_the_processes():
     args.batch_size = 15
     with pytest.raises(SystemExit, match="x 2 processes: use a --batch-size divisible by 2$"):
         train.open_training_data(args, 0, 2, torch.device("cpu"))
+    args.batch_size, args.micro_batch, args.resume = 32, 8, "latest"  # a resume keeps its micro-batch
+    with pytest.raises(SystemExit, match="--micro-batch 8 x 3 processes: resume on 1 or 2 or 4 process\\(es\\)$"):
+        train.open_training_data(args, 0, 3, torch.device("cpu"))
 
 
 def test_evaluations_come_once_each_across_a_resume(tmp_path):
