@@ -273,8 +273,8 @@ def resume_point(out, rank, world_size):
         return 0, 0, None
     meta = json.loads((done[-1] / "meta.json").read_text())
     if meta["world_size"] != world_size:
-        raise ValueError(f"{out} was being prepared by {meta['world_size']} processes; resume with the same "
-                         f"number (torchrun --nproc-per-node {meta['world_size']}) or choose a new --out")
+        raise SystemExit(f"error: {out} was being prepared by {meta['world_size']} processes; resume with the "
+                         f"same number (torchrun --nproc-per-node {meta['world_size']}) or choose a new --out")
     return len(done), meta["rows_done"], meta["source_state"]
 
 
@@ -322,6 +322,7 @@ def prepare(args, rank=0, world_size=1):
         if head and not any(has_field(row, field) for row in head):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those")
+    shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
     try:  # a model missing or unreachable: named with the flag that takes a local copy
         encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
         vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
@@ -332,7 +333,6 @@ def prepare(args, rank=0, world_size=1):
         tmp = out / f"prepare.tmp-{os.getpid()}.json"
         tmp.write_text(json.dumps(settings, indent=1))
         os.replace(tmp, out / "prepare.json")
-    shard, rows_done, source_state = resume_point(out, rank, world_size)
     if rank == 0:
         emb, mask = encoder([""])
         np.save(out / "null_txt.tmp.npy", to_bits(emb[0, mask[0]]))

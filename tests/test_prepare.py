@@ -337,9 +337,12 @@ def test_a_resume_with_another_number_of_processes_is_refused(prepared, tmp_path
     out = tmp_path / "out"
     argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
     interrupted_after_the_first_train_shard(argv, monkeypatch)
-    with pytest.raises(ValueError, match=r"prepared by 1 processes; resume with the same number \(torchrun "
-                                         r"--nproc-per-node 1\)"):
-        prepare.resume_point(out, 0, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    with pytest.raises(SystemExit, match=r"^error: .* prepared by 1 processes; resume with the same number "
+                                         r"\(torchrun --nproc-per-node 1\)"):
+        prepare.main(argv)  # before the encoders load
 
 
 def test_the_split_follows_the_seed(prepared, tmp_path):
