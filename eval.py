@@ -524,7 +524,11 @@ def load_decoder(cfg, data, resolution, device):
     if cfg.in_channels == 3:
         return (3, resolution, resolution), to_uint8
     index = read_index(data_dirs(data)[0])
-    vae, shift, scale = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
+    try:
+        vae, shift, scale = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: the VAE {data}/index.json names (its settings' vae_path: point it at this "
+                         f"machine's copy, or bring the hub id into its cache): {e}")
     decode = lambda z: to_uint8(vae.decode(denormalize_latent(z, shift, scale).to(vae.dtype)).sample.float())
     return tuple(index["schema"]["latent"]["shape"]), decode
 

@@ -731,3 +731,17 @@ def test_cpu_processes_keep_freed_memory(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(ev, "keep_freed_memory", lambda: calls.append(True))
     assert ev.setup_distributed(tf32=True) == (0, 1, torch.device("cpu")) and calls == [True]  # train.py's, eval.py's
+
+
+def test_a_vae_the_data_names_but_this_machine_lacks_is_one_error(prepared, tmp_path):
+    """The prepared data's index.json names its VAE's local copy; on another machine the evaluation says where to
+    point it (eval.py has no --vae-path)."""
+    from model import preset_config
+    data = tmp_path / "data"
+    shutil.copytree(prepared[0] / "out", data)
+    index = json.loads((data / "index.json").read_text())
+    index["settings"]["vae_path"] = str(tmp_path / "elsewhere" / "flux")
+    (data / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=f"^error: the VAE {data}/index.json names .*: prepare.py --vae-path "
+                                         f"{tmp_path}/elsewhere/flux: no such folder"):
+        ev.load_decoder(preset_config("tiny", in_channels=index["schema"]["latent"]["shape"][0]), str(data), 32, "cpu")
