@@ -519,16 +519,21 @@ def check_data_fits(model, split, data, flag):
                          f"prepared like its training data (the same --vae and --text-encoder)")
 
 
+def data_vae(data, index, device):
+    """The VAE a prepared dataset was encoded with (its index.json's settings) -> (vae, shift, scale)."""
+    try:
+        return load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: the VAE {data}/index.json names (its settings' vae_path: point it at this "
+                         f"machine's copy, or bring the hub id into its cache): {e}")
+
+
 def load_decoder(cfg, data, resolution, device):
     """-> (shape of x0, decode: x0 -> uint8 images): pixel models directly, latent models through the data's VAE."""
     if cfg.in_channels == 3:
         return (3, resolution, resolution), to_uint8
     index = read_index(data_dirs(data)[0])
-    try:
-        vae, shift, scale = load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: the VAE {data}/index.json names (its settings' vae_path: point it at this "
-                         f"machine's copy, or bring the hub id into its cache): {e}")
+    vae, shift, scale = data_vae(data, index, device)
     decode = lambda z: to_uint8(vae.decode(denormalize_latent(z, shift, scale).to(vae.dtype)).sample.float())
     return tuple(index["schema"]["latent"]["shape"]), decode
 
@@ -777,13 +782,12 @@ def export_pipeline(args, device):
     if model.cfg.sprint or index["settings"]["vae"] == "flux2":
         raise SystemExit(f"error: --ckpt {args.ckpt}: PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm "
                          f"decoding: sample this run with eval.py")
-    settings = index["settings"]
+    vae = data_vae(data, index, "cpu")[0]
     try:
-        vae = load_vae(settings["vae"], settings.get("vae_path"), "cpu")[0]
-        encoder = T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], "cpu", settings["max_tokens"])
+        encoder = prompt_encoder(data, train_args["text_context"], "cpu")
     except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: the encoders {data}/index.json names (its settings' vae_path and text_encoder: "
-                         f"point them at this machine's copies, or bring the hub ids into its cache): {e}")
+        raise SystemExit(f"error: the text encoder {data}/index.json names (its settings' text_encoder: point it at "
+                         f"this machine's copy, or bring the hub id into its cache): {e}")
     tmp = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"  # whole or not at all
     try:
         model.save_diffusers(tmp, shift=sampling["shift"], resolution=train_args["resolution"], vae=vae,

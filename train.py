@@ -1220,8 +1220,7 @@ def main(argv=None):
     # a checkpoint that does not fit stops the resume here, before the run folder is touched
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
-    if ckpt:
-        check_budget(args, ckpt, start_step, train_time)
+    check_budget(args, ckpt, start_step, train_time)  # a fresh run starts at 0, inside any budget
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written

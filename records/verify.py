@@ -377,6 +377,12 @@ g = torch.Generator().manual_seed(0)  # fixed text: the text encoder is a run's 
 bank, lengths = torch.randn(7, 6, 16, generator=g), torch.tensor([6, 3, 5, 1, 6, 2, 4])
 bank_mask, null = torch.arange(6)[None] < lengths[:, None], (torch.randn(1, 2, 16, generator=g), torch.ones(1, 2) > 0)
 model, h, idx = Flow(), hashlib.sha256(), list(range(5))
+class Prompts:  # held-out prompts as evaluate() reads them: the fixed text, no score of their own
+    null = null
+    def encode(self, indices):
+        return bank[indices], bank_mask[indices]
+    def score(self, images, indices):
+        return {}
 def sampled(shape, decode):  # both predictions, guided or not, with self-guidance
     with torch.no_grad():
         for pred in ("v", "x"):
@@ -388,11 +394,9 @@ def sampled(shape, decode):  # both predictions, guided or not, with self-guidan
 # The CPU track: then evaluate() over uneven batches, scored by the held-out split's checker and the images' mean.
 EVAL_PROBE = STAND_IN + """
 import shapes as s
-class Scored:  # the held-out split's checker, and the images' mean: evaluate's averaging shows
+class Scored(Prompts):  # the held-out split's checker, and the images' mean: evaluate's averaging shows
     def __init__(self, split):
-        self.split, self.null, self.captions = split, null, split.captions
-    def encode(self, indices):
-        return bank[indices], bank_mask[indices]
+        self.split, self.captions = split, split.captions
     def score(self, images, indices):
         return {**self.split.score(images, indices), "pixel_mean": float(images.float().mean()) / 255}
 split = s.HeldoutShapes(0, "long", side)
@@ -411,12 +415,6 @@ FID_PROBE = STAND_IN + """
 import tempfile, numpy as np
 def decode(z):  # (B, 4, 8, 8) -> uint8 (B, 3, 16, 16)
     return ev.to_uint8(torch.tanh(z[:, :3]).repeat_interleave(2, -1).repeat_interleave(2, -2))
-class Unscored:  # a prepared held-out split: text, no score of its own (FID is the metric)
-    null = null
-    def encode(self, indices):
-        return bank[indices], bank_mask[indices]
-    def score(self, images, indices):
-        return {}
 sampled((4, 8, 8), decode)
 real = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (7, 3, 16, 16), dtype=np.uint8))
 with tempfile.TemporaryDirectory() as folder, torch.no_grad():
@@ -428,7 +426,7 @@ with tempfile.TemporaryDirectory() as folder, torch.no_grad():
     reference.update(real[4:])
     reference.save_reference(ref)
     metrics = ev.Metrics(ref, ["fid"], fid_weights=weights)
-    result = ev.evaluate(model, Unscored(), 7, (4, 8, 8), decode, metrics, seed=42, batch_size=3, steps=3,
+    result = ev.evaluate(model, Prompts(), 7, (4, 8, 8), decode, metrics, seed=42, batch_size=3, steps=3,
                          cfg_scale=3.5, shift=1.0, pred="v", route_ratio=0.25, self_guidance=1.5)
 h.update(f"{result['fid']:.4g}".encode())
 print(h.hexdigest())
