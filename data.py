@@ -60,6 +60,10 @@ def hub_reachable(timeout=5):
         return False
 
 
+class NotOnThisMachine(RuntimeError):
+    """Weights this machine lacks and cannot download; the message says how to bring them here."""
+
+
 def from_hub(load, what, files, flag, local="DIR", name=None):
     """load(), a from_pretrained or hf_hub_download call, from the local Hugging Face cache only, then online if the
     hub answers at all. Offline it fails at once, not after the libraries' retries, and says how to bring `what` here:
@@ -78,7 +82,7 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
         constants.HF_HUB_OFFLINE = offline
     if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
-        raise RuntimeError(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. On a "
+        raise NotOnThisMachine(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. On a "
                            f"machine with internet, run `hf download {files}` and copy the cache "
                            f"(~/.cache/huggingface, or $HF_HOME) here, or `hf download {files} --local-dir DIR` and "
                            f"pass {flag} {local}") from cache_miss

@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, VAES, count, fraction, from_hub, load_vae, normalize_latent
+from data import FIXED, FORMAT, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, normalize_latent
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -323,10 +323,10 @@ def prepare(args, rank=0, world_size=1):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those")
     shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
-    try:  # a model missing or unreachable: named with the flag that takes a local copy
+    try:  # a model missing, unreachable or not a model (OSError): a line naming the flag; anything else a traceback
         encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
         vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (OSError, NotOnThisMachine) as e:
         raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
     if settings is not None:

@@ -487,7 +487,7 @@ def load_teacher(path=TEACHER_FILE):
     return teacher.eval().requires_grad_(False)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
     from safetensors.torch import save_file
     parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.")
@@ -495,7 +495,14 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=TEACHER_FILE)
     parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
     parser.add_argument("--seed", type=int, default=TEACHER_SEED)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out):  # the committed teacher by default: records name its sha256
+        parser.error(f"--out {args.out} exists; pass --out NEW.safetensors, or delete it first to remake it")
     teacher, _ = train_teacher(args.steps, args.seed)
-    save_file(teacher.state_dict(), args.out)
+    save_file(teacher.state_dict(), args.out + ".tmp")  # atomic: a killed run leaves no half-written teacher
+    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -474,6 +474,20 @@ def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path
         assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_that_is_no_model_is_a_flag_error_and_other_failures_keep_their_traceback(prepared, tmp_path,
+                                                                                          monkeypatch):
+    root, _ = prepared
+    (tmp_path / "empty").mkdir()
+    for flag in ("--text-encoder", "--vae-path"):  # an existing folder without the model's files: an OSError
+        with pytest.raises(SystemExit, match=f"^error: .*{tmp_path}/empty"):
+            prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", flag, str(tmp_path / "empty")))
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not a flag's fault: not turned into one line
+        prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models"))
+
+
 def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path):
     root, _ = prepared
     folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png", "rgb03.png", "rgb05.png"))

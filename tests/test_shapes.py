@@ -416,6 +416,20 @@ def test_builtin_teacher_file_is_what_its_command_trains():
         assert all(torch.equal(v, committed[k]) for k, v in teacher.state_dict().items()), distance
 
 
+def test_teacher_command_overwrites_no_file(tmp_path):
+    """`python shapes.py teacher` refuses an --out that exists (by default the committed teacher) before training, and
+    writes a new one whole."""
+    import shapes
+    from safetensors.torch import load_file
+    before = open(shapes.TEACHER_FILE, "rb").read()
+    with pytest.raises(SystemExit):
+        shapes.main(["teacher", "--steps", "1"])
+    assert open(shapes.TEACHER_FILE, "rb").read() == before
+    shapes.main(["teacher", "--steps", "1", "--out", str(tmp_path / "t.safetensors")])
+    assert os.listdir(tmp_path) == ["t.safetensors"]
+    assert load_file(tmp_path / "t.safetensors").keys() == load_file(shapes.TEACHER_FILE).keys()
+
+
 def test_token_labels_follow_the_objects():
     import shapes
     scene = shapes.Scene("gray", [shapes.SceneObject("red", "square", "large", "top left", 0.25, 0.25)])
