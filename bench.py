@@ -465,8 +465,7 @@ GPU_CHECK = dict(preset="small", batch=32, side=32, txt_tokens=256, min_len=60, 
                  teacher=None)  # None: the record's own (train.REPA_TEACHERS)
 
 
-def adamw():
-    return dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-15, fused=True)  # PRX part 2, as train.py
+ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-15, fused=True)  # PRX part 2, as train.py
 
 
 def synthetic_batch(cfg, s, seed):
@@ -504,7 +503,7 @@ def parity_row(model, batches):
     losses = {}
     for bf16 in (False, True):
         trial = copy.deepcopy(model)  # the model itself stays as it is
-        opt = torch.optim.AdamW(trial.parameters(), **adamw())
+        opt = torch.optim.AdamW(trial.parameters(), **ADAMW)
         losses[bf16] = [float(training_step(trial, opt, b, bf16)) for b in batches]
         del trial, opt
     gap = max(abs(a / b - 1) for a, b in zip(losses[True], losses[False]))
@@ -518,7 +517,7 @@ def step_rows(sides, batch, s, peak_tflops):
     parameter, allocated throughout) subtracted -> rows, our step's seconds."""
     steps = {}
     for name, (model, diffusers) in sides.items():
-        opt = torch.optim.AdamW(model.parameters(), **adamw())
+        opt = torch.optim.AdamW(model.parameters(), **ADAMW)
         run = torch.compile(model, backend=s["backend"])
         steps[name] = functools.partial(training_step, run, opt, batch, diffusers=diffusers)
     ms = {name: 1e3 * statistics.median(t) for name, t in timed(steps, s["warmup"], s["steps"]).items()}
@@ -542,8 +541,8 @@ def optimizer_row(model, s):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     muon, rest = split_muon_params(model)
-    pair = [Muon(muon), torch.optim.AdamW(rest, **adamw())]
-    adam = torch.optim.AdamW(model.parameters(), **adamw())
+    pair = [Muon(muon), torch.optim.AdamW(rest, **ADAMW)]
+    adam = torch.optim.AdamW(model.parameters(), **ADAMW)
     times = timed({"muon": lambda: [o.step() for o in pair], "adamw": adam.step}, 1, s["steps"])
     model.zero_grad(set_to_none=True)
     return ("optimizer step, Muon + AdamW", 1e3 * statistics.median(times["muon"]), "AdamW",

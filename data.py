@@ -254,6 +254,12 @@ def caption_share(captions):
     return p_long
 
 
+def heldout_caption(captions):
+    """--captions -> the caption the held-out prompts are read with: short for short, else long (mixed trains on
+    both)."""
+    return "short" if captions == "short" else "long"
+
+
 def parse_data_phases(spec):
     """'A:0.7,B:0.3@0;C:1@90000:mixed' -> [(0, {"A": 0.7, "B": 0.3}, None), (90000, {"C": 1.0}, "mixed")]: from
     optimizer step N on, draw each sample from these prepared directories with these weights, and with this caption
@@ -407,9 +413,6 @@ class ShardLoader:
             batch["id"].append(shard.string("id", row))
         batch["txt"], batch["txt_mask"] = batch_text(chunks, pin)
         return batch
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         while len(self.pending) < self.prefetch:  # planned here, read by the worker

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import count, data_dirs, denormalize_latent, from_hub, load_vae, number, open_heldout, pad_to_common, \
-    read_index
+from data import count, data_dirs, denormalize_latent, from_hub, heldout_caption, load_vae, number, open_heldout, \
+    pad_to_common, read_index
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -288,6 +288,11 @@ def distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def main_process():
+    """Rank 0 under torchrun, or the only process: the one that writes shared files."""
+    return not distributed() or dist.get_rank() == 0
+
+
 def setup_distributed(tf32):
     """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU. `tf32`: TF32 matmuls on CUDA (train.py;
     its weights stay fp32); eval.py keeps the metrics' features in full fp32."""
@@ -486,7 +491,7 @@ class Metrics:
 
     def save_reference(self, path):
         features = self.features()  # every rank takes part in the gathering; rank 0 writes
-        if not distributed() or dist.get_rank() == 0:  # whole or not at all: a cut write leaves no file behind
+        if main_process():  # whole or not at all: a cut write leaves no file behind
             with open(f"{path}.tmp", "wb") as f:
                 np.savez(f, **features)
             os.replace(f"{path}.tmp", path)
@@ -566,7 +571,7 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
         for key, value in split.score(images, idx).items():
             sums[key] = sums.get(key, 0.0) + value * len(idx)
         seen += len(idx)
-        if i == 0 and grid and (not distributed() or dist.get_rank() == 0):
+        if i == 0 and grid and main_process():
             save_grid(images[:64], split.captions(idx[:64]), grid)
     result = metrics.compute() if metrics is not None else {}
     if sums:
@@ -671,6 +676,8 @@ def main(argv=None):
         raise SystemExit(f"error: --out {args.out}: there is no folder {parent}; create it, or write elsewhere")
     device = setup_distributed(tf32=False)[2]
     try:
+        if distributed() and args.command in ("sample", "export"):
+            raise SystemExit(f"error: {args.command} runs in one process: python eval.py {args.command} ...")
         if distributed() and args.num_samples < dist.get_world_size():
             raise SystemExit(f"error: --num-samples {args.num_samples} is fewer than the {dist.get_world_size()} "
                              f"processes (each samples its share): ask for more, or start fewer")
@@ -701,7 +708,7 @@ def load_checkpoint(args):
 def evaluate_checkpoint(args, device):
     model, train_args, ckpt, sampling = load_checkpoint(args)
     data = args.data or train_args["eval_data"] or train_args["data"]
-    caption = args.caption or ("short" if train_args["captions"] == "short" else "long")  # mixed:p -> long
+    caption = args.caption or heldout_caption(train_args["captions"])
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
     check_data_fits(model, split, data, f"--data {data}" if args.data else f"the run's data ({data})")
@@ -711,7 +718,7 @@ def evaluate_checkpoint(args, device):
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       os.path.join(ckpt, "eval_samples.png"), **sampling)
-    if not distributed() or dist.get_rank() == 0:
+    if main_process():
         out = args.out or os.path.join(ckpt, "eval.json")
         with open(out, "w") as f:
             weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read
@@ -736,8 +743,6 @@ def sample_prompts(args, device):
     run's sampling, in one PNG beside its prompt."""
     if not args.prompt:
         raise SystemExit('error: sample needs at least one --prompt "a caption"')
-    if distributed():
-        raise SystemExit("error: sample runs in one process: python eval.py sample ...")
     model, train_args, ckpt, sampling = load_checkpoint(args)
     model, data = model.to(device), args.data or train_args["data"]
     try:
@@ -764,8 +769,6 @@ def export_pipeline(args, device):
     """`eval.py export`: the checkpoint (EMA weights when the run has them) as a folder PRXPipeline.from_pretrained
     loads whole: the run's shift and resolution, the VAE, T5Gemma and token cap its prepared data was encoded with
     (model.PRX.save_diffusers; README for the call that reproduces eval.py's samples)."""
-    if distributed():
-        raise SystemExit("error: export runs in one process: python eval.py export ...")
     if not args.out:
         raise SystemExit("error: export needs --out FOLDER (a new folder)")
     if os.path.exists(args.out):

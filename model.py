@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 
 @dataclass
@@ -407,7 +408,6 @@ class PRX(nn.Module):
     def from_diffusers(cls, path, subfolder=None, **overrides):
         """Load a diffusers PRXTransformer2DModel checkpoint: a local folder or a hub id (e.g. a Photoroom PRX repo,
         subfolder="transformer"), safetensors single-file or sharded."""
-        from safetensors.torch import load_file
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
             pattern = f"{subfolder}/*" if subfolder else "*"
@@ -523,6 +523,21 @@ def list_checkpoints(run):
     return [os.path.join(folder, f"step_{s}") for s in steps]
 
 
+def run_of(ckpt):
+    """<run>/checkpoints/step_N -> <run>."""
+    return os.path.dirname(os.path.dirname(ckpt))
+
+
+def step_of(ckpt):
+    """<run>/checkpoints/step_N -> N."""
+    return int(os.path.basename(ckpt)[5:])
+
+
+def last_checkpoint(run):
+    """The newest whole checkpoint of a run, for messages: its path, or '(none)'."""
+    return (list_checkpoints(run) or ["(none)"])[-1]
+
+
 def verify_checkpoint(ckpt):
     """Raise if a file of the checkpoint is missing or its bytes differ from the checksum written with it."""
     with open(os.path.join(ckpt, CHECKSUMS)) as f:
@@ -530,9 +545,7 @@ def verify_checkpoint(ckpt):
     for name, digest in expected.items():
         path = os.path.join(ckpt, name)
         if not os.path.exists(path) or file_sha256(path) != digest:
-            step = int(os.path.basename(ckpt)[5:])
-            earlier = [c for c in list_checkpoints(os.path.dirname(os.path.dirname(ckpt)))
-                       if int(os.path.basename(c)[5:]) < step]
+            earlier = [c for c in list_checkpoints(run_of(ckpt)) if step_of(c) < step_of(ckpt)]
             raise ValueError(f"{path} is {'missing' if not os.path.exists(path) else 'corrupt'} (its sha256 differs "
                              f"from the one written with it); the previous checkpoint is "
                              f"{earlier[-1] if earlier else '(none)'}: pass it to --resume (or --ckpt)")
@@ -548,17 +561,15 @@ def stage_config(run, ckpt):
     """The config file that trained checkpoint step_N: that of the latest resume from a step before N
     (config.resume-S.json; a later stage may change the resolution, data or lr), else config.json. The highest S is
     the latest: a resume from an older checkpoint moves the configs of the history it abandons aside (train.py)."""
-    step = int(os.path.basename(ckpt)[5:])
-    resumes = [(s, os.path.join(run, n)) for n, s in resume_configs(run) if s < step]
+    resumes = [(s, os.path.join(run, n)) for n, s in resume_configs(run) if s < step_of(ckpt)]
     return max(resumes, default=(0, os.path.join(run, "config.json")))[1]
 
 
 def load_run(path, weights="ema"):
     """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model in eval mode, the config that
     trained the checkpoint (stage_config), the checkpoint folder). The checkpoint's checksums are verified first."""
-    from safetensors.torch import load_file
     path = os.path.normpath(path)  # a trailing slash (tab completion) names the same folder
-    run = path if os.path.exists(os.path.join(path, "config.json")) else os.path.dirname(os.path.dirname(path))
+    run = path if os.path.exists(os.path.join(path, "config.json")) else run_of(path)
     if not os.path.exists(os.path.join(run, "config.json")):
         raise FileNotFoundError(f"{path}: expected a run folder with config.json or <run>/checkpoints/step_N")
     ckpt = path if run != path else (list_checkpoints(run) or [None])[-1]

@@ -9,7 +9,7 @@ rows every rank keeps (the scheme of muon_fsdp2, used by PRX: gather to one rank
 Sources: Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024; quintic coefficients,
 EMA-form Nesterov momentum, bf16 iteration); Liu et al. (Moonshot), "Muon is Scalable for LLM Training" (2025;
 update scale 0.2 * sqrt(max(rows, cols)) matches AdamW's update RMS, so Muon reuses AdamW's lr and weight decay).
-PRX (Photoroom, part 2: FID 15.55 against AdamW's 18.20 at 100k steps; part 3) ran Muon on the 2D weights of
+PRX (Photoroom, parts 2 and 3) ran Muon on the 2D weights of
 `blocks` with lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay, and Adam elsewhere. In
 fp32 (the CPU's) a matrix far from square iterates on its Gram matrix, the same polynomial in fewer FLOPs
 (gram_newton_schulz). The matrices of one shape are orthogonalised in one batched call (orthogonalise).
@@ -161,7 +161,7 @@ class Muon(torch.optim.Optimizer):
                         eps=eps, scale=scale)
         super().__init__(params, defaults)
         # Newton-Schulz in bf16 by default on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where
-        # bf16 is emulated with AVX2 alone (28x slower for a 448 x 128 matrix) and the Gram form (gram_newton_schulz)
+        # bf16 is emulated with AVX2 alone (many times slower) and the Gram form (gram_newton_schulz)
         # cuts the FLOPs of the wide matrices; train.py passes bf16 with --precision bf16 (fast on a CPU with AMX)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:

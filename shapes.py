@@ -8,6 +8,7 @@ A scene is 1 or 2 coloured shapes in a 2x2 grid on a plain background; sample i 
 caption checker measures compositional generalisation.
 """
 
+import argparse
 import dataclasses
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,9 +331,6 @@ class ShapesLoader:
     def load_state_dict(self, state):
         self.batches = state["batches"]
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         first = (self.batches * self.world_size + self.rank) * self.batch_size
         images, captions = self.dataset.batch(range(first, first + self.batch_size), self.resolution, self.p_long)
@@ -478,7 +477,6 @@ def train_teacher(steps=TEACHER_STEPS, seed=TEACHER_SEED, batch_size=64, lr=2e-3
 
 
 def load_teacher(path=TEACHER_FILE):
-    from safetensors.torch import load_file
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: the built-in REPA teacher is missing; make it with `python shapes.py "
                                 f"teacher` (about a minute)")
@@ -488,8 +486,6 @@ def load_teacher(path=TEACHER_FILE):
 
 
 def main(argv=None):
-    import argparse
-    from safetensors.torch import save_file
     parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.")
     parser.add_argument("command", choices=["teacher"])
     parser.add_argument("--out", default=TEACHER_FILE)

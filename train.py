@@ -38,12 +38,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import caption_share, count, data_dirs, fraction, number, open_heldout, open_loader, pad_text, \
-    pad_to_common, parse_data_phases, positive, read_index, sample_space
-from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, setup_distributed, shift_t, \
-    x0_to_velocity
-from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, preset_config, \
-    resume_configs, rope_at, rope_table, stage_config, trim_text, verify_checkpoint
+from data import caption_share, count, data_dirs, fraction, heldout_caption, number, open_heldout, open_loader, \
+    pad_text, pad_to_common, parse_data_phases, positive, read_index, sample_space
+from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, main_process, setup_distributed, \
+    shift_t, x0_to_velocity
+from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, last_checkpoint, \
+    list_checkpoints, preset_config, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
+    verify_checkpoint
 from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
@@ -613,18 +614,14 @@ def ema_update(ema, model, decay):
 
 
 def matmul_peak(device, n=1024, reps=8):
-    """FLOP/s of an n x n fp32 matrix product on this device, the best of `reps` (a shared machine only ever slows
-    it), measured once at start, untimed: what the log's utilisation (mfu) compares the training step with on the
-    CPU. On CUDA the step runs in bf16 and compares with --peak-tflops."""
+    """FLOP/s of an n x n fp32 matrix product on the CPU, the best of `reps` (a shared machine only ever slows it),
+    measured once at start, untimed: what the log's utilisation (mfu) compares the training step with on the CPU
+    (on CUDA the step runs in bf16 and compares with --peak-tflops)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = math.inf
     for _ in range(reps + 1):  # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -728,9 +725,8 @@ def setup_eval(args, cfg, device):
     if not args.eval_samples:
         return None
     try:
-        caption = "short" if args.captions == "short" else "long"
-        split = open_heldout(args.eval_data or args.data, args.eval_samples, caption, args.resolution, args.seed,
-                             args.text_context)
+        split = open_heldout(args.eval_data or args.data, args.eval_samples, heldout_caption(args.captions),
+                             args.resolution, args.seed, args.text_context)
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
                           count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples") \
             if args.eval_ref else None
@@ -882,7 +878,7 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(out).free < 2**20
         reason = "no space left on the device" if full else str(e)
         raise SystemExit(f"error: writing checkpoint {final} failed: {reason}. The earlier checkpoints are intact: "
-                         f"{(list_checkpoints(out) or ['(none)'])[-1]}; free space and --resume")
+                         f"{last_checkpoint(out)}; free space and --resume")
     os.rename(tmp, final)  # atomic
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old)
@@ -900,7 +896,7 @@ def resolve_resume(resume, out):
         ckpt = resume.rstrip("/")
     else:
         raise SystemExit(f"error: --resume {resume}: not a checkpoint folder (expected trainer.pt inside)")
-    if not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "config.json")):
+    if not os.path.exists(os.path.join(run_of(ckpt), "config.json")):
         raise SystemExit(f"error: --resume {ckpt}: a checkpoint resumes from <run>/checkpoints/step_N, beside its "
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
                          f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
@@ -914,7 +910,7 @@ def resolve_resume(resume, out):
 def check_resume_flags(args, ckpt):
     """A resume continues the same run: flags outside RESUMABLE must equal those the checkpoint was trained with
     (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "config.json")) as f:
+    with open(os.path.join(run_of(ckpt), "config.json")) as f:
         config = json.load(f)
     parser = get_parser()  # its flags, not what get_args derived (the track's note)
     changed = flag_changes(config["args"], args, {a.dest for a in parser._actions} - RESUMABLE, parser)
@@ -958,7 +954,7 @@ def flag_changes(before, args, names, parser):
 def resume_changes(args, ckpt):
     """The RESUMABLE flags this resume sets otherwise than the stage that trained the checkpoint (a second phase,
     or flags left off the command line: the log says so) -> a note, or None."""
-    with open(stage_config(os.path.dirname(os.path.dirname(ckpt)), ckpt)) as f:
+    with open(stage_config(run_of(ckpt), ckpt)) as f:
         changed = flag_changes(json.load(f)["args"], args, RESUMABLE - {"out", "resume"}, get_parser())
     return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
            f"{'; '.join(changed)}" if changed else None
@@ -981,8 +977,8 @@ def set_aside_newer(ckpt):
     abandoned history: move them (the lines: copy; RunLog then cuts them) into checkpoints/abandoned-<time>/ so that
     nothing picks them as the latest (model.stage_config) or overwrites them. Called before this resume writes its
     own config."""
-    run, step = os.path.dirname(os.path.dirname(ckpt)), int(os.path.basename(ckpt)[5:])
-    newer = [c for c in list_checkpoints(run) if int(os.path.basename(c)[5:]) > step]
+    run, step = run_of(ckpt), step_of(ckpt)
+    newer = [c for c in list_checkpoints(run) if step_of(c) > step]
     newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
     if not newer:  # a resume from the latest checkpoint: what a killed run wrote after it, this one rewrites alike
         return None
@@ -1009,8 +1005,7 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
     differs."""
     # every rank maps trainer.pt (its tensors stay on disk until read: rank 0's are, by load_full), rank 0 the weights
     state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True, mmap=True)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    weights = lambda name: load_file(os.path.join(ckpt, name)) if rank0 else {}
+    weights = lambda name: load_file(os.path.join(ckpt, name)) if main_process() else {}
     try:
         projector, repa, note = trainee.repa_proj, state.get("repa"), None  # "repa": only REPA checkpoints have it
         load_full(model, weights("model.safetensors"), opt[:-1] if projector else opt, state["optimizer"])
@@ -1107,7 +1102,7 @@ def run_folder(args):
     if args.resume:
         ckpt = resolve_resume(args.resume, out)
         check_resume_flags(args, ckpt)
-        run = os.path.dirname(os.path.dirname(ckpt))
+        run = run_of(ckpt)
         out = args.out or run
         if os.path.abspath(out) == os.path.abspath(run):
             return out, ckpt, True
@@ -1197,7 +1192,7 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
     assert all(p.dtype == torch.float32 for p in raw_model.parameters()), "weights must stay fp32 (PRX part 2)"
     if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
         raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written, the "
-                         f"last one is {(list_checkpoints(out) or ['(none)'])[-1]}")
+                         f"last one is {last_checkpoint(out)}")
     extra = {"train_time": train_time, "loader": loader.state_dict()}
     if trainee.repa_proj is not None:
         projector, (projector_opt,) = full_state(trainee.repa_proj, opt[-1:])
@@ -1291,7 +1286,7 @@ def main(argv=None):
             loss_value = loss.item()  # waits for the device: only on log steps
             if not math.isfinite(loss_value):
                 raise SystemExit(f"error: loss not finite ({loss_value}) at step {step}; stopping. The last "
-                                 f"checkpoint is {(list_checkpoints(out) or ['(none)'])[-1]}; lower --lr or raise "
+                                 f"checkpoint is {last_checkpoint(out)}; lower --lr or raise "
                                  f"--warmup")
             elapsed = train_time - time_at_log  # training time only: eval and checkpoints excluded
             speed = samples_since / elapsed

@@ -522,6 +522,31 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
         assert json.loads((tmp_path / "w.json").read_text())["weights"] == weights
 
 
+def test_held_out_prompts_use_the_caption_the_run_trained_on(tmp_path, monkeypatch):
+    """eval.py --ckpt and train.py's periodic evaluation read the held-out prompts with the short caption after
+    --captions short, the long one after long or mixed (a user writes long prompts); --caption overrides."""
+    import types
+    import train
+    seen = []
+    def record(spec, num_samples, caption, *rest):
+        seen.append(caption)
+        raise SystemExit("recorded")
+    monkeypatch.setattr(ev, "open_heldout", record)
+    monkeypatch.setattr(train, "open_heldout", record)
+    for captions, caption in (("short", "short"), ("long", "long"), ("mixed:0.2", "long")):
+        write_run(tmp_path / captions, random_tiny_prx(), captions=captions)
+        for run in (lambda: ev.main(["--ckpt", str(tmp_path / captions), "--num-samples", "1"]),
+                    lambda: train.setup_eval(types.SimpleNamespace(
+                        eval_samples=1, captions=captions, eval_data=None, data="builtin", resolution=32, seed=0,
+                        text_context=5, eval_ref=None), None, "cpu")):
+            with pytest.raises(SystemExit, match="recorded"):
+                run()
+            assert seen.pop() == caption, captions
+    with pytest.raises(SystemExit, match="recorded"):
+        ev.main(["--ckpt", str(tmp_path / "long"), "--num-samples", "1", "--caption", "short"])
+    assert seen.pop() == "short"
+
+
 def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, capsys, monkeypatch):
     from shapes import BuiltinTextEncoder
     model = random_tiny_prx()
