@@ -60,6 +60,18 @@ def hub_reachable(timeout=5):
         return False
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off for a while (its load report: a table of weights used elsewhere)."""
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 class NotOnThisMachine(RuntimeError):
     """Weights this machine lacks and cannot download; the message says how to bring them here."""
 
@@ -77,6 +89,8 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
     try:
         return load()
     except OSError as e:  # not cached (LocalEntryNotFoundError, OfflineModeIsEnabled, transformers' OSError)
+        if name and os.path.isdir(name):  # a folder that is there but is not this model's: not a download to make
+            raise FileNotFoundError(f"{flag} {name}: not a folder of {what}: {str(e)[:300]}") from e
         cache_miss = e
     finally:
         constants.HF_HUB_OFFLINE = offline
@@ -87,6 +101,16 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
                            f"(~/.cache/huggingface, or $HF_HOME) here, or `hf download {files} --local-dir DIR` and "
                            f"pass {flag} {local}") from cache_miss
     return load()
+
+
+def whole(loaded, what, flag, name):
+    """(model, loading info) of a transformers from_pretrained(output_loading_info=True) -> the model. transformers
+    builds the named class from any checkpoint, leaving random each weight the checkpoint lacks: refused here."""
+    model, info = loaded
+    if missing := sorted(info["missing_keys"]):
+        raise ValueError(f"{flag} {name}: not {what}: {len(missing)} of its weights are not in the checkpoint "
+                         f"(e.g. {missing[0]}); pass a folder or hub id of {what}")
+    return model
 
 
 def load_vae(name, path=None, device="cpu"):

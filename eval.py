@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import count, data_dirs, denormalize_latent, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    pad_to_common, read_index
+    pad_to_common, read_index, whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -218,8 +218,9 @@ def normalize(images, mean, std, device):
 def load_clip(name=CLIP_ID):
     """CLIP ViT-L/14-336 vision tower with its projection (transformers), from the hub or a local folder."""
     from transformers import CLIPVisionModelWithProjection
-    model = from_hub(lambda: CLIPVisionModelWithProjection.from_pretrained(name), f"CLIP {name}", name, "--clip",
-                     name=name)
+    model = from_hub(lambda: whole(CLIPVisionModelWithProjection.from_pretrained(name, output_loading_info=True),
+                                   "a CLIP vision model with projection", "--clip", name), f"CLIP {name}", name,
+                     "--clip", name=name)
     return model.eval().requires_grad_(False)
 
 

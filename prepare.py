@@ -36,7 +36,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, normalize_latent
+from data import FIXED, FORMAT, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, normalize_latent, \
+    quiet_transformers, whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -77,10 +78,13 @@ class T5GemmaTextEncoder:
         from transformers import AutoTokenizer, T5GemmaEncoderModel
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16 as PRX on GPU
         # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
-        model, tokenizer = from_hub(
-            lambda: (T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype),
-                     AutoTokenizer.from_pretrained(name)), f"the text encoder {name}", name, "--text-encoder",
-            name=name)
+        with quiet_transformers():  # its report lists the decoder's weights, unused here; whole() checks what matters
+            model, tokenizer = from_hub(
+                lambda: (whole(T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype,
+                                                                   output_loading_info=True),
+                               "a T5Gemma encoder", "--text-encoder", name),
+                         AutoTokenizer.from_pretrained(name)), f"the text encoder {name}", name, "--text-encoder",
+                name=name)
         return cls(model.to(device), tokenizer, max_tokens)
 
     @torch.no_grad()
@@ -323,10 +327,10 @@ def prepare(args, rank=0, world_size=1):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those")
     shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
-    try:  # a model missing, unreachable or not a model (OSError): a line naming the flag; anything else a traceback
+    try:  # a model missing, unreachable or not the model asked for: a line naming the flag; anything else a traceback
         encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
         vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
-    except (OSError, NotOnThisMachine) as e:
+    except (OSError, ValueError, NotOnThisMachine) as e:
         raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
     if settings is not None:

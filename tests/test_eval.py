@@ -198,6 +198,10 @@ def test_clip_features_equal_the_cmmd_pipeline(tmp_path):
         single = torch.cat([ev.clip_features(model, images[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, ours, atol=1e-5, rtol=1e-5)
+    from transformers import CLIPVisionModel  # CLIP without the projection CMMD reads: refused, not left random
+    CLIPVisionModel(tiny_clip().config).save_pretrained(tmp_path / "no-projection")
+    with pytest.raises(ValueError, match="not a CLIP vision model with projection: 1 of its weights .*visual_projection"):
+        ev.load_clip(str(tmp_path / "no-projection"))
 
 
 def test_dino_features_are_the_normalised_cls_token(tmp_path):

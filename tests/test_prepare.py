@@ -474,13 +474,21 @@ def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path
         assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_that_is_no_model_is_a_flag_error_and_other_failures_keep_their_traceback(prepared, tmp_path,
+def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_their_traceback(prepared, tmp_path,
                                                                                           monkeypatch):
     root, _ = prepared
     (tmp_path / "empty").mkdir()
     for flag in ("--text-encoder", "--vae-path"):  # an existing folder without the model's files: an OSError
-        with pytest.raises(SystemExit, match=f"^error: .*{tmp_path}/empty"):
+        with pytest.raises(SystemExit, match=f"^error: (prepare.py )?{flag} {tmp_path}/empty: not a folder of "):
             prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", flag, str(tmp_path / "empty")))
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel  # another encoder, its files complete
+    T5EncoderModel(T5Config(vocab_size=300, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        tmp_path / "t5")
+    AutoTokenizer.from_pretrained(root / "models" / "t5gemma").save_pretrained(tmp_path / "t5")
+    with pytest.raises(SystemExit, match=f"^error: --text-encoder {tmp_path}/t5: not a T5Gemma encoder: .* weights "
+                                         f"are not in the checkpoint"):  # not a T5Gemma of random weights
+        prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", "--text-encoder", str(tmp_path / "t5")))
+    assert not (tmp_path / "out").exists()
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", out_of_memory)
