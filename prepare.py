@@ -207,30 +207,45 @@ def folder_rows(files, root):
         yield {**row, "id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
 
 
+def listing(files):
+    """What a resume checks: the files of the source, in the order rows are read from them."""
+    names = [os.fsencode(str(f)) for f in files]  # bytes: a file name need not be UTF-8
+    return {"count": len(names), "sha256": hashlib.sha256(b"\n".join(names)).hexdigest()}
+
+
 def open_source(source, image_field, rank, world_size):
-    """-> (rows, total): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has none."""
+    """-> (rows, total, listing): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has
+    none; the listing of all files (a resume reads on from a row number, so the files must be those it started on)."""
     import datasets
     root = Path(source)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
     if images:
         mine = images[rank::world_size]
         rows = datasets.IterableDataset.from_generator(folder_rows, gen_kwargs=dict(files=mine, root=root))
-        return (rows if mine else []), len(mine)
-    if source.endswith((".parquet", ".tar")):
-        builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
-                                                data_files=sorted(glob.glob(source)))
-    else:  # a hub id or a folder of parquet/tar files: file list resolved, nothing downloaded
-        builder = datasets.load_dataset_builder(source)
+        return (rows if mine else []), len(mine), listing(p.relative_to(root) for p in images)
+    if root.is_dir() and not any(p.suffix in (".parquet", ".tar") for p in root.rglob("*")):
+        raise SystemExit(f"error: --source {source}: a folder with no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                         f"and no .parquet or .tar files")
+    try:
+        if source.endswith((".parquet", ".tar")):
+            builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
+                                                    data_files=sorted(glob.glob(source)))
+        else:  # a hub id or a folder of parquet/tar files: file list resolved, nothing downloaded
+            builder = datasets.load_dataset_builder(source)
+    except OSError as e:  # DatasetNotFoundError, EmptyDatasetError, ConnectionError: a typo or an offline machine
+        hint = "; a glob names .parquet or .tar files (images: pass their folder)" if glob.has_magic(source) else ""
+        raise SystemExit(f"error: --source {source}: {'no such folder or file here, and ' if not root.exists() else ''}"
+                         f"datasets cannot open it ({type(e).__name__}: {str(e)[:200]}){hint}") from e
     files = list(builder.config.data_files["train"])
     mine = files[rank::world_size]  # whole files per rank: no rank downloads another's data
     splits = builder.info.splits
     total = splits["train"].num_examples * len(mine) // len(files) if splits and "train" in splits else None
     if not mine:
-        return [], 0
+        return [], 0, listing(files)
     rows = datasets.load_dataset(builder.name, data_files=mine, split="train", streaming=True)
     if isinstance((rows.features or {}).get(image_field), datasets.Image):
         rows = rows.cast_column(image_field, datasets.Image(decode=False))  # we decode, so bad images are counted
-    return rows, total
+    return rows, total, listing(files)
 
 
 def encode_samples(samples, encoder, vae, shift, scale, seed):
@@ -283,8 +298,8 @@ def resume_point(out, rank, world_size):
 
 
 # The flags that decide what a shard holds: a preparation resumes only with the values its shards were written with
-SETTINGS = ("source", "captions", "image_field", "id_field", "vae", "vae_path", "text_encoder", "max_tokens",
-            "resolution", "min_size", "eval_fraction", "seed")
+SETTINGS = ("source", "source_files", "captions", "image_field", "id_field", "vae", "vae_path", "text_encoder",
+            "max_tokens", "resolution", "min_size", "eval_fraction", "seed")
 
 
 def check_settings(out, args):
@@ -295,7 +310,9 @@ def check_settings(out, args):
         return settings  # a fresh start, or one that crashed before its first shard: nothing to mix with
     saved = json.loads(path.read_text())
     if changed := [k for k in SETTINGS if saved.get(k) != settings[k]]:
-        flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" for k in changed)
+        flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" if k != "source_files"
+                          else f"the source's files ({saved.get(k, {}).get('count')} there, {settings[k]['count']} "
+                               f"now, or renamed)" for k in changed)
         raise SystemExit(f"error: {out} holds shards prepared with other settings ({flags}): resume with the "
                          f"values of {path}, choose another --out, or delete {out} yourself to start over")
     return None
@@ -316,10 +333,13 @@ def discard(out):
 def prepare(args, rank=0, world_size=1):
     out, fields = Path(args.out), parse_caption_fields(args.captions)
     args.min_size = args.min_size or args.resolution // 2
-    settings = check_settings(out, args)
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
-    rows, total = open_source(args.source, args.image_field, rank, world_size)
+    rows, total, args.source_files = open_source(args.source, args.image_field, rank, world_size)
+    settings = check_settings(out, args)
+    if (out / "index.json").exists():  # a complete preparation of these settings and files
+        print(f"{out} is prepared already (index.json): nothing to do")
+        return
     # a misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source
     head = [rows.features] if getattr(rows, "features", None) else list(itertools.islice(rows, args.batch_size))
     for flag, field in [("--image-field", args.image_field), *(("--captions", f) for f in fields.values())]:
@@ -328,8 +348,8 @@ def prepare(args, rank=0, world_size=1):
                              f"{sorted({k for row in head for k in row})}: name one of those")
     shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
     try:  # a model missing, unreachable or not the model asked for: a line naming the flag; anything else a traceback
-        encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)
         vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
+        encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)  # the longer load
     except (OSError, ValueError, NotOnThisMachine) as e:
         raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
@@ -389,7 +409,7 @@ def write_index(out, settings, shift=None, scale=None):
     if first is None:  # no sample in either split (eval only is a set for train.py --eval-data)
         example = next(iter(skipped.values()), "")
         discard(out)
-        raise ValueError(f"{out}: no sample was prepared; skipped: {dict(reasons)}, e.g. {example!r}; nothing is "
+        raise SystemExit(f"error: {out}: no sample was prepared; skipped: {dict(reasons)}, e.g. {example!r}; nothing is "
                          f"kept, so a rerun with corrected flags starts afresh")
     schema = {p.stem: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
               for p in sorted(first.glob("*.npy")) for a in [np.load(p, mmap_mode="r")]}
@@ -415,7 +435,7 @@ def parse_caption_fields(spec):
     """'long=llava,short=prompt' -> {"long": "llava", "short": "prompt"} (our name -> the source's field)."""
     fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
     if not fields or len(fields) != len(spec.split(",")) or not all(re.fullmatch(r"\w+", k) for k in fields):
-        raise ValueError(f"--captions {spec!r}: expected name=field pairs such as long=llava,short=prompt")
+        raise ValueError(f"{spec!r}: expected name=field pairs such as long=llava,short=prompt")
     return fields
 
 
@@ -443,6 +463,12 @@ def main(argv=None):
     p.add_argument("--workers", type=count, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
                    help="image decoding threads per rank")
     args = p.parse_args(argv)
+    for flag, check in (("--captions", lambda: parse_caption_fields(args.captions)),
+                        ("--device", lambda: torch.device(args.device or "cpu"))):
+        try:
+            check()
+        except (ValueError, RuntimeError) as e:  # torch.device's is a RuntimeError
+            p.error(f"argument {flag}: {e}")
     if args.vae != "none" and args.resolution % (block := VAES[args.vae][3]):
         p.error(f"argument --resolution: the {args.vae} VAE encodes {block} x {block} pixel blocks, got "
                 f"{args.resolution}: choose a multiple of {block}, e.g. {max(block, args.resolution // block * block)}")

@@ -307,7 +307,9 @@ def test_caption_fields_spec():
                              "e.g. 32"),
     (["--resolution", "40", "--vae", "flux2"], "--resolution: the flux2 VAE encodes 16 x 16 pixel blocks, got 40"),
     (["--resolution", "48", "--vae", "dc-ae"], "--resolution: the dc-ae VAE encodes 32 x 32 pixel blocks, got 48"),
-    (["--source", "nowhere/*.tar"], "--source: no file matches nowhere/*.tar")])  # else found after loading models
+    (["--source", "nowhere/*.tar"], "--source: no file matches nowhere/*.tar"),  # else found after loading models
+    (["--captions", "long:txt"], "--captions: 'long:txt': expected name=field pairs"),
+    (["--device", "cpuu"], "--device: Expected one of cpu, cuda")])
 def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare.main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "nowhere"), *flags])
@@ -362,25 +364,36 @@ def test_the_split_hash_is_the_same_in_every_process():
     assert outs == {f"{prepare.stable_hash('eval', 0, 'img_1.jpg')}\n"}
 
 
-def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch):
+def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch, capsys):
     root, _ = prepared
-    out = tmp_path / "out"
-    argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
+    out, images = tmp_path / "out", shutil.copytree(root / "images", tmp_path / "images")
+    argv = prepare_argv(out, images, root / "models", "--captions", "long=txt,short=short")
     interrupted_after_the_first_train_shard(argv, monkeypatch)
     before = files_of(out)
     assert json.loads(before[Path("prepare.json")])["resolution"] == RES
     changes = {"--resolution": "64", "--captions": "long=txt", "--vae": "none", "--max-tokens": "8",
-               "--text-encoder": str(tmp_path), "--eval-fraction": "0.5", "--seed": "1", "--source": str(tmp_path),
-               "--min-size": "20"}
+               "--text-encoder": str(tmp_path), "--eval-fraction": "0.5", "--seed": "1",
+               "--source": str(copy_samples(root, tmp_path / "other")), "--min-size": "20"}
     for flag, value in changes.items():
-        with pytest.raises(SystemExit, match=f"other settings \\({flag} .* there, .* now\\)") as info:
+        with pytest.raises(SystemExit, match=f"other settings \\({flag} .* there, .* now[;)]") as info:
             prepare.main(argv + [flag, value])  # the last value of a flag wins
         assert "another --out" in str(info.value) and f"delete {out} yourself" in str(info.value)
     with pytest.raises(SystemExit, match="--resolution 32 there, 64 now; --seed 0 there, 1 now"):
         prepare.main(argv + ["--resolution", "64", "--seed", "1"])
+    (images / "aa.png").write_bytes(b"")  # a file more: a resume reading on from a row number would repeat samples
+    with pytest.raises(SystemExit, match=r"other settings \(the source's files \(\d+ there, \d+ now, or renamed"):
+        prepare.main(argv)
+    (images / "aa.png").unlink()
     assert files_of(out) == before  # refused before touching anything
     prepare.main(argv + ["--workers", "1", "--batch-size", "4"])  # how it runs may change: not what it writes
     assert len(stored_samples(out)) == len(stored_samples(root / "out"))
+    (images / "sub").mkdir()
+    (images / "rgb01.png").rename(images / "sub" / "rgb01.png")  # once prepared: refused as well (the index would
+    with pytest.raises(SystemExit, match="the source's files"):  # not describe the files)
+        prepare.main(argv)
+    (images / "sub" / "rgb01.png").rename(images / "rgb01.png")
+    prepare.main(argv)
+    assert "prepared already (index.json): nothing to do" in capsys.readouterr().out
     for shard in out.glob("*/shard-r*"):  # as a run that crashed before its first shard: other flags start afresh
         shutil.rmtree(shard)
     other = {**json.loads((out / "prepare.json").read_text()), "resolution": 64}
@@ -405,7 +418,7 @@ def test_a_preparation_that_kept_nothing_leaves_nothing_to_resume(prepared, tmp_
     mine = files_of(out)
     argv = prepare_argv(out, copy_samples(root, tmp_path / "images"), root / "models", "--captions",
                         "long=txt,short=short")
-    with pytest.raises(ValueError, match="no sample was prepared.*image smaller than --min-size 1000"):
+    with pytest.raises(SystemExit, match="^error: .*no sample was prepared.*image smaller than --min-size 1000"):
         prepare.main(argv + ["--min-size", "1000"])  # every sample skipped, after an empty shard and a done marker
     assert files_of(out) == mine and sorted(p.name for p in out.iterdir()) == ["notes.txt", "train"]
     prepare.main(argv)
@@ -472,6 +485,18 @@ def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path
         with pytest.raises(SystemExit, match=f"^error: (prepare.py )?{flag} {tmp_path}/none: no such fold"):
             prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", flag, str(tmp_path / "none")))
         assert not (tmp_path / "out").exists()
+
+
+def test_a_source_that_is_not_there_or_holds_no_images_is_named(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "a.txt").write_text("a red cat")  # read as a text dataset: 'no field image' misled
+    for source, message in ((tmp_path / "imgs", "no such folder or file here, and datasets cannot open it"),
+                            (tmp_path / "captions", "a folder with no images .* and no .parquet or .tar files")):
+        with pytest.raises(SystemExit, match=f"^error: --source {source}: {message}"):
+            prepare.main(prepare_argv(tmp_path / "out", source, root / "models"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_their_traceback(prepared, tmp_path,
