@@ -320,14 +320,40 @@ def parse_data_phases(spec):
     return phases
 
 
-def sample_space(index):
+class EncodedEmptyPrompt:
+    """A prepared directory's encoded empty prompt, equal to another's when one text encoder made both: the same
+    shape, cosine similarity over 0.99 (bf16 on a GPU and fp32 on a CPU differ in the last bits; two encoders of one
+    width, near 0)."""
+
+    def __init__(self, root):
+        self.root, self.emb = root, load_null_text(root)[0].flatten()
+
+    def __eq__(self, other):
+        return self.emb.shape == other.emb.shape and F.cosine_similarity(self.emb, other.emb, dim=0).item() > 0.99
+
+    def __repr__(self):
+        return f"the text encoder of {self.root}"
+
+
+def sample_space(root):
     """What the datasets of one run must share: the shapes the model sees, the VAE and its normalisation (a latent of
-    another space would be decoded by the first one's), the text encoder's width."""
+    another space would be decoded by the first one's), the text encoder (its width, its encoding of "")."""
+    index = read_index(root)
     schema, settings = index["schema"], index.get("settings", {})
     return {"latent shape": schema.get("latent"), "image shape": schema.get("image"), "VAE": settings.get("vae"),
             "latent normalisation": index.get("latent_norm"),
             "text width": sorted({v["shape"][-1] for k, v in schema.items()
-                                  if k.startswith("txt_") and not k.endswith("_offsets")})}
+                                  if k.startswith("txt_") and not k.endswith("_offsets")}),
+            "text encoder": EncodedEmptyPrompt(root)}
+
+
+ENCODERS = ("VAE", "latent normalisation", "text width", "text encoder")  # what a resolution stage keeps
+
+
+def space_differences(root, other, keys=None):
+    """The entries of sample_space (all, or `keys`) in which two prepared directories differ."""
+    space, others = sample_space(root), sample_space(other)
+    return [key for key, value in space.items() if key in (keys or space) and value != others[key]]
 
 
 class ShardLoader:
@@ -352,8 +378,7 @@ class ShardLoader:
             if needed - set(ds.index["captions"]) or not len(ds):
                 raise ValueError(f"{name}: has {len(ds)} samples and captions {ds.index['captions']}; the caption "
                                  f"modes of its phases (--captions {captions}, or @step:mode) need {sorted(needed)}")
-        spaces = [sample_space(ds.index) for ds in self.datasets]
-        if differ := sorted({k for space in spaces for k in space if space[k] != spaces[0][k]}):
+        if differ := sorted({k for ds in self.datasets[1:] for k in space_differences(ds.root, self.datasets[0].root)}):
             raise ValueError(f"datasets {self.names} differ in {', '.join(differ)} and cannot be mixed: prepare them "
                              f"with the same --resolution, --vae and --text-encoder")
         schema = self.datasets[0].index["schema"]

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import count, data_dirs, denormalize_latent, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    pad_to_common, read_index, whole
+from data import ENCODERS, count, data_dirs, denormalize_latent, from_hub, heldout_caption, load_vae, number, \
+    open_heldout, pad_to_common, read_index, space_differences, whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -525,6 +525,16 @@ def check_data_fits(model, split, data, flag):
                          f"prepared like its training data (the same --vae and --text-encoder)")
 
 
+def check_encoders(data, trained_on):
+    """Data other than the run's own must come from the same VAE and text encoder (where the run's is on this machine
+    to compare with): a text encoder of the same width would otherwise be read as if it were the run's."""
+    if data == trained_on or "builtin" in (data, trained_on) or not os.path.isdir(data_dirs(trained_on)[0]):
+        return
+    if differ := space_differences(data_dirs(data)[0], data_dirs(trained_on)[0], ENCODERS):
+        raise SystemExit(f"error: --data {data}: its {', '.join(differ)} differ from the data the run trained on "
+                         f"({trained_on}): use data prepared with the same --vae and --text-encoder")
+
+
 def data_vae(data, index, device):
     """The VAE a prepared dataset was encoded with (its index.json's settings) -> (vae, shift, scale)."""
     try:
@@ -713,6 +723,7 @@ def evaluate_checkpoint(args, device):
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
     check_data_fits(model, split, data, f"--data {data}" if args.data else f"the run's data ({data})")
+    check_encoders(data, train_args["data"])
     names = args.metrics if args.metrics is not None or args.ref else [] if data == "builtin" else list(FEATURE_METRICS)
     # --ref without --metrics: the metrics it holds, of as many images at the resolution as are sampled
     metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"])
@@ -746,6 +757,7 @@ def sample_prompts(args, device):
         raise SystemExit('error: sample needs at least one --prompt "a caption"')
     model, train_args, ckpt, sampling = load_checkpoint(args)
     model, data = model.to(device), args.data or train_args["data"]
+    check_encoders(data, train_args["data"])
     try:
         encoder = prompt_encoder(data, train_args["text_context"], device)
         txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32

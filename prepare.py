@@ -409,8 +409,8 @@ def write_index(out, settings, shift=None, scale=None):
     if first is None:  # no sample in either split (eval only is a set for train.py --eval-data)
         example = next(iter(skipped.values()), "")
         discard(out)
-        raise SystemExit(f"error: {out}: no sample was prepared; skipped: {dict(reasons)}, e.g. {example!r}; nothing is "
-                         f"kept, so a rerun with corrected flags starts afresh")
+        raise SystemExit(f"error: {out}: no sample was prepared; skipped: {dict(reasons)}, e.g. {example!r}; nothing "
+                         f"is kept, so a rerun with corrected flags starts afresh")
     schema = {p.stem: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
               for p in sorted(first.glob("*.npy")) for a in [np.load(p, mmap_mode="r")]}
     index = {split: {"count": sum(m["count"] for m in metas[split]),

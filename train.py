@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import caption_share, count, data_dirs, fraction, heldout_caption, number, open_heldout, open_loader, \
-    pad_text, pad_to_common, parse_data_phases, positive, read_index, sample_space
+from data import ENCODERS, caption_share, count, data_dirs, fraction, heldout_caption, number, open_heldout, \
+    open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences
 from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, main_process, setup_distributed, \
     shift_t, x0_to_velocity
 from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, last_checkpoint, \
@@ -320,10 +320,12 @@ def check_files(parser, args):
     if args.eval_data and not os.path.exists(os.path.join(args.eval_data, "index.json")):
         parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); prepare one with "
                      f"`python prepare.py --out {args.eval_data} --eval-fraction 1 ...`")
+    if args.eval_data and not dirs:
+        parser.error(f"--eval-data {args.eval_data}: a prepared dataset, whose text and images a model of the built-in "
+                     f"shapes (--data builtin) cannot read: leave --eval-data out")
     if args.eval_data:  # the model is sampled in --data's space and decoded with --eval-data's VAE: the same one
         try:
-            differ = [key for key, value in sample_space(read_index(args.eval_data)).items()
-                      if not dirs or value != sample_space(read_index(dirs[0]))[key]]
+            differ = space_differences(args.eval_data, dirs[0])
         except ValueError as e:  # a file cut short
             parser.error(f"--eval-data {args.eval_data}: {e}")
         if differ:
@@ -917,6 +919,13 @@ def check_resume_flags(args, ckpt):
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
+    with open(stage_config(run_of(ckpt), ckpt)) as f:
+        was = json.load(f)["args"]["data"]
+    if "builtin" not in (was, args.data) and os.path.isdir(data_dirs(was)[0]):  # a new stage's data: same encoders
+        if differ := space_differences(data_dirs(args.data)[0], data_dirs(was)[0], ENCODERS):
+            raise SystemExit(f"error: --resume {ckpt} --data {args.data}: its {', '.join(differ)} differ from the "
+                             f"data the checkpoint trained on ({was}): prepare it with the same --vae and "
+                             f"--text-encoder")
     patch = args.patch or preset_config(args.model, args.resolution).patch_size
     if patch != config["model"]["patch_size"]:
         raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "

@@ -216,6 +216,43 @@ def test_datasets_of_another_space_are_not_mixed(prepared, tmp_path):
             data.ShardLoader(f"{root / 'out'}:0.5,{tmp_path / name}:0.5", 4)
 
 
+def another_text_encoder(root, out, scale):
+    """A copy of a prepared directory whose encoded empty prompt is that of another encoder of the same width
+    (scale: random, relative to it) or of the same encoder in other arithmetic (scale ~1e-2: bf16 against fp32)."""
+    shutil.copytree(root, out)
+    null = torch.from_numpy(np.load(out / "null_txt.npy")).view(torch.bfloat16).float()
+    torch.manual_seed(0)
+    other = null + scale * null.abs().mean() * torch.randn_like(null)
+    np.save(out / "null_txt.npy", other.to(torch.bfloat16).view(torch.int16).numpy())
+    return out
+
+
+def test_datasets_of_another_text_encoder_of_the_same_width_are_not_mixed(prepared, tmp_path):
+    out = prepared[0] / "out"
+    same = another_text_encoder(out, tmp_path / "same", 0.01)  # one encoder, another precision: mixed
+    assert data.space_differences(same, out) == []
+    data.ShardLoader(f"{out}:0.5,{same}:0.5", 4)
+    other = another_text_encoder(out, tmp_path / "other", 3.0)
+    assert data.space_differences(other, out) == ["text encoder"]
+    with pytest.raises(ValueError, match="differ in text encoder and cannot be mixed"):
+        data.ShardLoader(f"{out}:0.5,{other}:0.5", 4)
+
+
+def test_a_new_stage_or_eval_set_of_another_text_encoder_is_refused(prepared, tmp_path, capsys):
+    import train
+    out = prepared[0] / "out"
+    other = another_text_encoder(out, tmp_path / "other", 3.0)
+    flags = ["--model", "tiny", "--hidden", "64", "--depth", "1", "--resolution", "32", "--batch-size", "2",
+             "--micro-batch", "2", "--eval-samples", "0", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(out), "--eval-data", str(other), *flags, "--eval-samples", "2"])
+    assert f"--eval-data {other}: its text encoder differ from --data {out}'s" in capsys.readouterr().err
+    train.main(["--data", str(out), "--max-steps", "1", *flags])
+    with pytest.raises(SystemExit, match=f"--data {other}: its text encoder differ from the data the checkpoint "
+                                         f"trained on \\({out}\\)"):
+        train.main(["--data", str(other), "--max-steps", "2", "--resume", *flags])
+
+
 def test_a_damaged_index_or_empty_prompt_is_named(prepared, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(prepared[0] / "out", out)

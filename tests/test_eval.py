@@ -200,7 +200,7 @@ def test_clip_features_equal_the_cmmd_pipeline(tmp_path):
     torch.testing.assert_close(single, ours, atol=1e-5, rtol=1e-5)
     from transformers import CLIPVisionModel  # CLIP without the projection CMMD reads: refused, not left random
     CLIPVisionModel(tiny_clip().config).save_pretrained(tmp_path / "no-projection")
-    with pytest.raises(ValueError, match="not a CLIP vision model with projection: 1 of its weights .*visual_projection"):
+    with pytest.raises(ValueError, match="not a CLIP vision model with projection: 1 of its weights .*projection"):
         ev.load_clip(str(tmp_path / "no-projection"))
 
 
@@ -610,6 +610,12 @@ def test_cli_sample_encodes_prompts_with_the_prepared_datas_t5gemma(prepared, tm
     # the caption's tokens as prepare.py stored them for training (bf16)
     torch.testing.assert_close(texts[0].to(torch.bfloat16), stored.view(torch.bfloat16).view(-1, 32))
     assert grids[0].shape == (1, 3, 32, 32) and grids[0].dtype == torch.uint8  # decoded by the data's VAE
+    from test_data import another_text_encoder
+    other = another_text_encoder(out, tmp_path / "other", 3.0)  # the run's width, another encoder: refused
+    for command in (["sample", "--prompt", prompt], ["--num-samples", "2"]):
+        with pytest.raises(SystemExit, match=f"^error: --data {other}: its text encoder differ from the data the run "
+                                             f"trained on"):
+            ev.main([*command, "--ckpt", str(ckpt), "--data", str(other)])
 
 
 def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):

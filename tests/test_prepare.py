@@ -512,7 +512,8 @@ def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_
     AutoTokenizer.from_pretrained(root / "models" / "t5gemma").save_pretrained(tmp_path / "t5")
     with pytest.raises(SystemExit, match=f"^error: --text-encoder {tmp_path}/t5: not a T5Gemma encoder: .* weights "
                                          f"are not in the checkpoint"):  # not a T5Gemma of random weights
-        prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", "--text-encoder", str(tmp_path / "t5")))
+        prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", "--text-encoder",
+                                  str(tmp_path / "t5")))
     assert not (tmp_path / "out").exists()
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory")

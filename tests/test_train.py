@@ -513,8 +513,8 @@ def test_an_evaluation_that_cannot_start_leaves_no_run_folder(prepared, tmp_path
     out = prepared[0] / "out"
     with pytest.raises(SystemExit):  # the built-in data's model cannot read T5Gemma's text nor decode latents
         train.get_args(["--track", "cpu", "--eval-data", str(out)])
-    assert f"--eval-data {out}: its latent shape, image shape, VAE, latent normalisation, text width differ from " \
-           f"--data builtin's" in capsys.readouterr().err
+    assert f"--eval-data {out}: a prepared dataset, whose text and images a model of the built-in shapes (--data " \
+           f"builtin) cannot read" in capsys.readouterr().err
     held = len(PreparedDataset(out, "eval"))
     r = run(["--data", str(out), "--model", "tiny", "--resolution", "32", "--hidden", "64", "--depth", "2",
              "--batch-size", "8", "--micro-batch", "8", "--eval-samples", str(held + 1), "--eval-data", str(out),
