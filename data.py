@@ -7,6 +7,7 @@ Prepared directory (format "prx-shards/1"):
     index.json                   counts, schema, versions, settings, latent normalisation, skipped ids and reasons
     prepare.json                 the settings that decide what a shard holds: a resumed preparation must repeat them
     null_txt.npy                 (L0, D) encoded empty prompt, for caption dropout
+    probe_txt.npy                (L1, D) encoded PROBE_CAPTION: with null_txt, which text encoder made the data
     train/shard-r{rank}-{k}/     written as <name>.tmp and renamed when complete: a shard that exists is whole
     eval/shard-r{rank}-{k}/      the held-out split (a seeded hash of the sample id), same layout
         meta.json                count, source position after this shard (for resume), skipped ids
@@ -257,12 +258,16 @@ def pad_to_common(txt, mask, other_txt, other_mask):
     return (*pad_text(txt, mask, length), *pad_text(other_txt, other_mask, length))
 
 
-def load_null_text(root, device="cpu"):
-    """The encoded empty prompt of a prepared directory: float32 (1, L0, D) and its mask (1, L0)."""
+PROBE_CAPTION = "a red cube on a wooden table beside a window at sunset, seen from above"
+
+
+def load_null_text(root, device="cpu", name="null_txt"):
+    """The encoded empty prompt of a prepared directory (name "probe_txt": PROBE_CAPTION's): float32 (1, L0, D) and
+    its mask (1, L0)."""
     try:
-        null = torch.from_numpy(np.load(Path(root) / "null_txt.npy")).view(torch.bfloat16).float()[None].to(device)
+        null = torch.from_numpy(np.load(Path(root) / f"{name}.npy")).view(torch.bfloat16).float()[None].to(device)
     except (ValueError, OSError, EOFError) as e:  # missing, or cut short
-        raise ValueError(f"{Path(root) / 'null_txt.npy'}: unreadable ({e}); {repair_hint(root)}") from e
+        raise ValueError(f"{Path(root) / f'{name}.npy'}: unreadable ({e}); {repair_hint(root)}") from e
     return null, torch.ones(null.shape[:2], dtype=torch.bool, device=device)
 
 
@@ -320,16 +325,35 @@ def parse_data_phases(spec):
     return phases
 
 
-class EncodedEmptyPrompt:
-    """A prepared directory's encoded empty prompt, equal to another's when one text encoder made both: the same
-    shape, cosine similarity over 0.99 (bf16 on a GPU and fp32 on a CPU differ in the last bits; two encoders of one
-    width, near 0)."""
+class LatentNorm:
+    """index.json's latent normalisation, equal to another within 1% (FLUX.2's BatchNorm statistics are read in bf16
+    on a GPU, in fp32 on a CPU)."""
 
-    def __init__(self, root):
-        self.root, self.emb = root, load_null_text(root)[0].flatten()
+    def __init__(self, norm):
+        self.norm = norm and {k: np.asarray(norm[k], dtype=np.float64) for k in ("shift", "scale")}
 
     def __eq__(self, other):
-        return self.emb.shape == other.emb.shape and F.cosine_similarity(self.emb, other.emb, dim=0).item() > 0.99
+        if self.norm is None or other.norm is None:
+            return self.norm is other.norm
+        return all(a.shape == b.shape and np.allclose(a, b, rtol=1e-2) for a, b in
+                   ((self.norm[k], other.norm[k]) for k in ("shift", "scale")))
+
+    def __repr__(self):
+        return repr(self.norm)
+
+
+class TextEncodings:
+    """A prepared directory's encodings of the empty prompt and of PROBE_CAPTION (data prepared before the probe has
+    the first only), equal to another's when one text encoder made both: each encoding they both hold has the same
+    shape and a cosine similarity over 0.99 (bf16 on a GPU and fp32 on a CPU differ in the last bits)."""
+
+    def __init__(self, root):
+        self.root, names = root, ["null_txt"] + ["probe_txt"] * (Path(root) / "probe_txt.npy").exists()
+        self.encodings = {name: load_null_text(root, name=name)[0].flatten() for name in names}
+
+    def __eq__(self, other):
+        pairs = [(self.encodings[k], other.encodings[k]) for k in self.encodings.keys() & other.encodings.keys()]
+        return all(a.shape == b.shape and F.cosine_similarity(a, b, dim=0).item() > 0.99 for a, b in pairs)
 
     def __repr__(self):
         return f"the text encoder of {self.root}"
@@ -337,14 +361,14 @@ class EncodedEmptyPrompt:
 
 def sample_space(root):
     """What the datasets of one run must share: the shapes the model sees, the VAE and its normalisation (a latent of
-    another space would be decoded by the first one's), the text encoder (its width, its encoding of "")."""
+    another space would be decoded by the first one's), the text encoder (its width, its encodings)."""
     index = read_index(root)
     schema, settings = index["schema"], index.get("settings", {})
     return {"latent shape": schema.get("latent"), "image shape": schema.get("image"), "VAE": settings.get("vae"),
-            "latent normalisation": index.get("latent_norm"),
+            "latent normalisation": LatentNorm(index.get("latent_norm")),
             "text width": sorted({v["shape"][-1] for k, v in schema.items()
                                   if k.startswith("txt_") and not k.endswith("_offsets")}),
-            "text encoder": EncodedEmptyPrompt(root)}
+            "text encoder": TextEncodings(root)}
 
 
 ENCODERS = ("VAE", "latent normalisation", "text width", "text encoder")  # what a resolution stage keeps
@@ -375,7 +399,10 @@ class ShardLoader:
         for name, ds in zip(self.names, self.datasets):  # the caption fields of the phases that draw from it
             needed = {field for (_, weights, _), p_long in zip(self.phases, self.p_long) if name in weights
                       for field, p in (("long", p_long), ("short", 1 - p_long)) if p > 0}
-            if needed - set(ds.index["captions"]) or not len(ds):
+            if not len(ds):
+                raise ValueError(f"{name}: has no training samples (prepared with --eval-fraction 1: a set for "
+                                 f"--eval-data)")
+            if needed - set(ds.index["captions"]):
                 raise ValueError(f"{name}: has {len(ds)} samples and captions {ds.index['captions']}; the caption "
                                  f"modes of its phases (--captions {captions}, or @step:mode) need {sorted(needed)}")
         if differ := sorted({k for ds in self.datasets[1:] for k in space_differences(ds.root, self.datasets[0].root)}):

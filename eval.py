@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ENCODERS, count, data_dirs, denormalize_latent, from_hub, heldout_caption, load_vae, number, \
-    open_heldout, pad_to_common, read_index, space_differences, whole
+from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, from_hub, heldout_caption, \
+    load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -140,7 +140,17 @@ def save_grid(images, captions, path, nrow=8):
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((grid.width + 10, 5 + i * line_height), line, fill="black")
-    canvas.save(path)
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")  # sample --out x.jpg: a JPEG
+    canvas.save(f"{path}.tmp", format=kind)  # whole or not at all: a kill leaves no empty grid
+    os.replace(f"{path}.tmp", path)
+
+
+def new_file(folder, name):
+    """folder/name, else name_1, name_2, ... (before the extension): the first that does not exist, so that a result
+    written before is never replaced."""
+    stem, ext = os.path.splitext(name)
+    return next(path for k in itertools.count()
+                if not os.path.exists(path := os.path.join(folder, f"{stem}_{k}{ext}" if k else name)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,7 +172,7 @@ def load_inception(weights=None):
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, cached)
         except OSError as e:
-            raise RuntimeError(f"FID Inception weights: not on this machine, and the download failed. On a machine "
+            raise NotOnThisMachine(f"FID Inception weights: not on this machine, and the download failed. On a machine "
                                f"with internet, download {URL_INCEPTION_V3} to {cached}, or pass --fid-weights PATH"
                                ) from e
     weights = weights or cached
@@ -525,13 +535,19 @@ def check_data_fits(model, split, data, flag):
                          f"prepared like its training data (the same --vae and --text-encoder)")
 
 
-def check_encoders(data, trained_on):
-    """Data other than the run's own must come from the same VAE and text encoder (where the run's is on this machine
-    to compare with): a text encoder of the same width would otherwise be read as if it were the run's."""
+def check_encoders(data, trained_on, flag="--data"):
+    """Data other than the one a model trained on must come from the same VAE and text encoder (where that data is on
+    this machine to compare with): a text encoder of the same width would otherwise be read as if it were the run's.
+    Used by eval.py's commands and by a resume onto new data (train.py)."""
     if data == trained_on or "builtin" in (data, trained_on) or not os.path.isdir(data_dirs(trained_on)[0]):
         return
-    if differ := space_differences(data_dirs(data)[0], data_dirs(trained_on)[0], ENCODERS):
-        raise SystemExit(f"error: --data {data}: its {', '.join(differ)} differ from the data the run trained on "
+    try:
+        differ = space_differences(data_dirs(data)[0], data_dirs(trained_on)[0], ENCODERS)
+    except (ValueError, FileNotFoundError) as e:  # an index or encoding cut short or missing: named
+        raise SystemExit(f"error: {flag} {data}: {e}")
+    if differ:
+        verb = "differ" if len(differ) > 1 else "differs"
+        raise SystemExit(f"error: {flag} {data}: its {' and '.join(differ)} {verb} from the data the model trained on "
                          f"({trained_on}): use data prepared with the same --vae and --text-encoder")
 
 
@@ -539,9 +555,9 @@ def data_vae(data, index, device):
     """The VAE a prepared dataset was encoded with (its index.json's settings) -> (vae, shift, scale)."""
     try:
         return load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: the VAE {data}/index.json names (its settings' vae_path: point it at this "
-                         f"machine's copy, or bring the hub id into its cache): {e}")
+    except (OSError, ValueError, NotOnThisMachine) as e:
+        raise SystemExit(f"error: the VAE that {data}/index.json names cannot be loaded ({e}); set "
+                         f"settings.vae_path there to this machine's copy, or bring the hub id into its cache")
 
 
 def load_decoder(cfg, data, resolution, device):
@@ -608,8 +624,9 @@ def get_args(argv=None):
                    "--data)")
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
     g.add_argument("--resolution", type=count, default=32, help="ref on the built-in data: image side")
-    g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json); sample: the "
-                   "PNG (default <checkpoint>/prompts_<k>.png, the first k not taken); export: a new folder")
+    g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json, or "
+                   "eval_1.json, ...: never one written before); sample: the PNG (default <checkpoint>/prompts.png, "
+                   "likewise); export: a new folder")
     g.add_argument("--prompt", action="append", help="sample: a caption to draw, repeatable (image i from the noise "
                    "of --seed + i); encoded by the run's text encoder (the built-in one, or the data's T5Gemma)")
     g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
@@ -650,8 +667,8 @@ def build_metrics(args, names, device, count=None, resolution=None):
     try:
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino_weights=args.dino_weights, device=device,
                        count=count, resolution=resolution)
-    except (ValueError, FileNotFoundError) as e:  # a reference or network file missing or unfit: each names its own
-        raise SystemExit(f"error: {e}")
+    except (ValueError, FileNotFoundError, NotOnThisMachine) as e:  # a reference or network missing or unfit: each
+        raise SystemExit(f"error: {e}")                              # names its own flag
 
 
 def make_reference(args, device):
@@ -699,6 +716,15 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def run_data(args, train_args, evaluation=False):
+    """The data eval.py reads: --data, else the run's (its --eval-data, for an evaluation), which must be here."""
+    data = args.data or (evaluation and train_args["eval_data"]) or train_args["data"]
+    if not args.data and data != "builtin" and not os.path.isdir(data_dirs(data)[0]):
+        raise SystemExit(f"error: --ckpt {args.ckpt}: the run's data {data} is not here (a path relative to where "
+                         f"train.py ran?): pass --data <its folder on this machine>")
+    return data
+
+
 def load_checkpoint(args):
     """--ckpt -> (model, the run's args, the checkpoint folder, sampling: the run's with --steps, --cfg-scale and
     --self-guidance over it)."""
@@ -718,7 +744,7 @@ def load_checkpoint(args):
 
 def evaluate_checkpoint(args, device):
     model, train_args, ckpt, sampling = load_checkpoint(args)
-    data = args.data or train_args["eval_data"] or train_args["data"]
+    data = run_data(args, train_args, evaluation=True)
     caption = args.caption or heldout_caption(train_args["captions"])
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
@@ -728,15 +754,17 @@ def evaluate_checkpoint(args, device):
     # --ref without --metrics: the metrics it holds, of as many images at the resolution as are sampled
     metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"])
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
+    grid = new_file(ckpt, "eval_samples.png")
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
-                      os.path.join(ckpt, "eval_samples.png"), **sampling)
+                      grid, **sampling)
     if main_process():
-        out = args.out or os.path.join(ckpt, "eval.json")
+        out = args.out or new_file(ckpt, "eval.json")
         with open(out, "w") as f:
             weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read
             json.dump({"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed,
                        "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {},
-                       "checkpoint": os.path.basename(ckpt), "weights": weights}, f, indent=2)
+                       "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid)},
+                      f, indent=2)
         print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
 
 
@@ -746,7 +774,11 @@ def prompt_encoder(data, text_context, device):
     if data == "builtin":
         return BuiltinTextEncoder(context=text_context).to(device)
     settings = read_index(data_dirs(data)[0])["settings"]
-    return T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], device, settings["max_tokens"])
+    try:
+        return T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], device, settings["max_tokens"])
+    except (OSError, ValueError, NotOnThisMachine) as e:
+        raise SystemExit(f"error: the text encoder that {data}/index.json names cannot be loaded ({e}); set "
+                         f"settings.text_encoder there to this machine's copy, or bring the hub id into its cache")
 
 
 @torch.no_grad()
@@ -756,7 +788,7 @@ def sample_prompts(args, device):
     if not args.prompt:
         raise SystemExit('error: sample needs at least one --prompt "a caption"')
     model, train_args, ckpt, sampling = load_checkpoint(args)
-    model, data = model.to(device), args.data or train_args["data"]
+    model, data = model.to(device), run_data(args, train_args)
     check_encoders(data, train_args["data"])
     try:
         encoder = prompt_encoder(data, train_args["text_context"], device)
@@ -772,8 +804,7 @@ def sample_prompts(args, device):
     seeds, batches = [args.seed + i for i in range(len(txt))], range(0, len(txt), args.batch_size)
     images = torch.cat([decode(sample(model, txt[i:i + args.batch_size], mask[i:i + args.batch_size], null_txt,
                                       null_mask, seeds[i:i + args.batch_size], shape, **sampling)) for i in batches])
-    out = args.out or next(path for k in itertools.count()  # a new file: never a grid drawn before
-                           if not os.path.exists(path := os.path.join(ckpt, f"prompts_{k}.png")))
+    out = args.out or new_file(ckpt, "prompts.png")
     save_grid(images, args.prompt, out)
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
 
@@ -787,7 +818,8 @@ def export_pipeline(args, device):
     if os.path.exists(args.out):
         raise SystemExit(f"error: --out {args.out} exists; export writes a new folder")
     model, train_args, ckpt, sampling = load_checkpoint(args)
-    data = args.data or train_args["data"]
+    data = run_data(args, train_args)
+    check_encoders(data, train_args["data"])
     try:
         index = None if data == "builtin" else read_index(data_dirs(data)[0])
     except (ValueError, FileNotFoundError) as e:
@@ -799,11 +831,7 @@ def export_pipeline(args, device):
         raise SystemExit(f"error: --ckpt {args.ckpt}: PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm "
                          f"decoding: sample this run with eval.py")
     vae = data_vae(data, index, "cpu")[0]
-    try:
-        encoder = prompt_encoder(data, train_args["text_context"], "cpu")
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: the text encoder {data}/index.json names (its settings' text_encoder: point it at "
-                         f"this machine's copy, or bring the hub id into its cache): {e}")
+    encoder = prompt_encoder(data, train_args["text_context"], "cpu")
     tmp = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"  # whole or not at all
     try:
         model.save_diffusers(tmp, shift=sampling["shift"], resolution=train_args["resolution"], vae=vae,

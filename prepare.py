@@ -6,14 +6,15 @@ memory-mapped .npy files plus index.json.
 
     python prepare.py --out data/mj --source brivangl/midjourney-v6-llava --captions long=llava,short=prompt
     torchrun --nproc-per-node 8 prepare.py --out data/mj        # each rank encodes its own part of the source files
-    python prepare.py --out data/px --vae none --resolution 512 --source /path/to/images    # pixel space, a folder
+    python prepare.py --out data/px --vae none --resolution 512 --source /path/to/images --captions long=txt
+                                            # pixel space, a folder of images with <name>.txt captions (field txt)
 
 Sources: a hub dataset id (streamed), a folder of images with .txt/.json captions, or a glob of local .parquet/.tar
 files. Undecodable or tiny images, empty captions, unreadable caption files and text that is not UTF-8 are skipped
 and counted in index.json with their reason; a seeded hash of the sample id puts --eval-fraction of the samples into
 the eval split (--eval-fraction 1: an evaluation-only set, for train.py --eval-data). Shards are written to .tmp
 and renamed, so an interrupted preparation resumes after its last whole shard, with the settings it started with
-(prepare.json; other values are refused rather than mixed into one dataset).
+(prepare.json; other values, or source files added or removed, are refused rather than mixed into one dataset).
 """
 
 import argparse
@@ -36,8 +37,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, normalize_latent, \
-    quiet_transformers, whole
+from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, \
+    normalize_latent, quiet_transformers, whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -208,9 +209,14 @@ def folder_rows(files, root):
 
 
 def listing(files):
-    """What a resume checks: the files of the source, in the order rows are read from them."""
-    names = [os.fsencode(str(f)) for f in files]  # bytes: a file name need not be UTF-8
-    return {"count": len(names), "sha256": hashlib.sha256(b"\n".join(names)).hexdigest()}
+    """What a resume checks: the files of the source, in the order rows are read from them, named relative to their
+    common folder (the tree may move) and without a hub dataset's commit (a new commit may keep the files)."""
+    names = [re.sub(r"@[0-9a-f]{40}(?=/)", "", str(f)) for f in files]
+    if names and all(os.path.isabs(n) for n in names):
+        base = os.path.commonpath([os.path.dirname(n) for n in names])
+        names = [os.path.relpath(n, base) for n in names]
+    encoded = [os.fsencode(n) for n in names]  # bytes: a file name need not be UTF-8
+    return {"count": len(names), "sha256": hashlib.sha256(b"\n".join(encoded)).hexdigest()}
 
 
 def open_source(source, image_field, rank, world_size):
@@ -223,9 +229,9 @@ def open_source(source, image_field, rank, world_size):
         mine = images[rank::world_size]
         rows = datasets.IterableDataset.from_generator(folder_rows, gen_kwargs=dict(files=mine, root=root))
         return (rows if mine else []), len(mine), listing(p.relative_to(root) for p in images)
-    if root.is_dir() and not any(p.suffix in (".parquet", ".tar") for p in root.rglob("*")):
+    if root.is_dir() and not any(p.is_file() and p.suffix not in (".txt", ".json") for p in root.rglob("*")):
         raise SystemExit(f"error: --source {source}: a folder with no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                         f"and no .parquet or .tar files")
+                         f"and no data files (.parquet, .tar), only captions or nothing")
     try:
         if source.endswith((".parquet", ".tar")):
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
@@ -309,10 +315,11 @@ def check_settings(out, args):
     if not (path.exists() and [p for p in out.glob("*/shard-r*") if p.suffix != ".tmp"]):
         return settings  # a fresh start, or one that crashed before its first shard: nothing to mix with
     saved = json.loads(path.read_text())
-    if changed := [k for k in SETTINGS if saved.get(k) != settings[k]]:
+    # source_files: absent from a prepare.json older than the check, which resumes as before
+    if changed := [k for k in SETTINGS if saved.get(k) != settings[k] and (k in saved or k != "source_files")]:
         flags = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {settings[k]!r} now" if k != "source_files"
-                          else f"the source's files ({saved.get(k, {}).get('count')} there, {settings[k]['count']} "
-                               f"now, or renamed)" for k in changed)
+                          else f"the source's files ({saved[k]['count']} there, {settings[k]['count']} now, or "
+                               f"renamed: restore them)" for k in changed)
         raise SystemExit(f"error: {out} holds shards prepared with other settings ({flags}): resume with the "
                          f"values of {path}, choose another --out, or delete {out} yourself to start over")
     return None
@@ -326,7 +333,7 @@ def discard(out):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         if split.is_dir() and not any(split.iterdir()):
             split.rmdir()
-    for name in ("prepare.json", "null_txt.npy"):
+    for name in ("prepare.json", "null_txt.npy", "probe_txt.npy"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -357,10 +364,11 @@ def prepare(args, rank=0, world_size=1):
         tmp = out / f"prepare.tmp-{os.getpid()}.json"
         tmp.write_text(json.dumps(settings, indent=1))
         os.replace(tmp, out / "prepare.json")
-    if rank == 0:
-        emb, mask = encoder([""])
-        np.save(out / "null_txt.tmp.npy", to_bits(emb[0, mask[0]]))
-        os.replace(out / "null_txt.tmp.npy", out / "null_txt.npy")
+    if rank == 0:  # the empty prompt for caption dropout; with the probe, what tells text encoders apart (data.py)
+        for name, caption in (("null_txt", ""), ("probe_txt", PROBE_CAPTION)):
+            emb, mask = encoder([caption])
+            np.save(out / f"{name}.tmp.npy", to_bits(emb[0, mask[0]]))
+            os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
     if source_state is not None:  # shards of this rank exist, so it has rows
         rows.load_state_dict(source_state)
     columns, skipped, pending, it = {"train": {}, "eval": {}}, {}, 0, iter(rows)
@@ -469,6 +477,9 @@ def main(argv=None):
             check()
         except (ValueError, RuntimeError) as e:  # torch.device's is a RuntimeError
             p.error(f"argument {flag}: {e}")
+    for name in ("vae_path", "text_encoder"):  # a local copy is stored as an absolute path: read from anywhere
+        if getattr(args, name) and os.path.exists(getattr(args, name)):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     if args.vae != "none" and args.resolution % (block := VAES[args.vae][3]):
         p.error(f"argument --resolution: the {args.vae} VAE encodes {block} x {block} pixel blocks, got "
                 f"{args.resolution}: choose a multiple of {block}, e.g. {max(block, args.resolution // block * block)}")

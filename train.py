@@ -38,10 +38,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import ENCODERS, caption_share, count, data_dirs, fraction, heldout_caption, number, open_heldout, \
-    open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences
-from eval import FEATURE_METRICS, Metrics, evaluate, load_decoder, load_dino, main_process, setup_distributed, \
-    shift_t, x0_to_velocity
+from data import NotOnThisMachine, caption_share, count, data_dirs, fraction, heldout_caption, number, \
+    open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences
+from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, main_process, \
+    setup_distributed, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, last_checkpoint, \
     list_checkpoints, preset_config, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
     verify_checkpoint
@@ -310,10 +310,16 @@ def check_files(parser, args):
                 f"track with --track cpu"
             parser.error(f"--data {path}: no prepared dataset there (no index.json); prepare one with {how}")
         try:
-            schema = read_index(path)["schema"] if perceptual else {}
+            schema = read_index(path)["schema"]
         except ValueError as e:  # a file cut short
             parser.error(f"--data {path}: {e}")
-        if "latent" in schema:
+        if ("latent" in schema) == args.model.endswith("-pixel") and not args.patch:
+            # the preset's patch size and default shift are the other space's (--patch: the user's own choice)
+            other = args.model.removesuffix("-pixel") if "latent" in schema else args.model + "-pixel"
+            parser.error(f"--model {args.model}: a preset for {'images' if 'latent' in schema else 'latents'}, and "
+                         f"--data {path} holds {'latents' if 'latent' in schema else 'images (--vae none)'}: use "
+                         f"--model {other}")
+        if perceptual and "latent" in schema:
             parser.error(f"{' and '.join(perceptual)}: {path} holds latents; the perceptual losses compare images, "
                          f"and decoding the prediction with the VAE at every step is too costly: use pixel data "
                          f"(`python prepare.py --vae none ...`)")
@@ -329,7 +335,8 @@ def check_files(parser, args):
         except ValueError as e:  # a file cut short
             parser.error(f"--eval-data {args.eval_data}: {e}")
         if differ:
-            parser.error(f"--eval-data {args.eval_data}: its {', '.join(differ)} differ from --data {args.data}'s; "
+            verb = "differ" if len(differ) > 1 else "differs"
+            parser.error(f"--eval-data {args.eval_data}: its {' and '.join(differ)} {verb} from --data {args.data}'s; "
                          f"prepare it as --data was (the same --resolution, --vae and --text-encoder)")
     if args.eval_ref and not os.path.exists(args.eval_ref):
         parser.error(f"--eval-ref {args.eval_ref}: no such file; make it with `python eval.py ref --data <data> "
@@ -337,7 +344,9 @@ def check_files(parser, args):
     scores = ["fid"] * bool(args.eval_ref) + ["caption_accuracy", "color_region_accuracy", "object_accuracy"] * \
         ((args.eval_data or args.data) == "builtin")  # what the run's evaluations give
     if args.target and args.target[0] not in scores:
-        parser.error(f"--target {args.target[0]}: this run's evaluations give {', '.join(scores) or 'nothing'}")
+        parser.error(f"--target {args.target[0]}: this run's evaluations give {', '.join(scores) or 'nothing'}"
+                     + (" (FID needs --eval-ref FILE, from `python eval.py ref`)" * (args.data != "builtin"
+                                                                                   and not args.eval_ref)))
 
 
 def check_fsdp(parser, args, world):
@@ -529,7 +538,7 @@ def load_lpips(weights=None):
         vgg = torch.load(weights, map_location="cpu", weights_only=True) if weights else \
             VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except OSError as e:  # no connection (URLError)
-        raise RuntimeError(f"LPIPS's backbone {VGG16_FILE} is not in torch's cache and cannot be downloaded ({e}); "
+        raise NotOnThisMachine(f"LPIPS's backbone {VGG16_FILE} is not in torch's cache and cannot be downloaded ({e}); "
                            f"on an offline machine pass --lpips-weights PATH to a copy of {url}")
     net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     # lpips splits torchvision's features.<i> layers into slices: features.<i>.weight -> slice<k>.<i>.weight
@@ -861,7 +870,7 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
     shards are gathered: full_state), rank 0 writes."""
     weights, optimizers = full_state(model, opt)
     ema_weights = full_state(ema)[0] if ema is not None else None
-    if dist.is_initialized() and dist.get_rank() > 0:
+    if not main_process():
         return
     final = os.path.join(out, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
@@ -891,8 +900,12 @@ def resolve_resume(resume, out):
     if resume == "latest" or os.path.isdir(os.path.join(resume, "checkpoints")):
         run = out if resume == "latest" else resume
         found = list_checkpoints(run)
+        if not os.path.isdir(run):
+            raise SystemExit(f"error: --resume: no run folder {run}: pass --out <run folder> (or --resume <it>)")
         if not found:
-            raise SystemExit(f"error: --resume: no checkpoint in {run}/checkpoints (pass --out <run folder>)")
+            raise SystemExit(f"error: --resume: {run} has no checkpoint yet (stopped before its first, --ckpt-every, "
+                             f"or still running): start the run again with another --out, or delete {run} once it "
+                             f"has ended")
         ckpt = found[-1]
     elif os.path.exists(os.path.join(resume, "trainer.pt")):
         ckpt = resume.rstrip("/")
@@ -914,6 +927,9 @@ def check_resume_flags(args, ckpt):
     (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too."""
     with open(os.path.join(run_of(ckpt), "config.json")) as f:
         config = json.load(f)
+    if "data" in args.track_values and args.data != config["args"]["data"]:
+        raise SystemExit(f"error: --resume {ckpt}: the run trained on --data {config['args']['data']}; without --data "
+                         f"this resume takes the {args.track} track's values: pass the run's flags again")
     parser = get_parser()  # its flags, not what get_args derived (the track's note)
     changed = flag_changes(config["args"], args, {a.dest for a in parser._actions} - RESUMABLE, parser)
     if changed:
@@ -921,11 +937,7 @@ def check_resume_flags(args, ckpt):
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
     with open(stage_config(run_of(ckpt), ckpt)) as f:
         was = json.load(f)["args"]["data"]
-    if "builtin" not in (was, args.data) and os.path.isdir(data_dirs(was)[0]):  # a new stage's data: same encoders
-        if differ := space_differences(data_dirs(args.data)[0], data_dirs(was)[0], ENCODERS):
-            raise SystemExit(f"error: --resume {ckpt} --data {args.data}: its {', '.join(differ)} differ from the "
-                             f"data the checkpoint trained on ({was}): prepare it with the same --vae and "
-                             f"--text-encoder")
+    check_encoders(args.data, was, f"--resume {ckpt} --data")  # a new stage's data: the same encoders
     patch = args.patch or preset_config(args.model, args.resolution).patch_size
     if patch != config["model"]["patch_size"]:
         raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "
@@ -1116,6 +1128,9 @@ def run_folder(args):
         if os.path.abspath(out) == os.path.abspath(run):
             return out, ckpt, True
     if any(os.path.exists(os.path.join(out, name)) for name in ("config.json", "metrics.jsonl", "checkpoints")):
+        if not list_checkpoints(out):
+            raise SystemExit(f"error: --out {out} holds a run with no checkpoint yet (stopped before its first, or "
+                             f"still running): choose another --out, or delete {out} once it has ended to start again")
         raise SystemExit(f"error: --out {out} holds a run already; continue it with --resume (--out {out} --resume), "
                          f"or choose another --out" + (f" to branch from {ckpt}" if ckpt else ""))
     return out, ckpt, False
@@ -1170,6 +1185,8 @@ def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
     values = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in args.track_values)
     log(f"track {args.track or 'none (a free run)'} ({args.track_why})" +
         (f": its values for the flags not given: {values}" if values else ""))
+    if args.eval_samples and args.data != "builtin" and not args.eval_ref:
+        log("evaluations draw sample grids only: FID needs --eval-ref FILE (from `python eval.py ref`)")
     if device.type == "cpu" and args.precision == "bf16":
         units = log.config["devices"]["cpu_flags"]  # config_of's reading of the CPU
         if not {"avx512_bf16", "amx_bf16"} & set(units):

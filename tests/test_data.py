@@ -171,6 +171,9 @@ def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
     data.ShardLoader(f"{long_only}@0:long;{root / 'out'}@2:mixed", 4)
     with pytest.raises(ValueError, match=r"long_only: has \d+ samples and captions \['long'\]; .* need \['long', 'sh"):
         data.ShardLoader(f"{long_only}@0:long;{long_only}@2:mixed", 4)
+    (long_only / "index.json").write_text(json.dumps({**index, "train": {"count": 0, "shards": []}}))
+    with pytest.raises(ValueError, match="long_only: has no training samples \\(prepared with --eval-fraction 1"):
+        data.ShardLoader(str(long_only), 4)
 
 
 def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared):
@@ -206,24 +209,31 @@ def test_a_read_error_leaves_the_position_at_the_last_batch_returned(prepared, m
 
 def test_datasets_of_another_space_are_not_mixed(prepared, tmp_path):
     root, _ = prepared
+    def scaled(factor):
+        return lambda i: i["latent_norm"].update(scale=(np.array(i["latent_norm"]["scale"]) * factor).tolist())
     for name, edit, what in [("vae", lambda i: i["settings"].update(vae="repa-e"), "VAE"),
-                             ("width", lambda i: i["schema"]["txt_long"].update(shape=[16]), "text width")]:
+                             ("width", lambda i: i["schema"]["txt_long"].update(shape=[16]), "text width"),
+                             ("norm", scaled(1.1), "latent normalisation"), ("bf16", scaled(1.004), None)]:
         shutil.copytree(root / "out", tmp_path / name)
         index = json.loads((tmp_path / name / "index.json").read_text())
         edit(index)
         (tmp_path / name / "index.json").write_text(json.dumps(index))
+        if what is None:  # statistics read in bf16 rather than fp32: the same VAE
+            data.ShardLoader(f"{root / 'out'}:0.5,{tmp_path / name}:0.5", 4)
+            continue
         with pytest.raises(ValueError, match=f"differ in {what} and cannot be mixed"):
             data.ShardLoader(f"{root / 'out'}:0.5,{tmp_path / name}:0.5", 4)
 
 
-def another_text_encoder(root, out, scale):
-    """A copy of a prepared directory whose encoded empty prompt is that of another encoder of the same width
-    (scale: random, relative to it) or of the same encoder in other arithmetic (scale ~1e-2: bf16 against fp32)."""
+def another_text_encoder(root, out, scale, names=("null_txt", "probe_txt")):
+    """A copy of a prepared directory whose encodings (names) are those of another encoder of the same width (scale:
+    random, relative to them) or of the same encoder in other arithmetic (scale ~1e-2: bf16 against fp32)."""
     shutil.copytree(root, out)
-    null = torch.from_numpy(np.load(out / "null_txt.npy")).view(torch.bfloat16).float()
     torch.manual_seed(0)
-    other = null + scale * null.abs().mean() * torch.randn_like(null)
-    np.save(out / "null_txt.npy", other.to(torch.bfloat16).view(torch.int16).numpy())
+    for name in names:
+        emb = torch.from_numpy(np.load(out / f"{name}.npy")).view(torch.bfloat16).float()
+        other = emb + scale * emb.abs().mean() * torch.randn_like(emb)
+        np.save(out / f"{name}.npy", other.to(torch.bfloat16).view(torch.int16).numpy())
     return out
 
 
@@ -236,6 +246,11 @@ def test_datasets_of_another_text_encoder_of_the_same_width_are_not_mixed(prepar
     assert data.space_differences(other, out) == ["text encoder"]
     with pytest.raises(ValueError, match="differ in text encoder and cannot be mixed"):
         data.ShardLoader(f"{out}:0.5,{other}:0.5", 4)
+    # a sibling checkpoint (another fine-tune of one base) may encode "" alike: the probe caption tells them apart
+    sibling = another_text_encoder(out, tmp_path / "sibling", 3.0, names=["probe_txt"])
+    assert data.space_differences(sibling, out) == ["text encoder"]
+    (sibling / "probe_txt.npy").unlink()  # data prepared before the probe: compared on "" alone
+    assert data.space_differences(sibling, out) == []
 
 
 def test_a_new_stage_or_eval_set_of_another_text_encoder_is_refused(prepared, tmp_path, capsys):
@@ -246,9 +261,16 @@ def test_a_new_stage_or_eval_set_of_another_text_encoder_is_refused(prepared, tm
              "--micro-batch", "2", "--eval-samples", "0", "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit):
         train.main(["--data", str(out), "--eval-data", str(other), *flags, "--eval-samples", "2"])
-    assert f"--eval-data {other}: its text encoder differ from --data {out}'s" in capsys.readouterr().err
-    train.main(["--data", str(out), "--max-steps", "1", *flags])
-    with pytest.raises(SystemExit, match=f"--data {other}: its text encoder differ from the data the checkpoint "
+    assert f"--eval-data {other}: its text encoder differs from --data {out}'s" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(out), *flags, "--eval-samples", "2", "--eval-every", "1", "--target", "fid=20"])
+    assert "this run's evaluations give nothing (FID needs --eval-ref FILE" in capsys.readouterr().err
+    train.main(["--data", str(out), "--max-steps", "1", *flags, "--eval-samples", "2"])
+    assert "evaluations draw sample grids only: FID needs --eval-ref FILE" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"the run trained on --data {out}; without --data this resume takes the cpu "
+                                         f"track's values: pass the run's flags again"):
+        train.main(["--max-steps", "2", "--resume", *flags])
+    with pytest.raises(SystemExit, match=f"--data {other}: its text encoder differs from the data the model "
                                          f"trained on \\({out}\\)"):
         train.main(["--data", str(other), "--max-steps", "2", "--resume", *flags])
 

@@ -175,6 +175,20 @@ def test_each_process_samples_every_world_th_prompt(monkeypatch):
     assert sorted(i for share in shares for batch in share for i in batch) == list(range(10))
 
 
+def test_a_grid_cut_short_leaves_no_file(tmp_path, monkeypatch):
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    def cut_short(self, path, *args, **kwargs):
+        open(path, "wb").close()  # what a kill leaves of the file being written
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            ev.save_grid(images, ["a", "b"], str(tmp_path / "g.png"))
+    assert not (tmp_path / "g.png").exists()  # the grid before it, if any, stays as it was
+    ev.save_grid(images, ["a", "b"], str(tmp_path / "g.png"))
+    assert Image.open(tmp_path / "g.png").format == "PNG"
+
+
 def test_crop_resize_matches_pil():
     g = torch.Generator().manual_seed(0)
     images = blocky_images(2, seed=3, size=40)[..., :36]  # 40 x 36: the centre 36 x 36 square is kept
@@ -503,7 +517,12 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     assert set(result["metrics"]) == {"cmmd", "caption_accuracy", "color_region_accuracy", "object_accuracy"}
     assert result["metrics"]["cmmd"] > 0 and result["sampling"] == dict(
         steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)  # the run's own
-    assert os.path.exists(ckpt / "eval_samples.png")
+    assert os.path.exists(ckpt / "eval_samples.png") and result["grid"] == "eval_samples.png"
+    first = (ckpt / "eval.json").read_bytes()
+    ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])  # a second evaluation: new files
+    assert (ckpt / "eval.json").read_bytes() == first
+    assert json.loads((ckpt / "eval_1.json").read_text())["grid"] == "eval_samples_1.png"
+    assert os.path.exists(ckpt / "eval_samples_1.png")
     with monkeypatch.context() as m:  # a reference of another count: refused before any network loads
         m.setattr(ev, "load_clip", lambda *a: pytest.fail("CLIP loaded before the reference was checked"))
         with pytest.raises(SystemExit, match=r"error: the reference holds 3 images at 32 px but this evaluation has 2 "
@@ -560,11 +579,11 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     prompts = ["a gray background with a large red circle in the top left", "a white background with a small blue "
                "cross in the bottom right", "a black background"]
-    for k in range(2):  # a second grid is a new file
+    for k, name in enumerate(("prompts.png", "prompts_1.png")):  # a second grid is a new file
         ev.main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", prompts[k]])
-        assert f"1 images, 2 steps, guidance 3.0 -> {ckpt / f'prompts_{k}.png'}" in capsys.readouterr().out
-    assert Image.open(ckpt / "prompts_0.png").width > 96  # the 96 px image and its caption beside it
-    assert Image.open(ckpt / "prompts_0.png").tobytes() != Image.open(ckpt / "prompts_1.png").tobytes()
+        assert f"1 images, 2 steps, guidance 3.0 -> {ckpt / name}" in capsys.readouterr().out
+    assert Image.open(ckpt / "prompts.png").width > 96  # the 96 px image and its caption beside it
+    assert Image.open(ckpt / "prompts.png").tobytes() != Image.open(ckpt / "prompts_1.png").tobytes()
     grids = []
     monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append((images, captions, path)))
     ev.main(["sample", "--ckpt", str(ckpt), "--batch-size", "2", "--seed", "7", "--steps", "3",
@@ -612,9 +631,10 @@ def test_cli_sample_encodes_prompts_with_the_prepared_datas_t5gemma(prepared, tm
     assert grids[0].shape == (1, 3, 32, 32) and grids[0].dtype == torch.uint8  # decoded by the data's VAE
     from test_data import another_text_encoder
     other = another_text_encoder(out, tmp_path / "other", 3.0)  # the run's width, another encoder: refused
-    for command in (["sample", "--prompt", prompt], ["--num-samples", "2"]):
-        with pytest.raises(SystemExit, match=f"^error: --data {other}: its text encoder differ from the data the run "
-                                             f"trained on"):
+    for command in (["sample", "--prompt", prompt], ["--num-samples", "2"],
+                    ["export", "--out", str(tmp_path / "x")]):
+        with pytest.raises(SystemExit, match=f"^error: --data {other}: its text encoder differs from the data the "
+                                             f"model trained on"):
             ev.main([*command, "--ckpt", str(ckpt), "--data", str(other)])
 
 
@@ -777,6 +797,18 @@ def test_a_vae_the_data_names_but_this_machine_lacks_is_one_error(prepared, tmp_
     index = json.loads((data / "index.json").read_text())
     index["settings"]["vae_path"] = str(tmp_path / "elsewhere" / "flux")
     (data / "index.json").write_text(json.dumps(index))
-    with pytest.raises(SystemExit, match=f"^error: the VAE {data}/index.json names .*: prepare.py --vae-path "
-                                         f"{tmp_path}/elsewhere/flux: no such folder"):
+    with pytest.raises(SystemExit, match=f"^error: the VAE that {data}/index.json names cannot be loaded "
+                                         f"\\(prepare.py --vae-path {tmp_path}/elsewhere/flux: no such fol.*\\); set "
+                                         f"settings.vae_path there"):
         ev.load_decoder(preset_config("tiny", in_channels=index["schema"]["latent"]["shape"][0]), str(data), 32, "cpu")
+    index["settings"]["text_encoder"] = str(tmp_path / "elsewhere" / "t5gemma")  # and its text encoder
+    (data / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=f"^error: the text encoder that {data}/index.json names cannot be "
+                                         f"loaded .*; set settings.text_encoder there"):
+        ev.prompt_encoder(str(data), 0, "cpu")
+    run = tmp_path / "run"  # a run whose --data was relative to a folder it is not evaluated from
+    write_run(run, random_tiny_prx(), data="relative/data")
+    for command in (["--num-samples", "1"], ["sample", "--prompt", "a cat"], ["export", "--out", str(tmp_path / "x")]):
+        with pytest.raises(SystemExit, match=f"^error: --ckpt {run}: the run's data relative/data is not here .*: "
+                                             f"pass --data <its folder on this machine>"):
+            ev.main([*command, "--ckpt", str(run)])

@@ -123,8 +123,9 @@ def test_text_is_unpadded_encoder_output(prepared):
             torch.testing.assert_close(stored, expected, rtol=2 ** -7, atol=1e-5)
         truncated += len(long.split()) + 1 > MAX_TOKENS
     assert truncated > 0
-    null = torch.from_numpy(np.load(root / "out" / "null_txt.npy")).view(torch.bfloat16).float()
-    torch.testing.assert_close(null, encode(""), rtol=0, atol=0)
+    for name, text in (("null_txt", ""), ("probe_txt", data.PROBE_CAPTION)):
+        stored = torch.from_numpy(np.load(root / "out" / f"{name}.npy")).view(torch.bfloat16).float()
+        torch.testing.assert_close(stored, encode(text), rtol=0, atol=0)
 
 
 # What diffusers 0.42's PRXPipeline feeds its text encoder for each prompt (TextPreprocessor.clean_text), quirks kept
@@ -491,9 +492,9 @@ def test_a_source_that_is_not_there_or_holds_no_images_is_named(prepared, tmp_pa
     root, _ = prepared
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
     (tmp_path / "captions").mkdir()
-    (tmp_path / "captions" / "a.txt").write_text("a red cat")  # read as a text dataset: 'no field image' misled
+    (tmp_path / "captions" / "a.txt").write_text("a red cat")  # captions without their images
     for source, message in ((tmp_path / "imgs", "no such folder or file here, and datasets cannot open it"),
-                            (tmp_path / "captions", "a folder with no images .* and no .parquet or .tar files")):
+                            (tmp_path / "captions", "a folder with no images .* and no data files")):
         with pytest.raises(SystemExit, match=f"^error: --source {source}: {message}"):
             prepare.main(prepare_argv(tmp_path / "out", source, root / "models"))
     assert not (tmp_path / "out").exists()
@@ -520,6 +521,27 @@ def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):  # not a flag's fault: not turned into one line
         prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models"))
+
+
+def test_a_source_listing_survives_a_moved_tree_and_a_new_hub_commit():
+    sha = "0123456789abcdef" * 2 + "01234567"
+    hub = [f"hf://datasets/u/d@{sha}/data/train-{k}.parquet" for k in range(2)]
+    assert prepare.listing(hub) == prepare.listing([f.replace(sha, "f" * 40) for f in hub])
+    assert prepare.listing(["/a/x/1.parquet", "/a/x/2.parquet"]) == prepare.listing(["/b/1.parquet", "/b/2.parquet"])
+    assert prepare.listing(["/a/1.parquet"]) == prepare.listing(["/b/1.parquet"])
+    assert prepare.listing(["/a/1.parquet", "/a/2.parquet"]) != prepare.listing(["/a/1.parquet", "/a/3.parquet"])
+    assert prepare.listing(hub) != prepare.listing(hub[:1])
+
+
+def test_local_models_are_stored_by_absolute_path(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png"))
+    monkeypatch.chdir(root)  # train.py and eval.py load them from wherever they run
+    argv = prepare_argv(tmp_path / "out", folder, root / "models", "--captions", "long=txt")
+    argv[argv.index("--vae-path") + 1], argv[argv.index("--text-encoder") + 1] = "models/flux", "models/t5gemma"
+    prepare.main(argv)
+    settings = json.loads((tmp_path / "out" / "index.json").read_text())["settings"]
+    assert (settings["vae_path"], settings["text_encoder"]) == (str(root / "models/flux"), str(root / "models/t5gemma"))
 
 
 def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path):

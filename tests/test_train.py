@@ -208,7 +208,7 @@ def test_evaluations_checkpoints_and_the_compile_warm_up_are_off_the_clock(tmp_p
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no prepared dataset there"),
     (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch 16 x 1 processes: add "
                                                     "--micro-batch 12"),
-    (["--resume"], "no checkpoint in"),
+    (["--resume"], "--resume: no run folder"),
     (["--cooldown", "2"], "argument --cooldown: must be in [0, 1], got 2"),
 ])
 def test_bad_input_fails_before_work(tmp_path, argv, message):
@@ -354,11 +354,13 @@ def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path):
 
 @pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
 def test_an_out_with_any_part_of_a_run_is_refused(entry, tmp_path):
-    """A folder whose config.json is gone still holds a run when its metrics or checkpoints are there."""
+    """A folder whose config.json is gone still holds a run when its metrics or checkpoints are there; one killed
+    before its first checkpoint has nothing to resume, and the error says to delete it."""
     out = tmp_path / "r"
     out.mkdir()
     (out / entry).mkdir() if entry == "checkpoints" else (out / entry).write_text("{}\n")
-    with pytest.raises(SystemExit, match=f"--out {out} holds a run already"):
+    with pytest.raises(SystemExit, match=f"--out {out} holds a run with no checkpoint yet .*: choose another --out, "
+                                         f"or delete {out} once it has ended"):
         train.run_folder(train.get_args(SMALL + ["--out", str(out)]))
 
 
@@ -1064,9 +1066,9 @@ def test_a_cut_short_index_is_named_with_its_flag_before_any_work(tmp_path, caps
 
 def test_prx_defaults_that_follow_other_flags(tmp_path):
     assert train.get_args(["--track", "cpu"]).shift == 1.0  # the CPU track's (32 px)
-    (tmp_path / "index.json").write_text("{}")  # a prepared dataset, as far as the flags' checks read it
-    assert train.get_args(["--data", str(tmp_path), "--model", "tiny-pixel"]).shift == 3.0  # pixel space
-    assert train.get_args(["--data", str(tmp_path), "--model", "tiny"]).shift == 1.0  # latents
+    for space, model, shift in (("image", "tiny-pixel", 3.0), ("latent", "tiny", 1.0)):  # pixel space; latents
+        (tmp_path / "index.json").write_text(json.dumps({"schema": {space: {"shape": [3, 32, 32]}}}))
+        assert train.get_args(["--data", str(tmp_path), "--model", model]).shift == shift
     assert train.get_args(["--track", "cpu", "--sprint"]).route_ratio == 0.75
     assert train.get_args(["--track", "cpu", "--tread"]).route_ratio == 0.5
     assert train.get_args(["--track", "cpu", "--eval-minutes", "5,1,2"]).eval_minutes == [1, 2, 5]  # earliest first

@@ -123,6 +123,17 @@ def test_perceptual_losses_refuse_latent_data(tmp_path, capsys):
     assert f"--pdino: {tmp_path} holds latents" in capsys.readouterr().err
 
 
+def test_a_preset_of_the_other_space_than_the_data_is_refused(tmp_path, capsys):
+    """A latent preset on images (or a pixel one on latents) would train with another space's patch and shift."""
+    for schema, model, message in (
+            ({"image": {"shape": [3, 32, 32]}}, "tiny", "holds images (--vae none): use --model tiny-pixel"),
+            ({"latent": {"shape": [16, 4, 4]}}, "small-pixel", "holds latents: use --model small")):
+        (tmp_path / "index.json").write_text(json.dumps({"schema": schema}))
+        with pytest.raises(SystemExit):
+            train.get_args(["--data", str(tmp_path), "--model", model])
+        assert f"--model {model}: a preset for " in (err := capsys.readouterr().err) and message in err, err
+
+
 def test_lpips_backbone_from_the_weights_file_or_a_clear_error_offline(tmp_path, monkeypatch):
     import torchvision
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # VGG16's, no classifier
