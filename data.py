@@ -105,8 +105,8 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
 
 
 def whole(loaded, what, flag, name):
-    """(model, loading info) of a transformers from_pretrained(output_loading_info=True) -> the model. transformers
-    builds the named class from any checkpoint, leaving random each weight the checkpoint lacks: refused here."""
+    """(model, loading info) of a transformers or diffusers from_pretrained(output_loading_info=True) -> the model.
+    Both build the named class from any checkpoint, leaving at their initial values the weights it lacks: refused."""
     model, info = loaded
     if missing := sorted(info["missing_keys"]):
         raise ValueError(f"{flag} {name}: not {what}: {len(missing)} of its weights are not in the checkpoint "
@@ -121,8 +121,15 @@ def load_vae(name, path=None, device="cpu"):
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     files = f"{hub_id} --include '{subfolder}/*'" if subfolder else hub_id
     load = getattr(diffusers, class_name).from_pretrained
-    vae = from_hub(lambda: load(path or hub_id, subfolder=subfolder, torch_dtype=dtype),
-                   f"the {name} VAE ({path or hub_id})", files, "prepare.py --vae-path", name=path).to(device)
+    what, flag = f"the {name} VAE", "prepare.py --vae-path"
+
+    def load_whole():
+        try:
+            loaded = load(path or hub_id, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
+        except RuntimeError as e:  # weights of other shapes: another VAE's folder
+            raise ValueError(f"{flag} {path or hub_id}: not {what}: {' '.join(str(e).split())[:200]}") from e
+        return whole(loaded, what, flag, path or hub_id)  # FLUX.2's BatchNorm statistics left at 0 and 1: refused
+    vae = from_hub(load_whole, f"{what} ({path or hub_id})", files, flag, name=path).to(device)
     vae = vae.eval().requires_grad_(False)
     return (vae, *latent_stats(vae))
 
@@ -259,6 +266,19 @@ def pad_to_common(txt, mask, other_txt, other_mask):
 
 
 PROBE_CAPTION = "a red cube on a wooden table beside a window at sunset, seen from above"
+
+
+def write_whole(path, write):
+    """write(f), f a binary file beside `path`, then the rename: a reader, or a process killed midway, sees the old
+    file or the whole new one, never part of one (nor a temporary file left behind by an error)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_null_text(root, device="cpu", name="null_txt"):

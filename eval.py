@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, from_hub, heldout_caption, \
-    load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole
+    load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -141,8 +141,7 @@ def save_grid(images, captions, path, nrow=8):
     for i, line in enumerate(lines):
         draw.text((grid.width + 10, 5 + i * line_height), line, fill="black")
     kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")  # sample --out x.jpg: a JPEG
-    canvas.save(f"{path}.tmp", format=kind)  # whole or not at all: a kill leaves no empty grid
-    os.replace(f"{path}.tmp", path)
+    write_whole(path, lambda f: canvas.save(f, format=kind))
 
 
 def new_file(folder, name):
@@ -502,10 +501,8 @@ class Metrics:
 
     def save_reference(self, path):
         features = self.features()  # every rank takes part in the gathering; rank 0 writes
-        if main_process():  # whole or not at all: a cut write leaves no file behind
-            with open(f"{path}.tmp", "wb") as f:
-                np.savez(f, **features)
-            os.replace(f"{path}.tmp", path)
+        if main_process():
+            write_whole(path, lambda f: np.savez(f, **features))
 
     def compute(self):
         f = self.features()
@@ -623,7 +620,8 @@ def get_args(argv=None):
     g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --eval-data, else its "
                    "--data)")
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
-    g.add_argument("--resolution", type=count, default=32, help="ref on the built-in data: image side")
+    g.add_argument("--resolution", type=count, help="ref on the built-in data: image side (default 32); other "
+                   "commands sample at the run's resolution")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json, or "
                    "eval_1.json, ...: never one written before); sample: the PNG (default <checkpoint>/prompts.png, "
                    "likewise); export: a new folder")
@@ -680,7 +678,7 @@ def make_reference(args, device):
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez gives the file
     if os.path.exists(out):  # runs and records name a reference by its sha256: never replaced unasked
         raise SystemExit(f"error: --out {out} exists; remove it to rebuild it, or write another file")
-    split = open_split(args.data, args.num_samples, None, args.resolution, 0, 0)  # images only
+    split = open_split(args.data, args.num_samples, None, args.resolution or 32, 0, 0)  # images only
     metrics = build_metrics(args, names, device)
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
@@ -694,7 +692,8 @@ def open_split(data, num_samples, caption, resolution, seed, text_context):
     try:
         return open_heldout(data, num_samples, caption, resolution, seed, text_context)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --data {data} --caption {caption} --num-samples {num_samples}: {e}")
+        raise SystemExit(f"error: --data {data}{f' --caption {caption}' if caption else ''} --num-samples "
+                         f"{num_samples}: {e}")
 
 
 def main(argv=None):
@@ -704,6 +703,9 @@ def main(argv=None):
         raise SystemExit(f"error: --out {args.out}: there is no folder {parent}; create it, or write elsewhere")
     device = setup_distributed(tf32=False)[2]
     try:
+        if args.resolution and args.command != "ref":  # a run samples at its own resolution (its stage's)
+            raise SystemExit(f"error: --resolution is for `ref` on the built-in data; {args.command} samples at the "
+                             f"run's resolution")
         if distributed() and args.command in ("sample", "export"):
             raise SystemExit(f"error: {args.command} runs in one process: python eval.py {args.command} ...")
         if distributed() and args.num_samples < dist.get_world_size():
@@ -759,12 +761,11 @@ def evaluate_checkpoint(args, device):
                       grid, **sampling)
     if main_process():
         out = args.out or new_file(ckpt, "eval.json")
-        with open(out, "w") as f:
-            weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read
-            json.dump({"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed,
-                       "ref": args.ref, "sampling": sampling, "settings": metrics.settings if metrics else {},
-                       "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid)},
-                      f, indent=2)
+        weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read
+        record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
+                  "sampling": sampling, "settings": metrics.settings if metrics else {},
+                  "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid)}
+        write_whole(out, lambda f: f.write(json.dumps(record, indent=2).encode()))
         print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
 
 
@@ -825,8 +826,10 @@ def export_pipeline(args, device):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: the run's data {data} (--data: where it is on this machine): {e}")
     if index is None or sampling["pred"] != "v" or "latent" not in index["schema"]:
+        trained = "the built-in shapes" if index is None else "images" if "latent" not in index["schema"] else \
+            f"{data} with --pred {sampling['pred']}"
         raise SystemExit(f"error: --ckpt {args.ckpt}: diffusers' PRXPipeline samples latents with v-prediction; this "
-                         f"run trained on {data} with --pred {sampling['pred']}: sample it with eval.py")
+                         f"run trained on {trained}: sample it with eval.py")
     if model.cfg.sprint or index["settings"]["vae"] == "flux2":
         raise SystemExit(f"error: --ckpt {args.ckpt}: PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm "
                          f"decoding: sample this run with eval.py")

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, \
-    normalize_latent, quiet_transformers, whole
+    normalize_latent, quiet_transformers, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -361,14 +361,11 @@ def prepare(args, rank=0, world_size=1):
         raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
     if settings is not None:
-        tmp = out / f"prepare.tmp-{os.getpid()}.json"
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, out / "prepare.json")
+        write_whole(out / "prepare.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
     if rank == 0:  # the empty prompt for caption dropout; with the probe, what tells text encoders apart (data.py)
         for name, caption in (("null_txt", ""), ("probe_txt", PROBE_CAPTION)):
             emb, mask = encoder([caption])
-            np.save(out / f"{name}.tmp.npy", to_bits(emb[0, mask[0]]))
-            os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
+            write_whole(out / f"{name}.npy", lambda f: np.save(f, to_bits(emb[0, mask[0]])))
     if source_state is not None:  # shards of this rank exist, so it has rows
         rows.load_state_dict(source_state)
     columns, skipped, pending, it = {"train": {}, "eval": {}}, {}, 0, iter(rows)
@@ -433,8 +430,7 @@ def write_index(out, settings, shift=None, scale=None):
         versions={m: importlib.metadata.version(m)
                   for m in ("torch", "diffusers", "transformers", "datasets", "numpy", "pillow")},
         settings=settings)
-    (out / "index.tmp.json").write_text(json.dumps(index, indent=1))
-    os.replace(out / "index.tmp.json", out / "index.json")
+    write_whole(out / "index.json", lambda f: f.write(json.dumps(index, indent=1).encode()))
     print(f"{out}: {index['train']['count']} train, {index['eval']['count']} eval, {len(skipped)} skipped "
           f"{dict(reasons)}")
 

@@ -39,7 +39,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NotOnThisMachine, caption_share, count, data_dirs, fraction, heldout_caption, number, \
-    open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences
+    open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences, \
+    write_whole
 from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, main_process, \
     setup_distributed, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, last_checkpoint, \
@@ -313,8 +314,9 @@ def check_files(parser, args):
             schema = read_index(path)["schema"]
         except ValueError as e:  # a file cut short
             parser.error(f"--data {path}: {e}")
-        if ("latent" in schema) == args.model.endswith("-pixel") and not args.patch:
-            # the preset's patch size and default shift are the other space's (--patch: the user's own choice)
+        if ("latent" in schema) == args.model.endswith("-pixel") and not args.patch and path == dirs[0]:
+            # the preset's patch size and default shift are the other space's (--patch: the user's own choice); the
+            # first dataset's space: a mixture of spaces is refused by the loader, naming them
             other = args.model.removesuffix("-pixel") if "latent" in schema else args.model + "-pixel"
             parser.error(f"--model {args.model}: a preset for {'images' if 'latent' in schema else 'latents'}, and "
                          f"--data {path} holds {'latents' if 'latent' in schema else 'images (--vae none)'}: use "
@@ -897,7 +899,7 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
 
 def resolve_resume(resume, out):
     """--resume [PATH] -> the checkpoint folder to continue from, verified."""
-    if resume == "latest" or os.path.isdir(os.path.join(resume, "checkpoints")):
+    if resume == "latest" or any(os.path.exists(os.path.join(resume, n)) for n in ("checkpoints", "config.json")):
         run = out if resume == "latest" else resume
         found = list_checkpoints(run)
         if not os.path.isdir(run):
@@ -1099,9 +1101,7 @@ class RunLog:
         self.file.write(f"=== {os.path.basename(config_path)}\n" + json.dumps(config, indent=2) + "\n")
         if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
             kept = split_metrics(self.metrics_path, start_step)[0]
-            with open(self.metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+            write_whole(self.metrics_path, lambda f: f.write("".join(kept).encode()))
 
     def __call__(self, text, record=None):
         if not self.master:
@@ -1205,9 +1205,8 @@ def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, la
         last = True
         log(f"target {args.target[0]} {args.target[1]:g} reached at step {step}: stopping")
     if last and master:
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump({"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data,
-                       **result}, f, indent=2)
+        record = {"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data, **result}
+        write_whole(os.path.join(out, "eval.json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
     return last
 
 

@@ -225,6 +225,19 @@ def test_datasets_of_another_space_are_not_mixed(prepared, tmp_path):
             data.ShardLoader(f"{root / 'out'}:0.5,{tmp_path / name}:0.5", 4)
 
 
+def test_a_mixture_of_latents_and_images_is_refused_as_a_mixture(prepared, tmp_path):
+    import train
+    out, images = prepared[0] / "out", tmp_path / "images"
+    shutil.copytree(out, images)
+    index = json.loads((images / "index.json").read_text())
+    del index["schema"]["latent"]  # as prepared with --vae none
+    (images / "index.json").write_text(json.dumps(index))
+    mixture = f"{out}:0.5,{images}:0.5"
+    train.get_args(["--data", mixture, "--model", "tiny", "--resolution", "32"])  # the preset fits the first: no
+    with pytest.raises(ValueError, match="differ in .*latent shape.* and cannot be mixed"):  # loop between presets
+        data.ShardLoader(mixture, 4)
+
+
 def another_text_encoder(root, out, scale, names=("null_txt", "probe_txt")):
     """A copy of a prepared directory whose encodings (names) are those of another encoder of the same width (scale:
     random, relative to them) or of the same encoder in other arithmetic (scale ~1e-2: bf16 against fp32)."""

@@ -177,14 +177,14 @@ def test_each_process_samples_every_world_th_prompt(monkeypatch):
 
 def test_a_grid_cut_short_leaves_no_file(tmp_path, monkeypatch):
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
-    def cut_short(self, path, *args, **kwargs):
-        open(path, "wb").close()  # what a kill leaves of the file being written
+    def cut_short(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG")  # what a kill leaves of the file being written
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
         m.setattr(Image.Image, "save", cut_short)
         with pytest.raises(KeyboardInterrupt):
             ev.save_grid(images, ["a", "b"], str(tmp_path / "g.png"))
-    assert not (tmp_path / "g.png").exists()  # the grid before it, if any, stays as it was
+    assert os.listdir(tmp_path) == []  # no grid, no temporary file: one before it would stay as it was
     ev.save_grid(images, ["a", "b"], str(tmp_path / "g.png"))
     assert Image.open(tmp_path / "g.png").format == "PNG"
 
@@ -666,9 +666,10 @@ def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):
     assert not list(tmp_path.glob("pipe.tmp-*"))
     with pytest.raises(SystemExit, match="pipe exists; export writes a new folder"):
         ev.main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")])
-    for name, data, pred in [("x", str(out), "x"), ("builtin", "builtin", "v")]:
+    for name, data, pred, trained in [("x", str(out), "x", f"{out} with --pred x"),
+                                      ("builtin", "builtin", "v", "the built-in shapes")]:
         write_run(tmp_path / name, model, data=data, pred=pred)
-        with pytest.raises(SystemExit, match=f"v-prediction; this run trained on {data} with --pred {pred}"):
+        with pytest.raises(SystemExit, match=f"v-prediction; this run trained on {trained}: sample it with eval.py"):
             ev.main(["export", "--ckpt", str(tmp_path / name), "--out", str(tmp_path / "new")])
     sprint = PRX(preset_config("tiny", in_channels=model.cfg.in_channels, context_dim=32, sprint=True)).eval()
     write_run(tmp_path / "sprint", sprint, data=str(out), pred="v")
@@ -690,6 +691,8 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     ckpt = write_run(tmp_path / "run", random_tiny_prx())
     with pytest.raises(SystemExit, match="--ref"):
         ev.main(["--ckpt", str(ckpt), "--metrics", "cmmd"])
+    with pytest.raises(SystemExit, match="--resolution is for `ref` on the built-in data; eval samples at the run's"):
+        ev.main(["--ckpt", str(ckpt), "--resolution", "64"])  # was silently ignored
     with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
         m.setattr(ev, "distributed", lambda: True)
         m.setattr(ev.dist, "get_world_size", lambda: 4)

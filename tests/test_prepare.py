@@ -516,6 +516,11 @@ def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_
         prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", "--text-encoder",
                                   str(tmp_path / "t5")))
     assert not (tmp_path / "out").exists()
+    for flags, message in ((["--vae", "flux2"], "not the flux2 VAE: 3 of its weights are not in the checkpoint"),
+                           (["--vae-path", str(root / "models" / "dc-ae")], "not the flux VAE: Error.* size mismatch")):
+        with pytest.raises(SystemExit, match=f"^error: prepare.py --vae-path .*: {message}"):  # FLUX.1's VAE as
+            prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", *flags))  # FLUX.2's: BN at 0, 1
+    assert not (tmp_path / "out").exists()
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", out_of_memory)

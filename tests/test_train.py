@@ -352,6 +352,13 @@ def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
+def test_a_resume_of_a_run_folder_without_checkpoints_says_so(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text("{}")  # killed before its first checkpoint (no checkpoints/ yet)
+    with pytest.raises(SystemExit, match=f"--resume: {tmp_path / 'r'} has no checkpoint yet"):
+        train.resolve_resume(str(tmp_path / "r"), None)
+
+
 @pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
 def test_an_out_with_any_part_of_a_run_is_refused(entry, tmp_path):
     """A folder whose config.json is gone still holds a run when its metrics or checkpoints are there; one killed
