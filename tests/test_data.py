@@ -288,6 +288,26 @@ def test_a_new_stage_or_eval_set_of_another_text_encoder_is_refused(prepared, tm
         train.main(["--data", str(other), "--max-steps", "2", "--resume", *flags])
 
 
+def test_a_text_encoder_a_few_percent_off_is_another(prepared, tmp_path):
+    out = prepared[0] / "out"
+    near = another_text_encoder(out, tmp_path / "near", 0.3)  # cosine ~0.97: a sibling, not bf16 rounding
+    assert data.space_differences(near, out) == ["text encoder"]
+
+
+def test_a_resolution_stage_compares_only_the_encoders(prepared, tmp_path):
+    import eval as ev
+    out, other = prepared[0] / "out", tmp_path / "res64"
+    shutil.copytree(out, other)
+    index = json.loads((other / "index.json").read_text())
+    c, h, w = index["schema"]["latent"]["shape"]
+    index["schema"]["latent"]["shape"] = [c, 2 * h, 2 * w]
+    (other / "index.json").write_text(json.dumps(index))
+    assert data.space_differences(other, out) == ["latent shape"]
+    assert data.space_differences(other, out, data.ENCODERS) == []
+    ev.check_encoders(str(other), str(out))  # a new stage at another resolution: accepted
+    ev.check_encoders(str(out), str(tmp_path / "on-another-machine"))  # nothing here to compare with: accepted
+
+
 def test_a_damaged_index_or_empty_prompt_is_named(prepared, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(prepared[0] / "out", out)

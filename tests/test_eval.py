@@ -187,6 +187,14 @@ def test_a_grid_cut_short_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # no grid, no temporary file: one before it would stay as it was
     ev.save_grid(images, ["a", "b"], str(tmp_path / "g.png"))
     assert Image.open(tmp_path / "g.png").format == "PNG"
+    ev.save_grid(images, ["a", "b"], str(tmp_path / "g.jpg"))  # sample --out x.jpg
+    assert Image.open(tmp_path / "g.jpg").format == "JPEG"
+
+
+def test_an_evaluation_reads_the_runs_eval_data_and_sample_its_data(tmp_path):
+    args, train_args = SimpleNamespace(data=None, ckpt="run"), {"data": "builtin", "eval_data": str(tmp_path)}
+    assert ev.run_data(args, train_args, evaluation=True) == str(tmp_path)
+    assert ev.run_data(args, train_args) == "builtin"
 
 
 def test_crop_resize_matches_pil():
@@ -692,7 +700,7 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit, match="--ref"):
         ev.main(["--ckpt", str(ckpt), "--metrics", "cmmd"])
     with pytest.raises(SystemExit, match="--resolution is for `ref` on the built-in data; eval samples at the run's"):
-        ev.main(["--ckpt", str(ckpt), "--resolution", "64"])  # was silently ignored
+        ev.main(["--ckpt", str(ckpt), "--resolution", "64", "--num-samples", "1"])  # was silently ignored
     with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
         m.setattr(ev, "distributed", lambda: True)
         m.setattr(ev.dist, "get_world_size", lambda: 4)

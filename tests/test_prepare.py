@@ -401,6 +401,13 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch, 
     assert prepare.check_settings(out, SimpleNamespace(**other)) == other
 
 
+def test_a_prepare_json_older_than_the_source_listing_resumes(tmp_path):
+    settings = {k: 1 for k in prepare.SETTINGS} | {"source_files": {"count": 2, "sha256": "x"}}
+    (tmp_path / "train" / "shard-r000-00000").mkdir(parents=True)
+    (tmp_path / "prepare.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "source_files"}))
+    assert prepare.check_settings(tmp_path, SimpleNamespace(**settings)) is None
+
+
 def copy_samples(root, folder, names=("rgb01.png", "rgb02.png", "rgba0.png")):
     """A few images of the prepared folder, with their .txt and .json captions, in a folder of their own."""
     folder.mkdir(parents=True)

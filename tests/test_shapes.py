@@ -416,14 +416,16 @@ def test_builtin_teacher_file_is_what_its_command_trains():
         assert all(torch.equal(v, committed[k]) for k, v in teacher.state_dict().items()), distance
 
 
-def test_teacher_command_overwrites_no_file(tmp_path):
+def test_teacher_command_overwrites_no_file(tmp_path, monkeypatch):
     """`python shapes.py teacher` refuses an --out that exists (by default the committed teacher) before training, and
     writes a new one whole."""
     import shapes
     from safetensors.torch import load_file
     before = open(shapes.TEACHER_FILE, "rb").read()
-    with pytest.raises(SystemExit):
-        shapes.main(["teacher", "--steps", "1"])
+    with monkeypatch.context() as m:  # refused before training (a regression would not write over the teacher)
+        m.setattr(shapes, "train_teacher", lambda *a, **k: pytest.fail("trained"))
+        with pytest.raises(SystemExit):
+            shapes.main(["teacher", "--steps", "1"])
     assert open(shapes.TEACHER_FILE, "rb").read() == before
     shapes.main(["teacher", "--steps", "1", "--out", str(tmp_path / "t.safetensors")])
     assert os.listdir(tmp_path) == ["t.safetensors"]

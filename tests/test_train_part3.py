@@ -134,6 +134,11 @@ def test_a_preset_of_the_other_space_than_the_data_is_refused(tmp_path, capsys):
         assert f"--model {model}: a preset for " in (err := capsys.readouterr().err) and message in err, err
 
 
+def test_patch_lets_a_preset_train_in_the_other_space(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({"schema": {"image": {"shape": [3, 32, 32]}}}))
+    assert train.get_args(["--data", str(tmp_path), "--model", "tiny", "--patch", "2", "--resolution", "32"]).patch == 2
+
+
 def test_lpips_backbone_from_the_weights_file_or_a_clear_error_offline(tmp_path, monkeypatch):
     import torchvision
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # VGG16's, no classifier
