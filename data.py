@@ -26,6 +26,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -281,14 +282,14 @@ def write_whole(path, write):
             os.remove(tmp)
 
 
-def load_null_text(root, device="cpu", name="null_txt"):
-    """The encoded empty prompt of a prepared directory (name "probe_txt": PROBE_CAPTION's): float32 (1, L0, D) and
-    its mask (1, L0)."""
+def load_prompt_text(root, device="cpu", name="null_txt"):
+    """A prompt prepare.py encoded beside the shards: the empty prompt (null_txt) or PROBE_CAPTION (probe_txt), as
+    float32 (1, L0, D) and its mask (1, L0)."""
     try:
-        null = torch.from_numpy(np.load(Path(root) / f"{name}.npy")).view(torch.bfloat16).float()[None].to(device)
+        txt = torch.from_numpy(np.load(Path(root) / f"{name}.npy")).view(torch.bfloat16).float()[None].to(device)
     except (ValueError, OSError, EOFError) as e:  # missing, or cut short
         raise ValueError(f"{Path(root) / f'{name}.npy'}: unreadable ({e}); {repair_hint(root)}") from e
-    return null, torch.ones(null.shape[:2], dtype=torch.bool, device=device)
+    return txt, torch.ones(txt.shape[:2], dtype=torch.bool, device=device)
 
 
 def caption_share(captions):
@@ -369,7 +370,7 @@ class TextEncodings:
 
     def __init__(self, root):
         self.root, names = root, ["null_txt"] + ["probe_txt"] * (Path(root) / "probe_txt.npy").exists()
-        self.encodings = {name: load_null_text(root, name=name)[0].flatten() for name in names}
+        self.encodings = {name: load_prompt_text(root, name=name)[0].flatten() for name in names}
 
     def __eq__(self, other):
         pairs = [(self.encodings[k], other.encodings[k]) for k in self.encodings.keys() & other.encodings.keys()]
@@ -434,7 +435,7 @@ class ShardLoader:
         self.in_channels = self.x0_shape[0]
         self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8
         self.images = images or not self.has_latent
-        self.null_txt, self.null_mask = load_null_text(self.datasets[0].root, self.device)  # (1, L0, D), (1, L0)
+        self.null_txt, self.null_mask = load_prompt_text(self.datasets[0].root, self.device)  # (1, L0, D), (1, L0)
         self.worker, self.perms = ThreadPoolExecutor(1), {}
         self.load_state_dict({"batches": 0, "cursors": {}})
 
@@ -537,7 +538,7 @@ class HeldoutSplit:
         if caption is not None and caption not in self.prepared.index["captions"]:
             raise ValueError(f"{root} has captions {self.prepared.index['captions']}, not {caption!r}: pick one of "
                              f"those (eval.py --caption)")
-        self.null = load_null_text(root)  # (1, L0, D), (1, L0)
+        self.null = load_prompt_text(root)  # (1, L0, D), (1, L0)
 
     def rows(self, indices):
         return map(self.prepared.locate, indices)  # (shard, row) pairs
@@ -556,6 +557,14 @@ class HeldoutSplit:
     def images(self, indices):
         """-> uint8 (B, 3, R, R)."""
         return torch.from_numpy(np.stack([shard.arrays["image"][row] for shard, row in self.rows(indices)]))
+
+    def images_id(self, num_samples):
+        """The sha256 of held-out images 0..num_samples-1, those an evaluation of as many prompts is compared with:
+        a reference file names the images it holds statistics of (eval.Metrics), another dataset's is refused."""
+        digest = hashlib.sha256()
+        for start in range(0, num_samples, 256):
+            digest.update(self.images(range(start, min(start + 256, num_samples))).numpy().tobytes())
+        return f"sha256 {digest.hexdigest()}"
 
     def score(self, images, indices):
         return {}

@@ -398,11 +398,11 @@ def reference_metrics(ref):
     return [m for m in FEATURE_METRICS if m in json.loads(str(ref["settings"]))]
 
 
-def check_reference(path, metrics, count=None, resolution=None, flag="--num-samples"):
+def check_reference(path, metrics, count=None, resolution=None, flag="--num-samples", images=None):
     """The reference exists, holds every metric asked for (None: whichever it holds) and, where given, as many images
-    at the resolution as this evaluation has (FID is biased by the count, every metric moves with resolution):
-    checked before any network loads. flag: the caller's command-line flag for the count, named in the error. ->
-    the reference's arrays."""
+    at the resolution as this evaluation has (FID is biased by the count, every metric moves with resolution) and
+    statistics of its held-out images (images: (--data, the split's images_id)): checked before any network loads.
+    flag: the caller's command-line flag for the count, named in the error. -> the reference's arrays."""
     ref = read_reference(path)
     if metrics is not None and (missing := [m for m in metrics if m not in (held := reference_metrics(ref))]):
         raise ValueError(f"{path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass --metrics "
@@ -410,6 +410,8 @@ def check_reference(path, metrics, count=None, resolution=None, flag="--num-samp
                          f"--metrics {','.join(metrics)} ...`")
     if count is not None:
         check_reference_size(ref, count, resolution, flag)
+    if images is not None:
+        check_reference_images(path, ref, *images)
     return ref
 
 
@@ -425,19 +427,32 @@ def check_reference_size(ref, count, resolution, flag="--num-samples"):
                          f"{resolution} px; {', or '.join(fixes)}")
 
 
+def check_reference_images(path, ref, data, images_id):
+    """A reference of another dataset's images (or of other held-out images of this one) gives a distance between two
+    datasets, not a measure of the model: refused."""
+    made = json.loads(str(ref["images"])) if "images" in ref else None
+    if made is None or made["id"] != images_id:
+        held = f"the held-out images of --data {made['data']}" if made else "images it does not name (an older file)"
+        raise ValueError(f"{path} holds statistics of {held}, not of the held-out images of {data} this evaluation "
+                         f"compares with: build a reference of those with `python eval.py ref --data {data} "
+                         f"--num-samples {int(ref['count'])} --out <file>`")
+
+
 class Metrics:
     """update(images uint8 (B, 3, H, W)) on each rank, then compute() -> {"fid", "cmmd", "dino_mmd"} against the
     reference file (gathered over ranks when torch.distributed is initialised), or save_reference(path).
     metrics None: those the reference holds. clip / dino: a hub id or folder to load, or a loaded model; dino_weights:
-    a local file of the hub id's weights (--dino-weights)."""
+    a local file of the hub id's weights (--dino-weights). images: (--data, its held-out split's images_id(count)),
+    the real images the reference holds (checked) or will hold (saved)."""
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
-                 dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples"):
-        ref = check_reference(ref_path, metrics, count, resolution, count_flag) if ref_path else None  # networks next
+                 dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples", images=None):
+        ref = check_reference(ref_path, metrics, count, resolution, count_flag, images) if ref_path else None
+        # the reference checked: the networks load next
         if metrics is None and ref is None:
             raise ValueError("metrics=None takes the reference's own: pass ref_path, or the metrics")
         metrics = reference_metrics(ref) if metrics is None else metrics
-        self.metrics, self.device = tuple(metrics), torch.device(device)
+        self.metrics, self.device, self.images = tuple(metrics), torch.device(device), images
         self.settings = {"eval_version": EVAL_VERSION}
         if "fid" in metrics:
             import torch_fidelity
@@ -492,6 +507,8 @@ class Metrics:
         """What compute() compares, summed or gathered over ranks: numpy arrays and the settings."""
         out = {"count": int(all_reduce(torch.tensor(self.count, device=self.device))),
                "resolution": self.resolution, "settings": json.dumps(self.settings)}
+        if self.images is not None:
+            out["images"] = json.dumps(dict(zip(("data", "id"), self.images)))
         if "fid" in self.metrics:
             out["fid_mu"], out["fid_cov"] = self.fid_stats.mean_cov()
         for name, emb in (("cmmd", "clip_emb"), ("dino_mmd", "dino_emb")):
@@ -654,9 +671,9 @@ def metric_list(text):
     return names
 
 
-def build_metrics(args, names, device, count=None, resolution=None):
-    """names None: the metrics the --ref file holds. count, resolution: this evaluation's, which the reference must
-    match (checked before any network loads)."""
+def build_metrics(args, names, device, count=None, resolution=None, images=None):
+    """names None: the metrics the --ref file holds. count, resolution, images: this evaluation's, which the reference
+    must match (checked before any network loads)."""
     if names is not None and not names:
         return None
     if not args.ref and args.command == "eval":
@@ -664,7 +681,7 @@ def build_metrics(args, names, device, count=None, resolution=None):
                          f"(from `python eval.py ref`)")
     try:
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino_weights=args.dino_weights, device=device,
-                       count=count, resolution=resolution)
+                       count=count, resolution=resolution, images=images)
     except (ValueError, FileNotFoundError, NotOnThisMachine) as e:  # a reference or network missing or unfit: each
         raise SystemExit(f"error: {e}")                              # names its own flag
 
@@ -679,7 +696,7 @@ def make_reference(args, device):
     if os.path.exists(out):  # runs and records name a reference by its sha256: never replaced unasked
         raise SystemExit(f"error: --out {out} exists; remove it to rebuild it, or write another file")
     split = open_split(args.data, args.num_samples, None, args.resolution or 32, 0, 0)  # images only
-    metrics = build_metrics(args, names, device)
+    metrics = build_metrics(args, names, device, images=(args.data, split.images_id(args.num_samples)))
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
     metrics.save_reference(out)
@@ -754,7 +771,8 @@ def evaluate_checkpoint(args, device):
     check_encoders(data, train_args["data"])
     names = args.metrics if args.metrics is not None or args.ref else [] if data == "builtin" else list(FEATURE_METRICS)
     # --ref without --metrics: the metrics it holds, of as many images at the resolution as are sampled
-    metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"])
+    metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"],
+                            (data, split.images_id(args.num_samples)) if args.ref else None)
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     grid = new_file(ckpt, "eval_samples.png")
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,

@@ -366,6 +366,11 @@ class HeldoutShapes:
         """-> uint8 (B, 3, R, R): the renders of the held-out scenes (reference statistics)."""
         return self.shapes.batch(indices, self.resolution)[0]
 
+    def images_id(self, num_samples):
+        """Names the reference images (data.HeldoutSplit's): the held-out scenes of any seed, draws of one distribution
+        (a reference made with `eval.py ref --data builtin` serves every run's)."""
+        return "shapes.py held-out scenes"
+
     def score(self, images, indices):
         """Generated uint8 (B, 3, R, R) -> {"caption_accuracy", "color_region_accuracy", "object_accuracy"}, means
         over the batch (caption_accuracy)."""

@@ -738,14 +738,15 @@ def setup_eval(args, cfg, device):
     if not args.eval_samples:
         return None
     try:
-        split = open_heldout(args.eval_data or args.data, args.eval_samples, heldout_caption(args.captions),
-                             args.resolution, args.seed, args.text_context)
+        data = args.eval_data or args.data
+        split = open_heldout(data, args.eval_samples, heldout_caption(args.captions), args.resolution, args.seed,
+                             args.text_context)
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
-                          count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples") \
-            if args.eval_ref else None
+                          count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
+                          images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref}): {e}")
-    shape, decode = load_decoder(cfg, args.eval_data or args.data, args.resolution, device)
+    shape, decode = load_decoder(cfg, data, args.resolution, device)
     return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
                                         grid=grid, **sampling_settings(args))
 

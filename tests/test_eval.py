@@ -726,6 +726,53 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
         ev.main(["--ckpt", str(tmp_path / "run")])
 
 
+def test_a_reference_of_other_images_is_refused(prepared, inception_weights, tmp_path, monkeypatch):
+    """A reference names the real images it holds statistics of (a sha256 of the held-out images of prepared data):
+    eval.py and train.py's periodic evaluation refuse one of another dataset, of other held-out images of the same
+    one, or one too old to say, before any network loads; the built-in scenes of every seed are one distribution."""
+    import types
+    import train
+    from data import HeldoutSplit
+    out = prepared[0] / "out"
+    assert HeldoutSplit(out, 2, None).images_id(2) != HeldoutSplit(out, 1, None).images_id(1)
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    assert HeldoutSplit(other, 2, None).images_id(2) == HeldoutSplit(out, 2, None).images_id(2)  # moved: the same
+    shard, row = HeldoutSplit(other, 2, None).prepared.locate(1)
+    image = np.load(shard.path / "image.npy", mmap_mode="r+")
+    image[row, 0, 0, 0] ^= 1  # one pixel's lowest bit
+    image.flush()
+    assert HeldoutSplit(other, 2, None).images_id(2) != HeldoutSplit(out, 2, None).images_id(2)
+    assert ev.open_heldout("builtin", 4, None, 32, 0, 5).images_id(4) == \
+        ev.open_heldout("builtin", 8, "long", 32, 3, 5).images_id(8)
+    from data import PreparedDataset
+    from model import preset_config
+    torch.manual_seed(0)
+    channels = PreparedDataset(out).index["schema"]["latent"]["shape"][0]
+    ckpt = write_run(tmp_path / "run", PRX(preset_config("tiny", in_channels=channels, context_dim=32)).eval(),
+                     data=str(out))
+    tiny_clip().save_pretrained(tmp_path / "clip")
+    flags = ["--clip", str(tmp_path / "clip"), "--fid-weights", inception_weights, "--num-samples", "2"]
+    for data, name in ((out, "ref.npz"), ("builtin", "builtin.npz")):
+        ev.main(["ref", "--data", str(data), "--out", str(tmp_path / name), "--metrics", "fid,cmmd", *flags])
+    monkeypatch.setattr(ev, "load_clip", lambda *a: pytest.fail("CLIP loaded before the reference was checked"))
+    monkeypatch.setattr(ev, "load_inception", lambda *a: pytest.fail("Inception loaded before the check"))
+    ref = ev.read_reference(tmp_path / "ref.npz")
+    ev.check_reference_images("ref.npz", ref, "data/mj", HeldoutSplit(out, 2, None).images_id(2))  # this data's
+    old = {k: v for k, v in ref.items() if k != "images"}
+    with pytest.raises(ValueError, match="holds statistics of images it does not name"):
+        ev.check_reference_images("old.npz", old, str(out), HeldoutSplit(out, 2, None).images_id(2))
+    for reference, made_of in (("ref.npz", out), ("builtin.npz", "builtin")):
+        with pytest.raises(SystemExit, match=rf"{reference} holds statistics of the held-out images of --data "
+                                             rf"{made_of}, not of the held-out images of {other} this evaluation"):
+            ev.main(["--ckpt", str(ckpt), "--data", str(other), "--ref", str(tmp_path / reference), *flags])
+        with pytest.raises(SystemExit, match=rf"error: evaluation .*: .*{reference} holds statistics of the held-out "
+                                             rf"images of --data {made_of}, not of the held-out images of {other}"):
+            train.setup_eval(types.SimpleNamespace(
+                eval_samples=2, captions="long", eval_data=str(other), data="builtin", resolution=32, seed=0,
+                text_context=5, eval_ref=str(tmp_path / reference), fid_weights=inception_weights), None, "cpu")
+
+
 def test_reference_mismatch_names_the_callers_flag():
     holder = {"count": 8, "resolution": 32}
     with pytest.raises(ValueError, match="use --eval-samples 8"):
