@@ -153,6 +153,9 @@ def test_mmd_closed_forms_and_chunks():
     d2 = (x[0].double() - y[0].double()).square().sum().item()
     assert ev.mmd(x[:1], y[:1]) == pytest.approx(1000 * (2 - 2 * np.exp(-d2 / 200)), rel=1e-12)
     assert ev.mmd(x, y, chunk=4) == pytest.approx(ev.mmd(x, y, chunk=10_000), rel=1e-12)
+    # sets of different sizes (a reference larger than the samples): each mean over its own pairs
+    k = lambda a, b: torch.exp(-torch.cdist(a.double(), b.double()).square() / 200).mean().item()
+    assert ev.mmd(x, y) == pytest.approx(1000 * (k(x, x) + k(y, y) - 2 * k(x, y)), rel=1e-9)
 
 
 def test_to_uint8_inverts_the_training_scale_and_clamps():

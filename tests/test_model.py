@@ -222,6 +222,18 @@ def test_routed_tokens_return_to_their_positions(sprint):
             assert (out[b:b + 1] - ref.reshape(xb.shape)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("route_ratio", [0.5, 0.75])
+def test_routing_rounds_the_routed_tokens_down(route_ratio):
+    """On 21 tokens (a 3 x 7 grid) int(21 r) tokens are routed and the rest kept (11 at 0.5, 6 at 0.75), as the FLOP
+    count assumes: rounding the kept share down instead would keep 10 and 5."""
+    cfg = PRXConfig(**TINY)
+    x, t, txt, _ = inputs(cfg, B=1, H=6, W=14, L=5)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, _, idx = PRX(cfg)(x, t, txt, None, route_ratio=route_ratio, repa_layer=cfg.route_start)
+    assert idx.shape == (1, 21 - int(21 * route_ratio))
+    assert counter.get_total_flops() == flops_per_sample(cfg, num_img=21, num_txt=5, route_ratio=route_ratio)
+
+
 def test_repa_hook_returns_block_output():
     cfg = PRXConfig(**TINY)
     model = randomize(PRX(cfg))

@@ -57,14 +57,17 @@ def test_timestep_distribution():
 
 def test_foreground_weights_closed_form():
     """Pixels more than 0.1 from the background (the per-channel median) in any channel weigh 1 + w, the others 1,
-    normalised to mean 1 per image: with n of 64 pixels foreground, 1 / (1 + w n / 64) and (1 + w) / (1 + w n / 64)."""
-    x0 = torch.full((2, 3, 8, 8), -0.5)
+    normalised to mean 1 per image: with n of 64 pixels foreground, 1 / (1 + w n / 64) and (1 + w) / (1 + w n / 64).
+    The third image's object covers 3/8 of it: the median is still the background, its mean would not be."""
+    x0 = torch.full((3, 3, 8, 8), -0.5)
     x0[0, :, :2, :2] = 0.5       # 4 foreground pixels
     x0[1, 1, 2:5, 2:5] = -0.35   # 9, in one channel only
     x0[1, 0, 7, 7] = -0.45       # 0.05 from the background: background
+    x0[2, :, :3, :] = 0.5        # 24: the mean, -0.125, is 0.375 from the background
     w = train.foreground_weights(x0, 3.0)
-    assert w.shape == (2, 1, 8, 8)
-    for i, (rows, cols, n) in enumerate(((slice(0, 2), slice(0, 2), 4), (slice(2, 5), slice(2, 5), 9))):
+    assert w.shape == (3, 1, 8, 8)
+    for i, (rows, cols, n) in enumerate(((slice(0, 2), slice(0, 2), 4), (slice(2, 5), slice(2, 5), 9),
+                                         (slice(0, 3), slice(0, 8), 24))):
         expected = torch.full((8, 8), 1 / (1 + 3.0 * n / 64))
         expected[rows, cols] *= 4.0
         assert torch.allclose(w[i, 0], expected, atol=1e-6)
@@ -965,6 +968,39 @@ def test_irepa_projectors_keep_the_token_layout():
     assert torch.allclose(attention(x, pos + 1, 5), attention(x, pos + 6, 5), atol=1e-5)
 
 
+def test_irepa_projectors_read_the_grid_row_major():
+    """Token n sits at row n // w, column n % w of the (h, w) token grid, RoPE's axis 0 the row as in the model. The
+    conv projector through Trainee, with one kernel tap to the right, gives each token its right neighbour (0 past
+    the last column) on a non-square grid. The attention projector with q, k zero on the column half of each head
+    sees rows only: moving tokens within their rows changes nothing, moving one to another row does."""
+    from model import PRX, preset_config
+    torch.manual_seed(0)
+    model = PRX(preset_config("tiny", 32, in_channels=3, context_dim=8, depth=2, hidden_size=64, num_heads=1,
+                              axes_dim=(32, 32)))
+    conv = train.Trainee(model, "conv", 64, 0)
+    with torch.no_grad():
+        conv.repa_proj.weight.zero_()
+        conv.repa_proj.bias.zero_()
+        conv.repa_proj.weight[:, :, 1, 2] = torch.eye(64)  # output (r, c) = hidden (r, c + 1)
+    hidden = []
+    model.blocks[0].register_forward_hook(lambda m, a, out: hidden.append(out))
+    x_t, txt = torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8)  # patch 2: a 4 x 8 token grid
+    with torch.no_grad():
+        _, proj, _ = conv(x_t, torch.rand(1), txt, None, 0.0)
+    grid, right = hidden[0].unflatten(1, (4, 8)), proj.unflatten(1, (4, 8))
+    assert grid.abs().amax() > 0.1
+    torch.testing.assert_close(right, torch.cat([grid[:, :, 1:], torch.zeros_like(grid[:, :, :1])], 2), rtol=0,
+                               atol=1e-6)
+    attention = train.AttentionProjector(64, 5)
+    with torch.no_grad():  # qkv's rows: q heads then k heads, 16 channels each; the last 8 of a head are its columns
+        attention.qkv.weight.view(3, 4, 2, 8, 64)[:2, :, 1] = 0
+        attention.qkv.bias.view(3, 4, 2, 8)[:2, :, 1] = 0
+    x = torch.randn(1, 6, 64)
+    out = attention(x, torch.tensor([[0, 3, 5, 10, 12, 17]]), 8)  # rows 0, 0, 0, 1, 1, 2 of a grid 8 wide
+    assert torch.allclose(attention(x, torch.tensor([[1, 3, 7, 8, 14, 16]]), 8), out, atol=1e-5)  # other columns
+    assert not torch.allclose(attention(x, torch.tensor([[0, 3, 5, 10, 12, 25]]), 8), out, atol=1e-3)  # row 3
+
+
 def one_batch_run(flags=()):
     """The CPU track's flags (and `flags`) for a global batch of one micro-batch of 8 pixel images from FakeLoader,
     and a 2-block model of width 64 -> (args, loader, model)."""
@@ -1021,6 +1057,24 @@ def test_train_step_clips_the_gradient_to_grad_clip_and_returns_the_norm_before(
     assert torch.allclose(grad_norm, norm, rtol=1e-5)
     for p, p0, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p.detach() - p0, -g / 4, rtol=1e-4, atol=1e-7)
+
+
+def test_the_micro_batches_of_a_step_average_into_its_loss_and_gradient():
+    """A global batch of two micro-batches (gradient accumulation): the step's loss is the mean of their losses and
+    its gradient the mean of their gradients, as one process per micro-batch averages them (DDP)."""
+    args, loader, model = one_batch_run()
+    args.batch_size = 16  # two micro-batches of 8, each drawing its own t and noise
+    losses = []
+    for chunk in range(2):
+        x0, eps, t, x_t, txt, mask, _ = train.micro_batch(args, loader, 0, chunk, torch.device("cpu"))
+        losses.append(((model(x_t, t, txt, mask) - (eps - x0)).square() * train.foreground_weights(x0, 2.0)).mean())
+        (losses[-1] / 2).backward()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()  # of the mean gradient
+    model.zero_grad(set_to_none=True)
+    loss, grad_norm, *_ = train.train_step(args, 0, 0.0, train.Trainee(model), [torch.optim.SGD(model.parameters())],
+                                           loader, None, 0, 1)
+    torch.testing.assert_close(loss, (losses[0] + losses[1]).detach() / 2)
+    torch.testing.assert_close(grad_norm, norm)
 
 
 TECHNIQUES = {"repa": ["--repa", "builtin"], "irepa": ["--repa", "builtin", "--irepa"],
