@@ -718,6 +718,9 @@ def main(argv=None):
     parent = os.path.dirname(os.path.normpath(args.out)) if args.out else ""
     if parent and not os.path.isdir(parent):
         raise SystemExit(f"error: --out {args.out}: there is no folder {parent}; create it, or write elsewhere")
+    if args.out and args.command in ("eval", "sample") and os.path.exists(args.out):  # a result is never replaced
+        raise SystemExit(f"error: --out {args.out} exists; write another file (without --out, {args.command} writes "
+                         f"a new one beside the checkpoint)")
     device = setup_distributed(tf32=False)[2]
     try:
         if args.resolution and args.command != "ref":  # a run samples at its own resolution (its stage's)

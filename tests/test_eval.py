@@ -552,8 +552,9 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     (ckpt / CHECKSUMS).write_text(json.dumps({name: file_sha256(ckpt / name)
                                               for name in ("model.safetensors", "ema.safetensors")}))
     for flags, weights in (([], "ema"), (["--weights", "model"], "model")):
-        ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / "w.json"), *flags])
-        assert json.loads((tmp_path / "w.json").read_text())["weights"] == weights
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / f"{weights}.json"),
+                 *flags])
+        assert json.loads((tmp_path / f"{weights}.json").read_text())["weights"] == weights
 
 
 def test_held_out_prompts_use_the_caption_the_run_trained_on(tmp_path, monkeypatch):
@@ -713,7 +714,12 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     for command in (["--ckpt", str(ckpt)], ["ref", "--out", str(tmp_path / "ref.npz")]):  # before any network loads
         with pytest.raises(SystemExit, match=f"--data {tmp_path / 'nowhere'} .*index.json not found"):
             ev.main([*command, "--data", str(tmp_path / "nowhere"), "--metrics", "cmmd", "--clip", "no/such-clip"])
+    (tmp_path / "mine.json").write_text("{}")
     for argv, message in ((["--ckpt", str(ckpt), "--out", str(tmp_path / "no" / "eval.json")], "no folder"),
+                          (["--ckpt", str(ckpt), "--out", str(tmp_path / "mine.json")], "mine.json exists; write "
+                                                                                           "another file"),
+                          (["sample", "--ckpt", str(ckpt), "--prompt", "a", "--out", str(tmp_path / "mine.json")],
+                           "without --out, sample writes a new one beside the checkpoint"),
                           (["ref", "--data", "builtin", "--out", str(tmp_path / "no" / "r")], "no folder"),
                           (["ref", "--data", "builtin", "--out", "r", "--metrics", "fid", "--num-samples", "1"],
                            "FID's covariance needs at least 2"),
@@ -723,6 +729,7 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
             m.setattr(ev, "open_split", lambda *a, **k: pytest.fail("opened the data"))
             with pytest.raises(SystemExit, match=message):
                 ev.main(argv)
+    assert (tmp_path / "mine.json").read_text() == "{}"
     weights = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):
