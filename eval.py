@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import zipfile
 
 import numpy as np
@@ -307,6 +308,7 @@ def setup_distributed(tf32):
     """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU. `tf32`: TF32 matmuls on CUDA (train.py;
     its weights stay fp32); eval.py keeps the metrics' features in full fp32."""
     if "RANK" in os.environ:
+        die_with_launcher()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     else:
@@ -319,6 +321,18 @@ def setup_distributed(tf32):
     else:
         keep_freed_memory()
     return rank, world, device
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher():
+    """A process torchrun started gets SIGTERM when torchrun dies (Linux): killed with SIGKILL, torchrun cannot stop
+    its workers, which would train on into the run folder unseen. -> whether the kernel took the setting."""
+    try:
+        return ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h

@@ -473,6 +473,7 @@ class PRX(nn.Module):
         pipe = PRXPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder, tokenizer, vae,
                            default_sample_size=resolution)
         pipe.save_pretrained(folder, max_shard_size=max_shard_bytes)
+        readable_as_umask(folder)
 
 
 def flops_per_sample(cfg, num_img, num_txt, route_ratio=0.0):
@@ -506,6 +507,16 @@ def flops_per_sample(cfg, num_img, num_txt, route_ratio=0.0):
 CHECKSUMS = "sha256.json"  # in every checkpoint folder: the sha256 of each of its files, written before the rename
 
 
+def readable_as_umask(folder):
+    """safetensors writes its files 0600: give every file under folder the mode the others get (0666 less the umask),
+    so that whoever reads a run's logs on a shared machine reads its weights too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -533,9 +544,11 @@ def step_of(ckpt):
     return int(os.path.basename(ckpt)[5:])
 
 
-def last_checkpoint(run):
-    """The newest whole checkpoint of a run, for messages: its path, or '(none)'."""
-    return (list_checkpoints(run) or ["(none)"])[-1]
+def where_to_resume(run):
+    """For messages: the run's newest whole checkpoint and how to continue from it, or that it has none."""
+    found = list_checkpoints(run)
+    return f"the last checkpoint is {found[-1]}: continue with --resume --out {run}" if found else \
+        "no checkpoint was written: start the run again"
 
 
 def verify_checkpoint(ckpt):
@@ -546,9 +559,10 @@ def verify_checkpoint(ckpt):
         path = os.path.join(ckpt, name)
         if not os.path.exists(path) or file_sha256(path) != digest:
             earlier = [c for c in list_checkpoints(run_of(ckpt)) if step_of(c) < step_of(ckpt)]
+            use = f"the previous checkpoint is {earlier[-1]}: pass it to --resume (or --ckpt)" if earlier else \
+                "there is no earlier checkpoint"
             raise ValueError(f"{path} is {'missing' if not os.path.exists(path) else 'corrupt'} (its sha256 differs "
-                             f"from the one written with it); the previous checkpoint is "
-                             f"{earlier[-1] if earlier else '(none)'}: pass it to --resume (or --ckpt)")
+                             f"from the one written with it); {use}")
 
 
 def resume_configs(run):

@@ -24,7 +24,11 @@ COMMAND="${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }ba
 TRACK=8gpu KIND=record
 while [ $# -gt 0 ]; do
   case $1 in
-    --track) TRACK=$2; shift 2 ;;
+    --track)
+      case ${2:-} in
+        8gpu|1gpu|cpu) TRACK=$2; shift 2 ;;
+        *) echo "speedrun.sh: --track ${2:-(missing)}: one of 8gpu, 1gpu, cpu (--smoke: the smoke track)" >&2; exit 2 ;;
+      esac ;;
     --calibrate) KIND=calibration; shift ;;
     --smoke) TRACK=smoke; shift ;;
     --) shift; break ;;
@@ -36,6 +40,10 @@ eval "$PROTOCOL"
 if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
 RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$target}
 NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
+if ! [[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then  # a folder name under RECORDS and RUNS_DIR, not a path
+  echo "speedrun.sh: NAME=$NAME: letters, digits, '.', '_' and '-' only (it names the record's folder)" >&2
+  exit 2
+fi
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
 [ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
@@ -64,6 +72,10 @@ fi
 if [ "$KIND" = record ] && [ -z "$target" ]; then
   echo "speedrun.sh: the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first" >&2
   exit 1
+fi
+if [ -n "$STOP" ] && ! [[ $STOP =~ ^[-+]?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
+  echo "speedrun.sh: STOP=$STOP: a number ($metric's value at which each run stops)" >&2
+  exit 2
 fi
 if [ "$KIND" = record ] && ! awk -v stop="$STOP" -v target="$target" -v lower="$lower" \
     'BEGIN { exit !(stop + 0 == stop && (lower ? stop <= target : stop >= target)) }'; then
@@ -232,3 +244,4 @@ copy_runs() {  # name, folder: each run's log, and its last sample grid to look 
 copy_runs "$NAME" "$FOLDER"
 [ -z "${BESIDE:-}" ] || copy_runs "$NAME-beside" "$FOLDER/beside"
 python records/verify.py --write --track "$TRACK" --kind "$KIND" --what="$WHAT" --command="$COMMAND" "$FOLDER"
+[ "$TRACK" != smoke ] || echo "speedrun.sh: the smoke record and its runs are in $RECORDS (remove it when done)"

@@ -15,12 +15,15 @@ import contextlib
 import copy
 import datetime
 import errno
+import fcntl
+import glob
 import importlib.metadata
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
     get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NotOnThisMachine, caption_share, count, data_dirs, fraction, heldout_caption, number, \
@@ -43,9 +47,9 @@ from data import NotOnThisMachine, caption_share, count, data_dirs, fraction, he
     write_whole
 from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, main_process, \
     setup_distributed, shift_t, x0_to_velocity
-from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, last_checkpoint, \
-    list_checkpoints, preset_config, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
-    verify_checkpoint
+from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, \
+    preset_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
+    verify_checkpoint, where_to_resume
 from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
@@ -611,6 +615,7 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
         txt_len += txt.shape[1] / chunks
     t0 = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP2's: replicated
     for o in opt:
         o.step()
         o.zero_grad(set_to_none=True)
@@ -887,12 +892,13 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
         checksums = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, CHECKSUMS), "w") as f:
             json.dump(checksums, f, indent=1)
+        readable_as_umask(tmp)
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors' write errors are SafetensorErrors
         shutil.rmtree(tmp, ignore_errors=True)
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(out).free < 2**20
         reason = "no space left on the device" if full else str(e)
-        raise SystemExit(f"error: writing checkpoint {final} failed: {reason}. The earlier checkpoints are intact: "
-                         f"{last_checkpoint(out)}; free space and --resume")
+        raise SystemExit(f"error: writing checkpoint {final} failed: {reason}. The earlier checkpoints are intact; "
+                         f"free space, then: {where_to_resume(out)}")
     os.rename(tmp, final)  # atomic
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old)
@@ -1128,13 +1134,47 @@ def run_folder(args):
         out = args.out or run
         if os.path.abspath(out) == os.path.abspath(run):
             return out, ckpt, True
-    if any(os.path.exists(os.path.join(out, name)) for name in ("config.json", "metrics.jsonl", "checkpoints")):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a file; name a folder for the run")
+    entries = sorted(set(os.listdir(out)) - {".lock"}) if os.path.isdir(out) else []
+    if entries and not {"config.json", "metrics.jsonl", "checkpoints"} & set(entries):
+        raise SystemExit(f"error: --out {out} holds other files ({', '.join(entries[:3])}"
+                         f"{', ...' * (len(entries) > 3)}), not a run: name a new folder, e.g. --out "
+                         f"{os.path.join(out, 'run1')}")
+    if entries:
         if not list_checkpoints(out):
             raise SystemExit(f"error: --out {out} holds a run with no checkpoint yet (stopped before its first, or "
                              f"still running): choose another --out, or delete {out} once it has ended to start again")
         raise SystemExit(f"error: --out {out} holds a run already; continue it with --resume (--out {out} --resume), "
                          f"or choose another --out" + (f" to branch from {ckpt}" if ckpt else ""))
     return out, ckpt, False
+
+
+def claim_run_folder(out):
+    """Rank 0 holds a lock on <out>/.lock while it runs (the OS releases it however the process ends): a second
+    train.py on the run (a resume started while the first still trains, or its orphaned workers) is refused. The lock
+    held, no other process writes the run: checkpoint folders a killed save left half-written (step_N.tmp) go."""
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"error: --out {out}: another train.py (pid {lock.read().strip() or '?'}) is training this "
+                         f"run; let it end or stop it, then --resume")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for tmp in glob.glob(os.path.join(out, "checkpoints", "step_*.tmp")):
+        shutil.rmtree(tmp)
+    return lock
+
+
+def stop_on_ctrl_c(out, master):
+    """Ctrl-C ends the run saying where to resume from (rank 0; the other ranks exit quietly)."""
+    def stop(signum, frame):
+        raise SystemExit(f"\nstopped (Ctrl-C); {where_to_resume(out)}" if master else 130)
+    signal.signal(signal.SIGINT, stop)
 
 
 def weight_files(args):
@@ -1217,8 +1257,8 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
     the loader's position is global: rank 0's is all's."""
     assert all(p.dtype == torch.float32 for p in raw_model.parameters()), "weights must stay fp32 (PRX part 2)"
     if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
-        raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written, the "
-                         f"last one is {last_checkpoint(out)}")
+        raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written; "
+                         f"{where_to_resume(out)} (lower --lr or raise --warmup)")
     extra = {"train_time": train_time, "loader": loader.state_dict()}
     if trainee.repa_proj is not None:
         projector, (projector_opt,) = full_state(trainee.repa_proj, opt[-1:])
@@ -1231,6 +1271,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run = run_folder(args)
+    lock = claim_run_folder(out) if master and os.path.isdir(out) else None  # a new folder: once its errors are past
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
@@ -1244,6 +1285,7 @@ def main(argv=None):
     check_budget(args, ckpt, start_step, train_time)  # a fresh run starts at 0, inside any budget
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
+    lock = lock or (claim_run_folder(out) if master else None)
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (split, note, moved, resume_changes(args, ckpt) if ckpt else None):
@@ -1253,6 +1295,7 @@ def main(argv=None):
         trainee.model = compile_model(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
+    stop_on_ctrl_c(out, master)
 
     if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
@@ -1293,7 +1336,7 @@ def main(argv=None):
         data_since, opt_since = data_since + data_s, opt_since + opt_s
         if ema is not None and (step + 1) % args.ema_every == 0:
             ema_update(ema, raw_model, args.ema)
-        finite &= torch.isfinite(loss)
+        finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)  # an infinite norm clips every update to 0
         step += 1
         samples_since += args.batch_size
         if device.type == "cuda":
@@ -1309,16 +1352,15 @@ def main(argv=None):
             log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss_value = loss.item()  # waits for the device: only on log steps
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"error: loss not finite ({loss_value}) at step {step}; stopping. The last "
-                                 f"checkpoint is {last_checkpoint(out)}; lower --lr or raise "
-                                 f"--warmup")
+            loss_value, norm = loss.item(), grad_norm.item()  # waits for the device: only on log steps
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                raise SystemExit(f"error: loss {loss_value}, grad_norm {norm} at step {step}: not finite; stopping: "
+                                 f"{where_to_resume(out)} (lower --lr or raise --warmup)")
             elapsed = train_time - time_at_log  # training time only: eval and checkpoints excluded
             speed = samples_since / elapsed
             # per process; the backward costs two forwards
             flops = 3 * flops_per_sample(cfg, num_img, txt_len, args.route_ratio or 0.0) * speed / world
-            record = {"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr, "samples_per_s": speed,
+            record = {"step": step, "loss": loss_value, "grad_norm": norm, "lr": lr, "samples_per_s": speed,
                       "flops_per_s": flops, "mfu": flops / peak, "data_share": data_since / elapsed,
                       "optimizer_share": opt_since / elapsed, "train_time_s": train_time}
             eta = min((args.max_steps - step) * args.batch_size / speed, max_time - train_time)

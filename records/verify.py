@@ -239,9 +239,27 @@ def check_runs(runs, track):
     problems = [f"{len(runs)} runs; the rules need at least {t['min_runs']}"] if len(runs) < t["min_runs"] else []
     problems += [f"{len(runs)} runs: {track} runs go in pairs, side by side as its target was measured (speedrun.sh "
                  f"runs them so): an even number"] if t.get("pairs") and len(runs) % 2 else []
-    return problems + check_attempt(runs) + [
-        f"{r['name']}: flags or source differ from {runs[0]['name']}'s: one configuration per record" for r in runs[1:]
-        if r["sources"] != runs[0]["sources"] or configuration(r) != configuration(runs[0])]
+    return problems + check_attempt(runs) + odd_runs(runs)
+
+
+def odd_runs(runs):
+    """One configuration per record: each run whose flags or sources are not those most runs share (the first run's
+    on a tie), with what differs."""
+    shared = [json.dumps([configuration(r), r["sources"]], sort_keys=True) for r in runs]
+    key_of_common = max(shared, key=shared.count)
+    common = runs[shared.index(key_of_common)]
+    problems = []
+    for run, key in zip(runs, shared):
+        mine, theirs = configuration(run), configuration(common)
+        differences = [f"--{k.replace('_', '-')} {mine.get(k)!r} (theirs {theirs.get(k)!r})"
+                       for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)]
+        differences += [f"the source of {name}" for name in sorted(run["sources"].keys() | common["sources"].keys())
+                        if run["sources"].get(name) != common["sources"].get(name)]
+        if differences:
+            problems.append(f"{run['name']}: {', '.join(differences)} differ{'s' * (len(differences) == 1)} from "
+                            f"{common['name']}'s, which {shared.count(key_of_common)} of the {len(runs)} runs share: "
+                            f"one configuration per record")
+    return problems
 
 
 def check_record(runs, track, kind):
@@ -621,6 +639,8 @@ def main(argv=None):
         return
     if not args.folder or (args.write and not args.track):
         p.error("pass a record folder (and --track with --write), or --protocol TRACK")
+    if not args.folder.is_dir():
+        p.error(f"{args.folder}: no such folder (a record folder: records/<date>_<name>)")
     if args.commit:
         commits = {r["config"].get("git_commit") for r in load_runs(args.folder)}
         if len(commits) != 1 or None in commits:

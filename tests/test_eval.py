@@ -6,6 +6,7 @@ import os
 import pickle
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -668,6 +669,9 @@ def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):
     printed = (f"{ckpt} (model.safetensors) -> {tmp_path / 'pipe'}/: PRXPipeline.from_pretrained; the run samples "
                f"with self-guidance 2, which PRXPipeline has not\n")
     assert capsys.readouterr().out == printed
+    umask = os.umask(0)
+    os.umask(umask)  # its weights as readable as any file (safetensors writes 0600)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "pipe").rglob("*.safetensors")} == {0o666 & ~umask}
     pipe = PRXPipeline.from_pretrained(tmp_path / "pipe")
     theirs = pipe.transformer.state_dict()
     assert theirs.keys() == model.state_dict().keys()
@@ -880,3 +884,42 @@ def test_a_vae_the_data_names_but_this_machine_lacks_is_one_error(prepared, tmp_
         with pytest.raises(SystemExit, match=f"^error: --ckpt {run}: the run's data relative/data is not here .*: "
                                              f"pass --data <its folder on this machine>"):
             ev.main([*command, "--ckpt", str(run)])
+
+
+LAUNCHER = """
+import subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+print(worker.pid, flush=True)
+worker.wait()
+"""
+WORKER = "import sys, time, eval; print(eval.die_with_launcher(), flush=True); time.sleep(300)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_a_torchrun_worker_dies_with_its_launcher():
+    """Killed with SIGKILL, torchrun cannot stop its workers: every process it starts (setup_distributed) asks the
+    kernel for SIGTERM when its parent dies, so none trains on into the run folder (the lock would hold a resume
+    off until it ended)."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER], stdout=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(ev.__file__))
+    pid = int(launcher.stdout.readline())
+    try:
+        assert launcher.stdout.readline().strip() == "True"  # the worker has asked (and then sleeps)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 120  # a bound, not a timing: the kernel signals at once
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.1)
+        assert not alive(pid), "the worker outlived its launcher"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid):
+    """Running (not gone, nor a zombie its new parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False

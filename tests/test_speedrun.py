@@ -143,9 +143,10 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "log_1.txt", HEAD, "0" * 40), f"log_1.txt: names commit {'0' * 8}, which this repository "
                                                        f"lacks: its sources cannot be checked"),
     # one configuration per record: the flags and the sources of every run
-    (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.003'), "log_1.txt: flags or source differ from log_0"),
+    (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.003'),
+     "log_1.txt: --lr 0.003 (theirs 0.002) differs from log_0.txt's, which 3 of the 4 runs share"),
     (lambda f: own_source(f, "log_1.txt", "train.py", "def main(argv=None):", "def main(argv=None):  # faster"),
-     "log_1.txt: flags or source differ from log_0"),
+     "log_1.txt: the source of train.py differs from log_0.txt's"),
     # the run and its evaluation as the track's protocol has them
     (lambda f: edit(f / "log_1.txt", "=== confirm.json", "=== config.resume-1000.json\n{}\n=== confirm.json"),
      "log_1.txt: resumed is True, the rules say False"),
@@ -366,7 +367,7 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
     (lambda f: [edit(f / "beside" / f"log_{k}.txt", '"lr": 0.002', '"lr": 0.003') for k in range(4)],
      "beside/: the record's own configuration"),
     (lambda f: edit(f / "beside" / "log_1.txt", '"lr": 0.002', '"lr": 0.001'),
-     "beside/: log_1.txt: flags or source differ from log_0.txt's"),
+     "beside/: log_1.txt: --lr 0.001 (theirs 0.002) differs from log_0.txt's, which 3 of the 4 runs share"),
     (lambda f: (f / "beside" / "log_3.txt").unlink(), "beside/: 3 runs: cpu runs go in pairs"),
     (lambda f: [edit(f / "beside" / f"log_{k}.txt", '"eval_every": 250', '"eval_every": 100') for k in range(4)],
      "beside/log_0.txt: eval_every 100, the record's runs 250: the runs beside share its stopping rule"),
@@ -633,6 +634,13 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
         r = stub_speedrun(tmp_path, NAME="y", **env)
         assert r.returncode == 1 and message in r.stderr, r.stderr
         assert not (tmp_path / "records" / "runs" / "y-0").exists()
+    for args, env, message in (([], dict(STOP="abc"), "STOP=abc: a number (object_accuracy's value"),
+                               ([], dict(NAME="../y"), "NAME=../y: letters, digits, '.', '_' and '-' only"),
+                               (["--track"], {}, "--track (missing): one of 8gpu, 1gpu, cpu"),
+                               (["--track", "gpu"], {}, "--track gpu: one of 8gpu, 1gpu, cpu")):
+        r = stub_speedrun(tmp_path, *args, **{"NAME": "y", **env})
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not (tmp_path / "records" / "runs" / "y-0").exists() and not (tmp_path / "y-0").exists()
     r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", EVERY="100")  # the GPU tracks' cadence is the rules'
     assert r.returncode == 1 and "EVERY is for the CPU track" in r.stderr, r.stderr
     teacher = tmp_path / "shapes_teacher.safetensors"  # verify.py checks a run's teacher against its commit's
@@ -789,6 +797,13 @@ def test_plot_reads_a_torn_line_and_every_run_to_its_end(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "| 3.0 | 750 | 0.500 | **0.500** |" in out  # the longer run's last evaluation, though the first run stopped
     assert "minutes to object_accuracy 0.4: 1.9, 2.5 (mean 2.2)" in out and (tmp_path / "c.png").exists()
+    written = (tmp_path / "c.png").read_bytes()
+    for name, message in (("c.png", "exists; write another file"), ("c.json", "a .png file")):  # before any work
+        monkeypatch.setattr(sys, "argv", ["plot.py", "--out", str(tmp_path / name), f"base={short}"])
+        with pytest.raises(SystemExit):
+            plot.main()
+        assert f"--out {tmp_path / name}: {message}" in capsys.readouterr().err
+    assert (tmp_path / "c.png").read_bytes() == written
 
 
 def test_plot_reads_run_folders_whose_path_holds_an_equals_sign(tmp_path, monkeypatch, capsys):
@@ -878,3 +893,21 @@ def test_the_board_scales_by_the_latest_record_of_a_configuration_and_keeps_rule
     orphan = board_entry("e", 90.0, flags={"lr": 4}, replaces={"lr": 1}, ratio=0.5, code="c2", replaces_code="c0",
                          attempt_logged=False)
     assert [e["folder"].name for e in leaderboard.scaled([first, orphan])] == ["a"]
+
+
+def test_the_run_whose_flags_or_source_differ_is_named_with_what_differs(tmp_path):
+    """One configuration per record: the odd run is the one that differs from what most runs share (an edited first
+    log is blamed, not the three honest ones after it), with its flag values against theirs, or the file whose source
+    differs; verify.py says when the folder is not there."""
+    def fake(name, lr=0.002, source="def main(): ..."):
+        return {"name": name, "config": {"args": {"lr": lr, "seed": 0, "out": name}}, "sources": {"train.py": source}}
+    runs = [fake("log_0.txt", lr=0.003), *(fake(f"log_{k}.txt") for k in (1, 2, 3))]
+    assert verify.odd_runs(runs) == ["log_0.txt: --lr 0.003 (theirs 0.002) differs from log_1.txt's, which 3 of the 4 "
+                                     "runs share: one configuration per record"]
+    runs[0], runs[2] = fake("log_0.txt"), fake("log_2.txt", lr=0.001, source="faster")
+    assert verify.odd_runs(runs) == ["log_2.txt: --lr 0.001 (theirs 0.002), the source of train.py differ from "
+                                     "log_0.txt's, which 3 of the 4 runs share: one configuration per record"]
+    assert verify.odd_runs(runs[:1] + runs[3:]) == []
+    r = subprocess.run([sys.executable, "records/verify.py", str(tmp_path / "nowhere")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"{tmp_path / 'nowhere'}: no such folder" in r.stderr, r.stderr

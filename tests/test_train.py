@@ -220,6 +220,14 @@ def test_bad_input_fails_before_work(tmp_path, argv, message):
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+def test_an_infinite_gradient_norm_stops_the_run(tmp_path):
+    """lr 1e9: by step 2 the loss is finite (~1e19) but the gradient's norm overflows; clipping would then scale every
+    update to 0 and the run would train on unchanged: it stops, saying no checkpoint was written."""
+    r = run(SMALL + ["--out", str(tmp_path / "inf"), "--max-steps", "40", "--ckpt-every", "20", "--lr", "1e9"])
+    assert r.returncode != 0 and re.search(r"error: loss \S+, grad_norm (inf|nan) at step \d+: not finite; stopping: no "
+                                           r"checkpoint was written", r.stderr), r.stderr[-1000:]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     r = run(SMALL + ["--out", str(out), "--max-steps", "40", "--ckpt-every", "1", "--lr", "1e30", "--warmup", "1",
@@ -341,6 +349,11 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def run_files(out):
+    """A run folder's files and their bytes, but .lock (it names the last process that trained the run or tried to)."""
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
 def copy_run(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -360,6 +373,57 @@ def test_a_resume_of_a_run_folder_without_checkpoints_says_so(tmp_path):
     (tmp_path / "r" / "config.json").write_text("{}")  # killed before its first checkpoint (no checkpoints/ yet)
     with pytest.raises(SystemExit, match=f"--resume: {tmp_path / 'r'} has no checkpoint yet"):
         train.resolve_resume(str(tmp_path / "r"), None)
+
+
+def test_an_out_that_is_not_a_run_folder_is_refused(tmp_path):
+    """--out names a folder of the run's own: a file, or a folder of other files (--out runs/ for runs/<name>), is
+    refused before any work; an empty folder, or one holding only the lock a failed start left, is taken."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "mine" / name).write_text("mine")
+    for out, message in (("file", "is a file; name a folder for the run"),
+                         ("mine", "holds other files (a.txt, b.txt), not a run: name a new folder, e.g. --out ")):
+        with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / out} {message}")):
+            train.run_folder(train.get_args(SMALL + ["--out", str(tmp_path / out)]))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".lock").write_text("123\n")
+    assert train.run_folder(train.get_args(SMALL + ["--out", str(tmp_path / "empty")]))[2] is False
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
+    """Rank 0 holds <out>/.lock while it runs: a second train.py on the folder (a resume started while the run still
+    trains, or beside its orphaned workers) is refused before any work, naming the first's pid. With the lock, the
+    checkpoint folders a killed save left half-written go; whole checkpoints stay."""
+    out = tmp_path / "r"
+    (out / "checkpoints" / "step_4.tmp").mkdir(parents=True)
+    (out / "checkpoints" / "step_2").mkdir()
+    first = train.claim_run_folder(str(out))
+    assert os.listdir(out / "checkpoints") == ["step_2"] and (out / ".lock").read_text() == f"{os.getpid()}\n"
+    (tmp_path / "new").mkdir()
+    claimed = train.claim_run_folder(str(tmp_path / "new"))
+    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'new'}: another train.py (pid {os.getpid()}) "
+                                                   f"is training this run; let it end or stop it, then --resume")):
+        train.main(SMALL + ["--out", str(tmp_path / "new"), "--max-steps", "1"])
+    assert os.listdir(tmp_path / "new") == [".lock"]  # nothing written
+    with pytest.raises(SystemExit, match="another train.py"):
+        train.claim_run_folder(str(out))
+    first.close()  # the process ends: the OS releases its lock
+    train.claim_run_folder(str(out)).close()
+    claimed.close()
+
+
+@pytest.mark.parametrize("master", [True, False])
+def test_ctrl_c_says_where_to_resume(finished_run, master):
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        train.stop_on_ctrl_c(str(finished_run), master)
+        with pytest.raises(SystemExit) as stopped:
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.code == (f"\nstopped (Ctrl-C); the last checkpoint is {finished_run}/checkpoints/step_4: "
+                                  f"continue with --resume --out {finished_run}" if master else 130)
 
 
 @pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
@@ -409,10 +473,10 @@ def test_the_eta_counts_the_time_budget(tmp_path, capsys):
 
 def test_an_out_that_holds_a_run_is_never_reused(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = run_files(out)
     r = run(SMALL + ["--out", str(out), "--max-steps", "2"])
     assert r.returncode != 0 and "holds a run already" in r.stderr and "--resume" in r.stderr, r.stderr[-1000:]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_files(out) == before
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_path):
@@ -442,23 +506,23 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(finished_run, tmp_p
     del state["optimizer"]
     torch.save(state, ckpt / "trainer.pt")
     (ckpt / CHECKSUMS).write_text(json.dumps({p.name: file_sha256(p) for p in ckpt.iterdir() if p.name != CHECKSUMS}))
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = run_files(out)
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", str(ckpt)])
     assert r.returncode != 0 and "step_2 does not fit this model, optimizer or loader (KeyError" in r.stderr, \
         r.stderr[-1000:]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_files(out) == before
 
 
 def test_a_resume_with_nothing_left_to_train_is_refused(finished_run, tmp_path):
     """A checkpoint at --max-steps or past --max-time would only be evaluated again: refused, the run untouched."""
     out = copy_run(finished_run, tmp_path)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = run_files(out)
     for budget, message in [(["--max-steps", "4"], "under --max-steps 4 (it is at step 4): raise it to go on"),
                             (["--max-steps", "8", "--max-time", "1e-6"], "under --max-time 1e-06 (it is at 0.")]:
         r = run(SMALL + ["--out", str(out), "--resume", *budget])
         assert r.returncode != 0 and f"{out / 'checkpoints' / 'step_4'} has nothing left to train {message}" in \
             r.stderr, r.stderr[-1000:]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_files(out) == before
 
 
 def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its_own(tmp_path):
@@ -636,6 +700,9 @@ def test_checkpoints_are_found_in_step_order_past_leftovers(finished_run, tmp_pa
     assert train.resolve_resume("latest", str(out)) == str(out / "checkpoints" / "step_4")
     train.save_checkpoint(str(out), 6, model, None, [], {}, keep=5)
     assert sorted(os.listdir(out / "checkpoints" / "step_6")) == sorted(["model.safetensors", "trainer.pt", CHECKSUMS])
+    umask = os.umask(0)
+    os.umask(umask)  # every file as readable as the logs beside it (safetensors writes 0600)
+    assert {os.stat(p).st_mode & 0o777 for p in (out / "checkpoints" / "step_6").iterdir()} == {0o666 & ~umask}
     train.save_checkpoint(str(out), 10, model, None, [], {}, keep=3)
     assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6", "step_10"]
     assert not list((out / "checkpoints").glob("*.tmp"))
