@@ -145,7 +145,7 @@ def test_a_good_synthetic_record_passes(record, capsys):
     # one configuration per record: the flags and the sources of every run
     (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.003'),
      "log_1.txt: --lr 0.003 (theirs 0.002) differs from log_0.txt's, which 3 of the 4 runs share"),
-    (lambda f: own_source(f, "log_1.txt", "train.py", "def main(argv=None):", "def main(argv=None):  # faster"),
+    (lambda f: own_source(f, "log_1.txt", "train.py", "master = rank == 0", "master = rank == 0  # faster"),
      "log_1.txt: the source of train.py differs from log_0.txt's"),
     # the run and its evaluation as the track's protocol has them
     (lambda f: edit(f / "log_1.txt", "=== confirm.json", "=== config.resume-1000.json\n{}\n=== confirm.json"),
