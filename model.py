@@ -584,8 +584,10 @@ def load_run(path, weights="ema"):
     trained the checkpoint (stage_config), the checkpoint folder). The checkpoint's checksums are verified first."""
     path = os.path.normpath(path)  # a trailing slash (tab completion) names the same folder
     run = path if os.path.exists(os.path.join(path, "config.json")) else run_of(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError("no such folder")
     if not os.path.exists(os.path.join(run, "config.json")):
-        raise FileNotFoundError(f"{path}: expected a run folder with config.json or <run>/checkpoints/step_N")
+        raise FileNotFoundError("not a run folder (with config.json) nor a checkpoint <run>/checkpoints/step_N")
     ckpt = path if run != path else (list_checkpoints(run) or [None])[-1]
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoints/step_N folder yet")

@@ -919,7 +919,8 @@ def resolve_resume(resume, out):
     elif os.path.exists(os.path.join(resume, "trainer.pt")):
         ckpt = resume.rstrip("/")
     else:
-        raise SystemExit(f"error: --resume {resume}: not a checkpoint folder (expected trainer.pt inside)")
+        raise SystemExit(f"error: --resume {resume}: " + ("not a checkpoint folder (expected trainer.pt inside)"
+                                                          if os.path.exists(resume) else "no such folder"))
     if not os.path.exists(os.path.join(run_of(ckpt), "config.json")):
         raise SystemExit(f"error: --resume {ckpt}: a checkpoint resumes from <run>/checkpoints/step_N, beside its "
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
@@ -1208,7 +1209,7 @@ def open_training_data(args, rank, world, device):
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch "
                          f"{args.micro_batch} x {world} processes: " + (
                              f"resume on {' or '.join(map(str, worlds))} process(es)" if args.resume else
-                             f"add --micro-batch {fits[0]}" if fits else f"use a --batch-size divisible by {world}"))
+                             f"use --micro-batch {fits[0]}" if fits else f"use a --batch-size divisible by {world}"))
     chunks_per_rank = args.batch_size // args.micro_batch // world
     try:
         return open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,

@@ -294,6 +294,20 @@ def test_a_text_encoder_a_few_percent_off_is_another(prepared, tmp_path):
     assert data.space_differences(near, out) == ["text encoder"]
 
 
+def test_one_text_encoder_is_a_cosine_similarity_over_0_99(tmp_path):
+    """TextEncodings: the documented threshold is a cosine similarity of 0.99, neither looser nor tighter: encodings
+    at cosine 0.995 are one text encoder's (other arithmetic), at 0.985 another's."""
+    g = torch.Generator().manual_seed(0)
+    null, noise = torch.randn(2, 6, 32, generator=g)
+    noise = noise - (noise * null).sum() / null.square().sum() * null  # orthogonal to null, of its norm
+    noise = noise * null.norm() / noise.norm()
+    np.save(tmp_path / "null_txt.npy", prepare.to_bits(null))
+    for cos, same in ((0.995, True), (0.985, False)):
+        (tmp_path / str(cos)).mkdir()
+        np.save(tmp_path / str(cos) / "null_txt.npy", prepare.to_bits(cos * null + (1 - cos ** 2) ** 0.5 * noise))
+        assert (data.TextEncodings(tmp_path / str(cos)) == data.TextEncodings(tmp_path)) == same, cos
+
+
 def test_a_resolution_stage_compares_only_the_encoders(prepared, tmp_path):
     import eval as ev
     out, other = prepared[0] / "out", tmp_path / "res64"
@@ -356,10 +370,11 @@ def test_a_damaged_shard_is_named_at_open(prepared, tmp_path):
             assert str(path) in str(info.value)
             assert f"delete {out} and prepare it again (python prepare.py --out {out}" in str(info.value)
         path.write_bytes(whole[path])
-    np.save(image, np.load(image)[:-1])  # whole files, one row short
-    with pytest.raises(ValueError, match=f"{shard}: index.json says .* samples but"):
-        data.PreparedDataset(out)
-    image.write_bytes(whole[image])
+    for path in (image, offsets):  # whole files, one row short: a fixed-shape array, or a ragged one's offsets
+        np.save(path, np.load(path)[:-1])
+        with pytest.raises(ValueError, match=f"{shard}: index.json says .* samples but"):
+            data.PreparedDataset(out)
+        path.write_bytes(whole[path])
     (shard / "txt_short.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"txt_short.npy'\] missing"):
         data.PreparedDataset(out)

@@ -720,6 +720,9 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
             ev.main([*command, "--data", str(tmp_path / "nowhere"), "--metrics", "cmmd", "--clip", "no/such-clip"])
     (tmp_path / "mine.json").write_text("{}")
     for argv, message in ((["--ckpt", str(ckpt), "--out", str(tmp_path / "no" / "eval.json")], "no folder"),
+                          (["--ckpt", str(tmp_path / "nowhere")], f"--ckpt {tmp_path / 'nowhere'}: no such folder$"),
+                          (["--ckpt", str(tmp_path)], f"--ckpt {tmp_path}: not a run folder \\(with config.json\\) "
+                                                      f"nor a checkpoint"),
                           (["--ckpt", str(ckpt), "--out", str(tmp_path / "mine.json")], "mine.json exists; write "
                                                                                            "another file"),
                           (["sample", "--ckpt", str(ckpt), "--prompt", "a", "--out", str(tmp_path / "mine.json")],
@@ -800,6 +803,19 @@ def test_reference_mismatch_names_the_callers_flag():
     ev.check_reference_size(holder, 8, 32)
 
 
+def test_a_reference_of_another_eval_version_is_refused(tmp_path, monkeypatch):
+    """EVAL_VERSION changes with a preprocessing step or a metric's definition: a reference made before is refused,
+    whatever networks made it."""
+    clip = tiny_clip()
+    ref = ev.Metrics(None, ["cmmd"], clip=clip)
+    ref.update(blocky_images(2, seed=1, size=28))
+    ref.save_reference(tmp_path / "ref.npz")
+    monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
+    with pytest.raises(ValueError, match=f"other settings: eval_version is {ev.EVAL_VERSION - 1} there, "
+                                         f"{ev.EVAL_VERSION} here"):
+        ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=clip)
+
+
 def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_path, monkeypatch):
     ref = ev.Metrics(None, ["cmmd"], clip=tiny_clip())
     ref.update(blocky_images(2, seed=1, size=28))
@@ -807,8 +823,9 @@ def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_
     assert not list(tmp_path.glob("*.tmp"))  # written whole, then renamed
     monkeypatch.setattr(ev, "load_inception", lambda *a: pytest.fail("a network loaded"))
     monkeypatch.setattr(ev, "load_clip", lambda *a: pytest.fail("a network loaded"))
-    with pytest.raises(ValueError, match="ref.npz holds cmmd, not fid: pass --metrics cmmd, or build"):
-        ev.Metrics(tmp_path / "ref.npz", ["fid"])
+    for metrics in (["fid"], ["cmmd", "fid"]):  # every metric asked for, not only the first
+        with pytest.raises(ValueError, match="ref.npz holds cmmd, not fid: pass --metrics cmmd, or build"):
+            ev.Metrics(tmp_path / "ref.npz", metrics)
     with pytest.raises(ValueError, match="holds 2 images at 28 px but this evaluation has 3 at 28 px; use --eval-"):
         ev.Metrics(tmp_path / "ref.npz", ["cmmd"], count=3, resolution=28, count_flag="--eval-samples")
     whole = (tmp_path / "ref.npz").read_bytes()

@@ -599,6 +599,29 @@ def test_caption_file_keys_do_not_replace_the_id_or_the_image(prepared, tmp_path
         np.testing.assert_array_equal(shard.arrays["image"][r], reference_image(folder / sample_id))
 
 
+def test_min_size_is_the_smallest_shorter_side_kept():
+    """--min-size skips images whose shorter side is smaller: a shorter side of exactly --min-size is kept."""
+    args, fields = SimpleNamespace(id_field="id", image_field="image", min_size=16, resolution=RES), {"long": "txt"}
+    for side, kept in ((16, True), (15, False)):
+        sample = prepare.load_sample({"id": str(side), "image": Image.new("RGB", (40, side)), "txt": "a cat"}, args,
+                                     fields)
+        assert ("reason" not in sample) == kept and sample.get("reason", "").startswith("image smaller") != kept
+
+
+def test_content_id_hashes_the_image_bytes_in_every_form(tmp_path):
+    """A row without an id is named by its image's bytes, whichever form holds them (bytes, a path, datasets'
+    {"bytes": None, "path"}): a copy under another name or folder (a moved tree) keeps the id, other bytes do not."""
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(png, "PNG")
+    for path in (tmp_path / "a.png", tmp_path / "moved" / "b.png"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(png.getvalue())
+    forms = [png.getvalue(), str(tmp_path / "a.png"), tmp_path / "moved" / "b.png",
+             {"bytes": None, "path": str(tmp_path / "a.png")}]
+    assert {prepare.content_id(v) for v in forms} == {prepare.content_id(png.getvalue())}
+    assert prepare.content_id(png.getvalue()[:-1]) != prepare.content_id(png.getvalue())
+
+
 def test_text_encoder_offline_fails_fast_and_says_what_to_fetch(unreachable_hub):
     from transformers import AutoTokenizer, T5GemmaEncoderModel  # noqa: F401 (imported before the clock)
     start = time.time()

@@ -774,6 +774,7 @@ def test_cuda_without_data_is_the_8gpu_track_and_names_its_preparation(tmp_path,
 
 def test_target_direction_follows_the_metric():
     assert train.target_reached(("fid", 20.0), {"fid": 19.9}) and not train.target_reached(("fid", 20.0), {"fid": 21})
+    assert train.target_reached(("fid", 20.0), {"fid": 20.0})  # at the target: reached, as an accuracy at it is
     assert train.target_reached(("object_accuracy", 0.3), {"object_accuracy": 0.3})
     assert not train.target_reached(("object_accuracy", 0.3), {"object_accuracy": 0.29})
 

@@ -209,9 +209,10 @@ def test_evaluations_checkpoints_and_the_compile_warm_up_are_off_the_clock(tmp_p
     (["--pred", "z"], "argument --pred: invalid choice: 'z'"),
     (["--tread", "--sprint"], "--tread and --sprint are exclusive"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no prepared dataset there"),
-    (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch 16 x 1 processes: add "
+    (["--batch-size", "24", "--micro-batch", "16"], "must be a multiple of --micro-batch 16 x 1 processes: use "
                                                     "--micro-batch 12"),
     (["--resume"], "--resume: no run folder"),
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
     (["--cooldown", "2"], "argument --cooldown: must be in [0, 1], got 2"),
 ])
 def test_bad_input_fails_before_work(tmp_path, argv, message):
@@ -284,6 +285,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--eval-minutes", "2,0"], "argument --eval-minutes: minutes must be > 0"),
     (["--caption-dropout", "2"], "argument --caption-dropout: must be in [0, 1]"),
     (["--lr", "0"], "argument --lr: must be in (0, inf)"),
+    (["--lr", "inf"], "argument --lr: must be in (0, inf), got inf"),  # the upper end is open
     (["--max-time", "nan"], "argument --max-time"),
     (["--ema", "1.5"], "argument --ema"),
     (["--ema", "1"], "argument --ema: must be in [0, 1), got 1"),
@@ -440,7 +442,7 @@ def test_an_out_with_any_part_of_a_run_is_refused(entry, tmp_path):
 
 def test_the_global_batch_splits_over_the_processes():
     args = train.get_args(SMALL + ["--batch-size", "16", "--micro-batch", "16"])  # one process: 1 micro-batch
-    with pytest.raises(SystemExit, match="--batch-size 16 must be a multiple of --micro-batch 16 x 2 processes: add "
+    with pytest.raises(SystemExit, match="--batch-size 16 must be a multiple of --micro-batch 16 x 2 processes: use "
                                          "--micro-batch 8$"):
         train.open_training_data(args, 0, 2, torch.device("cpu"))
     args.batch_size = 15
