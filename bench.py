@@ -16,6 +16,8 @@ over a whole epoch.
     python bench.py memory              # GiB per GPU of each preset at micro-batch 32 under DDP and FSDP2 on 8 x 80 GB
                                         # (weights, gradients, AdamW or Muon state, activations counted on fake
                                         # tensors), then base part by part (train.py --fsdp)
+    python bench.py techniques          # the CPU track's training step with each technique vs the baseline's, in
+                                        # turns: the ratios give each technique's equal-minutes step budget
     python bench.py gpu [--out FILE]    # CUDA only: train.py's 8gpu record configuration vs its baseline end to end
                                         # (samples/s, MFU), bf16 vs fp32 loss, compiled step, MFU and peak memory vs
                                         # diffusers, Muon vs AdamW, loader, sampling; one markdown table

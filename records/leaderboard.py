@@ -137,6 +137,8 @@ def main(argv=None):
     current = f"{BEGIN}\n{board}\n{END}"
     if args.check and text[start:end + len(END)] != current:
         sys.exit(f"{args.readme}: the leaderboard is not current; run python records/leaderboard.py --write")
+    if args.check:
+        print(f"ok {args.readme}: the leaderboard is current")
     if args.write:
         args.readme.write_text(text[:start] + current + text[end + len(END):])
 

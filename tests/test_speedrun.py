@@ -529,6 +529,7 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     assert "**8gpu**" in text and "not measured yet" in text and text.endswith("\n\nmore\n")
     assert "2026-12-03_failing" not in text and "left out 2026-12-03_failing: not a record" in capsys.readouterr().err
     leaderboard.main(argv + ["--check"])
+    assert capsys.readouterr().out == f"ok {readme}: the leaderboard is current\n"
     readme.write_text(text.replace("25.00 min", "20.00 min"))
     with pytest.raises(SystemExit, match="not current"):
         leaderboard.main(argv + ["--check"])
