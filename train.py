@@ -1172,10 +1172,11 @@ def claim_run_folder(out):
 
 
 def stop_on_ctrl_c(out, master):
-    """Ctrl-C ends the run saying where to resume from (rank 0; the other ranks exit quietly)."""
+    """Ctrl-C ends the run saying where to resume from (rank 0; the other ranks exit quietly). -> the handler it
+    replaces, for main to put back (a caller in this process, as the tests, keeps its own)."""
     def stop(signum, frame):
         raise SystemExit(f"\nstopped (Ctrl-C); {where_to_resume(out)}" if master else 130)
-    signal.signal(signal.SIGINT, stop)
+    return signal.signal(signal.SIGINT, stop)
 
 
 def weight_files(args):
@@ -1296,7 +1297,7 @@ def main(argv=None):
         trainee.model = compile_model(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
-    stop_on_ctrl_c(out, master)
+    ctrl_c = stop_on_ctrl_c(out, master)
 
     if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
@@ -1373,6 +1374,7 @@ def main(argv=None):
                 record)
             time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0
 
+    signal.signal(signal.SIGINT, ctrl_c)
     if world > 1:
         dist.destroy_process_group()
 

@@ -468,7 +468,9 @@ def test_evaluations_come_once_each_across_a_resume(tmp_path):
 
 
 def test_the_eta_counts_the_time_budget(tmp_path, capsys):
+    handler = signal.getsignal(signal.SIGINT)
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C's is the run's only
     etas = re.findall(r"eta (\d+):(\d\d):(\d\d)", capsys.readouterr().out)
     assert etas and all(h == "0" and m == "00" and int(s) <= 1 for h, m, s in etas)
 
