@@ -646,7 +646,7 @@ def get_args(argv=None):
                         "diffusers' PRXPipeline.from_pretrained loads")
     g = p.add_argument_group("what")
     g.add_argument("--ckpt", help="run folder (its latest checkpoint) or <run>/checkpoints/step_N")
-    g.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights when the run has them")
+    g.add_argument("--weights", choices=["ema", "model"], help="default: the EMA's when the run keeps them")
     g.add_argument("--ref", help="reference statistics (.npz) from `python eval.py ref`")
     g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --eval-data, else its "
                    "--data)")

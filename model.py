@@ -579,7 +579,7 @@ def stage_config(run, ckpt):
     return max(resumes, default=(0, os.path.join(run, "config.json")))[1]
 
 
-def load_run(path, weights="ema"):
+def load_run(path, weights=None):
     """A run folder (its latest checkpoint) or <run>/checkpoints/step_N -> (model in eval mode, the config that
     trained the checkpoint (stage_config), the checkpoint folder). The checkpoint's checksums are verified first."""
     path = os.path.normpath(path)  # a trailing slash (tab completion) names the same folder
@@ -599,10 +599,12 @@ def load_run(path, weights="ema"):
     return model.eval().requires_grad_(False), config, ckpt
 
 
-def weights_file(ckpt, weights="ema"):
-    """The file load_run reads: the EMA weights when asked for and the checkpoint keeps them, else the model's."""
-    return "ema.safetensors" if weights == "ema" and os.path.exists(os.path.join(ckpt, "ema.safetensors")) \
-        else "model.safetensors"
+def weights_file(ckpt, weights=None):
+    """The file load_run reads: weights "ema" or "model", or None: the EMA's where the checkpoint keeps one."""
+    kept = os.path.exists(os.path.join(ckpt, "ema.safetensors"))
+    if weights == "ema" and not kept:
+        raise FileNotFoundError(f"{ckpt} keeps no EMA weights (its run trained without --ema): use --weights model")
+    return "ema.safetensors" if weights == "ema" or weights is None and kept else "model.safetensors"
 
 
 if __name__ == "__main__":

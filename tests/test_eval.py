@@ -548,6 +548,8 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
     assert (result["checkpoint"], result["weights"]) == ("step_10", "model")  # the run keeps no EMA
+    with pytest.raises(SystemExit, match="step_10 keeps no EMA weights .*: use --weights model$"):
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--weights", "ema"])  # asked for: not the model's instead
     from model import CHECKSUMS, file_sha256
     shutil.copy(ckpt / "model.safetensors", ckpt / "ema.safetensors")
     (ckpt / CHECKSUMS).write_text(json.dumps({name: file_sha256(ckpt / name)
