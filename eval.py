@@ -308,7 +308,8 @@ def setup_distributed(tf32):
     """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU. `tf32`: TF32 matmuls on CUDA (train.py;
     its weights stay fp32); eval.py keeps the metrics' features in full fp32."""
     if "RANK" in os.environ:
-        die_with_launcher()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's
+            die_with_launcher()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     else:
@@ -328,7 +329,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def die_with_launcher():
     """A process torchrun started gets SIGTERM when torchrun dies (Linux): killed with SIGKILL, torchrun cannot stop
-    its workers, which would train on into the run folder unseen. -> whether the kernel took the setting."""
+    its workers, which would train on into the run folder unseen. The signal comes when the thread that started the
+    process ends: torchrun starts its workers from its main thread. -> whether the kernel took the setting."""
     try:
         return ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
     except (OSError, AttributeError):  # not Linux
@@ -445,11 +447,15 @@ def check_reference_images(path, ref, data, images_id):
     """A reference of another dataset's images (or of other held-out images of this one) gives a distance between two
     datasets, not a measure of the model: refused."""
     made = json.loads(str(ref["images"])) if "images" in ref else None
-    if made is None or made["id"] != images_id:
-        held = f"the held-out images of --data {made['data']}" if made else "images it does not name (an older file)"
-        raise ValueError(f"{path} holds statistics of {held}, not of the held-out images of {data} this evaluation "
-                         f"compares with: build a reference of those with `python eval.py ref --data {data} "
-                         f"--num-samples {int(ref['count'])} --out <file>`")
+    if made is not None and made["id"] == images_id:
+        return
+    rebuild = f"`python eval.py ref --data {data} --num-samples {int(ref['count'])} --out <file>`"
+    if made is None:
+        raise ValueError(f"{path} does not name the images it holds statistics of (made before references did): "
+                         f"remove it and rebuild it with {rebuild.replace('<file>', str(path))}")
+    held = "other images of it (prepared again?)" if made["data"] == data else f"those of --data {made['data']}"
+    raise ValueError(f"{path} holds statistics of {held}, not of the held-out images of {data} this evaluation "
+                     f"compares with: build a reference of those with {rebuild}")
 
 
 class Metrics:

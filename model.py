@@ -507,14 +507,16 @@ def flops_per_sample(cfg, num_img, num_txt, route_ratio=0.0):
 CHECKSUMS = "sha256.json"  # in every checkpoint folder: the sha256 of each of its files, written before the rename
 
 
+UMASK = os.umask(0o022)  # read once, at import: setting it back and forth later would race with threads creating files
+os.umask(UMASK)
+
+
 def readable_as_umask(folder):
     """safetensors writes its files 0600: give every file under folder the mode the others get (0666 less the umask),
     so that whoever reads a run's logs on a shared machine reads its weights too."""
-    umask = os.umask(0)
-    os.umask(umask)
     for root, _, names in os.walk(folder):
         for name in names:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            os.chmod(os.path.join(root, name), 0o666 & ~UMASK)
 
 
 def file_sha256(path):
@@ -542,13 +544,6 @@ def run_of(ckpt):
 def step_of(ckpt):
     """<run>/checkpoints/step_N -> N."""
     return int(os.path.basename(ckpt)[5:])
-
-
-def where_to_resume(run):
-    """For messages: the run's newest whole checkpoint and how to continue from it, or that it has none."""
-    found = list_checkpoints(run)
-    return f"the last checkpoint is {found[-1]}: continue with --resume --out {run}" if found else \
-        "no checkpoint was written: start the run again"
 
 
 def verify_checkpoint(ckpt):

@@ -16,8 +16,8 @@ import copy
 import datetime
 import errno
 import fcntl
-import glob
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -49,7 +49,7 @@ from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decode
     setup_distributed, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, \
     preset_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
-    verify_checkpoint, where_to_resume
+    verify_checkpoint
 from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
@@ -1151,24 +1151,64 @@ def run_folder(args):
     return out, ckpt, False
 
 
-def claim_run_folder(out):
+def claim_run_folder(out, new, named):
     """Rank 0 holds a lock on <out>/.lock while it runs (the OS releases it however the process ends): a second
-    train.py on the run (a resume started while the first still trains, or its orphaned workers) is refused. The lock
-    held, no other process writes the run: checkpoint folders a killed save left half-written (step_N.tmp) go."""
-    os.makedirs(out, exist_ok=True)
+    train.py on the run (a resume started while the first still trains, or its orphaned workers) is refused. new:
+    the folder is made here, so that two runs started on one --out cannot both take it; unnamed (no --out), the next
+    free runs/<time>-K instead. The lock held, no other process writes the run: checkpoint folders a killed save left
+    half-written (step_N.tmp) go. -> (the lock's open file, the run folder)."""
+    base = out
+    for k in itertools.count(2):
+        try:
+            os.makedirs(out, exist_ok=not new)
+            break
+        except FileExistsError:
+            if named:
+                raise SystemExit(f"error: --out {out}: another train.py has made this folder since this one "
+                                 f"started; choose another --out")
+            out = f"{base}-{k}"
     lock = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        raise SystemExit(f"error: --out {out}: another train.py (pid {lock.read().strip() or '?'}) is training this "
-                         f"run; let it end or stop it, then --resume")
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise SystemExit(f"error: --out {out}: another train.py ({holder}) is training this run; let it end or stop "
+                         f"it, then --resume")
+    except OSError as e:  # a file system without flock (NFSv3 without lockd, Lustre without -o flock)
+        print(f"warning: {out}: no lock ({e}): a second train.py on this run would not be refused", flush=True)
     lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
+    lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
     lock.flush()
-    for tmp in glob.glob(os.path.join(out, "checkpoints", "step_*.tmp")):
-        shutil.rmtree(tmp)
-    return lock
+    checkpoints = os.path.join(out, "checkpoints")
+    for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
+        if re.fullmatch(r"step_\d+\.tmp", name):
+            shutil.rmtree(os.path.join(checkpoints, name))
+    return lock, out
+
+
+def claim_on_rank_0(out, new, named, master, world):
+    """claim_run_folder on rank 0; every rank learns its outcome and the run folder, so that a refusal stops them all
+    here, not in their next collective. -> (the lock on rank 0, else None; the run folder)."""
+    lock, outcome = None, [None, out]
+    if master:
+        try:
+            lock, outcome[1] = claim_run_folder(out, new, named)
+        except SystemExit as refused:
+            outcome[0] = refused.code
+    if world > 1:
+        dist.broadcast_object_list(outcome, 0)
+    if outcome[0]:
+        raise SystemExit(outcome[0] if master else 1)
+    return lock, outcome[1]
+
+
+def where_to_resume(run):
+    """For messages: the run's newest whole checkpoint and how to continue from it, or that it has none."""
+    found = list_checkpoints(run)
+    return f"the last checkpoint is {found[-1]}: continue with --resume --out {run}" if found else \
+        f"no checkpoint was written: delete {run} (or choose another --out) and start again"
 
 
 def stop_on_ctrl_c(out, master):
@@ -1259,7 +1299,7 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
     the loader's position is global: rank 0's is all's."""
     assert all(p.dtype == torch.float32 for p in raw_model.parameters()), "weights must stay fp32 (PRX part 2)"
     if not (bool(finite) and all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())):
-        raise SystemExit(f"error: loss or weights not finite at step {step}; checkpoint not written; "
+        raise SystemExit(f"error: loss, gradient norm or weights not finite at step {step}; checkpoint not written; "
                          f"{where_to_resume(out)} (lower --lr or raise --warmup)")
     extra = {"train_time": train_time, "loader": loader.state_dict()}
     if trainee.repa_proj is not None:
@@ -1273,7 +1313,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run = run_folder(args)
-    lock = claim_run_folder(out) if master and os.path.isdir(out) else None  # a new folder: once its errors are past
+    existing = os.path.isdir(out)  # a new folder is made once the run's errors are past
+    lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
@@ -1287,7 +1328,8 @@ def main(argv=None):
     check_budget(args, ckpt, start_step, train_time)  # a fresh run starts at 0, inside any budget
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
-    lock = lock or (claim_run_folder(out) if master else None)
+    if not existing:
+        lock, out = claim_on_rank_0(out, True, bool(args.out), master, world)
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (split, note, moved, resume_changes(args, ckpt) if ckpt else None):

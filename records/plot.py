@@ -88,7 +88,8 @@ def main():
     p.add_argument("--out", help="the PNG to write")
     args = p.parse_args()
     if args.out and (os.path.exists(args.out) or not args.out.lower().endswith(".png")):
-        p.error(f"--out {args.out}: " + ("exists; write another file" if os.path.exists(args.out) else "a .png file"))
+        p.error(f"--out {args.out}: " + ("exists; write another file" if os.path.exists(args.out) else
+                                         "must end in .png"))
     groups = {}
     for group in args.groups:
         name, _, runs = group.partition("=")  # a name has no "=", a run folder may (runs/lr=1e-3)

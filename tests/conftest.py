@@ -2,6 +2,12 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first (the order is otherwise kept): with one of them last, one xdist worker would run it
+    alone while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """-> (root, skipped ids): root/images (an image folder), root/models (tiny encoders), root/out and root/out_pq

@@ -279,6 +279,7 @@ def test_memory_table(capsys):
     assert [c.split()[1] for c in parts["total with AdamW"]] == ["over", "fits"]
 
 
+@pytest.mark.slow
 def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     # the GPU check's own code at tiny sizes; aot_eager: dynamo and AOTAutograd trace both models as for inductor
     sizes = dict(preset="tiny", batch=2, side=8, txt_tokens=16, min_len=4, max_len=12, parity_steps=2, warmup=1,

@@ -319,6 +319,7 @@ def metrics_worker(rank, world_size, init_file, ref_path, fid_weights, out_file)
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_metrics_of_images_spread_over_ranks_equal_one_process(inception_weights, tmp_path):
     """eval.py under torchrun: each rank streams its share; FID's sums are all-reduced, the embeddings gathered and
     the count summed, so every rank computes what one process computes from all the images."""
@@ -745,7 +746,7 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
         ev.main(["--ckpt", str(tmp_path / "run")])
 
 
-def test_a_reference_of_other_images_is_refused(prepared, inception_weights, tmp_path, monkeypatch):
+def test_a_reference_of_other_images_is_refused(prepared, tmp_path, monkeypatch):
     """A reference names the real images it holds statistics of (a sha256 of the held-out images of prepared data):
     eval.py and train.py's periodic evaluation refuse one of another dataset, of other held-out images of the same
     one, or one too old to say, before any network loads; the built-in scenes of every seed are one distribution."""
@@ -771,25 +772,31 @@ def test_a_reference_of_other_images_is_refused(prepared, inception_weights, tmp
     ckpt = write_run(tmp_path / "run", PRX(preset_config("tiny", in_channels=channels, context_dim=32)).eval(),
                      data=str(out))
     tiny_clip().save_pretrained(tmp_path / "clip")
-    flags = ["--clip", str(tmp_path / "clip"), "--fid-weights", inception_weights, "--num-samples", "2"]
+    flags = ["--clip", str(tmp_path / "clip"), "--num-samples", "2", "--metrics", "cmmd"]
     for data, name in ((out, "ref.npz"), ("builtin", "builtin.npz")):
-        ev.main(["ref", "--data", str(data), "--out", str(tmp_path / name), "--metrics", "fid,cmmd", *flags])
+        ev.main(["ref", "--data", str(data), "--out", str(tmp_path / name), *flags])
+        fid = ev.read_reference(tmp_path / name)  # train.py's periodic FID: the same file, holding FID's settings
+        fid["settings"] = json.dumps({**json.loads(str(fid["settings"])), "fid": "not loaded"})
+        np.savez(tmp_path / f"fid-{name}", **fid)
     monkeypatch.setattr(ev, "load_clip", lambda *a: pytest.fail("CLIP loaded before the reference was checked"))
     monkeypatch.setattr(ev, "load_inception", lambda *a: pytest.fail("Inception loaded before the check"))
     ref = ev.read_reference(tmp_path / "ref.npz")
     ev.check_reference_images("ref.npz", ref, "data/mj", HeldoutSplit(out, 2, None).images_id(2))  # this data's
     old = {k: v for k, v in ref.items() if k != "images"}
-    with pytest.raises(ValueError, match="holds statistics of images it does not name"):
+    with pytest.raises(ValueError, match=r"old.npz does not name the images .*: remove it and rebuild it with "
+                                         rf"`python eval.py ref --data {out} --num-samples 2 --out old.npz`"):
         ev.check_reference_images("old.npz", old, str(out), HeldoutSplit(out, 2, None).images_id(2))
+    with pytest.raises(ValueError, match=r"holds statistics of other images of it \(prepared again\?\), not of the "):
+        ev.check_reference_images("ref.npz", ref, str(out), HeldoutSplit(other, 2, None).images_id(2))
     for reference, made_of in (("ref.npz", out), ("builtin.npz", "builtin")):
-        with pytest.raises(SystemExit, match=rf"{reference} holds statistics of the held-out images of --data "
-                                             rf"{made_of}, not of the held-out images of {other} this evaluation"):
+        with pytest.raises(SystemExit, match=rf"{reference} holds statistics of those of --data {made_of}, not of the "
+                                             rf"held-out images of {other} this evaluation compares with"):
             ev.main(["--ckpt", str(ckpt), "--data", str(other), "--ref", str(tmp_path / reference), *flags])
-        with pytest.raises(SystemExit, match=rf"error: evaluation .*: .*{reference} holds statistics of the held-out "
-                                             rf"images of --data {made_of}, not of the held-out images of {other}"):
+        with pytest.raises(SystemExit, match=rf"error: evaluation .*: .*fid-{reference} holds statistics of those of "
+                                             rf"--data {made_of}, not of the held-out images of {other}"):
             train.setup_eval(types.SimpleNamespace(
                 eval_samples=2, captions="long", eval_data=str(other), data="builtin", resolution=32, seed=0,
-                text_context=5, eval_ref=str(tmp_path / reference), fid_weights=inception_weights), None, "cpu")
+                text_context=5, eval_ref=str(tmp_path / f"fid-{reference}"), fid_weights=None), None, "cpu")
 
 
 def test_reference_mismatch_names_the_callers_flag():
@@ -903,6 +910,25 @@ def test_a_vae_the_data_names_but_this_machine_lacks_is_one_error(prepared, tmp_
         with pytest.raises(SystemExit, match=f"^error: --ckpt {run}: the run's data relative/data is not here .*: "
                                              f"pass --data <its folder on this machine>"):
             ev.main([*command, "--ckpt", str(run)])
+
+
+def test_torchruns_workers_ask_to_die_with_it(monkeypatch):
+    """setup_distributed: a process torchrun started (TORCHELASTIC_RUN_ID) asks for die_with_launcher; one another
+    launcher started with RANK set does not."""
+    calls = []
+    monkeypatch.setattr(ev, "die_with_launcher", lambda: calls.append(True))
+    monkeypatch.setattr(ev, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(ev.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(ev.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(ev.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert ev.setup_distributed(tf32=False)[:2] == (0, 1) and calls == [True, "gloo"]  # before the process group
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    ev.setup_distributed(tf32=False)
+    assert calls == [True, "gloo", "gloo"]
 
 
 LAUNCHER = """

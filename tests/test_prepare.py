@@ -507,6 +507,7 @@ def test_a_source_that_is_not_there_or_holds_no_images_is_named(prepared, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_their_traceback(prepared, tmp_path,
                                                                                           monkeypatch):
     root, _ = prepared

@@ -400,6 +400,7 @@ def test_builtin_teacher_tokens_encode_the_kinds():
     assert (probe(x).argmax(1) == y).float().mean() < 0.6
 
 
+@pytest.mark.slow
 def test_builtin_teacher_file_is_what_its_command_trains():
     """`python shapes.py teacher` (seed, steps, one thread) reproduces the committed weights: exactly on the kind of
     CPU that made them (AVX-512 with AMX); another CPU rounds differently and its 1,200 steps end up to 27% away in a

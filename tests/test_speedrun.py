@@ -261,6 +261,7 @@ def test_a_gpu_run_against_another_fid_reference_than_the_calibrations_fails(mon
     assert verify.check_run(gpu_run(), "1gpu") == ["log_0.txt: FID reference sha256 is 'ab12', the rules say 'cd34'"]
 
 
+@pytest.mark.slow
 def test_a_gpu_record_whose_eval_samples_or_computes_fid_otherwise_fails(monkeypatch):
     """Once a GPU track is calibrated, each log's eval.py samples a stand-in network and computes FID (random
     Inception weights) as the calibration's: a covariance divided by n, not n - 1, is refused."""
@@ -535,12 +536,14 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
         leaderboard.main(argv + ["--check"])
 
 
+@pytest.mark.slow
 def test_the_readme_leaderboard_is_current():
     if verify.git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
         pytest.skip("a shallow clone: the records' logs name commits it lacks, so their sources cannot be checked")
     leaderboard.main(["--check"])
 
 
+@pytest.mark.slow
 def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     """The whole path on the CPU: two tiny runs of a candidate, each side by side with the record configuration's of
     its seed (BESIDE), stop at the target, are confirmed by eval.py, and become a record folder that verify.py
@@ -800,7 +803,7 @@ def test_plot_reads_a_torn_line_and_every_run_to_its_end(tmp_path, monkeypatch, 
     assert "| 3.0 | 750 | 0.500 | **0.500** |" in out  # the longer run's last evaluation, though the first run stopped
     assert "minutes to object_accuracy 0.4: 1.9, 2.5 (mean 2.2)" in out and (tmp_path / "c.png").exists()
     written = (tmp_path / "c.png").read_bytes()
-    for name, message in (("c.png", "exists; write another file"), ("c.json", "a .png file")):  # before any work
+    for name, message in (("c.png", "exists; write another file"), ("c.json", "must end in .png")):  # before any work
         monkeypatch.setattr(sys, "argv", ["plot.py", "--out", str(tmp_path / name), f"base={short}"])
         with pytest.raises(SystemExit):
             plot.main()

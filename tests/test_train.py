@@ -120,6 +120,7 @@ def test_the_cooldown_follows_the_clock_when_the_time_budget_ends_first():
     assert train.learning_rate(args, 75, 10 ** 6) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
     args = SMALL + ["--max-steps", "30", "--ckpt-every", "10", "--keep", "5", "--tread"]
     ref = run(args + ["--out", str(tmp_path / "ref")])
@@ -224,9 +225,14 @@ def test_bad_input_fails_before_work(tmp_path, argv, message):
 def test_an_infinite_gradient_norm_stops_the_run(tmp_path):
     """lr 1e9: by step 2 the loss is finite (~1e19) but the gradient's norm overflows; clipping would then scale every
     update to 0 and the run would train on unchanged: it stops, saying no checkpoint was written."""
-    r = run(SMALL + ["--out", str(tmp_path / "inf"), "--max-steps", "40", "--ckpt-every", "20", "--lr", "1e9"])
-    assert r.returncode != 0 and re.search(r"error: loss \S+, grad_norm (inf|nan) at step \d+: not finite; stopping: no "
-                                           r"checkpoint was written", r.stderr), r.stderr[-1000:]
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit, match=r"error: loss \S+, grad_norm (inf|nan) at step \d+: not finite; stopping: "
+                                             r"no checkpoint was written"):
+            train.main(SMALL + ["--out", str(tmp_path / "inf"), "--max-steps", "40", "--ckpt-every", "20", "--lr",
+                                "1e9"])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # main stopped before putting it back
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -395,24 +401,40 @@ def test_an_out_that_is_not_a_run_folder_is_refused(tmp_path):
 
 def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
     """Rank 0 holds <out>/.lock while it runs: a second train.py on the folder (a resume started while the run still
-    trains, or beside its orphaned workers) is refused before any work, naming the first's pid. With the lock, the
-    checkpoint folders a killed save left half-written go; whole checkpoints stay."""
-    out = tmp_path / "r"
+    trains, or beside its orphaned workers) is refused before any work, naming the first's host and pid. With the
+    lock, the checkpoint folders a killed save left half-written go; whole checkpoints stay."""
+    import socket
+    out, holder = tmp_path / "r", f"host {socket.gethostname()} pid {os.getpid()}"
     (out / "checkpoints" / "step_4.tmp").mkdir(parents=True)
     (out / "checkpoints" / "step_2").mkdir()
-    first = train.claim_run_folder(str(out))
-    assert os.listdir(out / "checkpoints") == ["step_2"] and (out / ".lock").read_text() == f"{os.getpid()}\n"
+    first, _ = train.claim_run_folder(str(out), False, True)
+    assert os.listdir(out / "checkpoints") == ["step_2"] and (out / ".lock").read_text() == f"{holder}\n"
     (tmp_path / "new").mkdir()
-    claimed = train.claim_run_folder(str(tmp_path / "new"))
-    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'new'}: another train.py (pid {os.getpid()}) "
-                                                   f"is training this run; let it end or stop it, then --resume")):
+    claimed, _ = train.claim_run_folder(str(tmp_path / "new"), False, True)
+    with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'new'}: another train.py ({holder}) is "
+                                                   f"training this run; let it end or stop it, then --resume")):
         train.main(SMALL + ["--out", str(tmp_path / "new"), "--max-steps", "1"])
     assert os.listdir(tmp_path / "new") == [".lock"]  # nothing written
     with pytest.raises(SystemExit, match="another train.py"):
-        train.claim_run_folder(str(out))
+        train.claim_run_folder(str(out), False, True)
     first.close()  # the process ends: the OS releases its lock
-    train.claim_run_folder(str(out)).close()
+    train.claim_run_folder(str(out), False, True)[0].close()
     claimed.close()
+
+
+def test_a_new_run_folder_is_made_by_one_run(tmp_path):
+    """A new --out is made when the run starts writing: a run that finds it made meanwhile (two runs started on one
+    --out) is refused; without --out, the second of two runs started in the same second takes runs/<time>-2."""
+    out = str(tmp_path / "r")
+    lock, made = train.claim_run_folder(out, True, True)
+    assert made == out and os.listdir(out) == [".lock"]
+    with pytest.raises(SystemExit, match=re.escape(f"--out {out}: another train.py has made this folder since this "
+                                                   f"one started; choose another --out")):
+        train.claim_run_folder(out, True, True)
+    locks = [train.claim_run_folder(out, True, False) for _ in range(2)]
+    assert [made for _, made in locks] == [f"{out}-2", f"{out}-3"]
+    for held in (lock, *(held for held, _ in locks)):
+        held.close()
 
 
 @pytest.mark.parametrize("master", [True, False])
@@ -467,10 +489,12 @@ def test_evaluations_come_once_each_across_a_resume(tmp_path):
     assert evaluated == [1, 2, 4, 6]  # step 1: the first past 1e-6 minutes of training
 
 
-def test_the_eta_counts_the_time_budget(tmp_path, capsys):
-    handler = signal.getsignal(signal.SIGINT)
+def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
+    handler, installed, install = signal.getsignal(signal.SIGINT), [], train.stop_on_ctrl_c
+    monkeypatch.setattr(train, "stop_on_ctrl_c", lambda *a: installed.append(a) or install(*a))
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
-    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C's is the run's only
+    assert installed == [(str(tmp_path / "r"), True)] and signal.getsignal(signal.SIGINT) is handler  # put back
+    assert (tmp_path / "r" / ".lock").read_text().endswith(f" pid {os.getpid()}\n")  # the new folder's lock
     etas = re.findall(r"eta (\d+):(\d\d):(\d\d)", capsys.readouterr().out)
     assert etas and all(h == "0" and m == "00" and int(s) <= 1 for h, m, s in etas)
 
