@@ -1126,7 +1126,9 @@ def run_folder(args):
     """-> (out, checkpoint to resume or None, whether out is that checkpoint's run). A folder that holds a run is
     never reused but by a resume of its own checkpoints; --resume CKPT --out NEW branches the run into NEW, a run
     folder of its own (config.json, the sources), leaving CKPT's run as it was."""
-    out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    stamp = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = args.out or next(p for p in itertools.chain([stamp], (f"{stamp}-{k}" for k in itertools.count(2)))
+                           if not os.path.exists(p))  # claim_run_folder makes it
     ckpt = None
     if args.resume:
         ckpt = resolve_resume(args.resume, out)

@@ -422,7 +422,7 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
     claimed.close()
 
 
-def test_a_new_run_folder_is_made_by_one_run(tmp_path):
+def test_a_new_run_folder_is_made_by_one_run(tmp_path, monkeypatch):
     """A new --out is made when the run starts writing: a run that finds it made meanwhile (two runs started on one
     --out) is refused; without --out, the second of two runs started in the same second takes runs/<time>-2."""
     out = str(tmp_path / "r")
@@ -435,6 +435,11 @@ def test_a_new_run_folder_is_made_by_one_run(tmp_path):
     assert [made for _, made in locks] == [f"{out}-2", f"{out}-3"]
     for held in (lock, *(held for held, _ in locks)):
         held.close()
+    monkeypatch.chdir(tmp_path)  # a run folder of that second already there: the next free name from the start
+    now = train.datetime.datetime(2026, 12, 6, 5, 59, 55)
+    monkeypatch.setattr(train, "datetime", argparse.Namespace(datetime=argparse.Namespace(now=lambda: now)))
+    os.makedirs(os.path.join("runs", "20261206-055955"))
+    assert train.run_folder(train.get_args(SMALL))[0] == os.path.join("runs", "20261206-055955-2")
 
 
 @pytest.mark.parametrize("master", [True, False])
