@@ -433,7 +433,7 @@ class ShardLoader:
         self.has_latent = "latent" in schema
         self.x0_shape = tuple(schema["latent" if self.has_latent else "image"]["shape"])  # what the model denoises
         self.in_channels = self.x0_shape[0]
-        self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8
+        self.resolution = schema["image"]["shape"][-1]  # prepare.py stores the images beside any latents
         self.images = images or not self.has_latent
         self.null_txt, self.null_mask = load_prompt_text(self.datasets[0].root, self.device)  # (1, L0, D), (1, L0)
         self.worker, self.perms = ThreadPoolExecutor(1), {}
@@ -598,7 +598,16 @@ def open_heldout(spec, num_samples, caption, resolution, seed, text_context):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Numbers on the command lines of train.py, eval.py, prepare.py and bench.py: refused by argparse, naming the flag
+# The command lines of train.py, eval.py, prepare.py and bench.py: errors that name the flag
+
+@contextlib.contextmanager
+def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):
+    """An error of `errors` inside stops the command with one line, `error: <prefix>: <the error>`, not a traceback."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"error: {prefix}: {e}" if prefix else f"error: {e}")
+
 
 def number(kind, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: kind (int or float) in [low, high] (open at either end with low_open, high_open), with the

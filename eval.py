@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, from_hub, heldout_caption, \
-    load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole, write_whole
+from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, exit_on, from_hub, \
+    heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -575,10 +575,8 @@ def check_encoders(data, trained_on, flag="--data"):
     Used by eval.py's commands and by a resume onto new data (train.py)."""
     if data == trained_on or "builtin" in (data, trained_on) or not os.path.isdir(data_dirs(trained_on)[0]):
         return
-    try:
+    with exit_on(f"{flag} {data}"):  # an index or encoding cut short or missing: named
         differ = space_differences(data_dirs(data)[0], data_dirs(trained_on)[0], ENCODERS)
-    except (ValueError, FileNotFoundError) as e:  # an index or encoding cut short or missing: named
-        raise SystemExit(f"error: {flag} {data}: {e}")
     if differ:
         verb = "differ" if len(differ) > 1 else "differs"
         raise SystemExit(f"error: {flag} {data}: its {' and '.join(differ)} {verb} from the data the model trained on "
@@ -694,16 +692,15 @@ def metric_list(text):
 def build_metrics(args, names, device, count=None, resolution=None, images=None):
     """names None: the metrics the --ref file holds. count, resolution, images: this evaluation's, which the reference
     must match (checked before any network loads)."""
-    if names is not None and not names:
+    if names == []:
         return None
     if not args.ref and args.command == "eval":
         raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
                          f"(from `python eval.py ref`)")
-    try:
+    # a reference or network missing or unfit: each names its own flag
+    with exit_on(errors=(ValueError, FileNotFoundError, NotOnThisMachine)):
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino_weights=args.dino_weights, device=device,
                        count=count, resolution=resolution, images=images)
-    except (ValueError, FileNotFoundError, NotOnThisMachine) as e:  # a reference or network missing or unfit: each
-        raise SystemExit(f"error: {e}")                              # names its own flag
 
 
 def make_reference(args, device):
@@ -726,11 +723,8 @@ def make_reference(args, device):
 def open_split(data, num_samples, caption, resolution, seed, text_context):
     """open_heldout, before any network loads: a bad --data, --caption or --num-samples stops the command with the
     reason."""
-    try:
+    with exit_on(f"--data {data}{f' --caption {caption}' if caption else ''} --num-samples {num_samples}"):
         return open_heldout(data, num_samples, caption, resolution, seed, text_context)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --data {data}{f' --caption {caption}' if caption else ''} --num-samples "
-                         f"{num_samples}: {e}")
 
 
 def main(argv=None):
@@ -759,11 +753,13 @@ def main(argv=None):
 
 
 def run_data(args, train_args, evaluation=False):
-    """The data eval.py reads: --data, else the run's (its --eval-data, for an evaluation), which must be here."""
+    """The data eval.py reads: --data, else the run's (its --eval-data, for an evaluation), which must be here and
+    come from the VAE and text encoder the run trained with (check_encoders)."""
     data = args.data or (evaluation and train_args["eval_data"]) or train_args["data"]
     if not args.data and data != "builtin" and not os.path.isdir(data_dirs(data)[0]):
         raise SystemExit(f"error: --ckpt {args.ckpt}: the run's data {data} is not here (a path relative to where "
                          f"train.py ran?): pass --data <its folder on this machine>")
+    check_encoders(data, train_args["data"])
     return data
 
 
@@ -772,10 +768,8 @@ def load_checkpoint(args):
     --self-guidance over it)."""
     if not args.ckpt:
         raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`)")
-    try:
+    with exit_on(f"--ckpt {args.ckpt}"):
         model, run, ckpt = load_run(args.ckpt, args.weights)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --ckpt {args.ckpt}: {e}")
     train_args = run["args"]
     if args.self_guidance and not (train_args["tread"] or train_args["sprint"]):
         raise SystemExit(f"error: --self-guidance {args.self_guidance} extrapolates from the routed network, and "
@@ -791,7 +785,6 @@ def evaluate_checkpoint(args, device):
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
                        train_args["text_context"])
     check_data_fits(model, split, data, f"--data {data}" if args.data else f"the run's data ({data})")
-    check_encoders(data, train_args["data"])
     names = args.metrics if args.metrics is not None or args.ref else [] if data == "builtin" else list(FEATURE_METRICS)
     # --ref without --metrics: the metrics it holds, of as many images at the resolution as are sampled
     metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"],
@@ -831,12 +824,9 @@ def sample_prompts(args, device):
         raise SystemExit('error: sample needs at least one --prompt "a caption"')
     model, train_args, ckpt, sampling = load_checkpoint(args)
     model, data = model.to(device), run_data(args, train_args)
-    check_encoders(data, train_args["data"])
-    try:
+    with exit_on(f"--prompt (the text encoder of --data {data})"):
         encoder = prompt_encoder(data, train_args["text_context"], device)
         txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --prompt (the text encoder of --data {data}): {e}")
     if txt.shape[-1] != model.cfg.context_dim:
         raise SystemExit(f"error: --data {data}: its text encoder gives {txt.shape[-1]}-wide tokens, the model reads "
                          f"{model.cfg.context_dim}: name the data the run was trained on (or leave --data out)")
@@ -861,11 +851,8 @@ def export_pipeline(args, device):
         raise SystemExit(f"error: --out {args.out} exists; export writes a new folder")
     model, train_args, ckpt, sampling = load_checkpoint(args)
     data = run_data(args, train_args)
-    check_encoders(data, train_args["data"])
-    try:
+    with exit_on(f"the run's data {data} (--data: where it is on this machine)"):
         index = None if data == "builtin" else read_index(data_dirs(data)[0])
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: the run's data {data} (--data: where it is on this machine): {e}")
     if index is None or sampling["pred"] != "v" or "latent" not in index["schema"]:
         trained = "the built-in shapes" if index is None else "images" if "latent" not in index["schema"] else \
             f"{data} with --pred {sampling['pred']}"

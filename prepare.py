@@ -37,8 +37,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, fraction, from_hub, load_vae, \
-    normalize_latent, quiet_transformers, whole, write_whole
+from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, exit_on, fraction, from_hub, \
+    load_vae, normalize_latent, quiet_transformers, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -354,11 +354,10 @@ def prepare(args, rank=0, world_size=1):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those")
     shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
-    try:  # a model missing, unreachable or not the model asked for: a line naming the flag; anything else a traceback
+    # a model missing, unreachable or not the model asked for: a line naming the flag; anything else a traceback
+    with exit_on(errors=(OSError, ValueError, NotOnThisMachine)):
         vae, shift, scale = load_vae(args.vae, args.vae_path, device) if args.vae != "none" else (None, None, None)
         encoder = T5GemmaTextEncoder.from_pretrained(args.text_encoder, device, args.max_tokens)  # the longer load
-    except (OSError, ValueError, NotOnThisMachine) as e:
-        raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)  # after the flags' checks: a refused run leaves nothing behind
     if settings is not None:
         write_whole(out / "prepare.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))

@@ -42,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import NotOnThisMachine, caption_share, count, data_dirs, fraction, heldout_caption, number, \
+from data import NotOnThisMachine, caption_share, count, data_dirs, exit_on, fraction, heldout_caption, number, \
     open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences, \
     write_whole
 from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, main_process, \
@@ -60,7 +60,7 @@ CPU_TRACK = dict(model="tiny-pixel", resolution=32, batch_size=32, micro_batch=3
                  grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, sample_steps=20,
                  cfg_scale=3.0, ckpt_every=500, log_every=50, shift=1.0)
 # The tracks (records/RULES.md): a track's values replace the defaults of the flags not on the command line, as
-# CPU_TRACK's. The GPU tracks train on the prepared speedrun dataset; 1gpu on a smaller model (not yet measured).
+# CPU_TRACK's. The GPU tracks train on the prepared speedrun dataset; 1gpu on a smaller model.
 SPEEDRUN_DATA, SPEEDRUN_PREPARE = "data/mj", "torchrun --nproc_per_node=8 prepare.py --out data/mj"
 TRACKS = {"cpu": dict(data="builtin", **CPU_TRACK), "8gpu": dict(data=SPEEDRUN_DATA),
           "1gpu": dict(data=SPEEDRUN_DATA, hidden=768, depth=12, micro_batch=64)}
@@ -662,7 +662,7 @@ def build_model(args, loader, device):
     from the data; the REPA layer defaults to PRX's 7 of 16 blocks, scaled to the depth."""
     overrides = {k: v for k, v in dict(hidden_size=args.hidden, depth=args.depth, patch_size=args.patch).items() if v}
     if args.hidden:
-        overrides.update(num_heads=max(1, args.hidden // 64), axes_dim=(32, 32))
+        overrides.update(num_heads=args.hidden // 64, axes_dim=(32, 32))  # a multiple of 64: check_combinations
     cfg = preset_config(args.model, args.resolution, in_channels=loader.in_channels,
                         context_dim=loader.null_txt.shape[-1], sprint=args.sprint,
                         resolution_embeds=args.resolution_embeds, **overrides)
@@ -684,12 +684,10 @@ def build_model(args, loader, device):
     teacher = None
     if args.repa:
         overlay = dict(pretrained_cfg_overlay=dict(file=args.repa_weights)) if args.repa_weights else {}
-        try:
+        with exit_on(f"--repa {args.repa}", (FileNotFoundError, RuntimeError)):
             teacher = (load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else
                        load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], flag="--repa-weights",
                                  dynamic_img_size=True, **overlay)).to(device)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise SystemExit(f"error: --repa {args.repa}: {e}")
     if teacher is not None and device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)  # PRX runs the frozen teacher in bf16
     kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
@@ -701,14 +699,12 @@ def build_model(args, loader, device):
 def load_perceptual(args, device):
     """The frozen networks of --lpips and --pdino, for Trainee.perceptual; DINOv2 in bf16 on CUDA, as PRX."""
     nets = {}
-    try:
+    with exit_on("perceptual loss", (FileNotFoundError, RuntimeError)):
         if args.lpips:
             nets["lpips"] = load_lpips(args.lpips_weights).to(device)
         if args.pdino:
             overlay = dict(pretrained_cfg_overlay=dict(file=args.pdino_weights)) if args.pdino_weights else {}
             nets["pdino"] = load_dino(PDINO_MODEL, flag="--pdino-weights", dynamic_img_size=True, **overlay).to(device)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: perceptual loss: {e}")
     if "pdino" in nets and device.type == "cuda":
         nets["pdino"] = nets["pdino"].to(torch.bfloat16)
     return nets
@@ -738,19 +734,18 @@ def drop_repa(trainee, opt):
 
 
 def setup_eval(args, cfg, device):
-    """-> a function (model, step, grid path) -> metrics dict, or None with --eval-samples 0: held-out prompts of
+    """-> a function (model, grid path or None) -> metrics dict, or None with --eval-samples 0: held-out prompts of
     --eval-data or --data, the caption checker on the built-in data, FID against --eval-ref on prepared data."""
     if not args.eval_samples:
         return None
-    try:
-        data = args.eval_data or args.data
+    data = args.eval_data or args.data
+    with exit_on(f"evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref})",
+                 (ValueError, FileNotFoundError, RuntimeError)):
         split = open_heldout(data, args.eval_samples, heldout_caption(args.captions), args.resolution, args.seed,
                              args.text_context)
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
                           count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
                           images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref}): {e}")
     shape, decode = load_decoder(cfg, data, args.resolution, device)
     return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
                                         grid=grid, **sampling_settings(args))
@@ -853,14 +848,12 @@ def sampling_settings(args):
 # Checkpoints: <out>/checkpoints/step_<N>/ holds model.safetensors (ema.safetensors), trainer.pt and sha256.json,
 # written into step_<N>.tmp and renamed when complete
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
-
-
 def full_state(model, opts=()):
     """-> (model state dict, [optimizer state dicts]) of whole tensors on rank 0's CPU, empty dicts on the other
     ranks; every rank calls it: under FSDP2 it gathers the shards. Optimizer states are keyed by parameter name
     (torch.distributed.checkpoint.state_dict), so that they load on any number of processes, sharded or not."""
-    return get_model_state_dict(model, options=FULL), [get_optimizer_state_dict(model, o, options=FULL) for o in opts]
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), [get_optimizer_state_dict(model, o, options=full) for o in opts]
 
 
 def load_full(model, weights, opts=(), states=()):
@@ -925,10 +918,8 @@ def resolve_resume(resume, out):
         raise SystemExit(f"error: --resume {ckpt}: a checkpoint resumes from <run>/checkpoints/step_N, beside its "
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
                          f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
-    try:
+    with exit_on("--resume"):
         verify_checkpoint(ckpt)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --resume: {e}")
     return ckpt
 
 
@@ -1254,11 +1245,9 @@ def open_training_data(args, rank, world, device):
                              f"resume on {' or '.join(map(str, worlds))} process(es)" if args.resume else
                              f"use --micro-batch {fits[0]}" if fits else f"use a --batch-size divisible by {world}"))
     chunks_per_rank = args.batch_size // args.micro_batch // world
-    try:
+    with exit_on(f"--data {args.data} --captions {args.captions}"):
         return open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
                            chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa)), chunks_per_rank
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --data {args.data} --captions {args.captions}: {e}")
 
 
 def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
@@ -1316,14 +1305,14 @@ def main(argv=None):
     master = rank == 0
     out, ckpt, same_run = run_folder(args)
     existing = os.path.isdir(out)  # a new folder is made once the run's errors are past
-    lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None
+    lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
     if args.fsdp:  # before the optimizers, which then take the shards
         shard(trainee, ema, args.precision, args.compile)
-    opt, split = build_optimizers(args, trainee)
+    opt, muon_split = build_optimizers(args, trainee)
     # a checkpoint that does not fit stops the resume here, before the run folder is touched
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
@@ -1334,7 +1323,7 @@ def main(argv=None):
         lock, out = claim_on_rank_0(out, True, bool(args.out), master, world)
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
-    for line in (split, note, moved, resume_changes(args, ckpt) if ckpt else None):
+    for line in (muon_split, note, moved, resume_changes(args, ckpt) if ckpt else None):
         if line:
             log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
