@@ -433,7 +433,8 @@ class ShardLoader:
         self.has_latent = "latent" in schema
         self.x0_shape = tuple(schema["latent" if self.has_latent else "image"]["shape"])  # what the model denoises
         self.in_channels = self.x0_shape[0]
-        self.resolution = schema["image"]["shape"][-1]  # prepare.py stores the images beside any latents
+        self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8  # bench.py's
+        # latent-only synthetic data (prepare.py stores the images beside any latents) at the Flux VAE's 8x
         self.images = images or not self.has_latent
         self.null_txt, self.null_mask = load_prompt_text(self.datasets[0].root, self.device)  # (1, L0, D), (1, L0)
         self.worker, self.perms = ThreadPoolExecutor(1), {}
