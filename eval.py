@@ -583,13 +583,20 @@ def check_encoders(data, trained_on, flag="--data"):
                          f"({trained_on}): use data prepared with the same --vae and --text-encoder")
 
 
+def load_named_in_index(data, what, field, load):
+    """load() of the network a prepared dataset's index.json names (settings.<field>); where it cannot be loaded here,
+    one line saying which field to point at this machine's copy."""
+    try:
+        return load()
+    except (OSError, ValueError, NotOnThisMachine) as e:
+        raise SystemExit(f"error: the {what} that {data}/index.json names cannot be loaded ({e}); set "
+                         f"settings.{field} there to this machine's copy, or bring the hub id into its cache")
+
+
 def data_vae(data, index, device):
     """The VAE a prepared dataset was encoded with (its index.json's settings) -> (vae, shift, scale)."""
-    try:
-        return load_vae(index["settings"]["vae"], index["settings"].get("vae_path"), device)
-    except (OSError, ValueError, NotOnThisMachine) as e:
-        raise SystemExit(f"error: the VAE that {data}/index.json names cannot be loaded ({e}); set "
-                         f"settings.vae_path there to this machine's copy, or bring the hub id into its cache")
+    return load_named_in_index(data, "VAE", "vae_path", lambda: load_vae(
+        index["settings"]["vae"], index["settings"].get("vae_path"), device))
 
 
 def load_decoder(cfg, data, resolution, device):
@@ -809,11 +816,8 @@ def prompt_encoder(data, text_context, device):
     if data == "builtin":
         return BuiltinTextEncoder(context=text_context).to(device)
     settings = read_index(data_dirs(data)[0])["settings"]
-    try:
-        return T5GemmaTextEncoder.from_pretrained(settings["text_encoder"], device, settings["max_tokens"])
-    except (OSError, ValueError, NotOnThisMachine) as e:
-        raise SystemExit(f"error: the text encoder that {data}/index.json names cannot be loaded ({e}); set "
-                         f"settings.text_encoder there to this machine's copy, or bring the hub id into its cache")
+    return load_named_in_index(data, "text encoder", "text_encoder", lambda: T5GemmaTextEncoder.from_pretrained(
+        settings["text_encoder"], device, settings["max_tokens"]))
 
 
 @torch.no_grad()
