@@ -631,6 +631,42 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+class StepLog:
+    """The step lines (console, log.txt, metrics.jsonl) over the steps since the last one: samples/s, training FLOP/s
+    and their share of the peak (mfu) per process, the loader's and the optimizer's shares of the training time (eval
+    and checkpoints excluded), the ETA. The peak: --peak-tflops on CUDA, measured on a CPU (logged at start)."""
+
+    def __init__(self, args, cfg, loader, world, device, train_time, log):
+        self.args, self.cfg, self.world, self.log = args, cfg, world, log
+        self.num_img = math.prod(loader.x0_shape[1:]) // cfg.patch_size ** 2  # image tokens per sample
+        self.peak = args.peak_tflops * 1e12 if device.type == "cuda" else matmul_peak(device)
+        log(f"peak {self.peak:.3g} FLOP/s per process: " + ("--peak-tflops (bf16)" if device.type == "cuda" else
+                                                            "fp32 matmul 1024^3, measured"))
+        self.since, self.samples, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0
+
+    def add(self, data_s, opt_s):
+        """One step's time in the loader and the optimizer."""
+        self.samples += self.args.batch_size
+        self.data_s += data_s
+        self.opt_s += opt_s
+
+    def __call__(self, step, loss, norm, lr, txt_len, train_time, max_time):
+        args, elapsed = self.args, train_time - self.since
+        speed = self.samples / elapsed
+        # per process; the backward costs two forwards
+        flops = 3 * flops_per_sample(self.cfg, self.num_img, txt_len, args.route_ratio or 0.0) * speed / self.world
+        record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "samples_per_s": speed,
+                  "flops_per_s": flops, "mfu": flops / self.peak, "data_share": self.data_s / elapsed,
+                  "optimizer_share": self.opt_s / elapsed, "train_time_s": train_time}
+        eta = min((args.max_steps - step) * args.batch_size / speed, max_time - train_time)
+        self.log(f"step {step}/{args.max_steps} | loss {loss:.4f} | grad_norm {norm:.3f} | lr {lr:.2e} | "
+                 f"samples/s {speed:.0f} | flops/s {flops:.3g} | mfu {record['mfu']:.1%} | "
+                 f"data {record['data_share']:.0%} | optimizer {record['optimizer_share']:.0%} | "
+                 f"train_time {train_time * 1000:.0f}ms | step_avg {train_time * 1000 / step:.2f}ms | "
+                 f"eta {datetime.timedelta(seconds=int(max(0, eta)))}", record)
+        self.since, self.samples, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0
+
+
 def matmul_peak(device, n=1024, reps=8):
     """FLOP/s of an n x n fp32 matrix product on the CPU, the best of `reps` (a shared machine only ever slows it),
     measured once at start, untimed: what the log's utilisation (mfu) compares the training step with on the CPU
@@ -1341,11 +1377,7 @@ def main(argv=None):
     step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
     max_time = args.max_time * 60 if args.max_time else math.inf
     eval_times = [60 * m for m in args.eval_minutes if 60 * m > train_time]
-    peak = args.peak_tflops * 1e12 if device.type == "cuda" else matmul_peak(device)
-    log(f"peak {peak:.3g} FLOP/s per process: " + ("--peak-tflops (bf16)" if device.type == "cuda" else
-                                                   "fp32 matmul 1024^3, measured"))
-    num_img = math.prod(loader.x0_shape[1:]) // cfg.patch_size ** 2  # image tokens per sample
-    time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0
+    step_log = StepLog(args, cfg, loader, world, device, train_time, log)
     while True:
         if teacher is not None and args.repa_stop and step >= args.repa_stop:
             teacher = None
@@ -1368,12 +1400,11 @@ def main(argv=None):
         t0, graphs = time.perf_counter(), compiled_graphs(args)
         lr = learning_rate(args, step, train_time)
         loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
-        data_since, opt_since = data_since + data_s, opt_since + opt_s
+        step_log.add(data_s, opt_s)
         if ema is not None and (step + 1) % args.ema_every == 0:
             ema_update(ema, raw_model, args.ema)
         finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)  # an infinite norm clips every update to 0
         step += 1
-        samples_since += args.batch_size
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
@@ -1391,21 +1422,7 @@ def main(argv=None):
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
                 raise SystemExit(f"error: loss {loss_value}, grad_norm {norm} at step {step}: not finite; stopping: "
                                  f"{where_to_resume(out)} (lower --lr or raise --warmup)")
-            elapsed = train_time - time_at_log  # training time only: eval and checkpoints excluded
-            speed = samples_since / elapsed
-            # per process; the backward costs two forwards
-            flops = 3 * flops_per_sample(cfg, num_img, txt_len, args.route_ratio or 0.0) * speed / world
-            record = {"step": step, "loss": loss_value, "grad_norm": norm, "lr": lr, "samples_per_s": speed,
-                      "flops_per_s": flops, "mfu": flops / peak, "data_share": data_since / elapsed,
-                      "optimizer_share": opt_since / elapsed, "train_time_s": train_time}
-            eta = min((args.max_steps - step) * args.batch_size / speed, max_time - train_time)
-            log(f"step {step}/{args.max_steps} | loss {loss_value:.4f} | grad_norm {record['grad_norm']:.3f} | "
-                f"lr {lr:.2e} | samples/s {speed:.0f} | flops/s {flops:.3g} | mfu {flops / peak:.1%} | "
-                f"data {record['data_share']:.0%} | optimizer {record['optimizer_share']:.0%} | "
-                f"train_time {train_time * 1000:.0f}ms | step_avg {train_time * 1000 / step:.2f}ms | "
-                f"eta {datetime.timedelta(seconds=int(max(0, eta)))}",
-                record)
-            time_at_log, samples_since, data_since, opt_since = train_time, 0, 0.0, 0.0
+            step_log(step, loss_value, norm, lr, txt_len, train_time, max_time)
 
     signal.signal(signal.SIGINT, ctrl_c)
     if world > 1:
