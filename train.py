@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import timeit
 
 import numpy as np
 import torch
@@ -116,9 +117,16 @@ def choose_track(track, data, cuda_available):
     return ("8gpu", "CUDA available, no --data") if cuda_available else ("cpu", "no CUDA, no --data")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Under torchrun rank 0 alone prints an argument error; the other ranks exit with its status, quietly."""
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2)
+        super().error(message)
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); never reused without --resume")
     g.add_argument("--seed", type=number(int, 0), default=0)
@@ -163,52 +171,7 @@ def get_parser():
     g.add_argument("--uniform-t", type=fraction, default=0.1, help="fraction of t drawn uniformly, not logit-normal")
     g.add_argument("--foreground-weight", type=number(float, 0), default=0.0,
                    help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
-    add_technique_flags(p.add_argument_group("techniques"))
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for block matrices")
-    g.add_argument("--muon-lr", type=positive, default=None, help="Muon's lr, on --lr's schedule (default --lr, "
-                   "PRX's: Muon's update RMS is matched to AdamW's)")
-    g.add_argument("--muon-ns-steps", type=count, default=5, help="Newton-Schulz iterations of --optimizer muon "
-                   "(PRX and Keller Jordan: 5): fewer cost less and orthogonalise less (small singular values)")
-    g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
-    g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
-    g.add_argument("--lr", type=positive, default=1e-4)
-    g.add_argument("--betas", type=fraction, nargs=2, default=(0.9, 0.95))
-    g.add_argument("--eps", type=positive, default=None, help="AdamW eps (default PRX's: 1e-15, 1e-8 with muon)")
-    g.add_argument("--weight-decay", type=number(float, 0), default=0.0)
-    g.add_argument("--warmup", type=number(int, 0), default=1000, help="linear warm-up steps, then constant")
-    g.add_argument("--cooldown", type=fraction, default=0.0, help="final fraction of the run (of --max-steps or "
-                   "--max-time, whichever ends it) with the lr decaying linearly to 0 (WSD); 0 = constant to the end")
-    g.add_argument("--grad-clip", type=positive, default=0.2, help="max gradient norm")
-    g.add_argument("--ema", type=number(float, 0, 1, high_open=True), default=0.0, help="EMA decay in (0, 1) "
-                   "applied once per update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
-    g.add_argument("--ema-every", type=count, default=10, help="steps between EMA updates")
-    add_evaluation_flags(p.add_argument_group("evaluation"))
-    return p
-
-
-def add_evaluation_flags(g):
-    """When and how a run evaluates itself, and when it stops at a target."""
-    g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0 = at the end)")
-    g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
-                   "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
-    g.add_argument("--target", type=target_spec, default=None, help="METRIC=VALUE: stop when an evaluation reaches "
-                   "it, e.g. fid=20 (at or below) or object_accuracy=0.416 (at or above)")
-    g.add_argument("--eval-samples", type=number(int, 0), default=256, help="held-out samples per evaluation "
-                   "(0 = none)")
-    g.add_argument("--sample-steps", type=count, default=50, help="Euler steps")
-    g.add_argument("--cfg-scale", type=number(float, 0), default=3.5, help="classifier-free guidance scale")
-    g.add_argument("--self-guidance", type=number(float, 0), default=0.0, help="TREAD self-guidance scale w: "
-                   "routed + w (full - routed) (0 = off; needs --tread or --sprint)")
-    g.add_argument("--eval-data", default=None, help="a prepared evaluation-only set (its eval split) instead of "
-                   "--data's held-out samples, e.g. real photos: `python prepare.py --eval-fraction 1 ...`")
-    g.add_argument("--eval-ref", help="prepared data: FID reference from `python eval.py ref` (same --eval-samples)")
-    g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
-    g.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
-
-
-def add_technique_flags(g):
-    """The techniques of the PRX ablations: REPA and iREPA, CFM, the perceptual losses, TREAD and SPRINT."""
+    g = p.add_argument_group("techniques")
     g.add_argument("--repa", default=None, choices=sorted(REPA_TEACHERS), help="REPA: align the tokens after "
                    "--repa-layer with a frozen teacher's patch tokens (builtin: shapes.py's, for --data builtin)")
     g.add_argument("--repa-layer", type=number(int, 0), default=None, help="block index (default PRX's 7 of 16, "
@@ -233,6 +196,43 @@ def add_technique_flags(g):
     g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
     g.add_argument("--route-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=None,
                    help="routed fraction in (0, 1) (default TREAD 0.5, SPRINT 0.75)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for block matrices")
+    g.add_argument("--muon-lr", type=positive, default=None, help="Muon's lr, on --lr's schedule (default --lr, "
+                   "PRX's: Muon's update RMS is matched to AdamW's)")
+    g.add_argument("--muon-ns-steps", type=count, default=5, help="Newton-Schulz iterations of --optimizer muon "
+                   "(PRX and Keller Jordan: 5): fewer cost less and orthogonalise less (small singular values)")
+    g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
+    g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
+    g.add_argument("--lr", type=positive, default=1e-4)
+    g.add_argument("--betas", type=fraction, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--eps", type=positive, default=None, help="AdamW eps (default PRX's: 1e-15, 1e-8 with muon)")
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    g.add_argument("--warmup", type=number(int, 0), default=1000, help="linear warm-up steps, then constant")
+    g.add_argument("--cooldown", type=fraction, default=0.0, help="final fraction of the run (of --max-steps or "
+                   "--max-time, whichever ends it) with the lr decaying linearly to 0 (WSD); 0 = constant to the end")
+    g.add_argument("--grad-clip", type=positive, default=0.2, help="max gradient norm")
+    g.add_argument("--ema", type=number(float, 0, 1, high_open=True), default=0.0, help="EMA decay in (0, 1) "
+                   "applied once per update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
+    g.add_argument("--ema-every", type=count, default=10, help="steps between EMA updates")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0 = at the end)")
+    g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
+                   "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
+    g.add_argument("--target", type=target_spec, default=None, help="METRIC=VALUE: stop when an evaluation reaches "
+                   "it, e.g. fid=20 (at or below) or object_accuracy=0.416 (at or above)")
+    g.add_argument("--eval-samples", type=number(int, 0), default=256, help="held-out samples per evaluation "
+                   "(0 = none)")
+    g.add_argument("--sample-steps", type=count, default=50, help="Euler steps")
+    g.add_argument("--cfg-scale", type=number(float, 0), default=3.5, help="classifier-free guidance scale")
+    g.add_argument("--self-guidance", type=number(float, 0), default=0.0, help="TREAD self-guidance scale w: "
+                   "routed + w (full - routed) (0 = off; needs --tread or --sprint)")
+    g.add_argument("--eval-data", default=None, help="a prepared evaluation-only set (its eval split) instead of "
+                   "--data's held-out samples, e.g. real photos: `python prepare.py --eval-fraction 1 ...`")
+    g.add_argument("--eval-ref", help="prepared data: FID reference from `python eval.py ref` (same --eval-samples)")
+    g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
+    g.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
+    return p
 
 
 def get_args(argv=None):
@@ -255,8 +255,17 @@ def get_args(argv=None):
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
     args.muon_lr = (args.muon_lr or args.lr) if args.optimizer == "muon" else None
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    if args.fsdp:
-        check_fsdp(parser, args, int(os.environ.get("WORLD_SIZE", 1)))
+    if args.fsdp:  # what cannot work sharded
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if "RANK" not in os.environ:
+            parser.error("--fsdp shards over the processes that torchrun starts (torchrun --nproc_per_node=N train.py "
+                         "--fsdp ...); a single process holds the whole model anyway: drop --fsdp")
+        if args.eval_samples % world:
+            parser.error(f"--fsdp: a sharded model's forward is collective, so every process must sample as many "
+                         f"batches: --eval-samples {args.eval_samples} must be a multiple of the {world} processes")
+        if args.precision == "bf16" and args.eval_samples and not torch.cuda.is_available():
+            parser.error("--fsdp --precision bf16 on the CPU: the weights are gathered in bf16, and the CPU samples "
+                         "without autocast (eval.sample): add --eval-samples 0, or use --precision fp32")
     check_files(parser, args)
     return args
 
@@ -271,22 +280,19 @@ def check_combinations(parser, args):
     if max(args.betas) >= 1:
         parser.error(f"--betas {args.betas[0]:g} {args.betas[1]:g}: each must be below 1 (AdamW's averages of the "
                      f"gradient and its square would never move)")
-    for name in ("muon_ns_steps", "muon_lr"):
-        if changed(name) and args.optimizer != "muon":
-            parser.error(f"--{name.replace('_', '-')} is Muon's: it needs --optimizer muon")
-    for name in ("repa_stop", "irepa", "repa_layer", "repa_lambda", "repa_teacher", "repa_weights"):
-        if changed(name) and not args.repa:
-            parser.error(f"--{name.replace('_', '-')} needs --repa (builtin, dinov2 or dinov3)")
-    if changed("ema_every") and not args.ema:
-        parser.error("--ema-every sets how often the EMA updates: it needs --ema DECAY")
-    for name in ("eval_every", "eval_minutes", "eval_ref", "eval_data", "self_guidance"):
-        if changed(name) and not args.eval_samples:
-            parser.error(f"--{name.replace('_', '-')} shapes the run's evaluations; --eval-samples 0 turns them off")
+    needs = [(("muon_ns_steps", "muon_lr"), args.optimizer == "muon", "is Muon's: it needs --optimizer muon"),
+             (("repa_stop", "irepa", "repa_layer", "repa_lambda", "repa_teacher", "repa_weights"), args.repa,
+              "needs --repa (builtin, dinov2 or dinov3)"),
+             (("ema_every",), args.ema, "sets how often the EMA updates: it needs --ema DECAY"),
+             (("eval_every", "eval_minutes", "eval_ref", "eval_data", "self_guidance"), args.eval_samples,
+              "shapes the run's evaluations; --eval-samples 0 turns them off"),
+             (("lpips_weights",), args.lpips, "needs --lpips"), (("pdino_weights",), args.pdino, "needs --pdino")]
+    for names, needed, why in needs:
+        for name in names:
+            if changed(name) and not needed:
+                parser.error(f"--{name.replace('_', '-')} {why}")
     if args.hidden and args.hidden % 64:
         parser.error(f"--hidden {args.hidden}: attention heads are 64 wide (heads = hidden / 64): use a multiple of 64")
-    for weights, loss in (("lpips_weights", "lpips"), ("pdino_weights", "pdino")):
-        if getattr(args, weights) and not getattr(args, loss):
-            parser.error(f"--{weights.replace('_', '-')} needs --{loss}")
     if args.self_guidance and not (args.tread or args.sprint):
         parser.error("--self-guidance extrapolates from the routed network: it needs --tread or --sprint")
     if args.repa == "builtin" and args.data != "builtin":
@@ -355,19 +361,6 @@ def check_files(parser, args):
                                                                                    and not args.eval_ref)))
 
 
-def check_fsdp(parser, args, world):
-    """--fsdp's refusals, before any work: what cannot work sharded."""
-    if "RANK" not in os.environ:
-        parser.error("--fsdp shards over the processes that torchrun starts (torchrun --nproc_per_node=N train.py "
-                     "--fsdp ...); a single process holds the whole model anyway: drop --fsdp")
-    if args.eval_samples % world:
-        parser.error(f"--fsdp: a sharded model's forward is collective, so every process must sample as many "
-                     f"batches: --eval-samples {args.eval_samples} must be a multiple of the {world} processes")
-    if args.precision == "bf16" and args.eval_samples and not torch.cuda.is_available():
-        parser.error("--fsdp --precision bf16 on the CPU: the weights are gathered in bf16, and the CPU samples "
-                     "without autocast (eval.sample): add --eval-samples 0, or use --precision fp32")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching (rectified flow, Liu et al. 2022; logit-normal t and the shift, SD3, Esser et al. 2024)
 
@@ -404,18 +397,6 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None, cfm=0.0):
     return (err if weights is None else err * weights).mean()
 
 
-def predicted_x0(pred, x_t, t, pred_type):
-    """The clean image the network predicts: its output with x-prediction, else x_t - t v (x_t = (1 - t) x0 + t eps,
-    v = eps - x0)."""
-    return pred.float() if pred_type == "x" else x_t - t[:, None, None, None] * pred.float()
-
-
-def drop_captions(txt, mask, keep, null_txt, null_mask):
-    """Rows where keep is False get the encoded empty prompt with its own mask (PRX), not zeros."""
-    txt, mask, null_txt, null_mask = pad_to_common(txt, mask, null_txt, null_mask)
-    return torch.where(keep[:, None, None], txt, null_txt), torch.where(keep[:, None], mask, null_mask)
-
-
 def micro_batch(args, loader, step, chunk, device):
     """Chunk k of the global batch of `step` -> x0, eps, t, x_t, txt, mask, images ([-1, 1] pixels, or None): t,
     noise and caption dropout come from the chunk's own seed; the loader gives the samples."""
@@ -424,8 +405,11 @@ def micro_batch(args, loader, step, chunk, device):
     batch = next(loader)
     images = batch["image"].float() / 127.5 - 1 if "image" in batch else None  # (B, 3, R, R)
     x0 = batch["latent"] if "latent" in batch else images                      # (B, C, h, w)
+    # caption dropout: the encoded empty prompt with its own mask (PRX), not zeros
     keep = torch.rand(len(x0), generator=g, device=device) >= args.caption_dropout
-    txt, mask = drop_captions(batch["txt"].float(), batch["txt_mask"], keep, loader.null_txt, loader.null_mask)
+    txt, mask, null_txt, null_mask = pad_to_common(batch["txt"].float(), batch["txt_mask"], loader.null_txt,
+                                                   loader.null_mask)
+    txt, mask = torch.where(keep[:, None, None], txt, null_txt), torch.where(keep[:, None], mask, null_mask)
     t = sample_t(len(x0), args.shift, args.uniform_t, g, device)
     eps = torch.randn(x0.shape, generator=g, device=device)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
@@ -603,8 +587,8 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
                     target = teacher_tokens(teacher, images, (x0.shape[2] // patch, x0.shape[3] // patch))
                 target = spatial_normalize(target) if args.irepa else target
                 loss = loss + args.repa_lambda * repa_loss(repa_proj, target, repa_idx)
-            if nets:  # pixel space: x0 is the image
-                x0_hat = predicted_x0(pred, x_t, t, args.pred)
+            if nets:  # pixel space: x0 is the image, x0_hat the predicted one (v-prediction: x_t - t v)
+                x0_hat = pred.float() if args.pred == "x" else x_t - t[:, None, None, None] * pred.float()
                 if args.lpips:
                     loss = loss + args.lpips * lpips_loss(nets["lpips"], x0_hat, x0)
                 if args.pdino:
@@ -672,12 +656,7 @@ def matmul_peak(device, n=1024, reps=8):
     measured once at start, untimed: what the log's utilisation (mfu) compares the training step with on the CPU
     (on CUDA the step runs in bf16 and compares with --peak-tflops)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = math.inf
-    for _ in range(reps + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / min(timeit.repeat(lambda: a @ b, number=1, repeat=reps + 1))  # the first: a warm-up
 
 
 def learning_rate(args, step, train_time):
@@ -717,33 +696,23 @@ def build_model(args, loader, device):
     torch.manual_seed(args.seed)
     model = PRX(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
-    teacher = None
+    frozen = torch.bfloat16 if device.type == "cuda" else None  # PRX runs the frozen teacher and DINOv2 in bf16
+    teacher, nets = None, {}  # nets: the frozen networks of --lpips and --pdino, for Trainee.perceptual
     if args.repa:
-        overlay = dict(pretrained_cfg_overlay=dict(file=args.repa_weights)) if args.repa_weights else {}
         with exit_on(f"--repa {args.repa}", (FileNotFoundError, RuntimeError)):
-            teacher = (load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else
-                       load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], flag="--repa-weights",
-                                 dynamic_img_size=True, **overlay)).to(device)
-    if teacher is not None and device.type == "cuda":
-        teacher = teacher.to(torch.bfloat16)  # PRX runs the frozen teacher in bf16
-    kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
-    trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer,
-                      load_perceptual(args, device))
-    return cfg, model, ema, trainee.to(device), teacher
-
-
-def load_perceptual(args, device):
-    """The frozen networks of --lpips and --pdino, for Trainee.perceptual; DINOv2 in bf16 on CUDA, as PRX."""
-    nets = {}
+            teacher = load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else \
+                load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], flag="--repa-weights", dynamic_img_size=True,
+                          pretrained_cfg_overlay=dict(file=args.repa_weights))
+            teacher = teacher.to(device, frozen)
     with exit_on("perceptual loss", (FileNotFoundError, RuntimeError)):
         if args.lpips:
             nets["lpips"] = load_lpips(args.lpips_weights).to(device)
         if args.pdino:
-            overlay = dict(pretrained_cfg_overlay=dict(file=args.pdino_weights)) if args.pdino_weights else {}
-            nets["pdino"] = load_dino(PDINO_MODEL, flag="--pdino-weights", dynamic_img_size=True, **overlay).to(device)
-    if "pdino" in nets and device.type == "cuda":
-        nets["pdino"] = nets["pdino"].to(torch.bfloat16)
-    return nets
+            nets["pdino"] = load_dino(PDINO_MODEL, flag="--pdino-weights", dynamic_img_size=True,
+                                      pretrained_cfg_overlay=dict(file=args.pdino_weights)).to(device, frozen)
+    kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
+    trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer, nets)
+    return cfg, model, ema, trainee.to(device), teacher
 
 
 def build_optimizers(args, trainee):
@@ -762,13 +731,6 @@ def build_optimizers(args, trainee):
             torch.optim.AdamW(adam_params, **adamw)] + projector, split_summary(muon_params, adam_params)
 
 
-def drop_repa(trainee, opt):
-    """--repa-stop: the projector and its optimizer (the last) leave the run; the caller stops running the
-    teacher and re-wraps the trainee for DDP, whose reducer would wait for the projector's gradients."""
-    trainee.repa_proj, trainee.repa_kind, trainee.repa_layer = None, None, None
-    opt.pop()
-
-
 def setup_eval(args, cfg, device):
     """-> a function (model, grid path or None) -> metrics dict, or None with --eval-samples 0: held-out prompts of
     --eval-data or --data, the caption checker on the built-in data, FID against --eval-ref on prepared data."""
@@ -779,9 +741,14 @@ def setup_eval(args, cfg, device):
                  (ValueError, FileNotFoundError, RuntimeError)):
         split = open_heldout(data, args.eval_samples, heldout_caption(args.captions), args.resolution, args.seed,
                              args.text_context)
-        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
-                          count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
-                          images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
+        metrics = None
+        if args.eval_ref:  # every rank checks the reference with the id of the held-out images: rank 0 reads them
+            images = [split.images_id(args.eval_samples) if main_process() else None]
+            if dist.is_initialized():
+                dist.broadcast_object_list(images, 0)
+            metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
+                              count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
+                              images=(data, images[0]))
     shape, decode = load_decoder(cfg, data, args.resolution, device)
     return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
                                         grid=grid, **sampling_settings(args))
@@ -961,7 +928,8 @@ def resolve_resume(resume, out):
 
 def check_resume_flags(args, ckpt):
     """A resume continues the same run: flags outside RESUMABLE must equal those the checkpoint was trained with
-    (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too."""
+    (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too. -> the args
+    of the stage that trained the checkpoint (model.stage_config), for resume_changes."""
     with open(os.path.join(run_of(ckpt), "config.json")) as f:
         config = json.load(f)
     if "data" in args.track_values and args.data != config["args"]["data"]:
@@ -973,13 +941,14 @@ def check_resume_flags(args, ckpt):
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
     with open(stage_config(run_of(ckpt), ckpt)) as f:
-        was = json.load(f)["args"]["data"]
-    check_encoders(args.data, was, f"--resume {ckpt} --data")  # a new stage's data: the same encoders
+        stage = json.load(f)["args"]
+    check_encoders(args.data, stage["data"], f"--resume {ckpt} --data")  # a new stage's data: the same encoders
     patch = args.patch or preset_config(args.model, args.resolution).patch_size
     if patch != config["model"]["patch_size"]:
         raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "
                          f"{patch} at {args.resolution} px, the run's model has {config['model']['patch_size']} (the "
                          f"pixel presets switch from 16 to 32 at 512 px): start the first stage with --patch")
+    return stage
 
 
 def check_budget(args, ckpt, step, train_time):
@@ -1009,11 +978,10 @@ def flag_changes(before, args, names, parser):
             if value(k, was[k]) != value(k, now[k])]
 
 
-def resume_changes(args, ckpt):
-    """The RESUMABLE flags this resume sets otherwise than the stage that trained the checkpoint (a second phase,
-    or flags left off the command line: the log says so) -> a note, or None."""
-    with open(stage_config(run_of(ckpt), ckpt)) as f:
-        changed = flag_changes(json.load(f)["args"], args, RESUMABLE - {"out", "resume"}, get_parser())
+def resume_changes(args, stage):
+    """The RESUMABLE flags this resume sets otherwise than `stage` (the args of the stage that trained the checkpoint:
+    a second phase, or flags left off the command line: the log says so) -> a note, or None."""
+    changed = flag_changes(stage, args, RESUMABLE - {"out", "resume"}, get_parser())
     return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
            f"{'; '.join(changed)}" if changed else None
 
@@ -1042,9 +1010,8 @@ def set_aside_newer(ckpt):
         return None
     newer += [os.path.join(run, name) for name in sorted(os.listdir(run))
               if (m := re.fullmatch(r"samples_(\d+)\.png", name)) and int(m[1]) > step]
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        with open(os.path.join(run, "eval.json")) as f:
-            newer += [os.path.join(run, "eval.json")] * (json.load(f)["step"] > step)
+    with contextlib.suppress(FileNotFoundError, ValueError), open(os.path.join(run, "eval.json")) as f:
+        newer += [os.path.join(run, "eval.json")] * (json.load(f)["step"] > step)
     aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.makedirs(aside)
     later = split_metrics(os.path.join(run, "metrics.jsonl"), step)[1]
@@ -1091,11 +1058,6 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
 # The run folder: config.json (every resolved flag, versions, commit), log.txt (opens with the source of every
 # file), metrics.jsonl (one object per log line and evaluation), samples_<step>.png, eval.json, checkpoints/
 
-def library_versions():
-    names = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")
-    return {"python": sys.version.split()[0], **{name: importlib.metadata.version(name) for name in names}}
-
-
 def devices(device):
     """Where the run ran, for the log's header: the machine's name, and every visible GPU and the driver or the CPU
     and torch's threads (records/verify.py: the runs beside a record ran on its machine)."""
@@ -1123,7 +1085,6 @@ class RunLog:
         self.master, self.metrics_path, self.config = master, os.path.join(out, "metrics.jsonl"), config
         if not master:
             return
-        os.makedirs(out, exist_ok=True)
         config_path = os.path.join(out, f"config.resume-{start_step}.json" if resumed else "config.json")
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
@@ -1150,20 +1111,21 @@ class RunLog:
 
 
 def run_folder(args):
-    """-> (out, checkpoint to resume or None, whether out is that checkpoint's run). A folder that holds a run is
-    never reused but by a resume of its own checkpoints; --resume CKPT --out NEW branches the run into NEW, a run
-    folder of its own (config.json, the sources), leaving CKPT's run as it was."""
+    """-> (out, checkpoint to resume or None, whether out is that checkpoint's run, the args of its stage or None:
+    check_resume_flags). A folder that holds a run is never reused but by a resume of its own checkpoints; --resume
+    CKPT --out NEW branches the run into NEW, a run folder of its own (config.json, the sources), leaving CKPT's run
+    as it was."""
     stamp = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out = args.out or next(p for p in itertools.chain([stamp], (f"{stamp}-{k}" for k in itertools.count(2)))
                            if not os.path.exists(p))  # claim_run_folder makes it
-    ckpt = None
+    ckpt = stage = None
     if args.resume:
         ckpt = resolve_resume(args.resume, out)
-        check_resume_flags(args, ckpt)
+        stage = check_resume_flags(args, ckpt)
         run = run_of(ckpt)
         out = args.out or run
         if os.path.abspath(out) == os.path.abspath(run):
-            return out, ckpt, True
+            return out, ckpt, True, stage
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out} is a file; name a folder for the run")
     entries = sorted(set(os.listdir(out)) - {".lock"}) if os.path.isdir(out) else []
@@ -1177,7 +1139,7 @@ def run_folder(args):
                              f"still running): choose another --out, or delete {out} once it has ended to start again")
         raise SystemExit(f"error: --out {out} holds a run already; continue it with --resume (--out {out} --resume), "
                          f"or choose another --out" + (f" to branch from {ckpt}" if ckpt else ""))
-    return out, ckpt, False
+    return out, ckpt, False, stage
 
 
 def claim_run_folder(out, new, named):
@@ -1259,8 +1221,11 @@ def weight_files(args):
 
 
 def config_of(args, cfg, world, n_params, device):
+    libraries = ("torch", "numpy", "diffusers", "transformers", "timm", "torch-fidelity", "safetensors", "pillow")
     return {"args": vars(args), "model": vars(cfg), "sampling": sampling_settings(args), "world_size": world,
-            "parameters": n_params, "versions": library_versions(), "weights_sha256": weight_files(args),
+            "parameters": n_params,
+            "versions": {"python": sys.version.split()[0], **{n: importlib.metadata.version(n) for n in libraries}},
+            "weights_sha256": weight_files(args),
             "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -1339,7 +1304,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
-    out, ckpt, same_run = run_folder(args)
+    out, ckpt, same_run, stage = run_folder(args)
     existing = os.path.isdir(out)  # a new folder is made once the run's errors are past
     lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
@@ -1359,7 +1324,7 @@ def main(argv=None):
         lock, out = claim_on_rank_0(out, True, bool(args.out), master, world)
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
-    for line in (muon_split, note, moved, resume_changes(args, ckpt) if ckpt else None):
+    for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None):
         if line:
             log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
@@ -1380,8 +1345,10 @@ def main(argv=None):
     step_log = StepLog(args, cfg, loader, world, device, train_time, log)
     while True:
         if teacher is not None and args.repa_stop and step >= args.repa_stop:
-            teacher = None
-            drop_repa(trainee, opt)
+            # the teacher, the projector and its optimizer (the last) leave; the trainee is wrapped anew (DDP's
+            # reducer would wait for the projector's gradients)
+            teacher, trainee.repa_proj, trainee.repa_kind, trainee.repa_layer = None, None, None, None
+            opt.pop()
             model = wrap_ddp(trainee, world, device)
             log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
         last = step >= args.max_steps or train_time >= max_time

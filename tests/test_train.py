@@ -339,6 +339,18 @@ def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.parametrize("argv", [["--lr", "-1"], ["--tread", "--sprint"]])  # argparse's check, and one of ours
+def test_an_argument_error_is_printed_by_rank_0_alone(argv, rank, monkeypatch, capsys):
+    """Under torchrun every rank parses the flags: one copy of an error, not one per process."""
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as refused:
+        train.get_args(["--track", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and (f"error: argument {argv[0]}" in err or "are exclusive" in err) == \
+        (rank == "0") and (err == "") == (rank == "1"), err
+
+
 def test_cpu_track_values_apply_only_to_flags_not_given():
     args = train.get_args(["--track", "cpu", "--lr", "5e-4", "--model=tiny"])
     assert args.lr == 5e-4 and args.model == "tiny" and args.warmup == train.CPU_TRACK["warmup"]
@@ -768,6 +780,26 @@ def test_an_evaluation_writes_eval_json_only_at_the_end_or_the_target(tmp_path):
         assert (tmp_path / "eval.json").exists() == reached
     assert lines[-1] == "target object_accuracy 0.5 reached at step 4: stopping"
     assert json.loads((tmp_path / "eval.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_0_alone_reads_the_held_out_images_the_reference_is_checked_with(rank, monkeypatch):
+    """images_id reads and hashes every held-out image an evaluation compares with: rank 0 does, and sends the id to
+    every rank's check of --eval-ref."""
+    args = train.get_args(SMALL + ["--eval-samples", "4"])
+    args.eval_ref, hashed, checked, heldout = "ref.npz", [], [], train.open_heldout
+
+    def open_heldout(*a):
+        split = heldout(*a)
+        split.images_id = lambda n: hashed.append(n) or "rank 0's id"
+        return split
+    monkeypatch.setattr(train, "open_heldout", open_heldout)
+    monkeypatch.setattr(train, "main_process", lambda: rank == 0)
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, "rank 0's id"))
+    monkeypatch.setattr(train, "Metrics", lambda *a, **kw: checked.append(kw["images"]))
+    assert train.setup_eval(args, argparse.Namespace(in_channels=3), torch.device("cpu")) is not None
+    assert hashed == [4] * (rank == 0) and checked == [("builtin", "rank 0's id")]
 
 
 def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, tmp_path):
@@ -1454,13 +1486,25 @@ def test_norms_and_rope_compute_in_fp32_under_autocast():
     assert torch.equal(rope, m.apply_rope(x[:, :, None].float(), cos, sin).bfloat16())
 
 
-def test_the_resume_note_lists_what_differs_from_the_checkpoints_stage(tmp_path):
+def test_the_resume_note_lists_what_differs_from_the_checkpoints_stage():
     args = train.get_args(SMALL)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"args": {**json.loads(json.dumps(vars(args))), "data": "d/mj"}}))
-    ckpt = str(run / "checkpoints" / "step_2")
+    stage = {**json.loads(json.dumps(vars(args))), "data": "d/mj"}  # the stage's args, as its config stores them
     args.data = "./d/mj/"  # the same dataset, spelt otherwise: not a change
-    assert train.resume_changes(args, ckpt) is None
+    assert train.resume_changes(args, stage) is None
     args.lr, args.data = 1e-3, "d/mj:0.5,d/cc:0.5"
-    assert train.resume_changes(args, ckpt).endswith("--data d/mj -> d/mj:0.5,d/cc:0.5; --lr 0.002 -> 0.001")
+    assert train.resume_changes(args, stage).endswith("--data d/mj -> d/mj:0.5,d/cc:0.5; --lr 0.002 -> 0.001")
+
+
+def test_a_resume_reads_its_stage_config_once(finished_run, tmp_path, monkeypatch):
+    """The config of the stage that trained the checkpoint is read once: for its data's encoders and for the note of
+    the flags this resume sets otherwise."""
+    out = copy_run(finished_run, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.resume-2.json").write_text(json.dumps({**config, "args": {**config["args"], "lr": 1e-3}}))
+    opened = []
+    monkeypatch.setattr(train, "open", lambda path, *a, **kw: opened.append(os.path.basename(path)) or
+                        open(path, *a, **kw), raising=False)
+    train.main(SMALL + ["--out", str(out), "--max-steps", "5", "--resume"])  # from step_4, trained by resume-2
+    assert opened.count("config.resume-2.json") == 1
+    assert re.search(r"flags set otherwise than the checkpoint's stage .*; --lr 0\.001 -> 0\.002;",
+                     (out / "log.txt").read_text())
