@@ -58,17 +58,14 @@ from prepare import to_bits, write_index, write_shard
 import train
 from train import flow_loss
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()  # wait for the GPU before reading the clock
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def timed(fns, warmup, steps, clock=time.perf_counter):
     """{name: fn} -> {name: [seconds of each timed call]}: `warmup` untimed rounds, then `steps` timed ones; in each
     round every fn is called once, in turn."""
+    sync = torch.cuda.synchronize if CUDA else lambda: None  # wait for the GPU before reading the clock
     times = {name: [] for name in fns}
     for step in range(warmup + steps):
         for name, fn in fns.items():
@@ -79,6 +76,11 @@ def timed(fns, warmup, steps, clock=time.perf_counter):
             if step >= warmup:
                 times[name].append(clock() - start)
     return times
+
+
+def median_ms(times):
+    """timed's {name: [seconds]} -> {name: the median in milliseconds}."""
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def compare(what, ours, base_name, base, unit, fmt=",.1f"):
@@ -114,15 +116,14 @@ def bench_model(args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     ours, theirs = prx_pair(args.preset)
-    cfg, B = ours.cfg, args.batch
+    cfg = ours.cfg
     side = math.isqrt(args.img_tokens) * cfg.patch_size
     batch = synthetic_batch(cfg, dict(vars(args), side=side), 0)
     x, _, t, txt, mask = batch
     lengths = mask.sum(1)
-    bf16 = DEVICE.type == "cuda"
 
-    print(f"preset {args.preset} | batch {B} | {args.img_tokens} image tokens | text {args.txt_tokens} padded, real "
-          f"lengths {args.min_len}..{args.max_len}")
+    print(f"preset {args.preset} | batch {args.batch} | {args.img_tokens} image tokens | text {args.txt_tokens} "
+          f"padded, real lengths {args.min_len}..{args.max_len}")
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math: attention matmuls counted
         ours(x[:1], t[:1], txt[:1], mask[:1])
     real = int(lengths[0])
@@ -130,12 +131,11 @@ def bench_model(args):
             flops_per_sample(cfg, args.img_tokens, real), "FLOPs", ".4g")
     for mode in ["eager", "compiled"] if args.compile else ["eager"]:
         a, b = (ours, theirs) if mode == "eager" else (torch.compile(ours), torch.compile(theirs))
-        steps = {"ours": lambda: training_step(a, None, batch, bf16),
-                 "diffusers": lambda: training_step(b, None, batch, bf16, diffusers=True)}
-        times = timed(steps, args.warmup, args.steps)
-        ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+        steps = {"ours": lambda: training_step(a, None, batch, CUDA),  # bf16 autocast on CUDA
+                 "diffusers": lambda: training_step(b, None, batch, CUDA, diffusers=True)}
+        ms = median_ms(timed(steps, args.warmup, args.steps))
         compare(f"{mode} fwd+bwd, median of {args.steps}", ms["ours"], "diffusers", ms["diffusers"], "ms")
-        if DEVICE.type == "cuda":
+        if CUDA:
             mfu = mfu_percent(cfg, args.img_tokens, lengths, ms, args.peak_tflops)
             compare(f"{mode} MFU at {args.peak_tflops:g} TFLOP/s peak", mfu["ours"], "diffusers", mfu["diffusers"], "%")
 
@@ -154,7 +154,7 @@ def bench_muon(args):
     compare("largest Newton-Schulz share of 8 ranks", 100 * largest / sum(costs), "ideal", 12.5, "% of the FLOPs",
             ".2f")
     depth = model.cfg.depth
-    blocks = args.blocks or (depth if DEVICE.type == "cuda" else 1)  # CPUs without bf16 matmul units: --preset tiny
+    blocks = args.blocks or (depth if CUDA else 1)  # CPUs without bf16 matmul units: --preset tiny
     shapes = shapes[:blocks * len(shapes) // depth]
     torch.manual_seed(0)
     weights = [torch.randn(s, device=DEVICE) * 0.02 for s in shapes]
@@ -169,28 +169,27 @@ def bench_muon(args):
     print(f"first {blocks} block(s): {len(shapes)} matrices, {sum(math.prod(s) for s in shapes):,} weights")
     forms = {name: lambda plain=plain: [newton_schulz(g, dtype=torch.float32, plain=plain) for g in grads]
              for name, plain in (("gram", False), ("plain", True))}
-    times = timed(forms, 1, args.steps)
-    compare(f"fp32 Newton-Schulz (Muon's on a CPU), Gram form where cheaper, median of {args.steps}",
-            1e3 * statistics.median(times["gram"]), "plain iteration", 1e3 * statistics.median(times["plain"]), "ms")
+    ms = median_ms(timed(forms, 1, args.steps))
+    compare(f"fp32 Newton-Schulz (Muon's on a CPU), Gram form where cheaper, median of {args.steps}", ms["gram"],
+            "plain iteration", ms["plain"], "ms")
     # PRX's settings, which are also torch's with these arguments; Newton-Schulz in bf16 on both sides, as torch's
     # always is (ours' CPU default, fp32, is the line above)
     ours = Muon(fresh_params(), ns_dtype=torch.bfloat16)
     theirs = torch.optim.Muon(fresh_params(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    times = timed({"ours": ours.step, "torch": theirs.step}, 1, args.steps)
-    compare(f"step, bf16 Newton-Schulz, median of {args.steps}", 1e3 * statistics.median(times["ours"]),
-            "torch.optim.Muon", 1e3 * statistics.median(times["torch"]), "ms")
+    ms = median_ms(timed({"ours": ours.step, "torch": theirs.step}, 1, args.steps))
+    compare(f"step, bf16 Newton-Schulz, median of {args.steps}", ms["ours"], "torch.optim.Muon", ms["torch"], "ms")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # loader: ShardLoader against HuggingFace datasets
 
-def write_synthetic(root, samples, shard_size=1024, seed=0, images=False):
-    """A prepared directory of realistic 256 px sizes: a 16x32x32 bf16 latent and 60..180 (mean 120) text tokens
-    of 2304 bf16 values per sample; images: also the 3x256x256 uint8 image a REPA teacher reads."""
+def write_synthetic(root, samples, images=False):
+    """A prepared directory of realistic 256 px sizes, in shards of 1024: a 16x32x32 bf16 latent and 60..180 (mean
+    120) text tokens of 2304 bf16 values per sample; images: also the 3x256x256 uint8 image a REPA teacher reads."""
     root = Path(root)
-    rng, pool = np.random.default_rng(seed), to_bits(torch.randn(4096, 2304))  # text rows reused at random offsets
-    for k, start in enumerate(range(0, samples, shard_size)):
-        n = min(shard_size, samples - start)
+    rng, pool = np.random.default_rng(0), to_bits(torch.randn(4096, 2304))  # text rows reused at random offsets
+    for k, start in enumerate(range(0, samples, 1024)):
+        n = min(1024, samples - start)
         offsets, lengths = rng.integers(0, 3900, n), rng.integers(60, 181, n)
         columns = {"latent": list(to_bits(torch.randn(n, 16, 32, 32))),
                    "txt_long": [pool[o:o + length] for o, length in zip(offsets, lengths)],
@@ -269,7 +268,7 @@ def feature_extractors():
 
     def fidelity(images):  # torch-fidelity's loop: a DataLoader over the images (no workers), features to the CPU
         subset = torch.utils.data.Subset(images, range(len(images)))
-        return get_featuresdict_from_dataset(subset, inception, len(images), DEVICE.type == "cuda", True, False)["2048"]
+        return get_featuresdict_from_dataset(subset, inception, len(images), CUDA, True, False)["2048"]
 
     def hf_clip(images):  # transformers' processor (resize, crop, CLIP mean/std), then the same network
         pixels = processor(list(images), return_tensors="pt").pixel_values.to(DEVICE)
@@ -303,7 +302,7 @@ def diffusers_sample(transformer, txt, mask, null_txt, null_mask, x, steps, cfg_
 
 @torch.no_grad()
 def bench_eval(args):
-    B = args.batch or (32 if DEVICE.type == "cuda" else 2)
+    B = args.batch or (32 if CUDA else 2)
     per_second = lambda times: B / statistics.median(times)
     images = torch.randint(0, 256, (B, 3, 256, 256), dtype=torch.uint8)
     print(f"batch {B} of 256 px uint8 images; metric networks randomly initialised in the real architectures")
@@ -311,14 +310,14 @@ def bench_eval(args):
         times = timed({"ours": lambda: ours(images), "base": lambda: base(images)}, args.warmup, args.steps)
         compare(name, per_second(times["ours"]), base_name, per_second(times["base"]), "img/s", ".3f")
 
-    n = args.mmd_rows or (10_000 if DEVICE.type == "cuda" else 4096)
+    n = args.mmd_rows or (10_000 if CUDA else 4096)
     emb = F.normalize(torch.randn(2 * n, 768, device=DEVICE), dim=-1)
     times = timed({"blocks": lambda: mmd(emb[:n], emb[n:]), "one": lambda: mmd(emb[:n], emb[n:], chunk=n)},
                   args.warmup, args.steps)
     compare(f"MMD of {n} against {n} embeddings in mmd's row blocks", statistics.median(times["blocks"]),
             "one block", statistics.median(times["one"]), "s", ".2f")
 
-    preset = args.preset or ("small" if DEVICE.type == "cuda" else "tiny-pixel")
+    preset = args.preset or ("small" if CUDA else "tiny-pixel")
     ours, theirs = (m.eval() for m in prx_pair(preset))
     side = 32  # tiny-pixel: 32 px images; latent presets: the 32x32 latent of 256 px
     rates = sampling_rates(ours, theirs, B, side, args.sample_steps, args.warmup, args.steps)
@@ -361,11 +360,11 @@ def saved_bytes(cfg, batch, side, txt_tokens, fake=True, param_dtype=torch.float
     exactly by a saved_tensors_hooks once per storage (the parameters excluded; autocast's bf16 weight copies
     included), under CPU bf16 autocast with the attention in bf16, as on CUDA (model.Attention.fp32_on_cpu off).
     With fake=True on fake tensors (shapes and dtypes, no data, no compute): the same count at full size in a
-    second, with nothing to extrapolate. param_dtype bf16: FSDP2's weights gathered in
-    bf16 (train.py --fsdp), which autocast uses as they are: no copies. CUDA's kernels save a few tensors otherwise:
-    its layer norms return fp32 (+2 bytes an element, 2 per block) but its fused RMSNorm saves one fp32 copy where
-    CPU's saves two (-4 bytes an element of q, k and text k): with as many text as image tokens CUDA's eager count is
-    ~9% lower. torch.compile's graphs recompute some elementwise ops and save less still."""
+    second, with nothing to extrapolate. param_dtype bf16: FSDP2's weights gathered in bf16 (train.py --fsdp), which
+    autocast uses as they are: no copies. CUDA's kernels save a few tensors otherwise: its layer norms return fp32
+    (+2 bytes an element, 2 per block) but its fused RMSNorm saves one fp32 copy where CPU's saves two (-4 bytes an
+    element of q, k and text k): with as many text as image tokens CUDA's eager count is ~9% lower. torch.compile's
+    graphs recompute some elementwise ops and save less still."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from unittest import mock
     with FakeTensorMode() if fake else contextlib.nullcontext(), mock.patch.object(Attention, "fp32_on_cpu", False):
@@ -389,7 +388,7 @@ def saved_bytes(cfg, batch, side, txt_tokens, fake=True, param_dtype=torch.float
     return sum(saved.values())
 
 
-def per_gpu(model, act_ddp, act_fsdp, gpus=GPUS):
+def per_gpu(model, act_ddp, act_fsdp):
     """-> {"DDP": parts, "FSDP2": parts}, bytes per GPU. DDP replicates everything, its reducer adding a second copy
     of the gradients (its buckets; train.py keeps DDP's default gradient_as_bucket_view=False), and autocast's bf16
     weight copies are among its activations. FSDP2 (train.py --fsdp) divides weights, gradients and optimizer state
@@ -400,7 +399,7 @@ def per_gpu(model, act_ddp, act_fsdp, gpus=GPUS):
     root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
     sharded = ("weights", "grads", "AdamW", "Muon")
     ddp = {**{k: s[k] for k in sharded}, "buckets": s["grads"], "units": 0, "activations": act_ddp}
-    fsdp = {**{k: s[k] / gpus for k in sharded}, "buckets": 0, "units": 8 * (2 * block + root), "activations": act_fsdp}
+    fsdp = {**{k: s[k] / GPUS for k in sharded}, "buckets": 0, "units": 8 * (2 * block + root), "activations": act_fsdp}
     return {"DDP": ddp, "FSDP2": fsdp}
 
 
@@ -419,43 +418,35 @@ def preset_memory(name, resolution, micro_batch, txt_tokens):
     return sum(p.numel() for p in model.parameters()), per_gpu(model, *act)
 
 
-def gib_fits(b):
-    return f"{b / 2**30:.1f} {'fits' if b / 2**30 <= GPU_GIB else 'over'}"
+def gib(b, fits=False):
+    """Bytes -> GiB; fits: and whether that fits one GPU."""
+    return f"{b / 2**30:.1f}" + (f" {'fits' if b / 2**30 <= GPU_GIB else 'over'}" if fits else "")
 
 
-def memory_table(presets):
-    """Markdown rows, GiB per GPU, one row a preset: the whole model's states, the activations, the totals."""
-    rows = ["| preset | px | params | weights | grads | AdamW | Muon | activations DDP | activations FSDP2 | "
-            "DDP AdamW | DDP Muon | FSDP2 AdamW | FSDP2 Muon |", "|---" * 13 + "|"]
-    for (name, resolution), (n, parts) in presets.items():
-        ddp, fsdp = parts["DDP"], parts["FSDP2"]
-        rows.append(f"| {name} | {resolution} | {n / 1e9:.2f}B | " + " | ".join(f"{b / 2**30:.1f}" for b in (
-            ddp["weights"], ddp["grads"], ddp["AdamW"], ddp["Muon"], ddp["activations"], fsdp["activations"])) +
-            " | " + " | ".join(gib_fits(total(p, opt)) for p in (ddp, fsdp) for opt in ("AdamW", "Muon")) + " |")
-    return rows
-
-
-def memory_parts_table(parts):
-    """Markdown rows, GiB per GPU of each part under DDP and FSDP2, then the totals with either optimizer."""
-    labels = {"weights": "weights (fp32)", "grads": "gradients (fp32)", "buckets": "DDP's gradient buckets",
-              "AdamW": "AdamW state (2 moments)", "Muon": "Muon state (momentum; AdamW's off the blocks)",
-              "units": "FSDP2's whole units (2 blocks + root)", "activations": "activations"}
-    rows = ["| part | DDP | FSDP2 |", "|---|---|---|"]
-    rows += [f"| {label} | {parts['DDP'][k] / 2**30:.1f} | {parts['FSDP2'][k] / 2**30:.1f} |"
-             for k, label in labels.items()]
-    rows += [f"| total with {opt} | {gib_fits(total(parts['DDP'], opt))} | {gib_fits(total(parts['FSDP2'], opt))} |"
-             for opt in ("AdamW", "Muon")]
-    return rows
+MEMORY_PARTS = {"weights": "weights (fp32)", "grads": "gradients (fp32)", "buckets": "DDP's gradient buckets",
+                "AdamW": "AdamW state (2 moments)", "Muon": "Muon state (momentum; AdamW's off the blocks)",
+                "units": "FSDP2's whole units (2 blocks + root)", "activations": "activations"}
 
 
 def bench_memory(args):
     presets = {p: preset_memory(*p, args.micro_batch, 256) for p in MEMORY_PRESETS}
     print(f"GiB per GPU at micro-batch {args.micro_batch}, 256 text tokens (prepare.py's cap, the worst case), "
           f"{GPUS} x {GPU_GIB:.1f} GiB; activations counted under CPU bf16 autocast (see saved_bytes)")
-    print("\n".join(memory_table(presets)))
+    print("| preset | px | params | weights | grads | AdamW | Muon | activations DDP | activations FSDP2 | DDP AdamW | "
+          "DDP Muon | FSDP2 AdamW | FSDP2 Muon |\n" + "|---" * 13 + "|")
+    for (name, resolution), (n, parts) in presets.items():  # the whole model's states, the activations, the totals
+        ddp, fsdp = parts["DDP"], parts["FSDP2"]
+        cells = [gib(ddp[k]) for k in ("weights", "grads", "AdamW", "Muon", "activations")] + [gib(fsdp["activations"])]
+        cells += [gib(total(p, opt), fits=True) for p in (ddp, fsdp) for opt in ("AdamW", "Muon")]
+        print(f"| {name} | {resolution} | {n / 1e9:.2f}B | {' | '.join(cells)} |")
     n, parts = presets[("base", 256)]
     print(f"\nbase ({n / 1e9:.2f}B parameters, 256 px), per GPU, DDP against FSDP2 (train.py --fsdp; per_gpu):")
-    print("\n".join(memory_parts_table(parts)))
+    print("| part | DDP | FSDP2 |\n|---|---|---|")
+    for k, label in MEMORY_PARTS.items():
+        print(f"| {label} | {gib(parts['DDP'][k])} | {gib(parts['FSDP2'][k])} |")
+    for opt in ("AdamW", "Muon"):
+        ddp, fsdp = (gib(total(parts[way], opt), fits=True) for way in ("DDP", "FSDP2"))
+        print(f"| total with {opt} | {ddp} | {fsdp} |")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -522,9 +513,9 @@ def step_rows(sides, batch, s, peak_tflops):
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
         run = torch.compile(model, backend=s["backend"])
         steps[name] = functools.partial(training_step, run, opt, batch, diffusers=diffusers)
-    ms = {name: 1e3 * statistics.median(t) for name, t in timed(steps, s["warmup"], s["steps"]).items()}
+    ms = median_ms(timed(steps, s["warmup"], s["steps"]))
     peak = dict.fromkeys(sides, math.nan)
-    if DEVICE.type == "cuda":
+    if CUDA:
         for name, step in steps.items():
             torch.cuda.reset_peak_memory_stats()
             step()
@@ -545,10 +536,9 @@ def optimizer_row(model, s):
     muon, rest = split_muon_params(model)
     pair = [Muon(muon), torch.optim.AdamW(rest, **ADAMW)]
     adam = torch.optim.AdamW(model.parameters(), **ADAMW)
-    times = timed({"muon": lambda: [o.step() for o in pair], "adamw": adam.step}, 1, s["steps"])
+    ms = median_ms(timed({"muon": lambda: [o.step() for o in pair], "adamw": adam.step}, 1, s["steps"]))
     model.zero_grad(set_to_none=True)
-    return ("optimizer step, Muon + AdamW", 1e3 * statistics.median(times["muon"]), "AdamW",
-            1e3 * statistics.median(times["adamw"]), " ms", ",.1f")
+    return "optimizer step, Muon + AdamW", ms["muon"], "AdamW", ms["adamw"], " ms", ",.1f"
 
 
 def loader_row(s, step_s):
@@ -615,7 +605,7 @@ def gpu_check(out, peak_tflops):
     """Every GPU figure of the project in one markdown table, each row printed and written to `out`.partial as soon as
     it is measured, which becomes `out` at the end: a failure keeps the rows before it and an earlier `out` whole."""
     s = GPU_CHECK
-    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    where = torch.cuda.get_device_name() if CUDA else "cpu"
     with open(f"{out}.partial", "w") as f:
         def emit(*rows):
             for row in rows:
@@ -645,7 +635,7 @@ def gpu_check(out, peak_tflops):
 
 
 def bench_gpu(args):
-    if DEVICE.type != "cuda":
+    if not CUDA:
         raise SystemExit("error: `python bench.py gpu` needs a CUDA GPU and this machine has none "
                          "(`python bench.py memory` runs on the CPU)")
     gpu_check(args.out, args.peak_tflops)
@@ -683,10 +673,9 @@ def bench_techniques(args):
             if ema is not None and (i + 1) % a.ema_every == 0:  # as train.py
                 train.ema_update(ema, raw, a.ema)
         steps[flags] = step
-    times = timed(steps, args.warmup, args.steps)
-    base = statistics.median(times["baseline"]) * 1e3
+    ms = median_ms(timed(steps, args.warmup, args.steps))
     for flags in steps:
-        compare(f"{flags} step", statistics.median(times[flags]) * 1e3, "baseline", base, "ms")
+        compare(f"{flags} step", ms[flags], "baseline", ms["baseline"], "ms")
 
 
 def main(argv=None):
@@ -754,10 +743,10 @@ def main(argv=None):
         n = len(PreparedDataset(args.dir)) if os.path.exists(os.path.join(args.dir, "index.json")) else args.samples
         if n < args.batch:
             parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if CUDA else f"cpu, {torch.get_num_threads()} threads"
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {where} | {config}")
-    if DEVICE.type == "cpu":
+    if not CUDA:
         keep_freed_memory()  # as train.py and eval.py (eval.setup_distributed): both sides of every comparison
     args.run(args)
 

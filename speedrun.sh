@@ -20,6 +20,10 @@
 # them, records/RULES.md).
 set -euo pipefail
 cd "$(dirname "$0")"
+die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, and exit CODE
+  echo "speedrun.sh: ${*:2}" >&2
+  exit "$1"
+}
 COMMAND="${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
 TRACK=8gpu KIND=record
 while [ $# -gt 0 ]; do
@@ -27,12 +31,12 @@ while [ $# -gt 0 ]; do
     --track)
       case ${2:-} in
         8gpu|1gpu|cpu) TRACK=$2; shift 2 ;;
-        *) echo "speedrun.sh: --track ${2:-(missing)}: one of 8gpu, 1gpu, cpu (--smoke: the smoke track)" >&2; exit 2 ;;
+        *) die 2 "--track ${2:-(missing)}: one of 8gpu, 1gpu, cpu (--smoke: the smoke track)" ;;
       esac ;;
     --calibrate) KIND=calibration; shift ;;
     --smoke) TRACK=smoke; shift ;;
     --) shift; break ;;
-    *) echo "speedrun.sh: unknown option $1 (usage at the top of speedrun.sh)" >&2; exit 2 ;;
+    *) die 2 "unknown option $1 (usage at the top of speedrun.sh)" ;;
   esac
 done
 PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, samples, steps, cfg, runs, lower
@@ -40,48 +44,37 @@ eval "$PROTOCOL"
 if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
 RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$target}
 NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
-if ! [[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then  # a folder name under RECORDS and RUNS_DIR, not a path
-  echo "speedrun.sh: NAME=$NAME: letters, digits, '.', '_' and '-' only (it names the record's folder)" >&2
-  exit 2
-fi
+[[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] ||  # a folder name under RECORDS and RUNS_DIR, not a path
+  die 2 "NAME=$NAME: letters, digits, '.', '_' and '-' only (it names the record's folder)"
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
-[ ! -e "$FOLDER" ] || { echo "speedrun.sh: $FOLDER exists; choose another NAME" >&2; exit 1; }
+[ ! -e "$FOLDER" ] || die 1 "$FOLDER exists; choose another NAME"
 if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAME-beside-[0-9]*" > /dev/null ||
    [ -e "$RUNS_DIR/$NAME-code" ] || [ -e "$RUNS_DIR/$NAME-beside-code" ]; then
-  echo "speedrun.sh: NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would" \
-       "refuse, or its code: git worktree remove --force <it>); choose another NAME or remove them" >&2
-  exit 1
+  die 1 "NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would refuse, or its" \
+        "code: git worktree remove --force <it>); choose another NAME or remove them"
 fi
-if ! git rev-parse --verify --quiet HEAD > /dev/null; then
-  echo "speedrun.sh: runs in a git clone with a commit (each log names it; the runs train on a snapshot of it)" >&2
-  exit 1
-fi
+git rev-parse --verify --quiet HEAD > /dev/null ||
+  die 1 "runs in a git clone with a commit (each log names it; the runs train on a snapshot of it)"
 if [ -n "${BESIDE:-}" ] && [ "$BESIDE" != 1 ]; then
-  echo "speedrun.sh: BESIDE=$BESIDE: set BESIDE=1 to run the record configuration beside yours, or leave it unset" >&2
-  exit 1
+  die 1 "BESIDE=$BESIDE: set BESIDE=1 to run the record configuration beside yours, or leave it unset"
 fi
 if [ -n "${EVERY:-}" ] && [[ $TRACK == *gpu ]]; then  # no runs beside to share another cadence: the rules fix it
-  echo "speedrun.sh: EVERY is for the CPU track; a GPU track checks for its target every 2,500 steps (RULES.md)" >&2
-  exit 1
+  die 1 "EVERY is for the CPU track; a GPU track checks for its target every 2,500 steps (RULES.md)"
 fi
 if [ -n "${BESIDE:-}" ] && [[ $TRACK == *gpu ]]; then  # one run at a time: none could start with the candidate's
-  echo "speedrun.sh: BESIDE is for the CPU track, whose machines differ; a GPU track's hardware is fixed" >&2
-  exit 1
+  die 1 "BESIDE is for the CPU track, whose machines differ; a GPU track's hardware is fixed"
 fi
 if [ "$KIND" = record ] && [ -z "$target" ]; then
-  echo "speedrun.sh: the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first" >&2
-  exit 1
+  die 1 "the $TRACK track has no target yet: bash speedrun.sh --track $TRACK --calibrate first"
 fi
 if [ -n "$STOP" ] && ! [[ $STOP =~ ^[-+]?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
-  echo "speedrun.sh: STOP=$STOP: a number ($metric's value at which each run stops)" >&2
-  exit 2
+  die 2 "STOP=$STOP: a number ($metric's value at which each run stops)"
 fi
 if [ "$KIND" = record ] && ! awk -v stop="$STOP" -v target="$target" -v lower="$lower" \
     'BEGIN { exit !(stop + 0 == stop && (lower ? stop <= target : stop >= target)) }'; then
-  echo "speedrun.sh: STOP=$STOP: runs stopping there would not meet the target on the mean ($metric" \
-       "$([ "$lower" = 1 ] && echo "<=" || echo ">=") $target); use the target or a margin beyond it" >&2
-  exit 1
+  die 1 "STOP=$STOP: runs stopping there would not meet the target on the mean ($metric" \
+        "$([ "$lower" = 1 ] && echo "<=" || echo ">=") $target); use the target or a margin beyond it"
 fi
 if [ "$KIND" = record ] && [ "$TRACK" = cpu ] && [ -z "${BESIDE:-}" ]; then
   echo "speedrun.sh: note: without BESIDE=1 these runs cannot verify as a CPU record (records/RULES.md): a record" \
@@ -101,22 +94,17 @@ esac
 PARALLEL=2; [[ $TRACK != *gpu ]] || PARALLEL=1  # CPU runs go in pairs, as calibrated; GPU runs one at a time
 RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # the minimum, in whole pairs
 if ! [[ $RUNS =~ ^[0-9]+$ ]] || [ "$RUNS" -lt "$runs" ]; then
-  echo "speedrun.sh: RUNS=$RUNS: the $TRACK track's rules need at least $runs runs" >&2
-  exit 1
+  die 1 "RUNS=$RUNS: the $TRACK track's rules need at least $runs runs"
 fi
-if [ $((RUNS % PARALLEL)) -ne 0 ]; then
-  echo "speedrun.sh: RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it" >&2
-  exit 1
-fi
-if ! git diff --quiet HEAD -- shapes_teacher.safetensors; then  # verify.py checks the teacher against the commit
-  echo "speedrun.sh: shapes_teacher.safetensors differs from HEAD's: commit the teacher first (records/RULES.md)" >&2
-  exit 1
-fi
+[ $((RUNS % PARALLEL)) -eq 0 ] ||
+  die 1 "RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it"
+git diff --quiet HEAD -- shapes_teacher.safetensors ||  # verify.py checks the teacher against the commit
+  die 1 "shapes_teacher.safetensors differs from HEAD's: commit the teacher first (records/RULES.md)"
 
 case $TRACK in
   8gpu|1gpu)
     NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
-    [ "$NPROC" -gt 0 ] || { echo "speedrun.sh: no GPU visible; the CPU track is --track cpu" >&2; exit 1; }
+    [ "$NPROC" -gt 0 ] || die 1 "no GPU visible; the CPU track is --track cpu"
     [ "$TRACK" = 8gpu ] || NPROC=1
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
     TRAIN=(--track "$TRACK" --compile --eval-every 2500 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz")
@@ -133,7 +121,7 @@ case $TRACK in
     LAUNCH=(env OMP_NUM_THREADS=1 python) CONFIRM=()
     TRAIN=(--track cpu --hidden 64 --depth 3 --batch-size 8 --micro-batch 8 --log-every 1 --eval-every "${EVERY:-2}"
            --eval-samples 4 --sample-steps "$steps") ;;
-  *) echo "speedrun.sh: unknown track $TRACK" >&2; exit 2 ;;
+  *) die 2 "unknown track $TRACK" ;;
 esac
 
 # The record configuration: what a record adds to the track's baseline (README, "The speedrun": why these); flags
@@ -148,9 +136,8 @@ case $TRACK in
 esac
 CURRENT=("${RECORD[@]}")  # what BESIDE runs
 if [ -n "${BESIDE:-}" ] && { [ $# -eq 0 ] || [ "$KIND" = calibration ]; }; then
-  echo "speedrun.sh: BESIDE=1 runs the record configuration beside a candidate's: give the candidate's train.py flags" \
-       "after -- (a record attempt, not --calibrate)" >&2
-  exit 1
+  die 1 "BESIDE=1 runs the record configuration beside a candidate's: give the candidate's train.py flags after --" \
+        "(a record attempt, not --calibrate)"
 fi
 if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
 WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
@@ -190,16 +177,13 @@ done
 BESIDE_CODE=$CODE  # the beside runs: the code of the commit their record's runs trained at, in a worktree
 if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   BESIDE_COMMIT=$(python records/verify.py --commit "$RECORD_DIR")
-  if ! git cat-file -e "$BESIDE_COMMIT^{commit}" 2>/dev/null; then
-    echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit $BESIDE_COMMIT, which this clone lacks (a" \
-         "shallow clone?): git fetch --unshallow" >&2
-    exit 1
-  fi
+  git cat-file -e "$BESIDE_COMMIT^{commit}" 2>/dev/null ||
+    die 1 "the runs beside train at $RECORD_DIR's commit $BESIDE_COMMIT, which this clone lacks (a shallow clone?):" \
+          "git fetch --unshallow"
   if [ "${RECORD[*]}" = "${CURRENT[*]}" ] && [ "$(git rev-parse HEAD)" = "$BESIDE_COMMIT" ] && git diff --quiet HEAD
   then
-    echo "speedrun.sh: BESIDE=1 with the record's own flags at its own commit ($BESIDE_COMMIT) runs one" \
-         "configuration twice: change the flags after -- or the code" >&2
-    exit 1
+    die 1 "BESIDE=1 with the record's own flags at its own commit ($BESIDE_COMMIT) runs one configuration twice:" \
+          "change the flags after -- or the code"
   fi
   BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
   git worktree add --quiet --detach "$BESIDE_CODE" "$BESIDE_COMMIT"
@@ -209,28 +193,23 @@ if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   done
   echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
 fi
-JOBS=()  # "<name> <seed>"; with BESIDE each run is followed by the record configuration's of its seed: side by side
-for ((seed = 0; seed < RUNS; seed++)); do
-  JOBS+=("$NAME $seed")
-  [ -z "${BESIDE:-}" ] || JOBS+=("$NAME-beside $seed")
-done
-for job in "${JOBS[@]}"; do  # PARALLEL runs at a time; a failed run stops the speedrun
-  read -r name seed <<< "$job"
-  if [ "$name" = "$NAME" ]; then code=$CODE flags=(${RECORD[@]+"${RECORD[@]}"})
-  else code=$BESIDE_CODE flags=("${CURRENT[@]}"); fi
-  set -m  # the run in a process group of its own, so that the trap ends its train.py or eval.py with it
-  run_one "$name" "$seed" "$code" ${flags[@]+"${flags[@]}"} > "$RUNS_DIR/$name-$seed.out" 2>&1 &
-  set +m
-  running[$!]=$name-$seed
-  echo "run $name-$seed: $RUNS_DIR/$name-$seed (console: $RUNS_DIR/$name-$seed.out)"
-  if [ ${#running[@]} -eq "$PARALLEL" ]; then  # the number of jobs is a multiple of PARALLEL
-    while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
-      wait -n -p pid "${!running[@]}" || { run=${running[$pid]}  # the first failure; the trap stops the others
-        echo "speedrun.sh: run $run failed (console: $RUNS_DIR/$run.out); the other runs are stopped" >&2
-        exit 1; }
-      unset "running[$pid]"
-    done
-  fi
+for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed run stops the speedrun
+  for name in "$NAME" ${BESIDE:+"$NAME-beside"}; do  # BESIDE: the record configuration's run of the seed, side by side
+    if [ "$name" = "$NAME" ]; then code=$CODE flags=(${RECORD[@]+"${RECORD[@]}"})
+    else code=$BESIDE_CODE flags=("${CURRENT[@]}"); fi
+    set -m  # the run in a process group of its own, so that the trap ends its train.py or eval.py with it
+    run_one "$name" "$seed" "$code" ${flags[@]+"${flags[@]}"} > "$RUNS_DIR/$name-$seed.out" 2>&1 &
+    set +m
+    running[$!]=$name-$seed
+    echo "run $name-$seed: $RUNS_DIR/$name-$seed (console: $RUNS_DIR/$name-$seed.out)"
+    if [ ${#running[@]} -eq "$PARALLEL" ]; then  # the number of runs is a multiple of PARALLEL
+      while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
+        wait -n -p pid "${!running[@]}" ||  # the first failure; the trap stops the others
+          die 1 "run ${running[$pid]} failed (console: $RUNS_DIR/${running[$pid]}.out); the other runs are stopped"
+        unset "running[$pid]"
+      done
+    fi
+  done
 done
 
 copy_runs() {  # name, folder: each run's log, and its last sample grid to look at

@@ -32,7 +32,7 @@ def entries(records):
                 print(f"left out {folder.name}: {problems[0]}", file=sys.stderr)
                 continue
             what = re.search(r"^What changed: (.*)$", text, re.M)
-            runs, beside = verify.load_runs(folder), verify.load_beside(folder)
+            runs, beside = verify.load_runs(folder), verify.load_runs(folder / "beside")
             found.append(dict(track=head[1], kind=head[2], summary=verify.summary(runs, head[1], beside),
                               configuration=verify.configuration(runs[0]), code=runs[0]["sources"],
                               replaces=verify.configuration(beside[0]) if beside else None,

@@ -90,20 +90,21 @@ def parse_log(path):
     if "config.json" not in parts or "confirm.json" not in parts:
         raise ValueError(f"{path.name}: needs train.py's config.json section and speedrun.sh's confirm.json after it")
     config, end = json.JSONDecoder().raw_decode(parts["config.json"])
-    run = dict(name=path.name, config=config, timeline=timeline(parts["config.json"][end:]),
+    console = parts["config.json"][end:]
+    run = dict(name=path.name, config=config, timeline=timeline(console),
                sources={n: body[:-1] for n, body in parts.items() if n.endswith(".py")},  # RunLog adds one newline
                resumed=any(n.startswith("config.resume") for n in parts), confirm=json.loads(parts["confirm.json"]),
                ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0],
                attempt=json.loads(parts["attempt.json"]) if "attempt.json" in parts else None,
-               peak=float(m[1]) if (m := PEAK.search(parts["config.json"][end:])) else None,
-               stopped=int(m[1]) if (m := STOPPED.search(parts["config.json"][end:])) else None)
+               peak=float(m[1]) if (m := PEAK.search(console)) else None,
+               stopped=int(m[1]) if (m := STOPPED.search(console)) else None)
     if not run["timeline"]:
         raise ValueError(f"{path.name}: no step or eval line with train_time")
     return run
 
 
 def load_runs(folder):
-    """The folder's log_<k>.txt, in the order of k."""
+    """The folder's log_<k>.txt, in the order of k; none where there is no folder."""
     return [parse_log(p) for p in sorted(folder.glob("log_*.txt"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))]
 
 
@@ -118,14 +119,14 @@ def committed_sources(commit):
     return {n: git("show", f"{commit}:{n}").stdout for n in names}
 
 
-def git(*argv):
-    return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, encoding="utf-8")
+def git(*argv, encoding="utf-8"):
+    return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, encoding=encoding)
 
 
 @lru_cache(maxsize=None)
 def committed_sha256(commit, name):
     """The sha256 of a file (a binary one: the built-in teacher's weights) at a commit, or None."""
-    shown = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=ROOT, capture_output=True)
+    shown = git("show", f"{commit}:{name}", encoding=None)
     return hashlib.sha256(shown.stdout).hexdigest() if shown.returncode == 0 else None
 
 
@@ -202,8 +203,9 @@ def check_run(run, track):
         ("evaluated data", confirm["data"], args["data"]),
         *[(f"the periodic check's --{k.replace('_', '-')}", args.get(k), v) for k, v in t.get("periodic", {}).items()],
         ("metrics", sorted(confirm["metrics"]), sorted({t["metric"], *confirm["metrics"]}))]
-    if "--repa builtin" in config.get("weights_sha256", {}):  # the built-in teacher is its commit's (logs since
-        # 2026-12-05 say which): one that had seen the held-out pairs would leak them (records/2026-12-05_teacher-heldout)
+    # the built-in teacher is its commit's (logs since 2026-12-05 say which): one that had seen the held-out pairs would
+    # leak them (records/2026-12-05_teacher-heldout)
+    if "--repa builtin" in config.get("weights_sha256", {}):
         teacher = args.get("repa_weights") or TEACHER  # --repa-weights: a teacher committed at that path
         rows.append(("the built-in REPA teacher's sha256", config["weights_sha256"]["--repa builtin"],
                      committed_sha256(config.get("git_commit", ""), teacher)))
@@ -248,9 +250,9 @@ def odd_runs(runs):
     shared = [json.dumps([configuration(r), r["sources"]], sort_keys=True) for r in runs]
     key_of_common = max(shared, key=shared.count)
     common = runs[shared.index(key_of_common)]
-    problems = []
-    for run, key in zip(runs, shared):
-        mine, theirs = configuration(run), configuration(common)
+    theirs, problems = configuration(common), []
+    for run in runs:
+        mine = configuration(run)
         differences = [f"--{k.replace('_', '-')} {mine.get(k)!r} (theirs {theirs.get(k)!r})"
                        for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)]
         differences += [f"the source of {name}" for name in sorted(run["sources"].keys() | common["sources"].keys())
@@ -276,11 +278,6 @@ def check_record(runs, track, kind):
         problems.append(f"not a record: {t['metric']} mean {s['mean']:.4f} against target {t['target']}, one-sided "
                         f"p {s['p']:.3g} (needs < {P_MAX})")
     return problems
-
-
-def load_beside(folder):
-    """beside/log_<k>.txt: the runs of the configuration a record replaces, made on its machine beside it; or []."""
-    return load_runs(folder / "beside") if (folder / "beside").is_dir() else []
 
 
 def machine(run):
@@ -511,12 +508,12 @@ def summary(runs, track, beside=()):
     lower = t["metric"] in LOWER_IS_BETTER
     test = stats.ttest_1samp(values, t["target"], alternative="less" if lower else "greater") \
         if t["target"] is not None and len(values) > 1 else None
-    mean = statistics.mean(values)
+    mean, time = statistics.mean(values), statistics.mean(times)
     beside_times = [r["timeline"][-1][1] / 1000 for r in beside]
+    beside_time = statistics.mean(beside_times) if beside else None
     paired = stats.ttest_rel(times, beside_times) if len(beside) == len(runs) > 1 else None
-    return dict(times=times, values=values, lower=lower, mean=mean, time=statistics.mean(times),
-                beside_times=beside_times, beside_time=statistics.mean(beside_times) if beside else None,
-                ratio=statistics.mean(times) / statistics.mean(beside_times) if beside else None,
+    return dict(times=times, values=values, lower=lower, mean=mean, time=time, beside_times=beside_times,
+                beside_time=beside_time, ratio=time / beside_time if beside else None,
                 beside_p=float(paired.pvalue) if paired else float("nan"),
                 time_sd=statistics.stdev(times) if len(times) > 1 else 0.0,
                 sd=float(stats.tstd(values)) if len(values) > 1 else 0.0,  # nan where a run lacks the metric
@@ -578,7 +575,7 @@ def verify(folder):
         if not runs:
             return [f"{folder}: no log_<k>.txt"]
         problems = [p for r in runs for p in check_sources(r, folder) + check_clock(r) + check_run(r, track)]
-        beside = load_beside(folder)
+        beside = load_runs(folder / "beside")  # the configuration it replaces, run beside it on its machine
         if beside:
             problems += check_beside(runs, beside, track, folder)
         elif TRACKS[track].get("beside") and kind == "record" and all("started" in r["config"] for r in runs):
@@ -604,7 +601,7 @@ def carry_sources(runs, folder):
 def write(folder, track, kind, what, command):
     """Write (or refresh) the README's results block from the logs; a new README gets a title, what changed and the
     command."""
-    runs, beside = load_runs(folder), load_beside(folder)
+    runs, beside = load_runs(folder), load_runs(folder / "beside")
     carry_sources(runs, folder)
     carry_sources(beside, folder / "beside")
     readme = folder / "README.md"
@@ -650,10 +647,8 @@ def main(argv=None):
         return
     if args.write:
         write(args.folder, args.track, args.kind, args.what, args.command)
-    problems = verify(args.folder)
-    for problem in problems:
-        print(f"FAIL {problem}")
-    if problems:
+    if problems := verify(args.folder):
+        print("\n".join(f"FAIL {problem}" for problem in problems))
         sys.exit(1)
     header = readme_block((args.folder / "README.md").read_text()).splitlines()[1]
     print(f"ok {args.folder}: {header}")
