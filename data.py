@@ -26,12 +26,14 @@ import argparse
 import collections
 import contextlib
 import copy
+import ctypes
 import hashlib
 import json
 import math
 import os
 import re
 import resource
+import signal
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,9 +101,9 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
     if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
         raise NotOnThisMachine(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. On a "
-                           f"machine with internet, run `hf download {files}` and copy the cache "
-                           f"(~/.cache/huggingface, or $HF_HOME) here, or `hf download {files} --local-dir DIR` and "
-                           f"pass {flag} {local}") from cache_miss
+                               f"machine with internet, run `hf download {files}` and copy the cache "
+                               f"(~/.cache/huggingface, or $HF_HOME) here, or `hf download {files} --local-dir DIR` "
+                               f"and pass {flag} {local}") from cache_miss
     return load()
 
 
@@ -359,9 +361,6 @@ class LatentNorm:
         return all(a.shape == b.shape and np.allclose(a, b, rtol=1e-2) for a, b in
                    ((self.norm[k], other.norm[k]) for k in ("shift", "scale")))
 
-    def __repr__(self):
-        return repr(self.norm)
-
 
 class TextEncodings:
     """A prepared directory's encodings of the empty prompt and of PROBE_CAPTION (data prepared before the probe has
@@ -369,15 +368,12 @@ class TextEncodings:
     shape and a cosine similarity over 0.99 (bf16 on a GPU and fp32 on a CPU differ in the last bits)."""
 
     def __init__(self, root):
-        self.root, names = root, ["null_txt"] + ["probe_txt"] * (Path(root) / "probe_txt.npy").exists()
+        names = ["null_txt"] + ["probe_txt"] * (Path(root) / "probe_txt.npy").exists()
         self.encodings = {name: load_prompt_text(root, name=name)[0].flatten() for name in names}
 
     def __eq__(self, other):
         pairs = [(self.encodings[k], other.encodings[k]) for k in self.encodings.keys() & other.encodings.keys()]
         return all(a.shape == b.shape and F.cosine_similarity(a, b, dim=0).item() > 0.99 for a, b in pairs)
-
-    def __repr__(self):
-        return f"the text encoder of {self.root}"
 
 
 def sample_space(root):
@@ -433,8 +429,8 @@ class ShardLoader:
         self.has_latent = "latent" in schema
         self.x0_shape = tuple(schema["latent" if self.has_latent else "image"]["shape"])  # what the model denoises
         self.in_channels = self.x0_shape[0]
-        self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8  # bench.py's
-        # latent-only synthetic data (prepare.py stores the images beside any latents) at the Flux VAE's 8x
+        # prepare.py stores the images beside any latents; bench.py's latent-only synthetic data: the Flux VAE's 8x
+        self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8
         self.images = images or not self.has_latent
         self.null_txt, self.null_mask = load_prompt_text(self.datasets[0].root, self.device)  # (1, L0, D), (1, L0)
         self.worker, self.perms = ThreadPoolExecutor(1), {}
@@ -448,8 +444,7 @@ class ShardLoader:
         datasets the state has no position in (a later phase's, or one named otherwise), which start afresh."""
         self.state = copy.deepcopy(state)
         fresh = [name for name in self.names if name not in self.state["cursors"]]
-        for name in fresh:
-            self.state["cursors"][name] = [0, 0]
+        self.state["cursors"].update({name: [0, 0] for name in fresh})
         for future, _ in getattr(self, "pending", []):
             future.cancel()
         self.planned, self.pending = copy.deepcopy(self.state), collections.deque()
@@ -544,15 +539,12 @@ class HeldoutSplit:
     def rows(self, indices):
         return map(self.prepared.locate, indices)  # (shard, row) pairs
 
-    def field(self, kind):
-        return f"{kind}_{self.caption}"  # caption_<caption> or txt_<caption>
-
     def captions(self, indices):
-        return [shard.string(self.field("caption"), row) for shard, row in self.rows(indices)]
+        return [shard.string(f"caption_{self.caption}", row) for shard, row in self.rows(indices)]
 
     def encode(self, indices):
         """-> txt (B, L, D) float32, mask (B, L) bool."""
-        txt, mask = batch_text([shard.ragged(self.field("txt"), row) for shard, row in self.rows(indices)])
+        txt, mask = batch_text([shard.ragged(f"txt_{self.caption}", row) for shard, row in self.rows(indices)])
         return txt.float(), mask
 
     def images(self, indices):
@@ -599,7 +591,20 @@ def open_heldout(spec, num_samples, caption, resolution, seed, text_context):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The command lines of train.py, eval.py, prepare.py and bench.py: errors that name the flag
+# The command lines of train.py, eval.py, prepare.py and bench.py: errors that name the flag; torchrun's workers
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher():
+    """A process torchrun started gets SIGTERM when torchrun dies (Linux): killed with SIGKILL, torchrun cannot stop
+    its workers, which would run on into the run or data folder unseen. The signal comes when the thread that started
+    the process ends: torchrun starts its workers from its main thread. -> whether the kernel took the setting."""
+    try:
+        return ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
 
 @contextlib.contextmanager
 def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):

@@ -19,13 +19,13 @@ DINO-MMD (PRX part 2): the same MMD on the CLS token of DINOv2 ViT-L/14 with reg
 """
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import itertools
 import json
 import os
 import shutil
-import signal
 import zipfile
 
 import numpy as np
@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, exit_on, from_hub, \
-    heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole, write_whole
+from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, die_with_launcher, exit_on, \
+    from_hub, heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole, \
+    write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -146,11 +147,14 @@ def save_grid(images, captions, path, nrow=8):
 
 
 def new_file(folder, name):
-    """folder/name, else name_1, name_2, ... (before the extension): the first that does not exist, so that a result
-    written before is never replaced."""
+    """folder/name, else name_1, name_2, ... (before the extension): the first that does not exist, created empty, so
+    that a result written before is never replaced."""
     stem, ext = os.path.splitext(name)
-    return next(path for k in itertools.count()
-                if not os.path.exists(path := os.path.join(folder, f"{stem}_{k}{ext}" if k else name)))
+    for k in itertools.count():
+        path = os.path.join(folder, f"{stem}_{k}{ext}" if k else name)
+        with contextlib.suppress(FileExistsError):
+            open(path, "x").close()  # exclusively: another evaluation of this checkpoint meanwhile takes the next name
+            return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,9 +176,9 @@ def load_inception(weights=None):
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, cached)
         except OSError as e:
-            raise NotOnThisMachine(f"FID Inception weights: not on this machine, and the download failed. On a machine "
-                               f"with internet, download {URL_INCEPTION_V3} to {cached}, or pass --fid-weights PATH"
-                               ) from e
+            raise NotOnThisMachine(f"FID Inception weights: not on this machine, and the download failed. On a "
+                                   f"machine with internet, download {URL_INCEPTION_V3} to {cached}, or pass "
+                                   f"--fid-weights PATH") from e
     weights = weights or cached
     if not os.path.exists(weights):
         raise FileNotFoundError(f"--fid-weights {weights}: no such file; it should be "
@@ -324,19 +328,6 @@ def setup_distributed(tf32):
     return rank, world, device
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_launcher():
-    """A process torchrun started gets SIGTERM when torchrun dies (Linux): killed with SIGKILL, torchrun cannot stop
-    its workers, which would train on into the run folder unseen. The signal comes when the thread that started the
-    process ends: torchrun starts its workers from its main thread. -> whether the kernel took the setting."""
-    try:
-        return ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
-    except (OSError, AttributeError):  # not Linux
-        return False
-
-
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
@@ -409,28 +400,6 @@ def read_reference(path):
                          f"`python eval.py ref --data <eval data> --out {path}`")
 
 
-def reference_metrics(ref):
-    """The metrics a reference holds statistics of (the keys of its settings)."""
-    return [m for m in FEATURE_METRICS if m in json.loads(str(ref["settings"]))]
-
-
-def check_reference(path, metrics, count=None, resolution=None, flag="--num-samples", images=None):
-    """The reference exists, holds every metric asked for (None: whichever it holds) and, where given, as many images
-    at the resolution as this evaluation has (FID is biased by the count, every metric moves with resolution) and
-    statistics of its held-out images (images: (--data, the split's images_id)): checked before any network loads.
-    flag: the caller's command-line flag for the count, named in the error. -> the reference's arrays."""
-    ref = read_reference(path)
-    if metrics is not None and (missing := [m for m in metrics if m not in (held := reference_metrics(ref))]):
-        raise ValueError(f"{path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass --metrics "
-                         f"{','.join(held)}, or build a reference of {','.join(metrics)} with `python eval.py ref "
-                         f"--metrics {','.join(metrics)} ...`")
-    if count is not None:
-        check_reference_size(ref, count, resolution, flag)
-    if images is not None:
-        check_reference_images(path, ref, *images)
-    return ref
-
-
 def check_reference_size(ref, count, resolution, flag="--num-samples"):
     """FID is biased by the sample count and every metric moves with resolution: compare like with like."""
     n, r = int(ref["count"]), int(ref["resolution"])
@@ -458,55 +427,67 @@ def check_reference_images(path, ref, data, images_id):
                      f"compares with: build a reference of those with {rebuild}")
 
 
+FEATURES = {"fid": inception_features, "cmmd": clip_features, "dino_mmd": dino_features}
+EMBEDDINGS = {"cmmd": "clip_emb", "dino_mmd": "dino_emb"}  # the reference file's arrays of the MMD metrics
+
+
 class Metrics:
     """update(images uint8 (B, 3, H, W)) on each rank, then compute() -> {"fid", "cmmd", "dino_mmd"} against the
     reference file (gathered over ranks when torch.distributed is initialised), or save_reference(path).
     metrics None: those the reference holds. clip / dino: a hub id or folder to load, or a loaded model; dino_weights:
-    a local file of the hub id's weights (--dino-weights). images: (--data, its held-out split's images_id(count)),
-    the real images the reference holds (checked) or will hold (saved)."""
+    a local file of the hub id's weights (--dino-weights). count, resolution, images: this evaluation's, which the
+    reference must match (count_flag: the caller's flag for the count, named in the error), checked before any network
+    loads; images: (--data, its held-out split's images_id(count)), the real images the reference holds or will hold."""
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
                  dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples", images=None):
-        ref = check_reference(ref_path, metrics, count, resolution, count_flag, images) if ref_path else None
-        # the reference checked: the networks load next
-        if metrics is None and ref is None:
+        self.ref = read_reference(ref_path) if ref_path else None
+        if self.ref is not None:
+            saved = json.loads(str(self.ref["settings"]))
+            held = [m for m in FEATURE_METRICS if m in saved]
+            if metrics is not None and (missing := [m for m in metrics if m not in held]):
+                raise ValueError(f"{ref_path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass "
+                                 f"--metrics {','.join(held)}, or build a reference of {','.join(metrics)} with "
+                                 f"`python eval.py ref --metrics {','.join(metrics)} ...`")
+            metrics = held if metrics is None else metrics
+            if count is not None:
+                check_reference_size(self.ref, count, resolution, count_flag)
+            if images is not None:
+                check_reference_images(ref_path, self.ref, *images)
+        elif metrics is None:
             raise ValueError("metrics=None takes the reference's own: pass ref_path, or the metrics")
-        metrics = reference_metrics(ref) if metrics is None else metrics
+        # the reference checked: the networks load next, each named in the settings by its weights' fingerprint
         self.metrics, self.device, self.images = tuple(metrics), torch.device(device), images
-        self.settings = {"eval_version": EVAL_VERSION}
+        self.settings, self.nets = {"eval_version": EVAL_VERSION}, {}
         if "fid" in metrics:
             import torch_fidelity
-            self.inception = load_inception(fid_weights).to(self.device)
+            net = self.nets["fid"] = load_inception(fid_weights).to(self.device)
             self.settings["fid"] = (f"torch-fidelity {torch_fidelity.__version__} inception-v3-compat 2048 "
-                                    f"{fingerprint(self.inception.Conv2d_1a_3x3.conv.weight)}")
+                                    f"{fingerprint(net.Conv2d_1a_3x3.conv.weight)}")
         if "cmmd" in metrics:
-            self.clip = (load_clip(clip) if isinstance(clip, str) else clip).to(self.device)
-            self.settings["cmmd"] = (f"{type(self.clip).__name__} {self.clip.config.image_size}px "
-                                     f"{fingerprint(self.clip.vision_model.embeddings.patch_embedding.weight)}")
+            net = self.nets["cmmd"] = (load_clip(clip) if isinstance(clip, str) else clip).to(self.device)
+            self.settings["cmmd"] = (f"{type(net).__name__} {net.config.image_size}px "
+                                     f"{fingerprint(net.vision_model.embeddings.patch_embedding.weight)}")
         if "dino_mmd" in metrics:
             overlay = dict(pretrained_cfg_overlay=dict(file=dino_weights)) if dino_weights else {}
-            self.dino = (load_dino(dino, **overlay) if isinstance(dino, str) else dino).to(self.device)
-            self.settings["dino_mmd"] = (f"{self.dino.pretrained_cfg['architecture']} "
-                                         f"{self.dino.patch_embed.img_size[0]}px "
-                                         f"{fingerprint(self.dino.patch_embed.proj.weight)}")
-        self.ref = self.check_settings(ref_path, ref) if ref_path else None
+            net = load_dino(dino, **overlay) if isinstance(dino, str) else dino
+            net = self.nets["dino_mmd"] = net.to(self.device)
+            self.settings["dino_mmd"] = (f"{net.pretrained_cfg['architecture']} {net.patch_embed.img_size[0]}px "
+                                         f"{fingerprint(net.patch_embed.proj.weight)}")
+        if self.ref is not None:  # made by these networks and this version of the metrics
+            for key, value in self.settings.items():
+                if saved.get(key) != value:
+                    raise ValueError(f"{ref_path} was made with other settings: {key} is "
+                                     f"{saved.get(key, 'absent')!r} there, {value!r} here. Remove it and rebuild it: "
+                                     f"python eval.py ref --data <data> --num-samples {int(self.ref['count'])} "
+                                     f"--metrics {','.join(self.metrics)} --out {ref_path}")
         self.reset()
 
     def reset(self):
         """Forget the images seen so far (the networks and the reference stay): before each evaluation."""
         self.count, self.resolution = 0, None
         self.fid_stats = GaussianStats(2048, self.device) if "fid" in self.metrics else None
-        self.clip_emb, self.dino_emb = [], []
-
-    def check_settings(self, path, ref):
-        """The reference was made by these networks (their fingerprints) and this version of the metrics."""
-        saved = json.loads(str(ref["settings"]))
-        for key, value in self.settings.items():
-            if saved.get(key) != value:
-                raise ValueError(f"{path} was made with other settings: {key} is {saved.get(key, 'absent')!r} "
-                                 f"there, {value!r} here. Remove it and rebuild it: python eval.py ref --data <data> "
-                                 f"--num-samples {int(ref['count'])} --metrics {','.join(self.metrics)} --out {path}")
-        return ref
+        self.embeddings = {name: [] for name in EMBEDDINGS if name in self.metrics}
 
     @torch.no_grad()
     def update(self, images):
@@ -516,12 +497,12 @@ class Metrics:
         self.resolution = images.shape[-1]
         self.count += len(images)
         with torch.autocast(self.device.type, enabled=False):  # the metric networks in fp32, whatever the caller's
-            if "fid" in self.metrics:
-                self.fid_stats.update(inception_features(self.inception, images))
-            if "cmmd" in self.metrics:
-                self.clip_emb.append(clip_features(self.clip, images))
-            if "dino_mmd" in self.metrics:
-                self.dino_emb.append(dino_features(self.dino, images))
+            for name, net in self.nets.items():
+                features = FEATURES[name](net, images)
+                if name == "fid":
+                    self.fid_stats.update(features)
+                else:
+                    self.embeddings[name].append(features)
 
     def features(self):
         """What compute() compares, summed or gathered over ranks: numpy arrays and the settings."""
@@ -529,11 +510,10 @@ class Metrics:
                "resolution": self.resolution, "settings": json.dumps(self.settings)}
         if self.images is not None:
             out["images"] = json.dumps(dict(zip(("data", "id"), self.images)))
-        if "fid" in self.metrics:
+        if self.fid_stats is not None:
             out["fid_mu"], out["fid_cov"] = self.fid_stats.mean_cov()
-        for name, emb in (("cmmd", "clip_emb"), ("dino_mmd", "dino_emb")):
-            if name in self.metrics:
-                out[emb] = gather_rows(torch.cat(getattr(self, emb))).cpu().numpy()
+        for name, emb in self.embeddings.items():
+            out[EMBEDDINGS[name]] = gather_rows(torch.cat(emb)).cpu().numpy()
         return out
 
     def save_reference(self, path):
@@ -545,12 +525,11 @@ class Metrics:
         f = self.features()
         check_reference_size(self.ref, f["count"], f["resolution"])
         result = {}
-        if "fid" in self.metrics:
+        if self.fid_stats is not None:
             result["fid"] = frechet_distance(f["fid_mu"], f["fid_cov"], self.ref["fid_mu"], self.ref["fid_cov"])
-        for name, emb in (("cmmd", "clip_emb"), ("dino_mmd", "dino_emb")):
-            if name in self.metrics:
-                x, y = (torch.from_numpy(a).to(self.device) for a in (f[emb], self.ref[emb]))
-                result[name] = mmd(x, y)
+        for name in self.embeddings:
+            x, y = (torch.from_numpy(a[EMBEDDINGS[name]]).to(self.device) for a in (f, self.ref))
+            result[name] = mmd(x, y)
         return result
 
 
@@ -797,7 +776,7 @@ def evaluate_checkpoint(args, device):
     metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"],
                             (data, split.images_id(args.num_samples)) if args.ref else None)
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
-    grid = new_file(ckpt, "eval_samples.png")
+    grid = new_file(ckpt, "eval_samples.png") if main_process() else None  # the process that writes it claims it
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       grid, **sampling)
     if main_process():
@@ -877,6 +856,7 @@ def export_pipeline(args, device):
     print(f"{ckpt} ({os.path.basename(weights_file(ckpt, args.weights))}) -> {args.out}: PRXPipeline.from_pretrained"
           + (f"; the run samples with self-guidance {sampling['self_guidance']:g}, which PRXPipeline has not"
              if sampling["self_guidance"] else ""))
+
 
 if __name__ == "__main__":
     main()

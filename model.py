@@ -267,6 +267,12 @@ def attention_mask(txt_mask, num_img):
 # ----------------------------------------------------------------------------------------------------------
 # The model
 
+# PRXConfig's fields -> their names in diffusers' PRXTransformer2DModel config (whose defaults are ours)
+DIFFUSERS_NAMES = {name: {"context_dim": "context_in_dim"}.get(name, name) for name in (
+    "in_channels", "patch_size", "context_dim", "hidden_size", "mlp_ratio", "num_heads", "depth", "axes_dim", "theta",
+    "bottleneck_size", "resolution_embeds")}
+
+
 class PRX(nn.Module):
     def __init__(self, cfg: PRXConfig):
         super().__init__()
@@ -299,10 +305,8 @@ class PRX(nn.Module):
 
     def initialize_weights(self):
         # Linear layers keep torch's default init, as PRX; modulation and output layers start at zero (DiT adaLN-Zero)
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation.lin.weight)
-            nn.init.zeros_(block.modulation.lin.bias)
-        for layer in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+        final = self.final_layer
+        for layer in [block.modulation.lin for block in self.blocks] + [final.adaLN_modulation[1], final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -394,15 +398,12 @@ class PRX(nn.Module):
     # diffusers interop: our parameter names are diffusers' names, so a checkpoint is a state dict + config.json
 
     def diffusers_config(self):
-        cfg = self.cfg
-        if cfg.sprint:
+        if self.cfg.sprint:
             raise ValueError("SPRINT adds layers that diffusers' PRXTransformer2DModel does not have; "
                              "train with --tread instead to export")
-        return {"_class_name": "PRXTransformer2DModel", "in_channels": cfg.in_channels, "patch_size": cfg.patch_size,
-                "context_in_dim": cfg.context_dim, "hidden_size": cfg.hidden_size, "mlp_ratio": cfg.mlp_ratio,
-                "num_heads": cfg.num_heads, "depth": cfg.depth, "axes_dim": list(cfg.axes_dim), "theta": cfg.theta,
-                "time_factor": 1000.0, "time_max_period": 10000, "bottleneck_size": cfg.bottleneck_size,
-                "resolution_embeds": cfg.resolution_embeds}
+        config = {theirs: getattr(self.cfg, ours) for ours, theirs in DIFFUSERS_NAMES.items()}
+        return {"_class_name": "PRXTransformer2DModel", **config, "axes_dim": list(self.cfg.axes_dim),
+                "time_factor": 1000.0, "time_max_period": 10000}
 
     @classmethod
     def from_diffusers(cls, path, subfolder=None, **overrides):
@@ -419,11 +420,8 @@ class PRX(nn.Module):
         if dc.get("time_factor", 1000.0) != 1000.0 or dc.get("time_max_period", 10000) != 10000:
             raise ValueError(f"{folder}/config.json uses options this model does not implement "
                              "(time_factor != 1000, time_max_period != 10000)")
-        cfg = PRXConfig(in_channels=dc["in_channels"], patch_size=dc["patch_size"], context_dim=dc["context_in_dim"],
-                        hidden_size=dc["hidden_size"], depth=dc["depth"], num_heads=dc["num_heads"],
-                        mlp_ratio=dc["mlp_ratio"], axes_dim=tuple(dc.get("axes_dim") or (32, 32)),
-                        theta=dc.get("theta", 10000), bottleneck_size=dc.get("bottleneck_size"),
-                        resolution_embeds=dc.get("resolution_embeds", False), **overrides)
+        cfg = PRXConfig(**{ours: dc[theirs] for ours, theirs in DIFFUSERS_NAMES.items() if dc.get(theirs) is not None},
+                        **overrides)  # absent or null: the default, diffusers' and ours alike
         index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -586,11 +584,17 @@ def load_run(path, weights=None):
     ckpt = path if run != path else (list_checkpoints(run) or [None])[-1]
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoints/step_N folder yet")
-    verify_checkpoint(ckpt)
-    with open(stage_config(run, ckpt)) as f:
-        config = json.load(f)
-    model = PRX(PRXConfig(**config["model"]))
-    model.load_state_dict(load_file(os.path.join(ckpt, weights_file(ckpt, weights))))
+    try:
+        verify_checkpoint(ckpt)
+        with open(stage_config(run, ckpt)) as f:
+            config = json.load(f)
+        model = PRX(PRXConfig(**config["model"]))
+        model.load_state_dict(load_file(os.path.join(ckpt, weights_file(ckpt, weights))))
+    except (FileNotFoundError, ValueError) as e:  # a file gone: a training run's --keep may prune it while it is read
+        if os.path.isdir(ckpt):
+            raise
+        raise FileNotFoundError(f"{ckpt} was removed while being read (the training run's --keep pruned it): pass a "
+                                f"checkpoint the run keeps, or rerun") from e
     return model.eval().requires_grad_(False), config, ckpt
 
 

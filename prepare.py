@@ -37,10 +37,11 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, exit_on, fraction, from_hub, \
-    load_vae, normalize_latent, quiet_transformers, whole, write_whole
+from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, die_with_launcher, exit_on, fraction, \
+    from_hub, hub_reachable, load_vae, normalize_latent, quiet_transformers, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
 
 def stable_hash(*parts):
     """63-bit hash that is the same in every process (Python's hash() is salted per process)."""
@@ -223,6 +224,7 @@ def open_source(source, image_field, rank, world_size):
     """-> (rows, total, listing): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has
     none; the listing of all files (a resume reads on from a row number, so the files must be those it started on)."""
     import datasets
+    from huggingface_hub import constants
     root = Path(source)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
     if images:
@@ -236,6 +238,8 @@ def open_source(source, image_field, rank, world_size):
         if source.endswith((".parquet", ".tar")):
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
                                                     data_files=sorted(glob.glob(source)))
+        elif not root.exists() and not hub_reachable():  # a hub id offline: at once, not after datasets' retries
+            raise ConnectionError(f"{constants.ENDPOINT} cannot be reached")
         else:  # a hub id or a folder of parquet/tar files: file list resolved, nothing downloaded
             builder = datasets.load_dataset_builder(source)
     except OSError as e:  # DatasetNotFoundError, EmptyDatasetError, ConnectionError: a typo or an offline machine
@@ -484,6 +488,8 @@ def main(argv=None):
     if any(m.is_relative_to(Path(args.out).resolve()) for m in matches):
         p.error(f"argument --source: {args.source} lies inside --out {args.out}, where prepare.py writes and cleans "
                 f"up: choose an --out outside the source")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker, as train.py's: stops when torchrun is killed
+        die_with_launcher()
     prepare(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 

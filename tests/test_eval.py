@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -561,6 +562,32 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
         assert json.loads((tmp_path / f"{weights}.json").read_text())["weights"] == weights
 
 
+@pytest.mark.parametrize("reader", ["verify_checkpoint", "load_file"])
+def test_a_checkpoint_pruned_while_it_is_read_is_named(tmp_path, monkeypatch, reader):
+    """eval.py --ckpt <run> reads the latest checkpoint while the run may still train: its --keep can remove that
+    checkpoint between the listing and the reading. Said so, with what to do, not a missing file's traceback."""
+    import model
+    ckpt = write_run(tmp_path / "run", random_tiny_prx())
+    read = getattr(model, reader)
+
+    def pruned(path, *rest):  # the run's next checkpoint is in place, and this one pruned
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return read(path, *rest)
+    monkeypatch.setattr(model, reader, pruned)
+    with pytest.raises(SystemExit, match=re.escape(f"error: --ckpt {tmp_path / 'run'}: {ckpt} was removed while being "
+                                                   f"read (the training run's --keep pruned it): pass a checkpoint the "
+                                                   f"run keeps, or rerun")):
+        ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1"])
+
+
+def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
+    """new_file creates the file it names: an evaluation that chose eval.json, and writes it only when done, leaves
+    another evaluation of the same checkpoint meanwhile eval_1.json, not the same name."""
+    first, second = ev.new_file(tmp_path, "eval.json"), ev.new_file(tmp_path, "eval.json")
+    assert (first, second) == (str(tmp_path / "eval.json"), str(tmp_path / "eval_1.json"))
+    assert os.path.getsize(first) == os.path.getsize(second) == 0
+
+
 def test_held_out_prompts_use_the_caption_the_run_trained_on(tmp_path, monkeypatch):
     """eval.py --ckpt and train.py's periodic evaluation read the held-out prompts with the short caption after
     --captions short, the long one after long or mixed (a user writes long prompts); --caption overrides."""
@@ -945,8 +972,14 @@ def test_a_torchrun_worker_dies_with_its_launcher():
     """Killed with SIGKILL, torchrun cannot stop its workers: every process it starts (setup_distributed) asks the
     kernel for SIGTERM when its parent dies, so none trains on into the run folder (the lock would hold a resume
     off until it ended)."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER], stdout=subprocess.PIPE, text=True,
-                                cwd=os.path.dirname(ev.__file__))
+    assert_dies_with_launcher(WORKER)
+
+
+def assert_dies_with_launcher(worker, env=None):
+    """Start `worker` (Python code that prints True once set up, then sleeps) from LAUNCHER, as torchrun starts its
+    workers, SIGKILL the launcher, and check that the worker is gone."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, worker], stdout=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(ev.__file__), env=env)
     pid = int(launcher.stdout.readline())
     try:
         assert launcher.stdout.readline().strip() == "True"  # the worker has asked (and then sleeps)

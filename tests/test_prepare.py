@@ -630,3 +630,40 @@ def test_text_encoder_offline_fails_fast_and_says_what_to_fetch(unreachable_hub)
         prepare.T5GemmaTextEncoder.from_pretrained("google/t5gemma-2b-2b-ul2")
     assert time.time() - start < 5
     assert "`hf download google/t5gemma-2b-2b-ul2`" in str(info.value) and "--text-encoder" in str(info.value)
+
+
+def test_a_hub_source_offline_fails_at_once(tmp_path, unreachable_hub, monkeypatch):
+    """--source a hub id (the default) on a machine that cannot reach the hub: the source's error at once (data's
+    hub_reachable), not after datasets' retries (~30 s)."""
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: pytest.fail("asked datasets: it retries"))
+    with pytest.raises(SystemExit, match=r"^error: --source brivangl/midjourney-v6-llava: no such folder or file here, "
+                                         r"and datasets cannot open it \(ConnectionError: http://127.0.0.1:9 cannot be "
+                                         r"reached\)"):
+        prepare.main(["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_under_torchrun_prepare_asks_to_die_with_it(tmp_path, monkeypatch):
+    """prepare.py's processes, as train.py's and eval.py's, ask for SIGTERM when torchrun dies (TORCHELASTIC_RUN_ID:
+    data.die_with_launcher); one another launcher started with RANK set does not."""
+    calls = []
+    monkeypatch.setattr(prepare, "die_with_launcher", lambda: calls.append("asked"))
+    monkeypatch.setattr(prepare, "prepare", lambda args, rank, world_size: calls.append((rank, world_size)))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    prepare.main(["--out", str(tmp_path / "out")])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    prepare.main(["--out", str(tmp_path / "out")])
+    assert calls == [(1, 2), "asked", (1, 2)]  # before its preparation
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_a_torchrun_prepare_worker_dies_with_its_launcher(tmp_path):
+    """Killed with SIGKILL, torchrun cannot stop prepare.py's workers, which would encode on into --out unseen: each
+    asks the kernel for SIGTERM when its parent dies (test_eval's launcher, as torchrun starts its workers)."""
+    from test_eval import assert_dies_with_launcher
+    worker = ("import time, prepare; prepare.prepare = lambda *a: (print(True, flush=True), time.sleep(300)); "
+              f"prepare.main(['--out', {str(tmp_path / 'out')!r}])")
+    assert_dies_with_launcher(worker, env={**os.environ, "TORCHELASTIC_RUN_ID": "none"})  # main set it up, then sleeps
