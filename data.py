@@ -615,6 +615,16 @@ def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):
         raise SystemExit(f"error: {prefix}: {e}" if prefix else f"error: {e}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's, but under torchrun rank 0 alone prints an argument error (every rank parses the same flags); the
+    other ranks exit with its status, quietly."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2)
+        super().error(message)
+
+
 def number(kind, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: kind (int or float) in [low, high] (open at either end with low_open, high_open), with the
     range in the error message."""

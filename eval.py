@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ENCODERS, NotOnThisMachine, count, data_dirs, denormalize_latent, die_with_launcher, exit_on, \
-    from_hub, heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, space_differences, whole, \
-    write_whole
+from data import ENCODERS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, die_with_launcher, \
+    exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, space_differences, \
+    whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -246,13 +246,13 @@ def clip_features(model, images):
     return F.normalize(model(pixel_values=x).image_embeds.float(), dim=-1)
 
 
-def load_dino(name=DINO_ID, pretrained=True, flag="--dino-weights", **timm_kwargs):
-    """DINOv2 ViT-L/14 with registers through timm, frozen: DINO-MMD and the REPA teacher. An offline file:
-    pretrained_cfg_overlay=dict(file=PATH), which `flag` (the caller's command-line flag) names in errors; another
-    input size: img_size=224 or dynamic_img_size=True."""
+def load_dino(name=DINO_ID, weights=None, flag="--dino-weights", pretrained=True, **timm_kwargs):
+    """DINOv2 ViT-L/14 with registers through timm, frozen: DINO-MMD, the REPA teacher and P-DINO. weights: an offline
+    file of the hub id's weights, which `flag` (the caller's command-line flag) names in errors; another input size:
+    img_size=224 or dynamic_img_size=True."""
     import timm
     from huggingface_hub import hf_hub_download
-    overlay = dict(timm_kwargs.pop("pretrained_cfg_overlay", {}))
+    overlay = {**timm_kwargs.pop("pretrained_cfg_overlay", {}), **({"file": weights} if weights else {})}
     file, repo = overlay.get("file"), getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     if file is not None and not os.path.isfile(file):
         raise FileNotFoundError(f"{flag} {file}: no such file; it should be model.safetensors of {repo or name} "
@@ -469,8 +469,7 @@ class Metrics:
             self.settings["cmmd"] = (f"{type(net).__name__} {net.config.image_size}px "
                                      f"{fingerprint(net.vision_model.embeddings.patch_embedding.weight)}")
         if "dino_mmd" in metrics:
-            overlay = dict(pretrained_cfg_overlay=dict(file=dino_weights)) if dino_weights else {}
-            net = load_dino(dino, **overlay) if isinstance(dino, str) else dino
+            net = load_dino(dino, dino_weights) if isinstance(dino, str) else dino
             net = self.nets["dino_mmd"] = net.to(self.device)
             self.settings["dino_mmd"] = (f"{net.pretrained_cfg['architecture']} {net.patch_embed.img_size[0]}px "
                                          f"{fingerprint(net.patch_embed.proj.weight)}")
@@ -629,7 +628,7 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
 # Command line
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="eval", choices=["eval", "ref", "sample", "export"],
                    help="eval: sample a checkpoint and score it; ref: reference statistics of the real images; "
                         "sample: the checkpoint's images of --prompt captions; export: the checkpoint as a folder "

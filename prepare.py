@@ -37,8 +37,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, count, die_with_launcher, exit_on, fraction, \
-    from_hub, hub_reachable, load_vae, normalize_latent, quiet_transformers, whole, write_whole
+from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, exit_on, \
+    fraction, from_hub, hub_reachable, load_vae, normalize_latent, quiet_transformers, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -447,7 +447,7 @@ def parse_caption_fields(spec):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory; an interrupted run resumes there")
     p.add_argument("--source", default="brivangl/midjourney-v6-llava",
                    help="hub dataset id (streamed), image folder with .txt/.json captions, or a *.parquet/*.tar glob")

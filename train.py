@@ -43,7 +43,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import NotOnThisMachine, caption_share, count, data_dirs, exit_on, fraction, heldout_caption, number, \
+from data import NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, heldout_caption, number, \
     open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences, \
     write_whole
 from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, main_process, \
@@ -115,14 +115,6 @@ def choose_track(track, data, cuda_available):
     if data:
         return ("cpu", "--data builtin") if data == "builtin" else (None, f"--data {data}")
     return ("8gpu", "CUDA available, no --data") if cuda_available else ("cpu", "no CUDA, no --data")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Under torchrun rank 0 alone prints an argument error; the other ranks exit with its status, quietly."""
-        if os.environ.get("RANK", "0") != "0":
-            raise SystemExit(2)
-        super().error(message)
 
 
 def get_parser():
@@ -701,15 +693,15 @@ def build_model(args, loader, device):
     if args.repa:
         with exit_on(f"--repa {args.repa}", (FileNotFoundError, RuntimeError)):
             teacher = load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else \
-                load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], flag="--repa-weights", dynamic_img_size=True,
-                          pretrained_cfg_overlay=dict(file=args.repa_weights))
+                load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], args.repa_weights, "--repa-weights",
+                          dynamic_img_size=True)
             teacher = teacher.to(device, frozen)
     with exit_on("perceptual loss", (FileNotFoundError, RuntimeError)):
         if args.lpips:
             nets["lpips"] = load_lpips(args.lpips_weights).to(device)
         if args.pdino:
-            nets["pdino"] = load_dino(PDINO_MODEL, flag="--pdino-weights", dynamic_img_size=True,
-                                      pretrained_cfg_overlay=dict(file=args.pdino_weights)).to(device, frozen)
+            nets["pdino"] = load_dino(PDINO_MODEL, args.pdino_weights, "--pdino-weights",
+                                      dynamic_img_size=True).to(device, frozen)
     kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
     trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer, nets)
     return cfg, model, ema, trainee.to(device), teacher

@@ -233,7 +233,7 @@ def test_clip_features_equal_the_cmmd_pipeline(tmp_path):
 
 def test_dino_features_are_the_normalised_cls_token(tmp_path):
     save_file(tiny_dino(pretrained=False).state_dict(), tmp_path / "dino.safetensors")
-    model = tiny_dino(pretrained_cfg_overlay=dict(file=str(tmp_path / "dino.safetensors")))  # offline weights file
+    model = tiny_dino(weights=str(tmp_path / "dino.safetensors"))  # offline weights file
     images = blocky_images(3, seed=5, size=28)
     mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
     with torch.no_grad():
@@ -288,8 +288,8 @@ def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
         ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=tiny_clip(seed=1))  # other weights
     loaded = []  # --dino-weights: the hub id's network from the local file, loaded after the reference's checks
 
-    def load_dino(name, **kwargs):
-        loaded.append((name, kwargs))
+    def load_dino(name, weights=None, **kwargs):
+        loaded.append((name, weights, kwargs))
         return dino
     ev_load_dino, ev.load_dino = ev.load_dino, load_dino
     try:
@@ -299,7 +299,7 @@ def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
         metrics = ev.Metrics(tmp_path / "ref.npz", None, clip=clip, dino_weights="w.safetensors")
     finally:
         ev.load_dino = ev_load_dino
-    assert loaded == [(ev.DINO_ID, {"pretrained_cfg_overlay": {"file": "w.safetensors"}})]
+    assert loaded == [(ev.DINO_ID, "w.safetensors", {})]
     assert metrics.metrics == ("cmmd", "dino_mmd")  # None: those the reference holds
 
 

@@ -340,15 +340,20 @@ def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-@pytest.mark.parametrize("argv", [["--lr", "-1"], ["--tread", "--sprint"]])  # argparse's check, and one of ours
-def test_an_argument_error_is_printed_by_rank_0_alone(argv, rank, monkeypatch, capsys):
-    """Under torchrun every rank parses the flags: one copy of an error, not one per process."""
+@pytest.mark.parametrize("parse, argv, message", [
+    (lambda argv: train.get_args(["--track", "cpu", *argv]), ["--lr", "-1"], "error: argument --lr"),  # argparse's
+    (lambda argv: train.get_args(["--track", "cpu", *argv]), ["--tread", "--sprint"], "are exclusive"),  # ours
+    (lambda argv: __import__("eval").get_args(argv), ["--num-samples", "0"], "error: argument --num-samples"),
+    (lambda argv: __import__("prepare").main(argv), ["--resolution", "0"], "error: argument --resolution"),
+])
+def test_an_argument_error_is_printed_by_rank_0_alone(parse, argv, message, rank, monkeypatch, capsys):
+    """Under torchrun every rank of train.py, eval.py and prepare.py parses the flags (data.Parser): one copy of an
+    error, not one per process."""
     monkeypatch.setenv("RANK", rank)
     with pytest.raises(SystemExit) as refused:
-        train.get_args(["--track", "cpu", *argv])
+        parse(argv)
     err = capsys.readouterr().err
-    assert refused.value.code == 2 and (f"error: argument {argv[0]}" in err or "are exclusive" in err) == \
-        (rank == "0") and (err == "") == (rank == "1"), err
+    assert refused.value.code == 2 and (message in err) == (rank == "0") and (err == "") == (rank == "1"), err
 
 
 def test_cpu_track_values_apply_only_to_flags_not_given():
