@@ -776,8 +776,13 @@ def evaluate_checkpoint(args, device):
                             (data, split.images_id(args.num_samples)) if args.ref else None)
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
     grid = new_file(ckpt, "eval_samples.png") if main_process() else None  # the process that writes it claims it
-    result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
-                      grid, **sampling)
+    try:
+        result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed,
+                          args.batch_size, grid, **sampling)
+    except BaseException:  # Ctrl-C or an error before the grid is drawn: the next evaluation takes its name again
+        if grid and not os.path.getsize(grid):
+            os.remove(grid)
+        raise
     if main_process():
         out = args.out or new_file(ckpt, "eval.json")
         weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read

@@ -588,6 +588,22 @@ def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
     assert os.path.getsize(first) == os.path.getsize(second) == 0
 
 
+def test_an_interrupted_evaluation_leaves_no_empty_grid(tmp_path, monkeypatch):
+    """The grid's name is claimed before sampling: Ctrl-C meanwhile gives it back, and the next evaluation takes it."""
+    ckpt = write_run(tmp_path / "run", random_tiny_prx())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(ev, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])
+    assert not (ckpt / "eval_samples.png").exists()
+    ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])
+    assert json.loads((ckpt / "eval.json").read_text())["grid"] == "eval_samples.png"
+    assert (ckpt / "eval_samples.png").stat().st_size > 0
+
+
 def test_held_out_prompts_use_the_caption_the_run_trained_on(tmp_path, monkeypatch):
     """eval.py --ckpt and train.py's periodic evaluation read the held-out prompts with the short caption after
     --captions short, the long one after long or mixed (a user writes long prompts); --caption overrides."""
