@@ -765,6 +765,7 @@ def load_checkpoint(args):
 
 def evaluate_checkpoint(args, device):
     model, train_args, ckpt, sampling = load_checkpoint(args)
+    weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read, while it is there
     data = run_data(args, train_args, evaluation=True)
     caption = args.caption or heldout_caption(train_args["captions"])
     split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
@@ -784,13 +785,19 @@ def evaluate_checkpoint(args, device):
             os.remove(grid)
         raise
     if main_process():
-        out = args.out or new_file(ckpt, "eval.json")
-        weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
                   "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid)}
-        write_whole(out, lambda f: f.write(json.dumps(record, indent=2).encode()))
-        print(" | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}")
+        line = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
+        try:
+            out = args.out or new_file(ckpt, "eval.json")
+            write_whole(out, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        except FileNotFoundError:
+            if args.out or os.path.isdir(ckpt):
+                raise
+            raise SystemExit(f"error: {ckpt} was removed during the evaluation (the training run's --keep pruned it), "
+                             f"so eval.json has no folder: {line}; evaluate a checkpoint the run keeps, or pass --out")
+        print(f"{line} -> {out}")
 
 
 def prompt_encoder(data, text_context, device):

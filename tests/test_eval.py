@@ -516,6 +516,15 @@ def write_run(run, model, step=10, captions="long", data="builtin", pred="x"):
     return ckpt
 
 
+def add_ema(ckpt):
+    """The checkpoint with EMA weights (a copy of the model's) and their checksum, as a run with --ema keeps."""
+    from model import CHECKSUMS, file_sha256
+    shutil.copy(ckpt / "model.safetensors", ckpt / "ema.safetensors")
+    (ckpt / CHECKSUMS).write_text(json.dumps({name: file_sha256(ckpt / name)
+                                              for name in ("model.safetensors", "ema.safetensors")}))
+    return ckpt
+
+
 def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     ckpt = write_run(tmp_path / "run", random_tiny_prx(), captions="mixed:0.5")
     tiny_clip().save_pretrained(tmp_path / "clip")
@@ -552,10 +561,7 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     assert (result["checkpoint"], result["weights"]) == ("step_10", "model")  # the run keeps no EMA
     with pytest.raises(SystemExit, match="step_10 keeps no EMA weights .*: use --weights model$"):
         ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--weights", "ema"])  # asked for: not the model's instead
-    from model import CHECKSUMS, file_sha256
-    shutil.copy(ckpt / "model.safetensors", ckpt / "ema.safetensors")
-    (ckpt / CHECKSUMS).write_text(json.dumps({name: file_sha256(ckpt / name)
-                                              for name in ("model.safetensors", "ema.safetensors")}))
+    add_ema(ckpt)
     for flags, weights in (([], "ema"), (["--weights", "model"], "model")):
         ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / f"{weights}.json"),
                  *flags])
@@ -578,6 +584,27 @@ def test_a_checkpoint_pruned_while_it_is_read_is_named(tmp_path, monkeypatch, re
                                                    f"read (the training run's --keep pruned it): pass a checkpoint the "
                                                    f"run keeps, or rerun")):
         ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1"])
+
+
+def test_a_checkpoint_pruned_during_its_evaluation_keeps_the_result(tmp_path, monkeypatch, capsys):
+    """The run's --keep may remove the checkpoint while it is sampled: the metrics are printed (eval.json has no
+    folder left), and with --out the result is written, naming the weights that were read (the EMA's), not those the
+    empty folder would suggest."""
+    evaluate, pruned = ev.evaluate, []
+
+    def evaluate_then_prune(*args, **kwargs):  # the grid drawn, then the run's next checkpoint prunes this one
+        result = evaluate(*args, **kwargs)
+        shutil.rmtree(pruned[-1])
+        return result
+    monkeypatch.setattr(ev, "evaluate", evaluate_then_prune)
+    pruned.append(add_ema(write_run(tmp_path / "run", random_tiny_prx())))
+    with pytest.raises(SystemExit, match=re.escape(f"error: {pruned[-1]} was removed during the evaluation (the "
+                                                   f"training run's --keep pruned it), so eval.json has no folder: "
+                                                   f"caption_accuracy ")):
+        ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])
+    pruned.append(add_ema(write_run(tmp_path / "run2", random_tiny_prx())))
+    ev.main(["--ckpt", str(tmp_path / "run2"), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["weights"] == "ema"
 
 
 def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
