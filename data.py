@@ -34,6 +34,7 @@ import os
 import re
 import resource
 import signal
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -617,12 +618,18 @@ def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):
 
 class Parser(argparse.ArgumentParser):
     """argparse's, but under torchrun rank 0 alone prints an argument error (every rank parses the same flags); the
-    other ranks exit with its status, quietly."""
+    other ranks exit with its status, quietly. Under torchrun they first wait for rank 0 to print and exit, whereupon
+    torchrun stops them: a rank failing first would have torchrun stop rank 0 before it printed."""
 
     def error(self, message):
         if os.environ.get("RANK", "0") != "0":
+            if "TORCHELASTIC_RUN_ID" in os.environ:
+                time.sleep(QUIET_RANK_WAIT_S)
             raise SystemExit(2)
         super().error(message)
+
+
+QUIET_RANK_WAIT_S = 30  # time for rank 0, which parses the same flags, to print its error and exit
 
 
 def number(kind, low, high=math.inf, low_open=False, high_open=False):

@@ -442,8 +442,8 @@ class Metrics:
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
                  dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples", images=None):
         self.ref = read_reference(ref_path) if ref_path else None
+        saved = json.loads(str(self.ref["settings"])) if self.ref is not None else {}  # the reference's settings
         if self.ref is not None:
-            saved = json.loads(str(self.ref["settings"]))
             held = [m for m in FEATURE_METRICS if m in saved]
             if metrics is not None and (missing := [m for m in metrics if m not in held]):
                 raise ValueError(f"{ref_path} holds {','.join(held) or 'no metric'}, not {','.join(missing)}: pass "

@@ -239,7 +239,10 @@ def open_source(source, image_field, rank, world_size):
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
                                                     data_files=sorted(glob.glob(source)))
         elif not root.exists() and not hub_reachable():  # a hub id offline: at once, not after datasets' retries
-            raise ConnectionError(f"{constants.ENDPOINT} cannot be reached")
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+            raise SystemExit(f"error: --source {source}: no such folder or file here, and the hub dataset cannot be "
+                             f"read ({why}); where the hub answers, `hf download --repo-type dataset {source} "
+                             f"--local-dir DIR`, then pass --source DIR")
         else:  # a hub id or a folder of parquet/tar files: file list resolved, nothing downloaded
             builder = datasets.load_dataset_builder(source)
     except OSError as e:  # DatasetNotFoundError, EmptyDatasetError, ConnectionError: a typo or an offline machine

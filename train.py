@@ -733,14 +733,9 @@ def setup_eval(args, cfg, device):
                  (ValueError, FileNotFoundError, RuntimeError)):
         split = open_heldout(data, args.eval_samples, heldout_caption(args.captions), args.resolution, args.seed,
                              args.text_context)
-        metrics = None
-        if args.eval_ref:  # every rank checks the reference with the id of the held-out images: rank 0 reads them
-            images = [split.images_id(args.eval_samples) if main_process() else None]
-            if dist.is_initialized():
-                dist.broadcast_object_list(images, 0)
-            metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
-                              count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
-                              images=(data, images[0]))
+        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
+                          count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
+                          images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
     shape, decode = load_decoder(cfg, data, args.resolution, device)
     return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
                                         grid=grid, **sampling_settings(args))
@@ -889,7 +884,10 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
                          f"free space, then: {where_to_resume(out)}")
     os.rename(tmp, final)  # atomic
     for old in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(old)
+        # renamed first: an eval.py of that checkpoint writing into it meanwhile (a file rmtree did not see, which
+        # would make it fail) finds no folder and says so; a leftover is removed with the stale .tmp folders
+        os.rename(old, old + ".pruned")
+        shutil.rmtree(old + ".pruned", ignore_errors=True)
 
 
 def resolve_resume(resume, out):
@@ -1166,7 +1164,7 @@ def claim_run_folder(out, new, named):
     lock.flush()
     checkpoints = os.path.join(out, "checkpoints")
     for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
-        if re.fullmatch(r"step_\d+\.tmp", name):
+        if re.fullmatch(r"step_\d+\.(tmp|pruned)", name):
             shutil.rmtree(os.path.join(checkpoints, name))
     return lock, out
 

@@ -608,8 +608,8 @@ def test_a_checkpoint_pruned_during_its_evaluation_keeps_the_result(tmp_path, mo
 
 
 def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
-    """new_file creates the file it names: an evaluation that chose eval.json, and writes it only when done, leaves
-    another evaluation of the same checkpoint meanwhile eval_1.json, not the same name."""
+    """new_file creates the file it names: an evaluation that chose eval_samples.png, and draws it after its first
+    batch, leaves another evaluation of the same checkpoint meanwhile eval_samples_1.png, not the same name."""
     first, second = ev.new_file(tmp_path, "eval.json"), ev.new_file(tmp_path, "eval.json")
     assert (first, second) == (str(tmp_path / "eval.json"), str(tmp_path / "eval_1.json"))
     assert os.path.getsize(first) == os.path.getsize(second) == 0

@@ -638,8 +638,13 @@ def test_a_hub_source_offline_fails_at_once(tmp_path, unreachable_hub, monkeypat
     import datasets
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: pytest.fail("asked datasets: it retries"))
     with pytest.raises(SystemExit, match=r"^error: --source brivangl/midjourney-v6-llava: no such folder or file here, "
-                                         r"and datasets cannot open it \(ConnectionError: http://127.0.0.1:9 cannot be "
-                                         r"reached\)"):
+                                         r"and the hub dataset cannot be read \(http://127.0.0.1:9 cannot be reached\); "
+                                         r"where the hub answers, `hf download --repo-type dataset brivangl/midjourney-"
+                                         r"v6-llava --local-dir DIR`, then pass --source DIR$"):
+        prepare.main(["--out", str(tmp_path / "out")])
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"the hub dataset cannot be read \(HF_HUB_OFFLINE is set\)"):
         prepare.main(["--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 

@@ -348,12 +348,21 @@ def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
 ])
 def test_an_argument_error_is_printed_by_rank_0_alone(parse, argv, message, rank, monkeypatch, capsys):
     """Under torchrun every rank of train.py, eval.py and prepare.py parses the flags (data.Parser): one copy of an
-    error, not one per process."""
-    monkeypatch.setenv("RANK", rank)
-    with pytest.raises(SystemExit) as refused:
-        parse(argv)
-    err = capsys.readouterr().err
-    assert refused.value.code == 2 and (message in err) == (rank == "0") and (err == "") == (rank == "1"), err
+    error, not one per process. The other ranks wait for torchrun to stop them once rank 0 has printed and failed (a
+    rank failing first gets rank 0 stopped before it prints); started otherwise, they exit at once."""
+    import data
+    waited = []
+    monkeypatch.setattr(data.time, "sleep", waited.append)
+    for launcher in ({}, {"TORCHELASTIC_RUN_ID": "none"}):
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        monkeypatch.setenv("RANK", rank)
+        for name, value in launcher.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as refused:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and (message in err) == (rank == "0") and (err == "") == (rank == "1"), err
+    assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")  # under torchrun only
 
 
 def test_cpu_track_values_apply_only_to_flags_not_given():
@@ -419,10 +428,12 @@ def test_an_out_that_is_not_a_run_folder_is_refused(tmp_path):
 def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
     """Rank 0 holds <out>/.lock while it runs: a second train.py on the folder (a resume started while the run still
     trains, or beside its orphaned workers) is refused before any work, naming the first's host and pid. With the
-    lock, the checkpoint folders a killed save left half-written go; whole checkpoints stay."""
+    lock, the checkpoint folders a killed save left half-written or a killed prune half-removed go; whole checkpoints
+    stay."""
     import socket
     out, holder = tmp_path / "r", f"host {socket.gethostname()} pid {os.getpid()}"
     (out / "checkpoints" / "step_4.tmp").mkdir(parents=True)
+    (out / "checkpoints" / "step_1.pruned").mkdir()
     (out / "checkpoints" / "step_2").mkdir()
     first, _ = train.claim_run_folder(str(out), False, True)
     assert os.listdir(out / "checkpoints") == ["step_2"] and (out / ".lock").read_text() == f"{holder}\n"
@@ -730,11 +741,25 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_ones(finished_run, tmp_path
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
-def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path):
+def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path, monkeypatch):
+    """--keep prunes the oldest; an eval.py writing its result into one meanwhile does not stop the run (rmtree would
+    fail on a file created behind it): the folder is renamed away first."""
     out = copy_run(finished_run, tmp_path)
     model = torch.nn.Linear(2, 2)
+    rmtree, written = shutil.rmtree, []
+
+    def rmtree_while_evaluated(path, *args, **kwargs):  # eval.py of the checkpoint writes eval.json into it
+        if "step_2" in str(path):
+            try:
+                (out / "checkpoints" / "step_2" / "eval.json").write_text("{}")
+                written.append(True)
+            except FileNotFoundError:
+                written.append(False)
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(train.shutil, "rmtree", rmtree_while_evaluated)
     train.save_checkpoint(str(out), 6, model, None, [], {}, keep=2)
-    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6"]
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6"] and written == [False]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_4", "step_6"]
     train.save_checkpoint(str(out), 8, model, None, [], {}, keep=1)
     assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_8"]
 
@@ -785,26 +810,6 @@ def test_an_evaluation_writes_eval_json_only_at_the_end_or_the_target(tmp_path):
         assert (tmp_path / "eval.json").exists() == reached
     assert lines[-1] == "target object_accuracy 0.5 reached at step 4: stopping"
     assert json.loads((tmp_path / "eval.json").read_text())["step"] == 4
-
-
-@pytest.mark.parametrize("rank", [0, 1])
-def test_rank_0_alone_reads_the_held_out_images_the_reference_is_checked_with(rank, monkeypatch):
-    """images_id reads and hashes every held-out image an evaluation compares with: rank 0 does, and sends the id to
-    every rank's check of --eval-ref."""
-    args = train.get_args(SMALL + ["--eval-samples", "4"])
-    args.eval_ref, hashed, checked, heldout = "ref.npz", [], [], train.open_heldout
-
-    def open_heldout(*a):
-        split = heldout(*a)
-        split.images_id = lambda n: hashed.append(n) or "rank 0's id"
-        return split
-    monkeypatch.setattr(train, "open_heldout", open_heldout)
-    monkeypatch.setattr(train, "main_process", lambda: rank == 0)
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train.dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, "rank 0's id"))
-    monkeypatch.setattr(train, "Metrics", lambda *a, **kw: checked.append(kw["images"]))
-    assert train.setup_eval(args, argparse.Namespace(in_channels=3), torch.device("cpu")) is not None
-    assert hashed == [4] * (rank == 0) and checked == [("builtin", "rank 0's id")]
 
 
 def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, tmp_path):
