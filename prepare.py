@@ -220,6 +220,16 @@ def listing(files):
     return {"count": len(names), "sha256": hashlib.sha256(b"\n".join(encoded)).hexdigest()}
 
 
+def is_hub_id(source):
+    """Whether `source` can name a hub dataset (namespace/name); a path such as /data/x or ./x cannot."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(source)
+        return True
+    except HFValidationError:
+        return False
+
+
 def open_source(source, image_field, rank, world_size):
     """-> (rows, total, listing): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has
     none; the listing of all files (a resume reads on from a row number, so the files must be those it started on)."""
@@ -238,7 +248,7 @@ def open_source(source, image_field, rank, world_size):
         if source.endswith((".parquet", ".tar")):
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
                                                     data_files=sorted(glob.glob(source)))
-        elif not root.exists() and not hub_reachable():  # a hub id offline: at once, not after datasets' retries
+        elif not root.exists() and is_hub_id(source) and not hub_reachable():  # offline: at once, not after retries
             why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
             raise SystemExit(f"error: --source {source}: no such folder or file here, and the hub dataset cannot be "
                              f"read ({why}); where the hub answers, `hf download --repo-type dataset {source} "
