@@ -163,31 +163,7 @@ def get_parser():
     g.add_argument("--uniform-t", type=fraction, default=0.1, help="fraction of t drawn uniformly, not logit-normal")
     g.add_argument("--foreground-weight", type=number(float, 0), default=0.0,
                    help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
-    g = p.add_argument_group("techniques")
-    g.add_argument("--repa", default=None, choices=sorted(REPA_TEACHERS), help="REPA: align the tokens after "
-                   "--repa-layer with a frozen teacher's patch tokens (builtin: shapes.py's, for --data builtin)")
-    g.add_argument("--repa-layer", type=number(int, 0), default=None, help="block index (default PRX's 7 of 16, "
-                   "scaled to the depth)")
-    g.add_argument("--repa-lambda", type=positive, default=0.5, help="REPA loss weight")
-    g.add_argument("--repa-teacher", default=None, help="another timm model as teacher (default: --repa's)")
-    g.add_argument("--repa-weights", default=None, help="the teacher's weights file, for offline machines")
-    g.add_argument("--repa-stop", type=count, default=None, help="drop REPA (loss, teacher, projector) from this "
-                   "step on (PRX: after ~200k steps; 'REPA works until it doesn't')")
-    g.add_argument("--irepa", action="store_true", help="iREPA: 3x3 conv projector on the token grid (attention "
-                   "with 2D RoPE under --tread/--sprint) and spatially normalised teacher tokens")
-    g.add_argument("--cfm", type=positive, default=None, help="contrastive flow matching weight lambda (PRX 0.1, "
-                   "its ablation 0.05): minus lambda x the error against another sample's target")
-    g.add_argument("--lpips", type=positive, default=None, help="LPIPS weight (PRX 0.1): VGG LPIPS between the "
-                   "predicted clean image and the image (pixel space)")
-    g.add_argument("--lpips-weights", default=None, help=f"torchvision's VGG16 weights {VGG16_FILE}, LPIPS's "
-                   "backbone, for offline machines (LPIPS's linear heads come with the lpips package)")
-    g.add_argument("--pdino", type=positive, default=None, help="P-DINO weight (PRX 0.01): 1 - mean cosine of "
-                   "DINOv2 ViT-B/14 patch tokens of the predicted clean image and the image (pixel space)")
-    g.add_argument("--pdino-weights", default=None, help="P-DINO's DINOv2 weights file, for offline machines")
-    g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
-    g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
-    g.add_argument("--route-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=None,
-                   help="routed fraction in (0, 1) (default TREAD 0.5, SPRINT 0.75)")
+    add_technique_flags(p.add_argument_group("techniques"))
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for block matrices")
     g.add_argument("--muon-lr", type=positive, default=None, help="Muon's lr, on --lr's schedule (default --lr, "
@@ -225,6 +201,34 @@ def get_parser():
     g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
     g.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
     return p
+
+
+def add_technique_flags(g):
+    """The techniques of the PRX ablations: REPA and iREPA, CFM, the perceptual losses, TREAD and SPRINT."""
+    g.add_argument("--repa", default=None, choices=sorted(REPA_TEACHERS), help="REPA: align the tokens after "
+                   "--repa-layer with a frozen teacher's patch tokens (builtin: shapes.py's, for --data builtin)")
+    g.add_argument("--repa-layer", type=number(int, 0), default=None, help="block index (default PRX's 7 of 16, "
+                   "scaled to the depth)")
+    g.add_argument("--repa-lambda", type=positive, default=0.5, help="REPA loss weight")
+    g.add_argument("--repa-teacher", default=None, help="another timm model as teacher (default: --repa's)")
+    g.add_argument("--repa-weights", default=None, help="the teacher's weights file, for offline machines")
+    g.add_argument("--repa-stop", type=count, default=None, help="drop REPA (loss, teacher, projector) from this "
+                   "step on (PRX: after ~200k steps; 'REPA works until it doesn't')")
+    g.add_argument("--irepa", action="store_true", help="iREPA: 3x3 conv projector on the token grid (attention "
+                   "with 2D RoPE under --tread/--sprint) and spatially normalised teacher tokens")
+    g.add_argument("--cfm", type=positive, default=None, help="contrastive flow matching weight lambda (PRX 0.1, "
+                   "its ablation 0.05): minus lambda x the error against another sample's target")
+    g.add_argument("--lpips", type=positive, default=None, help="LPIPS weight (PRX 0.1): VGG LPIPS between the "
+                   "predicted clean image and the image (pixel space)")
+    g.add_argument("--lpips-weights", default=None, help=f"torchvision's VGG16 weights {VGG16_FILE}, LPIPS's "
+                   "backbone, for offline machines (LPIPS's linear heads come with the lpips package)")
+    g.add_argument("--pdino", type=positive, default=None, help="P-DINO weight (PRX 0.01): 1 - mean cosine of "
+                   "DINOv2 ViT-B/14 patch tokens of the predicted clean image and the image (pixel space)")
+    g.add_argument("--pdino-weights", default=None, help="P-DINO's DINOv2 weights file, for offline machines")
+    g.add_argument("--tread", action="store_true", help="TREAD: route tokens around the middle blocks")
+    g.add_argument("--sprint", action="store_true", help="SPRINT: TREAD + mask token and fusion layer")
+    g.add_argument("--route-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=None,
+                   help="routed fraction in (0, 1) (default TREAD 0.5, SPRINT 0.75)")
 
 
 def get_args(argv=None):
