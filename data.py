@@ -65,6 +65,16 @@ def hub_reachable(timeout=5):
         return False
 
 
+def is_hub_id(source):
+    """Whether `source` can name a hub repository (namespace/name, or name); a path such as /data/x or ./x cannot."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(source)
+        return True
+    except HFValidationError:
+        return False
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """transformers' warnings off for a while (its load report: a table of weights used elsewhere)."""
@@ -85,8 +95,8 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
     """load(), a from_pretrained or hf_hub_download call, from the local Hugging Face cache only, then online if the
     hub answers at all. Offline it fails at once, not after the libraries' retries, and says how to bring `what` here:
     `hf download {files}` into the cache, or into a folder whose copy (`local`) is passed with `flag`. name: the hub
-    id or folder `flag` gave; one that can only be a folder (absolute, or starting with '.') must exist."""
-    if name and (os.path.isabs(name) or name.startswith(".")) and not os.path.exists(name):
+    id or folder `flag` gave; one that can only be a folder (not a hub id: is_hub_id) must exist."""
+    if name and not is_hub_id(name) and not os.path.exists(name):
         raise FileNotFoundError(f"{flag} {name}: no such folder; pass a folder holding a local copy, or a hub id")
     from huggingface_hub import constants
     offline = constants.HF_HUB_OFFLINE

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, exit_on, \
-    fraction, from_hub, hub_reachable, load_vae, normalize_latent, quiet_transformers, whole, write_whole
+    fraction, from_hub, hub_reachable, is_hub_id, load_vae, normalize_latent, quiet_transformers, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -218,16 +218,6 @@ def listing(files):
         names = [os.path.relpath(n, base) for n in names]
     encoded = [os.fsencode(n) for n in names]  # bytes: a file name need not be UTF-8
     return {"count": len(names), "sha256": hashlib.sha256(b"\n".join(encoded)).hexdigest()}
-
-
-def is_hub_id(source):
-    """Whether `source` can name a hub dataset (namespace/name); a path such as /data/x or ./x cannot."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        validate_repo_id(source)
-        return True
-    except HFValidationError:
-        return False
 
 
 def open_source(source, image_field, rank, world_size):

@@ -183,7 +183,12 @@ def get_parser():
     g.add_argument("--ema", type=number(float, 0, 1, high_open=True), default=0.0, help="EMA decay in (0, 1) "
                    "applied once per update, as PRX (0.999 every 10 steps; 0 = off); samples use the EMA weights")
     g.add_argument("--ema-every", type=count, default=10, help="steps between EMA updates")
-    g = p.add_argument_group("evaluation")
+    add_evaluation_flags(p.add_argument_group("evaluation"))
+    return p
+
+
+def add_evaluation_flags(g):
+    """When and how a run evaluates itself, and when it stops at a target."""
     g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0 = at the end)")
     g.add_argument("--eval-minutes", type=minutes_list, default=[], help="also evaluate when the training time "
                    "passes these minutes, e.g. 1,2,5,10,20,30 (the CPU record's curve)")
@@ -200,7 +205,6 @@ def get_parser():
     g.add_argument("--eval-ref", help="prepared data: FID reference from `python eval.py ref` (same --eval-samples)")
     g.add_argument("--fid-weights", help="local Inception weights for FID (offline machines)")
     g.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 peak for MFU (H100/H200: 989)")
-    return p
 
 
 def add_technique_flags(g):
@@ -393,6 +397,12 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None, cfm=0.0):
     return (err if weights is None else err * weights).mean()
 
 
+def predicted_x0(pred, x_t, t, pred_type):
+    """The clean image the network predicts: its output with x-prediction, else x_t - t v (x_t = (1 - t) x0 + t eps,
+    v = eps - x0)."""
+    return pred.float() if pred_type == "x" else x_t - t[:, None, None, None] * pred.float()
+
+
 def micro_batch(args, loader, step, chunk, device):
     """Chunk k of the global batch of `step` -> x0, eps, t, x_t, txt, mask, images ([-1, 1] pixels, or None): t,
     noise and caption dropout come from the chunk's own seed; the loader gives the samples."""
@@ -583,8 +593,8 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
                     target = teacher_tokens(teacher, images, (x0.shape[2] // patch, x0.shape[3] // patch))
                 target = spatial_normalize(target) if args.irepa else target
                 loss = loss + args.repa_lambda * repa_loss(repa_proj, target, repa_idx)
-            if nets:  # pixel space: x0 is the image, x0_hat the predicted one (v-prediction: x_t - t v)
-                x0_hat = pred.float() if args.pred == "x" else x_t - t[:, None, None, None] * pred.float()
+            if nets:  # pixel space: x0 is the image
+                x0_hat = predicted_x0(pred, x_t, t, args.pred)
                 if args.lpips:
                     loss = loss + args.lpips * lpips_loss(nets["lpips"], x0_hat, x0)
                 if args.pdino:
@@ -725,6 +735,13 @@ def build_optimizers(args, trainee):
     return [Muon(muon_params, lr=args.muon_lr, weight_decay=args.weight_decay, ns_steps=args.muon_ns_steps,
                  ns_dtype=ns_dtype),
             torch.optim.AdamW(adam_params, **adamw)] + projector, split_summary(muon_params, adam_params)
+
+
+def drop_repa(trainee, opt):
+    """--repa-stop: the projector and its optimizer (the last) leave the run; the caller stops running the teacher
+    and wraps the trainee anew for DDP, whose reducer would wait for the projector's gradients."""
+    trainee.repa_proj, trainee.repa_kind, trainee.repa_layer = None, None, None
+    opt.pop()
 
 
 def setup_eval(args, cfg, device):
@@ -1339,10 +1356,8 @@ def main(argv=None):
     step_log = StepLog(args, cfg, loader, world, device, train_time, log)
     while True:
         if teacher is not None and args.repa_stop and step >= args.repa_stop:
-            # the teacher, the projector and its optimizer (the last) leave; the trainee is wrapped anew (DDP's
-            # reducer would wait for the projector's gradients)
-            teacher, trainee.repa_proj, trainee.repa_kind, trainee.repa_layer = None, None, None, None
-            opt.pop()
+            teacher = None
+            drop_repa(trainee, opt)
             model = wrap_ddp(trainee, world, device)
             log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
         last = step >= args.max_steps or train_time >= max_time
