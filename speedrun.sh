@@ -19,6 +19,7 @@
 # at the commit its record's runs trained at: on a machine of another speed the leaderboard scales a record's time by
 # them, records/RULES.md).
 set -euo pipefail
+{  # bash reads a script while it runs it: in braces it reads it whole first, so an edit meanwhile changes nothing
 cd "$(dirname "$0")"
 die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, and exit CODE
   echo "speedrun.sh: ${*:2}" >&2
@@ -54,6 +55,8 @@ if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAM
   die 1 "NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would refuse, or its" \
         "code: git worktree remove --force <it>); choose another NAME or remove them"
 fi
+python -c "import torch" 2> /dev/null ||  # else each run fails at its first line, after the snapshot is taken
+  die 1 "$(command -v python || echo python) cannot import torch: activate the environment of README's Install"
 git rev-parse --verify --quiet HEAD > /dev/null ||
   die 1 "runs in a git clone with a commit (each log names it; the runs train on a snapshot of it)"
 if [ -n "${BESIDE:-}" ] && [ "$BESIDE" != 1 ]; then
@@ -131,7 +134,7 @@ case $TRACK in
   # cpu: the current record's (bf16 pays on a CPU with AMX: records/RULES.md)
   cpu) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 3 --compile --muon-ns-steps 3 --batch-size 20
                --micro-batch 20 --route-ratio 0.25 --precision bf16 --muon-lr 6e-3 --self-guidance 3
-               --ema 0.95 --ema-every 1) RECORD_DIR=records/2026-12-05_ema95 ;;
+               --ema 0.95 --ema-every 1 --caption-dropout 0.05) RECORD_DIR=records/2026-12-06_dropout05 ;;
   smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2) ;;  # cpu's techniques, no --compile: a minute
 esac
 CURRENT=("${RECORD[@]}")  # what BESIDE runs
@@ -224,3 +227,5 @@ copy_runs "$NAME" "$FOLDER"
 [ -z "${BESIDE:-}" ] || copy_runs "$NAME-beside" "$FOLDER/beside"
 python records/verify.py --write --track "$TRACK" --kind "$KIND" --what="$WHAT" --command="$COMMAND" "$FOLDER"
 [ "$TRACK" != smoke ] || echo "speedrun.sh: the smoke record and its runs are in $RECORDS (remove it when done)"
+exit
+}

@@ -914,6 +914,9 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
 def resolve_resume(resume, out):
     """--resume [PATH] -> the checkpoint folder to continue from, verified."""
     if resume == "latest" or any(os.path.exists(os.path.join(resume, n)) for n in ("checkpoints", "config.json")):
+        if resume == "latest" and not out:
+            raise SystemExit("error: --resume without a path continues the run in --out: pass --out <run folder>, "
+                             "or --resume <run folder or checkpoint>")
         run = out if resume == "latest" else resume
         found = list_checkpoints(run)
         if not os.path.isdir(run):
@@ -1126,10 +1129,9 @@ def run_folder(args):
     check_resume_flags). A folder that holds a run is never reused but by a resume of its own checkpoints; --resume
     CKPT --out NEW branches the run into NEW, a run folder of its own (config.json, the sources), leaving CKPT's run
     as it was."""
-    stamp = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out = args.out or next(p for p in itertools.chain([stamp], (f"{stamp}-{k}" for k in itertools.count(2)))
-                           if not os.path.exists(p))  # claim_run_folder makes it
-    ckpt = stage = None
+    if not (args.out or args.resume):  # claim_run_folder makes the first free runs/<time>[-K]
+        return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")), None, False, None
+    out, ckpt, stage = args.out, None, None
     if args.resume:
         ckpt = resolve_resume(args.resume, out)
         stage = check_resume_flags(args, ckpt)
@@ -1316,7 +1318,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run, stage = run_folder(args)
-    existing = os.path.isdir(out)  # a new folder is made once the run's errors are past
+    existing = bool(args.out or args.resume) and os.path.isdir(out)  # a new folder is made once errors are past
     lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)

@@ -645,6 +645,14 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
         r = stub_speedrun(tmp_path, *args, **{"NAME": "y", **env})
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (tmp_path / "records" / "runs" / "y-0").exists() and not (tmp_path / "y-0").exists()
+    fake = tmp_path / "no-torch"  # a python without torch: the environment of README's Install not activated
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('no torch here')\n")
+    (fake / "python").write_text(f'#!/bin/sh\nPYTHONPATH={fake} exec {sys.executable} "$@"\n')
+    (fake / "python").chmod(0o755)
+    r = stub_speedrun(tmp_path, NAME="y", PATH=f"{fake}:{os.environ['PATH']}")
+    assert r.returncode == 1 and f"{fake / 'python'} cannot import torch: activate the environment" in r.stderr, r.stderr
+    assert not (tmp_path / "records" / "runs" / "y-0").exists()
     r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", EVERY="100")  # the GPU tracks' cadence is the rules'
     assert r.returncode == 1 and "EVERY is for the CPU track" in r.stderr, r.stderr
     teacher = tmp_path / "shapes_teacher.safetensors"  # verify.py checks a run's teacher against its commit's
@@ -686,6 +694,23 @@ def test_the_runs_train_on_a_snapshot_of_the_working_tree(tmp_path):
     for run in ("x-0", "x-1", "x-beside-0", "x-beside-1"):
         assert (runs / run / "code").read_text() == f"{runs / 'x-code' / 'train.py'} uncommitted"
     assert not (runs / "x-code").exists() and len(git_in(tmp_path, "worktree", "list").splitlines()) == 1
+
+
+def test_editing_speedrun_sh_while_it_runs_changes_nothing(tmp_path):
+    """bash reads a script as it runs it; speedrun.sh is read whole before its first command, so an edit of it while
+    the runs train (the tree is the user's meanwhile) neither breaks nor changes the speedrun: it writes its folder."""
+    stub = STUB_PAIRED.replace("sys.exit(", "time.sleep(2)\nsys.exit(")
+    stub_speedrun(tmp_path, stub_train=stub, RUNS="7")  # refused (odd): the repository, its stubs committed
+    env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", "BESIDE": "1"}
+    speedrun = subprocess.Popen(["bash", "speedrun.sh", "--smoke", "--", "--lr=3e-3"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "records" / "runs" / "x-0" / "argv").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    script = (tmp_path / "speedrun.sh").read_text()  # an edit that moves every later line: 1,000 bytes at the top
+    (tmp_path / "speedrun.sh").write_text(script.replace("\n", "\n" + "# edited\n" * 125, 1))
+    out, err = speedrun.communicate(timeout=120)
+    assert "run x-beside-1: " in out and "log_0.txt: needs train.py's config.json section" in err, out + err
 
 
 def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(tmp_path):

@@ -467,7 +467,11 @@ def test_a_new_run_folder_is_made_by_one_run(tmp_path, monkeypatch):
     now = train.datetime.datetime(2026, 12, 6, 5, 59, 55)
     monkeypatch.setattr(train, "datetime", argparse.Namespace(datetime=argparse.Namespace(now=lambda: now)))
     os.makedirs(os.path.join("runs", "20261206-055955"))
-    assert train.run_folder(train.get_args(SMALL))[0] == os.path.join("runs", "20261206-055955-2")
+    lock, made = train.claim_run_folder(train.run_folder(train.get_args(SMALL))[0], True, False)
+    assert made == os.path.join("runs", "20261206-055955-2") and os.listdir(made) == [".lock"]
+    lock.close()
+    with pytest.raises(SystemExit, match=re.escape("--resume without a path continues the run in --out: pass --out")):
+        train.run_folder(train.get_args(SMALL + ["--resume"]))  # no --out: no run to continue
 
 
 @pytest.mark.parametrize("master", [True, False])
