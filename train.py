@@ -1318,7 +1318,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run, stage = run_folder(args)
-    existing = bool(args.out or args.resume) and os.path.isdir(out)  # a new folder is made once errors are past
+    # a new folder is made once the run's errors are past; without --out, always a new one (claim_run_folder)
+    existing = bool(args.out or args.resume) and os.path.isdir(out)
     lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
