@@ -5,22 +5,13 @@ turns call by call (a slow spell of a shared machine hits both; the loader's sid
 there), CUDA synchronised before each clock reading; a time is the median over the timed calls, a loader rate is
 over a whole epoch.
 
-    python bench.py model [--compile]   # PRX forward+backward vs diffusers' PRXTransformer2DModel, same weights and
-                                        # inputs; forward FLOPs counted vs the closed form; MFU on CUDA
-    python bench.py muon                # Muon step on the `small` preset's block matrices vs torch.optim.Muon; fp32
-                                        # Newton-Schulz in the Gram form vs the plain iteration
-    python bench.py loader DIR          # ShardLoader samples/s on one core vs HuggingFace datasets (Arrow); writes a
-                                        # synthetic dataset of realistic sizes into DIR unless DIR is prepared already
-    python bench.py eval                # metric networks vs their reference pipelines, MMD in blocks vs one block,
-                                        # sampling vs diffusers' PRXPipeline loop
-    python bench.py memory              # GiB per GPU of each preset at micro-batch 32 under DDP and FSDP2 on 8 x 80 GB
-                                        # (weights, gradients, AdamW or Muon state, activations counted on fake
-                                        # tensors), then base part by part (train.py --fsdp)
-    python bench.py techniques          # the CPU track's training step with each technique vs the baseline's, in
-                                        # turns: the ratios give each technique's equal-minutes step budget
-    python bench.py gpu [--out FILE]    # CUDA only: train.py's 8gpu record configuration vs its baseline end to end
-                                        # (samples/s, MFU), bf16 vs fp32 loss, compiled step, MFU and peak memory vs
-                                        # diffusers, Muon vs AdamW, loader, sampling; one markdown table
+    python bench.py model [--compile]   # PRX forward+backward vs diffusers' PRXTransformer2DModel; FLOPs; MFU
+    python bench.py muon                # Muon step vs torch.optim.Muon; Newton-Schulz, Gram form vs plain
+    python bench.py loader DIR          # ShardLoader samples/s on one core vs HuggingFace datasets
+    python bench.py eval                # metric networks, MMD and sampling vs their reference implementations
+    python bench.py memory              # GiB per GPU of each preset under DDP and FSDP2, counted on fake tensors
+    python bench.py techniques          # the CPU track's training step of each technique vs the baseline's
+    python bench.py gpu [--out FILE]    # CUDA only: the 8gpu record end to end and every GPU figure, one table
 
 Without a GPU every mode but `gpu` runs on the CPU at small sizes (see each mode's defaults). The metric networks have
 random weights in the real architectures: their speed does not depend on the weights. Measured figures are in records/.
@@ -60,6 +51,11 @@ from train import flow_loss
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def machine():
+    """For the headers: the GPU, or the CPU and torch's threads."""
+    return torch.cuda.get_device_name() if CUDA else f"cpu, {torch.get_num_threads()} threads"
 
 
 def timed(fns, warmup, steps, clock=time.perf_counter):
@@ -183,9 +179,10 @@ def bench_muon(args):
 # ----------------------------------------------------------------------------------------------------------
 # loader: ShardLoader against HuggingFace datasets
 
-def write_synthetic(root, samples, images=False):
+def write_synthetic(root, samples, images=False, quiet=False):
     """A prepared directory of realistic 256 px sizes, in shards of 1024: a 16x32x32 bf16 latent and 60..180 (mean
-    120) text tokens of 2304 bf16 values per sample; images: also the 3x256x256 uint8 image a REPA teacher reads."""
+    120) text tokens of 2304 bf16 values per sample; images: also the 3x256x256 uint8 image a REPA teacher reads.
+    quiet: without write_index's summary line (it would split gpu's table)."""
     root = Path(root)
     rng, pool = np.random.default_rng(0), to_bits(torch.randn(4096, 2304))  # text rows reused at random offsets
     for k, start in enumerate(range(0, samples, 1024)):
@@ -199,7 +196,8 @@ def write_synthetic(root, samples, images=False):
             columns["image"] = list(rng.integers(0, 256, (n, 3, 256, 256), dtype=np.uint8))
         write_shard(root / "train" / f"shard-r000-{k:05d}", columns, {"count": n, "skipped": {}})
     np.save(root / "null_txt.npy", pool[:1])
-    write_index(root, {"synthetic": samples})
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        write_index(root, {"synthetic": samples})
 
 
 def arrow_rows(root, field):  # the samples as a user would put them into `datasets`
@@ -284,9 +282,9 @@ def feature_extractors():
 
 
 def diffusers_sample(transformer, txt, mask, null_txt, null_mask, x, steps, cfg_scale):
-    """PRXPipeline's denoising loop (diffusers 0.42) from given embeddings and noise, one timestep per row (the
-    pipeline itself passes 2 timesteps for the 2B rows of a guided batch, which fails for batches above 1), on
-    eval.sample's grid (eval.timesteps): the same computation as eval.sample."""
+    """PRXPipeline's denoising loop from given embeddings and noise on eval.sample's grid (eval.timesteps): the same
+    computation as eval.sample. One timestep per row: the pipeline's own loop passes 2 for the 2B rows of a guided
+    batch, which fails above batch 1."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     scheduler, B = FlowMatchEulerDiscreteScheduler(), len(x)
     scheduler.set_timesteps(sigmas=timesteps(steps)[:-1].tolist(), device=x.device)  # shift 1: as given
@@ -356,15 +354,10 @@ def state_bytes(model):
 
 
 def saved_bytes(cfg, batch, side, txt_tokens, fake=True, param_dtype=torch.float32):
-    """Activations: the bytes autograd saves for backward in one eager training forward (v-prediction MSE), counted
-    exactly by a saved_tensors_hooks once per storage (the parameters excluded; autocast's bf16 weight copies
-    included), under CPU bf16 autocast with the attention in bf16, as on CUDA (model.Attention.fp32_on_cpu off).
-    With fake=True on fake tensors (shapes and dtypes, no data, no compute): the same count at full size in a
-    second, with nothing to extrapolate. param_dtype bf16: FSDP2's weights gathered in bf16 (train.py --fsdp), which
-    autocast uses as they are: no copies. CUDA's kernels save a few tensors otherwise: its layer norms return fp32
-    (+2 bytes an element, 2 per block) but its fused RMSNorm saves one fp32 copy where CPU's saves two (-4 bytes an
-    element of q, k and text k): with as many text as image tokens CUDA's eager count is ~9% lower. torch.compile's
-    graphs recompute some elementwise ops and save less still."""
+    """Activations: the bytes autograd saves for backward in one eager training forward (v-prediction MSE), once per
+    storage (parameters excluded, autocast's bf16 weight copies included), under CPU bf16 autocast with bf16 attention
+    as on CUDA, whose kernels and compiled graphs save less. fake: on fake tensors, full size without compute.
+    param_dtype bf16: FSDP2's gathered weights (train.py --fsdp), which autocast uses without copies."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from unittest import mock
     with FakeTensorMode() if fake else contextlib.nullcontext(), mock.patch.object(Attention, "fp32_on_cpu", False):
@@ -389,11 +382,10 @@ def saved_bytes(cfg, batch, side, txt_tokens, fake=True, param_dtype=torch.float
 
 
 def per_gpu(model, act_ddp, act_fsdp):
-    """-> {"DDP": parts, "FSDP2": parts}, bytes per GPU. DDP replicates everything, its reducer adding a second copy
-    of the gradients (its buckets; train.py keeps DDP's default gradient_as_bucket_view=False), and autocast's bf16
-    weight copies are among its activations. FSDP2 (train.py --fsdp) divides weights, gradients and optimizer state
-    by the GPUs and holds whole only the units in flight, two blocks (the one running, the one prefetched) and the
-    root: weights gathered in bf16, gradients in bf16 and their fp32 copies reduce-scattered, 8 bytes a parameter."""
+    """-> {"DDP": parts, "FSDP2": parts}, bytes per GPU. DDP replicates everything, its reducer holding a second copy of
+    the gradients (gradient_as_bucket_view=False, train.py's). FSDP2 (train.py --fsdp) divides weights, gradients and
+    optimizer state by the GPUs and holds whole only two blocks (running, prefetched) and the root: bf16 weights,
+    bf16 gradients and their fp32 copies, 8 bytes a parameter."""
     s = state_bytes(model)
     block = sum(p.numel() for p in model.blocks[0].parameters())
     root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
@@ -546,8 +538,7 @@ def loader_row(s, step_s):
     samples/s our training step consumes."""
     B, n = s["batch"], s["loader_samples"] // s["batch"]
     with tempfile.TemporaryDirectory() as root:
-        with contextlib.redirect_stdout(io.StringIO()):  # write_index's summary line would split the table
-            write_synthetic(root, s["loader_samples"])
+        write_synthetic(root, s["loader_samples"], quiet=True)
         loader = ShardLoader(root, B, device=DEVICE)
         wall = timed({"loader": lambda: next(loader)}, n, n)["loader"]
     return ("ShardLoader, synthetic shards", n * B / sum(wall), "training step", B / step_s, " samples/s", ",.0f")
@@ -572,17 +563,15 @@ def train_run(out, flags):
 
 
 def train_rows(s, peak_tflops):
-    """train.py itself on the 8gpu track's path, speedrun.sh's record configuration against the baseline, one
-    process, one GPU's share of the global batch: samples/s and MFU end to end (data loading, the teacher and the
-    optimizer included) from each run's last log line. Synthetic 256 px shards with images; the teacher has random
-    weights in the real architecture (--repa-weights): its speed does not depend on them. On CUDA this runs the
-    branches only a GPU takes (NCCL, TF32, fused AdamW, bf16 autocast, the bf16 teacher, pinned host buffers)."""
+    """train.py itself, speedrun.sh's 8gpu record configuration against the baseline, one process with one GPU's
+    share of the batch: samples/s and MFU end to end from each run's last log line, on synthetic shards with images
+    and a teacher of random weights (its speed does not depend on them). On CUDA it runs the branches only a GPU takes
+    (NCCL, TF32, fused AdamW, bf16 autocast and teacher, pinned host buffers)."""
     import timm
     from safetensors.torch import save_file
     record = speedrun_record("8gpu")
     with tempfile.TemporaryDirectory() as root:
-        with contextlib.redirect_stdout(io.StringIO()):  # write_index's summary line would split the table
-            write_synthetic(root, s["train_samples"], images=True)
+        write_synthetic(root, s["train_samples"], images=True, quiet=True)
         flags = ["--track", "8gpu", "--data", root, "--model", s["preset"], "--batch-size", str(s["batch"]),
                  "--micro-batch", str(s["batch"]), "--max-steps", str(s["train_steps"]), "--log-every",
                  str(s["train_steps"] // 2), "--eval-samples", "0", "--peak-tflops", str(peak_tflops),
@@ -605,7 +594,6 @@ def gpu_check(out, peak_tflops):
     """Every GPU figure of the project in one markdown table, each row printed and written to `out`.partial as soon as
     it is measured, which becomes `out` at the end: a failure keeps the rows before it and an earlier `out` whole."""
     s = GPU_CHECK
-    where = torch.cuda.get_device_name() if CUDA else "cpu"
     with open(f"{out}.partial", "w") as f:
         def emit(*rows):
             for row in rows:
@@ -617,7 +605,7 @@ def gpu_check(out, peak_tflops):
                 f.flush()
 
         emit(f"PRX {s['preset']} | batch {s['batch']} | latent {s['side']}x{s['side']} | text {s['txt_tokens']} "
-             f"padded, real {s['min_len']}..{s['max_len']} | torch {torch.__version__} | {where}", "",
+             f"padded, real {s['min_len']}..{s['max_len']} | torch {torch.__version__} | {machine()}", "",
              "| measure | ours | baseline | ours/baseline |", "|---|---|---|---|")
         emit(*train_rows(s, peak_tflops))  # first: its processes have the GPU to themselves
         ours, theirs = prx_pair(s["preset"])
@@ -743,9 +731,8 @@ def main(argv=None):
         n = len(PreparedDataset(args.dir)) if os.path.exists(os.path.join(args.dir, "index.json")) else args.samples
         if n < args.batch:
             parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
-    where = torch.cuda.get_device_name() if CUDA else f"cpu, {torch.get_num_threads()} threads"
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
-    print(f"bench {args.command} | torch {torch.__version__} | {where} | {config}")
+    print(f"bench {args.command} | torch {torch.__version__} | {machine()} | {config}")
     if not CUDA:
         keep_freed_memory()  # as train.py and eval.py (eval.setup_distributed): both sides of every comparison
     args.run(args)

@@ -1,7 +1,7 @@
 """
 Sample a trained PRX run on held-out prompts and score the images: FID, CMMD and DINO-MMD against reference
-statistics of the real held-out images (FID: Heusel et al. 2017, torch-fidelity's network; CMMD:
-Jayasumana et al. 2024), and the caption checker on the built-in dataset.
+statistics of the real held-out images (FID: Heusel et al. 2017, torch-fidelity's network, as PRX; CMMD: Jayasumana
+et al. 2024, google-research/cmmd; DINO-MMD: PRX part 2), and the caption checker on the built-in dataset.
 
     python eval.py ref --data data/mj --out ref.npz                          # once: statistics of the real images
     python eval.py --ckpt runs/x --ref ref.npz --num-samples 10000           # -> runs/x/checkpoints/step_N/eval.json
@@ -9,13 +9,6 @@ Jayasumana et al. 2024), and the caption checker on the built-in dataset.
     python eval.py --ckpt runs/x                                             # built-in data: the caption checker
     python eval.py sample --ckpt runs/x --prompt "a red circle in the top left"   # your prompts -> a PNG grid
     python eval.py export --ckpt runs/x --out prx-x                          # a folder diffusers' PRXPipeline loads
-
-Sampler: Euler on the shifted linspace(1, 0, N + 1) schedule, classifier-free guidance against the encoded empty
-prompt, optional TREAD self-guidance. Noise is seeded per sample index: the same image whatever the batch or ranks.
-FID (Heusel et al. 2017): torch-fidelity's FeatureExtractorInceptionV3 (TF-compatible resize, 2048-d pool), the
-network torchmetrics' FID uses, as PRX did; statistics streamed in float64, tr sqrt(S1 S2) from eigenvalues.
-CMMD (Jayasumana et al. 2024, google-research/cmmd): CLIP ViT-L/14-336 image embeddings, Gaussian-RBF MMD.
-DINO-MMD (PRX part 2): the same MMD on the CLS token of DINOv2 ViT-L/14 with registers.
 """
 
 import argparse
@@ -332,11 +325,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def keep_freed_memory(limit=1 << 30):
-    """glibc malloc: serve blocks up to `limit` from the heap and keep up to `limit` freed at its top, so that the
-    next step reuses this step's activation memory. By default blocks over the mmap threshold (adaptive, at most
-    32 MiB) are mapped on allocation and unmapped on free, and every page of them faults in again on the next step
-    (measured: records/2026-12-04_keep-freed-memory). The process keeps what it freed, up to `limit`. -> whether
-    libc took both settings (False where it is not glibc)."""
+    """glibc malloc's mmap and trim thresholds to `limit`: the next step reuses this step's freed activation memory
+    instead of faulting its pages in again. -> whether libc took both settings (False where it is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -43,31 +43,28 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, heldout_caption, number, \
-    open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, space_differences, \
-    write_whole
-from eval import FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, main_process, \
-    setup_distributed, shift_t, x0_to_velocity
+from data import NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, heldout_caption, \
+    number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, \
+    space_differences, write_whole
+from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
+    main_process, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, \
     preset_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
     verify_checkpoint
 from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
-# The CPU track's tuned values: with --data builtin they replace the defaults of the flags not on the command line
-# (printed at start, stored in config.json). Evidence: records/2026-11-23_cpu-track-context5. Shift 1, not pixel
-# space's 3: a 32 px image has 3k values, fewer than a 256 px latent's 16k, and the shift grows with the size (SD3).
+# The tracks (records/RULES.md): a track's values replace the defaults of the flags not given (printed at start, in
+# config.json). The GPU tracks train on the prepared speedrun dataset, 1gpu a smaller model. The CPU track's shift is
+# 1, not pixel space's 3: a 32 px image has 3k values, a 256 px latent 16k, and the shift grows with the size (SD3).
 CPU_TRACK = dict(model="tiny-pixel", resolution=32, batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
                  grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, sample_steps=20,
                  cfg_scale=3.0, ckpt_every=500, log_every=50, shift=1.0)
-# The tracks (records/RULES.md): a track's values replace the defaults of the flags not on the command line, as
-# CPU_TRACK's. The GPU tracks train on the prepared speedrun dataset; 1gpu on a smaller model.
 SPEEDRUN_DATA, SPEEDRUN_PREPARE = "data/mj", "torchrun --nproc_per_node=8 prepare.py --out data/mj"
 TRACKS = {"cpu": dict(data="builtin", **CPU_TRACK), "8gpu": dict(data=SPEEDRUN_DATA),
           "1gpu": dict(data=SPEEDRUN_DATA, hidden=768, depth=12, micro_batch=64)}
 # builtin: shapes.ShapesTeacher, trained once on the built-in world (`python shapes.py teacher`), the CPU track's DINO
-REPA_TEACHERS = {"builtin": None, "dinov2": "vit_large_patch14_reg4_dinov2.lvd142m",
-                 "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
+REPA_TEACHERS = {"builtin": None, "dinov2": DINO_ID, "dinov3": "vit_large_patch16_dinov3.lvd1689m"}
 # the perceptual losses' networks (PRX prx/algorithm/lpips.py: lpips_net vgg; perceptual_dino.py: dinov2_vitb14_reg)
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 PDINO_MODEL, PDINO_GRID = "vit_base_patch14_reg4_dinov2.lvd142m", (16, 16)  # PRX resizes to 224 px: 16 x 14 px
@@ -152,8 +149,8 @@ def get_parser():
                    "(PRX; the default on CUDA; on a CPU fast with AMX only, the attention kept in fp32); fp32: no "
                    "autocast (the default on CPU)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (torchrun): weights, gradients and "
-                   "optimizer state sharded over the processes, a block's weights gathered (in bf16 under bf16) "
-                   "while it runs; for `base`, which DDP cannot fit on 80 GB")
+                   "optimizer state sharded over the processes, a block's weights gathered (in bf16 under bf16) while "
+                   "it runs")
     g.add_argument("--resolution-embeds", action="store_true", help="add an embedding of the input's (H, W) to the "
                    "timestep vector (PRX-7B; diffusers' resolution_embeds=True): one model across resolution stages")
     g = p.add_argument_group("objective")
@@ -169,7 +166,7 @@ def get_parser():
     g.add_argument("--muon-lr", type=positive, default=None, help="Muon's lr, on --lr's schedule (default --lr, "
                    "PRX's: Muon's update RMS is matched to AdamW's)")
     g.add_argument("--muon-ns-steps", type=count, default=5, help="Newton-Schulz iterations of --optimizer muon "
-                   "(PRX and Keller Jordan: 5): fewer cost less and orthogonalise less (small singular values)")
+                   "(PRX's 5): fewer cost less and orthogonalise less")
     g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
     g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
     g.add_argument("--lr", type=positive, default=1e-4)
@@ -217,7 +214,7 @@ def add_technique_flags(g):
     g.add_argument("--repa-teacher", default=None, help="another timm model as teacher (default: --repa's)")
     g.add_argument("--repa-weights", default=None, help="the teacher's weights file, for offline machines")
     g.add_argument("--repa-stop", type=count, default=None, help="drop REPA (loss, teacher, projector) from this "
-                   "step on (PRX: after ~200k steps; 'REPA works until it doesn't')")
+                   "step on (PRX: after ~200k steps)")
     g.add_argument("--irepa", action="store_true", help="iREPA: 3x3 conv projector on the token grid (attention "
                    "with 2D RoPE under --tread/--sprint) and spatially normalised teacher tokens")
     g.add_argument("--cfm", type=positive, default=None, help="contrastive flow matching weight lambda (PRX 0.1, "
@@ -397,12 +394,6 @@ def flow_loss(pred, x0, eps, x_t, t, pred_type, weights=None, cfm=0.0):
     return (err if weights is None else err * weights).mean()
 
 
-def predicted_x0(pred, x_t, t, pred_type):
-    """The clean image the network predicts: its output with x-prediction, else x_t - t v (x_t = (1 - t) x0 + t eps,
-    v = eps - x0)."""
-    return pred.float() if pred_type == "x" else x_t - t[:, None, None, None] * pred.float()
-
-
 def micro_batch(args, loader, step, chunk, device):
     """Chunk k of the global batch of `step` -> x0, eps, t, x_t, txt, mask, images ([-1, 1] pixels, or None): t,
     noise and caption dropout come from the chunk's own seed; the loader gives the samples."""
@@ -432,9 +423,7 @@ class AttentionProjector(nn.Module):
 
     def __init__(self, hidden, dim, heads=4, theta=10000.0):
         super().__init__()
-        head_dim = hidden // heads
-        if hidden % heads or head_dim % 4:
-            raise ValueError(f"iREPA's attention projector needs a hidden size {hidden} divisible by 4 x {heads} heads")
+        head_dim = hidden // heads  # a multiple of 4 (2 rotated axes): hidden is a multiple of 64 (check_combinations)
         self.heads, self.axes_dim = heads, (head_dim // 2, head_dim // 2)
         self.qkv, self.out_proj, self.output = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden), \
             nn.Linear(hidden, dim)
@@ -490,11 +479,9 @@ class Trainee(nn.Module):
 
 
 def teacher_tokens(teacher, images, grid):
-    """Patch tokens after the final norm, prefix (class, register) tokens dropped, (B, h*w, D) float32, of images
-    [-1, 1] resized to a grid of patches: for REPA the denoiser's token grid (256 px, patch-2 latents: 16x16 tokens
-    -> 224 px for DINOv2's 14 px), for P-DINO 16x16. Bicubic with antialiasing, as REPA's preprocessing (PRX
-    uses nearest, which drops rows when shrinking 256 -> 224). The teacher runs in its weights' dtype: bf16 on
-    CUDA, as PRX. Differentiable: REPA calls it under no_grad, P-DINO's prediction through it."""
+    """Patch tokens after the final norm, prefix tokens dropped, (B, h*w, D) float32, of images [-1, 1] resized to a
+    grid of patches (REPA: the denoiser's token grid; P-DINO: 16x16), bicubic with antialiasing as REPA's preprocessing
+    (PRX's nearest drops rows when shrinking). In the teacher's dtype; differentiable for P-DINO's prediction."""
     pretrained, patch = teacher.pretrained_cfg, teacher.patch_embed.patch_size[0]
     x = F.interpolate((images.float() + 1) / 2, size=(grid[0] * patch, grid[1] * patch), mode="bicubic",
                       align_corners=False, antialias=True)
@@ -554,10 +541,9 @@ def lpips_loss(net, x0_hat, x0):
 
 
 def pdino_loss(net, x0_hat, x0):
-    """P-DINO: 1 - cosine of the DINOv2 patch tokens of the predicted and of the clean image, averaged over patches
-    and samples, the gradient through the frozen network to the prediction. Both go through REPA's preprocessing
-    (teacher_tokens) at 16x16 patches: 224 px for DINOv2's 14, PRX's resize_resolution (PRX resizes bilinear and
-    clamps the prediction to [-1, 1], which would stop its gradient outside that range)."""
+    """P-DINO: 1 - mean cosine of the DINOv2 patch tokens of the predicted and the clean image, through REPA's
+    preprocessing (teacher_tokens) at 16x16 patches, PRX's 224 px; the prediction is not clamped to [-1, 1] (PRX
+    clamps), which would stop its gradient outside that range."""
     with torch.no_grad():
         target = teacher_tokens(net, x0, PDINO_GRID)
     return 1 - F.cosine_similarity(teacher_tokens(net, x0_hat, PDINO_GRID), target, dim=-1).mean()
@@ -593,8 +579,8 @@ def train_step(args, step, lr, model, opt, loader, teacher, rank, world):
                     target = teacher_tokens(teacher, images, (x0.shape[2] // patch, x0.shape[3] // patch))
                 target = spatial_normalize(target) if args.irepa else target
                 loss = loss + args.repa_lambda * repa_loss(repa_proj, target, repa_idx)
-            if nets:  # pixel space: x0 is the image
-                x0_hat = predicted_x0(pred, x_t, t, args.pred)
+            if nets:  # pixel space: x0 is the image; x0_hat the predicted one, x_t - t v where the output is v
+                x0_hat = pred.float() if args.pred == "x" else x_t - t[:, None, None, None] * pred.float()
                 if args.lpips:
                     loss = loss + args.lpips * lpips_loss(nets["lpips"], x0_hat, x0)
                 if args.pdino:
@@ -658,9 +644,8 @@ class StepLog:
 
 
 def matmul_peak(device, n=1024, reps=8):
-    """FLOP/s of an n x n fp32 matrix product on the CPU, the best of `reps` (a shared machine only ever slows it),
-    measured once at start, untimed: what the log's utilisation (mfu) compares the training step with on the CPU
-    (on CUDA the step runs in bf16 and compares with --peak-tflops)."""
+    """FLOP/s of an n x n fp32 matrix product, the best of `reps` (a shared machine only ever slows it), measured once
+    at start, untimed: the peak of the log's mfu on the CPU (on CUDA: --peak-tflops)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n ** 3 / min(timeit.repeat(lambda: a @ b, number=1, repeat=reps + 1))  # the first: a warm-up
 
@@ -737,13 +722,6 @@ def build_optimizers(args, trainee):
             torch.optim.AdamW(adam_params, **adamw)] + projector, split_summary(muon_params, adam_params)
 
 
-def drop_repa(trainee, opt):
-    """--repa-stop: the projector and its optimizer (the last) leave the run; the caller stops running the teacher
-    and wraps the trainee anew for DDP, whose reducer would wait for the projector's gradients."""
-    trainee.repa_proj, trainee.repa_kind, trainee.repa_layer = None, None, None
-    opt.pop()
-
-
 def setup_eval(args, cfg, device):
     """-> a function (model, grid path or None) -> metrics dict, or None with --eval-samples 0: held-out prompts of
     --eval-data or --data, the caption checker on the built-in data, FID against --eval-ref on prepared data."""
@@ -763,15 +741,11 @@ def setup_eval(args, cfg, device):
 
 
 def shard(trainee, ema, precision, compile_blocks):
-    """--fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) over all processes, each block a unit, then the rest of the
-    model (the root), as torchtitan does: a rank keeps 1/world of each weight, its gradient and optimizer state, and
-    gathers a unit's weights while it runs. Under bf16 they are gathered in bf16 (the copies autocast makes under
-    DDP) over fp32 shards, the master weights; gradients are reduced in fp32. Inputs are not cast: t and the
-    sampler stay fp32. The EMA and the REPA projector are sharded alike. Before the optimizers: fully_shard
-    replaces the parameters by DTensors. --compile compiles each training block, as torchtitan: dynamo skips
-    FSDP's hooks, so a whole compiled model breaks its graph at every block."""
+    """--fsdp: FSDP2 over all processes, each block a unit, then the root (torchtitan); under bf16 weights gathered in
+    bf16 over fp32 shards, gradients reduced in fp32; the EMA and the projector alike. Before the optimizers (DTensors).
+    --compile compiles each block: dynamo skips FSDP's hooks, so a whole compiled model breaks at every block."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)  # t, the sampler: fp32
     for model in (m for m in (trainee.model, ema) if m is not None):
         for block in model.blocks:
             if compile_blocks and model is trainee.model:
@@ -815,17 +789,15 @@ class LongerCaptions:
 
 
 def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
-    """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): the warm-up trains
-    nothing and costs no training time. Three steps as the data comes, then two of text one token longer than any
-    before, none dropped: first masked, then every caption full (unmasked: real data reaches it only when every
-    caption of a micro-batch is at the token cap, none dropped). Without them a timed step would compile the unmasked
-    graph, and under --fsdp each block at the first new text length (a block compiled alone takes txt_in's output,
-    which train_step's mark does not reach; dynamo makes a size dynamic once it has changed). -> the graph breaks
-    dynamo counted (each one a slower step), seconds."""
+    """Compile on real batches, untimed, then restore the initial state (modded-nanogpt): it trains nothing and costs
+    no training time. -> (the graph breaks dynamo counted, each a slower step; seconds)."""
     start = time.perf_counter()
     initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
     for step in range(3):
         train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
+    # then two of text one token longer than any before, none dropped: masked, then every caption full (the unmasked
+    # graph, which real data meets only at the token cap); else a timed step would compile the unmasked graph and,
+    # under --fsdp, each block at a new text length (train_step's dynamic mark does not reach a block's input)
     no_dropout = argparse.Namespace(**{**vars(args), "caption_dropout": 0.0})
     for step, full in ((3, False), (4, True)):
         train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
@@ -1012,11 +984,9 @@ def split_metrics(path, step):
 
 
 def set_aside_newer(ckpt):
-    """Checkpoints after the one a resume starts from, the configs of resumes from it or later (config.resume-S.json,
-    S >= its step), the sample grids and eval.json of later steps and metrics.jsonl's later lines belong to an
-    abandoned history: move them (the lines: copy; RunLog then cuts them) into checkpoints/abandoned-<time>/ so that
-    nothing picks them as the latest (model.stage_config) or overwrites them. Called before this resume writes its
-    own config."""
+    """A resume's abandoned history (later checkpoints, resume configs from its step on, later grids and eval.json,
+    metrics.jsonl's later lines: copied, RunLog cuts them) -> checkpoints/abandoned-<time>/, where nothing takes it as
+    the latest (model.stage_config) or overwrites it. Before the resume's config is written. -> a note, or None."""
     run, step = run_of(ckpt), step_of(ckpt)
     newer = [c for c in list_checkpoints(run) if step_of(c) > step]
     newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
@@ -1156,11 +1126,9 @@ def run_folder(args):
 
 
 def claim_run_folder(out, new, named):
-    """Rank 0 holds a lock on <out>/.lock while it runs (the OS releases it however the process ends): a second
-    train.py on the run (a resume started while the first still trains, or its orphaned workers) is refused. new:
-    the folder is made here, so that two runs started on one --out cannot both take it; unnamed (no --out), the next
-    free runs/<time>-K instead. The lock held, no other process writes the run: checkpoint folders a killed save left
-    half-written (step_N.tmp) go. -> (the lock's open file, the run folder)."""
+    """A lock on <out>/.lock (the OS releases it however the process ends) refuses a second train.py on the run. new:
+    the folder is made here, so two runs on one --out cannot both take it (unnamed: the next free runs/<time>-K). Under
+    the lock, a killed save's leftovers (step_N.tmp) go. -> (the lock's open file, the run folder)."""
     base = out
     for k in itertools.count(2):
         try:
@@ -1357,11 +1325,12 @@ def main(argv=None):
     max_time = args.max_time * 60 if args.max_time else math.inf
     eval_times = [60 * m for m in args.eval_minutes if 60 * m > train_time]
     step_log = StepLog(args, cfg, loader, world, device, train_time, log)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device
     while True:
         if teacher is not None and args.repa_stop and step >= args.repa_stop:
-            teacher = None
-            drop_repa(trainee, opt)
-            model = wrap_ddp(trainee, world, device)
+            teacher = trainee.repa_proj = None
+            opt.pop()  # the projector's AdamW, the last optimizer (build_optimizers)
+            model = wrap_ddp(trainee, world, device)  # anew: DDP's reducer would wait for the projector's gradients
             log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
         last = step >= args.max_steps or train_time >= max_time
         timed_eval = bool(eval_times) and train_time >= eval_times[0]
@@ -1374,8 +1343,7 @@ def main(argv=None):
         if last:
             break
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t0, graphs = time.perf_counter(), compiled_graphs(args)
         lr = learning_rate(args, step, train_time)
         loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
@@ -1384,8 +1352,7 @@ def main(argv=None):
             ema_update(ema, raw_model, args.ema)
         finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)  # an infinite norm clips every update to 0
         step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         train_time += time.perf_counter() - t0
         # every rank must agree on when the time budget ends and when a timed evaluation (a collective) starts: a
         # sync, only then
