@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 FORMAT = "prx-shards/1"
 FIXED = ("image", "latent")  # one row per sample; every other array is ragged, with offsets
+PREFETCH = 4  # batches ShardLoader reads ahead
 # --vae: (diffusers class, hub id, subfolder, block: the image side is a multiple of it), the tokenizers of PRX part 2
 VAES = {
     "flux": ("AutoencoderKL", "black-forest-labs/FLUX.1-schnell", "vae", 8),   # Apache-2.0, same AE as FLUX.1-dev
@@ -54,15 +55,17 @@ VAES = {
 }
 
 
-def hub_reachable(timeout=5):
-    """Whether the Hugging Face hub answers within `timeout` seconds (through the proxies huggingface_hub uses)."""
+def hub_unreachable(timeout=5):
+    """None if the Hugging Face hub answers within `timeout` seconds (through huggingface_hub's proxies), else why."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
-        return True
-    except Exception:  # DNS failure, refused, timed out, offline mode: all mean no download
-        return False
+        return None
+    except Exception:  # DNS failure, refused, timed out: all mean no download
+        return f"{constants.ENDPOINT} cannot be reached"
 
 
 def is_hub_id(source):
@@ -109,8 +112,7 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
         cache_miss = e
     finally:
         constants.HF_HUB_OFFLINE = offline
-    if offline or not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached"
+    if why := hub_unreachable():
         raise NotOnThisMachine(f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. On a "
                                f"machine with internet, run `hf download {files}` and copy the cache "
                                f"(~/.cache/huggingface, or $HF_HOME) here, or `hf download {files} --local-dir DIR` "
@@ -417,12 +419,12 @@ class ShardLoader:
     optimizer steps of grad_accum loader batches."""
 
     def __init__(self, data, batch_size, rank=0, world_size=1, seed=0, captions="long", device="cpu",
-                 grad_accum=1, images=False, prefetch=4):
+                 grad_accum=1, images=False):
         self.phases = parse_data_phases(data)
         self.names = sorted({name for _, weights, _ in self.phases for name in weights})
         self.datasets = [PreparedDataset(name) for name in self.names]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.device, self.grad_accum, self.prefetch = torch.device(device), grad_accum, prefetch
+        self.device, self.grad_accum = torch.device(device), grad_accum
         self.p_long = [caption_share(mode or captions) for _, _, mode in self.phases]  # per phase
         for name, ds in zip(self.names, self.datasets):  # the caption fields of the phases that draw from it
             needed = {field for (_, weights, _), p_long in zip(self.phases, self.p_long) if name in weights
@@ -462,7 +464,7 @@ class ShardLoader:
         return fresh
 
     def permutation(self, d, epoch):
-        if self.perms.get(d, (None,))[0] != epoch:  # one cached per dataset: 1M samples take ~20 ms
+        if self.perms.get(d, (None,))[0] != epoch:  # one cached per dataset: drawn once an epoch, not once a batch
             rng = np.random.default_rng([self.seed, zlib.crc32(self.names[d].encode()), epoch])
             self.perms[d] = epoch, rng.permutation(len(self.datasets[d]))
         return self.perms[d][1]
@@ -519,7 +521,7 @@ class ShardLoader:
         return batch
 
     def __next__(self):
-        while len(self.pending) < self.prefetch:  # planned here, read by the worker
+        while len(self.pending) < PREFETCH:  # planned here, read by the worker
             plan = self.plan(self.planned)
             self.pending.append((self.worker.submit(self.load, *plan), copy.deepcopy(self.planned)))
         future, state = self.pending[0]

@@ -85,12 +85,12 @@ def timestep_embedding(t, dim=256, time_factor=1000.0, max_period=10000):
 MAX_POSITIONS = 1024  # RoPE table rows: tokens per image side
 
 
-def rope_table(axes_dim, theta, max_positions=MAX_POSITIONS):
+def rope_table(axes_dim, theta):
     """Flux-style axial RoPE angles pos * omega, omega = 1/theta^(arange(0, d, 2)/d) per axis, for every position
-    < max_positions, as the per-channel factors of apply_rope: cos (max_positions, head_dim) with each angle's cos
+    < MAX_POSITIONS, as the per-channel factors of apply_rope: cos (MAX_POSITIONS, head_dim) with each angle's cos
     twice, sin with (-sin, +sin) per pair; columns [axis 0 (row) | axis 1 (col)]. Computed once in float64
     (as diffusers) so the graph only indexes it: recomputing cos/sin per block is slow."""
-    pos = torch.arange(max_positions, dtype=torch.float64)
+    pos = torch.arange(MAX_POSITIONS, dtype=torch.float64)
     angles = torch.cat([pos[:, None] / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dim], 1)
     cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
     return cos.repeat_interleave(2, dim=1), torch.stack([-sin, sin], dim=2).flatten(1)
@@ -122,7 +122,7 @@ GELU_TANH_2C = 2 * math.sqrt(2 / math.pi)
 def gelu_tanh(x):
     """GELU, tanh approximation (PRX's MLP): 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi).
     Compiled, it is written as x * sigmoid(2c (x + 0.044715 x^3)) (same function: 0.5 (1 + tanh z) = sigmoid(2z)):
-    inductor's CPU code evaluates exp ~2x faster than tanh, forward and backward. Eager keeps the one fused kernel."""
+    inductor's CPU code evaluates exp faster than tanh, forward and backward. Eager keeps the one fused kernel."""
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))
     return F.gelu(x, approximate="tanh")
@@ -180,9 +180,9 @@ class Modulation(nn.Module):
 
 class Attention(nn.Module):
     """Image queries over [text K/V, image K/V]; per-head RMSNorm on q, k and text k; RoPE on image q, k only."""
-    # the CPU's fused attention has no fast bf16 backward (slower than its fp32 one even where bf16 matmuls are several
-    # times faster): under bf16 autocast it runs in fp32 there. bench.py's memory count turns this off to count what
-    # CUDA saves, whose attention runs in bf16.
+    # the CPU's fused attention has no fast bf16 backward (slower than its fp32 one even where bf16 matmuls are
+    # faster): under bf16 autocast it runs in fp32 there. bench.py's memory count turns this off to count what CUDA
+    # saves, whose attention runs in bf16.
     fp32_on_cpu = True
 
     def __init__(self, hidden, heads):

@@ -1,18 +1,11 @@
 """
-Muon for PRX: momentum, then Newton-Schulz orthogonalisation of each 2D weight matrix inside the transformer
-blocks; AdamW for everything else. Under torchrun (DDP) every rank orthogonalises a disjoint share of the matrices
-and the results are all-gathered, so the Newton-Schulz cost is divided by the number of ranks while the parameters
-stay bit-identical to a single-process run. Under FSDP2 (train.py --fsdp) the matrices are DTensors sharded by rows:
-each owner gathers the full momentum-corrected gradients of its matrices, orthogonalises them and scatters back the
-rows every rank keeps (the scheme of muon_fsdp2, used by PRX: gather to one rank, Newton-Schulz, scatter the shards).
-
-Sources: Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024; quintic coefficients,
-EMA-form Nesterov momentum, bf16 iteration); Liu et al. (Moonshot), "Muon is Scalable for LLM Training" (2025;
-update scale 0.2 * sqrt(max(rows, cols)) matches AdamW's update RMS, so Muon reuses AdamW's lr and weight decay).
-PRX (Photoroom, parts 2 and 3) ran Muon on the 2D weights of
-`blocks` with lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay, and Adam elsewhere. In
-fp32 (the CPU's) a matrix far from square iterates on its Gram matrix, the same polynomial in fewer FLOPs
-(gram_newton_schulz). The matrices of one shape are orthogonalised in one batched call (orthogonalise).
+Muon for PRX: momentum, then Newton-Schulz orthogonalisation of each 2D weight matrix inside the transformer blocks;
+AdamW for everything else. Under DDP each rank orthogonalises a disjoint share of the matrices and the results are
+all-gathered (parameters bit-identical to one process); under FSDP2 (train.py --fsdp) each owner gathers its matrices'
+full gradients and scatters back the row shards (the scheme of muon_fsdp2, used by PRX). Sources: Keller Jordan,
+"Muon: An optimizer for hidden layers in neural networks" (2024); Liu et al. (Moonshot), "Muon is Scalable for LLM
+Training" (2025; RMS matching, so Muon reuses AdamW's lr and weight decay). PRX (Photoroom, parts 2 and 3): Muon on
+`blocks`' 2D weights, lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay; Adam elsewhere.
 
     python bench.py muon    # optimizer step time on the `small` preset's block matrices vs torch.optim.Muon
 """
@@ -30,9 +23,9 @@ QUINTIC = (3.4445, -4.7750, 2.0315)  # Keller Jordan's: steep slope at 0 (3.4), 
 def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.bfloat16, plain=False):
     """U S V^T -> about U S' V^T with S' in ~[0.7, 1.2]: `steps` quintic iterations in `dtype` on G / ||G||_F; in fp32
     or wider the Gram form where it takes fewer FLOPs, unless `plain` (bench.py's baseline). G is one (m, n) matrix
-    or a stack (k, m, n) of them, each orthogonalised on its own in one batched call. A tall matrix is multiplied
-    from the right (X^T X is then the small side), which is the wide iteration on X^T without transposing any memory:
-    transposed operands cost a copy inside every batched product."""
+    or a stack (k, m, n) of them, each orthogonalised on its own. A tall matrix is multiplied from the right (X^T X
+    is then the small side), which is the wide iteration on X^T without transposing any memory: transposed operands
+    cost a copy inside every batched product."""
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n)
     tall = X.size(1) > X.size(2)
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)  # ||X||_F >= spectral norm: every sv in [0, 1]
@@ -161,8 +154,7 @@ class Muon(torch.optim.Optimizer):
                         eps=eps, scale=scale)
         super().__init__(params, defaults)
         # Newton-Schulz in bf16 by default on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where
-        # bf16 is emulated with AVX2 alone (many times slower) and the Gram form (gram_newton_schulz)
-        # cuts the FLOPs of the wide matrices; train.py passes bf16 with --precision bf16 (fast on a CPU with AMX)
+        # bf16 is emulated with AVX2 alone; train.py passes bf16 with --precision bf16 (fast on a CPU with AMX)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
@@ -211,7 +203,7 @@ class Muon(torch.optim.Optimizer):
 
 def orthogonalise(grads, groups, dtype):
     """Newton-Schulz of each matrix this rank needs (None: not needed), the matrices of one shape and settings
-    stacked into one batched call: the CPU track's 28 small matrices cost their per-call overhead 6 times, not 28."""
+    stacked into one batched call: the per-call overhead is paid once a shape, not once a matrix."""
     updates, stacks = [None] * len(grads), {}
     for i, (g, group) in enumerate(zip(grads, groups)):
         if g is not None:

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, exit_on, \
-    fraction, from_hub, hub_reachable, is_hub_id, load_vae, normalize_latent, quiet_transformers, whole, write_whole
+    fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, quiet_transformers, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -224,7 +224,6 @@ def open_source(source, image_field, rank, world_size):
     """-> (rows, total, listing): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has
     none; the listing of all files (a resume reads on from a row number, so the files must be those it started on)."""
     import datasets
-    from huggingface_hub import constants
     root = Path(source)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
     if images:
@@ -238,8 +237,7 @@ def open_source(source, image_field, rank, world_size):
         if source.endswith((".parquet", ".tar")):
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
                                                     data_files=sorted(glob.glob(source)))
-        elif not root.exists() and is_hub_id(source) and not hub_reachable():  # offline: at once, not after retries
-            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+        elif not root.exists() and is_hub_id(source) and (why := hub_unreachable()):  # at once, not after retries
             raise SystemExit(f"error: --source {source}: no such folder or file here, and the hub dataset cannot be "
                              f"read ({why}); where the hub answers, `hf download --repo-type dataset {source} "
                              f"--local-dir DIR`, then pass --source DIR")
@@ -395,7 +393,7 @@ def prepare(args, rank=0, world_size=1):
                 name = f"shard-r{rank:03d}-{shard:05d}"
                 if columns["eval"]:
                     write_shard(out / "eval" / name, columns["eval"], {"count": len(columns["eval"]["id"])})
-                meta = {"count": len(columns["train"].get("id", [])), "rank": rank, "world_size": world_size,
+                meta = {"count": len(columns["train"].get("id", [])), "world_size": world_size,
                         "rows_done": rows_done, "source_state": rows.state_dict(), "skipped": skipped}
                 write_shard(out / "train" / name, columns["train"], meta)
                 columns, skipped, pending, shard = {"train": {}, "eval": {}}, {}, 0, shard + 1

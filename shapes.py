@@ -162,9 +162,8 @@ TEXT_CONTEXT = 5  # the built-in encoder's context window (words each side); a r
 class BuiltinTextEncoder(nn.Module):
     """Frozen encoder of the caption grammar: token = seeded random word vector + sinusoidal position, plus
     tanh(W @ [the 2k+1 tokens around it]) with a seeded random W (context=k); weights are buffers, no optimizer's.
-    PRX never updates text tokens (image tokens only read their keys and values), so which colour goes with which
-    shape and region must be in a word's own vector: with k=5 a region word ("left" in "a large red circle in the top
-    left") holds its object's colour and kind (records/2026-11-23_cpu-track-context5)."""
+    PRX never updates text tokens (image tokens only read their keys and values), so the context must put which
+    colour goes with which shape and region into each word's own vector (records/2026-11-23_cpu-track-context5)."""
 
     def __init__(self, dim=64, seed=0, max_len=64, context=TEXT_CONTEXT):
         super().__init__()
@@ -401,10 +400,10 @@ class ShapesTeacher(nn.Module):
     that each token sees its neighbours (an object spans 2-4 tokens at 32 px). Trained once, on recoloured training
     scenes (recolor: the held-out pairs stay unseen), to read in every token the colour, kind and size of the object
     covering it: per-patch attributes the generator's scenes define exactly, where DINOv2 learnt them from photos
-    without labels. Having seen no shape in its held-out colour, it reads a kind partly through the colour: on the
-    held-out pairs a linear probe reads about a fifth of the kinds (records/2026-12-05_teacher-heldout); REPA asks it
-    about training images only. Exposes what train.teacher_tokens uses of a timm ViT: pretrained_cfg (mean, std),
-    patch_embed.patch_size, num_prefix_tokens, num_features and forward_features -> (B, N, D)."""
+    without labels. Having seen no shape in its held-out colour, it reads a kind partly through the colour
+    (records/2026-12-05_teacher-heldout), so REPA asks it about training images only. Exposes what
+    train.teacher_tokens uses of a timm ViT: pretrained_cfg (mean, std), patch_embed.patch_size, num_prefix_tokens,
+    num_features and forward_features -> (B, N, D)."""
 
     def __init__(self, dim=32, patch=4, depth=4):
         super().__init__()

@@ -131,16 +131,15 @@ def main(argv=None):
         print(board)
         return
     text = args.readme.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if not 0 <= start < end:
+    if (old := verify.readme_block(text, BEGIN, END)) is None:
         sys.exit(f"{args.readme}: no {BEGIN} ... {END} markers for the leaderboard")
     current = f"{BEGIN}\n{board}\n{END}"
-    if args.check and text[start:end + len(END)] != current:
+    if args.check and old != current:
         sys.exit(f"{args.readme}: the leaderboard is not current; run python records/leaderboard.py --write")
     if args.check:
         print(f"ok {args.readme}: the leaderboard is current")
     if args.write:
-        args.readme.write_text(text[:start] + current + text[end + len(END):])
+        args.readme.write_text(text.replace(old, current, 1))  # the first: the block found
 
 
 if __name__ == "__main__":

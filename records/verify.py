@@ -548,10 +548,10 @@ def results_block(runs, track, kind, beside=()):
     return "\n".join(lines + [END])
 
 
-def readme_block(text):
-    """The README's results block, or None."""
-    start, end = text.find(BEGIN), text.find(END)
-    return text[start:end + len(END)] if 0 <= start < end else None
+def readme_block(text, begin=BEGIN, end=END):
+    """The README's block from marker `begin` to `end`, both included (by default its results block), or None."""
+    start, stop = text.find(begin), text.find(end)
+    return text[start:stop + len(end)] if 0 <= start < stop else None
 
 
 def first_difference(readme, logs):

@@ -497,7 +497,7 @@ def test_vae_offline_fails_fast_and_says_what_to_fetch(prepared, unreachable_hub
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
         data.load_vae("flux")
     monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data, "hub_reachable", lambda: pytest.fail("asked the hub"))  # cached or local: no need
+    monkeypatch.setattr(data, "hub_unreachable", lambda: pytest.fail("asked the hub"))  # cached or local: no need
     vae, shift, scale = data.load_vae("flux", root / "models" / "flux")
     assert vae.config.latent_channels == 4 and scale.flatten()[0] == pytest.approx(0.3611)
     repo = Path(unreachable_hub.HF_HUB_CACHE) / "models--black-forest-labs--FLUX.1-schnell"

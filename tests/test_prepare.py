@@ -634,7 +634,7 @@ def test_text_encoder_offline_fails_fast_and_says_what_to_fetch(unreachable_hub)
 
 def test_a_hub_source_offline_fails_at_once(tmp_path, unreachable_hub, monkeypatch):
     """--source a hub id (the default) on a machine that cannot reach the hub: the source's error at once (data's
-    hub_reachable), not after datasets' retries (~30 s)."""
+    hub_unreachable), not after datasets' retries (~30 s)."""
     import datasets
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: pytest.fail("asked datasets: it retries"))
     with pytest.raises(SystemExit, match=r"^error: --source brivangl/midjourney-v6-llava: no such folder or file here, "
