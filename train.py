@@ -1095,13 +1095,13 @@ class RunLog:
 
 
 def run_folder(args):
-    """-> (out, checkpoint to resume or None, whether out is that checkpoint's run, the args of its stage or None:
-    check_resume_flags). A folder that holds a run is never reused but by a resume of its own checkpoints; --resume
-    CKPT --out NEW branches the run into NEW, a run folder of its own (config.json, the sources), leaving CKPT's run
-    as it was."""
-    if not (args.out or args.resume):  # claim_run_folder makes the first free runs/<time>[-K]
-        return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")), None, False, None
+    """-> (out, or None without --out and --resume: claim_run_folder names it; checkpoint to resume or None, whether
+    out is that checkpoint's run, the args of its stage or None: check_resume_flags). A folder that holds a run is
+    never reused but by a resume of its own checkpoints; --resume CKPT --out NEW branches the run into NEW, a run
+    folder of its own (config.json, the sources), leaving CKPT's run as it was."""
     out, ckpt, stage = args.out, None, None
+    if not (out or args.resume):
+        return out, ckpt, False, stage
     if args.resume:
         ckpt = resolve_resume(args.resume, out)
         stage = check_resume_flags(args, ckpt)
@@ -1125,11 +1125,12 @@ def run_folder(args):
     return out, ckpt, False, stage
 
 
-def claim_run_folder(out, new, named):
+def claim_run_folder(out, new):
     """A lock on <out>/.lock (the OS releases it however the process ends) refuses a second train.py on the run. new:
-    the folder is made here, so two runs on one --out cannot both take it (unnamed: the next free runs/<time>-K). Under
-    the lock, a killed save's leftovers (step_N.tmp) go. -> (the lock's open file, the run folder)."""
-    base = out
+    the folder is made here, so two runs on one --out cannot both take it (out None: the first free runs/<time>[-K]).
+    Under the lock, a killed save's leftovers (step_N.tmp) go. -> (the lock's open file, the run folder)."""
+    named = out is not None
+    base = out = out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     for k in itertools.count(2):
         try:
             os.makedirs(out, exist_ok=not new)
@@ -1160,13 +1161,13 @@ def claim_run_folder(out, new, named):
     return lock, out
 
 
-def claim_on_rank_0(out, new, named, master, world):
+def claim_on_rank_0(out, new, master, world):
     """claim_run_folder on rank 0; every rank learns its outcome and the run folder, so that a refusal stops them all
     here, not in their next collective. -> (the lock on rank 0, else None; the run folder)."""
     lock, outcome = None, [None, out]
     if master:
         try:
-            lock, outcome[1] = claim_run_folder(out, new, named)
+            lock, outcome[1] = claim_run_folder(out, new)
         except SystemExit as refused:
             outcome[0] = refused.code
     if world > 1:
@@ -1286,9 +1287,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run, stage = run_folder(args)
-    # a new folder is made once the run's errors are past; without --out, always a new one (claim_run_folder)
-    existing = bool(args.out or args.resume) and os.path.isdir(out)
-    lock = claim_on_rank_0(out, False, True, master, world)[0] if existing else None  # held open to the end
+    existing = out is not None and os.path.isdir(out)  # else made once the run's errors are past
+    lock = claim_on_rank_0(out, False, master, world)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
@@ -1303,7 +1303,7 @@ def main(argv=None):
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     if not existing:
-        lock, out = claim_on_rank_0(out, True, bool(args.out), master, world)
+        lock, out = claim_on_rank_0(out, True, master, world)
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None):

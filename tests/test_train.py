@@ -435,18 +435,18 @@ def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
     (out / "checkpoints" / "step_4.tmp").mkdir(parents=True)
     (out / "checkpoints" / "step_1.pruned").mkdir()
     (out / "checkpoints" / "step_2").mkdir()
-    first, _ = train.claim_run_folder(str(out), False, True)
+    first, _ = train.claim_run_folder(str(out), False)
     assert os.listdir(out / "checkpoints") == ["step_2"] and (out / ".lock").read_text() == f"{holder}\n"
     (tmp_path / "new").mkdir()
-    claimed, _ = train.claim_run_folder(str(tmp_path / "new"), False, True)
+    claimed, _ = train.claim_run_folder(str(tmp_path / "new"), False)
     with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'new'}: another train.py ({holder}) is "
                                                    f"training this run; let it end or stop it, then --resume")):
         train.main(SMALL + ["--out", str(tmp_path / "new"), "--max-steps", "1"])
     assert os.listdir(tmp_path / "new") == [".lock"]  # nothing written
     with pytest.raises(SystemExit, match="another train.py"):
-        train.claim_run_folder(str(out), False, True)
+        train.claim_run_folder(str(out), False)
     first.close()  # the process ends: the OS releases its lock
-    train.claim_run_folder(str(out), False, True)[0].close()
+    train.claim_run_folder(str(out), False)[0].close()
     claimed.close()
 
 
@@ -454,22 +454,22 @@ def test_a_new_run_folder_is_made_by_one_run(tmp_path, monkeypatch):
     """A new --out is made when the run starts writing: a run that finds it made meanwhile (two runs started on one
     --out) is refused; without --out, the second of two runs started in the same second takes runs/<time>-2."""
     out = str(tmp_path / "r")
-    lock, made = train.claim_run_folder(out, True, True)
+    lock, made = train.claim_run_folder(out, True)
     assert made == out and os.listdir(out) == [".lock"]
     with pytest.raises(SystemExit, match=re.escape(f"--out {out}: another train.py has made this folder since this "
                                                    f"one started; choose another --out")):
-        train.claim_run_folder(out, True, True)
-    locks = [train.claim_run_folder(out, True, False) for _ in range(2)]
-    assert [made for _, made in locks] == [f"{out}-2", f"{out}-3"]
-    for held in (lock, *(held for held, _ in locks)):
-        held.close()
-    monkeypatch.chdir(tmp_path)  # a run folder of that second already there: the next free name from the start
+        train.claim_run_folder(out, True)
+    lock.close()
+    monkeypatch.chdir(tmp_path)  # unnamed: runs/<time>, else the next free runs/<time>-K
     now = train.datetime.datetime(2026, 12, 6, 5, 59, 55)
     monkeypatch.setattr(train, "datetime", argparse.Namespace(datetime=argparse.Namespace(now=lambda: now)))
-    os.makedirs(os.path.join("runs", "20261206-055955"))
-    lock, made = train.claim_run_folder(train.run_folder(train.get_args(SMALL))[0], True, False)
-    assert made == os.path.join("runs", "20261206-055955-2") and os.listdir(made) == [".lock"]
-    lock.close()
+    assert train.run_folder(train.get_args(SMALL))[0] is None  # no --out: the name is claim_run_folder's
+    locks = [train.claim_run_folder(None, True) for _ in range(3)]
+    stamp = os.path.join("runs", "20261206-055955")
+    assert [made for _, made in locks] == [stamp, f"{stamp}-2", f"{stamp}-3"]
+    assert all(os.listdir(made) == [".lock"] for _, made in locks)
+    for held, _ in locks:
+        held.close()
     with pytest.raises(SystemExit, match=re.escape("--resume without a path continues the run in --out: pass --out")):
         train.run_folder(train.get_args(SMALL + ["--resume"]))  # no --out: no run to continue
 
