@@ -378,6 +378,19 @@ def test_sampler_lands_on_the_guided_point(pred, w, steps, shift):
         assert (w == 1 or torch.equal(*scores.chunk(2))) and not torch.equal(samples[0], samples[1])
 
 
+@pytest.mark.parametrize("r", [0.25, 0.75])  # 0.75: SPRINT's default route ratio
+def test_self_guidance_routes_the_route_ratio_it_is_given(r):
+    """The routed pass of self-guidance runs at the sampler's route_ratio (the run's --route-ratio), not at the
+    default 0.5: with PointFlow the guided point moves by r (1 - s)."""
+    txt, mask = torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool)
+    txt[:, 0, 0] = torch.tensor([0.5, -0.3])
+    null_txt, null_mask = torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    x0 = ev.sample(PointFlow("v"), txt, mask, null_txt, null_mask, [0, 1], (1, 2, 2), steps=4, cfg_scale=1.0,
+                   route_ratio=r, self_guidance=2.0)
+    expected = txt[:, 0, 0] + r * (1 - 2.0)
+    torch.testing.assert_close(x0, expected[:, None, None, None].expand_as(x0), atol=1e-5, rtol=1e-5)
+
+
 def test_x0_to_velocity_clamps_t_at_x_pred_min_t_for_floats_and_tensors():
     """The sampler passes t as a float, training as a tensor: both divide by max(t, 0.05) (JiT)."""
     x_t, x0 = torch.full((2, 1, 1, 1), 3.0), torch.ones(2, 1, 1, 1)

@@ -194,6 +194,29 @@ def test_weight_decay_is_decoupled():
     torch.testing.assert_close(p.detach(), start * 0.95**3, rtol=1e-6, atol=0)
 
 
+def test_a_rank_one_gradient_steps_by_the_closed_form():
+    """A rank-1 gradient u v^T has one singular value, 1 after the Frobenius normalisation, so 5 Newton-Schulz steps
+    give f^5(1) u v^T / (|u| |v|), f(s) = a s + b s^3 + c s^5; momentum and Nesterov keep its direction. Each step is
+    then p <- (1 - lr wd) p - lr 0.2 sqrt(max(m, n)) f^5(1) u v^T / (|u| |v|): the decay first, on the weights
+    before the update (AdamW's and torch.optim.Muon's order)."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(8, 1, generator=g, dtype=torch.float64), torch.randn(1, 12, generator=g, dtype=torch.float64)
+    a, b, c = 3.4445, -4.7750, 2.0315  # Keller Jordan's quintic
+    s = 1.0
+    for _ in range(5):
+        s = a * s + b * s ** 3 + c * s ** 5
+    lr, wd = 0.1, 2.0
+    direction = s * (u @ v) / (u.norm() * v.norm())
+    p = nn.Parameter(torch.randn(8, 12, generator=g))
+    expected = p.detach().double().clone()
+    opt = Muon([p], lr=lr, weight_decay=wd, ns_dtype=torch.float32)
+    for step in range(3):
+        p.grad = ((step + 1) * u @ v).float()  # the scale changes, the direction does not
+        opt.step()
+        expected = (1 - lr * wd) * expected - lr * 0.2 * 12 ** 0.5 * direction
+    torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-5)
+
+
 def test_state_dict_round_trip(tmp_path):
     params = make_params()
     opt = train(params, 3)

@@ -1069,6 +1069,24 @@ def test_teacher_input_is_resized_to_the_token_grid_and_prefix_tokens_dropped():
     assert torch.allclose(tokens, expected.expand(2, 15, 3), atol=1e-5)
 
 
+def test_teacher_tokens_read_a_non_square_grid_row_major():
+    """grid = (h, w): the image is resized to h x w patches and the tokens come row by row. An image 32 x 64 px, dark
+    on its left half in channel 0 and on its top half in channel 1, on a (2, 4) grid: channel 0 goes dark, dark,
+    light, light along each row, channel 1 is dark in the first row. The tokens away from the halves' border are the
+    halves' colours exactly, (0 or 1 - mean) / std (FakeTeacher: each patch's mean)."""
+    images = torch.ones(1, 3, 32, 64)
+    images[:, 0, :, :32] = -1
+    images[:, 1, :16] = -1
+    tokens = train.teacher_tokens(FakeTeacher(), images, (2, 4)).view(2, 4, 3)
+    dark, light = (0 - torch.tensor([0.5, 0.4])) / torch.tensor([0.2, 0.25]), \
+        (1 - torch.tensor([0.5, 0.4])) / torch.tensor([0.2, 0.25])
+    midpoint = (dark + light) / 2
+    assert torch.equal(tokens[..., 0] < midpoint[0], torch.tensor([[True, True, False, False]] * 2))
+    assert torch.equal(tokens[..., 1] < midpoint[1], torch.tensor([[True] * 4, [False] * 4]))
+    torch.testing.assert_close(tokens[:, 0, 0], dark[0].expand(2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 3, 0], light[0].expand(2), rtol=0, atol=1e-5)
+
+
 def test_irepa_spatial_normalisation_by_hand():
     f = torch.tensor([[[1.0, 3.0], [5.0, 7.0]]])  # (B=1, T=2, D=2)
     # channel means per token (2, 6) times token means per channel (3, 5): [[-5, -7], [-13, -23]]; std over tokens
@@ -1340,6 +1358,33 @@ def test_muon_lr_moves_muon_weights_by_its_ratio_and_the_rest_as_before():
             torch.testing.assert_close(faster, 4 * plain, rtol=0, atol=1e-3 * faster.abs().max().item())
         else:
             assert torch.equal(faster, plain)
+
+
+def test_muon_follows_the_lr_schedule_at_its_ratio():
+    """Muon's lr rides --lr's schedule: in the warm-up, at a quarter of --lr, its groups hold a quarter of --muon-lr
+    and its weights move a quarter as far as at the full lr (its orthogonalised update, like AdamW's first, does not
+    depend on the gradient's scale: a move is lr x a fixed direction)."""
+    moves = []
+    for step in (0, 3):  # --warmup 4: lr / 4, then lr
+        torch.manual_seed(0)
+        args, loader, model = one_batch_run(["--optimizer", "muon", "--lr", "2e-3", "--muon-lr", "8e-3",
+                                             "--warmup", "4"])
+        with torch.no_grad():  # none zero: zero-initialised layers give the blocks no gradient
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+        trainee, before = train.Trainee(model), [p.detach().clone() for p in model.parameters()]
+        opt = train.build_optimizers(args, trainee)[0]
+        lr = train.learning_rate(args, step, 0.0)
+        assert lr == pytest.approx(2e-3 * (step + 1) / 4)
+        train.train_step(args, 0, lr, trainee, opt, loader, None, 0, 1)  # step 0's batch both times: one gradient
+        assert all(group["lr"] == pytest.approx(8e-3 * (step + 1) / 4) for group in opt[0].param_groups)
+        moves.append([p.detach() - p0 for p, p0 in zip(model.parameters(), before)])
+    muon = {id(p) for p in train.split_muon_params(model)[0]}
+    assert 0 < len(muon) < len(moves[0])
+    for p, warm, full in zip(model.parameters(), *moves):
+        if id(p) in muon:  # to the rounding of weight + move
+            assert full.abs().max() > 0
+            torch.testing.assert_close(warm, full / 4, rtol=0, atol=1e-3 * full.abs().max().item())
 
 
 # ----------------------------------------------------------------------------------------------------------
