@@ -335,16 +335,18 @@ def interrupted_after_the_first_train_shard(argv, monkeypatch):
     monkeypatch.setattr(prepare, "write_shard", write_shard)
 
 
-def test_a_resume_with_another_number_of_processes_is_refused(prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("before, now", [(1, 2), (2, 1)])
+def test_a_resume_with_another_number_of_processes_is_refused(before, now, prepared, tmp_path, monkeypatch):
     root, _ = prepared
     out = tmp_path / "out"
     argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
-    interrupted_after_the_first_train_shard(argv, monkeypatch)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", str(before))
     monkeypatch.setenv("RANK", "0")
+    interrupted_after_the_first_train_shard(argv, monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", str(now))
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
-    with pytest.raises(SystemExit, match=r"^error: .* prepared by 1 processes; resume with the same number "
-                                         r"\(torchrun --nproc-per-node 1\)"):
+    with pytest.raises(SystemExit, match=rf"^error: .* prepared by {before} processes; resume with the same number "
+                                         rf"\(torchrun --nproc-per-node {before}\)"):
         prepare.main(argv)  # before the encoders load
 
 

@@ -456,6 +456,27 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
         "current record's 12.50" in err
 
 
+def test_a_record_level_with_the_current_one_on_its_clock_is_left_out(record, tmp_path, capsys):
+    """Rule 3: a record's time on the board must be below the current record's; the same time is not."""
+    level = {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS}
+    make_record(record.parent / "2026-12-03_level", level, beside={k: (10.0 + k % 2, 0.3) for k in RUNS}, lr=0.006)
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 25.00 min | - |" in board and "2026-12-03_level" not in board and "| 2 |" not in board
+    assert "left out 2026-12-03_level: 25.00 min on the board's clock (1.000x its runs beside), not below the " \
+        "current record's 25.00" in capsys.readouterr().err
+
+
+def test_runs_beside_a_configuration_recorded_twice_race_its_latest_record(record, tmp_path):
+    """Two records of one configuration and code (logs from before the start time: no runs beside them): the runs
+    beside a later record are of that configuration, and it races on the clock of the latest of the two."""
+    make_record(record.parent / "2026-12-03_again", {k: (20.0 + k % 2, RUNS[k][1]) for k in RUNS})
+    make_record(record.parent / "2026-12-04_next", {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS},
+                beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS}, lr=0.003)
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 10.25 min | 10.50 min = 0.500 x 21.00 beside |" in board  # 20.50 min (2026-12-03_again) x 0.5
+    assert "| 2 | 20.50 min | - |" in board and "| 3 | 25.00 min | - |" in board
+
+
 def test_of_two_records_with_the_same_flags_the_runs_beside_race_the_one_whose_code_they_ran(record, tmp_path):
     """A record of faster code keeps its predecessor's flags; the next record's runs beside ran at its commit, so
     they are its configuration, not the predecessor's (whose time would make the next record's twice as long)."""

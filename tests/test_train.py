@@ -312,6 +312,8 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--ema-every", "1"], "--ema-every sets how often the EMA updates: it needs --ema"),
     (["--eval-samples", "0", "--eval-every", "100"], "--eval-every shapes the run's evaluations; --eval-samples 0"),
     (["--eval-samples", "0", "--eval-minutes", "1,2"], "--eval-minutes shapes the run's evaluations"),
+    (["--eval-samples", "0", "--eval-ref", "ref.npz"], "--eval-ref shapes the run's evaluations"),
+    (["--eval-samples", "0", "--eval-data", "data/mj"], "--eval-data shapes the run's evaluations"),
     (["--tread", "--eval-samples", "0", "--self-guidance", "1.5"], "--self-guidance shapes the run's evaluations"),
     (["--data", "/nonexistent", "--repa", "builtin"], "--repa builtin: the built-in teacher reads the built-in shapes"),
     (["--hidden", "96"], "--hidden 96: attention heads are 64 wide"),
@@ -337,6 +339,12 @@ def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--track", "cpu", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_a_target_checked_on_the_clock_alone_is_accepted():
+    """--target needs evaluations during the run: --eval-minutes gives them as well as --eval-every does."""
+    args = train.get_args(["--track", "cpu", "--target", "object_accuracy=0.3", "--eval-minutes", "1,2"])
+    assert args.target == ("object_accuracy", 0.3) and args.eval_minutes == [1.0, 2.0] and not args.eval_every
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -590,6 +598,15 @@ def test_a_resume_with_nothing_left_to_train_is_refused(finished_run, tmp_path):
     assert run_files(out) == before
 
 
+def test_the_time_budget_of_a_resume_is_in_minutes_and_the_checkpoints_time_in_seconds():
+    """A checkpoint trained 90 s has time left under --max-time 2 (120 s), none under --max-time 1.5 (90 s)."""
+    budget = lambda max_time: argparse.Namespace(max_steps=8, max_time=max_time, track="cpu", track_values=[])
+    train.check_budget(budget(2), "ckpt", 4, 90.0)
+    with pytest.raises(SystemExit, match=re.escape("ckpt has nothing left to train under --max-time 1.5 (it is at "
+                                                   "1.50 minutes)")):
+        train.check_budget(budget(1.5), "ckpt", 4, 90.0)
+
+
 def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its_own(tmp_path):
     """Resumed from 1000 (trained to 1500), then from 500: the resume-1000 config goes aside with step_1000 and
     step_1500; the new step_1500's config is resume-500's, whatever the files' times (a copy resets them)."""
@@ -626,6 +643,14 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
     assert moved.startswith("moved step_1500, config.resume-500.json, metrics.jsonl's 2 later lines (a history after "
                             "step 500)")  # the lines: RunLog cuts them from the run's file
+
+
+def test_a_resume_continues_its_own_run_whatever_the_spelling_of_out(finished_run, tmp_path):
+    """--resume <run>/checkpoints/step_4 --out <run>/ (a trailing slash) is the run's own folder, not another run's:
+    the run goes on in it."""
+    out = copy_run(finished_run, tmp_path)
+    train.main(SMALL + ["--max-steps", "6", "--resume", str(out / "checkpoints" / "step_4"), "--out", f"{out}/"])
+    assert sorted(losses(out)) == list(range(1, 7)) and (out / "checkpoints" / "step_6").is_dir()
 
 
 def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_run, tmp_path):
@@ -1567,3 +1592,14 @@ def test_a_resume_reads_its_stage_config_once(finished_run, tmp_path, monkeypatc
     assert opened.count("config.resume-2.json") == 1
     assert re.search(r"flags set otherwise than the checkpoint's stage .*; --lr 0\.001 -> 0\.002;",
                      (out / "log.txt").read_text())
+
+
+def test_a_resume_continues_the_ema_of_its_checkpoint(tmp_path):
+    """The EMA weights are part of the run's state: a run branched from step 2 ends at step 4 with the EMA (and the
+    weights) of the run that went on uninterrupted, not an EMA restarted from the initial weights."""
+    args = SMALL + ["--ema", "0.9", "--ema-every", "1", "--ckpt-every", "2", "--keep", "5", "--max-steps", "4"]
+    train.main(args + ["--out", str(tmp_path / "ref")])
+    train.main(args + ["--resume", str(tmp_path / "ref" / "checkpoints" / "step_2"), "--out", str(tmp_path / "b")])
+    for name in ("ema.safetensors", "model.safetensors"):
+        a, b = (load_file(str(tmp_path / r / "checkpoints" / "step_4" / name)) for r in ("ref", "b"))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
