@@ -1361,24 +1361,29 @@ def test_the_default_repa_layer_is_prx_s_7_of_16_scaled_to_the_depth():
         assert train.build_model(args, loader, torch.device("cpu"))[3].repa_layer == layer
 
 
+def muon_step_moves(flags, step):
+    """One train_step of a fresh tiny model (seed 0, every weight drawn: zero-initialised layers give the blocks no
+    gradient) with Muon at `step`'s lr -> (args, the optimizers, [(whether Muon steps it, its move) per parameter])."""
+    torch.manual_seed(0)  # the same text and weights
+    args, loader, model = one_batch_run(["--optimizer", "muon", "--lr", "2e-3"] + flags)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    trainee, before = train.Trainee(model), [p.detach().clone() for p in model.parameters()]
+    opt = train.build_optimizers(args, trainee)[0]
+    train.train_step(args, 0, train.learning_rate(args, step, 0.0), trainee, opt, loader, None, 0, 1)
+    muon = {id(p) for p in train.split_muon_params(model)[0]}
+    return args, opt, [(id(p) in muon, p.detach() - p0) for p, p0 in zip(model.parameters(), before)]
+
+
 def test_muon_lr_moves_muon_weights_by_its_ratio_and_the_rest_as_before():
     """--muon-lr 4 x --lr: in a step Muon's weights move 4 times as far (its orthogonalised update does not depend on
     the lr), AdamW's exactly as without the flag."""
-    moves = []
-    for extra in ([], ["--muon-lr", "8e-3"]):
-        torch.manual_seed(0)  # the same text and weights
-        args, loader, model = one_batch_run(["--optimizer", "muon", "--lr", "2e-3", "--warmup", "1"] + extra)
-        with torch.no_grad():  # none zero: zero-initialised layers give the blocks no gradient
-            for p in model.parameters():
-                p.normal_(0, 0.1)
-        trainee, before = train.Trainee(model), [p.detach().clone() for p in model.parameters()]
-        opt = train.build_optimizers(args, trainee)[0]
-        train.train_step(args, 0, train.learning_rate(args, 0, 0.0), trainee, opt, loader, None, 0, 1)
-        moves.append([p.detach() - p0 for p, p0 in zip(model.parameters(), before)])
-    muon = {id(p) for p in train.split_muon_params(model)[0]}
-    assert 0 < len(muon) < len(moves[0])
-    for p, plain, faster in zip(model.parameters(), *moves):
-        if id(p) in muon:  # to the rounding of weight + move
+    plain_moves, faster_moves = (muon_step_moves(["--warmup", "1"] + extra, 0)[2]
+                                 for extra in ([], ["--muon-lr", "8e-3"]))
+    assert 0 < sum(in_muon for in_muon, _ in plain_moves) < len(plain_moves)
+    for (in_muon, plain), (_, faster) in zip(plain_moves, faster_moves):
+        if in_muon:  # to the rounding of weight + move
             assert plain.abs().max() > 0
             torch.testing.assert_close(faster, 4 * plain, rtol=0, atol=1e-3 * faster.abs().max().item())
         else:
@@ -1390,24 +1395,14 @@ def test_muon_follows_the_lr_schedule_at_its_ratio():
     and its weights move a quarter as far as at the full lr (its orthogonalised update, like AdamW's first, does not
     depend on the gradient's scale: a move is lr x a fixed direction)."""
     moves = []
-    for step in (0, 3):  # --warmup 4: lr / 4, then lr
-        torch.manual_seed(0)
-        args, loader, model = one_batch_run(["--optimizer", "muon", "--lr", "2e-3", "--muon-lr", "8e-3",
-                                             "--warmup", "4"])
-        with torch.no_grad():  # none zero: zero-initialised layers give the blocks no gradient
-            for p in model.parameters():
-                p.normal_(0, 0.1)
-        trainee, before = train.Trainee(model), [p.detach().clone() for p in model.parameters()]
-        opt = train.build_optimizers(args, trainee)[0]
-        lr = train.learning_rate(args, step, 0.0)
-        assert lr == pytest.approx(2e-3 * (step + 1) / 4)
-        train.train_step(args, 0, lr, trainee, opt, loader, None, 0, 1)  # step 0's batch both times: one gradient
+    for step in (0, 3):  # --warmup 4: lr / 4, then lr; step 0's batch both times: one gradient
+        args, opt, step_moves = muon_step_moves(["--muon-lr", "8e-3", "--warmup", "4"], step)
+        assert train.learning_rate(args, step, 0.0) == pytest.approx(2e-3 * (step + 1) / 4)
         assert all(group["lr"] == pytest.approx(8e-3 * (step + 1) / 4) for group in opt[0].param_groups)
-        moves.append([p.detach() - p0 for p, p0 in zip(model.parameters(), before)])
-    muon = {id(p) for p in train.split_muon_params(model)[0]}
-    assert 0 < len(muon) < len(moves[0])
-    for p, warm, full in zip(model.parameters(), *moves):
-        if id(p) in muon:  # to the rounding of weight + move
+        moves.append(step_moves)
+    assert 0 < sum(in_muon for in_muon, _ in moves[0]) < len(moves[0])
+    for (in_muon, warm), (_, full) in zip(*moves):
+        if in_muon:  # to the rounding of weight + move
             assert full.abs().max() > 0
             torch.testing.assert_close(warm, full / 4, rtol=0, atol=1e-3 * full.abs().max().item())
 
