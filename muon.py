@@ -154,7 +154,7 @@ class Muon(torch.optim.Optimizer):
                         eps=eps, scale=scale)
         super().__init__(params, defaults)
         # Newton-Schulz in bf16 by default on CUDA (tensor cores; Keller Jordan's choice), in fp32 on the CPU, where
-        # bf16 is emulated with AVX2 alone; train.py passes bf16 with --precision bf16 (fast on a CPU with AMX)
+        # bf16 is emulated with AVX2 alone; train.py passes bf16 with --precision bf16 (fast with AMX or AVX512-BF16)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:

@@ -146,8 +146,8 @@ def get_parser():
     g.add_argument("--patch", type=count, default=None, help="override the preset's patch size")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up is untimed)")
     g.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: fp32 weights, bf16 autocast "
-                   "(PRX; the default on CUDA; on a CPU fast with AMX only, the attention kept in fp32); fp32: no "
-                   "autocast (the default on CPU)")
+                   "(PRX; the default on CUDA; on a CPU fast with AMX or AVX512-BF16, the attention kept in fp32); "
+                   "fp32: no autocast (the default on CPU)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (torchrun): weights, gradients and "
                    "optimizer state sharded over the processes, a block's weights gathered (in bf16 under bf16) while "
                    "it runs")
@@ -1057,7 +1057,8 @@ def devices(device):
             first = f.read().split("\n\n")[0].splitlines()  # the first core's entry
         info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first if ":" in line)}
         cpu, flags = info.get("model name", cpu), info.get("flags", "").split()
-    # the vector units that set the matmuls' speed: bf16 (--precision bf16) is fast with AMX, emulated with AVX2 only
+    # the vector units that set the matmuls' speed: bf16 (--precision bf16) is fast with AMX or AVX512-BF16, emulated
+    # with AVX2 alone
     units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
     return {**host, "cpu": cpu, "cpu_flags": units, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 

@@ -1458,7 +1458,8 @@ def test_bf16_autocast_step_is_fp32_within_bf16_rounding(flags, monkeypatch):
 
 def test_the_log_names_the_cpu_and_its_matmul_units(monkeypatch, tmp_path):
     """devices() reads the first core's entry of /proc/cpuinfo: its name and which of the vector units that set the
-    matmuls' speed it has (bf16 is fast with AMX, emulated with AVX2 alone); records/verify.py checks AVX2."""
+    matmuls' speed it has (bf16 is fast with AMX or AVX512-BF16, emulated with AVX2 alone); records/verify.py checks
+    AVX2."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
                        "flags\t\t: fpu sse4_2 avx2 avx512f amx_tile amx_bf16\n\n"
