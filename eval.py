@@ -14,6 +14,7 @@ et al. 2024, google-research/cmmd; DINO-MMD: PRX part 2), and the caption checke
 import argparse
 import contextlib
 import ctypes
+import datetime
 import hashlib
 import itertools
 import json
@@ -303,11 +304,13 @@ def main_process():
 
 def setup_distributed(tf32):
     """-> rank, world size, device: under torchrun NCCL on CUDA, gloo on CPU. `tf32`: TF32 matmuls on CUDA (train.py;
-    its weights stay fp32); eval.py keeps the metrics' features in full fp32."""
+    its weights stay fp32); the metric networks run without it (full_fp32)."""
     if "RANK" in os.environ:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's
             die_with_launcher()
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # an hour for a collective (NCCL's default: 10 minutes): the other ranks wait in the next step's while rank 0
+        # writes a checkpoint, `base`'s 112 GB with AdamW and its EMA
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     else:
         rank, world, local = 0, 1, 0
@@ -421,6 +424,20 @@ FEATURES = {"fid": inception_features, "cmmd": clip_features, "dino_mmd": dino_f
 EMBEDDINGS = {"cmmd": "clip_emb", "dino_mmd": "dino_emb"}  # the reference file's arrays of the MMD metrics
 
 
+@contextlib.contextmanager
+def full_fp32(device_type):
+    """The metric networks in fp32 whatever the caller set: autocast off, and no TF32 in CUDA's matmuls and cuDNN's
+    convolutions (train.py turns both on, and cuDNN's default is TF32), so that a reference and an evaluation agree
+    whichever script made them."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 class Metrics:
     """update(images uint8 (B, 3, H, W)) on each rank, then compute() -> {"fid", "cmmd", "dino_mmd"} against the
     reference file (gathered over ranks when torch.distributed is initialised), or save_reference(path).
@@ -485,7 +502,7 @@ class Metrics:
                              f"from [-1, 1] floats use eval.to_uint8(x)")
         self.resolution = images.shape[-1]
         self.count += len(images)
-        with torch.autocast(self.device.type, enabled=False):  # the metric networks in fp32, whatever the caller's
+        with full_fp32(self.device.type):
             for name, net in self.nets.items():
                 features = FEATURES[name](net, images)
                 if name == "fid":

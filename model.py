@@ -249,13 +249,16 @@ def trim_text(txt, txt_mask):
     """Cut the batch's text to its longest real caption; drop the mask when nothing is padded (SDPA's fast path).
     Eager only (data-dependent shapes): compiled callers run it before the compiled model. Both come back as new
     contiguous tensors, cut or not: a compiled model guards on strides and on whether an input is a view, and a
-    batch that differs there from the warm-up's compiles once more, inside the timed run."""
+    batch that differs there from the warm-up's compiles once more, inside the timed run. The two lengths are read
+    in one transfer: each read waits for the device, idle until the next micro-batch's kernels are queued."""
     if txt_mask is None:
         return txt, None
-    real = txt_mask.any(0).nonzero()  # the last column any caption uses (left-padded masks too)
-    longest = int(real[-1]) + 1 if len(real) else 0
+    columns = torch.arange(1, txt_mask.shape[1] + 1, device=txt_mask.device)  # (L,)
+    last_used = F.pad(columns * txt_mask.any(0), (1, 0)).max()  # the last column any caption uses (left-padded too)
+    leading_full = txt_mask.all(0).cumprod(0).sum()  # how many leading columns every caption uses
+    longest, full = torch.stack([last_used, leading_full]).tolist()
     txt, txt_mask = txt[:, :longest].clone(), txt_mask[:, :longest].clone()  # clone: dense, and not a view
-    return (txt, None) if bool(txt_mask.all()) else (txt, txt_mask)
+    return (txt, None) if full >= longest else (txt, txt_mask)
 
 
 def attention_mask(txt_mask, num_img):

@@ -102,7 +102,7 @@ def encode_latents(vae, images, seeds, shift, scale):
     """images (B, 3, R, R) uint8 -> normalised latents (B, C, R/f, R/f) float32. A KL VAE's posterior is sampled as
     PRX does, with noise seeded per sample (seeds) so that preparation is reproducible: z = mean + std * eps; DC-AE
     encodes deterministically."""
-    x = images.to(vae.device, vae.dtype) / 127.5 - 1
+    x = (images.to(vae.device).float() / 127.5 - 1).to(vae.dtype)  # one rounding to a bf16 VAE's input, not two
     encoded = vae.encode(x)
     if not hasattr(encoded, "latent_dist"):  # AutoencoderDC
         return normalize_latent(encoded.latent.float(), shift, scale)

@@ -252,8 +252,12 @@ def get_args(argv=None):
     args.eps = args.eps or (1e-8 if args.optimizer == "muon" else 1e-15)
     args.muon_lr = (args.muon_lr or args.lr) if args.optimizer == "muon" else None
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    if 0 < args.eval_samples < world:
+        parser.error(f"--eval-samples {args.eval_samples}: the {world} processes each sample a share of an evaluation, "
+                     f"and one with none would wait forever for the others' collectives: use at least {world}, or 0 "
+                     f"(no evaluations)")
     if args.fsdp:  # what cannot work sharded
-        world = int(os.environ.get("WORLD_SIZE", 1))
         if "RANK" not in os.environ:
             parser.error("--fsdp shards over the processes that torchrun starts (torchrun --nproc_per_node=N train.py "
                          "--fsdp ...); a single process holds the whole model anyway: drop --fsdp")

@@ -1,6 +1,7 @@
 """eval.py: the metrics against their reference implementations (torch-fidelity, scipy, CLIPImageProcessor, PIL,
 closed forms) on tiny or randomly initialised networks built here, and the sampler against an exact flow."""
 
+import datetime
 import json
 import os
 import pickle
@@ -256,6 +257,29 @@ def test_clip_and_dino_offline_fail_fast_and_say_what_to_fetch(unreachable_hub):
         assert time.time() - start < 5 and fetch in str(info.value) and flag in str(info.value)
     with pytest.raises(FileNotFoundError, match="--clip ./no/clip: no such folder; pass a folder holding a local"):
         ev.load_clip("./no/clip")  # a path, not a hub id: no `hf download ./no/clip`
+
+
+def test_metric_networks_run_in_full_fp32_whatever_the_caller_set(monkeypatch):
+    """Metrics.update runs the networks without TF32 (train.py turns it on for CUDA's matmuls and convolutions; cuDNN's
+    default is on) and without the caller's autocast, and gives the caller its settings back."""
+    seen = []
+
+    def features(net, images):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.is_autocast_enabled("cpu")))
+        return torch.ones(len(images), 4)
+    monkeypatch.setitem(ev.FEATURES, "cmmd", features)
+    metrics = ev.Metrics(None, ["cmmd"], clip=tiny_clip())
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # train.py's setup_distributed
+        with torch.autocast("cpu", torch.bfloat16):
+            metrics.update(blocky_images(2, seed=6, size=28))
+            assert torch.is_autocast_enabled("cpu")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert seen == [(False, False, False)]
 
 
 def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
@@ -997,21 +1021,23 @@ def test_a_vae_the_data_names_but_this_machine_lacks_is_one_error(prepared, tmp_
 
 def test_torchruns_workers_ask_to_die_with_it(monkeypatch):
     """setup_distributed: a process torchrun started (TORCHELASTIC_RUN_ID) asks for die_with_launcher; one another
-    launcher started with RANK set does not."""
+    launcher started with RANK set does not. Its collectives wait an hour, not NCCL's default 10 minutes, which a
+    large checkpoint's writing on rank 0 can outlast."""
     calls = []
     monkeypatch.setattr(ev, "die_with_launcher", lambda: calls.append(True))
     monkeypatch.setattr(ev, "keep_freed_memory", lambda: None)
-    monkeypatch.setattr(ev.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(ev.dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setattr(ev.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(ev.dist, "get_world_size", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    assert ev.setup_distributed(tf32=False)[:2] == (0, 1) and calls == [True, "gloo"]  # before the process group
+    hour = datetime.timedelta(hours=1)
+    assert ev.setup_distributed(tf32=False)[:2] == (0, 1) and calls == [True, ("gloo", hour)]  # before the group
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     ev.setup_distributed(tf32=False)
-    assert calls == [True, "gloo", "gloo"]
+    assert calls == [True, ("gloo", hour), ("gloo", hour)]
 
 
 LAUNCHER = """

@@ -124,6 +124,25 @@ def test_padding_never_changes_output():
     assert trim_text(txt[:1], mask[:1])[1] is None
 
 
+def test_trim_text_cuts_at_the_last_used_column_and_drops_a_full_mask():
+    """trim_text against a loop over the mask's entries, on masks padded on the right, on the left, with holes, with
+    no real token, and of no length: the text keeps columns up to the last one any caption uses, the mask only where
+    some caption is padded within them."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        B, L = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(0, 7, (1,), generator=g))
+        lengths = torch.randint(0, L + 1, (B, 1), generator=g)
+        right, left = torch.arange(L) < lengths, torch.arange(L) >= L - lengths
+        mask = [torch.rand(B, L, generator=g) < 0.6, right, left][trial % 3]
+        txt = torch.randn(B, L, 2, generator=g)
+        used = [j for b in range(B) for j in range(L) if mask[b, j]]
+        longest = max(used) + 1 if used else 0
+        padded = any(not mask[b, j] for b in range(B) for j in range(longest))
+        txt_t, mask_t = trim_text(txt, mask)
+        assert torch.equal(txt_t, txt[:, :longest]) and (mask_t is not None) == padded
+        assert mask_t is None or torch.equal(mask_t, mask[:, :longest])
+
+
 def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
     """Under the CPU's bf16 autocast the projections run in bf16 and the attention in fp32 (its fused bf16 backward
     is the slow one there), on the bf16 projections' values, so the result is the bf16 model's within fp32 rounding."""

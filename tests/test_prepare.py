@@ -78,6 +78,18 @@ def test_stored_latent_is_the_seeded_vae_posterior_sample(prepared):
         assert (stored - (post.mean[0] - 0.1159) * 0.3611).abs().max() > 1e-2  # a sample, not the mean
 
 
+def test_a_bf16_vae_gets_the_pixels_rounded_once(prepared):
+    """On the GPU the VAE runs in bf16: it is given [-1, 1] pixels computed in fp32 and rounded to bf16 once (scaled in
+    bf16, half the 256 levels land a step off)."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(prepared[0] / "models" / "flux", subfolder="vae").to(torch.bfloat16)
+    seen, encode = [], vae.encode
+    vae.encode = lambda x: seen.append(x) or encode(x)
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    prepare.encode_latents(vae, levels, [0], *data.latent_stats(vae))
+    assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], (levels.float() / 127.5 - 1).bfloat16())
+
+
 def test_dc_ae_latents_are_its_deterministic_encoding_scaled(prepared, tmp_path):
     """--vae dc-ae (SANA 1.1's deterministic autoencoder, 32x down; here a tiny 4x one): a stored latent is
     encode(image) x scaling_factor, and eval.py decodes the data's latents through the same VAE."""

@@ -222,6 +222,16 @@ def test_bad_input_fails_before_work(tmp_path, argv, message):
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+def test_fewer_evaluation_samples_than_processes_are_refused(monkeypatch, capsys):
+    """Under torchrun each process samples a share of an evaluation; a process with none would skip the collectives
+    the others wait in. --eval-samples below the number of processes is refused; 0 (no evaluations) is not."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train.get_args(["--track", "cpu", "--eval-samples", "3"])
+    assert "--eval-samples 3: the 4 processes each sample a share" in capsys.readouterr().err
+    assert [train.get_args(["--track", "cpu", "--eval-samples", n]).eval_samples for n in ("0", "4")] == [0, 4]
+
+
 def test_an_infinite_gradient_norm_stops_the_run(tmp_path):
     """lr 1e9: by step 2 the loss is finite (~1e19) but the gradient's norm overflows; clipping would then scale every
     update to 0 and the run would train on unchanged: it stops, saying no checkpoint was written."""
