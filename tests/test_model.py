@@ -1,11 +1,15 @@
+import hashlib
 import json
+import os
+import types
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import PRX, PRXConfig, flops_per_sample, gelu_tanh, preset_config, rope_for_grid, trim_text
+from model import (CHECKSUMS, PRX, PRXConfig, file_sha256, flops_per_sample, gelu_tanh, list_checkpoints, preset_config,
+                   rope_for_grid, run_of, step_of, trim_text, verify_checkpoint, weights_file)
 
 TINY = dict(in_channels=4, patch_size=2, context_dim=24, hidden_size=64, depth=4, num_heads=2, axes_dim=(16, 16),
             route_start=1, route_end=2)
@@ -83,6 +87,32 @@ def test_export_without_encoders_takes_them_at_load(tmp_path):
     assert image.shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="pixel-space"):
         PRX(PRXConfig(**dict(TINY, in_channels=3))).save_diffusers(str(tmp_path / "px"))
+    with pytest.raises(ValueError, match="SPRINT adds layers"):
+        PRX(PRXConfig(**TINY, sprint=True)).save_diffusers(str(tmp_path / "sprint"))
+    with pytest.raises(ValueError, match="BatchNorm"):  # FLUX.2's VAE (its `bn` statistics)
+        model.save_diffusers(str(tmp_path / "flux2"), vae=types.SimpleNamespace(bn=None))
+
+
+def test_from_diffusers_takes_overrides_and_refuses_what_it_cannot_load(tmp_path):
+    """A diffusers folder: the config's fields, then the caller's overrides; options this model does not implement
+    and a checkpoint missing a weight are refused, not loaded into a model that computes something else."""
+    from safetensors.torch import save_file
+    model = randomize(PRX(PRXConfig(**TINY)))
+    config, state = model.diffusers_config(), model.state_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded = PRX.from_diffusers(str(tmp_path), route_start=0, route_end=3)
+    assert (loaded.cfg.route_start, loaded.cfg.route_end) == (0, 3)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    for option in (dict(time_factor=1.0), dict(time_max_period=100)):
+        (tmp_path / "config.json").write_text(json.dumps(config | option))
+        with pytest.raises(ValueError, match="time_factor != 1000"):
+            PRX.from_diffusers(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v for k, v in state.items() if k != "final_layer.linear.bias"},
+              str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(RuntimeError, match="final_layer.linear.bias"):
+        PRX.from_diffusers(str(tmp_path))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-pixel"])
@@ -122,6 +152,8 @@ def test_padding_never_changes_output():
     txt_t, mask_t = trim_text(torch.cat([txt, pad], 1), torch.cat([mask, torch.zeros(3, 9, dtype=torch.bool)], 1))
     assert txt_t.shape[1] == 7 and mask_t is not None
     assert trim_text(txt[:1], mask[:1])[1] is None
+    empty = trim_text(txt, torch.zeros_like(mask))  # no caption has a real token: no text at all, and no mask
+    assert empty[0].shape == (3, 0, cfg.context_dim) and empty[1] is None
 
 
 def test_trim_text_cuts_at_the_last_used_column_and_drops_a_full_mask():
@@ -241,6 +273,19 @@ def test_routed_tokens_return_to_their_positions(sprint):
             assert (out[b:b + 1] - ref.reshape(xb.shape)).abs().max() <= 1e-5
 
 
+def test_sprint_fuses_at_route_ratio_zero():
+    """SPRINT's fusion layer is part of its network: at route_ratio 0 (sampling) every token goes through the middle
+    blocks and is fused, as when the ratio is too small to route one token."""
+    cfg = PRXConfig(**TINY, sprint=True)
+    model = randomize(PRX(cfg))
+    x, t, txt, mask = inputs(cfg)
+    with torch.no_grad():
+        full, none_routed = model(x, t, txt, mask), model(x, t, txt, mask, route_ratio=1e-6)
+        model.sprint_fuse.weight.mul_(2)
+        fused_otherwise = model(x, t, txt, mask)
+    assert (full - none_routed).abs().max() <= 1e-6 and (fused_otherwise - full).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("route_ratio", [0.5, 0.75])
 def test_routing_rounds_the_routed_tokens_down(route_ratio):
     """On 21 tokens (a 3 x 7 grid) int(21 r) tokens are routed and the rest kept (11 at 0.5, 6 at 0.75), as the FLOP
@@ -291,6 +336,22 @@ def test_presets_parameter_counts():
     assert pixel.cfg.patch_size == 32 and pixel.cfg.bottleneck_size == 256 and pixel.cfg.in_channels == 3
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("huge")
+
+
+def test_preset_config_pixel_variants_and_overrides():
+    """Only `-pixel` makes a pixel-space model; the caller's overrides come after the preset's and the pixel
+    variant's settings."""
+    fields = lambda cfg: (cfg.in_channels, cfg.patch_size, cfg.bottleneck_size, cfg.depth)
+    assert fields(preset_config("tiny")) == (16, 2, None, 4) and fields(preset_config("tiny-pixel")) == (3, 4, None, 4)
+    assert fields(preset_config("small-pixel", 512, patch_size=8, bottleneck_size=None, depth=3)) == (3, 8, None, 3)
+
+
+@pytest.mark.parametrize("change, message", [(dict(route_end=4), "route_end < depth"),
+                                             (dict(route_start=3, route_end=2), "route_start <= route_end"),
+                                             (dict(num_heads=3, axes_dim=(10, 11)), "head dim")])  # 64 = 3 x 21 + 1
+def test_configs_that_cannot_build_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        PRX(PRXConfig(**{**TINY, **change}))
 
 
 def test_non_square_and_bad_inputs():
@@ -349,3 +410,42 @@ def test_a_side_longer_than_the_rope_table_names_the_limit():
     x, t, txt = torch.zeros(1, 3, 4 * 1025, 4), torch.zeros(1), torch.zeros(1, 2, model.cfg.context_dim)
     with pytest.raises(ValueError, match="1025x1 tokens exceed the RoPE table"):
         model(x, t, txt)
+
+
+def test_file_sha256_hashes_the_whole_file(tmp_path):
+    data = torch.randint(0, 256, (5 * 2**19 + 7,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (tmp_path / "f").write_bytes(data.numpy().tobytes())  # 2.5 MiB: past the 1 MiB it reads at a time
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def test_checkpoints_of_a_run_in_step_order_and_the_previous_one_named(tmp_path):
+    """step_10 after step_2 (numbers, not names), past other folders; a corrupt checkpoint names the latest
+    earlier one, not the first."""
+    folder = tmp_path / "run" / "checkpoints"
+    for step in (10, 1, 2):
+        ckpt = folder / f"step_{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"weights %d" % step)
+        (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
+    (folder / "step_3.tmp").mkdir()
+    (folder / "notes").mkdir()
+    ckpts = list_checkpoints(str(tmp_path / "run"))
+    assert [os.path.basename(c) for c in ckpts] == ["step_1", "step_2", "step_10"]
+    assert [step_of(c) for c in ckpts] == [1, 2, 10] and {run_of(c) for c in ckpts} == {str(tmp_path / "run")}
+    verify_checkpoint(ckpts[-1])
+    (folder / "step_10" / "model.safetensors").write_bytes(b"weights 11")
+    with pytest.raises(ValueError, match=r"step_10/model.safetensors is corrupt.*previous checkpoint is \S*step_2: "):
+        verify_checkpoint(ckpts[-1])
+    (folder / "step_1" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="step_1/model.safetensors is missing.*there is no earlier checkpoint"):
+        verify_checkpoint(ckpts[0])
+
+
+def test_weights_file_takes_the_ema_where_kept(tmp_path):
+    (tmp_path / "model.safetensors").touch()
+    assert [weights_file(tmp_path, w) for w in (None, "model")] == ["model.safetensors"] * 2
+    with pytest.raises(FileNotFoundError, match="keeps no EMA weights"):
+        weights_file(tmp_path, "ema")
+    (tmp_path / "ema.safetensors").touch()
+    assert [weights_file(tmp_path, w) for w in (None, "model", "ema")] == ["ema.safetensors", "model.safetensors",
+                                                                             "ema.safetensors"]

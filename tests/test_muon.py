@@ -278,7 +278,9 @@ def distributed_worker(rank, world_size, init_file, out_file):
             Muon(params).step()
         except ValueError as e:
             result["refusals"].append(str(e))
-    torch.save(result | {"lone": lone[0].detach()}, f"{out_file}.{rank}")
+    idle = nn.Parameter(torch.ones(4, 4))  # no gradient on any rank: a step with nothing to share out
+    Muon([idle]).step()
+    torch.save(result | {"lone": lone[0].detach(), "idle": idle.detach()}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 
 
@@ -300,6 +302,7 @@ def test_distributed_matches_single_process(two_ranks):
         assert result["calls"] == 10 * owners.count(rank) < 10 * len(SHAPES)  # each rank only did its share
         for a, b in zip(result["params"] + [result["lone"]], single + lone):
             assert (a - b).abs().max() <= 1e-6
+        assert torch.equal(result["idle"], torch.ones(4, 4))
     # Rank 0's checkpoint is the single-process one: momentum is kept for every matrix on every rank.
     for i, state in single_opt.state_dict()["state"].items():
         assert torch.equal(results[0]["state"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
@@ -347,6 +350,11 @@ def test_split_muon_params():
     model.blocks[0]["conv"] = nn.Conv1d(8, 8, 3)  # a kernel inside a block is 3D: AdamW's
     muon_params, adamw_params = split_muon_params(model)
     assert len(muon_params) == 2 and any(p is model.blocks[0]["conv"].weight for p in adamw_params)
+    # under a wrapper (DDP's module., compile's _orig_mod.) the same split; `blocks` is a name, not a part of one
+    wrapper = nn.Module()
+    wrapper.module, wrapper.final_blocks_proj = model, nn.Linear(8, 8)
+    wrapped_muon, wrapped_adamw = split_muon_params(wrapper)
+    assert wrapped_muon == muon_params and wrapped_adamw == adamw_params + list(wrapper.final_blocks_proj.parameters())
 
 
 def test_split_prx_tiny():
@@ -370,6 +378,48 @@ def test_bad_input():
         Muon(make_params(), scale="spectral")
     with pytest.raises(ValueError, match="momentum"):
         Muon(make_params(), momentum=1.0)
+    for bad in (dict(lr=-0.01), dict(ns_steps=0), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError, match="need lr >= 0"):
+            Muon(make_params(), **bad)
+
+
+def test_a_parameter_without_a_gradient_is_left_alone():
+    params = make_params()
+    set_grads(params, 0)
+    frozen = params[1].detach().clone()
+    params[1].grad = None
+    opt = Muon(params, lr=0.02)
+    opt.step()
+    assert torch.equal(params[1], frozen) and params[1] not in opt.state
+    assert not torch.equal(params[0], make_params()[0])  # the others step
+
+
+def test_ns_cost_counts_the_newton_schulz_flops():
+    """What assign_owners balances: s^2 l for an (m, n) matrix, s = min, l = max; plain Newton-Schulz costs
+    steps (4 s^2 l + 2 s^3) FLOPs, between 4 and 6 times that per step whatever the aspect."""
+    from torch.utils.flop_counter import FlopCounterMode
+    for shape in [(16, 1024), (1024, 16), (128, 128), (48, 200)]:
+        with FlopCounterMode(display=False) as counter:
+            newton_schulz(torch.randn(shape), steps=1, dtype=torch.float32, plain=True)
+        assert 4 * ns_cost(shape) <= counter.get_total_flops() <= 6 * ns_cost(shape)
+
+
+def test_each_groups_eps_is_used():
+    """Matrices of one shape in groups of different eps are not stacked into one call with the first's eps."""
+    together = make_params([(48, 32)] * 2)
+    opt = Muon([{"params": together[:1]}, {"params": together[1:], "eps": 100.0}], lr=0.02)
+    alone = [nn.Parameter(p.detach().clone()) for p in together]
+    singles = [Muon([alone[0]], lr=0.02), Muon([alone[1]], lr=0.02, eps=100.0)]
+    for params in (together, alone):
+        set_grads(params, 0)
+        params[1].grad = params[0].grad.clone()  # the same gradient: only eps differs
+    opt.step()
+    for single in singles:
+        single.step()
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    start = make_params([(48, 32)] * 2)
+    assert ((together[0] - start[0]) - (together[1] - start[1])).abs().max() > 1e-3  # eps 100 changes the update
 
 
 @pytest.mark.parametrize("shape", [(24, 56), (56, 24), (40, 40)])  # wide (Gram form in fp32), tall, square
