@@ -1,6 +1,8 @@
 """data.py: the prepared-data reader, its loader and held-out split, the --data dispatch, on directories prepared by
 prepare.py (the `prepared` fixture of conftest.py) or written by hand."""
 
+import copy
+import hashlib
 import json
 import shutil
 import subprocess
@@ -134,6 +136,29 @@ def test_mixture_and_mixed_captions_draw_the_same_on_any_number_of_processes(pre
     assert [read(next(resumed)) for _ in range(2)] == [read(next(loader)) for loader in two]
 
 
+def test_the_caption_modes_are_the_long_caption_probabilities():
+    """--captions long, short, mixed (PRX's even mix) and mixed:p, p anywhere in [0, 1] with both ends included."""
+    assert [data.caption_share(c) for c in ("long", "short", "mixed", "mixed:0", "mixed:1", "mixed:0.25")] == \
+        [1.0, 0.0, 0.5, 0.0, 1.0, 0.25]
+    for captions in ("mixed:-0.1", "mixed:1.01", "mixed:x"):
+        with pytest.raises(ValueError, match="mixed"):
+            data.caption_share(captions)
+
+
+def test_a_weight_follows_the_last_colon_of_a_path():
+    """A path may hold ':' (a weight is the number after the last one): 'A:B:0.5' is the directory A:B at 0.5."""
+    assert data.parse_data_phases("/mnt/x:y:0.5,z:2") == [(0, {"/mnt/x:y": 0.5, "z": 2.0}, None)]
+
+
+def test_mixture_weights_are_relative(prepared):
+    """Weights need not sum to 1: A:3,B:1 draws the samples A:0.75,B:0.25 draws."""
+    a, b = str(prepared[0] / "out"), str(prepared[0] / "out_pq")
+    relative, shares = (data.ShardLoader(spec, batch_size=4, seed=2) for spec in (f"{a}:3,{b}:1", f"{a}:0.75,{b}:0.25"))
+    ids = [next(relative)["id"] for _ in range(4)]
+    assert ids == [next(shares)["id"] for _ in range(4)]
+    assert {i.startswith("pq") for batch in ids for i in batch} == {False, True}
+
+
 def test_caption_mode_per_phase(prepared):
     """'@step:mode' switches the caption mode at that optimizer step (PRX: long captions, then mixed): the same
     samples as a loader with that mode from the start."""
@@ -187,6 +212,20 @@ def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared):
     assert resumed.load_state_dict(state) == [] and [next(resumed)["id"] for _ in range(3)] == expected
     other = data.ShardLoader(f"{out}@0;{out.parent / 'out_pq'}@9", 4, seed=1)
     assert other.load_state_dict(state) == [str(out.parent / "out_pq")]  # a new dataset starts at its first sample
+
+
+def test_loading_a_state_leaves_the_callers_state_as_it_was(prepared):
+    """load_state_dict adds the datasets the state has no position in to its own copy, not to the caller's state
+    (a checkpoint's, which train.py may save again)."""
+    out = prepared[0] / "out"
+    loader = data.ShardLoader(str(out), 4, seed=1)
+    next(loader)
+    state = loader.state_dict()
+    saved = copy.deepcopy(state)
+    other = data.ShardLoader(f"{out}@0;{out.parent / 'out_pq'}@9", 4, seed=1)
+    assert other.load_state_dict(state) == [str(out.parent / "out_pq")] and state == saved
+    next(other)
+    assert state == saved
 
 
 def test_a_read_error_leaves_the_position_at_the_last_batch_returned(prepared, monkeypatch):
@@ -434,6 +473,18 @@ def test_heldout_split_is_the_eval_split(prepared):
         data.HeldoutSplit(root / "out", 1, "medium")  # at opening, before a run trains or eval.py loads networks
 
 
+def test_heldout_split_encodes_the_caption_it_reads(prepared):
+    """HeldoutSplit(caption="short"): the short captions' encodings, not the long ones'."""
+    root, _ = prepared
+    n = len(stored_samples(root / "out", "eval"))
+    split = data.HeldoutSplit(root / "out", n, "short")
+    txt, mask = split.encode(range(n))
+    for j, (shard, row) in enumerate(split.rows(range(n))):
+        stored = torch.from_numpy(np.array(shard.ragged("txt_short", row))).view(torch.bfloat16).float()
+        assert split.captions([j]) == [shard.string("caption_short", row)]
+        assert mask[j].sum() == len(stored) and torch.equal(txt[j, :len(stored)], stored)
+
+
 def test_heldout_split_of_a_hand_written_directory(tmp_path):
     g = torch.Generator().manual_seed(0)
     txt = [torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)]
@@ -452,6 +503,13 @@ def test_heldout_split_of_a_hand_written_directory(tmp_path):
     assert torch.equal(split.images([1]), images[1:]) and split.null[0].shape == (1, 1, 8)
     with pytest.raises(ValueError, match="2 held-out samples"):
         data.HeldoutSplit(str(tmp_path), 3)
+
+
+def test_images_id_is_the_sha256_of_the_first_held_out_images(prepared):
+    """images_id(n) hashes the bytes of held-out images 0..n-1, those an evaluation of n prompts compares with."""
+    split = data.HeldoutSplit(prepared[0] / "out", 1, None)
+    for n in (1, len(split.prepared)):
+        assert split.images_id(n) == f"sha256 {hashlib.sha256(split.images(range(n)).numpy().tobytes()).hexdigest()}"
 
 
 def test_data_dirs():

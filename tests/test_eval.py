@@ -1,7 +1,9 @@
 """eval.py: the metrics against their reference implementations (torch-fidelity, scipy, CLIPImageProcessor, PIL,
 closed forms) on tiny or randomly initialised networks built here, and the sampler against an exact flow."""
 
+import argparse
 import datetime
+import hashlib
 import json
 import os
 import pickle
@@ -100,6 +102,18 @@ def test_streamed_statistics_equal_numpy():
     mu, cov = stats.mean_cov()
     np.testing.assert_allclose(mu, x.numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(x.numpy(), rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_a_covariance_of_one_image_is_refused():
+    """The unbiased covariance divides by n - 1: of one feature row it is refused, of two it is the closed form."""
+    stats = ev.GaussianStats(2, "cpu")
+    stats.update(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        stats.mean_cov()
+    stats.update(torch.tensor([[3.0, 0.0]]))
+    mu, cov = stats.mean_cov()
+    np.testing.assert_allclose(mu, [2.0, 1.0])
+    np.testing.assert_allclose(cov, [[2.0, -2.0], [-2.0, 2.0]])
 
 
 def random_spd(d, rng):
@@ -327,6 +341,17 @@ def test_metrics_stream_gather_and_refuse_mismatched_references(tmp_path):
     assert metrics.metrics == ("cmmd", "dino_mmd")  # None: those the reference holds
 
 
+def test_metrics_asked_for_are_a_subset_of_the_reference(tmp_path):
+    """A reference of cmmd and dino_mmd serves --metrics cmmd: CMMD alone is computed (no DINO loaded)."""
+    clip, dino = tiny_clip(), tiny_dino(pretrained=False)
+    ref = ev.Metrics(None, ["cmmd", "dino_mmd"], clip=clip, dino=dino)
+    ref.update(blocky_images(3, seed=6, size=28))
+    ref.save_reference(tmp_path / "ref.npz")
+    metrics = ev.Metrics(tmp_path / "ref.npz", ["cmmd"], clip=clip, dino=dino)
+    metrics.update(blocky_images(3, seed=7, size=28))
+    assert metrics.metrics == ("cmmd",) and list(metrics.nets) == ["cmmd"] and list(metrics.compute()) == ["cmmd"]
+
+
 def seeded_networks():
     """The tiny CLIP and DINO with the same weights in every process (the reference's settings name them)."""
     clip = tiny_clip()
@@ -504,16 +529,19 @@ def test_exported_pipeline_reproduces_the_sampler(tmp_path, vae_kind):
         pipe(prompts, height=16, width=16, guidance_scale=3.5, output_type="latent", use_resolution_binning=False)
 
 
+class Brightness:
+    """A held-out split of 5 prompts whose score is the mean pixel of the batch."""
+    null = torch.zeros(1, 1, 64), torch.ones(1, 1, dtype=torch.bool)
+    txt = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
+
+    def encode(self, idx):
+        return self.txt[list(idx)], torch.ones(len(idx), 3, dtype=torch.bool)
+
+    def score(self, images, idx):
+        return {"brightness": images.float().mean().item()}
+
+
 def test_evaluate_weighs_each_batch_score_by_its_size(tmp_path):
-    class Brightness:  # a held-out split whose score is the mean pixel of the batch
-        null = torch.zeros(1, 1, 64), torch.ones(1, 1, dtype=torch.bool)
-        txt = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0))
-
-        def encode(self, idx):
-            return self.txt[list(idx)], torch.ones(len(idx), 3, dtype=torch.bool)
-
-        def score(self, images, idx):
-            return {"brightness": images.float().mean().item()}
     model, split = random_tiny_prx(), Brightness()
     sampling = dict(steps=2, cfg_scale=2.0, shift=1.0, pred="x", route_ratio=0.5)
     images = ev.to_uint8(ev.sample(model, split.txt, torch.ones(5, 3, dtype=torch.bool), *split.null,
@@ -533,6 +561,36 @@ def test_evaluate_weighs_each_batch_score_by_its_size(tmp_path):
     finally:
         ev.all_reduce = real_all_reduce
     assert result == {"brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
+
+
+def test_evaluate_over_ranks_is_the_mean_over_every_sample(monkeypatch):
+    """Rank 1 of 2 scores prompts 1 and 3, rank 0 prompts 0, 2 and 4 (with the noise of 42 + i): the all-reduced
+    scores over the all-reduced count of samples are those of one process over all five."""
+    model, split = random_tiny_prx(), Brightness()
+    sampling = dict(steps=2, cfg_scale=2.0, shift=1.0, pred="x", route_ratio=0.5)
+    images = ev.to_uint8(ev.sample(model, split.txt, torch.ones(5, 3, dtype=torch.bool), *split.null,
+                                   [42 + i for i in range(5)], (3, 16, 16), **sampling))
+    monkeypatch.setattr(ev, "distributed", lambda: True)
+    monkeypatch.setattr(ev.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ev.dist, "get_rank", lambda: 1)
+    sent = []
+    monkeypatch.setattr(ev, "all_reduce", lambda x: sent.append(x) or x)
+    assert ev.evaluate(model, split, 5, (3, 16, 16), batch_size=2, **sampling) == {
+        "brightness": pytest.approx(images[[1, 3]].float().mean().item(), rel=1e-6)}
+    monkeypatch.setattr(ev.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(ev, "all_reduce", lambda x: x + sent[0])  # rank 0 receives rank 1's sums
+    assert ev.evaluate(model, split, 5, (3, 16, 16), batch_size=2, **sampling) == {
+        "brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
+
+
+def test_a_fingerprint_is_the_sha256_of_every_weight():
+    """The reference names its networks by fingerprint: a change of any one weight is another network."""
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    assert ev.fingerprint(w) == hashlib.sha256(w.numpy().tobytes()).hexdigest()[:8]
+    changed = w.clone()
+    changed[-1, -1] += 1
+    assert ev.fingerprint(changed) != ev.fingerprint(w)
+    assert ev.fingerprint(w.bfloat16()) == ev.fingerprint(w.bfloat16().float())  # read as float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -666,6 +724,17 @@ def test_an_interrupted_evaluation_leaves_no_empty_grid(tmp_path, monkeypatch):
     ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])
     assert json.loads((ckpt / "eval.json").read_text())["grid"] == "eval_samples.png"
     assert (ckpt / "eval_samples.png").stat().st_size > 0
+
+
+def test_an_evaluation_samples_prompt_i_from_the_noise_of_seed_42_plus_i(tmp_path, monkeypatch):
+    """eval.py's default --seed is 42 (PRX's): held-out prompt i starts from the noise of 42 + i, whatever the
+    batches, and eval.json says so."""
+    ckpt = write_run(tmp_path / "run", random_tiny_prx())
+    sample, seeds = ev.sample, []
+    monkeypatch.setattr(ev, "sample", lambda *a, **k: seeds.extend(a[5]) or sample(*a, **k))
+    ev.main(["--ckpt", str(ckpt), "--num-samples", "3", "--batch-size", "2", "--steps", "1", "--out",
+             str(tmp_path / "e.json")])
+    assert seeds == [42, 43, 44] and json.loads((tmp_path / "e.json").read_text())["seed"] == 42
 
 
 def test_held_out_prompts_use_the_caption_the_run_trained_on(tmp_path, monkeypatch):
@@ -851,6 +920,24 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):
         ev.main(["--ckpt", str(tmp_path / "run")])
+
+
+def test_metric_list_takes_names_separated_by_commas():
+    assert ev.metric_list("cmmd,,fid,") == ["cmmd", "fid"]  # empty items are no metric
+    for text in (",", "fid,cmd"):
+        with pytest.raises(argparse.ArgumentTypeError, match="choose from fid,cmmd,dino_mmd"):
+            ev.metric_list(text)
+
+
+def test_an_evaluation_of_prepared_data_scores_every_feature_metric(prepared, tmp_path, monkeypatch):
+    """Without --metrics, eval.py on prepared data scores fid, cmmd and dino_mmd: without --ref it stops before
+    sampling, naming them, rather than scoring nothing."""
+    from model import preset_config
+    out = prepared[0] / "out"
+    ckpt = write_run(tmp_path / "run", PRX(preset_config("tiny", in_channels=4, context_dim=32)).eval(), data=str(out))
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(SystemExit, match="--metrics fid,cmmd,dino_mmd needs reference statistics: --ref ref.npz"):
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1"])
 
 
 def test_a_reference_of_other_images_is_refused(prepared, tmp_path, monkeypatch):

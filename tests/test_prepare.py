@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 import prepare
@@ -30,6 +30,15 @@ def test_the_eval_split_is_a_seeded_fraction_of_the_ids():
     splits = [{i for i in ids if prepare.in_eval_split(seed, i, 0.1)} for seed in (0, 1, 0)]
     assert all(abs(len(split) - 2_000) < 150 for split in splits)  # binomial sd 42
     assert splits[0] == splits[2] and len(splits[0] & splits[1]) < 300  # independent: ~200 in common
+
+
+def test_eval_fraction_0_holds_out_nothing_and_1_everything():
+    """The split keeps an id whose hash is h (mod 10^6) for fraction f when h < f 10^6: at 0 no id, not even one at
+    h = 0, is held out; at 1 every id is."""
+    edge = "img_155064.jpg"
+    assert prepare.stable_hash("eval", 0, edge) % 1_000_000 == 0
+    assert not prepare.in_eval_split(0, edge, 0) and prepare.in_eval_split(0, edge, 1e-6)
+    assert all(prepare.in_eval_split(0, f"img_{i:05d}.jpg", 1) for i in range(1000))
 
 
 def test_counts_shapes_dtypes_and_skipped(prepared):
@@ -621,6 +630,47 @@ def test_min_size_is_the_smallest_shorter_side_kept():
         sample = prepare.load_sample({"id": str(side), "image": Image.new("RGB", (40, side)), "txt": "a cat"}, args,
                                      fields)
         assert ("reason" not in sample) == kept and sample.get("reason", "").startswith("image smaller") != kept
+
+
+def test_an_image_is_stored_upright_as_its_exif_orientation_says():
+    """A photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view) is cropped upright."""
+    args, fields = SimpleNamespace(id_field="id", image_field="image", min_size=16, resolution=RES), {"long": "txt"}
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)  # 60 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, "PNG", exif=exif.tobytes())
+    sample = prepare.load_sample({"id": "x", "image": png.getvalue(), "txt": "a cat"}, args, fields)
+    upright = Image.fromarray(np.rot90(pixels, -1).copy())  # 40 wide, 60 high
+    expected = np.asarray(ImageOps.fit(upright, (RES, RES), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(sample["image"], expected)
+
+
+def test_min_size_defaults_to_half_the_resolution(prepared, tmp_path):
+    """Without --min-size, an image whose shorter side is under R / 2 is skipped; one of R / 2 is kept."""
+    root, _ = prepared
+    (tmp_path / "images").mkdir()
+    for side in (16, 15):  # --resolution 32
+        Image.new("RGB", (40, side), "red").save(tmp_path / "images" / f"{side}.png")
+        (tmp_path / "images" / f"{side}.txt").write_text("a red cat")
+    argv = prepare_argv(tmp_path / "out", tmp_path / "images", root / "models", "--captions", "long=txt",
+                        "--eval-fraction", "0")
+    del argv[argv.index("--min-size"):argv.index("--min-size") + 2]
+    prepare.main(argv)
+    assert sorted(stored_samples(tmp_path / "out")) == ["16.png"]
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]["ids"] == {
+        "15.png": "image smaller than --min-size 16: (40, 15)"}
+
+
+def test_a_shard_holds_shard_size_samples(prepared, tmp_path):
+    """Batches of 4 into shards of 4: each batch fills a shard (not one batch more)."""
+    root, _ = prepared
+    names = [f"rgb{i:02d}.png" for i in (1, 2, 3, 5, 6, 7, 9, 10)]
+    prepare.main(prepare_argv(tmp_path / "out", copy_samples(root, tmp_path / "images", names), root / "models",
+                              "--captions", "long=txt,short=short", "--eval-fraction", "0", "--shard-size", "4",
+                              "--batch-size", "4"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [s["count"] for s in index["train"]["shards"]] == [4, 4]
 
 
 def test_content_id_hashes_the_image_bytes_in_every_form(tmp_path):
