@@ -308,8 +308,8 @@ def setup_distributed(tf32):
     if "RANK" in os.environ:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's
             die_with_launcher()
-        # an hour for a collective (NCCL's default: 10 minutes): the other ranks wait in the next step's while rank 0
-        # writes a checkpoint, `base`'s 112 GB with AdamW and its EMA
+        # an hour for a collective (NCCL's default: 10 minutes): while rank 0 writes a checkpoint (`base`'s: 112 GB with
+        # AdamW and its EMA), the other ranks wait in the next step's all-reduce
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     else:
