@@ -1,10 +1,12 @@
 import dataclasses
+import math
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from shapes import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, MAX_COLOR_DISTANCE, PALETTE, PALETTE_NAMES, REGIONS,
                     SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder, HeldoutShapes, Scene, SceneObject, ShapesDataset,
@@ -57,6 +59,17 @@ def test_mixed_captions_draw_long_with_probability_p_per_sample():
     assert all(c == long_caption(dataset.scene(i)) for i, (c, l) in enumerate(zip(half, is_long)) if l)
 
 
+def test_the_long_or_short_draw_is_independent_of_the_scene():
+    """Sample i's caption draw has a seed of its own: at p_long 0.5, half the scenes of one object and half of two
+    get the long caption (one stream for both would tie the draw to the scene's)."""
+    n, dataset = 1000, ShapesDataset(seed=5)
+    _, captions = dataset.batch(range(n), p_long=0.5)
+    drawn = [(len(s.objects), c == long_caption(s)) for s, c in zip((dataset.scene(i) for i in range(n)), captions)]
+    for k in (1, 2):
+        is_long = [long for count, long in drawn if count == k]
+        assert abs(np.mean(is_long) - 0.5) < 4 * (0.25 / len(is_long)) ** 0.5  # binomial: 4 sd
+
+
 def test_heldout_pairs_never_in_training_and_in_every_heldout_scene():
     train_pairs = {(o.color, o.shape) for s in scenes("train", 3000) for o in s.objects}
     assert train_pairs == set(TRAIN_PAIRS) and not train_pairs & set(HELDOUT_PAIRS)
@@ -78,6 +91,8 @@ def test_scene_layout():
     assert {o.region for s in all_scenes for o in s.objects} == set(REGIONS)
     for s in all_scenes:
         assert len({o.region for o in s.objects}) == len({o.color for o in s.objects}) == len(s.objects)
+        cells = [REGIONS.index(o.region) for o in s.objects]
+        assert cells == sorted(cells)  # reading order of the regions
         for o in s.objects:  # the whole shape lies inside its cell
             row, col = divmod(REGIONS.index(o.region), GRID)
             half = SIZES[o.size] / (2 * GRID)
@@ -96,6 +111,23 @@ def test_render_is_antialiased_and_places_the_object():
     assert any(tuple(p) not in palette for p in image.reshape(-1, 3))  # blended edge pixels
 
 
+@pytest.mark.parametrize("shape, fraction", [("circle", math.pi / 4), ("square", 1.0), ("triangle", 0.5),
+                                             ("cross", 5 / 9)])
+def test_each_shape_fills_its_box_as_its_silhouette(shape, fraction):
+    """draw_shape in the box of half-side r = 60 around (80, 80): the shape spans the whole box, covers its share of
+    it (the cross: two arms a third of the box wide, 2 x 1/3 - 1/9 = 5/9), and the triangle points up (a quarter of
+    its area in the box's upper half)."""
+    import shapes
+    image = Image.new("L", (160, 160), 0)
+    shapes.draw_shape(ImageDraw.Draw(image), shape, 80, 80, 60, 255)
+    mask = np.asarray(image) > 0
+    ys, xs = np.nonzero(mask)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (20, 140, 20, 140)
+    assert mask.sum() / 120 ** 2 == pytest.approx(fraction, rel=0.04)  # PIL's boxes take both ends: 121 px
+    if shape == "triangle":
+        assert mask[:80].sum() / mask.sum() == pytest.approx(0.25, abs=0.03)
+
+
 def test_captions_name_every_attribute():
     for s in scenes("train", 200) + scenes("heldout", 50):
         long, short = long_caption(s), short_caption(s)
@@ -103,6 +135,20 @@ def test_captions_name_every_attribute():
         for o in s.objects:
             assert f"{o.size} {o.color} {o.shape} in the {o.region}" in long
             assert f"{o.color} {o.shape}" in short
+
+
+def test_shapes_py_is_the_task_the_cpu_target_was_calibrated_on():
+    """records/verify.py's task probe (the scenes, renders, captions and the checker's readings; the loader's and the
+    held-out split's) gives this shapes.py the fingerprint of the calibration's: a change to what the task draws or
+    reads fails every record against the target, and needs its own calibration (speedrun.sh --calibrate)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "records"))
+    import verify
+    track = verify.TRACKS["cpu"]
+    calibration = verify.load_runs(verify.ROOT / track["target_from"])[0]["sources"]["shapes.py"]
+    ours = open(os.path.join(root, "shapes.py")).read()
+    assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", ours),), track["resolution"]) == verify.fingerprint(
+        verify.TASK_PROBE, (("shapes.py", calibration),), track["resolution"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,6 +178,31 @@ def test_encoder_shapes_mask_and_padding(context):
         alone, alone_mask = encoder([caption])
         assert alone.shape[1] == n and alone_mask.all()
         torch.testing.assert_close(alone[0], row[:n])
+    # case, commas and full stops are no words
+    torch.testing.assert_close(encoder(["A red circle, a cyan cross."])[0], encoder(["a red circle a cyan cross"])[0])
+
+
+def test_sinusoidal_positions_closed_form():
+    """Row p: sin(p f_i) on the first half of the channels, cos(p f_i) on the second, f_i = 10000^(-i / (dim / 2))."""
+    import shapes
+    p, freqs = torch.arange(50.0)[:, None], 10000.0 ** (-torch.arange(4.0) / 4)
+    torch.testing.assert_close(shapes.sinusoidal_positions(50, 8), torch.cat([(p * freqs).sin(), (p * freqs).cos()], 1))
+
+
+def test_encoder_closed_form():
+    """Token i = word vector + position + tanh([tokens i-k .. i+k, zeros past the caption] @ W): the word vectors,
+    then W ((2k+1) D, D) scaled by 1 / sqrt((2k+1) D), drawn from the seed."""
+    import shapes
+    k, dim, caption = 2, 8, "a red circle in the top left"
+    g = torch.Generator().manual_seed(3)
+    words = torch.randn(len(shapes.VOCAB), dim, generator=g)
+    mix = torch.randn((2 * k + 1) * dim, dim, generator=g) / math.sqrt((2 * k + 1) * dim)
+    ids = [0] + [shapes.VOCAB.index(w) for w in caption.split()]
+    x = words[ids] + shapes.sinusoidal_positions(len(ids), dim)
+    padded = torch.cat([torch.zeros(k, dim), x, torch.zeros(k, dim)])
+    expected = x + torch.tanh(torch.stack([padded[i:i + 2 * k + 1].flatten() for i in range(len(ids))]) @ mix)
+    emb, _ = BuiltinTextEncoder(dim=dim, seed=3, context=k)([caption])
+    torch.testing.assert_close(emb[0], expected)
 
 
 def test_encoder_tells_apart_swapped_colours():
@@ -155,6 +226,7 @@ def test_encoder_rejects_bad_input():
         encoder(["a purple circle"])
     with pytest.raises(ValueError, match="max_len"):
         encoder(["a red circle and a blue square in the top left"])
+    assert encoder(["a red circle and a blue square"])[1].shape == (1, 8)  # max_len tokens, the start one with them
     with pytest.raises(TypeError, match="list of strings"):
         encoder("a red circle")
     with pytest.raises(ValueError, match="empty"):
@@ -163,6 +235,18 @@ def test_encoder_rejects_bad_input():
 
 # ----------------------------------------------------------------------------------------------------------
 # Caption checker
+
+def test_shape_templates_are_antialiased_silhouettes():
+    """Each template: its shape filling the 16 x 16 box as coverage (fractional along the edges), its mean the shape's
+    share of the box (the circle's pi / 4, the cross's 5 / 9)."""
+    import shapes
+    for template, fraction in zip(shapes.TEMPLATES, (math.pi / 4, 1.0, 0.5, 5 / 9)):
+        assert template.shape == (16, 16) and template.mean() == pytest.approx(fraction, rel=0.05)
+        assert template.min() >= 0 and template.max() == 1
+    for shape in ("circle", "triangle", "cross"):
+        template = shapes.TEMPLATES[SHAPES.index(shape)]
+        assert ((template > 0.05) & (template < 0.95)).sum() >= 16, shape
+
 
 @pytest.mark.parametrize("resolution", [32, 48, 64])
 def test_checker_reads_the_dataset_renders(resolution):
@@ -338,6 +422,8 @@ def test_heldout_split_score_is_the_caption_checker():
     images = split.images(idx)
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
     assert torch.equal(images[1], torch.tensor(render(held[1], 32)).permute(2, 0, 1))
+    at_48 = HeldoutShapes(seed=3, resolution=48).images(idx[:1])[0]  # at the run's resolution
+    assert torch.equal(at_48, torch.tensor(render(held[0], 48)).permute(2, 0, 1))
     images[2:] = torch.from_numpy(np.array(BACKGROUNDS["gray"], np.uint8))[:, None, None]  # two blank images
     images[0, :, :16] = torch.tensor(render(held[3], 32)).permute(2, 0, 1)[:, :16]  # half of another scene
     expected = caption_accuracy(images.permute(0, 2, 3, 1).numpy(), held)
@@ -384,6 +470,7 @@ def test_builtin_teacher_tokens_encode_the_kinds():
     import shapes
     teacher = shapes.load_teacher()
     assert sum(p.numel() for p in teacher.parameters()) == 38_880  # the README's figure
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())  # frozen
     x, y = centre_token_kinds(teacher, "train", 400)
     torch.manual_seed(0)
     probe = torch.nn.Linear(x.shape[1], len(SHAPES))
@@ -398,6 +485,18 @@ def test_builtin_teacher_tokens_encode_the_kinds():
     # the same probe on an untrained teacher's tokens: the accuracy comes from training, not from the architecture
     x, y = centre_token_kinds(shapes.ShapesTeacher(), "train", 300, seed=78)
     assert (probe(x).argmax(1) == y).float().mean() < 0.6
+
+
+def test_train_reads_the_builtin_teacher_as_it_was_trained():
+    """train.teacher_tokens, through timm's interface (pretrained_cfg, patch size, prefix tokens), feeds the teacher
+    images in [-1, 1] as train_teacher did, and keeps all 8 x 8 of its tokens of a 32 px image."""
+    import shapes
+    import train
+    teacher = shapes.load_teacher()
+    images = ShapesDataset(seed=1).batch(range(4))[0].float() / 127.5 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(train.teacher_tokens(teacher, images, (8, 8)), teacher.forward_features(images),
+                                   rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -439,6 +538,16 @@ def test_token_labels_follow_the_objects():
     labels = shapes.token_labels(scene).view(3, 8, 8)  # the square covers 0.025..0.475 of the image: tokens 0..3
     assert (labels[0, :4, :4] == 0).all() and (labels[1, :4, :4] == SHAPES.index("square")).all()
     assert labels[0, 7, 7] == len(COLORS) + list(BACKGROUNDS).index("gray") and labels[1, 7, 7] == -100
+
+
+def test_a_token_is_the_objects_where_it_covers_over_a_quarter_of_it():
+    """grid 10 (80 px, 8 a token): a small square (half-side 12 px) centred on (22, 20) px covers pixels 10..34 across,
+    8..32 down: three eighths of the tokens of column 4 (the square's), one eighth of those of row 4 (background's)."""
+    import shapes
+    scene = shapes.Scene("black", [shapes.SceneObject("red", "square", "small", "top left", 22 / 80, 20 / 80)])
+    expected = torch.full((10, 10), len(COLORS) + list(BACKGROUNDS).index("black"))
+    expected[1:4, 1:5] = list(COLORS).index("red")
+    assert torch.equal(shapes.token_labels(scene, grid=10)[0].view(10, 10), expected)
 
 
 def test_a_shape_is_placed_by_the_centre_of_its_pixels():

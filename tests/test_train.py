@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -1055,6 +1056,36 @@ def test_caption_dropout_rate_and_the_empty_prompt_with_its_mask():
     assert abs(dropped / total - 0.1) < 0.04  # 800 draws: binomial sd 0.011
 
 
+def test_longer_captions_are_one_token_longer_than_the_batch_and_the_empty_prompt():
+    """FakeLoader: captions of 2 tokens, the empty prompt of 3. The warm-up's batches: the text padded to 4 (zeros),
+    every caption's mask full, or (masked graph) the first caption's alone and the others' as before; the loader's
+    empty prompt kept for caption dropout."""
+    loader = FakeLoader(batch=3)
+    for full in (False, True):
+        longer = train.LongerCaptions(loader, full)
+        batch = next(longer)
+        assert longer.null_txt is loader.null_txt and longer.null_mask is loader.null_mask
+        assert batch["txt"].shape == (3, 4, 4) and torch.equal(batch["txt"][:, :2], loader.txt)
+        assert (batch["txt"][:, 2:] == 0).all() and torch.equal(batch["image"], loader.images)
+        expected = torch.tensor([[True] * 4] + [[True, True, False, False]] * 2)
+        assert torch.equal(batch["txt_mask"], torch.ones_like(expected) if full else expected)
+
+
+def test_the_routing_draw_is_a_stream_apart_from_the_micro_batchs_own():
+    """micro_batch leaves torch's generator seeded for TREAD's route draw, one seed past the chunk's own generator (t,
+    noise, caption dropout): the route does not repeat the dropout's uniform draws."""
+    seed = int(np.random.SeedSequence([0, 3, 1]).generate_state(1)[0])
+    train.micro_batch(objective_args(), FakeLoader(), 3, 1, torch.device("cpu"))
+    route = torch.rand(4)
+    assert torch.equal(route, torch.rand(4, generator=torch.Generator().manual_seed(seed + 1)))
+    assert not torch.equal(route, torch.rand(4, generator=torch.Generator().manual_seed(seed)))
+    dropped = []  # the caption dropout of a chunk is its own: whatever torch's generator held before
+    for before in (1, 2):
+        torch.manual_seed(before)
+        dropped.append(train.micro_batch(objective_args(caption_dropout=0.5), FakeLoader(16), 3, 1, "cpu")[5])
+    assert torch.equal(*dropped) and 0 < dropped[0][:, 1].sum() < 16
+
+
 def test_ema_update_closed_form():
     model, ema = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     expected = [0.99 * e + 0.01 * w for e, w in zip(ema.parameters(), model.parameters())]
@@ -1120,6 +1151,35 @@ def test_teacher_tokens_read_a_non_square_grid_row_major():
     assert torch.equal(tokens[..., 1] < midpoint[1], torch.tensor([[True] * 4, [False] * 4]))
     torch.testing.assert_close(tokens[:, 0, 0], dark[0].expand(2), rtol=0, atol=1e-5)
     torch.testing.assert_close(tokens[:, 3, 0], light[0].expand(2), rtol=0, atol=1e-5)
+
+
+def test_the_mlp_projector_and_the_attention_projector_without_routing():
+    """REPA's projector: h -> D -> D -> D, SiLU between. iREPA's attention projector without routing reads every token
+    at its place on the grid: position n of a non-square grid w wide (a 4 x 8 token grid)."""
+    from model import PRX, preset_config
+    mlp = train.repa_projector("mlp", 64, 5)
+    assert [type(m) for m in mlp] == [torch.nn.Linear, torch.nn.SiLU] * 2 + [torch.nn.Linear]
+    assert [(m.in_features, m.out_features) for m in mlp[::2]] == [(64, 5), (5, 5), (5, 5)]
+    torch.manual_seed(0)
+    model = PRX(preset_config("tiny", 32, in_channels=3, context_dim=8, depth=2, hidden_size=64, num_heads=1,
+                              axes_dim=(32, 32)))
+    attention = train.Trainee(model, "attention", 5, 0)
+    hidden = []
+    model.blocks[0].register_forward_hook(lambda m, a, out: hidden.append(out))
+    with torch.no_grad():
+        _, proj, idx = attention(torch.randn(1, 3, 8, 16), torch.rand(1), torch.randn(1, 2, 8), None, 0.0)
+        expected = attention.repa_proj(hidden[0], torch.arange(32)[None], 8)
+    assert idx is None and proj.shape == (1, 32, 5)
+    torch.testing.assert_close(proj, expected, rtol=0, atol=1e-6)
+
+
+def test_teacher_input_is_shrunk_with_antialiasing():
+    """A 1 px light line in a dark 16 px patch shrunk to the teacher's 4 px patch: the token is 1/16 of the way from
+    dark to light (the patch's mean, antialiased), where plain bicubic sampling would catch the line or miss it."""
+    images = -torch.ones(1, 3, 32, 32)
+    images[..., 5] = 1  # column 5: inside the first column of 16 px patches
+    tokens = train.teacher_tokens(FakeTeacher(), images, (2, 2))[0, :, 0] * 0.2 + 0.5  # channel 0, in [0, 1]
+    torch.testing.assert_close(tokens, torch.tensor([1 / 16, 0, 1 / 16, 0]), rtol=0, atol=2e-3)
 
 
 def test_irepa_spatial_normalisation_by_hand():
@@ -1496,6 +1556,86 @@ def test_bf16_on_a_cpu_without_bf16_units_is_warned_at_start(units, warned):
         args = train.get_args(["--track", "cpu", "--precision", precision])
         train.log_start(lines, args, 1, 1, torch.device("cpu"), 1, "out", None)
         assert any("warning: --precision bf16" in line for line in lines) == (warned and precision == "bf16")
+
+
+def test_step_log_closed_form(monkeypatch):
+    """A step line covers the steps since the last one: samples/s = batch x steps / their seconds; flops/s = 3 x
+    flops_per_sample (the image tokens of x0_shape, the text length, the route ratio) x samples/s / processes; mfu over
+    --peak-tflops on CUDA; the loader's and optimizer's shares of those seconds; the ETA: the steps left at this speed,
+    or the time budget left if sooner; step_avg over the whole training time."""
+    calls = []
+    monkeypatch.setattr(train, "flops_per_sample", lambda cfg, img, txt, route: calls.append((img, txt, route)) or 1e9)
+    monkeypatch.setattr(train, "matmul_peak", lambda device: pytest.fail("measured the peak on CUDA"))
+    args = argparse.Namespace(batch_size=8, route_ratio=0.25, max_steps=100, peak_tflops=2.0)
+    lines = []
+    log = train.StepLog(args, argparse.Namespace(patch_size=4), argparse.Namespace(x0_shape=(3, 32, 16)), 2,
+                        torch.device("cuda"), 10.0, lambda text, record=None: lines.append((text, record)))
+    assert lines.pop() == ("peak 2e+12 FLOP/s per process: --peak-tflops (bf16)", None)
+    log.add(1.0, 0.5)
+    log.add(1.0, 0.5)
+    log(10, 0.5, 1.0, 1e-3, 7, 14.0, 1000.0)  # 16 samples in 4 s
+    text, record = lines.pop()
+    assert calls == [(32, 7, 0.25)]  # 32 x 16 px in 4 px patches
+    assert record == {"step": 10, "loss": 0.5, "grad_norm": 1.0, "lr": 1e-3, "samples_per_s": 4.0, "flops_per_s": 6e9,
+                      "mfu": pytest.approx(3e-3), "data_share": 0.5, "optimizer_share": 0.25, "train_time_s": 14.0}
+    assert text.endswith("| train_time 14000ms | step_avg 1400.00ms | eta 0:03:00")  # 90 steps x 8 at 4/s
+    log.add(0.2, 0.1)
+    log(11, 0.5, 1.0, 1e-3, 7, 16.0, 100.0)  # 8 samples in the 2 s since the last line; 84 s of the budget left
+    text, record = lines.pop()
+    assert (record["samples_per_s"], record["data_share"], record["optimizer_share"]) == (4.0, 0.1, 0.05)
+    assert text.endswith("| eta 0:01:24") and record["train_time_s"] == 16.0
+
+
+def test_matmul_peak_is_the_best_of_its_timed_products(monkeypatch):
+    """2 n^3 FLOP over the fastest of reps timed products, after one untimed warm-up run."""
+    seen = []
+    monkeypatch.setattr(train.timeit, "repeat", lambda f, number, repeat: seen.append((f(), number, repeat)) or [
+        9.0, 0.5, 0.25, 0.75])
+    assert train.matmul_peak(torch.device("cpu"), n=16, reps=3) == 2 * 16 ** 3 / 0.25
+    product, number, repeat = seen[0]
+    assert product.shape == (16, 16) and (number, repeat) == (1, 4)
+
+
+def test_config_json_records_the_run(monkeypatch):
+    """config_of: every flag, the model, the sampling settings eval.py reads, the processes, the parameter count, the
+    commit, and the machine as devices() reads it (its torch threads, not its cores; on CUDA its GPUs)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    args = train.get_args(["--track", "cpu", "--sample-steps", "9", "--cfg-scale", "2.5"])
+    cfg = preset_config("tiny", 32, in_channels=3, context_dim=64)
+    config = train.config_of(args, cfg, 3, 1234, torch.device("cpu"))
+    assert config["args"] == vars(args) and config["model"] == vars(cfg)
+    assert config["sampling"] == train.sampling_settings(args) and config["sampling"]["steps"] == 9
+    assert (config["world_size"], config["parameters"], config["device"]) == (3, 1234, "cpu")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert config["git_commit"] == head and len(head) == 40
+    assert config["devices"]["threads"] == 7 and config["devices"]["cores"] == os.cpu_count()
+    assert config["devices"]["cpu_flags"] == train.devices(torch.device("cpu"))["cpu_flags"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")  # a CUDA run: its GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)  # no nvidia-smi: the driver is unknown
+    config = train.config_of(args, cfg, 2, 1234, torch.device("cuda", 1))
+    assert config["device"] == "NVIDIA H100" and config["devices"]["gpus"] == ["NVIDIA H100"] * 2
+    assert (config["devices"]["driver"], config["devices"]["cuda"]) == ("unknown", torch.version.cuda)
+
+
+def test_the_start_lines_name_the_batch_split_the_resume_and_the_tracks_values():
+    class Log(list):
+        config = {"devices": {"cpu": "x", "cpu_flags": ["avx2"]}}
+
+        def __call__(self, text, record=None):
+            self.append(text)
+
+    args, lines = train.get_args(["--track", "cpu", "--batch-size", "24", "--micro-batch", "4"]), Log()
+    train.log_start(lines, args, 1234, 3, torch.device("cpu"), 2, "runs/x", "runs/x/checkpoints/step_5")
+    assert lines[0].startswith(f"model {args.model}: 1,234 parameters | 3 process(es) on cpu | global batch 24 = "
+                               "4 x 3 x 2 accumulation")
+    assert lines[0].endswith("| out runs/x | resumed from runs/x/checkpoints/step_5")
+    assert lines[1].startswith("track cpu (") and ": its values for the flags not given: --" in lines[1]
+    assert all(f"--{k.replace('_', '-')} {getattr(args, k)}" in lines[1] for k in args.track_values)
+    assert not any("FID needs --eval-ref" in line for line in lines)  # the built-in data: scored by the checker
+    args.data, lines = "data/mj", Log()
+    train.log_start(lines, args, 1234, 1, torch.device("cpu"), 6, "runs/x", None)
+    assert "resumed" not in lines[0] and any("FID needs --eval-ref" in line for line in lines)
 
 
 def test_bf16_autocast_keeps_weights_optimizer_state_and_ema_in_fp32(tmp_path):
