@@ -834,6 +834,8 @@ def sampling_settings(args):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: <out>/checkpoints/step_<N>/ holds model.safetensors (ema.safetensors), trainer.pt and sha256.json,
 # written into step_<N>.tmp and renamed when complete
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.pt", CHECKSUMS)
+
 
 def full_state(model, opts=()):
     """-> (model state dict, [optimizer state dicts]) of whole tensors on rank 0's CPU, empty dicts on the other
@@ -881,10 +883,26 @@ def save_checkpoint(out, step, model, ema, opt, extra, keep):
                          f"free space, then: {where_to_resume(out)}")
     os.rename(tmp, final)  # atomic
     for old in list_checkpoints(out)[:-keep]:
-        # renamed first: an eval.py of that checkpoint writing into it meanwhile (a file rmtree did not see, which
-        # would make it fail) finds no folder and says so; a leftover is removed with the stale .tmp folders
-        os.rename(old, old + ".pruned")
-        shutil.rmtree(old + ".pruned", ignore_errors=True)
+        prune_checkpoint(old)
+
+
+def prune_checkpoint(ckpt):
+    """Remove a checkpoint's own files; what eval.py wrote into it (eval.json, sample grids) stays, in
+    step_<N>.evals. Renamed to step_<N>.pruned first: an eval.py writing into it meanwhile finds no folder and says
+    so. Also ends a prune that a kill cut short (claim_run_folder passes its step_<N>.pruned)."""
+    pruned = ckpt if ckpt.endswith(".pruned") else ckpt + ".pruned"
+    if pruned != ckpt:
+        os.rename(ckpt, pruned)
+    for name in CHECKPOINT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(pruned, name))
+    if not os.listdir(pruned):
+        os.rmdir(pruned)
+        return
+    evals = pruned.removesuffix(".pruned") + ".evals"
+    if os.path.exists(evals):  # the step's evaluations of an earlier life of the run: keep both
+        evals += datetime.datetime.now().strftime("-%Y%m%d-%H%M%S-%f")
+    os.rename(pruned, evals)
 
 
 def resolve_resume(resume, out):
@@ -988,14 +1006,17 @@ def split_metrics(path, step):
 
 
 def set_aside_newer(ckpt):
-    """A resume's abandoned history (later checkpoints, resume configs from its step on, later grids and eval.json,
-    metrics.jsonl's later lines: copied, RunLog cuts them) -> checkpoints/abandoned-<time>/, where nothing takes it as
-    the latest (model.stage_config) or overwrites it. Before the resume's config is written. -> a note, or None."""
+    """A resume's abandoned history (later checkpoints and pruned ones' evaluations, resume configs from its step on,
+    later grids and eval.json, metrics.jsonl's later lines: copied, RunLog cuts them) -> checkpoints/abandoned-<time>/,
+    where nothing takes it as the latest (model.stage_config) or overwrites it. Before the resume's config is written.
+    -> a note, or None."""
     run, step = run_of(ckpt), step_of(ckpt)
     newer = [c for c in list_checkpoints(run) if step_of(c) > step]
     newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
     if not newer:  # a resume from the latest checkpoint: what a killed run wrote after it, this one rewrites alike
         return None
+    newer += [os.path.join(run, "checkpoints", name) for name in sorted(os.listdir(os.path.join(run, "checkpoints")))
+              if (m := re.fullmatch(r"step_(\d+)\.evals.*", name)) and int(m[1]) > step]  # prune_checkpoint's
     newer += [os.path.join(run, name) for name in sorted(os.listdir(run))
               if (m := re.fullmatch(r"samples_(\d+)\.png", name)) and int(m[1]) > step]
     with contextlib.suppress(FileNotFoundError, ValueError), open(os.path.join(run, "eval.json")) as f:
@@ -1161,8 +1182,10 @@ def claim_run_folder(out, new):
     lock.flush()
     checkpoints = os.path.join(out, "checkpoints")
     for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
-        if re.fullmatch(r"step_\d+\.(tmp|pruned)", name):
+        if re.fullmatch(r"step_\d+\.tmp", name):
             shutil.rmtree(os.path.join(checkpoints, name))
+        elif re.fullmatch(r"step_\d+\.pruned", name):
+            prune_checkpoint(os.path.join(checkpoints, name))
     return lock, out
 
 

@@ -447,15 +447,21 @@ def test_an_out_that_is_not_a_run_folder_is_refused(tmp_path):
 def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
     """Rank 0 holds <out>/.lock while it runs: a second train.py on the folder (a resume started while the run still
     trains, or beside its orphaned workers) is refused before any work, naming the first's host and pid. With the
-    lock, the checkpoint folders a killed save left half-written or a killed prune half-removed go; whole checkpoints
-    stay."""
+    lock, the checkpoint folders a killed save left half-written go, a prune a kill cut short ends (its evaluations
+    stay, in step_<N>.evals); whole checkpoints stay."""
     import socket
     out, holder = tmp_path / "r", f"host {socket.gethostname()} pid {os.getpid()}"
     (out / "checkpoints" / "step_4.tmp").mkdir(parents=True)
     (out / "checkpoints" / "step_1.pruned").mkdir()
+    (out / "checkpoints" / "step_1.pruned" / "trainer.pt").write_text("left by a killed prune")
+    (out / "checkpoints" / "step_3.pruned").mkdir()
+    for name in ("model.safetensors", "eval.json"):
+        (out / "checkpoints" / "step_3.pruned" / name).write_text(name)
     (out / "checkpoints" / "step_2").mkdir()
     first, _ = train.claim_run_folder(str(out), False)
-    assert os.listdir(out / "checkpoints") == ["step_2"] and (out / ".lock").read_text() == f"{holder}\n"
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_2", "step_3.evals"]
+    assert os.listdir(out / "checkpoints" / "step_3.evals") == ["eval.json"]
+    assert (out / ".lock").read_text() == f"{holder}\n"
     (tmp_path / "new").mkdir()
     claimed, _ = train.claim_run_folder(str(tmp_path / "new"), False)
     with pytest.raises(SystemExit, match=re.escape(f"--out {tmp_path / 'new'}: another train.py ({holder}) is "
@@ -782,26 +788,37 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_ones(finished_run, tmp_path
 
 
 def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path, monkeypatch):
-    """--keep prunes the oldest; an eval.py writing its result into one meanwhile does not stop the run (rmtree would
-    fail on a file created behind it): the folder is renamed away first."""
+    """--keep prunes the oldest checkpoints' files; what eval.py wrote into one (eval.json, grids) stays, in
+    step_<N>.evals, and moves aside with the history a resume abandons. An eval.py writing into a checkpoint while it
+    is pruned finds no folder (renamed first) and does not stop the run."""
     out = copy_run(finished_run, tmp_path)
-    model = torch.nn.Linear(2, 2)
-    rmtree, written = shutil.rmtree, []
+    model, ckpts = torch.nn.Linear(2, 2), out / "checkpoints"
+    (ckpts / "step_2" / "eval.json").write_text('{"step": 2}')
+    (ckpts / "step_2" / "prompts.png").write_bytes(b"png")
+    remove, written = os.remove, []
 
-    def rmtree_while_evaluated(path, *args, **kwargs):  # eval.py of the checkpoint writes eval.json into it
-        if "step_2" in str(path):
+    def remove_while_evaluated(path, *args, **kwargs):  # eval.py of the checkpoint writes eval_1.json into it
+        if "step_4" in str(path) and not written:
             try:
-                (out / "checkpoints" / "step_2" / "eval.json").write_text("{}")
+                (ckpts / "step_4" / "eval_1.json").write_text("{}")
                 written.append(True)
             except FileNotFoundError:
                 written.append(False)
-        return rmtree(path, *args, **kwargs)
-    monkeypatch.setattr(train.shutil, "rmtree", rmtree_while_evaluated)
+        return remove(path, *args, **kwargs)
     train.save_checkpoint(str(out), 6, model, None, [], {}, keep=2)
-    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6"] and written == [False]
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_4", "step_6"]
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_4", "step_6"]
+    assert sorted(os.listdir(ckpts)) == ["step_2.evals", "step_4", "step_6"]
+    assert sorted(os.listdir(ckpts / "step_2.evals")) == ["eval.json", "prompts.png"]
+    monkeypatch.setattr(train.os, "remove", remove_while_evaluated)
     train.save_checkpoint(str(out), 8, model, None, [], {}, keep=1)
-    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_8"]
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["step_8"] and written == [False]
+    assert sorted(os.listdir(ckpts)) == ["step_2.evals", "step_8"]  # step_4 and step_6 held only their own files
+    (ckpts / "step_9.evals").mkdir()  # a later step's, from a history that a resume from step 8 abandons
+    (out / "config.resume-8.json").write_text("{}")
+    train.set_aside_newer(str(ckpts / "step_8"))
+    aside = next(ckpts.glob("abandoned-*"))
+    assert sorted(os.listdir(aside)) == ["config.resume-8.json", "step_9.evals"]
+    assert (ckpts / "step_2.evals" / "eval.json").read_text() == '{"step": 2}'
 
 
 def test_checkpoints_are_found_in_step_order_past_leftovers(finished_run, tmp_path):
