@@ -107,7 +107,7 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
     try:
         return load()
     except OSError as e:  # not cached (LocalEntryNotFoundError, OfflineModeIsEnabled, transformers' OSError)
-        if name and os.path.isdir(name):  # a folder that is there but is not this model's: not a download to make
+        if name and os.path.exists(name):  # a path that is there but is not this model's: not a download to make
             raise FileNotFoundError(f"{flag} {name}: not a folder of {what}: {str(e)[:300]}") from e
         cache_miss = e
     finally:
@@ -632,6 +632,19 @@ class Parser(argparse.ArgumentParser):
     """argparse's, but under torchrun rank 0 alone prints an argument error (every rank parses the same flags); the
     other ranks exit with its status, quietly. Under torchrun they first wait for rank 0 to print and exit, whereupon
     torchrun stops them: a rank failing first would have torchrun stop rank 0 before it printed."""
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, refusing an empty value: `--resume "$CKPT"` with CKPT unset would otherwise start afresh."""
+        parsed = super().parse_args(args, namespace)
+        for action in self._actions:
+            if action.option_strings and getattr(parsed, action.dest, None) == "":
+                self.error(f"argument {'/'.join(action.option_strings)}: an empty value (an unset shell variable?): "
+                           f"give one, or leave the flag out")
+        return parsed
+
+    def given(self, argv):
+        """The destinations of the flags typed in argv: chosen by the user, not defaults."""
+        return {a.dest for a in self._actions for word in argv if word.split("=")[0] in a.option_strings}
 
     def error(self, message):
         if os.environ.get("RANK", "0") != "0":

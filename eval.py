@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -668,7 +669,23 @@ def get_args(argv=None):
     g.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (default: downloaded)")
     g.add_argument("--clip", default=CLIP_ID, help="CLIP hub id or local folder")
     g.add_argument("--dino-weights", help=f"model.safetensors of timm/{DINO_ID} (default: downloaded)")
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    for name in sorted(p.given(argv) - COMMAND_FLAGS[args.command]):  # a forgotten `sample` would evaluate
+        takes = [c for c, flags in COMMAND_FLAGS.items() if name in flags]
+        p.error(f"--{name.replace('_', '-')} is not a flag of `{args.command}`: it is {' and '.join(takes)}'s "
+                f"(python eval.py {takes[0]} ...)")
+    return args
+
+
+# the flags each command reads
+COMMAND_FLAGS = {
+    "eval": {"ckpt", "weights", "ref", "data", "caption", "out", "num_samples", "metrics", "batch_size", "steps",
+             "cfg_scale", "self_guidance", "seed", "fid_weights", "clip", "dino_weights"},
+    "ref": {"data", "resolution", "out", "num_samples", "metrics", "batch_size", "fid_weights", "clip",
+            "dino_weights"},
+    "sample": {"ckpt", "weights", "data", "out", "prompt", "batch_size", "steps", "cfg_scale", "self_guidance", "seed"},
+    "export": {"ckpt", "weights", "data", "out"}}
 
 
 def metric_list(text):
@@ -729,9 +746,6 @@ def main(argv=None):
                          f"a new one beside the checkpoint)")
     device = setup_distributed(tf32=False)[2]
     try:
-        if args.resolution and args.command != "ref":  # a run samples at its own resolution (its stage's)
-            raise SystemExit(f"error: --resolution is for `ref` on the built-in data; {args.command} samples at the "
-                             f"run's resolution")
         if distributed() and args.command in ("sample", "export"):
             raise SystemExit(f"error: {args.command} runs in one process: python eval.py {args.command} ...")
         if distributed() and args.num_samples < dist.get_world_size():

@@ -238,7 +238,7 @@ def get_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = get_parser()
     args = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions for word in argv if word.split("=")[0] in a.option_strings}
+    given = parser.given(argv)
     args.track, args.track_why = choose_track(args.track, args.data, torch.cuda.is_available())
     values = TRACKS.get(args.track, {})
     args.track_values = sorted(k for k in values if k not in given)  # stored in config.json: what the track set

@@ -886,8 +886,16 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     ckpt = write_run(tmp_path / "run", random_tiny_prx())
     with pytest.raises(SystemExit, match="--ref"):
         ev.main(["--ckpt", str(ckpt), "--metrics", "cmmd"])
-    with pytest.raises(SystemExit, match="--resolution is for `ref` on the built-in data; eval samples at the run's"):
-        ev.main(["--ckpt", str(ckpt), "--resolution", "64", "--num-samples", "1"])  # was silently ignored
+    for argv, message in ((["--resolution", "64"], "--resolution is not a flag of `eval`: it is ref's"),
+                          (["--prompt", "a red circle"], "--prompt is not a flag of `eval`: it is sample's"),
+                          (["sample", "--num-samples", "3"], "--num-samples is not a flag of `sample`: it is eval and "
+                                                             "ref's (python eval.py eval ...)"),
+                          (["ref", "--caption=short"], "--caption is not a flag of `ref`: it is eval's"),
+                          (["export", "--steps", "4"], "--steps is not a flag of `export`: it is eval and sample's"),
+                          (["--out", ""], "argument --out: an empty value (an unset shell variable?)")):
+        with pytest.raises(SystemExit):  # each was silently ignored (or the default taken)
+            ev.main(["--ckpt", str(ckpt), *argv])
+        assert message in capsys.readouterr().err
     with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
         m.setattr(ev, "distributed", lambda: True)
         m.setattr(ev.dist, "get_world_size", lambda: 4)
