@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import signal
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 FORMAT = "prx-shards/1"
 FIXED = ("image", "latent")  # one row per sample; every other array is ragged, with offsets
@@ -92,6 +94,10 @@ def quiet_transformers():
 
 class NotOnThisMachine(RuntimeError):
     """Weights this machine lacks and cannot download; the message says how to bring them here."""
+
+
+# what torch.load and safetensors raise on a file that is not weights (a saved web page, another format, a folder)
+NOT_WEIGHTS = (OSError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
 
 def from_hub(load, what, files, flag, local="DIR", name=None):

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ENCODERS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, die_with_launcher, \
-    exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, space_differences, \
-    whole, write_whole
+from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
+    die_with_launcher, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, \
+    space_differences, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -122,6 +122,9 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+GRID_FORMATS = (".png", ".jpg", ".jpeg", ".webp")  # what a grid may be written as (sample --out)
+
+
 def save_grid(images, captions, path, nrow=8):
     """uint8 (B, 3, H, W) -> one PNG: the images in a grid (small ones enlarged), their captions listed beside it,
     numbered in row-major order."""
@@ -174,12 +177,16 @@ def load_inception(weights=None):
             raise NotOnThisMachine(f"FID Inception weights: not on this machine, and the download failed. On a "
                                    f"machine with internet, download {URL_INCEPTION_V3} to {cached}, or pass "
                                    f"--fid-weights PATH") from e
+    name = f"--fid-weights {weights}" if weights else f"the cached {cached}"
     weights = weights or cached
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"--fid-weights {weights}: no such file; it should be "
-                                f"{os.path.basename(URL_INCEPTION_V3)} from {URL_INCEPTION_V3}")
+    should = f"it should be {os.path.basename(URL_INCEPTION_V3)} from {URL_INCEPTION_V3}"
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{name}: no such file; {should}")
     net = inception_without_weights()
-    net.load_state_dict(torch.load(weights, weights_only=True))
+    try:
+        net.load_state_dict(torch.load(weights, weights_only=True))
+    except NOT_WEIGHTS as e:
+        raise ValueError(f"{name}: not the Inception's weights ({type(e).__name__}: {str(e)[:200]}); {should}")
     return net
 
 
@@ -256,8 +263,14 @@ def load_dino(name=DINO_ID, weights=None, flag="--dino-weights", pretrained=True
         files = f"{repo} model.safetensors"
         overlay["file"] = from_hub(lambda: hf_hub_download(repo, "model.safetensors"), files, files, flag,
                                    "DIR/model.safetensors")
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay,
-                              **timm_kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay,
+                                  **timm_kwargs)
+    except NOT_WEIGHTS as e:
+        if file is None:  # not a file the user named
+            raise
+        raise ValueError(f"{flag} {file}: not model.safetensors of {repo or name} ({type(e).__name__}: "
+                         f"{str(e)[:200]})")
     return model.eval().requires_grad_(False)
 
 
@@ -664,7 +677,7 @@ def get_args(argv=None):
     g.add_argument("--cfg-scale", type=number(float, 0), help="classifier-free guidance scale")
     g.add_argument("--self-guidance", type=number(float, 0),
                    help="TREAD self-guidance weight (0 = off; default the run's)")
-    g.add_argument("--seed", type=int, default=42, help="sample i starts from the noise of seed + i")
+    g.add_argument("--seed", type=number(int, 0, 2**62), default=42, help="sample i starts from the noise of seed + i")
     g = p.add_argument_group("metric networks (offline machines: local copies)")
     g.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (default: downloaded)")
     g.add_argument("--clip", default=CLIP_ID, help="CLIP hub id or local folder")
@@ -741,9 +754,13 @@ def main(argv=None):
     parent = os.path.dirname(os.path.normpath(args.out)) if args.out else ""
     if parent and not os.path.isdir(parent):
         raise SystemExit(f"error: --out {args.out}: there is no folder {parent}; create it, or write elsewhere")
+    if args.out and args.command in ("eval", "ref", "sample") and args.out.endswith(os.sep):
+        raise SystemExit(f"error: --out {args.out} names a folder; {args.command} writes a file: name it")
     if args.out and args.command in ("eval", "sample") and os.path.exists(args.out):  # a result is never replaced
         raise SystemExit(f"error: --out {args.out} exists; write another file (without --out, {args.command} writes "
                          f"a new one beside the checkpoint)")
+    if args.command == "sample" and args.out and not args.out.lower().endswith(GRID_FORMATS):
+        raise SystemExit(f"error: --out {args.out}: sample writes an image: end the name in {', '.join(GRID_FORMATS)}")
     device = setup_distributed(tf32=False)[2]
     try:
         if distributed() and args.command in ("sample", "export"):

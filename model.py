@@ -506,6 +506,7 @@ def flops_per_sample(cfg, num_img, num_txt, route_ratio=0.0):
 # Runs and checkpoints: <run>/config.json and <run>/checkpoints/step_<N>/ (train.py writes them)
 
 CHECKSUMS = "sha256.json"  # in every checkpoint folder: the sha256 of each of its files, written before the rename
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.pt", CHECKSUMS)
 
 
 UMASK = os.umask(0o022)  # read once, at import: setting it back and forth later would race with threads creating files
@@ -548,17 +549,38 @@ def step_of(ckpt):
 
 
 def verify_checkpoint(ckpt):
-    """Raise if a file of the checkpoint is missing or its bytes differ from the checksum written with it."""
-    with open(os.path.join(ckpt, CHECKSUMS)) as f:
-        expected = json.load(f)
+    """Raise ValueError if the checkpoint's checksums are unreadable or leave out a file of it (its weights always),
+    or a file is missing or its bytes differ from the checksum written with it."""
+    earlier = [c for c in list_checkpoints(run_of(ckpt)) if step_of(c) < step_of(ckpt)]
+    use = f"the previous checkpoint is {earlier[-1]}: pass it to --resume (or --ckpt)" if earlier else \
+        "there is no earlier checkpoint"
+    try:
+        with open(os.path.join(ckpt, CHECKSUMS)) as f:
+            expected = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{os.path.join(ckpt, CHECKSUMS)} cannot be read ({e}); {use}")
+    present = [n for n in CHECKPOINT_FILES[:-1] if os.path.exists(os.path.join(ckpt, n))]
+    if not isinstance(expected, dict) or any(n not in expected for n in ["model.safetensors", *present]):
+        raise ValueError(f"{os.path.join(ckpt, CHECKSUMS)} does not list the sha256 of each file of the checkpoint "
+                         f"({', '.join(present) or 'no model.safetensors'}): not as train.py wrote it; {use}")
     for name, digest in expected.items():
         path = os.path.join(ckpt, name)
         if not os.path.exists(path) or file_sha256(path) != digest:
-            earlier = [c for c in list_checkpoints(run_of(ckpt)) if step_of(c) < step_of(ckpt)]
-            use = f"the previous checkpoint is {earlier[-1]}: pass it to --resume (or --ckpt)" if earlier else \
-                "there is no earlier checkpoint"
             raise ValueError(f"{path} is {'missing' if not os.path.exists(path) else 'corrupt'} (its sha256 differs "
                              f"from the one written with it); {use}")
+
+
+def read_config(path):
+    """A run's config.json or config.resume-S.json -> its dict; a ValueError naming the file where it is not one (cut
+    short, edited)."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): a run's config, cut short or edited?")
+    if not isinstance(config, dict) or not {"args", "model", "sampling"} <= config.keys():
+        raise ValueError(f"{path} is not a run's config (train.py writes one with args, model and sampling)")
+    return config
 
 
 def resume_configs(run):
@@ -589,8 +611,7 @@ def load_run(path, weights=None):
         raise FileNotFoundError(f"{run} has no checkpoints/step_N folder yet")
     try:
         verify_checkpoint(ckpt)
-        with open(stage_config(run, ckpt)) as f:
-            config = json.load(f)
+        config = read_config(stage_config(run, ckpt))
         model = PRX(PRXConfig(**config["model"]))
         model.load_state_dict(load_file(os.path.join(ckpt, weights_file(ckpt, weights))))
     except (FileNotFoundError, ValueError) as e:  # a file gone: a training run's --keep may prune it while it is read

@@ -182,8 +182,8 @@ class BuiltinTextEncoder(nn.Module):
             raise ValueError(f"words {unknown} are not in the built-in caption grammar ({caption!r}); "
                              f"the built-in encoder knows only {VOCAB[1:]}")
         if len(words) > self.max_len:
-            raise ValueError(f"caption has {len(words)} tokens, more than max_len={self.max_len}: {caption!r}; "
-                             f"raise max_len")
+            raise ValueError(f"a caption of {len(words)} words ({caption[:60]!r}...): the built-in encoder reads at "
+                             f"most {self.max_len}")
         return [self.index[w] for w in words]
 
     @torch.no_grad()

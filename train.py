@@ -43,14 +43,14 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, heldout_caption, \
-    number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, read_index, \
-    space_differences, write_whole
+from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, \
+    heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, \
+    read_index, space_differences, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, setup_distributed, shift_t, x0_to_velocity
-from model import CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, list_checkpoints, \
-    preset_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, stage_config, step_of, trim_text, \
-    verify_checkpoint
+from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
+    list_checkpoints, preset_config, read_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, \
+    stage_config, step_of, trim_text, verify_checkpoint
 from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
@@ -93,9 +93,11 @@ def target_spec(text):
     """--target METRIC=VALUE -> (metric, value)."""
     metric, _, value = text.partition("=")
     try:
-        return metric, float(value)
+        if math.isfinite(float(value)):
+            return metric, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.416, got {text!r}")
+        pass
+    raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.416, got {text!r}")
 
 
 def target_reached(target, result):
@@ -118,7 +120,7 @@ def get_parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); never reused without --resume")
-    g.add_argument("--seed", type=number(int, 0), default=0)
+    g.add_argument("--seed", type=number(int, 0, 2**62), default=0)
     g.add_argument("--max-steps", type=count, default=100_000, help="stop after this many optimizer steps")
     g.add_argument("--max-time", type=positive, default=None, help="stop after this many minutes of training time")
     g.add_argument("--log-every", type=count, default=100, help="steps between log lines (metrics.jsonl, console)")
@@ -135,7 +137,7 @@ def get_parser():
                         f"the track's: {SPEEDRUN_DATA} on CUDA (8gpu track), else builtin (cpu track)")
     g.add_argument("--resolution", type=count, default=256, help="image side in pixels")
     g.add_argument("--captions", default="long", help="long, short, or mixed[:p] (long with probability p)")
-    g.add_argument("--text-context", type=number(int, 0), default=TEXT_CONTEXT,
+    g.add_argument("--text-context", type=number(int, 0, 64), default=TEXT_CONTEXT,
                    help="built-in text encoder: context window of each word (0 = word + position only)")
     g.add_argument("--caption-dropout", type=fraction, default=0.1, help="fraction trained on the empty prompt")
     g = p.add_argument_group("model")
@@ -314,6 +316,8 @@ def check_files(parser, args):
         dirs = data_dirs(args.data)
     except ValueError as e:
         parser.error(f"--data: {e}")
+    if args.data == "builtin" and not args.model.endswith("-pixel") and not args.patch:
+        parser.error(other_space(args.model, False, "builtin draws images"))
     perceptual = [flag for flag, weight in (("--lpips", args.lpips), ("--pdino", args.pdino)) if weight]
     for path in dirs:
         if not os.path.exists(os.path.join(path, "index.json")):
@@ -326,12 +330,9 @@ def check_files(parser, args):
         except ValueError as e:  # a file cut short
             parser.error(f"--data {path}: {e}")
         if ("latent" in schema) == args.model.endswith("-pixel") and not args.patch and path == dirs[0]:
-            # the preset's patch size and default shift are the other space's (--patch: the user's own choice); the
-            # first dataset's space: a mixture of spaces is refused by the loader, naming them
-            other = args.model.removesuffix("-pixel") if "latent" in schema else args.model + "-pixel"
-            parser.error(f"--model {args.model}: a preset for {'images' if 'latent' in schema else 'latents'}, and "
-                         f"--data {path} holds {'latents' if 'latent' in schema else 'images (--vae none)'}: use "
-                         f"--model {other}")
+            # the first dataset's space: a mixture of spaces is refused by the loader, naming them
+            parser.error(other_space(args.model, "latent" in schema, f"{path} holds latents" if "latent" in schema
+                                     else f"{path} holds images (--vae none)"))
         if perceptual and "latent" in schema:
             parser.error(f"{' and '.join(perceptual)}: {path} holds latents; the perceptual losses compare images, "
                          f"and decoding the prediction with the VAE at every step is too costly: use pixel data "
@@ -360,6 +361,13 @@ def check_files(parser, args):
         parser.error(f"--target {args.target[0]}: this run's evaluations give {', '.join(scores) or 'nothing'}"
                      + (" (FID needs --eval-ref FILE, from `python eval.py ref`)" * (args.data != "builtin"
                                                                                    and not args.eval_ref)))
+
+
+def other_space(model, latent, data):
+    """The error for a preset of the other space than the data's: its patch size and default shift are that space's
+    (--patch: the user's own choice)."""
+    return (f"--model {model}: a preset for {'images' if latent else 'latents'}, and --data {data}: use --model "
+            f"{model.removesuffix('-pixel') if latent else model + '-pixel'} (or choose --patch)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,17 +529,27 @@ def load_lpips(weights=None):
     url = VGG16_Weights.IMAGENET1K_V1.url
     if weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"--lpips-weights {weights}: no such file; it should be torchvision's {url}")
-    try:
-        vgg = torch.load(weights, map_location="cpu", weights_only=True) if weights else \
-            VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except OSError as e:  # no connection (URLError)
-        raise NotOnThisMachine(f"LPIPS's backbone {VGG16_FILE} is not in torch's cache and cannot be downloaded ({e}); "
-                           f"on an offline machine pass --lpips-weights PATH to a copy of {url}")
+    if weights:
+        try:
+            vgg = torch.load(weights, map_location="cpu", weights_only=True)
+        except NOT_WEIGHTS as e:
+            raise ValueError(f"--lpips-weights {weights}: not a weights file ({type(e).__name__}: {str(e)[:200]}); "
+                             f"it should be torchvision's {url}")
+    else:
+        try:
+            vgg = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except OSError as e:  # no connection (URLError)
+            raise NotOnThisMachine(f"LPIPS's backbone {VGG16_FILE} is not in torch's cache and cannot be downloaded "
+                                   f"({e}); on an offline machine pass --lpips-weights PATH to a copy of {url}")
     net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     # lpips splits torchvision's features.<i> layers into slices: features.<i>.weight -> slice<k>.<i>.weight
     where = {i: f"{name}.{i}" for name, part in net.net.named_children() for i, _ in part.named_children()}
-    net.net.load_state_dict({f"{where[k.split('.')[1]]}.{k.split('.')[2]}": v for k, v in vgg.items()
-                             if k.startswith("features.")})
+    try:
+        net.net.load_state_dict({f"{where[k.split('.')[1]]}.{k.split('.')[2]}": v for k, v in vgg.items()
+                                 if k.startswith("features.")})
+    except (KeyError, IndexError, RuntimeError) as e:  # another network's weights
+        raise ValueError(f"--lpips-weights {weights}: not VGG16's weights ({type(e).__name__}: {str(e)[:200]}); it "
+                         f"should be torchvision's {url}")
     return net.eval().requires_grad_(False)
 
 
@@ -694,12 +712,12 @@ def build_model(args, loader, device):
     frozen = torch.bfloat16 if device.type == "cuda" else None  # PRX runs the frozen teacher and DINOv2 in bf16
     teacher, nets = None, {}  # nets: the frozen networks of --lpips and --pdino, for Trainee.perceptual
     if args.repa:
-        with exit_on(f"--repa {args.repa}", (FileNotFoundError, RuntimeError)):
+        with exit_on(f"--repa {args.repa}", (FileNotFoundError, ValueError, RuntimeError, SafetensorError)):
             teacher = load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else \
                 load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], args.repa_weights, "--repa-weights",
                           dynamic_img_size=True)
             teacher = teacher.to(device, frozen)
-    with exit_on("perceptual loss", (FileNotFoundError, RuntimeError)):
+    with exit_on("perceptual loss", (FileNotFoundError, ValueError, RuntimeError)):
         if args.lpips:
             nets["lpips"] = load_lpips(args.lpips_weights).to(device)
         if args.pdino:
@@ -834,8 +852,6 @@ def sampling_settings(args):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: <out>/checkpoints/step_<N>/ holds model.safetensors (ema.safetensors), trainer.pt and sha256.json,
 # written into step_<N>.tmp and renamed when complete
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "trainer.pt", CHECKSUMS)
-
 
 def full_state(model, opts=()):
     """-> (model state dict, [optimizer state dicts]) of whole tensors on rank 0's CPU, empty dicts on the other
@@ -921,7 +937,7 @@ def resolve_resume(resume, out):
                              f"has ended")
         ckpt = found[-1]
     elif os.path.exists(os.path.join(resume, "trainer.pt")):
-        ckpt = resume.rstrip("/")
+        ckpt = os.path.normpath(resume)
     else:
         raise SystemExit(f"error: --resume {resume}: " + ("not a checkpoint folder (expected trainer.pt inside)"
                                                           if os.path.exists(resume) else "no such folder"))
@@ -938,8 +954,7 @@ def check_resume_flags(args, ckpt):
     """A resume continues the same run: flags outside RESUMABLE must equal those the checkpoint was trained with
     (a flag newer than the run: its default). A resolution stage keeps the model, so its patch size too. -> the args
     of the stage that trained the checkpoint (model.stage_config), for resume_changes."""
-    with open(os.path.join(run_of(ckpt), "config.json")) as f:
-        config = json.load(f)
+    config = read_config(os.path.join(run_of(ckpt), "config.json"))
     if "data" in args.track_values and args.data != config["args"]["data"]:
         raise SystemExit(f"error: --resume {ckpt}: the run trained on --data {config['args']['data']}; without --data "
                          f"this resume takes the {args.track} track's values: pass the run's flags again")
@@ -948,8 +963,7 @@ def check_resume_flags(args, ckpt):
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
-    with open(stage_config(run_of(ckpt), ckpt)) as f:
-        stage = json.load(f)["args"]
+    stage = read_config(stage_config(run_of(ckpt), ckpt))["args"]
     check_encoders(args.data, stage["data"], f"--resume {ckpt} --data")  # a new stage's data: the same encoders
     patch = args.patch or preset_config(args.model, args.resolution).patch_size
     if patch != config["model"]["patch_size"]:
@@ -996,12 +1010,16 @@ def resume_changes(args, stage):
 
 def split_metrics(path, step):
     """metrics.jsonl's whole lines (a torn last one in neither) -> (those up to `step`, those after it); ([], [])
-    without the file."""
+    without the file. A line that is not a record of train.py's (edited) stays with the first."""
     kept, later = [], []
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
             if line.endswith("}\n"):
-                (kept if json.loads(line).get("step", 0) <= step else later).append(line)
+                try:
+                    after = json.loads(line).get("step", 0) > step
+                except (ValueError, AttributeError):
+                    after = False
+                (later if after else kept).append(line)
     return kept, later
 
 
@@ -1130,13 +1148,20 @@ def run_folder(args):
         return out, ckpt, False, stage
     if args.resume:
         ckpt = resolve_resume(args.resume, out)
-        stage = check_resume_flags(args, ckpt)
+        with exit_on("--resume"):
+            stage = check_resume_flags(args, ckpt)
         run = run_of(ckpt)
         out = args.out or run
         if os.path.abspath(out) == os.path.abspath(run):
             return out, ckpt, True, stage
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out} is a file; name a folder for the run")
+    above = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(above):  # the folder to make it in
+        above = os.path.dirname(above)
+    if not (os.path.isdir(above) and os.access(above, os.W_OK)):
+        raise SystemExit(f"error: --out {out}: {above} is {'not writable' if os.path.isdir(above) else 'a file'}; "
+                         f"name a folder for the run elsewhere")
     entries = sorted(set(os.listdir(out)) - {".lock"}) if os.path.isdir(out) else []
     if entries and not {"config.json", "metrics.jsonl", "checkpoints"} & set(entries):
         raise SystemExit(f"error: --out {out} holds other files ({', '.join(entries[:3])}"
@@ -1213,11 +1238,13 @@ def where_to_resume(run):
 
 
 def stop_on_ctrl_c(out, master):
-    """Ctrl-C ends the run saying where to resume from (rank 0; the other ranks exit quietly). -> the handler it
-    replaces, for main to put back (a caller in this process, as the tests, keeps its own)."""
+    """Ctrl-C, or a SIGTERM (kill, a scheduler's time limit), ends the run saying where to resume from (rank 0; the
+    other ranks exit quietly). -> {signal: the handler it replaces}, for main to put back (a caller in this process,
+    as the tests, keeps its own)."""
     def stop(signum, frame):
-        raise SystemExit(f"\nstopped (Ctrl-C); {where_to_resume(out)}" if master else 130)
-    return signal.signal(signal.SIGINT, stop)
+        why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        raise SystemExit(f"\nstopped ({why}); {where_to_resume(out)}" if master else 128 + signum)
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def weight_files(args):
@@ -1369,6 +1396,8 @@ def main(argv=None):
         if (last or step % args.ckpt_every == 0) and step > start_step:
             save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
         if last:
+            if train_time >= max_time:  # (--max-steps shows in the step line, --target in its own line)
+                log(f"--max-time {args.max_time:g}: the training time is spent at step {step}: stopping")
             break
 
         sync()
@@ -1391,14 +1420,15 @@ def main(argv=None):
         if compiled_graphs(args) > graphs:  # an input the compile warm-up did not see
             log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step == args.max_steps or train_time >= max_time:
             loss_value, norm = loss.item(), grad_norm.item()  # waits for the device: only on log steps
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
                 raise SystemExit(f"error: loss {loss_value}, grad_norm {norm} at step {step}: not finite; stopping: "
                                  f"{where_to_resume(out)} (lower --lr or raise --warmup)")
             step_log(step, loss_value, norm, lr, txt_len, train_time, max_time)
 
-    signal.signal(signal.SIGINT, ctrl_c)
+    for sig, handler in ctrl_c.items():
+        signal.signal(sig, handler)
     if world > 1:
         dist.destroy_process_group()
 

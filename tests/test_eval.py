@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import eval as ev
-from model import PRX
+from model import CHECKSUMS, PRX
 
 
 def blocky_images(n, seed, size=64, brightness=0):
@@ -133,6 +133,11 @@ def test_frechet_distance_closed_forms_and_sqrtm():
 def test_missing_fid_weights_say_what_and_where(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
         ev.load_inception(str(tmp_path / "missing.pth"))
+    (tmp_path / "page.pth").write_text("<html>404</html>")  # a saved web page; a folder
+    for path, error, message in ((tmp_path / "page.pth", ValueError, "not the Inception's weights"),
+                                 (tmp_path, FileNotFoundError, "no such file")):
+        with pytest.raises(error, match=f"--fid-weights {re.escape(str(path))}: {message}"):
+            ev.load_inception(str(path))
 
     def offline(url, dst, *args, **kwargs):
         raise OSError("no network")
@@ -156,7 +161,7 @@ def test_inception_weights_are_read_as_tensors_only(inception_weights, tmp_path,
         def __reduce__(self):
             return print, ("unpickled",)
     torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, tmp_path / "payload.pth")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ValueError, match="not the Inception's weights \\(UnpicklingError: Weights only load failed"):
         ev.load_inception(str(tmp_path / "payload.pth"))
 
 
@@ -271,6 +276,13 @@ def test_clip_and_dino_offline_fail_fast_and_say_what_to_fetch(unreachable_hub):
         assert time.time() - start < 5 and fetch in str(info.value) and flag in str(info.value)
     with pytest.raises(FileNotFoundError, match="--clip ./no/clip: no such folder; pass a folder holding a local"):
         ev.load_clip("./no/clip")  # a path, not a hub id: no `hf download ./no/clip`
+
+
+def test_a_dino_weights_file_that_is_not_weights_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_text("<html>404</html>")  # a saved web page
+    with pytest.raises(ValueError, match=f"--dino-weights {re.escape(str(tmp_path))}/model.safetensors: not "
+                                         f"model.safetensors of timm/{ev.DINO_ID}"):
+        tiny_dino(weights=str(tmp_path / "model.safetensors"))
 
 
 def test_metric_networks_run_in_full_fp32_whatever_the_caller_set(monkeypatch):
@@ -791,7 +803,11 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
                           ([], 'sample needs at least one --prompt "a caption"'),
                           (["--prompt", "a", "--data", str(ckpt)], "index.json not found: prepare it first"),
                           (["--prompt", "a", "--data", str(prepared[0] / "out")], "gives 32-wide tokens, the model "
-                                                                                   "reads 64")):
+                                                                                   "reads 64"),
+                          (["--prompt", " ".join(["red"] * 80)], "a caption of 81 words ('red red"),
+                          (["--prompt", "a", "--out", str(tmp_path / "p.xbm")], "sample writes an image: end the "
+                                                                                 "name in .png, .jpg, .jpeg, .webp"),
+                          (["--prompt", "a", "--out", f"{tmp_path}/"], "names a folder; sample writes a file")):
         with pytest.raises(SystemExit) as refused:
             ev.main(["sample", "--ckpt", str(ckpt), *argv])
         assert message in str(refused.value)
@@ -917,7 +933,8 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
                           (["ref", "--data", "builtin", "--out", str(tmp_path / "no" / "r")], "no folder"),
                           (["ref", "--data", "builtin", "--out", "r", "--metrics", "fid", "--num-samples", "1"],
                            "FID's covariance needs at least 2"),
-                          (["--ckpt", str(ckpt), "--self-guidance", "2"], "trained without --tread or --sprint")):
+                          (["--ckpt", str(ckpt), "--self-guidance", "2"], "trained without --tread or --sprint"),
+                          (["ref", "--data", "builtin", "--out", f"{tmp_path}/"], "names a folder; ref writes a file")):
         with monkeypatch.context() as m:  # refused before any sampling
             m.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("sampled"))
             m.setattr(ev, "open_split", lambda *a, **k: pytest.fail("opened the data"))
@@ -928,6 +945,17 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):
         ev.main(["--ckpt", str(tmp_path / "run")])
+    (ckpt / "model.safetensors").write_bytes(weights)
+    checksums, config = (ckpt / CHECKSUMS).read_text(), (tmp_path / "run" / "config.json").read_text()
+    for path, text, message in ((ckpt / CHECKSUMS, "[]", "does not list the sha256 of each file of the checkpoint"),
+                                (ckpt / CHECKSUMS, "{}", "does not list the sha256 of each file of the checkpoint"),
+                                (tmp_path / "run" / "config.json", "{}", "config.json is not a run's config"),
+                                (tmp_path / "run" / "config.json", '{"args"', "config.json is not valid JSON")):
+        path.write_text(text)  # edited or cut short: one line naming the file, not a traceback
+        with pytest.raises(SystemExit, match=f"error: --ckpt {re.escape(str(tmp_path / 'run'))}: .*{message}"):
+            ev.main(["--ckpt", str(tmp_path / "run")])
+        (ckpt / CHECKSUMS).write_text(checksums)
+        (tmp_path / "run" / "config.json").write_text(config)
 
 
 def test_metric_list_takes_names_separated_by_commas():

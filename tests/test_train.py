@@ -236,14 +236,15 @@ def test_fewer_evaluation_samples_than_processes_are_refused(monkeypatch, capsys
 def test_an_infinite_gradient_norm_stops_the_run(tmp_path):
     """lr 1e9: by step 2 the loss is finite (~1e19) but the gradient's norm overflows; clipping would then scale every
     update to 0 and the run would train on unchanged: it stops, saying no checkpoint was written."""
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit, match=r"error: loss \S+, grad_norm (inf|nan) at step \d+: not finite; stopping: "
                                              r"no checkpoint was written"):
             train.main(SMALL + ["--out", str(tmp_path / "inf"), "--max-steps", "40", "--ckpt-every", "20", "--lr",
                                 "1e9"])
     finally:
-        signal.signal(signal.SIGINT, handler)  # main stopped before putting it back
+        for s, handler in handlers.items():  # main stopped before putting them back
+            signal.signal(s, handler)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -414,11 +415,53 @@ def copy_run(finished_run, tmp_path):
 
 
 def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path):
-    r = run(SMALL + ["--model", "tiny", "--out", str(tmp_path / "a"), "--max-steps", "1"])
+    r = run(SMALL + ["--model", "tiny", "--patch", "4", "--out", str(tmp_path / "a"), "--max-steps", "1"])
     assert r.returncode == 0, r.stderr[-2000:]  # the built-in foreground weight suits any model on pixels
     r = run(SMALL + ["--resolution", "30", "--out", str(tmp_path / "b"), "--max-steps", "1"])
     assert r.returncode != 0 and "--resolution 30" in r.stderr and "patch size 4" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_a_damaged_run_folder_is_named_before_any_work(finished_run, tmp_path):
+    """Files of a run edited or cut short (its configs, a checkpoint's checksums) stop a resume with one line naming
+    the file, before the run folder is touched; a metrics.jsonl line that is not a record stays where it was."""
+    out = copy_run(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_4"
+    resume = SMALL + ["--resume", "--out", str(out), "--max-steps", "6"]
+    for path, text, message in ((out / "config.json", '{"args": {', "config.json is not valid JSON"),
+                                (out / "config.json", "{}", "config.json is not a run's config"),
+                                (out / "config.resume-2.json", "{", "config.resume-2.json is not valid JSON"),
+                                (ckpt / CHECKSUMS, "[]", "sha256.json does not list the sha256 of each file"),
+                                (ckpt / CHECKSUMS, "{}", "sha256.json does not list the sha256 of each file"),
+                                (ckpt / CHECKSUMS, None, "sha256.json cannot be read")):
+        before = path.read_text() if path.exists() else None
+        path.write_text(text) if text is not None else path.unlink()
+        with pytest.raises(SystemExit, match=f"error: --resume.*{re.escape(message)}"):
+            train.run_folder(train.get_args(resume))
+        path.write_text(before) if before is not None else path.unlink()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]}\n{"step": 3, "loss": }\n{"step": 5}\n')
+    kept, later = train.split_metrics(str(out / "metrics.jsonl"), 4)
+    assert kept == ['{"step": 1}\n', '[1, 2]}\n', '{"step": 3, "loss": }\n'] and later == ['{"step": 5}\n']
+
+
+def test_out_inside_a_file_and_a_checkpoint_path_with_a_dot(finished_run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SystemExit, match=f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file"):
+        train.run_folder(train.get_args(SMALL + ["--out", str(tmp_path / "afile" / "sub")]))
+    ckpt = finished_run / "checkpoints" / "step_2"
+    assert train.resolve_resume(f"{ckpt}/.", None) == str(ckpt)
+    for argv, message in ((["--target", "object_accuracy=nan"], "expected METRIC=VALUE"),
+                          (["--seed", str(2 ** 64)], "argument --seed: must be in [0, 4611686018427387904]"),
+                          (["--text-context", "1000000000"], "argument --text-context: must be in [0, 64]"),
+                          (["--resume", ""], "argument --resume: an empty value (an unset shell variable?)")):
+        with pytest.raises(SystemExit):
+            train.get_args(SMALL + argv)
+        assert message in capsys.readouterr().err
+    (tmp_path / "page.safetensors").write_text("<html>404</html>")
+    with pytest.raises(SystemExit, match="error: --repa builtin: .*header"):
+        train.main(SMALL + ["--repa", "builtin", "--repa-weights", str(tmp_path / "page.safetensors"), "--out",
+                            str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_resume_of_a_run_folder_without_checkpoints_says_so(tmp_path):
@@ -500,16 +543,18 @@ def test_a_new_run_folder_is_made_by_one_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("master", [True, False])
-def test_ctrl_c_says_where_to_resume(finished_run, master):
-    previous = signal.getsignal(signal.SIGINT)
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_says_where_to_resume(finished_run, master, sig, name):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train.stop_on_ctrl_c(str(finished_run), master)
+        assert train.stop_on_ctrl_c(str(finished_run), master) == previous  # main puts them back
         with pytest.raises(SystemExit) as stopped:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    assert stopped.value.code == (f"\nstopped (Ctrl-C); the last checkpoint is {finished_run}/checkpoints/step_4: "
-                                  f"continue with --resume --out {finished_run}" if master else 130)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert stopped.value.code == (f"\nstopped ({name}); the last checkpoint is {finished_run}/checkpoints/step_4: "
+                                  f"continue with --resume --out {finished_run}" if master else 128 + sig)
 
 
 @pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
@@ -552,13 +597,18 @@ def test_evaluations_come_once_each_across_a_resume(tmp_path):
 
 
 def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
-    handler, installed, install = signal.getsignal(signal.SIGINT), [], train.stop_on_ctrl_c
+    handler, term, installed, install = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), [], \
+        train.stop_on_ctrl_c
     monkeypatch.setattr(train, "stop_on_ctrl_c", lambda *a: installed.append(a) or install(*a))
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
     assert installed == [(str(tmp_path / "r"), True)] and signal.getsignal(signal.SIGINT) is handler  # put back
+    assert signal.getsignal(signal.SIGTERM) is term
     assert (tmp_path / "r" / ".lock").read_text().endswith(f" pid {os.getpid()}\n")  # the new folder's lock
-    etas = re.findall(r"eta (\d+):(\d\d):(\d\d)", capsys.readouterr().out)
+    console = capsys.readouterr().out
+    etas = re.findall(r"eta (\d+):(\d\d):(\d\d)", console)
     assert etas and all(h == "0" and m == "00" and int(s) <= 1 for h, m, s in etas)
+    last = re.findall(r"step (\d+)/100000 \|", console)[-1]  # the run says where and why it ended
+    assert f"--max-time 0.02: the training time is spent at step {last}: stopping" in console
 
 
 def test_an_out_that_holds_a_run_is_never_reused(finished_run, tmp_path):

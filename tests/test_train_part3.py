@@ -3,6 +3,7 @@ networks, resolution stages on resume, and the part-3 combination on the CPU. No
 here (lpips' SqueezeNet trunk, a one-block timm DINOv2) and injected where train.py would load PRX's."""
 import json
 import math
+import re
 import urllib.error
 
 import pytest
@@ -127,10 +128,11 @@ def test_a_preset_of_the_other_space_than_the_data_is_refused(tmp_path, capsys):
     """A latent preset on images (or a pixel one on latents) would train with another space's patch and shift."""
     for schema, model, message in (
             ({"image": {"shape": [3, 32, 32]}}, "tiny", "holds images (--vae none): use --model tiny-pixel"),
-            ({"latent": {"shape": [16, 4, 4]}}, "small-pixel", "holds latents: use --model small")):
+            ({"latent": {"shape": [16, 4, 4]}}, "small-pixel", "holds latents: use --model small"),
+            (None, "tiny", "--data builtin draws images: use --model tiny-pixel (or choose --patch)")):
         (tmp_path / "index.json").write_text(json.dumps({"schema": schema}))
         with pytest.raises(SystemExit):
-            train.get_args(["--data", str(tmp_path), "--model", model])
+            train.get_args(["--data", str(tmp_path) if schema else "builtin", "--model", model])
         assert f"--model {model}: a preset for " in (err := capsys.readouterr().err) and message in err, err
 
 
@@ -149,6 +151,11 @@ def test_lpips_backbone_from_the_weights_file_or_a_clear_error_offline(tmp_path,
     assert not any(p.requires_grad for p in net.parameters())
     with pytest.raises(FileNotFoundError, match="--lpips-weights /nonexistent.pth: no such file"):
         train.load_lpips("/nonexistent.pth")
+    (tmp_path / "page.pth").write_text("<html>404</html>")  # a saved web page; another network's weights
+    torch.save({"features.99.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    for name, message in (("page.pth", "not a weights file"), ("other.pth", "not VGG16's weights")):
+        with pytest.raises(ValueError, match=f"--lpips-weights {re.escape(str(tmp_path / name))}: {message}"):
+            train.load_lpips(str(tmp_path / name))
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to download.pytorch.org")
