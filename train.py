@@ -316,7 +316,8 @@ def check_files(parser, args):
         dirs = data_dirs(args.data)
     except ValueError as e:
         parser.error(f"--data: {e}")
-    if args.data == "builtin" and not args.model.endswith("-pixel") and not args.patch:
+    if args.data == "builtin" and not args.model.endswith("-pixel") and not args.patch and not args.resume:
+        # (a resume takes the run's model: a resume without the run's --data is told so by check_resume_flags)
         parser.error(other_space(args.model, False, "builtin draws images"))
     perceptual = [flag for flag, weight in (("--lpips", args.lpips), ("--pdino", args.pdino)) if weight]
     for path in dirs:

@@ -224,7 +224,7 @@ def test_encoder_rejects_bad_input():
     encoder = BuiltinTextEncoder(max_len=8)
     with pytest.raises(ValueError, match="not in the built-in caption grammar"):
         encoder(["a purple circle"])
-    with pytest.raises(ValueError, match="max_len"):
+    with pytest.raises(ValueError, match="the built-in encoder reads at most 8"):
         encoder(["a red circle and a blue square in the top left"])
     assert encoder(["a red circle and a blue square"])[1].shape == (1, 8)  # max_len tokens, the start one with them
     with pytest.raises(TypeError, match="list of strings"):
