@@ -14,7 +14,9 @@ files. Undecodable or tiny images, empty captions, unreadable caption files and 
 and counted in index.json with their reason; a seeded hash of the sample id puts --eval-fraction of the samples into
 the eval split (--eval-fraction 1: an evaluation-only set, for train.py --eval-data). Shards are written to .tmp
 and renamed, so an interrupted preparation resumes after its last whole shard, with the settings it started with
-(prepare.json; other values, or source files added or removed, are refused rather than mixed into one dataset).
+(prepare.json; other values, or source files added or removed, are refused rather than mixed into one dataset). A
+source file that cannot be read (a corrupt parquet or tar) stops the preparation naming it: with a readable copy in
+its place, the same command resumes.
 """
 
 import argparse
@@ -28,6 +30,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,9 +42,11 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, exit_on, \
-    fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, quiet_transformers, whole, write_whole
+    fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, number, quiet_transformers, whole, \
+    write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_RESOLUTION = 4096
 
 
 def stable_hash(*parts):
@@ -204,7 +210,8 @@ def folder_rows(files, root):
                 if sidecar.exists():
                     text = sidecar.read_text(encoding="utf-8")
                     row.update({"txt": text} if sidecar.suffix == ".txt" else {**json.loads(text)})  # {**}: an object
-            except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            except (ValueError, TypeError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors;
+                # OSError: a caption file without read permission, or a folder named <stem>.txt
                 row["__unreadable__"] = f"{sidecar}: {type(e).__name__}: {e}"
         yield {**row, "id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
 
@@ -220,31 +227,69 @@ def listing(files):
     return {"count": len(names), "sha256": hashlib.sha256(b"\n".join(encoded)).hexdigest()}
 
 
+def folder_entries(root, source):
+    """What root.rglob("*") lists, but a folder that cannot be read (no permission) is refused: rglob leaves it out
+    without a word, and its images would be missing from the dataset unseen."""
+    def refuse(e):
+        raise SystemExit(f"error: --source {source}: cannot read the folder {e.filename} ({type(e).__name__}): make "
+                         f"it readable, or move it out of the source")
+    return [Path(folder, name) for folder, dirs, files in os.walk(root, onerror=refuse) for name in dirs + files]
+
+
+def unreadable_source_file(source, file, e):
+    """The error of a source file that datasets cannot read (corrupt, empty, not parquet or tar): what was written
+    stays, and a resume needs the same files (listing)."""
+    return SystemExit(f"error: --source {source}: cannot read {file or 'one of its files'} ({type(e).__name__}: "
+                      f"{str(e)[:200]}); replace it with a readable copy and run the same command again, which resumes "
+                      f"after the last whole shard (without that file the source's files differ: use another --out)")
+
+
+def file_being_read(rows, files):
+    """The file of `files` that datasets' streamed rows were reading (the innermost iterable's shard_idx, one shard
+    per file), or None where its state does not tell."""
+    try:
+        state = rows.state_dict()
+        while "examples_iterable" in state:
+            state = state["examples_iterable"]
+        return files[state["shard_idx"]]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
 def open_source(source, image_field, rank, world_size):
-    """-> (rows, total, listing): a streamed datasets.IterableDataset over this rank's files, or ([], 0) if it has
-    none; the listing of all files (a resume reads on from a row number, so the files must be those it started on)."""
+    """-> (rows, total, listing, files): a streamed datasets.IterableDataset over this rank's files, or [] and 0 if it
+    has none; the listing of all files (a resume reads on from a row number, so the files must be those it started
+    on); this rank's files, in the order rows reads them."""
     import datasets
     root = Path(source)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
+    entries = folder_entries(root, source) if root.is_dir() else []
+    images = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS)
     if images:
         mine = images[rank::world_size]
         rows = datasets.IterableDataset.from_generator(folder_rows, gen_kwargs=dict(files=mine, root=root))
-        return (rows if mine else []), len(mine), listing(p.relative_to(root) for p in images)
-    if root.is_dir() and not any(p.is_file() and p.suffix not in (".txt", ".json") for p in root.rglob("*")):
+        return (rows if mine else []), len(mine), listing(p.relative_to(root) for p in images), mine
+    if root.is_dir() and not any(p.is_file() and p.suffix not in (".txt", ".json") for p in entries):
         raise SystemExit(f"error: --source {source}: a folder with no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
                          f"and no data files (.parquet, .tar), only captions or nothing")
+    if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
+        raise SystemExit(f"error: --source {source}: a single image; pass the folder that holds it (and its .txt or "
+                         f".json captions)")
+    hint = "; a glob names .parquet or .tar files (images: pass their folder)" if glob.has_magic(source) else \
+        "; ~ is expanded by the shell only at the start of a word: write the path out" if "~" in source else ""
     try:
         if source.endswith((".parquet", ".tar")):
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
                                                     data_files=sorted(glob.glob(source)))
-        elif not root.exists() and is_hub_id(source) and (why := hub_unreachable()):  # at once, not after retries
+        elif not root.exists() and not is_hub_id(source):  # 'imgs/*.png', '~/data', 'a b': not huggingface_hub's
+            raise SystemExit(f"error: --source {source}: no such folder or file here, and not a hub dataset id "
+                             f"(namespace/name): pass a folder, a *.parquet or *.tar glob, or a hub id{hint}")  # error
+        elif not root.exists() and (why := hub_unreachable()):  # at once, not after retries
             raise SystemExit(f"error: --source {source}: no such folder or file here, and the hub dataset cannot be "
                              f"read ({why}); where the hub answers, `hf download --repo-type dataset {source} "
                              f"--local-dir DIR`, then pass --source DIR")
         else:  # a hub id or a folder of parquet/tar files: file list resolved, nothing downloaded
             builder = datasets.load_dataset_builder(source)
     except OSError as e:  # DatasetNotFoundError, EmptyDatasetError, ConnectionError: a typo or an offline machine
-        hint = "; a glob names .parquet or .tar files (images: pass their folder)" if glob.has_magic(source) else ""
         raise SystemExit(f"error: --source {source}: {'no such folder or file here, and ' if not root.exists() else ''}"
                          f"datasets cannot open it ({type(e).__name__}: {str(e)[:200]}){hint}") from e
     files = list(builder.config.data_files["train"])
@@ -252,11 +297,14 @@ def open_source(source, image_field, rank, world_size):
     splits = builder.info.splits
     total = splits["train"].num_examples * len(mine) // len(files) if splits and "train" in splits else None
     if not mine:
-        return [], 0, listing(files)
-    rows = datasets.load_dataset(builder.name, data_files=mine, split="train", streaming=True)
+        return [], 0, listing(files), mine
+    try:  # reads the first file for its columns
+        rows = datasets.load_dataset(builder.name, data_files=mine, split="train", streaming=True)
+    except (OSError, ValueError, tarfile.TarError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise unreadable_source_file(source, mine[0], e) from e
     if isinstance((rows.features or {}).get(image_field), datasets.Image):
         rows = rows.cast_column(image_field, datasets.Image(decode=False))  # we decode, so bad images are counted
-    return rows, total, listing(files)
+    return rows, total, listing(files), mine
 
 
 def encode_samples(samples, encoder, vae, shift, scale, seed):
@@ -347,7 +395,7 @@ def prepare(args, rank=0, world_size=1):
     args.min_size = args.min_size or args.resolution // 2
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
-    rows, total, args.source_files = open_source(args.source, args.image_field, rank, world_size)
+    rows, total, args.source_files, files = open_source(args.source, args.image_field, rank, world_size)
     settings = check_settings(out, args)
     if (out / "index.json").exists():  # a complete preparation of these settings and files
         print(f"{out} is prepared already (index.json): nothing to do")
@@ -372,13 +420,16 @@ def prepare(args, rank=0, world_size=1):
             write_whole(out / f"{name}.npy", lambda f: np.save(f, to_bits(emb[0, mask[0]])))
     if source_state is not None:  # shards of this rank exist, so it has rows
         rows.load_state_dict(source_state)
-    columns, skipped, pending, it = {"train": {}, "eval": {}}, {}, 0, iter(rows)
+    columns, skipped, pending, it = {"train": {}, "eval": {}}, [], 0, iter(rows)
     bar = tqdm(total=total, initial=rows_done, unit="img", desc=f"prepare rank {rank}", disable=rank != 0)
     with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes and resizes outside the GIL
         while True:
-            chunk = list(itertools.islice(it, args.batch_size))
+            try:
+                chunk = list(itertools.islice(it, args.batch_size))
+            except (OSError, ValueError, tarfile.TarError) as e:  # a corrupt file further on: the shards stay
+                raise unreadable_source_file(args.source, file_being_read(rows, files), e) from e
             samples = list(pool.map(lambda row: load_sample(row, args, fields), chunk))
-            skipped.update({s["id"]: s["reason"] for s in samples if "reason" in s})
+            skipped += [[s["id"], s["reason"]] for s in samples if "reason" in s]  # a list: ids may repeat
             good = [s for s in samples if "reason" not in s]
             if good:
                 encoded = encode_samples(good, encoder, vae, shift, scale, args.seed)
@@ -396,7 +447,7 @@ def prepare(args, rank=0, world_size=1):
                 meta = {"count": len(columns["train"].get("id", [])), "world_size": world_size,
                         "rows_done": rows_done, "source_state": rows.state_dict(), "skipped": skipped}
                 write_shard(out / "train" / name, columns["train"], meta)
-                columns, skipped, pending, shard = {"train": {}, "eval": {}}, {}, 0, shard + 1
+                columns, skipped, pending, shard = {"train": {}, "eval": {}}, [], 0, shard + 1
             if not chunk:
                 break
     bar.close()
@@ -412,11 +463,13 @@ def write_index(out, settings, shift=None, scale=None):
     shards = {split: [p for p in sorted((out / split).glob("shard-r*")) if p.suffix != ".tmp"]
               for split in ("train", "eval")}
     metas = {split: [json.loads((p / "meta.json").read_text()) for p in paths] for split, paths in shards.items()}
-    skipped = {k: v for m in metas["train"] for k, v in m["skipped"].items()}
-    reasons = collections.Counter(r.split(":")[0] for r in skipped.values())
+    # [id, reason] per skipped row; a dict in shards of older versions (and bench.py's): one row per id
+    skipped = [(k, v) for m in metas["train"] for k, v in (m["skipped"].items() if isinstance(m["skipped"], dict)
+                                                           else m["skipped"])]
+    reasons = collections.Counter(r.split(":")[0] for _, r in skipped)
     first = next((p for split in shards for p, m in zip(shards[split], metas[split]) if m["count"]), None)
     if first is None:  # no sample in either split (eval only is a set for train.py --eval-data)
-        example = next(iter(skipped.values()), "")
+        example = next((r for _, r in skipped), "")
         discard(out)
         raise SystemExit(f"error: {out}: no sample was prepared; skipped: {dict(reasons)}, e.g. {example!r}; nothing "
                          f"is kept, so a rerun with corrected flags starts afresh")
@@ -426,7 +479,7 @@ def write_index(out, settings, shift=None, scale=None):
                      "shards": [{"path": f"{split}/{p.name}", "count": m["count"]}
                                 for p, m in zip(shards[split], metas[split])]} for split in shards}
     index.update(
-        format=FORMAT, skipped={"count": len(skipped), "by_reason": reasons, "ids": skipped},
+        format=FORMAT, skipped={"count": len(skipped), "by_reason": reasons, "ids": dict(skipped)},  # rows, by id
         captions=sorted(k.removeprefix("caption_") for k in schema
                         if k.startswith("caption_") and not k.endswith("_offsets")),
         schema=schema, latent_norm=None if shift is None else {
@@ -461,7 +514,9 @@ def main(argv=None):
     p.add_argument("--vae-path", help="local copy or other hub id of that VAE (default: the hub id in VAES)")
     p.add_argument("--text-encoder", default="google/t5gemma-2b-2b-ul2", help="T5Gemma hub id or local copy")
     p.add_argument("--max-tokens", type=count, default=256, help="text tokens kept per caption (PRX: 256)")
-    p.add_argument("--resolution", type=count, default=256, help="stored images are R x R centre crops")
+    p.add_argument("--resolution", type=number(int, 1, MAX_RESOLUTION), default=256,
+                   help=f"stored images are R x R centre crops (at most {MAX_RESOLUTION}: PRX trains up to 1024 px; "
+                        f"one {MAX_RESOLUTION} px crop is 48 MiB, a batch of them GBs)")
     p.add_argument("--min-size", type=count, help="skip images whose shorter side is smaller (default R / 2)")
     p.add_argument("--shard-size", type=count, default=4096, help="samples per shard, both splits (~4 GB at 256 px)")
     p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
@@ -472,7 +527,7 @@ def main(argv=None):
                    help="image decoding threads per rank")
     args = p.parse_args(argv)
     for flag, check in (("--captions", lambda: parse_caption_fields(args.captions)),
-                        ("--device", lambda: torch.device(args.device or "cpu"))):
+                        ("--device", lambda: check_device(args.device or "cpu"))):
         try:
             check()
         except (ValueError, RuntimeError) as e:  # torch.device's is a RuntimeError
@@ -489,9 +544,46 @@ def main(argv=None):
     if any(m.is_relative_to(Path(args.out).resolve()) for m in matches):
         p.error(f"argument --source: {args.source} lies inside --out {args.out}, where prepare.py writes and cleans "
                 f"up: choose an --out outside the source")
+    # an --out that cannot be made: refused now, not after minutes of loading the encoders
+    out = Path(args.out).absolute()
+    there = next(d for d in (out, *out.parents) if d.exists())  # the folder it is made in, or itself
+    if not there.is_dir():
+        p.error(f"argument --out: {there} is a file, not a folder: choose another --out")
+    if not os.access(there, os.W_OK | os.X_OK) and not (out / "index.json").exists():  # prepared: nothing to write
+        p.error(f"argument --out: cannot write in {there} (no permission, or a read-only file system): choose a "
+                f"folder you can write to")
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker, as train.py's: stops when torchrun is killed
         die_with_launcher()
-    prepare(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    rank = int(os.environ.get("RANK", 0))
+    ctrl_c = stop_on_ctrl_c(args.out, rank)
+    try:
+        prepare(args, rank, int(os.environ.get("WORLD_SIZE", 1)))
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+
+
+def check_device(name):
+    """torch.device(name), refused (ValueError) unless this machine has it: found at once, not as a RuntimeError
+    after the source was read."""
+    device = torch.device(name)
+    if device.type == "meta":
+        raise ValueError(f"{name}: a device that holds no data, so nothing can be encoded on it: choose cpu or a GPU")
+    module = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+    n = module.device_count() if device.type != "cpu" and getattr(module, "is_available", lambda: False)() else 0
+    if device.type != "cpu" and (device.index or 0) >= n:
+        raise ValueError(f"{name}: this machine has {n} {device.type} device{'' if n == 1 else 's'}: leave --device "
+                         f"out (cuda if there is one, else cpu) or name one it has")
+    return device
+
+
+def stop_on_ctrl_c(out, rank):
+    """Ctrl-C ends the preparation with one line saying how to resume (rank 0; the other ranks exit quietly), as
+    train.py's. -> the handler it replaces, for main to put back (a caller in this process, as the tests, keeps its
+    own)."""
+    def stop(signum, frame):
+        raise SystemExit(f"\nstopped (Ctrl-C); the whole shards in {out} are kept: run the same command again to "
+                         f"resume after the last one" if rank == 0 else 130)
+    return signal.signal(signal.SIGINT, stop)
 
 
 if __name__ == "__main__":

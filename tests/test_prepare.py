@@ -4,6 +4,7 @@ saved to disk (tiny_prepared.py; the `prepared` fixture of conftest.py)."""
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -323,7 +324,8 @@ def test_caption_fields_spec():
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size: must be in [1, inf), got 0"),  # would write an empty dataset
     (["--eval-fraction", "1.5"], "--eval-fraction: must be in [0, 1], got 1.5"),
-    (["--resolution", "-256"], "--resolution: must be in [1, inf), got -256"),
+    (["--resolution", "-256"], "--resolution: must be in [1, 4096], got -256"),
+    (["--resolution", "100000", "--min-size", "1"], "--resolution: must be in [1, 4096], got 100000"),  # MemoryError
     (["--shard-size", "4k"], "--shard-size: expected a whole number, got '4k'"),
     (["--resolution", "36"], "--resolution: the flux VAE encodes 8 x 8 pixel blocks, got 36: choose a multiple of 8, "
                              "e.g. 32"),
@@ -331,7 +333,10 @@ def test_caption_fields_spec():
     (["--resolution", "48", "--vae", "dc-ae"], "--resolution: the dc-ae VAE encodes 32 x 32 pixel blocks, got 48"),
     (["--source", "nowhere/*.tar"], "--source: no file matches nowhere/*.tar"),  # else found after loading models
     (["--captions", "long:txt"], "--captions: 'long:txt': expected name=field pairs"),
-    (["--device", "cpuu"], "--device: Expected one of cpu, cuda")])
+    (["--device", "cpuu"], "--device: Expected one of cpu, cuda"),
+    (["--device", "meta"], "--device: meta: a device that holds no data"),  # left prepare.json behind
+    (["--device", "cuda:99"], "--device: cuda:99: this machine has "),  # a RuntimeError once the source was read
+    (["--source", ""], "--source: an empty value")])
 def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare.main(["--out", str(tmp_path / "out"), "--source", str(tmp_path / "nowhere"), *flags])
@@ -523,7 +528,7 @@ def test_a_source_that_is_not_there_or_holds_no_images_is_named(prepared, tmp_pa
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
     (tmp_path / "captions").mkdir()
     (tmp_path / "captions" / "a.txt").write_text("a red cat")  # captions without their images
-    for source, message in ((tmp_path / "imgs", "no such folder or file here, and datasets cannot open it"),
+    for source, message in ((tmp_path / "imgs", "no such folder or file here, and not a hub dataset id"),
                             (tmp_path / "captions", "a folder with no images .* and no data files")):
         with pytest.raises(SystemExit, match=f"^error: --source {source}: {message}"):
             prepare.main(prepare_argv(tmp_path / "out", source, root / "models"))
@@ -580,12 +585,24 @@ def test_local_models_are_stored_by_absolute_path(prepared, tmp_path, monkeypatc
     assert (settings["vae_path"], settings["text_encoder"]) == (str(root / "models/flux"), str(root / "models/t5gemma"))
 
 
-def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path):
+def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_path, monkeypatch):
+    """Not JSON, not UTF-8, not an object, a folder, no read permission (a refused read: the tests run as root, who
+    may read anything): each sample skipped with its reason, not a traceback that stops the preparation."""
     root, _ = prepared
-    folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png", "rgb03.png", "rgb05.png"))
+    folder = copy_samples(root, tmp_path / "images", ("rgb01.png", "rgb02.png", "rgb03.png", "rgb05.png", "rgb06.png",
+                                                      "rgb07.png"))
     (folder / "rgb01.json").write_text('{"short": "a red')  # cut short
     (folder / "rgb02.txt").write_bytes("café".encode("latin-1"))
     (folder / "rgb03.json").write_text('["a", "red cat"]')  # JSON, but not an object
+    (folder / "rgb06.txt").unlink()
+    (folder / "rgb06.txt").mkdir()
+    read_text = Path.read_text
+
+    def refused(path, *args, **kwargs):
+        if path == folder / "rgb07.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", refused)
     prepare.main(prepare_argv(tmp_path / "out", folder, root / "models", "--captions", "long=txt,short=short",
                               "--eval-fraction", "0"))
     index = json.loads((tmp_path / "out" / "index.json").read_text())
@@ -593,7 +610,9 @@ def test_unreadable_caption_files_are_skipped_and_counted_by_path(prepared, tmp_
     assert {k: v.split(": ")[:3] for k, v in index["skipped"]["ids"].items()} == {
         "rgb01.png": ["unreadable caption file", str(folder / "rgb01.json"), "JSONDecodeError"],
         "rgb02.png": ["unreadable caption file", str(folder / "rgb02.txt"), "UnicodeDecodeError"],
-        "rgb03.png": ["unreadable caption file", str(folder / "rgb03.json"), "TypeError"]}
+        "rgb03.png": ["unreadable caption file", str(folder / "rgb03.json"), "TypeError"],
+        "rgb06.png": ["unreadable caption file", str(folder / "rgb06.txt"), "IsADirectoryError"],
+        "rgb07.png": ["unreadable caption file", str(folder / "rgb07.json"), "PermissionError"]}
 
 
 def test_text_that_is_not_utf8_is_skipped_and_counted(prepared, tmp_path):
@@ -736,3 +755,145 @@ def test_a_torchrun_prepare_worker_dies_with_its_launcher(tmp_path):
     worker = ("import time, prepare; prepare.prepare = lambda *a: (print(True, flush=True), time.sleep(300)); "
               f"prepare.main(['--out', {str(tmp_path / 'out')!r}])")
     assert_dies_with_launcher(worker, env={**os.environ, "TORCHELASTIC_RUN_ID": "none"})  # main set it up, then sleeps
+
+
+def write_parquet(path, ids, seed=0, corrupt=()):
+    """Rows of the default caption fields (llava, prompt), with these ids and 40 x 40 random images (bytes that are no
+    image in the rows of `corrupt`)."""
+    import datasets
+    rng, rows = np.random.default_rng(seed), []
+    for i, sample_id in enumerate(ids):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, "PNG")
+        image = b"not an image" if i in corrupt else png.getvalue()
+        rows.append({"id": sample_id, "image": {"bytes": image, "path": None},
+                     "llava": caption(rng, 8), "prompt": caption(rng, 3)})
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "llava": datasets.Value("string"), "prompt": datasets.Value("string")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+def test_a_source_file_that_cannot_be_read_is_named_before_the_encoders_load(prepared, tmp_path, monkeypatch):
+    """A corrupt or empty parquet file, or a .tar that is no tar: one line naming the source and the file (pyarrow's
+    own error names a '<Buffer>'), before any model loads or any folder is made."""
+    root, _ = prepared
+    write_parquet(tmp_path / "pq" / "train-1.parquet", ["a"])
+    (tmp_path / "pq" / "train-0.parquet").write_bytes(b"not parquet" * 10)  # the first: read for the columns
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train-0.parquet").write_bytes(b"")
+    (tmp_path / "part-0.tar").write_bytes(b"not a tar" * 100)
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    for source, file, flags in ((tmp_path / "pq", tmp_path / "pq" / "train-0.parquet", []),
+                                (tmp_path / "empty" / "*.parquet", tmp_path / "empty" / "train-0.parquet", []),
+                                (tmp_path / "*.tar", tmp_path / "part-0.tar", ["--image-field", "png"])):
+        with pytest.raises(SystemExit, match=f"^error: --source {re.escape(str(source))}: cannot read {file} "
+                                             f"\\((ArrowInvalid|ReadError): .*\\); replace it with a readable copy"):
+            prepare.main(prepare_argv(tmp_path / "out", source, root / "models", *flags))
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_source_file_midway_stops_naming_it_and_a_readable_copy_resumes(prepared, tmp_path):
+    """The third of three parquet files is corrupt: the preparation stops there with one line naming it, the shards
+    of the first two kept; with a readable copy in its place the same command resumes and reads it (without it the
+    source's files differ, refused as before)."""
+    root, _ = prepared
+    for k in range(2):
+        write_parquet(tmp_path / "pq" / f"train-{k}.parquet", [f"f{k}r{i}" for i in range(2)], seed=k)
+    (tmp_path / "pq" / "train-2.parquet").write_bytes(b"not parquet" * 10)
+    argv = prepare_argv(tmp_path / "out", tmp_path / "pq", root / "models", "--eval-fraction", "0", "--shard-size",
+                        "2", "--batch-size", "2")
+    with pytest.raises(SystemExit, match=f"^error: --source {tmp_path / 'pq'}: cannot read "
+                                         f"{tmp_path / 'pq' / 'train-2.parquet'} \\(ArrowInvalid: .*run the same "
+                                         f"command again, which resumes after the last whole shard"):
+        prepare.main(argv)
+    kept = files_of(tmp_path / "out" / "train")
+    assert {str(p.parent) for p in kept} == {"shard-r000-00000", "shard-r000-00001"}
+    write_parquet(tmp_path / "pq" / "train-2.parquet", ["f2r0", "f2r1"], seed=2)
+    prepare.main(argv)
+    assert sorted(stored_samples(tmp_path / "out")) == [f"f{k}r{i}" for k in range(3) for i in range(2)]
+    assert all(files_of(tmp_path / "out" / "train")[p] == b for p, b in kept.items())  # resumed, not redone
+
+
+def test_an_out_that_cannot_be_made_is_refused_before_the_encoders_load(prepared, tmp_path, monkeypatch, capsys):
+    root, _ = prepared
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "out"):  # FileExistsError, NotADirectoryError
+        with pytest.raises(SystemExit):
+            prepare.main(prepare_argv(out, root / "pq", root / "models"))
+        assert f"argument --out: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "locked").mkdir()  # os.access refused, as for a user without write permission (root has it)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: Path(path) != tmp_path / "locked" and
+                        access(path, mode, **k))
+    with pytest.raises(SystemExit):  # a PermissionError
+        prepare.main(prepare_argv(tmp_path / "locked" / "data" / "out", root / "pq", root / "models"))
+    assert f"argument --out: cannot write in {tmp_path / 'locked'} (no permission" in capsys.readouterr().err
+    assert not list((tmp_path / "locked").iterdir())
+
+
+def test_a_source_that_is_no_folder_nor_hub_id_or_a_single_image_is_named(prepared, tmp_path, monkeypatch):
+    """A glob of images, a path with a quoted ~, words: no folder and no hub id (huggingface_hub's HFValidationError
+    traceback); one image file: its folder is the source (datasets went looking on the hub)."""
+    root, _ = prepared
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    monkeypatch.chdir(root)
+    for source, message in (("images/*.png", r"no such folder or file here, and not a hub dataset id \(namespace/"
+                                              r"name\).*; a glob names .parquet or .tar files"),
+                            ("~/nothing", "no such folder.* ~ is expanded by the shell only at the start of a word"),
+                            ("a b c", "no such folder or file here, and not a hub dataset id"),
+                            (str(root / "images" / "rgb01.png"), "a single image; pass the folder that holds it")):
+        with pytest.raises(SystemExit, match=f"^error: --source {re.escape(source)}: {message}"):
+            prepare.main(prepare_argv(tmp_path / "out", source, root / "models"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_skipped_row_is_counted_even_under_one_id(prepared, tmp_path):
+    """Three corrupt rows of one id are three skipped samples (index.json's ids names the id once). Good rows of one
+    id (a repeated row of a dataset) are both kept, in one split, as duplicate images without an id are."""
+    root, _ = prepared
+    write_parquet(tmp_path / "pq" / "train-0.parquet", ["same", "same", "a", "same", "twin", "twin", "b"], seed=3,
+                  corrupt=(0, 1, 3))
+    write_parquet(tmp_path / "pq" / "train-1.parquet", ["same", "c"], seed=4, corrupt=(0,))  # in another shard
+    prepare.main(prepare_argv(tmp_path / "out", tmp_path / "pq", root / "models", "--eval-fraction", "0.5",
+                              "--shard-size", "2", "--batch-size", "2"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["skipped"]["count"] == 4 and index["skipped"]["by_reason"] == {"undecodable image": 4}
+    assert list(index["skipped"]["ids"]) == ["same"]
+    assert index["train"]["count"] + index["eval"]["count"] == 5  # a, twin, twin, b, c
+    twins = [split for split in ("train", "eval") for p in (tmp_path / "out" / split).glob("shard-*")
+             for r in range(json.loads((p / "meta.json").read_text())["count"])
+             if data.Shard(p).string("id", r) == "twin"]
+    assert len(twins) == 2 and len(set(twins)) == 1
+
+
+def test_a_folder_of_the_source_that_cannot_be_read_is_refused(prepared, tmp_path, monkeypatch):
+    """A subfolder without read permission: refused by name (Path.rglob leaves it out without a word, and its images
+    would be missing unseen); a source folder without it is unreadable, not 'a folder with no images'. Tested by a
+    refused listing: the tests run as root, who may read anything."""
+    root, _ = prepared
+    folder = copy_samples(root, tmp_path / "images")
+    copy_samples(root, folder / "sub", ("rgb03.png",))
+    monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
+    scandir = os.scandir
+    for locked in (folder / "sub", folder):
+        def refused(path=".", locked=locked):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return scandir(path)
+        monkeypatch.setattr(os, "scandir", refused)
+        with pytest.raises(SystemExit, match=f"^error: --source {folder}: cannot read the folder {locked} "
+                                             f"\\(PermissionError\\): make it readable, or move it out of the source"):
+            prepare.main(prepare_argv(tmp_path / "out", folder, root / "models", "--captions", "long=txt"))
+        assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
+    """As train.py's: no KeyboardInterrupt traceback, and the way on (the whole shards are kept)."""
+    stop = ("import os, signal, prepare; prepare.prepare = lambda *a: os.kill(os.getpid(), signal.SIGINT); "
+            f"prepare.main(['--out', {str(tmp_path / 'out')!r}, '--source', {str(tmp_path)!r}])")
+    run = subprocess.run([sys.executable, "-c", stop], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 1 and run.stderr.strip() == f"stopped (Ctrl-C); the whole shards in {tmp_path / 'out'} " \
+        f"are kept: run the same command again to resume after the last one"
