@@ -634,6 +634,16 @@ def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):
         raise SystemExit(f"error: {prefix}: {e}" if prefix else f"error: {e}")
 
 
+def stop_on_signals(message, master):
+    """Ctrl-C, or a SIGTERM (kill, a scheduler's time limit), ends the command with one line: `message()` on rank 0,
+    where to resume; the other ranks exit quietly. -> {signal: the handler it replaces}, for the caller to put back (a
+    caller in this process, as the tests, keeps its own)."""
+    def stop(signum, frame):
+        why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        raise SystemExit(f"\nstopped ({why}); {message()}" if master else 128 + signum)
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's, but under torchrun rank 0 alone prints an argument error (every rank parses the same flags); the
     other ranks exit with its status, quietly. Under torchrun they first wait for rank 0 to print and exit, whereupon

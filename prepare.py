@@ -42,8 +42,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, exit_on, \
-    fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, number, quiet_transformers, whole, \
-    write_whole
+    fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, number, quiet_transformers, \
+    stop_on_signals, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_RESOLUTION = 4096
@@ -555,11 +555,13 @@ def main(argv=None):
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker, as train.py's: stops when torchrun is killed
         die_with_launcher()
     rank = int(os.environ.get("RANK", 0))
-    ctrl_c = stop_on_ctrl_c(args.out, rank)
+    handlers = stop_on_signals(lambda: f"the whole shards in {args.out} are kept: run the same command again to "
+                                       f"resume after the last one", rank == 0)
     try:
         prepare(args, rank, int(os.environ.get("WORLD_SIZE", 1)))
     finally:
-        signal.signal(signal.SIGINT, ctrl_c)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def check_device(name):
@@ -574,16 +576,6 @@ def check_device(name):
         raise ValueError(f"{name}: this machine has {n} {device.type} device{'' if n == 1 else 's'}: leave --device "
                          f"out (cuda if there is one, else cpu) or name one it has")
     return device
-
-
-def stop_on_ctrl_c(out, rank):
-    """Ctrl-C ends the preparation with one line saying how to resume (rank 0; the other ranks exit quietly), as
-    train.py's. -> the handler it replaces, for main to put back (a caller in this process, as the tests, keeps its
-    own)."""
-    def stop(signum, frame):
-        raise SystemExit(f"\nstopped (Ctrl-C); the whole shards in {out} are kept: run the same command again to "
-                         f"resume after the last one" if rank == 0 else 130)
-    return signal.signal(signal.SIGINT, stop)
 
 
 if __name__ == "__main__":

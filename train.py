@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, \
     heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, \
-    read_index, space_differences, write_whole
+    read_index, space_differences, stop_on_signals, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
@@ -1238,16 +1238,6 @@ def where_to_resume(run):
         f"no checkpoint was written: delete {run} (or choose another --out) and start again"
 
 
-def stop_on_ctrl_c(out, master):
-    """Ctrl-C, or a SIGTERM (kill, a scheduler's time limit), ends the run saying where to resume from (rank 0; the
-    other ranks exit quietly). -> {signal: the handler it replaces}, for main to put back (a caller in this process,
-    as the tests, keeps its own)."""
-    def stop(signum, frame):
-        why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        raise SystemExit(f"\nstopped ({why}); {where_to_resume(out)}" if master else 128 + signum)
-    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
 def weight_files(args):
     """The sha256 of each local weights file the run loads (the built-in REPA teacher's, or a flag's), by flag: a
     record's logs name the networks it trained with (verify.py checks the built-in teacher's against its commit)."""
@@ -1369,7 +1359,7 @@ def main(argv=None):
         trainee.model = compile_model(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
-    ctrl_c = stop_on_ctrl_c(out, master)
+    handlers = stop_on_signals(lambda: where_to_resume(out), master)  # Ctrl-C, SIGTERM
 
     if args.compile:  # also on resume: the first steps would compile on the clock
         breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
@@ -1428,7 +1418,7 @@ def main(argv=None):
                                  f"{where_to_resume(out)} (lower --lr or raise --warmup)")
             step_log(step, loss_value, norm, lr, txt_len, train_time, max_time)
 
-    for sig, handler in ctrl_c.items():
+    for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if world > 1:
         dist.destroy_process_group()

@@ -547,7 +547,7 @@ def test_a_new_run_folder_is_made_by_one_run(tmp_path, monkeypatch):
 def test_ctrl_c_or_sigterm_says_where_to_resume(finished_run, master, sig, name):
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert train.stop_on_ctrl_c(str(finished_run), master) == previous  # main puts them back
+        assert train.stop_on_signals(lambda: train.where_to_resume(str(finished_run)), master) == previous
         with pytest.raises(SystemExit) as stopped:
             signal.raise_signal(sig)
     finally:
@@ -598,10 +598,13 @@ def test_evaluations_come_once_each_across_a_resume(tmp_path):
 
 def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
     handler, term, installed, install = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), [], \
-        train.stop_on_ctrl_c
-    monkeypatch.setattr(train, "stop_on_ctrl_c", lambda *a: installed.append(a) or install(*a))
+        train.stop_on_signals
+    monkeypatch.setattr(train, "stop_on_signals", lambda *a: installed.append(a) or install(*a))
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
-    assert installed == [(str(tmp_path / "r"), True)] and signal.getsignal(signal.SIGINT) is handler  # put back
+    assert [(message(), master) for message, master in installed] == [
+        (f"the last checkpoint is {list_checkpoints(tmp_path / 'r')[-1]}: continue with --resume --out "
+         f"{tmp_path / 'r'}", True)]
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
     assert signal.getsignal(signal.SIGTERM) is term
     assert (tmp_path / "r" / ".lock").read_text().endswith(f" pid {os.getpid()}\n")  # the new folder's lock
     console = capsys.readouterr().out
