@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,9 @@ def bench_muon(args):
 # ----------------------------------------------------------------------------------------------------------
 # loader: ShardLoader against HuggingFace datasets
 
+SYNTHETIC_BYTES = 16 * 32 * 32 * 2 + 120 * 2304 * 2  # a synthetic sample's latent and mean text, bf16 (write_synthetic)
+
+
 def write_synthetic(root, samples, images=False, quiet=False):
     """A prepared directory of realistic 256 px sizes, in shards of 1024: a 16x32x32 bf16 latent and 60..180 (mean
     120) text tokens of 2304 bf16 values per sample; images: also the 3x256x256 uint8 image a REPA teacher reads.
@@ -212,8 +216,14 @@ def bench_loader(args):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for the process, reader thread included
     torch.set_num_threads(1)
     root, B = Path(args.dir), args.batch
-    if not (root / "index.json").exists():
-        write_synthetic(root, args.samples)
+    if not (root / "index.json").exists():  # main checked: a new or empty folder, room for it
+        new = [p for p in (root.absolute(), *root.absolute().parents) if not p.exists()]  # the folders to make
+        try:
+            write_synthetic(root, args.samples)
+        except BaseException:  # a full disk, ^C: the part written goes (a rerun would refuse a folder holding it)
+            for p in new[-1:] or list(root.iterdir()):  # the topmost folder made, or what went into the empty one
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)  # missing: it failed before writing
+            raise
     ds = PreparedDataset(root)
     caption = ds.index["captions"][0]
     field, schema, steps = "txt_" + caption, ds.index["schema"], len(ds) // B
@@ -687,7 +697,7 @@ def main(argv=None):
     p.add_argument("--steps", type=count, default=3, help="timed steps after 1 warm-up (median reported)")
     p.set_defaults(run=bench_muon)
     p = sub.add_parser("loader", help="ShardLoader samples/s on one core against HuggingFace datasets")
-    p.add_argument("dir", help="a prepared directory, or where to write a synthetic one")
+    p.add_argument("dir", help="a prepared directory, or a new or empty one to write a synthetic dataset into")
     p.add_argument("--samples", type=count, default=5000, help="samples of the synthetic dataset")
     p.add_argument("--batch", type=count, default=32)
     p.set_defaults(run=bench_loader)
@@ -720,7 +730,7 @@ def main(argv=None):
                      f"--min-len {args.min_len} <= --max-len {args.max_len} <= --txt-tokens {args.txt_tokens}")
     if args.command == "model" and args.compile and not args.warmup:
         parser.error("bench.py model --compile: the first call compiles; pass --warmup 1 or more (untimed)")
-    if getattr(args, "preset", None):
+    if getattr(args, "preset", None) is not None:  # "" too: an unknown preset
         try:
             depth = preset_config(args.preset).depth
         except ValueError as e:
@@ -728,7 +738,21 @@ def main(argv=None):
         if args.command == "muon" and args.blocks > depth:
             parser.error(f"bench.py muon: --blocks {args.blocks} is more than the {depth} blocks of {args.preset}")
     if args.command == "loader":  # a prepared DIR's samples, or the synthetic one's: at least one batch
-        n = len(PreparedDataset(args.dir)) if os.path.exists(os.path.join(args.dir, "index.json")) else args.samples
+        root = Path(args.dir).absolute()
+        above = next(p for p in (root, *root.parents) if p.exists())  # DIR, or the folder it would be made in
+        if (root / "index.json").exists():
+            n = len(PreparedDataset(root))
+        elif not above.is_dir() or above == root and any(root.iterdir()):  # the user's files, a half-prepared DIR
+            what = f"{above} is a file" if not above.is_dir() else \
+                "holds files but no index.json (not a prepared folder, or one prepare.py has not finished)"
+            parser.error(f"bench.py loader: DIR {args.dir}: {what}; give a prepared folder, or a new or empty one for "
+                         f"the synthetic dataset")
+        else:  # the synthetic shards, then datasets' copy of them: about twice their size
+            n, need, free = args.samples, 2 * args.samples * SYNTHETIC_BYTES, shutil.disk_usage(above).free
+            if need > free:
+                parser.error(f"bench.py loader: --samples {args.samples} needs about {need / 2**30:.1f} GiB in "
+                             f"{above}, which has {free / 2**30:.1f} GiB free; pass --samples "
+                             f"{free // (2 * SYNTHETIC_BYTES)} or fewer")
         if n < args.batch:
             parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))

@@ -489,15 +489,33 @@ def load_teacher(path=TEACHER_FILE):
     return teacher.eval().requires_grad_(False)
 
 
+def whole(low, high=math.inf):
+    """An argparse type: a whole number in [low, high], as data.number's (data.py imports shapes.py, not back)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}{']' if high < math.inf else ')'}, got {text}")
+        return value
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.")
     parser.add_argument("command", choices=["teacher"])
     parser.add_argument("--out", default=TEACHER_FILE)
-    parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
-    parser.add_argument("--seed", type=int, default=TEACHER_SEED)
+    parser.add_argument("--steps", type=whole(1), default=TEACHER_STEPS)
+    parser.add_argument("--seed", type=whole(0, 2**64 - 1), default=TEACHER_SEED)  # torch.manual_seed's range
     args = parser.parse_args(argv)
     if os.path.exists(args.out):  # the committed teacher by default: records name its sha256
         parser.error(f"--out {args.out} exists; pass --out NEW.safetensors, or delete it first to remake it")
+    if not args.out:  # as data.Parser's: `--out "$OUT"` with OUT unset
+        parser.error("argument --out: an empty value (an unset shell variable?): give one, or leave the flag out")
+    if not os.path.isdir(os.path.dirname(args.out) or "."):  # before the minute of training, not after it
+        parser.error(f"--out {args.out}: no folder {os.path.dirname(args.out)} to write it in; make it first, or pass "
+                     f"--out NEW.safetensors in a folder that exists")
     teacher, _ = train_teacher(args.steps, args.seed)
     save_file(teacher.state_dict(), args.out + ".tmp")  # atomic: a killed run leaves no half-written teacher
     os.replace(args.out + ".tmp", args.out)

@@ -49,11 +49,23 @@ NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
   die 2 "NAME=$NAME: letters, digits, '.', '_' and '-' only (it names the record's folder)"
 FOLDER=$RECORDS/$(date +%F)_$NAME
 DATA=data/mj  # train.SPEEDRUN_DATA, prepared by train.SPEEDRUN_PREPARE
+for var in RECORDS RUNS_DIR; do  # a folder, or one to make, to write in: found now, not after the runs (made then)
+  above=${!var}
+  while [ ! -e "$above" ] && [ ! -L "$above" ] && [ "$above" != "$(dirname "$above")" ]; do
+    above=$(dirname "$above")
+  done
+  [ -d "$above" ] && [ -w "$above" ] ||
+    die 1 "$var=${!var}: $above is not a folder you can write in; set $var to a folder, or one to make"
+done
 [ ! -e "$FOLDER" ] || die 1 "$FOLDER exists; choose another NAME"
-if compgen -G "$RUNS_DIR/$NAME-[0-9]*" > /dev/null || compgen -G "$RUNS_DIR/$NAME-beside-[0-9]*" > /dev/null ||
-   [ -e "$RUNS_DIR/$NAME-code" ] || [ -e "$RUNS_DIR/$NAME-beside-code" ]; then
-  die 1 "NAME=$NAME: $RUNS_DIR/$NAME-* exist (an earlier attempt's runs, whose --out train.py would refuse, or its" \
-        "code: git worktree remove --force <it>); choose another NAME or remove them"
+mapfile -t LEFT < <(for left in "$NAME-[0-9]*" "$NAME-beside-[0-9]*" "$NAME-code" "$NAME-beside-code"; do
+                      compgen -G "$RUNS_DIR/$left" || true  # none: on to the next (set -e holds in here)
+                    done)
+if [ ${#LEFT[@]} -gt 0 ]; then  # kept: a run folder train.py would refuse, a console that says why a run failed
+  SHOWN=${LEFT[*]:0:3}; [ ${#LEFT[@]} -le 3 ] || SHOWN+=" and $((${#LEFT[@]} - 3)) more"
+  die 1 "NAME=$NAME: an earlier attempt's files are there: $SHOWN (runs, which train.py would not overwrite;" \
+        "*.out, their consoles, which say why a run failed; *-code, its code: git worktree remove --force <it>);" \
+        "choose another NAME, or move what you need and remove them"
 fi
 python -c "import torch" 2> /dev/null ||  # else each run fails at its first line, after the snapshot is taken
   die 1 "$(command -v python || echo python) cannot import torch: activate the environment of README's Install"
@@ -73,6 +85,9 @@ if [ "$KIND" = record ] && [ -z "$target" ]; then
 fi
 if [ -n "$STOP" ] && ! [[ $STOP =~ ^[-+]?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then
   die 2 "STOP=$STOP: a number ($metric's value at which each run stops)"
+fi
+if [ -n "${EVERY:-}" ] && ! [[ $EVERY =~ ^0*[1-9][0-9]*$ ]]; then  # else each run would refuse it, after the start
+  die 2 "EVERY=$EVERY: a whole number of steps above 0 (training steps between the small evaluations)"
 fi
 if [ "$KIND" = record ] && ! awk -v stop="$STOP" -v target="$target" -v lower="$lower" \
     'BEGIN { exit !(stop + 0 == stop && (lower ? stop <= target : stop >= target)) }'; then
@@ -96,9 +111,10 @@ esac
 
 PARALLEL=2; [[ $TRACK != *gpu ]] || PARALLEL=1  # CPU runs go in pairs, as calibrated; GPU runs one at a time
 RUNS=${RUNS:-$(( (runs + PARALLEL - 1) / PARALLEL * PARALLEL ))}  # the minimum, in whole pairs
-if ! [[ $RUNS =~ ^[0-9]+$ ]] || [ "$RUNS" -lt "$runs" ]; then
+if ! [[ $RUNS =~ ^[0-9]+$ ]] || [ $((10#$RUNS)) -lt "$runs" ]; then
   die 1 "RUNS=$RUNS: the $TRACK track's rules need at least $runs runs"
 fi
+RUNS=$((10#$RUNS))  # decimal: bash's arithmetic reads 010 as octal 8, and 08 not at all
 [ $((RUNS % PARALLEL)) -eq 0 ] ||
   die 1 "RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it"
 git diff --quiet HEAD -- shapes_teacher.safetensors ||  # verify.py checks the teacher against the commit

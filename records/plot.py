@@ -9,6 +9,7 @@ between its evaluations (evaluation time excluded, as on GPU); "not reached" whe
 """
 import argparse
 import json
+import math
 import os
 import statistics
 
@@ -80,16 +81,26 @@ def plot(groups, metric, target, path):
     img.save(path)
 
 
+def finite(text):
+    """--target's type: nan is never reached, inf never or always."""
+    value = float(text)  # not a number: argparse's "invalid finite value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("groups", nargs="+", help="name=run,run,... (the run folders of one configuration's seeds)")
     p.add_argument("--metric", default="object_accuracy", help="an evaluation key of metrics.jsonl")
-    p.add_argument("--target", type=float, help="print each run's training minutes to this value")
+    p.add_argument("--target", type=finite, help="print each run's training minutes to this value")
     p.add_argument("--out", help="the PNG to write")
     args = p.parse_args()
-    if args.out and (os.path.exists(args.out) or not args.out.lower().endswith(".png")):
+    if args.out is not None and (os.path.exists(args.out) or not args.out.lower().endswith(".png")):  # "" too
         p.error(f"--out {args.out}: " + ("exists; write another file" if os.path.exists(args.out) else
                                          "must end in .png"))
+    if args.out and not os.path.isdir(os.path.dirname(args.out) or "."):  # before the work, not after it
+        p.error(f"--out {args.out}: no folder {os.path.dirname(args.out)} to write it in; make it first")
     groups = {}
     for group in args.groups:
         name, _, runs = group.partition("=")  # a name has no "=", a run folder may (runs/lr=1e-3)

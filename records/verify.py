@@ -6,7 +6,7 @@ the same for the runs beside it (beside/: the configuration it replaces, on its 
 otherwise.
 
     python records/verify.py records/<date>_<name>                              # check a record
-    python records/verify.py --write --track cpu --what "..." records/<folder>  # speedrun.sh: results block, check
+    python records/verify.py --write --track cpu --what "..." records/<folder>  # speedrun.sh: check, then results block
     python records/verify.py --protocol cpu                                     # speedrun.sh: the track's protocol
 """
 import argparse
@@ -561,16 +561,18 @@ def first_difference(readme, logs):
     return "README's results block differs from the logs' (line endings)"
 
 
-def verify(folder):
-    """-> the problems of a record folder: empty when it follows the rules."""
-    text = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
-    block = readme_block(text)
-    kind = KIND.search(block or "")
-    if not kind or kind[1] not in TRACKS or kind[2] not in KINDS:
-        return [f"{folder}/README.md: no results block naming a track of {sorted(TRACKS)} and a kind of {KINDS} "
-                f"(records/RULES.md)"]
-    track, kind = kind[1], kind[2]
+def verify(folder, text=None):
+    """-> the problems of a record folder: empty when it follows the rules. text: its README's, in place of the
+    file's (--write checks the README it would write)."""
     try:
+        if text is None:
+            text = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
+        block = readme_block(text)
+        kind = KIND.search(block or "")
+        if not kind or kind[1] not in TRACKS or kind[2] not in KINDS:
+            return [f"{folder}/README.md: no results block naming a track of {sorted(TRACKS)} and a kind of {KINDS} "
+                    f"(records/RULES.md)"]
+        track, kind = kind[1], kind[2]
         runs = load_runs(folder)
         if not runs:
             return [f"{folder}: no log_<k>.txt"]
@@ -585,30 +587,64 @@ def verify(folder):
         expected = results_block(runs, track, kind, beside)
         problems += [first_difference(block, expected)] if block != expected else []
         return problems + check_record(runs, track, kind)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:  # a log in another layout
-        return [f"{folder}: not the log layout of records/RULES.md: {type(e).__name__} {e}"]
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, OSError) as e:  # a log in another layout, or
+        return [unreadable(folder, e)]  # unreadable
+
+
+def unreadable(folder, e):
+    """The problem of a log or README in another layout, or that cannot be read (a folder in its place, no right)."""
+    if isinstance(e, OSError):
+        return f"{e.filename or folder}: cannot be read: {e.strerror or e}"
+    return f"{folder}: not the log layout of records/RULES.md: {type(e).__name__} {e}"
 
 
 def carry_sources(runs, folder):
-    """Sources that differ from the commit named in the log go into the folder, so that the record shows them."""
+    """Sources that differ from the commit named in the log go into the folder, so that the record shows them.
+    -> the files written."""
+    written = []
     for r in runs:
         committed = committed_sources(r["config"].get("git_commit", ""))
         for name, text in r["sources"].items():
             if text != committed.get(name) and not (folder / name).exists():
                 (folder / name).write_text(text)
+                written.append(folder / name)
+    return written
 
 
-def write(folder, track, kind, what, command):
-    """Write (or refresh) the README's results block from the logs; a new README gets a title, what changed and the
-    command."""
-    runs, beside = load_runs(folder), load_runs(folder / "beside")
-    carry_sources(runs, folder)
-    carry_sources(beside, folder / "beside")
+def new_readme(folder, runs, beside, track, kind, what, command):
+    """The README with its results block from the logs; a new README gets a title, what changed and the command."""
     readme = folder / "README.md"
     text = readme.read_text() if readme.exists() else \
         f"# {folder.name}\n\nWhat changed: {what}\n\n    {command}\n\n{BEGIN}\n{END}\n"
     old, block = readme_block(text), results_block(runs, track, kind, beside)
-    readme.write_text(text.replace(old, block) if old else text + "\n" + block + "\n")
+    return text.replace(old, block) if old else text + "\n" + block + "\n"
+
+
+def write(folder, track, kind, what, command):
+    """Write (or refresh) the README's results block from the logs, unchecked (verified_write checks it first)."""
+    runs, beside = load_runs(folder), load_runs(folder / "beside")
+    carry_sources(runs, folder)
+    carry_sources(beside, folder / "beside")
+    (folder / "README.md").write_text(new_readme(folder, runs, beside, track, kind, what, command))
+
+
+def verified_write(folder, track, kind, what, command):
+    """write's README, verified before it is written -> its problems; where there are any, nothing is written (a
+    README's valid results block stays as it was, the sources carried for the check go)."""
+    try:
+        runs, beside = load_runs(folder), load_runs(folder / "beside")
+        if not runs:
+            return [f"{folder}: no log_<k>.txt"]
+        text = new_readme(folder, runs, beside, track, kind, what, command)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, OSError) as e:
+        return [unreadable(folder, e)]
+    carried = carry_sources(runs, folder) + carry_sources(beside, folder / "beside")  # the copies check_sources reads
+    if problems := verify(folder, text):
+        for path in carried:
+            path.unlink()
+    else:
+        (folder / "README.md").write_text(text)
+    return problems
 
 
 def protocol(track):
@@ -625,7 +661,8 @@ def main(argv=None):
     p.add_argument("--protocol", choices=sorted(TRACKS), help="print the track's protocol as shell variables")
     p.add_argument("--commit", action="store_true", help="print the commit the folder's runs trained at (speedrun.sh "
                    "runs a record's configuration there, beside a candidate)")
-    p.add_argument("--write", action="store_true", help="write the README's results block first (speedrun.sh)")
+    p.add_argument("--write", action="store_true", help="write the README's results block, where the folder then "
+                   "passes (speedrun.sh)")
     p.add_argument("--track", choices=sorted(TRACKS), help="with --write: the record's track")
     p.add_argument("--kind", choices=KINDS, default="record", help="with --write")
     p.add_argument("--what", default="(say what changed)", help="with --write, for a new README")
@@ -639,15 +676,17 @@ def main(argv=None):
     if not args.folder.is_dir():
         p.error(f"{args.folder}: no such folder (a record folder: records/<date>_<name>)")
     if args.commit:
-        commits = {r["config"].get("git_commit") for r in load_runs(args.folder)}
+        try:
+            commits = {r["config"].get("git_commit") for r in load_runs(args.folder)}
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            p.error(unreadable(args.folder, e))
         if len(commits) != 1 or None in commits:
             p.error(f"{args.folder}: needs the logs (log_<k>.txt) of runs at one commit; its logs name "
                     f"{sorted(map(str, commits)) or 'none'}")
         print(commits.pop())
         return
-    if args.write:
-        write(args.folder, args.track, args.kind, args.what, args.command)
-    if problems := verify(args.folder):
+    if problems := verified_write(args.folder, args.track, args.kind, args.what, args.command) if args.write else \
+            verify(args.folder):
         print("\n".join(f"FAIL {problem}" for problem in problems))
         sys.exit(1)
     header = readme_block((args.folder / "README.md").read_text()).splitlines()[1]

@@ -136,6 +136,39 @@ def test_loader_figures(tmp_path, capsys, monkeypatch, clock):
     assert 110 <= tokens <= 130  # write_synthetic's realistic captions: 60 to 180 tokens, mean 120
 
 
+def test_loader_writes_its_synthetic_dataset_only_into_a_new_or_empty_folder(tmp_path, capsys, monkeypatch):
+    """A folder of the user's files or a half-prepared one (no index.json yet) is refused before any work, as a file
+    is; a write that fails takes the part written with it, the folders it made too; no room: refused."""
+    (tmp_path / "half" / "train").mkdir(parents=True)  # prepare.py's shards, before its index.json
+    (tmp_path / "half" / "null_txt.npy").write_bytes(b"the user's")
+    (tmp_path / "file").write_text("the user's")
+    for argv, message in (([str(tmp_path / "half")], "holds files but no index.json"),
+                          ([str(tmp_path / "file")], f"{tmp_path / 'file'} is a file"),
+                          ([str(tmp_path / "file" / "x")], f"{tmp_path / 'file'} is a file")):
+        with pytest.raises(SystemExit):
+            bench.main(["loader", *argv, "--samples", "16", "--batch", "16"])
+        captured = capsys.readouterr()
+        assert message in captured.err and "bench " not in captured.out, captured.err
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["null_txt.npy", "train"]
+    assert (tmp_path / "half" / "null_txt.npy").read_bytes() == b"the user's"
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)  # in process: the pytest worker stays as is
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bench, "write_index", full)  # after the shards and null_txt.npy
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "new" / "er", tmp_path / "empty"):
+        with pytest.raises(OSError, match="No space left"):
+            bench.main(["loader", str(folder), "--samples", "16", "--batch", "16"])
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: bench.shutil._ntuple_diskusage(10**12, 0, 10**9))
+    with pytest.raises(SystemExit):
+        bench.main(["loader", str(tmp_path / "empty"), "--samples", "5000"])
+    err = capsys.readouterr().err
+    assert "--samples 5000 needs about 5.5 GiB in " in err and "0.9 GiB free; pass --samples 853 or fewer" in err, err
+
+
 def test_eval(capsys, monkeypatch, clock):
     # CLIP and DINOv2 shrunk to one small layer (Inception has no smaller form); sampling with the tiny pixel model
     monkeypatch.setattr(bench, "CLIP_CONFIG", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -353,6 +386,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     (["muon", "--steps", "0"], "argument --steps: must be in [1, inf), got 0"),
     (["eval", "--warmup", "-1"], "argument --warmup: must be in [0, inf), got -1"),
     (["model", "--preset", "tinny"], "--preset: unknown preset 'tinny'"),
+    (["muon", "--preset", ""], "--preset: unknown preset ''"),
     (["model", "--compile", "--warmup", "0"], "the first call compiles; pass --warmup 1 or more"),
     (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
     (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples")])

@@ -532,6 +532,22 @@ def test_teacher_command_overwrites_no_file(tmp_path, monkeypatch):
     assert load_file(tmp_path / "t.safetensors").keys() == load_file(shapes.TEACHER_FILE).keys()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be in [1, inf), got 0"),  # an untrained teacher
+    (["--steps", "-5"], "argument --steps: must be in [1, inf), got -5"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 18446744073709551615], got -1"),
+    (["--seed", str(2**64)], f"argument --seed: must be in [0, 18446744073709551615], got {2**64}"),
+    (["--out", ""], "argument --out: an empty value"),
+    (["--out", "/nonexistent/t.safetensors"], "--out /nonexistent/t.safetensors: no folder /nonexistent to write it")])
+def test_teacher_command_refuses_bad_flags_before_training(argv, message, tmp_path, monkeypatch, capsys):
+    import shapes
+    monkeypatch.chdir(tmp_path)  # where `--out ""` left its '.tmp'
+    monkeypatch.setattr(shapes, "train_teacher", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit):
+        shapes.main(["teacher", *argv])
+    assert message in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
 def test_token_labels_follow_the_objects():
     import shapes
     scene = shapes.Scene("gray", [shapes.SceneObject("red", "square", "large", "top left", 0.25, 0.25)])

@@ -335,6 +335,58 @@ def test_a_folder_in_another_layout_fails():
     assert len(problems) == 1 and "README.md: no results block naming a track" in problems[0]
 
 
+def test_an_unreadable_log_or_readme_leaves_its_record_out_and_fails_it_in_one_line(record, monkeypatch, capsys):
+    """A log that is a folder, a README no one may read: a reason (verify.py's FAIL, leaderboard.py's "left out"),
+    not a traceback that takes the whole board with it."""
+    broken = record.parent / "2026-12-03_broken"
+    shutil.copytree(record, broken)
+    (broken / "log_3.txt").unlink()
+    (broken / "log_3.txt").mkdir()
+    assert verify.verify(broken) == [f"{broken / 'log_3.txt'}: cannot be read: Is a directory"]
+    with pytest.raises(SystemExit):
+        verify.main([str(broken)])
+    assert capsys.readouterr().out == f"FAIL {broken / 'log_3.txt'}: cannot be read: Is a directory\n"
+    assert [e["folder"] for e in leaderboard.entries(record.parent)] == [record]
+    assert f"left out {broken.name}: {broken / 'log_3.txt'}: cannot be read: Is a directory" in capsys.readouterr().err
+    read_text = Path.read_text
+
+    def forbidden(path, *args, **kwargs):  # as root, chmod would not stop the read
+        if path == broken / "README.md":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", forbidden)
+    assert [e["folder"] for e in leaderboard.entries(record.parent)] == [record]
+    assert f"left out {broken.name}: {broken / 'README.md'}: cannot be read: Permission denied" in \
+        capsys.readouterr().err
+    assert verify.verify(broken) == [f"{broken / 'README.md'}: cannot be read: Permission denied"]
+
+
+def test_write_verifies_first_and_writes_nothing_that_fails(record, tmp_path, capsys):
+    """verify.py --write with the wrong --track or a log missing leaves a valid results block as it was; a new folder
+    gets its README and the sources its logs carry only when it passes."""
+    before = (record / "README.md").read_text()
+    (record / "log_3.txt").rename(tmp_path / "log_3.txt")
+    for track, message in (("smoke", "log_0.txt: eval samples is 1024, the rules say 8"),
+                           ("cpu", "the folder holds 3 runs, whose logs say their attempt made [4, 4, 4]")):
+        with pytest.raises(SystemExit):
+            verify.main(["--write", "--track", track, str(record)])
+        out = capsys.readouterr().out
+        assert message in out, out
+        assert (record / "README.md").read_text() == before
+    (tmp_path / "log_3.txt").rename(record / "log_3.txt")
+    for log in record.glob("log_*.txt"):  # every run's train.py differs from the commit's: verify.write carries it
+        edit(log, "One file, one loop;", "One file, one loop (edited);", after="=== train.py")
+    (record / "README.md").unlink()
+    with pytest.raises(SystemExit):
+        verify.main(["--write", "--track", "smoke", str(record)])
+    assert "FAIL " in capsys.readouterr().out and sorted(p.name for p in record.iterdir() if p.is_file()) == \
+        [f"log_{k}.txt" for k in range(4)]
+    verify.main(["--write", "--track", "cpu", "--what", "synthetic record", "--command", "bash speedrun.sh --track cpu",
+                 str(record)])
+    assert capsys.readouterr().out.startswith("ok ") and "(edited)" in (record / "train.py").read_text()
+    assert (record / "README.md").read_text().split(verify.BEGIN)[1] == before.split(verify.BEGIN)[1]
+
+
 def test_a_record_that_misses_the_target_or_shares_seeds_fails(tmp_path, cpu_target, capsys):
     slow = make_record(tmp_path / "slow", {0: (20.0, 0.29), 1: (21.0, 0.30), 2: (22.0, 0.28), 3: (21.0, 0.29)})
     assert any(p.startswith("not a record: object_accuracy mean 0.2900") for p in verify.verify(slow))
@@ -685,6 +737,41 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
     assert r.returncode == 1 and "shapes_teacher.safetensors differs from HEAD's: commit" in r.stderr, r.stderr
 
 
+STUB_QUICK = """import os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out)
+open(os.path.join(out, "log.txt"), "w").write("a stub's log\\n")
+"""
+
+
+def test_bad_every_or_records_are_refused_before_any_run_and_runs_is_decimal(tmp_path):
+    """EVERY is checked as STOP is, RECORDS (a file here) before the runs, not at their end; RUNS=010 runs 10, RUNS=08
+    8 (bash's arithmetic: octal); files an earlier attempt left are named, with what to do."""
+    runs = tmp_path / "records" / "runs"
+    for every in ("abc", "0", "-1", "1.5"):
+        r = stub_speedrun(tmp_path, stub_train=STUB_QUICK, EVERY=every)
+        assert r.returncode == 2 and f"speedrun.sh: EVERY={every}: a whole number of steps above 0" in r.stderr, \
+            r.stderr
+        assert not list(runs.glob("x-*"))
+    (tmp_path / "file").write_text("the user's")
+    for records in (tmp_path / "file", tmp_path / "file" / "sub"):
+        r = stub_speedrun(tmp_path, stub_train=STUB_QUICK, RECORDS=str(records), RUNS_DIR=str(runs))
+        assert r.returncode == 1 and f"speedrun.sh: RECORDS={records}: {tmp_path / 'file'} is not a folder you can " \
+            "write in" in r.stderr, r.stderr
+        assert not list(runs.glob("x-*")) and (tmp_path / "file").read_text() == "the user's"
+    for value, n in (("010", 10), ("08", 8)):
+        r = stub_speedrun(tmp_path, stub_train=STUB_QUICK, RUNS=value, NAME=f"n{n}")
+        assert "failed" not in r.stderr and "value too great" not in r.stderr, r.stderr
+        assert {p.name for p in runs.glob(f"n{n}-*") if p.is_dir()} == {f"n{n}-{k}" for k in range(n)}
+        assert f'=== attempt.json\n{{"runs": {n}}}' in (runs / f"n{n}-0" / "log.txt").read_text()
+    (runs / "gone-1.out").write_text("train.py: error: ...")  # a run that failed before train.py made its folder
+    r = stub_speedrun(tmp_path, stub_train=STUB_QUICK, NAME="gone")
+    assert r.returncode == 1 and f"speedrun.sh: NAME=gone: an earlier attempt's files are there: {runs}/gone-1.out " \
+        "(runs, which train.py would not overwrite; *.out, their consoles, which say why a run failed;" in r.stderr, \
+        r.stderr
+    assert not (runs / "gone-0").exists()
+
+
 # BESIDE's pairs: a run waits for its partner of the same seed to start (side by side, or it fails), and a run of the
 # next seed finds the last pair evaluated (pairs one after the other)
 STUB_PAIRED = """import os, sys, time
@@ -731,7 +818,7 @@ def test_editing_speedrun_sh_while_it_runs_changes_nothing(tmp_path):
     script = (tmp_path / "speedrun.sh").read_text()  # an edit that moves every later line: 1,000 bytes at the top
     (tmp_path / "speedrun.sh").write_text(script.replace("\n", "\n" + "# edited\n" * 125, 1))
     out, err = speedrun.communicate(timeout=120)
-    assert "run x-beside-1: " in out and "log_0.txt: needs train.py's config.json section" in err, out + err
+    assert "run x-beside-1: " in out and "log_0.txt: needs train.py's config.json section" in out, out + err
 
 
 def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(tmp_path):
@@ -739,7 +826,7 @@ def test_beside_runs_the_record_configuration_seed_by_seed_beside_the_candidate(
     runs, folder = tmp_path / "records" / "runs", next((tmp_path / "records").glob("*_x"))
     assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr
     # verify.py --write reads the logs (a stub's: refused), WHAT ("--lr=3e-3", a dash first) passed as its value
-    assert "log_0.txt: needs train.py's config.json section" in r.stderr, r.stderr
+    assert "FAIL " in r.stdout and "log_0.txt: needs train.py's config.json section" in r.stdout, r.stdout + r.stderr
     for seed in (0, 1):
         assert (runs / f"x-{seed}" / "argv").read_text().endswith("--lr=3e-3")
         beside = (runs / f"x-beside-{seed}" / "argv").read_text()
@@ -855,6 +942,20 @@ def test_plot_reads_a_torn_line_and_every_run_to_its_end(tmp_path, monkeypatch, 
             plot.main()
         assert f"--out {tmp_path / name}: {message}" in capsys.readouterr().err
     assert (tmp_path / "c.png").read_bytes() == written
+
+
+def test_plot_refuses_a_nan_target_or_a_missing_out_folder_before_any_work(tmp_path, monkeypatch, capsys):
+    import plot
+    run = metrics_run(tmp_path / "a", [(250, 60, 0.2)])
+    monkeypatch.setattr(plot, "table", lambda *a: pytest.fail("worked"))
+    for argv, message in ((["--target", "nan"], "argument --target: expected a finite number, got nan"),
+                          (["--target", "inf"], "argument --target: expected a finite number, got inf"),
+                          (["--out", "/nonexistent/p.png"], "--out /nonexistent/p.png: no folder /nonexistent to "),
+                          (["--out", ""], "--out : must end in .png")):
+        monkeypatch.setattr(sys, "argv", ["plot.py", *argv, f"base={run}"])
+        with pytest.raises(SystemExit):
+            plot.main()
+        assert message in capsys.readouterr().err
 
 
 def test_plot_reads_run_folders_whose_path_holds_an_equals_sign(tmp_path, monkeypatch, capsys):
