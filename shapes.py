@@ -489,26 +489,17 @@ def load_teacher(path=TEACHER_FILE):
     return teacher.eval().requires_grad_(False)
 
 
-def whole(low, high=math.inf):
-    """An argparse type: a whole number in [low, high], as data.number's (data.py imports shapes.py, not back)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}{']' if high < math.inf else ')'}, got {text}")
-        return value
-    return parse
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.")
     parser.add_argument("command", choices=["teacher"])
     parser.add_argument("--out", default=TEACHER_FILE)
-    parser.add_argument("--steps", type=whole(1), default=TEACHER_STEPS)
-    parser.add_argument("--seed", type=whole(0, 2**64 - 1), default=TEACHER_SEED)  # torch.manual_seed's range
+    parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
+    parser.add_argument("--seed", type=int, default=TEACHER_SEED)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"argument --steps: must be 1 or more, got {args.steps}")
+    if not 0 <= args.seed < 2**64:  # torch.manual_seed's range
+        parser.error(f"argument --seed: must be in [0, 2**64 - 1], got {args.seed}")
     if os.path.exists(args.out):  # the committed teacher by default: records name its sha256
         parser.error(f"--out {args.out} exists; pass --out NEW.safetensors, or delete it first to remake it")
     if not args.out:  # as data.Parser's: `--out "$OUT"` with OUT unset

@@ -620,14 +620,6 @@ def new_readme(folder, runs, beside, track, kind, what, command):
     return text.replace(old, block) if old else text + "\n" + block + "\n"
 
 
-def write(folder, track, kind, what, command):
-    """Write (or refresh) the README's results block from the logs, unchecked (verified_write checks it first)."""
-    runs, beside = load_runs(folder), load_runs(folder / "beside")
-    carry_sources(runs, folder)
-    carry_sources(beside, folder / "beside")
-    (folder / "README.md").write_text(new_readme(folder, runs, beside, track, kind, what, command))
-
-
 def verified_write(folder, track, kind, what, command):
     """write's README, verified before it is written -> its problems; where there are any, nothing is written (a
     README's valid results block stays as it was, the sources carried for the check go)."""

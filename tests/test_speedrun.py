@@ -66,8 +66,18 @@ def make_record(folder, runs=RUNS, kind="record", beside=None, lr=0.002, cpu="AM
             log = synthetic_log(seed, minutes, accuracy, target, rate, name, cpu, started=bool(beside), every=every,
                                 runs=len(group))
             (where / f"log_{seed}.txt").write_text(log)
-    verify.write(folder, "cpu", kind, f"synthetic {kind}", "bash speedrun.sh --track cpu")
+    write_readme(folder, kind, f"synthetic {kind}")
     return folder
+
+
+def write_readme(folder, kind, what):
+    """The README with the results block of the logs, as verify.py --write makes it but unchecked (records that fail
+    are made too), and the sources it carries."""
+    runs, beside = verify.load_runs(folder), verify.load_runs(folder / "beside")
+    verify.carry_sources(runs, folder)
+    verify.carry_sources(beside, folder / "beside")
+    (folder / "README.md").write_text(verify.new_readme(folder, runs, beside, "cpu", kind, what,
+                                                        "bash speedrun.sh --track cpu"))
 
 
 @pytest.fixture
@@ -108,7 +118,7 @@ def drop_source(log, name):
 
 
 def own_source(folder, log, name, old, new):
-    """One run's source of `name` edited, and carried into the folder as verify.write does: a valid source, another
+    """One run's source of `name` edited, and carried into the folder as verify.py --write does: a valid source, another
     run's."""
     edit(folder / log, old, new)
     (folder / name).write_text(verify.sections((folder / log).read_text())[name][:-1])
@@ -374,7 +384,7 @@ def test_write_verifies_first_and_writes_nothing_that_fails(record, tmp_path, ca
         assert message in out, out
         assert (record / "README.md").read_text() == before
     (tmp_path / "log_3.txt").rename(record / "log_3.txt")
-    for log in record.glob("log_*.txt"):  # every run's train.py differs from the commit's: verify.write carries it
+    for log in record.glob("log_*.txt"):  # every run's train.py differs from the commit's: --write carries it
         edit(log, "One file, one loop;", "One file, one loop (edited);", after="=== train.py")
     (record / "README.md").unlink()
     with pytest.raises(SystemExit):
@@ -479,7 +489,7 @@ def test_a_cpu_record_made_since_train_py_writes_the_start_time_needs_runs_besid
     for seed, (minutes, accuracy) in RUNS.items():
         log = synthetic_log(seed, minutes, accuracy, ("object_accuracy", 0.292), started=True)
         (folder / f"log_{seed}.txt").write_text(log)
-    verify.write(folder, "cpu", "record", "alone", "bash speedrun.sh --track cpu")
+    write_readme(folder, "record", "alone")
     assert [p for p in verify.verify(folder) if p.startswith("no beside/log_<k>.txt: a cpu record runs")]
 
 
