@@ -676,6 +676,28 @@ def bench_techniques(args):
         compare(f"{flags} step", ms[flags], "baseline", ms["baseline"], "ms")
 
 
+def check_loader_dir(parser, args):
+    """bench.py loader's DIR: a prepared folder, or a new or empty one with room for the synthetic dataset (never the
+    user's files or a preparation prepare.py has not finished); at least one batch of samples either way."""
+    root = Path(args.dir).absolute()
+    above = next(p for p in (root, *root.parents) if p.exists())  # DIR, or the folder it would be made in
+    if (root / "index.json").exists():
+        n = len(PreparedDataset(root))
+    elif not above.is_dir() or above == root and any(root.iterdir()):  # the user's files, a half-prepared DIR
+        what = f"{above} is a file" if not above.is_dir() else \
+            "holds files but no index.json (not a prepared folder, or one prepare.py has not finished)"
+        parser.error(f"bench.py loader: DIR {args.dir}: {what}; give a prepared folder, or a new or empty one for "
+                     f"the synthetic dataset")
+    else:  # the synthetic shards, then datasets' copy of them: about twice their size
+        n, need, free = args.samples, 2 * args.samples * SYNTHETIC_BYTES, shutil.disk_usage(above).free
+        if need > free:
+            parser.error(f"bench.py loader: --samples {args.samples} needs about {need / 2**30:.1f} GiB in "
+                         f"{above}, which has {free / 2**30:.1f} GiB free; pass --samples "
+                         f"{free // (2 * SYNTHETIC_BYTES)} or fewer")
+    if n < args.batch:
+        parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -737,24 +759,8 @@ def main(argv=None):
             parser.error(f"--preset: {e}")
         if args.command == "muon" and args.blocks > depth:
             parser.error(f"bench.py muon: --blocks {args.blocks} is more than the {depth} blocks of {args.preset}")
-    if args.command == "loader":  # a prepared DIR's samples, or the synthetic one's: at least one batch
-        root = Path(args.dir).absolute()
-        above = next(p for p in (root, *root.parents) if p.exists())  # DIR, or the folder it would be made in
-        if (root / "index.json").exists():
-            n = len(PreparedDataset(root))
-        elif not above.is_dir() or above == root and any(root.iterdir()):  # the user's files, a half-prepared DIR
-            what = f"{above} is a file" if not above.is_dir() else \
-                "holds files but no index.json (not a prepared folder, or one prepare.py has not finished)"
-            parser.error(f"bench.py loader: DIR {args.dir}: {what}; give a prepared folder, or a new or empty one for "
-                         f"the synthetic dataset")
-        else:  # the synthetic shards, then datasets' copy of them: about twice their size
-            n, need, free = args.samples, 2 * args.samples * SYNTHETIC_BYTES, shutil.disk_usage(above).free
-            if need > free:
-                parser.error(f"bench.py loader: --samples {args.samples} needs about {need / 2**30:.1f} GiB in "
-                             f"{above}, which has {free / 2**30:.1f} GiB free; pass --samples "
-                             f"{free // (2 * SYNTHETIC_BYTES)} or fewer")
-        if n < args.batch:
-            parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
+    if args.command == "loader":
+        check_loader_dir(parser, args)
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {machine()} | {config}")
     if not CUDA:
