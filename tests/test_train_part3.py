@@ -207,6 +207,6 @@ def test_a_resolution_stage_that_would_change_the_patch_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"args": {**vars(args), "resolution": 256},
-                                                 "model": {"patch_size": 16}}))
+                                                 "model": {"patch_size": 16}, "sampling": {}}))
     with pytest.raises(SystemExit, match="takes patch 32 at 512 px, the run's model has 16"):
         train.check_resume_flags(args, str(run / "checkpoints" / "step_2"))
