@@ -460,10 +460,21 @@ class ShardLoader:
 
     def load_state_dict(self, state):
         """Continue after the batch last returned before that state_dict(); batches read ahead are dropped. -> the
-        datasets the state has no position in (a later phase's, or one named otherwise), which start afresh."""
+        datasets the state has no position in (a later phase's, or one named otherwise), which start afresh. A
+        dataset of another size than the state's (prepared again since) is refused: its permutation, and so the
+        samples to come, would differ (its position could even lie past its end)."""
+        sizes = {name: len(ds) for name, ds in zip(self.names, self.datasets)}
+        for name, (_, position) in state["cursors"].items():
+            then = state.get("sizes", {}).get(name)  # states written before the sizes were kept: the position only
+            if name in sizes and (then is not None and then != sizes[name] or position > sizes[name]):
+                raise ValueError(f"--data {name} holds {sizes[name]} samples, {then or f'over {position}'} when the "
+                                 f"state was saved: prepared again since, it cannot continue where it was; use the "
+                                 f"dataset the run read, or name this one by another path (a new dataset starts at "
+                                 f"its first sample)")
         self.state = copy.deepcopy(state)
         fresh = [name for name in self.names if name not in self.state["cursors"]]
         self.state["cursors"].update({name: [0, 0] for name in fresh})
+        self.state["sizes"] = {**self.state.get("sizes", {}), **sizes}
         for future, _ in getattr(self, "pending", []):
             future.cancel()
         self.planned, self.pending = copy.deepcopy(self.state), collections.deque()

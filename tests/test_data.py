@@ -214,6 +214,23 @@ def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared):
     assert other.load_state_dict(state) == [str(out.parent / "out_pq")]  # a new dataset starts at its first sample
 
 
+def test_a_dataset_prepared_again_with_another_size_is_refused_on_resume(prepared):
+    """Its permutation, so the samples to come, would differ, and its position could lie past its end (a numpy
+    error mid-step, after the resume had moved the run's later history aside): refused when the state loads."""
+    out = prepared[0] / "out"
+    loader = data.ShardLoader(str(out), 4, seed=1)
+    next(loader)
+    state, n = loader.state_dict(), len(loader.datasets[0])
+    assert state["sizes"] == {str(out): n}
+    with pytest.raises(ValueError, match=f"--data {out} holds {n} samples, {n + 3} when the state was saved"):
+        loader.load_state_dict({**state, "sizes": {str(out): n + 3}})
+    old = {"batches": 1, "cursors": {str(out): [0, n + 2]}}  # a state from before the sizes were kept
+    with pytest.raises(ValueError, match=f"holds {n} samples, over {n + 2} when the state was saved"):
+        loader.load_state_dict(old)
+    del old["cursors"][str(out)]
+    assert loader.load_state_dict(old) == [str(out)]
+
+
 def test_loading_a_state_leaves_the_callers_state_as_it_was(prepared):
     """load_state_dict adds the datasets the state has no position in to its own copy, not to the caller's state
     (a checkpoint's, which train.py may save again)."""
