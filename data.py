@@ -684,6 +684,20 @@ class Parser(argparse.ArgumentParser):
 QUIET_RANK_WAIT_S = 30  # time for rank 0, which parses the same flags, to print its error and exit
 
 
+@contextlib.contextmanager
+def errors_of_rank_0_first():
+    """Around a script's main: under torchrun, the error that stops a rank other than 0 (a SystemExit with a message)
+    waits QUIET_RANK_WAIT_S before it is printed. Where rank 0 met it too (the same flags and files: most of them),
+    torchrun stops this rank meanwhile and the error shows once, not once per process; where only this rank met it, it
+    still shows."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
+            time.sleep(QUIET_RANK_WAIT_S)
+        raise
+
+
 def number(kind, low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: kind (int or float) in [low, high] (open at either end with low_open, high_open), with the
     range in the error message."""

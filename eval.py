@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
-    die_with_launcher, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, pad_to_common, read_index, \
-    space_differences, whole, write_whole
+    die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
+    pad_to_common, read_index, space_differences, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -908,4 +908,5 @@ def export_pipeline(args, device):
 
 
 if __name__ == "__main__":
-    main()
+    with errors_of_rank_0_first():
+        main()

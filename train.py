@@ -43,9 +43,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, exit_on, fraction, \
-    heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, positive, \
-    read_index, space_differences, stop_on_signals, write_whole
+from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
+    exit_on, fraction, heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, \
+    positive, read_index, space_differences, stop_on_signals, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
@@ -1425,7 +1425,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with errors_of_rank_0_first():
+        main()
     if "RANK" in os.environ:
         # a torchrun rank leaves without the interpreter's teardown, in which gloo sometimes aborts the process after
         # the run is done and written (SIGABRT, "terminate called without an active exception"), a run torchrun

@@ -385,6 +385,23 @@ def test_an_argument_error_is_printed_by_rank_0_alone(parse, argv, message, rank
     assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")  # under torchrun only
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_error_after_parsing_is_printed_by_rank_0_first(rank, monkeypatch):
+    """Errors found after parsing (an --out that holds a run, a batch that does not divide) are met by every rank: under
+    torchrun the others wait before theirs is printed, so that torchrun stops them once rank 0 has printed and
+    failed; a rank that alone met an error still says it (after the wait). Exit codes without a message: at once."""
+    import data
+    waited = []
+    monkeypatch.setattr(data.time, "sleep", waited.append)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    for code in ("error: --out r holds a run already", 143):
+        with pytest.raises(SystemExit) as stopped, data.errors_of_rank_0_first():
+            raise SystemExit(code)
+        assert stopped.value.code == code
+    assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
+
+
 def test_cpu_track_values_apply_only_to_flags_not_given():
     args = train.get_args(["--track", "cpu", "--lr", "5e-4", "--model=small-pixel"])
     assert args.lr == 5e-4 and args.model == "small-pixel" and args.warmup == train.CPU_TRACK["warmup"]
