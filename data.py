@@ -336,20 +336,23 @@ def parse_data_phases(spec):
     optimizer step N on, draw each sample from these prepared directories with these weights, and with this caption
     mode (None: --captions). 'A' alone is 'A:1@0'."""
     phases, expected = [], f"data spec {spec!r}: expected DIR[:weight],...[@step];... with weights > 0"
+    if os.path.isdir(spec) and re.search(r"[;,@]|:[-+.\deE]+$", spec.rstrip("/")):
+        raise ValueError(f"data spec {spec!r}: a folder whose name holds ; , @ or ends in :number, which --data reads "
+                         f"as its syntax: rename it, or pass a symbolic link to it")
     for part in spec.split(";"):
         mix, _, start = part.strip().partition("@")
         start, _, captions = start.partition(":")
         weights = {}
         for item in mix.split(","):
             path, colon, weight = item.strip().rpartition(":")
-            if not colon or not re.fullmatch(r"[-+.\deE]+", weight):  # no weight: a path, whole (it may hold a ':')
+            if not colon or not re.fullmatch(r"[-+.\deE]+|[-+]?(nan|inf|infinity)", weight, re.I):  # a path, whole
                 path, weight = item.strip(), "1"
             path = os.path.normpath(path) if path else path  # 'data/mj/' and './data/mj' are data/mj: its position
             if path == "builtin":
                 raise ValueError(f"data spec {spec!r}: builtin (the built-in shapes) is not a prepared directory and "
                                  f"takes no mixture or phases: --data builtin, with --captions for its caption mode "
                                  f"(a later phase: --resume with another --captions)")
-            if path in weights:
+            if os.path.abspath(path) in map(os.path.abspath, weights):  # 'd' and '/abs/d' too (a link: another name)
                 raise ValueError(f"data spec {spec!r}: {path} is named twice in one phase")
             try:
                 weights[path] = float(weight)

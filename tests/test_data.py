@@ -4,6 +4,7 @@ prepare.py (the `prepared` fixture of conftest.py) or written by hand."""
 import copy
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,9 +175,14 @@ def test_caption_mode_per_phase(prepared):
 
 def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
     root, _ = prepared
-    for spec in ("d:0", "d@5", "d1@0;d2@0", "d:-1", "d:.", "d@9e4", "d:0.5,d/:0.5", "d:1e999"):
+    for spec in ("d:0", "d@5", "d1@0;d2@0", "d:-1", "d:.", "d@9e4", "d:0.5,d/:0.5", "d:1e999", "d:nan", "d:inf",
+                 f"d,{os.path.abspath('d')}"):
         with pytest.raises(ValueError, match="data spec"):
             data.parse_data_phases(spec)
+    for name in ("a;b", "a,b", "a@b", "a:2"):  # a folder named with --data's syntax
+        (tmp_path / name).mkdir()
+        with pytest.raises(ValueError, match="holds ; , @ or ends in :number, which --data reads as its syntax"):
+            data.parse_data_phases(str(tmp_path / name))
     assert data.parse_data_phases("d:0.7, ./e/:3e-1") == [(0, {"d": 0.7, "e": 0.3}, None)]  # not a path ' ./e/:3e-1'
     assert data.parse_data_phases("/mnt/x:y") == [(0, {"/mnt/x:y": 1.0}, None)]  # a ':' without a number: the path's
     assert data.parse_data_phases(".,2024:.5") == [(0, {".": 1.0, "2024": 0.5}, None)]  # names that look like numbers
