@@ -566,7 +566,7 @@ class HeldoutSplit:
                              f"for: ask for fewer, or prepare with a larger --eval-fraction")
         if caption is not None and caption not in self.prepared.index["captions"]:
             raise ValueError(f"{root} has captions {self.prepared.index['captions']}, not {caption!r}: pick one of "
-                             f"those (eval.py --caption)")
+                             f"those (train.py --captions, eval.py --caption)")
         self.null = load_prompt_text(root)  # (1, L0, D), (1, L0)
 
     def rows(self, indices):
