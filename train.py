@@ -1001,6 +1001,14 @@ def flag_changes(before, args, names, parser):
             if value(k, was[k]) != value(k, now[k])]
 
 
+def late_phases(args, loader):
+    """A note naming the --data phases that start at or after --max-steps (a typo, @90000 for @9000?): they train only
+    if a resume raises --max-steps. None where there are none."""
+    late = [f"@{start}" for start, _, _ in getattr(loader, "phases", []) if start >= args.max_steps]
+    return f"note: --data's phase {', '.join(late)} starts at or after --max-steps {args.max_steps}: it trains only " \
+        f"if a resume raises --max-steps" if late else None
+
+
 def resume_changes(args, stage):
     """The RESUMABLE flags this resume sets otherwise than `stage` (the args of the stage that trained the checkpoint:
     a second phase, or flags left off the command line: the log says so) -> a note, or None."""
@@ -1352,7 +1360,7 @@ def main(argv=None):
         lock, out = claim_on_rank_0(out, True, master, world)
     moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
-    for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None):
+    for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
         if line:
             log(line)
     if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)

@@ -402,6 +402,15 @@ def test_an_error_after_parsing_is_printed_by_rank_0_first(rank, monkeypatch):
     assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
 
 
+def test_a_data_phase_after_max_steps_is_noted():
+    loader = argparse.Namespace(phases=[(0, {"A": 1.0}, None), (100, {"B": 1.0}, None), (400, {"A": 1.0}, "short")])
+    assert train.late_phases(argparse.Namespace(max_steps=100), loader) == (
+        "note: --data's phase @100, @400 starts at or after --max-steps 100: it trains only if a resume raises "
+        "--max-steps")
+    assert train.late_phases(argparse.Namespace(max_steps=101), argparse.Namespace(phases=loader.phases[:2])) is None
+    assert train.late_phases(argparse.Namespace(max_steps=1), argparse.Namespace()) is None  # the built-in loader
+
+
 def test_cpu_track_values_apply_only_to_flags_not_given():
     args = train.get_args(["--track", "cpu", "--lr", "5e-4", "--model=small-pixel"])
     assert args.lr == 5e-4 and args.model == "small-pixel" and args.warmup == train.CPU_TRACK["warmup"]
