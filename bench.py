@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import PreparedDataset, ShardLoader, batch_text, count, number, pad_text, positive
+from data import PreparedDataset, ShardLoader, batch_text, count, nearest_existing, number, pad_text, positive
 from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
                   mmd, sample, timesteps, write_random_inception_weights)
 from model import PRX, Attention, flops_per_sample, preset_config, trim_text
@@ -680,7 +680,7 @@ def check_loader_dir(parser, args):
     """bench.py loader's DIR: a prepared folder, or a new or empty one with room for the synthetic dataset (never the
     user's files or a preparation prepare.py has not finished); at least one batch of samples either way."""
     root = Path(args.dir).absolute()
-    above = next(p for p in (root, *root.parents) if p.exists())  # DIR, or the folder it would be made in
+    above = nearest_existing(root)  # DIR, or the folder it would be made in
     if (root / "index.json").exists():
         n = len(PreparedDataset(root))
     elif not above.is_dir() or above == root and any(root.iterdir()):  # the user's files, a half-prepared DIR

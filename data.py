@@ -648,6 +648,23 @@ def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):
         raise SystemExit(f"error: {prefix}: {e}" if prefix else f"error: {e}")
 
 
+def nearest_existing(path):
+    """path, absolute, or its nearest parent that exists: the folder an output there is made in."""
+    path = Path(path).absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def unwritable(path):
+    """Why an output at `path` (a folder or file to make, or one that is there) cannot be written, or None: the
+    nearest existing folder on it is a file, or not writable. Checked before any work, not when writing fails."""
+    there = nearest_existing(path)
+    if not there.is_dir():
+        return f"{there} is a file, not a folder"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return f"cannot write in {there} (no permission, or a read-only file system)"
+    return None
+
+
 def stop_on_signals(message, master):
     """Ctrl-C, or a SIGTERM (kill, a scheduler's time limit), ends the command with one line: `message()` on rank 0,
     where to resume; the other ranks exit quietly. -> {signal: the handler it replaces}, for the caller to put back (a

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, \
     errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, \
-    number, quiet_transformers, stop_on_signals, whole, write_whole
+    number, quiet_transformers, stop_on_signals, unwritable, whole, write_whole
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_RESOLUTION = 4096
@@ -545,13 +545,8 @@ def main(argv=None):
         p.error(f"argument --source: {args.source} lies inside --out {args.out}, where prepare.py writes and cleans "
                 f"up: choose an --out outside the source")
     # an --out that cannot be made: refused now, not after minutes of loading the encoders
-    out = Path(args.out).absolute()
-    there = next(d for d in (out, *out.parents) if d.exists())  # the folder it is made in, or itself
-    if not there.is_dir():
-        p.error(f"argument --out: {there} is a file, not a folder: choose another --out")
-    if not os.access(there, os.W_OK | os.X_OK) and not (out / "index.json").exists():  # prepared: nothing to write
-        p.error(f"argument --out: cannot write in {there} (no permission, or a read-only file system): choose a "
-                f"folder you can write to")
+    if (why := unwritable(args.out)) and not (Path(args.out) / "index.json").exists():  # prepared: nothing to write
+        p.error(f"argument --out: {why}: choose another --out")
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker, as train.py's: stops when torchrun is killed
         die_with_launcher()
     rank = int(os.environ.get("RANK", 0))

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
     exit_on, fraction, heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, \
-    positive, read_index, space_differences, stop_on_signals, write_whole
+    positive, read_index, space_differences, stop_on_signals, unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
@@ -1165,12 +1165,8 @@ def run_folder(args):
             return out, ckpt, True, stage
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out} is a file; name a folder for the run")
-    above = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(above):  # the folder to make it in
-        above = os.path.dirname(above)
-    if not (os.path.isdir(above) and os.access(above, os.W_OK)):
-        raise SystemExit(f"error: --out {out}: {above} is {'not writable' if os.path.isdir(above) else 'a file'}; "
-                         f"name a folder for the run elsewhere")
+    if why := unwritable(out):
+        raise SystemExit(f"error: --out {out}: {why}; name a folder for the run elsewhere")
     entries = sorted(set(os.listdir(out)) - {".lock"}) if os.path.isdir(out) else []
     if entries and not {"config.json", "metrics.jsonl", "checkpoints"} & set(entries):
         raise SystemExit(f"error: --out {out} holds other files ({', '.join(entries[:3])}"
