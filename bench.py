@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import PreparedDataset, ShardLoader, batch_text, count, nearest_existing, number, pad_text, positive
+from data import (Parser, PreparedDataset, ShardLoader, batch_text, count, nearest_existing, number, pad_text,
+                  positive)
 from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
                   mmd, sample, timesteps, write_random_inception_weights)
 from model import PRX, Attention, flops_per_sample, preset_config, trim_text
@@ -699,7 +700,7 @@ def check_loader_dir(parser, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("model", help="PRX forward+backward against diffusers' PRXTransformer2DModel")
     p.add_argument("--preset", default="tiny", help="PRX preset (model.py)")
@@ -752,7 +753,7 @@ def main(argv=None):
                      f"--min-len {args.min_len} <= --max-len {args.max_len} <= --txt-tokens {args.txt_tokens}")
     if args.command == "model" and args.compile and not args.warmup:
         parser.error("bench.py model --compile: the first call compiles; pass --warmup 1 or more (untimed)")
-    if getattr(args, "preset", None) is not None:  # "" too: an unknown preset
+    if getattr(args, "preset", None) is not None:
         try:
             depth = preset_config(args.preset).depth
         except ValueError as e:

@@ -683,10 +683,15 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """argparse's, refusing an empty value: `--resume "$CKPT"` with CKPT unset would otherwise start afresh."""
         parsed = super().parse_args(args, namespace)
-        for action in self._actions:
-            if action.option_strings and getattr(parsed, action.dest, None) == "":
-                self.error(f"argument {'/'.join(action.option_strings)}: an empty value (an unset shell variable?): "
-                           f"give one, or leave the flag out")
+        actions = [a for a in self._actions if a.option_strings]
+        for a in self._actions:  # the flags and operands of the subcommand given (bench.py model, ...)
+            if isinstance(a, argparse._SubParsersAction):
+                actions += a.choices[getattr(parsed, a.dest)]._actions
+        for action in actions:
+            value = getattr(parsed, action.dest, None)
+            if value == "" or isinstance(value, list) and "" in value:
+                self.error(f"argument {'/'.join(action.option_strings) or action.dest}: an empty value (an unset "
+                           f"shell variable?): give one, or leave the flag out")
         return parsed
 
     def given(self, argv):

@@ -144,14 +144,20 @@ def save_grid(images, captions, path, nrow=8):
     write_whole(path, lambda f: canvas.save(f, format=kind))
 
 
-def new_file(folder, name):
-    """folder/name, else name_1, name_2, ... (before the extension): the first that does not exist, created empty, so
-    that a result written before is never replaced."""
+def write_new(folder, name, write):
+    """write(path) to folder/name, else name_1, name_2, ... (before the extension): the first that does not exist,
+    claimed (created exclusively: another evaluation of this checkpoint meanwhile takes the next name) when the result
+    is ready, so that a result written before is never replaced and a killed evaluation leaves no empty file. -> path"""
     stem, ext = os.path.splitext(name)
     for k in itertools.count():
         path = os.path.join(folder, f"{stem}_{k}{ext}" if k else name)
         with contextlib.suppress(FileExistsError):
-            open(path, "x").close()  # exclusively: another evaluation of this checkpoint meanwhile takes the next name
+            open(path, "x").close()
+            try:
+                write(path)  # write_whole: the empty claim is replaced by the whole result
+            except BaseException:
+                os.remove(path)
+                raise
             return path
 
 
@@ -620,7 +626,8 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
              **sampling):
     """Sample held-out prompts 0..num_samples-1 (sample i from the noise of seed + i) and score the images: the
     split's own score (the caption checker on the built-in data) and, given a Metrics (reset here), its feature
-    metrics. grid: a PNG of the first batch. sampling: steps, cfg_scale, shift, pred, route_ratio, self_guidance."""
+    metrics. grid(images, captions): called with the first batch on the main process (saves it). sampling: steps,
+    cfg_scale, shift, pred, route_ratio, self_guidance."""
     device = next(model.parameters()).device
     if metrics is not None:
         metrics.reset()
@@ -637,7 +644,7 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
             sums[key] = sums.get(key, 0.0) + value * len(idx)
         seen += len(idx)
         if i == 0 and grid and main_process():
-            save_grid(images[:64], split.captions(idx[:64]), grid)
+            grid(images[:64], split.captions(idx[:64]))
     result = metrics.compute() if metrics is not None else {}
     if sums:
         totals = all_reduce(torch.tensor([*sums.values(), seen], dtype=torch.float64, device=device)).tolist()
@@ -814,22 +821,23 @@ def evaluate_checkpoint(args, device):
     metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"],
                             (data, split.images_id(args.num_samples)) if args.ref else None)
     shape, decode = load_decoder(model.cfg, data, train_args["resolution"], device)
-    grid = new_file(ckpt, "eval_samples.png") if main_process() else None  # the process that writes it claims it
-    try:
-        result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed,
-                          args.batch_size, grid, **sampling)
-    except BaseException:  # Ctrl-C or an error before the grid is drawn: the next evaluation takes its name again
-        if grid and not os.path.getsize(grid):
-            os.remove(grid)
-        raise
+    grid = []  # its name, once written
+
+    def save_new_grid(images, captions):
+        grid.append(write_new(ckpt, "eval_samples.png", lambda path: save_grid(images, captions, path)))
+    result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
+                      save_new_grid, **sampling)
     if main_process():
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
-                  "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid)}
+                  "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid[0])}
         line = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
+        write = lambda path: write_whole(path, lambda f: f.write(json.dumps(record, indent=2).encode()))  # noqa: E731
         try:
-            out = args.out or new_file(ckpt, "eval.json")
-            write_whole(out, lambda f: f.write(json.dumps(record, indent=2).encode()))
+            if args.out:
+                write(out := args.out)
+            else:
+                out = write_new(ckpt, "eval.json", write)
         except FileNotFoundError:
             if args.out or os.path.isdir(ckpt):
                 raise
@@ -868,8 +876,11 @@ def sample_prompts(args, device):
     seeds, batches = [args.seed + i for i in range(len(txt))], range(0, len(txt), args.batch_size)
     images = torch.cat([decode(sample(model, txt[i:i + args.batch_size], mask[i:i + args.batch_size], null_txt,
                                       null_mask, seeds[i:i + args.batch_size], shape, **sampling)) for i in batches])
-    out = args.out or new_file(ckpt, "prompts.png")
-    save_grid(images, args.prompt, out)
+    write = lambda path: save_grid(images, args.prompt, path)  # noqa: E731
+    if args.out:
+        write(out := args.out)
+    else:
+        out = write_new(ckpt, "prompts.png", write)
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
 
 

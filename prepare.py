@@ -102,6 +102,10 @@ class T5GemmaTextEncoder:
         emb = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         return emb, tokens.attention_mask.bool()
 
+    def cut(self, captions):
+        """How many of the captions have more tokens than max_tokens (the encoder sees their first max_tokens)."""
+        return sum(len(ids) > self.max_tokens for ids in self.tokenizer([clean_caption(c) for c in captions]).input_ids)
+
 
 @torch.no_grad()
 def encode_latents(vae, images, seeds, shift, scale):
@@ -308,8 +312,9 @@ def open_source(source, image_field, rank, world_size):
 
 
 def encode_samples(samples, encoder, vae, shift, scale, seed):
-    """Decoded samples -> the stored columns: image, id, latent (unless pixel space), txt_ and caption_ per field."""
-    columns = {"image": [s["image"] for s in samples], "id": [s["id"] for s in samples]}
+    """Decoded samples -> (the stored columns: image, id, latent (unless pixel space), txt_ and caption_ per field;
+    {field: captions cut at --max-tokens})."""
+    columns, cut = {"image": [s["image"] for s in samples], "id": [s["id"] for s in samples]}, collections.Counter()
     if vae is not None:
         seeds = [stable_hash("latent", seed, s["id"]) for s in samples]
         latents = encode_latents(vae, torch.from_numpy(np.stack(columns["image"])), seeds, shift, scale)
@@ -319,7 +324,8 @@ def encode_samples(samples, encoder, vae, shift, scale, seed):
         bits, lengths = to_bits(emb), mask.sum(1).tolist()
         columns[f"txt_{name}"] = [bits[j, :n].copy() for j, n in enumerate(lengths)]  # real length, no padding
         columns[f"caption_{name}"] = [s["captions"][name] for s in samples]
-    return columns
+        cut[name] = encoder.cut(columns[f"caption_{name}"])
+    return columns, cut
 
 
 def write_shard(path, columns, meta):
@@ -420,7 +426,7 @@ def prepare(args, rank=0, world_size=1):
             write_whole(out / f"{name}.npy", lambda f: np.save(f, to_bits(emb[0, mask[0]])))
     if source_state is not None:  # shards of this rank exist, so it has rows
         rows.load_state_dict(source_state)
-    columns, skipped, pending, it = {"train": {}, "eval": {}}, [], 0, iter(rows)
+    columns, skipped, cut, pending, it = {"train": {}, "eval": {}}, [], collections.Counter(), 0, iter(rows)
     bar = tqdm(total=total, initial=rows_done, unit="img", desc=f"prepare rank {rank}", disable=rank != 0)
     with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes and resizes outside the GIL
         while True:
@@ -432,7 +438,8 @@ def prepare(args, rank=0, world_size=1):
             skipped += [[s["id"], s["reason"]] for s in samples if "reason" in s]  # a list: ids may repeat
             good = [s for s in samples if "reason" not in s]
             if good:
-                encoded = encode_samples(good, encoder, vae, shift, scale, args.seed)
+                encoded, cut_here = encode_samples(good, encoder, vae, shift, scale, args.seed)
+                cut.update(cut_here)
                 for j, s in enumerate(good):
                     split = "eval" if in_eval_split(args.seed, s["id"], args.eval_fraction) else "train"
                     for key, values in encoded.items():
@@ -445,9 +452,11 @@ def prepare(args, rank=0, world_size=1):
                 if columns["eval"]:
                     write_shard(out / "eval" / name, columns["eval"], {"count": len(columns["eval"]["id"])})
                 meta = {"count": len(columns["train"].get("id", [])), "world_size": world_size,
-                        "rows_done": rows_done, "source_state": rows.state_dict(), "skipped": skipped}
+                        "rows_done": rows_done, "source_state": rows.state_dict(), "skipped": skipped,
+                        "captions_cut": cut}  # both splits' (as skipped)
                 write_shard(out / "train" / name, columns["train"], meta)
                 columns, skipped, pending, shard = {"train": {}, "eval": {}}, [], 0, shard + 1
+                cut = collections.Counter()
             if not chunk:
                 break
     bar.close()
@@ -467,6 +476,9 @@ def write_index(out, settings, shift=None, scale=None):
     skipped = [(k, v) for m in metas["train"] for k, v in (m["skipped"].items() if isinstance(m["skipped"], dict)
                                                            else m["skipped"])]
     reasons = collections.Counter(r.split(":")[0] for _, r in skipped)
+    cut = {}  # a sum of Counters would drop the fields of none cut
+    for field, n in (kv for m in metas["train"] for kv in m.get("captions_cut", {}).items()):  # bench.py's: none
+        cut[field] = cut.get(field, 0) + n
     first = next((p for split in shards for p, m in zip(shards[split], metas[split]) if m["count"]), None)
     if first is None:  # no sample in either split (eval only is a set for train.py --eval-data)
         example = next((r for _, r in skipped), "")
@@ -480,6 +492,7 @@ def write_index(out, settings, shift=None, scale=None):
                                 for p, m in zip(shards[split], metas[split])]} for split in shards}
     index.update(
         format=FORMAT, skipped={"count": len(skipped), "by_reason": reasons, "ids": dict(skipped)},  # rows, by id
+        captions_cut={"max_tokens": settings.get("max_tokens"), **cut},  # per field: longer, the encoder saw the start
         captions=sorted(k.removeprefix("caption_") for k in schema
                         if k.startswith("caption_") and not k.endswith("_offsets")),
         schema=schema, latent_norm=None if shift is None else {
@@ -489,7 +502,8 @@ def write_index(out, settings, shift=None, scale=None):
         settings=settings)
     write_whole(out / "index.json", lambda f: f.write(json.dumps(index, indent=1).encode()))
     print(f"{out}: {index['train']['count']} train, {index['eval']['count']} eval, {len(skipped)} skipped "
-          f"{dict(reasons)}")
+          f"{dict(reasons)}" + "".join(f"; {n} {field} captions cut at --max-tokens {settings['max_tokens']}"
+                                       for field, n in cut.items() if n))
 
 
 def parse_caption_fields(spec):

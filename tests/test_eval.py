@@ -715,24 +715,39 @@ def test_a_checkpoint_pruned_during_its_evaluation_keeps_the_result(tmp_path, mo
 
 
 def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
-    """new_file creates the file it names: an evaluation that chose eval_samples.png, and draws it after its first
-    batch, leaves another evaluation of the same checkpoint meanwhile eval_samples_1.png, not the same name."""
-    first, second = ev.new_file(tmp_path, "eval.json"), ev.new_file(tmp_path, "eval.json")
-    assert (first, second) == (str(tmp_path / "eval.json"), str(tmp_path / "eval_1.json"))
-    assert os.path.getsize(first) == os.path.getsize(second) == 0
+    """write_new claims its name while it writes: another evaluation of the same checkpoint meanwhile (here: inside
+    the first's write) takes eval_1.json, a later one eval_2.json; a write that fails gives its name back."""
+    inner = []
+
+    def write(text):
+        return lambda path: open(path, "w").write(text)
+
+    def first_then_another(path):
+        inner.append(ev.write_new(tmp_path, "eval.json", write("second")))
+        write("first")(path)
+    assert ev.write_new(tmp_path, "eval.json", first_then_another) == str(tmp_path / "eval.json")
+    assert inner == [str(tmp_path / "eval_1.json")]
+    with pytest.raises(KeyboardInterrupt):
+        ev.write_new(tmp_path, "eval.json", lambda path: exec("raise KeyboardInterrupt"))
+    assert ev.write_new(tmp_path, "eval.json", write("third")) == str(tmp_path / "eval_2.json")
+    assert [(tmp_path / f).read_text() for f in ("eval.json", "eval_1.json", "eval_2.json")] == \
+        ["first", "second", "third"] and len(os.listdir(tmp_path)) == 3
 
 
 def test_an_interrupted_evaluation_leaves_no_empty_grid(tmp_path, monkeypatch):
-    """The grid's name is claimed before sampling: Ctrl-C meanwhile gives it back, and the next evaluation takes it."""
+    """The grid's name is claimed when the grid is written: an evaluation stopped before (Ctrl-C, or killed by the
+    system: no handler runs) has left no file, and the next evaluation takes the name."""
     ckpt = write_run(tmp_path / "run", random_tiny_prx())
+    before = sorted(os.listdir(ckpt))
 
     def interrupted(*args, **kwargs):
+        assert sorted(os.listdir(ckpt)) == before  # nothing claimed while sampling
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
         m.setattr(ev, "evaluate", interrupted)
         with pytest.raises(KeyboardInterrupt):
             ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])
-    assert not (ckpt / "eval_samples.png").exists()
+    assert sorted(os.listdir(ckpt)) == before
     ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])
     assert json.loads((ckpt / "eval.json").read_text())["grid"] == "eval_samples.png"
     assert (ckpt / "eval_samples.png").stat().st_size > 0

@@ -133,8 +133,9 @@ def test_text_is_unpadded_encoder_output(prepared):
         ids = tokenizer(prepare.clean_caption(text), truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
         with torch.no_grad():
             return model(**ids).last_hidden_state[0].bfloat16().float()
-    truncated = 0
-    for sample_id, (shard, r) in stored_samples(root / "out").items():
+    truncated = {"long": 0, "short": 0}
+    every = {**stored_samples(root / "out"), **stored_samples(root / "out", "eval")}
+    for sample_id, (shard, r) in every.items():
         long = (root / "images" / sample_id).with_suffix(".txt").read_text()
         short = json.loads((root / "images" / sample_id).with_suffix(".json").read_text())["short"]
         for name, text in (("long", long), ("short", short)):
@@ -143,8 +144,10 @@ def test_text_is_unpadded_encoder_output(prepared):
             expected = encode(text)
             assert len(stored) == len(expected) == min(len(text.split()) + 1, MAX_TOKENS)  # words + <bos>
             torch.testing.assert_close(stored, expected, rtol=2 ** -7, atol=1e-5)
-        truncated += len(long.split()) + 1 > MAX_TOKENS
-    assert truncated > 0
+            truncated[name] += len(text.split()) + 1 > MAX_TOKENS
+    assert truncated["long"] > 0  # counted in index.json (the eval split's too), the tokenizer's count of each
+    index = json.loads((root / "out" / "index.json").read_text())
+    assert index["captions_cut"] == {"max_tokens": MAX_TOKENS, **truncated}
     for name, text in (("null_txt", ""), ("probe_txt", data.PROBE_CAPTION)):
         stored = torch.from_numpy(np.load(root / "out" / f"{name}.npy")).view(torch.bfloat16).float()
         torch.testing.assert_close(stored, encode(text), rtol=0, atol=0)
