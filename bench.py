@@ -659,7 +659,7 @@ def bench_techniques(args):
         a = train.get_args(["--track", "cpu", "--data", "builtin", "--seed", "0"]
                            + ([] if flags == "baseline" else flags.split()))
         loader = train.open_training_data(a, 0, 1, DEVICE)[0]
-        _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE)
+        _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE, 0)
         opt = train.build_optimizers(a, trainee)[0]
         if a.compile:  # as train.py: compiled for every input a timed step meets (text lengths, no mask), untimed
             trainee.model = train.compile_model(raw)

@@ -317,7 +317,7 @@ def caption_share(captions):
     """--captions long, short or mixed[:p] -> the probability of drawing the long caption."""
     mode, colon, p = captions.partition(":")
     try:
-        p_long = float(p or 0.5) if mode == "mixed" else float(mode == "long")
+        p_long = float(p if colon else 0.5) if mode == "mixed" else float(mode == "long")
     except ValueError:
         p_long = -1.0
     if mode not in ("long", "short", "mixed") or not 0 <= p_long <= 1 or colon and mode != "mixed":
@@ -450,7 +450,6 @@ class ShardLoader:
         schema = self.datasets[0].index["schema"]
         self.has_latent = "latent" in schema
         self.x0_shape = tuple(schema["latent" if self.has_latent else "image"]["shape"])  # what the model denoises
-        self.in_channels = self.x0_shape[0]
         # prepare.py stores the images beside any latents; bench.py's latent-only synthetic data: the Flux VAE's 8x
         self.resolution = schema["image"]["shape"][-1] if "image" in schema else self.x0_shape[-1] * 8
         self.images = images or not self.has_latent
@@ -680,6 +679,9 @@ class Parser(argparse.ArgumentParser):
     other ranks exit with its status, quietly. Under torchrun they first wait for rank 0 to print and exit, whereupon
     torchrun stops them: a rank failing first would have torchrun stop rank 0 before it printed."""
 
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --prom is not --prompt: a flag is given whole, or refused
+
     def parse_args(self, args=None, namespace=None):
         """argparse's, refusing an empty value: `--resume "$CKPT"` with CKPT unset would otherwise start afresh."""
         parsed = super().parse_args(args, namespace)
@@ -688,8 +690,7 @@ class Parser(argparse.ArgumentParser):
             if isinstance(a, argparse._SubParsersAction):
                 actions += a.choices[getattr(parsed, a.dest)]._actions
         for action in actions:
-            value = getattr(parsed, action.dest, None)
-            if value == "" or isinstance(value, list) and "" in value:
+            if getattr(parsed, action.dest, None) == "":  # a list may hold one: eval.py sample --prompt ""
                 self.error(f"argument {'/'.join(action.option_strings) or action.dest}: an empty value (an unset "
                            f"shell variable?): give one, or leave the flag out")
         return parsed

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
     die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    pad_to_common, read_index, space_differences, whole, write_whole
+    pad_to_common, read_index, space_differences, unwritable, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -144,10 +144,14 @@ def save_grid(images, captions, path, nrow=8):
     write_whole(path, lambda f: canvas.save(f, format=kind))
 
 
-def write_new(folder, name, write):
-    """write(path) to folder/name, else name_1, name_2, ... (before the extension): the first that does not exist,
-    claimed (created exclusively: another evaluation of this checkpoint meanwhile takes the next name) when the result
-    is ready, so that a result written before is never replaced and a killed evaluation leaves no empty file. -> path"""
+def write_new(folder, name, write, out=None):
+    """write(path) to `out` if given, else to folder/name, name_1, name_2, ... (before the extension): the first that
+    does not exist, claimed (created exclusively: another evaluation of this checkpoint meanwhile takes the next name)
+    when the result is ready, so that a result written before is never replaced and a killed evaluation leaves no
+    empty file. -> the path written"""
+    if out:
+        write(out)
+        return out
     stem, ext = os.path.splitext(name)
     for k in itertools.count():
         path = os.path.join(folder, f"{stem}_{k}{ext}" if k else name)
@@ -761,6 +765,8 @@ def main(argv=None):
     parent = os.path.dirname(os.path.normpath(args.out)) if args.out else ""
     if parent and not os.path.isdir(parent):
         raise SystemExit(f"error: --out {args.out}: there is no folder {parent}; create it, or write elsewhere")
+    if args.out and (why := unwritable(os.path.dirname(os.path.abspath(args.out)))):  # before the work, not after
+        raise SystemExit(f"error: --out {args.out}: {why}")
     if args.out and args.command in ("eval", "ref", "sample") and args.out.endswith(os.sep):
         raise SystemExit(f"error: --out {args.out} names a folder; {args.command} writes a file: name it")
     if args.out and args.command in ("eval", "sample") and os.path.exists(args.out):  # a result is never replaced
@@ -810,6 +816,9 @@ def load_checkpoint(args):
 
 def evaluate_checkpoint(args, device):
     model, train_args, ckpt, sampling = load_checkpoint(args)
+    if why := unwritable(ckpt):  # found before sampling, not when the grid is written
+        raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; the evaluation writes its grid there (and eval.json, "
+                         f"without --out): evaluate a copy of the checkpoint")
     weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read, while it is there
     data = run_data(args, train_args, evaluation=True)
     caption = args.caption or heldout_caption(train_args["captions"])
@@ -824,20 +833,18 @@ def evaluate_checkpoint(args, device):
     grid = []  # its name, once written
 
     def save_new_grid(images, captions):
-        grid.append(write_new(ckpt, "eval_samples.png", lambda path: save_grid(images, captions, path)))
+        with contextlib.suppress(FileNotFoundError):  # the checkpoint pruned meanwhile: said when eval.json is written
+            grid.append(write_new(ckpt, "eval_samples.png", lambda path: save_grid(images, captions, path)))
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       save_new_grid, **sampling)
     if main_process():
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
-                  "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": os.path.basename(grid[0])}
+                  "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": grid and os.path.basename(grid[0])}
         line = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
-        write = lambda path: write_whole(path, lambda f: f.write(json.dumps(record, indent=2).encode()))  # noqa: E731
         try:
-            if args.out:
-                write(out := args.out)
-            else:
-                out = write_new(ckpt, "eval.json", write)
+            out = write_new(ckpt, "eval.json", lambda path: write_whole(
+                path, lambda f: f.write(json.dumps(record, indent=2).encode())), args.out)
         except FileNotFoundError:
             if args.out or os.path.isdir(ckpt):
                 raise
@@ -863,6 +870,8 @@ def sample_prompts(args, device):
     if not args.prompt:
         raise SystemExit('error: sample needs at least one --prompt "a caption"')
     model, train_args, ckpt, sampling = load_checkpoint(args)
+    if not args.out and (why := unwritable(ckpt)):
+        raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; write the image elsewhere with --out")
     model, data = model.to(device), run_data(args, train_args)
     with exit_on(f"--prompt (the text encoder of --data {data})"):
         encoder = prompt_encoder(data, train_args["text_context"], device)
@@ -876,11 +885,7 @@ def sample_prompts(args, device):
     seeds, batches = [args.seed + i for i in range(len(txt))], range(0, len(txt), args.batch_size)
     images = torch.cat([decode(sample(model, txt[i:i + args.batch_size], mask[i:i + args.batch_size], null_txt,
                                       null_mask, seeds[i:i + args.batch_size], shape, **sampling)) for i in batches])
-    write = lambda path: save_grid(images, args.prompt, path)  # noqa: E731
-    if args.out:
-        write(out := args.out)
-    else:
-        out = write_new(ckpt, "prompts.png", write)
+    out = write_new(ckpt, "prompts.png", lambda path: save_grid(images, args.prompt, path), args.out)
     print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
 
 

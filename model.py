@@ -423,8 +423,8 @@ class PRX(nn.Module):
         if dc.get("time_factor", 1000.0) != 1000.0 or dc.get("time_max_period", 10000) != 10000:
             raise ValueError(f"{folder}/config.json uses options this model does not implement "
                              "(time_factor != 1000, time_max_period != 10000)")
-        cfg = PRXConfig(**{ours: dc[theirs] for ours, theirs in DIFFUSERS_NAMES.items() if dc.get(theirs) is not None},
-                        **overrides)  # absent or null: the default, diffusers' and ours alike
+        cfg = PRXConfig(**{**{ours: dc[theirs] for ours, theirs in DIFFUSERS_NAMES.items()
+                              if dc.get(theirs) is not None}, **overrides})  # absent or null: the default, both's
         index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:

@@ -74,6 +74,9 @@ def clean_caption(text):
     return TextPreprocessor().clean_text(text)
 
 
+T5GEMMA_ID = "google/t5gemma-2b-2b-ul2"  # PRX's text encoder
+
+
 class T5GemmaTextEncoder:
     """captions -> (emb (B, L, D), mask (B, L) bool): T5Gemma encoder last_hidden_state, as PRX."""
 
@@ -82,7 +85,7 @@ class T5GemmaTextEncoder:
         self.tokenizer.padding_side = "right"  # real tokens keep positions 0..L-1, as when encoded alone
 
     @classmethod
-    def from_pretrained(cls, name="google/t5gemma-2b-2b-ul2", device="cpu", max_tokens=256):
+    def from_pretrained(cls, name=T5GEMMA_ID, device="cpu", max_tokens=256):
         from transformers import AutoTokenizer, T5GemmaEncoderModel
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16 as PRX on GPU
         # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
@@ -95,16 +98,18 @@ class T5GemmaTextEncoder:
                 name=name)
         return cls(model.to(device), tokenizer, max_tokens)
 
-    @torch.no_grad()
     def __call__(self, captions):
-        tokens = self.tokenizer([clean_caption(c) for c in captions], padding=True, truncation=True,
-                                max_length=self.max_tokens, return_tensors="pt").to(self.model.device)
-        emb = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return emb, tokens.attention_mask.bool()
+        return self.encode(captions)[:2]
 
-    def cut(self, captions):
-        """How many of the captions have more tokens than max_tokens (the encoder sees their first max_tokens)."""
-        return sum(len(ids) > self.max_tokens for ids in self.tokenizer([clean_caption(c) for c in captions]).input_ids)
+    @torch.no_grad()
+    def encode(self, captions):
+        """-> emb, mask, and how many of the captions have more than max_tokens tokens (the encoder reads the first)."""
+        cleaned = [clean_caption(c) for c in captions]  # once, for both tokenizer calls
+        tokens = self.tokenizer(cleaned, padding=True, truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self.model.device)
+        emb = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return emb, tokens.attention_mask.bool(), sum(len(ids) > self.max_tokens
+                                                      for ids in self.tokenizer(cleaned).input_ids)
 
 
 @torch.no_grad()
@@ -320,11 +325,10 @@ def encode_samples(samples, encoder, vae, shift, scale, seed):
         latents = encode_latents(vae, torch.from_numpy(np.stack(columns["image"])), seeds, shift, scale)
         columns["latent"] = list(to_bits(latents))
     for name in samples[0]["captions"]:
-        emb, mask = encoder([s["captions"][name] for s in samples])  # right-padded
+        emb, mask, cut[name] = encoder.encode([s["captions"][name] for s in samples])  # right-padded
         bits, lengths = to_bits(emb), mask.sum(1).tolist()
         columns[f"txt_{name}"] = [bits[j, :n].copy() for j, n in enumerate(lengths)]  # real length, no padding
         columns[f"caption_{name}"] = [s["captions"][name] for s in samples]
-        cut[name] = encoder.cut(columns[f"caption_{name}"])
     return columns, cut
 
 
@@ -455,8 +459,8 @@ def prepare(args, rank=0, world_size=1):
                         "rows_done": rows_done, "source_state": rows.state_dict(), "skipped": skipped,
                         "captions_cut": cut}  # both splits' (as skipped)
                 write_shard(out / "train" / name, columns["train"], meta)
-                columns, skipped, pending, shard = {"train": {}, "eval": {}}, [], 0, shard + 1
-                cut = collections.Counter()
+                columns, skipped, cut, pending = {"train": {}, "eval": {}}, [], collections.Counter(), 0
+                shard += 1
             if not chunk:
                 break
     bar.close()
@@ -476,9 +480,9 @@ def write_index(out, settings, shift=None, scale=None):
     skipped = [(k, v) for m in metas["train"] for k, v in (m["skipped"].items() if isinstance(m["skipped"], dict)
                                                            else m["skipped"])]
     reasons = collections.Counter(r.split(":")[0] for _, r in skipped)
-    cut = {}  # a sum of Counters would drop the fields of none cut
-    for field, n in (kv for m in metas["train"] for kv in m.get("captions_cut", {}).items()):  # bench.py's: none
-        cut[field] = cut.get(field, 0) + n
+    cut = collections.Counter()
+    for m in metas["train"]:
+        cut.update(m.get("captions_cut", {}))  # bench.py's shards: none
     first = next((p for split in shards for p, m in zip(shards[split], metas[split]) if m["count"]), None)
     if first is None:  # no sample in either split (eval only is a set for train.py --eval-data)
         example = next((r for _, r in skipped), "")
@@ -526,7 +530,7 @@ def main(argv=None):
                    help="sample id column (default: webdataset key, else a hash of the image)")
     p.add_argument("--vae", default="flux", choices=[*VAES, "none"], help="latent tokenizer; none for pixel space")
     p.add_argument("--vae-path", help="local copy or other hub id of that VAE (default: the hub id in VAES)")
-    p.add_argument("--text-encoder", default="google/t5gemma-2b-2b-ul2", help="T5Gemma hub id or local copy")
+    p.add_argument("--text-encoder", default=T5GEMMA_ID, help="T5Gemma hub id or local copy")
     p.add_argument("--max-tokens", type=count, default=256, help="text tokens kept per caption (PRX: 256)")
     p.add_argument("--resolution", type=number(int, 1, MAX_RESOLUTION), default=256,
                    help=f"stored images are R x R centre crops (at most {MAX_RESOLUTION}: PRX trains up to 1024 px; "

@@ -311,8 +311,6 @@ class ShapesLoader:
     (b * world_size + rank) * B ... of the training scenes: every rank reads its own slice of the same global
     batch, and a resumed run redraws the same samples."""
 
-    in_channels = 3
-
     def __init__(self, batch_size, rank=0, world_size=1, seed=0, resolution=32, p_long=1.0,
                  text_context=TEXT_CONTEXT, device="cpu"):
         if not 0 <= p_long <= 1:

@@ -117,7 +117,7 @@ def choose_track(track, data, cuda_available):
 
 
 def get_parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); never reused without --resume")
     g.add_argument("--seed", type=number(int, 0, 2**62), default=0)
@@ -548,9 +548,9 @@ def load_lpips(weights=None):
     try:
         net.net.load_state_dict({f"{where[k.split('.')[1]]}.{k.split('.')[2]}": v for k, v in vgg.items()
                                  if k.startswith("features.")})
-    except (KeyError, IndexError, RuntimeError) as e:  # another network's weights
-        raise ValueError(f"--lpips-weights {weights}: not VGG16's weights ({type(e).__name__}: {str(e)[:200]}); it "
-                         f"should be torchvision's {url}")
+    except (KeyError, IndexError, RuntimeError) as e:  # another network's weights (or another torchvision's)
+        raise ValueError(f"{f'--lpips-weights {weights}' if weights else f'torchvision cache {VGG16_FILE}'}: not "
+                         f"VGG16's weights ({type(e).__name__}: {str(e)[:200]}); it should be torchvision's {url}")
     return net.eval().requires_grad_(False)
 
 
@@ -641,19 +641,20 @@ class StepLog:
         self.peak = args.peak_tflops * 1e12 if device.type == "cuda" else matmul_peak(device)
         log(f"peak {self.peak:.3g} FLOP/s per process: " + ("--peak-tflops (bf16)" if device.type == "cuda" else
                                                             "fp32 matmul 1024^3, measured"))
-        self.since, self.samples, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0
+        self.since, self.samples, self.flops, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0, 0.0
 
-    def add(self, data_s, opt_s):
-        """One step's time in the loader and the optimizer."""
+    def add(self, data_s, opt_s, txt_len):
+        """One step: its time in the loader and the optimizer, its text length (its FLOPs)."""
         self.samples += self.args.batch_size
+        # per process; the backward costs two forwards
+        self.flops += 3 * flops_per_sample(self.cfg, self.num_img, txt_len, self.args.route_ratio or 0.0) * \
+            self.args.batch_size / self.world
         self.data_s += data_s
         self.opt_s += opt_s
 
-    def __call__(self, step, loss, norm, lr, txt_len, train_time, max_time):
+    def __call__(self, step, loss, norm, lr, train_time, max_time):
         args, elapsed = self.args, train_time - self.since
-        speed = self.samples / elapsed
-        # per process; the backward costs two forwards
-        flops = 3 * flops_per_sample(self.cfg, self.num_img, txt_len, args.route_ratio or 0.0) * speed / self.world
+        speed, flops = self.samples / elapsed, self.flops / elapsed
         record = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "samples_per_s": speed,
                   "flops_per_s": flops, "mfu": flops / self.peak, "data_share": self.data_s / elapsed,
                   "optimizer_share": self.opt_s / elapsed, "train_time_s": train_time}
@@ -663,7 +664,7 @@ class StepLog:
                  f"data {record['data_share']:.0%} | optimizer {record['optimizer_share']:.0%} | "
                  f"train_time {train_time * 1000:.0f}ms | step_avg {train_time * 1000 / step:.2f}ms | "
                  f"eta {datetime.timedelta(seconds=int(max(0, eta)))}", record)
-        self.since, self.samples, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0
+        self.since, self.samples, self.flops, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0, 0.0
 
 
 def matmul_peak(device, n=1024, reps=8):
@@ -686,16 +687,16 @@ def learning_rate(args, step, train_time):
 # ----------------------------------------------------------------------------------------------------------
 # Setup
 
-def build_model(args, loader, device):
-    """-> (PRX config, model, EMA copy or None, Trainee, REPA teacher or None). Input channels and text width come
-    from the data; the REPA layer defaults to PRX's 7 of 16 blocks, scaled to the depth."""
+def build_model(args, loader, device, start_step):
+    """-> (PRX config, model, EMA copy or None, Trainee, REPA teacher or None: none from --repa-stop on). Input
+    channels and text width come from the data; the REPA layer defaults to PRX's 7 of 16 blocks, scaled to the depth."""
     overrides = {k: v for k, v in dict(hidden_size=args.hidden, depth=args.depth, patch_size=args.patch).items() if v}
     if args.hidden:
         overrides.update(num_heads=args.hidden // 64, axes_dim=(32, 32))  # a multiple of 64: check_combinations
-    cfg = preset_config(args.model, args.resolution, in_channels=loader.in_channels,
+    cfg = preset_config(args.model, args.resolution, in_channels=loader.x0_shape[0],
                         context_dim=loader.null_txt.shape[-1], sprint=args.sprint,
                         resolution_embeds=args.resolution_embeds, **overrides)
-    if args.foreground_weight and loader.in_channels != 3:
+    if args.foreground_weight and loader.x0_shape[0] != 3:
         raise SystemExit("error: --foreground-weight needs pixel-space data (latents have no background colour)")
     if loader.resolution != args.resolution:
         raise SystemExit(f"error: --resolution {args.resolution}: the data {args.data} holds {loader.resolution} px "
@@ -712,7 +713,8 @@ def build_model(args, loader, device):
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
     frozen = torch.bfloat16 if device.type == "cuda" else None  # PRX runs the frozen teacher and DINOv2 in bf16
     teacher, nets = None, {}  # nets: the frozen networks of --lpips and --pdino, for Trainee.perceptual
-    if args.repa:
+    repa = args.repa and not (args.repa_stop and start_step >= args.repa_stop)  # a resume past it: nothing to load
+    if repa:
         with exit_on(f"--repa {args.repa}", (FileNotFoundError, ValueError, RuntimeError, SafetensorError)):
             teacher = load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else \
                 load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], args.repa_weights, "--repa-weights",
@@ -725,7 +727,7 @@ def build_model(args, loader, device):
             nets["pdino"] = load_dino(PDINO_MODEL, args.pdino_weights, "--pdino-weights",
                                       dynamic_img_size=True).to(device, frozen)
     kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
-    trainee = Trainee(model, kind if args.repa else None, teacher and teacher.num_features, args.repa_layer, nets)
+    trainee = Trainee(model, kind if repa else None, teacher and teacher.num_features, args.repa_layer, nets)
     return cfg, model, ema, trainee.to(device), teacher
 
 
@@ -997,7 +999,7 @@ def flag_changes(before, args, names, parser):
 
     def value(k, v):
         return parse_data_phases(v) if k in ("data", "eval_data") and v not in (None, "builtin") else v
-    was = {k: before.get(k, parser.get_default(k)) for k in set(names) & set(now)}
+    was = {k: before.get(k, json.loads(json.dumps(parser.get_default(k)))) for k in set(names) & set(now)}
     return [f"--{k.replace('_', '-')} {was[k]} -> {now[k]}" for k in sorted(was)
             if value(k, was[k]) != value(k, now[k])]
 
@@ -1341,7 +1343,7 @@ def main(argv=None):
     existing = out is not None and os.path.isdir(out)  # else made once the run's errors are past
     lock = claim_on_rank_0(out, False, master, world)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
-    cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device)
+    cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device, step_of(ckpt) if ckpt else 0)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
     if args.fsdp:  # before the optimizers, which then take the shards
@@ -1400,7 +1402,7 @@ def main(argv=None):
         t0, graphs = time.perf_counter(), compiled_graphs(args)
         lr = learning_rate(args, step, train_time)
         loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
-        step_log.add(data_s, opt_s)
+        step_log.add(data_s, opt_s, txt_len)
         if ema is not None and (step + 1) % args.ema_every == 0:
             ema_update(ema, raw_model, args.ema)
         finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)  # an infinite norm clips every update to 0
@@ -1421,7 +1423,7 @@ def main(argv=None):
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
                 raise SystemExit(f"error: loss {loss_value}, grad_norm {norm} at step {step}: not finite; stopping: "
                                  f"{where_to_resume(out)} (lower --lr or raise --warmup)")
-            step_log(step, loss_value, norm, lr, txt_len, train_time, max_time)
+            step_log(step, loss_value, norm, lr, train_time, max_time)
 
     for sig, handler in handlers.items():
         signal.signal(sig, handler)

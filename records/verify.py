@@ -126,6 +126,8 @@ def git(*argv, encoding="utf-8"):
 @lru_cache(maxsize=None)
 def committed_sha256(commit, name):
     """The sha256 of a file (a binary one: the built-in teacher's weights) at a commit, or None."""
+    if not commit:  # `git show :name` would read the index
+        return None
     shown = git("show", f"{commit}:{name}", encoding=None)
     return hashlib.sha256(shown.stdout).hexdigest() if shown.returncode == 0 else None
 

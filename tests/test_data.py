@@ -141,7 +141,7 @@ def test_the_caption_modes_are_the_long_caption_probabilities():
     """--captions long, short, mixed (PRX's even mix) and mixed:p, p anywhere in [0, 1] with both ends included."""
     assert [data.caption_share(c) for c in ("long", "short", "mixed", "mixed:0", "mixed:1", "mixed:0.25")] == \
         [1.0, 0.0, 0.5, 0.0, 1.0, 0.25]
-    for captions in ("mixed:-0.1", "mixed:1.01", "mixed:x"):
+    for captions in ("mixed:-0.1", "mixed:1.01", "mixed:x", "mixed:"):  # "mixed:" was taken as mixed
         with pytest.raises(ValueError, match="mixed"):
             data.caption_share(captions)
 

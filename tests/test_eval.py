@@ -714,6 +714,35 @@ def test_a_checkpoint_pruned_during_its_evaluation_keeps_the_result(tmp_path, mo
     assert json.loads((tmp_path / "e.json").read_text())["weights"] == "ema"
 
 
+def test_a_checkpoint_pruned_before_its_grid_is_drawn_is_said(tmp_path, monkeypatch):
+    ckpt, sample = write_run(tmp_path / "run", random_tiny_prx()), ev.sample
+
+    def prune_then_sample(*args, **kwargs):  # the run's --keep prunes the checkpoint during the first batch
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return sample(*args, **kwargs)
+    monkeypatch.setattr(ev, "sample", prune_then_sample)
+    with pytest.raises(SystemExit, match="was removed during the evaluation .* so eval.json has no folder: caption_"):
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "1"])
+
+
+def test_an_unwritable_output_is_refused_before_sampling(tmp_path, monkeypatch):
+    ckpt = write_run(tmp_path / "run", random_tiny_prx())
+    (tmp_path / "locked").mkdir()
+    access = os.access  # refused as for a user without write permission (root has it)
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: str(path) not in (str(ckpt), str(tmp_path / "locked")) and
+                        access(path, mode, **k))
+    monkeypatch.setattr(ev, "sample", lambda *a, **k: pytest.fail("sampled"))
+    for argv, message in ((["--out", str(tmp_path / "locked" / "e.json")], f"cannot write in {tmp_path / 'locked'}"),
+                          ([], f"cannot write in {ckpt} (no permission, or a read-only file system); the evaluation "
+                               f"writes its grid there"),
+                          (["sample", "--prompt", "a"], f"cannot write in {ckpt} (no permission, or a read-only file "
+                                                        f"system); write the image elsewhere with --out")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            ev.main(["--ckpt", str(ckpt), "--num-samples", "1", *argv] if not argv or argv[0] != "sample" else
+                    [*argv, "--ckpt", str(ckpt)])
+    assert sorted(os.listdir(tmp_path / "locked")) == []
+
+
 def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
     """write_new claims its name while it writes: another evaluation of the same checkpoint meanwhile (here: inside
     the first's write) takes eval_1.json, a later one eval_2.json; a write that fails gives its name back."""
@@ -923,10 +952,12 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
                                                              "ref's (python eval.py eval ...)"),
                           (["ref", "--caption=short"], "--caption is not a flag of `ref`: it is eval's"),
                           (["export", "--steps", "4"], "--steps is not a flag of `export`: it is eval and sample's"),
-                          (["--out", ""], "argument --out: an empty value (an unset shell variable?)")):
-        with pytest.raises(SystemExit):  # each was silently ignored (or the default taken)
-            ev.main(["--ckpt", str(ckpt), *argv])
+                          (["--out", ""], "argument --out: an empty value (an unset shell variable?)"),
+                          (["sample", "--prompt", "a", "--num-sam", "3"], "unrecognized arguments: --num-sam 3")):
+        with pytest.raises(SystemExit):  # each was silently ignored (or the default taken; argparse's abbreviation
+            ev.main(["--ckpt", str(ckpt), *argv])  # --num-sam of a flag of another command)
         assert message in capsys.readouterr().err
+    assert ev.get_args(["sample", "--ckpt", str(ckpt), "--prompt", ""]).prompt == [""]  # the empty prompt: a prompt
     with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
         m.setattr(ev, "distributed", lambda: True)
         m.setattr(ev.dist, "get_world_size", lambda: 4)

@@ -103,6 +103,7 @@ def test_from_diffusers_takes_overrides_and_refuses_what_it_cannot_load(tmp_path
     save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     loaded = PRX.from_diffusers(str(tmp_path), route_start=0, route_end=3)
     assert (loaded.cfg.route_start, loaded.cfg.route_end) == (0, 3)
+    assert PRX.from_diffusers(str(tmp_path), theta=100).cfg.theta == 100  # a key of their config too: overridden
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     for option in (dict(time_factor=1.0), dict(time_max_period=100)):
         (tmp_path / "config.json").write_text(json.dumps(config | option))

@@ -823,6 +823,8 @@ def test_resume_checks_the_patch_and_takes_a_newer_flags_default(finished_run, t
     del config["args"]["muon_ns_steps"]  # at its default, 5
     (out / "config.json").write_text(json.dumps(config))
     train.check_resume_flags(args, ckpt)
+    parser = train.get_parser()  # a tuple default compares as stored (a list), not as a change
+    assert train.flag_changes({}, args, {"betas", "muon_ns_steps"}, parser) == []
     with pytest.raises(SystemExit, match="--muon-ns-steps 5 -> 3"):  # from that default, a change like any other
         train.check_resume_flags(train.get_args(SMALL + ["--out", str(out), "--resume", "--optimizer", "muon",
                                                          "--muon-ns-steps", "3"]), ckpt)
@@ -1458,6 +1460,9 @@ def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
     train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--out", str(out)])
     assert "REPA stopped at step 2" in (out / "log.txt").read_text()
     assert "repa" not in torch.load(out / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
+    train.main(SMALL + ["--max-steps", "4", "--out", str(out), "--resume"])  # past the stop: no REPA built again
+    resumed = (out / "log.txt").read_text().split("=== config.resume-3.json")[1]
+    assert "REPA" not in resumed.split("\n=== ")[-1] and sorted(losses(out)) == [1, 2, 3, 4]
     plain, with_repa = tmp_path / "plain", tmp_path / "repa"
     train.main(SMALL + ["--max-steps", "2", "--out", str(plain)])
     train.main(SMALL + ["--max-steps", "4", "--out", str(plain), "--resume", "--repa", "builtin"])
@@ -1524,7 +1529,7 @@ def test_the_default_repa_layer_is_prx_s_7_of_16_scaled_to_the_depth():
     for depth, layer in ((16, 7), (4, 1), (2, 0)):
         args = train.get_args(["--track", "cpu", "--repa", "builtin", "--depth", str(depth)])
         loader = train.open_training_data(args, 0, 1, torch.device("cpu"))[0]
-        assert train.build_model(args, loader, torch.device("cpu"))[3].repa_layer == layer
+        assert train.build_model(args, loader, torch.device("cpu"), 0)[3].repa_layer == layer
 
 
 def muon_step_moves(flags, step):
@@ -1604,7 +1609,7 @@ def test_bf16_autocast_step_is_fp32_within_bf16_rounding(flags, monkeypatch):
     args = train.get_args(SMALL + flags + ["--batch-size", "8", "--out", "unused"])
     cpu = torch.device("cpu")
     loader = open_loader("builtin", 8, 0, 1, 0, "long", cpu, 1, 32, 5, images=bool(args.repa))
-    _, raw, _, trainee, teacher = train.build_model(args, loader, cpu)
+    _, raw, _, trainee, teacher = train.build_model(args, loader, cpu, 0)
     results = {}
     for precision in ("fp32", "bf16"):
         args.precision = precision
@@ -1655,28 +1660,30 @@ def test_bf16_on_a_cpu_without_bf16_units_is_warned_at_start(units, warned):
 
 
 def test_step_log_closed_form(monkeypatch):
-    """A step line covers the steps since the last one: samples/s = batch x steps / their seconds; flops/s = 3 x
-    flops_per_sample (the image tokens of x0_shape, the text length, the route ratio) x samples/s / processes; mfu over
+    """A step line covers the steps since the last one: samples/s = batch x steps / their seconds; flops/s = the sum
+    over those steps of 3 x flops_per_sample (the image tokens of x0_shape, the step's text length, the route ratio) x
+    batch / processes, over their seconds; mfu over
     --peak-tflops on CUDA; the loader's and optimizer's shares of those seconds; the ETA: the steps left at this speed,
     or the time budget left if sooner; step_avg over the whole training time."""
     calls = []
-    monkeypatch.setattr(train, "flops_per_sample", lambda cfg, img, txt, route: calls.append((img, txt, route)) or 1e9)
+    monkeypatch.setattr(train, "flops_per_sample", lambda cfg, img, txt, route: calls.append((img, txt, route)) or
+                        txt * 1e8)
     monkeypatch.setattr(train, "matmul_peak", lambda device: pytest.fail("measured the peak on CUDA"))
     args = argparse.Namespace(batch_size=8, route_ratio=0.25, max_steps=100, peak_tflops=2.0)
     lines = []
     log = train.StepLog(args, argparse.Namespace(patch_size=4), argparse.Namespace(x0_shape=(3, 32, 16)), 2,
                         torch.device("cuda"), 10.0, lambda text, record=None: lines.append((text, record)))
     assert lines.pop() == ("peak 2e+12 FLOP/s per process: --peak-tflops (bf16)", None)
-    log.add(1.0, 0.5)
-    log.add(1.0, 0.5)
-    log(10, 0.5, 1.0, 1e-3, 7, 14.0, 1000.0)  # 16 samples in 4 s
+    log.add(1.0, 0.5, 7)
+    log.add(1.0, 0.5, 13)
+    log(10, 0.5, 1.0, 1e-3, 14.0, 1000.0)  # 16 samples in 4 s; 3 x (0.7 + 1.3)e9 x 8 / 2 FLOPs
     text, record = lines.pop()
-    assert calls == [(32, 7, 0.25)]  # 32 x 16 px in 4 px patches
+    assert calls == [(32, 7, 0.25), (32, 13, 0.25)]  # 32 x 16 px in 4 px patches
     assert record == {"step": 10, "loss": 0.5, "grad_norm": 1.0, "lr": 1e-3, "samples_per_s": 4.0, "flops_per_s": 6e9,
                       "mfu": pytest.approx(3e-3), "data_share": 0.5, "optimizer_share": 0.25, "train_time_s": 14.0}
     assert text.endswith("| train_time 14000ms | step_avg 1400.00ms | eta 0:03:00")  # 90 steps x 8 at 4/s
-    log.add(0.2, 0.1)
-    log(11, 0.5, 1.0, 1e-3, 7, 16.0, 100.0)  # 8 samples in the 2 s since the last line; 84 s of the budget left
+    log.add(0.2, 0.1, 7)
+    log(11, 0.5, 1.0, 1e-3, 16.0, 100.0)  # 8 samples in the 2 s since the last line; 84 s of the budget left
     text, record = lines.pop()
     assert (record["samples_per_s"], record["data_share"], record["optimizer_share"]) == (4.0, 0.1, 0.05)
     assert text.endswith("| eta 0:01:24") and record["train_time_s"] == 16.0

@@ -107,7 +107,7 @@ def test_flags_off_leave_the_step_bit_identical(pred):
     from data import open_loader
     args = train.get_args(SMALL + ["--pred", pred, "--batch-size", "8", "--micro-batch", "8", "--out", "unused"])
     loader = open_loader("builtin", 8, 0, 1, 0, "long", CPU, 1, 32, 5, images=False)
-    _, model, _, trainee, _ = train.build_model(args, loader, CPU)
+    _, model, _, trainee, _ = train.build_model(args, loader, CPU, 0)
     assert trainee.perceptual == {} and not hasattr(model, "resolution_embedder")
     x0, eps, t, x_t, txt, mask, _ = train.micro_batch(args, loader, 0, 0, CPU)
     reference = train.flow_loss(model(x_t, t, txt, mask), x0, eps, x_t, t, pred, train.foreground_weights(x0, 2.0))
@@ -161,6 +161,10 @@ def test_lpips_backbone_from_the_weights_file_or_a_clear_error_offline(tmp_path,
         raise urllib.error.URLError("no route to download.pytorch.org")
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match=f"{train.VGG16_FILE} is not in torch's cache.*--lpips-weights PATH"):
+        train.load_lpips()
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: torch.load(
+        tmp_path / "other.pth"))  # the cache of another torchvision: named as such, not as a flag never given
+    with pytest.raises(ValueError, match=f"^torchvision cache {train.VGG16_FILE}: not VGG16's weights"):
         train.load_lpips()
 
 
