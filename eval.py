@@ -332,8 +332,8 @@ def setup_distributed(tf32):
     if "RANK" in os.environ:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's
             die_with_launcher()
-        # an hour for a collective (NCCL's default: 10 minutes): while rank 0 writes a checkpoint (`base`'s: 112 GB with
-        # AdamW and its EMA), the other ranks wait in the next step's all-reduce
+        # an hour for a collective (NCCL's default: 10 minutes): while rank 0 writes a checkpoint (a large model's takes
+        # minutes), the other ranks wait in the next step's all-reduce
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     else:
@@ -742,7 +742,7 @@ def make_reference(args, device):
     names = args.metrics or list(FEATURE_METRICS)
     if "fid" in names and args.num_samples < 2:
         raise SystemExit(f"error: --num-samples {args.num_samples}: FID's covariance needs at least 2 images")
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez gives the file
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez would give it
     if os.path.exists(out):  # runs and records name a reference by its sha256: never replaced unasked
         raise SystemExit(f"error: --out {out} exists; remove it to rebuild it, or write another file")
     split = open_split(args.data, args.num_samples, None, args.resolution or 32, 0, 0)  # images only
@@ -892,7 +892,7 @@ def sample_prompts(args, device):
 def export_pipeline(args, device):
     """`eval.py export`: the checkpoint (EMA weights when the run has them) as a folder PRXPipeline.from_pretrained
     loads whole: the run's shift and resolution, the VAE, T5Gemma and token cap its prepared data was encoded with
-    (model.PRX.save_diffusers; README for the call that reproduces eval.py's samples)."""
+    (model.PRX.save_diffusers, whose docstring shows the call that reproduces eval.py's samples)."""
     if not args.out:
         raise SystemExit("error: export needs --out FOLDER (a new folder)")
     if os.path.exists(args.out):

@@ -559,7 +559,7 @@ def verify_checkpoint(ckpt):
             expected = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{os.path.join(ckpt, CHECKSUMS)} cannot be read ({e}); {use}")
-    present = [n for n in CHECKPOINT_FILES[:-1] if os.path.exists(os.path.join(ckpt, n))]
+    present = [n for n in CHECKPOINT_FILES if n != CHECKSUMS and os.path.exists(os.path.join(ckpt, n))]
     if not isinstance(expected, dict) or any(n not in expected for n in ["model.safetensors", *present]):
         raise ValueError(f"{os.path.join(ckpt, CHECKSUMS)} does not list the sha256 of each file of the checkpoint "
                          f"({', '.join(present) or 'no model.safetensors'}): not as train.py wrote it; {use}")
@@ -585,8 +585,7 @@ def read_config(path):
 
 def resume_configs(run):
     """-> [(config.resume-S.json, S)]: the flags of each resume of the run, from step S."""
-    names = [n for n in os.listdir(run) if re.fullmatch(r"config\.resume-\d+\.json", n)]
-    return [(n, int(n[len("config.resume-"):-len(".json")])) for n in names]
+    return [(n, int(m[1])) for n in os.listdir(run) if (m := re.fullmatch(r"config\.resume-(\d+)\.json", n))]
 
 
 def stage_config(run, ckpt):
