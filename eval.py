@@ -38,7 +38,7 @@ from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
 
 
-EVAL_VERSION = 1  # bump when a preprocessing step or a definition changes: older reference files are then refused
+EVAL_VERSION = 2  # bump when a preprocessing step or a definition changes: older reference files are then refused
 FEATURE_METRICS = ("fid", "cmmd", "dino_mmd")
 CLIP_ID = "openai/clip-vit-large-patch14-336"
 DINO_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
@@ -79,7 +79,8 @@ def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cf
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
     null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale, for
     every w >= 0 (0: unconditional); w = 1 is the conditional pass alone (diffusers skips guidance for any w <= 1).
-    Sample i draws its starting noise, then (with self-guidance) each step's TREAD route, from its own CPU
+    Self-guidance s: routed + s (full - routed), of the guided predictions; with w = 1 PRX's (tread.py), which
+    replaces CFG, but with a new route each step (PRX keeps one per batch). Sample i draws its starting noise, then (with self-guidance) each step's TREAD route, from its own CPU
     torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the ranks or the device."""
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
@@ -285,9 +286,12 @@ def load_dino(name=DINO_ID, weights=None, flag="--dino-weights", pretrained=True
 
 
 def dino_features(model, images):
-    """L2-normalised CLS token after the final norm; bicubic to the model's size (518), ImageNet mean/std."""
-    cfg, device = model.pretrained_cfg, next(model.parameters()).device
-    x = normalize(crop_resize(images, model.patch_embed.img_size[0]), cfg["mean"], cfg["std"], device)
+    """L2-normalised CLS token after the final norm; as PRX's DINOFeatureExtractor: bicubic to the model's size (518)
+    in float (no antialiasing, no rounding to uint8, unlike CMMD's), ImageNet mean/std."""
+    cfg, device, size = model.pretrained_cfg, next(model.parameters()).device, model.patch_embed.img_size[0]
+    x = F.interpolate(images.to(device).float(), size=(size, size), mode="bicubic", align_corners=False)
+    x = (x / 255 - torch.tensor(cfg["mean"], device=device)[:, None, None]) / \
+        torch.tensor(cfg["std"], device=device)[:, None, None]
     return F.normalize(model.forward_features(x)[:, 0].float(), dim=-1)
 
 

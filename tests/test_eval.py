@@ -263,6 +263,11 @@ def test_dino_features_are_the_normalised_cls_token(tmp_path):
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # ImageNet
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, ours, atol=1e-5, rtol=1e-5)
+    small = blocky_images(3, seed=6, size=20)  # resized as PRX's DINO-MMD: float bicubic, no antialiasing
+    resized = F.interpolate(small.float() / 255, size=(28, 28), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        expected = F.normalize(model((resized - mean[:, None, None]) / std[:, None, None]), dim=-1)
+        torch.testing.assert_close(ev.dino_features(model, small), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_clip_and_dino_offline_fail_fast_and_say_what_to_fetch(unreachable_hub):
