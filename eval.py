@@ -494,6 +494,9 @@ class Metrics:
         # the reference checked: the networks load next, each named in the settings by its weights' fingerprint
         self.metrics, self.device, self.images = tuple(metrics), torch.device(device), images
         self.settings, self.nets = {"eval_version": EVAL_VERSION}, {}
+        if "fid" in metrics and count is not None and count < 2048 and main_process():
+            print(f"note: FID of {count} images ({count_flag}): fewer than Inception's 2048 features, so the "
+                  f"covariances are singular and the FID biased upward; compare FIDs of one count only")
         if "fid" in metrics:
             import torch_fidelity
             net = self.nets["fid"] = load_inception(fid_weights).to(self.device)

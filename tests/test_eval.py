@@ -66,7 +66,7 @@ def tiny_dino(**kwargs):
 # ----------------------------------------------------------------------------------------------------------
 # FID
 
-def test_fid_equals_torch_fidelity(inception_weights, tmp_path):
+def test_fid_equals_torch_fidelity(inception_weights, tmp_path, capsys):
     import torch_fidelity
     real, fake = blocky_images(2, seed=0), blocky_images(2, seed=1, brightness=40)  # 2 each: eigvals of 2048^2 is slow
     theirs = torch_fidelity.calculate_metrics(
@@ -78,10 +78,15 @@ def test_fid_equals_torch_fidelity(inception_weights, tmp_path):
     ref.update(real[1:])
     ref.save_reference(tmp_path / "ref.npz")
     ours = ev.Metrics(tmp_path / "ref.npz", ["fid"], fid_weights=inception_weights)
+    assert "note: FID" not in capsys.readouterr().out  # no count given: no note
     ours.update(fake)
     fid = ours.compute()["fid"]
     assert fid > 1e-3
     assert abs(fid - theirs) <= 1e-3 * abs(theirs)
+    ev.Metrics(None, ["fid"], fid_weights=inception_weights, count=2047, count_flag="--eval-samples")
+    assert "note: FID of 2047 images (--eval-samples): fewer than Inception's 2048" in capsys.readouterr().out
+    ev.Metrics(None, ["fid"], fid_weights=inception_weights, count=2048)
+    assert "note" not in capsys.readouterr().out
 
 
 def test_inception_features_do_not_depend_on_batch(inception_weights):
