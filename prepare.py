@@ -405,6 +405,8 @@ def prepare(args, rank=0, world_size=1):
     args.min_size = args.min_size or args.resolution // 2
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device of every library call too: not GPU 0 on each rank
     rows, total, args.source_files, files = open_source(args.source, args.image_field, rank, world_size)
     settings = check_settings(out, args)
     if (out / "index.json").exists():  # a complete preparation of these settings and files

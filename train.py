@@ -1308,6 +1308,9 @@ def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, la
     """One evaluation of eval_model (the EMA weights when the run keeps them), logged; -> whether the run ends here
     (it was the last step, or --target is reached). The last evaluation is also written to eval.json."""
     result = run_eval(eval_model.eval(), os.path.join(out, f"samples_{step}.png") if master else None)
+    for module in eval_model.modules():  # FSDP2 keeps the root's weights gathered after a forward with no backward:
+        if isinstance(module, FSDPModule):  # gathered, they would meet the EMA update and the checkpoint unsharded
+            module.reshard()  # (in bf16 under --precision bf16)
     raw_model.train()
     log(" | ".join([f"eval step {step}", *(f"{k} {v:.4f}" for k, v in result.items()),
                     f"train_time {train_time * 1000:.0f}ms"]), {"step": step, "train_time_s": train_time, **result})
