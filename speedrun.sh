@@ -13,12 +13,15 @@
 #   BESIDE=1 bash speedrun.sh --track cpu -- --lr 3e-3   # each run beside the record configuration's of its seed
 #
 # Environment: RUNS (default the track's minimum, in whole pairs on the CPU), NAME and WHAT (the record folder's name
-# and what changed), STOP (the stopping value, default the target: a margin helps the full evaluation confirm it),
+# and what changed), STOP (the periodic check's stopping value, default the target as that check reads it, the
+# track's `stop`: a margin helps the full evaluation confirm it),
 # EVERY (steps between the small evaluations; CPU track), RECORDS (default records/), RUNS_DIR (default runs/),
 # BESIDE (1: also run the record configuration, seed by seed beside the flags after --, into the folder's beside/,
 # at the commit its record's runs trained at: on a machine of another speed the leaderboard scales a record's time by
 # them, records/RULES.md).
 set -euo pipefail
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) ||  # wait -n -p
+  { echo "speedrun.sh: needs bash 5.1 or newer; this is $BASH_VERSION" >&2; exit 1; }
 {  # bash reads a script while it runs it: in braces it reads it whole first, so an edit meanwhile changes nothing
 cd "$(dirname "$0")"
 die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, and exit CODE
@@ -40,10 +43,11 @@ while [ $# -gt 0 ]; do
     *) die 2 "unknown option $1 (usage at the top of speedrun.sh)" ;;
   esac
 done
-PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, samples, steps, cfg, runs, lower
+PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, stop, samples, steps, cfg, runs, lower
 eval "$PROTOCOL"
 if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
-RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$target}
+stop=${stop:-$target}  # the periodic check's value at the target (GPU tracks: their small FID's, calibrated)
+RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$stop}
 NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}
 [[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] ||  # a folder name under RECORDS and RUNS_DIR, not a path
   die 2 "NAME=$NAME: letters, digits, '.', '_' and '-' only (it names the record's folder)"
@@ -89,10 +93,11 @@ fi
 if [ -n "${EVERY:-}" ] && ! [[ $EVERY =~ ^0*[1-9][0-9]*$ ]]; then  # else each run would refuse it, after the start
   die 2 "EVERY=$EVERY: a whole number of steps above 0 (training steps between the small evaluations)"
 fi
-if [ "$KIND" = record ] && ! awk -v stop="$STOP" -v target="$target" -v lower="$lower" \
+if [ "$KIND" = record ] && ! awk -v stop="$STOP" -v target="$stop" -v lower="$lower" \
     'BEGIN { exit !(stop + 0 == stop && (lower ? stop <= target : stop >= target)) }'; then
   die 1 "STOP=$STOP: runs stopping there would not meet the target on the mean ($metric" \
-        "$([ "$lower" = 1 ] && echo "<=" || echo ">=") $target); use the target or a margin beyond it"
+        "$([ "$lower" = 1 ] && echo "<=" || echo ">=") $target$([ "$stop" = "$target" ] ||
+        echo ", which the periodic check reads as $stop")); use $stop or a margin beyond it"
 fi
 if [ "$KIND" = record ] && [ "$TRACK" = cpu ] && [ -z "${BESIDE:-}" ]; then
   echo "speedrun.sh: note: without BESIDE=1 these runs cannot verify as a CPU record (records/RULES.md): a record" \
@@ -101,7 +106,7 @@ fi
 # the budget: a calibration trains the baseline for a fixed budget, a record stops at the target (with a cap)
 case $TRACK-$KIND in
   8gpu-calibration) BUDGET=(--max-steps 100000) ;;  # PRX part 2's baseline
-  1gpu-calibration) BUDGET=(--max-time 240) ;;
+  1gpu-calibration) BUDGET=(--max-time 240 --max-steps 1000000000) ;;  # the time, not train.py's default steps
   cpu-calibration) BUDGET=(--max-time 30) ;;
   smoke-calibration) BUDGET=(--max-steps 4) ;;
   smoke-record) BUDGET=(--max-steps 4 --target "$metric=$STOP") ;;
@@ -125,8 +130,13 @@ case $TRACK in
     NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
     [ "$NPROC" -gt 0 ] || die 1 "no GPU visible; the CPU track is --track cpu"
     [ "$TRACK" = 8gpu ] || NPROC=1
+    [ "$NPROC" = "$world" ] || die 1 "the $TRACK track runs on $world GPUs (records/RULES.md); $NPROC visible"
+    GPUS=$(python -c "import torch; print(*sorted({torch.cuda.get_device_name(i) for i in range($NPROC)}), sep=', ')")
+    [ "$GPUS" = "$gpu" ] ||  # found now, not by verify.py after hours of runs
+      die 1 "the $TRACK track runs on $gpu (records/RULES.md); this machine has $GPUS, whose runs would not verify"
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
-    TRAIN=(--track "$TRACK" --compile --eval-every 2500 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz")
+    TRAIN=(--track "$TRACK" --compile --eval-every 2500 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz"
+           --ckpt-every 1000000000 --keep 1)  # the last checkpoint only (tens of GB): a record's run is never resumed
     CONFIRM=(--ref "$DATA/ref.npz" --metrics fid)
     [ -f "$DATA/index.json" ] || "${LAUNCH[@]}" prepare.py --out "$DATA"  # Flux VAE + T5Gemma, once, untimed
     [ -f "$DATA/ref.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples "$samples" --metrics fid \

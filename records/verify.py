@@ -32,8 +32,9 @@ LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accur
 # calibration (`speedrun.sh --calibrate`), not yet run. gpu: torch.cuda.get_device_name of the H100 80GB SXM (the
 # PCIe and NVL parts name themselves "NVIDIA H100 PCIe", "NVIDIA H100 NVL": slower, other tracks).
 # periodic: the stopping checks' flags (speedrun.sh's); a CPU record's runs beside share its cadence (check_beside),
-# the GPU tracks', which have none, is fixed.
-GPU = dict(metric="fid", target=None, target_from="speedrun.sh --calibrate", resolution=256, data="data/mj",
+# the GPU tracks', which have none, is fixed. stop: speedrun.sh's default STOP, the periodic check's value at the
+# target, from the calibration (FID of 2,048 images is biased above that of 10,000: the target itself stops late).
+GPU = dict(metric="fid", target=None, stop=None, target_from="speedrun.sh --calibrate", resolution=256, data="data/mj",
            eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_sha256=None, min_runs=3,
            periodic=dict(eval_samples=2048, eval_every=2500, eval_ref="data/mj/ref-2k.npz"))
 TRACKS = {
@@ -644,7 +645,8 @@ def verified_write(folder, track, kind, what, command):
 def protocol(track):
     """The track's protocol as shell assignments, for speedrun.sh."""
     t = TRACKS[track]
-    values = dict(metric=t["metric"], target="" if t["target"] is None else t["target"], samples=t["eval_samples"],
+    values = dict(metric=t["metric"], target="" if t["target"] is None else t["target"], stop=t.get("stop") or "",
+                  samples=t["eval_samples"], gpu=t.get("gpu", ""), world=t["world"],
                   steps=t["steps"], cfg=t["cfg_scale"], runs=t["min_runs"], lower=int(t["metric"] in LOWER_IS_BETTER))
     return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
 
@@ -687,11 +689,21 @@ def main(argv=None):
     print(f"ok {args.folder}: {header}")
     track, kind = KIND.search(header).groups()
     if kind == "calibration" and (ROOT / TRACKS[track]["target_from"]).resolve() != args.folder.resolve():
-        runs = load_runs(args.folder)  # what a calibration sets is the rules': a commit of verify.py
-        refs = sorted({r["ref_sha256"] for r in runs} - {None})
-        print(f"its mean becomes the {track} track's target where TRACKS['{track}'] in records/verify.py says "
-              f"target={summary(runs, track)['mean']:.4g}, target_from='records/{args.folder.name}'"
-              + (f", ref_sha256='{refs[0]}'" if refs else "") + ": commit that with the folder (records/RULES.md)")
+        print(calibration_note(load_runs(args.folder), track, args.folder.name))
+
+
+def calibration_note(runs, track, name):
+    """What a new calibration (records/<name>) of the track sets, a commit of verify.py: the target, the mean of its
+    runs' full evaluations; on a GPU track the stopping value, the mean of their last periodic checks (the scale the
+    stopping rule reads), and the FID reference's sha256."""
+    refs, metric = sorted({r["ref_sha256"] for r in runs} - {None}), TRACKS[track]["metric"]
+    periodic = [[s[metric] for *_, s in r["timeline"] if s and metric in s][-1:] for r in runs]
+    stop = f", stop={statistics.mean(p[0] for p in periodic):.4g}" if "stop" in TRACKS[track] and all(periodic) else ""
+    return (f"its mean becomes the {track} track's target where TRACKS['{track}'] in records/verify.py says "
+            f"target={summary(runs, track)['mean']:.4g}{stop}, target_from='records/{name}'"
+            + (f", ref_sha256='{refs[0]}'" if refs else "") + ": commit that with the folder, then write its results "
+            f"again (`python records/verify.py --write --track {track} --kind calibration records/{name}`: their "
+            f"header names the target; records/RULES.md)")
 
 
 if __name__ == "__main__":

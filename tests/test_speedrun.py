@@ -298,7 +298,24 @@ def test_a_new_calibration_says_how_it_becomes_the_target(cpu_target, tmp_path, 
     verify.main([str(again)])
     assert capsys.readouterr().out.splitlines()[1] == (
         "its mean becomes the cpu track's target where TRACKS['cpu'] in records/verify.py says target=0.315, "
-        "target_from='records/2026-12-09_recalibration': commit that with the folder (records/RULES.md)")
+        "target_from='records/2026-12-09_recalibration': commit that with the folder, then write its results again "
+        "(`python records/verify.py --write --track cpu --kind calibration records/2026-12-09_recalibration`: their "
+        "header names the target; records/RULES.md)")
+
+
+def test_a_gpu_calibration_sets_the_stopping_value_on_the_periodic_checks_scale():
+    """FID of 2,048 images reads above FID of 10,000: the stopping value is the calibration runs' mean last periodic
+    FID, not the target (their mean full FID), and speedrun.sh stops a record there by default."""
+    runs = [dict(gpu_run(), name=f"log_{k}.txt", timeline=[(2500, 1000, None, {"fid": 40.0}), (5000, 2000, 0.4, None),
+                                                           (5000, 2000, None, {"fid": fid2k})],
+                 confirm=dict(gpu_run()["confirm"], metrics=dict(fid=fid10k)))
+            for k, (fid2k, fid10k) in enumerate([(24.0, 20.0), (26.0, 22.0)])]
+    assert verify.calibration_note(runs, "1gpu", "2027-01-01_c") == (
+        "its mean becomes the 1gpu track's target where TRACKS['1gpu'] in records/verify.py says target=21, stop=25, "
+        "target_from='records/2027-01-01_c', ref_sha256='ab12': commit that with the folder, then write its results "
+        "again (`python records/verify.py --write --track 1gpu --kind calibration records/2027-01-01_c`: their header "
+        "names the target; records/RULES.md)")
+    assert "stop=" not in verify.calibration_note([dict(r, ref_sha256=None) for r in runs], "cpu", "c")
 
 
 def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
@@ -745,6 +762,20 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
     teacher.write_bytes(b"another teacher")
     r = stub_speedrun(tmp_path, NAME="y")
     assert r.returncode == 1 and "shapes_teacher.safetensors differs from HEAD's: commit" in r.stderr, r.stderr
+
+
+def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
+    """A GPU track's STOP defaults to its `stop` (the periodic check's reading of the target) and may not pass it."""
+    stub_speedrun(tmp_path, NAME="setup")  # the stub repository
+    verify_py = tmp_path / "records" / "verify.py"
+    verify_py.write_text(verify_py.read_text().replace('metric="fid", target=None, stop=None,',
+                                                       'metric="fid", target=20.0, stop=25.0,'))
+    r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", STOP="26")
+    assert r.returncode == 1 and "STOP=26: runs stopping there would not meet the target on the mean (fid <= 20.0, " \
+        "which the periodic check reads as 25.0); use 25.0 or a margin beyond it" in r.stderr, r.stderr
+    for env in ({}, dict(STOP="24.5")) if not torch.cuda.is_available() else ():  # on to the check for GPUs
+        r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", **env)
+        assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
 
 
 STUB_QUICK = """import os, sys
