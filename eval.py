@@ -893,7 +893,7 @@ def sample_prompts(args, device):
     images = torch.cat([decode(sample(model, txt[i:i + args.batch_size], mask[i:i + args.batch_size], null_txt,
                                       null_mask, seeds[i:i + args.batch_size], shape, **sampling)) for i in batches])
     out = write_new(ckpt, "prompts.png", lambda path: save_grid(images, args.prompt, path), args.out)
-    print(f"{len(images)} images, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
+    print(f"{len(images)} image{'s' * (len(images) > 1)}, {sampling['steps']} steps, guidance {sampling['cfg_scale']} -> {out}")
 
 
 def export_pipeline(args, device):

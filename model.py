@@ -9,6 +9,7 @@ Only image tokens make queries; they attend to [text K/V, image K/V]. Text embed
     python bench.py model     # forward+backward time against diffusers' PRXTransformer2DModel, and FLOPs
 """
 
+import argparse
 import copy
 import hashlib
 import json
@@ -630,6 +631,7 @@ def weights_file(ckpt, weights=None):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description="Print each preset's parameter count and shape.").parse_args()  # no flags
     for name in [n + s for n in PRESETS for s in ("", "-pixel")]:  # parameter count of every preset
         with torch.device("meta"):
             model = PRX.from_preset(name)

@@ -13,12 +13,11 @@
 #   BESIDE=1 bash speedrun.sh --track cpu -- --lr 3e-3   # each run beside the record configuration's of its seed
 #
 # Environment: RUNS (default the track's minimum, in whole pairs on the CPU), NAME and WHAT (the record folder's name
-# and what changed), STOP (the periodic check's stopping value, default the target as that check reads it, the
-# track's `stop`: a margin helps the full evaluation confirm it),
-# EVERY (steps between the small evaluations; CPU track), RECORDS (default records/), RUNS_DIR (default runs/),
-# BESIDE (1: also run the record configuration, seed by seed beside the flags after --, into the folder's beside/,
-# at the commit its record's runs trained at: on a machine of another speed the leaderboard scales a record's time by
-# them, records/RULES.md).
+# and what changed), STOP (the periodic check's stopping value, default the target as that check reads it, the track's
+# `stop`: a margin helps the full evaluation confirm it), EVERY (steps between the small evaluations; CPU track),
+# RECORDS (default records/), RUNS_DIR (default runs/), BESIDE (1: also run the record configuration, seed by seed
+# beside the flags after --, into the folder's beside/, at the commit its record's runs trained at: on a machine of
+# another speed the leaderboard scales a record's time by them, records/RULES.md).
 set -euo pipefail
 ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) ||  # wait -n -p
   { echo "speedrun.sh: needs bash 5.1 or newer; this is $BASH_VERSION" >&2; exit 1; }
@@ -39,6 +38,7 @@ while [ $# -gt 0 ]; do
       esac ;;
     --calibrate) KIND=calibration; shift ;;
     --smoke) TRACK=smoke; shift ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;  # the usage above
     --) shift; break ;;
     *) die 2 "unknown option $1 (usage at the top of speedrun.sh)" ;;
   esac

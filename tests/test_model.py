@@ -450,3 +450,13 @@ def test_weights_file_takes_the_ema_where_kept(tmp_path):
     (tmp_path / "ema.safetensors").touch()
     assert [weights_file(tmp_path, w) for w in (None, "model", "ema")] == ["ema.safetensors", "model.safetensors",
                                                                              "ema.safetensors"]
+
+
+def test_the_presets_table_takes_no_flags():
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
+    shown = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("tiny ") and "small-pixel" in shown.stdout
+    refused = subprocess.run([sys.executable, script, "--nonsense"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "unrecognized arguments: --nonsense" in refused.stderr and not refused.stdout

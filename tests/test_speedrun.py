@@ -778,6 +778,13 @@ def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
         assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
 
 
+def test_help_prints_the_usage_and_starts_nothing(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "speedrun.sh"), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("The speedrun (records/RULES.md)") and "Environment: RUNS" in \
+        r.stdout and "set -euo" not in r.stdout and os.listdir(tmp_path) == [], r.stderr
+
+
 STUB_QUICK = """import os, sys
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out)
