@@ -77,12 +77,12 @@ def diffusers_timesteps(steps, shift=1.0):
 def sample(model, txt, txt_mask, null_txt, null_mask, seeds, shape, steps=50, cfg_scale=3.5, shift=1.0, pred="v",
            route_ratio=0.5, self_guidance=0.0):
     """Euler from t = 1 (noise) to t = 0 (data) -> x0 (B, *shape) float32. txt (B, L, D), txt_mask (B, L);
-    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale, for every w >= 0 (0:
-    unconditional); w = 1 is the conditional pass alone (diffusers skips guidance for any w <= 1). Self-guidance s:
-    routed + s (full - routed), of the guided predictions; with w = 1 PRX's (tread.py), which replaces CFG, but with a
-    new route each step (PRX keeps one per batch). Sample i draws its starting noise, then (with self-guidance) each
-    step's TREAD route, from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend on the batch, the
-    ranks or the device."""
+    null_txt (1, L0, D), null_mask (1, L0): the encoded empty prompt. Guidance u + w (c - u), w = cfg_scale, for every w
+    >= 0 (0: unconditional); w = 1 is the conditional pass alone (diffusers skips guidance for any w <= 1).
+    Self-guidance s: routed + s (full - routed), of the guided predictions; with w = 1 PRX's (tread.py), which replaces
+    CFG, but with a new route each step (PRX keeps one per batch). Sample i draws its starting noise, then (with
+    self-guidance) each step's TREAD route, from its own CPU torch.Generator().manual_seed(seeds[i]): it does not depend
+    on the batch, the ranks or the device."""
     B, device = txt.shape[0], txt.device
     if pred not in ("v", "x"):
         raise ValueError(f"pred must be 'v' (velocity) or 'x' (x0, JiT), got {pred!r}")
