@@ -847,6 +847,7 @@ def evaluate_checkpoint(args, device):
                       save_new_grid, **sampling)
     if main_process():
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
+                  "ref_images": metrics.images[1] if args.ref else None,  # what the reference holds (checked)
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
                   "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": grid and os.path.basename(grid[0])}
         line = " | ".join(f"{k} {v:.4f}" for k, v in result.items())

@@ -28,14 +28,14 @@ P_MAX = 0.05       # a record: the one-sided t-test of its runs' metric against 
 EVAL_SEED = 42     # eval.py's default: sample i starts from the noise of seed + i
 BESIDE_START_S = 300  # a run beside a record's starts with the record's run of its seed (speedrun.sh BESIDE=1)
 LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accuracies are higher-is-better
-# The rules of each track (records/RULES.md). The GPU tracks' target and FID reference fingerprint come from their
+# The rules of each track (records/RULES.md). The GPU tracks' target, stop and FID reference's images come from their
 # calibration (`speedrun.sh --calibrate`), not yet run. gpu: torch.cuda.get_device_name of the H100 80GB SXM (the
 # PCIe and NVL parts name themselves "NVIDIA H100 PCIe", "NVIDIA H100 NVL": slower, other tracks).
 # periodic: the stopping checks' flags (speedrun.sh's); a CPU record's runs beside share its cadence (check_beside),
 # the GPU tracks', which have none, is fixed. stop: speedrun.sh's default STOP, the periodic check's value at the
 # target, from the calibration (FID of 2,048 images is biased above that of 10,000: the target itself stops late).
 GPU = dict(metric="fid", target=None, stop=None, target_from="speedrun.sh --calibrate", resolution=256, data="data/mj",
-           eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_sha256=None, min_runs=3,
+           eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_images=None, min_runs=3,
            periodic=dict(eval_samples=2048, eval_every=2500, eval_ref="data/mj/ref-2k.npz"))
 TRACKS = {
     "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8),
@@ -86,7 +86,7 @@ def timeline(console):
 
 
 def parse_log(path):
-    """-> a run: name, sources {file: text}, config, timeline, resumed, confirm (eval.py's JSON), ref_sha256."""
+    """-> a run: name, sources {file: text}, config, timeline, resumed, confirm (eval.py's JSON), attempt, peak."""
     parts = sections(path.read_text())
     if "config.json" not in parts or "confirm.json" not in parts:
         raise ValueError(f"{path.name}: needs train.py's config.json section and speedrun.sh's confirm.json after it")
@@ -95,7 +95,6 @@ def parse_log(path):
     run = dict(name=path.name, config=config, timeline=timeline(console),
                sources={n: body[:-1] for n, body in parts.items() if n.endswith(".py")},  # RunLog adds one newline
                resumed=any(n.startswith("config.resume") for n in parts), confirm=json.loads(parts["confirm.json"]),
-               ref_sha256=(parts.get("confirm-ref.sha256", "").split() or [None])[0],
                attempt=json.loads(parts["attempt.json"]) if "attempt.json" in parts else None,
                peak=float(m[1]) if (m := PEAK.search(console)) else None,
                stopped=int(m[1]) if (m := STOPPED.search(console)) else None)
@@ -228,7 +227,8 @@ def check_run(run, track):
         rows += [("GPUs", devices.get("gpus", [])[:t["world"]], [t["gpu"]] * t["world"]),
                  ("FID network", fid, fid if fid.startswith("torch-fidelity ") and "inception-v3-compat 2048" in fid
                   else "torch-fidelity's inception-v3-compat 2048"),
-                 ("FID reference sha256", run["ref_sha256"], t["ref_sha256"] or run["ref_sha256"])]
+                 ("FID reference's images", confirm.get("ref_images"),  # the held-out images, not the file's bytes:
+                  t["ref_images"] or confirm.get("ref_images"))]  # its float sums differ by machine and processes
     return [f"{run['name']}: {what} is {have!r}, the rules say {need!r}" for what, have, need in rows if have != need]
 
 
@@ -547,7 +547,8 @@ def results_block(runs, track, kind, beside=()):
                      f"{', '.join(f'{x:.1f}' for x in s['beside_times'])} s; this configuration "
                      f"takes {s['ratio']:.3f}x its time (paired by seed, two-sided p {s['beside_p']:.3g})")
     if t["metric"] == "fid":
-        lines.append("- FID reference sha256: " + ", ".join(sorted({str(r["ref_sha256"]) for r in runs})))
+        lines.append("- FID reference's images: " + ", ".join(sorted({str(r["confirm"].get("ref_images"))
+                                                                      for r in runs})))
     return "\n".join(lines + [END])
 
 
@@ -695,13 +696,13 @@ def main(argv=None):
 def calibration_note(runs, track, name):
     """What a new calibration (records/<name>) of the track sets, a commit of verify.py: the target, the mean of its
     runs' full evaluations; on a GPU track the stopping value, the mean of their last periodic checks (the scale the
-    stopping rule reads), and the FID reference's sha256."""
-    refs, metric = sorted({r["ref_sha256"] for r in runs} - {None}), TRACKS[track]["metric"]
+    stopping rule reads), and the FID reference's images (the sha256 of the held-out images it holds)."""
+    refs, metric = sorted({r["confirm"].get("ref_images") for r in runs} - {None}), TRACKS[track]["metric"]
     periodic = [[s[metric] for *_, s in r["timeline"] if s and metric in s][-1:] for r in runs]
     stop = f", stop={statistics.mean(p[0] for p in periodic):.4g}" if "stop" in TRACKS[track] and all(periodic) else ""
     return (f"its mean becomes the {track} track's target where TRACKS['{track}'] in records/verify.py says "
             f"target={summary(runs, track)['mean']:.4g}{stop}, target_from='records/{name}'"
-            + (f", ref_sha256='{refs[0]}'" if refs else "") + ": commit that with the folder, then write its results "
+            + (f", ref_images='{refs[0]}'" if refs else "") + ": commit that with the folder, then write its results "
             f"again (`python records/verify.py --write --track {track} --kind calibration records/{name}`: their "
             f"header names the target; records/RULES.md)")
 

@@ -658,6 +658,8 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     assert result["metrics"]["cmmd"] > 0 and result["sampling"] == dict(
         steps=2, cfg_scale=3.0, shift=1.0, pred="x", route_ratio=0.5, self_guidance=0.0)  # the run's own
     assert os.path.exists(ckpt / "eval_samples.png") and result["grid"] == "eval_samples.png"
+    reference = json.loads(str(np.load(tmp_path / "ref.npz")["images"]))  # the images it holds, named for verify.py
+    assert result["ref_images"] == reference["id"] == "shapes.py held-out scenes"
     first = (ckpt / "eval.json").read_bytes()
     ev.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "1", "--steps", "1"])  # a second evaluation: new files
     assert (ckpt / "eval.json").read_bytes() == first
@@ -672,6 +674,7 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
              "--out", str(tmp_path / "eval.json")])  # no --metrics on the built-in data: the checker only
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy", "object_accuracy"}
+    assert result["ref_images"] is None
     ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[2:], "--out", str(tmp_path / "r.json")])
     assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)

@@ -245,10 +245,11 @@ def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
     sampling = dict(SAMPLING, steps=50, cfg_scale=3.5)
     args = dict(track="1gpu", data=data, resolution=256, eval_data=None, captions="long", seed=0, eval_samples=2048,
                 eval_every=2500, eval_ref="data/mj/ref-2k.npz")
-    return dict(name="log_0.txt", resumed=False, ref_sha256="ab12", config=dict(
+    return dict(name="log_0.txt", resumed=False, config=dict(
         args=args, world_size=1, sampling=sampling, devices=dict(gpus=list(gpus), driver="550", cuda="12.4")),
         confirm=dict(metrics=dict(fid=20.0), data=data, num_samples=10_000, seed=42, sampling=sampling,
-                     settings=dict(fid="torch-fidelity 0.3.0 inception-v3-compat 2048 tf1-resize")))
+                     settings=dict(fid="torch-fidelity 0.3.0 inception-v3-compat 2048 tf1-resize"),
+                     ref_images="sha256 ab12"))
 
 
 @pytest.mark.parametrize("run, message", [
@@ -267,8 +268,9 @@ def test_a_gpu_run_on_other_hardware_or_data_fails(run, message):
 
 
 def test_a_gpu_run_against_another_fid_reference_than_the_calibrations_fails(monkeypatch):
-    monkeypatch.setitem(verify.TRACKS["1gpu"], "ref_sha256", "cd34")  # as its calibration will set it
-    assert verify.check_run(gpu_run(), "1gpu") == ["log_0.txt: FID reference sha256 is 'ab12', the rules say 'cd34'"]
+    monkeypatch.setitem(verify.TRACKS["1gpu"], "ref_images", "sha256 cd34")  # as its calibration will set it
+    assert verify.check_run(gpu_run(), "1gpu") == [
+        "log_0.txt: FID reference's images is 'sha256 ab12', the rules say 'sha256 cd34'"]
 
 
 @pytest.mark.slow
@@ -312,10 +314,10 @@ def test_a_gpu_calibration_sets_the_stopping_value_on_the_periodic_checks_scale(
             for k, (fid2k, fid10k) in enumerate([(24.0, 20.0), (26.0, 22.0)])]
     assert verify.calibration_note(runs, "1gpu", "2027-01-01_c") == (
         "its mean becomes the 1gpu track's target where TRACKS['1gpu'] in records/verify.py says target=21, stop=25, "
-        "target_from='records/2027-01-01_c', ref_sha256='ab12': commit that with the folder, then write its results "
-        "again (`python records/verify.py --write --track 1gpu --kind calibration records/2027-01-01_c`: their header "
-        "names the target; records/RULES.md)")
-    assert "stop=" not in verify.calibration_note([dict(r, ref_sha256=None) for r in runs], "cpu", "c")
+        "target_from='records/2027-01-01_c', ref_images='sha256 ab12': commit that with the folder, then write its "
+        "results again (`python records/verify.py --write --track 1gpu --kind calibration records/2027-01-01_c`: their "
+        "header names the target; records/RULES.md)")
+    assert "stop=" not in verify.calibration_note(runs, "cpu", "c")
 
 
 def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
