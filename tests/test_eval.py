@@ -842,7 +842,7 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
                "cross in the bottom right", "a black background"]
     for k, name in enumerate(("prompts.png", "prompts_1.png")):  # a second grid is a new file
         ev.main(["sample", "--ckpt", str(tmp_path / "run"), "--prompt", prompts[k]])
-        assert f"1 images, 2 steps, guidance 3.0 -> {ckpt / name}" in capsys.readouterr().out
+        assert f"1 image, 2 steps, guidance 3.0 -> {ckpt / name}" in capsys.readouterr().out
     assert Image.open(ckpt / "prompts.png").width > 96  # the 96 px image and its caption beside it
     assert Image.open(ckpt / "prompts.png").tobytes() != Image.open(ckpt / "prompts_1.png").tobytes()
     grids = []
