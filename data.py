@@ -27,6 +27,7 @@ import collections
 import contextlib
 import copy
 import ctypes
+import errno
 import hashlib
 import json
 import math
@@ -209,6 +210,10 @@ class Shard:
             try:
                 self.arrays[p.stem] = np.load(p, mmap_mode=None if p.stem.endswith("_offsets") else "r")
             except (ValueError, OSError, EOFError) as e:  # numpy's words for a file cut short: "mmap length", "EOF"
+                if getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # a limit, not the file
+                    raise ValueError(f"{p}: cannot be mapped ({e.strerror}): a dataset maps each array of each shard, "
+                                     f"one open file each; raise the limits (`ulimit -n`, vm.max_map_count) and "
+                                     f"start again") from e
                 raise ValueError(f"{p}: unreadable ({e}); the shard is damaged (a file cut short?): {repair}") from e
         if missing := set(schema) - set(self.arrays):
             raise FileNotFoundError(f"{self.path}: {sorted(p + '.npy' for p in missing)} missing; {repair}")

@@ -2,6 +2,7 @@
 prepare.py (the `prepared` fixture of conftest.py) or written by hand."""
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -412,6 +413,22 @@ def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path):
 def first_shard(out):
     return next(p for p in sorted((out / "train").glob("shard-*"))
                 if json.loads((p / "meta.json").read_text())["count"])
+
+
+def test_too_many_open_files_is_no_damaged_shard(prepared, monkeypatch):
+    """Each mapped array holds a file descriptor: past `ulimit -n` the error names the limit, not a damaged shard
+    (whose advice, to delete the dataset and prepare it again, would throw away a whole preparation)."""
+    load = np.load
+
+    def limited(path, *args, **kwargs):
+        if str(path).endswith("latent.npy"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return load(path, *args, **kwargs)
+    monkeypatch.setattr(data.np, "load", limited)
+    with pytest.raises(ValueError, match=r"latent.npy: cannot be mapped \(Too many open files\): .* raise the limits "
+                                         r"\(`ulimit -n`") as info:
+        data.PreparedDataset(prepared[0] / "out")
+    assert "damaged" not in str(info.value)
 
 
 def test_a_damaged_shard_is_named_at_open(prepared, tmp_path):
