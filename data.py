@@ -558,9 +558,16 @@ class ShardLoader:
         return batch
 
 
+def heldout_order(ids):
+    """Held-out sample i is the i-th id by sha256: the first N a uniform draw over the source, the same whatever
+    order the shards hold them in (the number of processes that prepared the data, the source files each read)."""
+    return sorted(range(len(ids)), key=lambda i: hashlib.sha256(ids[i].encode()).digest())
+
+
 class HeldoutSplit:
-    """The eval split of a prepared directory: captions, encoded text and real images of sample indices, and null
-    (the encoded empty prompt). score() is empty: real images are judged by the feature metrics (eval.Metrics)."""
+    """The eval split of a prepared directory: captions, encoded text and real images of sample indices (numbered by
+    heldout_order), and null (the encoded empty prompt). score() is empty: real images are judged by the feature
+    metrics (eval.Metrics)."""
 
     def __init__(self, root, num_samples, caption="long"):
         """caption: the field prompts are read from, checked here; None: images only (eval.py ref)."""
@@ -572,9 +579,11 @@ class HeldoutSplit:
             raise ValueError(f"{root} has captions {self.prepared.index['captions']}, not {caption!r}: pick one of "
                              f"those (train.py --captions, eval.py --caption)")
         self.null = load_prompt_text(root)  # (1, L0, D), (1, L0)
+        self.order = heldout_order([shard.string("id", row)
+                                    for shard, row in map(self.prepared.locate, range(len(self.prepared)))])
 
     def rows(self, indices):
-        return map(self.prepared.locate, indices)  # (shard, row) pairs
+        return (self.prepared.locate(self.order[i]) for i in indices)  # (shard, row) pairs
 
     def captions(self, indices):
         return [shard.string(f"caption_{self.caption}", row) for shard, row in self.rows(indices)]
