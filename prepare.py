@@ -538,7 +538,8 @@ def main(argv=None):
                    help=f"stored images are R x R centre crops (at most {MAX_RESOLUTION}: PRX trains up to 1024 px; "
                         f"one {MAX_RESOLUTION} px crop is 48 MiB, a batch of them GBs)")
     p.add_argument("--min-size", type=count, help="skip images whose shorter side is smaller (default R / 2)")
-    p.add_argument("--shard-size", type=count, default=4096, help="samples per shard, both splits (~5 GB at 256 px with two T5Gemma captions)")
+    p.add_argument("--shard-size", type=count, default=4096,
+                   help="samples per shard, both splits (~5 GB at 256 px with two T5Gemma captions)")
     p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
     p.add_argument("--eval-fraction", type=fraction, default=0.015, help="held-out share, chosen by hashing the id "
                    "(the speedrun's ~986k rows: ~14,800, above the full evaluation's 10,000 and the rows skipped)")
