@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import gc
 import io
 import itertools
 import json
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 from data import (Parser, PreparedDataset, ShardLoader, batch_text, count, nearest_existing, number, pad_text,
                   positive)
 from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
@@ -250,6 +252,36 @@ def bench_loader(args):
           f"tokens x {schema[field]['shape'][0]} bf16 (mean), one CPU core")
     for i, per in enumerate(["wall", "CPU"]):  # the CPU second is steady on a shared machine, the wall second is not
         compare(f"samples per {per} second", rates["ShardLoader"][i], "datasets", rates["datasets"][i], "samples/s")
+    loader.worker.shutdown(wait=True)
+    del loader, ds, arrow  # their maps: the kernel drops no page a process maps
+    cold = cold_batch_ms(root, B, caption)
+    compare("ms a batch out of the page cache (a first epoch; data beyond memory)", cold["advised"], "unadvised",
+            cold["unadvised"], "ms")
+
+
+def cold_batch_ms(root, B, caption, batches=8):
+    """{"advised", "unadvised": ms a batch of a new ShardLoader, its files dropped from the page cache first}: its
+    reads of a batch advised at once (data.will_need), or left to page faults one after another."""
+    advise, ms = data.will_need, {}
+    try:
+        for name, fn in (("unadvised", lambda *a: None), ("advised", advise)):
+            data.will_need = fn
+            os.sync()  # dirty pages stay cached
+            for path in Path(root).rglob("*.npy"):
+                fd = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            loader = ShardLoader(str(root), B, captions=caption)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(loader)
+            ms[name] = (time.perf_counter() - start) * 1000 / batches
+            loader.worker.shutdown(wait=True)
+            del loader  # its maps, before the next side drops the pages
+            gc.collect()
+    finally:
+        data.will_need = advise
+    return ms
 
 
 # ----------------------------------------------------------------------------------------------------------

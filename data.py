@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -197,6 +198,18 @@ def repair_hint(root):
             f"prepare.json), or copy it again if it is a copy")
 
 
+def will_need(array, start, stop):
+    """Asks the kernel to read rows start..stop-1 of a memory-mapped array now (madvise WILLNEED): a batch's rows
+    asked for together are read from disk together, not one page fault after another in the reader thread."""
+    mm = getattr(array, "_mmap", None)  # numpy.memmap's map, which starts at the granularity below its offset
+    if mm is None or not hasattr(mmap, "MADV_WILLNEED"):  # not memory-mapped; not Linux
+        return
+    base = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+    first = array.offset - base + start * array.strides[0]
+    page = first - first % mmap.PAGESIZE  # madvise takes a page-aligned start
+    mm.madvise(mmap.MADV_WILLNEED, page, array.offset - base + stop * array.strides[0] - page)
+
+
 class Shard:
     """One shard directory, every array memory-mapped (offsets read into memory), checked against what index.json
     expects: `count` rows and the arrays of `schema`."""
@@ -225,6 +238,12 @@ class Shard:
     def ragged(self, name, i):
         offsets = self.arrays[name + "_offsets"]
         return self.arrays[name][offsets[i]:offsets[i + 1]]
+
+    def will_need(self, name, i):
+        """will_need of row i of array `name` (of a ragged one, the rows its offsets give row i)."""
+        offsets = self.arrays.get(name + "_offsets")
+        will_need(self.arrays[name], *((offsets[i], offsets[i + 1]) if offsets is not None else (i, i + 1)))
+
 
     def string(self, name, i):
         return bytes(self.ragged(name, i)).decode()
@@ -533,9 +552,12 @@ class ShardLoader:
         for key, dtype in [("latent", torch.int16)] * self.has_latent + [("image", torch.uint8)] * self.images:
             batch[key] = host_buffer((len(index), *schema[key]["shape"]), dtype, pin)
         arrays = {key: batch[key].numpy() for key in ("latent", "image") if key in batch}
-        for j, (d, i, long) in enumerate(zip(which, index, use_long)):
-            shard, row = self.datasets[d].locate(i)
-            field = "long" if long else "short"
+        rows = [(*self.datasets[d].locate(i), "long" if long else "short")
+                for d, i, long in zip(which, index, use_long)]
+        for shard, row, field in rows:  # every read of the batch asked for, then the copies
+            for key in (*arrays, f"txt_{field}"):
+                shard.will_need(key, row)
+        for j, (shard, row, field) in enumerate(rows):
             for key, out in arrays.items():
                 out[j] = shard.arrays[key][row]
             chunks.append(shard.ragged(f"txt_{field}", row))

@@ -5,11 +5,13 @@ import copy
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -413,6 +415,31 @@ def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path):
 def first_shard(out):
     return next(p for p in sorted((out / "train").glob("shard-*"))
                 if json.loads((p / "meta.json").read_text())["count"])
+
+
+def test_will_need_advises_the_pages_of_the_rows_asked_for(tmp_path):
+    """madvise(WILLNEED) from the page holding the first row's first byte to the last row's end, in the map's own
+    offsets (numpy maps from the allocation granularity below the array's offset), on real maps without error."""
+    calls = []
+    fake = types.SimpleNamespace(_mmap=types.SimpleNamespace(madvise=lambda *a: calls.append(a)), offset=128,
+                                 strides=(3000,))
+    data.will_need(fake, 2, 5)  # bytes 128 + 6000 .. 128 + 15000 of the file: pages from 4096
+    assert calls == [(mmap.MADV_WILLNEED, 4096, 128 + 15000 - 4096)]
+    np.save(tmp_path / "a.npy", np.arange(3 * 5000, dtype=np.int16).reshape(3, 5000))
+    array = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for start, stop in ((0, 1), (1, 3), (2, 3), (3, 3)):
+        data.will_need(array, start, stop)
+    data.will_need(np.zeros((2, 4)), 0, 1)  # not mapped: nothing to advise
+
+
+def test_the_loader_advises_every_read_of_a_batch_before_copying(prepared, monkeypatch):
+    loader, advised = data.ShardLoader(str(prepared[0] / "out"), 4, captions="mixed:0.5"), []
+    monkeypatch.setattr(data, "will_need", lambda array, start, stop: advised.append((array.shape[1:], stop - start)))
+    batch = loader.load(*loader.plan(copy.deepcopy(loader.state)))
+    fields = [(shape, n) for shape, n in advised if len(shape) == 1]  # the text rows: (D,), as many as tokens
+    assert [n for _, n in fields] == batch["txt_mask"].sum(1).tolist()  # each sample's caption, long or short
+    latent = tuple(loader.datasets[0].index["schema"]["latent"]["shape"])
+    assert sorted(set(advised) - set(fields)) == [(latent, 1)] and len(advised) == 2 * 4  # and its latent
 
 
 def test_too_many_open_files_is_no_damaged_shard(prepared, monkeypatch):
