@@ -751,7 +751,7 @@ def make_reference(args, device):
     if "fid" in names and args.num_samples < 2:
         raise SystemExit(f"error: --num-samples {args.num_samples}: FID's covariance needs at least 2 images")
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez would give it
-    if os.path.exists(out):  # runs and records name a reference by its sha256: never replaced unasked
+    if os.path.exists(out):  # runs and records name a reference by the images it holds: never replaced unasked
         raise SystemExit(f"error: --out {out} exists; remove it to rebuild it, or write another file")
     split = open_split(args.data, args.num_samples, None, args.resolution or 32, 0, 0)  # images only
     metrics = build_metrics(args, names, device, images=(args.data, split.images_id(args.num_samples)))
