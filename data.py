@@ -27,8 +27,10 @@ import collections
 import contextlib
 import copy
 import ctypes
+import difflib
 import errno
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -37,6 +39,7 @@ import pickle
 import re
 import resource
 import signal
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -719,7 +722,16 @@ class Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)  # --prom is not --prompt: a flag is given whole, or refused
 
     def parse_args(self, args=None, namespace=None):
-        """argparse's, refusing an empty value: `--resume "$CKPT"` with CKPT unset would otherwise start afresh."""
+        """argparse's, refusing an empty value: `--resume "$CKPT"` with CKPT unset would otherwise start afresh, and
+        naming an unknown flag first (argparse would take its value for a subcommand: "invalid choice")."""
+        words = sys.argv[1:] if args is None else args
+        parsers = [self, *(p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                           for p in a.choices.values())]
+        flags = {s for p in parsers for a in p._actions for s in a.option_strings}
+        for word in itertools.takewhile(lambda w: w != "--", words):
+            if word.startswith("--") and word.split("=")[0] not in flags:
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+                self.error(f"{word.split('=')[0]} is not a flag" + (f": did you mean {close[0]}?" if close else ""))
         parsed = super().parse_args(args, namespace)
         actions = [a for a in self._actions if a.option_strings]
         for a in self._actions:  # the flags and operands of the subcommand given (bench.py model, ...)

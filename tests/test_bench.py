@@ -389,6 +389,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     (["muon", "--preset", ""], "argument --preset: an empty value (an unset shell variable?)"),
     (["loader", ""], "argument dir: an empty value"),  # would have written into the current folder
     (["gpu", "--out", ""], "argument --out: an empty value"),
+    (["model", "--stepz", "3"], "--stepz is not a flag: did you mean --steps?"),  # a subcommand's flags too
     (["model", "--compile", "--warmup", "0"], "the first call compiles; pass --warmup 1 or more"),
     (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
     (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples")])

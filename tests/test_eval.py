@@ -966,7 +966,9 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
                           (["ref", "--caption=short"], "--caption is not a flag of `ref`: it is eval's"),
                           (["export", "--steps", "4"], "--steps is not a flag of `export`: it is eval and sample's"),
                           (["--out", ""], "argument --out: an empty value (an unset shell variable?)"),
-                          (["sample", "--prompt", "a", "--num-sam", "3"], "unrecognized arguments: --num-sam 3")):
+                          (["sample", "--prompt", "a", "--num-sam", "3"], "--num-sam is not a flag: did you mean "
+                                                                          "--num-samples?"),
+                          (["--prom", "a"], "--prom is not a flag: did you mean --prompt?")):  # not "invalid choice"
         with pytest.raises(SystemExit):  # each was silently ignored (or the default taken; argparse's abbreviation
             ev.main(["--ckpt", str(ckpt), *argv])  # --num-sam of a flag of another command)
         assert message in capsys.readouterr().err
