@@ -425,6 +425,9 @@ def test_will_need_advises_the_pages_of_the_rows_asked_for(tmp_path):
                                  strides=(3000,))
     data.will_need(fake, 2, 5)  # bytes 128 + 6000 .. 128 + 15000 of the file: pages from 4096
     assert calls == [(mmap.MADV_WILLNEED, 4096, 128 + 15000 - 4096)]
+    fake.offset += 3 * mmap.ALLOCATIONGRANULARITY  # an array further in: its map starts 3 granules in, so the same
+    data.will_need(fake, 2, 5)  # offsets within the map
+    assert calls[-1] == (mmap.MADV_WILLNEED, 4096, 128 + 15000 - 4096)
     np.save(tmp_path / "a.npy", np.arange(3 * 5000, dtype=np.int16).reshape(3, 5000))
     array = np.load(tmp_path / "a.npy", mmap_mode="r")
     for start, stop in ((0, 1), (1, 3), (2, 3), (3, 3)):
@@ -555,6 +558,33 @@ def test_heldout_split_encodes_the_caption_it_reads(prepared):
         assert mask[j].sum() == len(stored) and torch.equal(txt[j, :len(stored)], stored)
 
 
+def write_hand_written(root, train_count, eval_count, res=16):
+    """A prepared directory of random images and text, written by prepare.py's writers; train/ also holds a shard
+    that kept no sample (all its rows skipped or held out: an --eval-fraction 1 set's are all so)."""
+    g = torch.Generator().manual_seed(0)
+
+    def columns(n, tag):
+        return {"image": list(torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=g).numpy()),
+                "txt_long": [prepare.to_bits(torch.randn(3 + i % 3, 8, generator=g)) for i in range(n)],
+                "caption_long": [f"{tag} {i}" for i in range(n)], "id": [f"{tag}{i}" for i in range(n)]}
+    if train_count:
+        prepare.write_shard(root / "train" / "shard-r000-00000", columns(train_count, "t"),
+                            {"count": train_count, "skipped": {}})
+    prepare.write_shard(root / "train" / "shard-r000-00001", {}, {"count": 0, "skipped": {}})
+    prepare.write_shard(root / "eval" / "shard-r000-00000", columns(eval_count, "e"), {"count": eval_count})
+    np.save(root / "null_txt.npy", prepare.to_bits(torch.randn(1, 8, generator=g)))
+    prepare.write_index(root, {})
+
+
+def test_a_shard_that_kept_no_sample_is_no_damaged_shard(tmp_path):
+    write_hand_written(tmp_path / "a", 2, 3)
+    assert len(data.PreparedDataset(tmp_path / "a")) == 2
+    write_hand_written(tmp_path / "eval-only", 0, 3)
+    assert len(data.PreparedDataset(tmp_path / "eval-only")) == 0
+    with pytest.raises(ValueError, match="has no training samples"):
+        data.ShardLoader(str(tmp_path / "eval-only"), 2)
+
+
 def test_heldout_split_of_a_hand_written_directory(tmp_path):
     g = torch.Generator().manual_seed(0)
     txt = [torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)]
@@ -575,11 +605,14 @@ def test_heldout_split_of_a_hand_written_directory(tmp_path):
         data.HeldoutSplit(str(tmp_path), 3)
 
 
-def test_images_id_is_the_sha256_of_the_first_held_out_images(prepared):
+def test_images_id_is_the_sha256_of_the_first_held_out_images(prepared, tmp_path):
     """images_id(n) hashes the bytes of held-out images 0..n-1, those an evaluation of n prompts compares with."""
     split = data.HeldoutSplit(prepared[0] / "out", 1, None)
     for n in (1, len(split.prepared)):
         assert split.images_id(n) == f"sha256 {hashlib.sha256(split.images(range(n)).numpy().tobytes()).hexdigest()}"
+    write_hand_written(tmp_path, 0, 300, res=4)  # past the 256 images hashed at a time
+    split = data.HeldoutSplit(tmp_path, 300, None)
+    assert split.images_id(300) == f"sha256 {hashlib.sha256(split.images(range(300)).numpy().tobytes()).hexdigest()}"
 
 
 def test_data_dirs():

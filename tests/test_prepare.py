@@ -151,6 +151,9 @@ def test_text_is_unpadded_encoder_output(prepared):
     for name, text in (("null_txt", ""), ("probe_txt", data.PROBE_CAPTION)):
         stored = torch.from_numpy(np.load(root / "out" / f"{name}.npy")).view(torch.bfloat16).float()
         torch.testing.assert_close(stored, encode(text), rtol=0, atol=0)
+    encoder = prepare.T5GemmaTextEncoder.from_pretrained(str(root / "models" / "t5gemma"), max_tokens=4)
+    # a caption is cut when its cleaned text is too long (what the encoder reads): "a cat" is 3 tokens, the raw 12
+    assert [encoder.encode([text])[2] for text in ("A Cat http://x.com/a/b", "a cat dog bird")] == [0, 1]
 
 
 # What diffusers 0.42's PRXPipeline feeds its text encoder for each prompt (TextPreprocessor.clean_text), quirks kept

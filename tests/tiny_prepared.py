@@ -94,7 +94,7 @@ def make_folder(root):
     add("tiny0.png", noise("RGB", 3, (8, 8)), long=True)
     add("tiny1.png", noise("RGB", 3, (10, 40)), long=True)
     add("empty0.png", noise("RGB", 3, (40, 40)), long="")
-    add("empty1.png", noise("RGB", 3, (40, 40)), long="   ")
+    add("empty1.png", noise("RGB", 3, (40, 40)), long=" @bob http://x.com/a ")  # empty once cleaned
     add("empty2.png", noise("RGB", 3, (40, 40)), long=True, short="")
     add("nocaption.png", noise("RGB", 3, (40, 40)))
     return skipped
