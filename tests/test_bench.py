@@ -5,7 +5,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
 import torch
@@ -97,6 +99,27 @@ def test_model(capsys, clock):
     assert compared(out, "eager fwd+bwd", "diffusers") == (500.0, 2000.0, 0.25)
 
 
+def test_mfu_credits_each_side_three_forwards_of_the_real_text():
+    """MFU: 3 x the forward's closed form (the backward costs two forwards) of each sample's real text tokens, over
+    the step's time, against the peak."""
+    cfg = preset_config("tiny")
+    mfu = bench.mfu_percent(cfg, 16, torch.tensor([3, 5]), {"ours": 2.0, "diffusers": 4.0}, 1e-3)
+    useful = 3 * (flops_per_sample(cfg, 16, 3) + flops_per_sample(cfg, 16, 5))
+    assert mfu == pytest.approx({"ours": 100 * useful / 2e-3 / 1e9, "diffusers": 100 * useful / 4e-3 / 1e9})
+
+
+def test_parity_row_puts_bf16_first_against_fp32(monkeypatch):
+    """The parity row: bf16 autocast's last loss as ours, fp32's as the baseline, and the largest relative gap of any
+    step, from a fresh copy of the model each (training_step stubbed: a loss by precision and batch)."""
+    losses, models = {True: [1.5, 2.25], False: [1.0, 2.0]}, []
+    monkeypatch.setattr(bench, "training_step", lambda trial, opt, b, bf16: models.append(trial) or
+                        torch.tensor(losses[bf16][b]))
+    model = torch.nn.Linear(2, 2)
+    assert bench.parity_row(model, [0, 1]) == (
+        "loss after 2 AdamW steps, bf16 autocast (largest gap over the steps 50.00%)", 2.25, "fp32", 2.0, "", ".4f")
+    assert len({id(m) for m in models}) == 2 and model not in models
+
+
 def test_muon(capsys, clock):
     clock({"gram": 1.0, "plain": 4.0, "ours": 1.0, "torch": 4.0})
     clock.spy("newton_schulz", bench, "newton_schulz", lambda G, **kwargs: kwargs["plain"])
@@ -128,12 +151,37 @@ def test_loader_figures(tmp_path, capsys, monkeypatch, clock):
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)  # in process: the pytest worker stays as is
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     clock({"datasets": 4.0, "ShardLoader": 1.0})
+    readings, advices = cold_clock(monkeypatch)
     bench.main(["loader", str(tmp_path), "--samples", "96", "--batch", "16"])
     out = capsys.readouterr().out
     assert compared(out, "samples per wall second", "datasets") == (16.0, 4.0, 4.0)  # 16 samples a batch
     assert compared(out, "samples per CPU second", "datasets") == (8.0, 2.0, 4.0)
     tokens = float(re.search(r"text (\d+) tokens", out)[1])
     assert 110 <= tokens <= 130  # write_synthetic's realistic captions: 60 to 180 tokens, mean 120
+    # out of the page cache, on cold_clock: 1 s between each side's readings, 1 s more a data.will_need call there
+    advised, unadvised = compared(out, "ms a batch out of the page cache", "unadvised")[:2]
+    calls = sum(readings[-2] < t < readings[-1] for t in advices)  # the advised side's, the last timed
+    assert calls and advised == 1000 * (1 + calls) / 8 and unadvised == 1000 / 8  # the unadvised side advises nothing
+
+
+def cold_clock(monkeypatch):
+    """bench.cold_batch_ms's clock made fake: each reading moves it 1 s on, each data.will_need call 1 s more ->
+    (the readings, the times of the calls of data.will_need)."""
+    now, readings, advices, will_need, lock = [0.0], [], [], bench.data.will_need, threading.Lock()
+
+    def tick(times):  # the reader thread advises while the main thread reads the clock
+        with lock:
+            times.append(now[0])
+            now[0] += 1.0
+            return times[-1]
+
+    def advised(*args):
+        tick(advices)
+        will_need(*args)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: tick(readings),
+                                                             process_time=time.process_time))
+    monkeypatch.setattr(bench.data, "will_need", advised)
+    return readings, advices
 
 
 def test_loader_writes_its_synthetic_dataset_only_into_a_new_or_empty_folder(tmp_path, capsys, monkeypatch):

@@ -273,6 +273,79 @@ def test_a_gpu_run_against_another_fid_reference_than_the_calibrations_fails(mon
         "log_0.txt: FID reference's images is 'sha256 ab12', the rules say 'sha256 cd34'"]
 
 
+def attempt_runs(values, metric="fid", seconds=None):
+    """One attempt's runs (seeds 0.., gpu_run's flags and hardware) as check_runs, summary and check_record read
+    them: each with its full evaluation's `metric`, trained its seconds (600 each by default)."""
+    runs = []
+    for k, (value, s) in enumerate(zip(values, seconds or [600.0] * len(values))):
+        run, args = gpu_run(), dict(gpu_run()["config"]["args"], seed=k, out=f"runs/g-{k}")
+        runs.append(dict(run, name=f"log_{k}.txt", attempt={"runs": len(values)}, sources={},
+                         config=dict(run["config"], args=args), confirm=dict(run["confirm"], metrics={metric: value}),
+                         timeline=[(5000, round(1000 * s), None, {metric: value})]))
+    return runs
+
+
+def test_a_gpu_record_is_judged_the_lower_is_better_way(monkeypatch):
+    """FID: the one-sided t-test asks whether the mean is below the target, and a run that says it reached its
+    --target scored at or below it (the GPU tracks' targets are None until calibrated: set one here)."""
+    monkeypatch.setitem(verify.TRACKS["1gpu"], "target", 20.0)
+    below, above = (verify.summary(attempt_runs(fids), "1gpu") for fids in ([18.0, 18.5, 19.0], [21.0, 22.0, 21.5]))
+    assert below["lower"] and below["meets"] and below["p"] == pytest.approx(0.0175, abs=1e-4)
+    assert not above["meets"] and above["p"] == pytest.approx(0.9825, abs=1e-4)
+
+    def stopped(fid):  # the last evaluation of a run that says it reached --target fid 25 there
+        return dict(name="log_0.txt", config=dict(args=dict(target=["fid", 25.0], max_steps=100_000, max_time=None)),
+                    timeline=[(5000, 1_000_000, None, {"fid": fid})], stopped=5000)
+    assert verify.check_stop(stopped(26.0)) == [
+        "log_0.txt: says --target fid 25.0 was reached at step 5000, where it scored 26.0"]
+    assert verify.check_stop(stopped(24.9)) == [] and verify.check_stop(stopped(25.0)) == []
+
+
+def test_a_run_stops_at_its_last_step_or_its_time():
+    """Without a --target the budget ends the run: its last evaluation at --max-steps (not one step before it), or at
+    --max-time."""
+    def ending(step, ms=1_000_000, max_time=None):
+        return dict(name="log_0.txt", config=dict(args=dict(target=None, max_steps=3000, max_time=max_time)),
+                    timeline=[(step, ms, None, {"object_accuracy": 0.3})], stopped=None)
+    assert verify.check_stop(ending(3000)) == [] and verify.check_stop(ending(2999, 60_000, max_time=1.0)) == []
+    assert verify.check_stop(ending(2999)) == [
+        "log_0.txt: its last evaluation (step 2999, 1000000 ms) neither reaches its --target None nor ends its budget "
+        "(--max-steps 3000, --max-time None): the log ends before the run did"]
+
+
+def test_the_gpu_tracks_take_three_runs_and_the_8gpu_track_eight_gpus():
+    eight = gpu_run(["NVIDIA H100 80GB HBM3"] * 8)
+    eight["config"] = dict(eight["config"], world_size=8, args=dict(eight["config"]["args"], track="8gpu"))
+    assert verify.check_run(eight, "8gpu") == []
+    four = dict(eight, config=dict(eight["config"], world_size=4, devices=dict(gpus=["NVIDIA H100 80GB HBM3"] * 4)))
+    assert "log_0.txt: processes is 4, the rules say 8" in verify.check_run(four, "8gpu")
+    for track in ("8gpu", "1gpu"):
+        assert verify.check_runs(attempt_runs([20.0, 21.0]), track) == ["2 runs; the rules need at least 3"]
+        assert verify.check_runs(attempt_runs([20.0, 21.0, 20.5]), track) == []  # three are enough, in no pairs
+    assert {"runs=3", "world=8", "lower=1", "samples=10000"} <= set(verify.protocol("8gpu").splitlines())
+
+
+def test_a_record_needs_p_below_p_max_and_its_figures_are_means(monkeypatch):
+    """check_record on the smoke track (no task to probe): a mean above the target whose one-sided p lies between 0.05
+    and 0.1 is not a record; the mean time and metric are means, not medians."""
+    monkeypatch.setitem(verify.TRACKS["smoke"], "target", 0.3)
+    values = [0.305, 0.32, 0.33]
+    p = scipy.stats.ttest_1samp(values, 0.3, alternative="greater").pvalue
+    assert 0.05 < p < 0.1
+    assert verify.check_record(attempt_runs(values, "object_accuracy"), "smoke", "record") == [
+        f"not a record: object_accuracy mean 0.3183 against target 0.3, one-sided p {p:.3g} (needs < 0.05)"]
+    assert verify.check_record(attempt_runs([0.31, 0.32, 0.33], "object_accuracy"), "smoke", "record") == []
+    s = verify.summary(attempt_runs([0.31, 0.31, 0.4], "object_accuracy", [60.0, 60.0, 240.0]), "smoke",
+                       beside=attempt_runs([0.3] * 3, "object_accuracy", [100.0, 100.0, 400.0]))
+    assert (s["mean"], s["time"], s["beside_time"], s["ratio"]) == (pytest.approx(0.34), 120.0, 200.0, 0.6)
+
+
+def test_the_cpu_target_is_its_calibrations_mean():
+    t = verify.TRACKS["cpu"]
+    runs = verify.load_runs(ROOT / t["target_from"])
+    assert len(runs) >= t["min_runs"] and round(verify.summary(runs, "cpu")["mean"], 3) == t["target"]
+
+
 @pytest.mark.slow
 def test_a_gpu_record_whose_eval_samples_or_computes_fid_otherwise_fails(monkeypatch):
     """Once a GPU track is calibrated, each log's eval.py samples a stand-in network and computes FID (random
@@ -468,6 +541,14 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
     (lambda f: edit(f / "beside" / "log_1.txt", "1920000ms", "1200000ms"), "README's results say"),
     (lambda f: edit(f / "beside" / "log_1.txt", "T10:01:00", "T10:06:01"),
      "beside/log_1.txt: started 301 s from log_1.txt: a run beside a record runs side by side"),
+    (lambda f: edit(f / "beside" / "log_1.txt", "T10:01:00", "T09:55:59"),  # before its run, as far
+     "beside/log_1.txt: started 301 s from log_1.txt: a run beside a record runs side by side"),
+    (lambda f: edit(f / "log_1.txt", '"cores": 2', '"cores": 3'),  # the second run's machine, as the others'
+     "log_1.txt: ran on {'cpu': 'AMD EPYC 7B13', 'cores': 3"),
+    (lambda f: [edit(f / where / f"log_{k}.txt", f'"lr": {lr}', f'"lr": {lr}, "eval_minutes": {minutes}',
+                     after="=== config.json") for where, lr, minutes in (("", 0.003, [5]), ("beside", 0.002, []))
+                for k in range(4)],
+     "beside/log_0.txt: eval_minutes [], the record's runs [5]: the runs beside share its stopping rule"),
     (lambda f: [own_source(f / "beside", f"log_{k}.txt", "shapes.py", "GRID = 2", "GRID = 3") for k in range(4)],
      "beside/: log_0.txt: its shapes.py draws or reads other scenes"),
 ])
@@ -822,6 +903,36 @@ def test_bad_every_or_records_are_refused_before_any_run_and_runs_is_decimal(tmp
     assert not (runs / "gone-0").exists()
 
 
+def test_the_cpu_track_runs_whole_pairs_at_its_budget_cadence_and_evaluation(tmp_path):
+    """speedrun.sh --track cpu, its defaults: the track's minimum of runs rounded up to whole pairs, each checking for
+    the target every 250 steps on the calibration's periodic samples and stopping at the target or 60 minutes, then
+    eval.py on the track's samples, steps and CFG with noise seed 42 whatever the run's seed; --calibrate trains the
+    baseline the calibration's 30 minutes, no --target."""
+    import bench
+    runs, t = tmp_path / "records" / "runs", verify.TRACKS["cpu"]
+    n = (t["min_runs"] + 1) // 2 * 2  # whole pairs: 4
+    stub = STUB_QUICK + 'open(os.path.join(out, "argv"), "w").write(" ".join(sys.argv[1:]))\n'
+    stub_speedrun(tmp_path, stub_train=stub, RUNS="7")  # refused (odd): the repository, its stubs committed
+    (tmp_path / "eval.py").write_text(STUB_EVAL + "pathlib.Path(sys.argv[sys.argv.index('--ckpt') + 1], 'eval_argv')"
+                                                  ".write_text(' '.join(sys.argv[1:]))\n")  # the runs' snapshot has it
+    calibrated = verify.load_runs(ROOT / t["target_from"])[0]["config"]["args"]  # as the target was measured
+    assert calibrated["eval_samples"] == t["periodic"]["eval_samples"] and not calibrated["target"]
+    cadence = f"--track cpu --eval-every {calibrated['eval_every']} --eval-samples {calibrated['eval_samples']}"
+    record = " ".join(bench.speedrun_record("cpu"))
+    for name, options, budget in (("x", [], f"--max-time 60 --target {t['metric']}={t['target']}"),
+                                  ("c", ["--calibrate"], f"--max-time {calibrated['max_time']:g}")):
+        r = stub_speedrun(tmp_path, "--track", "cpu", *options, stub_train=stub, NAME=name, RUNS_DIR=str(runs))
+        assert f"run {name}-{n - 1}: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr
+        assert {p.name for p in runs.glob(f"{name}-*") if p.is_dir()} == {f"{name}-{k}" for k in range(n)}
+        for k in range(n):
+            assert f'=== attempt.json\n{{"runs": {n}}}' in (runs / f"{name}-{k}" / "log.txt").read_text()
+            assert (runs / f"{name}-{k}" / "argv").read_text() == f"{cadence} {budget} --seed {k} --out " \
+                f"{runs}/{name}-{k}" + (f" {record}" if name == "x" else "")
+            assert (runs / f"{name}-{k}" / "eval_argv").read_text() == (
+                f"--ckpt {runs}/{name}-{k} --num-samples {t['eval_samples']} --steps {t['steps']} --cfg-scale "
+                f"{t['cfg_scale']} --seed {verify.EVAL_SEED} --out {runs}/{name}-{k}/confirm.json")
+
+
 # BESIDE's pairs: a run waits for its partner of the same seed to start (side by side, or it fails), and a run of the
 # next seed finds the last pair evaluated (pairs one after the other)
 STUB_PAIRED = """import os, sys, time
@@ -984,6 +1095,7 @@ def test_plot_reads_a_torn_line_and_every_run_to_its_end(tmp_path, monkeypatch, 
     plot.main()
     out = capsys.readouterr().out
     assert "| 3.0 | 750 | 0.500 | **0.500** |" in out  # the longer run's last evaluation, though the first run stopped
+    assert "| 1.0 | 250, 250 | 0.200, 0.100 | **0.150** +- 0.071 |" in out  # the sample sd of the two runs
     assert "minutes to object_accuracy 0.4: 1.9, 2.5 (mean 2.2)" in out and (tmp_path / "c.png").exists()
     written = (tmp_path / "c.png").read_bytes()
     for name, message in (("c.png", "exists; write another file"), ("c.json", "must end in .png")):  # before any work
@@ -1022,6 +1134,9 @@ def test_plot_time_to_a_lower_is_better_target():
     fid = [(1.0, 250, 80.0), (2.0, 500, 40.0), (3.0, 750, 20.0)]
     assert plot.time_to(30.0, fid, lower=True) == 2.5 and plot.time_to(90.0, fid, lower=True) == 1.0
     assert plot.time_to(10.0, fid, lower=True) is None and plot.time_to(0.5, [(1.0, 250, 0.25)]) is None
+    # reaching the target exactly counts, at that evaluation, either way
+    assert plot.time_to(40.0, fid, lower=True) == 2.0 and plot.time_to(0.25, [(1.0, 250, 0.25)]) == 1.0
+    assert plot.time_to(0.4, [(1.0, 250, 0.2), (2.0, 500, 0.4)]) == 2.0
 
 
 def test_plot_refuses_a_run_without_the_metric(tmp_path, monkeypatch, capsys):
@@ -1095,6 +1210,20 @@ def test_the_board_scales_by_the_latest_record_of_a_configuration_and_keeps_rule
     orphan = board_entry("e", 90.0, flags={"lr": 4}, replaces={"lr": 1}, ratio=0.5, code="c2", replaces_code="c0",
                          attempt_logged=False)
     assert [e["folder"].name for e in leaderboard.scaled([first, orphan])] == ["a"]
+    # a calibration of the replaced flags is not a record of them: it scales nothing
+    twin = board_entry("calibration", 50.0, kind="calibration", flags={"lr": 1})
+    kept = leaderboard.scaled([first, twin, faster])
+    assert [e["folder"].name for e in kept] == ["a", "calibration", "c"] and faster["time"] == pytest.approx(90.0)
+    assert [e["folder"].name for e in leaderboard.scaled([twin, faster])] == ["calibration"]
+
+
+def test_the_board_names_each_tracks_goal_the_way_its_metric_improves(monkeypatch, tmp_path):
+    cpu = verify.TRACKS["cpu"]
+    assert leaderboard.table("cpu", [], tmp_path)[0] == (f"**cpu**: {cpu['title']}; target object_accuracy >= "
+                                                         f"{cpu['target']} ({cpu['target_from']})")
+    monkeypatch.setitem(verify.TRACKS["1gpu"], "target", 20.0)
+    assert leaderboard.table("1gpu", [], tmp_path)[0] == (f"**1gpu**: {verify.TRACKS['1gpu']['title']}; target fid "
+                                                          f"<= 20.0 (speedrun.sh --calibrate)")
 
 
 def test_the_run_whose_flags_or_source_differ_is_named_with_what_differs(tmp_path):
