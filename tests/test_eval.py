@@ -6,7 +6,6 @@ import datetime
 import hashlib
 import json
 import os
-import pickle
 import platform
 import re
 import shutil
@@ -1267,3 +1266,44 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
     except FileNotFoundError:
         return False
+
+
+
+def test_a_reference_made_before_eval_version_existed_is_refused(tmp_path):
+    """A reference whose settings do not name an EVAL_VERSION predates the versions: refused as another version."""
+    clip = tiny_clip()
+    ref = ev.Metrics(None, ["cmmd"], clip=clip)
+    ref.update(blocky_images(2, seed=1, size=28))
+    ref.save_reference(tmp_path / "ref.npz")
+    with np.load(tmp_path / "ref.npz") as f:
+        arrays = dict(f)
+    settings = json.loads(str(arrays["settings"]))
+    del settings["eval_version"]
+    np.savez(tmp_path / "old.npz", **{**arrays, "settings": json.dumps(settings)})
+    with pytest.raises(ValueError, match="other settings: eval_version is 'absent' there"):
+        ev.Metrics(tmp_path / "old.npz", ["cmmd"], clip=clip)
+
+
+def test_the_fid_count_note_comes_only_with_fid(capsys):
+    ev.Metrics(None, ["cmmd"], clip=tiny_clip(), count=10, resolution=28)
+    assert "note: FID" not in capsys.readouterr().out
+
+
+def test_a_zero_given_on_the_command_line_overrides_the_runs_sampling(tmp_path):
+    """--cfg-scale 0 and --self-guidance 0 are values (no guidance), not 'not given': they replace the run's."""
+    write_run(tmp_path / "run", random_tiny_prx())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["args"]["tread"], config["sampling"]["self_guidance"] = True, 0.5
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    args = SimpleNamespace(ckpt=str(tmp_path / "run"), weights=None, steps=None, cfg_scale=0.0, self_guidance=0.0)
+    sampling = ev.load_checkpoint(args)[3]
+    assert (sampling["cfg_scale"], sampling["self_guidance"], sampling["steps"]) == (0.0, 0.0, 2)
+
+
+def test_sample_with_out_reads_a_checkpoint_it_cannot_write_into(tmp_path, monkeypatch):
+    """`sample --out FILE` writes nothing beside the checkpoint: a read-only checkpoint is sampled."""
+    ckpt = write_run(tmp_path / "run", random_tiny_prx())
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: str(path) != str(ckpt) and access(path, mode, **k))
+    ev.main(["sample", "--ckpt", str(ckpt), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")])
+    assert (tmp_path / "x.png").stat().st_size > 0 and sorted(os.listdir(ckpt)) == sorted([CHECKSUMS, "model.safetensors"])

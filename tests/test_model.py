@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import types
 
 import pytest
@@ -9,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import (CHECKSUMS, PRX, PRXConfig, file_sha256, flops_per_sample, gelu_tanh, list_checkpoints, preset_config,
-                   rope_for_grid, run_of, step_of, trim_text, verify_checkpoint, weights_file)
+                   read_config, rope_for_grid, run_of, step_of, trim_text, verify_checkpoint, weights_file)
 
 TINY = dict(in_channels=4, patch_size=2, context_dim=24, hidden_size=64, depth=4, num_heads=2, axes_dim=(16, 16),
             route_start=1, route_end=2)
@@ -460,3 +461,36 @@ def test_the_presets_table_takes_no_flags():
     assert shown.returncode == 0 and shown.stdout.startswith("tiny ") and "small-pixel" in shown.stdout
     refused = subprocess.run([sys.executable, script, "--nonsense"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "unrecognized arguments: --nonsense" in refused.stderr and not refused.stdout
+
+
+
+def test_a_checkpoint_whose_checksums_and_weights_are_both_gone_is_refused(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_2"
+    ckpt.mkdir(parents=True)
+    (ckpt / CHECKSUMS).write_text("{}")
+    with pytest.raises(ValueError, match="does not list the sha256 of each file of the checkpoint \\(no "
+                                         "model.safetensors\\)"):
+        verify_checkpoint(str(ckpt))
+
+
+def test_a_config_without_the_sampling_settings_is_not_a_runs_config(tmp_path):
+    """eval.py samples with config['sampling']: a config without it is refused when read, naming the file."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"args": {}, "model": {}}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a run's config"):
+        read_config(str(path))
+
+
+def test_save_diffusers_sets_the_token_cap_on_a_copy_of_the_tokenizer(tmp_path):
+    """The exported tokenizer pads and truncates to max_tokens; the caller's tokenizer keeps its own length."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "red": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                        model_max_length=77)
+    model = PRX(PRXConfig(in_channels=4, patch_size=2, context_dim=24, hidden_size=64, depth=2, num_heads=2,
+                          axes_dim=(16, 16)))
+    model.save_diffusers(str(tmp_path / "x"), tokenizer=tokenizer, max_tokens=12)
+    assert tokenizer.model_max_length == 77
+    assert AutoTokenizer.from_pretrained(tmp_path / "x" / "tokenizer").model_max_length == 12

@@ -7,9 +7,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ from safetensors.torch import load_file
 
 import shapes
 import train
-from model import CHECKSUMS, PRX, list_checkpoints, load_run, preset_config, stage_config, verify_checkpoint
+from model import (CHECKSUMS, PRX, file_sha256, list_checkpoints, load_run, preset_config, stage_config,
+                   verify_checkpoint)
 from train import sample_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1878,3 +1881,126 @@ def test_a_resume_continues_the_ema_of_its_checkpoint(tmp_path):
     for name in ("ema.safetensors", "model.safetensors"):
         a, b = (load_file(str(tmp_path / r / "checkpoints" / "step_4" / name)) for r in ("ref", "b"))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+def fake_run(run, argv):
+    """A run folder's config.json as train.py writes it for `argv` (its args as stored: tuples as lists)."""
+    args = train.get_args(argv)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"args": json.loads(json.dumps(vars(args))),
+                                                 "model": {"patch_size": 4}, "sampling": {}}))
+    return str(run / "checkpoints" / "step_2")
+
+
+@pytest.mark.parametrize("change, message", [(["--seed", "1"], "--seed 0 -> 1"), (["--pred", "x"], "--pred v -> x"),
+                                             (["--batch-size", "32"], "--batch-size 16 -> 32"),
+                                             (["--micro-batch", "16"], "--micro-batch 8 -> 16"),
+                                             (["--shift", "2"], "--shift 1.0 -> 2.0")])
+def test_a_resume_refuses_a_flag_that_defines_the_runs_sequence(tmp_path, change, message):
+    """--seed, --pred, the batch split and the shift make the run what it is (its samples, t and noise; its
+    objective): a resume that changes one is refused, naming it (RESUMABLE leaves them out); the same flags pass."""
+    run = tmp_path / "run"
+    ckpt = fake_run(run, SMALL + ["--out", str(run)])
+    train.check_resume_flags(train.get_args(SMALL + ["--out", str(run), "--resume"]), ckpt)
+    with pytest.raises(SystemExit, match=f"cannot change on resume: {re.escape(message)}"):
+        train.check_resume_flags(train.get_args(SMALL + ["--out", str(run), "--resume", *change]), ckpt)
+
+
+@pytest.mark.parametrize("change", [["--warmup", "10"], ["--cooldown", "0.2"], ["--grad-clip", "0.5"],
+                                    ["--caption-dropout", "0.2"], ["--eval-samples", "8", "--eval-every", "2"],
+                                    ["--lr", "1e-3"], ["--keep", "3"], ["--log-every", "5"], ["--ckpt-every", "7"],
+                                    ["--max-time", "1"]])
+def test_a_resume_may_change_the_flags_of_a_new_phase(tmp_path, change):
+    """A second phase (PRX part 3) changes its schedule, clipping, caption dropout and evaluations: accepted."""
+    run = tmp_path / "run"
+    ckpt = fake_run(run, SMALL + ["--out", str(run)])
+    train.check_resume_flags(train.get_args(SMALL + ["--out", str(run), "--resume", *change]), ckpt)
+
+
+def test_the_lock_names_only_the_process_that_holds_it(tmp_path):
+    """A .lock left by an ended run is rewritten, not appended to: a refused second train.py names the holder alone."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("host gone pid 1\n")
+    lock, _ = train.claim_run_folder(str(out), False)
+    try:
+        holder = f"host {socket.gethostname()} pid {os.getpid()}"
+        assert (out / ".lock").read_text() == f"{holder}\n"
+        with pytest.raises(SystemExit, match=re.escape(f"another train.py ({holder}) is training this run")):
+            train.claim_run_folder(str(out), False)
+    finally:
+        lock.close()
+
+
+def test_a_prune_keeps_the_evaluations_of_an_earlier_life_of_the_step(tmp_path):
+    """step_2.evals already there (an earlier life of the run): pruning step_2 again keeps both sets of evaluations."""
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_2.evals").mkdir(parents=True)
+    (ckpts / "step_2.evals" / "eval.json").write_text("old")
+    (ckpts / "step_2").mkdir()
+    (ckpts / "step_2" / "model.safetensors").write_text("weights")
+    (ckpts / "step_2" / "eval.json").write_text("new")
+    train.prune_checkpoint(str(ckpts / "step_2"))
+    assert (ckpts / "step_2.evals" / "eval.json").read_text() == "old" and not (ckpts / "step_2").exists()
+    later = [p for p in ckpts.iterdir() if p.name.startswith("step_2.evals-")]
+    assert len(later) == 1 and sorted(os.listdir(later[0])) == ["eval.json"]
+    assert (later[0] / "eval.json").read_text() == "new"
+
+
+def test_a_resume_keeps_the_timed_evaluations_still_ahead_of_its_clock(tmp_path, monkeypatch):
+    """--eval-minutes are minutes, the checkpoint's clock seconds: resumed at 0.5 s of training, an --eval-minutes
+    0.02 point (1.2 s) is still ahead and is evaluated, before the end of --max-time 0.03 (1.8 s). A fake clock
+    (10 ms a reading) makes the step times, whatever the machine's load."""
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 0.01
+        return clock[0]
+    monkeypatch.setattr(train.time, "perf_counter", tick)
+    out = tmp_path / "r"
+    flags = SMALL[:-4] + ["--eval-samples", "8", "--sample-steps", "2", "--warmup", "5", "--ckpt-every", "2", "--out",
+                          str(out)]
+    train.main(flags + ["--max-steps", "2"])
+    ckpt = out / "checkpoints" / "step_2"
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    torch.save({**state, "train_time": 0.5}, ckpt / "trainer.pt")
+    (ckpt / CHECKSUMS).write_text(json.dumps({n: file_sha256(ckpt / n) for n in ("model.safetensors", "trainer.pt")}))
+    train.main(flags + ["--max-steps", "100000", "--max-time", "0.03", "--eval-minutes", "0.02", "--resume"])
+    with open(out / "metrics.jsonl") as f:
+        evals = [r["train_time_s"] for r in map(json.loads, f) if "object_accuracy" in r and r["step"] > 2]
+    assert len(evals) == 2 and 1.2 <= evals[0] < 1.8 <= evals[1], evals
+
+
+def test_the_runs_evaluations_sample_the_eval_data(monkeypatch):
+    """--eval-data: the run's evaluations draw the held-out prompts of that dataset and decode with its VAE, not
+    --data's; without it, --data's."""
+    opened = []
+    monkeypatch.setattr(train, "open_heldout", lambda data, *a: opened.append(data) or SimpleNamespace(
+        images_id=lambda n: "id"))
+    monkeypatch.setattr(train, "load_decoder", lambda cfg, data, *a: opened.append(data) or ((3, 32, 32), None))
+    args = SimpleNamespace(eval_samples=2, eval_data="data/eval", data="data/train", captions="long", resolution=32,
+                           seed=0, text_context=5, eval_ref=None, fid_weights=None, sample_steps=2, cfg_scale=3.0,
+                           shift=1.0, pred="v", route_ratio=None, self_guidance=0.0)
+    assert train.setup_eval(args, None, torch.device("cpu")) is not None
+    assert opened == ["data/eval", "data/eval"]
+    opened.clear()
+    args.eval_data = None
+    train.setup_eval(args, None, torch.device("cpu"))
+    assert opened == ["data/train", "data/train"]
+
+
+def test_a_run_folder_made_meanwhile_by_another_run_is_not_taken(tmp_path, monkeypatch):
+    """Two runs started on one new --out: the one that finds the folder made when it claims it stops, and the other
+    run's config.json stays as that run wrote it."""
+    out = tmp_path / "r"
+    opened = train.open_training_data
+
+    def another_run_starts_meanwhile(*a, **k):
+        out.mkdir()
+        (out / "config.json").write_text('{"the other run": 1}')
+        return opened(*a, **k)
+    monkeypatch.setattr(train, "open_training_data", another_run_starts_meanwhile)
+    with pytest.raises(SystemExit, match=re.escape(f"--out {out}: another train.py has made this folder since this "
+                                                   f"one started")):
+        train.main(SMALL + ["--out", str(out), "--max-steps", "1"])
+    assert (out / "config.json").read_text() == '{"the other run": 1}' and sorted(os.listdir(out)) == ["config.json"]
