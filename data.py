@@ -247,7 +247,6 @@ class Shard:
         offsets = self.arrays.get(name + "_offsets")
         will_need(self.arrays[name], *((offsets[i], offsets[i + 1]) if offsets is not None else (i, i + 1)))
 
-
     def string(self, name, i):
         return bytes(self.ragged(name, i)).decode()
 
@@ -728,10 +727,10 @@ class Parser(argparse.ArgumentParser):
         parsers = [self, *(p for a in self._actions if isinstance(a, argparse._SubParsersAction)
                            for p in a.choices.values())]
         flags = {s for p in parsers for a in p._actions for s in a.option_strings}
-        for word in itertools.takewhile(lambda w: w != "--", words):
-            if word.startswith("--") and word.split("=")[0] not in flags:
-                close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
-                self.error(f"{word.split('=')[0]} is not a flag" + (f": did you mean {close[0]}?" if close else ""))
+        for name in (w.split("=")[0] for w in itertools.takewhile(lambda w: w != "--", words)):
+            if name.startswith("--") and name not in flags:
+                close = difflib.get_close_matches(name, flags, n=1)
+                self.error(f"{name} is not a flag" + (f": did you mean {close[0]}?" if close else ""))
         parsed = super().parse_args(args, namespace)
         actions = [a for a in self._actions if a.option_strings]
         for a in self._actions:  # the flags and operands of the subcommand given (bench.py model, ...)
