@@ -247,17 +247,17 @@ def test_fewer_evaluation_samples_than_processes_are_refused(monkeypatch, capsys
     assert [train.get_args(["--track", "cpu", "--eval-samples", n]).eval_samples for n in ("0", "4")] == [0, 4]
 
 
-@pytest.mark.parametrize("log_every, message", [
-    ("1", r"error: loss \S+, grad_norm (inf|nan) at step \d+: not finite; stopping: no checkpoint was written"),
-    ("40", r"error: loss, gradient norm or weights not finite at step \d+; checkpoint not written")])  # between lines
-def test_an_infinite_gradient_norm_stops_the_run(tmp_path, log_every, message):
+@pytest.mark.parametrize("log_every, ckpt_every, message", [
+    ("1", "20", r"error: loss \S+, grad_norm (inf|nan) at step \d+: not finite; stopping: no checkpoint was written"),
+    ("40", "1", r"error: loss, gradient norm or weights not finite at step \d+; checkpoint not written")])  # no line
+def test_an_infinite_gradient_norm_stops_the_run(tmp_path, log_every, ckpt_every, message):
     """lr 1e9: by step 2 the loss is finite (~1e19) but the gradient's norm overflows; clipping would then scale every
     update to 0 and the run would train on unchanged: it stops, at its step line or at its next checkpoint."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     flags = SMALL + ["--out", str(tmp_path / "inf"), "--max-steps", "40", "--lr", "1e9"]
     try:
         with pytest.raises(SystemExit, match=message):
-            train.main(flags + ["--log-every", log_every, "--ckpt-every", "1" if log_every == "40" else "20"])
+            train.main(flags + ["--log-every", log_every, "--ckpt-every", ckpt_every])
     finally:
         for s, handler in handlers.items():  # main stopped before putting them back
             signal.signal(s, handler)
