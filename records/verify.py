@@ -451,6 +451,43 @@ print(h.hexdigest())
 """
 
 
+# Each probe runs in a process of its own, forked from a server that has imported the libraries the sources import
+# (none of the sources), as `python -c PROBE RESOLUTION` would run in the folder but without importing torch again
+# (most of a probe's time in a fresh interpreter); nothing a probe does reaches the next.
+PROBE_SERVER = """
+import json, os, sys, traceback
+import numpy, PIL.Image, safetensors.torch, scipy.ndimage, torch, torch.nn.functional, tqdm
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(job["folder"])
+        for fd, name in ((0, os.devnull), (1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(name, os.O_RDWR | os.O_CREAT), fd)
+        for name in os.listdir():  # the folder's files, not a module of the same name the libraries import
+            sys.modules.pop(name.removesuffix(".py"), None)
+        sys.path[0], sys.argv, code = job["folder"], ["-c", job["arg"]], 0
+        torch.seed(), numpy.random.seed()  # unseeded draws differ from probe to probe, as in fresh interpreters
+        try:
+            exec(compile(job["probe"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    out, err = (open(os.path.join(job["folder"], name)).read() for name in ("stdout", "stderr"))
+    print(json.dumps(dict(status=os.waitstatus_to_exitcode(status), stdout=out, stderr=err)), flush=True)
+"""
+
+
+@lru_cache(maxsize=None)
+def probe_server():
+    """The PROBE_SERVER of this process, started at its first probe; it ends when this process closes its stdin."""
+    return subprocess.Popen([sys.executable, "-c", PROBE_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
 @lru_cache(maxsize=None)
 def fingerprint(probe, files, resolution):
     """A probe's sha256 line, run on `files` ((name, text), ...) written to a folder of their own; a probe that
@@ -458,11 +495,18 @@ def fingerprint(probe, files, resolution):
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files:
             Path(folder, name).write_text(text)
-        probe = subprocess.run([sys.executable, "-c", probe, str(resolution)], cwd=folder, capture_output=True,
-                               text=True)
-    if probe.returncode:
-        raise RuntimeError(f"no fingerprint: {probe.stderr.strip()[-200:]}")
-    return probe.stdout.strip()
+        if probe_server().poll() is not None:  # ended (killed): a new one
+            probe_server.cache_clear()
+        server = probe_server()
+        server.stdin.write(json.dumps(dict(folder=folder, probe=probe, arg=str(resolution))) + "\n")
+        server.stdin.flush()
+        reply = server.stdout.readline()
+    if not reply:
+        raise RuntimeError(f"no fingerprint: the probe server ended (exit status {server.wait()})")
+    result = json.loads(reply)
+    if result["status"]:
+        raise RuntimeError(f"no fingerprint: {result['stderr'].strip()[-200:]}")
+    return result["stdout"].strip()
 
 
 def check_task(runs, t):

@@ -415,6 +415,50 @@ def test_a_task_probe_that_fails_says_why(record):
     assert not any("draws or reads other scenes" in p for p in problems), problems
 
 
+def fresh_interpreter(probe, files, resolution, tmp_path):
+    """What a probe prints run as `python -c PROBE RESOLUTION` in a folder of the files: the reference for the
+    probe server."""
+    folder = tmp_path / f"fresh-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    for name, text in files:
+        (folder / name).write_text(text)
+    r = subprocess.run([sys.executable, "-c", probe, str(resolution)], cwd=folder, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.parametrize("probe", ["TASK_PROBE", "EVAL_PROBE"])  # FID_PROBE: EVAL_PROBE's sampler, + ~15 s
+def test_each_probe_prints_in_the_server_what_it_prints_in_a_fresh_interpreter(probe, tmp_path):
+    files = tuple(sorted((p.name, p.read_text()) for p in ROOT.glob("*.py")))
+    files = tuple(f for f in files if f[0] == "shapes.py") if probe == "TASK_PROBE" else files
+    ours = verify.fingerprint(getattr(verify, probe), files, 16)
+    assert re.fullmatch(r"[0-9a-f]{64}", ours)
+    assert ours == fresh_interpreter(getattr(verify, probe), files, 16, tmp_path)
+
+
+def test_probes_run_apart_and_a_probe_that_dies_leaves_the_server_running(tmp_path):
+    """Each probe starts from the server's state, as a fresh interpreter: what one changes (torch's defaults, a
+    module's attributes, sys.path) never reaches the next; a source named as a library the server imported is the
+    folder's file; a probe killed by a signal fails with its status and the next one runs, in a new server where
+    the probe killed the server."""
+    changes = ("import sys, torch, shapes; torch.set_default_dtype(torch.float64); shapes.CHANGED = 1; "
+               "sys.path.insert(0, '/nowhere'); torch.manual_seed(5); print('changed')")
+    assert verify.fingerprint(changes, (("shapes.py", "VALUE = 1\n"),), 1) == "changed"
+    reads = ("import sys, numpy, torch, shapes, tqdm; print(torch.get_default_dtype(), shapes.VALUE, "
+             "hasattr(shapes, 'CHANGED'), '/nowhere' in sys.path, tqdm.VALUE, sys.argv[1]); "
+             "print(torch.rand(1).item(), numpy.random.rand())")
+    files = (("shapes.py", "VALUE = 2\n"), ("tqdm.py", "VALUE = 3\n"))
+    first, draws = verify.fingerprint(reads, files, 7).split("\n")
+    assert first == "torch.float32 2 False False 3 7" == fresh_interpreter(reads, files, 7, tmp_path).split("\n")[0]
+    assert verify.fingerprint(reads, files, 8).split("\n")[1] != draws  # unseeded: other draws, as fresh ones
+    with pytest.raises(RuntimeError, match="no fingerprint"):
+        verify.fingerprint("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", (), 1)
+    assert verify.fingerprint("print('next')", (), 1) == "next"
+    with pytest.raises(RuntimeError, match="the probe server ended"):  # a probe that kills the server
+        verify.fingerprint("import os, signal; os.kill(os.getppid(), signal.SIGKILL)", (), 1)
+    assert verify.fingerprint("print('then')", (), 1) == "then"  # in a new server
+
+
 def test_a_record_on_a_refactored_task_passes(record, cpu_target):
     """The task is what shapes.py draws and reads, not its bytes: the calibration ran a reworded shapes.py."""
     for log in cpu_target.glob("log_*.txt"):
