@@ -456,7 +456,7 @@ print(h.hexdigest())
 # (most of a probe's time in a fresh interpreter); nothing a probe does reaches the next.
 PROBE_SERVER = """
 import json, os, sys, traceback
-import numpy, PIL.Image, safetensors.torch, scipy.ndimage, torch, torch.nn.functional, tqdm
+import numpy, PIL.Image, safetensors.torch, scipy.ndimage, torch, tqdm
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
@@ -469,7 +469,7 @@ for line in sys.stdin:
         sys.path[0], sys.argv, code = job["folder"], ["-c", job["arg"]], 0
         torch.seed(), numpy.random.seed()  # unseeded draws differ from probe to probe, as in fresh interpreters
         try:
-            exec(compile(job["probe"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            exec(compile(job["probe"], "<string>", "exec"), {"__name__": "__main__"})  # exec adds the builtins
         except BaseException:
             traceback.print_exc()
             code = 1
