@@ -86,16 +86,21 @@ class T5GemmaTextEncoder:
 
     @classmethod
     def from_pretrained(cls, name=T5GEMMA_ID, device="cpu", max_tokens=256):
-        from transformers import AutoTokenizer, T5GemmaEncoderModel
+        from transformers import AutoTokenizer, PretrainedConfig, T5GemmaEncoderModel
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16 as PRX on GPU
-        # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
+
+        def load():
+            # another model type would be built at T5Gemma's default size (2B, seconds of random init), then refused;
+            # no config.json at all (None): from_pretrained's error names the folder
+            if (kind := PretrainedConfig.get_config_dict(name)[0].get("model_type")) not in (None, "t5gemma"):
+                raise ValueError(f"--text-encoder {name}: not a T5Gemma encoder: its config.json is a {kind} model's; "
+                                 f"pass a folder or hub id of a T5Gemma encoder (PRX's: {T5GEMMA_ID})")
+            # transformers 5.x: the encoder is built from config.encoder of the composite T5GemmaConfig
+            loaded = T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype,
+                                                         output_loading_info=True)
+            return whole(loaded, "a T5Gemma encoder", "--text-encoder", name), AutoTokenizer.from_pretrained(name)
         with quiet_transformers():  # its report lists the decoder's weights, unused here; whole() checks what matters
-            model, tokenizer = from_hub(
-                lambda: (whole(T5GemmaEncoderModel.from_pretrained(name, is_encoder_decoder=False, dtype=dtype,
-                                                                   output_loading_info=True),
-                               "a T5Gemma encoder", "--text-encoder", name),
-                         AutoTokenizer.from_pretrained(name)), f"the text encoder {name}", name, "--text-encoder",
-                name=name)
+            model, tokenizer = from_hub(load, f"the text encoder {name}", name, "--text-encoder", name=name)
         return cls(model.to(device), tokenizer, max_tokens)
 
     def __call__(self, captions):

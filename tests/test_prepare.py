@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
 
 import data
 import prepare
@@ -541,7 +542,6 @@ def test_a_source_that_is_not_there_or_holds_no_images_is_named(prepared, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_their_traceback(prepared, tmp_path,
                                                                                           monkeypatch):
     root, _ = prepared
@@ -553,10 +553,18 @@ def test_a_folder_that_is_not_the_model_is_a_flag_error_and_other_failures_keep_
     T5EncoderModel(T5Config(vocab_size=300, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
         tmp_path / "t5")
     AutoTokenizer.from_pretrained(root / "models" / "t5gemma").save_pretrained(tmp_path / "t5")
-    with pytest.raises(SystemExit, match=f"^error: --text-encoder {tmp_path}/t5: not a T5Gemma encoder: .* weights "
-                                         f"are not in the checkpoint"):  # not a T5Gemma of random weights
+    with pytest.raises(SystemExit, match=f"^error: --text-encoder {tmp_path}/t5: not a T5Gemma encoder: its "
+                                         f"config.json is a t5 model's"):  # refused before a 2B T5Gemma is built
         prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", "--text-encoder",
                                   str(tmp_path / "t5")))
+    shutil.copytree(root / "models" / "t5gemma", tmp_path / "t5gemma")  # a T5Gemma whose file lacks a weight
+    weights = load_file(tmp_path / "t5gemma" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0.self_attn.q_proj" not in k},
+              tmp_path / "t5gemma" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=f"^error: --text-encoder {tmp_path}/t5gemma: not a T5Gemma encoder: 1 of its "
+                                         f"weights are not in the checkpoint"):  # not left at its random init
+        prepare.main(prepare_argv(tmp_path / "out", root / "pq", root / "models", "--text-encoder",
+                                  str(tmp_path / "t5gemma")))
     assert not (tmp_path / "out").exists()
     for flags, message in ((["--vae", "flux2"], "not the flux2 VAE: 3 of its weights are not in the checkpoint"),
                            (["--vae-path", str(root / "models" / "dc-ae")], "not the flux VAE: Error.* size mismatch")):
