@@ -71,7 +71,8 @@ if [ ${#LEFT[@]} -gt 0 ]; then  # kept: a run folder train.py would refuse, a co
         "*.out, their consoles, which say why a run failed; *-code, its code: git worktree remove --force <it>);" \
         "choose another NAME, or move what you need and remove them"
 fi
-python -c "import torch" 2> /dev/null ||  # else each run fails at its first line, after the snapshot is taken
+# found, not imported (2 s): else each run fails at its first line, after the snapshot is taken
+python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" ||
   die 1 "$(command -v python || echo python) cannot import torch: activate the environment of README's Install"
 git rev-parse --verify --quiet HEAD > /dev/null ||
   die 1 "runs in a git clone with a commit (each log names it; the runs train on a snapshot of it)"

@@ -874,8 +874,7 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
         assert not (tmp_path / "records" / "runs" / "y-0").exists() and not (tmp_path / "y-0").exists()
     fake = tmp_path / "no-torch"  # a python without torch: the environment of README's Install not activated
     fake.mkdir()
-    (fake / "torch.py").write_text("raise ImportError('no torch here')\n")
-    (fake / "python").write_text(f'#!/bin/sh\nPYTHONPATH={fake} exec {sys.executable} "$@"\n')
+    (fake / "python").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # -S: no site-packages
     (fake / "python").chmod(0o755)
     r = stub_speedrun(tmp_path, NAME="y", PATH=f"{fake}:{os.environ['PATH']}")
     assert r.returncode == 1 and f"{fake / 'python'} cannot import torch: activate the environment" in r.stderr, r.stderr
