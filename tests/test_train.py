@@ -1,5 +1,6 @@
 import argparse
 import errno
+import gc
 import itertools
 import json
 import math
@@ -38,6 +39,18 @@ def run(args, nproc=1, script=os.path.join(ROOT, "train.py"), **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + [str(script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, **kw)
+
+
+def refusal(argv, capsys):
+    """train.main(argv) in this process (a launch of train.py would import torch again, ~2 s), which must stop with
+    an error -> its message: argparse's on stderr, or exit_on's SystemExit("error: ...")."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    code = e.value.code
+    assert code not in (0, None), "stopped without an error"
+    del e
+    gc.collect()  # main's frames, which hold the run's .lock open, as the process's exit would close it
+    return capsys.readouterr().err + str(code)
 
 
 def losses(out):
@@ -231,10 +244,16 @@ def test_evaluations_checkpoints_and_the_compile_warm_up_are_off_the_clock(tmp_p
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
     (["--cooldown", "2"], "argument --cooldown: must be in [0, 1], got 2"),
 ])
-def test_bad_input_fails_before_work(tmp_path, argv, message):
-    r = run(["--track", "cpu", "--out", str(tmp_path / "x"), *argv])
-    assert r.returncode != 0 and message in r.stderr, r.stderr[-1000:]
+def test_bad_input_fails_before_work(tmp_path, capsys, argv, message):
+    err = refusal(["--track", "cpu", "--out", str(tmp_path / "x"), *argv], capsys)
+    assert message in err, err[-1000:]
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_a_bad_flag_on_the_command_line_exits_with_argparse_status(tmp_path):
+    r = run(["--track", "cpu", "--out", str(tmp_path / "x"), "--pred", "z"])
+    assert r.returncode == 2 and "train.py: error: argument --pred: invalid choice: 'z'" in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "x").exists()
 
 
 def test_fewer_evaluation_samples_than_processes_are_refused(monkeypatch, capsys):
@@ -456,11 +475,11 @@ def copy_run(finished_run, tmp_path):
     return out
 
 
-def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path):
+def test_model_tiny_on_builtin_data_and_bad_resolution(tmp_path, capsys):
     r = run(SMALL + ["--model", "tiny", "--patch", "4", "--out", str(tmp_path / "a"), "--max-steps", "1"])
     assert r.returncode == 0, r.stderr[-2000:]  # the built-in foreground weight suits any model on pixels
-    r = run(SMALL + ["--resolution", "30", "--out", str(tmp_path / "b"), "--max-steps", "1"])
-    assert r.returncode != 0 and "--resolution 30" in r.stderr and "patch size 4" in r.stderr, r.stderr[-1000:]
+    err = refusal(SMALL + ["--resolution", "30", "--out", str(tmp_path / "b"), "--max-steps", "1"], capsys)
+    assert "--resolution 30" in err and "patch size 4" in err, err[-1000:]
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
@@ -658,11 +677,11 @@ def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
     assert f"--max-time 0.02: the training time is spent at step {last}: stopping" in console
 
 
-def test_an_out_that_holds_a_run_is_never_reused(finished_run, tmp_path):
+def test_an_out_that_holds_a_run_is_never_reused(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     before = run_files(out)
-    r = run(SMALL + ["--out", str(out), "--max-steps", "2"])
-    assert r.returncode != 0 and "holds a run already" in r.stderr and "--resume" in r.stderr, r.stderr[-1000:]
+    err = refusal(SMALL + ["--out", str(out), "--max-steps", "2"], capsys)
+    assert "holds a run already" in err and "--resume" in err, err[-1000:]
     assert run_files(out) == before
 
 
@@ -683,7 +702,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside(finished_run, tmp_
     assert sorted(losses(out)) == list(range(1, 7))
 
 
-def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(finished_run, tmp_path):
+def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(finished_run, tmp_path, capsys):
     """A checkpoint whose optimizer state does not fit (here: none, its checksums made anew) stops the resume before
     the newer checkpoint is set aside, a config written or metrics.jsonl cut."""
     from model import file_sha256
@@ -694,21 +713,19 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(finished_run, tmp_p
     torch.save(state, ckpt / "trainer.pt")
     (ckpt / CHECKSUMS).write_text(json.dumps({p.name: file_sha256(p) for p in ckpt.iterdir() if p.name != CHECKSUMS}))
     before = run_files(out)
-    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", str(ckpt)])
-    assert r.returncode != 0 and "step_2 does not fit this model, optimizer or loader (KeyError" in r.stderr, \
-        r.stderr[-1000:]
+    err = refusal(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", str(ckpt)], capsys)
+    assert "step_2 does not fit this model, optimizer or loader (KeyError" in err, err[-1000:]
     assert run_files(out) == before
 
 
-def test_a_resume_with_nothing_left_to_train_is_refused(finished_run, tmp_path):
+def test_a_resume_with_nothing_left_to_train_is_refused(finished_run, tmp_path, capsys):
     """A checkpoint at --max-steps or past --max-time would only be evaluated again: refused, the run untouched."""
     out = copy_run(finished_run, tmp_path)
     before = run_files(out)
     for budget, message in [(["--max-steps", "4"], "under --max-steps 4 (it is at step 4): raise it to go on"),
                             (["--max-steps", "8", "--max-time", "1e-6"], "under --max-time 1e-06 (it is at 0.")]:
-        r = run(SMALL + ["--out", str(out), "--resume", *budget])
-        assert r.returncode != 0 and f"{out / 'checkpoints' / 'step_4'} has nothing left to train {message}" in \
-            r.stderr, r.stderr[-1000:]
+        err = refusal(SMALL + ["--out", str(out), "--resume", *budget], capsys)
+        assert f"{out / 'checkpoints' / 'step_4'} has nothing left to train {message}" in err, err[-1000:]
     assert run_files(out) == before
 
 
@@ -767,7 +784,7 @@ def test_a_resume_continues_its_own_run_whatever_the_spelling_of_out(finished_ru
     assert sorted(losses(out)) == list(range(1, 7)) and (out / "checkpoints" / "step_6").is_dir()
 
 
-def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_run, tmp_path):
+def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_run, tmp_path, capsys):
     """--resume CKPT --out NEW: NEW is a run folder of its own (config.json, the sources) that resumes again; the
     source run is left as it was. An --out holding another run is refused before any work."""
     src = copy_run(finished_run, tmp_path)
@@ -775,8 +792,9 @@ def test_resume_into_another_out_branches_and_never_takes_over_a_run(finished_ru
     other = tmp_path / "other"
     shutil.copytree(finished_run, other)
     other_before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
-    r = run(SMALL + ["--max-steps", "3", "--resume", str(src / "checkpoints" / "step_2"), "--out", str(other)])
-    assert r.returncode != 0 and f"--out {other} holds a run already" in r.stderr and "to branch from" in r.stderr
+    err = refusal(SMALL + ["--max-steps", "3", "--resume", str(src / "checkpoints" / "step_2"), "--out", str(other)],
+                  capsys)
+    assert f"--out {other} holds a run already" in err and "to branch from" in err, err[-1000:]
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == other_before
     branch = tmp_path / "branch"
     r = run(SMALL + ["--max-steps", "3", "--resume", str(src / "checkpoints" / "step_2"), "--out", str(branch)])
@@ -803,15 +821,14 @@ def test_an_evaluation_that_cannot_start_leaves_no_run_folder(prepared, tmp_path
     assert not (tmp_path / "run").exists()  # so the same command, mended, runs without --resume
 
 
-def test_corrupt_checkpoint_is_named_with_the_previous_one(finished_run, tmp_path):
+def test_corrupt_checkpoint_is_named_with_the_previous_one(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     weights = out / "checkpoints" / "step_4" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100:-90] = bytes(10)  # tensor bytes, same size
     weights.write_bytes(bytes(data))
-    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"])
-    assert r.returncode != 0 and "step_4/model.safetensors is corrupt" in r.stderr, r.stderr[-1000:]
-    assert "step_2" in r.stderr
+    err = refusal(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"], capsys)
+    assert "step_4/model.safetensors is corrupt" in err and "step_2" in err, err[-1000:]
     with pytest.raises(ValueError, match="corrupt"):
         load_run(str(out))
 
@@ -852,13 +869,14 @@ def test_resume_checks_the_patch_and_takes_a_newer_flags_default(finished_run, t
         train.check_resume_flags(args, ckpt)
 
 
-def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path):
+def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')  # a crash in the middle of a write
-    r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "--hidden", "128", "--optimizer", "muon"])
-    assert r.returncode != 0 and "cannot change on resume" in r.stderr, r.stderr[-1000:]
-    assert "--hidden 64 -> 128" in r.stderr and "--optimizer adamw -> muon" in r.stderr
+    err = refusal(SMALL + ["--out", str(out), "--max-steps", "6", "--resume", "--hidden", "128", "--optimizer",
+                           "muon"], capsys)
+    assert "cannot change on resume" in err and "--hidden 64 -> 128" in err and "--optimizer adamw -> muon" in err, \
+        err[-1000:]
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(losses(out)) == list(range(1, 7))
@@ -1049,10 +1067,10 @@ def test_the_compile_warm_up_meets_a_new_text_length_with_and_without_the_mask(t
     assert [m for _, m in seen[8:10]] == [None, None]
 
 
-def test_missing_repa_weights_name_the_flag(tmp_path):
-    r = run(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out", str(tmp_path / "r"),
-                     "--max-steps", "1"])
-    assert r.returncode != 0 and "--repa-weights /nonexistent.safetensors: no such file" in r.stderr, r.stderr[-1000:]
+def test_missing_repa_weights_name_the_flag(tmp_path, capsys):
+    err = refusal(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out",
+                           str(tmp_path / "r"), "--max-steps", "1"], capsys)
+    assert "--repa-weights /nonexistent.safetensors: no such file" in err, err[-1000:]
 
 
 def test_repa_builtin_teacher_trains(tmp_path):
