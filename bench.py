@@ -46,7 +46,7 @@ import data
 from data import (Parser, PreparedDataset, ShardLoader, batch_text, count, nearest_existing, number, pad_text,
                   positive)
 from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
-                  mmd, sample, sample_batch, timesteps, write_random_inception_weights)
+                  mmd, sample, timesteps, write_random_inception_weights)
 from model import PRX, Attention, flops_per_sample, preset_config, trim_text
 from muon import Muon, assign_owners, newton_schulz, ns_cost, split_muon_params
 from prepare import to_bits, write_index, write_shard
@@ -364,23 +364,6 @@ def bench_eval(args):
     rates = sampling_rates(ours, theirs, B, side, args.sample_steps, args.warmup, args.steps)
     compare(f"sampling PRX {preset} {(ours.cfg.in_channels, side, side)}, {args.sample_steps} Euler steps, CFG 3.5",
             *rates, "img/s", ".3f")
-    batch = sample_batch(torch.device(DEVICE))  # an evaluation's 64 images in its batches against one batch
-    times = timed({"sample_batch": lambda: sample_in_batches(ours, 64, batch, side, args.sample_steps),
-                   "one batch": lambda: sample_in_batches(ours, 64, 64, side, args.sample_steps)},
-                  args.warmup, args.steps)
-    compare(f"sampling 64 images in eval.sample_batch's batches of {batch}", 64 / statistics.median(
-        times["sample_batch"]), "one batch of 64", 64 / statistics.median(times["one batch"]), "img/s", ".3f")
-
-
-@torch.no_grad()
-def sample_in_batches(model, n, batch, side, steps):
-    """eval.sample of n images, `batch` at a time, as the CPU record's evaluations sample (24 text tokens, CFG 3,
-    TREAD self-guidance 3 with a quarter of the tokens routed): the same images, to rounding, whatever the batch."""
-    txt = torch.randn(n, 24, model.cfg.context_dim, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    mask = torch.ones(n, 24, dtype=torch.bool, device=DEVICE)
-    return torch.cat([sample(model, txt[i:i + batch], mask[i:i + batch], txt[:1, :1], mask[:1, :1],
-                             list(range(i, min(i + batch, n))), (model.cfg.in_channels, side, side), steps, 3.0,
-                             route_ratio=0.25, self_guidance=3.0) for i in range(0, n, batch)])
 
 
 @torch.no_grad()

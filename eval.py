@@ -125,7 +125,6 @@ def to_uint8(x):
 
 
 GRID_FORMATS = (".png", ".jpg", ".jpeg", ".webp")  # what a grid may be written as (sample --out)
-GRID_SAMPLES = 64  # an evaluation's grid: its first samples
 
 
 def save_grid(images, captions, path, nrow=8):
@@ -627,13 +626,6 @@ def load_decoder(cfg, data, resolution, device):
     return tuple(index["schema"]["latent"]["shape"]), decode
 
 
-def sample_batch(device):
-    """Prompts per sampler call, the default of train.py's evaluations and eval.py --batch-size: a CPU samples fastest
-    in small batches, whose activations stay in its caches (records/2026-12-07_eval-batch: the same images, sooner);
-    a GPU in large ones."""
-    return 16 if device.type == "cpu" else 32
-
-
 def my_batches(num_samples, batch_size):
     """This rank's indices of 0..num_samples-1 (every world-th), in batches."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
@@ -646,15 +638,14 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
              **sampling):
     """Sample held-out prompts 0..num_samples-1 (sample i from the noise of seed + i) and score the images: the
     split's own score (the caption checker on the built-in data) and, given a Metrics (reset here), its feature
-    metrics. grid(images, captions): called on the main process with its first GRID_SAMPLES images, as soon as they
-    are drawn (saves them). sampling: steps, cfg_scale, shift, pred, route_ratio, self_guidance."""
+    metrics. grid(images, captions): called with the first batch on the main process (saves it). sampling: steps,
+    cfg_scale, shift, pred, route_ratio, self_guidance."""
     device = next(model.parameters()).device
     if metrics is not None:
         metrics.reset()
     null_txt, null_mask = (t.to(device) for t in split.null)
-    sums, seen, shown = {}, 0, []  # shown: the grid's (images, idx), from as many batches as it takes
-    batches = my_batches(num_samples, batch_size)
-    for i, idx in enumerate(batches):
+    sums, seen = {}, 0
+    for i, idx in enumerate(my_batches(num_samples, batch_size)):
         txt, mask = split.encode(idx)
         x = sample(model, txt.to(device), mask.to(device), null_txt, null_mask, [seed + j for j in idx], shape,
                    **sampling)
@@ -664,11 +655,8 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
         for key, value in split.score(images, idx).items():
             sums[key] = sums.get(key, 0.0) + value * len(idx)
         seen += len(idx)
-        wanted = GRID_SAMPLES - sum(len(j) for _, j in shown)
-        if grid and main_process() and wanted > 0:
-            shown.append((images[:wanted], idx[:wanted]))
-            if wanted <= len(idx) or i == len(batches) - 1:
-                grid(torch.cat([images for images, _ in shown]), split.captions([k for _, j in shown for k in j]))
+        if i == 0 and grid and main_process():
+            grid(images[:64], split.captions(idx[:64]))
     result = metrics.compute() if metrics is not None else {}
     if sums:
         totals = all_reduce(torch.tensor([*sums.values(), seen], dtype=torch.float64, device=device)).tolist()
@@ -702,7 +690,7 @@ def get_args(argv=None):
     g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
     g.add_argument("--metrics", type=metric_list, help="comma-separated from fid,cmmd,dino_mmd (default: all "
                    "three on prepared data; none on the built-in data, which the caption checker scores)")
-    g.add_argument("--batch-size", type=count, help="images per rank per step (default 16 on a CPU, 32 on a GPU)")
+    g.add_argument("--batch-size", type=count, default=32, help="images per rank per step")
     g = p.add_argument_group("sampling (defaults: the run's own, config.json 'sampling')")
     g.add_argument("--steps", type=count, help="Euler steps")
     g.add_argument("--cfg-scale", type=number(float, 0), help="classifier-free guidance scale")
@@ -795,7 +783,6 @@ def main(argv=None):
     if args.command == "sample" and args.out and not args.out.lower().endswith(GRID_FORMATS):
         raise SystemExit(f"error: --out {args.out}: sample writes an image: end the name in {', '.join(GRID_FORMATS)}")
     device = setup_distributed(tf32=False)[2]
-    args.batch_size = args.batch_size or sample_batch(device)
     try:
         if distributed() and args.command in ("sample", "export"):
             raise SystemExit(f"error: {args.command} runs in one process: python eval.py {args.command} ...")

@@ -47,7 +47,7 @@ from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, da
     exit_on, fraction, heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, \
     positive, read_index, space_differences, stop_on_signals, unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
-    main_process, sample_batch, save_grid, setup_distributed, shift_t, x0_to_velocity
+    main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
     list_checkpoints, preset_config, read_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, \
     stage_config, step_of, trim_text, verify_checkpoint
@@ -761,7 +761,7 @@ def setup_eval(args, cfg, device):
                           count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
                           images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
     shape, decode = load_decoder(cfg, data, args.resolution, device)
-    return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, sample_batch(device),
+    return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
                                         grid=grid and (lambda images, captions: save_grid(images, captions, grid)),
                                         **sampling_settings(args))
 

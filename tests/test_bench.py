@@ -224,8 +224,7 @@ def test_eval(capsys, monkeypatch, clock):
                                                    projection_dim=16))
     monkeypatch.setattr(bench, "DINO_KWARGS", dict(img_size=28, embed_dim=32, depth=1, num_heads=2,
                                                    pretrained_cfg_overlay=dict(input_size=(3, 28, 28))))
-    clock({"ours": 0.5, "base": 2.0, "blocks": 1.0, "one": 4.0, "diffusers": 2.0, "sample_batch": 8.0,
-           "one batch": 10.0})
+    clock({"ours": 0.5, "base": 2.0, "blocks": 1.0, "one": 4.0, "diffusers": 2.0})
     clock.spy("mmd", bench, "mmd", lambda x, y, **kwargs: kwargs.get("chunk"))
     bench.main(["eval", "--batch", "2", "--warmup", "0", "--steps", "1", "--mmd-rows", "256",
                 "--preset", "tiny-pixel", "--sample-steps", "2"])
@@ -236,15 +235,6 @@ def test_eval(capsys, monkeypatch, clock):
     assert compared(out, "MMD of 256 against 256", "one block") == (1.0, 4.0, 0.25)
     assert clock.ran["mmd"] == {("blocks", None), ("one", 256)}  # mmd's own row blocks against all rows at once
     assert compared(out, "sampling PRX tiny-pixel", "diffusers") == (4.0, 1.0, 4.0)
-    assert compared(out, "sampling 64 images in eval.sample_batch's batches of 16", "one batch of 64") == (8.0, 6.4,
-                                                                                                          1.25)
-
-
-def test_sampling_in_batches_draws_the_same_images_whatever_the_batch():
-    model = bench.prx_pair("tiny-pixel")[0].eval()
-    whole = bench.sample_in_batches(model, 6, 6, 32, 2)
-    torch.testing.assert_close(bench.sample_in_batches(model, 6, 4, 32, 2), whole, rtol=0, atol=1e-5)  # 4, then 2
-    assert whole.shape == (6, 3, 32, 32) and (whole[0] - whole[1]).abs().mean() > 0.1  # each from its own noise
 
 
 def test_diffusers_loop_samples_what_eval_samples():

@@ -256,14 +256,6 @@ def test_a_bad_flag_on_the_command_line_exits_with_argparse_status(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_periodic_evaluations_sample_in_batches_of_the_devices_size(monkeypatch):
-    seen = []
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: seen.append(a[6]))  # its batch_size
-    args = train.get_args(["--track", "cpu", "--eval-samples", "40"])
-    train.setup_eval(args, preset_config("tiny-pixel"), torch.device("cpu"))(None, None)
-    assert seen == [16]  # eval.sample_batch: a CPU's
-
-
 def test_fewer_evaluation_samples_than_processes_are_refused(monkeypatch, capsys):
     """Under torchrun each process samples a share of an evaluation; a process with none would skip the collectives
     the others wait in. --eval-samples below the number of processes is refused; 0 (no evaluations) is not."""
