@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under xdist (-n N), one intra-op thread a worker: N workers of two threads each on N cores would spin-wait on
+    each other's cores."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
