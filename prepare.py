@@ -362,12 +362,15 @@ def resume_point(out, rank, world_size):
     for orphan in out.glob(f"eval/{name}?????"):  # eval shard written just before a crash: it is written again
         if int(orphan.name[-5:]) >= len(done):
             shutil.rmtree(orphan)
+    # every rank's shards, not only this one's: the source's files are split by rank, so shards of another number of
+    # processes would have some files encoded twice and others never
+    for shard in {p.name[:11]: p for p in out.glob("train/shard-r???-?????")}.values():  # one shard of each rank
+        if (before := json.loads((shard / "meta.json").read_text())["world_size"]) != world_size:
+            raise SystemExit(f"error: {out} was being prepared by {before} processes; resume with the same number "
+                             f"(torchrun --nproc-per-node {before}) or choose a new --out")
     if not done:
         return 0, 0, None
     meta = json.loads((done[-1] / "meta.json").read_text())
-    if meta["world_size"] != world_size:
-        raise SystemExit(f"error: {out} was being prepared by {meta['world_size']} processes; resume with the "
-                         f"same number (torchrun --nproc-per-node {meta['world_size']}) or choose a new --out")
     return len(done), meta["rows_done"], meta["source_state"]
 
 

@@ -27,7 +27,7 @@ die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, 
   echo "speedrun.sh: ${*:2}" >&2
   exit "$1"
 }
-COMMAND="${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
+COMMAND="${RUNS:+RUNS=$RUNS }${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
 TRACK=8gpu KIND=record
 while [ $# -gt 0 ]; do
   case $1 in
@@ -41,6 +41,17 @@ while [ $# -gt 0 ]; do
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;  # the usage above
     --) shift; break ;;
     *) die 2 "unknown option $1 (usage at the top of speedrun.sh)" ;;
+  esac
+done
+[ "$KIND" = record ] || [ $# -eq 0 ] ||
+  die 2 "--calibrate trains the track's baseline as it is: no train.py flags after --"
+for flag in "$@"; do  # speedrun.sh's own: each run would take the copy after -- and break the rules it checks
+  case ${flag%%=*} in
+    --seed|--out|--resume)
+      die 2 "$flag after --: speedrun.sh gives each run its seed and folder (RUNS, NAME, RUNS_DIR)" ;;
+    --track) die 2 "$flag after --: give it before --, to speedrun.sh" ;;
+    --target|--eval-every|--eval-samples|--eval-minutes|--eval-ref|--max-time|--max-steps)
+      die 2 "$flag after --: the track's rules set it (records/RULES.md); STOP and EVERY set the stopping rule" ;;
   esac
 done
 PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, stop, samples, steps, cfg, runs, lower

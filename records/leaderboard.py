@@ -1,7 +1,7 @@
 """
 The leaderboard: one table per track, fastest first, from the record folders whose README has a results block
-(records/RULES.md) and which records/verify.py accepts; a record timed beside the one it replaces on that one's
-clock. Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-- /leaderboard -->` in
+(records/RULES.md) and which records/verify.py accepts, each below the records before it (rule 3), a record timed
+beside the one it replaces on that one's clock, the calibration the track's target comes from as its baseline. Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-- /leaderboard -->` in
 README.md (--write), or checks that it is current (--check).
 
     python records/leaderboard.py [--write | --check]
@@ -32,6 +32,10 @@ def entries(records):
             continue
         head = verify.KIND.search(verify.readme_block(text) or "")
         if head and head[1] in BOARD:
+            if head[2] == "calibration" and Path(verify.TRACKS[head[1]]["target_from"]).name != folder.name:
+                print(f"left out {folder.name}: a calibration that is not the one the {head[1]} track's target comes "
+                      f"from (verify.TRACKS)", file=sys.stderr)
+                continue
             if problems := verify.verify(folder):
                 print(f"left out {folder.name}: {problems[0]}", file=sys.stderr)
                 continue
@@ -42,8 +46,17 @@ def entries(records):
                               replaces=verify.configuration(beside[0]) if beside else None,
                               replaces_code=beside[0]["sources"] if beside else None,
                               attempt_logged=runs[0]["attempt"] is not None,
-                              what=what[1] if what else "", date=folder.name[:10], folder=folder))
-    return scaled(found)
+                              what=what[1] if what else "", date=folder.name[:10], folder=folder,
+                              started=started(runs[0])))
+    return scaled(sorted(found, key=lambda e: (e["date"], e["started"], e["folder"].name)))
+
+
+def started(run):
+    """When a record's first run started (config.json; logs before 2026-12-05: its commit's time), which orders the
+    records of one date: rule 3 compares each with those before it."""
+    commit = run["config"].get("git_commit")
+    return run["config"].get("started") or (verify.git("show", "-s", "--format=%cI", commit).stdout.strip()
+                                            if commit else "")
 
 
 def same_configuration(a, b):
@@ -80,10 +93,10 @@ def scaled(found):
                 continue
             e["time"] = e["summary"]["ratio"] * replaced[-1]["time"] if replaced else e["summary"]["time"]
             best = min((r["time"] for r in kept if r["track"] == e["track"] and r["kind"] == "record"), default=None)
-            if replaced and e["time"] >= best:  # rule 3: below the current record's time
-                ratio = e["summary"]["ratio"]
-                print(f"left out {e['folder'].name}: {e['time'] / 60:.2f} min on the board's clock ({ratio:.3f}x its "
-                      f"runs beside), not below the current record's {best / 60:.2f}", file=sys.stderr)
+            if e["kind"] == "record" and best is not None and e["time"] >= best:  # rule 3: below the current record's
+                beside = f" ({e['summary']['ratio']:.3f}x its runs beside)" if replaced else ""
+                print(f"left out {e['folder'].name}: {e['time'] / 60:.2f} min on the board's clock{beside}, not below "
+                      f"the current record's {best / 60:.2f}", file=sys.stderr)
                 continue
             kept.append(e)
         if len(waiting) == len(pending):

@@ -368,15 +368,16 @@ def interrupted_after_the_first_train_shard(argv, monkeypatch):
     monkeypatch.setattr(prepare, "write_shard", write_shard)
 
 
-@pytest.mark.parametrize("before, now", [(1, 2), (2, 1)])
-def test_a_resume_with_another_number_of_processes_is_refused(before, now, prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("before, rank, now", [(1, 0, 2), (2, 0, 1), (2, 1, 1)])  # (2, 1, 1): rank 0 has no shard
+def test_a_resume_with_another_number_of_processes_is_refused(before, rank, now, prepared, tmp_path, monkeypatch):
     root, _ = prepared
     out = tmp_path / "out"
     argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
     monkeypatch.setenv("WORLD_SIZE", str(before))
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("RANK", str(rank))
     interrupted_after_the_first_train_shard(argv, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", str(now))
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
     with pytest.raises(SystemExit, match=rf"^error: .* prepared by {before} processes; resume with the same number "
                                          rf"\(torchrun --nproc-per-node {before}\)"):

@@ -672,6 +672,19 @@ def test_a_record_level_with_the_current_one_on_its_clock_is_left_out(record, tm
         "current record's 25.00" in capsys.readouterr().err
 
 
+def test_the_board_shows_the_targets_calibration_alone_and_keeps_rule_3_without_runs_beside(record, tmp_path, capsys):
+    """A calibration other than the one the track's target comes from (another configuration: no baseline) is left
+    out, and so is a record without runs beside it (a GPU track's) that is not below an earlier record's time."""
+    make_record(record.parent / "2026-12-01_calibration-lr", {k: (30.0, 0.3) for k in RUNS}, "calibration", lr=0.01)
+    make_record(record.parent / "2026-12-03_slower", {k: (30.0 + k % 2, RUNS[k][1]) for k in RUNS}, lr=0.003)
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 25.00 min | - |" in board and "slower" not in board and "calibration-lr" not in board
+    err = capsys.readouterr().err
+    assert "left out 2026-12-01_calibration-lr: a calibration that is not the one the cpu track's target comes from" \
+        in err
+    assert "left out 2026-12-03_slower: 30.50 min on the board's clock, not below the current record's 25.00" in err
+
+
 def test_runs_beside_a_configuration_recorded_twice_race_its_latest_record(record, tmp_path):
     """Two records of one configuration and code (logs from before the start time: no runs beside them): the runs
     beside a later record are of that configuration, and it races on the clock of the latest of the two."""
@@ -737,14 +750,15 @@ def test_a_record_and_its_runs_beside_race_under_their_own_stopping_rule(record,
     assert "| 1 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in leaderboard.leaderboard(record.parent, tmp_path)
 
 
-def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys):
+def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys, monkeypatch):
     calibration = {0: (30.0, 0.29), 1: (30.0, 0.30), 2: (30.0, 0.295), 3: (30.0, 0.295)}
     baseline = make_record(record.parent / "2026-12-01_baseline", calibration, "calibration")
+    monkeypatch.setitem(verify.TRACKS["cpu"], "target_from", str(baseline))  # the board's baseline
     assert verify.verify(baseline) == []
     assert "mean 0.2950, sd 0.0041; a calibration: its mean" in (baseline / "README.md").read_text()
     make_record(record.parent / "2026-12-03_failing", {0: (1.0, 0.1), 1: (1.0, 0.2), 2: (1.0, 0.25), 3: (1.0, 0.2)})
     make_record(record.parent / "2026-12-04_slower", {0: (31.0, 0.305), 1: (31.0, 0.31), 2: (31.0, 0.30),
-                                                     3: (31.0, 0.305)})  # slower than the baseline: ranked 2nd
+                                                     3: (31.0, 0.305)})  # slower than the record: left out
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- leaderboard -->\nold\n<!-- /leaderboard -->\n\nmore\n")
     argv = ["--records", str(record.parent), "--readme", str(readme)]
@@ -753,7 +767,7 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     assert "| 1 | 25.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-02 | " \
            "[2026-12-02_synthetic](records/2026-12-02_synthetic) |\n| baseline | 30.00 min | - | 0.2950 +- 0.0041 | " \
            "synthetic calibration | 2026-12-01 |" in text
-    assert "| 2 | 31.00 min | - | 0.3050 +- 0.0041 | synthetic record | 2026-12-04 | [2026-12-04_slower](" in text
+    assert "2026-12-04_slower" not in text and "| 2 |" not in text  # rule 3
     assert "**8gpu**" in text and "not measured yet" in text and text.endswith("\n\nmore\n")
     assert "2026-12-03_failing" not in text and "left out 2026-12-03_failing: not a record" in capsys.readouterr().err
     leaderboard.main(argv + ["--check"])
@@ -775,7 +789,7 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     """The whole path on the CPU: two tiny runs of a candidate, each side by side with the record configuration's of
     its seed (BESIDE), stop at the target, are confirmed by eval.py, and become a record folder that verify.py
     accepts, the runs beside it checked as its own."""
-    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke", "BESIDE": "1", "EVERY": "2"}
+    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "smoke", "BESIDE": "1", "EVERY": "2", "RUNS": "2"}
     r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--repa-lambda", "3"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "\nok " in r.stdout, r.stdout + r.stderr
@@ -789,7 +803,8 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     assert '"repa_lambda": 2.0' in beside and '"tread": true' in beside  # and the record configuration's
     readme = (folder / "README.md").read_text()
     assert "\n- beside/: the configuration it replaces on the same machine, 2 runs: " in readme
-    assert "\n    EVERY=2 BESIDE=1 bash speedrun.sh --smoke -- --repa builtin --repa-lambda 3\n" in readme  # replayable
+    replay = "RUNS=2 EVERY=2 BESIDE=1 bash speedrun.sh --smoke -- --repa builtin --repa-lambda 3"
+    assert f"\n    {replay}\n" in readme
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
     assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
 
@@ -868,7 +883,13 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
     for args, env, message in (([], dict(STOP="abc"), "STOP=abc: a number (object_accuracy's value"),
                                ([], dict(NAME="../y"), "NAME=../y: letters, digits, '.', '_' and '-' only"),
                                (["--track"], {}, "--track (missing): one of 8gpu, 1gpu, cpu"),
-                               (["--track", "gpu"], {}, "--track gpu: one of 8gpu, 1gpu, cpu")):
+                               (["--track", "gpu"], {}, "--track gpu: one of 8gpu, 1gpu, cpu"),
+                               (["--smoke", "--calibrate", "--", "--lr", "3e-3"], {},
+                                "--calibrate trains the track's baseline as it is: no train.py flags after --"),
+                               (["--smoke", "--", "--eval-every=1"], {}, "--eval-every=1 after --: the track's rules "
+                                                                         "set it (records/RULES.md); STOP and EVERY"),
+                               (["--smoke", "--", "--seed", "3"], {}, "--seed after --: speedrun.sh gives each run"),
+                               (["--smoke", "--", "--track", "cpu"], {}, "--track after --: give it before --")):
         r = stub_speedrun(tmp_path, *args, **{"NAME": "y", **env})
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (tmp_path / "records" / "runs" / "y-0").exists() and not (tmp_path / "y-0").exists()
