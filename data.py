@@ -351,10 +351,21 @@ def caption_share(captions):
     return p_long
 
 
-def heldout_caption(captions):
-    """--captions -> the caption the held-out prompts are read with: short for short, else long (mixed trains on
-    both)."""
+def heldout_caption(captions, data):
+    """The run's caption mode (its last --data phase's, else --captions) -> the caption the held-out prompts are read
+    with: short for short, else long (mixed trains on both)."""
+    if data != "builtin":
+        captions = parse_data_phases(data)[-1][2] or captions
     return "short" if captions == "short" else "long"
+
+
+def dataset_name(path):
+    """A prepared directory's name in a --data spec, which keys its position and seeds its shuffle: relative to the
+    working directory when inside it ('data/mj/', './data/mj' and its absolute path are data/mj, on any machine),
+    else absolute."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
 def parse_data_phases(spec):
@@ -373,12 +384,12 @@ def parse_data_phases(spec):
             path, colon, weight = item.strip().rpartition(":")
             if not colon or not re.fullmatch(r"[-+.\deE]+|[-+]?(nan|inf|infinity)", weight, re.I):  # a path, whole
                 path, weight = item.strip(), "1"
-            path = os.path.normpath(path) if path else path  # 'data/mj/' and './data/mj' are data/mj: its position
+            path = dataset_name(path) if path else path
             if path == "builtin":
                 raise ValueError(f"data spec {spec!r}: builtin (the built-in shapes) is not a prepared directory and "
                                  f"takes no mixture or phases: --data builtin, with --captions for its caption mode "
                                  f"(a later phase: --resume with another --captions)")
-            if os.path.abspath(path) in map(os.path.abspath, weights):  # 'd' and '/abs/d' too (a link: another name)
+            if path in weights:  # 'd' and '/abs/d' too (a link: another name)
                 raise ValueError(f"data spec {spec!r}: {path} is named twice in one phase")
             try:
                 weights[path] = float(weight)

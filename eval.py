@@ -147,13 +147,11 @@ def save_grid(images, captions, path, nrow=8):
 
 
 def write_new(folder, name, write, out=None):
-    """write(path) to `out` if given, else to folder/name, name_1, name_2, ... (before the extension): the first that
-    does not exist, claimed (created exclusively: another evaluation of this checkpoint meanwhile takes the next name)
-    when the result is ready, so that a result written before is never replaced and a killed evaluation leaves no
-    empty file. -> the path written"""
-    if out:
-        write(out)
-        return out
+    """write(path) to folder/name (`out` if given), name_1, name_2, ... (before the extension): the first that does
+    not exist, claimed (created exclusively: another evaluation of this checkpoint meanwhile, or a file put at --out,
+    takes the next name) when the result is ready, so that a result written before is never replaced and a killed
+    evaluation leaves no empty file. -> the path written"""
+    folder, name = os.path.split(out) if out else (folder, name)
     stem, ext = os.path.splitext(name)
     for k in itertools.count():
         path = os.path.join(folder, f"{stem}_{k}{ext}" if k else name)
@@ -555,9 +553,10 @@ class Metrics:
         return out
 
     def save_reference(self, path):
+        """-> the path rank 0 wrote: `path`, or path_1, ... where a file took that name meanwhile (write_new)."""
         features = self.features()  # every rank takes part in the gathering; rank 0 writes
         if main_process():
-            write_whole(path, lambda f: np.savez(f, **features))
+            return write_new(None, None, lambda new: write_whole(new, lambda f: np.savez(f, **features)), str(path))
 
     def compute(self):
         f = self.features()
@@ -617,13 +616,16 @@ def data_vae(data, index, device):
 
 
 def load_decoder(cfg, data, resolution, device):
-    """-> (shape of x0, decode: x0 -> uint8 images): pixel models directly, latent models through the data's VAE."""
+    """-> (shape of x0 at `resolution`, the run's: decode: x0 -> uint8 images): pixel models directly, latent models
+    through the data's VAE."""
     if cfg.in_channels == 3:
         return (3, resolution, resolution), to_uint8
     index = read_index(data_dirs(data)[0])
     vae, shift, scale = data_vae(data, index, device)
     decode = lambda z: to_uint8(vae.decode(denormalize_latent(z, shift, scale).to(vae.dtype)).sample.float())
-    return tuple(index["schema"]["latent"]["shape"]), decode
+    latent = index["schema"]["latent"]["shape"]  # (C, h, w) of the data's images, which prepare.py stores beside
+    down = index["schema"]["image"]["shape"][-1] // latent[-1]  # the VAE's factor: 8, DC-AE's 32
+    return (latent[0], resolution // down, resolution // down), decode
 
 
 def my_batches(num_samples, batch_size):
@@ -747,25 +749,22 @@ def build_metrics(args, names, device, count=None, resolution=None, images=None)
 def make_reference(args, device):
     if not (args.data and args.out):
         raise SystemExit("error: ref needs --data (builtin or a prepared directory) and --out <file>.npz")
+    if args.resolution and args.data != "builtin":  # its images are stored at one resolution
+        raise SystemExit(f"error: --resolution {args.resolution}: {args.data} holds its images at the resolution it "
+                         f"was prepared at; leave --resolution out (it sizes the built-in shapes)")
     names = args.metrics or list(FEATURE_METRICS)
     if "fid" in names and args.num_samples < 2:
         raise SystemExit(f"error: --num-samples {args.num_samples}: FID's covariance needs at least 2 images")
     out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # the name np.savez would give it
     if os.path.exists(out):  # runs and records name a reference by the images it holds: never replaced unasked
         raise SystemExit(f"error: --out {out} exists; remove it to rebuild it, or write another file")
-    split = open_split(args.data, args.num_samples, None, args.resolution or 32, 0, 0)  # images only
+    with exit_on(f"--data {args.data} --num-samples {args.num_samples}"):  # before any network loads
+        split = open_heldout(args.data, args.num_samples, None, args.resolution or 32, 0, 0)  # images only
     metrics = build_metrics(args, names, device, images=(args.data, split.images_id(args.num_samples)))
     for idx in my_batches(args.num_samples, args.batch_size):
         metrics.update(split.images(idx))
-    metrics.save_reference(out)
-    print(f"wrote {out}: {args.num_samples} images, {json.dumps(metrics.settings)}")
-
-
-def open_split(data, num_samples, caption, resolution, seed, text_context):
-    """open_heldout, before any network loads: a bad --data, --caption or --num-samples stops the command with the
-    reason."""
-    with exit_on(f"--data {data}{f' --caption {caption}' if caption else ''} --num-samples {num_samples}"):
-        return open_heldout(data, num_samples, caption, resolution, seed, text_context)
+    if written := metrics.save_reference(out):
+        print(f"wrote {written}: {args.num_samples} images, {json.dumps(metrics.settings)}")
 
 
 def main(argv=None):
@@ -829,10 +828,12 @@ def evaluate_checkpoint(args, device):
                          f"without --out): evaluate a copy of the checkpoint")
     weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read, while it is there
     data = run_data(args, train_args, evaluation=True)
-    caption = args.caption or heldout_caption(train_args["captions"])
-    split = open_split(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
-                       train_args["text_context"])
-    check_data_fits(model, split, data, f"--data {data}" if args.data else f"the run's data ({data})")
+    caption = args.caption or heldout_caption(train_args["captions"], train_args["data"])
+    where = f"--data {data}" if args.data else f"the run's data ({data})"  # the flags typed, in its errors
+    with exit_on(f"{where}{f' --caption {caption}' * bool(args.caption)} --num-samples {args.num_samples}"):
+        split = open_heldout(data, args.num_samples, caption, train_args["resolution"], train_args["seed"],
+                             train_args["text_context"])  # before any network loads
+    check_data_fits(model, split, data, where)
     names = args.metrics if args.metrics is not None or args.ref else [] if data == "builtin" else list(FEATURE_METRICS)
     # --ref without --metrics: the metrics it holds, of as many images at the resolution as are sampled
     metrics = build_metrics(args, names, device, args.num_samples, train_args["resolution"],

@@ -59,7 +59,8 @@ PRESETS = {
 
 
 def preset_config(name, resolution=256, **overrides):
-    """`small`, `base`, `tiny`, or `<name>-pixel`: 3 channels, patch 16 at 256 px / 32 at >= 512 px, bottleneck 256."""
+    """`small`, `base`, `tiny`, or `<name>-pixel`: 3 channels, patch 16 below 512 px / 32 from 512 px, bottleneck 256
+    (`tiny-pixel`: patch 4 at any resolution, no bottleneck)."""
     base, pixel = name.removesuffix("-pixel"), name.endswith("-pixel")
     if base not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS) + [p + '-pixel' for p in PRESETS]}")
@@ -327,6 +328,9 @@ class PRX(nn.Module):
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % p or x.shape[3] % p:
             raise ValueError(f"x must be [B, {cfg.in_channels}, H, W] with H and W divisible by the patch size {p}, "
                              f"got {list(x.shape)}")
+        if max(x.shape[2], x.shape[3]) // p > MAX_POSITIONS:
+            raise ValueError(f"{x.shape[2] // p}x{x.shape[3] // p} tokens exceed the RoPE table ({MAX_POSITIONS} per "
+                             f"side): raise MAX_POSITIONS")
         B = x.shape[0]
         if t.shape != (B,):
             raise ValueError(f"t must be [B] = [{B}] floats in [0, 1], got shape {list(t.shape)}")
@@ -359,8 +363,6 @@ class PRX(nn.Module):
         vec = self.time_in(t)                   # (B, hidden)
         if cfg.resolution_embeds:
             vec = vec + self.resolution_embedder(B, H, W, x.device)
-        if max(h, w) > MAX_POSITIONS:
-            raise ValueError(f"{h}x{w} tokens exceed the RoPE table ({MAX_POSITIONS} per side): raise MAX_POSITIONS")
         cos = rope_for_grid(self.rope_cos, h, w, cfg.axes_dim, x.device)[None, :, None]  # (1, N, 1, head_dim)
         sin = rope_for_grid(self.rope_sin, h, w, cfg.axes_dim, x.device)[None, :, None]
         attn_mask = None if txt_mask is None else attention_mask(txt_mask, h * w)
@@ -411,8 +413,13 @@ class PRX(nn.Module):
 
     @classmethod
     def from_diffusers(cls, path, subfolder=None, **overrides):
-        """Load a diffusers PRXTransformer2DModel checkpoint: a local folder or a hub id (e.g. a Photoroom PRX repo,
-        subfolder="transformer"), safetensors single-file or sharded."""
+        """Load a diffusers PRXTransformer2DModel checkpoint: a local folder or a hub id, safetensors single-file or
+        sharded; of a pipeline (a Photoroom PRX repo, a folder save_diffusers wrote), its transformer/ by default."""
+        if subfolder is None:  # a pipeline's model_index.json: not every network of the repo downloaded, then refused
+            from huggingface_hub import file_exists
+            pipeline = os.path.exists(os.path.join(path, "model_index.json")) if os.path.isdir(path) else \
+                file_exists(path, "model_index.json")
+            subfolder = "transformer" if pipeline else None
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
             pattern = f"{subfolder}/*" if subfolder else "*"

@@ -125,9 +125,8 @@ def scatter_shards(updates, owners, params, rank, world_size, dtype):
     for u, owner, p in zip(updates, owners, params):
         size = shard_size(p.shape[0], world_size)
         recv = torch.empty(size, p.shape[1], dtype=dtype, device=local(p).device)
-        # contiguous: the collective sends the chunks' memory; newton_schulz returns a tall matrix transposed
-        send = [c.contiguous() for c in F.pad(u, (0, 0, 0, size * world_size - u.shape[0])).split(size)] \
-            if owner == rank else None
+        # rows split off a padded (new, contiguous) tensor: contiguous, as the collective sends their memory
+        send = list(F.pad(u, (0, 0, 0, size * world_size - u.shape[0])).split(size)) if owner == rank else None
         works.append(dist.scatter(recv, send, src=owner, async_op=True))
         received.append(recv)
     for work in works:

@@ -211,7 +211,7 @@ class BuiltinTextEncoder(nn.Module):
 # names, whether an object of that colour, kind and region is there.
 # Each pixel takes the nearest palette colour (object and background colours) if it is within MAX_COLOR_DISTANCE;
 # the pixels of the named colour are split into connected components; a component counts if its centroid lies in
-# the named cell, its area is plausible for a shape at this resolution, it holds at least half of the cell's
+# the named cell, its area is plausible for a shape at this resolution and at least half the count of the cell's
 # object-coloured pixels, and its mask, stretched to a common box, overlaps one of the four shape templates well.
 # Its kind is the template it overlaps most.
 
@@ -254,8 +254,8 @@ def template_overlaps(mask):
 
 
 def kinds_in_cell(labels, color, region):
-    """Kinds of the shape-like components of `color` centred in `region` that hold at least half of the
-    object-coloured pixels of that cell (an image sprayed with coloured specks names nothing)."""
+    """Kinds of the shape-like components of `color` centred in `region` whose area (inside the cell or not) is at
+    least half the count of that cell's object-coloured pixels (an image sprayed with coloured specks names nothing)."""
     H, W = labels.shape
     row, col = divmod(REGIONS.index(region), GRID)
     cell = labels[row * H // GRID:(row + 1) * H // GRID, col * W // GRID:(col + 1) * W // GRID]

@@ -84,7 +84,7 @@ def minutes_list(text):
         minutes = [float(m) for m in text.split(",") if m.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected minutes separated by commas, e.g. 1,2,5,10, got {text!r}")
-    if any(not m > 0 for m in minutes):
+    if not minutes or any(not m > 0 for m in minutes):  # none: an empty value, which would turn them off unseen
         raise argparse.ArgumentTypeError(f"minutes must be > 0, got {text!r}")
     return sorted(minutes)
 
@@ -246,7 +246,7 @@ def get_args(argv=None):
     args.track_values = sorted(k for k in values if k not in given)  # stored in config.json: what the track set
     for key in args.track_values:
         setattr(args, key, values[key])
-    check_combinations(parser, args)
+    check_combinations(parser, args, given)
     # PRX's defaults that depend on other flags: the shift on the space (SD3: larger inputs, more noise), Adam's eps
     # on the optimizer
     args.route_ratio = args.route_ratio or (0.75 if args.sprint else 0.5 if args.tread else None)
@@ -273,9 +273,9 @@ def get_args(argv=None):
     return args
 
 
-def check_combinations(parser, args):
-    """The flags that need or exclude others."""
-    changed = lambda name: getattr(args, name) != parser.get_default(name)  # noqa: E731 (given, or the track's)
+def check_combinations(parser, args, given):
+    """The flags that need or exclude others; `given`: the flags typed (a dependent flag typed at its default is
+    refused too, a track's value is not)."""
     if args.tread and args.sprint:
         parser.error("--tread and --sprint are exclusive (SPRINT already routes tokens)")
     if args.route_ratio is not None and not (args.tread or args.sprint):
@@ -289,10 +289,13 @@ def check_combinations(parser, args):
              (("ema_every",), args.ema, "sets how often the EMA updates: it needs --ema DECAY"),
              (("eval_every", "eval_minutes", "eval_ref", "eval_data", "self_guidance"), args.eval_samples,
               "shapes the run's evaluations; --eval-samples 0 turns them off"),
-             (("lpips_weights",), args.lpips, "needs --lpips"), (("pdino_weights",), args.pdino, "needs --pdino")]
+             (("lpips_weights",), args.lpips, "needs --lpips"), (("pdino_weights",), args.pdino, "needs --pdino"),
+             (("fid_weights",), args.eval_ref and args.eval_samples, "is FID's network: it needs --eval-ref"),
+             (("text_context",), args.data == "builtin", "is the built-in text encoder's: prepared --data holds "
+                                                         "its text encoded")]
     for names, needed, why in needs:
         for name in names:
-            if changed(name) and not needed:
+            if name in given and not needed:
                 parser.error(f"--{name.replace('_', '-')} {why}")
     if args.hidden and args.hidden % 64:
         parser.error(f"--hidden {args.hidden}: attention heads are 64 wide (heads = hidden / 64): use a multiple of 64")
@@ -334,6 +337,10 @@ def check_files(parser, args):
             # the first dataset's space: a mixture of spaces is refused by the loader, naming them
             parser.error(other_space(args.model, "latent" in schema, f"{path} holds latents" if "latent" in schema
                                      else f"{path} holds images (--vae none)"))
+        if args.foreground_weight and "latent" in schema:
+            whose = f"the {args.track} track's value; " * ("foreground_weight" in args.track_values)
+            parser.error(f"--foreground-weight {args.foreground_weight:g}: {path} holds latents, which have no "
+                         f"background colour to weigh against ({whose}pass --foreground-weight 0)")
         if perceptual and "latent" in schema:
             parser.error(f"{' and '.join(perceptual)}: {path} holds latents; the perceptual losses compare images, "
                          f"and decoding the prediction with the VAE at every step is too costly: use pixel data "
@@ -696,8 +703,6 @@ def build_model(args, loader, device, start_step):
     cfg = preset_config(args.model, args.resolution, in_channels=loader.x0_shape[0],
                         context_dim=loader.null_txt.shape[-1], sprint=args.sprint,
                         resolution_embeds=args.resolution_embeds, **overrides)
-    if args.foreground_weight and loader.x0_shape[0] != 3:
-        raise SystemExit("error: --foreground-weight needs pixel-space data (latents have no background colour)")
     if loader.resolution != args.resolution:
         raise SystemExit(f"error: --resolution {args.resolution}: the data {args.data} holds {loader.resolution} px "
                          f"images; pass --resolution {loader.resolution}")
@@ -755,8 +760,8 @@ def setup_eval(args, cfg, device):
     data = args.eval_data or args.data
     with exit_on(f"evaluation (--eval-samples {args.eval_samples}, --eval-ref {args.eval_ref})",
                  (ValueError, FileNotFoundError, RuntimeError)):
-        split = open_heldout(data, args.eval_samples, heldout_caption(args.captions), args.resolution, args.seed,
-                             args.text_context)
+        split = open_heldout(data, args.eval_samples, heldout_caption(args.captions, args.data), args.resolution,
+                             args.seed, args.text_context)
         metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
                           count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
                           images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
@@ -963,7 +968,8 @@ def check_resume_flags(args, ckpt):
         raise SystemExit(f"error: --resume {ckpt}: the run trained on --data {config['args']['data']}; without --data "
                          f"this resume takes the {args.track} track's values: pass the run's flags again")
     parser = get_parser()  # its flags, not what get_args derived (the track's note)
-    changed = flag_changes(config["args"], args, {a.dest for a in parser._actions} - RESUMABLE, parser)
+    # --patch: compared as the model's patch below (a pixel preset's default follows the resolution)
+    changed = flag_changes(config["args"], args, {a.dest for a in parser._actions} - RESUMABLE - {"patch"}, parser)
     if changed:
         raise SystemExit(f"error: --resume {ckpt}: these flags differ from the run's and cannot change on resume: "
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
@@ -973,7 +979,8 @@ def check_resume_flags(args, ckpt):
     if patch != config["model"]["patch_size"]:
         raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "
                          f"{patch} at {args.resolution} px, the run's model has {config['model']['patch_size']} (the "
-                         f"pixel presets switch from 16 to 32 at 512 px): start the first stage with --patch")
+                         f"pixel presets switch from 16 to 32 at 512 px): pass --patch "
+                         f"{config['model']['patch_size']}")
     return stage
 
 
@@ -1014,8 +1021,9 @@ def late_phases(args, loader):
 
 def resume_changes(args, stage):
     """The RESUMABLE flags this resume sets otherwise than `stage` (the args of the stage that trained the checkpoint:
-    a second phase, or flags left off the command line: the log says so) -> a note, or None."""
-    changed = flag_changes(stage, args, RESUMABLE - {"out", "resume"}, get_parser())
+    a second phase, or flags left off the command line: the log says so) -> a note, or None. Not the budget: raised
+    to go on, it cannot be passed as it was (check_budget)."""
+    changed = flag_changes(stage, args, RESUMABLE - {"out", "resume", "max_steps", "max_time"}, get_parser())
     return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
            f"{'; '.join(changed)}" if changed else None
 
@@ -1249,9 +1257,9 @@ def weight_files(args):
     """The sha256 of each local weights file the run loads (the built-in REPA teacher's, or a flag's), by flag: a
     record's logs name the networks it trained with (verify.py checks the built-in teacher's against its commit)."""
     files = {"--repa builtin": args.repa_weights or TEACHER_FILE} if args.repa == "builtin" else \
-        {"--repa-weights": args.repa and args.repa_weights}
-    files.update({"--lpips-weights": args.lpips and args.lpips_weights, "--fid-weights": args.eval_ref and
-                  args.fid_weights, "--pdino-weights": args.pdino and args.pdino_weights})
+        {"--repa-weights": args.repa_weights}  # each flag is refused without the one it needs (check_combinations)
+    files.update({"--lpips-weights": args.lpips_weights, "--fid-weights": args.fid_weights,
+                  "--pdino-weights": args.pdino_weights})
     return {flag: file_sha256(path) for flag, path in files.items() if path}
 
 

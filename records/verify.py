@@ -339,14 +339,17 @@ def check_attempt(runs):
 
 # The task is what shapes.py draws, captions and reads back, not its bytes (a refactor keeps the race): its constants,
 # 64 scenes of each split and two seeds rendered at the track's resolution (argv[1]) with both captions, the
-# checker's reading of each render against its own objects, the previous scene's and a noise image; then, through the
+# checker's reading of each render against its own objects, the previous scene's and a noise image, and of the render
+# blurred and noised twice, as generated images are, where the checker's thresholds decide; then, through the
 # interfaces a run uses, the held-out split's captions, renders and scores (the metric) and the training loader's
 # first batches (training never draws the held-out pairs). The text encoder's output is left out: a run's method.
 # Run on the source embedded in a log.
 TASK_PROBE = """
 import hashlib, sys, numpy as np, torch, shapes as s
-side = int(sys.argv[1])
-h = hashlib.sha256(repr([s.COLORS, s.BACKGROUNDS, s.SHAPES, s.SIZES, s.REGIONS, s.HELDOUT_PAIRS, s.VOCAB]).encode())
+from scipy import ndimage
+side, rng = int(sys.argv[1]), np.random.default_rng(0)
+h = hashlib.sha256(repr([s.COLORS, s.BACKGROUNDS, s.SHAPES, s.SIZES, s.REGIONS, s.HELDOUT_PAIRS, s.VOCAB,
+                         s.MAX_COLOR_DISTANCE, s.MIN_SHAPE_IOU, s.MIN_AREA]).encode())  # the checker's thresholds
 noise, previous = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8), []
 for split in s.SPLITS:
     for seed in (0, 10_000):
@@ -355,7 +358,10 @@ for split in s.SPLITS:
             scene = data.scene(i)
             image = s.render(scene, side)
             h.update(image.tobytes())
-            pairs = [(image, scene.objects), (image, previous), (noise, scene.objects)]
+            blurred = [ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))
+                       + rng.normal(0, sd, image.shape) for sigma, sd in ((1.0, 25), (1.5, 40))]
+            pairs = [(image, scene.objects), (image, previous), (noise, scene.objects),
+                     *((np.clip(x, 0, 255).round().astype(np.uint8), scene.objects) for x in blurred)]
             readings = [s.check_scene(x, objects) for x, objects in pairs]
             h.update(repr([s.long_caption(scene), s.short_caption(scene), readings]).encode())
             previous = scene.objects
@@ -734,20 +740,22 @@ def main(argv=None):
     print(f"ok {args.folder}: {header}")
     track, kind = KIND.search(header).groups()
     if kind == "calibration" and (ROOT / TRACKS[track]["target_from"]).resolve() != args.folder.resolve():
-        print(calibration_note(load_runs(args.folder), track, args.folder.name))
+        folder = args.folder.resolve()  # as TRACKS names it: from the repository's root, where it is below it
+        print(calibration_note(load_runs(args.folder), track, folder.relative_to(ROOT)
+                               if folder.is_relative_to(ROOT) else folder))
 
 
-def calibration_note(runs, track, name):
-    """What a new calibration (records/<name>) of the track sets, a commit of verify.py: the target, the mean of its
+def calibration_note(runs, track, folder):
+    """What a new calibration (`folder`) of the track sets, a commit of verify.py: the target, the mean of its
     runs' full evaluations; on a GPU track the stopping value, the mean of their last periodic checks (the scale the
     stopping rule reads), and the FID reference's images (the sha256 of the held-out images it holds)."""
     refs, metric = sorted({r["confirm"].get("ref_images") for r in runs} - {None}), TRACKS[track]["metric"]
     periodic = [[s[metric] for *_, s in r["timeline"] if s and metric in s][-1:] for r in runs]
     stop = f", stop={statistics.mean(p[0] for p in periodic):.4g}" if "stop" in TRACKS[track] and all(periodic) else ""
     return (f"its mean becomes the {track} track's target where TRACKS['{track}'] in records/verify.py says "
-            f"target={summary(runs, track)['mean']:.4g}{stop}, target_from='records/{name}'"
+            f"target={summary(runs, track)['mean']:.4g}{stop}, target_from='{folder}'"
             + (f", ref_images='{refs[0]}'" if refs else "") + ": commit that with the folder, then write its results "
-            f"again (`python records/verify.py --write --track {track} --kind calibration records/{name}`: their "
+            f"again (`python records/verify.py --write --track {track} --kind calibration {folder}`: their "
             f"header names the target; records/RULES.md)")
 
 

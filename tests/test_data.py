@@ -210,17 +210,21 @@ def test_bad_input_is_refused_with_a_clear_error(prepared, tmp_path):
         data.ShardLoader(str(long_only), 4)
 
 
-def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared):
-    """Positions are kept per dataset: 'out/' and './out' are the same dataset as 'out', at the same position."""
+def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared, monkeypatch):
+    """Positions are kept per dataset: 'out/', './out' and its absolute path are the same dataset as 'out', at the
+    same position and in the same order."""
     out = prepared[0] / "out"
-    loader = data.ShardLoader(str(out), 4, seed=1)
+    monkeypatch.chdir(out.parent)
+    loader = data.ShardLoader("out", 4, seed=1)
     for _ in range(3):
         next(loader)
     state, expected = loader.state_dict(), [next(loader)["id"] for _ in range(3)]
-    resumed = data.ShardLoader(f"{out.parent}/./out/", 4, seed=1)
-    assert resumed.load_state_dict(state) == [] and [next(resumed)["id"] for _ in range(3)] == expected
+    for spelling in (f"{out.parent}/./out/", "./out/"):
+        resumed = data.ShardLoader(spelling, 4, seed=1)
+        assert resumed.load_state_dict(state) == [] and [next(resumed)["id"] for _ in range(3)] == expected
     other = data.ShardLoader(f"{out}@0;{out.parent / 'out_pq'}@9", 4, seed=1)
-    assert other.load_state_dict(state) == [str(out.parent / "out_pq")]  # a new dataset starts at its first sample
+    assert other.load_state_dict(state) == ["out_pq"]  # a new dataset starts at its first sample
+    assert data.dataset_name("../x") == str(out.parent.parent / "x")  # outside the working directory: absolute
 
 
 def test_a_dataset_prepared_again_with_another_size_is_refused_on_resume(prepared):
@@ -398,7 +402,7 @@ def test_a_damaged_index_or_empty_prompt_is_named(prepared, tmp_path):
         (out / name).write_bytes(whole)
 
 
-def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path):
+def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path, capsys):
     import train
     long_only = tmp_path / "long_only"
     shutil.copytree(prepared[0] / "out", long_only)
@@ -406,9 +410,11 @@ def test_train_names_the_flags_of_a_dataset_it_cannot_read(prepared, tmp_path):
     (long_only / "index.json").write_text(json.dumps({**index, "captions": ["long"]}))
     with pytest.raises(SystemExit, match=f"error: --data {long_only} --captions short: .* need \\['short'\\]"):
         train.main(["--data", str(long_only), "--captions", "short", "--model", "tiny", "--out", str(tmp_path / "r")])
-    with pytest.raises(SystemExit, match="--foreground-weight needs pixel-space data"):  # latents: no background
-        train.main(["--data", str(prepared[0] / "out"), "--model", "tiny", "--foreground-weight", "2",
-                    "--out", str(tmp_path / "r")])
+    for argv, why in ((["--foreground-weight", "2"], "pass"), (["--track", "cpu"], "the cpu track's value; pass")):
+        with pytest.raises(SystemExit):  # latents: no background
+            train.main(["--data", str(prepared[0] / "out"), "--model", "tiny", *argv, "--out", str(tmp_path / "r")])
+        assert f"--foreground-weight 2: {prepared[0] / 'out'} holds latents, which have no background colour to " \
+            f"weigh against ({why} --foreground-weight 0)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
@@ -640,9 +646,8 @@ def test_open_loader_and_heldout_follow_data(prepared):
     assert held.encoder.context == 0
     held = data.open_heldout(f"{a}:0.5,{b}:0.5@0;{b}@10", 1, "short", RES, 0, 5)  # the first directory's eval split
     assert isinstance(held, data.HeldoutSplit) and held.prepared.root == Path(a) and held.caption == "short"
-    import eval as ev  # eval.py's CLI opens the split first: a caption field the data lacks stops it there
-    with pytest.raises(SystemExit, match=r"--caption medium --num-samples 1: .*captions \['long', 'short'\], not"):
-        ev.open_split(a, 1, "medium", RES, 0, 5)
+    with pytest.raises(ValueError, match=r"captions \['long', 'short'\], not"):  # a caption field the data lacks
+        data.open_heldout(a, 1, "medium", RES, 0, 5)
 
 
 def test_vae_offline_fails_fast_and_says_what_to_fetch(prepared, unreachable_hub, monkeypatch):

@@ -5,6 +5,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -448,6 +449,25 @@ def test_sampler_lands_on_the_guided_point(pred, w, steps, shift):
         assert (w == 1 or torch.equal(*scores.chunk(2))) and not torch.equal(samples[0], samples[1])
 
 
+def test_x_pred_sampling_clamps_t_at_the_end_of_the_path():
+    """50 steps at shift 1 go down to t = 0.02: below 0.05 the x-prediction's velocity divides by 0.05 (JiT), so
+    Euler's last steps shrink x - c by 1 + dt / 0.05, not to 0 as the exact flow would: the closed form."""
+    txt, mask = torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool)
+    txt[:, 0, 0] = torch.tensor([0.5, -0.3])
+    null_txt, null_mask = torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    still = PointFlow("v")
+    still.forward = lambda x, t, *a, **kw: torch.zeros_like(x)  # v = 0: the sample is its starting noise
+    run = lambda flow, pred: ev.sample(flow, txt, mask, null_txt, null_mask, [0, 1], (1, 2, 2), steps=50,  # noqa
+                                       cfg_scale=1.0, shift=1.0, pred=pred)
+    noise, x0 = run(still, "v"), run(PointFlow("x"), "x")
+    ts = ev.timesteps(50, 1.0).tolist()
+    assert min(ts[:-1]) < ev.X_PRED_MIN_T
+    shrink = math.prod(1 + (t1 - t0) / max(t0, ev.X_PRED_MIN_T) for t0, t1 in zip(ts, ts[1:]))
+    c = txt[:, 0, 0][:, None, None, None]
+    assert shrink > 0.01  # without the clamp: 0, the sample exactly c
+    torch.testing.assert_close(x0, c + (noise - c) * shrink, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("r", [0.25, 0.75])  # 0.75: SPRINT's default route ratio
 def test_self_guidance_routes_the_route_ratio_it_is_given(r):
     """The routed pass of self-guidance runs at the sampler's route_ratio (the run's --route-ratio), not at the
@@ -773,6 +793,10 @@ def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
     assert ev.write_new(tmp_path, "eval.json", write("third")) == str(tmp_path / "eval_2.json")
     assert [(tmp_path / f).read_text() for f in ("eval.json", "eval_1.json", "eval_2.json")] == \
         ["first", "second", "third"] and len(os.listdir(tmp_path)) == 3
+    out = tmp_path / "mine.json"  # --out, checked free at start, then written by another process during the evaluation
+    out.write_text("another's")
+    assert ev.write_new(None, None, write("mine"), str(out)) == str(tmp_path / "mine_1.json")
+    assert out.read_text() == "another's" and (tmp_path / "mine_1.json").read_text() == "mine"
 
 
 def test_an_interrupted_evaluation_leaves_no_empty_grid(tmp_path, monkeypatch):
@@ -828,6 +852,12 @@ def test_held_out_prompts_use_the_caption_the_run_trained_on(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="recorded"):
         ev.main(["--ckpt", str(tmp_path / "long"), "--num-samples", "1", "--caption", "short"])
     assert seen.pop() == "short"
+    for data, caption in (("d@0:short", "short"), ("d@0:long;d@5:short", "short"), ("d@0:short;d@5:mixed", "long"),
+                          ("d", "long")):  # the caption mode of the last --data phase, else --captions (long)
+        with pytest.raises(SystemExit, match="recorded"):
+            train.setup_eval(types.SimpleNamespace(eval_samples=1, captions="long", eval_data=None, data=data,
+                                                   resolution=32, seed=0, text_context=5, eval_ref=None), None, "cpu")
+        assert seen.pop() == caption, data
 
 
 def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, capsys, monkeypatch):
@@ -997,7 +1027,7 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
                           (["ref", "--data", "builtin", "--out", f"{tmp_path}/"], "names a folder; ref writes a file")):
         with monkeypatch.context() as m:  # refused before any sampling
             m.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("sampled"))
-            m.setattr(ev, "open_split", lambda *a, **k: pytest.fail("opened the data"))
+            m.setattr(ev, "open_heldout", lambda *a, **k: pytest.fail("opened the data"))
             with pytest.raises(SystemExit, match=message):
                 ev.main(argv)
     assert (tmp_path / "mine.json").read_text() == "{}"
@@ -1034,6 +1064,24 @@ def test_an_evaluation_of_prepared_data_scores_every_feature_metric(prepared, tm
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(SystemExit, match="--metrics fid,cmmd,dino_mmd needs reference statistics: --ref ref.npz"):
         ev.main(["--ckpt", str(ckpt), "--num-samples", "1"])
+
+
+def test_a_held_out_split_that_cannot_serve_names_the_flags_typed(prepared, tmp_path):
+    """Opened before any network loads; the error names the flags given, and the run's data as the run's."""
+    data = prepared[0] / "out"
+    write_run(tmp_path / "run", random_tiny_prx(), data=str(data))
+    with pytest.raises(SystemExit, match=f"^error: the run's data \\({data}\\) --num-samples 10000: .* held-out "):
+        ev.main(["--ckpt", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=f"^error: --data {data} --caption short --num-samples 10000: .* held-out "):
+        ev.main(["--ckpt", str(tmp_path / "run"), "--data", str(data), "--caption", "short"])
+
+
+def test_a_reference_of_prepared_data_refuses_a_resolution(prepared, tmp_path):
+    data = prepared[0] / "out"
+    with pytest.raises(SystemExit, match=f"^error: --resolution 512: {data} holds its images at the resolution it was "
+                                         f"prepared at; leave --resolution out"):
+        ev.main(["ref", "--data", str(data), "--resolution", "512", "--out", str(tmp_path / "r.npz")])
+    assert not (tmp_path / "r.npz").exists()
 
 
 def test_a_reference_of_other_images_is_refused(prepared, tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def test_diffusers_interop_both_ways(tmp_path, bottleneck, resolution_embeds, pa
             assert sharded == (shard == 20_000)
             back = PRXTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
             assert (back(x, t, txt, mask, return_dict=False)[0] - ours(x, t, txt, mask)).abs().max() <= 1e-5
-        again = PRX.from_diffusers(str(folder), subfolder="transformer")  # and our export loads into ours
+        again = PRX.from_diffusers(str(folder))  # and our export loads into ours (a pipeline: its transformer/)
         assert torch.equal(again(x, t, txt, mask), ours(x, t, txt, mask))
 
 
@@ -131,6 +131,10 @@ def test_a_fresh_model_is_adaln_zero(preset):
     pred = model(x, torch.rand(2), txt, mask)
     assert len(seen) == model.cfg.depth and all(torch.equal(before, after) for before, after in seen)
     assert torch.equal(pred, torch.zeros_like(x)) and seen[0][0].abs().mean() > 0.1
+    # the final layer's modulation too (its zero output layer hides it from the prediction), and SPRINT's mask token
+    final = model.final_layer.adaLN_modulation[1]
+    assert not final.weight.any() and not final.bias.any()
+    assert not PRX.from_preset(preset, sprint=True).sprint_mask_token.any()
 
 
 def test_padding_never_changes_output():

@@ -122,6 +122,8 @@ def test_dc_ae_latents_are_its_deterministic_encoding_scaled(prepared, tmp_path)
     with torch.no_grad():
         expected = to_uint8(vae.decode(stored[None] / 0.41407).sample)
         assert shape == (4, RES // 4, RES // 4) and torch.equal(decode(stored[None]), expected)
+    assert load_decoder(PRXConfig(in_channels=4), str(tmp_path / "dc"), 2 * RES, "cpu")[0] == (4, RES // 2, RES // 2)
+    # ^ a run at another resolution than the data's (a resolution stage evaluated on the first stage's data): its own
 
 
 def test_text_is_unpadded_encoder_output(prepared):

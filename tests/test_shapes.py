@@ -147,8 +147,12 @@ def test_shapes_py_is_the_task_the_cpu_target_was_calibrated_on():
     track = verify.TRACKS["cpu"]
     calibration = verify.load_runs(verify.ROOT / track["target_from"])[0]["sources"]["shapes.py"]
     ours = open(os.path.join(root, "shapes.py")).read()
-    assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", ours),), track["resolution"]) == verify.fingerprint(
-        verify.TASK_PROBE, (("shapes.py", calibration),), track["resolution"])
+    calibrated = verify.fingerprint(verify.TASK_PROBE, (("shapes.py", calibration),), track["resolution"])
+    assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", ours),), track["resolution"]) == calibrated
+    # the checker's reading of generated-looking (blurred, noisy) images: a threshold moved is another task
+    stricter = ours.replace("MAX_COLOR_DISTANCE = 100.0", "MAX_COLOR_DISTANCE = 90.0", 1)
+    assert stricter != ours
+    assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", stricter),), track["resolution"]) != calibrated
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -371,11 +371,11 @@ def test_a_new_calibration_says_how_it_becomes_the_target(cpu_target, tmp_path, 
     again = make_record(tmp_path / "2026-12-09_recalibration", {0: (30.0, 0.31), 1: (30.0, 0.32), 2: (30.0, 0.31),
                                                                           3: (30.0, 0.32)}, "calibration")
     verify.main([str(again)])
-    assert capsys.readouterr().out.splitlines()[1] == (
-        "its mean becomes the cpu track's target where TRACKS['cpu'] in records/verify.py says target=0.315, "
-        "target_from='records/2026-12-09_recalibration': commit that with the folder, then write its results again "
-        "(`python records/verify.py --write --track cpu --kind calibration records/2026-12-09_recalibration`: their "
-        "header names the target; records/RULES.md)")
+    assert capsys.readouterr().out.splitlines()[1] == (  # the folder where it is (here outside the repository)
+        f"its mean becomes the cpu track's target where TRACKS['cpu'] in records/verify.py says target=0.315, "
+        f"target_from='{again}': commit that with the folder, then write its results again "
+        f"(`python records/verify.py --write --track cpu --kind calibration {again}`: their "
+        f"header names the target; records/RULES.md)")
 
 
 def test_a_gpu_calibration_sets_the_stopping_value_on_the_periodic_checks_scale():
@@ -385,7 +385,7 @@ def test_a_gpu_calibration_sets_the_stopping_value_on_the_periodic_checks_scale(
                                                            (5000, 2000, None, {"fid": fid2k})],
                  confirm=dict(gpu_run()["confirm"], metrics=dict(fid=fid10k)))
             for k, (fid2k, fid10k) in enumerate([(24.0, 20.0), (26.0, 22.0)])]
-    assert verify.calibration_note(runs, "1gpu", "2027-01-01_c") == (
+    assert verify.calibration_note(runs, "1gpu", "records/2027-01-01_c") == (
         "its mean becomes the 1gpu track's target where TRACKS['1gpu'] in records/verify.py says target=21, stop=25, "
         "target_from='records/2027-01-01_c', ref_images='sha256 ab12': commit that with the folder, then write its "
         "results again (`python records/verify.py --write --track 1gpu --kind calibration records/2027-01-01_c`: their "

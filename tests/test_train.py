@@ -336,6 +336,8 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--eval-minutes", "abc"], "argument --eval-minutes: expected minutes"),
     (["--eval-minutes", "1,-2"], "argument --eval-minutes: minutes must be > 0"),
     (["--eval-minutes", "2,0"], "argument --eval-minutes: minutes must be > 0"),
+    (["--eval-minutes", ","], "argument --eval-minutes: minutes must be > 0, got ','"),
+    (["--eval-minutes", ""], "argument --eval-minutes: minutes must be > 0, got ''"),
     (["--caption-dropout", "2"], "argument --caption-dropout: must be in [0, 1]"),
     (["--lr", "0"], "argument --lr: must be in (0, inf)"),
     (["--lr", "inf"], "argument --lr: must be in (0, inf), got inf"),  # the upper end is open
@@ -354,6 +356,9 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--muon-lr", "4e-3"], "--muon-lr is Muon's: it needs --optimizer muon"),
     (["--optimizer", "muon", "--muon-lr", "0"], "argument --muon-lr: must be in (0, inf)"),
     (["--repa-lambda", "2"], "--repa-lambda needs --repa"),
+    (["--repa-lambda", "0.5"], "--repa-lambda needs --repa"),  # typed, at its default
+    (["--fid-weights", "pt_inception.pth"], "--fid-weights is FID's network: it needs --eval-ref"),
+    (["--data", "/nonexistent", "--text-context", "3"], "--text-context is the built-in text encoder's: prepared"),
     (["--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher needs --repa"),
     (["--repa-weights", "dino.safetensors"], "--repa-weights needs --repa"),
     (["--ema-every", "1"], "--ema-every sets how often the EMA updates: it needs --ema"),
@@ -1083,9 +1088,9 @@ def test_repa_builtin_teacher_trains(tmp_path):
     assert config["weights_sha256"] == {"--repa builtin": file_sha256(shapes.TEACHER_FILE)}  # the network it used
     other = tmp_path / "teacher.safetensors"  # --repa-weights: another file for the built-in teacher
     other.write_bytes(open(shapes.TEACHER_FILE, "rb").read() + b" ")
-    args = train.get_args(["--track", "cpu", "--repa", "builtin", "--repa-weights", str(other), "--lpips", "0.1",
-                           "--fid-weights", str(other)])  # --lpips: lpips' own weights; --fid-weights: no --eval-ref
-    assert train.weight_files(args) == {"--repa builtin": file_sha256(other)} != config["weights_sha256"]
+    args = train.get_args(["--track", "cpu", "--repa", "builtin", "--repa-weights", str(other), "--lpips", "0.1"])
+    assert train.weight_files(args) == {"--repa builtin": file_sha256(other)} != config["weights_sha256"]  # --lpips:
+    # lpips' own weights
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1870,6 +1875,8 @@ def test_the_resume_note_lists_what_differs_from_the_checkpoints_stage():
     stage = {**json.loads(json.dumps(vars(args))), "data": "d/mj"}  # the stage's args, as its config stores them
     args.data = "./d/mj/"  # the same dataset, spelt otherwise: not a change
     assert train.resume_changes(args, stage) is None
+    args.max_steps, args.max_time = 8, 10.0  # a budget raised to go on: no note
+    assert train.resume_changes(args, stage) is None
     args.lr, args.data = 1e-3, "d/mj:0.5,d/cc:0.5"
     assert train.resume_changes(args, stage).endswith("--data d/mj -> d/mj:0.5,d/cc:0.5; --lr 0.002 -> 0.001")
 
@@ -1886,7 +1893,7 @@ def test_a_resume_reads_its_stage_config_once(finished_run, tmp_path, monkeypatc
                             open(path, *a, **kw), raising=False)
     train.main(SMALL + ["--out", str(out), "--max-steps", "5", "--resume"])  # from step_4, trained by resume-2
     assert opened.count("config.resume-2.json") == 1
-    assert re.search(r"flags set otherwise than the checkpoint's stage .*; --lr 0\.001 -> 0\.002;",
+    assert re.search(r"flags set otherwise than the checkpoint's stage .*; --lr 0\.001 -> 0\.002\n",
                      (out / "log.txt").read_text())
 
 
