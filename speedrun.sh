@@ -244,8 +244,11 @@ for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed r
     echo "run $name-$seed: $RUNS_DIR/$name-$seed (console: $RUNS_DIR/$name-$seed.out)"
     if [ ${#running[@]} -eq "$PARALLEL" ]; then  # the number of runs is a multiple of PARALLEL
       while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
-        wait -n -p pid "${!running[@]}" ||  # the first failure; the trap stops the others
-          die 1 "run ${running[$pid]} failed (console: $RUNS_DIR/${running[$pid]}.out); the other runs are stopped"
+        if ! wait -n -p pid "${!running[@]}"; then  # the first failure; the trap stops the others
+          console=$RUNS_DIR/${running[$pid]}.out
+          last=$(tail -n 1 "$console")  # a flag train.py refused, its traceback's last line
+          die 1 "run ${running[$pid]} failed${last:+: $last} (console: $console); the other runs are stopped"
+        fi
         unset "running[$pid]"
       done
     fi

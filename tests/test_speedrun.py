@@ -816,6 +816,8 @@ os.makedirs(out)  # as train.py, which refuses an --out that holds a run
 open(os.path.join(out, "argv"), "w").write(" ".join(sys.argv[1:]))
 open(os.path.join(out, "train.pid"), "w").write(str(os.getpid()))
 time.sleep(1 if seed else 30)
+if seed:
+    print("train.py: error: --lrr is not a flag: did you mean --lr?", file=sys.stderr)
 sys.exit(seed)
 """
 STUB_EVAL = """import pathlib, sys
@@ -860,7 +862,8 @@ def test_a_failed_run_stops_the_speedrun_and_its_sibling_at_once(tmp_path):
     never starts (on the CPU, a run left going slows the next attempt)."""
     start = time.monotonic()
     r = stub_speedrun(tmp_path)
-    assert r.returncode == 1 and "speedrun.sh: run x-1 failed (console: " in r.stderr, r.stderr
+    assert r.returncode == 1 and "speedrun.sh: run x-1 failed: train.py: error: --lrr is not a flag: did you mean " \
+        "--lr? (console: " in r.stderr, r.stderr  # the console's last line: why it failed
     assert time.monotonic() - start < 20, "waited for run 0"
     time.sleep(1)
     run0 = tmp_path / "records" / "runs" / "x-0"
