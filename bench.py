@@ -231,30 +231,31 @@ def bench_loader(args):
     ds = PreparedDataset(root)
     caption = ds.index["captions"][0]
     field, schema, steps = "txt_" + caption, ds.index["schema"], len(ds) // B
-    features = datasets.Features({"latent": datasets.Array3D(schema["latent"]["shape"], "int16"),
-                                  "txt": datasets.Array2D((None, *schema[field]["shape"]), "int16")})
-    arrow = datasets.Dataset.from_generator(arrow_rows, features=features, cache_dir=str(root / "arrow"),
-                                            gen_kwargs=dict(root=str(root), field=field)).with_format("numpy")
-    order = itertools.cycle(np.random.default_rng(0).permutation(len(arrow))[:steps * B].reshape(steps, B))
+    with tempfile.TemporaryDirectory(prefix="bench-arrow-", dir=root) as cache:  # datasets' copy: removed after
+        features = datasets.Features({"latent": datasets.Array3D(schema["latent"]["shape"], "int16"),
+                                      "txt": datasets.Array2D((None, *schema[field]["shape"]), "int16")})
+        arrow = datasets.Dataset.from_generator(arrow_rows, features=features, cache_dir=cache,
+                                                gen_kwargs=dict(root=str(root), field=field)).with_format("numpy")
+        order = itertools.cycle(np.random.default_rng(0).permutation(len(arrow))[:steps * B].reshape(steps, B))
 
-    def arrow_batch():  # what ShardLoader returns: float latents, padded bf16 text and its mask
-        b = arrow[next(order).tolist()]
-        return torch.from_numpy(b["latent"]).view(torch.bfloat16).float(), batch_text(list(b["txt"]))
+        def arrow_batch():  # what ShardLoader returns: float latents, padded bf16 text and its mask
+            b = arrow[next(order).tolist()]
+            return torch.from_numpy(b["latent"]).view(torch.bfloat16).float(), batch_text(list(b["txt"]))
 
-    loader = ShardLoader(str(root), B, captions=caption)
-    sides, rates = {"datasets": arrow_batch, "ShardLoader": lambda: next(loader)}, {}
-    for name, fn in sides.items():  # one side at a time, datasets first: ShardLoader's reader thread, started by its
-        # first batch, keeps filling its read-ahead after its side's last call
-        wall = timed({name: fn}, steps, steps)[name]  # after an untimed epoch: page cache and allocators warm
-        cpu = timed({name: fn}, 0, steps, time.process_time)[name]  # this process's CPU, reader thread included
-        rates[name] = steps * B / sum(wall), steps * B / sum(cpu)
-    tokens = sum(len(shard.arrays[field]) for shard in ds.shards) / len(ds)
-    print(f"{len(ds)} samples, {steps} batches of {B}: latent {schema['latent']['shape']} bf16 + text {tokens:.0f} "
-          f"tokens x {schema[field]['shape'][0]} bf16 (mean), one CPU core")
-    for i, per in enumerate(["wall", "CPU"]):  # the CPU second is steady on a shared machine, the wall second is not
-        compare(f"samples per {per} second", rates["ShardLoader"][i], "datasets", rates["datasets"][i], "samples/s")
-    loader.worker.shutdown(wait=True)
-    del loader, ds, arrow  # their maps: the kernel drops no page a process maps
+        loader = ShardLoader(str(root), B, captions=caption)
+        sides, rates = {"datasets": arrow_batch, "ShardLoader": lambda: next(loader)}, {}
+        for name, fn in sides.items():  # one side at a time, datasets first: ShardLoader's reader thread, started by
+            # its first batch, keeps filling its read-ahead after its side's last call
+            wall = timed({name: fn}, steps, steps)[name]  # after an untimed epoch: page cache and allocators warm
+            cpu = timed({name: fn}, 0, steps, time.process_time)[name]  # this process's CPU, reader thread included
+            rates[name] = steps * B / sum(wall), steps * B / sum(cpu)
+        tokens = sum(len(shard.arrays[field]) for shard in ds.shards) / len(ds)
+        print(f"{len(ds)} samples, {steps} batches of {B}: latent {schema['latent']['shape']} bf16 + text {tokens:.0f} "
+              f"tokens x {schema[field]['shape'][0]} bf16 (mean), one CPU core")
+        for i, per in enumerate(["wall", "CPU"]):  # the CPU second is steady on a shared machine, the wall one is not
+            compare(f"samples per {per} second", rates["ShardLoader"][i], "datasets", rates["datasets"][i], "samples/s")
+        loader.worker.shutdown(wait=True)
+        del loader, ds, arrow  # their maps: the kernel drops no page a process maps
     cold = cold_batch_ms(root, B, caption)
     compare("ms a batch out of the page cache (a first epoch; data beyond memory)", cold["advised"], "unadvised",
             cold["unadvised"], "ms")
@@ -299,9 +300,10 @@ def feature_extractors():
     import timm.data
     from torch_fidelity.utils import get_featuresdict_from_dataset
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-    weights = os.path.join(tempfile.mkdtemp(), "random-inception.pth")
-    write_random_inception_weights(weights)
-    inception = load_inception(weights).to(DEVICE)
+    with tempfile.TemporaryDirectory() as folder:  # read whole by load_inception: 96 MB not left behind
+        weights = os.path.join(folder, "random-inception.pth")
+        write_random_inception_weights(weights)
+        inception = load_inception(weights).to(DEVICE)
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_CONFIG)).to(DEVICE).eval()
     size = clip.config.image_size
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
@@ -683,14 +685,19 @@ TECHNIQUES = ["--repa builtin", "--repa builtin --irepa", "--tread", "--sprint",
               "--repa builtin --tread --optimizer muon --compile"]
 
 
+def technique_args(flags):
+    """train.py's resolved flags of the CPU track with `flags` (a flag string, or "baseline": none)."""
+    return train.get_args(["--track", "cpu", "--data", "builtin", "--seed", "0"]
+                          + ([] if flags == "baseline" else flags.split()))
+
+
 def bench_techniques(args):
     """The CPU track's training step (loader, model, optimizer, EMA) with each technique against the baseline's,
     interleaved round-robin in one process so that every variant sees the same machine load: the ratios give a
     technique's equal-minutes step budget even on a busy machine."""
     steps = {}
     for flags in ["baseline"] + (args.only or TECHNIQUES):
-        a = train.get_args(["--track", "cpu", "--data", "builtin", "--seed", "0"]
-                           + ([] if flags == "baseline" else flags.split()))
+        a = technique_args(flags)
         loader = train.open_training_data(a, 0, 1, DEVICE)[0]
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE, 0)
         opt = train.build_optimizers(a, trainee)[0]
@@ -715,8 +722,11 @@ def check_loader_dir(parser, args):
     user's files or a preparation prepare.py has not finished); at least one batch of samples either way."""
     root = Path(args.dir).absolute()
     above = nearest_existing(root)  # DIR, or the folder it would be made in
-    if (root / "index.json").exists():
-        n = len(PreparedDataset(root))
+    if (root / "index.json").exists():  # datasets' copy of it goes into DIR for the benchmark: room for it
+        n, need = len(PreparedDataset(root)), sum(p.stat().st_size for p in (root / "train").rglob("*") if p.is_file())
+        if need > (free := shutil.disk_usage(root).free):
+            parser.error(f"bench.py loader: DIR {args.dir}: datasets' copy of it needs about {need / 2**30:.1f} GiB "
+                         f"there (removed after), which has {free / 2**30:.1f} GiB free")
     elif not above.is_dir() or above == root and any(root.iterdir()):  # the user's files, a half-prepared DIR
         what = f"{above} is a file" if not above.is_dir() else \
             "holds files but no index.json (not a prepared folder, or one prepare.py has not finished)"
@@ -753,8 +763,9 @@ def main(argv=None):
     p.add_argument("--steps", type=count, default=3, help="timed steps after 1 warm-up (median reported)")
     p.set_defaults(run=bench_muon)
     p = sub.add_parser("loader", help="ShardLoader samples/s on one core against HuggingFace datasets")
-    p.add_argument("dir", help="a prepared directory, or a new or empty one to write a synthetic dataset into")
-    p.add_argument("--samples", type=count, default=5000, help="samples of the synthetic dataset")
+    p.add_argument("dir", help="a prepared directory (datasets' copy of it made there, removed after), or a new or "
+                   "empty one to write a synthetic dataset into")
+    p.add_argument("--samples", type=count, default=5000, help="samples of the synthetic dataset (a new DIR)")
     p.add_argument("--batch", type=count, default=32)
     p.set_defaults(run=bench_loader)
     p = sub.add_parser("eval", help="metric networks, MMD and sampling against their references")
@@ -795,6 +806,13 @@ def main(argv=None):
             parser.error(f"bench.py muon: --blocks {args.blocks} is more than the {depth} blocks of {args.preset}")
     if args.command == "loader":
         check_loader_dir(parser, args)
+    for flags in getattr(args, "only", None) or []:  # train.py's refusal, before any variant is built
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                technique_args(flags)
+        except SystemExit as e:  # argparse's message on stderr, or train.py's own in the exit
+            why = (err.getvalue().strip().splitlines() or [str(e.code)])[-1]
+            parser.error(f"--only {flags!r}: {re.sub(r'^.*?error: ', '', why)}")
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {machine()} | {config}")
     if not CUDA:

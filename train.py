@@ -645,9 +645,12 @@ class StepLog:
     def __init__(self, args, cfg, loader, world, device, train_time, log):
         self.args, self.cfg, self.world, self.log = args, cfg, world, log
         self.num_img = math.prod(loader.x0_shape[1:]) // cfg.patch_size ** 2  # image tokens per sample
-        self.peak = args.peak_tflops * 1e12 if device.type == "cuda" else matmul_peak(device)
-        log(f"peak {self.peak:.3g} FLOP/s per process: " + ("--peak-tflops (bf16)" if device.type == "cuda" else
-                                                            "fp32 matmul 1024^3, measured"))
+        if device.type == "cuda":
+            self.peak, how = args.peak_tflops * 1e12, "--peak-tflops (bf16)"
+        else:  # in the precision of the products the run computes
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+            self.peak, how = matmul_peak(device, dtype), f"{args.precision} matmul 1024^3, measured"
+        log(f"peak {self.peak:.3g} FLOP/s per process: {how}")
         self.since, self.samples, self.flops, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0, 0.0
 
     def add(self, data_s, opt_s, txt_len):
@@ -674,10 +677,11 @@ class StepLog:
         self.since, self.samples, self.flops, self.data_s, self.opt_s = train_time, 0, 0.0, 0.0, 0.0
 
 
-def matmul_peak(device, n=1024, reps=8):
-    """FLOP/s of an n x n fp32 matrix product, the best of `reps` (a shared machine only ever slows it), measured once
-    at start, untimed: the peak of the log's mfu on the CPU (on CUDA: --peak-tflops)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, dtype, n=1024, reps=8):
+    """FLOP/s of an n x n matrix product in `dtype` (the run's precision: bf16 runs ~3x fp32's on a CPU with AMX),
+    the best of `reps` (a shared machine only ever slows it), measured once at start, untimed: the peak of the log's
+    mfu on the CPU (on CUDA: --peak-tflops)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / min(timeit.repeat(lambda: a @ b, number=1, repeat=reps + 1))  # the first: a warm-up
 
 

@@ -145,6 +145,7 @@ def test_loader(tmp_path):
     assert "96 samples, 6 batches of 16" in out
     compared(out, "samples per wall second", "datasets")
     compared(out, "samples per CPU second", "datasets")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "null_txt.npy", "train"]  # datasets' copy gone
 
 
 def test_loader_figures(tmp_path, capsys, monkeypatch, clock):
@@ -440,7 +441,9 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     (["model", "--stepz", "3"], "--stepz is not a flag: did you mean --steps?"),  # a subcommand's flags too
     (["model", "--compile", "--warmup", "0"], "the first call compiles; pass --warmup 1 or more"),
     (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
-    (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples")])
+    (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples"),
+    (["techniques", "--only=--compile", "--only=--tred"], "--only '--tred': --tred is not a flag: did you mean --tread?"),
+    (["techniques", "--only=--tread --sprint"], "--only '--tread --sprint': --tread and --sprint are exclusive")])
 def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)

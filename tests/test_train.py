@@ -203,7 +203,7 @@ def test_the_logged_flops_and_utilisation_are_3_forwards_a_sample_over_the_peak(
     """flops/s = 3 x model.flops_per_sample x samples/s (the backward costs two forwards); mfu = flops/s / the peak
     measured at start; samples/s counts the global batch over training time."""
     monkeypatch.setattr(train, "flops_per_sample", lambda *a: 1e6)
-    monkeypatch.setattr(train, "matmul_peak", lambda device: 1e9)
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype: 1e9)
     train.main(SMALL + ["--max-steps", "3", "--out", str(tmp_path / "r")])
     records = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl") if '"loss"' in line]
     assert len(records) == 3
@@ -1494,7 +1494,7 @@ REFUSED = {("tread", "sprint"): "--tread and --sprint are exclusive"}
 
 @pytest.mark.parametrize("a, b", list(itertools.combinations(TECHNIQUES, 2)))
 def test_every_pair_of_techniques_trains_or_is_refused(a, b, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "matmul_peak", lambda device: 1e11)  # the log's mfu only: not measured 45 times
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype: 1e11)  # the log's mfu only: not measured 45 times
     argv = SMALL + TECHNIQUES[a] + TECHNIQUES[b] + ["--max-steps", "2", "--out", str(tmp_path / "r")]
     if (a, b) in REFUSED:
         with pytest.raises(SystemExit):
@@ -1719,7 +1719,7 @@ def test_step_log_closed_form(monkeypatch):
     calls = []
     monkeypatch.setattr(train, "flops_per_sample", lambda cfg, img, txt, route: calls.append((img, txt, route)) or
                         txt * 1e8)
-    monkeypatch.setattr(train, "matmul_peak", lambda device: pytest.fail("measured the peak on CUDA"))
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype: pytest.fail("measured the peak on CUDA"))
     args = argparse.Namespace(batch_size=8, route_ratio=0.25, max_steps=100, peak_tflops=2.0)
     lines = []
     log = train.StepLog(args, argparse.Namespace(patch_size=4), argparse.Namespace(x0_shape=(3, 32, 16)), 2,
@@ -1745,9 +1745,14 @@ def test_matmul_peak_is_the_best_of_its_timed_products(monkeypatch):
     seen = []
     monkeypatch.setattr(train.timeit, "repeat", lambda f, number, repeat: seen.append((f(), number, repeat)) or [
         9.0, 0.5, 0.25, 0.75])
-    assert train.matmul_peak(torch.device("cpu"), n=16, reps=3) == 2 * 16 ** 3 / 0.25
+    assert train.matmul_peak(torch.device("cpu"), torch.bfloat16, n=16, reps=3) == 2 * 16 ** 3 / 0.25
     product, number, repeat = seen[0]
-    assert product.shape == (16, 16) and (number, repeat) == (1, 4)
+    assert product.shape == (16, 16) and product.dtype == torch.bfloat16 and (number, repeat) == (1, 4)
+    measured, lines = [], []  # a CPU run's peak: products in its precision (bf16 autocast: bf16 ones)
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype: measured.append(dtype) or 3e10)
+    train.StepLog(argparse.Namespace(precision="bf16"), argparse.Namespace(patch_size=4),
+                  argparse.Namespace(x0_shape=(3, 32, 32)), 1, torch.device("cpu"), 0.0, lines.append)
+    assert measured == [torch.bfloat16] and lines == ["peak 3e+10 FLOP/s per process: bf16 matmul 1024^3, measured"]
 
 
 def test_config_json_records_the_run(monkeypatch):

@@ -176,7 +176,7 @@ def test_missing_pdino_weights_name_the_flag(tmp_path, capsys):
 
 def test_prx_part3_combination_trains(tmp_path, monkeypatch):
     """Pixel space, x-prediction, LPIPS 0.1, P-DINO 0.01, TREAD, REPA stopped after step 2, resolution embeddings."""
-    monkeypatch.setattr(train, "matmul_peak", lambda device: 1e11)  # the log's mfu only
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype: 1e11)  # the log's mfu only
     monkeypatch.setattr(train, "load_lpips", lambda weights: tiny_lpips())
     monkeypatch.setattr(train, "load_dino", lambda name, weights, flag, **kw: tiny_dino())  # P-DINO's: REPA is builtin
     out = tmp_path / "r"
