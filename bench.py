@@ -633,7 +633,8 @@ def train_rows(s, peak_tflops):
             f"({config['device']}, {config['args']['precision']})")
     return [(f"{what}, data loading included", ours["samples_per_s"], "baseline", base["samples_per_s"],
              " samples/s", ",.1f"),
-            (f"{what}, MFU (useful FLOPs)", 100 * ours["mfu"], "baseline", 100 * base["mfu"], " %", ".1f")]
+            (f"{what}, MFU (train.py's: text as trimmed)", 100 * ours["mfu"], "baseline", 100 * base["mfu"], " %",
+             ".1f")]
 
 
 def gpu_check(out, peak_tflops):

@@ -213,13 +213,18 @@ def will_need(array, start, stop):
     mm.madvise(mmap.MADV_WILLNEED, page, array.offset - base + stop * array.strides[0] - page)
 
 
+class DamagedShard(ValueError):
+    """A shard whose bytes a read finds wrong (a row not UTF-8 text, a latent not finite): the command stops with
+    one line naming the shard and row (errors_of_rank_0_first), not a traceback or a loss that blames --lr."""
+
+
 class Shard:
     """One shard directory, every array memory-mapped (offsets read into memory), checked against what index.json
-    expects: `count` rows and the arrays of `schema`."""
+    expects: `count` rows and the arrays of `schema`, each ragged array's offsets rising from 0 to its length."""
 
     def __init__(self, path, count=None, schema=()):
         self.path, self.arrays = Path(path), {}
-        repair = repair_hint(self.path.parent.parent)
+        self.repair = repair = repair_hint(self.path.parent.parent)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: listed in index.json but missing; {repair}")
         for p in sorted(self.path.glob("*.npy")):
@@ -237,6 +242,11 @@ class Shard:
                 if name in FIXED or name.endswith("_offsets")}
         if count is not None and set(rows.values()) - {count}:
             raise ValueError(f"{self.path}: index.json says {count} samples but the arrays hold {rows}; {repair}")
+        for name in (n.removesuffix("_offsets") for n in self.arrays if n.endswith("_offsets")):
+            offsets, size = self.arrays[name + "_offsets"], len(self.arrays.get(name, ()))
+            if len(offsets) and (offsets[0] != 0 or offsets[-1] != size or (np.diff(offsets) < 0).any()):
+                raise ValueError(f"{self.path}: {name}_offsets.npy does not index the {size} values of {name}.npy "
+                                 f"(the offsets rise from 0 to that length); the shard is damaged: {repair}")
 
     def ragged(self, name, i):
         offsets = self.arrays[name + "_offsets"]
@@ -248,7 +258,11 @@ class Shard:
         will_need(self.arrays[name], *((offsets[i], offsets[i + 1]) if offsets is not None else (i, i + 1)))
 
     def string(self, name, i):
-        return bytes(self.ragged(name, i)).decode()
+        try:
+            return bytes(self.ragged(name, i)).decode()
+        except UnicodeDecodeError as e:
+            raise DamagedShard(f"{self.path}: row {i} of {name}.npy is not UTF-8 text ({e.reason}); the shard is "
+                               f"damaged: {self.repair}") from None
 
 
 def read_index(root):
@@ -573,6 +587,10 @@ class ShardLoader:
         for j, (shard, row, field) in enumerate(rows):
             for key, out in arrays.items():
                 out[j] = shard.arrays[key][row]
+            if "latent" in arrays and ((arrays["latent"][j] & 0x7F80) == 0x7F80).any():  # bf16 bits, exponent all
+                # ones: NaN or inf
+                raise DamagedShard(f"{shard.path}: row {row} of latent.npy is not finite (NaN or inf); the shard is "
+                                   f"damaged, or the VAE failed on that image: {shard.repair}")
             chunks.append(shard.ragged(f"txt_{field}", row))
             batch["caption"].append(shard.string(f"caption_{field}", row))
             batch["id"].append(shard.string("id", row))
@@ -773,9 +791,12 @@ def errors_of_rank_0_first():
     """Around a script's main: under torchrun, the error that stops a rank other than 0 (a SystemExit with a message)
     waits QUIET_RANK_WAIT_S before it is printed. Where rank 0 met it too (the same flags and files: most of them),
     torchrun stops this rank meanwhile and the error shows once, not once per process; where only this rank met it, it
-    still shows."""
+    still shows. A damaged shard found mid-run (DamagedShard) stops it so too, with one line."""
     try:
-        yield
+        try:
+            yield
+        except DamagedShard as e:  # found mid-run: one line
+            raise SystemExit(f"error: {e}") from None
     except SystemExit as e:
         if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
             time.sleep(QUIET_RANK_WAIT_S)

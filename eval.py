@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 import zipfile
 
 import numpy as np
@@ -147,22 +148,24 @@ def save_grid(images, captions, path, nrow=8):
 
 
 def write_new(folder, name, write, out=None):
-    """write(path) to folder/name (`out` if given), name_1, name_2, ... (before the extension): the first that does
-    not exist, claimed (created exclusively: another evaluation of this checkpoint meanwhile, or a file put at --out,
-    takes the next name) when the result is ready, so that a result written before is never replaced and a killed
-    evaluation leaves no empty file. -> the path written"""
+    """write(path) to a temporary file beside folder/name (`out` if given), then linked to that name, or name_1,
+    name_2, ... (before the extension): the first free, taken atomically once the result is whole (os.link refuses a
+    name that exists: another evaluation of this checkpoint meanwhile, or a file put at --out, takes the next), so that
+    a result written before is never replaced and a killed evaluation leaves no empty or partial file under those
+    names. -> the path written"""
     folder, name = os.path.split(out) if out else (folder, name)
     stem, ext = os.path.splitext(name)
-    for k in itertools.count():
-        path = os.path.join(folder, f"{stem}_{k}{ext}" if k else name)
-        with contextlib.suppress(FileExistsError):
-            open(path, "x").close()
-            try:
-                write(path)  # write_whole: the empty claim is replaced by the whole result
-            except BaseException:
-                os.remove(path)
-                raise
-            return path
+    tmp = os.path.join(folder, f"{stem}.tmp-{uuid.uuid4().hex[:12]}{ext}")  # the extension: save_grid's format
+    try:
+        write(tmp)
+        for k in itertools.count():
+            path = os.path.join(folder, f"{stem}_{k}{ext}" if k else name)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+                return path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,8 +413,8 @@ def read_reference(path):
     """A reference file's arrays, or an error that says how to make one: missing, or damaged (a write cut short)."""
     if not os.path.exists(path):
         hint = f"did you mean {path}.npz? " if os.path.exists(f"{path}.npz") else ""
-        raise FileNotFoundError(f"{path}: no such reference; {hint}make it with `python eval.py ref --data <eval data> "
-                                f"--out {path}`")
+        raise FileNotFoundError(f"--ref {path}: no such reference; {hint}make it with `python eval.py ref --data "
+                                f"<eval data> --out {path}`")  # (train.py's --eval-ref: checked at its start)
     try:
         with np.load(path) as f:
             return dict(f)
@@ -781,6 +784,8 @@ def main(argv=None):
                          f"a new one beside the checkpoint)")
     if args.command == "sample" and args.out and not args.out.lower().endswith(GRID_FORMATS):
         raise SystemExit(f"error: --out {args.out}: sample writes an image: end the name in {', '.join(GRID_FORMATS)}")
+    if args.command == "eval" and args.out and not args.out.lower().endswith(".json"):
+        raise SystemExit(f"error: --out {args.out}: the evaluation writes JSON: end the name in .json")
     device = setup_distributed(tf32=False)[2]
     try:
         if distributed() and args.command in ("sample", "export"):
@@ -847,19 +852,23 @@ def evaluate_checkpoint(args, device):
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       save_new_grid, **sampling)
     if main_process():
+        beside = os.path.dirname(os.path.abspath(args.out)) if args.out else ckpt  # the JSON's folder: the grid from it
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                   "ref_images": metrics.images[1] if args.ref else None,  # what the reference holds (checked)
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
-                  "checkpoint": os.path.basename(ckpt), "weights": weights, "grid": grid and os.path.basename(grid[0])}
+                  "checkpoint": os.path.basename(ckpt), "weights": weights,
+                  "grid": grid and os.path.relpath(grid[0], beside)}
         line = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
         try:
             out = write_new(ckpt, "eval.json", lambda path: write_whole(
                 path, lambda f: f.write(json.dumps(record, indent=2).encode())), args.out)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             if args.out or os.path.isdir(ckpt):
-                raise
+                raise SystemExit(f"error: writing eval.json failed ({e}): {line}") from None
             raise SystemExit(f"error: {ckpt} was removed during the evaluation (the training run's --keep pruned it), "
                              f"so eval.json has no folder: {line}; evaluate a checkpoint the run keeps, or pass --out")
+        except OSError as e:  # a full disk: the result, on the console at least
+            raise SystemExit(f"error: writing eval.json failed ({e.strerror or e}): {line}") from None
         print(f"{line} -> {out}")
 
 

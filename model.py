@@ -573,9 +573,10 @@ def verify_checkpoint(ckpt):
                          f"({', '.join(present) or 'no model.safetensors'}): not as train.py wrote it; {use}")
     for name, digest in expected.items():
         path = os.path.join(ckpt, name)
-        if not os.path.exists(path) or file_sha256(path) != digest:
-            raise ValueError(f"{path} is {'missing' if not os.path.exists(path) else 'corrupt'} (its sha256 differs "
-                             f"from the one written with it); {use}")
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing (sha256.json lists it); {use}")
+        if file_sha256(path) != digest:
+            raise ValueError(f"{path} is corrupt (its sha256 differs from the one written with it); {use}")
 
 
 def read_config(path):

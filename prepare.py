@@ -425,7 +425,8 @@ def prepare(args, rank=0, world_size=1):
     for flag, field in [("--image-field", args.image_field), *(("--captions", f) for f in fields.values())]:
         if head and not any(has_field(row, field) for row in head):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
-                             f"{sorted({k for row in head for k in row})}: name one of those")
+                             f"{sorted({k for row in head for k in row})}: name one of those"
+                             + " (--captions long=FIELD[,short=FIELD])" * (flag == "--captions"))
     shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
     # a model missing, unreachable or not the model asked for: a line naming the flag; anything else a traceback
     with exit_on(errors=(OSError, ValueError, NotOnThisMachine)):

@@ -472,8 +472,8 @@ def train_teacher(steps=TEACHER_STEPS, seed=TEACHER_SEED, batch_size=64, lr=2e-3
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"teacher step {step}/{steps} | loss {loss.item():.4f}", flush=True)
+        if (step + 1) % 100 == 0 or step + 1 == steps:  # steps done, as train.py counts them
+            print(f"teacher step {step + 1}/{steps} | loss {loss.item():.4f}", flush=True)
     torch.set_num_threads(threads)
     return teacher.eval().requires_grad_(False), heads
 

@@ -958,9 +958,26 @@ def resolve_resume(resume, out):
         raise SystemExit(f"error: --resume {ckpt}: a checkpoint resumes from <run>/checkpoints/step_N, beside its "
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
                          f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
+    run = run_of(ckpt)
+    if (out is None or os.path.abspath(out) == os.path.abspath(run)) and (holder := lock_holder(run)):
+        raise SystemExit(busy(run, holder))  # now, not a checkpoint it prunes meanwhile read as missing
     with exit_on("--resume"):
         verify_checkpoint(ckpt)
     return ckpt
+
+
+def lock_holder(run):
+    """Who holds <run>/.lock ('host H pid P'): a train.py training the run; None when no one does."""
+    with contextlib.suppress(OSError), open(os.path.join(run, ".lock")) as f:  # none, or no flock: claimed later
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared, let go as the file closes
+        except BlockingIOError:
+            return f.read().strip() or "?"
+    return None
+
+
+def busy(out, holder):
+    return f"error: --out {out}: another train.py ({holder}) is training this run; let it end or stop it, then --resume"
 
 
 def check_resume_flags(args, ckpt):
@@ -1025,10 +1042,10 @@ def late_phases(args, loader):
 
 def resume_changes(args, stage):
     """The RESUMABLE flags this resume sets otherwise than `stage` (the args of the stage that trained the checkpoint:
-    a second phase, or flags left off the command line: the log says so) -> a note, or None. Not the budget: raised
-    to go on, it cannot be passed as it was (check_budget)."""
-    changed = flag_changes(stage, args, RESUMABLE - {"out", "resume", "max_steps", "max_time"}, get_parser())
-    return f"flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): " \
+    a second phase, a raised budget, or flags left off the command line, which take their defaults: the log says
+    so) -> a note, or None."""
+    changed = flag_changes(stage, args, RESUMABLE - {"out", "resume"}, get_parser())
+    return f"flags set otherwise than the checkpoint's stage (a flag left out takes its default): " \
            f"{'; '.join(changed)}" if changed else None
 
 
@@ -1047,15 +1064,17 @@ def split_metrics(path, step):
     return kept, later
 
 
-def set_aside_newer(ckpt):
+def set_aside_newer(ckpt, args):
     """A resume's abandoned history (later checkpoints and pruned ones' evaluations, resume configs from its step on,
     later grids and eval.json, metrics.jsonl's later lines: copied, RunLog cuts them) -> checkpoints/abandoned-<time>/,
     where nothing takes it as the latest (model.stage_config) or overwrites it. Before the resume's config is written.
     -> a note, or None."""
     run, step = run_of(ckpt), step_of(ckpt)
     newer = [c for c in list_checkpoints(run) if step_of(c) > step]
-    newer += [os.path.join(run, name) for name, s in resume_configs(run) if s >= step]
-    if not newer:  # a resume from the latest checkpoint: what a killed run wrote after it, this one rewrites alike
+    newer += [os.path.join(run, name) for name, s in resume_configs(run)
+              if s > step or s == step and (newer or not same_flags(os.path.join(run, name), args))]
+    if not newer:  # a resume from the latest checkpoint (again, as it was): what a killed run wrote after it, this one
+        # rewrites alike
         return None
     newer += [os.path.join(run, "checkpoints", name) for name in sorted(os.listdir(os.path.join(run, "checkpoints")))
               if (m := re.fullmatch(r"step_(\d+)\.evals.*", name)) and int(m[1]) > step]  # prune_checkpoint's
@@ -1073,6 +1092,14 @@ def set_aside_newer(ckpt):
         os.rename(c, os.path.join(aside, os.path.basename(c)))
     moved = [os.path.basename(c) for c in newer] + [f"metrics.jsonl's {len(later)} later lines"] * bool(later)
     return f"moved {', '.join(moved)} (a history after step {step}) to {aside}"
+
+
+def same_flags(config, args):
+    """Whether a run's config file holds these flags (a resume killed, then made again as it was)."""
+    try:
+        return read_config(config)["args"] == json.loads(json.dumps(vars(args)))
+    except (OSError, ValueError):  # unreadable: another history, kept aside
+        return False
 
 
 def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
@@ -1130,36 +1157,62 @@ def devices(device):
     return {**host, "cpu": cpu, "cpu_flags": units, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
+@contextlib.contextmanager
+def writing_in(out):
+    """The run folder's writes but checkpoints' (save_checkpoint): one that fails (a full disk, a read-only folder)
+    stops the run with one line naming the last good checkpoint, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"error: writing in {out} failed ({e.strerror or e}); make room, or make it writable, then: "
+                         f"{where_to_resume(out)}") from None
+
+
 class RunLog:
-    """Rank 0's console, log.txt and metrics.jsonl; other ranks stay silent."""
+    """Rank 0's console, log.txt and metrics.jsonl; other ranks stay silent. `with log:` writes into log.txt too why
+    the run stopped (a signal, an error) as it passes."""
 
     def __init__(self, out, master, config, start_step, resumed):
-        self.master, self.metrics_path, self.config = master, os.path.join(out, "metrics.jsonl"), config
+        self.master, self.out, self.config = master, out, config
+        self.metrics_path = os.path.join(out, "metrics.jsonl")
         if not master:
             return
         config_path = os.path.join(out, f"config.resume-{start_step}.json" if resumed else "config.json")
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
-        self.file = open(os.path.join(out, "log.txt"), "a")
-        if not resumed:
-            here = os.path.dirname(os.path.abspath(__file__))
-            for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
-                with open(os.path.join(here, name)) as f:
-                    self.file.write(f"=== {name}\n{f.read()}\n")
-        self.file.write(f"=== {os.path.basename(config_path)}\n" + json.dumps(config, indent=2) + "\n")
-        if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
-            kept = split_metrics(self.metrics_path, start_step)[0]
-            write_whole(self.metrics_path, lambda f: f.write("".join(kept).encode()))
+        with writing_in(out):
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2)
+            self.file = open(os.path.join(out, "log.txt"), "a")
+            if not resumed:
+                here = os.path.dirname(os.path.abspath(__file__))
+                for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
+                    with open(os.path.join(here, name)) as f:
+                        self.file.write(f"=== {name}\n{f.read()}\n")
+            self.file.write(f"=== {os.path.basename(config_path)}\n" + json.dumps(config, indent=2) + "\n")
+            if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
+                kept = split_metrics(self.metrics_path, start_step)[0]
+                write_whole(self.metrics_path, lambda f: f.write("".join(kept).encode()))
 
     def __call__(self, text, record=None):
         if not self.master:
             return
         print(text, flush=True)
-        self.file.write(text + "\n")
-        self.file.flush()
-        if record is not None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with writing_in(self.out):
+            self.file.write(text + "\n")
+            self.file.flush()
+            if record is not None:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        why = error.code if isinstance(error, SystemExit) else "stopped (Ctrl-C)" * (kind is KeyboardInterrupt) or \
+            (error and f"{kind.__name__}: {error}")
+        if self.master and isinstance(why, str) and why.strip():
+            with contextlib.suppress(OSError):  # a full disk: the console has said it
+                self.file.write(why.strip() + "\n")
+                self.file.flush()
 
 
 def run_folder(args):
@@ -1211,20 +1264,21 @@ def claim_run_folder(out, new):
                 raise SystemExit(f"error: --out {out}: another train.py has made this folder since this one "
                                  f"started; choose another --out")
             out = f"{base}-{k}"
-    lock = open(os.path.join(out, ".lock"), "a+")
+    with writing_in(out):
+        lock = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
-        raise SystemExit(f"error: --out {out}: another train.py ({holder}) is training this run; let it end or stop "
-                         f"it, then --resume")
+        raise SystemExit(busy(out, holder))
     except OSError as e:  # a file system without flock (NFSv3 without lockd, Lustre without -o flock)
         print(f"warning: {out}: no lock ({e}): a second train.py on this run would not be refused", flush=True)
-    lock.truncate(0)
-    lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-    lock.flush()
+    with writing_in(out):
+        lock.truncate(0)
+        lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+        lock.flush()
     checkpoints = os.path.join(out, "checkpoints")
     for name in os.listdir(checkpoints) if os.path.isdir(checkpoints) else []:
         if re.fullmatch(r"step_\d+\.tmp", name):
@@ -1253,7 +1307,7 @@ def claim_on_rank_0(out, new, master, world):
 def where_to_resume(run):
     """For messages: the run's newest whole checkpoint and how to continue from it, or that it has none."""
     found = list_checkpoints(run)
-    return f"the last checkpoint is {found[-1]}: continue with --resume --out {run}" if found else \
+    return f"the last checkpoint is {found[-1]}: continue with the run's flags and --resume --out {run}" if found else \
         f"no checkpoint was written: delete {run} (or choose another --out) and start again"
 
 
@@ -1372,7 +1426,7 @@ def main(argv=None):
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     if not existing:
         lock, out = claim_on_rank_0(out, True, master, world)
-    moved = set_aside_newer(ckpt) if same_run and master else None  # before this resume's config is written
+    moved = set_aside_newer(ckpt, args) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
         if line:
@@ -1382,63 +1436,69 @@ def main(argv=None):
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
     handlers = stop_on_signals(lambda: where_to_resume(out), master)  # Ctrl-C, SIGTERM
+    with log:  # why the run stops, in log.txt too
+        if args.compile:  # also on resume: the first steps would compile on the clock
+            breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
+            log(f"compile warm-up done (5 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 
-    if args.compile:  # also on resume: the first steps would compile on the clock
-        breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-        log(f"compile warm-up done (5 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
+        # the loop: occasional work first (evaluation, checkpoint), then the one training step
+        raw_model.train()
+        step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
+        max_time = args.max_time * 60 if args.max_time else math.inf
+        eval_times = [60 * m for m in args.eval_minutes if 60 * m > train_time]
+        step_log = StepLog(args, cfg, loader, world, device, train_time, log)
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device
+        while True:
+            if teacher is not None and args.repa_stop and step >= args.repa_stop:
+                teacher = trainee.repa_proj = None
+                opt.pop()  # the projector's AdamW, the last optimizer (build_optimizers)
+                model = wrap_ddp(trainee, world, device)  # anew: DDP's reducer would wait for the projector's gradients
+                log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
+            last = step >= args.max_steps or train_time >= max_time
+            timed_eval = bool(eval_times) and train_time >= eval_times[0]
+            eval_times = [t for t in eval_times if t > train_time]
+            # the budget spent: its checkpoint before the final evaluation, which a stop may cut short
+            saved = last and step > start_step
+            if saved:
+                save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
+            periodic = args.eval_every and step % args.eval_every == 0 and step > start_step
+            if run_eval and (last or timed_eval or periodic):
+                last = evaluate_and_log(args, run_eval, ema if ema is not None else raw_model, raw_model, step,
+                                        train_time, last, out, master, log)
+            if (last or step % args.ckpt_every == 0) and step > start_step and not saved:
+                save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
+            if last:
+                if train_time >= max_time:  # (--max-steps shows in the step line, --target in its own line)
+                    log(f"--max-time {args.max_time:g}: the training time is spent at step {step}: stopping")
+                break
 
-    # the loop: occasional work first (evaluation, checkpoint), then the one training step
-    raw_model.train()
-    step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
-    max_time = args.max_time * 60 if args.max_time else math.inf
-    eval_times = [60 * m for m in args.eval_minutes if 60 * m > train_time]
-    step_log = StepLog(args, cfg, loader, world, device, train_time, log)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device
-    while True:
-        if teacher is not None and args.repa_stop and step >= args.repa_stop:
-            teacher = trainee.repa_proj = None
-            opt.pop()  # the projector's AdamW, the last optimizer (build_optimizers)
-            model = wrap_ddp(trainee, world, device)  # anew: DDP's reducer would wait for the projector's gradients
-            log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
-        last = step >= args.max_steps or train_time >= max_time
-        timed_eval = bool(eval_times) and train_time >= eval_times[0]
-        eval_times = [t for t in eval_times if t > train_time]
-        if run_eval and (last or timed_eval or (args.eval_every and step % args.eval_every == 0 and step > start_step)):
-            last = evaluate_and_log(args, run_eval, ema if ema is not None else raw_model, raw_model, step,
-                                    train_time, last, out, master, log)
-        if (last or step % args.ckpt_every == 0) and step > start_step:
-            save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
-        if last:
-            if train_time >= max_time:  # (--max-steps shows in the step line, --target in its own line)
-                log(f"--max-time {args.max_time:g}: the training time is spent at step {step}: stopping")
-            break
+            sync()
+            t0, graphs = time.perf_counter(), compiled_graphs(args)
+            lr = learning_rate(args, step, train_time)
+            loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank,
+                                                                 world)
+            step_log.add(data_s, opt_s, txt_len)
+            if ema is not None and (step + 1) % args.ema_every == 0:
+                ema_update(ema, raw_model, args.ema)
+            finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)  # an infinite norm clips every update to 0
+            step += 1
+            sync()
+            train_time += time.perf_counter() - t0
+            # every rank must agree on when the time budget ends and when a timed evaluation (a collective) starts: a
+            # sync, only then
+            if world > 1 and (args.max_time or args.eval_minutes):
+                budget = torch.tensor([train_time], dtype=torch.float64, device=device)
+                dist.broadcast(budget, 0)
+                train_time = budget.item()
+            if compiled_graphs(args) > graphs:  # an input the compile warm-up did not see
+                log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
 
-        sync()
-        t0, graphs = time.perf_counter(), compiled_graphs(args)
-        lr = learning_rate(args, step, train_time)
-        loss, grad_norm, txt_len, data_s, opt_s = train_step(args, step, lr, model, opt, loader, teacher, rank, world)
-        step_log.add(data_s, opt_s, txt_len)
-        if ema is not None and (step + 1) % args.ema_every == 0:
-            ema_update(ema, raw_model, args.ema)
-        finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)  # an infinite norm clips every update to 0
-        step += 1
-        sync()
-        train_time += time.perf_counter() - t0
-        # every rank must agree on when the time budget ends and when a timed evaluation (a collective) starts: a
-        # sync, only then
-        if world > 1 and (args.max_time or args.eval_minutes):
-            budget = torch.tensor([train_time], dtype=torch.float64, device=device)
-            dist.broadcast(budget, 0)
-            train_time = budget.item()
-        if compiled_graphs(args) > graphs:  # an input the compile warm-up did not see
-            log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
-
-        if step % args.log_every == 0 or step == args.max_steps or train_time >= max_time:
-            loss_value, norm = loss.item(), grad_norm.item()  # waits for the device: only on log steps
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                raise SystemExit(f"error: loss {loss_value}, grad_norm {norm} at step {step}: not finite; stopping: "
-                                 f"{where_to_resume(out)} (lower --lr or raise --warmup)")
-            step_log(step, loss_value, norm, lr, train_time, max_time)
+            if step % args.log_every == 0 or step == args.max_steps or train_time >= max_time:
+                loss_value, norm = loss.item(), grad_norm.item()  # waits for the device: only on log steps
+                if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                    raise SystemExit(f"error: loss {loss_value}, grad_norm {norm} at step {step}: not finite; "
+                                     f"stopping: {where_to_resume(out)} (lower --lr or raise --warmup)")
+                step_log(step, loss_value, norm, lr, train_time, max_time)
 
     for sig, handler in handlers.items():
         signal.signal(sig, handler)

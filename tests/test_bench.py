@@ -422,7 +422,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     assert runs["record"][:len(runs["baseline"])] == runs["baseline"] and runs["record"][-8:-4] == record
     train = f"train.py {' '.join(record)}, 2 steps of batch 2 (cpu, fp32)"
     assert figures(f"{train}, data loading included") == (3.0, 1.0, 3.0)
-    assert figures(f"{train}, MFU (useful FLOPs)") == (2.0, 1.0, 2.0)
+    assert figures(f"{train}, MFU (train.py's: text as trimmed)") == (2.0, 1.0, 2.0)
     assert figures(step) == (1000.0, 4000.0, 0.25)
     assert figures("optimizer step, Muon + AdamW") == (1000.0, 4000.0, 0.25) and clock.ran["Muon"] == {("muon", None)}
     assert figures("ShardLoader, synthetic shards") == (4.0, 2.0, 2.0)  # 2 samples in 0.5 s; a 1 s step of 2
@@ -442,7 +442,8 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     (["model", "--compile", "--warmup", "0"], "the first call compiles; pass --warmup 1 or more"),
     (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
     (["loader", "/nonexistent", "--samples", "20"], "--batch 32 is more than the 20 samples"),
-    (["techniques", "--only=--compile", "--only=--tred"], "--only '--tred': --tred is not a flag: did you mean --tread?"),
+    (["techniques", "--only=--compile", "--only=--tred"], "--only '--tred': --tred is not a flag: did you mean "
+                                                          "--tread?"),
     (["techniques", "--only=--tread --sprint"], "--only '--tread --sprint': --tread and --sprint are exclusive")])
 def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):

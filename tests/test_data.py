@@ -582,6 +582,38 @@ def write_hand_written(root, train_count, eval_count, res=16):
     prepare.write_index(root, {})
 
 
+def test_a_damaged_row_is_named_with_its_shard(prepared, tmp_path):
+    """Offsets that do not index their array are found at open; a caption that is not UTF-8 text or a latent that is
+    not finite when its batch is read, by shard and row (one line through errors_of_rank_0_first), not a traceback
+    from the decoder or a non-finite loss that blames --lr."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0] / "out", out)
+    shard = first_shard(out)
+    offsets = shard / "caption_long_offsets.npy"
+    good = np.load(offsets)
+    for bad in (good[::-1], np.concatenate([good[:-1], [good[-1] - 1]])):  # falling; short of the array's length
+        np.save(offsets, bad)
+        with pytest.raises(ValueError, match=f"{shard}: caption_long_offsets.npy does not index the {good[-1]} values "
+                                             f"of caption_long.npy .* damaged: delete {out}"):
+            data.PreparedDataset(out)
+    np.save(offsets, good)
+    n = len(data.PreparedDataset(out))  # a batch of every sample: row 0 of the shard among them
+    for name, damage in (("caption_long", lambda a: a.__setitem__(0, 0xFF)),  # not UTF-8 in row 0
+                         ("latent", lambda a: a.__setitem__((0, 0, 0, 0), 0x7FC0))):  # bf16 NaN in row 0
+        path = shard / f"{name}.npy"
+        whole = path.read_bytes()
+        array = np.load(path)
+        damage(array)
+        np.save(path, array)
+        loader = data.ShardLoader(str(out), n, captions="long")
+        with pytest.raises(data.DamagedShard, match=f"{shard}: row 0 of {name}.npy is not"):
+            next(loader)
+        loader.worker.shutdown(wait=True)
+        path.write_bytes(whole)
+    with pytest.raises(SystemExit, match="^error: a shard: row 3"), data.errors_of_rank_0_first():
+        raise data.DamagedShard("a shard: row 3")
+
+
 def test_a_shard_that_kept_no_sample_is_no_damaged_shard(tmp_path):
     write_hand_written(tmp_path / "a", 2, 3)
     assert len(data.PreparedDataset(tmp_path / "a")) == 2

@@ -694,6 +694,7 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy", "object_accuracy"}
     assert result["ref_images"] is None
+    assert (tmp_path / result["grid"]).parent == ckpt and (tmp_path / result["grid"]).exists()  # from the JSON's folder
     ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[2:], "--out", str(tmp_path / "r.json")])
     assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
@@ -776,23 +777,28 @@ def test_an_unwritable_output_is_refused_before_sampling(tmp_path, monkeypatch):
 
 
 def test_two_evaluations_of_one_checkpoint_take_two_files(tmp_path):
-    """write_new claims its name while it writes: another evaluation of the same checkpoint meanwhile (here: inside
-    the first's write) takes eval_1.json, a later one eval_2.json; a write that fails gives its name back."""
+    """write_new takes its name once the result is whole: another evaluation of the same checkpoint ending meanwhile
+    (here: inside the first's write) takes eval.json, the first eval_1.json, a later one eval_2.json; a write that
+    fails (a kill) leaves nothing, not an empty eval.json."""
     inner = []
 
     def write(text):
         return lambda path: open(path, "w").write(text)
 
     def first_then_another(path):
-        inner.append(ev.write_new(tmp_path, "eval.json", write("second")))
         write("first")(path)
-    assert ev.write_new(tmp_path, "eval.json", first_then_another) == str(tmp_path / "eval.json")
-    assert inner == [str(tmp_path / "eval_1.json")]
+        inner.append(ev.write_new(tmp_path, "eval.json", write("second")))
+    assert ev.write_new(tmp_path, "eval.json", first_then_another) == str(tmp_path / "eval_1.json")
+    assert inner == [str(tmp_path / "eval.json")]
+
+    def killed(path):
+        open(path, "w").write("{")
+        raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        ev.write_new(tmp_path, "eval.json", lambda path: exec("raise KeyboardInterrupt"))
+        ev.write_new(tmp_path, "eval.json", killed)
     assert ev.write_new(tmp_path, "eval.json", write("third")) == str(tmp_path / "eval_2.json")
     assert [(tmp_path / f).read_text() for f in ("eval.json", "eval_1.json", "eval_2.json")] == \
-        ["first", "second", "third"] and len(os.listdir(tmp_path)) == 3
+        ["second", "first", "third"] and len(os.listdir(tmp_path)) == 3
     out = tmp_path / "mine.json"  # --out, checked free at start, then written by another process during the evaluation
     out.write_text("another's")
     assert ev.write_new(None, None, write("mine"), str(out)) == str(tmp_path / "mine_1.json")
@@ -875,7 +881,8 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     assert Image.open(ckpt / "prompts.png").width > 96  # the 96 px image and its caption beside it
     assert Image.open(ckpt / "prompts.png").tobytes() != Image.open(ckpt / "prompts_1.png").tobytes()
     grids = []
-    monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append((images, captions, path)))
+    monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append((images, captions, path)) or
+                        open(path, "w").close())
     ev.main(["sample", "--ckpt", str(ckpt), "--batch-size", "2", "--seed", "7", "--steps", "3",
              *[word for p in prompts for word in ("--prompt", p)], "--out", str(tmp_path / "p.png")])
     images, captions, path = grids[0]
@@ -884,7 +891,7 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
                          shift=1.0, pred="x")  # the run's sampling, --steps over it
     # batches of 2 here, of 3 there: the float sums differ in their last bits, a pixel by at most one level
     assert (images.int() - ev.to_uint8(expected).int()).abs().max() <= 1
-    assert captions == prompts and path == str(tmp_path / "p.png")
+    assert captions == prompts and os.path.splitext(path)[1] == ".png" and (tmp_path / "p.png").exists()
     for argv, message in ((["--prompt", "a zebra"], "--prompt (the text encoder of --data builtin): words ['zebra']"),
                           ([], 'sample needs at least one --prompt "a caption"'),
                           (["--prompt", "a", "--data", str(ckpt)], "index.json not found: prepare it first"),
@@ -918,7 +925,7 @@ def test_cli_sample_encodes_prompts_with_the_prepared_datas_t5gemma(prepared, tm
     real_sample = ev.sample
     monkeypatch.setattr(ev, "sample", lambda model, txt, mask, *args, **kwargs: texts.append(txt[mask]) or
                         real_sample(model, txt, mask, *args, **kwargs))
-    monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append(images))
+    monkeypatch.setattr(ev, "save_grid", lambda images, captions, path: grids.append(images) or open(path, "w").close())
     ev.main(["sample", "--ckpt", str(ckpt), "--prompt", prompt])
     # the caption's tokens as prepare.py stored them for training (bf16)
     torch.testing.assert_close(texts[0].to(torch.bfloat16), stored.view(torch.bfloat16).view(-1, 32))
@@ -1016,6 +1023,8 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
                           (["--ckpt", str(tmp_path / "nowhere")], f"--ckpt {tmp_path / 'nowhere'}: no such folder$"),
                           (["--ckpt", str(tmp_path)], f"--ckpt {tmp_path}: not a run folder \\(with config.json\\) "
                                                       f"nor a checkpoint"),
+                          (["--ckpt", str(ckpt), "--out", str(tmp_path / "e.png")], "the evaluation writes JSON: "
+                                                                                     "end the name in .json"),
                           (["--ckpt", str(ckpt), "--out", str(tmp_path / "mine.json")], "mine.json exists; write "
                                                                                            "another file"),
                           (["sample", "--ckpt", str(ckpt), "--prompt", "a", "--out", str(tmp_path / "mine.json")],
@@ -1031,6 +1040,8 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
             with pytest.raises(SystemExit, match=message):
                 ev.main(argv)
     assert (tmp_path / "mine.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match=f"^error: --ref {tmp_path}/none.npz: no such reference"):
+        ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "none.npz")])  # before any sampling
     weights = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(SystemExit, match="model.safetensors is corrupt"):

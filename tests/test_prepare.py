@@ -521,8 +521,9 @@ def test_a_misspelt_field_is_refused_before_the_encoders_load(prepared, tmp_path
     root, _ = prepared
     monkeypatch.setattr(prepare.T5GemmaTextEncoder, "from_pretrained", lambda *a: pytest.fail("encoders loaded"))
     for source, flags, message in [
-            (root / "images", ["--captions", "long=txt,short=shrot"], "--captions: no field 'shrot' in .*'short'"),
-            (root / "pq", ["--image-field", "img"], "--image-field: no field 'img' in .*'image'")]:  # its columns
+            (root / "images", ["--captions", "long=txt,short=shrot"], r"--captions: no field 'shrot' in .*'short'.*: "
+                                                                      r"name one of those \(--captions long=FIELD"),
+            (root / "pq", ["--image-field", "img"], "--image-field: no field 'img' in .*'image'.*: name one of those$")]:
         with pytest.raises(SystemExit, match="^error: " + message):
             prepare.main(prepare_argv(tmp_path / "out", source, root / "models", *flags))
         assert not (tmp_path / "out").exists()  # no folder, no prepare.json of settings that never ran

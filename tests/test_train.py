@@ -622,7 +622,43 @@ def test_ctrl_c_or_sigterm_says_where_to_resume(finished_run, master, sig, name)
         for s, handler in previous.items():
             signal.signal(s, handler)
     assert stopped.value.code == (f"\nstopped ({name}); the last checkpoint is {finished_run}/checkpoints/step_4: "
-                                  f"continue with --resume --out {finished_run}" if master else 128 + sig)
+                                  f"continue with the run's flags and --resume --out {finished_run}" if master
+                                  else 128 + sig)
+
+
+def test_a_full_disk_while_logging_stops_naming_the_last_checkpoint_and_log_txt_says_why(finished_run, tmp_path):
+    """Not only the checkpoint's write: log.txt's and metrics.jsonl's too stop the run with one line (no traceback),
+    naming the checkpoint to continue from; and a run that stops writes why into log.txt, not only on the console."""
+    out = copy_run(finished_run, tmp_path)
+    log = train.RunLog(str(out), True, {"args": {}}, 4, resumed=True)
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    log.file, kept = FullDisk(), log.file
+    with pytest.raises(SystemExit) as stopped:
+        log("step 5/8 | loss 0.5")
+    assert stopped.value.code == (f"error: writing in {out} failed (No space left on device); make room, or make it "
+                                  f"writable, then: the last checkpoint is {out}/checkpoints/step_4: continue with "
+                                  f"the run's flags and --resume --out {out}")
+    log.file = kept
+    with pytest.raises(SystemExit), log:
+        raise SystemExit("\nstopped (SIGTERM); the last checkpoint is ...")
+    with pytest.raises(KeyboardInterrupt), log:
+        raise KeyboardInterrupt
+    assert (out / "log.txt").read_text().endswith("\nstopped (SIGTERM); the last checkpoint is ...\nstopped (Ctrl-C)\n")
+
+
+def test_a_stop_during_the_final_evaluation_keeps_the_finished_training(tmp_path, monkeypatch):
+    """The budget spent, the last checkpoint is written before the final evaluation (minutes of sampling, FID): a
+    Ctrl-C there loses no training step."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(SMALL + ["--max-steps", "3", "--ckpt-every", "100", "--eval-samples", "4", "--out", str(out)])
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"]
 
 
 @pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
@@ -670,8 +706,8 @@ def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "stop_on_signals", lambda *a: installed.append(a) or install(*a))
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
     assert [(message(), master) for message, master in installed] == [
-        (f"the last checkpoint is {list_checkpoints(tmp_path / 'r')[-1]}: continue with --resume --out "
-         f"{tmp_path / 'r'}", True)]
+        (f"the last checkpoint is {list_checkpoints(tmp_path / 'r')[-1]}: continue with the run's flags and "
+         f"--resume --out {tmp_path / 'r'}", True)]
     assert signal.getsignal(signal.SIGINT) is handler  # put back
     assert signal.getsignal(signal.SIGTERM) is term
     assert (tmp_path / "r" / ".lock").read_text().endswith(f" pid {os.getpid()}\n")  # the new folder's lock
@@ -756,7 +792,7 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     lines = [json.dumps({"step": step}) + "\n" for step in (500, 1000, 1500)]
     (run / "metrics.jsonl").write_text("".join(lines))
     (run / "eval.json").write_text(json.dumps({"step": 1500}))
-    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"), argparse.Namespace())
     aside = next((run / "checkpoints").glob("abandoned-*"))
     assert moved == f"moved step_1000, step_1500, config.resume-1000.json, samples_1000.png, eval.json, " \
                     f"metrics.jsonl's 2 later lines (a history after step 500) to {aside}"
@@ -767,18 +803,32 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     for step in (500, 1000):
         os.makedirs(other / "checkpoints" / f"step_{step}")
     (other / "eval.json").write_text(json.dumps({"step": 500}))
-    assert train.set_aside_newer(str(other / "checkpoints" / "step_500")).startswith("moved step_1000 (a history")
+    assert train.set_aside_newer(str(other / "checkpoints" / "step_500"), argparse.Namespace()).startswith(
+        "moved step_1000 (a history")
     assert (other / "eval.json").exists()
     (run / "config.resume-500.json").write_text("resume-500")
     os.makedirs(run / "checkpoints" / "step_1500")
     os.utime(run / "config.json", (2e9, 2e9))  # the first run's config now looks the most recent
     assert stage_config(run, run / "checkpoints" / "step_1500") == str(run / "config.resume-500.json")
     assert stage_config(run, run / "checkpoints" / "step_500") == str(run / "config.json")
-    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500")) is None
+    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500"), argparse.Namespace()) is None
     # from step 500 once more: the resume made there is history too (the new one writes its own resume-500)
-    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"))
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"), argparse.Namespace())
     assert moved.startswith("moved step_1500, config.resume-500.json, metrics.jsonl's 2 later lines (a history after "
                             "step 500)")  # the lines: RunLog cuts them from the run's file
+
+
+def test_a_resume_killed_and_made_again_alike_from_the_latest_checkpoint_sets_nothing_aside(tmp_path):
+    """Preempted again and again at the same latest checkpoint: the same flags' resume config (and the lines after
+    it) are rewritten alike, no abandoned-* folder each time; with other flags, the earlier resume is history."""
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints" / "step_10")
+    flags = argparse.Namespace(lr=1e-3, data="builtin")
+    (run / "config.resume-10.json").write_text(json.dumps({"args": vars(flags), "model": {}, "sampling": {}}))
+    assert train.set_aside_newer(str(run / "checkpoints" / "step_10"), flags) is None
+    assert not list((run / "checkpoints").glob("abandoned-*"))
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_10"), argparse.Namespace(lr=2e-3, data="builtin"))
+    assert moved.startswith("moved config.resume-10.json (a history after step 10)")
 
 
 def test_a_resume_continues_its_own_run_whatever_the_spelling_of_out(finished_run, tmp_path):
@@ -937,7 +987,7 @@ def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path, monkeyp
     assert sorted(os.listdir(ckpts)) == ["step_2.evals", "step_8"]  # step_4 and step_6 held only their own files
     (ckpts / "step_9.evals").mkdir()  # a later step's, from a history that a resume from step 8 abandons
     (out / "config.resume-8.json").write_text("{}")
-    train.set_aside_newer(str(ckpts / "step_8"))
+    train.set_aside_newer(str(ckpts / "step_8"), argparse.Namespace())
     aside = next(ckpts.glob("abandoned-*"))
     assert sorted(os.listdir(aside)) == ["config.resume-8.json", "step_9.evals"]
     assert (ckpts / "step_2.evals" / "eval.json").read_text() == '{"step": 2}'
@@ -1014,7 +1064,7 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
                         str(out / "checkpoints" / "step_2"), "--compile"])
     console = capsys.readouterr().out
     assert "compile warm-up done (5 untimed steps, state restored)" in console
-    assert "flags set otherwise than the checkpoint's stage (pass its values to continue it as it was): --compile " \
+    assert "flags set otherwise than the checkpoint's stage (a flag left out takes its default): --compile " \
         "False -> True\n" in console  # only what differs from the run's flags
     resumed, uninterrupted = losses(out), losses(finished_run)
     assert sorted(resumed) == [1, 2, 3, 4] and resumed == pytest.approx(uninterrupted, rel=1e-6)
@@ -1880,10 +1930,10 @@ def test_the_resume_note_lists_what_differs_from_the_checkpoints_stage():
     stage = {**json.loads(json.dumps(vars(args))), "data": "d/mj"}  # the stage's args, as its config stores them
     args.data = "./d/mj/"  # the same dataset, spelt otherwise: not a change
     assert train.resume_changes(args, stage) is None
-    args.max_steps, args.max_time = 8, 10.0  # a budget raised to go on: no note
-    assert train.resume_changes(args, stage) is None
-    args.lr, args.data = 1e-3, "d/mj:0.5,d/cc:0.5"
-    assert train.resume_changes(args, stage).endswith("--data d/mj -> d/mj:0.5,d/cc:0.5; --lr 0.002 -> 0.001")
+    args.lr, args.data, args.max_steps = 1e-3, "d/mj:0.5,d/cc:0.5", 100_000  # the budget: left out after a kill?
+    stage["max_steps"] = 30
+    assert train.resume_changes(args, stage).endswith("--data d/mj -> d/mj:0.5,d/cc:0.5; --lr 0.002 -> 0.001; "
+                                                      "--max-steps 30 -> 100000")
 
 
 def test_a_resume_reads_its_stage_config_once(finished_run, tmp_path, monkeypatch):
@@ -1898,7 +1948,7 @@ def test_a_resume_reads_its_stage_config_once(finished_run, tmp_path, monkeypatc
                             open(path, *a, **kw), raising=False)
     train.main(SMALL + ["--out", str(out), "--max-steps", "5", "--resume"])  # from step_4, trained by resume-2
     assert opened.count("config.resume-2.json") == 1
-    assert re.search(r"flags set otherwise than the checkpoint's stage .*; --lr 0\.001 -> 0\.002\n",
+    assert re.search(r"flags set otherwise than the checkpoint's stage .*; --lr 0\.001 -> 0\.002; --max-steps",
                      (out / "log.txt").read_text())
 
 
@@ -1960,6 +2010,23 @@ def test_the_lock_names_only_the_process_that_holds_it(tmp_path):
             train.claim_run_folder(str(out), False)
     finally:
         lock.close()
+
+
+def test_a_resume_of_a_run_being_trained_is_refused_before_its_checkpoints_are_read(finished_run, tmp_path):
+    """The live run prunes its checkpoints: a second train.py --resume on it is told another one trains it, not that
+    the checkpoint it was reading went missing; a branch (--out NEW) reads the checkpoint as it is."""
+    out = copy_run(finished_run, tmp_path)
+    lock, _ = train.claim_run_folder(str(out), False)
+    try:
+        (out / "checkpoints" / "step_4" / "trainer.pt").unlink()  # pruned meanwhile
+        holder = f"host {socket.gethostname()} pid {os.getpid()}"
+        with pytest.raises(SystemExit, match=re.escape(f"--out {out}: another train.py ({holder}) is training")):
+            train.resolve_resume("latest", str(out))
+        with pytest.raises(SystemExit, match="step_4/trainer.pt is missing"):
+            train.resolve_resume(str(out), str(tmp_path / "branch"))
+    finally:
+        lock.close()
+    assert train.lock_holder(str(out)) is None
 
 
 def test_a_prune_keeps_the_evaluations_of_an_earlier_life_of_the_step(tmp_path):
