@@ -1,8 +1,9 @@
 """
 The leaderboard: one table per track, fastest first, from the record folders whose README has a results block
 (records/RULES.md) and which records/verify.py accepts, each below the records before it (rule 3), a record timed
-beside the one it replaces on that one's clock, the calibration the track's target comes from as its baseline. Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-- /leaderboard -->` in
-README.md (--write), or checks that it is current (--check).
+beside the one it replaces on that one's clock, the calibration the track's target comes from as its baseline.
+Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-- /leaderboard -->` in README.md
+(--write), or checks that it is current (--check).
 
     python records/leaderboard.py [--write | --check]
 """
