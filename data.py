@@ -373,12 +373,12 @@ def heldout_caption(captions, data):
     return "short" if captions == "short" else "long"
 
 
-def dataset_name(path):
-    """A prepared directory's name in a --data spec, which keys its position and seeds its shuffle: relative to the
-    working directory when inside it ('data/mj/', './data/mj' and its absolute path are data/mj, on any machine),
-    else absolute."""
+def dataset_key(path):
+    """What keys a prepared directory's loader position and seeds its shuffle: its path relative to the repository
+    (this file's folder) when inside it, whatever the working directory and spelling ('data/mj/', './data/mj' and its
+    absolute path are data/mj, in any clone, on any machine), else absolute."""
     absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute)
+    relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(__file__)))
     return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
@@ -398,12 +398,12 @@ def parse_data_phases(spec):
             path, colon, weight = item.strip().rpartition(":")
             if not colon or not re.fullmatch(r"[-+.\deE]+|[-+]?(nan|inf|infinity)", weight, re.I):  # a path, whole
                 path, weight = item.strip(), "1"
-            path = dataset_name(path) if path else path
+            path = os.path.normpath(path) if path else path  # 'data/mj/' and './data/mj' are data/mj
             if path == "builtin":
                 raise ValueError(f"data spec {spec!r}: builtin (the built-in shapes) is not a prepared directory and "
                                  f"takes no mixture or phases: --data builtin, with --captions for its caption mode "
                                  f"(a later phase: --resume with another --captions)")
-            if path in weights:  # 'd' and '/abs/d' too (a link: another name)
+            if os.path.abspath(path) in map(os.path.abspath, weights):  # 'd' and '/abs/d' too (a link: another name)
                 raise ValueError(f"data spec {spec!r}: {path} is named twice in one phase")
             try:
                 weights[path] = float(weight)
@@ -481,7 +481,8 @@ class ShardLoader:
     def __init__(self, data, batch_size, rank=0, world_size=1, seed=0, captions="long", device="cpu",
                  grad_accum=1, images=False):
         self.phases = parse_data_phases(data)
-        self.names = sorted({name for _, weights, _ in self.phases for name in weights})
+        self.names = sorted({name for _, weights, _ in self.phases for name in weights}, key=dataset_key)
+        self.keys = [dataset_key(name) for name in self.names]  # of the positions and shuffles: spelling aside
         self.datasets = [PreparedDataset(name) for name in self.names]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device, self.grad_accum = torch.device(device), grad_accum
@@ -516,7 +517,7 @@ class ShardLoader:
         datasets the state has no position in (a later phase's, or one named otherwise), which start afresh. A
         dataset of another size than the state's (prepared again since) is refused: its permutation, and so the
         samples to come, would differ (its position could even lie past its end)."""
-        sizes = {name: len(ds) for name, ds in zip(self.names, self.datasets)}
+        sizes = {key: len(ds) for key, ds in zip(self.keys, self.datasets)}
         for name, (_, position) in state["cursors"].items():
             then = state.get("sizes", {}).get(name)  # states written before the sizes were kept: the position only
             if name in sizes and (then is not None and then != sizes[name] or position > sizes[name]):
@@ -525,7 +526,7 @@ class ShardLoader:
                                  f"dataset the run read, or name this one by another path (a new dataset starts at "
                                  f"its first sample)")
         self.state = copy.deepcopy(state)
-        fresh = [name for name in self.names if name not in self.state["cursors"]]
+        fresh = [key for key in self.keys if key not in self.state["cursors"]]
         self.state["cursors"].update({name: [0, 0] for name in fresh})
         self.state["sizes"] = {**self.state.get("sizes", {}), **sizes}
         for future, _ in getattr(self, "pending", []):
@@ -535,13 +536,13 @@ class ShardLoader:
 
     def permutation(self, d, epoch):
         if self.perms.get(d, (None,))[0] != epoch:  # one cached per dataset: drawn once an epoch, not once a batch
-            rng = np.random.default_rng([self.seed, zlib.crc32(self.names[d].encode()), epoch])
+            rng = np.random.default_rng([self.seed, zlib.crc32(self.keys[d].encode()), epoch])
             self.perms[d] = epoch, rng.permutation(len(self.datasets[d]))
         return self.perms[d][1]
 
     def take(self, state, d, n):
         """The next n sample numbers of dataset d, moving to the next epoch's permutation when one is used up."""
-        out, cursor = [], state["cursors"][self.names[d]]
+        out, cursor = [], state["cursors"][self.keys[d]]
         while n:
             perm = self.permutation(d, cursor[0])
             k = min(n, len(perm) - cursor[1])

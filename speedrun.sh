@@ -246,7 +246,8 @@ for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed r
       while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
         if ! wait -n -p pid "${!running[@]}"; then  # the first failure; the trap stops the others
           console=$RUNS_DIR/${running[$pid]}.out
-          last=$(tail -n 1 "$console")  # a flag train.py refused, its traceback's last line
+          last=$(grep -E 'error|Error' "$console" | tail -n 1 || true)  # a refused flag, a traceback's last line
+          [ -n "$last" ] || last=$(tail -n 1 "$console")  # (torchrun ends its console with its own report)
           die 1 "run ${running[$pid]} failed${last:+: $last} (console: $console); the other runs are stopped"
         fi
         unset "running[$pid]"

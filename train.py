@@ -16,6 +16,7 @@ import copy
 import datetime
 import errno
 import fcntl
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -770,8 +771,11 @@ def setup_eval(args, cfg, device):
                           count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
                           images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
     shape, decode = load_decoder(cfg, data, args.resolution, device)
+    def save_run_grid(grid, images, captions):
+        with writing_in(os.path.dirname(grid)):  # the run folder's
+            save_grid(images, captions, grid)
     return lambda model, grid: evaluate(model, split, args.eval_samples, shape, decode, metrics, batch_size=64,
-                                        grid=grid and (lambda images, captions: save_grid(images, captions, grid)),
+                                        grid=grid and functools.partial(save_run_grid, grid),
                                         **sampling_settings(args))
 
 
@@ -958,8 +962,8 @@ def resolve_resume(resume, out):
         raise SystemExit(f"error: --resume {ckpt}: a checkpoint resumes from <run>/checkpoints/step_N, beside its "
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
                          f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
-    run = run_of(ckpt)
-    if (out is None or os.path.abspath(out) == os.path.abspath(run)) and (holder := lock_holder(run)):
+    run, rank_0 = run_of(ckpt), os.environ.get("RANK", "0") == "0"  # rank 0's lock, once taken, is the run's own
+    if rank_0 and (out is None or os.path.abspath(out) == os.path.abspath(run)) and (holder := lock_holder(run)):
         raise SystemExit(busy(run, holder))  # now, not a checkpoint it prunes meanwhile read as missing
     with exit_on("--resume"):
         verify_checkpoint(ckpt)
@@ -996,12 +1000,11 @@ def check_resume_flags(args, ckpt):
                          f"{'; '.join(changed)}. Pass the run's values, or start a new run with another --out")
     stage = read_config(stage_config(run_of(ckpt), ckpt))["args"]
     check_encoders(args.data, stage["data"], f"--resume {ckpt} --data")  # a new stage's data: the same encoders
-    patch = args.patch or preset_config(args.model, args.resolution).patch_size
-    if patch != config["model"]["patch_size"]:
-        raise SystemExit(f"error: --resume {ckpt} --resolution {args.resolution}: the preset {args.model} takes patch "
-                         f"{patch} at {args.resolution} px, the run's model has {config['model']['patch_size']} (the "
-                         f"pixel presets switch from 16 to 32 at 512 px): pass --patch "
-                         f"{config['model']['patch_size']}")
+    patch, had = args.patch or preset_config(args.model, args.resolution).patch_size, config["model"]["patch_size"]
+    if patch != had:
+        why = f"--patch {patch}" if args.patch else f"--resolution {args.resolution}: the preset {args.model} takes " \
+            f"patch {patch} at {args.resolution} px (the pixel presets switch from 16 to 32 at 512 px)"
+        raise SystemExit(f"error: --resume {ckpt} {why}, the run's model has {had}: pass --patch {had}")
     return stage
 
 
@@ -1385,7 +1388,8 @@ def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, la
         log(f"target {args.target[0]} {args.target[1]:g} reached at step {step}: stopping")
     if last and master:
         record = {"step": step, "train_time_s": round(train_time, 1), "data": args.eval_data or args.data, **result}
-        write_whole(os.path.join(out, "eval.json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
+        with writing_in(out):
+            write_whole(os.path.join(out, "eval.json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
     return last
 
 

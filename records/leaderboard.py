@@ -8,6 +8,7 @@ Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-
     python records/leaderboard.py [--write | --check]
 """
 import argparse
+import datetime
 import os
 import re
 import sys
@@ -56,8 +57,9 @@ def started(run):
     """When a record's first run started (config.json; logs before 2026-12-05: its commit's time), which orders the
     records of one date: rule 3 compares each with those before it."""
     commit = run["config"].get("git_commit")
-    return run["config"].get("started") or (verify.git("show", "-s", "--format=%cI", commit).stdout.strip()
+    when = run["config"].get("started") or (verify.git("show", "-s", "--format=%cI", commit).stdout.strip()
                                             if commit else "")
+    return datetime.datetime.fromisoformat(when).timestamp() if when else 0.0  # any time zone
 
 
 def same_configuration(a, b):

@@ -223,8 +223,10 @@ def test_a_resume_continues_whatever_the_spelling_of_the_path(prepared, monkeypa
         resumed = data.ShardLoader(spelling, 4, seed=1)
         assert resumed.load_state_dict(state) == [] and [next(resumed)["id"] for _ in range(3)] == expected
     other = data.ShardLoader(f"{out}@0;{out.parent / 'out_pq'}@9", 4, seed=1)
-    assert other.load_state_dict(state) == ["out_pq"]  # a new dataset starts at its first sample
-    assert data.dataset_name("../x") == str(out.parent.parent / "x")  # outside the working directory: absolute
+    assert other.load_state_dict(state) == [str(out.parent / "out_pq")]  # a new dataset starts at its first sample
+    assert data.dataset_key("../x") == str(out.parent.parent / "x")  # outside the repository: absolute
+    inside = os.path.join(os.path.dirname(os.path.abspath(data.__file__)), "data", "mj")
+    assert {data.dataset_key(inside), data.dataset_key(inside + "/")} == {os.path.join("data", "mj")}  # from anywhere
 
 
 def test_a_dataset_prepared_again_with_another_size_is_refused_on_resume(prepared):

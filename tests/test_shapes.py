@@ -149,10 +149,13 @@ def test_shapes_py_is_the_task_the_cpu_target_was_calibrated_on():
     ours = open(os.path.join(root, "shapes.py")).read()
     calibrated = verify.fingerprint(verify.TASK_PROBE, (("shapes.py", calibration),), track["resolution"])
     assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", ours),), track["resolution"]) == calibrated
-    # the checker's reading of generated-looking (blurred, noisy) images: a threshold moved is another task
-    stricter = ours.replace("MAX_COLOR_DISTANCE = 100.0", "MAX_COLOR_DISTANCE = 90.0", 1)
-    assert stricter != ours
-    assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", stricter),), track["resolution"]) != calibrated
+    # the checker's thresholds, and its reading of generated-looking (blurred, noisy) images, which clean renders do
+    # not tell apart: another task
+    for old, new in (("MAX_COLOR_DISTANCE = 100.0", "MAX_COLOR_DISTANCE = 90.0"),
+                     ("area < object_pixels / 2", "area < object_pixels / 3")):
+        changed = ours.replace(old, new, 1)
+        assert changed != ours
+        assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", changed),), track["resolution"]) != calibrated
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -818,6 +818,7 @@ open(os.path.join(out, "train.pid"), "w").write(str(os.getpid()))
 time.sleep(1 if seed else 30)
 if seed:
     print("train.py: error: --lrr is not a flag: did you mean --lr?", file=sys.stderr)
+    print("=" * 60, file=sys.stderr)  # as torchrun's report ends
 sys.exit(seed)
 """
 STUB_EVAL = """import pathlib, sys

@@ -649,6 +649,17 @@ def test_a_full_disk_while_logging_stops_naming_the_last_checkpoint_and_log_txt_
     assert (out / "log.txt").read_text().endswith("\nstopped (SIGTERM); the last checkpoint is ...\nstopped (Ctrl-C)\n")
 
 
+@pytest.mark.parametrize("fails", ["save_grid", "write_whole"])  # the evaluation's grid, its eval.json
+def test_a_full_disk_while_writing_an_evaluation_stops_naming_the_last_checkpoint(fails, tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train, fails, full_disk)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit, match=f"^error: writing in {out} failed \\(No space left on device\\); make room, "
+                                         f"or make it writable, then: the last checkpoint is {out}/checkpoints/step_2"):
+        train.main(SMALL + ["--max-steps", "2", "--eval-samples", "4", "--out", str(out)])
+
+
 def test_a_stop_during_the_final_evaluation_keeps_the_finished_training(tmp_path, monkeypatch):
     """The budget spent, the last checkpoint is written before the final evaluation (minutes of sampling, FID): a
     Ctrl-C there loses no training step."""
@@ -920,7 +931,7 @@ def test_resume_checks_the_patch_and_takes_a_newer_flags_default(finished_run, t
                                                          "--muon-ns-steps", "3"]), ckpt)
     config["model"]["patch_size"] = 8
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="takes patch 4 at 32 px, the run's model has 8"):
+    with pytest.raises(SystemExit, match=r"takes patch 4 at 32 px \(.*\), the run's model has 8: pass --patch 8"):
         train.check_resume_flags(args, ckpt)
 
 
@@ -2012,9 +2023,11 @@ def test_the_lock_names_only_the_process_that_holds_it(tmp_path):
         lock.close()
 
 
-def test_a_resume_of_a_run_being_trained_is_refused_before_its_checkpoints_are_read(finished_run, tmp_path):
+def test_a_resume_of_a_run_being_trained_is_refused_before_its_checkpoints_are_read(finished_run, tmp_path,
+                                                                                     monkeypatch):
     """The live run prunes its checkpoints: a second train.py --resume on it is told another one trains it, not that
-    the checkpoint it was reading went missing; a branch (--out NEW) reads the checkpoint as it is."""
+    the checkpoint it was reading went missing; a branch (--out NEW) reads the checkpoint as it is. Rank 0 alone
+    asks: another rank of the same launch would find the lock its own rank 0 has taken."""
     out = copy_run(finished_run, tmp_path)
     lock, _ = train.claim_run_folder(str(out), False)
     try:
@@ -2024,6 +2037,9 @@ def test_a_resume_of_a_run_being_trained_is_refused_before_its_checkpoints_are_r
             train.resolve_resume("latest", str(out))
         with pytest.raises(SystemExit, match="step_4/trainer.pt is missing"):
             train.resolve_resume(str(out), str(tmp_path / "branch"))
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(SystemExit, match="step_4/trainer.pt is missing"):
+            train.resolve_resume("latest", str(out))
     finally:
         lock.close()
     assert train.lock_holder(str(out)) is None

@@ -212,7 +212,11 @@ def test_a_resolution_stage_that_would_change_the_patch_is_refused(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"args": {**vars(args), "resolution": 256},
                                                  "model": {"patch_size": 16}, "sampling": {}}))
-    with pytest.raises(SystemExit, match="takes patch 32 at 512 px, the run's model has 16 .*: pass --patch 16$"):
+    with pytest.raises(SystemExit, match="--resolution 512: the preset small-pixel takes patch 32 at 512 px \\(the "
+                                         "pixel presets .*\\), the run's model has 16: pass --patch 16$"):
         train.check_resume_flags(args, str(run / "checkpoints" / "step_2"))
+    typed = train.get_args(["--track", "cpu", "--model", "small-pixel", "--resolution", "512", "--patch", "8"])
+    with pytest.raises(SystemExit, match="step_2 --patch 8, the run's model has 16: pass --patch 16$"):
+        train.check_resume_flags(typed, str(run / "checkpoints" / "step_2"))
     kept = train.get_args(["--track", "cpu", "--model", "small-pixel", "--resolution", "512", "--patch", "16"])
     assert train.check_resume_flags(kept, str(run / "checkpoints" / "step_2"))["resolution"] == 256  # accepted
