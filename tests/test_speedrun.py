@@ -177,6 +177,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
      f"the rules say '{verify.committed_sha256(HEAD, 'README.md')}'"),  # --repa-weights: that committed file's
     (lambda f: edit(f / "log_1.txt", '"steps": 20', '"steps": 10', after="=== confirm.json"),
      "log_1.txt: sampler steps is 10, the rules say 20"),
+    (lambda f: edit(f / "log_1.txt", '"cfg_scale": 3.0', '"cfg_scale": 2.0', after="=== confirm.json"),
+     "log_1.txt: cfg scale is 2.0, the rules say 3.0"),
     (lambda f: edit(f / "log_1.txt", '"step_3000"', '"step_2000"', after="=== confirm.json"),
      "log_1.txt: evaluated checkpoint is 'step_2000', the rules say 'step_3000'"),
     (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.002, "ema": 0.95', after="=== config.json"),
@@ -208,6 +210,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: [edit(f / f"log_{k}.txt", '{"runs": 4}', '{"runs": 6}') for k in range(4)],  # seeds 4, 5 left out
      "the folder holds 4 runs, whose logs say their attempt made [6, 6, 6, 6]"),
     (lambda f: edit(f / "log_2.txt", '{"runs": 4}', '{"runs": 5}'), "whose logs say their attempt made [4, 4, 5, 4]"),
+    (lambda f: [edit(f / f"log_{k}.txt", '{"runs": 4}', '{"runs": 2}') for k in range(4)],  # fewer than it holds
+     "the folder holds 4 runs, whose logs say their attempt made [2, 2, 2, 2]"),
     (lambda f: [(f / "log_0.txt").rename(f / "tmp"), (f / "log_1.txt").rename(f / "log_0.txt"),
                 (f / "tmp").rename(f / "log_1.txt")], "the runs are not one attempt's seeds 0..3"),  # log_k: seed k's
     (lambda f: edit(f / "log_1.txt", "object_accuracy 0.3100 | train_time", "object_accuracy 0.2910 | train_time"),
@@ -308,6 +312,7 @@ def test_a_run_stops_at_its_last_step_or_its_time():
         return dict(name="log_0.txt", config=dict(args=dict(target=None, max_steps=3000, max_time=max_time)),
                     timeline=[(step, ms, None, {"object_accuracy": 0.3})], stopped=None)
     assert verify.check_stop(ending(3000)) == [] and verify.check_stop(ending(2999, 60_000, max_time=1.0)) == []
+    assert verify.check_stop(ending(2999, 59_000, max_time=1.0))  # a second short of its budget: cut, not ended
     assert verify.check_stop(ending(2999)) == [
         "log_0.txt: its last evaluation (step 2999, 1000000 ms) neither reaches its --target None nor ends its budget "
         "(--max-steps 3000, --max-time None): the log ends before the run did"]
@@ -1283,6 +1288,22 @@ def test_the_board_scales_by_the_latest_record_of_a_configuration_and_keeps_rule
     kept = leaderboard.scaled([first, twin, faster])
     assert [e["folder"].name for e in kept] == ["a", "calibration", "c"] and faster["time"] == pytest.approx(90.0)
     assert [e["folder"].name for e in leaderboard.scaled([twin, faster])] == ["calibration"]
+
+
+def test_rule_3_compares_a_record_with_its_own_tracks_and_the_baseline_is_no_record(tmp_path):
+    """A slower CPU record after a GPU one is on its own board; a calibration after a faster record (a
+    recalibration) stays the baseline; a baseline faster than a record does not take a rank."""
+    gpu = dict(board_entry("g", 100.0), track="1gpu")
+    cpu = board_entry("c", 900.0)
+    assert [e["folder"].name for e in leaderboard.scaled([gpu, cpu])] == ["g", "c"]
+    record, later = board_entry("r", 500.0), board_entry("calibration", 900.0, kind="calibration")
+    assert [e["folder"].name for e in leaderboard.scaled([record, later])] == ["r", "calibration"]
+    rows = [dict(e, summary=dict(e["summary"], mean=0.5, sd=0.1), what="", date="2026-12-01", folder=tmp_path / n)
+            for e, n in ((board_entry("b", 400.0, kind="calibration"), "b"), (board_entry("r", 500.0), "r"))]
+    for e in rows:
+        e["time"] = e["summary"]["time"]
+    ranks = [line.split(" | ")[0] for line in leaderboard.table("cpu", rows, tmp_path)[4:]]
+    assert ranks == ["| baseline", "| 1"]
 
 
 def test_the_board_names_each_tracks_goal_the_way_its_metric_improves(monkeypatch, tmp_path):
