@@ -588,13 +588,14 @@ class ShardLoader:
         for j, (shard, row, field) in enumerate(rows):
             for key, out in arrays.items():
                 out[j] = shard.arrays[key][row]
-            if "latent" in arrays and ((arrays["latent"][j] & 0x7F80) == 0x7F80).any():  # bf16 bits, exponent all
-                # ones: NaN or inf
-                raise DamagedShard(f"{shard.path}: row {row} of latent.npy is not finite (NaN or inf); the shard is "
-                                   f"damaged, or the VAE failed on that image: {shard.repair}")
             chunks.append(shard.ragged(f"txt_{field}", row))
             batch["caption"].append(shard.string(f"caption_{field}", row))
             batch["id"].append(shard.string("id", row))
+        if "latent" in arrays:  # bf16 bits whose exponent is all ones: NaN or inf, one pass over the batch
+            if (bad := ((arrays["latent"] & 0x7F80) == 0x7F80).reshape(len(rows), -1).any(1)).any():
+                shard, row, _ = rows[int(bad.argmax())]
+                raise DamagedShard(f"{shard.path}: row {row} of latent.npy is not finite (NaN or inf); the shard is "
+                                   f"damaged, or the VAE failed on that image: {shard.repair}")
         batch["txt"], batch["txt_mask"] = batch_text(chunks, pin)
         return batch
 

@@ -862,12 +862,11 @@ def evaluate_checkpoint(args, device):
         try:
             out = write_new(ckpt, "eval.json", lambda path: write_whole(
                 path, lambda f: f.write(json.dumps(record, indent=2).encode())), args.out)
-        except FileNotFoundError as e:
-            if args.out or os.path.isdir(ckpt):
-                raise SystemExit(f"error: writing eval.json failed ({e}): {line}") from None
-            raise SystemExit(f"error: {ckpt} was removed during the evaluation (the training run's --keep pruned it), "
-                             f"so eval.json has no folder: {line}; evaluate a checkpoint the run keeps, or pass --out")
         except OSError as e:  # a full disk: the result, on the console at least
+            if isinstance(e, FileNotFoundError) and not args.out and not os.path.isdir(ckpt):
+                raise SystemExit(f"error: {ckpt} was removed during the evaluation (the training run's --keep pruned "
+                                 f"it), so eval.json has no folder: {line}; evaluate a checkpoint the run keeps, or "
+                                 f"pass --out") from None
             raise SystemExit(f"error: writing eval.json failed ({e.strerror or e}): {line}") from None
         print(f"{line} -> {out}")
 

@@ -1100,7 +1100,7 @@ def set_aside_newer(ckpt, args):
 def same_flags(config, args):
     """Whether a run's config file holds these flags (a resume killed, then made again as it was)."""
     try:
-        return read_config(config)["args"] == json.loads(json.dumps(vars(args)))
+        return not flag_changes(read_config(config)["args"], args, vars(args), get_parser())
     except (OSError, ValueError):  # unreadable: another history, kept aside
         return False
 
@@ -1272,10 +1272,8 @@ def claim_run_folder(out, new):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
         lock.close()
-        raise SystemExit(busy(out, holder))
+        raise SystemExit(busy(out, lock_holder(out) or "?"))
     except OSError as e:  # a file system without flock (NFSv3 without lockd, Lustre without -o flock)
         print(f"warning: {out}: no lock ({e}): a second train.py on this run would not be refused", flush=True)
     with writing_in(out):
