@@ -789,14 +789,30 @@ QUIET_RANK_WAIT_S = 30  # time for rank 0, which parses the same flags, to print
 
 
 @contextlib.contextmanager
+def stop_when_another_process_ends(where_to_resume=None):
+    """Under torchrun on gloo, a process that ends (killed, or stopped by an error it has printed) fails the others'
+    next collective at once: one line instead of each one's traceback, with where_to_resume() if given. (On NCCL they
+    wait in the collective until torchrun stops them: stop_on_signals.)"""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (lost := re.search(r"Connection \w+ by peer", str(e))):
+            raise
+        resume = f"; {where_to_resume()}" if where_to_resume else ""
+        raise SystemExit(f"error: another process of this run ended ({lost.group()}){resume}") from None
+
+
+@contextlib.contextmanager
 def errors_of_rank_0_first():
     """Around a script's main: under torchrun, the error that stops a rank other than 0 (a SystemExit with a message)
     waits QUIET_RANK_WAIT_S before it is printed. Where rank 0 met it too (the same flags and files: most of them),
     torchrun stops this rank meanwhile and the error shows once, not once per process; where only this rank met it, it
-    still shows. A damaged shard found mid-run (DamagedShard) stops it so too, with one line."""
+    still shows. A damaged shard found mid-run (DamagedShard) stops it so too, with one line, as does a collective
+    that fails because another process ended."""
     try:
         try:
-            yield
+            with stop_when_another_process_ends():
+                yield
         except DamagedShard as e:  # found mid-run: one line
             raise SystemExit(f"error: {e}") from None
     except SystemExit as e:

@@ -374,12 +374,22 @@ def all_reduce(x):
 
 
 def gather_rows(x):
-    """(n_rank, D) on each rank -> (sum of n_rank, D) on every rank, in rank order (the ranks' counts may differ)."""
+    """(n_rank, ...) on each rank -> (sum of n_rank, ...) on every rank, in rank order (the ranks' counts may differ)."""
     if not distributed():
         return x
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, x.cpu())
     return torch.cat(parts).to(x.device)
+
+
+def first_samples(images, idx, n):
+    """Samples 0..n-1 of an evaluation, from every rank's first batch (rank r of w holds r, r + w, ...: my_batches)
+    -> (images, their indices), in index order, on every rank: the grid is the same whatever the number of ranks."""
+    world = dist.get_world_size() if distributed() else 1
+    k = -(-n // world)  # each rank's first k cover samples 0..k w - 1
+    images, idx = gather_rows(images[:k]), gather_rows(torch.tensor(idx[:k], device=images.device))
+    order = idx.argsort()[:n]
+    return images[order], idx[order].tolist()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -660,8 +670,10 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
         for key, value in split.score(images, idx).items():
             sums[key] = sums.get(key, 0.0) + value * len(idx)
         seen += len(idx)
-        if i == 0 and grid and main_process():
-            grid(images[:64], split.captions(idx[:64]))
+        if i == 0:  # every rank: each gives its share of the grid's samples
+            shown, shown_idx = first_samples(images, idx, 64)
+            if grid and main_process():
+                grid(shown, split.captions(shown_idx))
     result = metrics.compute() if metrics is not None else {}
     if sums:
         totals = all_reduce(torch.tensor([*sums.values(), seen], dtype=torch.float64, device=device)).tolist()

@@ -418,7 +418,8 @@ def prepare(args, rank=0, world_size=1):
     rows, total, args.source_files, files = open_source(args.source, args.image_field, rank, world_size)
     settings = check_settings(out, args)
     if (out / "index.json").exists():  # a complete preparation of these settings and files
-        print(f"{out} is prepared already (index.json): nothing to do")
+        if rank == 0:
+            print(f"{out} is prepared already (index.json): nothing to do")
         return
     # a misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source
     head = [rows.features] if getattr(rows, "features", None) else list(itertools.islice(rows, args.batch_size))

@@ -136,6 +136,9 @@ RUNS=$((10#$RUNS))  # decimal: bash's arithmetic reads 010 as octal 8, and 08 no
   die 1 "RUNS=$RUNS: $TRACK runs go $PARALLEL side by side, as calibrated; set RUNS to a multiple of it"
 git diff --quiet HEAD -- shapes_teacher.safetensors ||  # verify.py checks the teacher against the commit
   die 1 "shapes_teacher.safetensors differs from HEAD's: commit the teacher first (records/RULES.md)"
+GONE=$(git diff --name-only --no-renames --diff-filter=D HEAD -- ':(glob)*.py' | tr '\n' ' ')
+[ -z "$GONE" ] ||  # verify.py wants in each log every .py file of the commit's root: found now, not after the runs
+  die 1 "${GONE% } of HEAD deleted or renamed in the working tree: commit that first (records/RULES.md)"
 
 case $TRACK in
   8gpu|1gpu)
@@ -205,8 +208,9 @@ trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
 # The candidate trains on a snapshot of the working tree: a worktree of HEAD with the tree's changes and new .py files
 # copied in, so that editing the tree while the runs train changes none of them (one source per record, verify.py).
 CODE=$RUNS_DIR/$NAME-code
-mapfile -d '' CHANGED < <(git diff -z --name-only HEAD; git ls-files -z --others --exclude-standard)  # staged or
-git worktree prune  # not, deleted, new (not what git ignores: runs/, data/); prune: folders of killed attempts
+# Staged or not, deleted, new (not what git ignores: runs/, data/); a rename as a deletion and a new file
+mapfile -d '' CHANGED < <(git diff -z --name-only --no-renames HEAD; git ls-files -z --others --exclude-standard)
+git worktree prune  # the folders of killed attempts
 git worktree add --quiet --detach "$CODE" HEAD
 WORKTREES+=("$CODE")
 for file in ${CHANGED[@]+"${CHANGED[@]}"}; do  # a folder listed: another repository inside this one, left out
@@ -246,9 +250,13 @@ for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed r
       while [ ${#running[@]} -gt 0 ]; do  # in the order they end (bash 5.1's wait -n -p): a failure stops all
         if ! wait -n -p pid "${!running[@]}"; then  # the first failure; the trap stops the others
           console=$RUNS_DIR/${running[$pid]}.out
-          last=$(grep -E 'error|Error' "$console" | tail -n 1 || true)  # a refused flag, a traceback's last line
-          [ -n "$last" ] || last=$(tail -n 1 "$console")  # (torchrun ends its console with its own report)
-          die 1 "run ${running[$pid]} failed${last:+: $last} (console: $console); the other runs are stopped"
+          # why: the first error (a refused flag, a traceback's exception), not torchrun's report of it, which
+          # follows (its ChildFailedError, "error_file", "traceback : To enable traceback see .../errors.html")
+          prefix='(\[rank[0-9]+\]: )?'  # torchrun's prefix of a worker's traceback lines
+          why=$(grep -E "^$prefix([a-z_]+\.py: )?error: |^$prefix[A-Za-z_.]*(Error|Exception): " "$console" |
+                grep -v ChildFailedError | head -n 1 || true)
+          [ -n "$why" ] || why=$(tail -n 1 "$console")
+          die 1 "run ${running[$pid]} failed${why:+: $why} (console: $console); the other runs are stopped"
         fi
         unset "running[$pid]"
       done
@@ -267,6 +275,7 @@ copy_runs() {  # name, folder: each run's log, and its last sample grid to look 
 copy_runs "$NAME" "$FOLDER"
 [ -z "${BESIDE:-}" ] || copy_runs "$NAME-beside" "$FOLDER/beside"
 python records/verify.py --write --track "$TRACK" --kind "$KIND" --what="$WHAT" --command="$COMMAND" "$FOLDER"
-[ "$TRACK" != smoke ] || echo "speedrun.sh: the smoke record and its runs are in $RECORDS (remove it when done)"
+[ "$TRACK" != smoke ] ||
+  echo "speedrun.sh: the smoke record is in $RECORDS, its runs in $RUNS_DIR (remove them when done)"
 exit
 }

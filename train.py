@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
     exit_on, fraction, heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, \
-    positive, read_index, space_differences, stop_on_signals, unwritable, write_whole
+    positive, read_index, space_differences, stop_on_signals, stop_when_another_process_ends, unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
@@ -56,8 +56,9 @@ from muon import Muon, split_muon_params, split_summary
 from shapes import TEACHER_FILE, TEXT_CONTEXT, load_teacher
 
 # The tracks (records/RULES.md): a track's values replace the defaults of the flags not given (printed at start, in
-# config.json). The GPU tracks train on the prepared speedrun dataset, 1gpu a smaller model. The CPU track's shift is
-# 1, not pixel space's 3: a 32 px image has 3k values, a 256 px latent 16k, and the shift grows with the size (SD3).
+# config.json). The GPU tracks train on the prepared speedrun dataset, 1gpu a smaller model. The CPU track's shift (its
+# sampler's: its training t is uniform, unshifted) is 1, not pixel space's 3: a 32 px image has 3k values, a 256 px
+# latent 16k, and the shift grows with the size (SD3).
 CPU_TRACK = dict(model="tiny-pixel", resolution=32, batch_size=32, micro_batch=32, lr=2e-3, warmup=100,
                  grad_clip=1.0, uniform_t=1.0, foreground_weight=2.0, max_time=4.3, sample_steps=20,
                  cfg_scale=3.0, ckpt_every=500, log_every=50, shift=1.0)
@@ -158,9 +159,10 @@ def get_parser():
                    "timestep vector (PRX-7B; diffusers' resolution_embeds=True): one model across resolution stages")
     g = p.add_argument_group("objective")
     g.add_argument("--pred", default="v", choices=["v", "x"], help="network output: velocity, or x0 (JiT)")
-    g.add_argument("--shift", type=positive, default=None, help="timestep shift s: t -> s t / (1 + (s - 1) t) "
-                   "(default PRX's: 3 in pixel space, 1 on latents)")
-    g.add_argument("--uniform-t", type=fraction, default=0.1, help="fraction of t drawn uniformly, not logit-normal")
+    g.add_argument("--shift", type=positive, default=None, help="timestep shift s: t -> s t / (1 + (s - 1) t) of the "
+                   "logit-normal training t and of the sampler's steps (default PRX's: 3 in pixel space, 1 on latents)")
+    g.add_argument("--uniform-t", type=fraction, default=0.1, help="fraction of t drawn uniformly (unshifted), not "
+                   "logit-normal")
     g.add_argument("--foreground-weight", type=number(float, 0), default=0.0,
                    help="pixel space: extra loss weight on pixels away from the background (0 = plain MSE)")
     add_technique_flags(p.add_argument_group("techniques"))
@@ -1438,7 +1440,7 @@ def main(argv=None):
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
     handlers = stop_on_signals(lambda: where_to_resume(out), master)  # Ctrl-C, SIGTERM
-    with log:  # why the run stops, in log.txt too
+    with log, stop_when_another_process_ends(lambda: where_to_resume(out)):  # why the run stops, in log.txt too
         if args.compile:  # also on resume: the first steps would compile on the clock
             breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
             log(f"compile warm-up done (5 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")

@@ -23,7 +23,8 @@ COLOURS = [(200, 30, 30), (30, 60, 200), (20, 140, 60), (150, 60, 170)]
 def evaluations(run, metric):
     with open(os.path.join(run, "metrics.jsonl")) as f:  # a killed or running run may end in a torn line
         records = [json.loads(line) for line in f if line.endswith("}\n")]
-    return [(r["train_time_s"] / 60, r["step"], r[metric]) for r in records if metric in r]
+    # evaluations only: a step line (it has the loss) is not a score; --metric loss would read as a higher-is-better one
+    return [(r["train_time_s"] / 60, r["step"], r[metric]) for r in records if metric in r and "loss" not in r]
 
 
 def time_to(target, points, lower=False):
@@ -114,7 +115,8 @@ def main():
         groups[name] = [evaluations(run, args.metric) for run in runs]
         for run, points in zip(runs, groups[name]):
             if not points:
-                p.error(f"{run}: no evaluation of --metric {args.metric} in its metrics.jsonl")
+                p.error(f"{run}: no evaluation of --metric {args.metric} in its metrics.jsonl (an evaluation's key, "
+                        f"e.g. object_accuracy or fid; not a step line's)")
     for name, runs in groups.items():
         table(name, runs, args.metric, args.target)
     if args.out:

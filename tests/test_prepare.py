@@ -433,6 +433,10 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch, 
     (images / "sub" / "rgb01.png").rename(images / "rgb01.png")
     prepare.main(argv)
     assert "prepared already (index.json): nothing to do" in capsys.readouterr().out
+    with monkeypatch.context() as m:  # torchrun's other processes: rank 0 alone says it
+        m.setenv("RANK", "1")
+        prepare.main(argv)
+    assert capsys.readouterr().out == ""
     for shard in out.glob("*/shard-r*"):  # as a run that crashed before its first shard: other flags start afresh
         shutil.rmtree(shard)
     other = {**json.loads((out / "prepare.json").read_text()), "resolution": 64}

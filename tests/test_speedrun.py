@@ -812,9 +812,24 @@ def test_smoke_speedrun_trains_evaluates_and_writes_a_verified_record(tmp_path):
     assert f"\n    {replay}\n" in readme
     assert "| train_time " in log and "ms | step_avg " in log and "\neval step 2 | caption_accuracy" in log
     assert "\ntarget object_accuracy -1 reached at step 2: stopping\n" in log and "\n=== confirm.json\n" in log
+    assert r.stdout.endswith(f"the smoke record is in {tmp_path}, its runs in {tmp_path / 'runs'} (remove them when "
+                             f"done)\n"), r.stdout[-300:]
 
 
 # speedrun.sh's machinery alone: train.py and eval.py stubs in a copy of the repository, where run 1 fails at once
+TORCHRUN_REPORT = """Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 947, in main
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+train.py FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 2 (pid: 14913)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================"""  # how a failed torchrun run's console ends
 STUB_TRAIN = """import os, sys, time
 out, seed = sys.argv[sys.argv.index("--out") + 1], int(sys.argv[sys.argv.index("--seed") + 1])
 os.makedirs(out)  # as train.py, which refuses an --out that holds a run
@@ -823,9 +838,9 @@ open(os.path.join(out, "train.pid"), "w").write(str(os.getpid()))
 time.sleep(1 if seed else 30)
 if seed:
     print("train.py: error: --lrr is not a flag: did you mean --lr?", file=sys.stderr)
-    print("=" * 60, file=sys.stderr)  # as torchrun's report ends
+    print(%r, file=sys.stderr)
 sys.exit(seed)
-"""
+""" % TORCHRUN_REPORT
 STUB_EVAL = """import pathlib, sys
 pathlib.Path(sys.argv[sys.argv.index('--ckpt') + 1], 'evaluated').touch()
 pathlib.Path(sys.argv[sys.argv.index('--out') + 1]).write_text('{}')
@@ -918,6 +933,12 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
     teacher.write_bytes(b"another teacher")
     r = stub_speedrun(tmp_path, NAME="y")
     assert r.returncode == 1 and "shapes_teacher.safetensors differs from HEAD's: commit" in r.stderr, r.stderr
+    git_in(tmp_path, "checkout", "--", teacher.name)
+    git_in(tmp_path, "mv", "eval.py", "evaluate.py")  # a rename: the logs would lack a source verify.py asks for
+    r = stub_speedrun(tmp_path, NAME="y")
+    assert r.returncode == 1 and "speedrun.sh: eval.py of HEAD deleted or renamed in the working tree: commit that " \
+        "first" in r.stderr, r.stderr
+    assert not (tmp_path / "records" / "runs" / "y-0").exists()
 
 
 def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
@@ -1186,7 +1207,8 @@ def test_plot_refuses_a_nan_target_or_a_missing_out_folder_before_any_work(tmp_p
     for argv, message in ((["--target", "nan"], "argument --target: expected a finite number, got nan"),
                           (["--target", "inf"], "argument --target: expected a finite number, got inf"),
                           (["--out", "/nonexistent/p.png"], "--out /nonexistent/p.png: no folder /nonexistent to "),
-                          (["--out", ""], "--out : must end in .png")):
+                          (["--out", ""], "--out : must end in .png"),
+                          (["--metric", "loss"], "no evaluation of --metric loss in its metrics.jsonl")):  # a step's
         monkeypatch.setattr(sys, "argv", ["plot.py", *argv, f"base={run}"])
         with pytest.raises(SystemExit):
             plot.main()

@@ -1,4 +1,5 @@
 import argparse
+import contextlib
 import errno
 import gc
 import itertools
@@ -12,11 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import shapes
@@ -97,7 +100,8 @@ def test_foreground_weights_closed_form():
 def test_torchrun_two_processes_equal_one(tmp_path):
     """Global batch 32 of micro-batches of 8: 4 accumulated on one process, 2 on each of two. The same losses and
     weights: micro-batch i of rank r is the world's r + i x world, and DDP all-reduces once, after the last."""
-    flags = SMALL + ["--batch-size", "32", "--max-steps", "10", "--ckpt-every", "10"]
+    flags = SMALL + ["--batch-size", "32", "--max-steps", "10", "--ckpt-every", "10", "--eval-samples", "9",
+                     "--sample-steps", "2"]
     one = run(flags + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     two = run(flags + ["--out", str(tmp_path / "two")], nproc=2)
@@ -111,6 +115,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     # micro-batch left out of the all-reduce, moves the losses by ~1e-2 and the weights by ~1e-3
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5, (a, b)
     assert all(torch.allclose(weights[0][k], weights[1][k], rtol=0, atol=1e-5) for k in weights[0])
+    # the grid: samples 0..8 from both ranks' first batches, in order (rank 0's alone would be 0, 2, 4, 6, 8)
+    grids = [np.asarray(Image.open(tmp_path / r / "samples_10.png")).astype(int) for r in ("one", "two")]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).mean() < 1, "another grid"
 
 
 def test_compile_under_torchrun_matches_eager_without_graph_breaks(tmp_path):
@@ -440,6 +447,30 @@ def test_an_error_after_parsing_is_printed_by_rank_0_first(rank, monkeypatch):
             raise SystemExit(code)
         assert stopped.value.code == code
     assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_collective_that_fails_because_another_process_ended_says_so_in_one_line(rank, monkeypatch):
+    """gloo's error when a peer process ended becomes one line (with where to resume, where given), printed by rank 0
+    first; any other RuntimeError stays as it is, with its traceback."""
+    import data
+    waited = []
+    monkeypatch.setattr(data.time, "sleep", waited.append)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    gloo = "[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:32902. This is " \
+        "typically caused by a remote worker crashing."
+    with pytest.raises(SystemExit) as stopped, data.errors_of_rank_0_first():
+        raise RuntimeError(gloo)
+    assert stopped.value.code == "error: another process of this run ended (Connection closed by peer)"
+    with pytest.raises(SystemExit) as stopped, data.errors_of_rank_0_first(), \
+            data.stop_when_another_process_ends(lambda: "the last checkpoint is c"):
+        raise RuntimeError("Connection reset by peer")
+    assert stopped.value.code == "error: another process of this run ended (Connection reset by peer); the last " \
+        "checkpoint is c"
+    with pytest.raises(RuntimeError, match="^CUDA out of memory$"), data.errors_of_rank_0_first():
+        raise RuntimeError("CUDA out of memory")
+    assert waited == [data.QUIET_RANK_WAIT_S] * 2 * (rank == "1")
 
 
 def test_a_data_phase_after_max_steps_is_noted():
@@ -2043,6 +2074,45 @@ def test_a_resume_of_a_run_being_trained_is_refused_before_its_checkpoints_are_r
     finally:
         lock.close()
     assert train.lock_holder(str(out)) is None
+
+
+def worker_of_rank(launcher, rank):
+    """The pid of the process torchrun (pid launcher) started as RANK=rank, or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            ppid = int(re.search(r"PPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+            if ppid == launcher and f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_refused_resume_or_a_killed_process_stops_the_run_in_one_line(finished_run, tmp_path):
+    """A process that ends under torchrun (rank 0 refusing the resume of a run another train.py holds, or one killed
+    with SIGKILL mid-run) fails the others' next collective (gloo): one line, not a traceback from each rank; rank 0
+    names the checkpoint to resume from."""
+    out = copy_run(finished_run, tmp_path)
+    flags = SMALL + ["--out", str(out), "--resume", "--ckpt-every", "2", "--keep", "5"]
+    lock, _ = train.claim_run_folder(str(out), False)
+    try:
+        r = run(flags + ["--max-steps", "8"], nproc=2)  # rank 1 reaches rank 0's broadcast of the run folder
+    finally:
+        lock.close()
+    holder = f"host {socket.gethostname()} pid {os.getpid()}"
+    assert r.returncode != 0 and f"another train.py ({holder}) is training this run" in r.stderr, r.stderr[-3000:]
+    assert "[rank1]" not in r.stderr, r.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with subprocess.Popen(launcher + ["train.py", *flags, "--max-steps", "100000"], cwd=ROOT, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:
+        while not (out / "checkpoints" / "step_6").exists() and p.poll() is None:  # training on 2 processes
+            time.sleep(0.2)
+        os.kill(worker_of_rank(p.pid, 1), signal.SIGKILL)
+        stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0 and "[rank0]" not in stderr, stderr[-3000:]
+    # the collective's failure, or torchrun's SIGTERM if it comes first: either way the checkpoint to resume from
+    assert re.search(r"(another process of this run ended \(Connection \w+ by peer\)|stopped \(SIGTERM\)); the last "
+                     r"checkpoint is \S+step_\d+: continue with the run's flags and --resume", stderr), stderr[-3000:]
 
 
 def test_a_prune_keeps_the_evaluations_of_an_earlier_life_of_the_step(tmp_path):
