@@ -354,7 +354,8 @@ def test_preset_config_pixel_variants_and_overrides():
 
 @pytest.mark.parametrize("change, message", [(dict(route_end=4), "route_end < depth"),
                                              (dict(route_start=3, route_end=2), "route_start <= route_end"),
-                                             (dict(num_heads=3, axes_dim=(10, 11)), "head dim")])  # 64 = 3 x 21 + 1
+                                             (dict(num_heads=3, axes_dim=(10, 11)), "head dim"),  # 64 = 3 x 21 + 1
+                                             (dict(axes_dim=(16, 8)), "head dim")])  # 2 heads of 32, RoPE on 24
 def test_configs_that_cannot_build_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         PRX(PRXConfig(**{**TINY, **change}))
@@ -416,6 +417,7 @@ def test_a_side_longer_than_the_rope_table_names_the_limit():
     x, t, txt = torch.zeros(1, 3, 4 * 1025, 4), torch.zeros(1), torch.zeros(1, 2, model.cfg.context_dim)
     with pytest.raises(ValueError, match="1025x1 tokens exceed the RoPE table"):
         model(x, t, txt)
+    assert model(x[:, :, 4:], t, txt).shape == (1, 3, 4 * 1024, 4)  # the table's last row: in it
 
 
 def test_file_sha256_hashes_the_whole_file(tmp_path):

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from shapes import (BACKGROUNDS, COLORS, GRID, HELDOUT_PAIRS, MAX_COLOR_DISTANCE, PALETTE, PALETTE_NAMES, REGIONS,
                     SHAPES, SIZES, TRAIN_PAIRS, BuiltinTextEncoder, HeldoutShapes, Scene, SceneObject, ShapesDataset,
-                    ShapesLoader, caption_accuracy, check_scene, color_labels, long_caption, render, short_caption)
+                    ShapesLoader, caption_accuracy, check_scene, color_labels, draw_shape, long_caption, render,
+                    short_caption)
 
 
 def scenes(split, n, seed=0):
@@ -303,6 +304,18 @@ def test_a_component_like_no_template_names_nothing():
     assert check_scene(image, [obj]) == [{"full": False, "color_region": False}]
     image[4:20, 4:20] = COLORS["red"]  # filled, the same component is a square
     assert check_scene(image, [obj]) == [{"full": True, "color_region": True}]
+
+
+def test_a_cell_with_two_shapes_of_one_colour_names_either_kind():
+    """Two red components in the top-left cell, a square (first in scan order) and a circle: each is found, whichever
+    of the two the caption names."""
+    image = Image.fromarray(render(Scene("gray", []), 64))
+    draw = ImageDraw.Draw(image)
+    draw_shape(draw, "square", 26, 8, 6, COLORS["red"])
+    draw_shape(draw, "circle", 16, 23, 7, COLORS["red"])
+    for kind in ("square", "circle"):
+        obj = SceneObject("red", kind, "small", "top left", 0.25, 0.25)
+        assert check_scene(np.asarray(image), [obj]) == [{"full": True, "color_region": True}], kind
 
 
 def test_a_shape_across_two_cells_belongs_to_the_cell_of_its_centre():

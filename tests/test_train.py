@@ -157,7 +157,8 @@ def test_the_cooldown_follows_the_clock_when_the_time_budget_ends_first():
 
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
-    args = SMALL + ["--max-steps", "30", "--ckpt-every", "10", "--keep", "5", "--tread"]
+    # REPA too: its projector's weights and AdamW moments are in trainer.pt
+    args = SMALL + ["--max-steps", "30", "--ckpt-every", "10", "--keep", "5", "--tread", "--repa", "builtin"]
     ref = run(args + ["--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
@@ -1603,7 +1604,8 @@ def test_repa_stops_and_is_added_or_dropped_on_resume(tmp_path):
     train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--out", str(out)])
     assert "REPA stopped at step 2" in (out / "log.txt").read_text()
     assert "repa" not in torch.load(out / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
-    train.main(SMALL + ["--max-steps", "4", "--out", str(out), "--resume"])  # past the stop: no REPA built again
+    # past the stop, with the run's flags: no teacher, projector or note ("starts fresh") built again
+    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "4", "--out", str(out), "--resume"])
     resumed = (out / "log.txt").read_text().split("=== config.resume-3.json")[1]
     assert "REPA" not in resumed.split("\n=== ")[-1] and sorted(losses(out)) == [1, 2, 3, 4]
     plain, with_repa = tmp_path / "plain", tmp_path / "repa"
@@ -1641,6 +1643,13 @@ def test_prx_defaults_that_follow_other_flags(tmp_path):
     assert train.get_args(["--track", "cpu", "--optimizer", "muon", "--eps", "1e-6"]).eps == 1e-6
     args = train.get_args(["--track", "cpu", "--tread", "--self-guidance", "1.5"])
     assert train.sampling_settings(args)["self_guidance"] == 1.5  # periodic evaluation samples with it
+    for flags, ratio in ((["--sprint", "--self-guidance", "1.5"], 0.75), (["--tread", "--route-ratio", "0.3"], 0.3)):
+        assert train.sampling_settings(train.get_args(["--track", "cpu", *flags]))["route_ratio"] == ratio
+
+
+def test_the_last_step_is_logged_off_the_log_every_grid(tmp_path, capsys):
+    train.main(SMALL + ["--max-steps", "5", "--log-every", "3", "--out", str(tmp_path / "r")])
+    assert sorted(losses(tmp_path / "r")) == [3, 5] and "\nstep 5/5 | loss " in capsys.readouterr().out
 
 
 def test_muon_ns_steps_and_precision_reach_muon():
