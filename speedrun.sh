@@ -205,18 +205,23 @@ declare -A running=()  # pid: run. On any exit the runs still going stop: on the
 WORKTREES=()  # and the code folders go
 trap 'for pid in "${!running[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
       for tree in ${WORKTREES[@]+"${WORKTREES[@]}"}; do git worktree remove --force "$tree" || true; done' EXIT
-# The candidate trains on a snapshot of the working tree: a worktree of HEAD with the tree's changes and new .py files
-# copied in, so that editing the tree while the runs train changes none of them (one source per record, verify.py).
+# The candidate trains on a snapshot of the working tree: a worktree of HEAD with the tree's new and changed top-level
+# .py files copied in, so that editing the tree while the runs train changes none of them (one source per record,
+# verify.py). Those are what each log holds: any other change (a package folder, a data file) would reach the runs
+# unlogged, so the runs have HEAD's version of it, which the log's commit shows.
 CODE=$RUNS_DIR/$NAME-code
-# Staged or not, deleted, new (not what git ignores: runs/, data/); a rename as a deletion and a new file
+# Staged or not, new (not what git ignores: runs/, data/); a rename as a deletion and a new file
 mapfile -d '' CHANGED < <(git diff -z --name-only --no-renames HEAD; git ls-files -z --others --exclude-standard)
 git worktree prune  # the folders of killed attempts
 git worktree add --quiet --detach "$CODE" HEAD
 WORKTREES+=("$CODE")
-for file in ${CHANGED[@]+"${CHANGED[@]}"}; do  # a folder listed: another repository inside this one, left out
-  if [ -f "$file" ]; then mkdir -p "$CODE/$(dirname "$file")" && cp -p "$file" "$CODE/$file"
-  elif [ ! -e "$file" ]; then rm -f "$CODE/$file"; fi
+LEFT_OUT=()
+for file in ${CHANGED[@]+"${CHANGED[@]}"}; do
+  if [[ $file == */* || $file != *.py ]]; then LEFT_OUT+=("$file")
+  elif [ -f "$file" ]; then cp -p "$file" "$CODE/$file"; fi  # (a deleted one is refused above)
 done
+[ ${#LEFT_OUT[@]} -eq 0 ] || echo "speedrun.sh: the runs train on HEAD's version of what is not a top-level .py file" \
+  "(the logs hold those only; commit the rest): left out ${LEFT_OUT[*]:0:5}$([ ${#LEFT_OUT[@]} -le 5 ] || echo ...)"
 [ ! -e data ] || ln -s "$PWD/data" "$CODE/data"  # the prepared data (data/mj), ignored by git
 BESIDE_CODE=$CODE  # the beside runs: the code of the commit their record's runs trained at, in a worktree
 if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then

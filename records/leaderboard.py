@@ -1,7 +1,8 @@
 """
 The leaderboard: one table per track, fastest first, from the record folders whose README has a results block
-(records/RULES.md) and which records/verify.py accepts, each below the records before it (rule 3), a record timed
-beside the one it replaces on that one's clock, the calibration the track's target comes from as its baseline.
+(records/RULES.md) and which records/verify.py accepts, each below the records whose runs started before its own
+(rule 3; a copy left out), a record timed beside the one it replaces on that one's clock, the calibration the track's
+target comes from as its baseline.
 Prints the tables, or rewrites the block between `<!-- leaderboard -->` and `<!-- /leaderboard -->` in README.md
 (--write), or checks that it is current (--check).
 
@@ -49,13 +50,41 @@ def entries(records):
                               replaces_code=beside[0]["sources"] if beside else None,
                               attempt_logged=runs[0]["attempt"] is not None,
                               what=what[1] if what else "", date=folder.name[:10], folder=folder,
-                              started=started(runs[0])))
-    return scaled(sorted(found, key=lambda e: (e["date"], e["started"], e["folder"].name)))
+                              started=started(runs[0]), identity=identity(runs)))
+    return scaled(sorted(originals(found), key=lambda e: (e["started"], e["folder"].name)))
+
+
+def identity(runs):
+    """What tells one attempt's runs from another's: each run's machine, start time and folder (logs before train.py
+    wrote the start time and host: None, told apart by their folders alone)."""
+    if not all("started" in r["config"] and "host" in r["config"].get("devices", {}) for r in runs):
+        return None
+    return sorted((r["config"].get("devices", {}).get("host"), r["config"]["started"], r["config"]["args"]["out"])
+                  for r in runs)
+
+
+def originals(found):
+    """Of folders holding the same runs (a copy), the one git added first; where git cannot tell (none committed, or
+    in one commit), none of them."""
+    def added(folder):  # the time of the commit that added it; inf: not in this repository's history
+        when = verify.git("log", "--diff-filter=A", "--format=%ct", "--", str(folder)).stdout.split()
+        return int(when[-1]) if when else float("inf")
+    kept = []
+    for e in found:
+        twins = [t for t in found if e["identity"] is not None and t["identity"] == e["identity"]]
+        times = sorted(added(t["folder"]) for t in twins)
+        if len(twins) > 1 and (added(e["folder"]) != times[0] or times[0] in (times[1], float("inf"))):
+            print(f"left out {e['folder'].name}: its runs are also those of "
+                  f"{', '.join(t['folder'].name for t in twins if t is not e)}: one folder per attempt, the one git "
+                  f"added first", file=sys.stderr)
+            continue
+        kept.append(e)
+    return kept
 
 
 def started(run):
     """When a record's first run started (config.json; logs before 2026-12-05: its commit's time), which orders the
-    records of one date: rule 3 compares each with those before it."""
+    records, not the date a folder's name gives: rule 3 compares each with those before it."""
     commit = run["config"].get("git_commit")
     when = run["config"].get("started") or (verify.git("show", "-s", "--format=%cI", commit).stdout.strip()
                                             if commit else "")

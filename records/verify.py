@@ -12,6 +12,7 @@ otherwise.
 import argparse
 import datetime
 import hashlib
+import importlib.machinery
 import itertools
 import json
 import re
@@ -132,8 +133,26 @@ def committed_sha256(commit, name):
     return hashlib.sha256(shown.stdout).hexdigest() if shown.returncode == 0 else None
 
 
+@lru_cache(maxsize=None)
+def unlogged_python(commit):
+    """The commit's .py files that no log holds (outside the top level, tests/ and records/): code a run could import
+    unseen."""
+    names = git("ls-tree", "-r", "--name-only", commit).stdout.split()
+    return [n for n in names if n.endswith(".py") and "/" in n and not n.startswith(("tests/", "records/"))]
+
+
+def installed_module(name):
+    """Where the module a top-level source is named after lives outside the repository (tqdm.py: tqdm's package), or
+    None: a source of that name is imported by the runs in its place."""
+    module = name.removesuffix(".py")
+    paths = [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "records")]
+    spec = importlib.machinery.PathFinder.find_spec(module, paths)
+    return "built in" if module in sys.builtin_module_names else spec and spec.origin
+
+
 def check_sources(run, folder):
-    """Every embedded file is the commit's (git show) or the folder's copy; every .py file of the commit is there."""
+    """Every embedded file is the commit's (git show) or the folder's copy; every .py file of the commit is there, and
+    no other a run could import; no source takes the place of an installed module."""
     commit = run["config"].get("git_commit", "")
     committed = committed_sources(commit)
     if not committed:  # its sources could not be told from any other code's
@@ -141,6 +160,10 @@ def check_sources(run, folder):
                 f"cannot be checked (git fetch the commit)"]
     problems = [f"{run['name']}: no source of {n}, which commit {commit[:8]} has" for n in committed
                 if n not in run["sources"]]
+    problems += [f"{run['name']}: commit {commit[:8]} has {', '.join(unlogged_python(commit))}, Python that no log "
+                 f"holds (a log holds the top-level .py files): move it into one"] if unlogged_python(commit) else []
+    problems += [f"{run['name']}: its {n} takes the place of the installed module {where} in the runs' imports: "
+                 f"rename it" for n in sorted(run["sources"]) if (where := installed_module(n))]
     for name, text in sorted(run["sources"].items()):
         copy = folder / name
         if text != committed.get(name) and not (copy.exists() and copy.read_text() == text):
@@ -275,6 +298,12 @@ def check_record(runs, track, kind):
                            if r["config"]["args"].get("target")]
     if t["target"] is None:
         return problems + [f"the {track} track has no target yet: its calibration comes first (--calibrate)"]
+    # STOP (--target) may not pass the track's stop (the periodic check's reading of the target), as speedrun.sh says
+    stop, lower = t.get("stop") or t["target"], t["metric"] in LOWER_IS_BETTER
+    problems += [f"{r['name']}: --target {' '.join(map(str, aim))}: the {track} track's runs stop at {t['metric']} "
+                 f"{stop} or beyond it (records/RULES.md: STOP may not pass the track's stop)" for r in runs
+                 if (aim := r["config"]["args"].get("target")) and
+                 (aim[0] != t["metric"] or (aim[1] > stop if lower else aim[1] < stop))]
     problems += check_task(runs, t)
     s = summary(runs, track)
     if not (s["meets"] and s["p"] < P_MAX):
@@ -634,10 +663,10 @@ def verify(folder, text=None):
         beside = load_runs(folder / "beside")  # the configuration it replaces, run beside it on its machine
         if beside:
             problems += check_beside(runs, beside, track, folder)
-        elif TRACKS[track].get("beside") and kind == "record" and all("started" in r["config"] for r in runs):
+        elif TRACKS[track].get("beside") and kind == "record" and any("started" in r["config"] for r in runs):
             problems.append(f"no beside/log_<k>.txt: a {track} record runs the configuration it replaces beside it, "
                             f"on its machine (BESIDE=1 bash speedrun.sh ...; records/RULES.md); logs from before "
-                            f"train.py wrote the start time are exempt")
+                            f"train.py wrote the start time (every one of the record's) are exempt")
         expected = results_block(runs, track, kind, beside)
         problems += [first_difference(block, expected)] if block != expected else []
         return problems + check_record(runs, track, kind)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import scipy.stats
@@ -124,6 +125,13 @@ def own_source(folder, log, name, old, new):
     (folder / name).write_text(verify.sections((folder / log).read_text())[name][:-1])
 
 
+def add_source(folder, name, text):
+    """A new top-level source in every run's log (the logs list the sources by name), carried into the folder."""
+    for log in folder.glob("log_*.txt"):
+        edit(log, "=== config.json\n", f"=== {name}\n{text}\n=== config.json\n")
+    (folder / name).write_text(text)
+
+
 def test_a_good_synthetic_record_passes(record, capsys):
     assert verify.verify(record) == []
     readme = (record / "README.md").read_text()
@@ -143,6 +151,9 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_0.txt: the source of train.py matches neither commit"),
     (lambda f: [(f / f"log_{k}.txt").unlink() for k in (2, 3)], "2 runs; the rules need at least 3"),
     (lambda f: (f / "log_3.txt").unlink(), "3 runs: cpu runs go in pairs"),
+    (lambda f: [edit(f / f"log_{k}.txt", '"object_accuracy",\n      0.292', '"object_accuracy",\n      0.2')
+                for k in RUNS],
+     "log_0.txt: --target object_accuracy 0.2: the cpu track's runs stop at object_accuracy 0.292 or beyond it"),
     (lambda f: edit(f / "log_1.txt", "step 2000/100000", "step 500/100000"),
      "log_1.txt: step 500 at 1040000 ms comes after step 1000 at 520000 ms: the clock goes backwards"),
     (lambda f: edit(f / "log_1.txt", "step_avg 520.00ms", "step_avg 519.50ms"),
@@ -150,6 +161,8 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "log_1.txt", "eval step 3000 | caption_accuracy 0.1000 | object_accuracy 0.3100 | "
                                      "train_time 1560000ms\n", ""), "log_1.txt: does not end on an evaluation"),
     (lambda f: drop_source(f / "log_1.txt", "model.py"), "log_1.txt: no source of model.py, which commit"),
+    (lambda f: add_source(f, "tqdm.py", "from shapes import *  # imported for the library"),
+     "log_0.txt: its tqdm.py takes the place of the installed module "),
     (lambda f: edit(f / "log_1.txt", HEAD, "0" * 40), f"log_1.txt: names commit {'0' * 8}, which this repository "
                                                        f"lacks: its sources cannot be checked"),
     # one configuration per record: the flags and the sources of every run
@@ -242,6 +255,15 @@ def test_a_tampered_record_fails(record, tamper, message):
     tamper(record)
     problems = verify.verify(record)
     assert any(message in p for p in problems), problems
+
+
+def test_python_of_the_commit_that_no_log_holds_is_named(monkeypatch):
+    """A package beside the top-level sources would be imported by the runs unseen (the logs hold the top-level .py
+    files); tests/ and records/ are not the runs' code."""
+    assert verify.unlogged_python(HEAD) == []
+    listing = "train.py\ntests/test_train.py\nrecords/verify.py\ntqdm/__init__.py\nlib/x.py\nshapes_teacher.safetensors\n"
+    monkeypatch.setattr(verify, "git", lambda *argv: SimpleNamespace(stdout=listing))
+    assert verify.unlogged_python.__wrapped__("c") == ["tqdm/__init__.py", "lib/x.py"]
 
 
 def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
@@ -635,8 +657,8 @@ def test_runs_beside_at_a_commit_that_logged_no_cpu_units_share_the_machine(tmp_
 def test_a_cpu_record_made_since_train_py_writes_the_start_time_needs_runs_beside_it(tmp_path, cpu_target):
     folder = tmp_path / "2026-12-06_alone"
     folder.mkdir()
-    for seed, (minutes, accuracy) in RUNS.items():
-        log = synthetic_log(seed, minutes, accuracy, ("object_accuracy", 0.292), started=True)
+    for seed, (minutes, accuracy) in RUNS.items():  # one log without the start time: made since all the same
+        log = synthetic_log(seed, minutes, accuracy, ("object_accuracy", 0.292), started=seed != 3)
         (folder / f"log_{seed}.txt").write_text(log)
     write_readme(folder, "record", "alone")
     assert [p for p in verify.verify(folder) if p.startswith("no beside/log_<k>.txt: a cpu record runs")]
@@ -665,6 +687,41 @@ def test_a_record_beside_the_one_it_replaces_races_on_that_ones_clock(record, tm
     assert "left out 2026-12-06_orphan: its beside/ runs have the flags of no record" in err
     assert "left out 2026-12-06_slower: 25.00 min on the board's clock (1.000x its runs beside), not below the " \
         "current record's 12.50" in err
+
+
+def test_records_race_in_the_order_their_runs_started_whatever_their_folders_names(record, tmp_path, capsys):
+    """A record made after the current one, racing beside an older record and named with an earlier date, comes after
+    the current record all the same (its runs' start time): not below it, it is left out (rule 3)."""
+    make_record(record.parent / "2026-12-05_faster", {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS},
+                beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS}, lr=0.003)  # 12.50 min
+    backdated = make_record(record.parent / "2026-12-03_later", {k: (15.0, RUNS[k][1]) for k in RUNS},
+                            beside={k: (25.0, 0.3) for k in RUNS}, lr=0.009)  # 15.00 min, beside the first record
+    for log in [*backdated.glob("log_*.txt"), *(backdated / "beside").glob("log_*.txt")]:
+        edit(log, '"started": "2026-12-05T', '"started": "2026-12-07T')
+    assert verify.verify(backdated) == []
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 12.50 min |" in board and "later" not in board, board
+    assert "left out 2026-12-03_later: 15.00 min on the board's clock (0.600x its runs beside), not below the " \
+        "current record's 12.50" in capsys.readouterr().err
+
+
+def test_of_two_folders_holding_the_same_runs_the_one_git_added_first_races(record, tmp_path, capsys, monkeypatch):
+    """A copy of a record (its runs: their machine, start times and folders) under another name: the folder git
+    added first stays on the board; where git cannot tell (neither committed), neither does."""
+    faster = make_record(record.parent / "2026-12-05_faster", {k: (10.0 + k % 2, RUNS[k][1]) for k in RUNS},
+                         beside={k: (20.0 + 2 * (k % 2), 0.3) for k in RUNS}, lr=0.003)
+    for log in [*faster.glob("log_*.txt"), *(faster / "beside").glob("log_*.txt")]:
+        edit(log, '"cores": 2,', '"host": "vm1",\n      "cores": 2,')
+    shutil.copytree(faster, record.parent / "2026-12-05_a-copy")
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "faster" not in board and "a-copy" not in board, board
+    assert "left out 2026-12-05_a-copy: its runs are also those of 2026-12-05_faster: one folder per attempt, the " \
+        "one git added first" in capsys.readouterr().err
+    git = verify.git  # the original committed: `git log --diff-filter=A` gives the time of the commit adding it
+    monkeypatch.setattr(verify, "git", lambda *argv: git(*argv) if argv[0] != "log" else
+                        SimpleNamespace(stdout="1764900000\n" if argv[-1].endswith("_faster") else ""))
+    board = leaderboard.leaderboard(record.parent, tmp_path)
+    assert "| 1 | 12.50 min |" in board and "2026-12-05_faster" in board and "a-copy" not in board, board
 
 
 def test_a_record_level_with_the_current_one_on_its_clock_is_left_out(record, tmp_path, capsys):
@@ -1045,17 +1102,24 @@ sys.exit(0 if os.path.exists(partner) and all(os.path.exists(e) for e in earlier
 
 
 def test_the_runs_train_on_a_snapshot_of_the_working_tree(tmp_path):
-    """The tree's uncommitted changes, staged or not, and its new files are in it; the folder goes at the end."""
-    stub = STUB_PAIRED.replace("os.makedirs(out)\n", "os.makedirs(out)\nimport helper\n"
-                               "open(out + '/code', 'w').write(os.path.abspath(__file__) + ' ' + helper.MARK)\n")
+    """The tree's uncommitted changes of top-level .py files, staged or not, and its new ones are in it (each log holds
+    them); not another file, which would reach the runs unlogged (a package shadowing a library); the folder goes at
+    the end."""
+    stub = STUB_PAIRED.replace("os.makedirs(out)\n", "os.makedirs(out)\nimport helper\nhere = os.path.dirname("
+                               "os.path.abspath(__file__))\nopen(out + '/code', 'w').write(os.path.abspath(__file__) + "
+                               "' ' + helper.MARK + ' ' + str(os.path.exists(os.path.join(here, 'tqdm'))))\n")
     stub_speedrun(tmp_path, stub_train=STUB_PAIRED, RUNS="7")  # refused (odd): the repository, its stubs committed
     (tmp_path / "helper.py").write_text("MARK = 'uncommitted'\n")
     git_in(tmp_path, "add", "helper.py")  # a new file, staged; train.py's change (stub_speedrun's) stays unstaged
+    (tmp_path / "tqdm").mkdir()
+    (tmp_path / "tqdm" / "__init__.py").write_text("# would be imported in place of the library\n")
     r = stub_speedrun(tmp_path, "--smoke", "--", "--lr=3e-3", stub_train=stub, BESIDE="1")
     runs = tmp_path / "records" / "runs"
     assert "run x-beside-1: " in r.stdout and "failed" not in r.stderr, r.stdout + r.stderr
+    assert "the runs train on HEAD's version of what is not a top-level .py file (the logs hold those only; commit " \
+        "the rest): left out tqdm/__init__.py\n" in r.stdout, r.stdout
     for run in ("x-0", "x-1", "x-beside-0", "x-beside-1"):
-        assert (runs / run / "code").read_text() == f"{runs / 'x-code' / 'train.py'} uncommitted"
+        assert (runs / run / "code").read_text() == f"{runs / 'x-code' / 'train.py'} uncommitted False"
     assert not (runs / "x-code").exists() and len(git_in(tmp_path, "worktree", "list").splitlines()) == 1
 
 
