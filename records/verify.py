@@ -370,9 +370,9 @@ def check_attempt(runs):
 # 64 scenes of each split and two seeds rendered at the track's resolution (argv[1]) with both captions, the
 # checker's reading of each render against its own objects, the previous scene's and a noise image, and of the render
 # blurred and noised twice, as generated images are, where the checker's thresholds decide; then, through the
-# interfaces a run uses, the held-out split's captions, renders and scores (the metric) and the training loader's
-# first batches (training never draws the held-out pairs). The text encoder's output is left out: a run's method.
-# Run on the source embedded in a log.
+# interfaces a run uses (data.py's open_heldout and open_loader), the held-out split's captions, renders and scores
+# (the metric) and the training loader's first batches (training never draws the held-out pairs). The text encoder's
+# output is left out: a run's method. Run on all the sources embedded in a log.
 TASK_PROBE = """
 import hashlib, sys, numpy as np, torch, shapes as s
 from scipy import ndimage
@@ -394,13 +394,14 @@ for split in s.SPLITS:
             readings = [s.check_scene(x, objects) for x, objects in pairs]
             h.update(repr([s.long_caption(scene), s.short_caption(scene), readings]).encode())
             previous = scene.objects
-for seed in (0, 1):  # through the interfaces the runs use: the held-out split that evaluates, the training loader
-    held, idx = s.HeldoutShapes(seed, "long", side), list(range(32))
+import data  # the interfaces train.py and eval.py open them through: the held-out split, the training loader
+for seed in (0, 1):
+    held, idx = data.open_heldout("builtin", 32, "long", side, seed, s.TEXT_CONTEXT), list(range(32))
     renders = held.images(idx)
     noise_batch = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, renders.shape, dtype=np.uint8))
     scores = [held.score(x, idx) for x in (renders, renders.roll(1, 0), noise_batch)]
     h.update(renders.numpy().tobytes() + repr([held.captions(idx), scores]).encode())
-    loader = s.ShapesLoader(8, 0, 1, seed, side)
+    loader = data.open_loader("builtin", 8, 0, 1, seed, "long", "cpu", 1, side, s.TEXT_CONTEXT, None)
     for _ in range(2):
         batch = next(loader)
         h.update(batch["image"].numpy().tobytes() + repr(batch["caption"]).encode())
@@ -552,9 +553,10 @@ def check_task(runs, t):
     every_source = lambda r: tuple(sorted(r["sources"].items()))  # noqa: E731
     fixed = "the evaluation is fixed (records/RULES.md)"
     if "task" in t:
-        probes = [(TASK_PROBE, lambda r: ((t["task"], r["sources"].get(t["task"], "")),),
-                   f"its {t['task']} draws or reads other scenes than that of {t['target_from']}, where the target "
-                   f"was measured: another task; a changed task needs its own calibration (speedrun.sh --calibrate)"),
+        probes = [(TASK_PROBE, every_source,
+                   f"its {t['task']} (or data.py's way to it) draws or reads other scenes than that of "
+                   f"{t['target_from']}, where the target was measured: another task; a changed task needs its own "
+                   f"calibration (speedrun.sh --calibrate)"),
                   (EVAL_PROBE, every_source,
                    f"its eval.py samples or averages otherwise than that of {t['target_from']}: {fixed}")]
     elif t["metric"] == "fid" and t["target"] is not None:

@@ -237,9 +237,10 @@ def test_a_good_synthetic_record_passes(record, capsys):
     # the task through the interfaces runs use: the evaluated split, the metric, the training data
     (lambda f: edit(f / "log_1.txt", 'ShapesDataset(seed=10_000 + seed, split="heldout")',
                     'ShapesDataset(seed=10_000 + seed, split="train")'),
-     "log_1.txt: its shapes.py draws or reads other"),
+     "log_1.txt: its shapes.py (or data.py's way to it) draws or reads other"),
     (lambda f: edit(f / "log_1.txt", '"object": float(np.mean([np.mean([r["full"]',
-                    '"object": float(np.mean([np.mean([r["color_region"]'), "log_1.txt: its shapes.py draws or reads"),
+                    '"object": float(np.mean([np.mean([r["color_region"]'),
+     "log_1.txt: its shapes.py (or data.py's way to it) draws or reads"),
     # the evaluation, fixed: eval.py's guidance and its averaging over uneven batches
     (lambda f: [own_source(f, f"log_{k}.txt", "eval.py", "return uncond + cfg_scale * (cond - uncond)",
                            "return cond + cfg_scale * (cond - uncond)") for k in range(4)],
@@ -249,7 +250,14 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_0.txt: its eval.py samples or averages otherwise than that of"),
     (lambda f: edit(f / "log_1.txt", "self.dataset, self.encoder = ShapesDataset(seed)",
                     'self.dataset, self.encoder = ShapesDataset(10_000 + seed, "heldout")'),
-     "log_1.txt: its shapes.py draws or reads other"),
+     "log_1.txt: its shapes.py (or data.py's way to it) draws or reads other"),
+    # the same task, reached otherwise: evaluating on other scenes, training on the held-out ones
+    (lambda f: own_source(f, "log_1.txt", "data.py", "return HeldoutShapes(seed, caption,",
+                          "return HeldoutShapes(seed + 1, caption,"),
+     "log_1.txt: its shapes.py (or data.py's way to it) draws or reads other"),
+    (lambda f: own_source(f, "log_1.txt", "data.py", "return ShapesLoader(batch_size, rank, world_size, seed,",
+                          "return ShapesLoader(batch_size, rank, world_size, 10_000 + seed,"),
+     "log_1.txt: its shapes.py (or data.py's way to it) draws or reads other"),
 ])
 def test_a_tampered_record_fails(record, tamper, message):
     tamper(record)
@@ -431,7 +439,8 @@ def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target
     (cpu_target / "shapes.py").write_text(verify.parse_log(log)["sources"]["shapes.py"])
     assert verify.verify(cpu_target) == []
     problems = verify.verify(record)
-    assert len(problems) == 4 and all("its shapes.py draws or reads other scenes" in p for p in problems), problems
+    assert len(problems) == 4 and all("its shapes.py (or data.py's way to it) draws or reads other scenes" in p
+                                      for p in problems), problems
 
 
 def test_a_task_probe_that_fails_says_why(record):
@@ -457,7 +466,6 @@ def fresh_interpreter(probe, files, resolution, tmp_path):
 @pytest.mark.parametrize("probe", ["TASK_PROBE", "EVAL_PROBE"])  # FID_PROBE: EVAL_PROBE's sampler, + ~15 s
 def test_each_probe_prints_in_the_server_what_it_prints_in_a_fresh_interpreter(probe, tmp_path):
     files = tuple(sorted((p.name, p.read_text()) for p in ROOT.glob("*.py")))
-    files = tuple(f for f in files if f[0] == "shapes.py") if probe == "TASK_PROBE" else files
     ours = verify.fingerprint(getattr(verify, probe), files, 16)
     assert re.fullmatch(r"[0-9a-f]{64}", ours)
     assert ours == fresh_interpreter(getattr(verify, probe), files, 16, tmp_path)
@@ -621,7 +629,7 @@ def test_the_runs_beside_a_record_give_its_time_against_theirs(tmp_path, cpu_tar
                 for k in range(4)],
      "beside/log_0.txt: eval_minutes [], the record's runs [5]: the runs beside share its stopping rule"),
     (lambda f: [own_source(f / "beside", f"log_{k}.txt", "shapes.py", "GRID = 2", "GRID = 3") for k in range(4)],
-     "beside/: log_0.txt: its shapes.py draws or reads other scenes"),
+     "beside/: log_0.txt: its shapes.py (or data.py's way to it) draws or reads other scenes"),
 ])
 def test_runs_beside_a_record_that_break_the_rules_fail(tmp_path, cpu_target, tamper, message):
     folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
