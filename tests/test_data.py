@@ -244,6 +244,10 @@ def test_a_dataset_prepared_again_with_another_size_is_refused_on_resume(prepare
         loader.load_state_dict(old)
     del old["cursors"][str(out)]
     assert loader.load_state_dict(old) == [str(out)]
+    # a dataset this --data no longer reads keeps its size in the state: a later stage reading it again is checked
+    loader.load_state_dict({**state, "cursors": {**state["cursors"], "gone": [0, 5]}, "sizes": {**state["sizes"],
+                                                                                                "gone": 7}})
+    assert loader.state_dict()["sizes"] == {str(out): n, "gone": 7}
 
 
 def test_loading_a_state_leaves_the_callers_state_as_it_was(prepared):

@@ -625,6 +625,32 @@ def test_evaluate_over_ranks_is_the_mean_over_every_sample(monkeypatch):
         "brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
 
 
+def test_the_grid_is_samples_0_to_63_whatever_the_number_of_ranks(monkeypatch):
+    """Rank r of 3 holds samples r, r + 3, ... (my_batches): each gives its first 22 rows, and the grid is 0..63 in
+    order, as one process's first batch would be."""
+    monkeypatch.setattr(ev, "distributed", lambda: True)
+    monkeypatch.setattr(ev.dist, "get_world_size", lambda: 3)
+    firsts = [torch.arange(r, 96, 3) for r in range(3)]  # each rank's first batch of 32: its indices
+
+    def gather_rows(x):  # every rank's first len(x) rows, in rank order; an "image" here is its index
+        rows = torch.cat([f[:len(x)] for f in firsts])
+        return rows.float()[:, None] if x.is_floating_point() else rows
+    monkeypatch.setattr(ev, "gather_rows", gather_rows)
+    images, idx = ev.first_samples(firsts[0].float()[:, None], range(0, 96, 3), 64)
+    assert idx == list(range(64)) and images[:, 0].tolist() == list(range(64))
+
+
+def test_evaluation_data_of_another_vae_with_the_models_text_width_is_refused(tmp_path):
+    """Where the run's own data is not on this machine to compare encoders with, the shapes are the last guard: the
+    text width alone is not enough (a DC-AE set's 32 channels against a FLUX VAE model's 16)."""
+    (tmp_path / "index.json").write_text(json.dumps({"schema": {"latent": {"shape": [32, 8, 8]}}}))
+    model = SimpleNamespace(cfg=SimpleNamespace(context_dim=24, in_channels=16))
+    split = SimpleNamespace(encode=lambda idx: (torch.zeros(1, 3, 24), torch.ones(1, 3, dtype=torch.bool)))
+    with pytest.raises(SystemExit, match="gives 24-wide text and 32-channel inputs, the model reads 24-wide text and "
+                                         "16 channels"):
+        ev.check_data_fits(model, split, str(tmp_path), "--data d")
+
+
 def test_a_fingerprint_is_the_sha256_of_every_weight():
     """The reference names its networks by fingerprint: a change of any one weight is another network."""
     w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
@@ -980,6 +1006,13 @@ def test_cli_export_writes_the_runs_pipeline(prepared, tmp_path, capsys):
     write_run(tmp_path / "sprint", sprint, data=str(out), pred="v")
     with pytest.raises(SystemExit, match="PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm decoding"):
         ev.main(["export", "--ckpt", str(tmp_path / "sprint"), "--out", str(tmp_path / "new")])
+    flux2 = tmp_path / "flux2-data"  # data encoded with FLUX.2's AE: its BatchNorm decoding is not the pipeline's
+    shutil.copytree(out, flux2)
+    index = json.loads((flux2 / "index.json").read_text())
+    (flux2 / "index.json").write_text(json.dumps({**index, "settings": {**index["settings"], "vae": "flux2"}}))
+    write_run(tmp_path / "flux2", model, data=str(flux2), pred="v")
+    with pytest.raises(SystemExit, match="PRXPipeline has no SPRINT layers and no FLUX.2 BatchNorm decoding"):
+        ev.main(["export", "--ckpt", str(tmp_path / "flux2"), "--out", str(tmp_path / "new")])
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob("*.tmp-*"))
 
 

@@ -448,6 +448,10 @@ def test_an_error_after_parsing_is_printed_by_rank_0_first(rank, monkeypatch):
             raise SystemExit(code)
         assert stopped.value.code == code
     assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # another launcher's processes: no torchrun to stop them, no wait
+    with pytest.raises(SystemExit), data.errors_of_rank_0_first():
+        raise SystemExit("error: --out r holds a run already")
+    assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -820,6 +824,9 @@ def test_the_time_budget_of_a_resume_is_in_minutes_and_the_checkpoints_time_in_s
     with pytest.raises(SystemExit, match=re.escape("ckpt has nothing left to train under --max-time 1.5 (it is at "
                                                    "1.50 minutes)")):
         train.check_budget(budget(1.5), "ckpt", 4, 90.0)
+    tracks = argparse.Namespace(max_steps=8, max_time=1.5, track="cpu", track_values=["max_time"])
+    with pytest.raises(SystemExit, match=re.escape("--max-time 1.5 (the cpu track's; it is at 1.50 minutes)")):
+        train.check_budget(tracks, "ckpt", 4, 90.0)  # a value the user did not type: where it comes from
 
 
 def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its_own(tmp_path):
@@ -978,6 +985,14 @@ def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path, c
     r = run(SMALL + ["--out", str(out), "--max-steps", "6", "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(losses(out)) == list(range(1, 7))
+    log = (out / "log.txt").read_text()  # the sources once, at the start; each resume its flags
+    assert log.count("=== train.py\n") == 1 and "\n=== config.resume-4.json\n" in log
+
+
+def test_split_metrics_keeps_a_line_not_of_train_py_with_the_first_part_and_drops_a_torn_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json}\n{"step": 9}\n{"st')
+    assert train.split_metrics(path, 5) == (['{"step": 1}\n', 'not json}\n'], ['{"step": 9}\n'])
 
 
 def test_a_failed_checkpoint_write_keeps_the_earlier_ones(finished_run, tmp_path, monkeypatch):
