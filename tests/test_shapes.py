@@ -146,17 +146,18 @@ def test_shapes_py_is_the_task_the_cpu_target_was_calibrated_on():
     sys.path.insert(0, os.path.join(root, "records"))
     import verify
     track = verify.TRACKS["cpu"]
-    calibration = verify.load_runs(verify.ROOT / track["target_from"])[0]["sources"]["shapes.py"]
-    ours = open(os.path.join(root, "shapes.py")).read()
-    calibrated = verify.fingerprint(verify.TASK_PROBE, (("shapes.py", calibration),), track["resolution"])
-    assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", ours),), track["resolution"]) == calibrated
+    calibration = verify.load_runs(verify.ROOT / track["target_from"])[0]["sources"]  # its every source: data.py's
+    ours = {name: open(os.path.join(root, name)).read() for name in os.listdir(root) if name.endswith(".py")}  # too
+    files = lambda sources: tuple(sorted(sources.items()))  # noqa: E731
+    calibrated = verify.fingerprint(verify.TASK_PROBE, files(calibration), track["resolution"])
+    assert verify.fingerprint(verify.TASK_PROBE, files(ours), track["resolution"]) == calibrated
     # the checker's thresholds, and its reading of generated-looking (blurred, noisy) images, which clean renders do
     # not tell apart: another task
     for old, new in (("MAX_COLOR_DISTANCE = 100.0", "MAX_COLOR_DISTANCE = 90.0"),
                      ("area < object_pixels / 2", "area < object_pixels / 3")):
-        changed = ours.replace(old, new, 1)
+        changed = {**ours, "shapes.py": ours["shapes.py"].replace(old, new, 1)}
         assert changed != ours
-        assert verify.fingerprint(verify.TASK_PROBE, (("shapes.py", changed),), track["resolution"]) != calibrated
+        assert verify.fingerprint(verify.TASK_PROBE, files(changed), track["resolution"]) != calibrated
 
 
 # ----------------------------------------------------------------------------------------------------------
