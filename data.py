@@ -788,6 +788,10 @@ class Parser(argparse.ArgumentParser):
 QUIET_RANK_WAIT_S = 30  # time for rank 0, which parses the same flags, to print its error and exit
 
 
+class AnotherProcessEnded(SystemExit):
+    """Said at once by any rank: the process that ended may be rank 0, killed before it could say anything."""
+
+
 @contextlib.contextmanager
 def stop_when_another_process_ends(where_to_resume=None):
     """Under torchrun on gloo, a process that ends (killed, or stopped by an error it has printed) fails the others'
@@ -796,10 +800,11 @@ def stop_when_another_process_ends(where_to_resume=None):
     try:
         yield
     except RuntimeError as e:
-        if not (lost := re.search(r"Connection \w+ by peer", str(e))):
-            raise
+        lost = re.search(r"Connection \w+ by peer", str(e))
+        if not (lost and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise  # a single process's network error (a hub download) keeps its traceback
         resume = f"; {where_to_resume()}" if where_to_resume else ""
-        raise SystemExit(f"error: another process of this run ended ({lost.group()}){resume}") from None
+        raise AnotherProcessEnded(f"error: another process of this run ended ({lost.group()}){resume}") from None
 
 
 @contextlib.contextmanager
@@ -807,8 +812,8 @@ def errors_of_rank_0_first():
     """Around a script's main: under torchrun, the error that stops a rank other than 0 (a SystemExit with a message)
     waits QUIET_RANK_WAIT_S before it is printed. Where rank 0 met it too (the same flags and files: most of them),
     torchrun stops this rank meanwhile and the error shows once, not once per process; where only this rank met it, it
-    still shows. A damaged shard found mid-run (DamagedShard) stops it so too, with one line, as does a collective
-    that fails because another process ended."""
+    still shows. A damaged shard found mid-run (DamagedShard) stops it so too, with one line; a collective that fails
+    because another process ended, with one line at once."""
     try:
         try:
             with stop_when_another_process_ends():
@@ -816,7 +821,8 @@ def errors_of_rank_0_first():
         except DamagedShard as e:  # found mid-run: one line
             raise SystemExit(f"error: {e}") from None
     except SystemExit as e:
-        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
+        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ \
+                and not isinstance(e, AnotherProcessEnded):
             time.sleep(QUIET_RANK_WAIT_S)
         raise
 

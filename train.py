@@ -965,8 +965,11 @@ def resolve_resume(resume, out):
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
                          f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
     run, rank_0 = run_of(ckpt), os.environ.get("RANK", "0") == "0"  # rank 0's lock, once taken, is the run's own
-    if rank_0 and (out is None or os.path.abspath(out) == os.path.abspath(run)) and (holder := lock_holder(run)):
-        raise SystemExit(busy(run, holder))  # now, not a checkpoint it prunes meanwhile read as missing
+    holder = [lock_holder(run) if rank_0 and (out is None or os.path.abspath(out) == os.path.abspath(run)) else None]
+    if dist.is_initialized():  # every rank stops alike (the others would meet rank 0's exit in their next collective)
+        dist.broadcast_object_list(holder, 0)
+    if holder[0]:
+        raise SystemExit(busy(run, holder[0]))  # now, not a checkpoint it prunes meanwhile read as missing
     with exit_on("--resume"):
         verify_checkpoint(ckpt)
     return ckpt

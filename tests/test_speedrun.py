@@ -269,9 +269,10 @@ def test_python_of_the_commit_that_no_log_holds_is_named(monkeypatch):
     """A package beside the top-level sources would be imported by the runs unseen (the logs hold the top-level .py
     files); tests/ and records/ are not the runs' code."""
     assert verify.unlogged_python(HEAD) == []
-    listing = "train.py\ntests/test_train.py\nrecords/verify.py\ntqdm/__init__.py\nlib/x.py\nshapes_teacher.safetensors\n"
-    monkeypatch.setattr(verify, "git", lambda *argv: SimpleNamespace(stdout=listing))
-    assert verify.unlogged_python.__wrapped__("c") == ["tqdm/__init__.py", "lib/x.py"]
+    listing = ["train.py", "tests/test_train.py", "records/verify.py", "tqdm/__init__.py", "my lib/x y.py", "café/a.py",
+               "shapes_teacher.safetensors"]  # git ls-tree -z: names as they are, NUL-separated
+    monkeypatch.setattr(verify, "git", lambda *argv: SimpleNamespace(stdout="\0".join(listing) + "\0"))
+    assert verify.unlogged_python.__wrapped__("c") == ["tqdm/__init__.py", "my lib/x y.py", "café/a.py"]
 
 
 def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
@@ -333,6 +334,13 @@ def test_a_gpu_record_is_judged_the_lower_is_better_way(monkeypatch):
     assert verify.check_stop(stopped(26.0)) == [
         "log_0.txt: says --target fid 25.0 was reached at step 5000, where it scored 26.0"]
     assert verify.check_stop(stopped(24.9)) == [] and verify.check_stop(stopped(25.0)) == []
+    monkeypatch.setitem(verify.TRACKS["1gpu"], "stop", 25.0)  # the periodic check's reading of the target
+    runs = attempt_runs([18.0, 18.5, 19.0])
+    for aim, refused in ((26.0, True), (25.0, False), (24.0, False), (None, False)):  # None: a fixed budget
+        runs[1]["config"]["args"]["target"] = aim and ["fid", aim]
+        assert verify.check_stopping_value(runs, "1gpu") == [
+            f"log_1.txt: --target fid {aim}: the 1gpu track's runs stop at fid 25.0 or beyond it (records/RULES.md: "
+            f"STOP may not pass the track's stop)"] * refused
 
 
 def test_a_run_stops_at_its_last_step_or_its_time():
@@ -726,8 +734,9 @@ def test_of_two_folders_holding_the_same_runs_the_one_git_added_first_races(reco
     assert "left out 2026-12-05_a-copy: its runs are also those of 2026-12-05_faster: one folder per attempt, the " \
         "one git added first" in capsys.readouterr().err
     git = verify.git  # the original committed: `git log --diff-filter=A` gives the time of the commit adding it
-    monkeypatch.setattr(verify, "git", lambda *argv: git(*argv) if argv[0] != "log" else
-                        SimpleNamespace(stdout="1764900000\n" if argv[-1].endswith("_faster") else ""))
+    monkeypatch.setattr(verify, "git", lambda *argv: git(*argv) if argv[0] != "log" else  # newest first: a later
+                        SimpleNamespace(stdout="1764990000\n1764900000\n" if argv[-1].endswith("_faster") else  # file
+                                        "1764950000\n"))  # the copy, added after the original, before its last file
     board = leaderboard.leaderboard(record.parent, tmp_path)
     assert "| 1 | 12.50 min |" in board and "2026-12-05_faster" in board and "a-copy" not in board, board
 
