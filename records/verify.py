@@ -238,13 +238,14 @@ def check_run(run, track):
         # which since 2026-12-05; not checked before)
         rows += [("evaluated checkpoint", confirm["checkpoint"], f"step_{run['timeline'][-1][0]}"),
                  ("evaluated weights", confirm["weights"], "ema" if args.get("ema") else "model")]
-    if "cores" in t:  # an x86 CPU with AVX2 (config.json: its name, its vector units), 2 cores, one thread per run
-        cpu = devices.get("cpu", "")
-        rows += [("CPU", cpu, cpu if re.match(r"(AMD|Intel)\b", cpu) else "an x86 CPU (AMD or Intel)"),
-                 ("CPU cores", devices.get("cores"), t["cores"]),
+    if "cores" in t:  # an x86 CPU with AVX2 (config.json: its vector units), 2 cores, one thread per run
+        rows += [("CPU cores", devices.get("cores"), t["cores"]),
                  ("torch threads", devices.get("threads"), t["threads"])]
-        if "cpu_flags" in devices:  # older logs name the CPU only
+        if "cpu_flags" in devices:  # AVX2 is x86's alone, whatever name a VM gives its CPU ("Common KVM processor")
             rows.append(("CPU's AVX2", "avx2" in devices["cpu_flags"], True))
+        else:  # older logs name the CPU only
+            cpu = devices.get("cpu", "")
+            rows.append(("CPU", cpu, cpu if re.match(r"(AMD|Intel)\b", cpu) else "an x86 CPU (AMD or Intel)"))
     if "gpu" in t:
         fid = confirm["settings"].get("fid", "")
         rows += [("GPUs", devices.get("gpus", [])[:t["world"]], [t["gpu"]] * t["world"]),
