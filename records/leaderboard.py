@@ -59,8 +59,7 @@ def identity(runs):
     wrote the start time and host: None, told apart by their folders alone)."""
     if not all("started" in r["config"] and "host" in r["config"].get("devices", {}) for r in runs):
         return None
-    return sorted((r["config"].get("devices", {}).get("host"), r["config"]["started"], r["config"]["args"]["out"])
-                  for r in runs)
+    return sorted((r["config"]["devices"]["host"], r["config"]["started"], r["config"]["args"]["out"]) for r in runs)
 
 
 def originals(found):
@@ -71,12 +70,11 @@ def originals(found):
         return int(when[-1]) if when else float("inf")
     kept = []
     for e in found:
-        twins = [t for t in found if e["identity"] is not None and t["identity"] == e["identity"]]
-        times = sorted(added(t["folder"]) for t in twins)
-        if len(twins) > 1 and (added(e["folder"]) != times[0] or times[0] in (times[1], float("inf"))):
+        twins = [t for t in found if t is not e and e["identity"] is not None and t["identity"] == e["identity"]]
+        if twins and not added(e["folder"]) < min(added(t["folder"]) for t in twins):  # a tie, or inf: none
             print(f"left out {e['folder'].name}: its runs are also those of "
-                  f"{', '.join(t['folder'].name for t in twins if t is not e)}: one folder per attempt, the one git "
-                  f"added first", file=sys.stderr)
+                  f"{', '.join(t['folder'].name for t in twins)}: one folder per attempt, the one git added first",
+                  file=sys.stderr)
             continue
         kept.append(e)
     return kept

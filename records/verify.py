@@ -141,6 +141,7 @@ def unlogged_python(commit):
     return [n for n in names if n.endswith(".py") and "/" in n and not n.startswith(("tests/", "records/"))]
 
 
+@lru_cache(maxsize=None)
 def installed_module(name):
     """Where the module a top-level source is named after lives outside the repository (tqdm.py: tqdm's package), or
     None: a source of that name is imported by the runs in its place."""
