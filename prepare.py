@@ -415,11 +415,20 @@ def prepare(args, rank=0, world_size=1):
                                           else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the current device of every library call too: not GPU 0 on each rank
-    rows, total, args.source_files, files = open_source(args.source, args.image_field, rank, world_size)
+    prepared = (out / "index.json").exists()
+    try:
+        rows, total, args.source_files, files = open_source(args.source, args.image_field, rank, world_size)
+    except SystemExit as e:  # offline, or the source moved: a complete preparation needs nothing of it
+        if not prepared:
+            raise
+        args.source_files = json.loads((out / "prepare.json").read_text()).get("source_files")  # the flags compared
+        unchecked = f"; its source's files were not compared ({str(e).removeprefix('error: ')})"
+    else:
+        unchecked = ""
     settings = check_settings(out, args)
-    if (out / "index.json").exists():  # a complete preparation of these settings and files
+    if prepared:  # a complete preparation of these settings (and files, where the source could be opened)
         if rank == 0:
-            print(f"{out} is prepared already (index.json): nothing to do")
+            print(f"{out} is prepared already (index.json): nothing to do{unchecked}")
         return
     # a misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source
     head = [rows.features] if getattr(rows, "features", None) else list(itertools.islice(rows, args.batch_size))

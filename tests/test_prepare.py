@@ -432,7 +432,14 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path, monkeypatch, 
         prepare.main(argv)
     (images / "sub" / "rgb01.png").rename(images / "rgb01.png")
     prepare.main(argv)
-    assert "prepared already (index.json): nothing to do" in capsys.readouterr().out
+    assert "prepared already (index.json): nothing to do\n" in capsys.readouterr().out
+    images.rename(tmp_path / "moved")  # a source gone (or a hub offline): what is prepared needs nothing of it
+    prepare.main(argv)
+    assert re.search(r"prepared already \(index.json\): nothing to do; its source's files were not compared "
+                     r"\(--source .*images: no such folder", capsys.readouterr().out)
+    with pytest.raises(SystemExit, match="--resolution 32 there, 64 now"):  # the flags are still compared
+        prepare.main(argv + ["--resolution", "64"])
+    (tmp_path / "moved").rename(images)
     with monkeypatch.context() as m:  # torchrun's other processes: rank 0 alone says it
         m.setenv("RANK", "1")
         prepare.main(argv)
