@@ -557,22 +557,20 @@ def check_task(runs, t):
     CPU track's shapes.py: scenes, captions, checker) draws and reads what the calibration's did (TASK_PROBE), and
     its eval.py samples and averages as the calibration's did (EVAL_PROBE); on a GPU track, once calibrated, its
     eval.py samples and computes FID as the calibration's did (FID_PROBE)."""
-    every_source = lambda r: tuple(sorted(r["sources"].items()))  # noqa: E731
     fixed = "the evaluation is fixed (records/RULES.md)"
     if "task" in t:
-        probes = [(TASK_PROBE, every_source,
-                   f"its {t['task']} (or data.py's way to it) draws or reads other scenes than that of "
-                   f"{t['target_from']}, where the target was measured: another task; a changed task needs its own "
-                   f"calibration (speedrun.sh --calibrate)"),
-                  (EVAL_PROBE, every_source,
-                   f"its eval.py samples or averages otherwise than that of {t['target_from']}: {fixed}")]
+        probes = [(TASK_PROBE, f"its {t['task']} (or data.py's way to it) draws or reads other scenes than that of "
+                               f"{t['target_from']}, where the target was measured: another task; a changed task "
+                               f"needs its own calibration (speedrun.sh --calibrate)"),
+                  (EVAL_PROBE, f"its eval.py samples or averages otherwise than that of {t['target_from']}: {fixed}")]
     elif t["metric"] == "fid" and t["target"] is not None:
-        probes = [(FID_PROBE, every_source,
-                   f"its eval.py samples or computes FID otherwise than that of {t['target_from']}: {fixed}")]
+        probes = [(FID_PROBE, f"its eval.py samples or computes FID otherwise than that of {t['target_from']}: "
+                              f"{fixed}")]
     else:
         return []
+    files = lambda r: tuple(sorted(r["sources"].items()))  # noqa: E731  every source of a log (fingerprint's key)
     problems = []
-    for probe, files, otherwise in probes:
+    for probe, otherwise in probes:
         try:
             calibrated = fingerprint(probe, files(load_runs(ROOT / t["target_from"])[0]), t["resolution"])
         except RuntimeError as e:
