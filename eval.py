@@ -292,8 +292,7 @@ def dino_features(model, images):
     in float (no antialiasing, no rounding to uint8, unlike CMMD's), ImageNet mean/std."""
     cfg, device, size = model.pretrained_cfg, next(model.parameters()).device, model.patch_embed.img_size[0]
     x = F.interpolate(images.to(device).float(), size=(size, size), mode="bicubic", align_corners=False)
-    x = (x / 255 - torch.tensor(cfg["mean"], device=device)[:, None, None]) / \
-        torch.tensor(cfg["std"], device=device)[:, None, None]
+    x = normalize(x, cfg["mean"], cfg["std"], device)  # in [0, 255] still: divided by 255 there
     return F.normalize(model.forward_features(x)[:, 0].float(), dim=-1)
 
 
