@@ -94,11 +94,9 @@ def minutes_list(text):
 def target_spec(text):
     """--target METRIC=VALUE -> (metric, value)."""
     metric, _, value = text.partition("=")
-    try:
+    with contextlib.suppress(ValueError):
         if math.isfinite(float(value)):
             return metric, float(value)
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"expected METRIC=VALUE, e.g. fid=20 or object_accuracy=0.416, got {text!r}")
 
 
