@@ -963,11 +963,11 @@ def resolve_resume(resume, out):
                          f"run's config.json, which this one is not; move it back there (an abandoned one too: "
                          f"checkpoints/abandoned-<time>/step_N -> checkpoints/step_N)")
     run, rank_0 = run_of(ckpt), os.environ.get("RANK", "0") == "0"  # rank 0's lock, once taken, is the run's own
-    holder = [lock_holder(run) if rank_0 and (out is None or os.path.abspath(out) == os.path.abspath(run)) else None]
-    if dist.is_initialized():  # every rank stops alike (the others would meet rank 0's exit in their next collective)
-        dist.broadcast_object_list(holder, 0)
-    if holder[0]:
-        raise SystemExit(busy(run, holder[0]))  # now, not a checkpoint it prunes meanwhile read as missing
+    # every rank stops alike (the others would meet rank 0's exit in their next collective)
+    holder = from_rank_0(lock_holder(run) if rank_0 and (out is None or os.path.abspath(out) == os.path.abspath(run))
+                         else None)
+    if holder:
+        raise SystemExit(busy(run, holder))  # now, not a checkpoint it prunes meanwhile read as missing
     with exit_on("--resume"):
         verify_checkpoint(ckpt)
     return ckpt
@@ -1181,6 +1181,7 @@ class RunLog:
     def __init__(self, out, master, config, start_step, resumed):
         self.master, self.out, self.config = master, out, config
         self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.last_evaluation = (0, 0.0)  # (step, train time) of the last evaluation logged: rank 0's
         if not master:
             return
         config_path = os.path.join(out, f"config.resume-{start_step}.json" if resumed else "config.json")
@@ -1197,6 +1198,10 @@ class RunLog:
             if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
                 kept = split_metrics(self.metrics_path, start_step)[0]
                 write_whole(self.metrics_path, lambda f: f.write("".join(kept).encode()))
+                for line in kept:
+                    with contextlib.suppress(ValueError, TypeError, KeyError):  # an edited line
+                        if "loss" not in (record := json.loads(line)):  # an evaluation's (StepLog's have a loss)
+                            self.last_evaluation = (int(record["step"]), float(record["train_time_s"]))
 
     def __call__(self, text, record=None):
         if not self.master:
@@ -1292,20 +1297,28 @@ def claim_run_folder(out, new):
     return lock, out
 
 
-def claim_on_rank_0(out, new, master, world):
+def claim_on_rank_0(out, new, master):
     """claim_run_folder on rank 0; every rank learns its outcome and the run folder, so that a refusal stops them all
     here, not in their next collective. -> (the lock on rank 0, else None; the run folder)."""
-    lock, outcome = None, [None, out]
+    lock, refused = None, None
     if master:
         try:
-            lock, outcome[1] = claim_run_folder(out, new)
-        except SystemExit as refused:
-            outcome[0] = refused.code
-    if world > 1:
-        dist.broadcast_object_list(outcome, 0)
-    if outcome[0]:
-        raise SystemExit(outcome[0] if master else 1)
-    return lock, outcome[1]
+            lock, out = claim_run_folder(out, new)
+        except SystemExit as e:
+            refused = e.code
+    refused, out = from_rank_0((refused, out))
+    if refused:
+        raise SystemExit(refused if master else 1)
+    return lock, out
+
+
+def from_rank_0(value):
+    """Rank 0's value on every rank: a choice all must make alike (an exit, or a collective that follows)."""
+    if dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, 0)
+        value = box[0]
+    return value
 
 
 def where_to_resume(run):
@@ -1415,7 +1428,7 @@ def main(argv=None):
     master = rank == 0
     out, ckpt, same_run, stage = run_folder(args)
     existing = out is not None and os.path.isdir(out)  # else made once the run's errors are past
-    lock = claim_on_rank_0(out, False, master, world)[0] if existing else None  # held open to the end
+    lock = claim_on_rank_0(out, False, master)[0] if existing else None  # held open to the end
     loader, chunks_per_rank = open_training_data(args, rank, world, device)
     cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device, step_of(ckpt) if ckpt else 0)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
@@ -1430,7 +1443,7 @@ def main(argv=None):
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     if not existing:
-        lock, out = claim_on_rank_0(out, True, master, world)
+        lock, out = claim_on_rank_0(out, True, master)
     moved = set_aside_newer(ckpt, args) if same_run and master else None  # before this resume's config is written
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
@@ -1446,11 +1459,13 @@ def main(argv=None):
             breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
             log(f"compile warm-up done (5 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 
-        # the loop: occasional work first (evaluation, checkpoint), then the one training step
+        # the loop: occasional work first (checkpoint, evaluation), then the one training step
         raw_model.train()
         step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
         max_time = args.max_time * 60 if args.max_time else math.inf
-        eval_times = [60 * m for m in args.eval_minutes if 60 * m > train_time]
+        # checkpoints come before their step's evaluation: the one a stop cut short is due again when the run resumes
+        evaluated_step, evaluated_time = from_rank_0(log.last_evaluation) if same_run else (start_step, train_time)
+        eval_times = [60 * m for m in args.eval_minutes if 60 * m > evaluated_time]
         step_log = StepLog(args, cfg, loader, world, device, train_time, log)
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device
         while True:
@@ -1462,15 +1477,15 @@ def main(argv=None):
             last = step >= args.max_steps or train_time >= max_time
             timed_eval = bool(eval_times) and train_time >= eval_times[0]
             eval_times = [t for t in eval_times if t > train_time]
-            # the budget spent: its checkpoint before the final evaluation, which a stop may cut short
-            saved = last and step > start_step
+            # the checkpoint before the evaluation, which a stop may cut short (minutes of FID: steps are not lost)
+            saved = (last or step % args.ckpt_every == 0) and step > start_step
             if saved:
                 save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
-            periodic = args.eval_every and step % args.eval_every == 0 and step > start_step
+            periodic = args.eval_every and step % args.eval_every == 0 and step > evaluated_step
             if run_eval and (last or timed_eval or periodic):
                 last = evaluate_and_log(args, run_eval, ema if ema is not None else raw_model, raw_model, step,
                                         train_time, last, out, master, log)
-            if (last or step % args.ckpt_every == 0) and step > start_step and not saved:
+            if last and step > start_step and not saved:  # --target reached off the checkpoints' grid
                 save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_time, finite, args.keep)
             if last:
                 if train_time >= max_time:  # (--max-steps shows in the step line, --target in its own line)
@@ -1489,8 +1504,7 @@ def main(argv=None):
             step += 1
             sync()
             train_time += time.perf_counter() - t0
-            # every rank must agree on when the time budget ends and when a timed evaluation (a collective) starts: a
-            # sync, only then
+            # the ranks agree on when the budget ends and a timed evaluation (a collective) starts: a sync, only then
             if world > 1 and (args.max_time or args.eval_minutes):
                 budget = torch.tensor([train_time], dtype=torch.float64, device=device)
                 dist.broadcast(budget, 0)

@@ -738,8 +738,8 @@ def test_the_global_batch_splits_over_the_processes():
 
 def test_evaluations_come_once_each_across_a_resume(tmp_path):
     """--eval-every N evaluates every N-th step after the start, neither at a fresh run's step 0 nor again at a
-    resume's first step (evaluated before the checkpoint); an --eval-minutes point passed before the resume is not
-    met again."""
+    resume's first step (evaluated before the stop); an --eval-minutes point passed before the resume is not met
+    again."""
     out = tmp_path / "r"
     flags = SMALL[:-4] + ["--eval-samples", "8", "--sample-steps", "2", "--eval-every", "2", "--eval-minutes", "1e-6",
                           "--ckpt-every", "2", "--out", str(out)]
@@ -748,6 +748,29 @@ def test_evaluations_come_once_each_across_a_resume(tmp_path):
     with open(out / "metrics.jsonl") as f:
         evaluated = [r["step"] for r in map(json.loads, f) if "object_accuracy" in r]
     assert evaluated == [1, 2, 4, 6]  # step 1: the first past 1e-6 minutes of training
+
+
+@pytest.mark.parametrize("cadence, evaluated", [(["--eval-every", "2", "--ckpt-every", "2"], [2, 4]),
+                                                 (["--eval-minutes", "1e-6", "--ckpt-every", "1"], [1, 4])])
+def test_a_stop_during_an_evaluation_loses_no_step_and_the_resume_evaluates_first(tmp_path, monkeypatch, cadence,
+                                                                                 evaluated):
+    """A step's checkpoint comes before its evaluation (at scale, minutes of FID): a stop during the evaluation
+    keeps the step, and the resume evaluates it first, as the run would have (a periodic and a timed evaluation)."""
+    out, calls = tmp_path / "r", []
+
+    def run_eval(model, grid):
+        calls.append(grid)
+        if len(calls) == 1:
+            raise RuntimeError("stopped during the first evaluation")
+        return {"object_accuracy": 0.0}
+    monkeypatch.setattr(train, "setup_eval", lambda *a: run_eval)
+    flags = SMALL + ["--eval-samples", "2", *cadence, "--max-steps", "4", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="stopped during"):
+        train.main(flags)
+    assert Path(list_checkpoints(out)[-1]).name == f"step_{evaluated[0]}"
+    train.main(flags + ["--resume"])
+    with open(out / "metrics.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "object_accuracy" in r] == evaluated
 
 
 def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
