@@ -242,12 +242,21 @@ def listing(files):
 
 
 def folder_entries(root, source):
-    """What root.rglob("*") lists, but a folder that cannot be read (no permission) is refused: rglob leaves it out
-    without a word, and its images would be missing from the dataset unseen."""
+    """What root.rglob("*") lists, but through linked folders (each real folder once: a link to an ancestor would loop),
+    and a folder that cannot be read (no permission) is refused: rglob leaves both out without a word, and their
+    images would be missing from the dataset unseen."""
     def refuse(e):
         raise SystemExit(f"error: --source {source}: cannot read the folder {e.filename} ({type(e).__name__}): make "
                          f"it readable, or move it out of the source")
-    return [Path(folder, name) for folder, dirs, files in os.walk(root, onerror=refuse) for name in dirs + files]
+    entries, seen = [], set()
+    for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=True):
+        if os.path.realpath(folder) in seen:
+            dirs.clear()  # not walked again
+            continue
+        seen.add(os.path.realpath(folder))
+        dirs.sort()  # of two links to one folder, the first by name is read: the same on every machine
+        entries += [Path(folder, name) for name in dirs + files]
+    return entries
 
 
 def unreadable_source_file(source, file, e):

@@ -919,6 +919,20 @@ def test_a_folder_of_the_source_that_cannot_be_read_is_refused(prepared, tmp_pat
         assert not (tmp_path / "out").exists()
 
 
+def test_images_in_a_linked_folder_are_read_once_and_a_link_to_an_ancestor_ends(prepared, tmp_path):
+    """A subset linked in from elsewhere is part of the source (os.walk and rglob skip linked folders without a word);
+    each real folder is read once: a second link to it adds nothing, a link to the source itself does not loop."""
+    root, _ = prepared
+    folder = copy_samples(root, tmp_path / "images", ("rgb01.png",))
+    elsewhere = copy_samples(root, tmp_path / "elsewhere", ("rgb02.png", "rgba0.png"))
+    (folder / "more").symlink_to(elsewhere)
+    (folder / "again").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(folder)
+    files = prepare.open_source(str(folder), "image", 0, 1)[3]
+    assert sorted(p.relative_to(folder).as_posix() for p in files) == ["again/rgb02.png", "again/rgba0.png",
+                                                                          "rgb01.png"]
+
+
 def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
     """As train.py's: no KeyboardInterrupt traceback, and the way on (the whole shards are kept)."""
     stop = ("import os, signal, prepare; prepare.prepare = lambda *a: os.kill(os.getpid(), signal.SIGINT); "
