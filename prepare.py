@@ -230,6 +230,39 @@ def folder_rows(files, root):
         yield {**row, "id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
 
 
+WEBDATASET_DECODERS = {**dict.fromkeys(("txt", "text", "transcript"), lambda b: b.decode("utf-8")),
+                       **dict.fromkeys(("json", "jsn"), json.loads),
+                       **dict.fromkeys(("cls", "cls2", "index", "inx", "id"), int)}  # as datasets' webdataset builder
+
+
+def tar_rows(files):
+    """Webdataset tars (local or hub files): a row per key (a member's name up to the first dot of its base name), a
+    field per extension, decoded as datasets' webdataset builder decodes them (images left as bytes). A member that
+    cannot be decoded (a caption not UTF-8, bad JSON) is passed on, to be skipped and counted: datasets' builder
+    stops the whole preparation there, naming the tar as unreadable."""
+    import fsspec
+    for file in files:
+        with fsspec.open(file, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streamed, never seeked
+            row = {}
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                key, dot, field = base.partition(".")
+                if not (member.isfile() and key and dot):
+                    continue
+                key = f"{folder}/{key}" if folder else key
+                if row.get("__key__") != key:  # a sample's members are consecutive
+                    if row:
+                        yield row
+                    row = {"__key__": key}
+                value, decode = tar.extractfile(member).read(), WEBDATASET_DECODERS.get(field.rsplit(".")[-1].lower())
+                try:
+                    row[field] = decode(value) if decode else {"bytes": value, "path": f"{key}.{field}"}
+                except (ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                    row["__unreadable__"] = f"{key}.{field}: {type(e).__name__}: {e}"
+            if row:
+                yield row
+
+
 def listing(files):
     """What a resume checks: the files of the source, in the order rows are read from them, named relative to their
     common folder (the tree may move) and without a hub dataset's commit (a new commit may keep the files)."""
@@ -265,6 +298,23 @@ def unreadable_source_file(source, file, e):
     return SystemExit(f"error: --source {source}: cannot read {file or 'one of its files'} ({type(e).__name__}: "
                       f"{str(e)[:200]}); replace it with a readable copy and run the same command again, which resumes "
                       f"after the last whole shard (without that file the source's files differ: use another --out)")
+
+
+def parquet_rows(source, file):
+    import pyarrow.parquet
+    try:
+        return pyarrow.parquet.read_metadata(file).num_rows
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise unreadable_source_file(source, file, e) from e
+
+
+def read_rows(it, n, source, rows, files):
+    """The next n rows of it (rows or an iterator over them); a source file that cannot be read (corrupt, empty, not
+    parquet or tar) stops the preparation naming it, the shards written so far kept."""
+    try:
+        return list(itertools.islice(it, n))
+    except (OSError, ValueError, tarfile.TarError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise unreadable_source_file(source, file_being_read(rows, files), e) from e
 
 
 def file_being_read(rows, files):
@@ -319,8 +369,13 @@ def open_source(source, image_field, rank, world_size):
     mine = files[rank::world_size]  # whole files per rank: no rank downloads another's data
     splits = builder.info.splits
     total = splits["train"].num_examples * len(mine) // len(files) if splits and "train" in splits else None
+    if total is None and builder.name == "parquet" and all(os.path.isfile(f) for f in mine):  # local: the footers
+        total = sum(parquet_rows(source, f) for f in mine)  # (the progress bar's ETA)
     if not mine:
         return [], 0, listing(files), mine
+    if builder.name == "webdataset":
+        rows = datasets.IterableDataset.from_generator(tar_rows, gen_kwargs=dict(files=mine))
+        return rows, total, listing(files), mine
     try:  # reads the first file for its columns
         rows = datasets.load_dataset(builder.name, data_files=mine, split="train", streaming=True)
     except (OSError, ValueError, tarfile.TarError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -440,7 +495,8 @@ def prepare(args, rank=0, world_size=1):
             print(f"{out} is prepared already (index.json): nothing to do{unchecked}")
         return
     # a misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source
-    head = [rows.features] if getattr(rows, "features", None) else list(itertools.islice(rows, args.batch_size))
+    head = [rows.features] if getattr(rows, "features", None) else read_rows(rows, args.batch_size, args.source, rows,
+                                                                             files)
     for flag, field in [("--image-field", args.image_field), *(("--captions", f) for f in fields.values())]:
         if head and not any(has_field(row, field) for row in head):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
@@ -464,10 +520,7 @@ def prepare(args, rank=0, world_size=1):
     bar = tqdm(total=total, initial=rows_done, unit="img", desc=f"prepare rank {rank}", disable=rank != 0)
     with ThreadPoolExecutor(args.workers) as pool:  # PIL decodes and resizes outside the GIL
         while True:
-            try:
-                chunk = list(itertools.islice(it, args.batch_size))
-            except (OSError, ValueError, tarfile.TarError) as e:  # a corrupt file further on: the shards stay
-                raise unreadable_source_file(args.source, file_being_read(rows, files), e) from e
+            chunk = read_rows(it, args.batch_size, args.source, rows, files)
             samples = list(pool.map(lambda row: load_sample(row, args, fields), chunk))
             skipped += [[s["id"], s["reason"]] for s in samples if "reason" in s]  # a list: ids may repeat
             good = [s for s in samples if "reason" not in s]

@@ -298,28 +298,34 @@ def test_rows_without_an_id_are_named_by_their_image_whatever_the_ranks(prepared
     assert len({split for i, split in splits["one"] if i == prepare.content_id(pngs[0])}) == 1  # duplicates: 1 split
 
 
-def test_webdataset_tars_in_pixel_space(prepared, tmp_path):
+def test_webdataset_tars_in_pixel_space(prepared, tmp_path, monkeypatch):
+    """Webdataset keys as ids, fields by extension ('json.caption' reaches into the .json); a caption that cannot be
+    decoded is one sample skipped and counted, the rest of its tar read (datasets' builder stops at it); an
+    interrupted preparation resumes inside a tar."""
     import tarfile
     root, _ = prepared
-    rng = np.random.default_rng(2)
-    with tarfile.open(tmp_path / "part-0.tar", "w") as tar:
-        for i in range(4):
-            png = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, "PNG")
-            for ext, payload in (("png", png.getvalue()), ("txt", caption(rng, 6).encode()),
-                              ("json", json.dumps({"caption": caption(rng, 2)}).encode())):
-                info = tarfile.TarInfo(f"s{i}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_tar(tmp_path / "part-0.tar", [f"s{i}" for i in range(6)], {"s2": {"txt": "café".encode("latin-1")},
+                                                                     "s4": {"json": b'{"caption": "a red'}})
     argv = prepare_argv(tmp_path / "out", tmp_path / "*.tar", root / "models", "--vae", "none", "--image-field", "png",
                         "--captions", "long=txt,short=json.caption", "--eval-fraction", "0")
     prepare.main(argv)
     stored = stored_samples(tmp_path / "out")
-    assert sorted(stored) == ["s0", "s1", "s2", "s3"]  # webdataset keys as ids
+    assert sorted(stored) == ["s0", "s1", "s3", "s5"]
+    skipped = json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]["ids"]
+    assert {k: v.split(": ")[:3] for k, v in skipped.items()} == {
+        "s2": ["unreadable caption file", "s2.txt", "UnicodeDecodeError"],
+        "s4": ["unreadable caption file", "s4.json", "JSONDecodeError"]}
+    resumed = [argv[0], str(tmp_path / "resumed"), *argv[2:], "--shard-size", "2", "--batch-size", "2"]
+    interrupted_after_the_first_train_shard(resumed, monkeypatch)
+    prepare.main(resumed)
+    again = json.loads((tmp_path / "resumed" / "index.json").read_text())["skipped"]["ids"]
+    assert sorted(stored_samples(tmp_path / "resumed")) == sorted(stored) and again == skipped
+    assert len(data.PreparedDataset(str(tmp_path / "resumed"), "train")) == len(stored)  # none read twice
     batch = next(data.ShardLoader(str(tmp_path / "out"), batch_size=4, captions="short"))
     assert "latent" not in batch and batch["image"].shape == (4, 3, RES, RES) and batch["image"].dtype == torch.uint8
     with tarfile.open(tmp_path / "part-0.tar") as tar:
-        shorts = {m.name[:2]: json.load(tar.extractfile(m))["caption"] for m in tar if m.name.endswith(".json")}
+        shorts = {m.name[:2]: json.load(tar.extractfile(m))["caption"] for m in tar
+                  if m.name.endswith(".json") and m.name[:2] in stored}
     assert batch["caption"] == [shorts[i] for i in batch["id"]]
 
 
@@ -786,6 +792,23 @@ def test_a_torchrun_prepare_worker_dies_with_its_launcher(tmp_path):
     assert_dies_with_launcher(worker, env={**os.environ, "TORCHELASTIC_RUN_ID": "none"})  # main set it up, then sleeps
 
 
+def write_tar(path, keys, replaced=(), seed=2):
+    """A webdataset tar: per key a 40 x 40 random .png, a .txt caption and a .json {"caption": short caption}; the
+    members in `replaced` ({key: {extension: bytes}}) in their place."""
+    import tarfile
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, "PNG")
+            members = {"png": png.getvalue(), "txt": caption(rng, 6).encode(),
+                       "json": json.dumps({"caption": caption(rng, 2)}).encode(), **dict(replaced).get(key, {})}
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
 def write_parquet(path, ids, seed=0, corrupt=()):
     """Rows of the default caption fields (llava, prompt), with these ids and 40 x 40 random images (bytes that are no
     image in the rows of `corrupt`)."""
@@ -823,22 +846,22 @@ def test_a_source_file_that_cannot_be_read_is_named_before_the_encoders_load(pre
 
 
 def test_a_corrupt_source_file_midway_stops_naming_it_and_a_readable_copy_resumes(prepared, tmp_path):
-    """The third of three parquet files is corrupt: the preparation stops there with one line naming it, the shards
-    of the first two kept; with a readable copy in its place the same command resumes and reads it (without it the
-    source's files differ, refused as before)."""
+    """The third of three tars is corrupt: the preparation stops there with one line naming it, the shards of the
+    first two kept; with a readable copy in its place the same command resumes and reads it (without it the source's
+    files differ, refused as before). A corrupt parquet file is found before any work (its footer: the row count)."""
     root, _ = prepared
     for k in range(2):
-        write_parquet(tmp_path / "pq" / f"train-{k}.parquet", [f"f{k}r{i}" for i in range(2)], seed=k)
-    (tmp_path / "pq" / "train-2.parquet").write_bytes(b"not parquet" * 10)
-    argv = prepare_argv(tmp_path / "out", tmp_path / "pq", root / "models", "--eval-fraction", "0", "--shard-size",
-                        "2", "--batch-size", "2")
-    with pytest.raises(SystemExit, match=f"^error: --source {tmp_path / 'pq'}: cannot read "
-                                         f"{tmp_path / 'pq' / 'train-2.parquet'} \\(ArrowInvalid: .*run the same "
-                                         f"command again, which resumes after the last whole shard"):
+        write_tar(tmp_path / f"part-{k}.tar", [f"f{k}r{i}" for i in range(2)], seed=k)
+    (tmp_path / "part-2.tar").write_bytes(b"not a tar" * 100)
+    argv = prepare_argv(tmp_path / "out", tmp_path / "*.tar", root / "models", "--eval-fraction", "0", "--shard-size",
+                        "2", "--batch-size", "2", "--image-field", "png", "--captions", "long=txt,short=json.caption")
+    with pytest.raises(SystemExit, match=f"^error: --source {re.escape(str(tmp_path / '*.tar'))}: cannot read "
+                                         f"{tmp_path / 'part-2.tar'} \\(ReadError: .*run the same command again, "
+                                         f"which resumes after the last whole shard"):
         prepare.main(argv)
     kept = files_of(tmp_path / "out" / "train")
     assert {str(p.parent) for p in kept} == {"shard-r000-00000", "shard-r000-00001"}
-    write_parquet(tmp_path / "pq" / "train-2.parquet", ["f2r0", "f2r1"], seed=2)
+    write_tar(tmp_path / "part-2.tar", ["f2r0", "f2r1"], seed=2)
     prepare.main(argv)
     assert sorted(stored_samples(tmp_path / "out")) == [f"f{k}r{i}" for k in range(3) for i in range(2)]
     assert all(files_of(tmp_path / "out" / "train")[p] == b for p, b in kept.items())  # resumed, not redone
@@ -896,6 +919,7 @@ def test_every_skipped_row_is_counted_even_under_one_id(prepared, tmp_path):
              for r in range(json.loads((p / "meta.json").read_text())["count"])
              if data.Shard(p).string("id", r) == "twin"]
     assert len(twins) == 2 and len(set(twins)) == 1
+    assert [prepare.open_source(str(tmp_path / "pq"), "image", r, 2)[1] for r in (0, 1)] == [7, 2]  # the bar's total
 
 
 def test_a_folder_of_the_source_that_cannot_be_read_is_refused(prepared, tmp_path, monkeypatch):
