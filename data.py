@@ -265,11 +265,30 @@ class Shard:
                                f"damaged: {self.repair}") from None
 
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # an image folder's (prepare)
+
+
+def how_to_prepare(root, flags=""):
+    """What to do with a folder given as prepared data that holds no index.json."""
+    root = Path(root)
+    if (root / "prepare.json").exists():
+        return f"its preparation did not finish: run the same prepare.py command again, which resumes (its settings: " \
+               f"{root / 'prepare.json'})"
+    if any((root / name).exists() for name in ("config.json", "model.safetensors")):  # (a run's grids are images)
+        return "a training run or checkpoint, not data: name the folder prepare.py wrote (the run's config.json)"
+    if root.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS | {".parquet", ".tar"} for p in root.iterdir()):
+        return f"it holds a source's files: prepare them into a folder of their own (`python prepare.py --source " \
+               f"{root} --out NEW {flags}...`) and pass that"
+    if not root.exists() and re.search(r"[:=%\s]", str(root)):
+        return "no such folder; a mixture is DIR:WEIGHT,DIR:WEIGHT (numbers, e.g. data/a:0.7,data/b:0.3)"
+    return f"prepare one with `python prepare.py --out {root} {flags}...`"
+
+
 def read_index(root):
     """A prepared directory's index.json, or an error that says how to prepare or repair it."""
     path = Path(root) / "index.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: prepare it first with `python prepare.py --out {root} ...`")
+        raise FileNotFoundError(f"{path} not found: {how_to_prepare(root)}")
     try:
         return json.loads(path.read_text())
     except ValueError as e:  # JSONDecodeError: a file cut short

@@ -41,11 +41,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data import FIXED, FORMAT, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, die_with_launcher, \
-    errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, normalize_latent, \
-    number, quiet_transformers, stop_on_signals, unwritable, whole, write_whole
+from data import FIXED, FORMAT, IMAGE_EXTENSIONS, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, \
+    die_with_launcher, errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, \
+    normalize_latent, number, quiet_transformers, stop_on_signals, unwritable, whole, write_whole
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_RESOLUTION = 4096
 
 

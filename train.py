@@ -45,8 +45,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
-    exit_on, fraction, heldout_caption, number, open_heldout, open_loader, pad_text, pad_to_common, parse_data_phases, \
-    positive, read_index, space_differences, stop_on_signals, stop_when_another_process_ends, unwritable, write_whole
+    exit_on, fraction, heldout_caption, how_to_prepare, number, open_heldout, open_loader, pad_text, pad_to_common, \
+    parse_data_phases, positive, read_index, space_differences, stop_on_signals, stop_when_another_process_ends, \
+    unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
@@ -326,10 +327,10 @@ def check_files(parser, args):
     perceptual = [flag for flag, weight in (("--lpips", args.lpips), ("--pdino", args.pdino)) if weight]
     for path in dirs:
         if not os.path.exists(os.path.join(path, "index.json")):
-            how = f"`python prepare.py --out {path} ...`" if "data" not in args.track_values else \
-                f"`{SPEEDRUN_PREPARE}` (the {args.track} track's dataset: {args.track_why}), or train the CPU " \
-                f"track with --track cpu"
-            parser.error(f"--data {path}: no prepared dataset there (no index.json); prepare one with {how}")
+            how = how_to_prepare(path) if "data" not in args.track_values else \
+                f"prepare one with `{SPEEDRUN_PREPARE}` (the {args.track} track's dataset: {args.track_why}), or " \
+                f"train the CPU track with --track cpu"
+            parser.error(f"--data {path}: no prepared dataset there (no index.json); {how}")
         try:
             schema = read_index(path)["schema"]
         except ValueError as e:  # a file cut short
@@ -347,8 +348,8 @@ def check_files(parser, args):
                          f"and decoding the prediction with the VAE at every step is too costly: use pixel data "
                          f"(`python prepare.py --vae none ...`)")
     if args.eval_data and not os.path.exists(os.path.join(args.eval_data, "index.json")):
-        parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); prepare one with "
-                     f"`python prepare.py --out {args.eval_data} --eval-fraction 1 ...`")
+        parser.error(f"--eval-data {args.eval_data}: no prepared dataset there (no index.json); "
+                     f"{how_to_prepare(args.eval_data, '--eval-fraction 1 ')}")
     if args.eval_data and not dirs:
         parser.error(f"--eval-data {args.eval_data}: a prepared dataset, whose text and images a model of the built-in "
                      f"shapes (--data builtin) cannot read: leave --eval-data out")

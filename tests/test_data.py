@@ -731,3 +731,25 @@ def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 5]  # the last: the evaluation at the end
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["data"] == str(root / "out")
     assert "\neval step 5 | train_time " in second.stdout  # no --eval-ref: a sample grid, no score
+
+
+def test_a_folder_without_index_json_is_told_what_to_run(tmp_path):
+    """--data given an unfinished preparation, a source folder, a run, a mistyped mixture or an empty place: the
+    advice fits each (before: `prepare.py --out` of the folder, the source folder itself included)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "samples_10.png").write_bytes(b"")
+    (tmp_path / "unfinished" / "train").mkdir(parents=True)
+    (tmp_path / "unfinished" / "prepare.json").write_text("{}")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.JPG").write_bytes(b"")
+    for folder, advice in (("unfinished", "its preparation did not finish: run the same prepare.py command again"),
+                           ("images", f"prepare them into a folder of their own (`python prepare.py --source "
+                                      f"{tmp_path / 'images'} --out NEW --eval-fraction 1 ...`)"),
+                           ("run", "a training run or checkpoint, not data"),
+                           ("a:50%", "no such folder; a mixture is DIR:WEIGHT,DIR:WEIGHT"),
+                           ("new", f"prepare one with `python prepare.py --out {tmp_path / 'new'} --eval-fraction 1 "
+                                   f"...`")):
+        assert advice in data.how_to_prepare(tmp_path / folder, "--eval-fraction 1 ")
+    with pytest.raises(FileNotFoundError, match="index.json not found: its preparation did not finish"):
+        data.read_index(tmp_path / "unfinished")
