@@ -186,18 +186,26 @@ def has_field(row, field):
     return True
 
 
+def text_of(value):
+    """A field as text; bytes (a webdataset member of an extension without a decoder: .caption, .uid) as UTF-8."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def load_sample(row, args, fields):
     """One source row -> dict(id, image (3, R, R) uint8, captions) or dict(id, reason) when it must be skipped."""
     try:
-        sample_id = str(row.get(args.id_field) or row.get("__key__") or content_id(row[args.image_field]))
-    except Exception as e:  # no image in the row, or a listed file that cannot be read
-        return dict(id=content_id(repr(row).encode()), reason=f"unreadable image: {type(e).__name__}: {e}")
-    if "__unreadable__" in row:  # set by folder_rows
+        sample_id = text_of(row.get(args.id_field) or row.get("__key__") or content_id(row[args.image_field]))
+    except Exception as e:  # no image in the row, a listed file that cannot be read, an id not UTF-8
+        what = f"--id-field {args.id_field}" if isinstance(e, UnicodeDecodeError) else "image"
+        return dict(id=content_id(repr(row).encode()), reason=f"unreadable {what}: {type(e).__name__}: {e}")
+    if "__unreadable__" in row:  # set by folder_rows and tar_rows
         return dict(id=sample_id, reason=f"unreadable caption file: {row['__unreadable__']}")
     try:
-        captions = {name: str(read_field(row, field) or "") for name, field in fields.items()}
+        captions = {name: text_of(read_field(row, field) or "") for name, field in fields.items()}
     except (KeyError, TypeError):
         return dict(id=sample_id, reason=f"missing caption field: row has {sorted(row)}")
+    except UnicodeDecodeError as e:
+        return dict(id=sample_id, reason=f"text not UTF-8: {e}")
     # lone surrogates (a file name in another encoding, a JSON "\ud800") cannot be stored as UTF-8
     if bad := {k: v for k, v in {"id": sample_id, **captions}.items() if v.encode(errors="replace").decode() != v}:
         return dict(id=sample_id, reason=f"text not UTF-8: {ascii(bad)}")
@@ -236,9 +244,9 @@ WEBDATASET_DECODERS = {**dict.fromkeys(("txt", "text", "transcript"), lambda b: 
 
 def tar_rows(files):
     """Webdataset tars (local or hub files): a row per key (a member's name up to the first dot of its base name), a
-    field per extension, decoded as datasets' webdataset builder decodes them (images left as bytes). A member that
-    cannot be decoded (a caption not UTF-8, bad JSON) is passed on, to be skipped and counted: datasets' builder
-    stops the whole preparation there, naming the tar as unreadable."""
+    field per extension, decoded as datasets' webdataset builder decodes them, the others bytes (images; text
+    load_sample decodes). A member that cannot be decoded (a caption not UTF-8, bad JSON) is passed on, to be
+    skipped and counted: datasets' builder stops the whole preparation there, naming the tar as unreadable."""
     import fsspec
     for file in files:
         with fsspec.open(file, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streamed, never seeked
@@ -255,7 +263,7 @@ def tar_rows(files):
                     row = {"__key__": key}
                 value, decode = tar.extractfile(member).read(), WEBDATASET_DECODERS.get(field.rsplit(".")[-1].lower())
                 try:
-                    row[field] = decode(value) if decode else {"bytes": value, "path": f"{key}.{field}"}
+                    row[field] = decode(value) if decode else value
                 except (ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                     row["__unreadable__"] = f"{key}.{field}: {type(e).__name__}: {e}"
             if row:

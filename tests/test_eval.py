@@ -1400,3 +1400,17 @@ def test_sample_with_out_reads_a_checkpoint_it_cannot_write_into(tmp_path, monke
     monkeypatch.setattr(os, "access", lambda path, mode, **k: str(path) != str(ckpt) and access(path, mode, **k))
     ev.main(["sample", "--ckpt", str(ckpt), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")])
     assert (tmp_path / "x.png").stat().st_size > 0 and sorted(os.listdir(ckpt)) == sorted([CHECKSUMS, "model.safetensors"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_sampler_runs_the_model_under_bf16_autocast_on_cuda():
+    """As training does (fp32 weights, bf16 compute): fp32 sampling would be slower and score other images."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, txt, txt_mask, route_ratio=0.0, route_scores=None):
+            seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+            return torch.zeros_like(x)
+    txt, mask = torch.zeros(2, 3, 8, device="cuda"), torch.ones(2, 3, dtype=torch.bool, device="cuda")
+    ev.sample(Recorder(), txt, mask, txt[:1], mask[:1], [0, 1], (4, 2, 2), steps=2, cfg_scale=2.0)
+    assert seen == [(True, torch.bfloat16)] * 2

@@ -1,6 +1,7 @@
 """prepare.py on tiny sources (an image folder of awkward files, parquet, webdataset tars) with tiny random encoders
 saved to disk (tiny_prepared.py; the `prepared` fixture of conftest.py)."""
 
+import hashlib
 import io
 import json
 import os
@@ -329,6 +330,30 @@ def test_webdataset_tars_in_pixel_space(prepared, tmp_path, monkeypatch):
     assert batch["caption"] == [shorts[i] for i in batch["id"]]
 
 
+def test_a_tar_member_of_any_extension_reads_as_text_and_the_id_field_comes_before_the_key(prepared, tmp_path):
+    """.uid and .caption have no decoder (datasets' builder gave their bytes: ids "b'U0'"); --id-field names the id
+    over the webdataset key; a caption not UTF-8 skips its sample."""
+    root, _ = prepared
+    members = {f"k{i}": {"uid": f"U{i}".encode(), "caption": f"a red circle number {i}".encode()} for i in range(3)}
+    members["k2"]["caption"] = "café".encode("latin-1")
+    write_tar(tmp_path / "part-0.tar", list(members), members)
+    prepare.main(prepare_argv(tmp_path / "out", tmp_path / "*.tar", root / "models", "--vae", "none", "--image-field",
+                              "png", "--id-field", "uid", "--captions", "long=caption", "--eval-fraction", "0"))
+    assert sorted(stored_samples(tmp_path / "out")) == ["U0", "U1"]
+    batch = next(data.ShardLoader(str(tmp_path / "out"), batch_size=2, captions="long"))
+    assert sorted(batch["caption"]) == ["a red circle number 0", "a red circle number 1"]
+    skipped = json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]["ids"]
+    assert list(skipped) == ["U2"] and skipped["U2"].startswith("text not UTF-8: 'utf-8' codec can't decode")
+
+
+def test_the_listing_names_files_relative_to_their_folder_even_one_file():
+    """What a resume compares: a single file is named by its name (its folder may move), so another file differs."""
+    one = prepare.listing(["/d/x.parquet"])
+    assert one == {"count": 1, "sha256": hashlib.sha256(b"x.parquet").hexdigest()}
+    assert prepare.listing(["/elsewhere/x.parquet"]) == one and prepare.listing(["/d/y.parquet"]) != one
+    assert prepare.listing(["/d/a/x.tar", "/d/b/y.tar"])["sha256"] == hashlib.sha256(b"a/x.tar\nb/y.tar").hexdigest()
+
+
 def test_caption_fields_spec():
     assert prepare.parse_caption_fields("long=llava,short=json.caption") == {"long": "llava", "short": "json.caption"}
     for spec in ("long", "long=a,short", "long-x=a"):
@@ -461,6 +486,9 @@ def test_a_prepare_json_older_than_the_source_listing_resumes(tmp_path):
     (tmp_path / "train" / "shard-r000-00000").mkdir(parents=True)
     (tmp_path / "prepare.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "source_files"}))
     assert prepare.check_settings(tmp_path, SimpleNamespace(**settings)) is None
+    (tmp_path / "prepare.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "eval_fraction"}))
+    with pytest.raises(SystemExit, match=r"other settings \(--eval-fraction None there, 1 now\)"):  # only the listing
+        prepare.check_settings(tmp_path, SimpleNamespace(**settings))  # came later: another missing setting is not
 
 
 def copy_samples(root, folder, names=("rgb01.png", "rgb02.png", "rgba0.png")):
