@@ -147,6 +147,8 @@ def to_rgb(img):
 def image_value(value):
     """A PIL image, encoded bytes, a path, or datasets' Image(decode=False) dict {"bytes", "path"} -> one of the
     first three."""
+    if value is None or value == {"bytes": None, "path": None}:  # a null of a dataset's image column
+        raise ValueError("no image: the row's image is empty (null)")
     return (value.get("bytes") or value["path"]) if isinstance(value, dict) else value
 
 

@@ -354,6 +354,16 @@ def test_the_listing_names_files_relative_to_their_folder_even_one_file():
     assert prepare.listing(["/d/a/x.tar", "/d/b/y.tar"])["sha256"] == hashlib.sha256(b"a/x.tar\nb/y.tar").hexdigest()
 
 
+def test_a_row_whose_image_is_null_is_skipped_saying_so():
+    args = SimpleNamespace(id_field="id", image_field="image", min_size=16, resolution=32)
+    for row, sample_id, why in (({"id": "x", "image": None}, "x", "undecodable image"),
+                                ({"id": "x", "image": {"bytes": None, "path": None}}, "x", "undecodable image"),
+                                ({"image": None}, None, "unreadable image")):  # no id: none from the image either
+        sample = prepare.load_sample({**row, "txt": "a red cat"}, args, {"long": "txt"})
+        assert sample["reason"] == f"{why}: ValueError: no image: the row's image is empty (null)"
+        assert sample_id is None or sample["id"] == sample_id
+
+
 def test_caption_fields_spec():
     assert prepare.parse_caption_fields("long=llava,short=json.caption") == {"long": "llava", "short": "json.caption"}
     for spec in ("long", "long=a,short", "long-x=a"):
