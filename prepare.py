@@ -309,7 +309,7 @@ def unreadable_source_file(source, file, e):
                       f"after the last whole shard (without that file the source's files differ: use another --out)")
 
 
-def parquet_rows(source, file):
+def parquet_row_count(source, file):
     import pyarrow.parquet
     try:
         return pyarrow.parquet.read_metadata(file).num_rows
@@ -379,7 +379,7 @@ def open_source(source, image_field, rank, world_size):
     splits = builder.info.splits
     total = splits["train"].num_examples * len(mine) // len(files) if splits and "train" in splits else None
     if total is None and builder.name == "parquet" and all(os.path.isfile(f) for f in mine):  # local: the footers
-        total = sum(parquet_rows(source, f) for f in mine)  # (the progress bar's ETA)
+        total = sum(parquet_row_count(source, f) for f in mine)  # (the progress bar's ETA)
     if not mine:
         return [], 0, listing(files), mine
     if builder.name == "webdataset":
