@@ -276,9 +276,12 @@ def how_to_prepare(root, flags=""):
                f"{root / 'prepare.json'})"
     if any((root / name).exists() for name in ("config.json", "model.safetensors")):  # (a run's grids are images)
         return "a training run or checkpoint, not data: name the folder prepare.py wrote (the run's config.json)"
-    if root.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS | {".parquet", ".tar"} for p in root.iterdir()):
+    sources = IMAGE_EXTENSIONS | {".parquet", ".tar"}
+    if root.is_file() and root.suffix.lower() in sources or root.is_dir() and any(
+            p.suffix.lower() in sources for p in itertools.islice(root.rglob("*"), 10_000)):  # subfolders too
+        source = root.parent if root.suffix.lower() in IMAGE_EXTENSIONS else root  # prepare.py reads an image's folder
         return f"it holds a source's files: prepare them into a folder of their own (`python prepare.py --source " \
-               f"{root} --out NEW {flags}...`) and pass that"
+               f"{source} --out NEW {flags}...`) and pass that"
     if not root.exists() and re.search(r"[:=%\s]", str(root)):
         return "no such folder; a mixture is DIR:WEIGHT,DIR:WEIGHT (numbers, e.g. data/a:0.7,data/b:0.3)"
     return f"prepare one with `python prepare.py --out {root} {flags}...`"

@@ -189,8 +189,9 @@ def has_field(row, field):
 
 
 def text_of(value):
-    """A field as text; bytes (a webdataset member of an extension without a decoder: .caption, .uid) as UTF-8."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A field as text; bytes (a webdataset member of an extension without a decoder: .id, .caption) as UTF-8, without
+    the whitespace around it (a file's last newline)."""
+    return value.decode().strip() if isinstance(value, bytes) else str(value)
 
 
 def load_sample(row, args, fields):
@@ -200,8 +201,11 @@ def load_sample(row, args, fields):
     except Exception as e:  # no image in the row, a listed file that cannot be read, an id not UTF-8
         what = f"--id-field {args.id_field}" if isinstance(e, UnicodeDecodeError) else "image"
         return dict(id=content_id(repr(row).encode()), reason=f"unreadable {what}: {type(e).__name__}: {e}")
-    if "__unreadable__" in row:  # set by folder_rows and tar_rows
+    if "__unreadable__" in row:  # set by folder_rows
         return dict(id=sample_id, reason=f"unreadable caption file: {row['__unreadable__']}")
+    used = {args.id_field, args.image_field, *(field.split(".")[0] for field in fields.values())}
+    if bad := [why for field, why in row.get("__undecodable__", {}).items() if field in used]:  # set by tar_rows
+        return dict(id=sample_id, reason=f"undecodable member: {bad[0]}")
     try:
         captions = {name: text_of(read_field(row, field) or "") for name, field in fields.items()}
     except (KeyError, TypeError):
@@ -239,16 +243,17 @@ def folder_rows(files, root):
         yield {**row, "id": path.relative_to(root).as_posix(), "image": {"bytes": None, "path": str(path)}}
 
 
+# datasets' webdataset builder's for text; an id (.id, .cls: its ints) is read as text, whatever it holds
 WEBDATASET_DECODERS = {**dict.fromkeys(("txt", "text", "transcript"), lambda b: b.decode("utf-8")),
-                       **dict.fromkeys(("json", "jsn"), json.loads),
-                       **dict.fromkeys(("cls", "cls2", "index", "inx", "id"), int)}  # as datasets' webdataset builder
+                       **dict.fromkeys(("json", "jsn"), json.loads)}
 
 
 def tar_rows(files):
-    """Webdataset tars (local or hub files): a row per key (a member's name up to the first dot of its base name), a
-    field per extension, decoded as datasets' webdataset builder decodes them, the others bytes (images; text
-    load_sample decodes). A member that cannot be decoded (a caption not UTF-8, bad JSON) is passed on, to be
-    skipped and counted: datasets' builder stops the whole preparation there, naming the tar as unreadable."""
+    """Webdataset tars (local or hub files) as datasets' webdataset builder reads them: a row per key (a member's name
+    up to the first dot of its base name; hidden members, '.*' and '__*', left out), a field per extension, decoded
+    by it, the others bytes (images; text load_sample decodes). A member that cannot be decoded (a caption not UTF-8,
+    bad JSON) or comes twice keeps its bytes and is named in the row's __undecodable__: its sample is skipped and
+    counted if it uses the field. datasets' builder stops the whole preparation there, naming the tar unreadable."""
     import fsspec
     for file in files:
         with fsspec.open(file, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # streamed, never seeked
@@ -256,18 +261,21 @@ def tar_rows(files):
             for member in tar:
                 folder, _, base = member.name.rpartition("/")
                 key, dot, field = base.partition(".")
-                if not (member.isfile() and key and dot):
+                if not (member.isreg() and key and dot) or base.startswith((".", "__")):
                     continue
                 key = f"{folder}/{key}" if folder else key
                 if row.get("__key__") != key:  # a sample's members are consecutive
                     if row:
                         yield row
-                    row = {"__key__": key}
+                    row = {"__key__": key, "__undecodable__": {}}
                 value, decode = tar.extractfile(member).read(), WEBDATASET_DECODERS.get(field.rsplit(".")[-1].lower())
+                tar.members = []  # the stream's record of members: a tar of millions would hold them all
                 try:
+                    if field in row:
+                        raise ValueError("a second member of this name")
                     row[field] = decode(value) if decode else value
                 except (ValueError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                    row["__unreadable__"] = f"{key}.{field}: {type(e).__name__}: {e}"
+                    row[field], row["__undecodable__"][field] = value, f"{key}.{field}: {type(e).__name__}: {e}"
             if row:
                 yield row
 
@@ -284,13 +292,13 @@ def listing(files):
 
 
 def folder_entries(root, source):
-    """What root.rglob("*") lists, but through linked folders (each real folder once: a link to an ancestor would loop),
-    and a folder that cannot be read (no permission) is refused: rglob leaves both out without a word, and their
-    images would be missing from the dataset unseen."""
+    """What root.rglob("*") lists, but through linked folders (each real folder once, none above root: a link to an
+    ancestor would loop), and a folder that cannot be read (no permission) is refused: rglob leaves both out without a
+    word, and their images would be missing from the dataset unseen."""
     def refuse(e):
         raise SystemExit(f"error: --source {source}: cannot read the folder {e.filename} ({type(e).__name__}): make "
                          f"it readable, or move it out of the source")
-    entries, seen = [], set()
+    entries, seen = [], {str(p) for p in Path(os.path.realpath(root)).parents}  # a link up: outside the source
     for folder, dirs, files in os.walk(root, onerror=refuse, followlinks=True):
         if os.path.realpath(folder) in seen:
             dirs.clear()  # not walked again
@@ -360,8 +368,10 @@ def open_source(source, image_field, rank, world_size):
         "; ~ is expanded by the shell only at the start of a word: write the path out" if "~" in source else ""
     try:
         if source.endswith((".parquet", ".tar")):
+            if not (matches := sorted(glob.glob(source))):  # (main refuses it, unless prepared already)
+                raise SystemExit(f"error: --source {source}: no file matches it")
             builder = datasets.load_dataset_builder("parquet" if source.endswith(".parquet") else "webdataset",
-                                                    data_files=sorted(glob.glob(source)))
+                                                    data_files=matches)
         elif not root.exists() and not is_hub_id(source):  # 'imgs/*.png', '~/data', 'a b': not huggingface_hub's
             raise SystemExit(f"error: --source {source}: no such folder or file here, and not a hub dataset id "
                              f"(namespace/name): pass a folder, a *.parquet or *.tar glob, or a hub id{hint}")  # error
@@ -494,7 +504,8 @@ def prepare(args, rank=0, world_size=1):
     except SystemExit as e:  # offline, or the source moved: a complete preparation needs nothing of it
         if not prepared:
             raise
-        args.source_files = json.loads((out / "prepare.json").read_text()).get("source_files")  # the flags compared
+        saved = json.loads((out / "prepare.json").read_text()) if (out / "prepare.json").exists() else {}
+        args.source_files = saved.get("source_files")  # the flags are compared
         unchecked = f"; its source's files were not compared ({str(e).removeprefix('error: ')})"
     else:
         unchecked = ""
@@ -651,7 +662,7 @@ def main(argv=None):
         p.error(f"argument --resolution: the {args.vae} VAE encodes {block} x {block} pixel blocks, got "
                 f"{args.resolution}: choose a multiple of {block}, e.g. {max(block, args.resolution // block * block)}")
     matches = [Path(m).resolve() for m in glob.glob(args.source)]  # a hub id matches nothing here
-    if args.source.endswith((".parquet", ".tar")) and not matches:
+    if args.source.endswith((".parquet", ".tar")) and not matches and not (Path(args.out) / "index.json").exists():
         p.error(f"argument --source: no file matches {args.source}")
     if any(m.is_relative_to(Path(args.out).resolve()) for m in matches):
         p.error(f"argument --source: {args.source} lies inside --out {args.out}, where prepare.py writes and cleans "

@@ -1012,9 +1012,12 @@ def check_resume_flags(args, ckpt):
     return stage
 
 
-def check_budget(args, ckpt, step, train_time):
+def check_budget(args, ckpt, step, train_time, evaluated_step):
     """A resume with nothing left to train (its checkpoint at or past --max-steps or --max-time) is refused before
-    the run folder is touched: it would only evaluate and stop (eval.py does that)."""
+    the run folder is touched: it would only evaluate and stop (eval.py does that), unless a stop cut short the run's
+    final evaluation (evaluated_step: its log's last), which the resume then makes."""
+    if args.eval_samples and evaluated_step < step:
+        return
     spent = []
     for flag, limit, at, where in (("max_steps", args.max_steps, step, f"step {step}"),
                                    ("max_time", args.max_time and args.max_time * 60, train_time,
@@ -1069,6 +1072,17 @@ def split_metrics(path, step):
                     after = False
                 (later if after else kept).append(line)
     return kept, later
+
+
+def last_evaluation(out, step):
+    """(step, train time) of the last evaluation metrics.jsonl holds up to `step`, or (0, 0.0). A checkpoint comes
+    before its step's evaluation, so a stop may have cut that one short: the resume makes it first."""
+    evaluated = (0, 0.0)
+    for line in split_metrics(os.path.join(out, "metrics.jsonl"), step)[0]:
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # an edited line
+            if "loss" not in (record := json.loads(line)):  # an evaluation's (StepLog's have a loss)
+                evaluated = (int(record["step"]), float(record["train_time_s"]))
+    return evaluated
 
 
 def set_aside_newer(ckpt, args):
@@ -1182,7 +1196,6 @@ class RunLog:
     def __init__(self, out, master, config, start_step, resumed):
         self.master, self.out, self.config = master, out, config
         self.metrics_path = os.path.join(out, "metrics.jsonl")
-        self.last_evaluation = (0, 0.0)  # (step, train time) of the last evaluation logged: rank 0's
         if not master:
             return
         config_path = os.path.join(out, f"config.resume-{start_step}.json" if resumed else "config.json")
@@ -1199,10 +1212,6 @@ class RunLog:
             if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
                 kept = split_metrics(self.metrics_path, start_step)[0]
                 write_whole(self.metrics_path, lambda f: f.write("".join(kept).encode()))
-                for line in kept:
-                    with contextlib.suppress(ValueError, TypeError, KeyError):  # an edited line
-                        if "loss" not in (record := json.loads(line)):  # an evaluation's (StepLog's have a loss)
-                            self.last_evaluation = (int(record["step"]), float(record["train_time_s"]))
 
     def __call__(self, text, record=None):
         if not self.master:
@@ -1440,7 +1449,9 @@ def main(argv=None):
     # a checkpoint that does not fit stops the resume here, before the run folder is touched
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
-    check_budget(args, ckpt, start_step, train_time)  # a fresh run starts at 0, inside any budget
+    evaluated_step, evaluated_time = from_rank_0(last_evaluation(out, start_step) if same_run else
+                                                 (start_step, train_time))  # rank 0's reading of the run's log
+    check_budget(args, ckpt, start_step, train_time, evaluated_step)  # a fresh run starts at 0, inside any budget
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     if not existing:
@@ -1464,8 +1475,6 @@ def main(argv=None):
         raw_model.train()
         step, finite = start_step, torch.ones((), dtype=torch.bool, device=device)
         max_time = args.max_time * 60 if args.max_time else math.inf
-        # checkpoints come before their step's evaluation: the one a stop cut short is due again when the run resumes
-        evaluated_step, evaluated_time = from_rank_0(log.last_evaluation) if same_run else (start_step, train_time)
         eval_times = [60 * m for m in args.eval_minutes if 60 * m > evaluated_time]
         step_log = StepLog(args, cfg, loader, world, device, train_time, log)
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device

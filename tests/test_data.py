@@ -741,11 +741,14 @@ def test_a_folder_without_index_json_is_told_what_to_run(tmp_path):
     (tmp_path / "run" / "samples_10.png").write_bytes(b"")
     (tmp_path / "unfinished" / "train").mkdir(parents=True)
     (tmp_path / "unfinished" / "prepare.json").write_text("{}")
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "a.JPG").write_bytes(b"")
+    (tmp_path / "images" / "cats").mkdir(parents=True)
+    (tmp_path / "images" / "cats" / "a.JPG").write_bytes(b"")
+    (tmp_path / "x.parquet").write_bytes(b"")
     for folder, advice in (("unfinished", "its preparation did not finish: run the same prepare.py command again"),
                            ("images", f"prepare them into a folder of their own (`python prepare.py --source "
                                       f"{tmp_path / 'images'} --out NEW --eval-fraction 1 ...`)"),
+                           ("x.parquet", f"`python prepare.py --source {tmp_path / 'x.parquet'} --out NEW"),
+                           ("images/cats/a.JPG", f"`python prepare.py --source {tmp_path / 'images' / 'cats'} --out"),
                            ("run", "a training run or checkpoint, not data"),
                            ("a:50%", "no such folder; a mixture is DIR:WEIGHT,DIR:WEIGHT"),
                            ("new", f"prepare one with `python prepare.py --out {tmp_path / 'new'} --eval-fraction 1 "

@@ -314,8 +314,8 @@ def test_webdataset_tars_in_pixel_space(prepared, tmp_path, monkeypatch):
     assert sorted(stored) == ["s0", "s1", "s3", "s5"]
     skipped = json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]["ids"]
     assert {k: v.split(": ")[:3] for k, v in skipped.items()} == {
-        "s2": ["unreadable caption file", "s2.txt", "UnicodeDecodeError"],
-        "s4": ["unreadable caption file", "s4.json", "JSONDecodeError"]}
+        "s2": ["undecodable member", "s2.txt", "UnicodeDecodeError"],
+        "s4": ["undecodable member", "s4.json", "JSONDecodeError"]}
     resumed = [argv[0], str(tmp_path / "resumed"), *argv[2:], "--shard-size", "2", "--batch-size", "2"]
     interrupted_after_the_first_train_shard(resumed, monkeypatch)
     prepare.main(resumed)
@@ -332,18 +332,27 @@ def test_webdataset_tars_in_pixel_space(prepared, tmp_path, monkeypatch):
 
 def test_a_tar_member_of_any_extension_reads_as_text_and_the_id_field_comes_before_the_key(prepared, tmp_path):
     """.uid and .caption have no decoder (datasets' builder gave their bytes: ids "b'U0'"); --id-field names the id
-    over the webdataset key; a caption not UTF-8 skips its sample."""
+    over the webdataset key; a caption not UTF-8 skips its sample; a member no flag reads does not, even undecodable
+    (bad JSON, an .id that is no int: datasets' builder refused the tar); hidden members are left out, as datasets'
+    builder leaves them; a field given twice skips its sample."""
+    import tarfile
     root, _ = prepared
-    members = {f"k{i}": {"uid": f"U{i}".encode(), "caption": f"a red circle number {i}".encode()} for i in range(3)}
+    members = {f"k{i}": {"uid": f"U{i}\n".encode(), "caption": f"a red circle number {i}".encode(),
+                         "json": b'{"cut', "id": b"uid-0"} for i in range(4)}
     members["k2"]["caption"] = "café".encode("latin-1")
     write_tar(tmp_path / "part-0.tar", list(members), members)
+    with tarfile.open(tmp_path / "part-0.tar", "a") as tar:
+        for name in ("k3.caption", "__hidden.png", "sub/.hidden.png"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
     prepare.main(prepare_argv(tmp_path / "out", tmp_path / "*.tar", root / "models", "--vae", "none", "--image-field",
                               "png", "--id-field", "uid", "--captions", "long=caption", "--eval-fraction", "0"))
     assert sorted(stored_samples(tmp_path / "out")) == ["U0", "U1"]
     batch = next(data.ShardLoader(str(tmp_path / "out"), batch_size=2, captions="long"))
     assert sorted(batch["caption"]) == ["a red circle number 0", "a red circle number 1"]
     skipped = json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]["ids"]
-    assert list(skipped) == ["U2"] and skipped["U2"].startswith("text not UTF-8: 'utf-8' codec can't decode")
+    assert skipped.keys() == {"U2", "U3"} and skipped["U2"].startswith("text not UTF-8: 'utf-8' codec can't decode")
+    assert skipped["U3"] == "undecodable member: k3.caption: ValueError: a second member of this name"
 
 
 def test_the_listing_names_files_relative_to_their_folder_even_one_file():
@@ -362,6 +371,23 @@ def test_a_row_whose_image_is_null_is_skipped_saying_so():
         sample = prepare.load_sample({**row, "txt": "a red cat"}, args, {"long": "txt"})
         assert sample["reason"] == f"{why}: ValueError: no image: the row's image is empty (null)"
         assert sample_id is None or sample["id"] == sample_id
+
+
+def test_a_complete_preparation_of_a_glob_that_matches_nothing_now_says_it_is_prepared(prepared, tmp_path, capsys):
+    """The tars moved (or a copy of the prepared folder, without prepare.json): nothing to read, nothing to do."""
+    root, _ = prepared
+    (tmp_path / "src").mkdir()
+    write_tar(tmp_path / "src" / "part-0.tar", ["a", "b"])
+    argv = prepare_argv(tmp_path / "out", tmp_path / "src" / "*.tar", root / "models", "--image-field", "png",
+                        "--captions", "long=txt")
+    prepare.main(argv)
+    (tmp_path / "src").rename(tmp_path / "moved")
+    for drop in (False, True):
+        if drop:
+            (tmp_path / "out" / "prepare.json").unlink()
+        prepare.main(argv)
+        assert re.search(r"prepared already \(index.json\): nothing to do; its source's files were not compared",
+                         capsys.readouterr().out)
 
 
 def test_caption_fields_spec():
@@ -983,13 +1009,15 @@ def test_a_folder_of_the_source_that_cannot_be_read_is_refused(prepared, tmp_pat
 
 def test_images_in_a_linked_folder_are_read_once_and_a_link_to_an_ancestor_ends(prepared, tmp_path):
     """A subset linked in from elsewhere is part of the source (os.walk and rglob skip linked folders without a word);
-    each real folder is read once: a second link to it adds nothing, a link to the source itself does not loop."""
+    each real folder is read once: a second link to it adds nothing, a link to the source itself does not loop, and a
+    link above it is not followed."""
     root, _ = prepared
     folder = copy_samples(root, tmp_path / "images", ("rgb01.png",))
     elsewhere = copy_samples(root, tmp_path / "elsewhere", ("rgb02.png", "rgba0.png"))
     (folder / "more").symlink_to(elsewhere)
     (folder / "again").symlink_to(elsewhere)
     (elsewhere / "up").symlink_to(folder)
+    (folder / "top").symlink_to(tmp_path)  # an ancestor: its other folders (elsewhere) are not the source's
     files = prepare.open_source(str(folder), "image", 0, 1)[3]
     assert sorted(p.relative_to(folder).as_posix() for p in files) == ["again/rgb02.png", "again/rgba0.png",
                                                                           "rgb01.png"]

@@ -751,11 +751,13 @@ def test_evaluations_come_once_each_across_a_resume(tmp_path):
 
 
 @pytest.mark.parametrize("cadence, evaluated", [(["--eval-every", "2", "--ckpt-every", "2"], [2, 4]),
-                                                 (["--eval-minutes", "1e-6", "--ckpt-every", "1"], [1, 4])])
+                                                 (["--eval-minutes", "1e-6", "--ckpt-every", "1"], [1, 4]),
+                                                 (["--ckpt-every", "8"], [4])])  # the final evaluation
 def test_a_stop_during_an_evaluation_loses_no_step_and_the_resume_evaluates_first(tmp_path, monkeypatch, cadence,
                                                                                  evaluated):
     """A step's checkpoint comes before its evaluation (at scale, minutes of FID): a stop during the evaluation
-    keeps the step, and the resume evaluates it first, as the run would have (a periodic and a timed evaluation)."""
+    keeps the step, and the resume evaluates it first, as the run would have (a periodic, a timed and the final
+    evaluation: a resume at the budget's end is not refused then)."""
     out, calls = tmp_path / "r", []
 
     def run_eval(model, grid):
@@ -845,14 +847,16 @@ def test_a_resume_with_nothing_left_to_train_is_refused(finished_run, tmp_path, 
 
 def test_the_time_budget_of_a_resume_is_in_minutes_and_the_checkpoints_time_in_seconds():
     """A checkpoint trained 90 s has time left under --max-time 2 (120 s), none under --max-time 1.5 (90 s)."""
-    budget = lambda max_time: argparse.Namespace(max_steps=8, max_time=max_time, track="cpu", track_values=[])
-    train.check_budget(budget(2), "ckpt", 4, 90.0)
+    budget = lambda max_time: argparse.Namespace(max_steps=8, max_time=max_time, track="cpu", track_values=[],
+                                                 eval_samples=8)
+    train.check_budget(budget(2), "ckpt", 4, 90.0, 4)
     with pytest.raises(SystemExit, match=re.escape("ckpt has nothing left to train under --max-time 1.5 (it is at "
                                                    "1.50 minutes)")):
-        train.check_budget(budget(1.5), "ckpt", 4, 90.0)
-    tracks = argparse.Namespace(max_steps=8, max_time=1.5, track="cpu", track_values=["max_time"])
+        train.check_budget(budget(1.5), "ckpt", 4, 90.0, 4)
+    train.check_budget(budget(1.5), "ckpt", 4, 90.0, 2)  # its final evaluation cut short: the resume makes it
+    tracks = argparse.Namespace(max_steps=8, max_time=1.5, track="cpu", track_values=["max_time"], eval_samples=0)
     with pytest.raises(SystemExit, match=re.escape("--max-time 1.5 (the cpu track's; it is at 1.50 minutes)")):
-        train.check_budget(tracks, "ckpt", 4, 90.0)  # a value the user did not type: where it comes from
+        train.check_budget(tracks, "ckpt", 4, 90.0, 2)  # a value the user did not type: where it comes from
 
 
 def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its_own(tmp_path):
