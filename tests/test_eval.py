@@ -135,6 +135,30 @@ def test_frechet_distance_closed_forms_and_sqrtm():
     np.testing.assert_allclose(ev.frechet_distance(mu1, s1, mu2, s2), direct, rtol=1e-6)
 
 
+def test_frechet_distance_of_rank_deficient_statistics():
+    """Fewer images than features: the eigenvalues of s @ s may all come back real, one a tiny negative; the distance
+    of a set to itself is still 0, not nan (the square root is taken in complex numbers)."""
+    stats = ev.GaussianStats(4, "cpu")
+    stats.update(torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    mu, sigma = stats.mean_cov()
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+
+
+def test_a_reset_metrics_scores_each_evaluation_alone(inception_weights, tmp_path):
+    """train.py keeps one Metrics for all of a run's evaluations: after reset() FID sees the new images only."""
+    real, fake = blocky_images(4, seed=0, size=32), blocky_images(4, seed=1, size=32, brightness=40)
+    ref = ev.Metrics(None, ["fid"], fid_weights=inception_weights)
+    ref.update(real)
+    ref.save_reference(str(tmp_path / "ref.npz"))
+    metrics = ev.Metrics(str(tmp_path / "ref.npz"), ["fid"], fid_weights=inception_weights)
+    scores = []
+    for images in (fake, fake, real):
+        metrics.reset()
+        metrics.update(images)
+        scores.append(metrics.compute()["fid"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-9) and scores[0] > 1 and abs(scores[2]) < 1e-4
+
+
 def test_missing_fid_weights_say_what_and_where(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
         ev.load_inception(str(tmp_path / "missing.pth"))
@@ -229,13 +253,14 @@ def test_an_evaluation_reads_the_runs_eval_data_and_sample_its_data(tmp_path):
 
 def test_crop_resize_matches_pil():
     g = torch.Generator().manual_seed(0)
-    images = blocky_images(2, seed=3, size=40)[..., :36]  # 40 x 36: the centre 36 x 36 square is kept
-    images = (images.int() + torch.randint(-20, 21, images.shape, generator=g)).clamp(0, 255).to(torch.uint8)
-    for size in (28, 50):  # down and up
-        ours = ev.crop_resize(images, size).permute(0, 2, 3, 1).int().numpy()
-        for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
-            pil = np.asarray(Image.fromarray(im[2:38]).resize((size, size), Image.BICUBIC)).astype(int)
-            assert np.abs(ours[i] - pil).max() <= 2 and (ours[i] != pil).mean() < 0.02
+    blocks = blocky_images(2, seed=3, size=40)
+    blocks = (blocks.int() + torch.randint(-20, 21, blocks.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    for images, centre in ((blocks[..., :36], np.s_[2:38]), (blocks[..., :36, :], np.s_[:, 2:38])):  # tall, wide
+        for size in (28, 50):  # down and up: the centre 36 x 36 square, resized
+            ours = ev.crop_resize(images, size).permute(0, 2, 3, 1).int().numpy()
+            for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
+                pil = np.asarray(Image.fromarray(im[centre]).resize((size, size), Image.BICUBIC)).astype(int)
+                assert np.abs(ours[i] - pil).max() <= 2 and (ours[i] != pil).mean() < 0.02
 
 
 def test_clip_features_equal_the_cmmd_pipeline(tmp_path):

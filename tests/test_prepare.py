@@ -88,6 +88,13 @@ def test_stored_latent_is_the_seeded_vae_posterior_sample(prepared):
         # computed in a batch of 5 at preparation, alone here: equal up to one bf16 rounding step
         torch.testing.assert_close(stored, expected.bfloat16().float(), rtol=2 ** -7, atol=1e-5)
         assert (stored - (post.mean[0] - 0.1159) * 0.3611).abs().max() > 1e-2  # a sample, not the mean
+    sample = dict(id=sample_id, image=shard.arrays["image"][r], captions={})  # --seed 1: noise of its own
+    latent = prepare.encode_samples([sample], None, vae, *data.latent_stats(vae), 1)[0]["latent"][0]
+    eps = torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(
+        prepare.stable_hash("latent", 1, sample_id)))
+    expected = ((post.mean[0] + post.std[0] * eps) - 0.1159) * 0.3611
+    torch.testing.assert_close(torch.from_numpy(np.array(latent)).view(torch.bfloat16).float(),
+                               expected.bfloat16().float(), rtol=2 ** -7, atol=1e-5)
 
 
 def test_a_bf16_vae_gets_the_pixels_rounded_once(prepared):
@@ -388,6 +395,17 @@ def test_a_complete_preparation_of_a_glob_that_matches_nothing_now_says_it_is_pr
         prepare.main(argv)
         assert re.search(r"prepared already \(index.json\): nothing to do; its source's files were not compared",
                          capsys.readouterr().out)
+
+
+def test_a_colour_key_is_transparent_and_composited_on_white():
+    """A PNG of RGB or grey with a tRNS colour key: its pixels of that colour are transparent, as RGBA's and P's."""
+    for mode, key, kept in (("RGB", (0, 0, 0), (200, 100, 50)), ("L", 0, 200)):
+        img = Image.new(mode, (4, 4), key)
+        img.putpixel((0, 0), kept)
+        png = io.BytesIO()
+        img.save(png, "PNG", transparency=key)
+        rgb = np.asarray(prepare.to_rgb(Image.open(png)))
+        assert rgb[1, 1].tolist() == [255, 255, 255] and rgb[0, 0].tolist() == list(np.broadcast_to(kept, 3))
 
 
 def test_caption_fields_spec():
