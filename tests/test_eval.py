@@ -146,7 +146,7 @@ def test_frechet_distance_of_rank_deficient_statistics():
 
 def test_a_reset_metrics_scores_each_evaluation_alone(inception_weights, tmp_path):
     """train.py keeps one Metrics for all of a run's evaluations: after reset() FID sees the new images only."""
-    real, fake = blocky_images(4, seed=0, size=32), blocky_images(4, seed=1, size=32, brightness=40)
+    real, fake = blocky_images(3, seed=0, size=32), blocky_images(3, seed=1, size=32, brightness=40)
     ref = ev.Metrics(None, ["fid"], fid_weights=inception_weights)
     ref.update(real)
     ref.save_reference(str(tmp_path / "ref.npz"))
