@@ -491,30 +491,31 @@ def discard(out):
         (out / name).unlink(missing_ok=True)
 
 
-def prepare(args, rank=0, world_size=1):
-    out, fields = Path(args.out), parse_caption_fields(args.captions)
-    args.min_size = args.min_size or args.resolution // 2
-    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
-                                          else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the current device of every library call too: not GPU 0 on each rank
+def open_unless_prepared(out, args, rank, world_size):
+    """open_source and check_settings -> (rows, total, files, the settings to write), or None where out holds a
+    complete preparation of these settings (rank 0 says so). That one needs nothing of its source, which may not open
+    (offline, moved): its files are then not compared, its flags are."""
     prepared = (out / "index.json").exists()
     try:
         rows, total, args.source_files, files = open_source(args.source, args.image_field, rank, world_size)
-    except SystemExit as e:  # offline, or the source moved: a complete preparation needs nothing of it
+    except SystemExit as e:
         if not prepared:
             raise
         saved = json.loads((out / "prepare.json").read_text()) if (out / "prepare.json").exists() else {}
-        args.source_files = saved.get("source_files")  # the flags are compared
+        args.source_files = saved.get("source_files")
         unchecked = f"; its source's files were not compared ({str(e).removeprefix('error: ')})"
     else:
         unchecked = ""
     settings = check_settings(out, args)
-    if prepared:  # a complete preparation of these settings (and files, where the source could be opened)
+    if prepared:
         if rank == 0:
             print(f"{out} is prepared already (index.json): nothing to do{unchecked}")
-        return
-    # a misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source
+        return None
+    return rows, total, files, settings
+
+
+def check_fields(rows, args, fields, files):
+    """A misspelt field: a flag error before the encoders load, not one skipped sample per row of the whole source."""
     head = [rows.features] if getattr(rows, "features", None) else read_rows(rows, args.batch_size, args.source, rows,
                                                                              files)
     for flag, field in [("--image-field", args.image_field), *(("--captions", f) for f in fields.values())]:
@@ -522,6 +523,19 @@ def prepare(args, rank=0, world_size=1):
             raise SystemExit(f"error: {flag}: no field {field!r} in {args.source}, whose rows have "
                              f"{sorted({k for row in head for k in row})}: name one of those"
                              + " (--captions long=FIELD[,short=FIELD])" * (flag == "--captions"))
+
+
+def prepare(args, rank=0, world_size=1):
+    out, fields = Path(args.out), parse_caption_fields(args.captions)
+    args.min_size = args.min_size or args.resolution // 2
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
+                                          else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device of every library call too: not GPU 0 on each rank
+    if (opened := open_unless_prepared(out, args, rank, world_size)) is None:
+        return
+    rows, total, files, settings = opened
+    check_fields(rows, args, fields, files)
     shard, rows_done, source_state = resume_point(out, rank, world_size)  # before minutes of loading models
     # a model missing, unreachable or not the model asked for: a line naming the flag; anything else a traceback
     with exit_on(errors=(OSError, ValueError, NotOnThisMachine)):

@@ -1075,14 +1075,15 @@ def split_metrics(path, step):
 
 
 def last_evaluation(out, step):
-    """(step, train time) of the last evaluation metrics.jsonl holds up to `step`, or (0, 0.0). A checkpoint comes
-    before its step's evaluation, so a stop may have cut that one short: the resume makes it first."""
+    """(step, train time) of the last evaluation metrics.jsonl holds up to `step`, or (0, 0.0), as rank 0 reads it,
+    on every rank. A checkpoint comes before its step's evaluation, so a stop may have cut that one short: the resume
+    makes it first."""
     evaluated = (0, 0.0)
     for line in split_metrics(os.path.join(out, "metrics.jsonl"), step)[0]:
         with contextlib.suppress(ValueError, TypeError, KeyError):  # an edited line
             if "loss" not in (record := json.loads(line)):  # an evaluation's (StepLog's have a loss)
                 evaluated = (int(record["step"]), float(record["train_time_s"]))
-    return evaluated
+    return from_rank_0(evaluated)
 
 
 def set_aside_newer(ckpt, args):
@@ -1449,8 +1450,7 @@ def main(argv=None):
     # a checkpoint that does not fit stops the resume here, before the run folder is touched
     start_step, train_time, note = restore(ckpt, raw_model, ema, trainee, opt, loader, chunks_per_rank) if ckpt \
         else (0, 0, None)
-    evaluated_step, evaluated_time = from_rank_0(last_evaluation(out, start_step) if same_run else
-                                                 (start_step, train_time))  # rank 0's reading of the run's log
+    evaluated_step, evaluated_time = last_evaluation(out, start_step) if same_run else (start_step, train_time)
     check_budget(args, ckpt, start_step, train_time, evaluated_step)  # a fresh run starts at 0, inside any budget
     if world > 1:
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
