@@ -137,6 +137,8 @@ def encode_latents(vae, images, seeds, shift, scale):
 
 def to_rgb(img):
     img = ImageOps.exif_transpose(img)
+    if img.mode == "F":  # PIL's convert would clip 0..1 floats to black: skipped and counted, not stored wrong
+        raise ValueError("a float image (PIL mode F): its value range is not in the file; store it as 8 or 16 bits")
     if img.mode.startswith("I"):  # 16-bit grey (PNG): PIL's convert would clip to 255, so rescale
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:  # composite on white

@@ -408,6 +408,15 @@ def test_a_colour_key_is_transparent_and_composited_on_white():
         assert rgb[1, 1].tolist() == [255, 255, 255] and rgb[0, 0].tolist() == list(np.broadcast_to(kept, 3))
 
 
+def test_a_float_image_is_skipped_saying_why_not_stored_black():
+    """A float TIFF (PIL mode F, values 0..1): converted, it would be black; its range is not in the file."""
+    tiff = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 0.8, np.float32)).save(tiff, "TIFF")
+    args = SimpleNamespace(id_field="id", image_field="image", min_size=16, resolution=32)
+    sample = prepare.load_sample({"id": "x", "image": tiff.getvalue(), "txt": "a red cat"}, args, {"long": "txt"})
+    assert sample["reason"].startswith("undecodable image: ValueError: a float image (PIL mode F)")
+
+
 def test_caption_fields_spec():
     assert prepare.parse_caption_fields("long=llava,short=json.caption") == {"long": "llava", "short": "json.caption"}
     for spec in ("long", "long=a,short", "long-x=a"):
