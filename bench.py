@@ -154,9 +154,8 @@ def bench_muon(args):
     print(f"{args.preset}: {len(shapes)} block matrices, {sum(math.prod(s) for s in shapes):,} weights")
     compare("largest Newton-Schulz share of 8 ranks", 100 * largest / sum(costs), "ideal", 12.5, "% of the FLOPs",
             ".2f")
-    depth = model.cfg.depth
-    blocks = args.blocks or (depth if CUDA else 1)  # CPUs without bf16 matmul units: --preset tiny
-    shapes = shapes[:blocks * len(shapes) // depth]
+    blocks = args.blocks  # (main's default: all on a GPU, 1 on a CPU)
+    shapes = shapes[:blocks * len(shapes) // model.cfg.depth]
     torch.manual_seed(0)
     weights = [torch.randn(s, device=DEVICE) * 0.02 for s in shapes]
     grads = [torch.randn(s, device=DEVICE) for s in shapes]
@@ -744,7 +743,7 @@ def check_loader_dir(parser, args):
 
 
 def main(argv=None):
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("model", help="PRX forward+backward against diffusers' PRXTransformer2DModel")
     p.add_argument("--preset", default="tiny", help="PRX preset (model.py)")
@@ -805,6 +804,8 @@ def main(argv=None):
             parser.error(f"--preset: {e}")
         if args.command == "muon" and args.blocks > depth:
             parser.error(f"bench.py muon: --blocks {args.blocks} is more than the {depth} blocks of {args.preset}")
+        if args.command == "muon":  # resolved here, so that the header says what runs
+            args.blocks = args.blocks or (depth if CUDA else 1)  # CPUs without bf16 matmul units: --preset tiny
     if args.command == "loader":
         check_loader_dir(parser, args)
     for flags in getattr(args, "only", None) or []:  # train.py's refusal, before any variant is built

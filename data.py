@@ -765,12 +765,24 @@ def stop_on_signals(message, master):
     return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and after a flag's help its default, where it has one (not None, off or empty) and
+    the help does not say it."""
+
+    def _get_help_string(self, action):
+        if any(action.default is off for off in (None, False, argparse.SUPPRESS)) or action.default == [] or \
+                "default" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's, but under torchrun rank 0 alone prints an argument error (every rank parses the same flags); the
     other ranks exit with its status, quietly. Under torchrun they first wait for rank 0 to print and exit, whereupon
     torchrun stops them: a rank failing first would have torchrun stop rank 0 before it printed."""
 
     def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(allow_abbrev=False, **kwargs)  # --prom is not --prompt: a flag is given whole, or refused
 
     def parse_args(self, args=None, namespace=None):

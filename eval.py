@@ -6,7 +6,7 @@ et al. 2024, google-research/cmmd; DINO-MMD: PRX part 2), and the caption checke
     python eval.py ref --data data/mj --out ref.npz                          # once: statistics of the real images
     python eval.py --ckpt runs/x --ref ref.npz --num-samples 10000           # -> runs/x/checkpoints/step_N/eval.json
     torchrun --nproc_per_node=8 eval.py --ckpt runs/x --ref ref.npz          # each rank samples its share
-    python eval.py --ckpt runs/x                                             # built-in data: the caption checker
+    python eval.py --ckpt runs/x --num-samples 256                           # built-in data: the caption checker
     python eval.py sample --ckpt runs/x --prompt "a red circle in the top left"   # your prompts -> a PNG grid
     python eval.py export --ckpt runs/x --out prx-x                          # a folder diffusers' PRXPipeline loads
 """
@@ -684,7 +684,7 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
 # Command line
 
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("command", nargs="?", default="eval", choices=["eval", "ref", "sample", "export"],
                    help="eval: sample a checkpoint and score it; ref: reference statistics of the real images; "
                         "sample: the checkpoint's images of --prompt captions; export: the checkpoint as a folder "

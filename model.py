@@ -451,7 +451,8 @@ class PRX(nn.Module):
         """Write a folder that diffusers' PRXPipeline.from_pretrained(folder) loads: transformer/ (sharded if large),
         scheduler/ (Euler with the run's shift), model_index.json (default image side `resolution`), and vae/,
         text_encoder/, tokenizer/ from the loaded models given: a model_index.json cannot point into another
-        repository. Those not given are null there; pass them to from_pretrained instead (README).
+        repository. Those not given are null there: pass them to PRXPipeline.from_pretrained(folder, vae=...,
+        text_encoder=..., tokenizer=...) instead.
         vae: an AutoencoderKL or AutoencoderDC (the pipeline decodes with its scaling and shift factors, tested for
         both); text_encoder: the T5GemmaEncoderModel prepare.py encodes with (its `.model`); max_tokens: the
         tokenizer's model_max_length, to which the pipeline pads and truncates prompts (prepare.py's --max-tokens).

@@ -638,7 +638,7 @@ def parse_caption_fields(spec):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--out", required=True, help="output directory; an interrupted run resumes there")
     p.add_argument("--source", default="brivangl/midjourney-v6-llava",
                    help="hub dataset id (streamed), image folder with .txt/.json captions, or a *.parquet/*.tar glob")

@@ -118,10 +118,10 @@ def choose_track(track, data, cuda_available):
 
 
 def get_parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); never reused without --resume")
-    g.add_argument("--seed", type=number(int, 0, 2**62), default=0)
+    g.add_argument("--seed", type=number(int, 0, 2**62), default=0, help="of every draw: weights, data, t, noise")
     g.add_argument("--max-steps", type=count, default=100_000, help="stop after this many optimizer steps")
     g.add_argument("--max-time", type=positive, default=None, help="stop after this many minutes of training time")
     g.add_argument("--log-every", type=count, default=100, help="steps between log lines (metrics.jsonl, console)")
@@ -131,7 +131,8 @@ def get_parser():
                    help="resume from a checkpoint folder, a run folder, or (no value) the latest one in --out")
     g = p.add_argument_group("data")
     g.add_argument("--track", choices=sorted(TRACKS), default=None, help="the speedrun track whose values replace "
-                   "the defaults of the flags not given (records/RULES.md; default: see --data)")
+                   "the defaults shown here of the flags not given, as its log's second line lists (records/RULES.md; "
+                   "default: see --data)")
     g.add_argument("--data", default=None,
                    help="'builtin' (shapes.py, no download), or prepared datasets with weights and phases: "
                         "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py). Default: "
@@ -173,10 +174,10 @@ def get_parser():
                    "(PRX's 5): fewer cost less and orthogonalise less")
     g.add_argument("--batch-size", type=count, default=256, help="global batch, kept by gradient accumulation")
     g.add_argument("--micro-batch", type=count, default=32, help="samples per process per forward")
-    g.add_argument("--lr", type=positive, default=1e-4)
-    g.add_argument("--betas", type=fraction, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--lr", type=positive, default=1e-4, help="peak learning rate (AdamW's)")
+    g.add_argument("--betas", type=fraction, nargs=2, default=(0.9, 0.95), help="AdamW's")
     g.add_argument("--eps", type=positive, default=None, help="AdamW eps (default PRX's: 1e-15, 1e-8 with muon)")
-    g.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="decoupled, as AdamW's")
     g.add_argument("--warmup", type=number(int, 0), default=1000, help="linear warm-up steps, then constant")
     g.add_argument("--cooldown", type=fraction, default=0.0, help="final fraction of the run (of --max-steps or "
                    "--max-time, whichever ends it) with the lr decaying linearly to 0 (WSD); 0 = constant to the end")

@@ -127,6 +127,7 @@ def test_muon(capsys, clock):
     clock.spy("torch", torch.optim.Muon, "step")
     bench.main(["muon", "--preset", "tiny", "--steps", "1"])
     out = capsys.readouterr().out
+    assert "blocks=1 " in out.splitlines()[0] and "first 1 block(s)" in out  # the header says what runs (CPU: 1)
     assert clock.ran == {"newton_schulz": {("gram", False), ("plain", True)}, "ours": {("ours", None)},
                          "torch": {("torch", None)}}
     share, ideal, _ = compared(out, "largest Newton-Schulz share", "ideal")

@@ -499,6 +499,23 @@ def test_cpu_track_values_apply_only_to_flags_not_given():
         == (1e-4, "small", (0.9, 0.95), 0.2, 1000, 0.0)
 
 
+
+def test_help_shows_each_default_a_flag_has():
+    """What argparse's defaults formatter adds, but only where there is a value: not None, a switch off, an empty list;
+    a help that states its default itself (the track's, PRX's) keeps its own words."""
+    text = " ".join(train.get_parser().format_help().split())
+    for shown in ("--lr LR peak learning rate (AdamW's) (default: 0.0001)", "--betas BETAS BETAS AdamW's (default: "
+                  "(0.9, 0.95))", "(default: 0) --max-steps", "(0 = plain MSE) (default: 0.0)"):
+        assert shown in text
+    for bare in ("--compile torch.compile the model (warm-up is untimed) --precision", "(heads = hidden/64) --depth",
+                 "e.g. 1,2,5,10,20,30 (the CPU record's curve) --target", "(default PRX's: 1e-15, 1e-8 with muon) --"):
+        assert bare in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    own = train.Parser()  # data.py's
+    own.add_argument("--blocks", type=int, default=0, help="blocks to step (default: all on GPU, 1 on CPU)")
+    assert "(default: 0)" not in own.format_help()  # bench.py muon's: 0 stands for the default it names
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4; tests copy it."""
