@@ -45,7 +45,7 @@ from PIL import Image
 
 import data
 from data import (Parser, PreparedDataset, ShardLoader, batch_text, count, nearest_existing, number, pad_text,
-                  positive)
+                  positive, unwritable)
 from eval import (clip_features, dino_features, inception_features, keep_freed_memory, load_dino, load_inception,
                   mmd, sample, timesteps, write_random_inception_weights)
 from model import PRX, Attention, flops_per_sample, preset_config, trim_text
@@ -638,7 +638,7 @@ def train_rows(s, peak_tflops):
 
 def gpu_check(out, peak_tflops):
     """Every GPU figure of the project in one markdown table, each row printed and written to `out`.partial as soon as
-    it is measured, which becomes `out` at the end: a failure keeps the rows before it and an earlier `out` whole."""
+    it is measured, which becomes `out` at the end: a failure keeps the rows before it."""
     s = GPU_CHECK
     with open(f"{out}.partial", "w") as f:
         def emit(*rows):
@@ -722,6 +722,8 @@ def check_loader_dir(parser, args):
     user's files or a preparation prepare.py has not finished); at least one batch of samples either way."""
     root = Path(args.dir).absolute()
     above = nearest_existing(root)  # DIR, or the folder it would be made in
+    if why := unwritable(root):  # the synthetic shards, or datasets' copy of a prepared DIR, go there
+        parser.error(f"bench.py loader: DIR {args.dir}: {why}")
     if (root / "index.json").exists():  # datasets' copy of it goes into DIR for the benchmark: room for it
         n, need = len(PreparedDataset(root)), sum(p.stat().st_size for p in (root / "train").rglob("*") if p.is_file())
         if need > (free := shutil.disk_usage(root).free):
@@ -808,6 +810,9 @@ def main(argv=None):
             args.blocks = args.blocks or (depth if CUDA else 1)  # CPUs without bf16 matmul units: --preset tiny
     if args.command == "loader":
         check_loader_dir(parser, args)
+    if args.command == "gpu" and (why := "exists: pass another file" * os.path.exists(args.out) or
+                                  unwritable(args.out)):
+        parser.error(f"bench.py gpu: --out {args.out}: {why}")  # a table measured before is kept
     for flags in getattr(args, "only", None) or []:  # train.py's refusal, before any variant is built
         try:
             with contextlib.redirect_stderr(io.StringIO()) as err:

@@ -383,7 +383,8 @@ def caption_share(captions):
     except ValueError:
         p_long = -1.0
     if mode not in ("long", "short", "mixed") or not 0 <= p_long <= 1 or colon and mode != "mixed":
-        raise ValueError(f"captions {captions!r}: choose long, short or mixed[:p] (long with probability p)")
+        raise ValueError(f"captions {captions!r}: choose long, short or mixed[:p] (long with probability p, "
+                         f"0 <= p <= 1)")
     return p_long
 
 
@@ -880,3 +881,5 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
 
 # the argparse types of most flags
 count, positive, fraction = number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
+MAX_RESOLUTION = 4096  # PRX trains up to 1024 px; one 4096 px image is 48 MiB, a batch of them GBs
+side = number(int, 1, MAX_RESOLUTION)  # an image side in pixels: a mistyped one would fill the memory

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
     die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    pad_to_common, read_index, space_differences, unwritable, whole, write_whole
+    pad_to_common, read_index, side, space_differences, unwritable, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -418,18 +418,31 @@ def mmd(x, y, sigma=10.0, scale=1000.0, chunk=2048):
 # ----------------------------------------------------------------------------------------------------------
 # Metrics: stream images in, compare with a reference file
 
-def read_reference(path):
-    """A reference file's arrays, or an error that says how to make one: missing, or damaged (a write cut short)."""
+REFERENCE_KEYS = ("settings", "count", "resolution")  # what save_reference writes beside the metrics' statistics
+
+
+def read_reference(path, flag="--ref"):
+    """A reference file's arrays, or an error that says how to make one: missing, damaged (a write cut short: rebuild
+    it), or not a reference at all (a folder, another file: nothing to remove, the flag names the wrong path)."""
+    path = os.fspath(path)
+    make = f"`python eval.py ref --data <eval data> --out {path if path.endswith('.npz') else '<file>.npz'}`"
     if not os.path.exists(path):
         hint = f"did you mean {path}.npz? " if os.path.exists(f"{path}.npz") else ""
-        raise FileNotFoundError(f"--ref {path}: no such reference; {hint}make it with `python eval.py ref --data "
-                                f"<eval data> --out {path}`")  # (train.py's --eval-ref: checked at its start)
+        raise FileNotFoundError(f"{flag} {path}: no such reference; {hint}make it with {make}")
+    not_one = f"{flag} {path}: not a reference, which is the .npz file that {make} writes"
+    if os.path.isdir(path):
+        raise ValueError(f"{not_one} (this is a folder)")
     try:
         with np.load(path) as f:
-            return dict(f)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable reference ({type(e).__name__}: {e}); remove it and rebuild it with "
-                         f"`python eval.py ref --data <eval data> --out {path}`")
+            ref = dict(f)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError) as e:  # TypeError: a .npy's array
+        if not path.endswith(".npz"):
+            raise ValueError(f"{not_one} ({type(e).__name__})") from None
+        raise ValueError(f"{flag} {path} is not a readable reference ({type(e).__name__}: {e}); remove it and "
+                         f"rebuild it with {make}") from None
+    if missing := [key for key in REFERENCE_KEYS if key not in ref]:
+        raise ValueError(f"{not_one} (an .npz without {', '.join(missing)})")
+    return ref
 
 
 def check_reference_size(ref, count, resolution, flag="--num-samples"):
@@ -486,8 +499,9 @@ class Metrics:
     loads; images: (--data, its held-out split's images_id(count)), the real images the reference holds or will hold."""
 
     def __init__(self, ref_path=None, metrics=FEATURE_METRICS, fid_weights=None, clip=CLIP_ID, dino=DINO_ID,
-                 dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples", images=None):
-        self.ref = read_reference(ref_path) if ref_path else None
+                 dino_weights=None, device="cpu", count=None, resolution=None, count_flag="--num-samples", images=None,
+                 ref_flag="--ref"):
+        self.ref = read_reference(ref_path, ref_flag) if ref_path else None
         saved = json.loads(str(self.ref["settings"])) if self.ref is not None else {}  # the reference's settings
         if self.ref is not None:
             held = [m for m in FEATURE_METRICS if m in saved]
@@ -644,7 +658,8 @@ def my_batches(num_samples, batch_size):
     """This rank's indices of 0..num_samples-1 (every world-th), in batches."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
     mine = range(rank, num_samples, world)
-    return tqdm([mine[i:i + batch_size] for i in range(0, len(mine), batch_size)], disable=rank != 0, unit="batch")
+    return tqdm((mine[i:i + batch_size] for i in range(0, len(mine), batch_size)), total=-(-len(mine) // batch_size),
+                disable=rank != 0, unit="batch")  # made one by one: a list of a mistyped count's would fill the memory
 
 
 @torch.no_grad()
@@ -696,7 +711,7 @@ def get_args(argv=None):
     g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --eval-data, else its "
                    "--data)")
     g.add_argument("--caption", choices=["long", "short"], help="caption field (default the run's --captions)")
-    g.add_argument("--resolution", type=count, help="ref on the built-in data: image side (default 32); other "
+    g.add_argument("--resolution", type=side, help="ref on the built-in data: image side (default 32); other "
                    "commands sample at the run's resolution")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json, or "
                    "eval_1.json, ...: never one written before); sample: the PNG (default <checkpoint>/prompts.png, "
@@ -752,8 +767,9 @@ def build_metrics(args, names, device, count=None, resolution=None, images=None)
     if names == []:
         return None
     if not args.ref and args.command == "eval":
-        raise SystemExit(f"error: --metrics {','.join(names)} needs reference statistics: --ref ref.npz "
-                         f"(from `python eval.py ref`)")
+        which = f"--metrics {','.join(names)}" if args.metrics else f"on prepared data the evaluation computes " \
+            f"{','.join(names)} (--metrics chooses), which"
+        raise SystemExit(f"error: {which} needs reference statistics: --ref ref.npz (from `python eval.py ref`)")
     # a reference or network missing or unfit: each names its own flag
     with exit_on(errors=(ValueError, FileNotFoundError, NotOnThisMachine)):
         return Metrics(args.ref, names, args.fid_weights, args.clip, dino_weights=args.dino_weights, device=device,
@@ -839,9 +855,10 @@ def load_checkpoint(args):
 
 def evaluate_checkpoint(args, device):
     model, train_args, ckpt, sampling = load_checkpoint(args)
-    if why := unwritable(ckpt):  # found before sampling, not when the grid is written
-        raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; the evaluation writes its grid there (and eval.json, "
-                         f"without --out): evaluate a copy of the checkpoint")
+    beside = os.path.dirname(os.path.abspath(args.out)) if args.out else ckpt  # eval.json's folder, and its grid's
+    if not args.out and (why := unwritable(ckpt)):  # found before sampling, not when the grid is written
+        raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; the evaluation writes eval.json and its grid there: "
+                         f"write them elsewhere with --out FILE.json")
     weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read, while it is there
     data = run_data(args, train_args, evaluation=True)
     caption = args.caption or heldout_caption(train_args["captions"], train_args["data"])
@@ -859,11 +876,10 @@ def evaluate_checkpoint(args, device):
 
     def save_new_grid(images, captions):
         with contextlib.suppress(FileNotFoundError):  # the checkpoint pruned meanwhile: said when eval.json is written
-            grid.append(write_new(ckpt, "eval_samples.png", lambda path: save_grid(images, captions, path)))
+            grid.append(write_new(beside, "eval_samples.png", lambda path: save_grid(images, captions, path)))
     result = evaluate(model.to(device), split, args.num_samples, shape, decode, metrics, args.seed, args.batch_size,
                       save_new_grid, **sampling)
     if main_process():
-        beside = os.path.dirname(os.path.abspath(args.out)) if args.out else ckpt  # the JSON's folder: the grid from it
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                   "ref_images": metrics.images[1] if args.ref else None,  # what the reference holds (checked)
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
@@ -902,6 +918,9 @@ def sample_prompts(args, device):
     if not args.out and (why := unwritable(ckpt)):
         raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; write the image elsewhere with --out")
     model, data = model.to(device), run_data(args, train_args)
+    if (data == "builtin") != (train_args["data"] == "builtin"):  # a grammar or T5Gemma: the other's prompts are not
+        raise SystemExit(f"error: --data {data}: the run trained on {train_args['data']}, whose text encoder its "
+                         f"prompts need: leave --data out (or name where its data is on this machine)")
     with exit_on(f"--prompt (the text encoder of --data {data})"):
         encoder = prompt_encoder(data, train_args["text_context"], device)
         txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32

@@ -43,9 +43,7 @@ from tqdm import tqdm
 
 from data import FIXED, FORMAT, IMAGE_EXTENSIONS, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, \
     die_with_launcher, errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, \
-    normalize_latent, number, quiet_transformers, stop_on_signals, unwritable, whole, write_whole
-
-MAX_RESOLUTION = 4096
+    normalize_latent, number, quiet_transformers, side, stop_on_signals, unwritable, whole, write_whole
 
 
 def stable_hash(*parts):
@@ -651,16 +649,15 @@ def main(argv=None):
     p.add_argument("--vae-path", help="local copy or other hub id of that VAE (default: the hub id in VAES)")
     p.add_argument("--text-encoder", default=T5GEMMA_ID, help="T5Gemma hub id or local copy")
     p.add_argument("--max-tokens", type=count, default=256, help="text tokens kept per caption (PRX: 256)")
-    p.add_argument("--resolution", type=number(int, 1, MAX_RESOLUTION), default=256,
-                   help=f"stored images are R x R centre crops (at most {MAX_RESOLUTION}: PRX trains up to 1024 px; "
-                        f"one {MAX_RESOLUTION} px crop is 48 MiB, a batch of them GBs)")
+    p.add_argument("--resolution", type=side, default=256, help="stored images are R x R centre crops")
     p.add_argument("--min-size", type=count, help="skip images whose shorter side is smaller (default R / 2)")
     p.add_argument("--shard-size", type=count, default=4096,
                    help="samples per shard, both splits (~5 GB at 256 px with two T5Gemma captions)")
     p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
     p.add_argument("--eval-fraction", type=fraction, default=0.015, help="held-out share, chosen by hashing the id "
                    "(the speedrun's ~986k rows: ~14,800, above the full evaluation's 10,000 and the rows skipped)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the eval split and the VAE posterior samples")
+    p.add_argument("--seed", type=number(int, 0, 2**62), default=0, help="seeds the eval split and the VAE posterior "
+                   "samples")
     p.add_argument("--device", help="where the encoders run (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--workers", type=count, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
                    help="image decoding threads per rank")

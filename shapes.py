@@ -479,16 +479,22 @@ def train_teacher(steps=TEACHER_STEPS, seed=TEACHER_SEED, batch_size=64, lr=2e-3
 
 
 def load_teacher(path=TEACHER_FILE):
+    """The committed teacher, or another file of its weights (train.py's --repa-weights)."""
+    make = "`python shapes.py teacher" + (f" --out {path}`" if path != TEACHER_FILE else "`") + " (about a minute)"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: the built-in REPA teacher is missing; make it with `python shapes.py "
-                                f"teacher` (about a minute)")
+        raise FileNotFoundError(f"{path}: no such file; " + ("the built-in REPA teacher is missing: make it with "
+                                if path == TEACHER_FILE else "a built-in teacher's weights: ") + make)
     teacher = ShapesTeacher()
-    teacher.load_state_dict(load_file(path))
+    try:
+        teacher.load_state_dict(load_file(path))
+    except RuntimeError:  # torch's message lists every key and size: one line says it
+        raise ValueError(f"{path}: not the built-in teacher's weights (ShapesTeacher's), which {make} makes") from None
     return teacher.eval().requires_grad_(False)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.")
+    parser = argparse.ArgumentParser(description="Train the built-in REPA teacher (--repa builtin) and save it.",
+                                     allow_abbrev=False)  # as data.Parser's: --ou is not --out
     parser.add_argument("command", choices=["teacher"])
     parser.add_argument("--out", default=TEACHER_FILE)
     parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
@@ -502,9 +508,12 @@ def main(argv=None):
         parser.error(f"--out {args.out} exists; pass --out NEW.safetensors, or delete it first to remake it")
     if not args.out:  # as data.Parser's: `--out "$OUT"` with OUT unset
         parser.error("argument --out: an empty value (an unset shell variable?): give one, or leave the flag out")
-    if not os.path.isdir(os.path.dirname(args.out) or "."):  # before the minute of training, not after it
-        parser.error(f"--out {args.out}: no folder {os.path.dirname(args.out)} to write it in; make it first, or pass "
-                     f"--out NEW.safetensors in a folder that exists")
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder):  # before the minute of training, not after it
+        parser.error(f"--out {args.out}: no folder {folder} to write it in; make it first, or pass --out "
+                     f"NEW.safetensors in a folder that exists")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out}: cannot write in {folder} (no permission, or a read-only file system)")
     teacher, _ = train_teacher(args.steps, args.seed)
     save_file(teacher.state_dict(), args.out + ".tmp")  # atomic: a killed run leaves no half-written teacher
     os.replace(args.out + ".tmp", args.out)

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
     exit_on, fraction, heldout_caption, how_to_prepare, number, open_heldout, open_loader, pad_text, pad_to_common, \
-    parse_data_phases, positive, read_index, space_differences, stop_on_signals, stop_when_another_process_ends, \
+    parse_data_phases, positive, read_index, side, space_differences, stop_on_signals, stop_when_another_process_ends, \
     unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
@@ -137,7 +137,7 @@ def get_parser():
                    help="'builtin' (shapes.py, no download), or prepared datasets with weights and phases: "
                         "'data/mj', 'data/mj:0.7,data/cc:0.3', 'data/mj@0;data/alchemist@90000' (data.py). Default: "
                         f"the track's: {SPEEDRUN_DATA} on CUDA (8gpu track), else builtin (cpu track)")
-    g.add_argument("--resolution", type=count, default=256, help="image side in pixels")
+    g.add_argument("--resolution", type=side, default=256, help="image side in pixels")
     g.add_argument("--captions", default="long", help="long, short, or mixed[:p] (long with probability p)")
     g.add_argument("--text-context", type=number(int, 0, 64), default=TEXT_CONTEXT,
                    help="built-in text encoder: context window of each word (0 = word + position only)")
@@ -312,6 +312,10 @@ def check_combinations(parser, args, given):
         caption_share(args.captions)
     except ValueError as e:
         parser.error(f"--captions: {e}")
+    if args.lpips and args.resolution < 16:  # below, VGG16's four poolings leave its last stage no pixel
+        parser.error(f"--lpips: VGG16's feature maps need images of at least 16 px; --resolution {args.resolution}")
+    if args.cfm and args.micro_batch < 2:
+        parser.error("--cfm contrasts each sample with another of its micro-batch: it needs --micro-batch 2 or more")
     if args.target and not (args.eval_samples and (args.eval_every or args.eval_minutes)):
         parser.error("--target needs evaluations during the run: --eval-every or --eval-minutes, --eval-samples > 0")
 
@@ -716,6 +720,11 @@ def build_model(args, loader, device, start_step):
     if loader.x0_shape[-1] % cfg.patch_size or loader.x0_shape[-2] % cfg.patch_size:
         raise SystemExit(f"error: --resolution {args.resolution} gives inputs of {list(loader.x0_shape)}, whose "
                          f"sides are not multiples of the patch size {cfg.patch_size} (--patch, --model)")
+    tokens = loader.x0_shape[-1] * loader.x0_shape[-2] // cfg.patch_size**2
+    if args.route_ratio and int(tokens * args.route_ratio) == 0:  # model.PRX routes int(N r) tokens: none
+        raise SystemExit(f"error: --route-ratio {args.route_ratio:g} of {tokens} image tokens routes none (int(N r) = "
+                         f"0), and the run would train without {'--tread' if args.tread else '--sprint'}: use at least "
+                         f"{1 / tokens:.3g}")
     if args.repa:
         args.repa_layer = cfg.depth * 7 // 16 if args.repa_layer is None else args.repa_layer
         if not args.repa_layer < cfg.depth:
@@ -727,7 +736,8 @@ def build_model(args, loader, device, start_step):
     teacher, nets = None, {}  # nets: the frozen networks of --lpips and --pdino, for Trainee.perceptual
     repa = args.repa and not (args.repa_stop and start_step >= args.repa_stop)  # a resume past it: nothing to load
     if repa:
-        with exit_on(f"--repa {args.repa}", (FileNotFoundError, ValueError, RuntimeError, SafetensorError)):
+        given = f"--repa-weights {args.repa_weights}" if args.repa == "builtin" and args.repa_weights else ""
+        with exit_on(given or f"--repa {args.repa}", (FileNotFoundError, ValueError, RuntimeError, SafetensorError)):
             teacher = load_teacher(args.repa_weights or TEACHER_FILE) if args.repa == "builtin" else \
                 load_dino(args.repa_teacher or REPA_TEACHERS[args.repa], args.repa_weights, "--repa-weights",
                           dynamic_img_size=True)
@@ -769,7 +779,7 @@ def setup_eval(args, cfg, device):
                  (ValueError, FileNotFoundError, RuntimeError)):
         split = open_heldout(data, args.eval_samples, heldout_caption(args.captions, args.data), args.resolution,
                              args.seed, args.text_context)
-        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device,
+        metrics = Metrics(args.eval_ref, ["fid"], fid_weights=args.fid_weights, device=device, ref_flag="--eval-ref",
                           count=args.eval_samples, resolution=args.resolution, count_flag="--eval-samples",
                           images=(data, split.images_id(args.eval_samples))) if args.eval_ref else None
     shape, decode = load_decoder(cfg, data, args.resolution, device)
@@ -842,6 +852,11 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     no_dropout = argparse.Namespace(**{**vars(args), "caption_dropout": 0.0})
     for step, full in ((3, False), (4, True)):
         train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
+    if teacher is not None and args.repa_stop and args.repa_stop < args.max_steps:  # the model without REPA's hook:
+        projector, trainee.repa_proj = trainee.repa_proj, None  # as the loop from --repa-stop on
+        train_step(args, 5, args.lr, wrap_ddp(trainee, world, loader.null_mask.device), opt[:-1], loader, None, rank,
+                   world)
+        trainee.repa_proj = projector
     trainee.load_state_dict(initial[0])
     for o, state in zip(opt, initial[1]):
         o.load_state_dict(state)
@@ -1470,7 +1485,7 @@ def main(argv=None):
     with log, stop_when_another_process_ends(lambda: where_to_resume(out)):  # why the run stops, in log.txt too
         if args.compile:  # also on resume: the first steps would compile on the clock
             breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
-            log(f"compile warm-up done (5 untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
+            log(f"compile warm-up done (untimed steps, state restored): {breaks} graph breaks, {seconds:.0f} s")
 
         # the loop: occasional work first (checkpoint, evaluation), then the one training step
         raw_model.train()

@@ -439,6 +439,7 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     (["muon", "--preset", ""], "argument --preset: an empty value (an unset shell variable?)"),
     (["loader", ""], "argument dir: an empty value"),  # would have written into the current folder
     (["gpu", "--out", ""], "argument --out: an empty value"),
+    (["gpu", "--out", os.devnull], f"bench.py gpu: --out {os.devnull}: exists: pass another file"),
     (["model", "--stepz", "3"], "--stepz is not a flag: did you mean --steps?"),  # a subcommand's flags too
     (["model", "--compile", "--warmup", "0"], "the first call compiles; pass --warmup 1 or more"),
     (["muon", "--preset", "tiny", "--blocks", "5"], "--blocks 5 is more than the 4 blocks of tiny"),
@@ -453,11 +454,11 @@ def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
     assert message in captured.err and "bench " not in captured.out  # refused before the header line
 
 
-def test_gpu_refused_on_cpu():
+def test_gpu_refused_on_cpu(tmp_path):
     if torch.cuda.is_available():
         return
     with pytest.raises(SystemExit, match="python bench.py gpu"):
-        bench.main(["gpu", "--out", os.devnull])
+        bench.main(["gpu", "--out", str(tmp_path / "gpu.md")])
 
 
 def test_techniques(capsys, monkeypatch, clock):

@@ -4,6 +4,7 @@ closed forms) on tiny or randomly initialised networks built here, and the sampl
 import argparse
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -227,6 +228,8 @@ def test_each_process_samples_every_world_th_prompt(monkeypatch):
         shares.append([list(batch) for batch in ev.my_batches(10, 2)])
     assert shares[1] == [[1, 4], [7]]
     assert sorted(i for share in shares for batch in share for i in batch) == list(range(10))
+    batches = ev.my_batches(10**9, 32)  # a mistyped --num-samples: batches made as they are sampled, not all first
+    assert inspect.isgenerator(batches.iterable) and batches.total == math.ceil(len(range(2, 10**9, 3)) / 32)  # rank 2
 
 
 def test_a_grid_cut_short_leaves_no_file(tmp_path, monkeypatch):
@@ -819,7 +822,7 @@ def test_an_unwritable_output_is_refused_before_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "sample", lambda *a, **k: pytest.fail("sampled"))
     for argv, message in ((["--out", str(tmp_path / "locked" / "e.json")], f"cannot write in {tmp_path / 'locked'}"),
                           ([], f"cannot write in {ckpt} (no permission, or a read-only file system); the evaluation "
-                               f"writes its grid there"),
+                               f"writes eval.json and its grid there: write them elsewhere with --out FILE.json"),
                           (["sample", "--prompt", "a"], f"cannot write in {ckpt} (no permission, or a read-only file "
                                                         f"system); write the image elsewhere with --out")):
         with pytest.raises(SystemExit, match=re.escape(message)):
@@ -1132,8 +1135,11 @@ def test_an_evaluation_of_prepared_data_scores_every_feature_metric(prepared, tm
     out = prepared[0] / "out"
     ckpt = write_run(tmp_path / "run", PRX(preset_config("tiny", in_channels=4, context_dim=32)).eval(), data=str(out))
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("sampled"))
-    with pytest.raises(SystemExit, match="--metrics fid,cmmd,dino_mmd needs reference statistics: --ref ref.npz"):
-        ev.main(["--ckpt", str(ckpt), "--num-samples", "1"])
+    with pytest.raises(SystemExit, match=r"^error: on prepared data the evaluation computes fid,cmmd,dino_mmd "
+                                         r"\(--metrics chooses\), which needs reference statistics: --ref ref.npz"):
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1"])  # no --metrics typed: none named as if it were
+    with pytest.raises(SystemExit, match="^error: --metrics cmmd needs reference statistics: --ref ref.npz"):
+        ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--metrics", "cmmd"])
 
 
 def test_a_held_out_split_that_cannot_serve_names_the_flags_typed(prepared, tmp_path):
@@ -1251,6 +1257,15 @@ def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_
         ev.Metrics(tmp_path / "cut.npz", ["cmmd"])
     with pytest.raises(FileNotFoundError, match=f"did you mean {tmp_path / 'ref'}.npz"):
         ev.Metrics(tmp_path / "ref", ["cmmd"])
+    np.savez(tmp_path / "other.npz", a=np.zeros(2))
+    (tmp_path / "config.json").write_text("{}")
+    np.save(tmp_path / "array.npy", np.zeros(2))
+    for path, why in ((tmp_path, "this is a folder"), (tmp_path / "config.json", "ValueError"),
+                      (tmp_path / "array.npy", "TypeError"),
+                      (tmp_path / "other.npz", "an .npz without settings, count, resolution")):
+        with pytest.raises(ValueError, match=rf"^--eval-ref {re.escape(str(path))}: not a reference, which is the "
+                                             rf".npz file that `python eval.py ref .*` writes \({why}\)$"):
+            ev.Metrics(path, ["cmmd"], ref_flag="--eval-ref")  # nothing to remove: the flag names the wrong file
     monkeypatch.setattr(ev, "load_dino", lambda *a, **k: pytest.fail("DINO loaded for CMMD"))
     args = SimpleNamespace(ref=tmp_path / "ref.npz", command="eval", dino_weights="/no/such.safetensors",
                            fid_weights=None, clip=tiny_clip())
@@ -1418,13 +1433,30 @@ def test_a_zero_given_on_the_command_line_overrides_the_runs_sampling(tmp_path):
     assert (sampling["cfg_scale"], sampling["self_guidance"], sampling["steps"]) == (0.0, 0.0, 2)
 
 
-def test_sample_with_out_reads_a_checkpoint_it_cannot_write_into(tmp_path, monkeypatch):
-    """`sample --out FILE` writes nothing beside the checkpoint: a read-only checkpoint is sampled."""
+def test_sample_or_eval_with_out_reads_a_checkpoint_it_cannot_write_into(tmp_path, monkeypatch):
+    """`sample --out FILE` and `eval --out FILE.json` (its grid beside it) write nothing beside the checkpoint: a
+    read-only checkpoint (another user's, a mounted copy of tens of GB) is sampled where it is."""
     ckpt = write_run(tmp_path / "run", random_tiny_prx())
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, **k: str(path) != str(ckpt) and access(path, mode, **k))
     ev.main(["sample", "--ckpt", str(ckpt), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")])
-    assert (tmp_path / "x.png").stat().st_size > 0 and sorted(os.listdir(ckpt)) == sorted([CHECKSUMS, "model.safetensors"])
+    ev.main(["--ckpt", str(ckpt), "--num-samples", "2", "--steps", "1", "--out", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["grid"] == "eval_samples.png"
+    assert (tmp_path / "x.png").stat().st_size > 0 and (tmp_path / "eval_samples.png").stat().st_size > 0
+    assert sorted(os.listdir(ckpt)) == sorted([CHECKSUMS, "model.safetensors"])
+
+
+def test_sample_with_data_of_the_other_kind_names_data_not_the_prompt(prepared, tmp_path, monkeypatch):
+    """A run of prepared data sampled with --data builtin (or the reverse): its prompts need the run's text encoder,
+    so the error names --data, before any encoder reads the prompt."""
+    from model import preset_config
+    latent = write_run(tmp_path / "run", PRX(preset_config("tiny", in_channels=4, context_dim=32)).eval(),
+                       data=str(prepared[0] / "out"))
+    monkeypatch.setattr(ev, "prompt_encoder", lambda *a: pytest.fail("an encoder read the prompt"))
+    for ckpt, data in ((latent, "builtin"), (write_run(tmp_path / "b", random_tiny_prx()), str(prepared[0] / "out"))):
+        with pytest.raises(SystemExit, match=f"^error: --data {re.escape(data)}: the run trained on .*leave --data "):
+            ev.main(["sample", "--ckpt", str(ckpt), "--prompt", "a cat", "--data", data, "--out",
+                     str(tmp_path / "s.png")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

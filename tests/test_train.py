@@ -128,7 +128,7 @@ def test_compile_under_torchrun_matches_eager_without_graph_breaks(tmp_path):
     assert eager.returncode == 0, eager.stderr[-2000:]
     compiled = run(flags + ["--out", str(tmp_path / "compiled"), "--compile"], nproc=2)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
-    assert re.search(r"compile warm-up done \(5 untimed steps, state restored\): 0 graph breaks, \d+ s",
+    assert re.search(r"compile warm-up done \(untimed steps, state restored\): 0 graph breaks, \d+ s",
                      compiled.stdout)
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * (1 + abs(a[k])) for k in a), (a, b)
@@ -384,6 +384,9 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--model", "huge"], "argument --model: invalid choice: 'huge' (choose from 'tiny', 'tiny-pixel', 'small'"),
     (["--betas", "1", "0.95"], "--betas 1 0.95: each must be below 1"),
     (["--seed", "-1"], "argument --seed: must be in [0, 4611686018427387904]"),
+    (["--resolution", "40000"], "argument --resolution: must be in [1, 4096], got 40000"),  # not hours to an OOM
+    (["--lpips", "0.1", "--resolution", "12"], "--lpips: VGG16's feature maps need images of at least 16 px"),
+    (["--cfm", "0.1", "--micro-batch", "1"], "--cfm contrasts each sample with another of its micro-batch: it needs "),
     (["--optimizer", "muon", "--muon-ns-steps", "0"], "argument --muon-ns-steps"),
     (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
     (["--self-guidance", "1.5"], "--self-guidance extrapolates from the routed network: it needs --tread"),
@@ -582,7 +585,7 @@ def test_out_inside_a_file_and_a_checkpoint_path_with_a_dot(finished_run, tmp_pa
             train.get_args(SMALL + argv)
         assert message in capsys.readouterr().err
     (tmp_path / "page.safetensors").write_text("<html>404</html>")
-    with pytest.raises(SystemExit, match="error: --repa builtin: .*header"):
+    with pytest.raises(SystemExit, match="error: --repa-weights .*page.safetensors: .*header"):
         train.main(SMALL + ["--repa", "builtin", "--repa-weights", str(tmp_path / "page.safetensors"), "--out",
                             str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
@@ -1152,6 +1155,19 @@ def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, t
         train.resolve_resume(str(tmp_path / "elsewhere" / "step_2"), str(tmp_path / "new"))
 
 
+def test_the_compile_warm_up_also_compiles_the_model_without_repa_when_repa_stops_in_the_run(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """From --repa-stop on the model runs without REPA's hook: another graph, compiled in the warm-up (off the
+    clock), not at the stop's step (tens of seconds on it). dynamo's eager backend: its graphs, without inductor."""
+    compile_ = torch.compile
+    monkeypatch.setattr(train.torch, "compile", lambda model: compile_(model, backend="eager"))
+    torch._dynamo.reset()  # no graph of an earlier test in this process
+    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--compile", "--out",
+                        str(tmp_path / "r")])
+    console = capsys.readouterr().out
+    assert "REPA stopped at step 2" in console and "compiled a new graph" not in console, console
+
+
 def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished_run, tmp_path, monkeypatch, capsys):
     """--compile on resume runs the untimed warm-up too, and its restore leaves the run where the checkpoint was:
     steps 3 and 4 after a resume from step 2 equal the uninterrupted run's, and the training clock continues from the
@@ -1168,7 +1184,7 @@ def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished
     train.main(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5", "--resume",
                         str(out / "checkpoints" / "step_2"), "--compile"])
     console = capsys.readouterr().out
-    assert "compile warm-up done (5 untimed steps, state restored)" in console
+    assert "compile warm-up done (untimed steps, state restored)" in console
     assert "flags set otherwise than the checkpoint's stage (a flag left out takes its default): --compile " \
         "False -> True\n" in console  # only what differs from the run's flags
     resumed, uninterrupted = losses(out), losses(finished_run)
@@ -1231,6 +1247,24 @@ def test_missing_repa_weights_name_the_flag(tmp_path, capsys):
     err = refusal(SMALL + ["--repa", "dinov2", "--repa-weights", "/nonexistent.safetensors", "--out",
                            str(tmp_path / "r"), "--max-steps", "1"], capsys)
     assert "--repa-weights /nonexistent.safetensors: no such file" in err, err[-1000:]
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    for weights, why in (("/nonexistent.safetensors", "no such file; a built-in teacher's weights: `python shapes.py "
+                                                      "teacher --out /nonexistent.safetensors`"),
+                         (str(tmp_path / "other.safetensors"), "not the built-in teacher's weights (ShapesTeacher's), "
+                                                               "which `python shapes.py teacher --out ")):
+        err = refusal(SMALL + ["--repa", "builtin", "--repa-weights", weights, "--out", str(tmp_path / "r")], capsys)
+        assert f"error: --repa-weights {weights}: {weights}: {why}" in err, err[-1000:]  # not --repa builtin's file
+        assert "\n" not in err.strip()  # one line, not torch's list of keys
+
+
+def test_a_route_ratio_that_routes_no_token_is_refused(tmp_path, capsys):
+    """model.PRX routes int(N r) of N tokens: a ratio below 1 / N would train (and sample) without routing."""
+    for routing in ("--tread", "--sprint"):
+        err = refusal(SMALL + [routing, "--route-ratio", "0.01", "--out", str(tmp_path / "r")], capsys)
+        assert f"--route-ratio 0.01 of 64 image tokens routes none (int(N r) = 0), and the run would train without " \
+               f"{routing}: use at least 0.0156" in err, err[-1000:]
+    assert not (tmp_path / "r").exists()
 
 
 def test_repa_builtin_teacher_trains(tmp_path):
