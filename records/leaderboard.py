@@ -167,19 +167,31 @@ def leaderboard(records, readme_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --wr would be --write: a typo rewrites the README
     p.add_argument("--write", action="store_true", help="rewrite the leaderboard block of --readme")
     p.add_argument("--check", action="store_true", help="exit 1 when the block of --readme is not current")
-    p.add_argument("--records", type=Path, default=HERE, help="the folder of record folders")
-    p.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    p.add_argument("--records", type=verify.path_arg, default=HERE, help="the folder of record folders")
+    p.add_argument("--readme", type=verify.path_arg, default=HERE.parent / "README.md")
     args = p.parse_args(argv)
+    # before the board, which verifies every record: a folder of none would write "No record yet" over the rows
+    if not args.records.is_dir():
+        p.error(f"--records {args.records}: no such folder; pass the folder of record folders, e.g. records")
+    if not any(re.match(r"\d{4}-\d{2}-\d{2}_", r.name) and (r / "README.md").exists() for r in args.records.iterdir()):
+        p.error(f"--records {args.records}: holds no record folder (<date>_<name>/README.md, records/RULES.md); pass "
+                f"the folder of record folders, e.g. records")
+    if not args.readme.is_file():
+        p.error(f"--readme {args.readme}: no such file; pass the README whose leaderboard block to write or check")
+    if args.write and not os.access(args.readme, os.W_OK):  # access(2): a read-only mount too, even for root
+        p.error(f"--readme {args.readme}: cannot be written; pass a copy you can write, or make it writable")
+    if args.write or args.check:
+        text = args.readme.read_text()
+        if (old := verify.readme_block(text, BEGIN, END)) is None:
+            sys.exit(f"{args.readme}: no {BEGIN} ... {END} markers for the leaderboard")
     board = leaderboard(args.records, args.readme.parent)
     if not (args.write or args.check):
         print(board)
         return
-    text = args.readme.read_text()
-    if (old := verify.readme_block(text, BEGIN, END)) is None:
-        sys.exit(f"{args.readme}: no {BEGIN} ... {END} markers for the leaderboard")
     current = f"{BEGIN}\n{board}\n{END}"
     if args.check and old != current:
         sys.exit(f"{args.readme}: the leaderboard is not current; run python records/leaderboard.py --write")

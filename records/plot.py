@@ -91,7 +91,8 @@ def finite(text):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --ta would be --target, a typo taken silently
     p.add_argument("groups", nargs="+", help="name=run,run,... (the run folders of one configuration's seeds)")
     p.add_argument("--metric", default="object_accuracy", help="an evaluation key of metrics.jsonl")
     p.add_argument("--target", type=finite, help="print each run's training minutes to this value")
@@ -102,16 +103,21 @@ def main():
                                          "must end in .png"))
     if args.out and not os.path.isdir(os.path.dirname(args.out) or "."):  # before the work, not after it
         p.error(f"--out {args.out}: no folder {os.path.dirname(args.out)} to write it in; make it first")
+    if args.out and not os.access(os.path.dirname(args.out) or ".", os.W_OK):  # a read-only mount too, even for root
+        p.error(f"--out {args.out}: its folder cannot be written; write it in another")
     groups = {}
     for group in args.groups:
         name, _, runs = group.partition("=")  # a name has no "=", a run folder may (runs/lr=1e-3)
-        if all(os.path.isdir(run) for run in group.split(",")):  # no name: the runs themselves
+        if "=" not in group or all(os.path.isdir(run) for run in group.split(",")):  # no name: the runs themselves
             name, runs = group, group
         runs = runs.split(",")
+        if "" in runs:  # "" would read the current folder
+            p.error(f"{group!r}: an empty run folder; pass name=run,run,... or run,run,... with none empty")
         if name in groups:
             p.error(f"two groups named {name!r}: name each group once (name=run,run,...)")
         if missing := [run for run in runs if not os.path.exists(os.path.join(run, "metrics.jsonl"))]:
-            p.error(f"{', '.join(missing)}: no metrics.jsonl there (a run folder of train.py)")
+            p.error(f"{', '.join(missing)}: no metrics.jsonl there (a run folder of train.py)" +
+                    ("" if name == group else f"; from the argument {group}, read as name=run,run,..."))
         groups[name] = [evaluations(run, args.metric) for run in runs]
         for run, points in zip(runs, groups[name]):
             if not points:

@@ -738,9 +738,18 @@ def protocol(track):
     return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
 
 
+def path_arg(text):
+    """argparse's type of a file or folder argument (leaderboard.py's too): "" (an unset shell variable) would be
+    the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?): name the file or folder")
+    return Path(text)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", nargs="?", type=Path, help="a record folder: records/<date>_<name>")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --wr would be --write, a typo of another flag taken silently
+    p.add_argument("folder", nargs="?", type=path_arg, help="a record folder: records/<date>_<name>")
     p.add_argument("--protocol", choices=sorted(TRACKS), help="print the track's protocol as shell variables")
     p.add_argument("--commit", action="store_true", help="print the commit the folder's runs trained at (speedrun.sh "
                    "runs a record's configuration there, beside a candidate)")

@@ -528,6 +528,14 @@ def test_verify_names_the_commit_a_records_runs_trained_at(record, capsys):
     assert "needs the logs (log_<k>.txt) of runs at one commit" in capsys.readouterr().err
 
 
+def test_verify_main_refuses_an_empty_folder_or_an_abbreviated_flag(capsys):
+    for argv, message in (([""], "argument folder: an empty path"),  # not the current folder
+                          (["--proto", "cpu"], "unrecognized arguments: --proto")):  # not --protocol
+        with pytest.raises(SystemExit):
+            verify.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_a_folder_in_another_layout_fails():
     problems = verify.verify(ROOT / "records" / "2026-12-01_cpu-baseline-30min")  # logs from before RULES.md
     assert len(problems) == 1 and "README.md: no results block naming a track" in problems[0]
@@ -863,6 +871,29 @@ def test_leaderboard_writes_and_checks_the_readme_block(record, tmp_path, capsys
     readme.write_text(text.replace("25.00 min", "20.00 min"))
     with pytest.raises(SystemExit, match="not current"):
         leaderboard.main(argv + ["--check"])
+
+
+def test_leaderboard_refuses_a_wrong_records_or_readme_before_any_work(record, tmp_path, monkeypatch, capsys):
+    """A folder of no records would write "No record yet" over the README's rows; a missing or read-only README
+    would fail after the board's minutes of verifying: each is refused first, naming the flag."""
+    readme, run = tmp_path / "README.md", tmp_path / "run"
+    readme.write_text("# x\n\n<!-- leaderboard -->\nold\n<!-- /leaderboard -->\n")
+    (run / "checkpoints").mkdir(parents=True)  # a run folder of train.py, not a folder of records
+    monkeypatch.setattr(leaderboard, "leaderboard", lambda *a: pytest.fail("worked"))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != readme and access(path, mode))  # root: chmod won't
+    for argv, message in (
+            (["--records", str(tmp_path / "nope")], f"--records {tmp_path / 'nope'}: no such folder; pass the folder"),
+            (["--records", str(run), "--readme", str(readme), "--write"], f"--records {run}: holds no record folder"),
+            (["--records", ""], "argument --records: an empty path"),
+            (["--readme", str(tmp_path / "nope.md"), "--write"], f"--readme {tmp_path / 'nope.md'}: no such file"),
+            (["--readme", "", "--write"], "argument --readme: an empty path"),
+            (["--readme", str(readme), "--write"], f"--readme {readme}: cannot be written"),
+            (["--wr"], "unrecognized arguments: --wr")):  # not --write
+        with pytest.raises(SystemExit):
+            leaderboard.main(["--records", str(record.parent), *argv])
+        assert message in capsys.readouterr().err
+    assert readme.read_text().endswith("\nold\n<!-- /leaderboard -->\n")
 
 
 @pytest.mark.slow
@@ -1330,6 +1361,23 @@ def test_plot_refuses_a_run_without_the_metric(tmp_path, monkeypatch, capsys):
     for argv, message in ((["--metric", "fid", f"x={run}"], "no evaluation of --metric fid"),
                           ([f"x={run}", f"x={run}"], "two groups named 'x'"),
                           ([f"x={run},{tmp_path / 'nowhere'}"], f"{tmp_path / 'nowhere'}: no metrics.jsonl there")):
+        monkeypatch.setattr(sys, "argv", ["plot.py", *argv])
+        with pytest.raises(SystemExit):
+            plot.main()
+        assert message in capsys.readouterr().err
+
+
+def test_plot_names_the_argument_typed_and_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys):
+    import plot
+    run, ro = metrics_run(tmp_path / "a", [(1, 60, 0.2)]), tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(plot, "evaluations", lambda *a: pytest.fail("read a run"))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(ro) and access(path, mode))  # root: chmod won't
+    for argv, message in (([str(tmp_path / "rnu1")], f"{tmp_path / 'rnu1'}: no metrics.jsonl there"),  # a typo
+                          ([""], "'': an empty run folder"), ([f"x={run},"], f"'x={run},': an empty run folder"),
+                          ([run, "--ta", "0.5"], "unrecognized arguments: --ta 0.5"),  # not --target
+                          (["--out", str(ro / "p.png"), run], f"--out {ro / 'p.png'}: its folder cannot be written")):
         monkeypatch.setattr(sys, "argv", ["plot.py", *argv])
         with pytest.raises(SystemExit):
             plot.main()
