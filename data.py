@@ -119,7 +119,7 @@ def from_hub(load, what, files, flag, local="DIR", name=None):
         return load()
     except OSError as e:  # not cached (LocalEntryNotFoundError, OfflineModeIsEnabled, transformers' OSError)
         if name and os.path.exists(name):  # a path that is there but is not this model's: not a download to make
-            raise FileNotFoundError(f"{flag} {name}: not a folder of {what}: {str(e)[:300]}") from e
+            raise FileNotFoundError(f"{flag} {name}: not a folder of {what}: {one_line(e, 300)}") from e
         cache_miss = e
     finally:
         constants.HF_HUB_OFFLINE = offline
@@ -154,7 +154,7 @@ def load_vae(name, path=None, device="cpu"):
         try:
             loaded = load(path or hub_id, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
         except RuntimeError as e:  # weights of other shapes: another VAE's folder
-            raise ValueError(f"{flag} {path or hub_id}: not {what}: {' '.join(str(e).split())[:200]}") from e
+            raise ValueError(f"{flag} {path or hub_id}: not {what}: {one_line(e)}") from e
         return whole(loaded, what, flag, path or hub_id)  # FLUX.2's BatchNorm statistics left at 0 and 1: refused
     vae = from_hub(load_whole, f"{what} ({path or hub_id})", files, flag, name=path).to(device)
     vae = vae.eval().requires_grad_(False)
@@ -737,6 +737,11 @@ def exit_on(prefix=None, errors=(ValueError, FileNotFoundError)):
         yield
     except errors as e:
         raise SystemExit(f"error: {prefix}: {e}" if prefix else f"error: {e}")
+
+
+def one_line(e, n=200):
+    """An exception's message in an error line: one line (torch's load errors list a key a line), n characters."""
+    return " ".join(str(e).split())[:n]
 
 
 def nearest_existing(path):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
     die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    pad_to_common, read_index, side, space_differences, unwritable, whole, write_whole
+    one_line, pad_to_common, read_index, side, space_differences, unwritable, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -199,7 +199,7 @@ def load_inception(weights=None):
     try:
         net.load_state_dict(torch.load(weights, weights_only=True))
     except NOT_WEIGHTS as e:
-        raise ValueError(f"{name}: not the Inception's weights ({type(e).__name__}: {str(e)[:200]}); {should}")
+        raise ValueError(f"{name}: not the Inception's weights ({type(e).__name__}: {one_line(e)}); {should}")
     return net
 
 
@@ -283,7 +283,7 @@ def load_dino(name=DINO_ID, weights=None, flag="--dino-weights", pretrained=True
         if file is None:  # not a file the user named
             raise
         raise ValueError(f"{flag} {file}: not model.safetensors of {repo or name} ({type(e).__name__}: "
-                         f"{str(e)[:200]})")
+                         f"{one_line(e)})")
     return model.eval().requires_grad_(False)
 
 
@@ -918,7 +918,9 @@ def sample_prompts(args, device):
     if not args.out and (why := unwritable(ckpt)):
         raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; write the image elsewhere with --out")
     model, data = model.to(device), run_data(args, train_args)
-    if (data == "builtin") != (train_args["data"] == "builtin"):  # a grammar or T5Gemma: the other's prompts are not
+    # the built-in grammar's words or T5Gemma's text: a run reads its own kind (a folder of neither: said below)
+    builtin, trained_builtin = data == "builtin", train_args["data"] == "builtin"
+    if builtin != trained_builtin and (builtin or os.path.isfile(os.path.join(data_dirs(data)[0], "index.json"))):
         raise SystemExit(f"error: --data {data}: the run trained on {train_args['data']}, whose text encoder its "
                          f"prompts need: leave --data out (or name where its data is on this machine)")
     with exit_on(f"--prompt (the text encoder of --data {data})"):

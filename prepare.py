@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import FIXED, FORMAT, IMAGE_EXTENSIONS, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, \
     die_with_launcher, errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, \
-    normalize_latent, number, quiet_transformers, side, stop_on_signals, unwritable, whole, write_whole
+    normalize_latent, number, one_line, quiet_transformers, side, stop_on_signals, unwritable, whole, write_whole
 
 
 def stable_hash(*parts):
@@ -313,7 +313,7 @@ def unreadable_source_file(source, file, e):
     """The error of a source file that datasets cannot read (corrupt, empty, not parquet or tar): what was written
     stays, and a resume needs the same files (listing)."""
     return SystemExit(f"error: --source {source}: cannot read {file or 'one of its files'} ({type(e).__name__}: "
-                      f"{str(e)[:200]}); replace it with a readable copy and run the same command again, which resumes "
+                      f"{one_line(e)}); replace it with a readable copy and run the same command again, which resumes "
                       f"after the last whole shard (without that file the source's files differ: use another --out)")
 
 
@@ -383,7 +383,7 @@ def open_source(source, image_field, rank, world_size):
             builder = datasets.load_dataset_builder(source)
     except OSError as e:  # DatasetNotFoundError, EmptyDatasetError, ConnectionError: a typo or an offline machine
         raise SystemExit(f"error: --source {source}: {'no such folder or file here, and ' if not root.exists() else ''}"
-                         f"datasets cannot open it ({type(e).__name__}: {str(e)[:200]}){hint}") from e
+                         f"datasets cannot open it ({type(e).__name__}: {one_line(e)}){hint}") from e
     files = list(builder.config.data_files["train"])
     mine = files[rank::world_size]  # whole files per rank: no rank downloads another's data
     splits = builder.info.splits

@@ -45,9 +45,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
-    exit_on, fraction, heldout_caption, how_to_prepare, number, open_heldout, open_loader, pad_text, pad_to_common, \
-    parse_data_phases, positive, read_index, side, space_differences, stop_on_signals, stop_when_another_process_ends, \
-    unwritable, write_whole
+    exit_on, fraction, heldout_caption, how_to_prepare, number, one_line, open_heldout, open_loader, pad_text, \
+    pad_to_common, parse_data_phases, positive, read_index, side, space_differences, stop_on_signals, \
+    stop_when_another_process_ends, unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
 from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
@@ -548,7 +548,7 @@ def load_lpips(weights=None):
         try:
             vgg = torch.load(weights, map_location="cpu", weights_only=True)
         except NOT_WEIGHTS as e:
-            raise ValueError(f"--lpips-weights {weights}: not a weights file ({type(e).__name__}: {str(e)[:200]}); "
+            raise ValueError(f"--lpips-weights {weights}: not a weights file ({type(e).__name__}: {one_line(e)}); "
                              f"it should be torchvision's {url}")
     else:
         try:
@@ -564,7 +564,7 @@ def load_lpips(weights=None):
                                  if k.startswith("features.")})
     except (KeyError, IndexError, RuntimeError) as e:  # another network's weights (or another torchvision's)
         raise ValueError(f"{f'--lpips-weights {weights}' if weights else f'torchvision cache {VGG16_FILE}'}: not "
-                         f"VGG16's weights ({type(e).__name__}: {str(e)[:200]}); it should be torchvision's {url}")
+                         f"VGG16's weights ({type(e).__name__}: {one_line(e)}); it should be torchvision's {url}")
     return net.eval().requires_grad_(False)
 
 
@@ -1166,7 +1166,7 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
                 f"checkpoint read {', '.join(state['loader']['cursors'])}: a moved dataset is new)"
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: --resume {ckpt} does not fit this model, optimizer or loader ({type(e).__name__}: "
-                         f"{str(e)[:300]}); resume with the flags the run was started with")
+                         f"{one_line(e, 300)}); resume with the flags the run was started with")
     return state["step"], state["train_time"], note
 
 

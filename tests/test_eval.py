@@ -168,6 +168,10 @@ def test_missing_fid_weights_say_what_and_where(tmp_path, monkeypatch):
                                  (tmp_path, FileNotFoundError, "no such file")):
         with pytest.raises(error, match=f"--fid-weights {re.escape(str(path))}: {message}"):
             ev.load_inception(str(path))
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "other.pth")  # another network's: torch lists each key
+    with pytest.raises(ValueError, match=r"not the Inception's weights \(RuntimeError: Error\(s\) in loading") as info:
+        ev.load_inception(str(tmp_path / "other.pth"))
+    assert "\n" not in str(info.value)  # one error line
 
     def offline(url, dst, *args, **kwargs):
         raise OSError("no network")
@@ -749,7 +753,7 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result["metrics"]) == {"caption_accuracy", "color_region_accuracy", "object_accuracy"}
     assert result["ref_images"] is None
-    assert (tmp_path / result["grid"]).parent == ckpt and (tmp_path / result["grid"]).exists()  # from the JSON's folder
+    assert result["grid"] == "eval_samples.png" and (tmp_path / result["grid"]).exists()  # beside --out
     ev.main(["--ckpt", str(ckpt), "--ref", str(tmp_path / "ref.npz"), *common[2:], "--out", str(tmp_path / "r.json")])
     assert "cmmd" in json.loads((tmp_path / "r.json").read_text())["metrics"]  # --ref alone: the metrics it holds
     assert (result["sampling"]["steps"], result["sampling"]["cfg_scale"]) == (1, 1.5)
@@ -950,8 +954,8 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     for argv, message in ((["--prompt", "a zebra"], "--prompt (the text encoder of --data builtin): words ['zebra']"),
                           ([], 'sample needs at least one --prompt "a caption"'),
                           (["--prompt", "a", "--data", str(ckpt)], "index.json not found: a training run or"),
-                          (["--prompt", "a", "--data", str(prepared[0] / "out")], "gives 32-wide tokens, the model "
-                                                                                   "reads 64"),
+                          (["--prompt", "a", "--data", str(prepared[0] / "out")], "the run trained on builtin, whose "
+                                                                                   "text encoder its prompts need"),
                           (["--prompt", " ".join(["red"] * 80)], "a caption of 81 words ('red red"),
                           (["--prompt", "a", "--out", str(tmp_path / "p.xbm")], "sample writes an image: end the "
                                                                                  "name in .png, .jpg, .jpeg, .webp"),

@@ -1155,19 +1155,6 @@ def test_a_checkpoint_outside_its_run_is_refused_with_the_layout(finished_run, t
         train.resolve_resume(str(tmp_path / "elsewhere" / "step_2"), str(tmp_path / "new"))
 
 
-def test_the_compile_warm_up_also_compiles_the_model_without_repa_when_repa_stops_in_the_run(tmp_path, monkeypatch,
-                                                                                              capsys):
-    """From --repa-stop on the model runs without REPA's hook: another graph, compiled in the warm-up (off the
-    clock), not at the stop's step (tens of seconds on it). dynamo's eager backend: its graphs, without inductor."""
-    compile_ = torch.compile
-    monkeypatch.setattr(train.torch, "compile", lambda model: compile_(model, backend="eager"))
-    torch._dynamo.reset()  # no graph of an earlier test in this process
-    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--compile", "--out",
-                        str(tmp_path / "r")])
-    console = capsys.readouterr().out
-    assert "REPA stopped at step 2" in console and "compiled a new graph" not in console, console
-
-
 def test_a_compiled_resume_warms_up_off_the_clock_and_continues_exactly(finished_run, tmp_path, monkeypatch, capsys):
     """--compile on resume runs the untimed warm-up too, and its restore leaves the run where the checkpoint was:
     steps 3 and 4 after a resume from step 2 equal the uninterrupted run's, and the training clock continues from the
@@ -1202,12 +1189,28 @@ def eager_dynamo(monkeypatch):
     monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="eager"))
 
 
-def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, eager_dynamo, capsys):
-    """Dropping REPA changes the model the compile warm-up traced: the next step compiles on the clock, and the log
-    says so for that step only."""
-    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "4", "--compile", "--out",
+def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, eager_dynamo, monkeypatch, capsys):
+    """A micro-batch of a size the compile warm-up did not trace (a loader of another kind might give one) compiles
+    on the clock, and the log says so for that step only."""
+    next_batch = shapes.ShapesLoader.__next__
+
+    def shorter_twelfth_batch(loader):  # the warm-up reads batches 0-9 and rewinds; step 6: 10, 11
+        twelfth, batch = loader.batches == 11, next_batch(loader)
+        return {k: v[:-1] for k, v in batch.items()} if twelfth else batch
+
+    monkeypatch.setattr(shapes.ShapesLoader, "__next__", shorter_twelfth_batch)
+    train.main(SMALL + ["--max-steps", "7", "--compile", "--out", str(tmp_path / "r")])
+    assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["6"]
+
+
+def test_the_compile_warm_up_also_traces_the_model_without_repa_when_repa_stops_in_the_run(tmp_path, eager_dynamo,
+                                                                                           capsys):
+    """From --repa-stop on the model runs without REPA's hook: another graph, compiled in the warm-up (off the
+    clock), not at the stop's step (tens of seconds on it)."""
+    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--compile", "--out",
                         str(tmp_path / "r")])
-    assert re.findall(r"warning: step (\d+) compiled a new graph", capsys.readouterr().out) == ["3"]
+    console = capsys.readouterr().out
+    assert "REPA stopped at step 2" in console and "compiled a new graph" not in console, console
 
 
 @pytest.mark.parametrize("twelfth_batch", [
