@@ -1461,6 +1461,12 @@ def test_sample_with_data_of_the_other_kind_names_data_not_the_prompt(prepared, 
         with pytest.raises(SystemExit, match=f"^error: --data {re.escape(data)}: the run trained on .*leave --data "):
             ev.main(["sample", "--ckpt", str(ckpt), "--prompt", "a cat", "--data", data, "--out",
                      str(tmp_path / "s.png")])
+    monkeypatch.undo()  # prepared data for a run of prepared data not on this machine: its encoder's width tells
+    wide = write_run(tmp_path / "w", PRX(preset_config("tiny", in_channels=4, context_dim=64)).eval(),
+                     data="/elsewhere/mj")
+    with pytest.raises(SystemExit, match="its text encoder gives 32-wide tokens, the model reads 64: name the data"):
+        ev.main(["sample", "--ckpt", str(wide), "--prompt", "a cat", "--data", str(prepared[0] / "out"), "--out",
+                 str(tmp_path / "s.png")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
