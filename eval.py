@@ -918,12 +918,12 @@ def sample_prompts(args, device):
     if not args.out and (why := unwritable(ckpt)):
         raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; write the image elsewhere with --out")
     model, data = model.to(device), run_data(args, train_args)
-    # the built-in grammar's words or T5Gemma's text: a run reads its own kind (a folder of neither: said below)
-    builtin, trained_builtin = data == "builtin", train_args["data"] == "builtin"
-    if builtin != trained_builtin and (builtin or os.path.isfile(os.path.join(data_dirs(data)[0], "index.json"))):
-        raise SystemExit(f"error: --data {data}: the run trained on {train_args['data']}, whose text encoder its "
-                         f"prompts need: leave --data out (or name where its data is on this machine)")
-    with exit_on(f"--prompt (the text encoder of --data {data})"):
+    with exit_on(f"--prompt (the text encoder of --data {data})"):  # a bad --data spec too
+        # the built-in grammar's words or T5Gemma's text: a run reads its own kind (a folder of neither: said below)
+        builtin, trained_builtin = data == "builtin", train_args["data"] == "builtin"
+        if builtin != trained_builtin and (builtin or os.path.isfile(os.path.join(data_dirs(data)[0], "index.json"))):
+            raise SystemExit(f"error: --data {data}: the run trained on {train_args['data']}, whose text encoder its "
+                             f"prompts need: leave --data out (or name where its data is on this machine)")
         encoder = prompt_encoder(data, train_args["text_context"], device)
         txt, mask = encoder(args.prompt)  # on the GPU T5Gemma gives bf16; training reads text as float32
     if txt.shape[-1] != model.cfg.context_dim:

@@ -724,7 +724,7 @@ def build_model(args, loader, device, start_step):
     if args.route_ratio and int(tokens * args.route_ratio) == 0:  # model.PRX routes int(N r) tokens: none
         raise SystemExit(f"error: --route-ratio {args.route_ratio:g} of {tokens} image tokens routes none (int(N r) = "
                          f"0), and the run would train without {'--tread' if args.tread else '--sprint'}: use at least "
-                         f"{1 / tokens:.3g}")
+                         f"{math.ceil(1e4 / tokens) / 1e4:g}")  # rounded up: a rounded 1 / N may still route none
     if args.repa:
         args.repa_layer = cfg.depth * 7 // 16 if args.repa_layer is None else args.repa_layer
         if not args.repa_layer < cfg.depth:
@@ -844,24 +844,28 @@ def compile_warmup(args, model, trainee, opt, loader, teacher, rank, world):
     no training time. -> (the graph breaks dynamo counted, each a slower step; seconds)."""
     start = time.perf_counter()
     initial = copy.deepcopy((trainee.state_dict(), [o.state_dict() for o in opt], loader.state_dict()))
-    for step in range(3):
-        train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
-    # then two of text one token longer than any before, none dropped: masked, then every caption full (the unmasked
-    # graph, which real data meets only at the token cap); else a timed step would compile the unmasked graph and,
-    # under --fsdp, each block at a new text length (train_step's dynamic mark does not reach a block's input)
-    no_dropout = argparse.Namespace(**{**vars(args), "caption_dropout": 0.0})
-    for step, full in ((3, False), (4, True)):
-        train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
-    if teacher is not None and args.repa_stop and args.repa_stop < args.max_steps:  # the model without REPA's hook:
-        projector, trainee.repa_proj = trainee.repa_proj, None  # as the loop from --repa-stop on
-        train_step(args, 5, args.lr, wrap_ddp(trainee, world, loader.null_mask.device), opt[:-1], loader, None, rank,
-                   world)
+    warmup_steps(args, model, opt, loader, teacher, rank, world)
+    if teacher is not None and args.repa_stop and args.repa_stop < args.max_steps:  # the model without REPA's hook,
+        projector, trainee.repa_proj = trainee.repa_proj, None  # as the loop runs it from --repa-stop on
+        warmup_steps(args, wrap_ddp(trainee, world, loader.null_mask.device), opt[:-1], loader, None, rank, world)
         trainee.repa_proj = projector
     trainee.load_state_dict(initial[0])
     for o, state in zip(opt, initial[1]):
         o.load_state_dict(state)
     loader.load_state_dict(initial[2])
     return sum(torch._dynamo.utils.counters["graph_break"].values()), time.perf_counter() - start
+
+
+def warmup_steps(args, model, opt, loader, teacher, rank, world):
+    """The compile warm-up's steps: three of real batches, then two of text one token longer than any before, none
+    dropped: masked, then every caption full (the unmasked graph, which real data meets only at the token cap); else a
+    timed step would compile the unmasked graph and, under --fsdp, each block at a new text length (train_step's
+    dynamic mark does not reach a block's input)."""
+    for step in range(3):
+        train_step(args, step, args.lr, model, opt, loader, teacher, rank, world)
+    no_dropout = argparse.Namespace(**{**vars(args), "caption_dropout": 0.0})
+    for step, full in ((3, False), (4, True)):
+        train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
 
 
 def compile_model(model):

@@ -180,7 +180,7 @@ def main(argv=None):
     if not any(re.match(r"\d{4}-\d{2}-\d{2}_", r.name) and (r / "README.md").exists() for r in args.records.iterdir()):
         p.error(f"--records {args.records}: holds no record folder (<date>_<name>/README.md, records/RULES.md); pass "
                 f"the folder of record folders, e.g. records")
-    if not args.readme.is_file():
+    if (args.write or args.check) and not args.readme.is_file():  # (printed, the board only links from its folder)
         p.error(f"--readme {args.readme}: no such file; pass the README whose leaderboard block to write or check")
     if args.write and not os.access(args.readme, os.W_OK):  # access(2): a read-only mount too, even for root
         p.error(f"--readme {args.readme}: cannot be written; pass a copy you can write, or make it writable")

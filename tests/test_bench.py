@@ -192,7 +192,12 @@ def test_loader_writes_its_synthetic_dataset_only_into_a_new_or_empty_folder(tmp
     (tmp_path / "half" / "train").mkdir(parents=True)  # prepare.py's shards, before its index.json
     (tmp_path / "half" / "null_txt.npy").write_bytes(b"the user's")
     (tmp_path / "file").write_text("the user's")
+    (tmp_path / "locked").mkdir()  # as for a user without write permission (root has it)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: str(path) != str(tmp_path / "locked") and
+                        access(path, mode, **k))
     for argv, message in (([str(tmp_path / "half")], "holds files but no index.json"),
+                          ([str(tmp_path / "locked" / "new")], f"cannot write in {tmp_path / 'locked'}"),
                           ([str(tmp_path / "file")], f"{tmp_path / 'file'} is a file"),
                           ([str(tmp_path / "file" / "x")], f"{tmp_path / 'file'} is a file")):
         with pytest.raises(SystemExit):

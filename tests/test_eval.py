@@ -954,6 +954,8 @@ def test_cli_sample_draws_each_prompt_as_the_sampler_does(prepared, tmp_path, ca
     for argv, message in ((["--prompt", "a zebra"], "--prompt (the text encoder of --data builtin): words ['zebra']"),
                           ([], 'sample needs at least one --prompt "a caption"'),
                           (["--prompt", "a", "--data", str(ckpt)], "index.json not found: a training run or"),
+                          (["--prompt", "a", "--data", "builtin@0;x@5"], "--prompt (the text encoder of --data "
+                                                                         "builtin@0;x@5): data spec"),
                           (["--prompt", "a", "--data", str(prepared[0] / "out")], "the run trained on builtin, whose "
                                                                                    "text encoder its prompts need"),
                           (["--prompt", " ".join(["red"] * 80)], "a caption of 81 words ('red red"),

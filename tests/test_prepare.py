@@ -427,6 +427,7 @@ def test_caption_fields_spec():
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size: must be in [1, inf), got 0"),  # would write an empty dataset
     (["--eval-fraction", "1.5"], "--eval-fraction: must be in [0, 1], got 1.5"),
+    (["--seed", "-1"], "--seed: must be in [0, 4611686018427387904], got -1"),  # as train.py's and eval.py's
     (["--resolution", "-256"], "--resolution: must be in [1, 4096], got -256"),
     (["--resolution", "100000", "--min-size", "1"], "--resolution: must be in [1, 4096], got 100000"),  # MemoryError
     (["--shard-size", "4k"], "--shard-size: expected a whole number, got '4k'"),

@@ -560,14 +560,21 @@ def test_teacher_command_overwrites_no_file(tmp_path, monkeypatch):
     (["--seed", "-1"], "argument --seed: must be in [0, 2**64 - 1], got -1"),
     (["--seed", str(2**64)], f"argument --seed: must be in [0, 2**64 - 1], got {2**64}"),
     (["--out", ""], "argument --out: an empty value"),
-    (["--out", "/nonexistent/t.safetensors"], "--out /nonexistent/t.safetensors: no folder /nonexistent to write it")])
+    (["--out", "/nonexistent/t.safetensors"], "--out /nonexistent/t.safetensors: no folder /nonexistent to write it"),
+    (["--out", "locked/t.safetensors"], "--out locked/t.safetensors: cannot write in locked (no permission, or a "
+                                        "read-only file system)"),
+    (["--ou", "t.safetensors"], "unrecognized arguments: --ou"),  # not --out: the committed teacher would be refused
+    ])
 def test_teacher_command_refuses_bad_flags_before_training(argv, message, tmp_path, monkeypatch, capsys):
     import shapes
     monkeypatch.chdir(tmp_path)  # where `--out ""` left its '.tmp'
     monkeypatch.setattr(shapes, "train_teacher", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "locked").mkdir()  # as for a user without write permission (root has it)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: path != "locked" and access(path, mode, **k))
     with pytest.raises(SystemExit):
         shapes.main(["teacher", *argv])
-    assert message in capsys.readouterr().err and os.listdir(tmp_path) == []
+    assert message in capsys.readouterr().err and os.listdir(tmp_path) == ["locked"] and not os.listdir("locked")
 
 
 def test_token_labels_follow_the_objects():

@@ -894,6 +894,9 @@ def test_leaderboard_refuses_a_wrong_records_or_readme_before_any_work(record, t
             leaderboard.main(["--records", str(record.parent), *argv])
         assert message in capsys.readouterr().err
     assert readme.read_text().endswith("\nold\n<!-- /leaderboard -->\n")
+    monkeypatch.setattr(leaderboard, "leaderboard", lambda records, readme_dir: f"board of {readme_dir}")
+    leaderboard.main(["--records", str(record.parent), "--readme", str(tmp_path / "new" / "README.md")])  # printed
+    assert capsys.readouterr().out == f"board of {tmp_path / 'new'}\n"  # links from the folder of a README to come
 
 
 @pytest.mark.slow

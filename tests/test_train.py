@@ -385,7 +385,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--betas", "1", "0.95"], "--betas 1 0.95: each must be below 1"),
     (["--seed", "-1"], "argument --seed: must be in [0, 4611686018427387904]"),
     (["--resolution", "40000"], "argument --resolution: must be in [1, 4096], got 40000"),  # not hours to an OOM
-    (["--lpips", "0.1", "--resolution", "12"], "--lpips: VGG16's feature maps need images of at least 16 px"),
+    (["--lpips", "0.1", "--resolution", "15"], "--lpips: VGG16's feature maps need images of at least 16 px"),
     (["--cfm", "0.1", "--micro-batch", "1"], "--cfm contrasts each sample with another of its micro-batch: it needs "),
     (["--optimizer", "muon", "--muon-ns-steps", "0"], "argument --muon-ns-steps"),
     (["--cfm", "0"], "argument --cfm: must be in (0, inf)"),
@@ -1204,11 +1204,19 @@ def test_a_graph_compiled_inside_the_timed_steps_is_logged(tmp_path, eager_dynam
 
 
 def test_the_compile_warm_up_also_traces_the_model_without_repa_when_repa_stops_in_the_run(tmp_path, eager_dynamo,
-                                                                                           capsys):
-    """From --repa-stop on the model runs without REPA's hook: another graph, compiled in the warm-up (off the
-    clock), not at the stop's step (tens of seconds on it)."""
-    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "3", "--compile", "--out",
-                        str(tmp_path / "r")])
+                                                                                           monkeypatch, capsys):
+    """From --repa-stop on the model runs without REPA's hook: other graphs, compiled in the warm-up (off the
+    clock), not at the stop's step (tens of seconds on it), nor at a later step whose captions all fill the text (the
+    unmasked graph, which real data meets at the token cap)."""
+    next_batch = shapes.ShapesLoader.__next__
+
+    def full_at_step_3(loader):  # the warm-up's batches are rewound: step 3 (the fourth) reads batches 6 and 7
+        full, batch = loader.batches in (6, 7), next_batch(loader)
+        return {**batch, "txt_mask": torch.ones_like(batch["txt_mask"])} if full else batch
+
+    monkeypatch.setattr(shapes.ShapesLoader, "__next__", full_at_step_3)
+    train.main(SMALL + ["--repa", "builtin", "--repa-stop", "2", "--max-steps", "4", "--compile", "--caption-dropout",
+                        "0", "--out", str(tmp_path / "r")])
     console = capsys.readouterr().out
     assert "REPA stopped at step 2" in console and "compiled a new graph" not in console, console
 
@@ -1264,10 +1272,12 @@ def test_missing_repa_weights_name_the_flag(tmp_path, capsys):
 def test_a_route_ratio_that_routes_no_token_is_refused(tmp_path, capsys):
     """model.PRX routes int(N r) of N tokens: a ratio below 1 / N would train (and sample) without routing."""
     for routing in ("--tread", "--sprint"):
-        err = refusal(SMALL + [routing, "--route-ratio", "0.01", "--out", str(tmp_path / "r")], capsys)
+        err = refusal(SMALL + [routing, "--route-ratio", "0.01", "--out", str(tmp_path / "r"), "--max-steps", "1"],
+                      capsys)
         assert f"--route-ratio 0.01 of 64 image tokens routes none (int(N r) = 0), and the run would train without " \
-               f"{routing}: use at least 0.0156" in err, err[-1000:]
+               f"{routing}: use at least 0.0157" in err, err[-1000:]
     assert not (tmp_path / "r").exists()
+    train.main(SMALL + ["--tread", "--route-ratio", "0.0157", "--out", str(tmp_path / "r"), "--max-steps", "1"])  # advice
 
 
 def test_repa_builtin_teacher_trains(tmp_path):
