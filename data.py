@@ -853,7 +853,9 @@ def errors_of_rank_0_first():
     waits QUIET_RANK_WAIT_S before it is printed. Where rank 0 met it too (the same flags and files: most of them),
     torchrun stops this rank meanwhile and the error shows once, not once per process; where only this rank met it, it
     still shows. A damaged shard found mid-run (DamagedShard) stops it so too, with one line; a collective that fails
-    because another process ended, with one line at once."""
+    because another process ended, with one line at once. Once the rank's way out is decided, torchrun's SIGTERM (it
+    stops the other ranks when one ends) is ignored: in the interpreter's teardown, stop_on_signals' handler would
+    print a traceback and a second, other reason."""
     try:
         try:
             with stop_when_another_process_ends():
@@ -865,6 +867,10 @@ def errors_of_rank_0_first():
                 and not isinstance(e, AnotherProcessEnded):
             time.sleep(QUIET_RANK_WAIT_S)
         raise
+    finally:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def number(kind, low, high=math.inf, low_open=False, high_open=False):

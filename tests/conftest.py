@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ def pytest_collection_modifyitems(items):
     """The tests marked slow first (the order is otherwise kept): with one of them last, one xdist worker would run it
     alone while the other waits."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def own_signal_handlers():
+    """Each test keeps the worker's Ctrl-C and SIGTERM handlers: a test of a torchrun rank's exit
+    (data.errors_of_rank_0_first) leaves them ignored, as the rank's exit would."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

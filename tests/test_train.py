@@ -457,6 +457,23 @@ def test_an_error_after_parsing_is_printed_by_rank_0_first(rank, monkeypatch):
     assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
 
 
+def test_torchruns_sigterm_in_a_ranks_teardown_adds_nothing_to_its_one_line(tmp_path):
+    """A rank that has its way out (here: another process ended) gets torchrun's SIGTERM while the interpreter tears
+    down: ignored, not a traceback from stop_on_signals' handler and a second, other reason."""
+    script = tmp_path / "rank.py"
+    script.write_text(f"""import atexit, os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import data
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # torchrun's, in the teardown
+data.stop_on_signals(lambda: "the last checkpoint is c", True)
+with data.errors_of_rank_0_first():
+    raise SystemExit("error: another process of this run ended (Connection reset by peer)")
+""")
+    r = subprocess.run([sys.executable, str(script)], env={**os.environ, "TORCHELASTIC_RUN_ID": "x", "RANK": "0"},
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (1, "error: another process of this run ended (Connection reset by peer)\n")
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_collective_that_fails_because_another_process_ended_says_so_in_one_line(rank, monkeypatch):
     """gloo's error when a peer process ended becomes one line (with where to resume, where given), printed at once
