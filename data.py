@@ -799,9 +799,9 @@ class Parser(argparse.ArgumentParser):
                            for p in a.choices.values())]
         flags = {s for p in parsers for a in p._actions for s in a.option_strings}
         for name in (w.split("=")[0] for w in itertools.takewhile(lambda w: w != "--", words)):
-            if name.startswith("--") and name not in flags:
-                close = difflib.get_close_matches(name, flags, n=1)
-                self.error(f"{name} is not a flag" + (f": did you mean {close[0]}?" if close else ""))
+            if name.startswith("--") and name not in flags:  # compared without the dashes every flag shares
+                close = difflib.get_close_matches(name[2:], [f[2:] for f in flags if f.startswith("--")], n=1)
+                self.error(f"{name} is not a flag" + (f": did you mean --{close[0]}?" if close else ""))
         parsed = super().parse_args(args, namespace)
         actions = [a for a in self._actions if a.option_strings]
         for a in self._actions:  # the flags and operands of the subcommand given (bench.py model, ...)

@@ -1076,6 +1076,9 @@ def test_cli_refuses_bad_flags_and_corrupt_checkpoints(tmp_path, capsys, monkeyp
         with pytest.raises(SystemExit):  # each was silently ignored (or the default taken; argparse's abbreviation
             ev.main(["--ckpt", str(ckpt), *argv])  # --num-sam of a flag of another command)
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", str(ckpt), "--bogus", "1"])  # like no flag once the dashes all share are set aside
+    assert capsys.readouterr().err.endswith("error: --bogus is not a flag\n")  # not "did you mean --out?"
     assert ev.get_args(["sample", "--ckpt", str(ckpt), "--prompt", ""]).prompt == [""]  # the empty prompt: a prompt
     with monkeypatch.context() as m:  # under torchrun with 4 processes: each must have a sample
         m.setattr(ev, "distributed", lambda: True)
