@@ -39,6 +39,7 @@ import pickle
 import re
 import resource
 import signal
+import socket
 import sys
 import time
 import zlib
@@ -761,13 +762,30 @@ def unwritable(path):
     return None
 
 
-def stop_on_signals(message, master):
+def process_ended(host, pid):
+    """Whether process `pid` of `host` has ended (or is a zombie, until its parent reaps it); unknown, so False, on
+    another host or without /proc."""
+    if host != socket.gethostname() or not os.path.isdir("/proc"):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def stop_on_signals(message, master, rank_0=None):
     """Ctrl-C, or a SIGTERM (kill, a scheduler's time limit), ends the command with one line: `message()` on rank 0,
-    where to resume; the other ranks exit quietly. -> {signal: the handler it replaces}, for the caller to put back (a
-    caller in this process, as the tests, keeps its own)."""
+    where to resume; the other ranks exit quietly, but rank 1 says it where rank 0, `rank_0` (host, pid), has ended:
+    killed, it said nothing, and torchrun stops the others. -> {signal: the handler it replaces}, for the caller to
+    put back (a caller in this process, as the tests, keeps its own)."""
     def stop(signum, frame):
         why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        raise SystemExit(f"\nstopped ({why}); {message()}" if master else 128 + signum)
+        if master:
+            raise SystemExit(f"\nstopped ({why}); {message()}")
+        if rank_0 and os.environ.get("RANK") == "1" and process_ended(*rank_0):
+            raise AnotherProcessEnded(f"\nstopped ({why}; rank 0 ended); {message()}")  # said at once
+        raise SystemExit(128 + signum)
     return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 

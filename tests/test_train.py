@@ -457,6 +457,25 @@ def test_an_error_after_parsing_is_printed_by_rank_0_first(rank, monkeypatch):
     assert waited == [data.QUIET_RANK_WAIT_S] * (rank == "1")
 
 
+def test_rank_1_names_the_checkpoint_when_rank_0_was_killed(monkeypatch):
+    """torchrun's SIGTERM after rank 0 was killed (out of memory while it sampled): rank 0 said nothing, so rank 1
+    names where to resume, once; while rank 0 lives, or seen from another host, the other ranks exit quietly."""
+    import data
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid: a process that has ended, reaped
+    host = socket.gethostname()
+    said = "\nstopped (SIGTERM; rank 0 ended); the last checkpoint is c"
+    for rank, rank_0, stopped in (("1", (host, ended.pid), said),
+                                  ("1", (host, os.getpid()), 128 + signal.SIGTERM),  # alive: it says it
+                                  ("2", (host, ended.pid), 128 + signal.SIGTERM),  # rank 1 says it
+                                  ("1", ("another-host", ended.pid), 128 + signal.SIGTERM)):
+        monkeypatch.setenv("RANK", rank)
+        data.stop_on_signals(lambda: "the last checkpoint is c", False, rank_0)
+        with pytest.raises(SystemExit) as e:
+            signal.raise_signal(signal.SIGTERM)
+        assert e.value.code == stopped and isinstance(e.value, data.AnotherProcessEnded) == isinstance(stopped, str)
+
+
 def test_torchruns_sigterm_in_a_ranks_teardown_adds_nothing_to_its_one_line(tmp_path):
     """A rank that has its way out (here: another process ended) gets torchrun's SIGTERM while the interpreter tears
     down: ignored, not a traceback from stop_on_signals' handler and a second, other reason."""
@@ -1294,7 +1313,8 @@ def test_a_route_ratio_that_routes_no_token_is_refused(tmp_path, capsys):
         assert f"--route-ratio 0.01 of 64 image tokens routes none (int(N r) = 0), and the run would train without " \
                f"{routing}: use at least 0.0157" in err, err[-1000:]
     assert not (tmp_path / "r").exists()
-    train.main(SMALL + ["--tread", "--route-ratio", "0.0157", "--out", str(tmp_path / "r"), "--max-steps", "1"])  # advice
+    train.main(SMALL + ["--tread", "--route-ratio", "0.0157", "--out", str(tmp_path / "r"),  # the advice: it routes
+                        "--max-steps", "1"])
 
 
 def test_repa_builtin_teacher_trains(tmp_path):
