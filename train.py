@@ -372,6 +372,9 @@ def check_files(parser, args):
                      f"--num-samples {args.eval_samples} --out {args.eval_ref}`")
     scores = ["fid"] * bool(args.eval_ref) + ["caption_accuracy", "color_region_accuracy", "object_accuracy"] * \
         ((args.eval_data or args.data) == "builtin")  # what the run's evaluations give
+    if args.target and args.target[0].endswith("accuracy") and args.target[1] > 1:
+        parser.error(f"--target {args.target[0]}={args.target[1]:g}: an accuracy is at most 1, so the run would never "
+                     f"stop there")
     if args.target and args.target[0] not in scores:
         parser.error(f"--target {args.target[0]}: this run's evaluations give {', '.join(scores) or 'nothing'}"
                      + (" (FID needs --eval-ref FILE, from `python eval.py ref`)" * (args.data != "builtin"

@@ -354,6 +354,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--ema", "1"], "argument --ema: must be in [0, 1), got 1"),
     (["--route-ratio", "0.3"], "--route-ratio needs --tread or --sprint"),
     (["--captions", "medium"], "--captions: captions 'medium': choose long, short or mixed[:p]"),
+    (["--captions", "mixed:1.5"], "(long with probability p, 0 <= p <= 1)"),
     (["--data", "a:0"], "--data: "),
     (["--eval-ref", "/nonexistent.npz"], "--eval-ref /nonexistent.npz: no such file"),
     (["--repa", "builtin", "--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher names a timm model"),
@@ -396,6 +397,7 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--lpips", "0"], "argument --lpips: must be in (0, inf)"),
     (["--target", "fid=20", "--eval-every", "10"], "--target fid: this run's evaluations give caption_accuracy"),
     (["--target", "object_accuracy=0.3"], "--target needs evaluations during the run"),
+    (["--target", "caption_accuracy=2", "--eval-every", "10"], "--target caption_accuracy=2: an accuracy is at most 1"),
     (["--target", "fid"], "expected METRIC=VALUE"),
 ])
 def test_every_flag_is_checked_at_parse_time(argv, message, capsys):
