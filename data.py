@@ -865,6 +865,10 @@ def stop_when_another_process_ends(where_to_resume=None):
         raise AnotherProcessEnded(f"error: another process of this run ended ({lost.group()}){resume}") from None
 
 
+def quiet_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def errors_of_rank_0_first():
     """Around a script's main: under torchrun, the error that stops a rank other than 0 (a SystemExit with a message)
@@ -883,6 +887,7 @@ def errors_of_rank_0_first():
     except SystemExit as e:
         if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ \
                 and not isinstance(e, AnotherProcessEnded):
+            signal.signal(signal.SIGTERM, quiet_exit)  # stopped by torchrun: rank 0 said it (not stop_on_signals')
             time.sleep(QUIET_RANK_WAIT_S)
         raise
     finally:

@@ -478,6 +478,21 @@ def test_rank_1_names_the_checkpoint_when_rank_0_was_killed(monkeypatch):
         assert e.value.code == stopped and isinstance(e.value, data.AnotherProcessEnded) == isinstance(stopped, str)
 
 
+def test_rank_1_says_nothing_more_when_rank_0_ended_on_an_error_they_both_met(monkeypatch):
+    """An error every rank meets (a non-finite loss): rank 1 waits for torchrun to stop it while rank 0 prints it. Rank
+    0 has ended by then, but rank 1 exits quietly: the one line is rank 0's."""
+    import data
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setattr(data.time, "sleep", lambda s: signal.raise_signal(signal.SIGTERM))  # torchrun's, meanwhile
+    data.stop_on_signals(lambda: "the last checkpoint is c", False, (socket.gethostname(), ended.pid))
+    with pytest.raises(SystemExit) as e, data.errors_of_rank_0_first():
+        raise SystemExit("error: loss nan at step 3: not finite; stopping")
+    assert e.value.code == 128 + signal.SIGTERM
+
+
 def test_torchruns_sigterm_in_a_ranks_teardown_adds_nothing_to_its_one_line(tmp_path):
     """A rank that has its way out (here: another process ended) gets torchrun's SIGTERM while the interpreter tears
     down: ignored, not a traceback from stop_on_signals' handler and a second, other reason."""
