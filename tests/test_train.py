@@ -853,9 +853,9 @@ def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
         train.stop_on_signals
     monkeypatch.setattr(train, "stop_on_signals", lambda *a: installed.append(a) or install(*a))
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
-    assert [(message(), master) for message, master in installed] == [
+    assert [(message(), master, rank_0) for message, master, rank_0 in installed] == [
         (f"the last checkpoint is {list_checkpoints(tmp_path / 'r')[-1]}: continue with the run's flags and "
-         f"--resume --out {tmp_path / 'r'}", True)]
+         f"--resume --out {tmp_path / 'r'}", True, (socket.gethostname(), os.getpid()))]  # rank 0: this process
     assert signal.getsignal(signal.SIGINT) is handler  # put back
     assert signal.getsignal(signal.SIGTERM) is term
     assert (tmp_path / "r" / ".lock").read_text().endswith(f" pid {os.getpid()}\n")  # the new folder's lock
