@@ -744,7 +744,7 @@ def check_loader_dir(parser, args):
         parser.error(f"bench.py loader: --batch {args.batch} is more than the {n} samples (--samples or DIR)")
 
 
-def main(argv=None):
+def get_parser():
     parser = Parser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("model", help="PRX forward+backward against diffusers' PRXTransformer2DModel")
@@ -792,7 +792,11 @@ def main(argv=None):
     p.add_argument("--out", default="gpu_check.md", help="where the table is written too")
     p.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
     p.set_defaults(run=bench_gpu)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser, args):
+    """What argparse's types cannot see, refused before any work: a flag against another, a folder or file to write."""
     if args.command == "model" and (math.isqrt(args.img_tokens) ** 2 != args.img_tokens or
                                     not args.min_len <= args.max_len <= args.txt_tokens):
         parser.error(f"bench.py model: --img-tokens {args.img_tokens} must be a square number (a square grid) and "
@@ -810,9 +814,10 @@ def main(argv=None):
             args.blocks = args.blocks or (depth if CUDA else 1)  # CPUs without bf16 matmul units: --preset tiny
     if args.command == "loader":
         check_loader_dir(parser, args)
-    if args.command == "gpu" and (why := "exists: pass another file" * os.path.exists(args.out) or
-                                  unwritable(args.out)):
-        parser.error(f"bench.py gpu: --out {args.out}: {why}")  # a table measured before is kept
+    if args.command == "gpu" and os.path.exists(args.out):  # a table measured before is kept
+        parser.error(f"bench.py gpu: --out {args.out}: exists: pass another file")
+    if args.command == "gpu" and (why := unwritable(args.out)):
+        parser.error(f"bench.py gpu: --out {args.out}: {why}")
     for flags in getattr(args, "only", None) or []:  # train.py's refusal, before any variant is built
         try:
             with contextlib.redirect_stderr(io.StringIO()) as err:
@@ -820,6 +825,12 @@ def main(argv=None):
         except SystemExit as e:  # argparse's message on stderr, or train.py's own in the exit
             why = (err.getvalue().strip().splitlines() or [str(e.code)])[-1]
             parser.error(f"--only {flags!r}: {re.sub(r'^.*?error: ', '', why)}")
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     config = " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("command", "run"))
     print(f"bench {args.command} | torch {torch.__version__} | {machine()} | {config}")
     if not CUDA:

@@ -1488,8 +1488,7 @@ def main(argv=None):
         trainee.model = compile_model(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
-    rank_0 = from_rank_0((socket.gethostname(), os.getpid()))  # (killed, it says nothing: rank 1 does)
-    handlers = stop_on_signals(lambda: where_to_resume(out), master, rank_0)  # Ctrl-C, SIGTERM
+    handlers = stop_on_signals(lambda: where_to_resume(out), master, from_rank_0((socket.gethostname(), os.getpid())))
     with log, stop_when_another_process_ends(lambda: where_to_resume(out)):  # why the run stops, in log.txt too
         if args.compile:  # also on resume: the first steps would compile on the clock
             breaks, seconds = compile_warmup(args, model, trainee, opt, loader, teacher, rank, world)
