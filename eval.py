@@ -438,8 +438,8 @@ def read_reference(path, flag="--ref"):
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError) as e:  # TypeError: a .npy's array
         if not path.endswith(".npz"):
             raise ValueError(f"{not_one} ({type(e).__name__})") from None
-        raise ValueError(f"{flag} {path} is not a readable reference ({type(e).__name__}: {e}); remove it and "
-                         f"rebuild it with {make}") from None
+        raise ValueError(f"{flag} {path} is not a readable reference ({type(e).__name__}: {one_line(e)}); remove it "
+                         f"and rebuild it with {make}") from None
     if missing := [key for key in REFERENCE_KEYS if key not in ref]:
         raise ValueError(f"{not_one} (an .npz without {', '.join(missing)})")
     return ref
