@@ -28,7 +28,7 @@ die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, 
   exit "$1"
 }
 COMMAND="${RUNS:+RUNS=$RUNS }${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
-TRACK=8gpu KIND=record
+TRACK=8gpu KIND=record WORLD=()
 while [ $# -gt 0 ]; do
   case $1 in
     --track)
@@ -152,12 +152,7 @@ case $TRACK in
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
     TRAIN=(--track "$TRACK" --compile --eval-every 2500 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz"
            --ckpt-every 1000000000 --keep 1)  # the last checkpoint only (tens of GB): a record's run is never resumed
-    CONFIRM=(--ref "$DATA/ref.npz" --metrics fid)
-    [ -f "$DATA/index.json" ] || "${LAUNCH[@]}" prepare.py --out "$DATA"  # Flux VAE + T5Gemma, once, untimed
-    [ -f "$DATA/ref.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples "$samples" --metrics fid \
-      --out "$DATA/ref.npz"  # the full evaluation's reference (of the held-out images the rules pin)
-    [ -f "$DATA/ref-2k.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples 2048 --metrics fid \
-      --out "$DATA/ref-2k.npz" ;;  # the periodic small evaluations' reference
+    CONFIRM=(--ref "$DATA/ref.npz" --metrics fid) WORLD=(WORLD_SIZE="$NPROC" RANK=0) ;;  # WORLD: torchrun's
   cpu)
     LAUNCH=(env OMP_NUM_THREADS=1 python) CONFIRM=()
     TRAIN=(--track cpu --eval-every "${EVERY:-250}" --eval-samples 256) ;;
@@ -185,7 +180,21 @@ if [ -n "${BESIDE:-}" ] && { [ $# -eq 0 ] || [ "$KIND" = calibration ]; }; then
 fi
 if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD=(); fi
 WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
+# the runs' flags as train.py checks them (not the files they name, some not prepared yet): a refused flag is named
+# now, not by the runs after the data's preparation (hours on a GPU track)
+if ! refused=$(env ${WORLD[@]+"${WORLD[@]}"} python -c 'import sys; sys.argv[0] = "train.py"; import train
+train.get_args(sys.argv[1:], files=False)' "${TRAIN[@]}" "${BUDGET[@]}" --seed 0 --out "$RUNS_DIR/$NAME-0" \
+    ${RECORD[@]+"${RECORD[@]}"} 2>&1 > /dev/null); then
+  die 2 "$(grep -m 1 '^train.py: error: ' <<< "$refused" || tail -n 1 <<< "$refused") (nothing started)"
+fi
 echo "speedrun.sh: $TRACK $KIND, configuration: ${RECORD[*]:-the baseline} (flags after -- replace it)"
+if [[ $TRACK == *gpu ]]; then  # once, untimed
+  [ -f "$DATA/index.json" ] || "${LAUNCH[@]}" prepare.py --out "$DATA"  # Flux VAE + T5Gemma
+  [ -f "$DATA/ref.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples "$samples" --metrics fid \
+    --out "$DATA/ref.npz"  # the full evaluation's reference (of the held-out images the rules pin)
+  [ -f "$DATA/ref-2k.npz" ] || "${LAUNCH[@]}" eval.py ref --data "$DATA" --num-samples 2048 --metrics fid \
+    --out "$DATA/ref-2k.npz"  # the periodic small evaluations' reference
+fi
 
 # one run: name, seed, the folder whose train.py and eval.py run, train.py flags: train, then the full evaluation
 # appended to the log (the record's metric)

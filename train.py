@@ -237,9 +237,10 @@ def add_technique_flags(g):
                    help="routed fraction in (0, 1) (default TREAD 0.5, SPRINT 0.75)")
 
 
-def get_args(argv=None):
+def get_args(argv=None, files=True):
     """Parse, apply the track's values to the flags not given (choose_track), resolve the settings that depend on
-    other flags, and check every combination: an error here names the flag, before any work."""
+    other flags, and check every combination and (files) the files the flags name: an error here names the flag,
+    before any work. speedrun.sh checks its runs' flags with files=False, before it prepares the track's data."""
     argv = sys.argv[1:] if argv is None else argv
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -272,7 +273,8 @@ def get_args(argv=None):
         if args.precision == "bf16" and args.eval_samples and not torch.cuda.is_available():
             parser.error("--fsdp --precision bf16 on the CPU: the weights are gathered in bf16, and the CPU samples "
                          "without autocast (eval.sample): add --eval-samples 0, or use --precision fp32")
-    check_files(parser, args)
+    if files:
+        check_files(parser, args)
     return args
 
 

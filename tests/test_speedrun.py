@@ -964,6 +964,12 @@ pathlib.Path(sys.argv[sys.argv.index('--out') + 1]).write_text('{}')
 """
 
 
+def as_train_py(stub):
+    """A stub train.py: run, it is `stub`; imported by speedrun.sh to check the runs' flags (train.get_args), it takes
+    any."""
+    return f"def get_args(argv, files=True):\n    pass\n\n\nif __name__ == '__main__':\n    exec({stub!r})\n"
+
+
 def git_in(folder, *args):
     return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -976,13 +982,13 @@ def stub_speedrun(tmp_path, *options, stub_train=STUB_TRAIN, **env):
     if not (tmp_path / ".git").exists():
         shutil.copy(ROOT / "speedrun.sh", tmp_path)
         shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
-        (tmp_path / "train.py").write_text(stub_train)
+        (tmp_path / "train.py").write_text(as_train_py(stub_train))
         (tmp_path / "eval.py").write_text(STUB_EVAL)
         (tmp_path / ".gitignore").write_text("records/runs/\n")
         git_in(tmp_path, "init", "-q")
         git_in(tmp_path, "add", ".")
         git_in(tmp_path, "commit", "-q", "-m", "stubs")
-    (tmp_path / "train.py").write_text(stub_train)
+    (tmp_path / "train.py").write_text(as_train_py(stub_train))
     env = {**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x", **env}  # runs in records/runs (smoke)
     return subprocess.run(["bash", "speedrun.sh", *(options or ["--smoke"])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -1070,6 +1076,23 @@ def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
     for env in ({}, dict(STOP="24.5")) if not torch.cuda.is_available() else ():  # on to the check for GPUs
         r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", **env)
         assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
+
+
+def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path):
+    """The runs' flags go through train.get_args first (a GPU track's data is prepared after): a flag train.py
+    refuses, alone or with the track's, is named in one line, and no run, snapshot or record folder is made."""
+    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "x"}
+    for flags, message in ((["--lrr", "3"], "--lrr is not a flag: did you mean --lr?"),
+                           (["--self-guidance", "3"], "--self-guidance extrapolates from the routed network: it needs "
+                                                      "--tread or --sprint"),
+                           (["--pred", "x", "--lpips", "0.1", "--resolution", "8"], "--lpips: VGG16's feature maps "
+                                                                                     "need images of at least 16 px; "
+                                                                                     "--resolution 8")):
+        r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", *flags], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr == f"speedrun.sh: train.py: error: {message} (nothing started)\n", \
+            r.stderr
+        assert os.listdir(tmp_path) == [] and r.stdout == ""
 
 
 def test_help_prints_the_usage_and_starts_nothing(tmp_path):
@@ -1238,7 +1261,7 @@ def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
     assert smoke in script
     (tmp_path / "speedrun.sh").write_text(script.replace(smoke, smoke + " RECORD_DIR=records/2026-01-01_old"))
     shutil.copy(ROOT / "records" / "verify.py", tmp_path / "records")
-    (tmp_path / "train.py").write_text(marked("old"))
+    (tmp_path / "train.py").write_text(as_train_py(marked("old")))
     (tmp_path / "eval.py").write_text(STUB_EVAL)
     git("init", "-q")
     git("add", ".")
@@ -1256,7 +1279,7 @@ def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
                         "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "with the record's own flags at its own commit" in r.stderr, r.stderr
     assert not list((tmp_path / "records" / "runs").glob("x-*")), "refused before any run"
-    (tmp_path / "train.py").write_text(marked("new"))  # the candidate's code, the working tree: the same flags race
+    (tmp_path / "train.py").write_text(as_train_py(marked("new")))  # the candidate's code: the same flags race
     r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--tread", "--optimizer", "muon",
                         "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     runs = tmp_path / "records" / "runs"

@@ -556,6 +556,20 @@ def test_cpu_track_values_apply_only_to_flags_not_given():
 
 
 
+def test_get_args_without_files_checks_the_flags_of_a_track_whose_data_is_not_prepared(tmp_path, monkeypatch, capsys):
+    """speedrun.sh's check before a GPU track prepares its data (files=False): the flags are parsed, the track's values
+    applied and their combinations checked; the data and references they name are not looked for."""
+    monkeypatch.chdir(tmp_path)  # no data/mj here
+    flags = ["--track", "8gpu", "--eval-ref", "data/mj/ref-2k.npz", "--eval-every", "2500", "--repa", "dinov3"]
+    args = train.get_args(flags, files=False)
+    assert args.data == train.SPEEDRUN_DATA and args.repa == "dinov3" and args.eval_ref == "data/mj/ref-2k.npz"
+    for argv, files, message in ((flags, True, "--data data/mj: no prepared dataset there"),
+                                 (flags + ["--sprint", "--tread"], False, "--tread and --sprint are exclusive")):
+        with pytest.raises(SystemExit):
+            train.get_args(argv, files=files)
+        assert message in capsys.readouterr().err
+
+
 def test_help_shows_each_default_a_flag_has():
     """What argparse's defaults formatter adds, but only where there is a value: not None, a switch off, an empty list;
     a help that states its default itself (the track's, PRX's) keeps its own words."""
