@@ -1423,6 +1423,16 @@ def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
                 f"bf16 matmuls are emulated, slower than fp32's; --precision fp32 runs faster here")
 
 
+def ema_note(args, step):
+    """A note where the EMA an evaluation samples at `step` is still mostly the initial weights it started as (PRX's
+    EMA has no warm-up): their share after n updates is decay^n. None below a tenth, or without --ema."""
+    updates = step // args.ema_every
+    share = args.ema ** updates if args.ema else 0.0
+    return f"note: the EMA this evaluation samples has had {updates:,} updates (--ema {args.ema:g} every " \
+        f"{args.ema_every} steps): {share:.0%} of it is still the initial weights; `python eval.py --ckpt CKPT " \
+        f"--weights model` evaluates a checkpoint's trained weights" if share > 0.1 else None
+
+
 def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, last, out, master, log):
     """One evaluation of eval_model (the EMA weights when the run keeps them), logged; -> whether the run ends here
     (it was the last step, or --target is reached). The last evaluation is also written to eval.json."""
@@ -1431,6 +1441,9 @@ def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, la
         if isinstance(module, FSDPModule):  # gathered, they would meet the EMA update and the checkpoint unsharded
             module.reshard()  # (in bf16 under --precision bf16)
     raw_model.train()
+    note = ema_note(args, step)
+    if note:
+        log(note)
     log(" | ".join([f"eval step {step}", *(f"{k} {v:.4f}" for k, v in result.items()),
                     f"train_time {train_time * 1000:.0f}ms"]), {"step": step, "train_time_s": train_time, **result})
     if args.target and target_reached(args.target, result):
