@@ -25,10 +25,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, and exit CODE
   echo "speedrun.sh: ${*:2}" >&2
+  [ -z "${SMOKE_RECORDS:-}" ] || rmdir "$SMOKE_RECORDS" 2> /dev/null || true  # made below, still empty: refused
   exit "$1"
 }
 COMMAND="${RUNS:+RUNS=$RUNS }${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
-TRACK=8gpu KIND=record WORLD=()
+TRACK=8gpu KIND=record WORLD=() SMOKE_RECORDS=
 while [ $# -gt 0 ]; do
   case $1 in
     --track)
@@ -56,7 +57,8 @@ for flag in "$@"; do  # speedrun.sh's own: each run would take the copy after --
 done
 PROTOCOL=$(python records/verify.py --protocol "$TRACK")  # metric, target, stop, samples, steps, cfg, runs, lower
 eval "$PROTOCOL"
-if [ "$TRACK" = smoke ]; then RECORDS=${RECORDS:-$(mktemp -d)} RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
+if [ "$TRACK" = smoke ] && [ -z "${RECORDS:-}" ]; then SMOKE_RECORDS=$(mktemp -d) RECORDS=$SMOKE_RECORDS; fi
+if [ "$TRACK" = smoke ]; then RUNS_DIR=${RUNS_DIR:-$RECORDS/runs}; fi
 stop=${stop:-$target}  # the periodic check's value at the target (GPU tracks: their small FID's, calibrated)
 RECORDS=${RECORDS:-records} RUNS_DIR=${RUNS_DIR:-runs} STOP=${STOP:-$stop}
 NAME=${NAME:-$TRACK-$KIND-$(date +%H%M%S)}

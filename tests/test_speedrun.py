@@ -1080,9 +1080,10 @@ def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
 
 def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path):
     """The runs' flags go through train.get_args first (a GPU track's data is prepared after): a flag train.py
-    refuses, alone or with the track's, is named in one line, and no run, snapshot or record folder is made."""
+    refuses, alone or with the track's, is named in one line, and no run, snapshot or record folder is made (the
+    smoke track's temporary RECORDS neither)."""
     env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "x"}
-    for flags, message in ((["--lrr", "3"], "--lrr is not a flag: did you mean --lr?"),
+    for flags, message in ((["--lr", "-1"], "argument --lr: must be in (0, inf), got -1"),(["--lrr", "3"], "--lrr is not a flag: did you mean --lr?"),
                            (["--self-guidance", "3"], "--self-guidance extrapolates from the routed network: it needs "
                                                       "--tread or --sprint"),
                            (["--pred", "x", "--lpips", "0.1", "--resolution", "8"], "--lpips: VGG16's feature maps "
@@ -1093,6 +1094,8 @@ def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path):
         assert r.returncode == 2 and r.stderr == f"speedrun.sh: train.py: error: {message} (nothing started)\n", \
             r.stderr
         assert os.listdir(tmp_path) == [] and r.stdout == ""
+        env = {**env, "TMPDIR": str(tmp_path)}
+        env.pop("RECORDS", None)
 
 
 def test_help_prints_the_usage_and_starts_nothing(tmp_path):
