@@ -32,6 +32,7 @@ import errno
 import hashlib
 import itertools
 import json
+import logging
 import math
 import mmap
 import os
@@ -42,6 +43,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -729,6 +731,17 @@ def die_with_launcher():
         return ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
     except (OSError, AttributeError):  # not Linux
         return False
+
+
+def quiet_unless_rank_0(rank):
+    """Under torchrun, the library warnings and notes every rank meets alike (Python warnings, torch's, diffusers' and
+    transformers' logging below ERROR, the hub's and transformers' progress bars) print once, on rank 0, not once a
+    process. Errors and tracebacks still print on every rank."""
+    if rank != 0:
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()  # transformers' too: it reads this setting when it is imported, with the first model
 
 
 @contextlib.contextmanager

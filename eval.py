@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
     die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    one_line, pad_to_common, read_index, side, space_differences, unwritable, whole, write_whole
+    one_line, pad_to_common, quiet_unless_rank_0, read_index, side, space_differences, unwritable, whole, write_whole
 from model import load_run, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -341,6 +341,7 @@ def setup_distributed(tf32):
         # minutes), the other ranks wait in the next step's all-reduce
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=1))
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        quiet_unless_rank_0(rank)
     else:
         rank, world, local = 0, 1, 0
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")

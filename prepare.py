@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from data import FIXED, FORMAT, IMAGE_EXTENSIONS, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, \
     die_with_launcher, errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, \
-    normalize_latent, number, one_line, quiet_transformers, side, stop_on_signals, unwritable, whole, write_whole
+    normalize_latent, number, one_line, quiet_transformers, quiet_unless_rank_0, side, stop_on_signals, unwritable, \
+    whole, write_whole
 
 
 def stable_hash(*parts):
@@ -686,6 +687,7 @@ def main(argv=None):
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker, as train.py's: stops when torchrun is killed
         die_with_launcher()
     rank = int(os.environ.get("RANK", 0))
+    quiet_unless_rank_0(rank)
     handlers = stop_on_signals(lambda: f"the whole shards in {args.out} are kept: run the same command again to "
                                        f"resume after the last one", rank == 0)
     try:

@@ -1,3 +1,4 @@
+import logging
 import os
 import signal
 
@@ -21,11 +22,13 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def own_signal_handlers():
     """Each test keeps the worker's Ctrl-C and SIGTERM handlers: a test of a torchrun rank's exit
-    (data.errors_of_rank_0_first) leaves them ignored, as the rank's exit would."""
+    (data.errors_of_rank_0_first) leaves them ignored, as the rank's exit would. Its logging too: a test of a rank
+    other than 0 (prepare.main with RANK=1) turns the warnings off, as data.quiet_unless_rank_0 does for the rank."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+    logging.disable(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

@@ -493,6 +493,40 @@ def test_rank_1_says_nothing_more_when_rank_0_ended_on_an_error_they_both_met(mo
     assert e.value.code == 128 + signal.SIGTERM
 
 
+# each rank meets a library's warning, note, progress bar and error once its process group is up (transformers is
+# imported then, as by a model's load); rank 1 then fails on a bug of its own
+LIBRARY_NOISE = """import logging, os, sys, warnings
+sys.path.insert(0, {root!r})
+import train
+rank, setup = os.environ["RANK"], train.setup_distributed
+def noisy_setup(tf32):
+    done = setup(tf32)
+    from transformers.utils.logging import tqdm
+    warnings.warn(f"a warning of rank {{rank}}")
+    logging.getLogger("torch.probe").warning(f"a note of rank {{rank}}")
+    list(tqdm(range(2), desc=f"a bar of rank {{rank}}"))
+    logging.getLogger("torch.probe").error(f"an error of rank {{rank}}")
+    return done
+train.setup_distributed = noisy_setup
+train.main()
+if rank == "1":
+    raise RuntimeError("a bug of rank 1")
+"""
+
+
+def test_under_torchrun_library_warnings_print_once_and_errors_on_every_rank(tmp_path):
+    """Library warnings, notes and progress bars, which every rank meets alike, print on rank 0 alone (diffusers' and
+    transformers' notes of each model load, torch's of each compile, once a process); every rank's errors print."""
+    script = tmp_path / "noisy_train.py"
+    script.write_text(LIBRARY_NOISE.format(root=ROOT))
+    r = run(SMALL + ["--max-steps", "1", "--out", str(tmp_path / "r")], nproc=2, script=script)
+    for said in ("a warning of rank 0", "a note of rank 0", "a bar of rank 0", "an error of rank 0",
+                 "an error of rank 1", "RuntimeError: a bug of rank 1"):
+        assert said in r.stderr, (said, r.stderr[-3000:])
+    for quiet in ("a warning of rank 1", "a note of rank 1", "a bar of rank 1"):
+        assert quiet not in r.stderr, (quiet, r.stderr[-3000:])
+
+
 def test_torchruns_sigterm_in_a_ranks_teardown_adds_nothing_to_its_one_line(tmp_path):
     """A rank that has its way out (here: another process ended) gets torchrun's SIGTERM while the interpreter tears
     down: ignored, not a traceback from stop_on_signals' handler and a second, other reason."""
