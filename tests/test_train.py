@@ -786,6 +786,29 @@ def test_ctrl_c_or_sigterm_says_where_to_resume(finished_run, master, sig, name)
                                   else 128 + sig)
 
 
+def test_a_stop_while_the_run_starts_says_so_and_the_same_command_starts_it(tmp_path):
+    """A SIGTERM before the run folder is written (opening the data, building the model, reading a checkpoint) stops
+    the run with one line, not silently (killed by the signal): nothing trained, and the same command starts it."""
+    script = tmp_path / "stopped_train.py"
+    script.write_text(f"""import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import train
+build = train.build_model
+def stopped_building(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, a kill
+    return build(*args, **kwargs)
+train.build_model = stopped_building
+with train.errors_of_rank_0_first():
+    train.main()
+""")
+    flags = SMALL + ["--max-steps", "2", "--out", str(tmp_path / "r")]
+    stopped = run(flags, script=script)
+    assert (stopped.returncode, stopped.stderr.strip()) == \
+        (1, "stopped (SIGTERM); nothing trained yet: run the same command again"), stopped.stderr[-2000:]
+    again = run(flags)
+    assert again.returncode == 0 and "step 2/2" in again.stdout, again.stderr[-2000:]
+
+
 def test_a_full_disk_while_logging_stops_naming_the_last_checkpoint_and_log_txt_says_why(finished_run, tmp_path):
     """Not only the checkpoint's write: log.txt's and metrics.jsonl's too stop the run with one line (no traceback),
     naming the checkpoint to continue from; and a run that stops writes why into log.txt, not only on the console."""
@@ -901,7 +924,8 @@ def test_the_eta_counts_the_time_budget(tmp_path, capsys, monkeypatch):
         train.stop_on_signals
     monkeypatch.setattr(train, "stop_on_signals", lambda *a: installed.append(a) or install(*a))
     train.main(SMALL + ["--max-time", "0.02", "--out", str(tmp_path / "r")])  # 1.2 s; --max-steps 100,000
-    assert [(message(), master, rank_0) for message, master, rank_0 in installed] == [
+    assert [(message(), *rest) for message, *rest in installed] == [
+        ("nothing trained yet: run the same command again", True),  # until the run folder is written
         (f"the last checkpoint is {list_checkpoints(tmp_path / 'r')[-1]}: continue with the run's flags and "
          f"--resume --out {tmp_path / 'r'}", True, (socket.gethostname(), os.getpid()))]  # rank 0: this process
     assert signal.getsignal(signal.SIGINT) is handler  # put back
