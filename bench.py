@@ -13,6 +13,7 @@ first batches are the figure: no warm-up), and `memory`, counted bytes, not a me
     python bench.py memory              # GiB per GPU of each preset under DDP and FSDP2, counted on fake tensors
     python bench.py techniques          # the CPU track's training step of each technique vs the baseline's
     python bench.py gpu [--out FILE]    # CUDA only: the 8gpu record end to end and every GPU figure, one table
+    python bench.py gpu --rows train    # its train.py half (--rows components: the rest), for a shorter command limit
 
 Without a GPU every mode but `gpu` runs on the CPU at small sizes (see each mode's defaults). The metric networks have
 random weights in the real architectures: their speed does not depend on the weights. Measured figures are in records/.
@@ -636,9 +637,11 @@ def train_rows(s, peak_tflops):
              ".1f")]
 
 
-def gpu_check(out, peak_tflops):
+def gpu_check(out, peak_tflops, rows=None):
     """Every GPU figure of the project in one markdown table, each row printed and written to `out`.partial as soon as
-    it is measured, which becomes `out` at the end: a failure keeps the rows before it."""
+    it is measured, which becomes `out` at the end: a failure keeps the rows before it. rows: "train" (train.py end to
+    end, the record configuration against the baseline) or "components" (the rest), for a command limit shorter than
+    the whole; None: both."""
     s = GPU_CHECK
     with open(f"{out}.partial", "w") as f:
         def emit(*rows):
@@ -653,26 +656,34 @@ def gpu_check(out, peak_tflops):
         emit(f"PRX {s['preset']} | batch {s['batch']} | latent {s['side']}x{s['side']} | text {s['txt_tokens']} "
              f"padded, real {s['min_len']}..{s['max_len']} | torch {torch.__version__} | {machine()}", "",
              "| measure | ours | baseline | ours/baseline |", "|---|---|---|---|")
-        emit(*train_rows(s, peak_tflops))  # first: its processes have the GPU to themselves
-        ours, theirs = prx_pair(s["preset"])
-        batches = [synthetic_batch(ours.cfg, s, seed) for seed in range(s["parity_steps"])]
-        emit(parity_row(ours, batches))
-        rates = sampling_rates(ours.eval(), theirs.eval(), s["batch"], s["side"], s["sample_steps"], 1, 1)
-        emit((f"sampling, {s['sample_steps']} Euler steps, CFG 3.5", *rates, " img/s", ".2f"))  # the same weights:
-        for model in (ours, theirs):  # before the training rows change them, each its own way
-            model.train()
-        rows, step_s = step_rows({"ours": (ours, False), "diffusers": (theirs, True)}, batches[0], s, peak_tflops)
-        emit(*rows)
-        emit(optimizer_row(ours, s))
-        emit(loader_row(s, step_s))
+        if rows in (None, "train"):
+            emit(*train_rows(s, peak_tflops))  # first: its processes have the GPU to themselves
+        if rows in (None, "components"):
+            component_rows(s, peak_tflops, emit)
     os.replace(f"{out}.partial", out)
+
+
+def component_rows(s, peak_tflops, emit):
+    """gpu_check's rows of the parts, ours against the baseline: loss parity, sampling, the compiled training step,
+    the optimizer, the loader."""
+    ours, theirs = prx_pair(s["preset"])
+    batches = [synthetic_batch(ours.cfg, s, seed) for seed in range(s["parity_steps"])]
+    emit(parity_row(ours, batches))
+    rates = sampling_rates(ours.eval(), theirs.eval(), s["batch"], s["side"], s["sample_steps"], 1, 1)
+    emit((f"sampling, {s['sample_steps']} Euler steps, CFG 3.5", *rates, " img/s", ".2f"))  # the same weights:
+    for model in (ours, theirs):  # before the training rows change them, each its own way
+        model.train()
+    rows, step_s = step_rows({"ours": (ours, False), "diffusers": (theirs, True)}, batches[0], s, peak_tflops)
+    emit(*rows)
+    emit(optimizer_row(ours, s))
+    emit(loader_row(s, step_s))
 
 
 def bench_gpu(args):
     if not CUDA:
         raise SystemExit("error: `python bench.py gpu` needs a CUDA GPU and this machine has none "
                          "(`python bench.py memory` runs on the CPU)")
-    gpu_check(args.out, args.peak_tflops)
+    gpu_check(args.out, args.peak_tflops, args.rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -791,6 +802,8 @@ def get_parser():
     p = sub.add_parser("gpu", help="the CUDA path in one table (CUDA only)")
     p.add_argument("--out", default="gpu_check.md", help="where the table is written too")
     p.add_argument("--peak-tflops", type=positive, default=989.0, help="GPU bf16 dense peak for MFU (H100: 989)")
+    p.add_argument("--rows", choices=["train", "components"], help="one half of the table: train.py end to end, or "
+                   "the parts (loss parity, sampling, training step, optimizer, loader); default both")
     p.set_defaults(run=bench_gpu)
     return parser
 

@@ -367,6 +367,21 @@ def test_memory_table(capsys):
     assert [c.split()[1] for c in parts["total with AdamW"]] == ["over", "fits"]
 
 
+def test_gpu_check_measures_the_half_of_the_table_asked_for(tmp_path, monkeypatch, capsys):
+    """--rows train: train.py end to end alone; --rows components: the rest alone; neither: both, train.py's first."""
+    monkeypatch.setattr(bench, "train_rows", lambda s, peak: ["| train.py row |"])
+    monkeypatch.setattr(bench, "component_rows", lambda s, peak, emit: emit("| component row |"))
+    for rows, expected in (("train", ["| train.py row |"]), ("components", ["| component row |"]),
+                           (None, ["| train.py row |", "| component row |"])):
+        out = tmp_path / f"{rows}.md"
+        bench.gpu_check(out, 1.0, rows)
+        table = out.read_text().splitlines()
+        assert table[2:4] == ["| measure | ours | baseline | ours/baseline |", "|---|---|---|---|"]
+        assert table[4:] == expected
+    with pytest.raises(SystemExit):
+        bench.get_parser().parse_args(["gpu", "--rows", "all"])
+
+
 @pytest.mark.slow
 def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
     # the GPU check's own code at tiny sizes; aot_eager: dynamo and AOTAutograd trace both models as for inductor
