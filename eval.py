@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
     die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
     one_line, pad_to_common, quiet_unless_rank_0, read_index, side, space_differences, unwritable, whole, write_whole
-from model import load_run, weights_file
+from model import ema_note, load_run, step_of, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
 
@@ -847,6 +847,10 @@ def load_checkpoint(args):
     with exit_on(f"--ckpt {args.ckpt}"):
         model, run, ckpt = load_run(args.ckpt, args.weights)
     train_args = run["args"]
+    if weights_file(ckpt, args.weights) == "ema.safetensors" and main_process():
+        note = ema_note(train_args["ema"], train_args["ema_every"], step_of(ckpt))
+        if note:
+            print(note)
     if args.self_guidance and not (train_args["tread"] or train_args["sprint"]):
         raise SystemExit(f"error: --self-guidance {args.self_guidance} extrapolates from the routed network, and "
                          f"{args.ckpt} was trained without --tread or --sprint")

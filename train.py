@@ -50,7 +50,7 @@ from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, da
     stop_when_another_process_ends, unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
-from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, file_sha256, flops_per_sample, \
+from model import CHECKPOINT_FILES, CHECKSUMS, PRESETS, PRX, apply_rope, ema_note, file_sha256, flops_per_sample, \
     list_checkpoints, preset_config, read_config, readable_as_umask, resume_configs, rope_at, rope_table, run_of, \
     stage_config, step_of, trim_text, verify_checkpoint
 from muon import Muon, split_muon_params, split_summary
@@ -1423,16 +1423,6 @@ def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
                 f"bf16 matmuls are emulated, slower than fp32's; --precision fp32 runs faster here")
 
 
-def ema_note(args, step):
-    """A note where the EMA an evaluation samples at `step` is still mostly the initial weights it started as (PRX's
-    EMA has no warm-up): their share after n updates is decay^n. None below a tenth, or without --ema."""
-    updates = step // args.ema_every
-    share = args.ema ** updates if args.ema else 0.0
-    return f"note: the EMA this evaluation samples has had {updates:,} updates (--ema {args.ema:g} every " \
-        f"{args.ema_every} steps): {share:.0%} of it is still the initial weights; `python eval.py --ckpt CKPT " \
-        f"--weights model` evaluates a checkpoint's trained weights" if share > 0.1 else None
-
-
 def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, last, out, master, log):
     """One evaluation of eval_model (the EMA weights when the run keeps them), logged; -> whether the run ends here
     (it was the last step, or --target is reached). The last evaluation is also written to eval.json."""
@@ -1441,7 +1431,7 @@ def evaluate_and_log(args, run_eval, eval_model, raw_model, step, train_time, la
         if isinstance(module, FSDPModule):  # gathered, they would meet the EMA update and the checkpoint unsharded
             module.reshard()  # (in bf16 under --precision bf16)
     raw_model.train()
-    note = ema_note(args, step)
+    note = ema_note(args.ema, args.ema_every, step)
     if note:
         log(note)
     log(" | ".join([f"eval step {step}", *(f"{k} {v:.4f}" for k, v in result.items()),

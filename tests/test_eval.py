@@ -705,15 +705,19 @@ def write_run(run, model, step=10, captions="long", data="builtin", pred="x"):
     save_file(model.state_dict(), ckpt / "model.safetensors")
     (ckpt / CHECKSUMS).write_text(json.dumps({"model.safetensors": file_sha256(ckpt / "model.safetensors")}))
     args = dict(data=data, eval_data=None, captions=captions, resolution=32, seed=0, text_context=5, tread=False,
-                sprint=False)
+                sprint=False, ema=0.0, ema_every=10)
     sampling = dict(steps=2, cfg_scale=3.0, shift=1.0, pred=pred, route_ratio=0.5, self_guidance=0.0)
     (run / "config.json").write_text(json.dumps({"args": args, "model": vars(model.cfg), "sampling": sampling}))
     return ckpt
 
 
 def add_ema(ckpt):
-    """The checkpoint with EMA weights (a copy of the model's) and their checksum, as a run with --ema keeps."""
+    """The checkpoint with EMA weights (a copy of the model's) and their checksum, as a run with --ema 0.9 --ema-every
+    2 keeps."""
     from model import CHECKSUMS, file_sha256
+    config = json.loads((ckpt.parent.parent / "config.json").read_text())
+    config["args"].update(ema=0.9, ema_every=2)
+    (ckpt.parent.parent / "config.json").write_text(json.dumps(config))
     shutil.copy(ckpt / "model.safetensors", ckpt / "ema.safetensors")
     (ckpt / CHECKSUMS).write_text(json.dumps({name: file_sha256(ckpt / name)
                                               for name in ("model.safetensors", "ema.safetensors")}))
@@ -761,10 +765,14 @@ def test_cli_ref_then_eval_writes_json(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="step_10 keeps no EMA weights .*: use --weights model$"):
         ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--weights", "ema"])  # asked for: not the model's instead
     add_ema(ckpt)
+    capsys.readouterr()
     for flags, weights in (([], "ema"), (["--weights", "model"], "model")):
         ev.main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "1", "--out", str(tmp_path / f"{weights}.json"),
                  *flags])
         assert json.loads((tmp_path / f"{weights}.json").read_text())["weights"] == weights
+        noted = "note: these EMA weights have had 5 updates (--ema 0.9 every 2 steps): 59% of them are still the " \
+            "initial weights" in capsys.readouterr().out  # at step 10
+        assert noted == (weights == "ema")
 
 
 @pytest.mark.parametrize("reader", ["verify_checkpoint", "load_file"])

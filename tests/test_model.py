@@ -500,3 +500,12 @@ def test_save_diffusers_sets_the_token_cap_on_a_copy_of_the_tokenizer(tmp_path):
     model.save_diffusers(str(tmp_path / "x"), tokenizer=tokenizer, max_tokens=12)
     assert tokenizer.model_max_length == 77
     assert AutoTokenizer.from_pretrained(tmp_path / "x" / "tokenizer").model_max_length == 12
+
+
+def test_an_ema_still_mostly_its_initial_weights_is_noted():
+    """decay^updates of the EMA is the initial weights (no warm-up): noted above a tenth."""
+    from model import ema_note
+    assert "have had 2,301 updates (--ema 0.999 every 10 steps): 10% of them" in ema_note(0.999, 10, 23019)
+    assert ema_note(0.999, 10, 23020) is None  # 0.999^2302 < 0.1
+    assert ema_note(0.0, 10, 0) is None
+    assert "have had 0 updates (--ema 0.5 every 3 steps): 100% of them" in ema_note(0.5, 3, 2)
