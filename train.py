@@ -1463,8 +1463,8 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
 
 def main(argv=None):
     args = get_args(argv)
-    handlers = stop_on_signals(lambda: "nothing trained yet: run the same command again",  # a stop before RunLog
-                               os.environ.get("RANK", "0") == "0")  # writes the run folder: the same command redoes all
+    handlers = stop_on_signals(lambda: "nothing trained yet: run the same command again",  # until the run folder's
+                               os.environ.get("RANK", "0") == "0")  # files are written: the same command redoes all
     rank, world, device = setup_distributed(tf32=True)
     master = rank == 0
     out, ckpt, same_run, stage = run_folder(args)
@@ -1487,8 +1487,8 @@ def main(argv=None):
     if not existing:
         lock, out = claim_on_rank_0(out, True, master)
     moved = set_aside_newer(ckpt, args) if same_run and master else None  # before this resume's config is written
-    log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     stop_on_signals(lambda: where_to_resume(out), master, from_rank_0((socket.gethostname(), os.getpid())))
+    log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
         if line:
             log(line)

@@ -786,25 +786,31 @@ def test_ctrl_c_or_sigterm_says_where_to_resume(finished_run, master, sig, name)
                                   else 128 + sig)
 
 
-def test_a_stop_while_the_run_starts_says_so_and_the_same_command_starts_it(tmp_path):
-    """A SIGTERM before the run folder is written (opening the data, building the model, reading a checkpoint) stops
-    the run with one line, not silently (killed by the signal): nothing trained, and the same command starts it."""
+@pytest.mark.parametrize("where", ["build_model", "RunLog"])
+def test_a_stop_while_the_run_starts_says_so_and_what_to_do(tmp_path, where):
+    """A SIGTERM before the run folder's files are written (opening the data, building the model, reading a
+    checkpoint) stops the run with one line, not silently (killed by the signal): nothing trained, and the same command
+    starts it. Once they are being written (RunLog), the line is where to resume from, as in the loop."""
     script = tmp_path / "stopped_train.py"
     script.write_text(f"""import os, signal, sys
 sys.path.insert(0, {ROOT!r})
 import train
-build = train.build_model
-def stopped_building(*args, **kwargs):
+real = train.{where}
+def stopped(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, a kill
-    return build(*args, **kwargs)
-train.build_model = stopped_building
+    return real(*args, **kwargs)
+train.{where} = stopped
 with train.errors_of_rank_0_first():
     train.main()
 """)
-    flags = SMALL + ["--max-steps", "2", "--out", str(tmp_path / "r")]
+    out = tmp_path / "r"
+    flags = SMALL + ["--max-steps", "2", "--out", str(out)]
     stopped = run(flags, script=script)
-    assert (stopped.returncode, stopped.stderr.strip()) == \
-        (1, "stopped (SIGTERM); nothing trained yet: run the same command again"), stopped.stderr[-2000:]
+    said = "nothing trained yet: run the same command again" if where == "build_model" else \
+        f"no checkpoint was written: delete {out} (or choose another --out) and start again"
+    assert (stopped.returncode, stopped.stderr.strip()) == (1, f"stopped (SIGTERM); {said}"), stopped.stderr[-2000:]
+    if where == "RunLog":
+        shutil.rmtree(out)
     again = run(flags)
     assert again.returncode == 0 and "step 2/2" in again.stdout, again.stderr[-2000:]
 
