@@ -634,12 +634,12 @@ def load_run(path, weights=None):
 def ema_note(decay, every, step):
     """A note where the EMA weights of `step` (train.py's --ema decay, updated every `every` steps; decay 0: none)
     are still mostly the initial weights they started as (PRX's EMA has no warm-up): their share after n updates is
-    decay^n. None below a tenth."""
+    decay^n. None at a tenth or less."""
     updates = step // every
     share = decay ** updates if decay else 0.0
-    return f"note: these EMA weights have had {updates:,} updates (--ema {decay:g} every {every} steps): {share:.0%} " \
-        f"of them are still the initial weights; `python eval.py --ckpt CKPT --weights model` reads a checkpoint's " \
-        f"trained weights" if share > 0.1 else None
+    return f"note: these EMA weights have had {updates:,} update{'s' * (updates != 1)} (--ema {decay:g} every " \
+        f"{every} steps): {share:.0%} of them are still the initial weights; `python eval.py --ckpt CKPT --weights " \
+        f"model` reads a checkpoint's trained weights" if share > 0.1 else None
 
 
 def weights_file(ckpt, weights=None):

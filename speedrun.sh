@@ -29,7 +29,7 @@ die() {  # die CODE MESSAGE...: the message on stderr, after the script's name, 
   exit "$1"
 }
 COMMAND="${RUNS:+RUNS=$RUNS }${STOP:+STOP=$STOP }${EVERY:+EVERY=$EVERY }${BESIDE:+BESIDE=$BESIDE }bash speedrun.sh $*"
-TRACK=8gpu KIND=record WORLD=() SMOKE_RECORDS=
+TRACK=8gpu KIND=record WORLD=(-u RANK -u WORLD_SIZE) SMOKE_RECORDS=  # WORLD: torchrun's, for train.py's check
 while [ $# -gt 0 ]; do
   case $1 in
     --track)
@@ -51,6 +51,7 @@ for flag in "$@"; do  # speedrun.sh's own: each run would take the copy after --
     --seed|--out|--resume)
       die 2 "$flag after --: speedrun.sh gives each run its seed and folder (RUNS, NAME, RUNS_DIR)" ;;
     --track) die 2 "$flag after --: give it before --, to speedrun.sh" ;;
+    -h|--help) die 2 "$flag after --: python train.py --help lists train.py's flags" ;;
     --target|--eval-every|--eval-samples|--eval-minutes|--eval-ref|--max-time|--max-steps)
       die 2 "$flag after --: the track's rules set it (records/RULES.md); STOP and EVERY set the stopping rule" ;;
   esac
@@ -154,7 +155,7 @@ case $TRACK in
     LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
     TRAIN=(--track "$TRACK" --compile --eval-every 2500 --eval-samples 2048 --eval-ref "$DATA/ref-2k.npz"
            --ckpt-every 1000000000 --keep 1)  # the last checkpoint only (tens of GB): a record's run is never resumed
-    CONFIRM=(--ref "$DATA/ref.npz" --metrics fid) WORLD=(WORLD_SIZE="$NPROC" RANK=0) ;;  # WORLD: torchrun's
+    CONFIRM=(--ref "$DATA/ref.npz" --metrics fid) WORLD=(WORLD_SIZE="$NPROC" RANK=0) ;;
   cpu)
     LAUNCH=(env OMP_NUM_THREADS=1 python) CONFIRM=()
     TRAIN=(--track cpu --eval-every "${EVERY:-250}" --eval-samples 256) ;;
@@ -184,10 +185,11 @@ if [ $# -gt 0 ]; then RECORD=("$@"); elif [ "$KIND" = calibration ]; then RECORD
 WHAT=${WHAT:-"${RECORD[*]:-the $TRACK baseline}"}
 # the runs' flags as train.py checks them (not the files they name, some not prepared yet): a refused flag is named
 # now, not by the runs after the data's preparation (hours on a GPU track)
-if ! refused=$(env ${WORLD[@]+"${WORLD[@]}"} python -c 'import sys; sys.argv[0] = "train.py"; import train
+if ! refused=$(env "${WORLD[@]}" python -c 'import sys; sys.argv[0] = "train.py"; import train
 train.get_args(sys.argv[1:], files=False)' "${TRAIN[@]}" "${BUDGET[@]}" --seed 0 --out "$RUNS_DIR/$NAME-0" \
     ${RECORD[@]+"${RECORD[@]}"} 2>&1 > /dev/null); then
-  die 2 "$(grep -m 1 '^train.py: error: ' <<< "$refused" || tail -n 1 <<< "$refused") (nothing started)"
+  refused=$(grep -m 1 '^train.py: error: ' <<< "$refused" || tail -n 1 <<< "$refused")
+  die 2 "${refused:-train.py's check of the runs' flags ended with no message} (nothing started)"
 fi
 echo "speedrun.sh: $TRACK $KIND, configuration: ${RECORD[*]:-the baseline} (flags after -- replace it)"
 if [[ $TRACK == *gpu ]]; then  # once, untimed

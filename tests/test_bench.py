@@ -380,6 +380,11 @@ def test_gpu_check_measures_the_half_of_the_table_asked_for(tmp_path, monkeypatc
         assert table[4:] == expected
     with pytest.raises(SystemExit):
         bench.get_parser().parse_args(["gpu", "--rows", "all"])
+    asked = []
+    monkeypatch.setattr(bench, "CUDA", True)  # bench_gpu's check, as on a GPU
+    monkeypatch.setattr(bench, "gpu_check", lambda out, peak, rows: asked.append((out, peak, rows)))
+    bench.bench_gpu(bench.get_parser().parse_args(["gpu", "--rows", "train", "--out", str(tmp_path / "t.md")]))
+    assert asked == [(str(tmp_path / "t.md"), 989.0, "train")]
 
 
 @pytest.mark.slow

@@ -861,9 +861,11 @@ def test_a_hub_source_offline_fails_at_once(tmp_path, unreachable_hub, monkeypat
 
 def test_under_torchrun_prepare_asks_to_die_with_it(tmp_path, monkeypatch):
     """prepare.py's processes, as train.py's and eval.py's, ask for SIGTERM when torchrun dies (TORCHELASTIC_RUN_ID:
-    data.die_with_launcher); one another launcher started with RANK set does not."""
+    data.die_with_launcher); one another launcher started with RANK set does not. Each leaves library warnings to rank
+    0 (data.quiet_unless_rank_0)."""
     calls = []
     monkeypatch.setattr(prepare, "die_with_launcher", lambda: calls.append("asked"))
+    monkeypatch.setattr(prepare, "quiet_unless_rank_0", lambda rank: calls.append(f"quiet unless {rank} is 0"))
     monkeypatch.setattr(prepare, "prepare", lambda args, rank, world_size: calls.append((rank, world_size)))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -871,7 +873,7 @@ def test_under_torchrun_prepare_asks_to_die_with_it(tmp_path, monkeypatch):
     prepare.main(["--out", str(tmp_path / "out")])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     prepare.main(["--out", str(tmp_path / "out")])
-    assert calls == [(1, 2), "asked", (1, 2)]  # before its preparation
+    assert calls == ["quiet unless 1 is 0", (1, 2), "asked", "quiet unless 1 is 0", (1, 2)]  # before its preparation
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")

@@ -1036,7 +1036,8 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
                                (["--smoke", "--", "--eval-every=1"], {}, "--eval-every=1 after --: the track's rules "
                                                                          "set it (records/RULES.md); STOP and EVERY"),
                                (["--smoke", "--", "--seed", "3"], {}, "--seed after --: speedrun.sh gives each run"),
-                               (["--smoke", "--", "--track", "cpu"], {}, "--track after --: give it before --")):
+                               (["--smoke", "--", "--track", "cpu"], {}, "--track after --: give it before --"),
+                               (["--smoke", "--", "-h"], {}, "-h after --: python train.py --help lists")):
         r = stub_speedrun(tmp_path, *args, **{"NAME": "y", **env})
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (tmp_path / "records" / "runs" / "y-0").exists() and not (tmp_path / "y-0").exists()
@@ -1096,6 +1097,40 @@ def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path):
         assert os.listdir(tmp_path) == [] and r.stdout == ""
         env = {**env, "TMPDIR": str(tmp_path)}
         env.pop("RECORDS", None)
+
+
+def test_a_flag_check_that_ends_without_a_message_still_says_why(tmp_path):
+    """train.get_args exiting with nothing printed (a rank's quiet exit, a kill): a line still says what failed."""
+    stub_speedrun(tmp_path, NAME="setup", RUNS="3")  # the stub repository (refused: odd)
+    (tmp_path / "train.py").write_text("import sys\n\n\ndef get_args(argv, files=True):\n    sys.exit(3)\n")
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x"})
+    assert (r.returncode, r.stderr) == (2, "speedrun.sh: train.py's check of the runs' flags ended with no message "
+                                           "(nothing started)\n"), r.stderr
+
+
+def test_a_gpu_track_checks_the_flags_as_torchrun_sets_them_before_preparing_its_data(tmp_path):
+    """On a GPU track train.get_args checks the runs' flags with torchrun's RANK and WORLD_SIZE and without the files
+    (data/mj is prepared after): a refused flag stops the speedrun before prepare.py. 8 GPUs of the rules' kind are
+    faked by a torch module of two functions."""
+    stub_speedrun(tmp_path, NAME="setup", RUNS="3")  # the stub repository (refused: odd)
+    (tmp_path / "train.py").write_text(
+        "import json, os, sys\n\n\ndef get_args(argv, files=True):\n"
+        "    json.dump([argv, files, os.environ['RANK'], os.environ['WORLD_SIZE']], open('checked.json', 'w'))\n"
+        "    sys.exit('train.py: error: --lrr is not a flag')\n")
+    (tmp_path / "prepare.py").write_text("open('prepared', 'w')\n")
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"class cuda:\n    device_count = staticmethod(lambda: 8)\n    get_device_name = "
+                                      f"staticmethod(lambda i: {verify.TRACKS['8gpu']['gpu']!r})\n")
+    r = subprocess.run(["bash", "speedrun.sh", "--calibrate"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "RECORDS": str(tmp_path / "records"), "NAME": "x",
+                                         "PYTHONPATH": str(fake.parent)})
+    assert (r.returncode, r.stderr) == (2, "speedrun.sh: train.py: error: --lrr is not a flag (nothing started)\n"), \
+        r.stderr
+    argv, files, rank, world = json.loads((tmp_path / "checked.json").read_text())
+    assert (files, rank, world) == (False, "0", "8") and argv[:2] == ["--track", "8gpu"] and "--eval-ref" in argv
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_help_prints_the_usage_and_starts_nothing(tmp_path):

@@ -1583,7 +1583,7 @@ def test_ema_every_k_steps_applies_the_decay_once_per_update(tmp_path, monkeypat
     init = type(model)(model.cfg).state_dict()
     assert any(not torch.equal(init[k], w2[k]) for k in w2)
     assert all(torch.allclose(ema[k], 0.9 * init[k] + 0.1 * w2[k], atol=1e-6) for k in w2)
-    assert "\nnote: these EMA weights have had 1 updates (--ema 0.9 every 2 steps): 90% of them are still the " \
+    assert "\nnote: these EMA weights have had 1 update (--ema 0.9 every 2 steps): 90% of them are still the " \
         "initial weights; `python eval.py --ckpt CKPT --weights model`" in (out / "log.txt").read_text()
 
 
