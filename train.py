@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import NOT_WEIGHTS, NotOnThisMachine, Parser, caption_share, count, data_dirs, errors_of_rank_0_first, \
     exit_on, fraction, heldout_caption, how_to_prepare, number, one_line, open_heldout, open_loader, pad_text, \
-    pad_to_common, parse_data_phases, positive, read_index, side, space_differences, stop_on_signals, \
+    pad_to_common, parse_data_phases, positive, read_index, seed_number, side, space_differences, stop_on_signals, \
     stop_when_another_process_ends, unwritable, write_whole
 from eval import DINO_ID, FEATURE_METRICS, Metrics, check_encoders, evaluate, load_decoder, load_dino, \
     main_process, save_grid, setup_distributed, shift_t, x0_to_velocity
@@ -121,7 +121,7 @@ def get_parser():
     p = Parser(description=__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<timestamp>); never reused without --resume")
-    g.add_argument("--seed", type=number(int, 0, 2**62), default=0, help="of every draw: weights, data, t, noise")
+    g.add_argument("--seed", type=seed_number, default=0, help="of every draw: weights, data, t, noise")
     g.add_argument("--max-steps", type=count, default=100_000, help="stop after this many optimizer steps")
     g.add_argument("--max-time", type=positive, default=None, help="stop after this many minutes of training time")
     g.add_argument("--log-every", type=count, default=100, help="steps between log lines (metrics.jsonl, console)")
@@ -1461,6 +1461,22 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
     save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, keep)
 
 
+def stop_repa(trainee, opt, world, device):
+    """--repa-stop: the projector and its AdamW (the last optimizer, build_optimizers) go -> the model to train on,
+    wrapped anew: DDP's reducer would wait for the projector's gradients."""
+    trainee.repa_proj = None
+    opt.pop()
+    return wrap_ddp(trainee, world, device)
+
+
+def rank_0_time(train_time, device):
+    """Rank 0's training time on every rank, so that they agree on when the budget ends and a timed evaluation (a
+    collective) starts. A tensor broadcast, not from_rank_0's pickled one: it runs every step."""
+    budget = torch.tensor([train_time], dtype=torch.float64, device=device)
+    dist.broadcast(budget, 0)
+    return budget.item()
+
+
 def main(argv=None):
     args = get_args(argv)
     handlers = stop_on_signals(lambda: "nothing trained yet: run the same command again",  # until the run folder's
@@ -1487,6 +1503,7 @@ def main(argv=None):
     if not existing:
         lock, out = claim_on_rank_0(out, True, master)
     moved = set_aside_newer(ckpt, args) if same_run and master else None  # before this resume's config is written
+    # from here a stop names where to resume (`handlers` keeps the process's own, put back at the end)
     stop_on_signals(lambda: where_to_resume(out), master, from_rank_0((socket.gethostname(), os.getpid())))
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
     for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
@@ -1510,9 +1527,7 @@ def main(argv=None):
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device
         while True:
             if teacher is not None and args.repa_stop and step >= args.repa_stop:
-                teacher = trainee.repa_proj = None
-                opt.pop()  # the projector's AdamW, the last optimizer (build_optimizers)
-                model = wrap_ddp(trainee, world, device)  # anew: DDP's reducer would wait for the projector's gradients
+                teacher, model = None, stop_repa(trainee, opt, world, device)
                 log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
             last = step >= args.max_steps or train_time >= max_time
             timed_eval = bool(eval_times) and train_time >= eval_times[0]
@@ -1544,11 +1559,8 @@ def main(argv=None):
             step += 1
             sync()
             train_time += time.perf_counter() - t0
-            # the ranks agree on when the budget ends and a timed evaluation (a collective) starts: a sync, only then
-            if world > 1 and (args.max_time or args.eval_minutes):
-                budget = torch.tensor([train_time], dtype=torch.float64, device=device)
-                dist.broadcast(budget, 0)
-                train_time = budget.item()
+            if world > 1 and (args.max_time or args.eval_minutes):  # a sync, only where the time decides
+                train_time = rank_0_time(train_time, device)
             if compiled_graphs(args) > graphs:  # an input the compile warm-up did not see
                 log(f"warning: step {step} compiled a new graph (another input shape, stride or model): on the clock")
 
