@@ -155,7 +155,7 @@ def bench_muon(args):
     print(f"{args.preset}: {len(shapes)} block matrices, {sum(math.prod(s) for s in shapes):,} weights")
     compare("largest Newton-Schulz share of 8 ranks", 100 * largest / sum(costs), "ideal", 12.5, "% of the FLOPs",
             ".2f")
-    blocks = args.blocks  # (main's default: all on a GPU, 1 on a CPU)
+    blocks = args.blocks  # (check_args' default: all on a GPU, 1 on a CPU)
     shapes = shapes[:blocks * len(shapes) // model.cfg.depth]
     torch.manual_seed(0)
     weights = [torch.randn(s, device=DEVICE) * 0.02 for s in shapes]

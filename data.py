@@ -930,3 +930,4 @@ def number(kind, low, high=math.inf, low_open=False, high_open=False):
 count, positive, fraction = number(int, 1), number(float, 0, low_open=True), number(float, 0, 1)
 MAX_RESOLUTION = 4096  # PRX trains up to 1024 px; one 4096 px image is 48 MiB, a batch of them GBs
 side = number(int, 1, MAX_RESOLUTION)  # an image side in pixels: a mistyped one would fill the memory
+seed_number = number(int, 0, 2**62)  # torch.Generator's seeds are 64-bit; seed + i stays inside

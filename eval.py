@@ -32,8 +32,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import ENCODERS, NOT_WEIGHTS, NotOnThisMachine, Parser, count, data_dirs, denormalize_latent, \
-    die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, open_heldout, \
-    one_line, pad_to_common, quiet_unless_rank_0, read_index, side, space_differences, unwritable, whole, write_whole
+    die_with_launcher, errors_of_rank_0_first, exit_on, from_hub, heldout_caption, load_vae, number, one_line, \
+    open_heldout, pad_to_common, quiet_unless_rank_0, read_index, seed_number, side, space_differences, unwritable, \
+    whole, write_whole
 from model import ema_note, load_run, step_of, weights_file
 from prepare import T5GemmaTextEncoder
 from shapes import BuiltinTextEncoder
@@ -728,7 +729,7 @@ def get_args(argv=None):
     g.add_argument("--cfg-scale", type=number(float, 0), help="classifier-free guidance scale")
     g.add_argument("--self-guidance", type=number(float, 0),
                    help="TREAD self-guidance weight (0 = off; default the run's)")
-    g.add_argument("--seed", type=number(int, 0, 2**62), default=42, help="sample i starts from the noise of seed + i")
+    g.add_argument("--seed", type=seed_number, default=42, help="sample i starts from the noise of seed + i")
     g = p.add_argument_group("metric networks (offline machines: local copies)")
     g.add_argument("--fid-weights", help="weights-inception-2015-12-05-6726825d.pth (default: downloaded)")
     g.add_argument("--clip", default=CLIP_ID, help="CLIP hub id or local folder")

@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from data import FIXED, FORMAT, IMAGE_EXTENSIONS, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, \
     die_with_launcher, errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, \
-    normalize_latent, number, one_line, quiet_transformers, quiet_unless_rank_0, side, stop_on_signals, unwritable, \
-    whole, write_whole
+    normalize_latent, one_line, quiet_transformers, quiet_unless_rank_0, seed_number, side, stop_on_signals, \
+    unwritable, whole, write_whole
 
 
 def stable_hash(*parts):
@@ -657,7 +657,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
     p.add_argument("--eval-fraction", type=fraction, default=0.015, help="held-out share, chosen by hashing the id "
                    "(the speedrun's ~986k rows: ~14,800, above the full evaluation's 10,000 and the rows skipped)")
-    p.add_argument("--seed", type=number(int, 0, 2**62), default=0, help="seeds the eval split and the VAE posterior "
+    p.add_argument("--seed", type=seed_number, default=0, help="seeds the eval split and the VAE posterior "
                    "samples")
     p.add_argument("--device", help="where the encoders run (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--workers", type=count, default=max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", 1))),
