@@ -459,15 +459,19 @@ def test_weights_file_takes_the_ema_where_kept(tmp_path):
                                                                              "ema.safetensors"]
 
 
-def test_the_presets_table_takes_no_flags():
-    import subprocess
-    import sys
+def test_the_presets_table_takes_no_flags(monkeypatch, capsys):
+    """`python model.py` as a script (runpy: its __main__ block, without a second interpreter's imports)."""
+    import runpy
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
-    shown = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and shown.stdout.startswith("tiny ") and "small-pixel" in shown.stdout
-    refused = subprocess.run([sys.executable, script, "--nonsense"], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "unrecognized arguments: --nonsense" in refused.stderr and not refused.stdout
-
+    monkeypatch.setattr("sys.argv", [script])
+    runpy.run_path(script, run_name="__main__")
+    shown = capsys.readouterr()
+    assert shown.out.startswith("tiny ") and "small-pixel" in shown.out and not shown.err
+    monkeypatch.setattr("sys.argv", [script, "--nonsense"])
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(script, run_name="__main__")
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and "unrecognized arguments: --nonsense" in err and not out
 
 
 def test_a_checkpoint_whose_checksums_and_weights_are_both_gone_is_refused(tmp_path):
