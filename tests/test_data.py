@@ -8,8 +8,6 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -712,25 +710,23 @@ def test_vae_offline_fails_fast_and_says_what_to_fetch(prepared, unreachable_hub
     assert vae.config.latent_channels == 4 and scale.flatten()[0] == pytest.approx(0.3611)
 
 
-def test_train_on_prepared_latents_and_resume(prepared, tmp_path):
+def test_train_on_prepared_latents_and_resume(prepared, tmp_path, capsys):
     """train.py on a prepared dataset: latents and T5Gemma text from the shards, loader position in the checkpoint;
     the resumed phase evaluates on another prepared set (--eval-data), which eval.json names."""
+    import train
     root, _ = prepared
-    argv = [sys.executable, "train.py", "--data", str(root / "out_pq"), "--model", "tiny", "--resolution", str(RES),
-            "--hidden", "64", "--depth", "2", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
-            "--eval-samples", "0", "--out", str(tmp_path / "run")]
-    cwd = Path(__file__).parent.parent
-    first = subprocess.run(argv + ["--max-steps", "3"], cwd=cwd, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-2000:]
+    argv = ["--data", str(root / "out_pq"), "--model", "tiny", "--resolution", str(RES), "--hidden", "64", "--depth",
+            "2", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1", "--eval-samples", "0", "--out",
+            str(tmp_path / "run")]
+    train.main(argv + ["--max-steps", "3"])  # in this process: a launch would import torch again
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer.pt", weights_only=True)
     assert state["loader"]["batches"] == 6  # 3 steps x 2 accumulation micro-batches
-    second = subprocess.run(argv + ["--max-steps", "5", "--resume", "--eval-data", str(root / "out"),
-                                    "--eval-samples", "2"], cwd=cwd, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr[-2000:]
+    capsys.readouterr()
+    train.main(argv + ["--max-steps", "5", "--resume", "--eval-data", str(root / "out"), "--eval-samples", "2"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 5]  # the last: the evaluation at the end
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["data"] == str(root / "out")
-    assert "\neval step 5 | train_time " in second.stdout  # no --eval-ref: a sample grid, no score
+    assert "\neval step 5 | train_time " in capsys.readouterr().out  # no --eval-ref: a sample grid, no score
 
 
 def test_a_folder_without_index_json_is_told_what_to_run(tmp_path):
