@@ -2,15 +2,15 @@ import logging
 import os
 import signal
 
-import pytest
-import torch
+# Under xdist (-n N), one thread a worker and a process it starts (train.py, torchrun's ranks, a probe server), for
+# torch's intra-op pool and numpy's OpenBLAS (FID's eigvals) alike: N workers of two threads each on N cores would
+# spin-wait on each other's cores. Set before torch and numpy load, which read it once.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-
-def pytest_configure(config):
-    """Under xdist (-n N), one intra-op thread a worker: N workers of two threads each on N cores would spin-wait on
-    each other's cores."""
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        torch.set_num_threads(1)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
