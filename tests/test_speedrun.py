@@ -1065,7 +1065,15 @@ def test_a_reused_name_and_bad_runs_beside_or_stop_are_refused_up_front(tmp_path
     assert not (tmp_path / "records" / "runs" / "y-0").exists()
 
 
-def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
+def no_gpu_torch(folder):
+    """PYTHONPATH of a torch module that sees no GPU (speedrun.sh's GPU check, here and on a GPU machine too), whose
+    import takes no seconds as the real one's would."""
+    (folder / "torch").mkdir(parents=True)
+    (folder / "torch" / "__init__.py").write_text("class cuda:\n    device_count = staticmethod(lambda: 0)\n")
+    return str(folder)
+
+
+def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path, tmp_path_factory):
     """A GPU track's STOP defaults to its `stop` (the periodic check's reading of the target) and may not pass it."""
     stub_speedrun(tmp_path, NAME="setup")  # the stub repository
     verify_py = tmp_path / "records" / "verify.py"
@@ -1074,8 +1082,9 @@ def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path):
     r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", STOP="26")
     assert r.returncode == 1 and "STOP=26: runs stopping there would not meet the target on the mean (fid <= 20.0, " \
         "which the periodic check reads as 25.0); use 25.0 or a margin beyond it" in r.stderr, r.stderr
-    for env in ({}, dict(STOP="24.5")) if not torch.cuda.is_available() else ():  # on to the check for GPUs
-        r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", **env)
+    no_gpu = no_gpu_torch(tmp_path_factory.mktemp("no-gpu"))
+    for env in ({}, dict(STOP="24.5")):  # on to the check for GPUs
+        r = stub_speedrun(tmp_path, "--track", "8gpu", NAME="y", PYTHONPATH=no_gpu, **env)
         assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
 
 
@@ -1462,14 +1471,14 @@ def test_plot_draws_every_group_and_flat_zero_curves(tmp_path, monkeypatch):
     assert red[1] > red[0] > 0  # the second group drawn too
 
 
-def test_a_calibration_trains_a_fixed_budget_and_a_gpu_track_needs_a_gpu(tmp_path):
+def test_a_calibration_trains_a_fixed_budget_and_a_gpu_track_needs_a_gpu(tmp_path, tmp_path_factory):
     stub_speedrun(tmp_path, "--smoke", "--calibrate")  # run 1 of the stub fails: run 0's flags are what is read
     argv = (tmp_path / "records" / "runs" / "x-0" / "argv").read_text().split()
     assert "--max-steps" in argv and "--target" not in argv  # verify.py refuses a calibration with a --target
-    if not torch.cuda.is_available():
-        for track in ("8gpu", "1gpu"):  # refused before any preparation starts (the stub has no prepare.py)
-            r = stub_speedrun(tmp_path, "--track", track, "--calibrate", NAME=track)
-            assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
+    no_gpu = no_gpu_torch(tmp_path_factory.mktemp("no-gpu"))
+    for track in ("8gpu", "1gpu"):  # refused before any preparation starts (the stub has no prepare.py)
+        r = stub_speedrun(tmp_path, "--track", track, "--calibrate", NAME=track, PYTHONPATH=no_gpu)
+        assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
 
 
 def test_the_cpu_record_configuration_is_its_record_folders():
