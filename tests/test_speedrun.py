@@ -1088,17 +1088,19 @@ def test_a_gpu_record_stops_at_the_calibrated_stopping_value(tmp_path, tmp_path_
         assert r.returncode == 1 and r.stderr.startswith("speedrun.sh: no GPU visible"), r.stderr
 
 
-def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path):
+def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path, tmp_path_factory, monkeypatch, capsys):
     """The runs' flags go through train.get_args first (a GPU track's data is prepared after): a flag train.py
     refuses, alone or with the track's, is named in one line, and no run, snapshot or record folder is made (the
-    smoke track's temporary RECORDS neither)."""
-    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "x"}
-    for flags, message in ((["--lr", "-1"], "argument --lr: must be in (0, inf), got -1"),(["--lrr", "3"], "--lrr is not a flag: did you mean --lr?"),
+    smoke track's temporary RECORDS neither). Two launches, one with RECORDS and one without; the other refusals are
+    train.get_args's, in this process, on the argv speedrun.sh's check was given (each launch imports torch, ~5 s)."""
+    where = tmp_path_factory.mktemp("python")  # a python that keeps the argv of speedrun.sh's flag check
+    (where / "python").write_text(f'#!/bin/sh\ncase "$2" in *"import train"*) printf "%s\\0" "$@" > '
+                                  f'{where / "argv"};; esac\nexec {sys.executable} "$@"\n')
+    (where / "python").chmod(0o755)
+    env = {**os.environ, "RECORDS": str(tmp_path), "NAME": "x", "PATH": f"{where}:{os.environ['PATH']}"}
+    for flags, message in ((["--lr", "-1"], "argument --lr: must be in (0, inf), got -1"),  # argparse's, after usage
                            (["--self-guidance", "3"], "--self-guidance extrapolates from the routed network: it needs "
-                                                      "--tread or --sprint"),
-                           (["--pred", "x", "--lpips", "0.1", "--resolution", "8"], "--lpips: VGG16's feature maps "
-                                                                                     "need images of at least 16 px; "
-                                                                                     "--resolution 8")):
+                                                      "--tread or --sprint")):  # the flags replace the record's
         r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", *flags], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and r.stderr == f"speedrun.sh: train.py: error: {message} (nothing started)\n", \
@@ -1106,6 +1108,21 @@ def test_flags_train_py_refuses_are_named_before_anything_starts(tmp_path):
         assert os.listdir(tmp_path) == [] and r.stdout == ""
         env = {**env, "TMPDIR": str(tmp_path)}
         env.pop("RECORDS", None)
+    argv = (where / "argv").read_text().split("\0")[2:-1]  # python -c CODE ARGV..., the last launch's
+    assert argv[-2:] == ["--self-guidance", "3"] and "--track" in argv
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # as speedrun.sh's check names it
+    monkeypatch.delenv("RANK", raising=False)  # and unsets them on the CPU tracks
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(ROOT)
+    for flags, message in ((["--lrr", "3"], "--lrr is not a flag: did you mean --lr?"),
+                           (["--pred", "x", "--lpips", "0.1", "--resolution", "8"], "--lpips: VGG16's feature maps "
+                                                                                     "need images of at least 16 px; "
+                                                                                     "--resolution 8")):
+        with pytest.raises(SystemExit) as e:
+            train.get_args(argv[:-2] + flags, files=False)
+        said = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+        assert e.value.code not in (0, None) and [line for line in said.splitlines() if line.startswith(
+            "train.py: error: ")][:1] == [f"train.py: error: {message}"], said  # the line speedrun.sh shows
 
 
 def test_a_flag_check_that_ends_without_a_message_still_says_why(tmp_path):
