@@ -97,6 +97,12 @@ def record(tmp_path, cpu_target):
     return make_record(tmp_path / "records" / "2026-12-02_synthetic")
 
 
+LR_DEF = "def learning_rate(args, step, train_time):"  # in train.py alone
+# Every test's edit of train.py is this one: the edited sources' task and evaluation fingerprints (~3 s) are computed
+# once per process (verify.fingerprint's cache), whatever test edits them first.
+TRAIN_PY_EDIT = (LR_DEF, LR_DEF + "  #")
+
+
 def edit(path, old, new, after=""):
     """Replace old by new in a file, in the part after the first `after`."""
     text = path.read_text()
@@ -154,7 +160,7 @@ def test_a_good_synthetic_record_passes(record, capsys):
     (lambda f: edit(f / "README.md", "1560.0 s", "1460.0 s"), "README's results say"),
     (lambda f: edit(f / "log_1.txt", "0.3100 | train_time 1560000ms", "0.3100 | train_time 1460000ms"),
      "log_1.txt: step 3000 at 1460000 ms comes after step 3000 at 1560000 ms: the clock goes backwards"),
-    (lambda f: edit(f / "log_0.txt", "def main(argv=None):", "def main(argv=None):  # faster"),
+    (lambda f: edit(f / "log_0.txt", *TRAIN_PY_EDIT),
      "log_0.txt: the source of train.py matches neither commit"),
     (lambda f: [(f / f"log_{k}.txt").unlink() for k in (2, 3)], "2 runs; the rules need at least 3"),
     (lambda f: (f / "log_3.txt").unlink(), "3 runs: cpu runs go in pairs"),
@@ -175,7 +181,7 @@ def test_a_good_synthetic_record_passes(record, capsys):
     # one configuration per record: the flags and the sources of every run
     (lambda f: edit(f / "log_1.txt", '"lr": 0.002', '"lr": 0.003'),
      "log_1.txt: --lr 0.003 (theirs 0.002) differs from log_0.txt's, which 3 of the 4 runs share"),
-    (lambda f: own_source(f, "log_1.txt", "train.py", "master = rank == 0", "master = rank == 0  # faster"),
+    (lambda f: own_source(f, "log_1.txt", "train.py", *TRAIN_PY_EDIT),
      "log_1.txt: the source of train.py differs from log_0.txt's"),
     # the run and its evaluation as the track's protocol has them
     (lambda f: edit(f / "log_1.txt", "=== confirm.json", "=== config.resume-1000.json\n{}\n=== confirm.json"),
@@ -240,7 +246,7 @@ def test_a_good_synthetic_record_passes(record, capsys):
      "log_1.txt: says --target object_accuracy 0.292 was reached at step 3000, where it scored 0.291"),
     (lambda f: edit(f / "log_1.txt", "reached at step 3000: stopping", "reached at step 1000: stopping"),
      "log_1.txt: its last evaluation (step 3000, 1560000 ms) neither reaches its --target"),  # the stop is another's
-    (lambda f: [edit(f / "log_1.txt", "import argparse", "import argparse  # tampered"),
+    (lambda f: [edit(f / "log_1.txt", *TRAIN_PY_EDIT),
                 (f / "train.py").write_text("another train.py")],
      "log_1.txt: the source of train.py matches neither commit"),  # a copy of another text whitelists nothing
     # the task through the interfaces runs use: the evaluated split, the metric, the training data
@@ -581,7 +587,7 @@ def test_write_verifies_first_and_writes_nothing_that_fails(record, tmp_path, ca
         assert (record / "README.md").read_text() == before
     (tmp_path / "log_3.txt").rename(record / "log_3.txt")
     for log in record.glob("log_*.txt"):  # every run's train.py differs from the commit's: --write carries it
-        edit(log, "One file, one loop;", "One file, one loop (edited);", after="=== train.py")
+        edit(log, *TRAIN_PY_EDIT, after="=== train.py")
     (record / "README.md").unlink()
     with pytest.raises(SystemExit):
         verify.main(["--write", "--track", "smoke", str(record)])
@@ -589,7 +595,7 @@ def test_write_verifies_first_and_writes_nothing_that_fails(record, tmp_path, ca
         [f"log_{k}.txt" for k in range(4)]
     verify.main(["--write", "--track", "cpu", "--what", "synthetic record", "--command", "bash speedrun.sh --track cpu",
                  str(record)])
-    assert capsys.readouterr().out.startswith("ok ") and "(edited)" in (record / "train.py").read_text()
+    assert capsys.readouterr().out.startswith("ok ") and TRAIN_PY_EDIT[1] in (record / "train.py").read_text()
     assert (record / "README.md").read_text().split(verify.BEGIN)[1] == before.split(verify.BEGIN)[1]
 
 
@@ -812,9 +818,6 @@ def test_of_two_records_with_the_same_flags_the_runs_beside_race_the_one_whose_c
     assert "| 2 | 12.50 min | 10.50 min = 0.500 x 21.00 beside |" in board
 
 
-LR_DEF = "def learning_rate(args, step, train_time):"  # in train.py alone
-
-
 def test_runs_beside_at_code_of_no_record_race_nothing(record, tmp_path, capsys):
     """Runs beside with the replaced record's flags but code of no record place the candidate nowhere; with the
     candidate's own code they match on the flags only in logs from before attempt.json (up to the eighth CPU
@@ -823,12 +826,12 @@ def test_runs_beside_at_code_of_no_record_race_nothing(record, tmp_path, capsys)
     folder = make_record(record.parent / "2026-12-05_faster", faster, beside={k: (20.0 + 2 * (k % 2), 0.3)
                                                                               for k in RUNS}, lr=0.003)
     for k in range(4):
-        own_source(folder / "beside", f"log_{k}.txt", "train.py", LR_DEF, LR_DEF + "  #")
+        own_source(folder / "beside", f"log_{k}.txt", "train.py", *TRAIN_PY_EDIT)
     assert verify.verify(folder) == []
     board = leaderboard.leaderboard(record.parent, tmp_path)
     assert "2026-12-05_faster" not in board and "left out 2026-12-05_faster" in capsys.readouterr().err
     for k in range(4):  # the candidate's code on both sides
-        own_source(folder, f"log_{k}.txt", "train.py", LR_DEF, LR_DEF + "  #")
+        own_source(folder, f"log_{k}.txt", "train.py", *TRAIN_PY_EDIT)
     assert "2026-12-05_faster" not in leaderboard.leaderboard(record.parent, tmp_path)
     for log in [*folder.glob("log_*.txt"), *(folder / "beside").glob("log_*.txt")]:  # logs of the older layout
         edit(log, '=== attempt.json\n{"runs": 4}\n', "")
