@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 import train
 from test_train import ROOT, SMALL, losses, run
 
-# Muon on the blocks and AdamW on the rest; EMA and REPA: every kind of state a checkpoint holds
+# Muon on the blocks and AdamW on the rest; EMA and REPA: every kind of state a checkpoint holds. An evaluation each
+# step, checkpoints at even ones: the EMA update after step 1's evaluation meets the weights the evaluation left
 FLAGS = SMALL + ["--optimizer", "muon", "--ema", "0.9", "--ema-every", "1", "--repa", "builtin", "--max-steps", "4",
-                 "--ckpt-every", "2"]
+                 "--ckpt-every", "2", "--eval-every", "1", "--eval-samples", "2", "--sample-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,14 @@ def test_fsdp_matches_ddp(runs):
         assert ddp.keys() == fsdp.keys() and all(torch.allclose(ddp[k], fsdp[k], rtol=0, atol=1e-4) for k in ddp)
 
 
-def test_fsdp_evaluates_the_ema_and_goes_on_sharded(tmp_path):
+def test_fsdp_evaluates_the_ema_and_goes_on_sharded(runs):
     """An evaluation's forward has no backward, after which FSDP2 would leave the root's weights gathered: the next
-    EMA update then met plain tensors among the DTensors (a RuntimeError), and on CUDA the checkpoint bf16 weights."""
-    flags = SMALL + ["--ema", "0.9", "--ema-every", "1", "--eval-every", "1", "--eval-samples", "2", "--sample-steps",
-                     "2", "--max-steps", "2"]  # no checkpoint at step 1: gathering its state reshards
-    r = run(flags + ["--fsdp", "--out", str(tmp_path / "fsdp")], nproc=2)
-    assert r.returncode == 0, r.stderr
-    evals = [r["step"] for r in map(json.loads, open(tmp_path / "fsdp" / "metrics.jsonl")) if "object_accuracy" in r]
-    ema = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step_2" / "ema.safetensors"))
-    assert evals == [1, 2] and all(t.dtype == torch.float32 for t in ema.values())
+    EMA update then met plain tensors among the DTensors (a RuntimeError), and on CUDA the checkpoint bf16 weights.
+    The fixture's FSDP run (its launch ran to the end) evaluates at step 1, which writes no checkpoint (gathering its
+    state reshards), then updates the EMA."""
+    evals = [r["step"] for r in map(json.loads, open(runs / "fsdp" / "metrics.jsonl")) if "object_accuracy" in r]
+    ema = load_file(str(runs / "fsdp" / "checkpoints" / "step_2" / "ema.safetensors"))
+    assert evals == [1, 2, 3, 4] and all(t.dtype == torch.float32 for t in ema.values())
 
 
 def test_fsdp_resumes_exactly(runs):
