@@ -2,6 +2,8 @@
 closed forms) on tiny or randomly initialised networks built here, and the sampler against an exact flow."""
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import hashlib
 import inspect
@@ -53,6 +55,24 @@ def inception_weights(tmp_path_factory):
     return path
 
 
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's OpenBLAS on one thread (as conftest.py puts torch on one under xdist): FID's eigvals of a 2048 x 2048
+    product take ~5 s of CPU on one thread, several times that with a second one spin-waiting on shared cores. A numpy
+    without a loaded scipy_openblas64_ is left as it is (slower, same result)."""
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "scipy_openblas64_" in line and line.split()[-1].startswith("/")}
+    lib = ctypes.CDLL(paths.pop()) if len(paths) == 1 else None
+    before = lib.scipy_openblas_get_num_threads64_() if lib else None
+    if lib:
+        lib.scipy_openblas_set_num_threads64_(1)
+    try:
+        yield
+    finally:
+        if lib:
+            lib.scipy_openblas_set_num_threads64_(before)
+
+
 def tiny_clip(seed=0):
     torch.manual_seed(seed)
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -67,21 +87,17 @@ def tiny_dino(**kwargs):
 # ----------------------------------------------------------------------------------------------------------
 # FID
 
-def test_fid_equals_torch_fidelity(inception_weights, tmp_path, capsys):
+def test_fid_equals_torch_fidelity(one_process, inception_weights, tmp_path, capsys):
     import torch_fidelity
-    real, fake = blocky_images(2, seed=0), blocky_images(2, seed=1, brightness=40)  # 2 each: eigvals of 2048^2 is slow
-    theirs = torch_fidelity.calculate_metrics(
-        input1=write_folder(tmp_path / "fake", fake), input2=write_folder(tmp_path / "real", real), fid=True,
-        feature_extractor_weights_path=inception_weights, cuda=False, cache=False, verbose=False,
-        save_cpu_ram=True)["frechet_inception_distance"]
-    ref = ev.Metrics(None, ["fid"], fid_weights=inception_weights)
-    ref.update(real[:1])  # batches of any size: the statistics are sums
-    ref.update(real[1:])
-    ref.save_reference(tmp_path / "ref.npz")
-    ours = ev.Metrics(tmp_path / "ref.npz", ["fid"], fid_weights=inception_weights)
+    real, fake = one_process.real, one_process.fake  # the reference was streamed in batches of 1 and 2: sums
+    with one_blas_thread():
+        theirs = torch_fidelity.calculate_metrics(
+            input1=write_folder(tmp_path / "fake", fake), input2=write_folder(tmp_path / "real", real), fid=True,
+            feature_extractor_weights_path=inception_weights, cuda=False, cache=False, verbose=False,
+            save_cpu_ram=True)["frechet_inception_distance"]
+    ev.Metrics(None, ["fid"], fid_weights=inception_weights)
     assert "note: FID" not in capsys.readouterr().out  # no count given: no note
-    ours.update(fake)
-    fid = ours.compute()["fid"]
+    fid = one_process.scores["fid"]  # ours: ev.Metrics' compute() against the reference file, in one process
     assert fid > 1e-3
     assert abs(fid - theirs) <= 1e-3 * abs(theirs)
     ev.Metrics(None, ["fid"], fid_weights=inception_weights, count=2047, count_flag="--eval-samples")
@@ -145,19 +161,22 @@ def test_frechet_distance_of_rank_deficient_statistics():
     assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
 
 
-def test_a_reset_metrics_scores_each_evaluation_alone(inception_weights, tmp_path):
+def test_a_reset_metrics_scores_each_evaluation_alone(one_process, inception_weights):
     """train.py keeps one Metrics for all of a run's evaluations: after reset() FID sees the new images only."""
-    real, fake = blocky_images(3, seed=0, size=32), blocky_images(3, seed=1, size=32, brightness=40)
-    ref = ev.Metrics(None, ["fid"], fid_weights=inception_weights)
-    ref.update(real)
-    ref.save_reference(str(tmp_path / "ref.npz"))
-    metrics = ev.Metrics(str(tmp_path / "ref.npz"), ["fid"], fid_weights=inception_weights)
-    scores = []
-    for images in (fake, fake, real):
-        metrics.reset()
-        metrics.update(images)
-        scores.append(metrics.compute()["fid"])
-    assert scores[0] == pytest.approx(scores[1], rel=1e-9) and scores[0] > 1 and abs(scores[2]) < 1e-4
+    metrics = ev.Metrics(one_process.ref, ["fid"], fid_weights=inception_weights)
+    metrics.update(one_process.real)  # an earlier evaluation's images
+    metrics.reset()
+    metrics.update(one_process.fake)
+    with one_blas_thread():
+        score = metrics.compute()["fid"]
+    assert score == pytest.approx(one_process.scores["fid"], rel=1e-9) and score > 1  # a fresh Metrics' score
+    metrics.reset()
+    metrics.update(one_process.real[:1])  # the reference's own images, streamed as it was: its very statistics,
+    metrics.update(one_process.real[1:])  # so FID 0 (frechet_distance of equal statistics: the closed forms above)
+    ours, ref = metrics.features(), ev.read_reference(one_process.ref)
+    assert ours["count"] == int(ref["count"]) == 3
+    np.testing.assert_allclose(ours["fid_mu"], ref["fid_mu"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ours["fid_cov"], ref["fid_cov"], rtol=1e-12, atol=1e-12)
 
 
 def test_missing_fid_weights_say_what_and_where(tmp_path, monkeypatch):
@@ -423,22 +442,34 @@ def metrics_worker(rank, world_size, init_file, ref_path, fid_weights, out_file)
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_metrics_of_images_spread_over_ranks_equal_one_process(inception_weights, tmp_path):
-    """eval.py under torchrun: each rank streams its share; FID's sums are all-reduced, the embeddings gathered and
-    the count summed, so every rank computes what one process computes from all the images."""
+@pytest.fixture(scope="module")
+def one_process(inception_weights, tmp_path_factory):
+    """Every metric in one process (shared, read only): .ref a reference of .real (3 images streamed in batches of 1
+    and 2), .scores those of .fake (3 others) against it; the networks are seeded_networks()."""
+    root = tmp_path_factory.mktemp("one_process")
+    real, fake = blocky_images(3, seed=6, size=28), blocky_images(3, seed=7, size=28, brightness=30)
     clip, dino = seeded_networks()
     ref = ev.Metrics(None, ev.FEATURE_METRICS, fid_weights=inception_weights, clip=clip, dino=dino)
-    ref.update(blocky_images(3, seed=6, size=28))
-    ref.save_reference(tmp_path / "ref.npz")
-    one = ev.Metrics(tmp_path / "ref.npz", ev.FEATURE_METRICS, fid_weights=inception_weights, clip=clip, dino=dino)
-    one.update(blocky_images(3, seed=7, size=28, brightness=30))
-    expected = one.compute()
-    mp.spawn(metrics_worker, nprocs=2, args=(2, str(tmp_path / "init"), str(tmp_path / "ref.npz"), inception_weights,
+    ref.update(real[:1])  # batches of any size: the statistics are sums
+    ref.update(real[1:])
+    ref.save_reference(root / "ref.npz")
+    one = ev.Metrics(root / "ref.npz", ev.FEATURE_METRICS, fid_weights=inception_weights, clip=clip, dino=dino)
+    one.update(fake)
+    with one_blas_thread():
+        scores = one.compute()
+    return SimpleNamespace(real=real, fake=fake, ref=str(root / "ref.npz"), scores=scores)
+
+
+@pytest.mark.slow
+def test_metrics_of_images_spread_over_ranks_equal_one_process(one_process, inception_weights, tmp_path, monkeypatch):
+    """eval.py under torchrun: each rank streams its share; FID's sums are all-reduced, the embeddings gathered and
+    the count summed, so every rank computes what one process computes from all the images."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each rank's torch and OpenBLAS on one thread (see one_blas_thread)
+    mp.spawn(metrics_worker, nprocs=2, args=(2, str(tmp_path / "init"), one_process.ref, inception_weights,
                                              str(tmp_path / "out")))
     for rank in range(2):
         with open(tmp_path / f"out.{rank}") as f:
-            assert json.load(f) == pytest.approx(expected, rel=1e-6)
+            assert json.load(f) == pytest.approx(one_process.scores, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
