@@ -1321,35 +1321,36 @@ def test_a_reference_without_the_metric_is_refused_before_the_networks_load(tmp_
 
 
 HEAP = """
-import ctypes, sys, torch, eval
+import ctypes, torch, eval
 fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
 mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
 mallinfo2.restype = type("Mallinfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
-if sys.argv[1] == "keep":
-    assert eval.keep_freed_memory()
-heap = mallinfo2().arena
-block = torch.empty(10 << 20)  # 40 MiB: over glibc's largest adaptive mmap threshold (32 MiB)
-mapped = mallinfo2().hblkhd
-del block
-print(mapped >> 20, (mallinfo2().arena - heap) >> 20)
+def measure():
+    heap = mallinfo2().arena
+    block = torch.empty(10 << 20)  # 40 MiB: over glibc's largest adaptive mmap threshold (32 MiB)
+    mapped = mallinfo2().hblkhd
+    del block
+    return mapped >> 20, (mallinfo2().arena - heap) >> 20
+print(*measure())  # glibc's defaults
+assert eval.keep_freed_memory()
+print(*measure())  # kept
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_serves_blocks_from_the_heap_and_keeps_them():
     # By default glibc maps a 40 MiB block on its own and unmaps it when freed (the next one faults its pages in
-    # again); kept, it comes from the heap, which holds on to it once freed. A fresh process each (the setting
-    # lasts for the process); glibc's counters (mallinfo2, MiB): mapped blocks, then what the heap grew by and kept.
-    heap, env = {}, {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
-    for mode in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", HEAP, mode], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(ev.__file__), env=env).stdout
-        heap[mode] = tuple(int(v) for v in out.split())
+    # again); kept, it comes from the heap, which holds on to it once freed. A fresh process (the setting lasts for
+    # the process): glibc's defaults measured first, then the setting; glibc's counters (mallinfo2, MiB): mapped
+    # blocks, then what the heap grew by and kept.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
+    out = subprocess.run([sys.executable, "-c", HEAP], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(ev.__file__), env=env).stdout
+    heap = dict(zip(("default", "keep"), (tuple(int(v) for v in line.split()) for line in out.splitlines())))
     assert heap["default"][0] >= 40 and heap["default"][1] < 10, heap
     assert heap["keep"][0] < 10 and heap["keep"][1] >= 30, heap  # the heap may have had a few MiB free already
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's process setup")
 def test_cpu_processes_keep_freed_memory(monkeypatch):
     calls = []
     monkeypatch.delenv("RANK", raising=False)
