@@ -394,7 +394,6 @@ def test_gpu_check_on_cpu(tmp_path, capsys, monkeypatch, clock):
                  steps=1, loader_samples=64, sample_steps=2, backend="aot_eager", train_steps=2, train_samples=8,
                  train_flags=[], teacher="vit_small_patch16_dinov3.lvd1689m")
     monkeypatch.setattr(bench, "GPU_CHECK", sizes)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # train.py's runs on one thread, as conftest.py puts this process
     clock({"ours": 1.0, "diffusers": 4.0, "muon": 1.0, "adamw": 4.0, "loader": 0.5})
     clock.spy("Muon", bench.Muon, "step")
     real_run, real_train_rows, runs = bench.train_run, bench.train_rows, {}

@@ -2,8 +2,6 @@
 closed forms) on tiny or randomly initialised networks built here, and the sampler against an exact flow."""
 
 import argparse
-import contextlib
-import ctypes
 import datetime
 import hashlib
 import inspect
@@ -55,24 +53,6 @@ def inception_weights(tmp_path_factory):
     return path
 
 
-@contextlib.contextmanager
-def one_blas_thread():
-    """numpy's OpenBLAS on one thread (as conftest.py puts torch on one under xdist): FID's eigvals of a 2048 x 2048
-    product take ~5 s of CPU on one thread, several times that with a second one spin-waiting on shared cores. A numpy
-    without a loaded scipy_openblas64_ is left as it is (slower, same result)."""
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "scipy_openblas64_" in line and line.split()[-1].startswith("/")}
-    lib = ctypes.CDLL(paths.pop()) if len(paths) == 1 else None
-    before = lib.scipy_openblas_get_num_threads64_() if lib else None
-    if lib:
-        lib.scipy_openblas_set_num_threads64_(1)
-    try:
-        yield
-    finally:
-        if lib:
-            lib.scipy_openblas_set_num_threads64_(before)
-
-
 def tiny_clip(seed=0):
     torch.manual_seed(seed)
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -90,11 +70,10 @@ def tiny_dino(**kwargs):
 def test_fid_equals_torch_fidelity(one_process, inception_weights, tmp_path, capsys):
     import torch_fidelity
     real, fake = one_process.real, one_process.fake  # the reference was streamed in batches of 1 and 2: sums
-    with one_blas_thread():
-        theirs = torch_fidelity.calculate_metrics(
-            input1=write_folder(tmp_path / "fake", fake), input2=write_folder(tmp_path / "real", real), fid=True,
-            feature_extractor_weights_path=inception_weights, cuda=False, cache=False, verbose=False,
-            save_cpu_ram=True)["frechet_inception_distance"]
+    theirs = torch_fidelity.calculate_metrics(
+        input1=write_folder(tmp_path / "fake", fake), input2=write_folder(tmp_path / "real", real), fid=True,
+        feature_extractor_weights_path=inception_weights, cuda=False, cache=False, verbose=False,
+        save_cpu_ram=True)["frechet_inception_distance"]
     ev.Metrics(None, ["fid"], fid_weights=inception_weights)
     assert "note: FID" not in capsys.readouterr().out  # no count given: no note
     fid = one_process.scores["fid"]  # ours: ev.Metrics' compute() against the reference file, in one process
@@ -167,8 +146,7 @@ def test_a_reset_metrics_scores_each_evaluation_alone(one_process, inception_wei
     metrics.update(one_process.real)  # an earlier evaluation's images
     metrics.reset()
     metrics.update(one_process.fake)
-    with one_blas_thread():
-        score = metrics.compute()["fid"]
+    score = metrics.compute()["fid"]
     assert score == pytest.approx(one_process.scores["fid"], rel=1e-9) and score > 1  # a fresh Metrics' score
     metrics.reset()
     metrics.update(one_process.real[:1])  # the reference's own images, streamed as it was: its very statistics,
@@ -455,16 +433,14 @@ def one_process(inception_weights, tmp_path_factory):
     ref.save_reference(root / "ref.npz")
     one = ev.Metrics(root / "ref.npz", ev.FEATURE_METRICS, fid_weights=inception_weights, clip=clip, dino=dino)
     one.update(fake)
-    with one_blas_thread():
-        scores = one.compute()
+    scores = one.compute()
     return SimpleNamespace(real=real, fake=fake, ref=str(root / "ref.npz"), scores=scores)
 
 
 @pytest.mark.slow
-def test_metrics_of_images_spread_over_ranks_equal_one_process(one_process, inception_weights, tmp_path, monkeypatch):
+def test_metrics_of_images_spread_over_ranks_equal_one_process(one_process, inception_weights, tmp_path):
     """eval.py under torchrun: each rank streams its share; FID's sums are all-reduced, the embeddings gathered and
     the count summed, so every rank computes what one process computes from all the images."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each rank's torch and OpenBLAS on one thread (see one_blas_thread)
     mp.spawn(metrics_worker, nprocs=2, args=(2, str(tmp_path / "init"), one_process.ref, inception_weights,
                                              str(tmp_path / "out")))
     for rank in range(2):
