@@ -31,6 +31,7 @@ def runs(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow  # its fixture: three 2-process launches (~40 s)
 def test_fsdp_matches_ddp(runs):
     a, b = losses(runs / "ddp"), losses(runs / "fsdp")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4] and len(set(a.values())) == 4

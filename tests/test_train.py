@@ -119,6 +119,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).mean() < 1, "another grid"
 
 
+@pytest.mark.slow
 def test_compile_under_torchrun_matches_eager_without_graph_breaks(tmp_path):
     """torch.compile inside DDP (2 gloo processes, TREAD routing) gives eager's losses, and dynamo counts no graph
     break in the training step. REPA's loss reads the tokens TREAD keeps: the compiled forward draws eager's."""
@@ -152,7 +153,6 @@ def test_the_cooldown_follows_the_clock_when_the_time_budget_ends_first():
     assert train.learning_rate(args, 75, 10 ** 6) == pytest.approx(0.5)
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, request):
     # REPA too: its projector's weights and AdamW moments are in trainer.pt
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
