@@ -622,7 +622,6 @@ def finished_run(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4; tests copy it."""
     out = tmp_path_factory.mktemp("runs") / "base"
     train.main(SMALL + ["--out", str(out), "--max-steps", "4", "--ckpt-every", "2", "--keep", "5"])  # in this process
-    gc.collect()  # main's frames, which hold the run's .lock open, as the process's exit would close it
     return out
 
 
