@@ -1204,6 +1204,13 @@ def devices(device):
     return {**host, "cpu": cpu, "cpu_flags": units, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
+def nvidia_smi():
+    """nvidia-smi's table (GPUs, driver, clocks, memory, other processes) for log.txt, as modded-nanogpt's logs hold
+    it; None without nvidia-smi."""
+    path = shutil.which("nvidia-smi")
+    return path and subprocess.run([path], capture_output=True, text=True).stdout.strip() or None
+
+
 @contextlib.contextmanager
 def writing_in(out):
     """The run folder's writes but checkpoints' (save_checkpoint): one that fails (a full disk, a read-only folder)
@@ -1234,6 +1241,8 @@ class RunLog:
                 for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
                     with open(os.path.join(here, name)) as f:
                         self.file.write(f"=== {name}\n{f.read()}\n")
+            if config["device"] != "cpu" and (smi := nvidia_smi()):  # each start: a resume may run on other GPUs
+                self.file.write(f"=== nvidia-smi\n{smi}\n")
             self.file.write(f"=== {os.path.basename(config_path)}\n" + json.dumps(config, indent=2) + "\n")
             if os.path.exists(self.metrics_path):  # a killed run may have logged past its checkpoint, or torn a line
                 kept = split_metrics(self.metrics_path, start_step)[0]

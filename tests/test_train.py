@@ -816,7 +816,7 @@ def test_a_full_disk_while_logging_stops_naming_the_last_checkpoint_and_log_txt_
     """Not only the checkpoint's write: log.txt's and metrics.jsonl's too stop the run with one line (no traceback),
     naming the checkpoint to continue from; and a run that stops writes why into log.txt, not only on the console."""
     out = copy_run(finished_run, tmp_path)
-    log = train.RunLog(str(out), True, {"args": {}}, 4, resumed=True)
+    log = train.RunLog(str(out), True, {"args": {}, "device": "cpu"}, 4, resumed=True)
 
     class FullDisk:
         def write(self, text):
@@ -1162,6 +1162,26 @@ def test_torn_metrics_line_and_changed_flags_on_resume(finished_run, tmp_path, c
     assert sorted(losses(out)) == list(range(1, 7))
     log = (out / "log.txt").read_text()  # the sources once, at the start; each resume its flags
     assert log.count("=== train.py\n") == 1 and "\n=== config.resume-4.json\n" in log
+
+
+def test_a_gpu_run_logs_nvidia_smi_at_each_start_before_its_config(tmp_path, monkeypatch):
+    """log.txt holds nvidia-smi's table on CUDA (modded-nanogpt's logs), at the start and at each resume, before the
+    config section whose console records/verify.py reads; a CPU run's log has none."""
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0 |'\n"
+                   "echo '|=========================================|'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    for device, out in (("NVIDIA H100 80GB HBM3", tmp_path / "gpu"), ("cpu", tmp_path / "cpu")):
+        out.mkdir()
+        for step, resumed in ((0, False), (4, True)):
+            train.RunLog(str(out), True, {"args": {}, "device": device}, step, resumed)("step 5/8 | loss 0.5")
+    gpu, cpu = (tmp_path / "gpu" / "log.txt").read_text(), (tmp_path / "cpu" / "log.txt").read_text()
+    table = "=== nvidia-smi\n| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0 |\n|====="
+    assert gpu.count(table) == 2 and gpu.index(table) < gpu.index("=== config.json") < gpu.rindex(table) < \
+        gpu.index("=== config.resume-4.json")
+    assert "\n=== nvidia-smi\n" not in cpu and cpu.count("step 5/8") == 2
 
 
 def test_split_metrics_keeps_a_line_not_of_train_py_with_the_first_part_and_drops_a_torn_one(tmp_path):
