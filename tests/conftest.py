@@ -16,7 +16,7 @@ import torch  # noqa: E402
 def pytest_collection_modifyitems(items):
     """The tests marked slow first, and with them the tests that share a module's fixture with one (the order is
     otherwise kept): with a slow test last, one xdist worker would run it alone while the other waits; and a module's
-    fixture is made again each time its tests resume after another module's (test_fsdp's runs: ~45 s)."""
+    fixture is made again each time its tests resume after another module's (test_fsdp's: three launches)."""
     def module_fixtures(item):
         return {id(fixture) for name in item.fixturenames for fixture in item._fixtureinfo.name2fixturedefs.get(name, ())
                 if fixture.scope == "module"}
