@@ -33,6 +33,7 @@ import timeit
 
 import numpy as np
 import torch
+import torch._functorch.config  # compile_settings' (AOTAutograd's settings)
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,7 +80,8 @@ RESUMABLE = {"out", "resume", "max_steps", "max_time", "log_every", "ckpt_every"
              "repa_weights", "repa", "repa_layer", "repa_lambda", "repa_stop", "repa_teacher", "irepa", "cfm", "lpips",
              "lpips_weights", "pdino", "pdino_weights", "self_guidance", "eval_data",
              "track", "target",  # the track follows --data, which a second phase may change
-             "fsdp"}  # checkpoints hold whole tensors: a resume may shard them or not, on any number of processes
+             "fsdp",  # checkpoints hold whole tensors: a resume may shard them or not, on any number of processes
+             "activation_memory_budget"}  # what the backward recomputes, not what it computes
 
 
 def minutes_list(text):
@@ -149,6 +151,10 @@ def get_parser():
     g.add_argument("--depth", type=count, default=None, help="override the preset's depth")
     g.add_argument("--patch", type=count, default=None, help="override the preset's patch size")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up is untimed)")
+    g.add_argument("--activation-memory-budget", type=fraction, default=1.0, help="--compile: the share of the "
+                   "activations the backward reads that the forward keeps, the rest recomputed in the backward "
+                   "(AOTAutograd's min-cut partitioner; PRX's activation_memory_budget, 1: keep all): less memory, "
+                   "more compute")
     g.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="bf16: fp32 weights, bf16 autocast "
                    "(PRX; the default on CUDA; on a CPU fast with AMX or AVX512-BF16, the attention kept in fp32); "
                    "fp32: no autocast (the default on CPU)")
@@ -292,6 +298,7 @@ def check_combinations(parser, args, given):
              (("repa_stop", "irepa", "repa_layer", "repa_lambda", "repa_teacher", "repa_weights"), args.repa,
               "needs --repa (builtin, dinov2 or dinov3)"),
              (("ema_every",), args.ema, "sets how often the EMA updates: it needs --ema DECAY"),
+             (("activation_memory_budget",), args.compile, "is the compiled graph's: it needs --compile"),
              (("eval_every", "eval_minutes", "eval_ref", "eval_data", "self_guidance"), args.eval_samples,
               "shapes the run's evaluations; --eval-samples 0 turns them off"),
              (("lpips_weights",), args.lpips, "needs --lpips"), (("pdino_weights",), args.pdino, "needs --pdino"),
@@ -873,11 +880,12 @@ def warmup_steps(args, model, opt, loader, teacher, rank, world):
         train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
 
 
-def compile_model(model):
-    """torch.compile, drawing eager's random numbers (TREAD's route draw is inside the graph): a compiled run trains
-    what the eager run of its seed trains."""
+def compile_settings(memory_budget):
+    """torch.compile's settings, read when a graph compiles (the warm-up): eager's random numbers (TREAD's route draw
+    is inside the graph: a compiled run trains what the eager run of its seed trains), and the share of the activations
+    the backward reads that the forward keeps (--activation-memory-budget)."""
     torch._inductor.config.fallback_random = True
-    return torch.compile(model)
+    torch._functorch.config.activation_memory_budget = memory_budget
 
 
 def compiled_graphs(args):
@@ -1518,8 +1526,9 @@ def main(argv=None):
     for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
         if line:
             log(line)
-    if args.compile and not args.fsdp:  # --fsdp compiles each block (shard)
-        trainee.model = compile_model(raw_model)
+    if args.compile:  # --fsdp compiles each block (shard)
+        compile_settings(args.activation_memory_budget)
+        trainee.model = raw_model if args.fsdp else torch.compile(raw_model)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
     with log, stop_when_another_process_ends(lambda: where_to_resume(out)):  # why the run stops, in log.txt too

@@ -232,7 +232,7 @@ def test_evaluations_checkpoints_and_the_compile_warm_up_are_off_the_clock(tmp_p
     monkeypatch.setattr(train, "setup_eval", lambda *a: pause(lambda model, grid: {"object_accuracy": 0.0}))
     monkeypatch.setattr(train, "save_run_checkpoint", pause(train.save_run_checkpoint))
     monkeypatch.setattr(train, "compile_warmup", pause(lambda *a: (0, 0.0)))
-    monkeypatch.setattr(train, "compile_model", lambda model: model)
+    monkeypatch.setattr(train.torch, "compile", lambda model: model)
     train.main(SMALL + ["--max-steps", "4", "--eval-every", "1", "--eval-samples", "2", "--ckpt-every", "1",
                         "--compile", "--out", str(tmp_path / "r")])
     assert offset[0] == 1000.0 * (1 + 4 + 4)  # the warm-up, 4 evaluations, 4 checkpoints
@@ -368,6 +368,8 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     (["--repa-teacher", "vit_tiny_patch16_224"], "--repa-teacher needs --repa"),
     (["--repa-weights", "dino.safetensors"], "--repa-weights needs --repa"),
     (["--ema-every", "1"], "--ema-every sets how often the EMA updates: it needs --ema"),
+    (["--activation-memory-budget", "0.5"], "--activation-memory-budget is the compiled graph's: it needs --compile"),
+    (["--compile", "--activation-memory-budget", "1.5"], "argument --activation-memory-budget: must be in [0, 1]"),
     (["--eval-samples", "0", "--eval-every", "100"], "--eval-every shapes the run's evaluations; --eval-samples 0"),
     (["--eval-samples", "0", "--eval-minutes", "1,2"], "--eval-minutes shapes the run's evaluations"),
     (["--eval-samples", "0", "--eval-ref", "ref.npz"], "--eval-ref shapes the run's evaluations"),
@@ -608,7 +610,7 @@ def test_help_shows_each_default_a_flag_has():
     for shown in ("--lr LR peak learning rate (AdamW's) (default: 0.0001)", "--betas BETAS BETAS AdamW's (default: "
                   "(0.9, 0.95))", "(default: 0) --max-steps", "(0 = plain MSE) (default: 0.0)"):
         assert shown in text
-    for bare in ("--compile torch.compile the model (warm-up is untimed) --precision", "(heads = hidden/64) --depth",
+    for bare in ("--compile torch.compile the model (warm-up is untimed) --activation-memory-budget", "(heads = hidden/64) --depth",
                  "e.g. 1,2,5,10,20,30 (the CPU record's curve) --target", "(default PRX's: 1e-15, 1e-8 with muon) --"):
         assert bare in text
     assert "(default: None)" not in text and "(default: False)" not in text
@@ -1390,13 +1392,43 @@ def test_the_compile_warm_up_traces_what_a_timed_step_meets_later(twelfth_batch,
 
 def test_the_compile_warm_up_meets_a_new_text_length_with_and_without_the_mask(tmp_path, eager_dynamo, monkeypatch):
     """Whatever --caption-dropout: the warm-up's fourth step reaches the model with a text longer than the steps
-    before, masked; its fifth with every caption full (no mask)."""
+    before, masked; its fifth with every caption full (no mask). (And the run compiles with its
+    --activation-memory-budget.)"""
     seen, trim = [], train.trim_text
     monkeypatch.setattr(train, "trim_text", lambda *a: seen.append(trim(*a)) or seen[-1])
-    train.main(SMALL + ["--caption-dropout", "0.5", "--max-steps", "1", "--compile", "--out", str(tmp_path / "r")])
+    with torch._functorch.config.patch(activation_memory_budget=1.0):  # restored after the test
+        train.main(SMALL + ["--caption-dropout", "0.5", "--max-steps", "1", "--compile", "--activation-memory-budget",
+                            "0.5", "--out", str(tmp_path / "r")])
+        assert torch._functorch.config.activation_memory_budget == 0.5
     lengths = [txt.shape[1] for txt, _ in seen[:10]]  # the warm-up: 5 steps of 2 micro-batches
     assert min(lengths[6:8]) > max(lengths[:6]) and all(m is not None for _, m in seen[6:8])
     assert [m for _, m in seen[8:10]] == [None, None]
+
+
+def test_a_lower_activation_memory_budget_keeps_fewer_activations_and_trains_the_same(monkeypatch):
+    """--activation-memory-budget: the compiled step's forward keeps a smaller share of the activations the backward
+    reads (AOTAutograd's min-cut partitioner recomputes the rest; its backend without Inductor's code generation), and
+    the step's loss and updated weights are those of the budget 1 (the same arithmetic, recomputed)."""
+    compile = torch.compile
+    monkeypatch.setattr(train.torch, "compile", lambda model: compile(model, backend="aot_eager_decomp_partition"))
+    kept, results = {}, {}
+    for budget in ("1", "0.3"):
+        args = train.get_args(SMALL + ["--depth", "1", "--micro-batch", "16", "--compile", "--activation-memory-budget",
+                                       budget])  # one block, one micro-batch: one short compile
+        loader, _ = train.open_training_data(args, 0, 1, torch.device("cpu"))
+        _, raw, _, trainee, _ = train.build_model(args, loader, torch.device("cpu"), 0)
+        opt = train.build_optimizers(args, trainee)[0]
+        torch._dynamo.reset()
+        saved = []
+        with torch._functorch.config.patch(activation_memory_budget=1.0), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            train.compile_settings(args.activation_memory_budget)  # within the patch: restored after it
+            trainee.model = train.torch.compile(raw)
+            loss = train.train_step(args, 0, args.lr, trainee, opt, loader, None, 0, 1)[0]
+        kept[budget], results[budget] = sum(saved), (loss, raw.state_dict())
+    torch._dynamo.reset()
+    assert kept["0.3"] < 0.8 * kept["1"], kept
+    torch.testing.assert_close(results["0.3"], results["1"], rtol=1e-5, atol=1e-6)
 
 
 def test_missing_repa_weights_name_the_flag(tmp_path, capsys):
