@@ -1196,10 +1196,9 @@ def devices(device):
     and torch's threads (records/verify.py: the runs beside a record ran on its machine)."""
     host = {"host": socket.gethostname()}
     if device.type == "cuda":
-        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        smi = shutil.which("nvidia-smi") and subprocess.run(query, capture_output=True, text=True).stdout
+        driver = nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
         return {**host, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                "driver": (smi or "unknown").split("\n")[0], "cuda": torch.version.cuda}
+                "driver": (driver or "unknown").split("\n")[0], "cuda": torch.version.cuda}
     cpu, flags = "unknown", []
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -1212,11 +1211,11 @@ def devices(device):
     return {**host, "cpu": cpu, "cpu_flags": units, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
-def nvidia_smi():
-    """nvidia-smi's table (GPUs, driver, clocks, memory, other processes) for log.txt, as modded-nanogpt's logs hold
-    it; None without nvidia-smi."""
+def nvidia_smi(*flags):
+    """nvidia-smi's output, stripped; None without nvidia-smi. No flags: its table (GPUs, driver, clocks, memory, other
+    processes), which log.txt holds as modded-nanogpt's logs do."""
     path = shutil.which("nvidia-smi")
-    return path and subprocess.run([path], capture_output=True, text=True).stdout.strip() or None
+    return path and subprocess.run([path, *flags], capture_output=True, text=True).stdout.strip() or None
 
 
 @contextlib.contextmanager
