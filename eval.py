@@ -842,13 +842,14 @@ def run_data(args, train_args, evaluation=False):
 
 def load_checkpoint(args):
     """--ckpt -> (model, the run's args, the checkpoint folder, sampling: the run's with --steps, --cfg-scale and
-    --self-guidance over it)."""
+    --self-guidance over it); args.weights becomes the weights read, "ema" or "model"."""
     if not args.ckpt:
         raise SystemExit("error: pass --ckpt <run or checkpoint> (or `ref`)")
     with exit_on(f"--ckpt {args.ckpt}"):
         model, run, ckpt = load_run(args.ckpt, args.weights)
+    args.weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")
     train_args = run["args"]
-    if weights_file(ckpt, args.weights) == "ema.safetensors" and main_process():
+    if args.weights == "ema" and main_process():
         note = ema_note(train_args["ema"], train_args["ema_every"], step_of(ckpt))
         if note:
             print(note)
@@ -865,7 +866,6 @@ def evaluate_checkpoint(args, device):
     if not args.out and (why := unwritable(ckpt)):  # found before sampling, not when the grid is written
         raise SystemExit(f"error: --ckpt {args.ckpt}: {why}; the evaluation writes eval.json and its grid there: "
                          f"write them elsewhere with --out FILE.json")
-    weights = weights_file(ckpt, args.weights).removesuffix(".safetensors")  # what load_run read, while it is there
     data = run_data(args, train_args, evaluation=True)
     caption = args.caption or heldout_caption(train_args["captions"], train_args["data"])
     where = f"--data {data}" if args.data else f"the run's data ({data})"  # the flags typed, in its errors
@@ -889,7 +889,7 @@ def evaluate_checkpoint(args, device):
         record = {"metrics": result, "data": data, "num_samples": args.num_samples, "seed": args.seed, "ref": args.ref,
                   "ref_images": metrics.images[1] if args.ref else None,  # what the reference holds (checked)
                   "sampling": sampling, "settings": metrics.settings if metrics else {},
-                  "checkpoint": os.path.basename(ckpt), "weights": weights,
+                  "checkpoint": os.path.basename(ckpt), "weights": args.weights,
                   "grid": grid and os.path.relpath(grid[0], beside)}
         line = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
         try:
@@ -975,7 +975,7 @@ def export_pipeline(args, device):
         os.replace(tmp, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{ckpt} ({os.path.basename(weights_file(ckpt, args.weights))}) -> {args.out}: PRXPipeline.from_pretrained"
+    print(f"{ckpt} ({args.weights}.safetensors) -> {args.out}: PRXPipeline.from_pretrained"
           + (f"; the run samples with self-guidance {sampling['self_guidance']:g}, which PRXPipeline has not"
              if sampling["self_guidance"] else ""))
 
