@@ -120,10 +120,7 @@ if [ "$KIND" = record ] && [ "$TRACK" = cpu ] && [ -z "${BESIDE:-}" ]; then
 fi
 # the budget: a calibration trains the baseline for a fixed budget, a record stops at the target (with a cap)
 case $TRACK-$KIND in
-  8gpu-calibration) BUDGET=(--max-steps 100000) ;;  # PRX part 2's baseline
-  1gpu-calibration) BUDGET=(--max-time 240 --max-steps 1000000000) ;;  # the time, not train.py's default steps
-  cpu-calibration) BUDGET=(--max-time 30) ;;
-  smoke-calibration) BUDGET=(--max-steps 4) ;;
+  *-calibration) read -r -a BUDGET <<< "$budget" ;;  # the track's (verify.py's TRACKS)
   smoke-record) BUDGET=(--max-steps 4 --target "$metric=$STOP") ;;
   cpu-record) BUDGET=(--max-time 60 --target "$metric=$STOP") ;;
   *) BUDGET=(--max-steps 100000 --target "$metric=$STOP") ;;

@@ -251,6 +251,7 @@ def get_args(argv=None, files=True):
     parser = get_parser()
     args = parser.parse_args(argv)
     given = parser.given(argv)
+    args.given = sorted(given)  # stored in config.json: the flags typed (verify.py: a calibration's are speedrun.sh's)
     args.track, args.track_why = choose_track(args.track, args.data, torch.cuda.is_available())
     values = TRACKS.get(args.track, {})
     args.track_values = sorted(k for k in values if k not in given)  # stored in config.json: what the track set

@@ -33,25 +33,32 @@ LOWER_IS_BETTER = ("fid", "cmmd", "dino_mmd")  # eval.FEATURE_METRICS; the accur
 # calibration (`speedrun.sh --calibrate`), not yet run. gpu: torch.cuda.get_device_name of the H100 80GB SXM (the
 # PCIe and NVL parts name themselves "NVIDIA H100 PCIe", "NVIDIA H100 NVL": slower, other tracks).
 # periodic: the stopping checks' flags (speedrun.sh's); a CPU record's runs beside share its cadence (check_beside),
-# the GPU tracks', which have none, is fixed. stop: speedrun.sh's default STOP, the periodic check's value at the
-# target, from the calibration (FID of 2,048 images is biased above that of 10,000: the target itself stops late).
+# the GPU tracks', which have none, is fixed, their sampler too (the scale their stop is read on). stop: speedrun.sh's
+# default STOP, the periodic check's value at the target, from the calibration (FID of 2,048 images is biased above
+# that of 10,000: the target itself stops late). budget: the calibration's (speedrun.sh --calibrate's).
 GPU = dict(metric="fid", target=None, stop=None, target_from="speedrun.sh --calibrate", resolution=256, data="data/mj",
            eval_samples=10_000, steps=50, cfg_scale=3.5, gpu="NVIDIA H100 80GB HBM3", ref_images=None, min_runs=3,
-           periodic=dict(eval_samples=2048, eval_every=2500, eval_ref="data/mj/ref-2k.npz"))
+           periodic=dict(eval_samples=2048, eval_every=2500, eval_ref="data/mj/ref-2k.npz", eval_minutes=[],
+                         sample_steps=50, cfg_scale=3.5))
 TRACKS = {
-    "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8),
-    "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1),
+    "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8, budget=dict(max_steps=100_000)),  # PRX part 2's
+    "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1,
+                 budget=dict(max_time=240.0, max_steps=1_000_000_000)),  # the time, not train.py's default steps
     "cpu": dict(title="CPU: one thread per run, two runs on 2 cores; built-in shapes, object_accuracy",
                 metric="object_accuracy", target=0.416, target_from="records/2026-12-02_cpu-calibration",
                 task="shapes.py",  # the file that defines the task: a record races the calibration's
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
-                periodic=dict(eval_samples=256),
+                periodic=dict(eval_samples=256), budget=dict(max_time=30.0),
                 cores=2, pairs=True, min_runs=3,  # pairs: two runs side by side, as the target was measured
                 beside=True),  # VMs differ: a record runs the configuration it replaces beside it (RULES.md)
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",
                   metric="object_accuracy", target=-1.0, target_from="any run", resolution=32, data="builtin",
-                  eval_samples=8, steps=2, cfg_scale=3.0, world=1, min_runs=2),
+                  eval_samples=8, steps=2, cfg_scale=3.0, world=1, min_runs=2, budget=dict(max_steps=4),
+                  baseline_flags={"hidden", "depth", "batch_size", "micro_batch", "log_every", "sample_steps"}),
 }
+# the flags speedrun.sh --calibrate gives train.py (config.json's `given`): a calibration trains the track's baseline
+CALIBRATION_FLAGS = {"track", "seed", "out", "eval_every", "eval_samples", "eval_ref", "compile", "ckpt_every", "keep",
+                     "max_time", "max_steps"}
 TEACHER = "shapes_teacher.safetensors"  # shapes.TEACHER_FILE: the built-in REPA teacher's weights
 BEGIN, END = "<!-- results: written by records/verify.py from the logs, checked by it -->", "<!-- /results -->"
 HEADER = re.compile(r"^=== (\S+)\n", re.M)
@@ -296,8 +303,7 @@ def check_record(runs, track, kind):
     """The runs (check_runs); a record meets the target (t-test) on the calibration's task."""
     t, problems = TRACKS[track], check_runs(runs, track)
     if kind == "calibration":
-        return problems + [f"{r['name']}: a calibration runs a fixed budget, not --target" for r in runs
-                           if r["config"]["args"].get("target")]
+        return problems + check_calibration(runs, track)
     if t["target"] is None:
         return problems + [f"the {track} track has no target yet: its calibration comes first (--calibrate)"]
     problems += check_stopping_value(runs, track) + check_task(runs, t)
@@ -305,6 +311,22 @@ def check_record(runs, track, kind):
     if not (s["meets"] and s["p"] < P_MAX):
         problems.append(f"not a record: {t['metric']} mean {s['mean']:.4f} against target {t['target']}, one-sided "
                         f"p {s['p']:.3g} (needs < {P_MAX})")
+    return problems
+
+
+def check_calibration(runs, track):
+    """A calibration trains the track's baseline (`train.py --track T` and speedrun.sh's flags, none of its own) for
+    the track's fixed budget, not to a --target (records/RULES.md). The flags typed: logs since 2026-12-08."""
+    t, problems = TRACKS[track], []
+    for r in runs:
+        args = r["config"]["args"]
+        if args.get("target"):
+            problems.append(f"{r['name']}: a calibration runs a fixed budget, not --target")
+        problems += [f"{r['name']}: --{k.replace('_', '-')} {args.get(k)}: the {track} track's calibration trains "
+                     f"--{k.replace('_', '-')} {v}" for k, v in t["budget"].items() if args.get(k) != v]
+        if own := sorted(set(args.get("given", ())) - CALIBRATION_FLAGS - t.get("baseline_flags", set())):
+            problems.append(f"{r['name']}: {', '.join('--' + k.replace('_', '-') for k in own)}: a calibration trains "
+                            f"the track's baseline as it is (speedrun.sh --calibrate), with no flag of its own")
     return problems
 
 
@@ -734,7 +756,8 @@ def protocol(track):
     t = TRACKS[track]
     values = dict(metric=t["metric"], target="" if t["target"] is None else t["target"], stop=t.get("stop") or "",
                   samples=t["eval_samples"], gpu=t.get("gpu", ""), world=t["world"],
-                  steps=t["steps"], cfg=t["cfg_scale"], runs=t["min_runs"], lower=int(t["metric"] in LOWER_IS_BETTER))
+                  steps=t["steps"], cfg=t["cfg_scale"], runs=t["min_runs"], lower=int(t["metric"] in LOWER_IS_BETTER),
+                  budget=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in t["budget"].items()))
     return "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
 
 
@@ -798,7 +821,7 @@ def calibration_note(runs, track, folder):
     periodic = [[s[metric] for *_, s in r["timeline"] if s and metric in s][-1:] for r in runs]
     stop = f", stop={statistics.mean(p[0] for p in periodic):.4g}" if "stop" in TRACKS[track] and all(periodic) else ""
     return (f"its mean becomes the {track} track's target where TRACKS['{track}'] in records/verify.py says "
-            f"target={summary(runs, track)['mean']:.4g}{stop}, target_from='{folder}'"
+            f"target={round(summary(runs, track)['mean'], 3):g}{stop}, target_from='{folder}'"
             + (f", ref_images='{refs[0]}'" if refs else "") + ": commit that with the folder, then write its results "
             f"again (`python records/verify.py --write --track {track} --kind calibration {folder}`: their "
             f"header names the target; records/RULES.md)")

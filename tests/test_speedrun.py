@@ -3,6 +3,7 @@ tampered copies of it, records/leaderboard.py, and train.py's track choice and -
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import statistics
@@ -294,7 +295,7 @@ def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
     """A 1gpu-track run as verify.parse_log reads it: the H100 80GB SXM is "NVIDIA H100 80GB HBM3" to torch."""
     sampling = dict(SAMPLING, steps=50, cfg_scale=3.5)
     args = dict(track="1gpu", data=data, resolution=256, eval_data=None, captions="long", seed=0, eval_samples=2048,
-                eval_every=2500, eval_ref="data/mj/ref-2k.npz")
+                eval_every=2500, eval_ref="data/mj/ref-2k.npz", eval_minutes=[], sample_steps=50, cfg_scale=3.5)
     return dict(name="log_0.txt", resumed=False, config=dict(
         args=args, world_size=1, sampling=sampling, devices=dict(gpus=list(gpus), driver="550", cuda="12.4")),
         confirm=dict(metrics=dict(fid=20.0), data=data, num_samples=10_000, seed=42, sampling=sampling,
@@ -308,6 +309,10 @@ def gpu_run(gpus=("NVIDIA H100 80GB HBM3",), data="data/mj"):
     (gpu_run(data="data/other"), "--data is 'data/other', the rules say 'data/mj'"),
     (dict(gpu_run(), config=dict(gpu_run()["config"], args=dict(gpu_run()["config"]["args"], eval_every=1000))),
      "the periodic check's --eval-every is 1000, the rules say 2500"),
+    (dict(gpu_run(), config=dict(gpu_run()["config"], args=dict(gpu_run()["config"]["args"], eval_minutes=[60.0]))),
+     "the periodic check's --eval-minutes is [60.0], the rules say []"),  # more checks: an earlier stop
+    (dict(gpu_run(), config=dict(gpu_run()["config"], args=dict(gpu_run()["config"]["args"], sample_steps=100))),
+     "the periodic check's --sample-steps is 100, the rules say 50"),  # the scale the track's stop is read on
     (dict(gpu_run(), confirm=dict(gpu_run()["confirm"], settings=dict(fid="clean-fid inception-v3 2048"))),
      "FID network is 'clean-fid inception-v3 2048', the rules say \"torch-fidelity's inception-v3-compat 2048\""),
 ])
@@ -454,6 +459,29 @@ def test_a_gpu_calibration_sets_the_stopping_value_on_the_periodic_checks_scale(
 def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
     edit(cpu_target / "log_0.txt", '"target": null', '"target": ["object_accuracy", 0.3]')
     assert "log_0.txt: a calibration runs a fixed budget, not --target" in verify.verify(cpu_target)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('"max_time": 30.0', '"max_time": 20.0', "--max-time 20.0: the cpu track's calibration trains --max-time 30.0"),
+    ('"lr": 0.002', '"lr": 0.004, "given": ["eval_every", "lr", "max_time", "out", "seed", "track"]',
+     "--lr: a calibration trains the track's baseline as it is (speedrun.sh --calibrate), with no flag of its own"),
+])
+def test_a_calibration_of_another_budget_or_with_flags_of_its_own_fails(cpu_target, old, new, message):
+    edit(cpu_target / "log_1.txt", old, new)
+    assert f"log_1.txt: {message}" in verify.verify(cpu_target)
+
+
+def test_speedrun_sh_calibrates_with_flags_verify_py_accepts(tmp_path):
+    """What train.py stores as typed, for the flags speedrun.sh --calibrate gives the CPU track's runs (its TRAIN and
+    the budget verify.py's protocol names), is what check_calibration accepts."""
+    script = (ROOT / "speedrun.sh").read_text()
+    train_flags = re.search(r"^ *cpu\)\n.*\n *TRAIN=\((.*)\) ;;", script, re.M)[1].replace('"${EVERY:-250}"', "250")
+    budget = shlex.split(re.search(r"^budget=(.*)$", verify.protocol("cpu"), re.M)[1])[0].split()
+    argv = train_flags.split() + budget + ["--seed", "1", "--out", str(tmp_path / "c-1")]
+    args = vars(train.get_args(argv, files=False))
+    assert set(args["given"]) == {"track", "eval_every", "eval_samples", "max_time", "seed", "out"}
+    run = dict(name="log_1.txt", config=dict(args=json.loads(json.dumps(args))))
+    assert verify.check_calibration([run], "cpu") == []
 
 
 def test_a_record_on_another_task_than_the_calibrations_fails(record, cpu_target):
