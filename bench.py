@@ -709,7 +709,7 @@ def bench_techniques(args):
     steps = {}
     for flags in ["baseline"] + (args.only or TECHNIQUES):
         a = technique_args(flags)
-        loader = train.open_training_data(a, 0, 1, DEVICE)[0]
+        loader = train.open_training_data(a, 0, 1, DEVICE, 0)[0]
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE, 0)
         opt = train.build_optimizers(a, trainee)[0]
         if a.compile:  # as train.py: compiled for every input a timed step meets (text lengths, no mask), untimed

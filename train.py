@@ -493,12 +493,13 @@ def repa_projector(kind, hidden, dim):
 
 class Trainee(nn.Module):
     """What DDP wraps and the optimizer trains: the PRX model and, with --repa, the projector of the tokens after
-    block repa_layer. Checkpoints keep the two apart, so that a resume can add or drop REPA. `perceptual`: the
-    frozen networks of --lpips and --pdino, a plain dict: outside the state dict, DDP and the optimizer."""
+    block repa_layer. Checkpoints keep the two apart, so that a resume can add or drop REPA. `repa_teacher`: the
+    name of the teacher whose features the projector learns. `perceptual`: the frozen networks of --lpips and
+    --pdino, a plain dict: outside the state dict, DDP and the optimizer."""
 
-    def __init__(self, model, repa_kind=None, repa_dim=None, repa_layer=None, perceptual=None):
+    def __init__(self, model, repa_kind=None, repa_dim=None, repa_layer=None, perceptual=None, repa_teacher=None):
         super().__init__()
-        self.model, self.repa_kind, self.repa_layer = model, repa_kind, repa_layer
+        self.model, self.repa_kind, self.repa_layer, self.repa_teacher = model, repa_kind, repa_layer, repa_teacher
         self.perceptual = perceptual or {}
         self.patch_size = model.cfg.patch_size
         self.repa_proj = repa_projector(repa_kind, model.cfg.hidden_size, repa_dim) if repa_kind else None
@@ -536,6 +537,11 @@ def spatial_normalize(f):
     token-mean scaled by each token's channel mean, then divide by the per-channel std over tokens."""
     f = f - f.mean(dim=2, keepdim=True) * f.mean(dim=1, keepdim=True)
     return f / (f.std(dim=1, keepdim=True) + 1e-6)
+
+
+def repa_on(args, step):
+    """Whether REPA trains at this step: --repa, until --repa-stop."""
+    return bool(args.repa) and not (args.repa_stop and step >= args.repa_stop)
 
 
 def repa_loss(proj, target, idx):
@@ -747,7 +753,7 @@ def build_model(args, loader, device, start_step):
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema else None
     frozen = torch.bfloat16 if device.type == "cuda" else None  # PRX runs the frozen teacher and DINOv2 in bf16
     teacher, nets = None, {}  # nets: the frozen networks of --lpips and --pdino, for Trainee.perceptual
-    repa = args.repa and not (args.repa_stop and start_step >= args.repa_stop)  # a resume past it: nothing to load
+    repa = repa_on(args, start_step)  # a resume past --repa-stop: nothing to load
     if repa:
         given = f"--repa-weights {args.repa_weights}" if args.repa == "builtin" and args.repa_weights else ""
         with exit_on(given or f"--repa {args.repa}", (FileNotFoundError, ValueError, RuntimeError, SafetensorError)):
@@ -762,7 +768,8 @@ def build_model(args, loader, device, start_step):
             nets["pdino"] = load_dino(PDINO_MODEL, args.pdino_weights, "--pdino-weights",
                                       dynamic_img_size=True).to(device, frozen)
     kind = ("attention" if args.tread or args.sprint else "conv") if args.irepa else "mlp"
-    trainee = Trainee(model, kind if repa else None, teacher and teacher.num_features, args.repa_layer, nets)
+    trainee = Trainee(model, kind if repa else None, teacher and teacher.num_features, args.repa_layer, nets,
+                      args.repa_teacher or REPA_TEACHERS[args.repa] or args.repa if repa else None)
     return cfg, model, ema, trainee.to(device), teacher
 
 
@@ -1170,11 +1177,13 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
         load_full(model, weights("model.safetensors"), opt[:-1] if projector else opt, state["optimizer"])
         if ema is not None:
             load_full(ema, weights("ema.safetensors"))
-        if projector and repa and repa["kind"] == trainee.repa_kind:
+        taught = repa and repa.get("teacher", trainee.repa_teacher)  # checkpoints before 2026-12-08 do not say
+        if projector and repa and repa["kind"] == trainee.repa_kind and taught == trainee.repa_teacher:
             load_full(projector, repa["projector"], opt[-1:], [repa["optimizer"]])
         elif projector:
             note = f"REPA's {trainee.repa_kind} projector starts fresh (the checkpoint has " + \
-                   (f"a {repa['kind']} one)" if repa else "none)")
+                   (f"none)" if not repa else f"a {repa['kind']} one)" if repa["kind"] != trainee.repa_kind else
+                    f"one learnt from the teacher {taught})")
         elif repa:
             note = "REPA dropped: the checkpoint's projector is left out"
         # the loader counts this rank's micro-batches; a step is chunks_per_rank of them on any number of processes
@@ -1406,7 +1415,7 @@ def config_of(args, cfg, world, n_params, device):
 
 # ----------------------------------------------------------------------------------------------------------
 
-def open_training_data(args, rank, world, device):
+def open_training_data(args, rank, world, device, start_step):
     """-> (this rank's loader of --data, micro-batches per rank and step); errors name the flags."""
     if args.batch_size % (args.micro_batch * world):
         fits = [m for m in range(args.micro_batch, 0, -1) if args.batch_size % (m * world) == 0]
@@ -1419,7 +1428,8 @@ def open_training_data(args, rank, world, device):
     chunks_per_rank = args.batch_size // args.micro_batch // world
     with exit_on(f"--data {args.data} --captions {args.captions}"):
         return open_loader(args.data, args.micro_batch, rank, world, args.seed, args.captions, device,
-                           chunks_per_rank, args.resolution, args.text_context, images=bool(args.repa)), chunks_per_rank
+                           chunks_per_rank, args.resolution, args.text_context, images=repa_on(args, start_step)), \
+            chunks_per_rank
 
 
 def log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt):
@@ -1474,15 +1484,19 @@ def save_run_checkpoint(out, step, raw_model, ema, trainee, opt, loader, train_t
     extra = {"train_time": train_time, "loader": loader.state_dict()}
     if trainee.repa_proj is not None:
         projector, (projector_opt,) = full_state(trainee.repa_proj, opt[-1:])
-        extra["repa"] = {"kind": trainee.repa_kind, "projector": projector, "optimizer": projector_opt}
+        extra["repa"] = {"kind": trainee.repa_kind, "teacher": trainee.repa_teacher, "projector": projector,
+                         "optimizer": projector_opt}
     save_checkpoint(out, step, raw_model, ema, opt[:-1] if trainee.repa_proj else opt, extra, keep)
 
 
-def stop_repa(trainee, opt, world, device):
-    """--repa-stop: the projector and its AdamW (the last optimizer, build_optimizers) go -> the model to train on,
-    wrapped anew: DDP's reducer would wait for the projector's gradients."""
+def stop_repa(trainee, opt, loader, world, device):
+    """--repa-stop: the projector and its AdamW (the last optimizer, build_optimizers) go, and prepared latents' images
+    (the teacher's input) are no longer read -> the model to train on, wrapped anew: DDP's reducer would wait for the
+    projector's gradients."""
     trainee.repa_proj = None
     opt.pop()
+    if getattr(loader, "has_latent", False):  # ShardLoader; built-in or pixel data: the images are x0
+        loader.images = False
     return wrap_ddp(trainee, world, device)
 
 
@@ -1503,8 +1517,9 @@ def main(argv=None):
     out, ckpt, same_run, stage = run_folder(args)
     existing = out is not None and os.path.isdir(out)  # else made once the run's errors are past
     lock = claim_on_rank_0(out, False, master)[0] if existing else None  # held open to the end
-    loader, chunks_per_rank = open_training_data(args, rank, world, device)
-    cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device, step_of(ckpt) if ckpt else 0)
+    ckpt_step = step_of(ckpt) if ckpt else 0
+    loader, chunks_per_rank = open_training_data(args, rank, world, device, ckpt_step)
+    cfg, raw_model, ema, trainee, teacher = build_model(args, loader, device, ckpt_step)
     run_eval = setup_eval(args, cfg, device)  # its errors before the run folder is written
     n_params = sum(p.numel() for p in raw_model.parameters())
     if args.fsdp:  # before the optimizers, which then take the shards
@@ -1544,8 +1559,8 @@ def main(argv=None):
         step_log = StepLog(args, cfg, loader, world, device, train_time, log)
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # the clock waits for the device
         while True:
-            if teacher is not None and args.repa_stop and step >= args.repa_stop:
-                teacher, model = None, stop_repa(trainee, opt, world, device)
+            if teacher is not None and not repa_on(args, step):
+                teacher, model = None, stop_repa(trainee, opt, loader, world, device)
                 log(f"REPA stopped at step {step} (--repa-stop): no teacher, projector or REPA loss from here on")
             last = step >= args.max_steps or train_time >= max_time
             timed_eval = bool(eval_times) and train_time >= eval_times[0]

@@ -729,6 +729,29 @@ def test_train_on_prepared_latents_and_resume(prepared, tmp_path, capsys):
     assert "\neval step 5 | train_time " in capsys.readouterr().out  # no --eval-ref: a sample grid, no score
 
 
+def test_latents_images_are_read_for_repa_only_until_it_stops(prepared, tmp_path, monkeypatch):
+    """A latent run reads the shards' images for the REPA teacher alone: from --repa-stop on (batches read ahead
+    aside), and on a resume past it, the loader no longer reads them."""
+    import timm
+    from safetensors.torch import save_file
+    import train
+    weights = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), str(weights))
+    read, next_batch = [], data.ShardLoader.__next__
+    monkeypatch.setattr(data.ShardLoader, "__next__", lambda loader: read.append("image" in (b := next_batch(
+        loader))) or b)
+    argv = ["--data", str(prepared[0] / "out"), "--model", "tiny", "--resolution", str(RES), "--hidden", "64",
+            "--depth", "2", "--batch-size", "4", "--micro-batch", "4", "--eval-samples", "0", "--repa", "dinov2",
+            "--repa-teacher", "vit_tiny_patch16_224", "--repa-weights", str(weights), "--repa-stop", "2",
+            "--out", str(tmp_path / "run")]
+    train.main(argv + ["--max-steps", "8"])
+    ahead = data.PREFETCH - 1  # the batches submitted before step 2's were taken
+    assert read == [True] * (2 + ahead) + [False] * (6 - ahead)  # steps 0-1 with REPA, those read ahead, then none
+    read.clear()
+    train.main(argv + ["--max-steps", "10", "--resume"])
+    assert read == [False] * 2
+
+
 def test_a_folder_without_index_json_is_told_what_to_run(tmp_path):
     """--data given an unfinished preparation, a source folder, a run, a mistyped mixture or an empty place: the
     advice fits each (before: `prepare.py --out` of the folder, the source folder itself included)."""

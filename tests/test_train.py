@@ -325,6 +325,15 @@ def test_repa_with_tread_trains_and_resumes(tmp_path):
     assert "repa_proj.0.weight" not in load_file(str(tmp_path / "r" / "checkpoints" / "step_3" / "model.safetensors"))
     train.main(args + ["--max-steps", "5", "--resume"])
     assert sorted(losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
+    # another teacher (384 wide): a projector of its own, not the one learnt from the first teacher's features
+    save_file(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), str(weights))
+    args[args.index("vit_tiny_patch16_224")] = "vit_small_patch16_224"
+    train.main(args + ["--max-steps", "6", "--resume"])
+    assert "REPA's mlp projector starts fresh (the checkpoint has one learnt from the teacher vit_tiny_patch16_224)" \
+        in (tmp_path / "r" / "log.txt").read_text()
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step_6" / "trainer.pt", weights_only=True)
+    assert state["repa"]["teacher"] == "vit_small_patch16_224" and state["repa"]["projector"]["4.weight"].shape == \
+        (384, 384)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -876,13 +885,13 @@ def test_the_global_batch_splits_over_the_processes():
     args = train.get_args(SMALL + ["--batch-size", "16", "--micro-batch", "16"])  # one process: 1 micro-batch
     with pytest.raises(SystemExit, match="--batch-size 16 must be a multiple of --micro-batch 16 x 2 processes: use "
                                          "--micro-batch 8$"):
-        train.open_training_data(args, 0, 2, torch.device("cpu"))
+        train.open_training_data(args, 0, 2, torch.device("cpu"), 0)
     args.batch_size = 15
     with pytest.raises(SystemExit, match="x 2 processes: use a --batch-size divisible by 2$"):
-        train.open_training_data(args, 0, 2, torch.device("cpu"))
+        train.open_training_data(args, 0, 2, torch.device("cpu"), 0)
     args.batch_size, args.micro_batch, args.resume = 32, 8, "latest"  # a resume keeps its micro-batch
     with pytest.raises(SystemExit, match="--micro-batch 8 x 3 processes: resume on 1 or 2 or 4 process\\(es\\)$"):
-        train.open_training_data(args, 0, 3, torch.device("cpu"))
+        train.open_training_data(args, 0, 3, torch.device("cpu"), 0)
 
 
 def test_evaluations_come_once_each_across_a_resume(tmp_path):
@@ -1415,7 +1424,7 @@ def test_a_lower_activation_memory_budget_keeps_fewer_activations_and_trains_the
     for budget in ("1", "0.3"):
         args = train.get_args(SMALL + ["--depth", "1", "--micro-batch", "16", "--compile", "--activation-memory-budget",
                                        budget])  # one block, one micro-batch: one short compile
-        loader, _ = train.open_training_data(args, 0, 1, torch.device("cpu"))
+        loader, _ = train.open_training_data(args, 0, 1, torch.device("cpu"), 0)
         _, raw, _, trainee, _ = train.build_model(args, loader, torch.device("cpu"), 0)
         opt = train.build_optimizers(args, trainee)[0]
         torch._dynamo.reset()
@@ -1969,7 +1978,7 @@ def test_optimizer_flags_reach_every_optimizer():
 def test_the_default_repa_layer_is_prx_s_7_of_16_scaled_to_the_depth():
     for depth, layer in ((16, 7), (4, 1), (2, 0)):
         args = train.get_args(["--track", "cpu", "--repa", "builtin", "--depth", str(depth)])
-        loader = train.open_training_data(args, 0, 1, torch.device("cpu"))[0]
+        loader = train.open_training_data(args, 0, 1, torch.device("cpu"), 0)[0]
         assert train.build_model(args, loader, torch.device("cpu"), 0)[3].repa_layer == layer
 
 
