@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from data import FIXED, FORMAT, IMAGE_EXTENSIONS, PROBE_CAPTION, VAES, NotOnThisMachine, Parser, count, \
     die_with_launcher, errors_of_rank_0_first, exit_on, fraction, from_hub, hub_unreachable, is_hub_id, load_vae, \
-    normalize_latent, one_line, quiet_transformers, quiet_unless_rank_0, seed_number, side, stop_on_signals, \
-    unwritable, whole, write_whole
+    normalize_latent, one_line, quiet_transformers, quiet_unless_rank_0, repair_hint, seed_number, side, \
+    stop_on_signals, unwritable, whole, write_whole
 
 
 def stable_hash(*parts):
@@ -449,13 +449,23 @@ def resume_point(out, rank, world_size):
     # every rank's shards, not only this one's: the source's files are split by rank, so shards of another number of
     # processes would have some files encoded twice and others never
     for shard in {p.name[:11]: p for p in out.glob("train/shard-r???-?????")}.values():  # one shard of each rank
-        if (before := json.loads((shard / "meta.json").read_text())["world_size"]) != world_size:
+        if (before := shard_meta(shard)["world_size"]) != world_size:
             raise SystemExit(f"error: {out} was being prepared by {before} processes; resume with the same number "
                              f"(torchrun --nproc-per-node {before}) or choose a new --out")
     if not done:
         return 0, 0, None
-    meta = json.loads((done[-1] / "meta.json").read_text())
+    meta = shard_meta(done[-1])
     return len(done), meta["rows_done"], meta["source_state"]
+
+
+def shard_meta(shard):
+    """A written shard's meta.json; one cut short (a crash or power loss before its bytes reached the disk) is
+    named, with what to do."""
+    try:
+        return json.loads((shard / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {shard / 'meta.json'}: unreadable ({one_line(e)}): a damaged shard; "
+                         f"{repair_hint(shard.parent.parent)}")
 
 
 # The flags that decide what a shard holds: a preparation resumes only with the values its shards were written with
@@ -593,7 +603,7 @@ def prepare(args, rank=0, world_size=1):
 def write_index(out, settings, shift=None, scale=None):
     shards = {split: [p for p in sorted((out / split).glob("shard-r*")) if p.suffix != ".tmp"]
               for split in ("train", "eval")}
-    metas = {split: [json.loads((p / "meta.json").read_text()) for p in paths] for split, paths in shards.items()}
+    metas = {split: [shard_meta(p) for p in paths] for split, paths in shards.items()}
     # [id, reason] per skipped row; a dict in shards of older versions (and bench.py's): one row per id
     skipped = [(k, v) for m in metas["train"] for k, v in (m["skipped"].items() if isinstance(m["skipped"], dict)
                                                            else m["skipped"])]

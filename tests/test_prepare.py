@@ -481,6 +481,21 @@ def test_a_resume_with_another_number_of_processes_is_refused(before, rank, now,
         prepare.main(argv)  # before the encoders load
 
 
+def test_a_shard_cut_short_is_named_on_resume_and_at_the_index(prepared, tmp_path, monkeypatch):
+    """A shard renamed into place whose meta.json never reached the disk whole (power lost): the resume, and the
+    index written at the end, name the file and what to do, not a JSON traceback."""
+    root, _ = prepared
+    out = tmp_path / "out"
+    argv = prepare_argv(out, root / "images", root / "models", "--captions", "long=txt,short=short")
+    interrupted_after_the_first_train_shard(argv, monkeypatch)
+    meta = out / "train" / "shard-r000-00000" / "meta.json"
+    meta.write_text("")
+    for call in (lambda: prepare.main(argv), lambda: prepare.write_index(out, {})):
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(meta))}: unreadable \(.*\): a damaged shard; "
+                                             rf"delete {re.escape(str(out))} and prepare it again"):
+            call()
+
+
 def test_the_split_follows_the_seed(prepared, tmp_path):
     root, _ = prepared
     prepare.main(prepare_argv(tmp_path / "out", root / "images", root / "models", "--captions", "long=txt,short=short",
