@@ -3,8 +3,9 @@ Every benchmark of the project, each timed figure next to its baseline measured 
 with ours, the baseline's and their ratio. One timer (`timed`): untimed warm-up calls first, then the two sides take
 turns call by call (a slow spell of a shared machine hits both; the loader's sides run one after the other, see
 there), CUDA synchronised before each clock reading; a time is the median over the timed calls, a loader rate is
-over a whole epoch. Two figures are not timed so: a cold-cache batch (the page cache dropped before each side, whose
-first batches are the figure: no warm-up), and `memory`, counted bytes, not a measurement against a baseline.
+over a whole epoch. Three figures are not timed so: a cold-cache batch (the page cache dropped before each side, whose
+first batches are the figure: no warm-up), `gpu`'s train.py rows (two whole train.py runs, baseline then record, each
+read from the last step line of its own log), and `memory`, counted bytes, not a measurement.
 
     python bench.py model [--compile]   # PRX forward+backward vs diffusers' PRXTransformer2DModel; FLOPs; MFU
     python bench.py muon                # Muon step vs torch.optim.Muon; Newton-Schulz, Gram form vs plain
