@@ -384,8 +384,9 @@ def gather_rows(x):
 
 
 def first_samples(images, idx, n):
-    """Samples 0..n-1 of an evaluation, from every rank's first batch (rank r of w holds r, r + w, ...: my_batches)
-    -> (images, their indices), in index order, on every rank: the grid is the same whatever the number of ranks."""
+    """Samples 0..n-1 of an evaluation, n at most the batch size, from every rank's first batch (rank r of w holds r,
+    r + w, ...: my_batches) -> (images, their indices), in index order, on every rank: the grid is the same whatever
+    the number of ranks."""
     world = dist.get_world_size() if distributed() else 1
     k = -(-n // world)  # each rank's first k cover samples 0..k w - 1
     images, idx = gather_rows(images[:k]), gather_rows(torch.tensor(idx[:k], device=images.device))
@@ -687,7 +688,7 @@ def evaluate(model, split, num_samples, shape, decode=to_uint8, metrics=None, se
             sums[key] = sums.get(key, 0.0) + value * len(idx)
         seen += len(idx)
         if i == 0:  # every rank: each gives its share of the grid's samples
-            shown, shown_idx = first_samples(images, idx, 64)
+            shown, shown_idx = first_samples(images, idx, min(64, batch_size, num_samples))
             if grid and main_process():
                 grid(shown, split.captions(shown_idx))
     result = metrics.compute() if metrics is not None else {}

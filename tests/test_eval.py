@@ -664,6 +664,30 @@ def test_evaluate_over_ranks_is_the_mean_over_every_sample(monkeypatch):
         "brightness": pytest.approx(images.float().mean().item(), rel=1e-6)}
 
 
+def test_an_evaluations_grid_is_the_same_on_one_process_and_on_two(monkeypatch):
+    """The grid: samples 0..B-1 of batch size B, which every rank's first batch covers (before: 2 ranks' first
+    batches together, twice one process's samples)."""
+    model, grids = random_tiny_prx(), []
+    split = type("Captioned", (Brightness,), {"captions": lambda self, idx: [f"prompt {i}" for i in idx]})()
+    sampling = dict(steps=2, cfg_scale=2.0, shift=1.0, pred="v", route_ratio=0.0)
+    images = ev.to_uint8(ev.sample(model, split.txt, torch.ones(5, 3, dtype=torch.bool), *split.null,
+                                   [42 + i for i in range(5)], (3, 16, 16), **sampling))
+    draw = lambda shown, captions: grids.append((shown, captions))  # noqa: E731
+    ev.evaluate(model, split, 5, (3, 16, 16), batch_size=2, grid=draw, **sampling)
+    monkeypatch.setattr(ev, "distributed", lambda: True)
+    monkeypatch.setattr(ev.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ev.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(ev, "all_reduce", lambda x: x)
+
+    def gather_rows(x):  # rank 0's rows (samples 0, 2, ...), then as many of rank 1's (samples 1, 3, ...)
+        theirs = torch.tensor([1, 3])[:len(x)]
+        return torch.cat([x, theirs.to(x.device) if x.dtype == torch.int64 else images[theirs]])
+    monkeypatch.setattr(ev, "gather_rows", gather_rows)
+    ev.evaluate(model, split, 5, (3, 16, 16), batch_size=2, grid=draw, **sampling)
+    (one, one_captions), (two, two_captions) = grids
+    assert one_captions == two_captions == ["prompt 0", "prompt 1"] and torch.equal(one, two)
+
+
 def test_the_grid_is_samples_0_to_63_whatever_the_number_of_ranks(monkeypatch):
     """Rank r of 3 holds samples r, r + 3, ... (my_batches): each gives its first 22 rows, and the grid is 0..63 in
     order, as one process's first batch would be."""
