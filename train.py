@@ -1136,9 +1136,10 @@ def set_aside_newer(ckpt, args):
     newer = [c for c in list_checkpoints(run) if step_of(c) > step]
     newer += [os.path.join(run, name) for name, s in resume_configs(run)
               if s > step or s == step and (newer or not same_flags(os.path.join(run, name), args))]
-    if not newer:  # a resume from the latest checkpoint (again, as it was): what a killed run wrote after it, this one
-        # rewrites alike
-        return None
+    later = split_metrics(os.path.join(run, "metrics.jsonl"), step)[1]
+    if not newer and not (later and resume_changes(args, read_config(stage_config(run, ckpt))["args"])):
+        return None  # a resume from the latest checkpoint with its stage's flags: what a killed run wrote after it,
+        # this one rewrites alike
     newer += [os.path.join(run, "checkpoints", name) for name in sorted(os.listdir(os.path.join(run, "checkpoints")))
               if (m := re.fullmatch(r"step_(\d+)\.evals.*", name)) and int(m[1]) > step]  # prune_checkpoint's
     newer += [os.path.join(run, name) for name in sorted(os.listdir(run))
@@ -1147,7 +1148,6 @@ def set_aside_newer(ckpt, args):
         newer += [os.path.join(run, "eval.json")] * (json.load(f)["step"] > step)
     aside = os.path.join(run, "checkpoints", "abandoned-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     os.makedirs(aside)
-    later = split_metrics(os.path.join(run, "metrics.jsonl"), step)[1]
     if later:
         with open(os.path.join(aside, "metrics.jsonl"), "w") as f:
             f.writelines(later)

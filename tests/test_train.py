@@ -1070,6 +1070,17 @@ def test_a_resume_killed_and_made_again_alike_from_the_latest_checkpoint_sets_no
     assert moved.startswith("moved config.resume-10.json (a history after step 10)")
 
 
+def test_a_resume_from_the_latest_checkpoint_with_other_flags_sets_the_lines_after_it_aside(finished_run, tmp_path):
+    """A run killed after its latest checkpoint logged steps past it: resumed with its flags, the same lines come
+    again; with another --lr, the new lines differ, and the killed run's go aside, not lost."""
+    out = copy_run(finished_run, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step_4")  # killed after step 4's line, before its checkpoint
+    train.main(SMALL + ["--max-steps", "4", "--resume", "--out", str(out), "--lr", "1e-3"])
+    aside = next((out / "checkpoints").glob("abandoned-*"))
+    assert [json.loads(line)["step"] for line in open(aside / "metrics.jsonl")] == [3, 4]
+    assert "moved metrics.jsonl's 2 later lines (a history after step 2)" in (out / "log.txt").read_text()
+
+
 def test_a_resume_continues_its_own_run_whatever_the_spelling_of_out(finished_run, tmp_path):
     """--resume <run>/checkpoints/step_4 --out <run>/ (a trailing slash) is the run's own folder, not another run's:
     the run goes on in it."""
