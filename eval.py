@@ -837,7 +837,7 @@ def run_data(args, train_args, evaluation=False):
     if not args.data and data != "builtin" and not os.path.isdir(data_dirs(data)[0]):
         raise SystemExit(f"error: --ckpt {args.ckpt}: the run's data {data} is not here (a path relative to where "
                          f"train.py ran?): pass --data <its folder on this machine>")
-    check_encoders(data, train_args["data"])
+    check_encoders(data, train_args["data"], "--data" if args.data else "the run's --eval-data")
     return data
 
 

@@ -43,12 +43,12 @@ GPU = dict(metric="fid", target=None, stop=None, target_from="speedrun.sh --cali
 TRACKS = {
     "8gpu": dict(GPU, title="8 x H100, 256 px, FID", world=8, budget=dict(max_steps=100_000)),  # PRX part 2's
     "1gpu": dict(GPU, title="1 x H100, 256 px, smaller model, FID", world=1,
-                 budget=dict(max_time=240.0, max_steps=1_000_000_000)),  # the time, not train.py's default steps
+                 budget=dict(max_time=240, max_steps=1_000_000_000)),  # the time, not train.py's default steps
     "cpu": dict(title="CPU: one thread per run, two runs on 2 cores; built-in shapes, object_accuracy",
                 metric="object_accuracy", target=0.416, target_from="records/2026-12-02_cpu-calibration",
                 task="shapes.py",  # the file that defines the task: a record races the calibration's
                 resolution=32, data="builtin", eval_samples=1024, steps=20, cfg_scale=3.0, threads=1, world=1,
-                periodic=dict(eval_samples=256), budget=dict(max_time=30.0),
+                periodic=dict(eval_samples=256), budget=dict(max_time=30),
                 cores=2, pairs=True, min_runs=3,  # pairs: two runs side by side, as the target was measured
                 beside=True),  # VMs differ: a record runs the configuration it replaces beside it (RULES.md)
     "smoke": dict(title="smoke test: the whole path with a tiny model (speedrun.sh --smoke)", train_track="cpu",

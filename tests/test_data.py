@@ -359,6 +359,10 @@ def test_a_new_stage_or_eval_set_of_another_text_encoder_is_refused(prepared, tm
     with pytest.raises(SystemExit, match=f"--data {other}: its text encoder differs from the data the model "
                                          f"trained on \\({out}\\)"):
         train.main(["--data", str(other), "--max-steps", "2", "--resume", *flags])
+    import eval as ev  # eval.py on a run whose --eval-data was prepared again since: the run's flag is named
+    args, trained = types.SimpleNamespace(data=None, ckpt="runs/x"), {"data": str(out), "eval_data": str(other)}
+    with pytest.raises(SystemExit, match=f"^error: the run's --eval-data {other}: its text encoder differs"):
+        ev.run_data(args, trained, evaluation=True)
 
 
 def test_a_text_encoder_a_few_percent_off_is_another(prepared, tmp_path):

@@ -462,7 +462,7 @@ def test_a_calibration_that_stops_at_a_target_fails(cpu_target):
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ('"max_time": 30.0', '"max_time": 20.0', "--max-time 20.0: the cpu track's calibration trains --max-time 30.0"),
+    ('"max_time": 30.0', '"max_time": 20.0', "--max-time 20.0: the cpu track's calibration trains --max-time 30"),
     ('"lr": 0.002', '"lr": 0.004, "given": ["eval_every", "lr", "max_time", "out", "seed", "track"]',
      "--lr: a calibration trains the track's baseline as it is (speedrun.sh --calibrate), with no flag of its own"),
 ])
