@@ -250,9 +250,10 @@ class FinalLayer(nn.Module):
 def trim_text(txt, txt_mask):
     """Cut the batch's text to its longest real caption; drop the mask when nothing is padded (SDPA's fast path).
     Eager only (data-dependent shapes): compiled callers run it before the compiled model. With a mask, both come
-    back as new contiguous tensors, cut or not (without one, the text as given): a compiled model guards on strides and on whether an input is a view, and a
-    batch that differs there from the warm-up's compiles once more, inside the timed run. The two lengths are read
-    in one transfer: each read waits for the device, idle until the next micro-batch's kernels are queued."""
+    back as new contiguous tensors, cut or not (without one, the text as given): a compiled model guards on strides
+    and on whether an input is a view, and a batch that differs there from the warm-up's compiles once more, inside
+    the timed run. The two lengths are read in one transfer: each read waits for the device, idle until the next
+    micro-batch's kernels are queued."""
     if txt_mask is None:
         return txt, None
     columns = torch.arange(1, txt_mask.shape[1] + 1, device=txt_mask.device)  # (L,)
