@@ -1169,10 +1169,10 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
     """Load a checkpoint into the run, sharded or not, on any number of processes -> (step, training time, a note
     when REPA was added or dropped or a dataset starts afresh, else None). Mismatches of shapes or optimizer say what
     differs."""
-    # every rank maps trainer.pt (its tensors stay on disk until read: rank 0's are, by load_full), rank 0 the weights
-    state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True, mmap=True)
     weights = lambda name: load_file(os.path.join(ckpt, name)) if main_process() else {}
     try:
+        # every rank maps trainer.pt (its tensors stay on disk until read: rank 0's are, by load_full), rank 0 weights
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=True, mmap=True)
         projector, repa, note = trainee.repa_proj, state.get("repa"), None  # "repa": only REPA checkpoints have it
         load_full(model, weights("model.safetensors"), opt[:-1] if projector else opt, state["optimizer"])
         if ema is not None:
@@ -1191,7 +1191,10 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
         if fresh := loader.load_state_dict({**state["loader"], "batches": state["step"] * chunks_per_rank}):
             note = (note + "; " if note else "") + f"--data: {', '.join(fresh)} start(s) at the first sample (the " \
                 f"checkpoint read {', '.join(state['loader']['cursors'])}: a moved dataset is new)"
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # verified at start: gone since (a branch off a run that trains on)
+        raise SystemExit(f"error: --resume {ckpt}: {e.filename or one_line(e)} is gone since the resume started (the "
+                         f"running train.py's --keep pruned it?): resume from a checkpoint it keeps, or a copy")
+    except (RuntimeError, ValueError, KeyError) as e:
         raise SystemExit(f"error: --resume {ckpt} does not fit this model, optimizer or loader ({type(e).__name__}: "
                          f"{one_line(e, 300)}); resume with the flags the run was started with")
     return state["step"], state["train_time"], note

@@ -1081,6 +1081,18 @@ def test_a_resume_from_the_latest_checkpoint_with_other_flags_sets_the_lines_aft
     assert "moved metrics.jsonl's 2 later lines (a history after step 2)" in (out / "log.txt").read_text()
 
 
+def test_a_checkpoint_pruned_while_a_branch_starts_is_said(finished_run, tmp_path, monkeypatch, capsys):
+    """--resume CKPT --out NEW off a run that trains on: its --keep may prune CKPT after the start's checks, while
+    the data and the model are set up; the error says so, not that the checkpoint does not fit the flags."""
+    out = copy_run(finished_run, tmp_path)
+    ckpt, built = out / "checkpoints" / "step_2", train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a: shutil.rmtree(ckpt) or built(*a))
+    with pytest.raises(SystemExit, match=re.escape(f"error: --resume {ckpt}: {ckpt / 'trainer.pt'} is gone since the "
+                                                   f"resume started (the running train.py's --keep pruned it?)")):
+        train.main(SMALL + ["--max-steps", "4", "--resume", str(ckpt), "--out", str(tmp_path / "branch")])
+    assert not (tmp_path / "branch").exists()
+
+
 def test_a_resume_continues_its_own_run_whatever_the_spelling_of_out(finished_run, tmp_path):
     """--resume <run>/checkpoints/step_4 --out <run>/ (a trailing slash) is the run's own folder, not another run's:
     the run goes on in it."""
