@@ -130,8 +130,8 @@ GRID_FORMATS = (".png", ".jpg", ".jpeg", ".webp")  # what a grid may be written 
 
 
 def save_grid(images, captions, path, nrow=8):
-    """uint8 (B, 3, H, W) -> one PNG: the images in a grid (small ones enlarged), their captions listed beside it,
-    numbered in row-major order."""
+    """uint8 (B, 3, H, W) -> one image file (PNG, or a GRID_FORMATS one by its suffix): the images in a grid (small
+    ones enlarged), their captions listed beside it, numbered in row-major order."""
     from torchvision.utils import make_grid
     scale = max(1, 96 // images.shape[-1])  # 32 px samples become 96 px: something to look at
     images = images.cpu().repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
@@ -717,8 +717,8 @@ def get_args(argv=None):
     g.add_argument("--resolution", type=side, help="ref on the built-in data: image side (default 32); other "
                    "commands sample at the run's resolution")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json, or "
-                   "eval_1.json, ...: never one written before); sample: the PNG (default <checkpoint>/prompts.png, "
-                   "likewise); export: a new folder")
+                   "eval_1.json, ...: never one written before); sample: the image, .png, .jpg or .webp (default "
+                   "<checkpoint>/prompts.png, likewise); export: a new folder")
     g.add_argument("--prompt", action="append", help="sample: a caption to draw, repeatable (image i from the noise "
                    "of --seed + i); encoded by the run's text encoder (the built-in one, or the data's T5Gemma)")
     g.add_argument("--num-samples", type=count, default=10_000, help="held-out prompts / reference images")
@@ -918,7 +918,7 @@ def prompt_encoder(data, text_context, device):
 @torch.no_grad()
 def sample_prompts(args, device):
     """`eval.py sample`: the checkpoint's image of each --prompt (image i from the noise of --seed + i), with the
-    run's sampling, in one PNG beside its prompt."""
+    run's sampling, in one grid with the prompts (PNG, or --out's format)."""
     if not args.prompt:
         raise SystemExit('error: sample needs at least one --prompt "a caption"')
     model, train_args, ckpt, sampling = load_checkpoint(args)
