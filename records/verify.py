@@ -316,7 +316,8 @@ def check_record(runs, track, kind):
 
 def check_calibration(runs, track):
     """A calibration trains the track's baseline (`train.py --track T` and speedrun.sh's flags, none of its own) for
-    the track's fixed budget, not to a --target (records/RULES.md). The flags typed: logs since 2026-12-08."""
+    the track's fixed budget, not to a --target, in pairs where the track's runs go so (records/RULES.md). The flags
+    typed: logs since 2026-12-08; the start time: since 2026-12-05."""
     t, problems = TRACKS[track], []
     for r in runs:
         args = r["config"]["args"]
@@ -327,6 +328,14 @@ def check_calibration(runs, track):
         if own := sorted(set(args.get("given", ())) - CALIBRATION_FLAGS - t.get("baseline_flags", set())):
             problems.append(f"{r['name']}: {', '.join('--' + k.replace('_', '-') for k in own)}: a calibration trains "
                             f"the track's baseline as it is (speedrun.sh --calibrate), with no flag of its own")
+    if t.get("pairs"):  # side by side as speedrun.sh runs them: seeds 2k and 2k + 1 (logs with their start time)
+        started = {r["config"]["args"]["seed"]: (r["name"], datetime.datetime.fromisoformat(r["config"]["started"]))
+                   for r in runs if "started" in r["config"]}
+        for seed in [s for s in started if s % 2 == 0 and s + 1 in started]:
+            (first, x), (second, y) = started[seed], started[seed + 1]
+            if abs((x - y).total_seconds()) > BESIDE_START_S:
+                problems.append(f"{second}: started {abs((x - y).total_seconds()):.0f} s from {first}: a calibration's "
+                                f"runs go in pairs, side by side, as speedrun.sh runs them (seeds 2k and 2k + 1)")
     return problems
 
 

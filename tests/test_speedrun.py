@@ -471,6 +471,15 @@ def test_a_calibration_of_another_budget_or_with_flags_of_its_own_fails(cpu_targ
     assert f"log_1.txt: {message}" in verify.verify(cpu_target)
 
 
+def test_a_cpu_calibrations_runs_go_in_pairs_side_by_side():
+    runs = [dict(name=f"log_{k}.txt", config=dict(args=dict(seed=k, max_time=30), started=f"2026-12-09T10:{m:02d}:00"))
+            for k, m in enumerate((0, 1, 40, 55))]  # the second pair started 15 minutes apart
+    assert verify.check_calibration(runs, "cpu") == [
+        "log_3.txt: started 900 s from log_2.txt: a calibration's runs go in pairs, side by side, as speedrun.sh runs "
+        "them (seeds 2k and 2k + 1)"]
+    assert verify.check_calibration(runs[:2], "cpu") == []
+
+
 def test_speedrun_sh_calibrates_with_flags_verify_py_accepts(tmp_path):
     """What train.py stores as typed, for the flags speedrun.sh --calibrate gives the CPU track's runs (its TRAIN and
     the budget verify.py's protocol names), is what check_calibration accepts."""
