@@ -713,8 +713,8 @@ def get_args(argv=None):
     g.add_argument("--ref", help="reference statistics (.npz) from `python eval.py ref`")
     g.add_argument("--data", help="'builtin' or a prepared directory (eval: default the run's --eval-data, else its "
                    "--data)")
-    g.add_argument("--caption", choices=["long", "short"], help="caption field (default: short for a run whose last --data "
-                   "phase or --captions is short, else long)")
+    g.add_argument("--caption", choices=["long", "short"], help="caption field (default: short for a run whose last "
+                   "--data phase or --captions is short, else long)")
     g.add_argument("--resolution", type=side, help="ref on the built-in data: image side (default 32); other "
                    "commands sample at the run's resolution")
     g.add_argument("--out", help="ref: the .npz to write; eval: the JSON (default <checkpoint>/eval.json, or "
