@@ -417,9 +417,12 @@ class PRX(nn.Module):
         """Load a diffusers PRXTransformer2DModel checkpoint: a local folder or a hub id, safetensors single-file or
         sharded; of a pipeline (a Photoroom PRX repo, a folder save_diffusers wrote), its transformer/ by default."""
         if subfolder is None:  # a pipeline's model_index.json: not every network of the repo downloaded, then refused
-            from huggingface_hub import file_exists
-            pipeline = os.path.exists(os.path.join(path, "model_index.json")) if os.path.isdir(path) else \
-                file_exists(path, "model_index.json")
+            from huggingface_hub import file_exists, try_to_load_from_cache
+            if os.path.isdir(path):
+                pipeline = os.path.exists(os.path.join(path, "model_index.json"))
+            else:  # the cache first: offline (HF_HUB_OFFLINE) a cached repository loads
+                cached = try_to_load_from_cache(path, "model_index.json")
+                pipeline = isinstance(cached, str) or cached is None and file_exists(path, "model_index.json")
             subfolder = "transformer" if pipeline else None
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download

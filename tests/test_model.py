@@ -94,6 +94,20 @@ def test_export_without_encoders_takes_them_at_load(tmp_path):
         model.save_diffusers(str(tmp_path / "flux2"), vae=types.SimpleNamespace(bn=None))
 
 
+def test_from_diffusers_loads_a_hub_pipeline_from_the_cache_offline(unreachable_hub, monkeypatch):
+    """A hub id whose pipeline is in the Hugging Face cache loads with HF_HUB_OFFLINE set (before: the check for its
+    model_index.json went to the hub first, and failed)."""
+    monkeypatch.setattr(unreachable_hub, "HF_HUB_OFFLINE", True)
+    ours = PRX(PRXConfig(**TINY))
+    repo = os.path.join(unreachable_hub.HF_HUB_CACHE, "models--someone--prx-tiny")
+    ours.save_diffusers(os.path.join(repo, "snapshots", "0" * 40))  # the cache's layout
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write("0" * 40)
+    again = PRX.from_diffusers("someone/prx-tiny")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
 def test_from_diffusers_takes_overrides_and_refuses_what_it_cannot_load(tmp_path):
     """A diffusers folder: the config's fields, then the caller's overrides; options this model does not implement
     and a checkpoint missing a weight are refused, not loaded into a model that computes something else."""
