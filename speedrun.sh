@@ -247,8 +247,11 @@ if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
   git worktree add --quiet --detach "$BESIDE_CODE" "$BESIDE_COMMIT"
   WORKTREES+=("$BESIDE_CODE")
-  for file in "$RECORD_DIR"/*.py; do  # sources its runs ran that differ from that commit (verify.py carried them)
-    [ ! -e "$file" ] || cp -p "$file" "$BESIDE_CODE/"
+  for file in "$RECORD_DIR"/*.py; do  # sources its runs ran that differ from that commit (verify.py carried them),
+    # which its logs hold; not another script kept in the folder, which would make the runs beside another code
+    if [ -e "$file" ] && grep -qxF "=== $(basename "$file")" "$RECORD_DIR/log_0.txt"; then
+      cp -p "$file" "$BESIDE_CODE/"
+    fi
   done
   echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
 fi

@@ -1357,8 +1357,10 @@ def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                               capture_output=True, text=True).stdout.strip()
-    def marked(code):  # STUB_PAIRED, which also writes which code ran it
-        return STUB_PAIRED.replace("os.makedirs(out)\n", f"os.makedirs(out)\nopen(out + '/code', 'w').write({code!r})\n")
+    def marked(code):  # STUB_PAIRED, which also writes which code ran it, and the .py files beside it
+        return STUB_PAIRED.replace("os.makedirs(out)\n", f"os.makedirs(out)\nopen(out + '/code', 'w').write({code!r})\n"
+                                   "open(out + '/files', 'w').write(' '.join(sorted(f for f in os.listdir(os.path."
+                                   "dirname(os.path.abspath(__file__))) if f.endswith('.py'))))\n")
     (tmp_path / "records").mkdir()
     script = (ROOT / "speedrun.sh").read_text()
     smoke = "smoke) RECORD=(--repa builtin --tread --optimizer muon --repa-lambda 2)"
@@ -1384,13 +1386,17 @@ def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
     assert r.returncode == 1 and "with the record's own flags at its own commit" in r.stderr, r.stderr
     assert not list((tmp_path / "records" / "runs").glob("x-*")), "refused before any run"
     (tmp_path / "train.py").write_text(as_train_py(marked("new")))  # the candidate's code: the same flags race
+    # the record's carried source (its logs hold train.py) goes to the runs beside; a script kept beside it does not
+    (log.parent / "train.py").write_text(as_train_py(marked("old, carried")))
+    (log.parent / "evalbench.py").write_text("print('a measurement of its own')\n")
     r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--tread", "--optimizer", "muon",
                         "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     runs = tmp_path / "records" / "runs"
     assert "the runs beside train at records/2026-01-01_old's commit" in r.stdout, r.stdout + r.stderr
     for seed in (0, 1):
         assert (runs / f"x-{seed}" / "code").read_text() == "new"
-        assert (runs / f"x-beside-{seed}" / "code").read_text() == "old"
+        assert (runs / f"x-beside-{seed}" / "code").read_text() == "old, carried"
+        assert "evalbench.py" not in (runs / f"x-beside-{seed}" / "files").read_text().split()
     assert not (runs / "x-beside-code").exists() and len(git("worktree", "list").splitlines()) == 1
 
 
