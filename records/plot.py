@@ -30,9 +30,11 @@ def evaluations(run, metric):
 def time_to(target, points, lower=False):
     if lower:  # lower is better: the same crossing on the negated curve
         return time_to(-target, [(m, s, -a) for m, s, a in points])
-    for (m0, _, a0), (m1, _, a1) in zip([(0.0, 0, 0.0)] + points, points):
+    if points and points[0][2] >= target:  # at the first evaluation: no curve before it to interpolate on
+        return points[0][0]
+    for (m0, _, a0), (m1, _, a1) in zip(points, points[1:]):
         if a1 >= target:
-            return m0 + (m1 - m0) * (target - a0) / (a1 - a0) if a1 > a0 else m1
+            return m0 + (m1 - m0) * (target - a0) / (a1 - a0)  # a0 < target <= a1
     return None
 
 

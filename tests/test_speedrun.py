@@ -1489,6 +1489,7 @@ def test_plot_time_to_a_lower_is_better_target():
     # reaching the target exactly counts, at that evaluation, either way
     assert plot.time_to(40.0, fid, lower=True) == 2.0 and plot.time_to(0.25, [(1.0, 250, 0.25)]) == 1.0
     assert plot.time_to(0.4, [(1.0, 250, 0.2), (2.0, 500, 0.4)]) == 2.0
+    assert plot.time_to(0.4, [(2.0, 100, 0.5), (4.0, 200, 0.6)]) == 2.0  # met at the first: not before it
 
 
 def test_plot_refuses_a_run_without_the_metric(tmp_path, monkeypatch, capsys):
