@@ -109,6 +109,9 @@ def test_flags_off_leave_the_step_bit_identical(pred):
     loader = open_loader("builtin", 8, 0, 1, 0, "long", CPU, 1, 32, 5, images=False)
     _, model, _, trainee, _ = train.build_model(args, loader, CPU, 0)
     assert trainee.perceptual == {} and not hasattr(model, "resolution_embedder")
+    with torch.no_grad():  # random weights: a fresh model's zero output would hide what it is given
+        for p in model.parameters():
+            p.normal_(0, 0.05)
     x0, eps, t, x_t, txt, mask, _ = train.micro_batch(args, loader, 0, 0, CPU)
     reference = train.flow_loss(model(x_t, t, txt, mask), x0, eps, x_t, t, pred, train.foreground_weights(x0, 2.0))
     loader.load_state_dict({"batches": 0})
