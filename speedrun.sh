@@ -239,11 +239,6 @@ if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
   git cat-file -e "$BESIDE_COMMIT^{commit}" 2>/dev/null ||
     die 1 "the runs beside train at $RECORD_DIR's commit $BESIDE_COMMIT, which this clone lacks (a shallow clone?):" \
           "git fetch --unshallow"
-  if [ "${RECORD[*]}" = "${CURRENT[*]}" ] && [ "$(git rev-parse HEAD)" = "$BESIDE_COMMIT" ] && git diff --quiet HEAD
-  then
-    die 1 "BESIDE=1 with the record's own flags at its own commit ($BESIDE_COMMIT) runs one configuration twice:" \
-          "change the flags after -- or the code"
-  fi
   BESIDE_CODE=$RUNS_DIR/$NAME-beside-code
   git worktree add --quiet --detach "$BESIDE_CODE" "$BESIDE_COMMIT"
   WORKTREES+=("$BESIDE_CODE")
@@ -253,6 +248,14 @@ if [ -n "${BESIDE:-}" ] && [ -n "${RECORD_DIR:-}" ]; then
       cp -p "$file" "$BESIDE_CODE/"
     fi
   done
+  same_code() {  # the top-level .py files of two folders: the same names, the same bytes
+    [ "$(cd "$1" && ls -- *.py)" = "$(cd "$2" && ls -- *.py)" ] || return 1
+    for file in "$1"/*.py; do cmp -s "$file" "$2/${file##*/}" || return 1; done
+  }
+  if [ "${RECORD[*]}" = "${CURRENT[*]}" ] && same_code "$CODE" "$BESIDE_CODE"; then
+    die 1 "BESIDE=1 with the record's own flags and its code (its commit $BESIDE_COMMIT, with the sources its folder" \
+          "carries) runs one configuration twice: change the flags after -- or the code"
+  fi
   echo "speedrun.sh: the runs beside train at $RECORD_DIR's commit, in $BESIDE_CODE"
 fi
 for ((seed = 0; seed < RUNS; seed++)); do  # PARALLEL runs at a time; a failed run stops the speedrun

@@ -1392,8 +1392,15 @@ def test_beside_runs_train_at_the_commit_their_record_trained_at(tmp_path):
     log.write_text(synthetic_log(0, 25.0, 0.305, None).replace(HEAD, old))
     r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--tread", "--optimizer", "muon",
                         "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "with the record's own flags at its own commit" in r.stderr, r.stderr
+    assert r.returncode == 1 and "with the record's own flags and its code" in r.stderr, r.stderr
     assert not list((tmp_path / "records" / "runs").glob("x-*")), "refused before any run"
+    (tmp_path / "NOTES.md").write_text("a commit since, of no source")  # HEAD moved on, the code did not: refused too
+    git("add", "NOTES.md")
+    git("commit", "-q", "-m", "notes")
+    r = subprocess.run(["bash", "speedrun.sh", "--smoke", "--", "--repa", "builtin", "--tread", "--optimizer", "muon",
+                        "--repa-lambda", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "with the record's own flags and its code" in r.stderr, r.stderr
+    assert not list((tmp_path / "records" / "runs").glob("x-*")) and len(git("worktree", "list").splitlines()) == 1
     (tmp_path / "train.py").write_text(as_train_py(marked("new")))  # the candidate's code: the same flags race
     # the record's carried source (its logs hold train.py) goes to the runs beside; a script kept beside it does not
     (log.parent / "train.py").write_text(as_train_py(marked("old, carried")))
