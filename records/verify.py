@@ -359,9 +359,9 @@ def machine(run):
 def check_beside(runs, beside, track, folder):
     """The runs beside a record follow the track's rules as its own do, as one attempt of another configuration (at
     its own commit) on the same machine (the devices config.json names), racing the same task, each started with the
-    record's run of its seed (logs from before train.py wrote the start time: not checked). Only on a track whose
-    records run so: elsewhere a record's own times rank it (leaderboard.py would scale them)."""
-    if not TRACKS[track].get("beside"):
+    record's run of its seed (logs from before train.py wrote the start time: not checked). Not on a GPU track, whose
+    records' own times rank them (leaderboard.py would scale them)."""
+    if "gpu" in TRACKS[track]:
         return [f"beside/: the {track} track's records run nothing beside them (records/RULES.md): remove beside/"]
     problems = [f"beside/{p}" for r in beside for p in check_sources(r, folder / "beside") + check_clock(r) +
                 check_run(r, track)]

@@ -718,13 +718,14 @@ def test_a_record_of_faster_code_runs_beside_its_own_flags_at_the_older_source(t
     assert verify.verify(folder) == []
 
 
-def test_runs_beside_a_record_of_a_track_without_them_fail(tmp_path, cpu_target, monkeypatch):
-    """Only a track whose records run beside the one they replace (the CPU's) takes runs beside (leaderboard.py
-    would rank the record on their ratio)."""
+def test_runs_beside_a_record_of_a_track_without_them_fail(tmp_path, cpu_target):
+    """A GPU track's record takes no runs beside it (leaderboard.py would rank it on their ratio); a CPU record's
+    are its rule."""
     folder = make_record(tmp_path / "2026-12-05_faster", beside=BESIDE, lr=0.003)
-    monkeypatch.setitem(verify.TRACKS["cpu"], "beside", False)
-    assert "beside/: the cpu track's records run nothing beside them (records/RULES.md): remove beside/" in \
-        verify.verify(folder)
+    runs, beside = verify.load_runs(folder), verify.load_runs(folder / "beside")
+    assert verify.check_beside(runs, beside, "8gpu", folder) == [
+        "beside/: the 8gpu track's records run nothing beside them (records/RULES.md): remove beside/"]
+    assert verify.verify(folder) == []
 
 
 def test_runs_beside_at_a_commit_that_logged_no_cpu_units_share_the_machine(tmp_path, cpu_target):
