@@ -714,8 +714,7 @@ def bench_techniques(args):
         _, raw, ema, trainee, teacher = train.build_model(a, loader, DEVICE, 0)
         opt = train.build_optimizers(a, trainee)[0]
         if a.compile:  # as train.py: compiled for every input a timed step meets (text lengths, no mask), untimed
-            train.compile_settings(a.activation_memory_budget)
-            trainee.model = torch.compile(raw)
+            train.compile_trainee(a, trainee)
             train.compile_warmup(a, trainee, trainee, opt, loader, teacher, 0, 1)
         counter = itertools.count()
 

@@ -33,7 +33,7 @@ import timeit
 
 import numpy as np
 import torch
-import torch._functorch.config  # compile_settings' (AOTAutograd's settings)
+import torch._functorch.config  # compile_trainee's (AOTAutograd's settings)
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -888,12 +888,15 @@ def warmup_steps(args, model, opt, loader, teacher, rank, world):
         train_step(no_dropout, step, args.lr, model, opt, LongerCaptions(loader, full), teacher, rank, world)
 
 
-def compile_settings(memory_budget):
-    """torch.compile's settings, read when a graph compiles (the warm-up): eager's random numbers (TREAD's route draw
-    is inside the graph: a compiled run trains what the eager run of its seed trains), and the share of the activations
-    the backward reads that the forward keeps (--activation-memory-budget)."""
+def compile_trainee(args, trainee):
+    """--compile: torch.compile's settings, read when a graph compiles (the warm-up): eager's random numbers (TREAD's
+    route draw is inside the graph: a compiled run trains what the eager run of its seed trains), and the share of the
+    activations the backward reads that the forward keeps (--activation-memory-budget); then the model compiled whole,
+    or with --fsdp block by block, as shard() did."""
     torch._inductor.config.fallback_random = True
-    torch._functorch.config.activation_memory_budget = memory_budget
+    torch._functorch.config.activation_memory_budget = args.activation_memory_budget
+    if not args.fsdp:
+        trainee.model = torch.compile(trainee.model)
 
 
 def compiled_graphs(args):
@@ -1127,17 +1130,17 @@ def last_evaluation(out, step):
     return from_rank_0(evaluated)
 
 
-def set_aside_newer(ckpt, args):
+def set_aside_newer(ckpt, args, changes):
     """A resume's abandoned history (later checkpoints and pruned ones' evaluations, resume configs from its step on,
     later grids and eval.json, metrics.jsonl's later lines: copied, RunLog cuts them) -> checkpoints/abandoned-<time>/,
     where nothing takes it as the latest (model.stage_config) or overwrites it. Before the resume's config is written.
-    -> a note, or None."""
+    changes: resume_changes' note (flags set otherwise than the checkpoint's stage), or None. -> a note, or None."""
     run, step = run_of(ckpt), step_of(ckpt)
     newer = [c for c in list_checkpoints(run) if step_of(c) > step]
     newer += [os.path.join(run, name) for name, s in resume_configs(run)
               if s > step or s == step and (newer or not same_flags(os.path.join(run, name), args))]
     later = split_metrics(os.path.join(run, "metrics.jsonl"), step)[1]
-    if not newer and not (later and resume_changes(args, read_config(stage_config(run, ckpt))["args"])):
+    if not newer and not (later and changes):
         return None  # a resume from the latest checkpoint with its stage's flags: what a killed run wrote after it,
         # this one rewrites alike
     newer += [os.path.join(run, "checkpoints", name) for name in sorted(os.listdir(os.path.join(run, "checkpoints")))
@@ -1182,7 +1185,7 @@ def restore(ckpt, model, ema, trainee, opt, loader, chunks_per_rank):
             load_full(projector, repa["projector"], opt[-1:], [repa["optimizer"]])
         elif projector:
             note = f"REPA's {trainee.repa_kind} projector starts fresh (the checkpoint has " + \
-                   (f"none)" if not repa else f"a {repa['kind']} one)" if repa["kind"] != trainee.repa_kind else
+                   ("none)" if not repa else f"a {repa['kind']} one)" if repa["kind"] != trainee.repa_kind else
                     f"one learnt from the teacher {taught})")
         elif repa:
             note = "REPA dropped: the checkpoint's projector is left out"
@@ -1537,16 +1540,16 @@ def main(argv=None):
         dist.barrier()  # every rank has read the run folder and the checkpoint before rank 0 moves or writes anything
     if not existing:
         lock, out = claim_on_rank_0(out, True, master)
-    moved = set_aside_newer(ckpt, args) if same_run and master else None  # before this resume's config is written
+    changes = resume_changes(args, stage) if ckpt else None
+    moved = set_aside_newer(ckpt, args, changes) if same_run and master else None  # before this resume's config
     # from here a stop names where to resume (`handlers` keeps the process's own, put back at the end)
     stop_on_signals(lambda: where_to_resume(out), master, from_rank_0((socket.gethostname(), os.getpid())))
     log = RunLog(out, master, config_of(args, cfg, world, n_params, device), start_step, resumed=same_run)
-    for line in (muon_split, note, moved, resume_changes(args, stage) if ckpt else None, late_phases(args, loader)):
+    for line in (muon_split, note, moved, changes, late_phases(args, loader)):
         if line:
             log(line)
-    if args.compile:  # --fsdp compiles each block (shard)
-        compile_settings(args.activation_memory_budget)
-        trainee.model = raw_model if args.fsdp else torch.compile(raw_model)
+    if args.compile:
+        compile_trainee(args, trainee)
     model = wrap_ddp(trainee, world, device)
     log_start(log, args, n_params, world, device, chunks_per_rank, out, ckpt)
     with log, stop_when_another_process_ends(lambda: where_to_resume(out)):  # why the run stops, in log.txt too

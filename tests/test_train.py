@@ -1031,7 +1031,7 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     lines = [json.dumps({"step": step}) + "\n" for step in (500, 1000, 1500)]
     (run / "metrics.jsonl").write_text("".join(lines))
     (run / "eval.json").write_text(json.dumps({"step": 1500}))
-    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"), argparse.Namespace())
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"), argparse.Namespace(), None)
     aside = next((run / "checkpoints").glob("abandoned-*"))
     assert moved == f"moved step_1000, step_1500, config.resume-1000.json, samples_1000.png, eval.json, " \
                     f"metrics.jsonl's 2 later lines (a history after step 500) to {aside}"
@@ -1042,7 +1042,7 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     for step in (500, 1000):
         os.makedirs(other / "checkpoints" / f"step_{step}")
     (other / "eval.json").write_text(json.dumps({"step": 500}))
-    assert train.set_aside_newer(str(other / "checkpoints" / "step_500"), argparse.Namespace()).startswith(
+    assert train.set_aside_newer(str(other / "checkpoints" / "step_500"), argparse.Namespace(), None).startswith(
         "moved step_1000 (a history")
     assert (other / "eval.json").exists()
     (run / "config.resume-500.json").write_text("resume-500")
@@ -1050,9 +1050,9 @@ def test_a_resume_sets_the_abandoned_configs_aside_and_each_checkpoint_finds_its
     os.utime(run / "config.json", (2e9, 2e9))  # the first run's config now looks the most recent
     assert stage_config(run, run / "checkpoints" / "step_1500") == str(run / "config.resume-500.json")
     assert stage_config(run, run / "checkpoints" / "step_500") == str(run / "config.json")
-    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500"), argparse.Namespace()) is None
+    assert train.set_aside_newer(str(run / "checkpoints" / "step_1500"), argparse.Namespace(), None) is None
     # from step 500 once more: the resume made there is history too (the new one writes its own resume-500)
-    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"), argparse.Namespace())
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_500"), argparse.Namespace(), None)
     assert moved.startswith("moved step_1500, config.resume-500.json, metrics.jsonl's 2 later lines (a history after "
                             "step 500)")  # the lines: RunLog cuts them from the run's file
 
@@ -1064,9 +1064,10 @@ def test_a_resume_killed_and_made_again_alike_from_the_latest_checkpoint_sets_no
     os.makedirs(run / "checkpoints" / "step_10")
     flags = argparse.Namespace(lr=1e-3, data="builtin")
     (run / "config.resume-10.json").write_text(json.dumps({"args": vars(flags), "model": {}, "sampling": {}}))
-    assert train.set_aside_newer(str(run / "checkpoints" / "step_10"), flags) is None
+    assert train.set_aside_newer(str(run / "checkpoints" / "step_10"), flags, None) is None
     assert not list((run / "checkpoints").glob("abandoned-*"))
-    moved = train.set_aside_newer(str(run / "checkpoints" / "step_10"), argparse.Namespace(lr=2e-3, data="builtin"))
+    moved = train.set_aside_newer(str(run / "checkpoints" / "step_10"), argparse.Namespace(lr=2e-3, data="builtin"),
+                                  None)
     assert moved.startswith("moved config.resume-10.json (a history after step 10)")
 
 
@@ -1274,7 +1275,7 @@ def test_keep_leaves_the_most_recent_checkpoints(finished_run, tmp_path, monkeyp
     assert sorted(os.listdir(ckpts)) == ["step_2.evals", "step_8"]  # step_4 and step_6 held only their own files
     (ckpts / "step_9.evals").mkdir()  # a later step's, from a history that a resume from step 8 abandons
     (out / "config.resume-8.json").write_text("{}")
-    train.set_aside_newer(str(ckpts / "step_8"), argparse.Namespace())
+    train.set_aside_newer(str(ckpts / "step_8"), argparse.Namespace(), None)
     aside = next(ckpts.glob("abandoned-*"))
     assert sorted(os.listdir(aside)) == ["config.resume-8.json", "step_9.evals"]
     assert (ckpts / "step_2.evals" / "eval.json").read_text() == '{"step": 2}'
@@ -1454,8 +1455,7 @@ def test_a_lower_activation_memory_budget_keeps_fewer_activations_and_trains_the
         saved = []
         with torch._functorch.config.patch(activation_memory_budget=1.0), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-            train.compile_settings(args.activation_memory_budget)  # within the patch: restored after it
-            trainee.model = train.torch.compile(raw)
+            train.compile_trainee(args, trainee)  # within the patch: restored after it
             loss = train.train_step(args, 0, args.lr, trainee, opt, loader, None, 0, 1)[0]
         kept[budget], results[budget] = sum(saved), (loss, raw.state_dict())
     torch._dynamo.reset()
