@@ -1,8 +1,9 @@
 """
 Muon for PRX: momentum, then Newton-Schulz orthogonalisation of each 2D weight matrix inside the transformer blocks;
 AdamW for everything else. Under DDP each rank orthogonalises a disjoint share of the matrices and the results are
-all-gathered (every rank's parameters identical; one process's within 1e-6, tested on CPU); under FSDP2 (train.py --fsdp) each owner gathers its matrices'
-full gradients and scatters back the row shards (the scheme of muon_fsdp2, used by PRX). Sources: Keller Jordan,
+all-gathered (every rank's parameters identical; one process's within 1e-6, tested on CPU); under FSDP2 (train.py
+--fsdp) each owner gathers its matrices' full gradients and scatters back the row shards (the scheme of muon_fsdp2,
+used by PRX). Sources: Keller Jordan,
 "Muon: An optimizer for hidden layers in neural networks" (2024); Liu et al. (Moonshot), "Muon is Scalable for LLM
 Training" (2025; RMS matching, so Muon reuses AdamW's lr and weight decay). PRX (Photoroom, parts 2 and 3): Muon on
 `blocks`' 2D weights, lr 1e-4, momentum 0.95, Nesterov, 5 steps, RMS matching, no weight decay; Adam elsewhere.

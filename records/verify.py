@@ -329,13 +329,11 @@ def check_calibration(runs, track):
             problems.append(f"{r['name']}: {', '.join('--' + k.replace('_', '-') for k in own)}: a calibration trains "
                             f"the track's baseline as it is (speedrun.sh --calibrate), with no flag of its own")
     if t.get("pairs"):  # side by side as speedrun.sh runs them: seeds 2k and 2k + 1 (logs with their start time)
-        started = {r["config"]["args"]["seed"]: (r["name"], datetime.datetime.fromisoformat(r["config"]["started"]))
-                   for r in runs if "started" in r["config"]}
-        for seed in [s for s in started if s % 2 == 0 and s + 1 in started]:
-            (first, x), (second, y) = started[seed], started[seed + 1]
-            if abs((x - y).total_seconds()) > BESIDE_START_S:
-                problems.append(f"{second}: started {abs((x - y).total_seconds()):.0f} s from {first}: a calibration's "
-                                f"runs go in pairs, side by side, as speedrun.sh runs them (seeds 2k and 2k + 1)")
+        by_seed = {r["config"]["args"]["seed"]: r for r in runs if start_time(r)}
+        for first, second in [(r, by_seed[s + 1]) for s, r in by_seed.items() if s % 2 == 0 and s + 1 in by_seed]:
+            if (apart := abs((start_time(first) - start_time(second)).total_seconds())) > BESIDE_START_S:
+                problems.append(f"{second['name']}: started {apart:.0f} s from {first['name']}: a calibration's runs "
+                                f"go in pairs, side by side, as speedrun.sh runs them (seeds 2k and 2k + 1)")
     return problems
 
 
@@ -348,6 +346,11 @@ def check_stopping_value(runs, track):
             f"or beyond it (records/RULES.md: STOP may not pass the track's stop)" for r in runs
             if (aim := r["config"]["args"].get("target")) and
             (aim[0] != t["metric"] or (aim[1] > stop if lower else aim[1] < stop))]
+
+
+def start_time(run):
+    """When train.py started the run (config.json's `started`), or None: logs before 2026-12-05 do not say."""
+    return datetime.datetime.fromisoformat(run["config"]["started"]) if "started" in run["config"] else None
 
 
 def machine(run):
@@ -371,8 +374,7 @@ def check_beside(runs, beside, track, folder):
     problems += [f"{where}{r['name']}: ran on {machine(r)}, {runs[0]['name']} on {machine(runs[0])}: a record's runs "
                  f"and the runs beside them share one machine" for where, group in (("", runs[1:]), ("beside/", beside))
                  for r in group if machine(r) != machine(runs[0])]
-    started = [[datetime.datetime.fromisoformat(r["config"]["started"]) if "started" in r["config"] else None
-                for r in group] for group in (runs, beside)]
+    started = [[start_time(r) for r in group] for group in (runs, beside)]
     problems += [f"beside/{b['name']}: started {abs((x - y).total_seconds()):.0f} s from {r['name']}: a run beside a "
                  f"record runs side by side with its run of the same seed (speedrun.sh BESIDE=1)"
                  for r, b, x, y in zip(runs, beside, *started) if x and y and abs((x - y).total_seconds()) >
